@@ -1,0 +1,144 @@
+//! The contract between `datapathd`'s HTTP/JSON API and its clients.
+//!
+//! Transport: HTTP/1.1 over a Unix socket (default [`DEFAULT_SOCKET`], mode 0600, owned by
+//! root). Bodies are JSON. Every error answers with a non-2xx status and an [`ApiError`] body.
+//!
+//! | method | path | body | answer |
+//! | --- | --- | --- | --- |
+//! | GET | `/v1/services` | - | `Vec<ServiceView>` |
+//! | POST | `/v1/services` | [`CreateService`] | 201, [`ServiceView`] |
+//! | GET | `/v1/services/{proto}/{vip}/{port}` | - | [`ServiceView`] |
+//! | DELETE | `/v1/services/{proto}/{vip}/{port}` | - | [`ServiceView`] (as removed) |
+//! | POST | `/v1/services/{proto}/{vip}/{port}/backends` | [`AddBackend`] | 201, [`ServiceView`] |
+//! | PATCH | `/v1/services/{proto}/{vip}/{port}/backends/{addr}/{port}` | [`UpdateBackend`] | [`ServiceView`] |
+//! | DELETE | `/v1/services/{proto}/{vip}/{port}/backends/{addr}/{port}` | - | [`ServiceView`] |
+//! | GET | `/v1/stats` | - | [`StatsView`] |
+//! | GET | `/healthz` | - | `{"status":"ok"}` |
+//!
+//! `{proto}` is `tcp` or `udp`; IPv6 addresses appear in paths without brackets.
+
+pub mod model;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+pub use model::*;
+use serde::{Deserialize, Serialize};
+
+/// Where `datapathd` listens and `lb-ctl` connects by default.
+pub const DEFAULT_SOCKET: &str = "/run/datapath/api.sock";
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Body of `POST /v1/services`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Protocol,
+    #[serde(default)]
+    pub mode: ForwardingMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_addr: Option<IpAddr>,
+}
+
+/// Body of `POST .../backends`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddBackend {
+    pub addr: IpAddr,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub state: BackendState,
+}
+
+/// Body of `PATCH .../backends/{addr}/{port}`: the fields to change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBackend {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<BackendState>,
+}
+
+/// A backend as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    pub state: BackendState,
+    pub id: u32,
+    /// Entries of the live Maglev table pointing at this backend (0 when draining).
+    pub table_entries: u32,
+    pub counters: Counter,
+}
+
+/// A service as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Protocol,
+    pub mode: ForwardingMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_addr: Option<IpAddr>,
+    pub id: u32,
+    pub backends: Vec<BackendView>,
+    pub counters: Counter,
+}
+
+/// Body of `GET /v1/stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    pub services: Vec<ServiceView>,
+    /// Datapath outcome counters by reason (passes, drops by cause, forwards).
+    pub reasons: BTreeMap<String, u64>,
+}
+
+/// Machine-readable class of an API error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed request or invalid value (HTTP 400).
+    InvalidArgument,
+    /// Unknown service or backend (HTTP 404).
+    NotFound,
+    /// Duplicate service or backend (HTTP 409).
+    AlreadyExists,
+    /// A configured capacity (services, backends) is exhausted (HTTP 507).
+    CapacityExhausted,
+    /// Programming the BPF maps failed; the previous state keeps serving (HTTP 500).
+    DataplaneFailure,
+    /// Writing the state file failed; the change was rolled back (HTTP 500).
+    PersistenceFailure,
+    /// Anything else (HTTP 500).
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidArgument => 400,
+            ErrorCode::NotFound => 404,
+            ErrorCode::AlreadyExists => 409,
+            ErrorCode::CapacityExhausted => 507,
+            ErrorCode::DataplaneFailure | ErrorCode::PersistenceFailure | ErrorCode::Internal => {
+                500
+            }
+        }
+    }
+}
+
+/// Body of every error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    /// One line, meant for people.
+    pub error: String,
+}

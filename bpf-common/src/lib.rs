@@ -1,0 +1,234 @@
+//! The kernel/user ABI of the datapath.
+//!
+//! Every type here is `#[repr(C)]`, explicitly padded (no implicit holes, so the bytes the
+//! daemon writes are exactly the bytes the kernel hashes), and size-asserted at compile time.
+//! Addresses are family-agnostic: 16 bytes plus an explicit family, with IPv4 stored in the
+//! first word, so IPv6 support extends the programs without changing any map layout.
+//!
+//! Multi-byte fields that hold packet data (addresses, ports) are kept in network byte order
+//! exactly as they appear on the wire; the field docs say so with `_be`-style notes.
+#![no_std]
+
+pub mod reason;
+
+/// `AF_INET` as stored in the `family` fields.
+pub const FAMILY_IPV4: u8 = 2;
+/// `AF_INET6` as stored in the `family` fields.
+pub const FAMILY_IPV6: u8 = 10;
+
+/// IP protocol numbers the datapath understands.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A 16-byte, family-agnostic address in network byte order. IPv4 uses word 0; words 1..4
+/// are zero.
+pub type Addr16 = [u32; 4];
+
+/// Builds an [`Addr16`] from an IPv4 address held as wire-order bytes.
+#[inline(always)]
+pub const fn addr16_from_ipv4_octets(octets: [u8; 4]) -> Addr16 {
+    [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// Key of `LB_VIPS`: a virtual service address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// VIP address, network byte order.
+    pub addr: Addr16,
+    /// VIP port, network byte order.
+    pub port_be: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Forwarding mode of a service (`VipInfo::mode`).
+pub const MODE_FULL_NAT: u8 = 0;
+/// Direct server return: only the destination MAC is rewritten.
+pub const MODE_DSR: u8 = 1;
+
+/// Value of `LB_VIPS`.
+///
+/// The daemon replaces this value whole (a hash-map update swaps the element under RCU), which
+/// is what makes a Maglev table switch atomic: the new table is written into the inactive slot
+/// first, then `table_slot` flips in one update.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index of the service; selects its Maglev tables and its counters.
+    pub service_id: u32,
+    /// Which of the service's two Maglev tables is live (0 or 1).
+    pub table_slot: u32,
+    /// Number of backends in the live table; 0 means the service answers nothing (drop).
+    pub active_backends: u32,
+    /// `MODE_FULL_NAT` or `MODE_DSR`.
+    pub mode: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+
+/// Key of `LB_VIP_ADDRS`: the set of addresses that carry at least one VIP. Used only on the
+/// anomaly paths (fragments, truncated L4), where ports are unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipAddrKey {
+    pub addr: Addr16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<VipAddrKey>() == 20);
+
+/// `BackendInfo::state`: the slot is free (a removed backend).
+pub const BACKEND_UNUSED: u8 = 0;
+/// Receives new flows and keeps its existing ones.
+pub const BACKEND_ACTIVE: u8 = 1;
+/// Keeps its existing flows, receives no new ones (absent from the Maglev table).
+pub const BACKEND_DRAINING: u8 = 2;
+
+/// Value of `LB_BACKENDS`, an array indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Backend address, network byte order.
+    pub addr: Addr16,
+    /// Source address used towards this backend in full-NAT mode, network byte order.
+    pub snat_addr: Addr16,
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    pub family: u8,
+    /// `BACKEND_UNUSED`, `BACKEND_ACTIVE` or `BACKEND_DRAINING`.
+    pub state: u8,
+    /// Bumped every time the id is (re)assigned, so a flow pinned to a removed backend whose id
+    /// was reused is detected and moved.
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
+
+/// A directional 5-tuple. Key of `LB_FLOWS` (client -> VIP direction) and of `LB_NAT_REV`
+/// (backend -> load balancer direction, i.e. the reply as it arrives).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr16,
+    pub dst: Addr16,
+    /// Network byte order.
+    pub src_port_be: u16,
+    /// Network byte order.
+    pub dst_port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of `LB_FLOWS`: what the first packet of a flow resolved.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub backend_id: u32,
+    /// `BackendInfo::generation` when the flow was pinned.
+    pub backend_generation: u32,
+    pub service_id: u32,
+    /// Source port allocated for full-NAT, network byte order (0 in DSR mode).
+    pub nat_port_be: u16,
+    /// A `conntrack::TcpState` as `u8` (0 for UDP).
+    pub tcp_state: u8,
+    pub _pad: u8,
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 24);
+
+/// Value of `LB_NAT_REV`: how to translate a full-NAT reply back to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReverseEntry {
+    pub client_addr: Addr16,
+    pub vip_addr: Addr16,
+    /// Network byte order.
+    pub client_port_be: u16,
+    /// Network byte order.
+    pub vip_port_be: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<NatReverseEntry>() == 48);
+
+/// Value of the per-CPU counter arrays (`LB_VIP_STATS`, `LB_BE_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Map names, shared by the programs (`#[map]` statics carry these names) and the daemon.
+/// BPF object names are limited to 15 characters.
+pub mod map_names {
+    pub const VIPS: &str = "LB_VIPS";
+    pub const VIP_ADDRS: &str = "LB_VIP_ADDRS";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const MAGLEV: &str = "LB_MAGLEV";
+    pub const FLOWS: &str = "LB_FLOWS";
+    pub const NAT_REV: &str = "LB_NAT_REV";
+    pub const TX_PORTS: &str = "LB_TX_PORTS";
+    pub const VIP_STATS: &str = "LB_VIP_STATS";
+    pub const BACKEND_STATS: &str = "LB_BE_STATS";
+    pub const REASONS: &str = "LB_REASONS";
+}
+
+/// Names of the `.rodata` globals the daemon sets at load time.
+pub mod globals {
+    /// `u32`: entries per Maglev table (prime).
+    pub const MAGLEV_SIZE: &str = "MAGLEV_SIZE";
+    /// `u16`: lowest source port full-NAT may allocate (host byte order).
+    pub const NAT_PORT_MIN: &str = "NAT_PORT_MIN";
+    /// `u16`: highest source port full-NAT may allocate (host byte order).
+    pub const NAT_PORT_MAX: &str = "NAT_PORT_MAX";
+}
+
+/// Default sizes. All are configurable in the daemon and exported as capacity metrics.
+pub mod defaults {
+    /// Maglev table size: a prime, as Maglev requires.
+    pub const MAGLEV_SIZE: u32 = 65_537;
+    /// Services (VIP, port, protocol) the datapath can hold.
+    pub const MAX_SERVICES: u32 = 64;
+    /// Backend slots across all services.
+    pub const MAX_BACKENDS: u32 = 4_096;
+    /// Tracked flows (LRU).
+    pub const MAX_FLOWS: u32 = 262_144;
+    /// Interfaces the programs can redirect to.
+    pub const MAX_TX_PORTS: u32 = 64;
+    pub const NAT_PORT_MIN: u16 = 1_024;
+    pub const NAT_PORT_MAX: u16 = 65_535;
+    /// Default pin root under bpffs.
+    pub const PIN_ROOT: &str = "/sys/fs/bpf/datapath";
+}
+
+/// Index of service `service_id`'s table `slot` in `LB_MAGLEV` (a flat array of
+/// `max_services * 2` tables of `maglev_size` backend ids each).
+#[inline(always)]
+pub const fn maglev_index(service_id: u32, slot: u32, maglev_size: u32, bucket: u32) -> u32 {
+    (service_id * 2 + slot) * maglev_size + bucket
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is `#[repr(C)]`, `Copy`, explicitly padded (size asserted above) and
+    // valid for any bit pattern.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for VipAddrKey {}
+    unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for NatReverseEntry {}
+    unsafe impl aya::Pod for Counter {}
+}

@@ -1,0 +1,938 @@
+//! XDP L4 load balancer.
+//!
+//! `xdp_lb` runs on every interface the daemon manages (client-facing and backend-facing):
+//!
+//! - a TCP/UDP packet to a VIP is pinned to a backend (flow table first, Maglev table for a new
+//!   flow) and forwarded, in full-NAT (DNAT + SNAT) or DSR (MAC rewrite) mode;
+//! - a TCP/UDP packet matching a full-NAT reverse entry (a backend's reply) is translated back
+//!   to VIP -> client and forwarded;
+//! - an ICMP error quoting a full-NAT flow is translated back to the client (path-MTU discovery);
+//! - everything else goes to the stack untouched.
+//!
+//! Every path ends in an explicit verdict and counts exactly one reason (`bpf_common::reason`).
+//! The parsing, checksum and hashing logic lives in `lb-core` and is unit-tested on the host.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_NOEXIST, bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_xdp_store_bytes},
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    programs::XdpContext,
+};
+use bpf_common::{
+    BACKEND_ACTIVE, BACKEND_UNUSED, BackendInfo, Counter, FAMILY_IPV4, FlowEntry, FlowKey,
+    MODE_DSR, NatReverseEntry, PROTO_TCP, PROTO_UDP, VipAddrKey, VipInfo, VipKey, defaults,
+    maglev_index, reason,
+};
+use conntrack::{Direction, TcpFlags, TcpState, tcp_transition};
+use lb_core::{
+    csum,
+    hash::{SEED_MAGLEV, SEED_NAT_PORT, flow_hash},
+    parse::{self, Frame, Ipv4Packet, L4, Outcome, ipv4, l4},
+};
+
+// ---------------------------------------------------------------------------------------------
+// Load-time configuration (`.rodata`, set by the daemon through `EbpfLoader::set_global`).
+// ---------------------------------------------------------------------------------------------
+
+#[unsafe(no_mangle)]
+static MAGLEV_SIZE: u32 = defaults::MAGLEV_SIZE;
+#[unsafe(no_mangle)]
+static NAT_PORT_MIN: u16 = defaults::NAT_PORT_MIN;
+#[unsafe(no_mangle)]
+static NAT_PORT_MAX: u16 = defaults::NAT_PORT_MAX;
+
+/// Read a `.rodata` global so the compiler cannot fold in the default value.
+#[inline(always)]
+fn global<T: Copy>(value: &'static T) -> T {
+    // SAFETY: a valid, aligned static.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Maps. All pinned by name under the daemon's pin root so the datapath keeps forwarding (and
+// keeps its flows) across a daemon restart. Sizes are defaults; the daemon sets the real ones.
+// ---------------------------------------------------------------------------------------------
+
+#[map(name = "LB_VIPS")]
+static LB_VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(defaults::MAX_SERVICES, 0);
+
+#[map(name = "LB_VIP_ADDRS")]
+static LB_VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::pinned(defaults::MAX_SERVICES, 0);
+
+#[map(name = "LB_BACKENDS")]
+static LB_BACKENDS: Array<BackendInfo> = Array::pinned(defaults::MAX_BACKENDS, 0);
+
+/// `max_services * 2` Maglev tables of `MAGLEV_SIZE` backend ids (two per service: one live,
+/// one being rebuilt).
+#[map(name = "LB_MAGLEV")]
+static LB_MAGLEV: Array<u32> = Array::pinned(defaults::MAX_SERVICES * 2 * defaults::MAGLEV_SIZE, 0);
+
+#[map(name = "LB_FLOWS")]
+static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(defaults::MAX_FLOWS, 0);
+
+#[map(name = "LB_NAT_REV")]
+static LB_NAT_REV: LruHashMap<FlowKey, NatReverseEntry> =
+    LruHashMap::pinned(defaults::MAX_FLOWS, 0);
+
+/// Interfaces the program may redirect to, keyed by ifindex.
+#[map(name = "LB_TX_PORTS")]
+static LB_TX_PORTS: DevMapHash = DevMapHash::pinned(defaults::MAX_TX_PORTS, 0);
+
+#[map(name = "LB_VIP_STATS")]
+static LB_VIP_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(defaults::MAX_SERVICES, 0);
+
+#[map(name = "LB_BE_STATS")]
+static LB_BE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(defaults::MAX_BACKENDS, 0);
+
+#[map(name = "LB_REASONS")]
+static LB_REASONS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+
+// ---------------------------------------------------------------------------------------------
+// Frame access.
+// ---------------------------------------------------------------------------------------------
+
+/// Upper bound on any offset we ask about. XDP frames without multi-buffer fit in one page;
+/// bounding offsets explicitly keeps the verifier's packet-pointer range below its 64 KiB
+/// limit when it adds a variable offset (the IPv4 total length) to the packet pointer.
+const MAX_FRAME: usize = 16_384;
+
+/// Frame access for the verifier.
+///
+/// Every access reloads `data` and `data_end` from the context with volatile reads and checks
+/// `data + off + N <= data_end` right before handing out the pointer. Without the volatile
+/// reloads LLVM proves many of these checks redundant from earlier *scalar* comparisons (for
+/// example `l4_off + 20 <= ip_end` together with `data + ip_end <= data_end`) and deletes them;
+/// the verifier only tracks packet ranges through pointer comparisons and then rejects the
+/// load ("invalid access to packet").
+struct XdpFrame {
+    ctx: *mut aya_ebpf::bindings::xdp_md,
+}
+
+impl XdpFrame {
+    #[inline(always)]
+    fn new(ctx: &XdpContext) -> Self {
+        Self { ctx: ctx.ctx }
+    }
+
+    #[inline(always)]
+    fn bounds(&self) -> (usize, usize) {
+        // SAFETY: `ctx` is the program's context pointer for the whole invocation.
+        unsafe {
+            (
+                core::ptr::read_volatile(&(*self.ctx).data) as usize,
+                core::ptr::read_volatile(&(*self.ctx).data_end) as usize,
+            )
+        }
+    }
+}
+
+impl Frame for XdpFrame {
+    #[inline(always)]
+    fn fits(&self, len: usize) -> bool {
+        let (start, end) = self.bounds();
+        len <= MAX_FRAME && start + len <= end
+    }
+
+    #[inline(always)]
+    fn at<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]> {
+        if off > MAX_FRAME {
+            return None;
+        }
+        let (start, end) = self.bounds();
+        let ptr = start + off;
+        if ptr + N > end {
+            return None;
+        }
+        Some(ptr as *mut [u8; N])
+    }
+}
+
+/// Reads a 16-bit field as it sits in the packet.
+#[inline(always)]
+fn load16(frame: &XdpFrame, off: usize) -> Option<u16> {
+    let ptr = frame.at::<2>(off)?;
+    // SAFETY: bounds-checked by `at`; `[u8; 2]` has alignment 1.
+    Some(u16::from_ne_bytes(unsafe { *ptr }))
+}
+
+/// Writes a 16-bit field as it sits in the packet.
+#[inline(always)]
+fn store16(frame: &XdpFrame, off: usize, value: u16) -> Option<()> {
+    let ptr = frame.at::<2>(off)?;
+    // SAFETY: bounds-checked by `at`; `[u8; 2]` has alignment 1.
+    unsafe { *ptr = value.to_ne_bytes() };
+    Some(())
+}
+
+/// Writes a 32-bit field as it sits in the packet.
+#[inline(always)]
+fn store32(frame: &XdpFrame, off: usize, value: u32) -> Option<()> {
+    let ptr = frame.at::<4>(off)?;
+    // SAFETY: bounds-checked by `at`; `[u8; 4]` has alignment 1.
+    unsafe { *ptr = value.to_ne_bytes() };
+    Some(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verdicts and counters.
+// ---------------------------------------------------------------------------------------------
+
+/// An XDP action and the reason it is counted under.
+#[derive(Clone, Copy)]
+struct Verdict {
+    action: u32,
+    reason: u32,
+}
+
+#[inline(always)]
+const fn pass(reason: u32) -> Verdict {
+    Verdict {
+        action: xdp_action::XDP_PASS,
+        reason,
+    }
+}
+
+#[inline(always)]
+const fn drop(reason: u32) -> Verdict {
+    Verdict {
+        action: xdp_action::XDP_DROP,
+        reason,
+    }
+}
+
+#[inline(always)]
+fn count_reason(reason: u32) {
+    if let Some(slot) = LB_REASONS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_bytes(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+    if let Some(counter) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+// ---------------------------------------------------------------------------------------------
+
+#[xdp]
+pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    let verdict = try_xdp_lb(&ctx);
+    count_reason(verdict.reason);
+    verdict.action
+}
+
+/// The floor of any XDP measurement on this machine: drops everything.
+#[xdp]
+pub fn xdp_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+/// Lets everything through. Attached to the receiving end of a veth so that frames redirected
+/// into it are delivered (a veth only accepts XDP redirects when its peer runs XDP or GRO).
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+fn try_xdp_lb(ctx: &XdpContext) -> Verdict {
+    let frame = XdpFrame::new(ctx);
+    let parsed = parse::parse(&frame);
+    let packet = parsed.packet;
+    match parsed.outcome {
+        Outcome::Ipv4 => {}
+        Outcome::NotIpv4 => return pass(reason::PASS_NOT_IPV4),
+        Outcome::Truncated => return pass(reason::PASS_TRUNCATED_L3),
+        Outcome::Malformed => return pass(reason::PASS_MALFORMED_IPV4),
+    }
+    match packet.l4 {
+        L4::Tcp => try_l4(ctx, &frame, &packet, PROTO_TCP),
+        L4::Udp => try_l4(ctx, &frame, &packet, PROTO_UDP),
+        L4::Icmp => try_icmp(ctx, &frame, &packet),
+        L4::Fragment => anomaly(&packet, drop(reason::DROP_FRAGMENT)),
+        L4::Truncated => anomaly(&packet, drop(reason::DROP_TRUNCATED_L4)),
+        L4::Other => anomaly(&packet, pass(reason::PASS_VIP_ADDR_OTHER)),
+    }
+}
+
+/// Applies `verdict` when the packet is addressed to a VIP address; passes it otherwise. Only
+/// anomalous packets pay for this lookup.
+#[inline(always)]
+fn anomaly(packet: &Ipv4Packet, verdict: Verdict) -> Verdict {
+    let key = VipAddrKey {
+        addr: [packet.dst, 0, 0, 0],
+        family: FAMILY_IPV4,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is only checked for presence.
+    if unsafe { LB_VIP_ADDRS.get(&key) }.is_some() {
+        verdict
+    } else {
+        pass(reason::PASS_NOT_VIP)
+    }
+}
+
+#[inline(always)]
+fn try_l4(ctx: &XdpContext, frame: &XdpFrame, packet: &Ipv4Packet, proto: u8) -> Verdict {
+    let src_port_be = packet.src_port_be;
+    let dst_port_be = packet.dst_port_be;
+    let tcp_flags = packet.tcp_flags;
+    let vip_key = VipKey {
+        addr: [packet.dst, 0, 0, 0],
+        port_be: dst_port_be,
+        proto,
+        family: FAMILY_IPV4,
+    };
+    // SAFETY: copied out at once; the daemon replaces values whole.
+    if let Some(vip) = unsafe { LB_VIPS.get(&vip_key) }.copied() {
+        return to_backend(
+            ctx,
+            frame,
+            packet,
+            &vip,
+            proto,
+            src_port_be,
+            dst_port_be,
+            tcp_flags,
+        );
+    }
+    let reverse_key = FlowKey {
+        src: [packet.src, 0, 0, 0],
+        dst: [packet.dst, 0, 0, 0],
+        src_port_be,
+        dst_port_be,
+        proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    if let Some(reverse) = unsafe { LB_NAT_REV.get(&reverse_key) }.copied() {
+        return reply_to_client(ctx, frame, packet, &reverse, proto);
+    }
+    pass(reason::PASS_NOT_VIP)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client -> VIP: choose a backend, rewrite, forward.
+// ---------------------------------------------------------------------------------------------
+
+/// A backend usable for a flow: its id, its current info.
+struct Chosen {
+    id: u32,
+    info: BackendInfo,
+}
+
+#[inline(always)]
+fn backend(id: u32) -> Option<BackendInfo> {
+    LB_BACKENDS.get(id).copied()
+}
+
+/// Picks the backend of a new flow from the service's live Maglev table.
+#[inline(always)]
+fn maglev_pick(vip: &VipInfo, flow: &FlowKey) -> Option<Chosen> {
+    let size = global(&MAGLEV_SIZE);
+    if size == 0 || vip.active_backends == 0 {
+        return None;
+    }
+    let hash = flow_hash(
+        &flow.src,
+        &flow.dst,
+        flow.src_port_be,
+        flow.dst_port_be,
+        flow.proto,
+        SEED_MAGLEV,
+    );
+    let slot = vip.table_slot & 1;
+    let index = maglev_index(vip.service_id, slot, size, hash % size);
+    let id = *LB_MAGLEV.get(index)?;
+    let info = backend(id)?;
+    if info.state != BACKEND_ACTIVE {
+        return None;
+    }
+    Some(Chosen { id, info })
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flattened packet fields keep the verifier's view simple"
+)]
+#[inline(always)]
+fn to_backend(
+    ctx: &XdpContext,
+    frame: &XdpFrame,
+    packet: &Ipv4Packet,
+    vip: &VipInfo,
+    proto: u8,
+    src_port_be: u16,
+    dst_port_be: u16,
+    tcp_flags: u8,
+) -> Verdict {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    count_bytes(&LB_VIP_STATS, vip.service_id, bytes);
+
+    let flow = FlowKey {
+        src: [packet.src, 0, 0, 0],
+        dst: [packet.dst, 0, 0, 0],
+        src_port_be,
+        dst_port_be,
+        proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let full_nat = vip.mode != MODE_DSR;
+
+    let mut outcome = reason::NEW_FLOW;
+    let mut pinned: Option<(Chosen, u16)> = None;
+    if let Some(entry) = LB_FLOWS.get_ptr_mut(&flow) {
+        // SAFETY: a valid map value; concurrent updates of the same flow from two CPUs only race
+        // on bookkeeping fields.
+        let entry = unsafe { &mut *entry };
+        if let Some(info) = backend(entry.backend_id) {
+            // Draining backends keep their flows; a freed or reassigned slot does not.
+            if info.state != BACKEND_UNUSED
+                && info.generation == entry.backend_generation
+                && entry.service_id == vip.service_id
+            {
+                entry.last_seen_ns = now;
+                if proto == PROTO_TCP {
+                    entry.tcp_state = tcp_transition(
+                        TcpState::from_u8(entry.tcp_state),
+                        Direction::Original,
+                        TcpFlags(tcp_flags),
+                    ) as u8;
+                }
+                pinned = Some((
+                    Chosen {
+                        id: entry.backend_id,
+                        info,
+                    },
+                    entry.nat_port_be,
+                ));
+            }
+        }
+        if pinned.is_none() {
+            outcome = reason::FLOW_RESCHEDULED;
+        }
+    }
+
+    let (chosen, nat_port_be) = match pinned {
+        Some(found) => found,
+        None => {
+            let Some(chosen) = maglev_pick(vip, &flow) else {
+                return drop(reason::DROP_NO_BACKEND);
+            };
+            let nat_port_be = if full_nat {
+                match allocate_nat_port(&flow, &chosen, vip) {
+                    Some(port) => port,
+                    None => return drop(reason::DROP_NAT_PORTS_EXHAUSTED),
+                }
+            } else {
+                0
+            };
+            let tcp_state = if proto == PROTO_TCP {
+                tcp_transition(TcpState::None, Direction::Original, TcpFlags(tcp_flags)) as u8
+            } else {
+                0
+            };
+            let entry = FlowEntry {
+                backend_id: chosen.id,
+                backend_generation: chosen.info.generation,
+                service_id: vip.service_id,
+                nat_port_be,
+                tcp_state,
+                _pad: 0,
+                last_seen_ns: now,
+            };
+            // An LRU insert only fails on allocation failure; the packet is still forwarded and
+            // the next one retries (Maglev picks the same backend while the table is unchanged).
+            let _ = LB_FLOWS.insert(&flow, &entry, 0);
+            count_reason(outcome);
+            (chosen, nat_port_be)
+        }
+    };
+    count_bytes(&LB_BE_STATS, chosen.id, bytes);
+
+    let backend_addr = chosen.info.addr[0];
+    if full_nat {
+        let snat_addr = chosen.info.snat_addr[0];
+        if rewrite_l3l4(
+            frame,
+            packet,
+            proto,
+            (packet.src, snat_addr),
+            (packet.dst, backend_addr),
+            (src_port_be, nat_port_be),
+            (dst_port_be, chosen.info.port_be),
+        )
+        .is_none()
+        {
+            // Unreachable after a successful parse; the frame is untouched or fully rewritten
+            // per field, and the stack gets it.
+            return pass(reason::PASS_TRUNCATED_L3);
+        }
+        forward(
+            ctx,
+            frame,
+            packet,
+            snat_addr,
+            backend_addr,
+            proto,
+            nat_port_be,
+            chosen.info.port_be,
+        )
+    } else {
+        forward(
+            ctx,
+            frame,
+            packet,
+            packet.src,
+            backend_addr,
+            proto,
+            src_port_be,
+            dst_port_be,
+        )
+    }
+}
+
+/// Tries the client's own port, then a few hashed ports from the configured range, inserting
+/// the reverse entry with `BPF_NOEXIST` so that another flow's entry is never overwritten.
+#[inline(always)]
+fn allocate_nat_port(flow: &FlowKey, chosen: &Chosen, vip: &VipInfo) -> Option<u16> {
+    const TRIES: u32 = 8;
+    let min = global(&NAT_PORT_MIN) as u32;
+    let max = global(&NAT_PORT_MAX) as u32;
+    if max < min {
+        return None;
+    }
+    let span = max - min + 1;
+    let client_port = u16::from_be(flow.src_port_be) as u32;
+    let reverse = NatReverseEntry {
+        client_addr: flow.src,
+        vip_addr: flow.dst,
+        client_port_be: flow.src_port_be,
+        vip_port_be: flow.dst_port_be,
+        service_id: vip.service_id,
+        backend_id: chosen.id,
+        _pad: 0,
+    };
+    let mut attempt = 0;
+    while attempt < TRIES {
+        let port = if attempt == 0 && client_port >= min && client_port <= max {
+            client_port
+        } else {
+            let hash = flow_hash(
+                &flow.src,
+                &flow.dst,
+                flow.src_port_be,
+                flow.dst_port_be,
+                flow.proto,
+                SEED_NAT_PORT ^ attempt,
+            );
+            min + hash % span
+        };
+        let port_be = (port as u16).to_be();
+        let reverse_key = FlowKey {
+            src: chosen.info.addr,
+            dst: chosen.info.snat_addr,
+            src_port_be: chosen.info.port_be,
+            dst_port_be: port_be,
+            proto: flow.proto,
+            family: FAMILY_IPV4,
+            _pad: [0; 2],
+        };
+        if LB_NAT_REV
+            .insert(&reverse_key, &reverse, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return Some(port_be);
+        }
+        // Taken: by this very flow (its flow entry was evicted or rescheduled) is fine.
+        // SAFETY: copied out at once.
+        if let Some(existing) = unsafe { LB_NAT_REV.get(&reverse_key) }.copied()
+            && existing.client_addr == reverse.client_addr
+            && existing.client_port_be == reverse.client_port_be
+            && existing.vip_addr == reverse.vip_addr
+            && existing.vip_port_be == reverse.vip_port_be
+        {
+            return Some(port_be);
+        }
+        attempt += 1;
+    }
+    None
+}
+
+/// Rewrites source and destination address and port, `(old, new)` each, updating the IPv4 and
+/// TCP/UDP checksums incrementally (addresses are part of the L4 pseudo-header).
+#[inline(always)]
+fn rewrite_l3l4(
+    frame: &XdpFrame,
+    packet: &Ipv4Packet,
+    proto: u8,
+    src: (u32, u32),
+    dst: (u32, u32),
+    src_port: (u16, u16),
+    dst_port: (u16, u16),
+) -> Option<()> {
+    let l3 = packet.l3_off;
+    let l4_off = packet.l4_off;
+    let ip_check = load16(frame, l3 + ipv4::CHECK)?;
+    let ip_check = csum::replace_u32(ip_check, src.0, src.1);
+    let ip_check = csum::replace_u32(ip_check, dst.0, dst.1);
+    store32(frame, l3 + ipv4::SRC, src.1)?;
+    store32(frame, l3 + ipv4::DST, dst.1)?;
+    store16(frame, l3 + ipv4::CHECK, ip_check)?;
+
+    if proto == PROTO_TCP {
+        let check = load16(frame, l4_off + l4::TCP_CHECK)?;
+        let check = csum::replace_u32(check, src.0, src.1);
+        let check = csum::replace_u32(check, dst.0, dst.1);
+        let check = csum::replace_u16(check, src_port.0, src_port.1);
+        let check = csum::replace_u16(check, dst_port.0, dst_port.1);
+        store16(frame, l4_off + l4::TCP_CHECK, check)?;
+    } else {
+        let check = load16(frame, l4_off + l4::UDP_CHECK)?;
+        let check = csum::udp_replace_u32(check, src.0, src.1);
+        let check = csum::udp_replace_u32(check, dst.0, dst.1);
+        let check = csum::udp_replace_u16(check, src_port.0, src_port.1);
+        let check = csum::udp_replace_u16(check, dst_port.0, dst_port.1);
+        store16(frame, l4_off + l4::UDP_CHECK, check)?;
+    }
+    store16(frame, l4_off + l4::SRC_PORT, src_port.1)?;
+    store16(frame, l4_off + l4::DST_PORT, dst_port.1)?;
+    Some(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend -> load balancer (full-NAT replies and ICMP errors): translate back to the client.
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn reply_to_client(
+    ctx: &XdpContext,
+    frame: &XdpFrame,
+    packet: &Ipv4Packet,
+    reverse: &NatReverseEntry,
+    proto: u8,
+) -> Verdict {
+    let Some((src_port_be, dst_port_be)) = ports(frame, packet) else {
+        return pass(reason::PASS_TRUNCATED_L3);
+    };
+    let vip_addr = reverse.vip_addr[0];
+    let client_addr = reverse.client_addr[0];
+    if rewrite_l3l4(
+        frame,
+        packet,
+        proto,
+        (packet.src, vip_addr),
+        (packet.dst, client_addr),
+        (src_port_be, reverse.vip_port_be),
+        (dst_port_be, reverse.client_port_be),
+    )
+    .is_none()
+    {
+        return pass(reason::PASS_TRUNCATED_L3);
+    }
+    count_reason(reason::NAT_REPLY_TRANSLATED);
+    forward(
+        ctx,
+        frame,
+        packet,
+        vip_addr,
+        client_addr,
+        proto,
+        reverse.vip_port_be,
+        reverse.client_port_be,
+    )
+}
+
+#[inline(always)]
+fn ports(frame: &XdpFrame, packet: &Ipv4Packet) -> Option<(u16, u16)> {
+    Some((
+        load16(frame, packet.l4_off + l4::SRC_PORT)?,
+        load16(frame, packet.l4_off + l4::DST_PORT)?,
+    ))
+}
+
+/// An ICMP error (destination unreachable, including "fragmentation needed", or time exceeded)
+/// quoting a packet the load balancer sent to a backend in full-NAT mode is rewritten so that
+/// it quotes the client's original packet to the VIP, comes from the VIP, and goes to the
+/// client. ICMP has no pseudo-header, so the ICMP checksum covers exactly the rewritten quote.
+#[inline(always)]
+fn try_icmp(ctx: &XdpContext, frame: &XdpFrame, packet: &Ipv4Packet) -> Verdict {
+    let icmp_type = packet.icmp_type;
+    if icmp_type != parse::ICMP_DEST_UNREACH && icmp_type != parse::ICMP_TIME_EXCEEDED {
+        return anomaly(packet, pass(reason::PASS_VIP_ADDR_OTHER));
+    }
+    let quote = parse::parse_icmp_quote(frame, packet.l4_off);
+    if !quote.valid {
+        return pass(reason::PASS_NOT_VIP);
+    }
+    // The quote is our packet to the backend: snat:nat_port -> backend:port. Its reply
+    // direction is the reverse key.
+    let reverse_key = FlowKey {
+        src: [quote.dst, 0, 0, 0],
+        dst: [quote.src, 0, 0, 0],
+        src_port_be: quote.dst_port_be,
+        dst_port_be: quote.src_port_be,
+        proto: quote.proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    let Some(reverse) = (unsafe { LB_NAT_REV.get(&reverse_key) }).copied() else {
+        return pass(reason::PASS_NOT_VIP);
+    };
+    if translate_icmp(frame, packet, &quote, &reverse).is_none() {
+        return pass(reason::PASS_TRUNCATED_L3);
+    }
+    count_reason(reason::ICMP_TRANSLATED);
+    forward(
+        ctx,
+        frame,
+        packet,
+        reverse.vip_addr[0],
+        reverse.client_addr[0],
+        bpf_common::PROTO_ICMP,
+        0,
+        0,
+    )
+}
+
+#[inline(always)]
+fn translate_icmp(
+    frame: &XdpFrame,
+    packet: &Ipv4Packet,
+    quote: &parse::QuotedPacket,
+    reverse: &NatReverseEntry,
+) -> Option<()> {
+    let client = reverse.client_addr[0];
+    let vip = reverse.vip_addr[0];
+    let icmp_check_off = packet.l4_off + l4::ICMP_CHECK;
+    let mut icmp_check = load16(frame, icmp_check_off)?;
+
+    // Quoted IPv4 header: src snat -> client, dst backend -> VIP.
+    let q3 = quote.l3_off;
+    let old_quote_ip_check = load16(frame, q3 + ipv4::CHECK)?;
+    let quote_ip_check = csum::replace_u32(old_quote_ip_check, quote.src, client);
+    let quote_ip_check = csum::replace_u32(quote_ip_check, quote.dst, vip);
+    store32(frame, q3 + ipv4::SRC, client)?;
+    store32(frame, q3 + ipv4::DST, vip)?;
+    store16(frame, q3 + ipv4::CHECK, quote_ip_check)?;
+    icmp_check = csum::replace_u32(icmp_check, quote.src, client);
+    icmp_check = csum::replace_u32(icmp_check, quote.dst, vip);
+    icmp_check = csum::replace_u16(icmp_check, old_quote_ip_check, quote_ip_check);
+
+    // Quoted ports: nat_port -> client port, backend port -> VIP port.
+    let q4 = quote.l4_off;
+    store16(frame, q4 + l4::SRC_PORT, reverse.client_port_be)?;
+    store16(frame, q4 + l4::DST_PORT, reverse.vip_port_be)?;
+    icmp_check = csum::replace_u16(icmp_check, quote.src_port_be, reverse.client_port_be);
+    icmp_check = csum::replace_u16(icmp_check, quote.dst_port_be, reverse.vip_port_be);
+
+    // A quoted UDP header always carries its checksum (within the 8 guaranteed bytes); keep it
+    // consistent. A quoted TCP checksum may be cut off and receivers do not verify it.
+    if quote.proto == PROTO_UDP {
+        let old = load16(frame, q4 + l4::UDP_CHECK)?;
+        let mut new = csum::udp_replace_u32(old, quote.src, client);
+        new = csum::udp_replace_u32(new, quote.dst, vip);
+        new = csum::udp_replace_u16(new, quote.src_port_be, reverse.client_port_be);
+        new = csum::udp_replace_u16(new, quote.dst_port_be, reverse.vip_port_be);
+        store16(frame, q4 + l4::UDP_CHECK, new)?;
+        icmp_check = csum::replace_u16(icmp_check, old, new);
+    }
+    store16(frame, icmp_check_off, icmp_check)?;
+
+    // Outer header: from the VIP to the client.
+    let l3 = packet.l3_off;
+    let ip_check = load16(frame, l3 + ipv4::CHECK)?;
+    let ip_check = csum::replace_u32(ip_check, packet.src, vip);
+    let ip_check = csum::replace_u32(ip_check, packet.dst, client);
+    store32(frame, l3 + ipv4::SRC, vip)?;
+    store32(frame, l3 + ipv4::DST, client)?;
+    store16(frame, l3 + ipv4::CHECK, ip_check)?;
+    Some(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding.
+// ---------------------------------------------------------------------------------------------
+
+const AF_INET: u8 = 2;
+
+/// Resolves the next hop with `bpf_fib_lookup`, rewrites the MAC addresses and sends the frame:
+/// `XDP_TX` when the egress interface is the ingress one, a devmap redirect otherwise.
+#[expect(clippy::too_many_arguments, reason = "mirrors bpf_fib_lookup's inputs")]
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    frame: &XdpFrame,
+    packet: &Ipv4Packet,
+    src: u32,
+    dst: u32,
+    proto: u8,
+    src_port_be: u16,
+    dst_port_be: u16,
+) -> Verdict {
+    // SAFETY: plain-old-data C struct; all-zero is a valid initial value.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.sport = src_port_be;
+    params.dport = dst_port_be;
+    params.__bindgen_anon_1.tot_len = packet.total_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
+
+    // SAFETY: `params` is a valid, writable bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return pass(reason::PASS_FIB_NO_NEIGH),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return pass(reason::PASS_FRAG_NEEDED),
+        _ => return drop(reason::DROP_FIB_FAILED),
+    }
+    let Some(eth) = frame.at::<12>(0) else {
+        return pass(reason::PASS_TRUNCATED_L3);
+    };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    // SAFETY: bounds-checked by `at`.
+    unsafe { *eth = macs };
+
+    if params.ifindex == ctx.ingress_ifindex() as u32 {
+        return Verdict {
+            action: xdp_action::XDP_TX,
+            reason: reason::FWD_TX,
+        };
+    }
+    match LB_TX_PORTS.redirect(params.ifindex, 0) {
+        Ok(action) => Verdict {
+            action,
+            reason: reason::FWD_REDIRECT,
+        },
+        Err(_) => pass(reason::PASS_NO_TX_PORT),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark harness (used by `cargo xtask bench` and its smoke test, never attached).
+// ---------------------------------------------------------------------------------------------
+
+/// A frame to restore before every repeat of BPF_PROG_TEST_RUN.
+#[repr(C)]
+pub struct BenchTemplate {
+    /// Bytes of `frame` that are used.
+    pub len: u32,
+    /// When non-zero, every repeat gets a new 5-tuple: a per-CPU counter is written into the
+    /// TCP/UDP source port and the low 16 bits of the IPv4 source address.
+    pub vary_flow: u32,
+    pub frame: [u8; BENCH_FRAME_MAX],
+}
+const BENCH_FRAME_MAX: usize = 256;
+
+#[map(name = "BENCH_TEMPLATE")]
+static BENCH_TEMPLATE: Array<BenchTemplate> = Array::with_max_entries(1, 0);
+
+#[map(name = "BENCH_COUNTER")]
+static BENCH_COUNTER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "BENCH_TARGET")]
+static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Restores the frame from `BENCH_TEMPLATE` (BPF_PROG_TEST_RUN repeats share one buffer, so a
+/// rewriting program would otherwise see its own output from the second repeat on) and
+/// tail-calls the program under test in `BENCH_TARGET[0]`.
+#[xdp]
+pub fn xdp_bench_harness(ctx: XdpContext) -> u32 {
+    let Some(template) = BENCH_TEMPLATE.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: a valid map value.
+    let template = unsafe { &mut *template };
+    let len = template.len as usize;
+    let frame_len = ctx.data_end() - ctx.data();
+    if len == 0 || len > BENCH_FRAME_MAX || len != frame_len {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: `len` is bounded by BENCH_FRAME_MAX and lies within both buffers.
+    let rc = unsafe {
+        bpf_xdp_store_bytes(
+            ctx.ctx,
+            0,
+            template.frame.as_mut_ptr() as *mut _,
+            len as u32,
+        )
+    };
+    if rc != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    if template.vary_flow != 0 && vary_flow(&ctx).is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: on success the tail call does not return.
+    unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+/// Gives the restored frame a fresh 5-tuple: IPv4 source low half and L4 source port.
+#[inline(always)]
+fn vary_flow(ctx: &XdpContext) -> Option<()> {
+    let counter = BENCH_COUNTER.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot.
+    let value = unsafe {
+        *counter = (*counter).wrapping_add(1);
+        *counter
+    };
+    let frame = XdpFrame::new(ctx);
+    let parsed = parse::parse(&frame);
+    if parsed.outcome != Outcome::Ipv4 {
+        return None;
+    }
+    let packet = parsed.packet;
+    store16(
+        &frame,
+        packet.l3_off + ipv4::SRC + 2,
+        ((value >> 16) as u16).to_be(),
+    )?;
+    store16(
+        &frame,
+        packet.l4_off + l4::SRC_PORT,
+        ((value & 0xffff) as u16 | 1).to_be(),
+    )?;
+    Some(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,853 @@
+//! The XDP load balancer's dataplane: loads the program, reuses pinned maps, attaches to the
+//! configured interfaces and programs services into the BPF maps.
+//!
+//! # Atomicity
+//!
+//! A service change never exposes a half-built state to packets:
+//!
+//! 1. backend slots that are new to the service, or that become active, are written first (the
+//!    live table does not reference them yet, or references them already);
+//! 2. the new Maglev table is written into the service's *inactive* table slot;
+//! 3. the VIP entry is replaced in one hash-map update that flips `table_slot` (the kernel swaps
+//!    hash elements under RCU, so a packet sees either the old or the new value whole);
+//! 4. only then are backends that leave the active set marked draining, and removed backends'
+//!    slots freed (which moves their flows).
+//!
+//! A failure in steps 1-2 leaves the old table live; the daemon reports the error.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+    util::nr_cpus,
+};
+use bpf_common::{
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_UNUSED, BackendInfo, FAMILY_IPV4, MODE_DSR,
+    MODE_FULL_NAT, VipAddrKey, VipInfo, VipKey, globals, maglev_index, map_names, reason,
+};
+use datapath_api::{
+    BackendKey, BackendSpec, BackendState, Counter, DesiredState, ForwardingMode, ServiceKey,
+    ServiceSpec, StatsSnapshot,
+};
+use lb_core::maglev::{self, MaglevBackend};
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+
+/// The compiled XDP object (built by `build.rs` from `bpf-xdp`).
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-xdp"));
+
+/// Name of the load-balancer program in [`XDP_OBJECT`].
+pub const PROGRAM_LB: &str = "xdp_lb";
+
+/// How to attach XDP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    /// Native (driver) mode, falling back to generic mode with a logged warning.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+impl std::str::FromStr for XdpAttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" | "driver" => Ok(Self::Native),
+            "generic" | "skb" => Ok(Self::Generic),
+            other => Err(format!(
+                "unknown XDP mode {other:?} (expected auto, native or generic)"
+            )),
+        }
+    }
+}
+
+/// Sizes and places the dataplane is built with.
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    /// Where maps and links are pinned (a directory under bpffs).
+    pub pin_root: PathBuf,
+    /// Interfaces to attach the XDP program to (client-facing and backend-facing).
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpAttachMode,
+    /// Maglev table size; must be prime.
+    pub maglev_size: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_flows: u32,
+    /// Full-NAT source port range (inclusive).
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        use bpf_common::defaults;
+        Self {
+            pin_root: PathBuf::from(defaults::PIN_ROOT),
+            interfaces: Vec::new(),
+            xdp_mode: XdpAttachMode::Auto,
+            maglev_size: defaults::MAGLEV_SIZE,
+            max_services: defaults::MAX_SERVICES,
+            max_backends: defaults::MAX_BACKENDS,
+            max_flows: defaults::MAX_FLOWS,
+            nat_port_min: defaults::NAT_PORT_MIN,
+            nat_port_max: defaults::NAT_PORT_MAX,
+        }
+    }
+}
+
+impl DataplaneConfig {
+    /// Checks the sizes before anything is loaded.
+    pub fn validate(&self) -> Result<()> {
+        if !maglev::is_prime(self.maglev_size) {
+            return Err(Error::InvalidArgument(format!(
+                "maglev table size {} is not prime (try 65537 or 16381)",
+                self.maglev_size
+            )));
+        }
+        if self.max_services == 0 || self.max_backends == 0 || self.max_flows == 0 {
+            return Err(Error::InvalidArgument(
+                "max services, backends and flows must be positive".into(),
+            ));
+        }
+        let table_entries = u64::from(self.max_services) * 2 * u64::from(self.maglev_size);
+        if table_entries > u64::from(u32::MAX / 4) {
+            return Err(Error::InvalidArgument(format!(
+                "max services ({}) x 2 x maglev size ({}) is too large for one map",
+                self.max_services, self.maglev_size
+            )));
+        }
+        if self.nat_port_min == 0 || self.nat_port_min > self.nat_port_max {
+            return Err(Error::InvalidArgument(format!(
+                "invalid NAT port range {}-{}",
+                self.nat_port_min, self.nat_port_max
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Loads [`XDP_OBJECT`] with the configured sizes and globals, reusing (or creating) the maps
+/// pinned under `config.pin_root`. Shared by the daemon and the fixture tests.
+pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
+    if XDP_OBJECT.is_empty() {
+        return Err(Error::InvalidArgument(
+            "this datapathd was built without its BPF programs (AYA_BUILD_SKIP); rebuild without it"
+                .into(),
+        ));
+    }
+    config.validate()?;
+    std::fs::create_dir_all(&config.pin_root)
+        .map_err(|e| Error::io(format!("create pin root {}", config.pin_root.display()), e))?;
+    let table_entries = config.max_services * 2 * config.maglev_size;
+    let mut loader = EbpfLoader::new();
+    loader
+        .default_map_pin_directory(&config.pin_root)
+        .map_max_entries(map_names::VIPS, config.max_services)
+        .map_max_entries(map_names::VIP_ADDRS, config.max_services)
+        .map_max_entries(map_names::BACKENDS, config.max_backends)
+        .map_max_entries(map_names::MAGLEV, table_entries)
+        .map_max_entries(map_names::FLOWS, config.max_flows)
+        .map_max_entries(map_names::NAT_REV, config.max_flows)
+        .map_max_entries(map_names::VIP_STATS, config.max_services)
+        .map_max_entries(map_names::BACKEND_STATS, config.max_backends)
+        .override_global(globals::MAGLEV_SIZE, &config.maglev_size, true)
+        .override_global(globals::NAT_PORT_MIN, &config.nat_port_min, true)
+        .override_global(globals::NAT_PORT_MAX, &config.nat_port_max, true);
+    loader.load(XDP_OBJECT).map_err(|source| Error::Load {
+        context: format!(
+            "load the XDP object with maps pinned under {} (if the pinned maps were created \
+             with other sizes, run `datapathd cleanup` first)",
+            config.pin_root.display()
+        ),
+        source,
+    })
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` when nothing is mounted there.
+fn ensurebpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let path = c"/sys/fs/bpf";
+    // SAFETY: statfs into a zeroed struct with a valid C string.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
+    if rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").map_err(|e| Error::io("create /sys/fs/bpf", e))?;
+    // SAFETY: plain mount(2) call with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            "mount bpffs at /sys/fs/bpf",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+fn interface_index(name: &str) -> Result<u32> {
+    let c_name = std::ffi::CString::new(name)
+        .map_err(|_| Error::InvalidArgument(format!("invalid interface name {name:?}")))?;
+    // SAFETY: valid C string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "interface {name:?} does not exist"
+        )));
+    }
+    Ok(index)
+}
+
+fn map_error(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Error {
+    let context = context.into();
+    move |source| Error::Map { context, source }
+}
+
+fn program_error(context: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    let context = context.into();
+    move |source| Error::Program { context, source }
+}
+
+fn take_map(bpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    bpf.take_map(name)
+        .ok_or_else(|| Error::InvalidArgument(format!("map {name} missing from the XDP object")))
+}
+
+fn ipv4_of(addr: IpAddr, what: &str) -> Result<Ipv4Addr> {
+    match addr {
+        IpAddr::V4(v4) => Ok(v4),
+        IpAddr::V6(_) => Err(Error::InvalidArgument(format!(
+            "{what} {addr} is IPv6; this release forwards IPv4 only"
+        ))),
+    }
+}
+
+fn addr16(addr: Ipv4Addr) -> [u32; 4] {
+    bpf_common::addr16_from_ipv4_octets(addr.octets())
+}
+
+fn vip_key(key: &ServiceKey) -> Result<VipKey> {
+    Ok(VipKey {
+        addr: addr16(ipv4_of(key.vip, "VIP")?),
+        port_be: key.port.to_be(),
+        proto: key.proto.number(),
+        family: FAMILY_IPV4,
+    })
+}
+
+fn vip_addr_key(addr: IpAddr) -> Result<VipAddrKey> {
+    Ok(VipAddrKey {
+        addr: addr16(ipv4_of(addr, "VIP")?),
+        family: FAMILY_IPV4,
+        _pad: [0; 3],
+    })
+}
+
+/// The source address the kernel would use towards `backend` (a UDP `connect` sends nothing).
+/// The same socket then sends one empty datagram to the discard port so the kernel resolves the
+/// backend's neighbour entry: without it `bpf_fib_lookup` reports no neighbour and, in DSR mode,
+/// the program cannot build the frame.
+fn source_towards(backend: Ipv4Addr, prime_neighbour: bool) -> Result<Ipv4Addr> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .map_err(|e| Error::io("open a UDP socket for route lookup", e))?;
+    socket
+        .connect(SocketAddr::from((backend, 9)))
+        .map_err(|e| Error::InvalidArgument(format!("no route to backend {backend}: {e}")))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| Error::io("read the route's source address", e))?;
+    if prime_neighbour {
+        // Best effort: the discard port may answer with ICMP port unreachable, which is fine.
+        let _ = socket.send(&[]);
+    }
+    match local.ip() {
+        IpAddr::V4(v4) => Ok(v4),
+        IpAddr::V6(v6) => Err(Error::InvalidArgument(format!(
+            "route to backend {backend} uses IPv6 source {v6}"
+        ))),
+    }
+}
+
+/// What the dataplane last programmed for a service.
+struct Programmed {
+    spec: ServiceSpec,
+    /// Live table entries per backend id.
+    table_entries: BTreeMap<u32, u32>,
+}
+
+/// The loaded, attached XDP load balancer.
+pub struct Dataplane {
+    config: DataplaneConfig,
+    bpf: Ebpf,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    backends: Array<MapData, BackendInfo>,
+    maglev: Array<MapData, u32>,
+    vip_stats: PerCpuArray<MapData, bpf_common::Counter>,
+    backend_stats: PerCpuArray<MapData, bpf_common::Counter>,
+    reasons: PerCpuArray<MapData, u64>,
+    _links: Vec<PinnedLink>,
+    programmed: StdHashMap<ServiceKey, Programmed>,
+}
+
+fn link_pin_path(pin_root: &Path, interface: &str) -> PathBuf {
+    pin_root.join("links").join(format!("xdp_lb_{interface}"))
+}
+
+impl Dataplane {
+    /// Mounts bpffs if needed, loads the program (reusing pinned maps), and attaches it to every
+    /// configured interface, replacing the program of an existing pinned link atomically.
+    pub fn start(config: &DataplaneConfig) -> Result<Self> {
+        if config.interfaces.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no interface to attach to (use --iface)".into(),
+            ));
+        }
+        let mut if_indexes = Vec::new();
+        for name in &config.interfaces {
+            if_indexes.push((name.clone(), interface_index(name)?));
+        }
+        ensurebpffs()?;
+        let mut bpf = load_object(config)?;
+
+        let program: &mut Xdp = bpf
+            .program_mut(PROGRAM_LB)
+            .ok_or_else(|| Error::InvalidArgument(format!("program {PROGRAM_LB} missing")))?
+            .try_into()
+            .map_err(program_error("program xdp_lb is not XDP"))?;
+        program
+            .load()
+            .map_err(program_error("load xdp_lb (verifier)"))?;
+
+        std::fs::create_dir_all(config.pin_root.join("links"))
+            .map_err(|e| Error::io("create the links pin directory", e))?;
+        let mut links = Vec::new();
+        for (name, _) in &if_indexes {
+            links.push(attach_or_replace(program, config, name)?);
+        }
+
+        let mut tx_ports: DevMapHash<MapData> =
+            DevMapHash::try_from(take_map(&mut bpf, map_names::TX_PORTS)?)
+                .map_err(map_error("open LB_TX_PORTS"))?;
+        for (name, index) in &if_indexes {
+            tx_ports.insert(*index, *index, None, 0).map_err(|e| {
+                Error::io(
+                    format!("add {name} to LB_TX_PORTS"),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+        }
+
+        let vips = HashMap::try_from(take_map(&mut bpf, map_names::VIPS)?)
+            .map_err(map_error("open LB_VIPS"))?;
+        let vip_addrs = HashMap::try_from(take_map(&mut bpf, map_names::VIP_ADDRS)?)
+            .map_err(map_error("open LB_VIP_ADDRS"))?;
+        let backends = Array::try_from(take_map(&mut bpf, map_names::BACKENDS)?)
+            .map_err(map_error("open LB_BACKENDS"))?;
+        let maglev = Array::try_from(take_map(&mut bpf, map_names::MAGLEV)?)
+            .map_err(map_error("open LB_MAGLEV"))?;
+        let vip_stats = PerCpuArray::try_from(take_map(&mut bpf, map_names::VIP_STATS)?)
+            .map_err(map_error("open LB_VIP_STATS"))?;
+        let backend_stats = PerCpuArray::try_from(take_map(&mut bpf, map_names::BACKEND_STATS)?)
+            .map_err(map_error("open LB_BE_STATS"))?;
+        let reasons = PerCpuArray::try_from(take_map(&mut bpf, map_names::REASONS)?)
+            .map_err(map_error("open LB_REASONS"))?;
+
+        Ok(Self {
+            config: config.clone(),
+            bpf: bpf,
+            vips,
+            vip_addrs,
+            backends,
+            maglev,
+            vip_stats,
+            backend_stats,
+            reasons,
+            _links: links,
+            programmed: StdHashMap::new(),
+        })
+    }
+
+    pub fn config(&self) -> &DataplaneConfig {
+        &self.config
+    }
+
+    /// The loaded `xdp_lb` program, for BPF_PROG_TEST_RUN in fixture tests and benchmarks.
+    pub fn program_mut(&mut self) -> Result<&mut Xdp> {
+        self.bpf
+            .program_mut(PROGRAM_LB)
+            .ok_or_else(|| Error::InvalidArgument(format!("program {PROGRAM_LB} missing")))?
+            .try_into()
+            .map_err(program_error("program xdp_lb is not XDP"))
+    }
+
+    /// Programs one service (new or changed) so that the datapath switches from its previous
+    /// table to the new one in a single map update. On error the previous table stays live.
+    pub fn apply_service(&mut self, service: &ServiceSpec) -> Result<()> {
+        let key = vip_key(&service.key)?;
+        if service.id >= self.config.max_services {
+            return Err(Error::CapacityExhausted(format!(
+                "service id {} beyond the configured {} services",
+                service.id, self.config.max_services
+            )));
+        }
+        let previous: BTreeMap<BackendKey, BackendSpec> = self
+            .programmed
+            .get(&service.key)
+            .map(|p| {
+                p.spec
+                    .backends
+                    .iter()
+                    .map(|b| (b.key(), b.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        // Resolve every backend's datapath record first: nothing is written if one fails.
+        let prime = true;
+        let mut records = Vec::with_capacity(service.backends.len());
+        for backend in &service.backends {
+            if backend.id >= self.config.max_backends {
+                return Err(Error::CapacityExhausted(format!(
+                    "backend id {} beyond the configured {} backends",
+                    backend.id, self.config.max_backends
+                )));
+            }
+            let addr = ipv4_of(backend.addr, "backend")?;
+            let snat = match service.snat_addr {
+                Some(snat) => {
+                    let snat = ipv4_of(snat, "SNAT address")?;
+                    // Still prime the neighbour.
+                    let _ = source_towards(addr, prime);
+                    snat
+                }
+                None => source_towards(addr, prime)?,
+            };
+            records.push((
+                backend,
+                BackendInfo {
+                    addr: addr16(addr),
+                    snat_addr: addr16(snat),
+                    port_be: backend.port.to_be(),
+                    family: FAMILY_IPV4,
+                    state: match backend.state {
+                        BackendState::Active => BACKEND_ACTIVE,
+                        BackendState::Draining => BACKEND_DRAINING,
+                    },
+                    generation: backend.generation,
+                },
+            ));
+        }
+
+        // The new table, over active backends only.
+        let active: Vec<&BackendSpec> = service
+            .backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .collect();
+        let identities: Vec<String> = active.iter().map(|b| b.key().to_string()).collect();
+        let table = if active.is_empty() {
+            Vec::new()
+        } else {
+            let members: Vec<MaglevBackend<'_>> = active
+                .iter()
+                .zip(&identities)
+                .map(|(b, identity)| MaglevBackend {
+                    key: identity.as_bytes(),
+                    weight: b.weight,
+                })
+                .collect();
+            maglev::build_table(&members, self.config.maglev_size)
+                .map_err(|e| Error::InvalidArgument(format!("maglev table: {e}")))?
+                .into_iter()
+                .map(|index| active[index as usize].id)
+                .collect::<Vec<u32>>()
+        };
+
+        // Step 1: backends that are new, or that become active, before the table can point at
+        // them. New slots start with zeroed counters.
+        let mut written_new = Vec::new();
+        for (backend, info) in &records {
+            let old = previous.get(&backend.key());
+            let is_new = old.is_none_or(|o| o.id != backend.id);
+            let becomes_active = old.is_some_and(|o| o.state != BackendState::Active)
+                && backend.state == BackendState::Active;
+            if is_new {
+                self.reset_counter(CounterKind::Backend, backend.id)?;
+            }
+            if is_new || becomes_active {
+                if let Err(e) = self
+                    .backends
+                    .set(backend.id, *info, 0)
+                    .map_err(map_error(format!("write backend {}", backend.key())))
+                {
+                    self.free_backends(&written_new);
+                    return Err(e);
+                }
+                if is_new {
+                    written_new.push(backend.id);
+                }
+            }
+        }
+
+        // Step 2: the inactive table slot.
+        let current = self.vips.get(&key, 0).ok();
+        let slot = match current {
+            Some(info) if info.service_id == service.id => 1 - (info.table_slot & 1),
+            _ => 0,
+        };
+        if current.is_none_or(|info| info.service_id != service.id) {
+            self.reset_counter(CounterKind::Service, service.id)?;
+        }
+        for (bucket, backend_id) in table.iter().enumerate() {
+            let index = maglev_index(service.id, slot, self.config.maglev_size, bucket as u32);
+            if let Err(e) = self
+                .maglev
+                .set(index, *backend_id, 0)
+                .map_err(map_error(format!("write maglev table of {}", service.key)))
+            {
+                self.free_backends(&written_new);
+                return Err(e);
+            }
+        }
+
+        // Step 3: the flip.
+        let info = VipInfo {
+            service_id: service.id,
+            table_slot: slot,
+            active_backends: if table.is_empty() {
+                0
+            } else {
+                active.len() as u32
+            },
+            mode: match service.mode {
+                ForwardingMode::FullNat => MODE_FULL_NAT,
+                ForwardingMode::Dsr => MODE_DSR,
+            },
+            _pad: [0; 3],
+        };
+        if let Err(e) = self.vips.insert(key, info, 0).map_err(map_error(format!(
+            "switch {} to its new table",
+            service.key
+        ))) {
+            self.free_backends(&written_new);
+            return Err(e);
+        }
+        // Counts services per VIP address for the anomaly paths; an error here only affects
+        // how fragments to this address are counted.
+        let _ = self.vip_addrs.insert(vip_addr_key(service.key.vip)?, 1, 0);
+
+        // Step 4: backends leaving the active set, then removed backends.
+        for (backend, info) in &records {
+            if let Some(old) = previous.get(&backend.key())
+                && old.id == backend.id
+                && (old.state != backend.state || old.generation != backend.generation)
+                && backend.state != BackendState::Active
+            {
+                self.backends
+                    .set(backend.id, *info, 0)
+                    .map_err(map_error(format!("update backend {}", backend.key())))?;
+            }
+        }
+        let kept: BTreeSet<u32> = service.backends.iter().map(|b| b.id).collect();
+        let removed: Vec<u32> = previous
+            .values()
+            .map(|b| b.id)
+            .filter(|id| !kept.contains(id))
+            .collect();
+        self.free_backends(&removed);
+
+        let mut table_entries = BTreeMap::new();
+        for backend_id in &table {
+            *table_entries.entry(*backend_id).or_insert(0) += 1;
+        }
+        self.programmed.insert(
+            service.key,
+            Programmed {
+                spec: service.clone(),
+                table_entries,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a service: its VIP stops matching at once; its backend slots are freed.
+    pub fn remove_service(&mut self, service: &ServiceSpec) -> Result<()> {
+        let key = vip_key(&service.key)?;
+        match self.vips.remove(&key) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_error(format!("remove {}", service.key))(e)),
+        }
+        let address_still_used = self
+            .programmed
+            .keys()
+            .any(|k| *k != service.key && k.vip == service.key.vip);
+        if !address_still_used {
+            let _ = self.vip_addrs.remove(&vip_addr_key(service.key.vip)?);
+        }
+        let mut ids: Vec<u32> = service.backends.iter().map(|b| b.id).collect();
+        if let Some(programmed) = self.programmed.remove(&service.key) {
+            ids.extend(programmed.spec.backends.iter().map(|b| b.id));
+        }
+        self.free_backends(&ids);
+        Ok(())
+    }
+
+    /// At start: programs every service of `state` and removes whatever the pinned maps hold
+    /// that `state` does not.
+    pub fn reconcile(&mut self, state: &DesiredState) -> Result<()> {
+        for service in state.services.values() {
+            self.apply_service(service)?;
+        }
+        let wanted: HashSet<VipKey> = state.services.keys().map(vip_key).collect::<Result<_>>()?;
+        let stale: Vec<VipKey> = self
+            .vips
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            warn!(?key, "removing a VIP the state file does not know");
+            let _ = self.vips.remove(&key);
+        }
+        let wanted_addrs: HashSet<VipAddrKey> = state
+            .services
+            .keys()
+            .map(|k| vip_addr_key(k.vip))
+            .collect::<Result<_>>()?;
+        let stale_addrs: Vec<VipAddrKey> = self
+            .vip_addrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted_addrs.contains(k))
+            .collect();
+        for key in stale_addrs {
+            let _ = self.vip_addrs.remove(&key);
+        }
+        let used: BTreeSet<u32> = state
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let unused: Vec<u32> = (0..self.config.max_backends)
+            .filter(|id| !used.contains(id))
+            .filter(|id| {
+                self.backends
+                    .get(id, 0)
+                    .is_ok_and(|info| info.state != BACKEND_UNUSED)
+            })
+            .collect();
+        self.free_backends(&unused);
+        Ok(())
+    }
+
+    /// Reads every counter, summed over CPUs.
+    pub fn stats(&self) -> Result<StatsSnapshot> {
+        let mut snapshot = StatsSnapshot::default();
+        for programmed in self.programmed.values() {
+            let id = programmed.spec.id;
+            snapshot
+                .services
+                .insert(id, sum_counter(&self.vip_stats, id)?);
+            for backend in &programmed.spec.backends {
+                snapshot
+                    .backends
+                    .insert(backend.id, sum_counter(&self.backend_stats, backend.id)?);
+            }
+        }
+        for (index, name) in reason::NAMES.iter().enumerate() {
+            let values = self
+                .reasons
+                .get(&(index as u32), 0)
+                .map_err(map_error("read LB_REASONS"))?;
+            snapshot
+                .reasons
+                .insert((*name).to_string(), values.iter().sum());
+        }
+        Ok(snapshot)
+    }
+
+    /// Number of entries of service `service_id`'s live Maglev table that point at each backend
+    /// id.
+    pub fn table_entries(&self, service_id: u32) -> Result<BTreeMap<u32, u32>> {
+        Ok(self
+            .programmed
+            .values()
+            .find(|p| p.spec.id == service_id)
+            .map(|p| p.table_entries.clone())
+            .unwrap_or_default())
+    }
+
+    fn free_backends(&mut self, ids: &[u32]) {
+        for id in ids {
+            if let Err(e) = self.backends.set(*id, BackendInfo::default(), 0) {
+                warn!(backend_id = id, error = %e, "could not free a backend slot");
+            }
+        }
+    }
+
+    fn reset_counter(&mut self, kind: CounterKind, id: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| Error::io("count possible CPUs", e))?;
+        let zeros = PerCpuValues::try_from(vec![bpf_common::Counter::default(); cpus])
+            .map_err(|e| Error::io("build per-CPU zeros", e))?;
+        let map = match kind {
+            CounterKind::Service => &mut self.vip_stats,
+            CounterKind::Backend => &mut self.backend_stats,
+        };
+        map.set(id, zeros, 0)
+            .map_err(map_error(format!("reset counters of id {id}")))
+    }
+}
+
+enum CounterKind {
+    Service,
+    Backend,
+}
+
+fn sum_counter(map: &PerCpuArray<MapData, bpf_common::Counter>, id: u32) -> Result<Counter> {
+    let values = map
+        .get(&id, 0)
+        .map_err(map_error(format!("read counters of id {id}")))?;
+    Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    }))
+}
+
+/// Attaches `program` to `interface` through a pinned bpf_link, or, when a link from a previous
+/// run is pinned, swaps the program inside it atomically (`bpf_link_update`) so no packet ever
+/// misses the program.
+fn attach_or_replace(
+    program: &mut Xdp,
+    config: &DataplaneConfig,
+    interface: &str,
+) -> Result<PinnedLink> {
+    let pin_path = link_pin_path(&config.pin_root, interface);
+    if pin_path.exists() {
+        let pinned = PinnedLink::from_pin(&pin_path).map_err(|e| {
+            Error::io(
+                format!("open pinned link {}", pin_path.display()),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let fd_link: FdLink = pinned.into();
+        let xdp_link = XdpLink::try_from(fd_link).map_err(|e| {
+            Error::io(
+                format!("pinned link {} is not an XDP link", pin_path.display()),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let link_id = program
+            .attach_to_link(xdp_link)
+            .map_err(program_error(format!("replace the program on {interface}")))?;
+        let link = program
+            .take_link(link_id)
+            .map_err(program_error("take the updated link"))?;
+        let fd_link = FdLink::try_from(link)
+            .map_err(|e| Error::io("convert the XDP link", std::io::Error::other(e.to_string())))?;
+        info!(interface, "replaced the program in the pinned XDP link");
+        return PinnedLink::from_pin(&pin_path)
+            .map(|pinned| {
+                drop(fd_link);
+                pinned
+            })
+            .map_err(|e| Error::io("reopen pinned link", std::io::Error::other(e.to_string())));
+    }
+
+    let modes: &[XdpMode] = match config.xdp_mode {
+        XdpAttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+        XdpAttachMode::Native => &[XdpMode::Driver],
+        XdpAttachMode::Generic => &[XdpMode::Skb],
+    };
+    let mut last_error = None;
+    for mode in modes {
+        match program.attach(interface, *mode) {
+            Ok(link_id) => {
+                if *mode == XdpMode::Skb && config.xdp_mode == XdpAttachMode::Auto {
+                    warn!(
+                        interface,
+                        "native XDP unavailable, attached in generic (skb) mode: slower"
+                    );
+                }
+                let link = program
+                    .take_link(link_id)
+                    .map_err(program_error("take the new link"))?;
+                let fd_link = FdLink::try_from(link).map_err(|e| {
+                    Error::io(
+                        format!(
+                            "XDP on {interface} was attached through netlink, which cannot be \
+                             pinned"
+                        ),
+                        std::io::Error::other(e.to_string()),
+                    )
+                })?;
+                let pinned = fd_link.pin(&pin_path).map_err(|source| Error::Pin {
+                    context: format!("pin the XDP link of {interface}"),
+                    source,
+                })?;
+                info!(interface, ?mode, "attached xdp_lb");
+                return Ok(pinned);
+            }
+            Err(e) => {
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(program_error(format!("attach xdp_lb to {interface}"))(
+        last_error.unwrap_or(aya::programs::ProgramError::NotLoaded),
+    ))
+}
+
+/// Detaches everything pinned under `pin_root` (links first, so the program stops at once) and
+/// removes all pins. Used by `datapathd cleanup`.
+pub fn cleanup(pin_root: &Path) -> Result<()> {
+    if !pin_root.exists() {
+        return Ok(());
+    }
+    let links_dir = pin_root.join("links");
+    if links_dir.exists() {
+        let entries =
+            std::fs::read_dir(&links_dir).map_err(|e| Error::io("list pinned links", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list pinned links", e))?;
+            // Removing the last reference (the pin) detaches the link.
+            std::fs::remove_file(entry.path()).map_err(|e| {
+                Error::io(format!("remove pinned link {}", entry.path().display()), e)
+            })?;
+        }
+        std::fs::remove_dir(&links_dir).map_err(|e| Error::io("remove the links directory", e))?;
+    }
+    let entries = std::fs::read_dir(pin_root)
+        .map_err(|e| Error::io(format!("list {}", pin_root.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list pinned maps", e))?;
+        std::fs::remove_file(entry.path())
+            .map_err(|e| Error::io(format!("remove pinned map {}", entry.path().display()), e))?;
+    }
+    std::fs::remove_dir(pin_root)
+        .map_err(|e| Error::io(format!("remove {}", pin_root.display()), e))?;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! The daemon library's one error type.
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the daemon library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request or configuration value is invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A service or backend does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A service or backend already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// A configured capacity is exhausted.
+    #[error("capacity exhausted: {0}")]
+    CapacityExhausted(String),
+    /// Loading or attaching a BPF program failed.
+    #[error("{context}: {source}")]
+    Program {
+        context: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// Loading the BPF object failed.
+    #[error("{context}: {source}")]
+    Load {
+        context: String,
+        #[source]
+        source: aya::EbpfError,
+    },
+    /// Reading or writing a BPF map failed.
+    #[error("{context}: {source}")]
+    Map {
+        context: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// Pinning or opening a pinned object failed.
+    #[error("{context}: {source}")]
+    Pin {
+        context: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    /// Writing or reading the state file failed.
+    #[error("state file {}: {source}", path.display())]
+    Persistence {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file exists but cannot be understood.
+    #[error("state file {}: {reason}", path.display())]
+    CorruptState { path: PathBuf, reason: String },
+    /// Another I/O failure.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Result with the daemon library's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

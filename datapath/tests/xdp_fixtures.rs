@@ -1,0 +1,1073 @@
+//! Fixture tests of `xdp_lb` through BPF_PROG_TEST_RUN.
+//!
+//! Each test builds a private network namespace (its own veths, addresses and permanent
+//! neighbour entries, so `bpf_fib_lookup` answers deterministically), starts the real
+//! [`Dataplane`] in it, programs services through the real `apply_service`, and runs whole
+//! frames built with etherparse through the program. The verdict and the complete output frame
+//! are compared with an expected frame, also built with etherparse, byte for byte.
+//!
+//! Needs root (BPF, namespaces). Without it the tests are skipped, unless
+//! `DATAPATH_REQUIRE_PRIVILEGED=1`, in which case they fail.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use bpf_common::reason;
+use datapath::dataplane::{Dataplane, DataplaneConfig, XdpAttachMode};
+use datapath_api::{BackendSpec, BackendState, ForwardingMode, Protocol, ServiceKey, ServiceSpec};
+use etherparse::{
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header,
+    TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
+};
+use lb_core::{
+    hash::{SEED_MAGLEV, flow_hash},
+    maglev::{MaglevBackend, build_table},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const MAGLEV_SIZE: u32 = 251;
+
+const CLIENT: [u8; 4] = [198, 18, 0, 1];
+const LB_FRONT: [u8; 4] = [198, 18, 0, 2];
+const LB_BACK: [u8; 4] = [198, 18, 1, 1];
+const VIP: [u8; 4] = [198, 18, 100, 1];
+const BACKENDS: [[u8; 4]; 4] = [
+    [198, 18, 1, 11],
+    [198, 18, 1, 12],
+    [198, 18, 1, 13],
+    [198, 18, 1, 14],
+];
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+
+fn backend_mac(addr: [u8; 4]) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x01, addr[3]]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Privilege and namespace plumbing.
+// ---------------------------------------------------------------------------------------------
+
+/// Returns false (skip) when the test cannot run; panics when it must run.
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    let reason = "not root: BPF_PROG_TEST_RUN and network namespaces need root";
+    if std::env::var("DATAPATH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{reason} (DATAPATH_REQUIRE_PRIVILEGED=1)");
+    }
+    eprintln!("skipped: {reason}");
+    false
+}
+
+fn run(args: &[&str]) {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A named network namespace that the current thread has entered; on drop the thread goes back
+/// and the namespace (with its veths, and thereby the XDP links) is deleted.
+struct TestNetns {
+    name: String,
+    original: File,
+}
+
+impl TestNetns {
+    fn enter() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "dpfx{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        run(&["ip", "netns", "add", &name]);
+        let original = File::open("/proc/thread-self/ns/net").expect("open current netns");
+        let target = File::open(format!("/var/run/netns/{name}")).expect("open test netns");
+        // SAFETY: setns on valid namespace fds affects only this thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let ns = Self { name, original };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut full = vec!["ip", "-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run(&full);
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`.
+        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn mac_str(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn ip_str(addr: [u8; 4]) -> String {
+    Ipv4Addr::from(addr).to_string()
+}
+
+/// The load-balancer node of the fixtures: `front` faces the client, `back` the backends. The
+/// peers only exist so the interfaces are up; neighbours are permanent entries.
+struct Fixture {
+    dataplane: Dataplane,
+    front_index: u32,
+    back_index: u32,
+    pin_root: PathBuf,
+    // Dropped last: leaves and deletes the namespace.
+    _netns: TestNetns,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let netns = TestNetns::enter();
+        netns.ip(&[
+            "link",
+            "add",
+            "front",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "front-peer",
+        ]);
+        netns.ip(&[
+            "link",
+            "add",
+            "back",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "back-peer",
+        ]);
+        netns.ip(&["link", "set", "front", "address", &mac_str(FRONT_MAC)]);
+        netns.ip(&["link", "set", "back", "address", &mac_str(BACK_MAC)]);
+        for dev in ["front", "front-peer", "back", "back-peer"] {
+            netns.ip(&["link", "set", dev, "up"]);
+        }
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", ip_str(LB_FRONT)),
+            "dev",
+            "front",
+        ]);
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", ip_str(LB_BACK)),
+            "dev",
+            "back",
+        ]);
+        netns.ip(&[
+            "neigh",
+            "replace",
+            &ip_str(CLIENT),
+            "lladdr",
+            &mac_str(CLIENT_MAC),
+            "dev",
+            "front",
+            "nud",
+            "permanent",
+        ]);
+        for backend in BACKENDS {
+            netns.ip(&[
+                "neigh",
+                "replace",
+                &ip_str(backend),
+                "lladdr",
+                &mac_str(backend_mac(backend)),
+                "dev",
+                "back",
+                "nud",
+                "permanent",
+            ]);
+        }
+        // bpf_fib_lookup refuses to route when forwarding is off.
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name));
+        let config = DataplaneConfig {
+            pin_root: pin_root.clone(),
+            interfaces: vec!["front".into(), "back".into()],
+            xdp_mode: XdpAttachMode::Auto,
+            maglev_size: MAGLEV_SIZE,
+            max_services: 4,
+            max_backends: 16,
+            max_flows: 1024,
+            nat_port_min: 1024,
+            nat_port_max: 65535,
+        };
+        let dataplane = Dataplane::start(&config).unwrap_or_else(|e| panic!("start: {e}"));
+        let index = |name: &str| {
+            let c = std::ffi::CString::new(name).expect("name");
+            // SAFETY: valid C string.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        };
+        Self {
+            dataplane,
+            front_index: index("front"),
+            back_index: index("back"),
+            pin_root,
+            _netns: netns,
+        }
+    }
+
+    /// Runs one frame arriving on `ingress`; returns the verdict and the output frame.
+    fn run(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. The kernel wants data = 0 and data_end = the frame's length.
+        let mut ctx = [0u32; 6];
+        ctx[1] = frame.len() as u32;
+        ctx[3] = ingress;
+        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx_bytes);
+        let program = self.dataplane.program_mut().expect("program");
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn reason(&self, name: &str) -> u64 {
+        self.dataplane.stats().expect("stats").reasons[name]
+    }
+
+    fn apply(&mut self, service: &ServiceSpec) {
+        self.dataplane
+            .apply_service(service)
+            .unwrap_or_else(|e| panic!("apply {}: {e}", service.key));
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = datapath::dataplane::cleanup(&self.pin_root);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Services and expected backend choice.
+// ---------------------------------------------------------------------------------------------
+
+fn service(mode: ForwardingMode, proto: Protocol, port: u16, backends: &[[u8; 4]]) -> ServiceSpec {
+    ServiceSpec {
+        key: ServiceKey {
+            vip: IpAddr::V4(VIP.into()),
+            port,
+            proto,
+        },
+        mode,
+        snat_addr: None,
+        id: 0,
+        backends: backends
+            .iter()
+            .map(|addr| BackendSpec {
+                addr: IpAddr::V4((*addr).into()),
+                port: 8080,
+                weight: 1,
+                state: BackendState::Active,
+                id: u32::from(addr[3]) - 10,
+                generation: 1,
+            })
+            .collect(),
+    }
+}
+
+/// The backend the Maglev table (computed independently here) gives this flow.
+fn expected_backend(backends: &[[u8; 4]], client_port: u16, vip_port: u16, proto: u8) -> [u8; 4] {
+    let identities: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{}:8080", Ipv4Addr::from(*b)))
+        .collect();
+    let members: Vec<MaglevBackend<'_>> = identities
+        .iter()
+        .map(|id| MaglevBackend {
+            key: id.as_bytes(),
+            weight: 1,
+        })
+        .collect();
+    let table = build_table(&members, MAGLEV_SIZE).expect("table");
+    let addr = |a: [u8; 4]| [u32::from_ne_bytes(a), 0, 0, 0];
+    let hash = flow_hash(
+        &addr(CLIENT),
+        &addr(VIP),
+        client_port.to_be(),
+        vip_port.to_be(),
+        proto,
+        SEED_MAGLEV,
+    );
+    backends[table[(hash % MAGLEV_SIZE) as usize] as usize]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames.
+// ---------------------------------------------------------------------------------------------
+
+fn eth(src: [u8; 6], dst: [u8; 6]) -> Ethernet2Header {
+    Ethernet2Header {
+        source: src,
+        destination: dst,
+        ether_type: EtherType::IPV4,
+    }
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: IpNumber, payload_len: usize) -> Ipv4Header {
+    let mut ip = Ipv4Header::new(payload_len as u16, 64, proto, src, dst).expect("ipv4");
+    ip.identification = 0x1234;
+    ip.dont_fragment = true;
+    ip.header_checksum = ip.calc_header_checksum();
+    ip
+}
+
+fn tcp_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    syn: bool,
+    ack: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(src.1, dst.1, 1000, 64240);
+    tcp.syn = syn;
+    tcp.ack = ack;
+    if ack {
+        tcp.acknowledgment_number = 5000;
+    }
+    let ip = ipv4(
+        src.0,
+        dst.0,
+        IpNumber::TCP,
+        tcp.header_len() + payload.len(),
+    );
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).expect("tcp checksum");
+    let mut frame = eth(macs.0, macs.1).to_bytes().to_vec();
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&tcp.to_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn udp_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let ip = ipv4(src.0, dst.0, IpNumber::UDP, 8 + payload.len());
+    let udp = UdpHeader::with_ipv4_checksum(src.1, dst.1, &ip, payload).expect("udp");
+    let mut frame = eth(macs.0, macs.1).to_bytes().to_vec();
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&udp.to_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn assert_frame(what: &str, got: (u32, Vec<u8>), verdict: u32, frame: &[u8]) {
+    assert_eq!(got.0, verdict, "{what}: verdict");
+    assert_eq!(
+        got.1, frame,
+        "{what}: output frame differs\n got: {:02x?}\nwant: {:02x?}",
+        got.1, frame
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn tcp_syn_to_vip_is_full_natted_to_its_maglev_backend() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..3];
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        backends,
+    ));
+
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 40000),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+    let backend = expected_backend(backends, 40000, 80, 6);
+    // DNAT to the backend, SNAT to the back interface's address; the client port is free in the
+    // NAT range, so it is kept.
+    let want = tcp_frame(
+        (BACK_MAC, backend_mac(backend)),
+        (LB_BACK, 40000),
+        (backend, 8080),
+        true,
+        false,
+        &[],
+    );
+    let before = fx.reason("new_flow");
+    assert_frame("SYN", fx.run(&syn, fx.front_index), XDP_REDIRECT, &want);
+    assert_eq!(fx.reason("new_flow"), before + 1);
+    assert!(fx.reason("fwd_redirect") >= 1);
+}
+
+#[test]
+fn dsr_rewrites_only_the_mac_addresses() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..3];
+    fx.apply(&service(ForwardingMode::Dsr, Protocol::Tcp, 80, backends));
+
+    let payload = b"GET / HTTP/1.0\r\n\r\n";
+    let packet = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 41000),
+        (VIP, 80),
+        false,
+        true,
+        payload,
+    );
+    let backend = expected_backend(backends, 41000, 80, 6);
+    let want = tcp_frame(
+        (BACK_MAC, backend_mac(backend)),
+        (CLIENT, 41000),
+        (VIP, 80),
+        false,
+        true,
+        payload,
+    );
+    assert_frame("DSR", fx.run(&packet, fx.front_index), XDP_REDIRECT, &want);
+}
+
+#[test]
+fn established_flow_sticks_to_its_backend_after_the_table_changes() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let old_set = &BACKENDS[..3];
+    let new_set = &BACKENDS[..4];
+    // A client port whose flow the new table would send elsewhere.
+    let port = (42000u16..43000)
+        .find(|p| expected_backend(old_set, *p, 80, 6) != expected_backend(new_set, *p, 80, 6))
+        .expect("some flow moves when a backend is added");
+    let old_backend = expected_backend(old_set, port, 80, 6);
+
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        old_set,
+    ));
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, port),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+    assert_eq!(fx.run(&syn, fx.front_index).0, XDP_REDIRECT);
+
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        new_set,
+    ));
+    let ack = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, port),
+        (VIP, 80),
+        false,
+        true,
+        b"hello",
+    );
+    let want = tcp_frame(
+        (BACK_MAC, backend_mac(old_backend)),
+        (LB_BACK, port),
+        (old_backend, 8080),
+        false,
+        true,
+        b"hello",
+    );
+    assert_frame(
+        "established ACK",
+        fx.run(&ack, fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+
+    // The table did change: a new flow with the same hash position goes to the new choice.
+    let fresh = (43000u16..44000)
+        .find(|p| expected_backend(old_set, *p, 80, 6) != expected_backend(new_set, *p, 80, 6))
+        .expect("another moving flow");
+    let new_backend = expected_backend(new_set, fresh, 80, 6);
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, fresh),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+    let want = tcp_frame(
+        (BACK_MAC, backend_mac(new_backend)),
+        (LB_BACK, fresh),
+        (new_backend, 8080),
+        true,
+        false,
+        &[],
+    );
+    assert_frame(
+        "new flow after change",
+        fx.run(&syn, fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+}
+
+#[test]
+fn removed_backend_flows_move_and_draining_backend_keeps_them() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let all = &BACKENDS[..3];
+    let mut spec = service(ForwardingMode::FullNat, Protocol::Tcp, 80, all);
+    fx.apply(&spec);
+    // One flow pinned to each backend.
+    let ports: Vec<u16> = all
+        .iter()
+        .map(|b| {
+            (45000u16..46000)
+                .find(|p| expected_backend(all, *p, 80, 6) == *b)
+                .expect("a port for each backend")
+        })
+        .collect();
+    for port in &ports {
+        let syn = tcp_frame(
+            (CLIENT_MAC, FRONT_MAC),
+            (CLIENT, *port),
+            (VIP, 80),
+            true,
+            false,
+            &[],
+        );
+        assert_eq!(fx.run(&syn, fx.front_index).0, XDP_REDIRECT);
+    }
+
+    // Drain backend 0: its flow stays.
+    spec.backends[0].state = BackendState::Draining;
+    fx.apply(&spec);
+    let ack = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, ports[0]),
+        (VIP, 80),
+        false,
+        true,
+        b"x",
+    );
+    let want = tcp_frame(
+        (BACK_MAC, backend_mac(all[0])),
+        (LB_BACK, ports[0]),
+        (all[0], 8080),
+        false,
+        true,
+        b"x",
+    );
+    assert_frame(
+        "flow of a draining backend",
+        fx.run(&ack, fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+
+    // Remove backend 1: its flow moves to one of the remaining active backends (2, since 0 is
+    // draining).
+    spec.backends.remove(1);
+    fx.apply(&spec);
+    let before = fx.reason("flow_rescheduled");
+    let ack = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, ports[1]),
+        (VIP, 80),
+        false,
+        true,
+        b"y",
+    );
+    let want = tcp_frame(
+        (BACK_MAC, backend_mac(all[2])),
+        (LB_BACK, ports[1]),
+        (all[2], 8080),
+        false,
+        true,
+        b"y",
+    );
+    assert_frame(
+        "flow of a removed backend",
+        fx.run(&ack, fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+    assert_eq!(fx.reason("flow_rescheduled"), before + 1);
+}
+
+#[test]
+fn service_without_backends_drops_and_counts() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.apply(&service(ForwardingMode::FullNat, Protocol::Tcp, 80, &[]));
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 40000),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+    let before = fx.reason("drop_no_backend");
+    assert_frame("no backend", fx.run(&syn, fx.front_index), XDP_DROP, &syn);
+    assert_eq!(fx.reason("drop_no_backend"), before + 1);
+}
+
+#[test]
+fn non_vip_packets_pass_unchanged() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        &BACKENDS[..3],
+    ));
+    let cases = [
+        // Same VIP, other port.
+        tcp_frame(
+            (CLIENT_MAC, FRONT_MAC),
+            (CLIENT, 40000),
+            (VIP, 81),
+            true,
+            false,
+            &[],
+        ),
+        // Same port, other protocol.
+        udp_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, 40000), (VIP, 80), b"dns?"),
+        // The load balancer's own address.
+        tcp_frame(
+            (CLIENT_MAC, FRONT_MAC),
+            (CLIENT, 40000),
+            (LB_FRONT, 22),
+            true,
+            false,
+            &[],
+        ),
+    ];
+    for frame in cases {
+        let before = fx.reason("pass_not_vip");
+        assert_frame("non-VIP", fx.run(&frame, fx.front_index), XDP_PASS, &frame);
+        assert_eq!(fx.reason("pass_not_vip"), before + 1);
+    }
+    // ARP is not IPv4.
+    let mut arp = eth(CLIENT_MAC, [0xff; 6]).to_bytes().to_vec();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    arp.extend_from_slice(&[0u8; 28]);
+    let before = fx.reason("pass_not_ipv4");
+    assert_frame("ARP", fx.run(&arp, fx.front_index), XDP_PASS, &arp);
+    assert_eq!(fx.reason("pass_not_ipv4"), before + 1);
+}
+
+#[test]
+fn truncated_frames_follow_the_documented_rules() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        &BACKENDS[..3],
+    ));
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 40000),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+
+    // Every cut of the frame: headers up to IPv4 cut -> pass (truncated); IPv4 header whole but
+    // shorter than its total length -> pass (malformed). Never forwarded, never changed.
+    // (BPF_PROG_TEST_RUN refuses XDP frames shorter than an Ethernet header.)
+    for len in 14..syn.len() {
+        let cut = &syn[..len];
+        let counter = if len < 34 {
+            "pass_truncated_l3"
+        } else {
+            "pass_malformed_ipv4"
+        };
+        let before = fx.reason(counter);
+        assert_frame(
+            &format!("cut at {len}"),
+            fx.run(cut, fx.front_index),
+            XDP_PASS,
+            cut,
+        );
+        assert_eq!(
+            fx.reason(counter),
+            before + 1,
+            "cut at {len} counted as {counter}"
+        );
+    }
+
+    // A consistent IPv4 packet whose TCP header is cut short, to the VIP address: dropped.
+    let mut short = syn[..14 + 20 + 10].to_vec();
+    let mut ip = ipv4(CLIENT, VIP, IpNumber::TCP, 10);
+    ip.header_checksum = ip.calc_header_checksum();
+    short[14..34].copy_from_slice(&ip.to_bytes());
+    let before = fx.reason("drop_truncated_l4");
+    assert_frame(
+        "short TCP to VIP",
+        fx.run(&short, fx.front_index),
+        XDP_DROP,
+        &short,
+    );
+    assert_eq!(fx.reason("drop_truncated_l4"), before + 1);
+
+    // The same to another address: not ours, passed.
+    let mut other = short.clone();
+    let mut ip = ipv4(CLIENT, [198, 18, 7, 7], IpNumber::TCP, 10);
+    ip.header_checksum = ip.calc_header_checksum();
+    other[14..34].copy_from_slice(&ip.to_bytes());
+    assert_frame(
+        "short TCP elsewhere",
+        fx.run(&other, fx.front_index),
+        XDP_PASS,
+        &other,
+    );
+}
+
+#[test]
+fn fragments_to_a_vip_are_dropped_and_others_pass() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Udp,
+        53,
+        &BACKENDS[..3],
+    ));
+
+    let fragment = |dst: [u8; 4], more: bool, offset: u16| {
+        let payload = [0xabu8; 64];
+        let mut ip = ipv4(CLIENT, dst, IpNumber::UDP, payload.len());
+        ip.dont_fragment = false;
+        ip.more_fragments = more;
+        ip.fragment_offset = IpFragOffset::try_new(offset).expect("offset");
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut frame = eth(CLIENT_MAC, FRONT_MAC).to_bytes().to_vec();
+        frame.extend_from_slice(&ip.to_bytes());
+        // The first fragment starts with a UDP header to port 53 - still not hashed on.
+        frame.extend_from_slice(&[0x9c, 0x40, 0x00, 0x35]);
+        frame.extend_from_slice(&payload[4..]);
+        frame
+    };
+    for (more, offset) in [(true, 0), (true, 8), (false, 8)] {
+        let frame = fragment(VIP, more, offset);
+        let before = fx.reason("drop_fragment");
+        assert_frame(
+            "fragment to VIP",
+            fx.run(&frame, fx.front_index),
+            XDP_DROP,
+            &frame,
+        );
+        assert_eq!(fx.reason("drop_fragment"), before + 1);
+
+        let frame = fragment([198, 18, 7, 7], more, offset);
+        assert_frame(
+            "fragment elsewhere",
+            fx.run(&frame, fx.front_index),
+            XDP_PASS,
+            &frame,
+        );
+    }
+}
+
+#[test]
+fn full_nat_reply_is_translated_back_to_the_client() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..3];
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        backends,
+    ));
+    let backend = expected_backend(backends, 40000, 80, 6);
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 40000),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+    assert_eq!(fx.run(&syn, fx.front_index).0, XDP_REDIRECT);
+
+    let syn_ack = tcp_frame(
+        (backend_mac(backend), BACK_MAC),
+        (backend, 8080),
+        (LB_BACK, 40000),
+        true,
+        true,
+        &[],
+    );
+    let want = tcp_frame(
+        (FRONT_MAC, CLIENT_MAC),
+        (VIP, 80),
+        (CLIENT, 40000),
+        true,
+        true,
+        &[],
+    );
+    let before = fx.reason("nat_reply_translated");
+    assert_frame(
+        "SYN-ACK",
+        fx.run(&syn_ack, fx.back_index),
+        XDP_REDIRECT,
+        &want,
+    );
+    assert_eq!(fx.reason("nat_reply_translated"), before + 1);
+
+    // UDP too, with its checksum.
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Udp,
+        53,
+        backends,
+    ));
+    let backend = expected_backend(backends, 50000, 53, 17);
+    let query = udp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 50000),
+        (VIP, 53),
+        b"query",
+    );
+    let want = udp_frame(
+        (BACK_MAC, backend_mac(backend)),
+        (LB_BACK, 50000),
+        (backend, 8080),
+        b"query",
+    );
+    assert_frame(
+        "UDP query",
+        fx.run(&query, fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+    let answer = udp_frame(
+        (backend_mac(backend), BACK_MAC),
+        (backend, 8080),
+        (LB_BACK, 50000),
+        b"answer",
+    );
+    let want = udp_frame(
+        (FRONT_MAC, CLIENT_MAC),
+        (VIP, 53),
+        (CLIENT, 50000),
+        b"answer",
+    );
+    assert_frame(
+        "UDP answer",
+        fx.run(&answer, fx.back_index),
+        XDP_REDIRECT,
+        &want,
+    );
+}
+
+/// An ICMP "fragmentation needed" from a router on the backend side, quoting the packet the
+/// load balancer sent, reaches the client as if the VIP had sent it about the client's packet.
+#[test]
+fn icmp_fragmentation_needed_is_translated_to_the_client() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..3];
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        backends,
+    ));
+    let backend = expected_backend(backends, 40000, 80, 6);
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 40000),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+    assert_eq!(fx.run(&syn, fx.front_index).0, XDP_REDIRECT);
+
+    let payload = [0x55u8; 1200];
+    // The quote: IPv4 header + the first 8 bytes of TCP, of a full-size data packet.
+    let quote = |src: ([u8; 4], u16), dst: ([u8; 4], u16)| {
+        let mut tcp = TcpHeader::new(src.1, dst.1, 1000, 64240);
+        tcp.ack = true;
+        let ip = ipv4(
+            src.0,
+            dst.0,
+            IpNumber::TCP,
+            tcp.header_len() + payload.len(),
+        );
+        tcp.checksum = tcp.calc_checksum_ipv4(&ip, &payload).expect("checksum");
+        let mut bytes = ip.to_bytes().to_vec();
+        bytes.extend_from_slice(&tcp.to_bytes()[..8]);
+        bytes
+    };
+    let icmp = |macs: ([u8; 6], [u8; 6]), src: [u8; 4], dst: [u8; 4], quoted: &[u8]| {
+        let header = Icmpv4Header::with_checksum(
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1400,
+            }),
+            quoted,
+        );
+        let ip = ipv4(src, dst, IpNumber::ICMP, header.header_len() + quoted.len());
+        let mut frame = eth(macs.0, macs.1).to_bytes().to_vec();
+        frame.extend_from_slice(&ip.to_bytes());
+        frame.extend_from_slice(&header.to_bytes());
+        frame.extend_from_slice(quoted);
+        frame
+    };
+    let router = [198, 18, 1, 254];
+    let sent_to_backend = quote((LB_BACK, 40000), (backend, 8080));
+    let error = icmp(
+        (backend_mac(backend), BACK_MAC),
+        router,
+        LB_BACK,
+        &sent_to_backend,
+    );
+    // The quote's TCP checksum (bytes 16-17) is not within the 8 quoted bytes, so it needs no
+    // fixing; everything else is rewritten as the client's own packet to the VIP.
+    let client_sent = quote((CLIENT, 40000), (VIP, 80));
+    let want = icmp((FRONT_MAC, CLIENT_MAC), VIP, CLIENT, &client_sent);
+    let before = fx.reason("icmp_translated");
+    assert_frame(
+        "ICMP frag needed",
+        fx.run(&error, fx.back_index),
+        XDP_REDIRECT,
+        &want,
+    );
+    assert_eq!(fx.reason("icmp_translated"), before + 1);
+
+    // An ICMP error about a flow the load balancer does not know passes untouched.
+    let unknown = quote((LB_BACK, 40001), (backend, 8080));
+    let error = icmp((backend_mac(backend), BACK_MAC), router, LB_BACK, &unknown);
+    assert_frame(
+        "unknown ICMP",
+        fx.run(&error, fx.back_index),
+        XDP_PASS,
+        &error,
+    );
+}
+
+#[test]
+fn vlan_tagged_vip_traffic_is_parsed() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        &BACKENDS[..3],
+    ));
+    // A tagged frame to a port with no service passes unchanged and is counted as not-VIP
+    // (i.e. it was parsed through the tag, not rejected as non-IPv4).
+    let plain = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 40000),
+        (VIP, 81),
+        true,
+        false,
+        &[],
+    );
+    let mut tagged = plain[..12].to_vec();
+    tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+    tagged.extend_from_slice(&plain[12..]);
+    let before = fx.reason("pass_not_vip");
+    assert_frame(
+        "tagged non-VIP",
+        fx.run(&tagged, fx.front_index),
+        XDP_PASS,
+        &tagged,
+    );
+    assert_eq!(fx.reason("pass_not_vip"), before + 1);
+    let _ = reason::COUNT;
+}

@@ -1,0 +1,374 @@
+//! Weighted Maglev consistent hashing (Eisenbud et al., "Maglev: A Fast and Reliable Software
+//! Network Load Balancer", NSDI 2016).
+//!
+//! Every backend derives a permutation of the table's `M` slots from its key:
+//! `offset = h1(key) % M`, `skip = h2(key) % (M - 1) + 1`, `p(j) = (offset + j * skip) % M`.
+//! Backends then take turns claiming the next slot of their permutation that nobody has
+//! claimed yet, until the table is full. Because a backend's preferences depend only on its own
+//! key, adding or removing one backend mostly leaves the other backends' slots where they were.
+//!
+//! Weights: the paper's weighting (more turns per round for heavier backends) only makes the
+//! shares roughly proportional. Here every backend first gets an exact quota,
+//! `floor(M * w / W)` plus one for the backends with the largest remainders (largest-remainder
+//! apportionment), and stops taking turns once it reaches its quota, so each share is within one
+//! slot of `M * w / W`. The order of turns is weighted too: a backend's `k`-th claim happens at
+//! virtual time `(k + 1/2) / quota` (stride scheduling), so every backend progresses through
+//! its quota at the same relative pace. With equal weights this degenerates to the paper's
+//! plain round robin, which keeps the minimal-disruption property.
+//!
+//! Determinism: backends are processed in key order, never in the caller's order, so the same
+//! set of backends yields the same table however the caller lists them (and on every node).
+//! The hash is part of that contract: changing it reshuffles every flow on upgrade.
+
+use alloc::collections::BinaryHeap;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cmp::{Ordering, Reverse};
+use core::fmt;
+
+/// One backend as Maglev sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevBackend<'a> {
+    /// Stable identity bytes, e.g. `b"198.18.1.11:8080"`. The backend's slots follow its key,
+    /// so the key must not change while the backend stays the same.
+    pub key: &'a [u8],
+    /// Relative weight; must be at least 1.
+    pub weight: u32,
+}
+
+/// Why a table could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaglevError {
+    /// The backend list is empty.
+    NoBackends,
+    /// The table size is not a prime of at least 3 (the permutations need a prime size to
+    /// visit every slot).
+    InvalidSize { size: u32 },
+    /// More backends than table slots.
+    TooManyBackends { size: u32, backends: usize },
+    /// The backend at this caller index has weight 0 (remove it instead).
+    ZeroWeight { index: usize },
+    /// The sum of all weights does not fit in a `u32`.
+    WeightOverflow,
+    /// Two backends (caller indices) share a key, which would make the result depend on the
+    /// order they were listed in.
+    DuplicateKey { first: usize, second: usize },
+}
+
+impl fmt::Display for MaglevError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MaglevError::NoBackends => write!(f, "no backends"),
+            MaglevError::InvalidSize { size } => {
+                write!(f, "maglev table size {size} is not a prime of at least 3")
+            }
+            MaglevError::TooManyBackends { size, backends } => {
+                write!(
+                    f,
+                    "{backends} backends do not fit a maglev table of size {size}"
+                )
+            }
+            MaglevError::ZeroWeight { index } => write!(f, "backend {index} has weight 0"),
+            MaglevError::WeightOverflow => write!(f, "total backend weight overflows u32"),
+            MaglevError::DuplicateKey { first, second } => {
+                write!(f, "backends {first} and {second} have the same key")
+            }
+        }
+    }
+}
+
+impl core::error::Error for MaglevError {}
+
+/// Deterministic primality test by trial division (at most ~2^16 / 3 steps for any `u32`).
+#[must_use]
+pub fn is_prime(n: u32) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
+        return false;
+    }
+    // Every prime above 3 is 6k +- 1. `u64` so that `d * d` cannot overflow near u32::MAX.
+    let n = u64::from(n);
+    let mut d = 5u64;
+    while d * d <= n {
+        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
+            return false;
+        }
+        d += 6;
+    }
+    true
+}
+
+/// Marks a slot nobody has claimed yet; never a valid index because `backends <= size`.
+const EMPTY: u32 = u32::MAX;
+
+/// Seeds of the two hashes. Arbitrary but fixed forever (see the module documentation).
+const SEED_OFFSET: u64 = 0x6d61_676c_6576_3031;
+const SEED_SKIP: u64 = 0x736b_6970_5f68_3032;
+
+/// FNV-1a over the key starting from a seed-dependent basis, then SplitMix64's finaliser: FNV
+/// alone leaves the low bits (which `% M` mostly keeps) weakly mixed for short, similar keys
+/// such as `"10.0.0.1:80"` and `"10.0.0.2:80"`.
+fn hash(key: &[u8], seed: u64) -> u64 {
+    const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = FNV_OFFSET_BASIS ^ splitmix64(seed);
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    splitmix64(h)
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A backend's walk through its permutation.
+struct Walk {
+    /// Caller's index, written into the table.
+    index: u32,
+    /// Next slot of the permutation to try.
+    slot: u32,
+    skip: u32,
+    /// Slots this backend may claim in total.
+    quota: u32,
+    claimed: u32,
+}
+
+/// A pending turn, ordered by virtual time `(2 * claimed + 1) / (2 * quota)`, then by key
+/// order so that ties are broken the same way on every node.
+#[derive(PartialEq, Eq)]
+struct Turn {
+    /// `2 * claimed + 1`.
+    num: u64,
+    /// `quota` (the common factor 2 cancels out of the comparison).
+    quota: u64,
+    /// Position in key order.
+    pos: u32,
+}
+
+impl Ord for Turn {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // a/2p < b/2q  <=>  a*q < b*p. u128 because a <= 2^33 and q <= 2^32.
+        let lhs = u128::from(self.num) * u128::from(other.quota);
+        let rhs = u128::from(other.num) * u128::from(self.quota);
+        lhs.cmp(&rhs).then(self.pos.cmp(&other.pos))
+    }
+}
+
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Builds a Maglev lookup table of `size` entries, each an index into `backends`.
+///
+/// Backend `i` owns `floor(size * w_i / W)` or one more of the entries (`W` = total weight).
+/// A backend may own no entry at all if `size` is small compared to the total weight.
+///
+/// # Errors
+/// See [`MaglevError`]: empty `backends`, `size` not a prime >= 3, more backends than slots,
+/// a zero weight, a total weight above `u32::MAX`, or two backends with the same key.
+pub fn build_table(backends: &[MaglevBackend<'_>], size: u32) -> Result<Vec<u32>, MaglevError> {
+    if backends.is_empty() {
+        return Err(MaglevError::NoBackends);
+    }
+    if size < 3 || !is_prime(size) {
+        return Err(MaglevError::InvalidSize { size });
+    }
+    let too_many = MaglevError::TooManyBackends {
+        size,
+        backends: backends.len(),
+    };
+    // `size <= u32::MAX`, so after this check every index fits a u32 and none equals EMPTY.
+    let count = u32::try_from(backends.len()).map_err(|_| too_many)?;
+    if count > size {
+        return Err(too_many);
+    }
+    let mut total: u32 = 0;
+    for (index, b) in backends.iter().enumerate() {
+        if b.weight == 0 {
+            return Err(MaglevError::ZeroWeight { index });
+        }
+        total = total
+            .checked_add(b.weight)
+            .ok_or(MaglevError::WeightOverflow)?;
+    }
+
+    let mut order: Vec<u32> = (0..count).collect();
+    order.sort_unstable_by(|&a, &b| backends[a as usize].key.cmp(backends[b as usize].key));
+    for pair in order.windows(2) {
+        if let [a, b] = *pair
+            && backends[a as usize].key == backends[b as usize].key
+        {
+            let (first, second) = (a.min(b) as usize, a.max(b) as usize);
+            return Err(MaglevError::DuplicateKey { first, second });
+        }
+    }
+
+    let quotas = quotas(backends, &order, size, total);
+
+    let m = u64::from(size);
+    let mut walks: Vec<Walk> = order
+        .iter()
+        .zip(&quotas)
+        .map(|(&index, &quota)| {
+            let key = backends[index as usize].key;
+            // Both casts are lossless: the values are reduced modulo a u32.
+            let slot = (hash(key, SEED_OFFSET) % m) as u32;
+            let skip = (hash(key, SEED_SKIP) % (m - 1) + 1) as u32;
+            Walk {
+                index,
+                slot,
+                skip,
+                quota,
+                claimed: 0,
+            }
+        })
+        .collect();
+
+    let mut table = vec![EMPTY; size as usize];
+    let mut heap: BinaryHeap<Reverse<Turn>> = walks
+        .iter()
+        .zip(0u32..)
+        .filter(|(w, _)| w.quota > 0)
+        .map(|(w, pos)| {
+            Reverse(Turn {
+                num: 1,
+                quota: u64::from(w.quota),
+                pos,
+            })
+        })
+        .collect();
+
+    // The quotas sum to `size`, so the heap runs dry exactly when the table is full, and a
+    // backend taking a turn always finds a free slot: its permutation visits every slot
+    // because `skip` is in 1..size and `size` is prime.
+    while let Some(Reverse(turn)) = heap.pop() {
+        let w = &mut walks[turn.pos as usize];
+        loop {
+            let slot = w.slot as usize;
+            // slot + skip < 2 * size <= 2^33, so wrap by one subtraction without overflow.
+            w.slot = if w.slot >= size - w.skip {
+                w.slot - (size - w.skip)
+            } else {
+                w.slot + w.skip
+            };
+            if table[slot] == EMPTY {
+                table[slot] = w.index;
+                break;
+            }
+        }
+        w.claimed += 1;
+        if w.claimed < w.quota {
+            heap.push(Reverse(Turn {
+                num: 2 * u64::from(w.claimed) + 1,
+                quota: turn.quota,
+                pos: turn.pos,
+            }));
+        }
+    }
+    debug_assert!(!table.contains(&EMPTY), "quotas must sum to the table size");
+    Ok(table)
+}
+
+/// Largest-remainder apportionment of `size` slots by weight, in key order (`order`). Equal
+/// remainders go to the earlier key, so the result depends only on the set of backends.
+fn quotas(backends: &[MaglevBackend<'_>], order: &[u32], size: u32, total: u32) -> Vec<u32> {
+    let m = u64::from(size);
+    let w_total = u64::from(total);
+    let mut quotas = Vec::with_capacity(order.len());
+    let mut remainders = Vec::with_capacity(order.len());
+    let mut assigned: u64 = 0;
+    for (pos, &index) in order.iter().enumerate() {
+        // m * w < 2^64; the quotient is at most m, so it fits a u32.
+        let share = m * u64::from(backends[index as usize].weight);
+        let quota = share / w_total;
+        assigned += quota;
+        quotas.push(quota as u32);
+        remainders.push((share % w_total, pos));
+    }
+    // Each remainder is below `w_total`, so fewer than `order.len()` slots are left over.
+    let left = (m - assigned) as usize;
+    if left > 0 {
+        remainders.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for &(_, pos) in remainders.iter().take(left) {
+            quotas[pos] += 1;
+        }
+    }
+    quotas
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_seeds_are_independent() {
+        // Equal offsets and skips for every key would make all permutations collide.
+        let keys: [&[u8]; 4] = [b"", b"a", b"198.18.1.11:8080", b"198.18.1.12:8080"];
+        for key in keys {
+            assert_ne!(hash(key, SEED_OFFSET), hash(key, SEED_SKIP));
+        }
+        assert_ne!(
+            hash(b"198.18.1.11:8080", SEED_OFFSET),
+            hash(b"198.18.1.12:8080", SEED_OFFSET)
+        );
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        // Tables must be identical on every node and across upgrades, so the hash is frozen:
+        // if this fails, the hash changed and every flow would be reshuffled on upgrade.
+        // The values were cross-checked with an independent Python implementation (and
+        // splitmix64(0) against the published first SplitMix64 output, 0xe220a8397b1dcdaf).
+        assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(
+            hash(b"198.18.1.11:8080", SEED_OFFSET),
+            1_923_304_714_282_744_324
+        );
+        assert_eq!(
+            hash(b"198.18.1.11:8080", SEED_SKIP),
+            13_095_827_464_378_176_971
+        );
+    }
+
+    #[test]
+    fn quotas_use_largest_remainders() {
+        let backends = [
+            MaglevBackend {
+                key: b"a",
+                weight: 1,
+            },
+            MaglevBackend {
+                key: b"b",
+                weight: 1,
+            },
+            MaglevBackend {
+                key: b"c",
+                weight: 1,
+            },
+        ];
+        // 7 / 3: all remainders equal, so the first key in order gets the extra slot.
+        assert_eq!(quotas(&backends, &[0, 1, 2], 7, 3), [3, 2, 2]);
+        assert_eq!(quotas(&backends, &[2, 0, 1], 7, 3), [3, 2, 2]);
+        let weighted = [
+            MaglevBackend {
+                key: b"a",
+                weight: 1,
+            },
+            MaglevBackend {
+                key: b"b",
+                weight: 2,
+            },
+        ];
+        // 65537 / 3 = 21845 r 2, 2 * 65537 / 3 = 43691 r 1: the leftover slot goes to "a".
+        assert_eq!(quotas(&weighted, &[0, 1], 65537, 3), [21846, 43691]);
+    }
+}

@@ -1,0 +1,344 @@
+//! Bounds-checked parsing of Ethernet (+ one 802.1Q tag), IPv4, TCP, UDP and ICMP.
+//!
+//! The same code runs in the XDP program (over `xdp_md`'s `data..data_end`) and on the host
+//! (over a byte slice), through the [`Frame`] trait. Every header access goes through
+//! [`Frame::at`], whose bounds check is the `start + off + size <= end` comparison the verifier
+//! needs to see before a packet load.
+//!
+//! # Rules for anomalies (each maps to one counter in `bpf_common::reason`)
+//!
+//! | input | outcome |
+//! | --- | --- |
+//! | ethertype other than IPv4 (after at most one VLAN tag) | [`Parsed::NotIpv4`] |
+//! | Ethernet, VLAN or IPv4 header cut short | [`Parsed::Truncated`] |
+//! | IPv4 version != 4, IHL < 5, total length < IHL, or total length beyond the frame | [`Parsed::Malformed`] |
+//! | IPv4 with options (IHL > 5) | parsed; the options are skipped and forwarded unchanged |
+//! | a fragment (MF set or offset != 0) | [`L4::Fragment`]: ports are never read, not even from the first fragment, so all fragments of a datagram get the same treatment |
+//! | TCP/UDP/ICMP header cut short (by the frame or by the IP total length) | [`L4::Truncated`] |
+//! | any other protocol | [`L4::Other`] |
+
+/// Ethertypes (host byte order).
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const ETH_HLEN: usize = 14;
+pub const VLAN_HLEN: usize = 4;
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const TCP_MIN_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+/// ICMP header up to and including the 4 "rest of header" bytes.
+pub const ICMP_HLEN: usize = 8;
+
+/// Byte offsets inside an IPv4 header.
+pub mod ipv4 {
+    pub const TOTAL_LEN: usize = 2;
+    pub const FRAG: usize = 6;
+    pub const TTL: usize = 8;
+    pub const PROTO: usize = 9;
+    pub const CHECK: usize = 10;
+    pub const SRC: usize = 12;
+    pub const DST: usize = 16;
+}
+
+/// Byte offsets inside TCP/UDP headers.
+pub mod l4 {
+    pub const SRC_PORT: usize = 0;
+    pub const DST_PORT: usize = 2;
+    pub const TCP_FLAGS: usize = 13;
+    pub const TCP_CHECK: usize = 16;
+    pub const UDP_CHECK: usize = 6;
+    pub const ICMP_CHECK: usize = 2;
+}
+
+/// A packet buffer that hands out bounds-checked pointers.
+pub trait Frame {
+    /// True when the frame holds at least `len` bytes.
+    fn fits(&self, len: usize) -> bool;
+
+    /// A pointer to `N` bytes at `off`, or `None` if they do not all lie inside the frame.
+    fn at<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]>;
+
+    /// Copies `N` bytes at `off`.
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let ptr = self.at::<N>(off)?;
+        // SAFETY: `at` checked that the N bytes lie inside the frame; `[u8; N]` has alignment 1.
+        Some(unsafe { *ptr })
+    }
+}
+
+/// A host-side frame over a mutable byte slice (tests and tools).
+pub struct SliceFrame<'a> {
+    pub bytes: &'a mut [u8],
+}
+
+impl Frame for SliceFrame<'_> {
+    fn fits(&self, len: usize) -> bool {
+        len <= self.bytes.len()
+    }
+
+    fn at<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]> {
+        let end = off.checked_add(N)?;
+        if end > self.bytes.len() {
+            return None;
+        }
+        Some(self.bytes[off..end].as_ptr() as *mut [u8; N])
+    }
+}
+
+/// What the transport header of an IPv4 packet turned out to be.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP: ports and flags are valid.
+    Tcp,
+    /// UDP: ports are valid.
+    Udp,
+    /// ICMP: type and code are valid.
+    Icmp,
+    /// A fragment: the transport header is not looked at.
+    Fragment,
+    /// TCP, UDP or ICMP whose header is cut short.
+    Truncated,
+    /// Another protocol.
+    #[default]
+    Other,
+}
+
+/// Outcome of parsing a frame.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// An IPv4 packet: [`Parsed::packet`] is valid.
+    Ipv4,
+    #[default]
+    NotIpv4,
+    Truncated,
+    Malformed,
+}
+
+/// A parsed IPv4 packet.
+///
+/// A plain struct whose fields are always initialised (zero where they do not apply), and
+/// field-less tags instead of enums with payloads: when an enum payload is undefined on some
+/// path, LLVM may fill it from whatever register is at hand (a packet pointer, say) and mask or
+/// shift it, and the verifier rejects arithmetic on pointers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ipv4Packet {
+    /// Offset of the IPv4 header (14, or 18 behind a VLAN tag).
+    pub l3_off: usize,
+    /// Offset of the transport header (`l3_off + IHL * 4`).
+    pub l4_off: usize,
+    /// Source and destination addresses as wire bytes read in memory order.
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    /// IPv4 total length (host byte order).
+    pub total_len: u16,
+    /// The header carries options (IHL > 5).
+    pub has_options: bool,
+    pub l4: L4,
+    /// TCP/UDP ports in network byte order (as on the wire).
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    /// TCP flags byte.
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
+/// The result of [`parse`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub outcome: Outcome,
+    /// Valid when `outcome == Outcome::Ipv4`; all zero otherwise.
+    pub packet: Ipv4Packet,
+}
+
+impl Parsed {
+    #[inline(always)]
+    fn fail(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            packet: Ipv4Packet::default(),
+        }
+    }
+
+    /// The packet, when the frame is IPv4.
+    pub fn ipv4(&self) -> Option<&Ipv4Packet> {
+        (self.outcome == Outcome::Ipv4).then_some(&self.packet)
+    }
+}
+
+/// Parses a frame. Never panics; every read is bounds-checked.
+#[inline(always)]
+pub fn parse<F: Frame>(frame: &F) -> Parsed {
+    let Some(eth) = frame.at::<ETH_HLEN>(0) else {
+        return Parsed::fail(Outcome::Truncated);
+    };
+    // SAFETY: bounds-checked by `at`; `[u8; N]` has alignment 1.
+    let eth = unsafe { &*eth };
+    let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let mut l3_off = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        let Some(tag) = frame.at::<VLAN_HLEN>(ETH_HLEN) else {
+            return Parsed::fail(Outcome::Truncated);
+        };
+        // SAFETY: as above.
+        let tag = unsafe { &*tag };
+        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+        l3_off = ETH_HLEN + VLAN_HLEN;
+    }
+    if ethertype != ETH_P_IPV4 {
+        return Parsed::fail(Outcome::NotIpv4);
+    }
+    let Some(ip) = frame.at::<IPV4_MIN_HLEN>(l3_off) else {
+        return Parsed::fail(Outcome::Truncated);
+    };
+    // SAFETY: as above.
+    let ip = unsafe { &*ip };
+    if ip[0] >> 4 != 4 {
+        return Parsed::fail(Outcome::Malformed);
+    }
+    let header_len = ((ip[0] & 0x0f) as usize) * 4;
+    if header_len < IPV4_MIN_HLEN {
+        return Parsed::fail(Outcome::Malformed);
+    }
+    let total_len = u16::from_be_bytes([ip[ipv4::TOTAL_LEN], ip[ipv4::TOTAL_LEN + 1]]);
+    let ip_end = l3_off + total_len as usize;
+    if (total_len as usize) < header_len || !frame.fits(ip_end) {
+        return Parsed::fail(Outcome::Malformed);
+    }
+    let proto = ip[ipv4::PROTO];
+    let frag = u16::from_be_bytes([ip[ipv4::FRAG], ip[ipv4::FRAG + 1]]);
+    // More-fragments flag or a non-zero offset.
+    let is_fragment = frag & 0x3fff != 0;
+    let l4_off = l3_off + header_len;
+    let mut packet = Ipv4Packet {
+        l3_off,
+        l4_off,
+        src: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        proto,
+        total_len,
+        has_options: header_len > IPV4_MIN_HLEN,
+        l4: L4::Fragment,
+        src_port_be: 0,
+        dst_port_be: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+    };
+    if !is_fragment {
+        parse_l4(frame, &mut packet, ip_end);
+    }
+    Parsed {
+        outcome: Outcome::Ipv4,
+        packet,
+    }
+}
+
+#[inline(always)]
+fn parse_l4<F: Frame>(frame: &F, packet: &mut Ipv4Packet, ip_end: usize) {
+    // Fields are extracted inside the bounds-checked branch rather than by copying the header
+    // out by value (see [`Ipv4Packet`] on why values must never be partly undefined).
+    let l4_off = packet.l4_off;
+    packet.l4 = L4::Truncated;
+    match packet.proto {
+        bpf_common::PROTO_TCP => {
+            if l4_off + TCP_MIN_HLEN > ip_end {
+                return;
+            }
+            if let Some(tcp) = frame.at::<TCP_MIN_HLEN>(l4_off) {
+                // SAFETY: bounds-checked by `at`; `[u8; N]` has alignment 1.
+                let tcp = unsafe { &*tcp };
+                packet.src_port_be = u16::from_ne_bytes([tcp[0], tcp[1]]);
+                packet.dst_port_be = u16::from_ne_bytes([tcp[2], tcp[3]]);
+                packet.tcp_flags = tcp[l4::TCP_FLAGS];
+                packet.l4 = L4::Tcp;
+            }
+        }
+        bpf_common::PROTO_UDP => {
+            if l4_off + UDP_HLEN > ip_end {
+                return;
+            }
+            if let Some(udp) = frame.at::<UDP_HLEN>(l4_off) {
+                // SAFETY: as above.
+                let udp = unsafe { &*udp };
+                packet.src_port_be = u16::from_ne_bytes([udp[0], udp[1]]);
+                packet.dst_port_be = u16::from_ne_bytes([udp[2], udp[3]]);
+                packet.l4 = L4::Udp;
+            }
+        }
+        bpf_common::PROTO_ICMP => {
+            if l4_off + ICMP_HLEN > ip_end {
+                return;
+            }
+            if let Some(icmp) = frame.at::<ICMP_HLEN>(l4_off) {
+                // SAFETY: as above.
+                let icmp = unsafe { &*icmp };
+                packet.icmp_type = icmp[0];
+                packet.icmp_code = icmp[1];
+                packet.l4 = L4::Icmp;
+            }
+        }
+        _ => packet.l4 = L4::Other,
+    }
+}
+
+/// ICMP types that carry a quoted packet and that the load balancer translates.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// The packet quoted inside an ICMP error: its IPv4 header (without options) and the first 8
+/// bytes of its transport header, which is all RFC 792 guarantees. Always fully initialised
+/// (see [`Ipv4Packet`]); `valid` says whether the quote could be parsed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuotedPacket {
+    pub valid: bool,
+    /// Offset of the quoted IPv4 header.
+    pub l3_off: usize,
+    /// Offset of the quoted transport header.
+    pub l4_off: usize,
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+}
+
+/// Parses the packet quoted by an ICMP error whose ICMP header is at `icmp_off`. The result is
+/// not `valid` when the quote is truncated, carries IP options, or is not TCP/UDP.
+#[inline(always)]
+pub fn parse_icmp_quote<F: Frame>(frame: &F, icmp_off: usize) -> QuotedPacket {
+    let mut quote = QuotedPacket::default();
+    let l3_off = icmp_off + ICMP_HLEN;
+    let l4_off = l3_off + IPV4_MIN_HLEN;
+    let Some(ip) = frame.at::<IPV4_MIN_HLEN>(l3_off) else {
+        return quote;
+    };
+    // SAFETY: bounds-checked by `at`; `[u8; N]` has alignment 1.
+    let ip = unsafe { &*ip };
+    // Quoted headers with options would put the ports at a variable offset inside an already
+    // variable-offset packet; such quotes are rare and are left alone.
+    let proto = ip[ipv4::PROTO];
+    if ip[0] != 0x45 || (proto != bpf_common::PROTO_TCP && proto != bpf_common::PROTO_UDP) {
+        return quote;
+    }
+    quote.src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    quote.dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    quote.proto = proto;
+    // The 8 bytes RFC 792 promises must be there; the checksum fields beyond may not be.
+    let Some(ports) = frame.at::<8>(l4_off) else {
+        return quote;
+    };
+    // SAFETY: as above.
+    let ports = unsafe { &*ports };
+    quote.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
+    quote.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    quote.l3_off = l3_off;
+    quote.l4_off = l4_off;
+    quote.valid = true;
+    quote
+}

@@ -1,0 +1,480 @@
+//! The command line, and its translation into API requests, checked before anything is sent.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use datapath_api::{
+    AddBackend, BackendKey, BackendState, CreateService, ForwardingMode, Protocol, ServiceKey,
+    UpdateBackend,
+};
+
+use crate::error::{Error, Result};
+
+const AFTER_HELP: &str = "\
+Addresses are ADDR:PORT; IPv6 ones in brackets: [2001:db8::10]:80.
+
+Exit codes:
+  0  success
+  1  datapathd failed (dataplane, state file, internal error) or broke off the exchange
+  2  invalid argument (found by lb-ctl, in the command line, or by datapathd)
+  3  datapathd not reachable (socket missing, connection refused)
+  4  service or backend not found
+  5  service or backend already exists
+  6  capacity exhausted (--max-services / --max-backends of datapathd)";
+
+/// Operate datapathd's XDP load balancer: services (VIP:PORT), their backends, counters.
+#[derive(Debug, Parser)]
+#[command(name = "lb-ctl", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// datapathd's API socket.
+    #[arg(long, global = true, value_name = "PATH", env = "LB_CTL_SOCKET",
+          default_value = datapath_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Output format: aligned tables for people, the API's JSON for scripts.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Add, remove and inspect services.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Add, remove, drain and weigh a service's backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Packets and bytes per service and backend, and the datapath's verdict counters.
+    Stats,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Add a service; it has no backend until you add one (packets to it are dropped).
+    Add {
+        /// The service's VIP:PORT.
+        #[arg(value_name = "VIP:PORT")]
+        service: String,
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        proto: Proto,
+        /// full-nat: rewrite destination and source, replies return through the balancer.
+        /// dsr: rewrite the MAC only, backends hold the VIP and reply directly.
+        #[arg(long, value_enum, default_value_t = Mode::FullNat)]
+        mode: Mode,
+        /// Source address for full-NAT (default: per backend, the address the kernel would use
+        /// to reach it).
+        #[arg(long, value_name = "IP")]
+        snat_addr: Option<String>,
+    },
+    /// Remove a service and all its backends.
+    #[command(visible_alias = "rm")]
+    Remove(ServiceArg),
+    /// List services and their backends.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one service and its backends.
+    Show(ServiceArg),
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceArg {
+    /// The service's VIP:PORT.
+    #[arg(value_name = "VIP:PORT")]
+    pub service: String,
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    pub proto: Proto,
+}
+
+#[derive(Debug, Args)]
+pub struct BackendArg {
+    /// The service's VIP:PORT.
+    #[arg(value_name = "VIP:PORT")]
+    pub service: String,
+    /// The backend's ADDR:PORT.
+    #[arg(value_name = "ADDR:PORT")]
+    pub backend: String,
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    pub proto: Proto,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend to a service.
+    Add {
+        #[command(flatten)]
+        target: BackendArg,
+        /// Relative share of new flows (1 or more).
+        #[arg(long, value_name = "N", default_value = "1")]
+        weight: String,
+    },
+    /// Remove a backend; its established flows move to the remaining backends.
+    #[command(visible_alias = "rm")]
+    Remove(BackendArg),
+    /// Stop sending new flows to a backend; its established flows stay.
+    Drain(BackendArg),
+    /// Send new flows to a drained backend again.
+    Activate(BackendArg),
+    /// Change a backend's weight.
+    SetWeight {
+        #[command(flatten)]
+        target: BackendArg,
+        /// New weight (1 or more).
+        #[arg(value_name = "WEIGHT")]
+        weight: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl From<Proto> for Protocol {
+    fn from(p: Proto) -> Self {
+        match p {
+            Proto::Tcp => Protocol::Tcp,
+            Proto::Udp => Protocol::Udp,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    FullNat,
+    Dsr,
+}
+
+impl From<Mode> for ForwardingMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::FullNat => ForwardingMode::FullNat,
+            Mode::Dsr => ForwardingMode::Dsr,
+        }
+    }
+}
+
+/// One API request, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    ServiceAdd(CreateService),
+    ServiceRemove(ServiceKey),
+    ServiceList,
+    ServiceShow(ServiceKey),
+    BackendAdd(ServiceKey, AddBackend),
+    BackendRemove(ServiceKey, BackendKey),
+    BackendUpdate(ServiceKey, BackendKey, UpdateBackend),
+    Stats,
+}
+
+/// Parses `ADDR:PORT` (IPv6 as `[ADDR]:PORT`) with a port other than 0.
+pub fn parse_endpoint(what: &'static str, input: &str) -> Result<(IpAddr, u16)> {
+    let addr: SocketAddr = input.parse().map_err(|_| {
+        let reason = if input.parse::<IpAddr>().is_ok() {
+            "the port is missing (expected ADDR:PORT)"
+        } else if input.matches(':').count() > 1 && !input.starts_with('[') {
+            "IPv6 addresses go in brackets: [ADDR]:PORT"
+        } else {
+            "expected ADDR:PORT, e.g. 198.18.0.10:80 or [2001:db8::10]:80"
+        };
+        Error::invalid(what, input, reason)
+    })?;
+    if let SocketAddr::V6(v6) = addr
+        && v6.scope_id() != 0
+    {
+        return Err(Error::invalid(what, input, "scope ids are not supported"));
+    }
+    if addr.port() == 0 {
+        return Err(Error::invalid(what, input, "port must not be 0"));
+    }
+    Ok((addr.ip(), addr.port()))
+}
+
+fn parse_weight(input: &str) -> Result<u32> {
+    let weight: u32 = input
+        .parse()
+        .map_err(|_| Error::invalid("weight", input, "expected a number from 1 to 4294967295"))?;
+    if weight == 0 {
+        return Err(Error::invalid(
+            "weight",
+            input,
+            "weights start at 1 (use `lb-ctl backend drain` to stop new flows)",
+        ));
+    }
+    Ok(weight)
+}
+
+fn service_key(service: &str, proto: Proto) -> Result<ServiceKey> {
+    let (vip, port) = parse_endpoint("service address", service)?;
+    Ok(ServiceKey {
+        vip,
+        port,
+        proto: proto.into(),
+    })
+}
+
+fn backend_target(arg: &BackendArg) -> Result<(ServiceKey, BackendKey)> {
+    let key = service_key(&arg.service, arg.proto)?;
+    let (addr, port) = parse_endpoint("backend address", &arg.backend)?;
+    Ok((key, BackendKey { addr, port }))
+}
+
+impl Command {
+    /// The request this command makes, or why it is invalid.
+    pub fn action(&self) -> Result<Action> {
+        Ok(match self {
+            Command::Service(ServiceCommand::Add {
+                service,
+                proto,
+                mode,
+                snat_addr,
+            }) => {
+                let key = service_key(service, *proto)?;
+                let snat_addr = snat_addr
+                    .as_deref()
+                    .map(|s| {
+                        s.parse::<IpAddr>()
+                            .map_err(|e| Error::invalid("SNAT address", s, e.to_string()))
+                    })
+                    .transpose()?;
+                Action::ServiceAdd(CreateService {
+                    vip: key.vip,
+                    port: key.port,
+                    proto: key.proto,
+                    mode: (*mode).into(),
+                    snat_addr,
+                })
+            }
+            Command::Service(ServiceCommand::Remove(a)) => {
+                Action::ServiceRemove(service_key(&a.service, a.proto)?)
+            }
+            Command::Service(ServiceCommand::List) => Action::ServiceList,
+            Command::Service(ServiceCommand::Show(a)) => {
+                Action::ServiceShow(service_key(&a.service, a.proto)?)
+            }
+            Command::Backend(BackendCommand::Add { target, weight }) => {
+                let (key, backend) = backend_target(target)?;
+                let weight = parse_weight(weight)?;
+                Action::BackendAdd(
+                    key,
+                    AddBackend {
+                        addr: backend.addr,
+                        port: backend.port,
+                        weight,
+                        state: BackendState::Active,
+                    },
+                )
+            }
+            Command::Backend(BackendCommand::Remove(t)) => {
+                let (key, backend) = backend_target(t)?;
+                Action::BackendRemove(key, backend)
+            }
+            Command::Backend(BackendCommand::Drain(t)) => {
+                let (key, backend) = backend_target(t)?;
+                Action::BackendUpdate(
+                    key,
+                    backend,
+                    UpdateBackend {
+                        weight: None,
+                        state: Some(BackendState::Draining),
+                    },
+                )
+            }
+            Command::Backend(BackendCommand::Activate(t)) => {
+                let (key, backend) = backend_target(t)?;
+                Action::BackendUpdate(
+                    key,
+                    backend,
+                    UpdateBackend {
+                        weight: None,
+                        state: Some(BackendState::Active),
+                    },
+                )
+            }
+            Command::Backend(BackendCommand::SetWeight { target, weight }) => {
+                let (key, backend) = backend_target(target)?;
+                let weight = parse_weight(weight)?;
+                Action::BackendUpdate(
+                    key,
+                    backend,
+                    UpdateBackend {
+                        weight: Some(weight),
+                        state: None,
+                    },
+                )
+            }
+            Command::Stats => Action::Stats,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn action(args: &[&str]) -> Result<Action> {
+        let mut argv = vec!["lb-ctl"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().command.action()
+    }
+
+    fn invalid(args: &[&str]) -> String {
+        match action(args) {
+            Err(e @ Error::InvalidInput { .. }) => {
+                assert_eq!(e.exit_code(), 2);
+                e.to_string()
+            }
+            other => panic!("{args:?}: expected InvalidInput, got {other:?}"),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn service_add_defaults_and_options() {
+        assert_eq!(
+            action(&["service", "add", "198.18.0.10:80"]).unwrap(),
+            Action::ServiceAdd(CreateService {
+                vip: ip("198.18.0.10"),
+                port: 80,
+                proto: Protocol::Tcp,
+                mode: ForwardingMode::FullNat,
+                snat_addr: None,
+            })
+        );
+        assert_eq!(
+            action(&[
+                "service",
+                "add",
+                "[2001:db8::10]:53",
+                "--proto",
+                "udp",
+                "--mode",
+                "dsr",
+                "--snat-addr",
+                "2001:db8::1"
+            ])
+            .unwrap(),
+            Action::ServiceAdd(CreateService {
+                vip: ip("2001:db8::10"),
+                port: 53,
+                proto: Protocol::Udp,
+                mode: ForwardingMode::Dsr,
+                snat_addr: Some(ip("2001:db8::1")),
+            })
+        );
+    }
+
+    #[test]
+    fn aliases_and_backend_commands() {
+        let key = ServiceKey {
+            vip: ip("198.18.0.10"),
+            port: 80,
+            proto: Protocol::Tcp,
+        };
+        let be = BackendKey {
+            addr: ip("198.18.1.1"),
+            port: 8080,
+        };
+        assert_eq!(
+            action(&["service", "rm", "198.18.0.10:80"]).unwrap(),
+            Action::ServiceRemove(key)
+        );
+        assert_eq!(action(&["service", "ls"]).unwrap(), Action::ServiceList);
+        assert_eq!(
+            action(&["backend", "add", "198.18.0.10:80", "198.18.1.1:8080", "--weight", "3"])
+                .unwrap(),
+            Action::BackendAdd(
+                key,
+                AddBackend {
+                    addr: be.addr,
+                    port: be.port,
+                    weight: 3,
+                    state: BackendState::Active
+                }
+            )
+        );
+        assert_eq!(
+            action(&["backend", "drain", "198.18.0.10:80", "198.18.1.1:8080"]).unwrap(),
+            Action::BackendUpdate(
+                key,
+                be,
+                UpdateBackend {
+                    weight: None,
+                    state: Some(BackendState::Draining)
+                }
+            )
+        );
+        assert_eq!(
+            action(&["backend", "set-weight", "198.18.0.10:80", "198.18.1.1:8080", "7"]).unwrap(),
+            Action::BackendUpdate(
+                key,
+                be,
+                UpdateBackend {
+                    weight: Some(7),
+                    state: None
+                }
+            )
+        );
+        assert_eq!(
+            action(&["backend", "rm", "198.18.0.10:80", "198.18.1.1:8080"]).unwrap(),
+            Action::BackendRemove(key, be)
+        );
+    }
+
+    #[test]
+    fn local_validation() {
+        let m = invalid(&["service", "add", "198.18.0.10"]);
+        assert_eq!(
+            m,
+            r#"invalid service address "198.18.0.10": the port is missing (expected ADDR:PORT)"#
+        );
+        let m = invalid(&["service", "add", "198.18.0.10:0"]);
+        assert_eq!(
+            m,
+            r#"invalid service address "198.18.0.10:0": port must not be 0"#
+        );
+        let m = invalid(&["service", "show", "2001:db8::1:80"]);
+        assert!(m.contains("brackets"), "{m}");
+        let m = invalid(&["backend", "add", "198.18.0.10:80", "x"]);
+        assert!(m.starts_with(r#"invalid backend address "x": expected ADDR:PORT"#), "{m}");
+        let m = invalid(&["backend", "add", "198.18.0.10:80", "198.18.1.1:8080", "--weight", "0"]);
+        assert!(m.starts_with(r#"invalid weight "0": weights start at 1"#), "{m}");
+        let m = invalid(&["backend", "set-weight", "198.18.0.10:80", "198.18.1.1:8080", "-1"]);
+        assert!(m.starts_with(r#"invalid weight "-1""#), "{m}");
+        let m = invalid(&["service", "add", "198.18.0.10:80", "--snat-addr", "nope"]);
+        assert!(m.starts_with(r#"invalid SNAT address "nope""#), "{m}");
+        let m = invalid(&["service", "add", "[fe80::1%2]:80"]);
+        assert!(m.contains("scope ids"), "{m}");
+    }
+
+    #[test]
+    fn usage_errors_are_clap_errors_with_exit_2() {
+        for args in [
+            &["lb-ctl", "service", "add", "198.18.0.10:80", "--proto", "sctp"][..],
+            &["lb-ctl", "service"],
+            &["lb-ctl", "-o", "yaml", "stats"],
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! lb-ctl: the operator CLI of datapathd's XDP load balancer.
+//!
+//! The binary parses the command line ([`cli::Cli`]), checks it into an [`cli::Action`] before
+//! connecting, sends that to datapathd over its Unix socket ([`client::Client`]) and prints the
+//! answer ([`output`]). Failures are an [`Error`], each with its exit code.
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod output;
+
+use datapath_api::{BackendState, ServiceKey, ServiceView};
+use serde::Serialize;
+
+pub use crate::error::{Error, Result, exit};
+use crate::{
+    cli::{Action, Cli, Output},
+    client::Client,
+    output::service_key,
+};
+
+/// Runs the command and returns what to print on stdout. Nothing is sent if the arguments are
+/// invalid.
+pub async fn run(cli: &Cli) -> Result<String> {
+    let action = cli.command.action()?;
+    let client = Client::new(&cli.socket);
+    let json = cli.output == Output::Json;
+    Ok(match action {
+        Action::ServiceList => {
+            let list = client.list_services().await?;
+            if json { to_json(&list)? } else { output::service_list(&list) }
+        }
+        Action::ServiceShow(key) => {
+            let view = client.show_service(&key).await?;
+            if json { to_json(&view)? } else { output::service_show(&view) }
+        }
+        Action::Stats => {
+            let stats = client.stats().await?;
+            if json { to_json(&stats)? } else { output::stats(&stats) }
+        }
+        Action::ServiceAdd(req) => {
+            let view = client.create_service(&req).await?;
+            confirm(json, &view, || {
+                format!(
+                    "service {} added ({}, id {}); add backends with: lb-ctl backend add",
+                    service_key(&view),
+                    view.mode,
+                    view.id
+                )
+            })?
+        }
+        Action::ServiceRemove(key) => {
+            let view = client.delete_service(&key).await?;
+            confirm(json, &view, || {
+                format!(
+                    "service {key} removed with its {} backend(s)",
+                    view.backends.len()
+                )
+            })?
+        }
+        Action::BackendAdd(key, req) => {
+            let view = client.add_backend(&key, &req).await?;
+            let backend = datapath_api::BackendKey {
+                addr: req.addr,
+                port: req.port,
+            };
+            confirm(json, &view, || {
+                format!(
+                    "backend {backend} added to service {} (weight {})",
+                    service_key(&view),
+                    req.weight
+                )
+            })?
+        }
+        Action::BackendRemove(key, backend) => {
+            let view = client.remove_backend(&key, &backend).await?;
+            confirm(json, &view, || {
+                format!("backend {backend} removed from service {key}")
+            })?
+        }
+        Action::BackendUpdate(key, backend, req) => {
+            let view = client.update_backend(&key, &backend, &req).await?;
+            confirm(json, &view, || {
+                let mut said = Vec::new();
+                if let Some(w) = req.weight {
+                    said.push(format!("now has weight {w}"));
+                }
+                match req.state {
+                    Some(BackendState::Draining) => said.push(
+                        "is draining: it keeps its established flows and gets no new ones".into(),
+                    ),
+                    Some(BackendState::Active) => said.push("is active".into()),
+                    None => {}
+                }
+                format!("backend {backend} of service {} {}", display(&key), said.join(" and "))
+            })?
+        }
+    })
+}
+
+fn display(key: &ServiceKey) -> String {
+    key.to_string()
+}
+
+/// A mutating command's output: the resulting service as JSON, or a one-line confirmation.
+fn confirm(json: bool, view: &ServiceView, line: impl FnOnce() -> String) -> Result<String> {
+    if json {
+        to_json(view)
+    } else {
+        Ok(line() + "\n")
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Result<String> {
+    serde_json::to_string_pretty(value)
+        .map(|s| s + "\n")
+        .map_err(|e| Error::Output(e.into()))
+}

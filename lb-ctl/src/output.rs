@@ -1,0 +1,311 @@
+//! Human-readable output: aligned tables and one-line confirmations.
+use std::fmt::Write as _;
+
+use datapath_api::{BackendKey, BackendView, ServiceKey, ServiceView, StatsView};
+
+/// Column alignment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// A table whose columns are as wide as their widest cell, two spaces apart.
+struct Table {
+    header: Vec<&'static str>,
+    align: Vec<Align>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, Align)]) -> Self {
+        Self {
+            header: columns.iter().map(|c| c.0).collect(),
+            align: columns.iter().map(|c| c.1).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.header.len());
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.len()).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let header: Vec<String> = self.header.iter().map(|h| h.to_string()).collect();
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                let pad = widths[i] - cell.chars().count();
+                // Headers of right-aligned columns are right-aligned too, over their numbers.
+                if self.align[i] == Align::Right {
+                    line.extend(std::iter::repeat_n(' ', pad));
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+pub fn service_key(v: &ServiceView) -> ServiceKey {
+    ServiceKey {
+        vip: v.vip,
+        port: v.port,
+        proto: v.proto,
+    }
+}
+
+fn backend_key(b: &BackendView) -> BackendKey {
+    BackendKey {
+        addr: b.addr,
+        port: b.port,
+    }
+}
+
+/// `VIP:PORT` with IPv6 in brackets.
+fn endpoint(v: &ServiceView) -> String {
+    BackendKey {
+        addr: v.vip,
+        port: v.port,
+    }
+    .to_string()
+}
+
+/// A backend's share of its service's live Maglev table.
+fn share(b: &BackendView, service: &ServiceView) -> String {
+    let total: u64 = service
+        .backends
+        .iter()
+        .map(|b| u64::from(b.table_entries))
+        .sum();
+    if total == 0 {
+        return "0.0%".into();
+    }
+    format!("{:.1}%", 100.0 * f64::from(b.table_entries) / total as f64)
+}
+
+/// `service list`: each service, its backends indented below it.
+pub fn service_list(services: &[ServiceView]) -> String {
+    if services.is_empty() {
+        return "no services (add one with: lb-ctl service add VIP:PORT)\n".into();
+    }
+    use Align::*;
+    let mut t = Table::new(&[
+        ("SERVICE", Left),
+        ("PROTO", Left),
+        ("MODE", Left),
+        ("BACKENDS", Right),
+        ("WEIGHT", Right),
+        ("STATE", Left),
+        ("TABLE", Right),
+        ("PACKETS", Right),
+        ("BYTES", Right),
+    ]);
+    for s in services {
+        t.row(vec![
+            endpoint(s),
+            s.proto.to_string(),
+            s.mode.to_string(),
+            s.backends.len().to_string(),
+            String::new(),
+            String::new(),
+            String::new(),
+            s.counters.packets.to_string(),
+            s.counters.bytes.to_string(),
+        ]);
+        for b in &s.backends {
+            t.row(vec![
+                format!("  -> {}", backend_key(b)),
+                String::new(),
+                String::new(),
+                String::new(),
+                b.weight.to_string(),
+                b.state.to_string(),
+                share(b, s),
+                b.counters.packets.to_string(),
+                b.counters.bytes.to_string(),
+            ]);
+        }
+    }
+    t.render()
+}
+
+/// `service show`: the service's fields, then a table of its backends.
+pub fn service_show(s: &ServiceView) -> String {
+    let mut out = String::new();
+    let snat = match (s.mode, s.snat_addr) {
+        (datapath_api::ForwardingMode::Dsr, _) => "-".to_string(),
+        (_, Some(a)) => a.to_string(),
+        (_, None) => "auto (the address towards each backend)".to_string(),
+    };
+    let fields = [
+        ("SERVICE", service_key(s).to_string()),
+        ("ID", s.id.to_string()),
+        ("MODE", s.mode.to_string()),
+        ("SNAT", snat),
+        ("BACKENDS", s.backends.len().to_string()),
+        ("PACKETS", s.counters.packets.to_string()),
+        ("BYTES", s.counters.bytes.to_string()),
+    ];
+    for (name, value) in fields {
+        let _ = writeln!(out, "{name:<9} {value}");
+    }
+    if s.backends.is_empty() {
+        out.push_str("\nno backends (add one with: lb-ctl backend add VIP:PORT ADDR:PORT)\n");
+        return out;
+    }
+    use Align::*;
+    let mut t = Table::new(&[
+        ("BACKEND", Left),
+        ("ID", Right),
+        ("WEIGHT", Right),
+        ("STATE", Left),
+        ("TABLE", Right),
+        ("PACKETS", Right),
+        ("BYTES", Right),
+    ]);
+    for b in &s.backends {
+        t.row(vec![
+            backend_key(b).to_string(),
+            b.id.to_string(),
+            b.weight.to_string(),
+            b.state.to_string(),
+            share(b, s),
+            b.counters.packets.to_string(),
+            b.counters.bytes.to_string(),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+    out
+}
+
+/// `stats`: traffic per service and backend, then the verdict counters.
+pub fn stats(v: &StatsView) -> String {
+    use Align::*;
+    let mut out = String::new();
+    if v.services.is_empty() {
+        out.push_str("no services\n");
+    } else {
+        let mut t = Table::new(&[
+            ("SERVICE / BACKEND", Left),
+            ("PACKETS", Right),
+            ("BYTES", Right),
+        ]);
+        for s in &v.services {
+            t.row(vec![
+                service_key(s).to_string(),
+                s.counters.packets.to_string(),
+                s.counters.bytes.to_string(),
+            ]);
+            for b in &s.backends {
+                t.row(vec![
+                    format!("  -> {}", backend_key(b)),
+                    b.counters.packets.to_string(),
+                    b.counters.bytes.to_string(),
+                ]);
+            }
+        }
+        out.push_str(&t.render());
+    }
+    let mut t = Table::new(&[("REASON", Left), ("PACKETS", Right)]);
+    for (reason, n) in &v.reasons {
+        t.row(vec![reason.clone(), n.to_string()]);
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use datapath_api::{BackendState, Counter, ForwardingMode, Protocol};
+
+    use super::*;
+
+    fn view() -> ServiceView {
+        let backend = |addr: &str, weight, state, entries, packets| BackendView {
+            addr: addr.parse().unwrap(),
+            port: 8080,
+            weight,
+            state,
+            id: 0,
+            table_entries: entries,
+            counters: Counter {
+                packets,
+                bytes: packets * 100,
+            },
+        };
+        ServiceView {
+            vip: "198.18.0.10".parse().unwrap(),
+            port: 80,
+            proto: Protocol::Tcp,
+            mode: ForwardingMode::FullNat,
+            snat_addr: None,
+            id: 0,
+            backends: vec![
+                backend("198.18.1.1", 1, BackendState::Active, 3, 5),
+                backend("198.18.1.22", 2, BackendState::Draining, 0, 12345),
+                backend("198.18.1.3", 3, BackendState::Active, 1, 0),
+            ],
+            counters: Counter {
+                packets: 12350,
+                bytes: 1_235_000,
+            },
+        }
+    }
+
+    #[test]
+    fn list_is_aligned_with_backends_nested() {
+        let got = service_list(&[view()]);
+        let want = "\
+SERVICE                  PROTO  MODE      BACKENDS  WEIGHT  STATE     TABLE  PACKETS    BYTES
+198.18.0.10:80           tcp    full-nat         3                           12350  1235000
+  -> 198.18.1.1:8080                                     1  active    75.0%        5      500
+  -> 198.18.1.22:8080                                    2  draining   0.0%    12345  1234500
+  -> 198.18.1.3:8080                                     3  active    25.0%        0        0
+";
+        assert_eq!(got, want, "\n{got}");
+    }
+
+    #[test]
+    fn show_and_empty_cases() {
+        let got = service_show(&view());
+        assert!(got.starts_with("SERVICE   tcp/198.18.0.10:80\nID        0\n"), "{got}");
+        assert!(got.contains("198.18.1.22:8080   0       2  draining   0.0%"), "{got}");
+        assert!(service_list(&[]).starts_with("no services"));
+        let mut v6 = view();
+        v6.vip = "2001:db8::10".parse().unwrap();
+        v6.backends.clear();
+        assert!(service_list(&[v6]).contains("[2001:db8::10]:80"));
+    }
+
+    #[test]
+    fn stats_lists_traffic_and_reasons() {
+        let v = StatsView {
+            services: vec![view()],
+            reasons: [("drop_no_backend".to_string(), 4), ("fwd_tx".to_string(), 99)]
+                .into_iter()
+                .collect(),
+        };
+        let got = stats(&v);
+        assert!(got.contains("tcp/198.18.0.10:80     12350  1235000"), "{got}");
+        assert!(got.contains("REASON           PACKETS\ndrop_no_backend        4\nfwd_tx                99\n"), "{got}");
+    }
+}

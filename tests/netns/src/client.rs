@@ -1,0 +1,333 @@
+//! Clients: they run inside the client namespace and report which backend answered.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{netns, topology::CLIENT_IP};
+
+/// Longest a client waits for a connect or an answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A burst gives up after this many failures (each failure can cost up to [`IO_TIMEOUT`]).
+pub const MAX_BURST_ERRORS: usize = 10;
+/// A burst never runs longer than this, whatever its count.
+pub const MAX_BURST_TIME: Duration = Duration::from_secs(60);
+
+/// A TCP connection to a backend server, through whatever is in between.
+pub struct Conn {
+    stream: TcpStream,
+    pending: Vec<u8>,
+    /// The backend that answered (its greeting line).
+    pub backend: String,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    exchanged: usize,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {} ({})", self.local, self.peer, self.backend)
+    }
+}
+
+impl Conn {
+    /// Connects to `addr` and reads the greeting. Call inside the client namespace (see
+    /// [`connect_in`]).
+    pub fn connect(addr: SocketAddr) -> Result<Conn> {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .with_context(|| format!("connect to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let local = stream.local_addr()?;
+        let peer = stream.peer_addr()?;
+        let mut conn = Conn {
+            stream,
+            pending: Vec::new(),
+            backend: String::new(),
+            local,
+            peer,
+            exchanged: 0,
+        };
+        conn.backend = conn
+            .read_line()
+            .with_context(|| format!("greeting on {local} -> {addr}"))?;
+        ensure!(
+            !conn.backend.is_empty(),
+            "empty greeting on {local} -> {addr}"
+        );
+        Ok(conn)
+    }
+
+    fn read_line(&mut self) -> Result<String> {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                return Ok(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("no complete line within {IO_TIMEOUT:?}");
+            }
+            self.stream.set_read_timeout(Some(deadline - now))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => bail!("connection closed by the peer"),
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    bail!("no complete line within {IO_TIMEOUT:?}")
+                }
+                Err(e) => return Err(e).context("read"),
+            }
+        }
+    }
+
+    /// Sends one line and checks that the same line comes back.
+    pub fn echo(&mut self, msg: &str) -> Result<()> {
+        let what = format!("echo on {self:?}");
+        self.stream
+            .write_all(format!("{msg}\n").as_bytes())
+            .with_context(|| what.clone())?;
+        let back = self.read_line().with_context(|| what.clone())?;
+        ensure!(back == msg, "{what}: sent {msg:?}, got {back:?}");
+        self.exchanged += 1;
+        Ok(())
+    }
+
+    /// Sends a fresh numbered line and checks the echo.
+    pub fn ping(&mut self) -> Result<()> {
+        let msg = format!("ping {} from {}", self.exchanged, self.local);
+        self.echo(&msg)
+    }
+}
+
+/// Connects from inside namespace `ns`.
+pub fn connect_in(ns: &str, addr: SocketAddr) -> Result<Conn> {
+    netns::run_in(ns, || Conn::connect(addr))?
+}
+
+/// Opens `count` connections from inside namespace `ns` and keeps them.
+pub fn connect_many_in(ns: &str, addr: SocketAddr, count: usize) -> Result<Vec<Conn>> {
+    netns::run_in(ns, || (0..count).map(|_| Conn::connect(addr)).collect())?
+}
+
+/// Opens long-lived connections until every backend in `backends` holds at least `min_each`
+/// of them, opening at most `max_total`.
+pub fn connect_until_each_in(
+    ns: &str,
+    addr: SocketAddr,
+    backends: &[&str],
+    min_each: usize,
+    max_total: usize,
+) -> Result<Vec<Conn>> {
+    netns::run_in(ns, || -> Result<Vec<Conn>> {
+        let mut conns: Vec<Conn> = Vec::new();
+        let enough = |conns: &[Conn]| {
+            backends
+                .iter()
+                .all(|b| conns.iter().filter(|c| c.backend == *b).count() >= min_each)
+        };
+        while !enough(&conns) {
+            ensure!(
+                conns.len() < max_total,
+                "after {max_total} connections, not every backend of {backends:?} has \
+                 {min_each}: {}",
+                format_counts(&count_backends(conns.iter().map(|c| c.backend.as_str())))
+            );
+            conns.push(Conn::connect(addr)?);
+        }
+        Ok(conns)
+    })?
+}
+
+/// Sends a line on every connection and checks the echoes.
+pub fn ping_all(conns: &mut [Conn]) -> Result<()> {
+    for c in conns.iter_mut() {
+        c.ping()?;
+    }
+    Ok(())
+}
+
+/// Who answered a burst of flows.
+#[derive(Clone, Debug, Default)]
+pub struct Spread {
+    /// Answers by backend name.
+    pub counts: BTreeMap<String, usize>,
+    /// Flows that failed, with why (the burst stops after [`MAX_BURST_ERRORS`]).
+    pub errors: Vec<String>,
+    /// Distinct client source ports used.
+    pub local_ports: BTreeSet<u16>,
+    /// Distinct addresses the answers came from.
+    pub peers: BTreeSet<SocketAddr>,
+    /// Flows attempted.
+    pub attempted: usize,
+}
+
+impl Spread {
+    /// Flows that got an answer.
+    pub fn answered(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    /// Answers from backend `name`.
+    pub fn count(&self, name: &str) -> usize {
+        self.counts.get(name).copied().unwrap_or(0)
+    }
+
+    /// A small table: backend, count, percentage.
+    pub fn table(&self) -> String {
+        let total = self.answered().max(1);
+        let mut out = format!("{:<8} {:>6} {:>7}\n", "backend", "conns", "share");
+        for (name, n) in &self.counts {
+            out.push_str(&format!(
+                "{:<8} {:>6} {:>6.1}%\n",
+                name,
+                n,
+                100.0 * *n as f64 / total as f64
+            ));
+        }
+        out.push_str(&format!(
+            "{:<8} {:>6} (of {} attempted, {} failed)\n",
+            "total",
+            self.answered(),
+            self.attempted,
+            self.errors.len()
+        ));
+        out
+    }
+
+    fn stop_early(&self, started: Instant) -> bool {
+        self.errors.len() >= MAX_BURST_ERRORS || started.elapsed() >= MAX_BURST_TIME
+    }
+}
+
+fn count_backends<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for n in names {
+        *counts.entry(n.to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn format_counts(counts: &BTreeMap<String, usize>) -> String {
+    counts
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Opens `count` TCP connections one after the other from inside namespace `ns`; each reads
+/// the greeting (who answered) and closes. Bounded by [`MAX_BURST_ERRORS`] and
+/// [`MAX_BURST_TIME`].
+pub fn tcp_spread_in(ns: &str, addr: SocketAddr, count: usize) -> Result<Spread> {
+    netns::run_in(ns, || {
+        let started = Instant::now();
+        let mut spread = Spread::default();
+        for i in 0..count {
+            if spread.stop_early(started) {
+                break;
+            }
+            spread.attempted += 1;
+            match Conn::connect(addr) {
+                Ok(conn) => {
+                    *spread.counts.entry(conn.backend.clone()).or_insert(0) += 1;
+                    spread.local_ports.insert(conn.local.port());
+                    spread.peers.insert(conn.peer);
+                }
+                Err(e) => spread.errors.push(format!("connection {i}: {e:#}")),
+            }
+        }
+        spread
+    })
+}
+
+/// Sends one datagram from each of `count` client sockets bound to distinct ports
+/// (`first_port`, `first_port + 1`, ...) from inside namespace `ns`; each expects the answer
+/// `<backend> <payload>` from `addr` itself. Bounded like [`tcp_spread_in`].
+pub fn udp_spread_in(ns: &str, addr: SocketAddr, count: usize, first_port: u16) -> Result<Spread> {
+    ensure!(
+        usize::from(first_port) + count <= usize::from(u16::MAX),
+        "port range overflows"
+    );
+    netns::run_in(ns, || {
+        let started = Instant::now();
+        let mut spread = Spread::default();
+        for i in 0..count {
+            if spread.stop_early(started) {
+                break;
+            }
+            spread.attempted += 1;
+            let port = first_port + i as u16;
+            let result = (|| -> Result<(String, SocketAddr)> {
+                let local = SocketAddr::V4(SocketAddrV4::new(CLIENT_IP, port));
+                let socket = UdpSocket::bind(local).with_context(|| format!("bind {local}"))?;
+                let payload = format!("flow {i}");
+                udp_ask(&socket, addr, &payload)
+            })();
+            match result {
+                Ok((backend, from)) => {
+                    *spread.counts.entry(backend).or_insert(0) += 1;
+                    spread.local_ports.insert(port);
+                    spread.peers.insert(from);
+                }
+                Err(e) => spread
+                    .errors
+                    .push(format!("flow {i} from port {port}: {e:#}")),
+            }
+        }
+        spread
+    })
+}
+
+/// Sends `count` datagrams from one socket (one flow) from inside namespace `ns`; returns who
+/// answered each.
+pub fn udp_one_flow_in(ns: &str, addr: SocketAddr, count: usize) -> Result<Vec<String>> {
+    netns::run_in(ns, || -> Result<Vec<String>> {
+        let socket = UdpSocket::bind(SocketAddrV4::new(CLIENT_IP, 0))?;
+        (0..count)
+            .map(|i| udp_ask(&socket, addr, &format!("same flow {i}")).map(|(b, _)| b))
+            .collect()
+    })?
+}
+
+/// One request/answer, with up to 3 tries (UDP may lose a datagram while a neighbour is
+/// being resolved). Checks that the answer comes from `addr` and echoes `payload`.
+fn udp_ask(socket: &UdpSocket, addr: SocketAddr, payload: &str) -> Result<(String, SocketAddr)> {
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 2048];
+    for _try in 0..3 {
+        socket.send_to(payload.as_bytes(), addr)?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                ensure!(
+                    from == addr,
+                    "answer {text:?} came from {from}, not from {addr}"
+                );
+                let Some((backend, echoed)) = text.split_once(' ') else {
+                    bail!("malformed answer {text:?}");
+                };
+                ensure!(
+                    echoed == payload,
+                    "answer {text:?} does not echo {payload:?}"
+                );
+                return Ok((backend.to_string(), from));
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e).context("recv"),
+        }
+    }
+    bail!("no answer to {payload:?} from {addr} after 3 tries")
+}
+
+/// `ip:port` for an IPv4 address.
+pub fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}

@@ -1,0 +1,199 @@
+//! A whole test bed: topology, backend servers and (optionally) the daemon, torn down in the
+//! right order when dropped.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context, Result, ensure};
+use datapath_api::{Protocol, ServiceView};
+
+use crate::{
+    client::sock,
+    daemon::{Binaries, Daemon, service_arg},
+    servers::BackendServer,
+    topology::{Topology, TopologyOptions, VIP},
+};
+
+/// The port backends listen on in full-NAT topologies.
+pub const BACKEND_PORT: u16 = 8080;
+/// The TCP service port the tests use.
+pub const TCP_SERVICE_PORT: u16 = 80;
+/// The UDP service port the tests use.
+pub const UDP_SERVICE_PORT: u16 = 53;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub topology: TopologyOptions,
+    /// Start `datapathd` in the LB namespace (with these binaries).
+    pub daemon: Option<Binaries>,
+}
+
+impl LabOptions {
+    /// Full-NAT topology with `backends` backends and the daemon from [`Binaries::from_env`].
+    pub fn with_daemon(backends: usize) -> LabOptions {
+        LabOptions {
+            topology: TopologyOptions {
+                backends,
+                dsr: false,
+            },
+            daemon: Some(Binaries::from_env()),
+        }
+    }
+
+    /// Direct-server-return topology with three backends and the daemon.
+    pub fn dsr() -> LabOptions {
+        LabOptions {
+            topology: TopologyOptions {
+                backends: 3,
+                dsr: true,
+            },
+            daemon: Some(Binaries::from_env()),
+        }
+    }
+}
+
+/// Topology + servers + daemon. Fields drop in declaration order: daemon first (it prints its
+/// log if the test is failing), then servers, then the namespaces.
+pub struct Lab {
+    pub daemon: Option<Daemon>,
+    pub servers: Vec<BackendServer>,
+    pub topo: Topology,
+}
+
+impl Lab {
+    /// Builds the topology, starts a server pair in every backend namespace, and starts the
+    /// daemon if asked.
+    ///
+    /// Full-NAT: the servers listen on `<backend ip>:8080`. DSR: the packets keep their
+    /// destination (only the MAC changes), so the servers listen on the VIP itself, on the
+    /// service port.
+    pub fn start(opts: LabOptions) -> Result<Lab> {
+        let topo = Topology::create(&opts.topology)?;
+        let mut lab = Lab {
+            daemon: None,
+            servers: Vec::new(),
+            topo,
+        };
+        for b in lab.topo.backends.clone() {
+            let addr = if lab.topo.dsr {
+                sock(VIP, TCP_SERVICE_PORT)
+            } else {
+                sock(b.ip, BACKEND_PORT)
+            };
+            lab.servers.push(
+                BackendServer::start(&b.ns, &b.name, addr)
+                    .with_context(|| format!("starting servers in {}", b.ns))?,
+            );
+        }
+        if let Some(bins) = opts.daemon {
+            lab.daemon = Some(Daemon::start(&lab.topo.lb, &lab.topo.prefix, bins, &[])?);
+        }
+        Ok(lab)
+    }
+
+    /// The daemon (panics if the lab has none).
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("lab started without a daemon")
+    }
+
+    /// The daemon, mutably.
+    pub fn daemon_mut(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("lab started without a daemon")
+    }
+
+    /// The client namespace.
+    pub fn client_ns(&self) -> &str {
+        &self.topo.client
+    }
+
+    /// The address backend `name` is configured with in the service (`ip:8080`, or `ip:80` in
+    /// DSR).
+    pub fn backend_addr(&self, name: &str) -> SocketAddr {
+        let port = if self.topo.dsr {
+            TCP_SERVICE_PORT
+        } else {
+            BACKEND_PORT
+        };
+        sock(self.topo.backend(name).ip, port)
+    }
+
+    /// The backend name whose address is `addr`.
+    pub fn backend_name(&self, addr: IpAddr) -> Option<&str> {
+        self.topo
+            .backends
+            .iter()
+            .find(|b| IpAddr::V4(b.ip) == addr)
+            .map(|b| b.name.as_str())
+    }
+
+    /// The server running in backend `name`.
+    pub fn server(&self, name: &str) -> &BackendServer {
+        self.servers
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no server {name}"))
+    }
+
+    /// `lb-ctl service add VIP:PORT --proto P --mode M`, then `backend add` for each backend
+    /// name, weight 1.
+    pub fn add_service(
+        &self,
+        port: u16,
+        proto: Protocol,
+        mode: &str,
+        backends: &[&str],
+    ) -> Result<ServiceView> {
+        let d = self.daemon();
+        let svc = service_arg(IpAddr::V4(VIP), port);
+        let proto_s = proto.to_string();
+        d.lb_ctl_ok(&["service", "add", &svc, "--proto", &proto_s, "--mode", mode])?;
+        for name in backends {
+            let addr = self.backend_addr(name).to_string();
+            d.lb_ctl_ok(&[
+                "backend", "add", &svc, &addr, "--proto", &proto_s, "--weight", "1",
+            ])?;
+        }
+        let view = d.service(IpAddr::V4(VIP), port, proto)?;
+        ensure!(
+            view.backends.len() == backends.len(),
+            "service shows {} backends, expected {}",
+            view.backends.len(),
+            backends.len()
+        );
+        Ok(view)
+    }
+
+    /// Diagnostics for a failure message: daemon log and counters, server counts.
+    pub fn diagnostics(&mut self) -> String {
+        let mut out = String::new();
+        for s in &self.servers {
+            out.push_str(&format!(
+                "server {} in {}: {} tcp accepted, local addrs {:?}\n",
+                s.name,
+                s.ns,
+                s.tcp_accepted(),
+                s.local_addrs()
+            ));
+        }
+        if let Some(d) = self.daemon.as_mut() {
+            out.push_str(&d.diagnostics());
+        }
+        out
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for s in &self.servers {
+                eprintln!(
+                    "server {} in {}: {} tcp accepted, local addrs {:?}",
+                    s.name,
+                    s.ns,
+                    s.tcp_accepted(),
+                    s.local_addrs()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Entering network namespaces created with `ip netns add`.
+//!
+//! Sockets belong to the namespace they were created in, whichever thread uses them later. So
+//! servers and clients create their sockets in a short-lived thread that joined the namespace
+//! with `setns(2)`, and may then hand them to ordinary threads.
+
+use std::{
+    fs::File,
+    io,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::PathBuf,
+    process::Command,
+};
+
+use anyhow::{Context, Result};
+
+/// Where `ip netns add` bind-mounts its namespaces.
+pub const NETNS_DIR: &str = "/var/run/netns";
+
+/// The file that names namespace `name`.
+pub fn path(name: &str) -> PathBuf {
+    PathBuf::from(NETNS_DIR).join(name)
+}
+
+/// Whether namespace `name` exists.
+pub fn exists(name: &str) -> bool {
+    path(name).exists()
+}
+
+fn open(name: &str) -> Result<File> {
+    File::open(path(name)).with_context(|| format!("cannot open network namespace {name}"))
+}
+
+/// Moves the calling thread into network namespace `name`. Only use on a thread that ends
+/// afterwards (see [`run_in`]).
+fn enter(name: &str) -> Result<()> {
+    let file = open(name)?;
+    // SAFETY: setns on a valid, open namespace file descriptor; it only affects this thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("setns into network namespace {name}"));
+    }
+    Ok(())
+}
+
+/// Runs `f` on a fresh thread inside network namespace `name` and returns its result. A panic
+/// in `f` is propagated to the caller.
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(move || -> Result<T> {
+            enter(name)?;
+            Ok(f())
+        });
+        match handle.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Makes `cmd` start inside network namespace `name` (and only that: unlike `ip netns exec`,
+/// the child keeps the caller's mount namespace, so it sees the host's bpffs at /sys/fs/bpf
+/// and its pins outlive it).
+pub fn command_in(cmd: &mut Command, name: &str) -> Result<()> {
+    let file = open(name)?;
+    // SAFETY: the hook runs between fork and exec and only calls setns(2), which is
+    // async-signal-safe; `file` is owned by the closure and open at fork time.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,498 @@
+//! The load balancer end to end: real namespaces, veths, TCP/UDP sockets, the real `datapathd`
+//! and `lb-ctl` binaries. Each test builds its own topology (see `netns_tests::topology`).
+//!
+//! Run with `cargo xtask test --only netns`, or after `cargo build -p datapath -p lb-ctl`:
+//! `cargo test -p netns-tests -- --test-threads=1` (as root).
+
+use std::net::{IpAddr, SocketAddr};
+
+use datapath_api::{BackendState, ForwardingMode, Protocol, ServiceView, StatsView};
+use netns_tests::{
+    Lab, LabOptions, Spread,
+    client::{self, Conn, sock},
+    lab::{TCP_SERVICE_PORT, UDP_SERVICE_PORT},
+    privileged,
+    topology::VIP,
+};
+
+/// Flows per spread measurement. Backend choice per flow is a hash, so per-backend counts are
+/// binomial: with n flows over k equal backends the standard deviation is sqrt(n/k (1 - 1/k)).
+/// For n = 900, k = 3 that is 14.1 against a mean of 300, so the ±15% band (±45) is 3.2
+/// standard deviations wide: a correct balancer falls outside it about once in 700 runs. (At
+/// n = 300 the same band is only 1.8 deviations, and a correct balancer would fail ~1 run in 6.)
+const SPREAD_FLOWS: usize = 900;
+/// Allowed deviation from an even share, relative to the share.
+const SPREAD_TOLERANCE: f64 = 0.15;
+/// New connections checked after a backend change.
+const NEW_FLOWS: usize = 300;
+
+const THREE: [&str; 3] = ["b1", "b2", "b3"];
+
+fn vip_tcp() -> SocketAddr {
+    sock(VIP, TCP_SERVICE_PORT)
+}
+
+fn svc_tcp() -> String {
+    vip_tcp().to_string()
+}
+
+/// Builds a lab, or returns `None` when the test must be skipped (see `privileged`).
+fn lab(opts: impl FnOnce() -> LabOptions) -> Option<Lab> {
+    if !privileged() {
+        return None;
+    }
+    Some(Lab::start(opts()).unwrap_or_else(|e| panic!("setting up the lab: {e:#}")))
+}
+
+/// A full-NAT lab with the TCP service on b1..b3.
+fn tcp_lab(backends: usize) -> Option<Lab> {
+    let lab = lab(|| LabOptions::with_daemon(backends))?;
+    lab.add_service(TCP_SERVICE_PORT, Protocol::Tcp, "full-nat", &THREE)
+        .unwrap_or_else(|e| panic!("adding the service: {e:#}"));
+    Some(lab)
+}
+
+fn ok<T>(what: &str, r: anyhow::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+fn assert_no_errors(what: &str, spread: &Spread) {
+    assert!(
+        spread.errors.is_empty() && spread.attempted == spread.answered(),
+        "{what}: {} of {} flows failed, first ones: {:#?}\n{}",
+        spread.errors.len(),
+        spread.attempted,
+        &spread.errors[..spread.errors.len().min(5)],
+        spread.table()
+    );
+}
+
+fn assert_even(what: &str, spread: &Spread, backends: &[&str]) {
+    let expected = spread.answered() as f64 / backends.len() as f64;
+    for b in backends {
+        let n = spread.count(b) as f64;
+        assert!(
+            (n - expected).abs() <= SPREAD_TOLERANCE * expected,
+            "{what}: backend {b} got {n} flows, expected {expected:.0} ± {:.0}%\n{}",
+            SPREAD_TOLERANCE * 100.0,
+            spread.table()
+        );
+    }
+    let others: Vec<&String> = spread
+        .counts
+        .keys()
+        .filter(|k| !backends.contains(&k.as_str()))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "{what}: unexpected answers from {others:?}"
+    );
+}
+
+fn find_service(services: &[ServiceView], port: u16, proto: Protocol) -> &ServiceView {
+    services
+        .iter()
+        .find(|s| s.vip == IpAddr::V4(VIP) && s.port == port && s.proto == proto)
+        .unwrap_or_else(|| panic!("service {VIP}:{port}/{proto} not listed in {services:#?}"))
+}
+
+fn backend_state(view: &ServiceView, lab: &Lab, name: &str) -> (BackendState, u32) {
+    let addr = lab.backend_addr(name);
+    let b = view
+        .backends
+        .iter()
+        .find(|b| b.addr == addr.ip() && b.port == addr.port())
+        .unwrap_or_else(|| panic!("backend {name} ({addr}) not in {view:#?}"));
+    (b.state, b.table_entries)
+}
+
+fn ping_conns(what: &str, conns: &mut [Conn]) {
+    for c in conns.iter_mut() {
+        c.ping()
+            .unwrap_or_else(|e| panic!("{what}: connection {c:?} stopped working: {e:#}"));
+    }
+}
+
+fn by_backend<'a>(conns: &'a [Conn], name: &str) -> Vec<&'a Conn> {
+    conns.iter().filter(|c| c.backend == name).collect()
+}
+
+#[test]
+fn tcp_spread_over_three_backends() {
+    let Some(lab) = tcp_lab(3) else { return };
+    let spread = ok(
+        "tcp burst",
+        client::tcp_spread_in(lab.client_ns(), vip_tcp(), SPREAD_FLOWS),
+    );
+    println!("{}", spread.table());
+    assert_no_errors("tcp burst", &spread);
+    assert_eq!(
+        spread.local_ports.len(),
+        SPREAD_FLOWS,
+        "every connection used its own source port"
+    );
+    assert_eq!(
+        spread.peers.iter().copied().collect::<Vec<_>>(),
+        vec![vip_tcp()],
+        "every answer came from the VIP"
+    );
+    assert_even("tcp burst", &spread, &THREE);
+    // The servers saw the connections on their own addresses (full-NAT rewrote the VIP).
+    for b in THREE {
+        let seen = lab.server(b).local_addrs();
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            vec![lab.backend_addr(b)]
+        );
+    }
+
+    let stats: StatsView = ok("stats", lab.daemon().stats());
+    let svc = find_service(&stats.services, TCP_SERVICE_PORT, Protocol::Tcp);
+    assert!(svc.counters.packets > 0, "service counters: {svc:#?}");
+    for b in &svc.backends {
+        assert!(b.counters.packets > 0, "backend counters: {b:#?}");
+    }
+}
+
+#[test]
+fn udp_flows_spread() {
+    let Some(lab) = lab(|| LabOptions::with_daemon(3)) else {
+        return;
+    };
+    ok(
+        "adding the udp service",
+        lab.add_service(UDP_SERVICE_PORT, Protocol::Udp, "full-nat", &THREE),
+    );
+    let vip = sock(VIP, UDP_SERVICE_PORT);
+    let spread = ok(
+        "udp burst",
+        client::udp_spread_in(lab.client_ns(), vip, SPREAD_FLOWS, 20000),
+    );
+    println!("{}", spread.table());
+    assert_no_errors("udp burst", &spread);
+    assert_eq!(spread.local_ports.len(), SPREAD_FLOWS);
+    assert_even("udp burst", &spread, &THREE);
+
+    // One flow (one socket) sticks to one backend.
+    let answers = ok(
+        "one udp flow",
+        client::udp_one_flow_in(lab.client_ns(), vip, 10),
+    );
+    assert_eq!(answers.len(), 10);
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "one flow was answered by several backends: {answers:?}"
+    );
+    assert!(THREE.contains(&answers[0].as_str()), "{answers:?}");
+}
+
+#[test]
+fn add_backend_live() {
+    let Some(lab) = tcp_lab(4) else { return };
+    let mut conns = ok(
+        "long-lived connections",
+        client::connect_many_in(lab.client_ns(), vip_tcp(), 10),
+    );
+    ping_conns("before the change", &mut conns);
+    assert!(conns.iter().all(|c| THREE.contains(&c.backend.as_str())));
+
+    let b4 = lab.backend_addr("b4").to_string();
+    ok(
+        "backend add b4",
+        lab.daemon()
+            .lb_ctl_ok(&["backend", "add", &svc_tcp(), &b4, "--weight", "1"]),
+    );
+    let spread = ok(
+        "new connections",
+        client::tcp_spread_in(lab.client_ns(), vip_tcp(), NEW_FLOWS),
+    );
+    println!("{}", spread.table());
+    assert_no_errors("new connections", &spread);
+    assert!(
+        spread.count("b4") > 0,
+        "b4 got no new connection\n{}",
+        spread.table()
+    );
+    let known = ["b1", "b2", "b3", "b4"];
+    assert!(
+        spread.counts.keys().all(|k| known.contains(&k.as_str())),
+        "{}",
+        spread.table()
+    );
+    ping_conns("after adding b4", &mut conns);
+}
+
+#[test]
+fn drain_backend() {
+    let Some(lab) = tcp_lab(3) else { return };
+    let mut conns = ok(
+        "long-lived connections",
+        client::connect_until_each_in(lab.client_ns(), vip_tcp(), &THREE, 2, 60),
+    );
+    ping_conns("before draining", &mut conns);
+
+    let b2 = lab.backend_addr("b2").to_string();
+    ok(
+        "backend drain b2",
+        lab.daemon()
+            .lb_ctl_ok(&["backend", "drain", &svc_tcp(), &b2]),
+    );
+    ping_conns("right after draining b2", &mut conns);
+
+    let spread = ok(
+        "new connections",
+        client::tcp_spread_in(lab.client_ns(), vip_tcp(), NEW_FLOWS),
+    );
+    println!("{}", spread.table());
+    assert_no_errors("new connections", &spread);
+    assert_eq!(
+        spread.count("b2"),
+        0,
+        "draining b2 got new connections\n{}",
+        spread.table()
+    );
+    assert!(
+        spread.count("b1") > 0 && spread.count("b3") > 0,
+        "{}",
+        spread.table()
+    );
+    assert!(!by_backend(&conns, "b2").is_empty());
+    ping_conns("after new connections", &mut conns);
+
+    let view = ok(
+        "service show",
+        lab.daemon()
+            .service(IpAddr::V4(VIP), TCP_SERVICE_PORT, Protocol::Tcp),
+    );
+    assert_eq!(
+        backend_state(&view, &lab, "b2"),
+        (BackendState::Draining, 0)
+    );
+    for b in ["b1", "b3"] {
+        let (state, entries) = backend_state(&view, &lab, b);
+        assert_eq!(state, BackendState::Active, "{b}");
+        assert!(entries > 0, "{b} has no table entries: {view:#?}");
+    }
+}
+
+#[test]
+fn remove_backend() {
+    let Some(lab) = tcp_lab(3) else { return };
+    let conns = ok(
+        "long-lived connections",
+        client::connect_until_each_in(lab.client_ns(), vip_tcp(), &THREE, 2, 60),
+    );
+    // Connections to b3 lose their backend; the ones to b1 and b2 must not notice.
+    let (mut kept, to_b3): (Vec<Conn>, Vec<Conn>) =
+        conns.into_iter().partition(|c| c.backend != "b3");
+    assert!(!to_b3.is_empty());
+    ping_conns("before removing b3", &mut kept);
+
+    let b3 = lab.backend_addr("b3").to_string();
+    let view: ServiceView = serde_json::from_value(ok(
+        "backend remove b3",
+        lab.daemon()
+            .lb_ctl_json(&["backend", "remove", &svc_tcp(), &b3]),
+    ))
+    .expect("backend remove prints the service");
+    assert_eq!(view.backends.len(), 2, "{view:#?}");
+    drop(to_b3);
+    ping_conns("after removing b3", &mut kept);
+
+    let spread = ok(
+        "new connections",
+        client::tcp_spread_in(lab.client_ns(), vip_tcp(), NEW_FLOWS),
+    );
+    println!("{}", spread.table());
+    assert_no_errors("new connections", &spread);
+    assert_eq!(
+        spread.count("b3"),
+        0,
+        "removed b3 got new connections\n{}",
+        spread.table()
+    );
+    assert!(
+        spread.count("b1") > 0 && spread.count("b2") > 0,
+        "{}",
+        spread.table()
+    );
+    ping_conns("after new connections", &mut kept);
+}
+
+#[test]
+fn dsr_mode() {
+    let Some(lab) = lab(LabOptions::dsr) else {
+        return;
+    };
+    let view = ok(
+        "adding the dsr service",
+        lab.add_service(TCP_SERVICE_PORT, Protocol::Tcp, "dsr", &THREE),
+    );
+    assert_eq!(view.mode, ForwardingMode::Dsr);
+
+    let spread = ok(
+        "tcp burst",
+        client::tcp_spread_in(lab.client_ns(), vip_tcp(), 90),
+    );
+    println!("{}", spread.table());
+    assert_no_errors("dsr burst", &spread);
+    for b in THREE {
+        assert!(
+            spread.count(b) > 0,
+            "{b} got no connection\n{}",
+            spread.table()
+        );
+    }
+    // The client talked to the VIP and the answers came from it...
+    assert_eq!(
+        spread.peers.iter().copied().collect::<Vec<_>>(),
+        vec![vip_tcp()]
+    );
+    // ...and the backends saw the VIP as destination: nothing rewrote the addresses.
+    for b in THREE {
+        let seen = lab.server(b).local_addrs();
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![vip_tcp()], "{b}");
+    }
+
+    let stats = ok("stats", lab.daemon().stats());
+    let fwd = stats.reasons.get("fwd_redirect").copied().unwrap_or(0)
+        + stats.reasons.get("fwd_tx").copied().unwrap_or(0);
+    assert!(fwd > 0, "no forwarded packet counted: {:#?}", stats.reasons);
+    // Replies went straight back (via the LB node's kernel), never through XDP translation.
+    assert_eq!(
+        stats
+            .reasons
+            .get("nat_reply_translated")
+            .copied()
+            .unwrap_or(0),
+        0,
+        "{:#?}",
+        stats.reasons
+    );
+    let svc = find_service(&stats.services, TCP_SERVICE_PORT, Protocol::Tcp);
+    assert!(svc.counters.packets > 0, "{svc:#?}");
+}
+
+#[test]
+fn kill9_restart_keeps_connections() {
+    let Some(mut lab) = tcp_lab(3) else { return };
+    let before = ok("service list", lab.daemon().services());
+    let mut conns = ok(
+        "long-lived connections",
+        client::connect_many_in(lab.client_ns(), vip_tcp(), 10),
+    );
+    ping_conns("before the kill", &mut conns);
+
+    ok("kill -9", lab.daemon_mut().kill_9());
+    let down = ok("lb-ctl", lab.daemon().lb_ctl(&["service", "list"]));
+    assert_eq!(
+        down.status.code(),
+        Some(3),
+        "lb-ctl with the daemon dead: {down:?}"
+    );
+    for round in 0..3 {
+        ping_conns(&format!("daemon down, round {round}"), &mut conns);
+    }
+    let fresh = ok(
+        "new connection while the daemon is down",
+        client::tcp_spread_in(lab.client_ns(), vip_tcp(), 10),
+    );
+    assert_no_errors("new connections while the daemon is down", &fresh);
+
+    ok("restart", lab.daemon_mut().restart());
+    let after = ok("service list", lab.daemon().services());
+    let strip = |services: &[ServiceView]| {
+        services
+            .iter()
+            .map(|s| {
+                let backends: Vec<_> = s
+                    .backends
+                    .iter()
+                    .map(|b| (b.addr, b.port, b.weight, b.state, b.id))
+                    .collect();
+                (s.vip, s.port, s.proto, s.mode, s.id, backends)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&after), strip(&before), "configuration after restart");
+    ping_conns("after the restart", &mut conns);
+
+    let spread = ok(
+        "new connections after the restart",
+        client::tcp_spread_in(lab.client_ns(), vip_tcp(), 60),
+    );
+    assert_no_errors("new connections after the restart", &spread);
+    for b in THREE {
+        assert!(spread.count(b) > 0, "{}", spread.table());
+    }
+    ping_conns("at the end", &mut conns);
+}
+
+#[test]
+fn cli_bad_input_changes_nothing() {
+    let Some(mut lab) = tcp_lab(3) else { return };
+    let d = lab.daemon();
+    let list = || ok("service list", d.lb_ctl_json(&["service", "list"]));
+    let before = list();
+    let svc = svc_tcp();
+    let b1 = lab.backend_addr("b1").to_string();
+    // (args, expected exit code): 2 invalid argument, 4 not found, 5 already exists.
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["service", "add", "198.18.100.300:80"], 2),
+        (vec!["service", "add", "not-an-address"], 2),
+        (vec!["service", "add", "198.18.100.2:0"], 2),
+        (
+            vec!["service", "add", "198.18.100.2:80", "--proto", "sctp"],
+            2,
+        ),
+        (
+            vec!["service", "add", "198.18.100.2:80", "--mode", "bogus"],
+            2,
+        ),
+        (
+            vec!["backend", "add", &svc, "198.18.1.15:8080", "--weight", "0"],
+            2,
+        ),
+        (vec!["backend", "add", &svc, "198.18.1.15:0"], 2),
+        (vec!["backend", "set-weight", &svc, &b1, "0"], 2),
+        (vec!["service", "add", &svc], 5),
+        (
+            vec!["service", "add", &svc, "--proto", "tcp", "--mode", "dsr"],
+            5,
+        ),
+        (vec!["backend", "add", &svc, &b1], 5),
+        (vec!["service", "show", "198.18.100.9:80"], 4),
+        (vec!["service", "show", &svc, "--proto", "udp"], 4),
+        (vec!["service", "remove", "198.18.100.9:80"], 4),
+        (vec!["backend", "add", "198.18.100.9:80", &b1], 4),
+        (vec!["backend", "remove", &svc, "198.18.1.99:8080"], 4),
+        (vec!["backend", "drain", &svc, "198.18.1.99:8080"], 4),
+        (vec!["backend", "activate", &svc, "198.18.1.99:8080"], 4),
+        (
+            vec!["backend", "set-weight", &svc, "198.18.1.99:8080", "2"],
+            4,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (args, code) in &cases {
+        let out = ok("lb-ctl", d.lb_ctl(args));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines = stderr.trim().lines().count();
+        if out.status.code() != Some(*code) || lines != 1 {
+            failures.push(format!(
+                "`lb-ctl {}`: exit {:?} (expected {code}), {lines} stderr lines:\n{stderr}",
+                args.join(" "),
+                out.status.code()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(list(), before, "bad requests changed the configuration");
+
+    // Daemon stopped: "unreachable", exit 3, one line.
+    ok("stopping the daemon", lab.daemon_mut().stop());
+    let out = ok("lb-ctl", lab.daemon().lb_ctl(&["service", "list"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}

@@ -1,0 +1,182 @@
+//! `cargo xtask test`: every check, in order, stopping at the first failure.
+
+use std::{
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+use crate::{
+    setup,
+    util::{self, command, is_root},
+};
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Don't run `cargo xtask setup` first.
+    #[arg(long)]
+    skip_setup: bool,
+    /// Run only these checks (repeatable, or comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Check>,
+}
+
+/// The checks, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Check {
+    /// `cargo fmt --check`
+    Fmt,
+    /// Host clippy and BPF clippy.
+    Clippy,
+    /// Host clippy only.
+    HostClippy,
+    /// BPF clippy only (nightly, bpfel-unknown-none).
+    BpfClippy,
+    /// `cargo test --workspace` without the namespace tests.
+    Unit,
+    /// The namespace integration tests with the real daemon and CLI.
+    Netns,
+}
+
+struct Step {
+    name: &'static str,
+    selected_by: &'static [Check],
+    commands: Vec<Command>,
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = command("cargo");
+    cmd.args(args);
+    cmd
+}
+
+fn steps() -> Vec<Step> {
+    let target = util::target_dir().join("debug");
+    let mut netns = cargo(&["test", "-p", "netns-tests", "--", "--test-threads=1"]);
+    netns
+        .env("DATAPATHD_BIN", target.join("datapathd"))
+        .env("LB_CTL_BIN", target.join("lb-ctl"));
+    vec![
+        Step {
+            name: "fmt",
+            selected_by: &[Check::Fmt],
+            commands: vec![cargo(&["fmt", "--all", "--", "--check"])],
+        },
+        Step {
+            name: "clippy",
+            selected_by: &[Check::Clippy, Check::HostClippy],
+            // --workspace includes every member: leave out the BPF crate, which only builds
+            // for bpfel-unknown-none (it is checked in the next step).
+            commands: vec![cargo(&[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "bpf-xdp",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])],
+        },
+        Step {
+            name: "bpf-clippy",
+            selected_by: &[Check::Clippy, Check::BpfClippy],
+            commands: vec![cargo(&[
+                "+nightly",
+                "clippy",
+                "-p",
+                "bpf-xdp",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--bins",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ])],
+        },
+        Step {
+            name: "unit",
+            selected_by: &[Check::Unit],
+            commands: vec![cargo(&[
+                "test",
+                "--workspace",
+                "--exclude",
+                "bpf-xdp",
+                "--exclude",
+                "netns-tests",
+            ])],
+        },
+        Step {
+            name: "netns",
+            selected_by: &[Check::Netns],
+            commands: vec![cargo(&["build", "-p", "datapath", "-p", "lb-ctl"]), netns],
+        },
+    ]
+}
+
+/// `DATAPATH_REQUIRE_PRIVILEGED=1` for the test steps in CI and as root (privileged tests
+/// must fail, not skip, where they are expected to run), unless the caller set it.
+fn require_privileged() -> Option<&'static str> {
+    if std::env::var_os("DATAPATH_REQUIRE_PRIVILEGED").is_some() {
+        return None;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    (ci || is_root()).then_some("1")
+}
+
+fn summary(results: &[(&str, bool, f64)]) {
+    println!();
+    println!("==> summary");
+    for (name, ok, secs) in results {
+        println!(
+            "  {:<4} {name:<11} {secs:>7.1}s",
+            if *ok { "ok" } else { "FAIL" }
+        );
+    }
+    let passed = results.iter().filter(|r| r.1).count();
+    let failed = results.len() - passed;
+    println!("{passed} passed, {failed} failed");
+}
+
+pub fn run(args: &TestArgs) -> ExitCode {
+    if !args.skip_setup
+        && let Err(e) = setup::run(&setup::SetupArgs::default())
+    {
+        eprintln!("error: setup failed: {e:#}");
+        summary(&[("setup", false, 0.0)]);
+        return ExitCode::FAILURE;
+    }
+    let require = require_privileged();
+    let mut results: Vec<(&str, bool, f64)> = Vec::new();
+    for mut step in steps() {
+        if !args.only.is_empty() && !step.selected_by.iter().any(|c| args.only.contains(c)) {
+            continue;
+        }
+        println!();
+        println!("==> test: {}", step.name);
+        let started = Instant::now();
+        let outcome: Result<()> = step.commands.iter_mut().try_for_each(|cmd| {
+            if let Some(v) = require {
+                cmd.env("DATAPATH_REQUIRE_PRIVILEGED", v);
+            }
+            util::run(cmd)
+        });
+        let secs = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(()) => results.push((step.name, true, secs)),
+            Err(e) => {
+                eprintln!("error: step {} failed: {e:#}", step.name);
+                results.push((step.name, false, secs));
+                summary(&results);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    summary(&results);
+    ExitCode::SUCCESS
+}
