@@ -168,6 +168,25 @@ pub struct Counter {
 }
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
+/// Largest frame the benchmark harness can restore.
+pub const BENCH_FRAME_MAX: usize = 256;
+
+/// Value of `BENCH_TEMPLATE`: the frame the benchmark harness program restores before every
+/// repeat of BPF_PROG_TEST_RUN (repeats share one buffer, so a rewriting program would
+/// otherwise see its own output from the second repeat on).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchTemplate {
+    /// Bytes of `frame` in use; must equal the test-run frame's length.
+    pub len: u32,
+    /// When non-zero, every repeat gets a new 5-tuple: a per-CPU counter is written into the
+    /// TCP/UDP source port and the low 16 bits of the IPv4 source address (checksums are not
+    /// fixed up; the program does not verify them).
+    pub vary_flow: u32,
+    pub frame: [u8; BENCH_FRAME_MAX],
+}
+const _: () = assert!(core::mem::size_of::<BenchTemplate>() == 8 + BENCH_FRAME_MAX);
+
 /// Map names, shared by the programs (`#[map]` statics carry these names) and the daemon.
 /// BPF object names are limited to 15 characters.
 pub mod map_names {
@@ -181,6 +200,10 @@ pub mod map_names {
     pub const VIP_STATS: &str = "LB_VIP_STATS";
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     pub const REASONS: &str = "LB_REASONS";
+    /// Benchmark harness only (not pinned).
+    pub const BENCH_TEMPLATE: &str = "BENCH_TEMPLATE";
+    pub const BENCH_COUNTER: &str = "BENCH_COUNTER";
+    pub const BENCH_TARGET: &str = "BENCH_TARGET";
 }
 
 /// Names of the `.rodata` globals the daemon sets at load time.
@@ -231,4 +254,5 @@ mod pod {
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for NatReverseEntry {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for BenchTemplate {}
 }

@@ -131,7 +131,11 @@ impl<P: Plane> Controller<P> {
         Ok(self.view_after_change(&spec))
     }
 
-    pub fn remove_backend(&mut self, key: &ServiceKey, backend: &BackendKey) -> Result<ServiceView> {
+    pub fn remove_backend(
+        &mut self,
+        key: &ServiceKey,
+        backend: &BackendKey,
+    ) -> Result<ServiceView> {
         let spec = self.store.remove_backend(&mut self.plane, key, backend)?;
         Ok(self.view_after_change(&spec))
     }
@@ -260,9 +264,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiFailure;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiFailure::invalid(format!("cannot read request body: {}", e.body_text())))?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiFailure::invalid(format!("cannot read request body: {}", e.body_text()))
+        })?;
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| ApiFailure::invalid(format!("invalid request body: {e}")))
@@ -352,7 +356,9 @@ where
 type Answer<T> = Result<Json<T>, ApiFailure>;
 type Created<T> = Result<(StatusCode, Json<T>), ApiFailure>;
 
-async fn list_services<P: Plane>(State(ctl): State<SharedController<P>>) -> Answer<Vec<ServiceView>> {
+async fn list_services<P: Plane>(
+    State(ctl): State<SharedController<P>>,
+) -> Answer<Vec<ServiceView>> {
     locked(&ctl, |c| c.list()).await.map(Json)
 }
 
@@ -375,7 +381,9 @@ async fn delete_service<P: Plane>(
     State(ctl): State<SharedController<P>>,
     ServicePath(key): ServicePath,
 ) -> Answer<ServiceView> {
-    locked(&ctl, move |c| c.delete_service(&key)).await.map(Json)
+    locked(&ctl, move |c| c.delete_service(&key))
+        .await
+        .map(Json)
 }
 
 async fn add_backend<P: Plane>(
@@ -431,7 +439,10 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiFailure {
 pub fn router<P: Plane>(ctl: SharedController<P>) -> Router {
     const SERVICE: &str = "/v1/services/{proto}/{vip}/{port}";
     Router::new()
-        .route("/v1/services", get(list_services::<P>).post(create_service::<P>))
+        .route(
+            "/v1/services",
+            get(list_services::<P>).post(create_service::<P>),
+        )
         .route(SERVICE, get(show_service::<P>).delete(delete_service::<P>))
         .route(
             &format!("{SERVICE}/backends"),
@@ -618,11 +629,18 @@ mod tests {
             },
         );
         let s = Server::start(plane).await;
-        assert_eq!(s.call("GET", "/healthz", None).await, (200, json!({"status": "ok"})));
+        assert_eq!(
+            s.call("GET", "/healthz", None).await,
+            (200, json!({"status": "ok"}))
+        );
         assert_eq!(s.call("GET", "/v1/services", None).await, (200, json!([])));
 
         let (st, v) = s
-            .call("POST", "/v1/services", Some(r#"{"vip":"198.18.0.10","port":80,"proto":"tcp"}"#))
+            .call(
+                "POST",
+                "/v1/services",
+                Some(r#"{"vip":"198.18.0.10","port":80,"proto":"tcp"}"#),
+            )
             .await;
         assert_eq!(st, 201, "{v}");
         assert_eq!(v["mode"], "full-nat");
@@ -631,7 +649,9 @@ mod tests {
 
         for (addr, weight) in [("198.18.1.1", 1), ("198.18.1.2", 3)] {
             let body = format!(r#"{{"addr":"{addr}","port":8080,"weight":{weight}}}"#);
-            let (st, v) = s.call("POST", &format!("{SVC}/backends"), Some(&body)).await;
+            let (st, v) = s
+                .call("POST", &format!("{SVC}/backends"), Some(&body))
+                .await;
             assert_eq!(st, 201, "{v}");
         }
         let (st, v) = s.call("GET", SVC, None).await;
@@ -640,10 +660,17 @@ mod tests {
         assert_eq!(backends.len(), 2);
         assert_eq!(backends[1]["addr"], "198.18.1.2");
         assert_eq!(backends[1]["table_entries"], 3);
-        assert_eq!(backends[1]["counters"], json!({"packets": 10, "bytes": 640}));
+        assert_eq!(
+            backends[1]["counters"],
+            json!({"packets": 10, "bytes": 640})
+        );
 
         let (st, v) = s
-            .call("PATCH", &format!("{SVC}/backends/198.18.1.2/8080"), Some(r#"{"state":"draining"}"#))
+            .call(
+                "PATCH",
+                &format!("{SVC}/backends/198.18.1.2/8080"),
+                Some(r#"{"state":"draining"}"#),
+            )
             .await;
         assert_eq!(st, 200, "{v}");
         assert_eq!(v["backends"][1]["state"], "draining");
@@ -674,29 +701,102 @@ mod tests {
         assert_eq!(s.call("POST", "/v1/services", Some(create)).await.0, 201);
 
         let cases = [
-            ("POST", "/v1/services".to_string(), Some(create), 409, "already_exists", "already exists"),
-            ("POST", "/v1/services".into(), Some("{nope"), 400, "invalid_argument", "invalid request body"),
-            ("POST", "/v1/services".into(),
-             Some(r#"{"vip":"198.18.0.11","port":80,"proto":"tcp","color":"red"}"#),
-             400, "invalid_argument", "unknown field `color`"),
-            ("POST", "/v1/services".into(),
-             Some(r#"{"vip":"198.18.0.300","port":80,"proto":"tcp"}"#),
-             400, "invalid_argument", "invalid IP address"),
-            ("POST", "/v1/services".into(),
-             Some(r#"{"vip":"2001:db8::1","port":80,"proto":"tcp"}"#),
-             400, "invalid_argument", "IPv6 VIPs are not supported yet"),
-            ("GET", "/v1/services/tcp/198.18.0.99/80".into(), None, 404, "not_found",
-             "service tcp/198.18.0.99:80 not found"),
-            ("GET", "/v1/services/sctp/198.18.0.10/80".into(), None, 400, "invalid_argument",
-             "unknown protocol"),
-            ("GET", "/v1/services/tcp/198.18.0.10/http".into(), None, 400, "invalid_argument",
-             "invalid service port \"http\""),
-            ("POST", format!("{SVC}/backends"), Some(r#"{"addr":"198.18.1.1","port":80,"weight":0}"#),
-             400, "invalid_argument", "weight 0"),
-            ("PATCH", format!("{SVC}/backends/198.18.1.1/80"), Some("{}"), 404, "not_found",
-             "backend 198.18.1.1:80 of service tcp/198.18.0.10:80 not found"),
-            ("GET", "/v2/nothing".into(), None, 404, "not_found", "no such endpoint"),
-            ("PUT", "/v1/services".into(), None, 405, "invalid_argument", "not allowed"),
+            (
+                "POST",
+                "/v1/services".to_string(),
+                Some(create),
+                409,
+                "already_exists",
+                "already exists",
+            ),
+            (
+                "POST",
+                "/v1/services".into(),
+                Some("{nope"),
+                400,
+                "invalid_argument",
+                "invalid request body",
+            ),
+            (
+                "POST",
+                "/v1/services".into(),
+                Some(r#"{"vip":"198.18.0.11","port":80,"proto":"tcp","color":"red"}"#),
+                400,
+                "invalid_argument",
+                "unknown field `color`",
+            ),
+            (
+                "POST",
+                "/v1/services".into(),
+                Some(r#"{"vip":"198.18.0.300","port":80,"proto":"tcp"}"#),
+                400,
+                "invalid_argument",
+                "invalid IP address",
+            ),
+            (
+                "POST",
+                "/v1/services".into(),
+                Some(r#"{"vip":"2001:db8::1","port":80,"proto":"tcp"}"#),
+                400,
+                "invalid_argument",
+                "IPv6 VIPs are not supported yet",
+            ),
+            (
+                "GET",
+                "/v1/services/tcp/198.18.0.99/80".into(),
+                None,
+                404,
+                "not_found",
+                "service tcp/198.18.0.99:80 not found",
+            ),
+            (
+                "GET",
+                "/v1/services/sctp/198.18.0.10/80".into(),
+                None,
+                400,
+                "invalid_argument",
+                "unknown protocol",
+            ),
+            (
+                "GET",
+                "/v1/services/tcp/198.18.0.10/http".into(),
+                None,
+                400,
+                "invalid_argument",
+                "invalid service port \"http\"",
+            ),
+            (
+                "POST",
+                format!("{SVC}/backends"),
+                Some(r#"{"addr":"198.18.1.1","port":80,"weight":0}"#),
+                400,
+                "invalid_argument",
+                "weight 0",
+            ),
+            (
+                "PATCH",
+                format!("{SVC}/backends/198.18.1.1/80"),
+                Some("{}"),
+                404,
+                "not_found",
+                "backend 198.18.1.1:80 of service tcp/198.18.0.10:80 not found",
+            ),
+            (
+                "GET",
+                "/v2/nothing".into(),
+                None,
+                404,
+                "not_found",
+                "no such endpoint",
+            ),
+            (
+                "PUT",
+                "/v1/services".into(),
+                None,
+                405,
+                "invalid_argument",
+                "not allowed",
+            ),
         ];
         for (method, path, body, status, code, text) in cases {
             let got = s.call(method, &path, body).await;
@@ -710,9 +810,18 @@ mod tests {
         let s = Server::start(MemPlane::default()).await;
         s.ctl.lock().await.plane.fail_all = true;
         let got = s
-            .call("POST", "/v1/services", Some(r#"{"vip":"198.18.0.10","port":80,"proto":"tcp"}"#))
+            .call(
+                "POST",
+                "/v1/services",
+                Some(r#"{"vip":"198.18.0.10","port":80,"proto":"tcp"}"#),
+            )
             .await;
-        assert_error(&got, 500, "dataplane_failure", "the previous state keeps serving");
+        assert_error(
+            &got,
+            500,
+            "dataplane_failure",
+            "the previous state keeps serving",
+        );
         assert_eq!(s.call("GET", "/v1/services", None).await, (200, json!([])));
         let saved: Value =
             serde_json::from_slice(&fs::read(s.dir.path().join("state/state.json")).unwrap())
@@ -727,7 +836,11 @@ mod tests {
         // Root ignores permission bits: take the state directory away instead.
         fs::remove_dir_all(s.dir.path().join("state")).unwrap();
         let got = s
-            .call("POST", "/v1/services", Some(r#"{"vip":"198.18.0.10","port":80,"proto":"tcp"}"#))
+            .call(
+                "POST",
+                "/v1/services",
+                Some(r#"{"vip":"198.18.0.10","port":80,"proto":"tcp"}"#),
+            )
             .await;
         assert_error(&got, 500, "persistence_failure", "rolled back");
         assert_eq!(s.call("GET", "/v1/services", None).await, (200, json!([])));
@@ -742,7 +855,11 @@ mod tests {
         assert_eq!(mode, 0o600);
         let e = bind(&s.sock).await.unwrap_err().to_string();
         assert!(e.contains("another datapathd is serving"), "{e}");
-        assert_eq!(s.call("GET", "/healthz", None).await.0, 200, "the live one still serves");
+        assert_eq!(
+            s.call("GET", "/healthz", None).await.0,
+            200,
+            "the live one still serves"
+        );
         let dir = tempfile::tempdir().unwrap();
         let stale = dir.path().join("api.sock");
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());

@@ -394,6 +394,12 @@ impl Dataplane {
         &self.config
     }
 
+    /// The whole loaded object (programs and the maps not taken over by the dataplane), for the
+    /// benchmark harness, which tail-calls `xdp_lb` through `BENCH_TARGET`.
+    pub fn bpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.bpf
+    }
+
     /// The loaded `xdp_lb` program, for BPF_PROG_TEST_RUN in fixture tests and benchmarks.
     pub fn program_mut(&mut self) -> Result<&mut Xdp> {
         self.bpf

@@ -44,8 +44,13 @@ enum Command {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Interface to attach XDP to, client- and backend-facing alike (repeat for several).
-    #[arg(long = "iface", value_name = "IF", env = "DATAPATH_IFACE", required = true,
-          value_delimiter = ',')]
+    #[arg(
+        long = "iface",
+        value_name = "IF",
+        env = "DATAPATH_IFACE",
+        required = true,
+        value_delimiter = ','
+    )]
     ifaces: Vec<String>,
     /// Unix socket of the API.
     #[arg(long, value_name = "PATH", env = "DATAPATH_SOCKET",
@@ -164,9 +169,7 @@ impl FromStr for PortRange {
 }
 
 fn parse_maglev_size(s: &str) -> Result<u32, String> {
-    let n: u32 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number"))?;
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if !lb_core::maglev::is_prime(n) {
         return Err(format!(
             "{n} is not prime; Maglev needs a prime table size (e.g. 251, 4093, 65537)"

@@ -360,10 +360,7 @@ impl Store {
         }
         if let Err(e) = self.persist(&next) {
             let (undo, what) = match &change {
-                Change::Apply {
-                    old: Some(old),
-                    ..
-                } => (plane.apply_service(old), old.key),
+                Change::Apply { old: Some(old), .. } => (plane.apply_service(old), old.key),
                 Change::Apply { new, old: None } => (plane.remove_service(new), new.key),
                 Change::Remove(old) => (plane.apply_service(old), old.key),
             };
@@ -548,7 +545,11 @@ fn check_backend(service: &ServiceKey, backend: &BackendKey, weight: u32) -> Res
 /// Maglev shares a table out by weight over the service's total, which must fit in a `u32`;
 /// `service` is checked as if it had one more backend of weight `extra`.
 fn check_total_weight(service: &ServiceSpec, extra: u32) -> Result<(), String> {
-    let total: u64 = service.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>()
+    let total: u64 = service
+        .backends
+        .iter()
+        .map(|b| u64::from(b.weight))
+        .sum::<u64>()
         + u64::from(extra);
     if total > u64::from(u32::MAX) {
         return Err(format!(
@@ -591,7 +592,8 @@ fn decode(bytes: &[u8], limits: Limits) -> Result<DesiredState, String> {
     let mut max_generation = None;
     for mut spec in file.services {
         let key = spec.key;
-        check_service(&key, spec.mode, spec.snat_addr).map_err(|e| format!("service {key}: {e}"))?;
+        check_service(&key, spec.mode, spec.snat_addr)
+            .map_err(|e| format!("service {key}: {e}"))?;
         if spec.id >= limits.max_services {
             return Err(format!(
                 "service {key} has id {} but max_services is {}",
@@ -816,7 +818,12 @@ mod tests {
         let mut f = fixture();
         let ids: Vec<u32> = ["198.18.0.1", "198.18.0.2", "198.18.0.3"]
             .iter()
-            .map(|v| f.store.create_service(&mut f.plane, &svc(v, 80)).unwrap().id)
+            .map(|v| {
+                f.store
+                    .create_service(&mut f.plane, &svc(v, 80))
+                    .unwrap()
+                    .id
+            })
             .collect();
         assert_eq!(ids, [0, 1, 2]);
         match f.store.create_service(&mut f.plane, &svc("198.18.0.4", 80)) {
@@ -931,7 +938,10 @@ mod tests {
         req.mode = ForwardingMode::Dsr;
         let m = invalid(f.store.create_service(&mut p, &req));
         assert!(m.contains("only full-nat"), "{m}");
-        assert!(p.calls.is_empty(), "invalid requests never reach the dataplane");
+        assert!(
+            p.calls.is_empty(),
+            "invalid requests never reach the dataplane"
+        );
 
         f.store
             .create_service(&mut p, &svc("198.18.0.1", 80))
@@ -982,10 +992,7 @@ mod tests {
         f.store
             .add_backend(&mut f.plane, &k, &be("198.18.1.1", 80))
             .unwrap();
-        match f
-            .store
-            .add_backend(&mut f.plane, &k, &be("198.18.1.1", 80))
-        {
+        match f.store.add_backend(&mut f.plane, &k, &be("198.18.1.1", 80)) {
             Err(e @ Error::AlreadyExists(_)) => assert_eq!(
                 e.to_string(),
                 "backend 198.18.1.1:80 of service tcp/198.18.0.1:80 already exists"

@@ -179,8 +179,10 @@ pub enum Action {
 /// Parses `ADDR:PORT` (IPv6 as `[ADDR]:PORT`) with a port other than 0.
 pub fn parse_endpoint(what: &'static str, input: &str) -> Result<(IpAddr, u16)> {
     let addr: SocketAddr = input.parse().map_err(|_| {
-        let reason = if input.parse::<IpAddr>().is_ok() {
+        let reason = if input.parse::<std::net::Ipv4Addr>().is_ok() {
             "the port is missing (expected ADDR:PORT)"
+        } else if input.parse::<std::net::Ipv6Addr>().is_ok() {
+            "the port is missing, or the brackets: IPv6 is [ADDR]:PORT"
         } else if input.matches(':').count() > 1 && !input.starts_with('[') {
             "IPv6 addresses go in brackets: [ADDR]:PORT"
         } else {
@@ -400,8 +402,15 @@ mod tests {
         );
         assert_eq!(action(&["service", "ls"]).unwrap(), Action::ServiceList);
         assert_eq!(
-            action(&["backend", "add", "198.18.0.10:80", "198.18.1.1:8080", "--weight", "3"])
-                .unwrap(),
+            action(&[
+                "backend",
+                "add",
+                "198.18.0.10:80",
+                "198.18.1.1:8080",
+                "--weight",
+                "3"
+            ])
+            .unwrap(),
             Action::BackendAdd(
                 key,
                 AddBackend {
@@ -424,7 +433,14 @@ mod tests {
             )
         );
         assert_eq!(
-            action(&["backend", "set-weight", "198.18.0.10:80", "198.18.1.1:8080", "7"]).unwrap(),
+            action(&[
+                "backend",
+                "set-weight",
+                "198.18.0.10:80",
+                "198.18.1.1:8080",
+                "7"
+            ])
+            .unwrap(),
             Action::BackendUpdate(
                 key,
                 be,
@@ -453,13 +469,37 @@ mod tests {
             r#"invalid service address "198.18.0.10:0": port must not be 0"#
         );
         let m = invalid(&["service", "show", "2001:db8::1:80"]);
+        assert!(m.contains("IPv6 is [ADDR]:PORT"), "{m}");
+        let m = invalid(&["service", "show", "2001:db8::1::80"]);
         assert!(m.contains("brackets"), "{m}");
         let m = invalid(&["backend", "add", "198.18.0.10:80", "x"]);
-        assert!(m.starts_with(r#"invalid backend address "x": expected ADDR:PORT"#), "{m}");
-        let m = invalid(&["backend", "add", "198.18.0.10:80", "198.18.1.1:8080", "--weight", "0"]);
-        assert!(m.starts_with(r#"invalid weight "0": weights start at 1"#), "{m}");
-        let m = invalid(&["backend", "set-weight", "198.18.0.10:80", "198.18.1.1:8080", "-1"]);
-        assert!(m.starts_with(r#"invalid weight "-1""#), "{m}");
+        assert!(
+            m.starts_with(r#"invalid backend address "x": expected ADDR:PORT"#),
+            "{m}"
+        );
+        let m = invalid(&[
+            "backend",
+            "add",
+            "198.18.0.10:80",
+            "198.18.1.1:8080",
+            "--weight",
+            "0",
+        ]);
+        assert!(
+            m.starts_with(r#"invalid weight "0": weights start at 1"#),
+            "{m}"
+        );
+        let m = invalid(&[
+            "backend",
+            "set-weight",
+            "198.18.0.10:80",
+            "198.18.1.1:8080",
+            "lots",
+        ]);
+        assert!(
+            m.starts_with(r#"invalid weight "lots": expected a number"#),
+            "{m}"
+        );
         let m = invalid(&["service", "add", "198.18.0.10:80", "--snat-addr", "nope"]);
         assert!(m.starts_with(r#"invalid SNAT address "nope""#), "{m}");
         let m = invalid(&["service", "add", "[fe80::1%2]:80"]);
@@ -469,7 +509,14 @@ mod tests {
     #[test]
     fn usage_errors_are_clap_errors_with_exit_2() {
         for args in [
-            &["lb-ctl", "service", "add", "198.18.0.10:80", "--proto", "sctp"][..],
+            &[
+                "lb-ctl",
+                "service",
+                "add",
+                "198.18.0.10:80",
+                "--proto",
+                "sctp",
+            ][..],
             &["lb-ctl", "service"],
             &["lb-ctl", "-o", "yaml", "stats"],
         ] {

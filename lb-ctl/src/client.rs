@@ -55,7 +55,8 @@ impl Client {
     }
 
     pub async fn show_service(&self, key: &ServiceKey) -> Result<ServiceView> {
-        self.call(Method::GET, &service_path(key), None::<&()>).await
+        self.call(Method::GET, &service_path(key), None::<&()>)
+            .await
     }
 
     pub async fn create_service(&self, req: &CreateService) -> Result<ServiceView> {
@@ -120,9 +121,9 @@ impl Client {
                 .map_err(|e| lost(&e))?;
             tokio::spawn(conn);
             let body = match body {
-                Some(b) => Bytes::from(
-                    serde_json::to_vec(b).map_err(|e| Error::Protocol(e.to_string()))?,
-                ),
+                Some(b) => {
+                    Bytes::from(serde_json::to_vec(b).map_err(|e| Error::Protocol(e.to_string()))?)
+                }
                 None => Bytes::new(),
             };
             let req = Request::builder()
@@ -159,9 +160,13 @@ impl Client {
         }
         match serde_json::from_slice::<ApiError>(&bytes) {
             Ok(e) => Err(Error::Api(e)),
+            // Kept to one line, whatever the body holds.
             Err(_) => Err(Error::Protocol(format!(
                 "datapathd answered {status}: {}",
-                String::from_utf8_lossy(&bytes).trim()
+                String::from_utf8_lossy(&bytes)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ))),
         }
     }

@@ -8,7 +8,7 @@ pub mod client;
 pub mod error;
 pub mod output;
 
-use datapath_api::{BackendState, ServiceKey, ServiceView};
+use datapath_api::{BackendState, ServiceView};
 use serde::Serialize;
 
 pub use crate::error::{Error, Result, exit};
@@ -27,15 +27,27 @@ pub async fn run(cli: &Cli) -> Result<String> {
     Ok(match action {
         Action::ServiceList => {
             let list = client.list_services().await?;
-            if json { to_json(&list)? } else { output::service_list(&list) }
+            if json {
+                to_json(&list)?
+            } else {
+                output::service_list(&list)
+            }
         }
         Action::ServiceShow(key) => {
             let view = client.show_service(&key).await?;
-            if json { to_json(&view)? } else { output::service_show(&view) }
+            if json {
+                to_json(&view)?
+            } else {
+                output::service_show(&view)
+            }
         }
         Action::Stats => {
             let stats = client.stats().await?;
-            if json { to_json(&stats)? } else { output::stats(&stats) }
+            if json {
+                to_json(&stats)?
+            } else {
+                output::stats(&stats)
+            }
         }
         Action::ServiceAdd(req) => {
             let view = client.create_service(&req).await?;
@@ -91,14 +103,10 @@ pub async fn run(cli: &Cli) -> Result<String> {
                     Some(BackendState::Active) => said.push("is active".into()),
                     None => {}
                 }
-                format!("backend {backend} of service {} {}", display(&key), said.join(" and "))
+                format!("backend {backend} of service {key} {}", said.join(" and "))
             })?
         }
     })
-}
-
-fn display(key: &ServiceKey) -> String {
-    key.to_string()
 }
 
 /// A mutating command's output: the resulting service as JSON, or a one-line confirmation.

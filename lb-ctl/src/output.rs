@@ -275,11 +275,11 @@ mod tests {
     fn list_is_aligned_with_backends_nested() {
         let got = service_list(&[view()]);
         let want = "\
-SERVICE                  PROTO  MODE      BACKENDS  WEIGHT  STATE     TABLE  PACKETS    BYTES
-198.18.0.10:80           tcp    full-nat         3                           12350  1235000
-  -> 198.18.1.1:8080                                     1  active    75.0%        5      500
-  -> 198.18.1.22:8080                                    2  draining   0.0%    12345  1234500
-  -> 198.18.1.3:8080                                     3  active    25.0%        0        0
+SERVICE                PROTO  MODE      BACKENDS  WEIGHT  STATE     TABLE  PACKETS    BYTES
+198.18.0.10:80         tcp    full-nat         3                             12350  1235000
+  -> 198.18.1.1:8080                                   1  active    75.0%        5      500
+  -> 198.18.1.22:8080                                  2  draining   0.0%    12345  1234500
+  -> 198.18.1.3:8080                                   3  active    25.0%        0        0
 ";
         assert_eq!(got, want, "\n{got}");
     }
@@ -287,8 +287,14 @@ SERVICE                  PROTO  MODE      BACKENDS  WEIGHT  STATE     TABLE  PAC
     #[test]
     fn show_and_empty_cases() {
         let got = service_show(&view());
-        assert!(got.starts_with("SERVICE   tcp/198.18.0.10:80\nID        0\n"), "{got}");
-        assert!(got.contains("198.18.1.22:8080   0       2  draining   0.0%"), "{got}");
+        assert!(
+            got.starts_with("SERVICE   tcp/198.18.0.10:80\nID        0\n"),
+            "{got}"
+        );
+        assert!(
+            got.contains("198.18.1.22:8080   0       2  draining   0.0%"),
+            "{got}"
+        );
         assert!(service_list(&[]).starts_with("no services"));
         let mut v6 = view();
         v6.vip = "2001:db8::10".parse().unwrap();
@@ -300,12 +306,29 @@ SERVICE                  PROTO  MODE      BACKENDS  WEIGHT  STATE     TABLE  PAC
     fn stats_lists_traffic_and_reasons() {
         let v = StatsView {
             services: vec![view()],
-            reasons: [("drop_no_backend".to_string(), 4), ("fwd_tx".to_string(), 99)]
-                .into_iter()
-                .collect(),
+            reasons: [
+                ("drop_no_backend".to_string(), 4),
+                ("fwd_tx".to_string(), 99),
+            ]
+            .into_iter()
+            .collect(),
         };
         let got = stats(&v);
-        assert!(got.contains("tcp/198.18.0.10:80     12350  1235000"), "{got}");
-        assert!(got.contains("REASON           PACKETS\ndrop_no_backend        4\nfwd_tx                99\n"), "{got}");
+        assert!(
+            got.starts_with(
+                "\
+SERVICE / BACKEND      PACKETS    BYTES
+tcp/198.18.0.10:80       12350  1235000
+  -> 198.18.1.1:8080         5      500
+"
+            ),
+            "{got}"
+        );
+        assert!(
+            got.contains(
+                "REASON           PACKETS\ndrop_no_backend        4\nfwd_tx                99\n"
+            ),
+            "{got}"
+        );
     }
 }

@@ -137,6 +137,8 @@ impl Daemon {
             .arg(&self.pin_root)
             .args(["--log-format", "text"])
             .args(&self.extra_args)
+            // A log file, not a terminal: no colour codes.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));

@@ -1,0 +1,207 @@
+//! Host tests of the parser that the XDP program runs, over whole frames built with etherparse.
+
+use etherparse::{IpNumber, PacketBuilder};
+use lb_core::parse::{Frame, L4, Outcome, SliceFrame, parse, parse_icmp_quote};
+
+fn tcp_syn() -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 18, 0, 1], [198, 18, 100, 1], 64)
+        .tcp(40000, 80, 1000, 64240)
+        .syn();
+    let mut frame = Vec::new();
+    builder.write(&mut frame, &[]).expect("build");
+    frame
+}
+
+fn udp_with_payload() -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 18, 0, 1], [198, 18, 100, 1], 64)
+        .udp(50000, 53);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, b"query").expect("build");
+    frame
+}
+
+fn parse_bytes(bytes: &mut [u8]) -> lb_core::parse::Parsed {
+    parse(&SliceFrame { bytes })
+}
+
+#[test]
+fn parses_a_tcp_syn() {
+    let mut frame = tcp_syn();
+    let parsed = parse_bytes(&mut frame);
+    assert_eq!(parsed.outcome, Outcome::Ipv4);
+    let packet = parsed.ipv4().expect("ipv4");
+    assert_eq!(packet.l3_off, 14);
+    assert_eq!(packet.l4_off, 34);
+    assert_eq!(packet.src.to_ne_bytes(), [198, 18, 0, 1]);
+    assert_eq!(packet.dst.to_ne_bytes(), [198, 18, 100, 1]);
+    assert_eq!(packet.l4, L4::Tcp);
+    assert_eq!(u16::from_be(packet.src_port_be), 40000);
+    assert_eq!(u16::from_be(packet.dst_port_be), 80);
+    assert_eq!(packet.tcp_flags & 0x02, 0x02, "SYN flag");
+    assert!(!packet.has_options);
+}
+
+/// Every strict prefix of a valid frame is rejected (never parsed as a complete TCP/UDP
+/// packet), without panicking, and with the outcome the documented rules give.
+#[test]
+fn every_truncation_of_a_valid_frame_is_rejected() {
+    for original in [tcp_syn(), udp_with_payload()] {
+        for len in 0..original.len() {
+            let mut cut = original[..len].to_vec();
+            let parsed = parse_bytes(&mut cut);
+            let expected = if len < 34 {
+                Outcome::Truncated
+            } else {
+                // The IPv4 header is whole but its total length runs past the frame.
+                Outcome::Malformed
+            };
+            assert_eq!(parsed.outcome, expected, "cut at {len}");
+            assert!(parsed.ipv4().is_none(), "cut at {len} must not parse");
+        }
+        let mut whole = original.clone();
+        assert_eq!(parse_bytes(&mut whole).outcome, Outcome::Ipv4);
+    }
+}
+
+#[test]
+fn consistent_but_short_transport_header_is_truncated_l4() {
+    let mut frame = tcp_syn();
+    // Claim only 10 bytes of TCP in the IPv4 total length, and cut the frame there.
+    frame.truncate(14 + 20 + 10);
+    frame[16..18].copy_from_slice(&30u16.to_be_bytes());
+    let parsed = parse_bytes(&mut frame);
+    assert_eq!(parsed.outcome, Outcome::Ipv4);
+    assert_eq!(parsed.packet.l4, L4::Truncated);
+}
+
+#[test]
+fn ethernet_padding_beyond_the_ip_length_is_ignored() {
+    let mut frame = tcp_syn();
+    frame.extend_from_slice(&[0u8; 6]);
+    let parsed = parse_bytes(&mut frame);
+    assert_eq!(parsed.packet.l4, L4::Tcp);
+    assert_eq!(parsed.packet.total_len, 40);
+}
+
+#[test]
+fn one_vlan_tag_is_skipped() {
+    let plain = tcp_syn();
+    let mut tagged = plain[..12].to_vec();
+    tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+    tagged.extend_from_slice(&plain[12..]);
+    let parsed = parse_bytes(&mut tagged);
+    assert_eq!(parsed.outcome, Outcome::Ipv4);
+    assert_eq!(parsed.packet.l3_off, 18);
+    assert_eq!(parsed.packet.l4, L4::Tcp);
+    // A tag cut short.
+    let mut cut = tagged[..16].to_vec();
+    assert_eq!(parse_bytes(&mut cut).outcome, Outcome::Truncated);
+}
+
+#[test]
+fn non_ipv4_is_reported_as_such() {
+    let mut frame = tcp_syn();
+    frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    assert_eq!(parse_bytes(&mut frame).outcome, Outcome::NotIpv4);
+    frame[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    assert_eq!(parse_bytes(&mut frame).outcome, Outcome::NotIpv4);
+}
+
+#[test]
+fn malformed_ipv4_headers_are_rejected() {
+    // Version 6 in an IPv4 ethertype.
+    let mut frame = tcp_syn();
+    frame[14] = 0x65;
+    assert_eq!(parse_bytes(&mut frame).outcome, Outcome::Malformed);
+    // IHL below 5.
+    let mut frame = tcp_syn();
+    frame[14] = 0x44;
+    assert_eq!(parse_bytes(&mut frame).outcome, Outcome::Malformed);
+    // Total length shorter than the header.
+    let mut frame = tcp_syn();
+    frame[16..18].copy_from_slice(&10u16.to_be_bytes());
+    assert_eq!(parse_bytes(&mut frame).outcome, Outcome::Malformed);
+}
+
+#[test]
+fn ip_options_are_skipped_by_ihl() {
+    let plain = tcp_syn();
+    // Insert 4 bytes of options (NOP NOP NOP EOL) and fix IHL and total length.
+    let mut frame = plain[..34].to_vec();
+    frame.extend_from_slice(&[1, 1, 1, 0]);
+    frame.extend_from_slice(&plain[34..]);
+    frame[14] = 0x46;
+    let total = u16::from_be_bytes([frame[16], frame[17]]) + 4;
+    frame[16..18].copy_from_slice(&total.to_be_bytes());
+    let parsed = parse_bytes(&mut frame);
+    assert_eq!(parsed.outcome, Outcome::Ipv4);
+    assert!(parsed.packet.has_options);
+    assert_eq!(parsed.packet.l4_off, 38);
+    assert_eq!(parsed.packet.l4, L4::Tcp);
+    assert_eq!(u16::from_be(parsed.packet.dst_port_be), 80);
+}
+
+#[test]
+fn fragments_never_expose_ports() {
+    for (flags_and_offset, what) in [(0x2000u16, "first fragment"), (0x0001, "last fragment"), (0x2001, "middle fragment")] {
+        let mut frame = udp_with_payload();
+        frame[20..22].copy_from_slice(&flags_and_offset.to_be_bytes());
+        let parsed = parse_bytes(&mut frame);
+        assert_eq!(parsed.packet.l4, L4::Fragment, "{what}");
+        assert_eq!(parsed.packet.src_port_be, 0, "{what}: ports not read");
+        assert_eq!(parsed.packet.dst_port_be, 0, "{what}: ports not read");
+    }
+    // Don't-fragment alone is not a fragment.
+    let mut frame = udp_with_payload();
+    frame[20..22].copy_from_slice(&0x4000u16.to_be_bytes());
+    assert_eq!(parse_bytes(&mut frame).packet.l4, L4::Udp);
+}
+
+#[test]
+fn other_protocols_are_other() {
+    let mut frame = tcp_syn();
+    frame[14 + 9] = u8::from(IpNumber::GRE);
+    assert_eq!(parse_bytes(&mut frame).packet.l4, L4::Other);
+}
+
+#[test]
+fn icmp_quotes_parse_and_every_cut_is_invalid() {
+    // ICMP destination unreachable quoting a TCP packet's IPv4 header + 8 bytes.
+    let quoted = tcp_syn()[14..14 + 28].to_vec();
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 3], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 18, 1, 254], [198, 18, 1, 1], 64)
+        .icmpv4_raw(3, 4, [0, 0, 5, 120]);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, &quoted).expect("build");
+    let parsed = parse_bytes(&mut frame);
+    assert_eq!(parsed.packet.l4, L4::Icmp);
+    assert_eq!(parsed.packet.icmp_type, 3);
+    assert_eq!(parsed.packet.icmp_code, 4);
+    let icmp_off = parsed.packet.l4_off;
+    let quote = parse_icmp_quote(&SliceFrame { bytes: &mut frame }, icmp_off);
+    assert!(quote.valid);
+    assert_eq!(quote.src.to_ne_bytes(), [198, 18, 0, 1]);
+    assert_eq!(quote.dst.to_ne_bytes(), [198, 18, 100, 1]);
+    assert_eq!(u16::from_be(quote.src_port_be), 40000);
+    assert_eq!(u16::from_be(quote.dst_port_be), 80);
+    for len in 0..frame.len() {
+        let mut cut = frame[..len].to_vec();
+        let quote = parse_icmp_quote(&SliceFrame { bytes: &mut cut }, icmp_off);
+        assert!(!quote.valid, "quote cut at {len} must be invalid");
+    }
+}
+
+#[test]
+fn frame_bounds_are_exact() {
+    let mut bytes = [0u8; 10];
+    let frame = SliceFrame { bytes: &mut bytes };
+    assert!(frame.at::<10>(0).is_some());
+    assert!(frame.at::<10>(1).is_none());
+    assert!(frame.at::<1>(9).is_some());
+    assert!(frame.at::<1>(10).is_none());
+    assert!(frame.at::<1>(usize::MAX).is_none(), "no overflow");
+    assert!(frame.fits(10));
+    assert!(!frame.fits(11));
+}

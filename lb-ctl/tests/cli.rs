@@ -1,0 +1,416 @@
+//! Runs the built `lb-ctl` against a small real HTTP server on a real Unix socket that records
+//! what it is sent and answers as datapathd would.
+use std::{
+    convert::Infallible,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Recorded {
+    method: String,
+    path: String,
+    body: String,
+}
+
+type Answer = Arc<dyn Fn(&Recorded) -> (u16, String) + Send + Sync>;
+
+struct FakeDaemon {
+    _dir: tempfile::TempDir,
+    sock: PathBuf,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl FakeDaemon {
+    fn start(answer: impl Fn(&Recorded) -> (u16, String) + Send + Sync + 'static) -> Self {
+        let answer: Answer = Arc::new(answer);
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        // Bound here, so the socket exists before lb-ctl runs.
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (reqs, conns) = (requests.clone(), connections.clone());
+        // The test thread blocks on lb-ctl, so the server gets its own thread and runtime; it
+        // ends with the test process.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    conns.fetch_add(1, Ordering::SeqCst);
+                    let (reqs, answer) = (reqs.clone(), answer.clone());
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (reqs, answer) = (reqs.clone(), answer.clone());
+                        async move {
+                            let method = req.method().to_string();
+                            let path = req.uri().path().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let rec = Recorded {
+                                method,
+                                path,
+                                body: String::from_utf8(body.to_vec()).unwrap(),
+                            };
+                            let (status, text) = answer(&rec);
+                            reqs.lock().unwrap().push(rec);
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(text)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service),
+                    );
+                }
+            });
+        });
+        Self {
+            _dir: dir,
+            sock,
+            requests,
+            connections,
+        }
+    }
+
+    fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        lb_ctl(&self.sock, args)
+    }
+}
+
+fn lb_ctl(sock: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lb-ctl"))
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .env_remove("LB_CTL_SOCKET")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+fn view() -> Value {
+    json!({
+        "vip": "198.18.0.10", "port": 80, "proto": "tcp", "mode": "full-nat", "id": 0,
+        "backends": [{"addr": "198.18.1.1", "port": 8080, "weight": 1, "state": "active",
+                      "id": 0, "table_entries": 65537,
+                      "counters": {"packets": 3, "bytes": 180}}],
+        "counters": {"packets": 3, "bytes": 180}
+    })
+}
+
+fn ok_view(rec: &Recorded) -> (u16, String) {
+    let status = if rec.method == "POST" { 201 } else { 200 };
+    let body = match rec.path.as_str() {
+        "/v1/services" if rec.method == "GET" => json!([view()]),
+        "/v1/stats" => json!({"services": [view()], "reasons": {"fwd_tx": 3}}),
+        _ => view(),
+    };
+    (status, body.to_string())
+}
+
+#[test]
+fn daemon_not_running_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("api.sock");
+    let o = lb_ctl(&missing, &["service", "ls"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "lb-ctl: error: cannot reach datapathd at {}: No such file or directory (os error 2) (is datapathd running?)\n",
+            missing.display()
+        )
+    );
+    assert_eq!(stdout(&o), "");
+
+    // A socket left behind by a dead daemon refuses connections.
+    drop(std::os::unix::net::UnixListener::bind(&missing).unwrap());
+    let o = lb_ctl(&missing, &["-o", "json", "stats"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stderr(&o).contains("Connection refused"), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "");
+}
+
+#[test]
+fn invalid_arguments_exit_2_without_connecting() {
+    let d = FakeDaemon::start(ok_view);
+    for (args, want) in [
+        (
+            &["backend", "add", "198.18.0.10:80", "x"][..],
+            r#"lb-ctl: error: invalid backend address "x": expected ADDR:PORT"#,
+        ),
+        (
+            &["service", "add", "198.18.0.10:0"],
+            r#"lb-ctl: error: invalid service address "198.18.0.10:0": port must not be 0"#,
+        ),
+        (
+            &[
+                "backend",
+                "add",
+                "198.18.0.10:80",
+                "198.18.1.1:8080",
+                "--weight",
+                "0",
+            ],
+            r#"lb-ctl: error: invalid weight "0": weights start at 1"#,
+        ),
+        (
+            &[
+                "backend",
+                "set-weight",
+                "198.18.0.10:80",
+                "198.18.1.1:8080",
+                "0",
+            ],
+            r#"lb-ctl: error: invalid weight "0""#,
+        ),
+        (
+            &["service", "add", "198.18.0.10:80", "--proto", "sctp"],
+            "error: invalid value 'sctp' for '--proto <PROTO>'",
+        ),
+    ] {
+        let o = d.run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).starts_with(want), "{args:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "", "{args:?}");
+    }
+    // A valid command afterwards is the first and only one the server saw: connections are
+    // accepted in order, so none of the above reached it.
+    assert_eq!(d.run(&["service", "ls"]).status.code(), Some(0));
+    assert_eq!(d.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(d.requests().len(), 1);
+}
+
+#[test]
+fn commands_send_the_api_requests() {
+    let d = FakeDaemon::start(ok_view);
+    let cases: [(&[&str], &str, &str, Value); 9] = [
+        (
+            &["service", "add", "198.18.0.10:80"],
+            "POST",
+            "/v1/services",
+            json!({"vip": "198.18.0.10", "port": 80, "proto": "tcp", "mode": "full-nat"}),
+        ),
+        (
+            &[
+                "service",
+                "add",
+                "[2001:db8::10]:53",
+                "--proto",
+                "udp",
+                "--mode",
+                "dsr",
+            ],
+            "POST",
+            "/v1/services",
+            json!({"vip": "2001:db8::10", "port": 53, "proto": "udp", "mode": "dsr"}),
+        ),
+        (
+            &["service", "rm", "[2001:db8::10]:53", "--proto", "udp"],
+            "DELETE",
+            "/v1/services/udp/2001:db8::10/53",
+            Value::Null,
+        ),
+        (
+            &["service", "show", "198.18.0.10:80"],
+            "GET",
+            "/v1/services/tcp/198.18.0.10/80",
+            Value::Null,
+        ),
+        (
+            &[
+                "backend",
+                "add",
+                "198.18.0.10:80",
+                "198.18.1.1:8080",
+                "--weight",
+                "3",
+            ],
+            "POST",
+            "/v1/services/tcp/198.18.0.10/80/backends",
+            json!({"addr": "198.18.1.1", "port": 8080, "weight": 3, "state": "active"}),
+        ),
+        (
+            &["backend", "drain", "198.18.0.10:80", "198.18.1.1:8080"],
+            "PATCH",
+            "/v1/services/tcp/198.18.0.10/80/backends/198.18.1.1/8080",
+            json!({"state": "draining"}),
+        ),
+        (
+            &["backend", "activate", "198.18.0.10:80", "198.18.1.1:8080"],
+            "PATCH",
+            "/v1/services/tcp/198.18.0.10/80/backends/198.18.1.1/8080",
+            json!({"state": "active"}),
+        ),
+        (
+            &[
+                "backend",
+                "set-weight",
+                "198.18.0.10:80",
+                "198.18.1.1:8080",
+                "5",
+            ],
+            "PATCH",
+            "/v1/services/tcp/198.18.0.10/80/backends/198.18.1.1/8080",
+            json!({"weight": 5}),
+        ),
+        (
+            &["backend", "rm", "198.18.0.10:80", "198.18.1.1:8080"],
+            "DELETE",
+            "/v1/services/tcp/198.18.0.10/80/backends/198.18.1.1/8080",
+            Value::Null,
+        ),
+    ];
+    for (args, method, path, body) in cases {
+        let o = d.run(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        let rec = d.requests().pop().unwrap();
+        assert_eq!(
+            (rec.method.as_str(), rec.path.as_str()),
+            (method, path),
+            "{args:?}"
+        );
+        let sent: Value = if rec.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&rec.body).unwrap()
+        };
+        assert_eq!(sent, body, "{args:?}");
+    }
+}
+
+#[test]
+fn table_and_json_output() {
+    let d = FakeDaemon::start(ok_view);
+    let o = d.run(&["service", "add", "198.18.0.10:80"]);
+    assert_eq!(
+        stdout(&o),
+        "service tcp/198.18.0.10:80 added (full-nat, id 0); add backends with: lb-ctl backend add\n"
+    );
+    let o = d.run(&["backend", "drain", "198.18.0.10:80", "198.18.1.1:8080"]);
+    assert_eq!(
+        stdout(&o),
+        "backend 198.18.1.1:8080 of service tcp/198.18.0.10:80 is draining: it keeps its established flows and gets no new ones\n"
+    );
+    let o = d.run(&["service", "ls"]);
+    let out = stdout(&o);
+    assert!(out.starts_with("SERVICE "), "{out}");
+    assert!(out.contains("  -> 198.18.1.1:8080"), "{out}");
+    assert!(out.contains("100.0%"), "{out}");
+
+    // JSON is the API's answer, as it came.
+    let o = d.run(&["-o", "json", "service", "ls"]);
+    let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(got, json!([view()]));
+    let o = d.run(&[
+        "backend",
+        "set-weight",
+        "-o",
+        "json",
+        "198.18.0.10:80",
+        "198.18.1.1:8080",
+        "2",
+    ]);
+    let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(got, view());
+    let o = d.run(&["stats", "--output", "json"]);
+    let got: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(got["reasons"], json!({"fwd_tx": 3}));
+    let o = d.run(&["stats"]);
+    assert!(stdout(&o).contains("fwd_tx"), "{}", stdout(&o));
+}
+
+#[test]
+fn api_errors_map_to_exit_codes() {
+    let d = FakeDaemon::start(|rec| {
+        let (status, code) = match rec.path.rsplit('/').next().unwrap() {
+            "1" => (400, "invalid_argument"),
+            "2" => (404, "not_found"),
+            "3" => (409, "already_exists"),
+            "4" => (507, "capacity_exhausted"),
+            "5" => (500, "dataplane_failure"),
+            "6" => (500, "persistence_failure"),
+            _ => return (502, "<html>\n bad gateway\n</html>".into()),
+        };
+        (
+            status,
+            json!({"code": code, "error": format!("the {code} reason")}).to_string(),
+        )
+    });
+    for (port, exit) in [("1", 2), ("2", 4), ("3", 5), ("4", 6), ("5", 1), ("6", 1)] {
+        for output in ["table", "json"] {
+            let o = d.run(&[
+                "-o",
+                output,
+                "service",
+                "show",
+                &format!("198.18.0.10:{port}"),
+            ]);
+            assert_eq!(o.status.code(), Some(exit), "port {port}");
+            let err = stderr(&o);
+            assert!(err.starts_with("lb-ctl: error: the "), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert_eq!(stdout(&o), "", "stdout stays empty on error");
+        }
+    }
+    let o = d.run(&["service", "show", "198.18.0.10:7"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "lb-ctl: error: datapathd answered 502 Bad Gateway: <html> bad gateway </html>\n"
+    );
+}
+
+#[test]
+fn socket_from_the_environment() {
+    let d = FakeDaemon::start(ok_view);
+    let o = Command::new(env!("CARGO_BIN_EXE_lb-ctl"))
+        .args(["service", "ls"])
+        .env("LB_CTL_SOCKET", &d.sock)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(d.requests().len(), 1);
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let o = Command::new(env!("CARGO_BIN_EXE_lb-ctl"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let help = stdout(&o);
+    assert!(help.contains("3  datapathd not reachable"), "{help}");
+}
