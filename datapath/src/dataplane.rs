@@ -167,12 +167,12 @@ pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
         .override_global(globals::NAT_PORT_MIN, &config.nat_port_min, true)
         .override_global(globals::NAT_PORT_MAX, &config.nat_port_max, true);
     loader.load(XDP_OBJECT).map_err(|source| Error::Load {
+        source: Box::new(source),
         context: format!(
             "load the XDP object with maps pinned under {} (if the pinned maps were created \
              with other sizes, run `datapathd cleanup` first)",
             config.pin_root.display()
         ),
-        source,
     })
 }
 
@@ -222,12 +222,18 @@ fn interface_index(name: &str) -> Result<u32> {
 
 fn map_error(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Error {
     let context = context.into();
-    move |source| Error::Map { context, source }
+    move |source| Error::Map {
+        context,
+        source: Box::new(source),
+    }
 }
 
 fn program_error(context: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> Error {
     let context = context.into();
-    move |source| Error::Program { context, source }
+    move |source| Error::Program {
+        context,
+        source: Box::new(source),
+    }
 }
 
 fn take_map(bpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
@@ -377,7 +383,7 @@ impl Dataplane {
 
         Ok(Self {
             config: config.clone(),
-            bpf: bpf,
+            bpf,
             vips,
             vip_addrs,
             backends,
@@ -775,11 +781,9 @@ fn attach_or_replace(
         let fd_link = FdLink::try_from(link)
             .map_err(|e| Error::io("convert the XDP link", std::io::Error::other(e.to_string())))?;
         info!(interface, "replaced the program in the pinned XDP link");
+        // The pin keeps the link (and the program in it) alive; hold a handle by path.
+        drop(fd_link);
         return PinnedLink::from_pin(&pin_path)
-            .map(|pinned| {
-                drop(fd_link);
-                pinned
-            })
             .map_err(|e| Error::io("reopen pinned link", std::io::Error::other(e.to_string())));
     }
 
@@ -812,7 +816,7 @@ fn attach_or_replace(
                 })?;
                 let pinned = fd_link.pin(&pin_path).map_err(|source| Error::Pin {
                     context: format!("pin the XDP link of {interface}"),
-                    source,
+                    source: Box::new(source),
                 })?;
                 info!(interface, ?mode, "attached xdp_lb");
                 return Ok(pinned);

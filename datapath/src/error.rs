@@ -2,6 +2,8 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong in the daemon library.
+///
+/// aya's errors are large; they are boxed so that every `Result` of the crate stays small.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A request or configuration value is invalid.
@@ -21,28 +23,28 @@ pub enum Error {
     Program {
         context: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// Loading the BPF object failed.
     #[error("{context}: {source}")]
     Load {
         context: String,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     /// Reading or writing a BPF map failed.
     #[error("{context}: {source}")]
     Map {
         context: String,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     /// Pinning or opening a pinned object failed.
     #[error("{context}: {source}")]
     Pin {
         context: String,
         #[source]
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
     /// Writing or reading the state file failed.
     #[error("state file {}: {source}", path.display())]

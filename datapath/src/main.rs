@@ -1,6 +1,6 @@
 //! `datapathd`: loads and attaches the XDP load balancer, restores the declared services and
 //! serves the HTTP/JSON API that `lb-ctl` talks to.
-use std::{path::PathBuf, process::ExitCode, str::FromStr, sync::Arc};
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, str::FromStr, sync::Arc};
 
 use anyhow::Context;
 use bpf_common::defaults;
@@ -199,8 +199,10 @@ impl RunArgs {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal; journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -271,10 +273,27 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("datapathd: error: {e:#}");
+            eprintln!("datapathd: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line. The library's errors already show their source in
+/// their own message, so a cause whose text is already there is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 #[cfg(test)]
@@ -325,6 +344,16 @@ mod tests {
         }
         let r = run_args(&["--max-services", "40000", "--maglev-size", "65537"]).unwrap();
         assert!(r.dataplane_config().is_err(), "too large for one map");
+    }
+
+    #[test]
+    fn errors_print_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "taken");
+        let e = anyhow::Error::new(datapath::Error::io("cannot listen on /x", io))
+            .context("cannot serve");
+        assert_eq!(one_line(&e), "cannot serve: cannot listen on /x: taken");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(one_line(&e), "outer: inner");
     }
 
     #[test]

@@ -685,7 +685,7 @@ pub(crate) mod testing {
             if self.fail_all || self.fail_calls.contains(&n) {
                 return Err(Error::Map {
                     context: format!("injected failure of dataplane call {n}"),
-                    source: aya::maps::MapError::KeyNotFound,
+                    source: Box::new(aya::maps::MapError::KeyNotFound),
                 });
             }
             Ok(())

@@ -64,6 +64,7 @@ pub enum ServiceCommand {
         /// The service's VIP:PORT.
         #[arg(value_name = "VIP:PORT")]
         service: String,
+        /// The service's L4 protocol.
         #[arg(long, value_enum, default_value_t = Proto::Tcp)]
         proto: Proto,
         /// full-nat: rewrite destination and source, replies return through the balancer.
@@ -90,6 +91,7 @@ pub struct ServiceArg {
     /// The service's VIP:PORT.
     #[arg(value_name = "VIP:PORT")]
     pub service: String,
+    /// The service's L4 protocol.
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     pub proto: Proto,
 }
@@ -102,6 +104,7 @@ pub struct BackendArg {
     /// The backend's ADDR:PORT.
     #[arg(value_name = "ADDR:PORT")]
     pub backend: String,
+    /// The service's L4 protocol.
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     pub proto: Proto,
 }

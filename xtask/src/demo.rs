@@ -6,7 +6,7 @@
 use std::{
     net::IpAddr,
     sync::atomic::{AtomicBool, Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -114,10 +114,11 @@ fn show(lab: &Lab, connections: usize) -> Result<()> {
     check_interrupt()?;
 
     println!("==> demo: {connections} TCP connections from the client to {svc}");
-    let spread = client::tcp_spread_in(
+    let spread = client::tcp_spread_within(
         lab.client_ns(),
         client::sock(VIP, TCP_SERVICE_PORT),
         connections,
+        Duration::from_secs(30),
     )?;
     println!();
     print!("{}", spread.table());

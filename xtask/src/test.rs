@@ -5,7 +5,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 
 use crate::{
@@ -52,12 +52,74 @@ fn cargo(args: &[&str]) -> Command {
     cmd
 }
 
-fn steps() -> Vec<Step> {
+/// Workspace members that are not default members: the BPF crates, which only build for
+/// `bpfel-unknown-none` (see the root `Cargo.toml`).
+fn bpf_crates() -> Result<Vec<String>> {
+    let out =
+        util::capture(command("cargo").args(["metadata", "--no-deps", "--format-version", "1"]))
+            .context("`cargo metadata` failed")?;
+    let meta: serde_json::Value = serde_json::from_str(&out).context("parsing cargo metadata")?;
+    let ids = |key: &str| -> Vec<String> {
+        meta[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (members, defaults) = (ids("workspace_members"), ids("workspace_default_members"));
+    if defaults.is_empty() {
+        bail!("cargo metadata lists no workspace_default_members");
+    }
+    let mut names: Vec<String> = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["id"].as_str().is_some_and(|id| {
+                members.iter().any(|m| m == id) && !defaults.iter().any(|d| d == id)
+            })
+        })
+        .filter_map(|p| p["name"].as_str().map(String::from))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn steps(bpf: &[String]) -> Vec<Step> {
     let target = util::target_dir().join("debug");
     let mut netns = cargo(&["test", "-p", "netns-tests", "--", "--test-threads=1"]);
     netns
         .env("DATAPATHD_BIN", target.join("datapathd"))
         .env("LB_CTL_BIN", target.join("lb-ctl"));
+
+    // --workspace includes every member: leave out the BPF crates (checked on their own).
+    let mut host_clippy = cargo(&["clippy", "--workspace"]);
+    let mut unit = cargo(&["test", "--workspace", "--exclude", "netns-tests"]);
+    for name in bpf {
+        host_clippy.args(["--exclude", name]);
+        unit.args(["--exclude", name]);
+    }
+    host_clippy.args(["--all-targets", "--", "-D", "warnings"]);
+
+    let mut bpf_clippy = cargo(&["+nightly", "clippy"]);
+    for name in bpf {
+        bpf_clippy.args(["-p", name]);
+    }
+    bpf_clippy.args([
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--bins",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+
     vec![
         Step {
             name: "fmt",
@@ -67,49 +129,21 @@ fn steps() -> Vec<Step> {
         Step {
             name: "clippy",
             selected_by: &[Check::Clippy, Check::HostClippy],
-            // --workspace includes every member: leave out the BPF crate, which only builds
-            // for bpfel-unknown-none (it is checked in the next step).
-            commands: vec![cargo(&[
-                "clippy",
-                "--workspace",
-                "--exclude",
-                "bpf-xdp",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ])],
+            commands: vec![host_clippy],
         },
         Step {
             name: "bpf-clippy",
             selected_by: &[Check::Clippy, Check::BpfClippy],
-            commands: vec![cargo(&[
-                "+nightly",
-                "clippy",
-                "-p",
-                "bpf-xdp",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--bins",
-                "--release",
-                "--",
-                "-D",
-                "warnings",
-            ])],
+            commands: if bpf.is_empty() {
+                Vec::new()
+            } else {
+                vec![bpf_clippy]
+            },
         },
         Step {
             name: "unit",
             selected_by: &[Check::Unit],
-            commands: vec![cargo(&[
-                "test",
-                "--workspace",
-                "--exclude",
-                "bpf-xdp",
-                "--exclude",
-                "netns-tests",
-            ])],
+            commands: vec![unit],
         },
         Step {
             name: "netns",
@@ -152,8 +186,16 @@ pub fn run(args: &TestArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let require = require_privileged();
+    let bpf = match bpf_crates() {
+        Ok(bpf) => bpf,
+        Err(e) => {
+            eprintln!("error: listing the workspace's BPF crates: {e:#}");
+            summary(&[("metadata", false, 0.0)]);
+            return ExitCode::FAILURE;
+        }
+    };
     let mut results: Vec<(&str, bool, f64)> = Vec::new();
-    for mut step in steps() {
+    for mut step in steps(&bpf) {
         if !args.only.is_empty() && !step.selected_by.iter().any(|c| args.only.contains(c)) {
             continue;
         }

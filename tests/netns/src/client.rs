@@ -227,11 +227,21 @@ fn format_counts(counts: &BTreeMap<String, usize>) -> String {
 /// the greeting (who answered) and closes. Bounded by [`MAX_BURST_ERRORS`] and
 /// [`MAX_BURST_TIME`].
 pub fn tcp_spread_in(ns: &str, addr: SocketAddr, count: usize) -> Result<Spread> {
+    tcp_spread_within(ns, addr, count, MAX_BURST_TIME)
+}
+
+/// [`tcp_spread_in`] that stops opening connections after `max_time`.
+pub fn tcp_spread_within(
+    ns: &str,
+    addr: SocketAddr,
+    count: usize,
+    max_time: Duration,
+) -> Result<Spread> {
     netns::run_in(ns, || {
         let started = Instant::now();
         let mut spread = Spread::default();
         for i in 0..count {
-            if spread.stop_early(started) {
+            if spread.stop_early(started) || started.elapsed() >= max_time {
                 break;
             }
             spread.attempted += 1;

@@ -155,6 +155,27 @@ fn tcp_spread_over_three_backends() {
 }
 
 #[test]
+fn cold_neighbour_cache() {
+    let Some(lab) = tcp_lab(3) else { return };
+    // The topology warms the LB node's neighbour table; a real node may not have a backend's
+    // or a client's MAC yet. Forget them all: the first packets then need the kernel to
+    // resolve the neighbour, and every connection must still succeed.
+    ok(
+        "flushing neighbours",
+        netns_tests::topology::ip_in(&lab.topo.lb, &["neigh", "flush", "all"]),
+    );
+    let spread = ok(
+        "tcp burst",
+        client::tcp_spread_in(lab.client_ns(), vip_tcp(), 60),
+    );
+    println!("{}", spread.table());
+    assert_no_errors("tcp burst with a cold neighbour cache", &spread);
+    for b in THREE {
+        assert!(spread.count(b) > 0, "{}", spread.table());
+    }
+}
+
+#[test]
 fn udp_flows_spread() {
     let Some(lab) = lab(|| LabOptions::with_daemon(3)) else {
         return;
