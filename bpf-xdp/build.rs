@@ -3,8 +3,6 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PATH");
     let target = std::env::var("TARGET").unwrap_or_default();
     if target.starts_with("bpf") && which::which("bpf-linker").is_err() {
-        println!(
-            "cargo:warning=bpf-linker not found on PATH; run `cargo xtask setup` to build it"
-        );
+        println!("cargo:warning=bpf-linker not found on PATH; run `cargo xtask setup` to build it");
     }
 }

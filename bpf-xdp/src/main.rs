@@ -25,10 +25,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use bpf_common::{
-    BENCH_FRAME_MAX, BenchTemplate,
-    BACKEND_ACTIVE, BACKEND_UNUSED, BackendInfo, Counter, FAMILY_IPV4, FlowEntry, FlowKey,
-    MODE_DSR, NatReverseEntry, PROTO_TCP, PROTO_UDP, VipAddrKey, VipInfo, VipKey, defaults,
-    maglev_index, reason,
+    BACKEND_ACTIVE, BACKEND_UNUSED, BENCH_FRAME_MAX, BackendInfo, BenchTemplate, Counter,
+    FAMILY_IPV4, FlowEntry, FlowKey, MODE_DSR, NatReverseEntry, PROTO_TCP, PROTO_UDP, VipAddrKey,
+    VipInfo, VipKey, defaults, maglev_index, reason,
 };
 use conntrack::{Direction, TcpFlags, TcpState, tcp_transition};
 use lb_core::{

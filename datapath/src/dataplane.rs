@@ -506,7 +506,12 @@ impl Dataplane {
             let is_new = old.is_none_or(|o| o.id != backend.id);
             let becomes_active = old.is_some_and(|o| o.state != BackendState::Active)
                 && backend.state == BackendState::Active;
-            if is_new {
+            // A slot already pinned with this generation is the same backend from before a
+            // restart: keep its counters.
+            let already_pinned = self.backends.get(&backend.id, 0).is_ok_and(|pinned| {
+                pinned.state != BACKEND_UNUSED && pinned.generation == backend.generation
+            });
+            if is_new && !already_pinned {
                 self.reset_counter(CounterKind::Backend, backend.id)?;
             }
             if is_new || becomes_active {
@@ -711,6 +716,35 @@ impl Dataplane {
             .find(|p| p.spec.id == service_id)
             .map(|p| p.table_entries.clone())
             .unwrap_or_default())
+    }
+
+    /// How many packets found no neighbour entry for their next hop (`pass_fib_no_neigh`).
+    pub fn neighbour_misses(&self) -> Result<u64> {
+        let values = self
+            .reasons
+            .get(&reason::PASS_FIB_NO_NEIGH, 0)
+            .map_err(map_error("read LB_REASONS"))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Makes the kernel resolve every programmed backend's neighbour entry again.
+    ///
+    /// Why: without a neighbour entry `bpf_fib_lookup` cannot give the next hop's MAC, and the
+    /// packet's fallback to the stack does not resolve it either - in full-NAT the rewritten
+    /// packet carries one of this node's own addresses as source, which the kernel drops as a
+    /// martian before it would send an ARP request, and in DSR the kernel has no route for the
+    /// VIP. The daemon calls this when `pass_fib_no_neigh` rises (a flushed or expired entry);
+    /// the client's retransmission then finds the neighbour.
+    pub fn prime_neighbours(&self) {
+        for programmed in self.programmed.values() {
+            for backend in &programmed.spec.backends {
+                if let IpAddr::V4(addr) = backend.addr
+                    && let Err(e) = source_towards(addr, true)
+                {
+                    warn!(backend = %addr, error = %e, "could not prime the neighbour entry");
+                }
+            }
+        }
     }
 
     fn free_backends(&mut self, ids: &[u32]) {

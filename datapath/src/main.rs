@@ -238,6 +238,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let ctl = Arc::new(tokio::sync::Mutex::new(Controller::new(store, dp)));
+    tokio::spawn(warm_neighbours(Arc::clone(&ctl)));
     info!(socket = %args.socket.display(), "serving the API");
     let shutdown = async move {
         let name = tokio::select! {
@@ -259,6 +260,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     served?;
     info!("stopped");
     Ok(())
+}
+
+/// Re-resolves backend neighbours whenever the datapath reports packets that found none (see
+/// `Dataplane::prime_neighbours`). Polls a per-CPU counter twice a second: cheap, and a lost
+/// first SYN is retransmitted by the client after one second.
+async fn warm_neighbours(ctl: Arc<tokio::sync::Mutex<Controller<Dataplane>>>) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut seen = None;
+    loop {
+        ticker.tick().await;
+        let ctl = ctl.lock().await;
+        let Ok(misses) = ctl.plane().neighbour_misses() else {
+            continue;
+        };
+        if seen.is_some_and(|seen| misses > seen) {
+            info!(
+                misses,
+                "next hops without a neighbour entry: priming backend neighbours"
+            );
+            ctl.plane().prime_neighbours();
+        }
+        seen = Some(misses);
+    }
 }
 
 fn main() -> ExitCode {

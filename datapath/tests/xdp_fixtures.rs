@@ -241,7 +241,10 @@ impl Fixture {
             nat_port_min: 1024,
             nat_port_max: 65535,
         };
-        let dataplane = Dataplane::start(&config).unwrap_or_else(|e| panic!("start: {e}"));
+        let dataplane = Dataplane::start(&config).unwrap_or_else(|e| {
+            let _ = datapath::dataplane::cleanup(&pin_root);
+            panic!("start: {e}")
+        });
         let index = |name: &str| {
             let c = std::ffi::CString::new(name).expect("name");
             // SAFETY: valid C string.

@@ -145,7 +145,11 @@ fn ip_options_are_skipped_by_ihl() {
 
 #[test]
 fn fragments_never_expose_ports() {
-    for (flags_and_offset, what) in [(0x2000u16, "first fragment"), (0x0001, "last fragment"), (0x2001, "middle fragment")] {
+    for (flags_and_offset, what) in [
+        (0x2000u16, "first fragment"),
+        (0x0001, "last fragment"),
+        (0x2001, "middle fragment"),
+    ] {
         let mut frame = udp_with_payload();
         frame[20..22].copy_from_slice(&flags_and_offset.to_be_bytes());
         let parsed = parse_bytes(&mut frame);
