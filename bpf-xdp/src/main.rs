@@ -911,7 +911,7 @@ fn vary_flow(ctx: &XdpContext) -> Option<()> {
     store16(
         &frame,
         packet.l4_off + l4::SRC_PORT,
-        ((value & 0xffff) as u16 | 1).to_be(),
+        ((value & 0xffff) as u16).to_be(),
     )?;
     Some(())
 }

@@ -4,8 +4,9 @@
 //!   packages); idempotent.
 //! - `test`: every check, in order, stopping at the first failure.
 //! - `demo`: the load balancer in a namespace topology, with real traffic.
-//! - `bench`: not implemented yet.
+//! - `bench`: per-program cost of the XDP load balancer (ns/packet beside `xdp_drop`).
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -33,8 +34,8 @@ enum Command {
     Test(test::TestArgs),
     /// Show the load balancer spreading real connections over three backends.
     Demo(demo::DemoArgs),
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Measure the XDP load balancer's ns/packet per path beside a trivial XDP_DROP program.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,10 +44,7 @@ fn main() -> ExitCode {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => return test::run(&args),
         Command::Demo(args) => demo::run(&args),
-        Command::Bench => {
-            eprintln!("cargo xtask bench: not implemented yet");
-            return ExitCode::FAILURE;
-        }
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
