@@ -50,8 +50,12 @@ pub const NEW_FLOW: u32 = 18;
 /// A flow whose backend was removed, moved to another backend.
 pub const FLOW_RESCHEDULED: u32 = 19;
 
+/// A full-NAT source port whose reverse entry belonged to a flow no longer in the flow table,
+/// reclaimed for a new flow.
+pub const NAT_PORT_RECLAIMED: u32 = 20;
+
 /// Number of reasons; the size of `LB_REASONS`.
-pub const COUNT: u32 = 20;
+pub const COUNT: u32 = 21;
 
 /// Metric label of each reason, indexed by its constant.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -75,4 +79,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "seen_ip_options",
     "new_flow",
     "flow_rescheduled",
+    "nat_port_reclaimed",
 ];

@@ -565,13 +565,35 @@ fn allocate_nat_port(flow: &FlowKey, chosen: &Chosen, vip: &VipInfo) -> Option<u
         }
         // Taken: by this very flow (its flow entry was evicted or rescheduled) is fine.
         // SAFETY: copied out at once.
-        if let Some(existing) = unsafe { LB_NAT_REV.get(reverse_key) }.copied()
-            && existing.client_addr == reverse.client_addr
-            && existing.client_port_be == reverse.client_port_be
-            && existing.vip_addr == reverse.vip_addr
-            && existing.vip_port_be == reverse.vip_port_be
-        {
-            return Some(port_be);
+        if let Some(existing) = unsafe { LB_NAT_REV.get(reverse_key) }.copied() {
+            if existing.client_addr == reverse.client_addr
+                && existing.client_port_be == reverse.client_port_be
+                && existing.vip_addr == reverse.vip_addr
+                && existing.vip_port_be == reverse.vip_port_be
+            {
+                return Some(port_be);
+            }
+            // Taken by a flow that is no longer in LB_FLOWS (evicted): the reverse entry is
+            // stale and its port can be reclaimed. Without this the finite port space towards
+            // one backend fills up with dead flows' entries, because reverse entries are
+            // refreshed by replies and can outlive their forward entries.
+            let owner = FlowKey {
+                src: existing.client_addr,
+                dst: existing.vip_addr,
+                src_port_be: existing.client_port_be,
+                dst_port_be: existing.vip_port_be,
+                proto: flow.proto,
+                family: FAMILY_IPV4,
+                _pad: [0; 2],
+            };
+            // SAFETY: copied out at once.
+            let owner_alive = unsafe { LB_FLOWS.get(owner) }.is_some_and(|entry| {
+                entry.nat_port_be == port_be && entry.backend_id == existing.backend_id
+            });
+            if !owner_alive && LB_NAT_REV.insert(reverse_key, reverse, 0).is_ok() {
+                count_reason(reason::NAT_PORT_RECLAIMED);
+                return Some(port_be);
+            }
         }
         attempt += 1;
     }
