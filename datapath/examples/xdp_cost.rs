@@ -164,6 +164,14 @@ fn if_index(name: &str) -> Result<u32> {
 /// permanent so `bpf_fib_lookup` answers deterministically.
 fn build_topology(ns: &Netns) -> Result<()> {
     ns.ip(&["link", "set", "lo", "up"])?;
+    // The program is really attached: IPv6 router solicitations on the new links would move
+    // the counters the rows check exactly. Off before any link exists.
+    for key in [
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ] {
+        run(&["ip", "netns", "exec", &ns.name, "sysctl", "-qw", key])?;
+    }
     ns.ip(&[
         "link",
         "add",

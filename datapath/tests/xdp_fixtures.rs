@@ -155,6 +155,14 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let netns = TestNetns::enter();
+        // The program is really attached: IPv6 router solicitations on the new links would
+        // move the counters these tests compare exactly. Off before any link exists.
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            run(&["ip", "netns", "exec", &netns.name, "sysctl", "-qw", key]);
+        }
         netns.ip(&[
             "link",
             "add",
