@@ -3,6 +3,7 @@
 pub mod api;
 pub mod dataplane;
 pub mod error;
+pub mod gc;
 pub mod state;
 
 pub use error::{Error, Result};

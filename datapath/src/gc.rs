@@ -1,0 +1,475 @@
+//! Garbage collection of the load balancer's flow table (`LB_FLOWS`) and of the full-NAT
+//! reverse entries (`LB_NAT_REV`) that no flow owns any more.
+//!
+//! Both maps are LRU hashes, so the kernel evicts entries when they are full; the collector
+//! frees them earlier, by the conntrack idle timeouts (one definition, in the `conntrack`
+//! crate, shared with the kernel side), so that a burst of short flows cannot push live ones
+//! out and full-NAT source ports come back as soon as their flow is gone.
+//!
+//! A sweep reads the whole table with `BPF_MAP_LOOKUP_BATCH` (a few hundred syscalls for a
+//! million entries instead of two per entry), picks the expired entries, and then, for each
+//! one, reads it again and deletes it only if it is still expired. An entry a packet refreshed
+//! after the batch read is therefore kept: the collector never removes a live entry, except in
+//! the window of one syscall between that re-read and the delete, where the next packet of
+//! the flow simply re-creates it (with the same backend while the Maglev table is unchanged).
+//! Sweeps are throttled by a cap on deletions per sweep; what is left waits for the next one.
+
+use std::{
+    collections::HashSet,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use bpf_common::{FlowEntry, FlowKey, NatReverseEntry, map_names};
+use conntrack::{TcpState, Timeouts, is_expired};
+
+use crate::{Error, Result};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// Collector settings.
+#[derive(Clone, Copy, Debug)]
+pub struct GcConfig {
+    /// Idle timeouts per protocol and TCP state.
+    pub timeouts: Timeouts,
+    /// Most entries one sweep deletes (flows and orphaned reverse entries together); the rest
+    /// wait for the next sweep, so a mass expiry never monopolises a CPU.
+    pub max_deletes_per_sweep: usize,
+    /// Entries per `BPF_MAP_LOOKUP_BATCH` call.
+    pub batch_size: u32,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Self {
+            timeouts: Timeouts::DEFAULT,
+            max_deletes_per_sweep: 100_000,
+            batch_size: 4_096,
+        }
+    }
+}
+
+/// What one sweep saw and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SweepReport {
+    /// Flow entries read.
+    pub flows_scanned: u64,
+    /// Flow entries deleted because they were idle past their timeout.
+    pub flows_expired: u64,
+    /// Flow entries that looked expired in the batch read but had been refreshed by a packet
+    /// when re-read, and were kept.
+    pub flows_kept_live: u64,
+    /// Reverse entries read.
+    pub nat_scanned: u64,
+    /// Reverse entries deleted because no flow owns them any more.
+    pub nat_orphans_removed: u64,
+    /// Deletions left for a later sweep because of `max_deletes_per_sweep`.
+    pub deferred: u64,
+    /// Wall-clock time of the sweep, in microseconds.
+    pub duration_us: u64,
+}
+
+/// Running totals over every sweep of one collector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcTotals {
+    pub sweeps: u64,
+    pub flows_expired: u64,
+    pub flows_kept_live: u64,
+    pub nat_orphans_removed: u64,
+}
+
+/// The flow-table collector. It owns its own descriptors of the two maps, so it can run beside
+/// the dataplane controller without sharing its `Ebpf`.
+pub struct FlowGc {
+    flows: OwnedFd,
+    nat_reverse: OwnedFd,
+    config: GcConfig,
+    totals: GcTotals,
+}
+
+impl FlowGc {
+    /// Opens the maps pinned under `pin_root` by the dataplane.
+    pub fn open(pin_root: &Path, config: GcConfig) -> Result<Self> {
+        let open = |name: &str| -> Result<OwnedFd> {
+            let path = pin_root.join(name);
+            let map = aya::maps::MapData::from_pin(&path).map_err(|source| Error::Map {
+                context: format!("open pinned map {}", path.display()),
+                source: Box::new(source),
+            })?;
+            map.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io(format!("duplicate the descriptor of {name}"), e))
+        };
+        Ok(Self::from_fds(
+            open(map_names::FLOWS)?,
+            open(map_names::NAT_REV)?,
+            config,
+        ))
+    }
+
+    /// A collector over already-open maps (`flows`: `FlowKey -> FlowEntry`, `nat_reverse`:
+    /// `FlowKey -> NatReverseEntry`).
+    pub fn from_fds(flows: OwnedFd, nat_reverse: OwnedFd, config: GcConfig) -> Self {
+        Self {
+            flows,
+            nat_reverse,
+            config,
+            totals: GcTotals::default(),
+        }
+    }
+
+    pub fn totals(&self) -> GcTotals {
+        self.totals
+    }
+
+    pub fn config(&self) -> &GcConfig {
+        &self.config
+    }
+
+    /// The flow table's descriptor.
+    pub fn flows_fd(&self) -> &OwnedFd {
+        &self.flows
+    }
+
+    /// The reverse table's descriptor.
+    pub fn nat_reverse_fd(&self) -> &OwnedFd {
+        &self.nat_reverse
+    }
+
+    /// The idle timeout that applies to `entry` of protocol `proto`.
+    pub fn timeout_for(&self, proto: u8, entry: &FlowEntry) -> u64 {
+        let timeouts = &self.config.timeouts;
+        match proto {
+            IPPROTO_TCP => timeouts.for_tcp_state(TcpState::from_u8(entry.tcp_state)),
+            IPPROTO_UDP => timeouts.udp_ns,
+            _ => timeouts.other_ns,
+        }
+    }
+
+    /// One sweep at `now_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`; see
+    /// [`monotonic_now_ns`]).
+    pub fn sweep(&mut self, now_ns: u64) -> Result<SweepReport> {
+        let started = Instant::now();
+        let mut report = SweepReport::default();
+        let mut budget = self.config.max_deletes_per_sweep;
+
+        let flows: Vec<(FlowKey, FlowEntry)> =
+            lookup_all(self.flows.as_fd(), self.config.batch_size)?;
+        report.flows_scanned = flows.len() as u64;
+        let mut live: HashSet<FlowKey> = HashSet::with_capacity(flows.len());
+        for (key, entry) in &flows {
+            if !is_expired(
+                entry.last_seen_ns,
+                now_ns,
+                self.timeout_for(key.proto, entry),
+            ) {
+                live.insert(*key);
+                continue;
+            }
+            if budget == 0 {
+                report.deferred += 1;
+                live.insert(*key);
+                continue;
+            }
+            // Re-read: a packet may have refreshed the entry since the batch read.
+            let Some(current) = lookup::<FlowKey, FlowEntry>(self.flows.as_fd(), key)? else {
+                continue;
+            };
+            let still_expired = is_expired(
+                current.last_seen_ns,
+                now_ns,
+                self.timeout_for(key.proto, &current),
+            );
+            if !still_expired {
+                report.flows_kept_live += 1;
+                live.insert(*key);
+            } else if delete(self.flows.as_fd(), key)? {
+                report.flows_expired += 1;
+                budget -= 1;
+            }
+        }
+
+        let reverse: Vec<(FlowKey, NatReverseEntry)> =
+            lookup_all(self.nat_reverse.as_fd(), self.config.batch_size)?;
+        report.nat_scanned = reverse.len() as u64;
+        for (key, entry) in &reverse {
+            let owner = owner_of(key, entry);
+            if live.contains(&owner) {
+                continue;
+            }
+            if budget == 0 {
+                report.deferred += 1;
+                continue;
+            }
+            // The owner may have been created after the flow table was read (the kernel
+            // inserts the reverse entry first): look again before deleting.
+            if lookup::<FlowKey, FlowEntry>(self.flows.as_fd(), &owner)?.is_some() {
+                continue;
+            }
+            if delete(self.nat_reverse.as_fd(), key)? {
+                report.nat_orphans_removed += 1;
+                budget -= 1;
+            }
+        }
+
+        report.duration_us = started.elapsed().as_micros() as u64;
+        self.totals.sweeps += 1;
+        self.totals.flows_expired += report.flows_expired;
+        self.totals.flows_kept_live += report.flows_kept_live;
+        self.totals.nat_orphans_removed += report.nat_orphans_removed;
+        Ok(report)
+    }
+}
+
+impl FlowGc {
+    /// Deletes every flow and reverse entry (`lb-ctl`'s flush, and benchmarks that need an
+    /// empty table between runs). Returns how many entries were deleted. Established
+    /// connections survive a flush: their next packet re-creates the flow with the same
+    /// backend while the Maglev table is unchanged, but full-NAT flows get a new source port.
+    pub fn flush(&mut self) -> Result<u64> {
+        let mut deleted = 0;
+        for (key, _) in
+            lookup_all::<FlowKey, FlowEntry>(self.flows.as_fd(), self.config.batch_size)?
+        {
+            deleted += u64::from(delete(self.flows.as_fd(), &key)?);
+        }
+        for (key, _) in lookup_all::<FlowKey, NatReverseEntry>(
+            self.nat_reverse.as_fd(),
+            self.config.batch_size,
+        )? {
+            deleted += u64::from(delete(self.nat_reverse.as_fd(), &key)?);
+        }
+        Ok(deleted)
+    }
+}
+
+/// The forward flow key that owns the reverse entry `key -> entry`.
+fn owner_of(key: &FlowKey, entry: &NatReverseEntry) -> FlowKey {
+    FlowKey {
+        src: entry.client_addr,
+        dst: entry.vip_addr,
+        src_port_be: entry.client_port_be,
+        dst_port_be: entry.vip_port_be,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// How often the daemon sweeps by default.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+// --- Raw map syscalls. aya 0.14 has no batch operations; these are the few the collector
+// needs, on plain `#[repr(C)]` keys and values. ---
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// `union bpf_attr` for the element commands.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for the batch commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for `BPF_MAP_CREATE` (the fields up to `map_flags`).
+#[repr(C)]
+#[derive(Default)]
+struct CreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, initialised `#[repr(C)]` prefix of `union bpf_attr` whose
+    // pointers (if any) the caller keeps alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn map_error(what: &str, error: std::io::Error) -> Error {
+    Error::io(format!("{what} on the flow table"), error)
+}
+
+fn lookup<K: Copy, V: Copy + Default>(map: BorrowedFd<'_>, key: &K) -> Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        ..Default::default()
+    };
+    match sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(map_error("BPF_MAP_LOOKUP_ELEM", e)),
+    }
+}
+
+/// Deletes `key`; false when it was already gone.
+fn delete<K: Copy>(map: BorrowedFd<'_>, key: &K) -> Result<bool> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        ..Default::default()
+    };
+    match sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(map_error("BPF_MAP_DELETE_ELEM", e)),
+    }
+}
+
+/// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH`.
+fn lookup_all<K: Copy + Default, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    batch_size: u32,
+) -> Result<Vec<(K, V)>> {
+    let mut batch_size = batch_size.max(1);
+    let mut out = Vec::new();
+    // The hash map's batch token is a bucket index (u32); 8 bytes leave room either way.
+    let mut token_in = 0u64;
+    let mut token_out = 0u64;
+    let mut first = true;
+    loop {
+        let mut keys = vec![K::default(); batch_size as usize];
+        let mut values = vec![V::default(); batch_size as usize];
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut token_in as *mut u64 as u64
+            },
+            out_batch: &mut token_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: batch_size,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let filled = attr.count as usize;
+        match result {
+            Ok(_) => {}
+            // The end of the map; `count` says how many the last call still returned.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(keys.into_iter().zip(values).take(filled));
+                return Ok(out);
+            }
+            // One bucket holds more entries than fit: retry that bucket with room for more.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && batch_size < 1 << 20 => {
+                batch_size *= 2;
+                continue;
+            }
+            Err(e) => return Err(map_error("BPF_MAP_LOOKUP_BATCH", e)),
+        }
+        out.extend(keys.into_iter().zip(values).take(filled));
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Creates an anonymous hash map of `map_type` (`BPF_MAP_TYPE_LRU_HASH` is 9) for `K -> V`.
+/// For tests and benchmarks that need a real kernel map without loading the datapath object.
+pub fn create_hash_map<K, V>(map_type: u32, max_entries: u32) -> Result<OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let mut attr = CreateAttr {
+        map_type,
+        key_size: std::mem::size_of::<K>() as u32,
+        value_size: std::mem::size_of::<V>() as u32,
+        max_entries,
+        map_flags: 0,
+    };
+    let fd = sys_bpf(BPF_MAP_CREATE, &mut attr).map_err(|e| map_error("BPF_MAP_CREATE", e))?;
+    // SAFETY: BPF_MAP_CREATE returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_MAP_TYPE_LRU_HASH`, the type of `LB_FLOWS` and `LB_NAT_REV`.
+pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+/// Inserts or replaces `entries`, in batches. For tests and benchmarks.
+pub fn update_all<K: Copy, V: Copy>(map: BorrowedFd<'_>, entries: &[(K, V)]) -> Result<()> {
+    const CHUNK: usize = 8_192;
+    for chunk in entries.chunks(CHUNK) {
+        let keys: Vec<K> = chunk.iter().map(|(key, _)| *key).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, value)| *value).collect();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
+            .map_err(|e| map_error("BPF_MAP_UPDATE_BATCH", e))?;
+    }
+    Ok(())
+}
+
+/// Inserts or replaces one entry. For tests and benchmarks.
+pub fn update<K: Copy, V: Copy>(map: BorrowedFd<'_>, key: &K, value: &V) -> Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: value as *const V as u64,
+        ..Default::default()
+    };
+    sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map_err(|e| map_error("BPF_MAP_UPDATE_ELEM", e))?;
+    Ok(())
+}
+
+/// Every entry of a map of `FlowKey -> V`. For tests, benchmarks and inspection.
+pub fn read_all<V: Copy + Default>(map: BorrowedFd<'_>) -> Result<Vec<(FlowKey, V)>> {
+    lookup_all(map, 4_096)
+}
