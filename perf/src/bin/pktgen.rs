@@ -22,7 +22,9 @@ enum Output {
 /// (`--iface`, in `--ns`), so they arrive at its peer (the device under test), and counts what
 /// reaches an XDP counting sink (`--sink-iface` in `--sink-ns`; by default the peer itself).
 ///
-/// Every run is bounded: at most 60 s and 1e9 packets. Needs root. Prints the offered rate
+/// On veths the receiving side runs on the generating CPU, so the generator is closed-loop: the
+/// offered rate is what the whole path sustains. Every run is bounded: at most 60 s and 1e9
+/// packets. Needs root. Prints the offered rate
 /// (frames the generator transmitted / elapsed) and the received rate (IPv4 frames counted at
 /// the sink until 100 ms after the end / elapsed).
 #[derive(Debug, Parser)]
@@ -174,6 +176,13 @@ fn run(cli: Cli) -> Result<()> {
                     report.received.packets as f64 * 100.0 / g.packets as f64
                 }
             );
+            if report.received.packets == 0 && g.packets > 0 {
+                println!(
+                    "note: nothing reached the sink. Frames transmitted into a veth are only \
+                     delivered when its receiving end runs an XDP program (or has GRO on), and \
+                     the sink only counts IPv4 frames."
+                );
+            }
         }
     }
     Ok(())
