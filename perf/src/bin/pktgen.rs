@@ -20,7 +20,7 @@ enum Output {
 
 /// Generates frames with BPF_PROG_TEST_RUN's XDP live-frames mode out of one end of a veth pair
 /// (`--iface`, in `--ns`), so they arrive at its peer (the device under test), and counts what
-/// reaches an XDP counting sink (`--sink-iface` in `--sink-ns`; by default the peer itself).
+/// reaches an XDP counting sink (`--sink-iface` in `--sink-ns`, usually that peer itself).
 ///
 /// On veths the receiving side runs on the generating CPU, so the generator is closed-loop: the
 /// offered rate is what the whole path sustains. Every run is bounded: at most 60 s and 1e9
@@ -74,12 +74,16 @@ struct Cli {
     /// --iface].
     #[arg(long)]
     dst_mac: Option<String>,
+    /// First source address (flows beyond the port range use the next addresses).
     #[arg(long, default_value = "198.18.0.1")]
     src_ip: Ipv4Addr,
+    /// Destination address (a VIP, or whatever the device under test expects).
     #[arg(long, default_value = "198.18.100.1")]
     dst_ip: Ipv4Addr,
+    /// First source port.
     #[arg(long, default_value_t = 10_000)]
     src_port: u16,
+    /// Destination port.
     #[arg(long, default_value_t = 80)]
     dst_port: u16,
     /// Output format.
