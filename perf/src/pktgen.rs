@@ -415,8 +415,10 @@ pub fn generate(object: &mut PerfObject, options: &GenOptions) -> Result<GenResu
                     match prepared {
                         Ok(inner) => inner,
                         Err(e) => {
-                            // Could not even enter the namespace: release the others.
+                            // Could not even enter the namespace: stop the others, and
+                            // still meet them at the start line so that nobody waits forever.
                             stop.store(true, Ordering::Relaxed);
+                            barrier.wait();
                             Err(e)
                         }
                     }
