@@ -1,10 +1,21 @@
-//! `cargo xtask bench`: the per-program cost of the XDP load balancer.
+//! `cargo xtask bench`: the benchmark suite (see `perf/`).
 //!
-//! Builds (release) and runs `datapath`'s `xdp_cost` example, which measures ns/packet per
-//! path through BPF_PROG_TEST_RUN beside `xdp_drop`, in a private namespace, and writes the
-//! table to `perf/RESULTS.md` and JSON to `target/bench/xdp_cost.json`.
+//! 1. Builds `datapathd`, `lb-ctl` and the `perf` tools in release mode.
+//! 2. Runs the control-plane criterion benches (`perf/benches/control_plane.rs`): Maglev
+//!    builds, a garbage-collection sweep over 1,000,000 flows, and `lb-ctl` change-to-live
+//!    latency against a real daemon.
+//! 3. Runs `dp-bench`: per-program cost, forwarding rate against nftables DNAT and the
+//!    XDP_DROP floor, and the daemon's footprint; it prints one table and writes it to
+//!    `perf/RESULTS.md` and to `target/bench/results.json`.
+//! 4. Checks that nothing was left behind: no new network namespace, bpffs entry or
+//!    `datapathd` process.
+//!
+//! `--smoke` runs everything once, briefly, from a debug build, and writes nothing: the test
+//! suite does that so the tools cannot rot.
 
-use anyhow::{Context as _, Result};
+use std::{collections::BTreeSet, process::Command};
+
+use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
 use crate::{
@@ -14,13 +25,86 @@ use crate::{
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Short run (10,000 repeats, one run) that only checks the harness still works; writes
-    /// nothing.
+    /// Short run of everything from a debug build, writing nothing (what `cargo xtask test`
+    /// runs).
     #[arg(long)]
     pub smoke: bool,
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     pub skip_setup: bool,
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = command("cargo");
+    cmd.args(args);
+    cmd
+}
+
+const BINARIES: [&str; 6] = ["-p", "datapath", "-p", "lb-ctl", "-p", "dp-perf"];
+
+/// The commands of a run: build, criterion, dp-bench.
+fn commands(smoke: bool) -> Vec<Command> {
+    let profile = if smoke { "debug" } else { "release" };
+    let bin_dir = util::target_dir().join(profile);
+    let bench_dir = util::target_dir().join("bench");
+    let mut build = cargo(&["build"]);
+    build.args(BINARIES);
+    let mut criterion = if smoke {
+        // Criterion runs every benchmark once when not started with `--bench`.
+        cargo(&["test", "-p", "dp-perf", "--benches"])
+    } else {
+        build.arg("--release");
+        cargo(&["bench", "-p", "dp-perf", "--bench", "control_plane"])
+    };
+    criterion
+        .env("DATAPATHD_BIN", bin_dir.join("datapathd"))
+        .env("LB_CTL_BIN", bin_dir.join("lb-ctl"))
+        .env("DP_BENCH_OUT", &bench_dir);
+    let mut dp_bench = command(&bin_dir.join("dp-bench").to_string_lossy());
+    dp_bench
+        .arg("--datapathd")
+        .arg(bin_dir.join("datapathd"))
+        .arg("--lb-ctl")
+        .arg(bin_dir.join("lb-ctl"))
+        .arg("--target-dir")
+        .arg(util::target_dir());
+    if smoke {
+        dp_bench.arg("--smoke");
+    } else {
+        dp_bench
+            .arg("--write-results")
+            .arg("--json")
+            .arg(bench_dir.join("results.json"));
+    }
+    vec![build, criterion, dp_bench]
+}
+
+/// The smoke run, as steps of `cargo xtask test`.
+pub fn smoke_commands() -> Vec<Command> {
+    commands(true)
+}
+
+/// What a benchmark could leave behind: network namespaces, bpffs entries, daemons.
+fn leftovers() -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    if let Some(list) = util::capture(Command::new("ip").args(["netns", "list"])) {
+        for line in list.lines() {
+            if let Some(name) = line.split_whitespace().next() {
+                found.insert(format!("netns {name}"));
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in entries.flatten() {
+            found.insert(format!("bpffs {}", entry.file_name().to_string_lossy()));
+        }
+    }
+    if let Some(pids) = util::capture(Command::new("pgrep").args(["-x", "datapathd"])) {
+        for pid in pids.split_whitespace() {
+            found.insert(format!("process datapathd {pid}"));
+        }
+    }
+    found
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -29,25 +113,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             rebuild_bpf_linker: false,
         })?;
     }
-    util::run(command("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "datapath",
-        "--example",
-        "xdp_cost",
-    ]))
-    .context("building the benchmark")?;
-    let binary = util::target_dir().join("release/examples/xdp_cost");
-    let mut cmd = command(binary.to_str().context("non-UTF-8 target dir")?);
-    if args.smoke {
-        cmd.arg("--smoke");
-    } else {
-        let json_dir = util::target_dir().join("bench");
-        std::fs::create_dir_all(&json_dir).context("creating target/bench")?;
-        cmd.arg("--write-results")
-            .arg("--json")
-            .arg(json_dir.join("xdp_cost.json"));
+    std::fs::create_dir_all(util::target_dir().join("bench")).context("creating target/bench")?;
+    let before = leftovers();
+    for mut cmd in commands(args.smoke) {
+        util::run(&mut cmd)?;
     }
-    util::run(&mut cmd).context("running the benchmark")
+    let after = leftovers();
+    let left: Vec<&String> = after.difference(&before).collect();
+    if !left.is_empty() {
+        bail!("the benchmarks left these behind: {left:?}");
+    }
+    println!("==> bench: nothing left behind (namespaces, bpffs entries, datapathd processes)");
+    if !args.smoke {
+        println!("==> bench: table written to perf/RESULTS.md and target/bench/results.json");
+    }
+    Ok(())
 }

@@ -38,6 +38,9 @@ pub enum Check {
     Unit,
     /// The namespace integration tests with the real daemon and CLI.
     Netns,
+    /// The benchmark suite once, in smoke mode: pktgen, per-program cost, forwarding rate,
+    /// criterion benches (figures meaningless, only proves they still run).
+    BenchSmoke,
 }
 
 struct Step {
@@ -149,6 +152,11 @@ fn steps(bpf: &[String]) -> Vec<Step> {
             name: "netns",
             selected_by: &[Check::Netns],
             commands: vec![cargo(&["build", "-p", "datapath", "-p", "lb-ctl"]), netns],
+        },
+        Step {
+            name: "bench-smoke",
+            selected_by: &[Check::BenchSmoke],
+            commands: crate::bench::smoke_commands(),
         },
     ]
 }

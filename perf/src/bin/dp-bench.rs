@@ -1,0 +1,372 @@
+//! `dp-bench`: the benchmark suite behind `cargo xtask bench`.
+//!
+//! Runs, in one invocation, the per-program cost rows, the forwarding-rate rows (XDP load
+//! balancer, nftables DNAT, XDP_DROP floor) and the daemon's footprint, reads the control-plane
+//! criterion results that `cargo xtask bench` produced just before, and prints one table. With
+//! `--write-results` the table goes to `perf/RESULTS.md`, with `--json` to a JSON file.
+//! Benchmarks print figures; nothing here asserts a timing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use clap::Parser;
+use dp_perf::{
+    cost::{self, CostOptions, CostRow},
+    forward::{self, ForwardOptions, ForwardReport},
+    report::Summary,
+};
+use serde::Serialize;
+
+/// The datapath's benchmark suite (root only). Prefer `cargo xtask bench`, which builds
+/// everything in release mode and runs the criterion benches first.
+#[derive(Parser)]
+#[command(name = "dp-bench", version)]
+struct Args {
+    /// Short run that only proves every benchmark still works (the test suite uses it).
+    #[arg(long)]
+    smoke: bool,
+    /// BPF_PROG_TEST_RUN repeats per cost run (default 1,000,000; smoke 10,000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: Option<u32>,
+    /// Runs per row; rows report the median (default 5; smoke 1).
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..=50))]
+    runs: Option<u64>,
+    /// Seconds per forwarding run (default 2; smoke 0.5).
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<f64>,
+    /// Which parts to run.
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    only: Part,
+    /// `datapathd` binary (default: next to this one).
+    #[arg(long, env = "DATAPATHD_BIN", value_name = "PATH")]
+    datapathd: Option<PathBuf>,
+    /// `lb-ctl` binary (default: next to this one).
+    #[arg(long, env = "LB_CTL_BIN", value_name = "PATH")]
+    lb_ctl: Option<PathBuf>,
+    /// Where the criterion results are (`target/criterion`) and where the latency JSON is
+    /// (`target/bench`); both are optional, rows are left out when missing.
+    #[arg(long, value_name = "DIR")]
+    target_dir: Option<PathBuf>,
+    /// Write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Write the table to perf/RESULTS.md.
+    #[arg(long)]
+    write_results: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    All,
+    Cost,
+    Forward,
+}
+
+#[derive(Serialize)]
+struct ControlPlaneRow {
+    benchmark: String,
+    median_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Results {
+    machine: String,
+    date: String,
+    smoke: bool,
+    cost: Vec<CostRow>,
+    forward: Option<ForwardReport>,
+    control_plane: Vec<ControlPlaneRow>,
+    lb_ctl_latency: Option<serde_json::Value>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "dp-bench needs root (BPF, network namespaces)"
+    );
+    let runs = args.runs.map(|r| r as usize);
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .context("binary without a directory")?
+        .to_path_buf();
+    let datapathd = args
+        .datapathd
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("datapathd"));
+    let lb_ctl = args
+        .lb_ctl
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+
+    let cost_rows = if args.only != Part::Forward {
+        let mut options = if args.smoke {
+            CostOptions::smoke()
+        } else {
+            CostOptions::full()
+        };
+        options.repeat = args.repeat.unwrap_or(options.repeat);
+        options.runs = runs.unwrap_or(options.runs);
+        eprintln!(
+            "dp-bench: per-program cost ({} repeats x {} runs)",
+            options.repeat, options.runs
+        );
+        cost::run(&options).context("per-program cost")?
+    } else {
+        Vec::new()
+    };
+
+    let forward = if args.only != Part::Cost {
+        for binary in [&datapathd, &lb_ctl] {
+            ensure!(
+                binary.is_file(),
+                "{} not found (build it, or pass --datapathd/--lb-ctl)",
+                binary.display()
+            );
+        }
+        let mut options = if args.smoke {
+            ForwardOptions::smoke(datapathd.clone(), lb_ctl.clone())
+        } else {
+            ForwardOptions::new(datapathd.clone(), lb_ctl.clone())
+        };
+        options.runs = runs.unwrap_or(options.runs);
+        if let Some(seconds) = args.duration {
+            ensure!(
+                (0.1..=30.0).contains(&seconds),
+                "--duration must be between 0.1 and 30 seconds"
+            );
+            options.duration = Duration::from_secs_f64(seconds);
+        }
+        eprintln!(
+            "dp-bench: forwarding rate ({:?} flows, {} runs of {:?})",
+            options.flow_counts, options.runs, options.duration
+        );
+        Some(forward::run(&options).context("forwarding rate")?)
+    } else {
+        None
+    };
+
+    let target_dir = args
+        .target_dir
+        .clone()
+        .unwrap_or_else(|| netns_tests::daemon::workspace_root().join("target"));
+    let control_plane = criterion_rows(&target_dir.join("criterion"));
+    let lb_ctl_latency =
+        std::fs::read_to_string(target_dir.join("bench/control_plane_latency.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok());
+
+    let results = Results {
+        machine: machine(),
+        date: command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        smoke: args.smoke,
+        cost: cost_rows,
+        forward,
+        control_plane,
+        lb_ctl_latency,
+    };
+    let table = render(&results);
+    print!("{table}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.write_results {
+        let path = netns_tests::daemon::workspace_root().join("perf/RESULTS.md");
+        let body = format!(
+            "# perf results\n\nReproduce: `cargo xtask bench` (as root, on an idle machine; \
+             about 10 minutes).\n\n{table}"
+        );
+        std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    format!(
+        "{cpu} | {} CPUs | kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        command_line("uname", &["-r"]),
+    )
+}
+
+/// Medians of every criterion benchmark of the `control_plane` bench, from
+/// `target/criterion/**/new/{benchmark,estimates}.json`.
+fn criterion_rows(root: &Path) -> Vec<ControlPlaneRow> {
+    let mut rows = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if path.file_name().is_some_and(|n| n == "new") {
+                let read = |file: &str| -> Option<serde_json::Value> {
+                    serde_json::from_str(&std::fs::read_to_string(path.join(file)).ok()?).ok()
+                };
+                if let (Some(benchmark), Some(estimates)) =
+                    (read("benchmark.json"), read("estimates.json"))
+                    && let (Some(title), Some(median_ns)) = (
+                        benchmark["title"].as_str(),
+                        estimates["median"]["point_estimate"].as_f64(),
+                    )
+                {
+                    rows.push(ControlPlaneRow {
+                        benchmark: title.to_string(),
+                        median_ms: median_ns / 1e6,
+                    });
+                }
+            } else {
+                stack.push(path);
+            }
+        }
+    }
+    rows.sort_by(|a, b| a.benchmark.cmp(&b.benchmark));
+    rows
+}
+
+fn fmt_pps(summary: &Summary) -> String {
+    format!("{:.0}", summary.median)
+}
+
+fn render(results: &Results) -> String {
+    let mut out = format!(
+        "{} | {}{}\n\n",
+        results.date,
+        results.machine,
+        if results.smoke {
+            " | SMOKE RUN (figures meaningless)"
+        } else {
+            ""
+        }
+    );
+    if let Some(first) = results.cost.first() {
+        out.push_str(&format!(
+            "### Per-program cost (BPF_PROG_TEST_RUN)\n\nns/packet, median of {} runs of {} \
+             repeats. Rewriting paths run through the template-restoring harness; its cost, \
+             measured against xdp_drop in the same run, is subtracted.\n\n\
+             | path | ns/packet (median) | min | max | x xdp_drop | verdict | repeats | path check |\n\
+             | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |\n",
+            first.ns.samples.len(),
+            first.repeat
+        ));
+        for row in &results.cost {
+            out.push_str(&format!(
+                "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {} | {} |\n",
+                row.path,
+                row.ns.median,
+                row.ns.min,
+                row.ns.max,
+                row.ratio_to_xdp_drop,
+                row.verdict,
+                row.repeat,
+                row.check
+            ));
+        }
+        out.push('\n');
+    }
+    if let Some(forward) = &results.forward {
+        out.push_str(
+            "### Forwarding rate (pktgen, XDP live frames, UDP 64 bytes)\n\n\
+             Packets per second delivered to the backends' counting sink, median of the runs; \
+             (a) XDP load balancer, full-NAT; (b) nftables DNAT (numgen map, as kube-proxy's \
+             nftables mode) behind an XDP_PASS ingress; (c) XDP_DROP at the LB ingress (the \
+             machine's floor: packets absorbed, not forwarded).\n\n\
+             | scenario | flows | offered pps | delivered pps | min | max | runs |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        );
+        for row in &forward.rows {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {} |\n",
+                row.scenario,
+                row.flows,
+                fmt_pps(&row.offered_pps),
+                fmt_pps(&row.delivered_pps),
+                row.delivered_pps.min,
+                row.delivered_pps.max,
+                row.delivered_pps.samples.len()
+            ));
+        }
+        let mut flows: Vec<u32> = forward.rows.iter().map(|row| row.flows).collect();
+        flows.dedup();
+        out.push_str("\n| flows | (a)/(b) xdp-lb / nft-dnat | (a)/(c) xdp-lb / xdp-drop |\n| ---: | ---: | ---: |\n");
+        for flow_count in flows {
+            let pps = |scenario: &str| {
+                forward
+                    .rows
+                    .iter()
+                    .find(|row| row.scenario == scenario && row.flows == flow_count)
+                    .map(|row| row.delivered_pps.median)
+            };
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "n/a".to_string(),
+            };
+            let a = pps("xdp-lb-fullnat");
+            out.push_str(&format!(
+                "| {flow_count} | {} | {} |\n",
+                ratio(a, pps("nft-dnat")),
+                ratio(a, pps("xdp-drop"))
+            ));
+        }
+        out.push('\n');
+        if let Some(footprint) = &forward.footprint {
+            out.push_str(&format!(
+                "### datapathd footprint\n\n| state | RSS (KiB) | CPU (%) |\n| --- | ---: | ---: |\n\
+                 | idle, service configured | {} | {:.2} |\n\
+                 | {} flows tracked, under load | {} | {:.2} |\n\n",
+                footprint.idle_rss_kib,
+                footprint.idle_cpu_percent,
+                footprint.tracked_flows,
+                footprint.loaded_rss_kib,
+                footprint.loaded_cpu_percent
+            ));
+        }
+    }
+    if !results.control_plane.is_empty() || results.lb_ctl_latency.is_some() {
+        out.push_str(
+            "### Control plane (criterion, median)\n\n| benchmark | median (ms) |\n| --- | ---: |\n",
+        );
+        for row in &results.control_plane {
+            out.push_str(&format!("| {} | {:.3} |\n", row.benchmark, row.median_ms));
+        }
+        if let Some(latency) = &results.lb_ctl_latency {
+            out.push_str(&format!(
+                "\n`lb-ctl backend add/rm` to new table live in the map, over {} changes: \
+                 p50 {:.2} ms, p99 {:.2} ms.\n",
+                latency["changes"],
+                latency["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                latency["p99_ms"].as_f64().unwrap_or(f64::NAN),
+            ));
+        }
+        out.push('\n');
+    }
+    out.push_str("The machine is shared and noisy: compare medians, and ratios within one run.\n");
+    out
+}

@@ -1,0 +1,573 @@
+//! Per-program cost of `xdp_lb` in ns/packet through BPF_PROG_TEST_RUN.
+//!
+//! Repeats of BPF_PROG_TEST_RUN share one buffer, so a rewriting path would measure its own
+//! output from the second repeat on. Every `xdp_lb` path is therefore measured through
+//! `xdp_bench_harness`, which restores the frame from a template map on every repeat (and, for
+//! the new-flow rows, gives each repeat a new 5-tuple) and tail-calls the program under test.
+//! The harness's own cost is measured in the same run against `xdp_drop` as the tail-call
+//! target, with the same template, and subtracted. `xdp_drop` alone is the machine's floor.
+//!
+//! Each row proves the path it measured: the verdict of the measured run, the program's own
+//! reason counters (which must rise by exactly the repeat count), and, before measuring, the
+//! output frame of a single run compared with the expected frame.
+//!
+//! Everything runs in a private network namespace with pins under a private bpffs directory,
+//! both removed at the end.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use aya::{
+    maps::{Array, MapData, ProgramArray},
+    programs::{ProgramFd, TestRun as _, TestRunOptions, Xdp},
+};
+use bpf_common::{BENCH_FRAME_MAX, BenchTemplate, map_names};
+use datapath::{
+    dataplane::{Dataplane, DataplaneConfig, XdpAttachMode, cleanup},
+    gc::{FlowGc, GcConfig},
+};
+use datapath_api::{BackendSpec, BackendState, ForwardingMode, Protocol, ServiceKey, ServiceSpec};
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, TcpHeader};
+use netns_tests::{cmd::run_args, netns};
+use serde::Serialize;
+
+use crate::report::Summary;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT: [u8; 4] = [198, 18, 0, 1];
+const LB_FRONT: [u8; 4] = [198, 18, 0, 2];
+const LB_BACK: [u8; 4] = [198, 18, 1, 1];
+const VIP: [u8; 4] = [198, 18, 100, 1];
+const BACKENDS: [[u8; 4]; 3] = [[198, 18, 1, 11], [198, 18, 1, 12], [198, 18, 1, 13]];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+/// New full-NAT flows per run: each takes a source port towards its backend, and a run must
+/// stay well inside the ports of one SNAT address (about 64k per backend).
+const FULL_NAT_NEW_FLOW_REPEAT: u32 = 60_000;
+
+fn backend_mac(addr: [u8; 4]) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x01, addr[3]]
+}
+
+/// How long to measure.
+#[derive(Clone, Debug)]
+pub struct CostOptions {
+    /// BPF_PROG_TEST_RUN repeats per run.
+    pub repeat: u32,
+    /// Runs per row; rows report the median.
+    pub runs: usize,
+}
+
+impl CostOptions {
+    /// The full benchmark: a million repeats, median of five runs.
+    pub fn full() -> Self {
+        Self {
+            repeat: 1_000_000,
+            runs: 5,
+        }
+    }
+
+    /// The test suite's run: only checks that every path still works and is measured.
+    pub fn smoke() -> Self {
+        Self {
+            repeat: 10_000,
+            runs: 1,
+        }
+    }
+}
+
+/// One measured path.
+#[derive(Clone, Debug, Serialize)]
+pub struct CostRow {
+    pub path: String,
+    /// ns/packet, harness cost subtracted.
+    pub ns: Summary,
+    /// Median over the median of `xdp_drop` alone.
+    pub ratio_to_xdp_drop: f64,
+    pub verdict: &'static str,
+    pub repeat: u32,
+    /// The counters that proved the path.
+    pub check: String,
+}
+
+fn verdict_name(verdict: u32) -> &'static str {
+    match verdict {
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        XDP_REDIRECT => "XDP_REDIRECT",
+        _ => "?",
+    }
+}
+
+/// Measures every path in a private namespace and removes it, and the pins, afterwards.
+pub fn run(options: &CostOptions) -> Result<Vec<CostRow>> {
+    ensure!(
+        options.repeat > 0 && options.runs > 0,
+        "repeat and runs must be positive"
+    );
+    let name = format!("dpcost{}", std::process::id());
+    run_args("ip", &["netns", "add", &name])?;
+    let pin_root = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+    let result = netns::run_in(&name, || {
+        build_topology(&name).and_then(|()| measure_all(options, &pin_root))
+    })
+    .and_then(|inner| inner);
+    let _ = cleanup(&pin_root);
+    let _ = run_args("ip", &["netns", "del", &name]);
+    result
+}
+
+fn mac_str(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn if_index(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: valid C string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    ensure!(index != 0, "no interface {name}");
+    Ok(index)
+}
+
+/// The load-balancer node: `front` faces the client, `back` the backends; neighbours are
+/// permanent so `bpf_fib_lookup` answers deterministically. Runs inside the namespace.
+fn build_topology(ns: &str) -> Result<()> {
+    let ip = |args: &[&str]| -> Result<()> {
+        let mut full = vec!["-n", ns];
+        full.extend_from_slice(args);
+        run_args("ip", &full).map(drop)
+    };
+    let sysctl = |key: &str| -> Result<()> {
+        run_args("ip", &["netns", "exec", ns, "sysctl", "-qw", key]).map(drop)
+    };
+    ip(&["link", "set", "lo", "up"])?;
+    // The program is really attached: IPv6 router solicitations on the new links would move
+    // the counters the rows check exactly. Off before any link exists.
+    sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
+    sysctl("net.ipv6.conf.default.disable_ipv6=1")?;
+    for (dev, peer) in [("front", "front-peer"), ("back", "back-peer")] {
+        ip(&["link", "add", dev, "type", "veth", "peer", "name", peer])?;
+    }
+    ip(&["link", "set", "front", "address", &mac_str(FRONT_MAC)])?;
+    ip(&["link", "set", "back", "address", &mac_str(BACK_MAC)])?;
+    for dev in ["front", "front-peer", "back", "back-peer"] {
+        ip(&["link", "set", dev, "up"])?;
+    }
+    ip(&["addr", "add", "198.18.0.2/24", "dev", "front"])?;
+    ip(&["addr", "add", "198.18.1.1/24", "dev", "back"])?;
+    let neighbours = std::iter::once((CLIENT, CLIENT_MAC, "front"))
+        .chain(BACKENDS.iter().map(|b| (*b, backend_mac(*b), "back")));
+    for (addr, mac, dev) in neighbours {
+        let addr = Ipv4Addr::from(addr).to_string();
+        ip(&[
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            &mac_str(mac),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    sysctl("net.ipv4.ip_forward=1")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames.
+// ---------------------------------------------------------------------------------------------
+
+fn tcp_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    syn: bool,
+    ack: bool,
+) -> Result<Vec<u8>> {
+    let mut tcp = TcpHeader::new(src.1, dst.1, 1000, 64240);
+    tcp.syn = syn;
+    tcp.ack = ack;
+    let mut ip = Ipv4Header::new(tcp.header_len() as u16, 64, IpNumber::TCP, src.0, dst.0)?;
+    ip.dont_fragment = true;
+    ip.header_checksum = ip.calc_header_checksum();
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[])?;
+    let eth = Ethernet2Header {
+        source: macs.0,
+        destination: macs.1,
+        ether_type: EtherType::IPV4,
+    };
+    let mut frame = eth.to_bytes().to_vec();
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&tcp.to_bytes());
+    Ok(frame)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement.
+// ---------------------------------------------------------------------------------------------
+
+struct Bench {
+    dataplane: Dataplane,
+    drop_fd: ProgramFd,
+    lb_fd: ProgramFd,
+    targets: ProgramArray<MapData>,
+    template: Array<MapData, BenchTemplate>,
+    gc: FlowGc,
+}
+
+struct Sample {
+    verdict: u32,
+    ns: f64,
+    out: Vec<u8>,
+}
+
+fn xdp<'a>(dataplane: &'a mut Dataplane, name: &str) -> Result<&'a mut Xdp> {
+    dataplane
+        .bpf_mut()
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing"))?
+        .try_into()
+        .map_err(|e| anyhow!("{name} is not XDP: {e}"))
+}
+
+impl Bench {
+    fn test_run(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        ingress: u32,
+        repeat: u32,
+    ) -> Result<Sample> {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex; data_end must be the frame's length.
+        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ingress, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = repeat;
+        let result = xdp(&mut self.dataplane, program)?
+            .test_run(opts)
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
+        out.truncate(result.data_size_out as usize);
+        // The kernel reports the mean time per repeat (bpf_test_timer divides by the count).
+        Ok(Sample {
+            verdict: result.return_value,
+            ns: result.duration.as_nanos() as f64,
+            out,
+        })
+    }
+
+    fn set_template(&mut self, frame: &[u8], vary_flow: bool) -> Result<()> {
+        ensure!(frame.len() <= BENCH_FRAME_MAX, "template too long");
+        let mut bytes = [0u8; BENCH_FRAME_MAX];
+        bytes[..frame.len()].copy_from_slice(frame);
+        let value = BenchTemplate {
+            len: frame.len() as u32,
+            vary_flow: u32::from(vary_flow),
+            frame: bytes,
+        };
+        self.template.set(0, value, 0)?;
+        Ok(())
+    }
+
+    fn set_target(&mut self, lb: bool) -> Result<()> {
+        let fd = if lb { &self.lb_fd } else { &self.drop_fd };
+        self.targets.set(0, fd, 0)?;
+        Ok(())
+    }
+
+    fn reasons(&self) -> Result<BTreeMap<String, u64>> {
+        Ok(self.dataplane.stats()?.reasons)
+    }
+}
+
+/// One measured `xdp_lb` path.
+struct Path_ {
+    name: &'static str,
+    frame: Vec<u8>,
+    ingress: u32,
+    vary_flow: bool,
+    verdict: u32,
+    /// Reason counters and how much each must rise per packet.
+    counters: &'static [(&'static str, u64)],
+    /// Repeats per run (capped for paths that consume a finite resource per packet).
+    repeat: u32,
+    /// Empty the flow tables before every run (new full-NAT flows use up source ports).
+    flush_between_runs: bool,
+}
+
+/// Per run: (harness -> xdp_lb) - (harness -> xdp_drop), checking the verdict and that the
+/// reason counters rose by exactly the repeat count.
+fn measure(bench: &mut Bench, options: &CostOptions, path: &Path_) -> Result<CostRow> {
+    bench.set_template(&path.frame, path.vary_flow)?;
+    let mut ns = Vec::new();
+    for _ in 0..options.runs {
+        if path.flush_between_runs {
+            bench.gc.flush()?;
+        }
+        bench.set_target(false)?;
+        let harness =
+            bench.test_run("xdp_bench_harness", &path.frame, path.ingress, path.repeat)?;
+        ensure!(
+            harness.verdict == XDP_DROP,
+            "{}: harness->drop returned {}",
+            path.name,
+            harness.verdict
+        );
+        bench.set_target(true)?;
+        let before = bench.reasons()?;
+        let measured =
+            bench.test_run("xdp_bench_harness", &path.frame, path.ingress, path.repeat)?;
+        let after = bench.reasons()?;
+        ensure!(
+            measured.verdict == path.verdict,
+            "{}: verdict {} instead of {}",
+            path.name,
+            measured.verdict,
+            path.verdict
+        );
+        for (name, per_packet) in path.counters {
+            let rose = after[*name] - before[*name];
+            let want = u64::from(path.repeat) * per_packet;
+            ensure!(
+                rose == want,
+                "{}: counter {name} rose by {rose}, expected {want}",
+                path.name
+            );
+        }
+        ns.push(measured.ns - harness.ns);
+    }
+    let check = path
+        .counters
+        .iter()
+        .map(|(name, n)| format!("{name} +{}", u64::from(path.repeat) * n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(CostRow {
+        path: path.name.to_string(),
+        ns: Summary::of(&ns).context("no runs")?,
+        ratio_to_xdp_drop: 0.0,
+        verdict: verdict_name(path.verdict),
+        repeat: path.repeat,
+        check,
+    })
+}
+
+fn service(port: u16, mode: ForwardingMode, id: u32, first_backend_id: u32) -> ServiceSpec {
+    ServiceSpec {
+        key: ServiceKey {
+            vip: IpAddr::V4(VIP.into()),
+            port,
+            proto: Protocol::Tcp,
+        },
+        mode,
+        snat_addr: None,
+        id,
+        backends: BACKENDS
+            .iter()
+            .zip(first_backend_id..)
+            .map(|(b, id)| BackendSpec {
+                addr: IpAddr::V4((*b).into()),
+                port: 8080,
+                weight: 1,
+                state: BackendState::Active,
+                id,
+                generation: 1,
+            })
+            .collect(),
+    }
+}
+
+fn measure_all(options: &CostOptions, pin_root: &Path) -> Result<Vec<CostRow>> {
+    let config = DataplaneConfig {
+        pin_root: pin_root.to_path_buf(),
+        interfaces: vec!["front".into(), "back".into()],
+        xdp_mode: XdpAttachMode::Auto,
+        max_services: 4,
+        max_backends: 16,
+        ..DataplaneConfig::default()
+    };
+    let mut dataplane = Dataplane::start(&config)?;
+    // Port 80: full-NAT (established, reply and new-flow rows). Port 81: DSR, for a new-flow
+    // row of a million distinct flows, which one SNAT address could not hold in full-NAT.
+    dataplane.apply_service(&service(80, ForwardingMode::FullNat, 0, 0))?;
+    dataplane.apply_service(&service(81, ForwardingMode::Dsr, 1, 3))?;
+
+    for program in ["xdp_bench_harness", "xdp_drop"] {
+        xdp(&mut dataplane, program)?.load()?;
+    }
+    let drop_fd = xdp(&mut dataplane, "xdp_drop")?.fd()?.try_clone()?;
+    let lb_fd = dataplane.program_mut()?.fd()?.try_clone()?;
+    let bpf = dataplane.bpf_mut();
+    let targets = ProgramArray::try_from(
+        bpf.take_map(map_names::BENCH_TARGET)
+            .context("BENCH_TARGET")?,
+    )?;
+    let template = Array::try_from(
+        bpf.take_map(map_names::BENCH_TEMPLATE)
+            .context("BENCH_TEMPLATE")?,
+    )?;
+    let gc = FlowGc::open(pin_root, GcConfig::default())?;
+    let mut bench = Bench {
+        dataplane,
+        drop_fd,
+        lb_fd,
+        targets,
+        template,
+        gc,
+    };
+    let (front, back) = (if_index("front")?, if_index("back")?);
+
+    let client_side = (CLIENT_MAC, FRONT_MAC);
+    let dsr_syn = tcp_frame(client_side, (CLIENT, 40000), (VIP, 81), true, false)?;
+    let syn = tcp_frame(client_side, (CLIENT, 40000), (VIP, 80), true, false)?;
+    let new_syn = tcp_frame(client_side, (CLIENT, 50000), (VIP, 80), true, false)?;
+    let ack = tcp_frame(client_side, (CLIENT, 40000), (VIP, 80), false, true)?;
+    let non_vip = tcp_frame(client_side, (CLIENT, 40000), (LB_FRONT, 22), true, false)?;
+
+    // Pin the flow once, directly, and learn its backend from the output frame.
+    let first = bench.test_run("xdp_lb", &syn, front, 1)?;
+    ensure!(
+        first.verdict == XDP_REDIRECT,
+        "first SYN: verdict {}",
+        first.verdict
+    );
+    let backend: [u8; 4] = first.out[30..34].try_into()?;
+    ensure!(BACKENDS.contains(&backend), "first SYN went to {backend:?}");
+    let nat_port = u16::from_be_bytes(first.out[34..36].try_into()?);
+    let backend_side = (BACK_MAC, backend_mac(backend));
+    let want_ack = tcp_frame(
+        backend_side,
+        (LB_BACK, nat_port),
+        (backend, 8080),
+        false,
+        true,
+    )?;
+    let syn_ack = tcp_frame(
+        (backend_mac(backend), BACK_MAC),
+        (backend, 8080),
+        (LB_BACK, nat_port),
+        true,
+        true,
+    )?;
+    let want_reply = tcp_frame(
+        (FRONT_MAC, CLIENT_MAC),
+        (VIP, 80),
+        (CLIENT, 40000),
+        true,
+        true,
+    )?;
+
+    // Output frames of single runs through the harness: each path rewrites as expected.
+    bench.set_target(true)?;
+    for (what, frame, ingress, want) in [
+        ("established", &ack, front, &want_ack),
+        ("non-VIP", &non_vip, front, &non_vip),
+        ("reply", &syn_ack, back, &want_reply),
+    ] {
+        bench.set_template(frame, false)?;
+        let one = bench.test_run("xdp_bench_harness", frame, ingress, 1)?;
+        ensure!(
+            one.out == *want,
+            "{what}: output frame differs from the expected frame"
+        );
+    }
+
+    let mut floor = Vec::new();
+    for _ in 0..options.runs {
+        let sample = bench.test_run("xdp_drop", &syn, front, options.repeat)?;
+        ensure!(
+            sample.verdict == XDP_DROP,
+            "xdp_drop verdict {}",
+            sample.verdict
+        );
+        floor.push(sample.ns);
+    }
+    let floor = Summary::of(&floor).context("no runs")?;
+    let floor_median = floor.median;
+    // The full-NAT new-flow row runs last: it empties the flow tables between its runs, which
+    // would remove the flow the established and reply rows use.
+    let mut rows = vec![CostRow {
+        path: "xdp_drop (floor, no harness)".into(),
+        ns: floor,
+        ratio_to_xdp_drop: 1.0,
+        verdict: "XDP_DROP",
+        repeat: options.repeat,
+        check: "verdict".into(),
+    }];
+    let paths = [
+        Path_ {
+            name: "xdp_lb new flow, DSR (SYN, new 5-tuple every repeat)",
+            frame: dsr_syn,
+            ingress: front,
+            vary_flow: true,
+            verdict: XDP_REDIRECT,
+            counters: &[("new_flow", 1), ("fwd_redirect", 1)],
+            repeat: options.repeat,
+            flush_between_runs: false,
+        },
+        Path_ {
+            name: "xdp_lb established flow, full-NAT (ACK)",
+            frame: ack,
+            ingress: front,
+            vary_flow: false,
+            verdict: XDP_REDIRECT,
+            counters: &[("fwd_redirect", 1), ("new_flow", 0)],
+            repeat: options.repeat,
+            flush_between_runs: false,
+        },
+        Path_ {
+            name: "xdp_lb full-NAT reply translation",
+            frame: syn_ack,
+            ingress: back,
+            vary_flow: false,
+            verdict: XDP_REDIRECT,
+            counters: &[("nat_reply_translated", 1), ("fwd_redirect", 1)],
+            repeat: options.repeat,
+            flush_between_runs: false,
+        },
+        Path_ {
+            name: "xdp_lb non-VIP (pass)",
+            frame: non_vip,
+            ingress: front,
+            vary_flow: false,
+            verdict: XDP_PASS,
+            counters: &[("pass_not_vip", 1)],
+            repeat: options.repeat,
+            flush_between_runs: false,
+        },
+        Path_ {
+            name: "xdp_lb new flow, full-NAT (SYN, new 5-tuple every repeat)",
+            frame: new_syn,
+            ingress: front,
+            vary_flow: true,
+            verdict: XDP_REDIRECT,
+            counters: &[("new_flow", 1), ("fwd_redirect", 1)],
+            repeat: options.repeat.min(FULL_NAT_NEW_FLOW_REPEAT),
+            flush_between_runs: true,
+        },
+    ];
+    for path in &paths {
+        let mut row = measure(&mut bench, options, path)?;
+        row.ratio_to_xdp_drop = row.ns.median / floor_median;
+        rows.push(row);
+    }
+    Ok(rows)
+}

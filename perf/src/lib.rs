@@ -1,0 +1,16 @@
+//! The datapath's benchmark tools (`cargo xtask bench`).
+//!
+//! - [`pktgen`]: an in-kernel packet generator on BPF_PROG_TEST_RUN's XDP live-frames mode.
+//! - [`forward`]: forwarding rate through the XDP load balancer against nftables DNAT and the
+//!   machine's XDP_DROP floor, and the daemon's footprint.
+//! - [`cost`]: per-program ns/packet through BPF_PROG_TEST_RUN.
+//! - [`report`]: medians, the results table and its JSON.
+//!
+//! Benchmarks print figures; nothing here asserts a timing.
+
+pub mod bpf;
+pub mod cost;
+pub mod forward;
+pub mod pktgen;
+pub mod report;
+pub mod topo;
