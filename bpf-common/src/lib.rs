@@ -125,7 +125,8 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// Value of `LB_FLOWS`: what the first packet of a flow resolved.
+/// Value of `LB_FLOWS`: what the first packet of a flow resolved, and the forwarding decision
+/// (`bpf_fib_lookup`'s answer) cached for the packets after it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
@@ -140,8 +141,22 @@ pub struct FlowEntry {
     pub _pad: u8,
     /// `bpf_ktime_get_ns` of the last packet.
     pub last_seen_ns: u64,
+    /// Egress interface of the cached FIB answer; 0 when nothing is cached.
+    pub fib_ifindex: u32,
+    /// Next hop's MAC address of the cached FIB answer.
+    pub fib_dmac: [u8; 6],
+    /// Egress interface's MAC address of the cached FIB answer.
+    pub fib_smac: [u8; 6],
+    /// `bpf_ktime_get_ns` when the FIB answer was cached; it is trusted for
+    /// the `FIB_CACHE_NS` global (default [`defaults::FIB_CACHE_NS`]) only, which bounds how
+    /// long a neighbour or route change goes unnoticed by an established flow.
+    pub fib_cached_ns: u64,
+    /// Largest IPv4 total length the cached answer was checked against (the MTU check of
+    /// `bpf_fib_lookup`); a longer packet looks the route up again.
+    pub fib_max_len: u16,
+    pub _pad2: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 56);
 
 /// Value of `LB_NAT_REV`: how to translate a full-NAT reply back to the client.
 #[repr(C)]
@@ -214,12 +229,17 @@ pub mod globals {
     pub const NAT_PORT_MIN: &str = "NAT_PORT_MIN";
     /// `u16`: highest source port full-NAT may allocate (host byte order).
     pub const NAT_PORT_MAX: &str = "NAT_PORT_MAX";
+    /// `u64`: how long an established flow trusts its cached FIB answer, in nanoseconds
+    /// (0: look the route up for every packet).
+    pub const FIB_CACHE_NS: &str = "FIB_CACHE_NS";
 }
 
 /// Default sizes. All are configurable in the daemon and exported as capacity metrics.
 pub mod defaults {
     /// Maglev table size: a prime, as Maglev requires.
     pub const MAGLEV_SIZE: u32 = 65_537;
+    /// An established flow re-checks its route and next hop once a second.
+    pub const FIB_CACHE_NS: u64 = 1_000_000_000;
     /// Services (VIP, port, protocol) the datapath can hold.
     pub const MAX_SERVICES: u32 = 64;
     /// Backend slots across all services.

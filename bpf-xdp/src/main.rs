@@ -46,6 +46,8 @@ static MAGLEV_SIZE: u32 = defaults::MAGLEV_SIZE;
 static NAT_PORT_MIN: u16 = defaults::NAT_PORT_MIN;
 #[unsafe(no_mangle)]
 static NAT_PORT_MAX: u16 = defaults::NAT_PORT_MAX;
+#[unsafe(no_mangle)]
+static FIB_CACHE_NS: u64 = defaults::FIB_CACHE_NS;
 
 /// Read a `.rodata` global so the compiler cannot fold in the default value.
 #[inline(always)]
@@ -400,10 +402,12 @@ fn to_backend(
 
     let mut outcome = reason::NEW_FLOW;
     let mut pinned: Option<(Chosen, u16)> = None;
-    if let Some(entry) = LB_FLOWS.get_ptr_mut(flow) {
+    // The established flow's entry, whose cached FIB answer `forward` uses and refreshes.
+    let mut cache: *mut FlowEntry = core::ptr::null_mut();
+    if let Some(entry_ptr) = LB_FLOWS.get_ptr_mut(flow) {
         // SAFETY: a valid map value; concurrent updates of the same flow from two CPUs only race
-        // on bookkeeping fields.
-        let entry = unsafe { &mut *entry };
+        // on bookkeeping fields and on the cached FIB answer, which both write alike.
+        let entry = unsafe { &mut *entry_ptr };
         if let Some(info) = backend(entry.backend_id) {
             // Draining backends keep their flows; a freed or reassigned slot does not.
             if info.state != BACKEND_UNUSED
@@ -425,6 +429,7 @@ fn to_backend(
                     },
                     entry.nat_port_be,
                 ));
+                cache = entry_ptr;
             }
         }
         if pinned.is_none() {
@@ -457,8 +462,8 @@ fn to_backend(
                 service_id: vip.service_id,
                 nat_port_be,
                 tcp_state,
-                _pad: 0,
                 last_seen_ns: now,
+                ..FlowEntry::default()
             };
             // An LRU insert only fails on allocation failure; the packet is still forwarded and
             // the next one retries (Maglev picks the same backend while the table is unchanged).
@@ -487,26 +492,26 @@ fn to_backend(
             // per field, and the stack gets it.
             return pass(reason::PASS_TRUNCATED_L3);
         }
-        forward(
+        forward_cached(
             ctx,
             frame,
             packet,
-            snat_addr,
-            backend_addr,
+            (snat_addr, backend_addr),
             proto,
-            nat_port_be,
-            chosen.info.port_be,
+            (nat_port_be, chosen.info.port_be),
+            cache,
+            now,
         )
     } else {
-        forward(
+        forward_cached(
             ctx,
             frame,
             packet,
-            packet.src,
-            backend_addr,
+            (packet.src, backend_addr),
             proto,
-            src_port_be,
-            dst_port_be,
+            (src_port_be, dst_port_be),
+            cache,
+            now,
         )
     }
 }
@@ -812,6 +817,49 @@ fn forward(
     src_port_be: u16,
     dst_port_be: u16,
 ) -> Verdict {
+    forward_cached(
+        ctx,
+        frame,
+        packet,
+        (src, dst),
+        proto,
+        (src_port_be, dst_port_be),
+        core::ptr::null_mut(),
+        0,
+    )
+}
+
+/// Sends the rewritten frame to its next hop. With a flow entry (`cache` non-null), a FIB
+/// answer cached less than the `FIB_CACHE_NS` global ago for a packet at least this long is reused, and a
+/// fresh answer is cached: an established flow then costs no `bpf_fib_lookup` per packet.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the flow's addresses, ports and cache, passed by value for the verifier"
+)]
+fn forward_cached(
+    ctx: &XdpContext,
+    frame: &XdpFrame,
+    packet: &Ipv4Packet,
+    (src, dst): (u32, u32),
+    proto: u8,
+    (src_port_be, dst_port_be): (u16, u16),
+    cache: *mut FlowEntry,
+    now: u64,
+) -> Verdict {
+    if !cache.is_null() {
+        // SAFETY: a live map value from `get_ptr_mut`, valid for this program run.
+        let entry = unsafe { &*cache };
+        if entry.fib_ifindex != 0
+            && now.wrapping_sub(entry.fib_cached_ns) < global(&FIB_CACHE_NS)
+            && packet.total_len <= entry.fib_max_len
+        {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&entry.fib_dmac);
+            macs[6..].copy_from_slice(&entry.fib_smac);
+            return egress(ctx, frame, macs, entry.fib_ifindex);
+        }
+    }
     // SAFETY: plain-old-data C struct; all-zero is a valid initial value.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -838,22 +886,39 @@ fn forward(
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return pass(reason::PASS_FRAG_NEEDED),
         _ => return drop(reason::DROP_FIB_FAILED),
     }
-    let Some(eth) = frame.at::<12>(0) else {
-        return pass(reason::PASS_TRUNCATED_L3);
-    };
+    if !cache.is_null() {
+        // SAFETY: as above.
+        let entry = unsafe { &mut *cache };
+        entry.fib_ifindex = params.ifindex;
+        entry.fib_dmac = params.dmac;
+        entry.fib_smac = params.smac;
+        entry.fib_cached_ns = now;
+        // A fresh answer resets the length it was checked against; within its lifetime the
+        // longest packet seen so far is the bound.
+        entry.fib_max_len = packet.total_len;
+    }
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&params.dmac);
     macs[6..].copy_from_slice(&params.smac);
+    egress(ctx, frame, macs, params.ifindex)
+}
+
+/// Writes the next hop's and our MAC addresses and transmits on `ifindex`.
+#[inline(always)]
+fn egress(ctx: &XdpContext, frame: &XdpFrame, macs: [u8; 12], ifindex: u32) -> Verdict {
+    let Some(eth) = frame.at::<12>(0) else {
+        return pass(reason::PASS_TRUNCATED_L3);
+    };
     // SAFETY: bounds-checked by `at`.
     unsafe { *eth = macs };
 
-    if params.ifindex == ctx.ingress_ifindex() as u32 {
+    if ifindex == ctx.ingress_ifindex() as u32 {
         return Verdict {
             action: xdp_action::XDP_TX,
             reason: reason::FWD_TX,
         };
     }
-    match LB_TX_PORTS.redirect(params.ifindex, 0) {
+    match LB_TX_PORTS.redirect(ifindex, 0) {
         Ok(action) => Verdict {
             action,
             reason: reason::FWD_REDIRECT,

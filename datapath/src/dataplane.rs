@@ -89,6 +89,9 @@ pub struct DataplaneConfig {
     /// Full-NAT source port range (inclusive).
     pub nat_port_min: u16,
     pub nat_port_max: u16,
+    /// How long an established flow reuses its cached FIB answer (next hop MAC, egress
+    /// interface) before looking the route up again; 0 disables the cache.
+    pub fib_cache_ns: u64,
 }
 
 impl Default for DataplaneConfig {
@@ -104,6 +107,7 @@ impl Default for DataplaneConfig {
             max_flows: defaults::MAX_FLOWS,
             nat_port_min: defaults::NAT_PORT_MIN,
             nat_port_max: defaults::NAT_PORT_MAX,
+            fib_cache_ns: defaults::FIB_CACHE_NS,
         }
     }
 }
@@ -165,7 +169,8 @@ pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
         .map_max_entries(map_names::BACKEND_STATS, config.max_backends)
         .override_global(globals::MAGLEV_SIZE, &config.maglev_size, true)
         .override_global(globals::NAT_PORT_MIN, &config.nat_port_min, true)
-        .override_global(globals::NAT_PORT_MAX, &config.nat_port_max, true);
+        .override_global(globals::NAT_PORT_MAX, &config.nat_port_max, true)
+        .override_global(globals::FIB_CACHE_NS, &config.fib_cache_ns, true);
     loader.load(XDP_OBJECT).map_err(|source| Error::Load {
         source: Box::new(source),
         context: format!(

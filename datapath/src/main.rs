@@ -88,6 +88,12 @@ struct RunArgs {
     #[arg(long, value_name = "MIN-MAX", env = "DATAPATH_NAT_PORT_RANGE",
           default_value_t = PortRange { min: defaults::NAT_PORT_MIN, max: defaults::NAT_PORT_MAX })]
     nat_port_range: PortRange,
+    /// Milliseconds an established flow reuses its cached route and next-hop MAC before
+    /// looking them up again (bounds how long a neighbour change goes unnoticed; 0 looks
+    /// the route up for every packet).
+    #[arg(long, value_name = "MS", env = "DATAPATH_FIB_CACHE_MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    fib_cache_ms: u64,
     /// Log format on stderr.
     #[arg(long, value_enum, env = "DATAPATH_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -196,6 +202,7 @@ impl RunArgs {
             max_flows: self.max_flows,
             nat_port_min: self.nat_port_range.min,
             nat_port_max: self.nat_port_range.max,
+            fib_cache_ns: self.fib_cache_ms * 1_000_000,
         };
         config.validate()?;
         Ok(config)

@@ -56,6 +56,7 @@ fn entry(state: TcpState, last_seen_ns: u64, nat_port: u16) -> FlowEntry {
         tcp_state: state as u8,
         _pad: 0,
         last_seen_ns,
+        ..FlowEntry::default()
     }
 }
 

@@ -248,6 +248,9 @@ impl Fixture {
             max_flows: 1024,
             nat_port_min: 1024,
             nat_port_max: 65535,
+            // An hour: the cached FIB answer never expires during a test, so the test below
+            // can tell a cached answer from a fresh lookup without depending on time.
+            fib_cache_ns: 3_600_000_000_000,
         };
         let dataplane = Dataplane::start(&config).unwrap_or_else(|e| {
             let _ = datapath::dataplane::cleanup(&pin_root);
@@ -1081,4 +1084,83 @@ fn vlan_tagged_vip_traffic_is_parsed() {
     );
     assert_eq!(fx.reason("pass_not_vip"), before + 1);
     let _ = reason::COUNT;
+}
+
+#[test]
+fn established_flow_reuses_its_cached_fib_answer_until_a_longer_packet() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..1];
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        backends,
+    ));
+    let backend = backends[0];
+    let client_side = (CLIENT_MAC, FRONT_MAC);
+    let backend_side = (BACK_MAC, backend_mac(backend));
+    let syn = tcp_frame(client_side, (CLIENT, 40000), (VIP, 80), true, false, &[]);
+    let ack = tcp_frame(client_side, (CLIENT, 40000), (VIP, 80), false, true, &[]);
+    let want_syn = tcp_frame(
+        backend_side,
+        (LB_BACK, 40000),
+        (backend, 8080),
+        true,
+        false,
+        &[],
+    );
+    let want_ack = tcp_frame(
+        backend_side,
+        (LB_BACK, 40000),
+        (backend, 8080),
+        false,
+        true,
+        &[],
+    );
+
+    // The SYN creates the flow; the first ACK looks the route up and caches the answer.
+    assert_frame("SYN", fx.run(&syn, fx.front_index), XDP_REDIRECT, &want_syn);
+    assert_frame(
+        "first ACK",
+        fx.run(&ack, fx.front_index),
+        XDP_REDIRECT,
+        &want_ack,
+    );
+
+    // Without its neighbour entry, a lookup would now answer "no neighbour" and the packet
+    // would go to the stack. The cached answer still forwards, byte for byte as before.
+    fx._netns
+        .ip(&["neigh", "del", &ip_str(backend), "dev", "back"]);
+    let misses = fx.reason("pass_fib_no_neigh");
+    assert_frame(
+        "cached ACK",
+        fx.run(&ack, fx.front_index),
+        XDP_REDIRECT,
+        &want_ack,
+    );
+    assert_eq!(
+        fx.reason("pass_fib_no_neigh"),
+        misses,
+        "the cached ACK looked the route up"
+    );
+
+    // A longer packet than the cached answer was checked against (the route's MTU) looks the
+    // route up again, finds no neighbour, and goes to the stack, which resolves it.
+    let data = tcp_frame(
+        client_side,
+        (CLIENT, 40000),
+        (VIP, 80),
+        false,
+        true,
+        &[0x5a; 100],
+    );
+    let (verdict, _) = fx.run(&data, fx.front_index);
+    assert_eq!(
+        verdict, XDP_PASS,
+        "a longer packet must not use the cached answer"
+    );
+    assert_eq!(fx.reason("pass_fib_no_neigh"), misses + 1);
 }

@@ -109,6 +109,7 @@ fn flow_entry(last_seen_ns: u64) -> FlowEntry {
         tcp_state: 3,
         _pad: 0,
         last_seen_ns,
+        ..FlowEntry::default()
     }
 }
 

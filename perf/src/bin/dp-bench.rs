@@ -314,6 +314,7 @@ fn render(results: &Results) -> String {
             ));
         }
         let mut flows: Vec<u32> = forward.rows.iter().map(|row| row.flows).collect();
+        flows.sort_unstable();
         flows.dedup();
         out.push_str("\n| flows | (a)/(b) xdp-lb / nft-dnat | (a)/(c) xdp-lb / xdp-drop |\n| ---: | ---: | ---: |\n");
         for flow_count in flows {
