@@ -624,7 +624,7 @@ fn a_feature_forced_off_disables_only_its_module() {
     let out = ok(
         "service add with lb off",
         lab.daemon()
-            .lb_ctl(&["service", "add", "198.18.100.1:80", "--proto", "tcp"]),
+            .lb_ctl(&["service", "add", "198.18.100.1:81", "--proto", "tcp"]),
     );
     assert!(!out.status.success());
     assert!(
@@ -854,24 +854,29 @@ fn sigterm_exits_within_5s_leaving_traffic_flowing_and_cleanup_removes_everythin
 
     ok("datapathd cleanup", lab.daemon().run_cleanup());
     assert!(!pin_root.exists(), "{} remains", pin_root.display());
-    for (iface, (link, prog)) in &links {
-        for (kind, id) in [("link", link), ("prog", prog)] {
-            let out = Command::new("bpftool")
-                .args([kind, "show", "id", &id.to_string()])
-                .output()
-                .unwrap();
-            assert!(
-                !out.status.success(),
-                "{iface}: {kind} {id} still exists: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
+    let gone = |kind: &str, id: u64| {
+        !Command::new("bpftool")
+            .args([kind, "show", "id", &id.to_string()])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(true)
+    };
+    for (iface, (link, _)) in &links {
+        assert!(gone("link", *link), "{iface}: link {link} still exists");
         let shown = ok(
             "ip link show",
             ip_in(&lab.topo.lb, &["link", "show", "dev", iface]),
         );
         assert!(!shown.contains("xdp"), "{iface} still has XDP: {shown}");
     }
+    // Programs and maps go when their last reference does; the kernel frees them
+    // asynchronously (after an RCU grace period).
+    wait_until("the program to be freed", || {
+        links
+            .values()
+            .all(|(_, prog)| gone("prog", *prog))
+            .then_some(())
+    });
     // Maps go when their last reference does; the kernel frees them asynchronously.
     wait_until("the pinned maps to be freed", || {
         maps.iter()
