@@ -300,12 +300,21 @@ impl Features {
         self.probes.get(&f).is_some_and(|p| p.available)
     }
 
+    /// Whether the process holds `cap`, or a capability the kernel accepts instead: before
+    /// CAP_BPF and CAP_PERFMON existed CAP_SYS_ADMIN granted both, and it still does
+    /// (`bpf_capable()`, `perfmon_capable()`).
+    pub fn has(&self, cap: Capability) -> bool {
+        self.capabilities.contains(&cap)
+            || (matches!(cap, Capability::Bpf | Capability::Perfmon)
+                && self.capabilities.contains(&Capability::SysAdmin))
+    }
+
     /// Why `module` cannot run here, or `None` if it can.
     pub fn blocker(&self, module: Module) -> Option<String> {
         let missing_caps: Vec<&str> = module
             .capabilities()
             .iter()
-            .filter(|c| !self.capabilities.contains(c))
+            .filter(|c| !self.has(**c))
             .map(|c| c.name())
             .collect();
         if !missing_caps.is_empty() {
@@ -345,11 +354,12 @@ impl Features {
             .collect()
     }
 
-    /// Capabilities of [`Capability::ALL`] this process lacks.
+    /// Capabilities of [`Capability::ALL`] this process lacks (counting CAP_SYS_ADMIN as
+    /// CAP_BPF and CAP_PERFMON, as the kernel does).
     pub fn missing_capabilities(&self) -> Vec<Capability> {
         Capability::ALL
             .into_iter()
-            .filter(|c| !self.capabilities.contains(c))
+            .filter(|c| !self.has(*c))
             .collect()
     }
 }

@@ -283,7 +283,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // through the same orderly path instead of killing it half-way.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
 
     let features = Features::probe(&settings.force_off);
     info!(
