@@ -252,11 +252,11 @@ impl Source {
                 && let Some(end) = rest.find('`')
             {
                 let name = &rest[..end];
-                key = if key == "." || key.is_empty() {
-                    name.to_string()
-                } else {
-                    format!("{key}.{name}")
-                };
+                if key == "." || key.is_empty() {
+                    key = name.to_string();
+                } else if !key.ends_with(name) {
+                    key = format!("{key}.{name}");
+                }
             }
             if key == "." {
                 key = "(top level)".to_string();

@@ -383,7 +383,16 @@ mod tests {
             "{why}"
         );
         f.capabilities.retain(|c| *c != Capability::Bpf);
+        assert_eq!(
+            f.blocker(Module::Lb),
+            None,
+            "CAP_SYS_ADMIN stands in for CAP_BPF"
+        );
+        f.capabilities.retain(|c| *c != Capability::SysAdmin);
         assert_eq!(f.blocker(Module::Lb).unwrap(), "missing capability CAP_BPF");
-        assert_eq!(f.missing_capabilities(), [Capability::Bpf]);
+        assert_eq!(
+            f.missing_capabilities(),
+            [Capability::Bpf, Capability::SysAdmin]
+        );
     }
 }
