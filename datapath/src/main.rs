@@ -29,6 +29,9 @@ it exists; every key is in deploy/config.example.yaml), then the environment var
 in brackets, then flags. Several interfaces go comma-separated (DATAPATH_IFACE=eth0,eth1).
 Log verbosity follows RUST_LOG (default: info).
 
+Metrics (Prometheus), /healthz and /readyz are served over HTTP on --metrics-listen (default
+:9477); /readyz answers 200 once the enabled modules are attached and reconciled.
+
 SIGHUP, or a change of the file, reloads the configuration: it is validated and the difference
 applied (interfaces attached or detached, modules enabled or disabled); an invalid one leaves
 the running configuration in force and is counted in datapath_config_reload_failures_total.
@@ -336,7 +339,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = api::bind(&settings.api_socket).await?;
 
     let interfaces = if settings.lb_enabled && features.blocker(Module::Lb).is_none() {
-        wait_for_interfaces(&settings, source.as_ref(), &runtime).await?
+        // A signal while waiting ends the daemon at once, before anything is attached.
+        tokio::select! {
+            found = wait_for_interfaces(&settings, source.as_ref(), &runtime) => found?,
+            _ = sigterm.recv() => {
+                info!(signal = "SIGTERM", "stopping before the interfaces appeared");
+                let _ = std::fs::remove_file(&settings.api_socket);
+                return Ok(());
+            }
+            _ = sigint.recv() => {
+                info!(signal = "SIGINT", "stopping before the interfaces appeared");
+                let _ = std::fs::remove_file(&settings.api_socket);
+                return Ok(());
+            }
+        }
     } else {
         Vec::new()
     };
