@@ -194,6 +194,28 @@ fn statfs_magic(path: &str) -> Option<i64> {
     (rc == 0).then_some(stat.f_type as i64)
 }
 
+/// `LSM_ID_BPF` of `include/uapi/linux/lsm.h`.
+const LSM_ID_BPF: u64 = 110;
+
+/// The ids of the active LSMs from `lsm_list_modules(2)` (Linux 6.8+), or `None` where the
+/// syscall does not exist.
+fn lsm_list_modules() -> Option<Vec<u64>> {
+    // One number on every architecture (the unified syscall table, like all numbers >= 424).
+    const SYS_LSM_LIST_MODULES: libc::c_long = 461;
+    let mut ids = [0u64; 32];
+    let mut size = std::mem::size_of_val(&ids) as u32;
+    // SAFETY: the kernel writes at most `size` bytes into `ids` and updates `size`.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_LSM_LIST_MODULES,
+            ids.as_mut_ptr(),
+            &mut size as *mut u32,
+            0u32,
+        )
+    };
+    (rc >= 0).then(|| ids[..(rc as usize).min(ids.len())].to_vec())
+}
+
 fn probe(feature: Feature) -> Probe {
     match feature {
         Feature::Btf => {
@@ -227,6 +249,15 @@ fn probe(feature: Feature) -> Probe {
                 yes(format!("active LSMs: {}", list.trim()))
             }
             Ok(list) => no(format!("bpf is not an active LSM ({})", list.trim())),
+            Err(_) if lsm_list_modules().is_some() => {
+                // securityfs is not mounted: ask the kernel's LSM syscall (6.8+).
+                let ids = lsm_list_modules().unwrap_or_default();
+                if ids.contains(&LSM_ID_BPF) {
+                    yes("bpf is an active LSM (lsm_list_modules)")
+                } else {
+                    no(format!("bpf is not an active LSM (LSM ids {ids:?})"))
+                }
+            }
             Err(_) => {
                 // securityfs is not mounted: ask the verifier instead.
                 match aya::sys::is_program_supported(ProgramType::Lsm(
