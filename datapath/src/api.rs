@@ -79,6 +79,11 @@ impl<P: Plane> Controller<P> {
         &self.plane
     }
 
+    /// The desired state and the dataplane, the latter mutably (module start, reloads).
+    pub fn parts_mut(&mut self) -> (&Store, &mut P) {
+        (&self.store, &mut self.plane)
+    }
+
     pub fn into_parts(self) -> (Store, P) {
         (self.store, self.plane)
     }
@@ -241,6 +246,7 @@ impl From<Error> for ApiFailure {
                 format!("{e}; the change was rolled back"),
             ),
             Error::CorruptState { .. } | Error::Io { .. } => (ErrorCode::Internal, e.to_string()),
+            Error::Config { .. } => (ErrorCode::InvalidArgument, e.to_string()),
         };
         if code.http_status() >= 500 {
             tracing::error!(error = %message, "request failed");
@@ -503,6 +509,18 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
     fs::set_permissions(path, Permissions::from_mode(0o600))
         .map_err(|e| Error::io(context(), e))?;
     Ok(listener)
+}
+
+/// Like [`serve`], with a router built by the caller (the API's routes plus others).
+pub async fn serve_router(
+    listener: UnixListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::io("serving the API", e))
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then stops accepting, lets

@@ -17,6 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
@@ -319,8 +320,38 @@ pub struct Dataplane {
     vip_stats: PerCpuArray<MapData, bpf_common::Counter>,
     backend_stats: PerCpuArray<MapData, bpf_common::Counter>,
     reasons: PerCpuArray<MapData, u64>,
-    _links: Vec<PinnedLink>,
+    tx_ports: DevMapHash<MapData>,
+    /// Attached interfaces: the pinned link and how it was attached.
+    links: BTreeMap<String, (PinnedLink, AttachedMode)>,
     programmed: StdHashMap<ServiceKey, Programmed>,
+}
+
+/// How the program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+    /// A link pinned by a previous run, whose program was replaced in place; its mode was
+    /// chosen by that run.
+    Adopted,
+}
+
+impl AttachedMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+            AttachedMode::Adopted => "adopted",
+        }
+    }
+}
+
+/// Entries in use and capacity of one map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    pub name: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
 }
 
 fn link_pin_path(pin_root: &Path, interface: &str) -> PathBuf {
@@ -354,9 +385,9 @@ impl Dataplane {
 
         std::fs::create_dir_all(config.pin_root.join("links"))
             .map_err(|e| Error::io("create the links pin directory", e))?;
-        let mut links = Vec::new();
+        let mut links = BTreeMap::new();
         for (name, _) in &if_indexes {
-            links.push(attach_or_replace(program, config, name)?);
+            links.insert(name.clone(), attach_or_replace(program, config, name)?);
         }
 
         let mut tx_ports: DevMapHash<MapData> =
@@ -396,9 +427,148 @@ impl Dataplane {
             vip_stats,
             backend_stats,
             reasons,
-            _links: links,
+            tx_ports,
+            links,
             programmed: StdHashMap::new(),
         })
+    }
+
+    /// Attaches the loaded program to one more interface (a configuration reload). The
+    /// interfaces already attached are not touched.
+    pub fn attach_interface(&mut self, name: &str) -> Result<()> {
+        if self.links.contains_key(name) {
+            return Ok(());
+        }
+        let index = interface_index(name)?;
+        let config = self.config.clone();
+        let program: &mut Xdp = self
+            .bpf
+            .program_mut(PROGRAM_LB)
+            .ok_or_else(|| Error::InvalidArgument(format!("program {PROGRAM_LB} missing")))?
+            .try_into()
+            .map_err(program_error("program xdp_lb is not XDP"))?;
+        let link = attach_or_replace(program, &config, name)?;
+        if let Err(e) = self.tx_ports.insert(index, index, None, 0) {
+            // No partial update: without its devmap entry the interface cannot be a redirect
+            // target, so undo the attachment.
+            let _ = std::fs::remove_file(link_pin_path(&self.config.pin_root, name));
+            drop(link);
+            return Err(Error::io(
+                format!("add {name} to LB_TX_PORTS"),
+                std::io::Error::other(e.to_string()),
+            ));
+        }
+        self.links.insert(name.to_string(), link);
+        self.config.interfaces.push(name.to_string());
+        Ok(())
+    }
+
+    /// Detaches the program from `name` (a configuration reload) and removes its pin.
+    pub fn detach_interface(&mut self, name: &str) -> Result<()> {
+        let Some((link, _)) = self.links.remove(name) else {
+            return Ok(());
+        };
+        if let Ok(index) = interface_index(name) {
+            let _ = self.tx_ports.remove(index);
+        }
+        // The pin and our descriptor are the link's last references: removing both detaches.
+        let pin = link_pin_path(&self.config.pin_root, name);
+        std::fs::remove_file(&pin)
+            .map_err(|e| Error::io(format!("remove pinned link {}", pin.display()), e))?;
+        drop(link);
+        self.config.interfaces.retain(|i| i != name);
+        Ok(())
+    }
+
+    /// Attached interfaces and how.
+    pub fn interfaces(&self) -> Vec<(String, AttachedMode)> {
+        self.links
+            .iter()
+            .map(|(name, (_, mode))| (name.clone(), *mode))
+            .collect()
+    }
+
+    /// Kernel id of the loaded `xdp_lb` program and of each interface's link.
+    pub fn program_and_link_ids(&self) -> Result<(u32, BTreeMap<String, u32>)> {
+        let program: &Xdp = self
+            .bpf
+            .program(PROGRAM_LB)
+            .ok_or_else(|| Error::InvalidArgument(format!("program {PROGRAM_LB} missing")))?
+            .try_into()
+            .map_err(program_error("program xdp_lb is not XDP"))?;
+        let info = program
+            .info()
+            .map_err(program_error("read xdp_lb's program info"))?;
+        let mut links = BTreeMap::new();
+        for name in self.links.keys() {
+            let pin = link_pin_path(&self.config.pin_root, name);
+            if let Ok(li) = PinnedLink::from_pin(&pin).and_then(|l| FdLink::from(l).info()) {
+                links.insert(name.clone(), li.id());
+            }
+        }
+        Ok((info.id(), links))
+    }
+
+    /// The kernel's view of the `xdp_lb` program: run count and run time (while BPF stats are
+    /// enabled).
+    pub fn program_info(&self) -> Result<aya::programs::ProgramInfo> {
+        let program: &Xdp = self
+            .bpf
+            .program(PROGRAM_LB)
+            .ok_or_else(|| Error::InvalidArgument(format!("program {PROGRAM_LB} missing")))?
+            .try_into()
+            .map_err(program_error("program xdp_lb is not XDP"))?;
+        program
+            .info()
+            .map_err(program_error("read xdp_lb's program info"))
+    }
+
+    /// Entries in use and capacity of each map the daemon sizes.
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        let c = &self.config;
+        let backends_used = (0..c.max_backends)
+            .filter(|id| {
+                self.backends
+                    .get(id, 0)
+                    .is_ok_and(|b| b.state != BACKEND_UNUSED)
+            })
+            .count() as u64;
+        let flows = pinned_map_entries(&c.pin_root, map_names::FLOWS);
+        let nat = pinned_map_entries(&c.pin_root, map_names::NAT_REV);
+        let services = self.vips.keys().filter(|k| k.is_ok()).count() as u64;
+        let maglev_used = self
+            .programmed
+            .values()
+            .filter(|p| !p.table_entries.is_empty())
+            .count() as u64
+            * u64::from(c.maglev_size);
+        vec![
+            MapUsage {
+                name: map_names::VIPS,
+                entries: services,
+                capacity: u64::from(c.max_services),
+            },
+            MapUsage {
+                name: map_names::BACKENDS,
+                entries: backends_used,
+                capacity: u64::from(c.max_backends),
+            },
+            MapUsage {
+                name: map_names::MAGLEV,
+                entries: maglev_used,
+                capacity: u64::from(c.max_services) * 2 * u64::from(c.maglev_size),
+            },
+            MapUsage {
+                name: map_names::FLOWS,
+                entries: flows,
+                capacity: u64::from(c.max_flows),
+            },
+            MapUsage {
+                name: map_names::NAT_REV,
+                entries: nat,
+                capacity: u64::from(c.max_flows),
+            },
+        ]
     }
 
     pub fn config(&self) -> &DataplaneConfig {
@@ -788,6 +958,46 @@ fn sum_counter(map: &PerCpuArray<MapData, bpf_common::Counter>, id: u32) -> Resu
     }))
 }
 
+/// Number of keys of the pinned map `name` (walked with `BPF_MAP_GET_NEXT_KEY`, bounded by the
+/// map's capacity).
+fn pinned_map_entries(pin_root: &Path, name: &str) -> u64 {
+    let Ok(data) = MapData::from_pin(pin_root.join(name)) else {
+        return 0;
+    };
+    let Ok(info) = data.info() else {
+        return 0;
+    };
+    let key_size = info.key_size() as usize;
+    let max = u64::from(info.max_entries());
+    let fd = data.fd().as_fd().as_raw_fd();
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut count = 0u64;
+    let mut first = true;
+    while count < max {
+        // SAFETY: BPF_MAP_GET_NEXT_KEY with key buffers of the map's key size.
+        let mut attr: [u64; 4] = [0; 4];
+        attr[0] = fd as u64;
+        attr[1] = if first { 0 } else { key.as_ptr() as u64 };
+        attr[2] = next.as_mut_ptr() as u64;
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                4, // BPF_MAP_GET_NEXT_KEY
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if rc != 0 {
+            break;
+        }
+        first = false;
+        count += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
+    count
+}
+
 /// Attaches `program` to `interface` through a pinned bpf_link, or, when a link from a previous
 /// run is pinned, swaps the program inside it atomically (`bpf_link_update`) so no packet ever
 /// misses the program.
@@ -795,7 +1005,7 @@ fn attach_or_replace(
     program: &mut Xdp,
     config: &DataplaneConfig,
     interface: &str,
-) -> Result<PinnedLink> {
+) -> Result<(PinnedLink, AttachedMode)> {
     let pin_path = link_pin_path(&config.pin_root, interface);
     if pin_path.exists() {
         let pinned = PinnedLink::from_pin(&pin_path).map_err(|e| {
@@ -823,6 +1033,7 @@ fn attach_or_replace(
         // The pin keeps the link (and the program in it) alive; hold a handle by path.
         drop(fd_link);
         return PinnedLink::from_pin(&pin_path)
+            .map(|l| (l, AttachedMode::Adopted))
             .map_err(|e| Error::io("reopen pinned link", std::io::Error::other(e.to_string())));
     }
 
@@ -858,7 +1069,12 @@ fn attach_or_replace(
                     source: Box::new(source),
                 })?;
                 info!(interface, ?mode, "attached xdp_lb");
-                return Ok(pinned);
+                let attached = if *mode == XdpMode::Skb {
+                    AttachedMode::Generic
+                } else {
+                    AttachedMode::Native
+                };
+                return Ok((pinned, attached));
             }
             Err(e) => {
                 last_error = Some(e);

@@ -56,6 +56,14 @@ pub enum Error {
     /// The state file exists but cannot be understood.
     #[error("state file {}: {reason}", path.display())]
     CorruptState { path: PathBuf, reason: String },
+    /// The configuration file is invalid: names the file, the line (when known) and the key.
+    #[error("config {}{}: key `{key}`: {reason}", file.display(), line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Config {
+        file: PathBuf,
+        line: Option<usize>,
+        key: String,
+        reason: String,
+    },
     /// Another I/O failure.
     #[error("{context}: {source}")]
     Io {

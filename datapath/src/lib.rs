@@ -1,9 +1,13 @@
 //! `datapathd`'s library: the dataplane (BPF loading and map programming), the desired-state
 //! store and the HTTP/JSON API.
 pub mod api;
+pub mod config;
 pub mod dataplane;
 pub mod error;
+pub mod features;
 pub mod gc;
+pub mod metrics;
+pub mod runtime;
 pub mod state;
 
 pub use error::{Error, Result};

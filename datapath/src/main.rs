@@ -1,24 +1,40 @@
 //! `datapathd`: loads and attaches the XDP load balancer, restores the declared services and
-//! serves the HTTP/JSON API that `lb-ctl` talks to.
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode, str::FromStr, sync::Arc};
+//! serves the HTTP/JSON API that `lb-ctl` talks to, and metrics and probes over HTTP.
+use std::{
+    io::IsTerminal,
+    path::PathBuf,
+    process::ExitCode,
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
-use bpf_common::defaults;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use datapath::{
     api::{self, Controller},
-    dataplane::{self, Dataplane, DataplaneConfig, XdpAttachMode},
+    config::{self, Overrides, Settings, Source},
+    dataplane::{self, XdpAttachMode},
+    features::{Features, Module},
+    metrics,
+    runtime::{LbPlane, Runtime},
     state::{Limits, Store},
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
-
-const DEFAULT_STATE_FILE: &str = "/var/lib/datapath/state.json";
+use tracing::{info, warn};
 
 const RUN_AFTER_HELP: &str = "\
-Every option can also be set through the environment variable named in brackets; several
-interfaces go comma-separated (DATAPATH_IFACE=eth0,eth1). Log verbosity follows RUST_LOG
-(default: info).
+Configuration: defaults, then the YAML file (--config, default /etc/datapath/config.yaml when
+it exists; every key is in deploy/config.example.yaml), then the environment variables named
+in brackets, then flags. Several interfaces go comma-separated (DATAPATH_IFACE=eth0,eth1).
+Log verbosity follows RUST_LOG (default: info).
+
+Metrics (Prometheus), /healthz and /readyz are served over HTTP on --metrics-listen (default
+:9477); /readyz answers 200 once the enabled modules are attached and reconciled.
+
+SIGHUP, or a change of the file, reloads the configuration: it is validated and the difference
+applied (interfaces attached or detached, modules enabled or disabled); an invalid one leaves
+the running configuration in force and is counted in datapath_config_reload_failures_total.
 
 On SIGTERM or SIGINT datapathd stops accepting API requests, finishes those in flight and
 exits 0. The XDP program stays attached and keeps forwarding from its pinned maps; the next
@@ -43,66 +59,70 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Interface to attach XDP to, client- and backend-facing alike (repeat for several).
+    /// YAML configuration file [default: /etc/datapath/config.yaml, if it exists].
+    #[arg(long, value_name = "PATH", env = "DATAPATH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Interface (or glob pattern) to attach XDP to, client- and backend-facing alike (repeat
+    /// for several) [config: interfaces].
     #[arg(
         long = "iface",
         value_name = "IF",
         env = "DATAPATH_IFACE",
-        required = true,
         value_delimiter = ','
     )]
-    ifaces: Vec<String>,
-    /// Unix socket of the API.
-    #[arg(long, value_name = "PATH", env = "DATAPATH_SOCKET",
-          default_value = datapath_api::DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// Where the declared services are saved; restored on start.
-    #[arg(long, value_name = "PATH", env = "DATAPATH_STATE_FILE",
-          default_value = DEFAULT_STATE_FILE)]
-    state_file: PathBuf,
-    #[command(flatten)]
-    pin_root: PinRoot,
-    /// XDP attach mode: auto tries native (driver) mode and falls back to generic.
-    #[arg(long, value_enum, env = "DATAPATH_XDP_MODE", default_value_t = XdpMode::Auto)]
-    xdp_mode: XdpMode,
-    /// Entries of each service's Maglev table; a prime.
-    #[arg(long, value_name = "N", env = "DATAPATH_MAGLEV_SIZE",
-          default_value_t = defaults::MAGLEV_SIZE, value_parser = parse_maglev_size)]
-    maglev_size: u32,
-    /// Services the datapath can hold.
+    ifaces: Option<Vec<String>>,
+    /// Unix socket of the API [config: api_socket; default: /run/datapath/api.sock].
+    #[arg(long, value_name = "PATH", env = "DATAPATH_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Where the declared services are saved; restored on start [config: state_file;
+    /// default: /var/lib/datapath/state.json].
+    #[arg(long, value_name = "PATH", env = "DATAPATH_STATE_FILE")]
+    state_file: Option<PathBuf>,
+    /// bpffs directory holding the pinned maps and links [config: pin_root; default:
+    /// /sys/fs/bpf/datapath].
+    #[arg(long = "pin-root", value_name = "PATH", env = "DATAPATH_PIN_ROOT")]
+    pin_root: Option<PathBuf>,
+    /// XDP attach mode: auto tries native (driver) mode and falls back to generic [config:
+    /// xdp_mode; default: auto].
+    #[arg(long, value_enum, env = "DATAPATH_XDP_MODE")]
+    xdp_mode: Option<XdpMode>,
+    /// Metrics, /healthz and /readyz listener: ADDR:PORT, :PORT or off [config:
+    /// metrics_listen; default: :9477].
+    #[arg(long, value_name = "ADDR", env = "DATAPATH_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Entries of each service's Maglev table; a prime [config: maps.maglev_size].
+    #[arg(long, value_name = "N", env = "DATAPATH_MAGLEV_SIZE", value_parser = parse_maglev_size)]
+    maglev_size: Option<u32>,
+    /// Services the datapath can hold [config: maps.max_services].
     #[arg(long, value_name = "N", env = "DATAPATH_MAX_SERVICES",
-          default_value_t = defaults::MAX_SERVICES,
           value_parser = clap::value_parser!(u32).range(1..))]
-    max_services: u32,
-    /// Backends the datapath can hold, across all services.
+    max_services: Option<u32>,
+    /// Backends the datapath can hold, across all services [config: maps.max_backends].
     #[arg(long, value_name = "N", env = "DATAPATH_MAX_BACKENDS",
-          default_value_t = defaults::MAX_BACKENDS,
           value_parser = clap::value_parser!(u32).range(1..))]
-    max_backends: u32,
-    /// Flows the connection table can track (least recently used ones are evicted).
+    max_backends: Option<u32>,
+    /// Flows the connection table can track (least recently used ones are evicted) [config:
+    /// maps.max_flows].
     #[arg(long, value_name = "N", env = "DATAPATH_MAX_FLOWS",
-          default_value_t = defaults::MAX_FLOWS,
           value_parser = clap::value_parser!(u32).range(1..))]
-    max_flows: u32,
-    /// Source ports full-NAT allocates from.
-    #[arg(long, value_name = "MIN-MAX", env = "DATAPATH_NAT_PORT_RANGE",
-          default_value_t = PortRange { min: defaults::NAT_PORT_MIN, max: defaults::NAT_PORT_MAX })]
-    nat_port_range: PortRange,
+    max_flows: Option<u32>,
+    /// Source ports full-NAT allocates from [config: nat_port_range; default: 1024-65535].
+    #[arg(long, value_name = "MIN-MAX", env = "DATAPATH_NAT_PORT_RANGE")]
+    nat_port_range: Option<PortRange>,
     /// Milliseconds an established flow reuses its cached route and next-hop MAC before
-    /// looking them up again (bounds how long a neighbour change goes unnoticed; 0 looks
-    /// the route up for every packet).
-    #[arg(long, value_name = "MS", env = "DATAPATH_FIB_CACHE_MS", default_value_t = 1_000,
+    /// looking them up again; bounds how long a neighbour change goes unnoticed; 0 looks the
+    /// route up for every packet [config: fib_cache_ms; default: 1000].
+    #[arg(long, value_name = "MS", env = "DATAPATH_FIB_CACHE_MS",
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
-    fib_cache_ms: u64,
-    /// Log format on stderr.
-    #[arg(long, value_enum, env = "DATAPATH_LOG_FORMAT", default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Seconds between flow-table garbage-collection sweeps (0 disables them; the LRU maps
+    fib_cache_ms: Option<u64>,
+    /// Seconds between flow-table garbage-collection sweeps; 0 disables them (the LRU maps
     /// then only evict when full). Timeouts: TCP SYN 60 s, established 6 h, closing 10 s,
-    /// UDP and other 60 s.
-    #[arg(long, value_name = "SECONDS", env = "DATAPATH_GC_INTERVAL",
-          default_value_t = datapath::gc::DEFAULT_SWEEP_INTERVAL.as_secs())]
-    gc_interval: u64,
+    /// UDP and other 60 s [config: gc_interval_seconds; default: 5].
+    #[arg(long, value_name = "SECONDS", env = "DATAPATH_GC_INTERVAL")]
+    gc_interval: Option<u64>,
+    /// Log format on stderr [config: log_format; default: text].
+    #[arg(long, value_enum, env = "DATAPATH_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, Args)]
@@ -115,7 +135,7 @@ struct CleanupArgs {
 struct PinRoot {
     /// bpffs directory holding the pinned maps and links.
     #[arg(long = "pin-root", value_name = "PATH", env = "DATAPATH_PIN_ROOT",
-          default_value = defaults::PIN_ROOT)]
+          default_value = bpf_common::defaults::PIN_ROOT)]
     path: PathBuf,
 }
 
@@ -140,6 +160,15 @@ impl From<XdpMode> for XdpAttachMode {
 enum LogFormat {
     Text,
     Json,
+}
+
+impl From<LogFormat> for config::LogFormat {
+    fn from(f: LogFormat) -> Self {
+        match f {
+            LogFormat::Text => config::LogFormat::Text,
+            LogFormat::Json => config::LogFormat::Json,
+        }
+    }
 }
 
 /// An inclusive port range, `MIN-MAX` on the command line.
@@ -191,25 +220,44 @@ fn parse_maglev_size(s: &str) -> Result<u32, String> {
 }
 
 impl RunArgs {
-    fn dataplane_config(&self) -> anyhow::Result<DataplaneConfig> {
-        let config = DataplaneConfig {
-            pin_root: self.pin_root.path.clone(),
+    fn overrides(&self) -> Overrides {
+        Overrides {
             interfaces: self.ifaces.clone(),
-            xdp_mode: self.xdp_mode.into(),
+            xdp_mode: self.xdp_mode.map(Into::into),
+            api_socket: self.socket.clone(),
+            state_file: self.state_file.clone(),
+            pin_root: self.pin_root.clone(),
+            metrics_listen: self.metrics_listen.clone(),
+            log_format: self.log_format.map(Into::into),
             maglev_size: self.maglev_size,
             max_services: self.max_services,
             max_backends: self.max_backends,
             max_flows: self.max_flows,
-            nat_port_min: self.nat_port_range.min,
-            nat_port_max: self.nat_port_range.max,
-            fib_cache_ns: self.fib_cache_ms * 1_000_000,
+            nat_port_range: self.nat_port_range.map(|r| (r.min, r.max)),
+            fib_cache_ms: self.fib_cache_ms,
+            gc_interval_seconds: self.gc_interval,
+        }
+    }
+
+    /// The configuration file: `--config`, else the default path if it exists.
+    fn config_file(&self) -> Option<PathBuf> {
+        self.config.clone().or_else(|| {
+            let default = PathBuf::from(config::DEFAULT_CONFIG_FILE);
+            default.exists().then_some(default)
+        })
+    }
+
+    fn settings(&self) -> anyhow::Result<(Settings, Option<Source>)> {
+        let source = match self.config_file() {
+            Some(path) => Some(Source::read(&path)?),
+            None => None,
         };
-        config.validate()?;
-        Ok(config)
+        let settings = Settings::resolve(source.as_ref(), &self.overrides())?;
+        Ok((settings, source))
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal; journald and log files get plain text.
@@ -218,81 +266,257 @@ fn init_tracing(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        config::LogFormat::Text => builder.init(),
+        config::LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Waits (bounded by `interface_wait`) until every configured interface pattern matches an
+/// interface, then expands the patterns.
+async fn wait_for_interfaces(
+    settings: &Settings,
+    source: Option<&Source>,
+    runtime: &Runtime,
+) -> datapath::Result<Vec<String>> {
+    let deadline = Instant::now() + settings.interface_wait;
+    loop {
+        let existing = config::interface_names();
+        let missing = config::unmatched(&settings.interfaces, &existing);
+        if missing.is_empty() || Instant::now() >= deadline {
+            return config::expand_interfaces(&settings.interfaces, &existing, source);
+        }
+        runtime.set_not_ready(format!("waiting for interfaces {}", missing.join(", ")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_format);
-    let config = args.dataplane_config()?;
+    let (settings, source) = args.settings()?;
+    init_tracing(settings.log_format);
+    let overrides = args.overrides();
 
     // Registered before anything is attached, so a signal during start-up ends the daemon
     // through the same orderly path instead of killing it half-way.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+
+    let features = Features::probe(&settings.force_off);
+    info!(
+        features = %features.summary(),
+        config = %source.as_ref().map(|s| s.path.display().to_string()).unwrap_or_else(|| "(none)".into()),
+        "probed kernel features"
+    );
+    let missing = features.missing_capabilities();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
+        warn!(
+            missing = %names.join(", "),
+            "missing capabilities: the modules that need them stay off (see deploy/README.md)"
+        );
+    }
 
     // The state file first: a corrupt one must stop us before we touch the datapath, which
     // would otherwise be reconciled down to less than what was declared.
-    let store = Store::open(&args.state_file, Limits::from_config(&config))
+    let dp_config = settings.dataplane_config();
+    let store = Store::open(&settings.state_file, Limits::from_config(&dp_config))
         .context("cannot load the saved services")?;
-    // Then the socket: it refuses to start while another daemon is serving, before we take
-    // its XDP program and maps over.
-    let listener = api::bind(&args.socket).await?;
-
-    let mut dp = Dataplane::start(&config).context("cannot start the dataplane")?;
-    info!(interfaces = ?config.interfaces, xdp_mode = ?config.xdp_mode, "XDP load balancer attached");
-    dp.reconcile(store.state())
-        .context("cannot restore the saved services into the dataplane")?;
-    info!(
-        services = store.state().services.len(),
-        state_file = %args.state_file.display(),
-        "restored the saved services"
+    let ctl = Arc::new(tokio::sync::Mutex::new(Controller::new(
+        store,
+        LbPlane::off("starting"),
+    )));
+    let runtime = Runtime::new(
+        Arc::clone(&ctl),
+        settings.clone(),
+        features.clone(),
+        source.as_ref().map(|s| s.path.clone()),
     );
 
-    let ctl = Arc::new(tokio::sync::Mutex::new(Controller::new(store, dp)));
+    // Metrics and probes answer from the start: /healthz at once, /readyz once attached.
+    let metrics_task = match settings.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            info!(%addr, "serving /metrics, /healthz and /readyz");
+            let rt = Arc::clone(&runtime);
+            Some(tokio::spawn(async move {
+                if let Err(e) = metrics::serve(listener, rt).await {
+                    tracing::error!(error = %e, "metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    // Then the socket: it refuses to start while another daemon is serving, before we take
+    // its XDP program and maps over.
+    let listener = api::bind(&settings.api_socket).await?;
+
+    let interfaces = if settings.lb_enabled && features.blocker(Module::Lb).is_none() {
+        // A signal while waiting ends the daemon at once, before anything is attached.
+        tokio::select! {
+            found = wait_for_interfaces(&settings, source.as_ref(), &runtime) => found?,
+            _ = sigterm.recv() => {
+                info!(signal = "SIGTERM", "stopping before the interfaces appeared");
+                let _ = std::fs::remove_file(&settings.api_socket);
+                return Ok(());
+            }
+            _ = sigint.recv() => {
+                info!(signal = "SIGINT", "stopping before the interfaces appeared");
+                let _ = std::fs::remove_file(&settings.api_socket);
+                return Ok(());
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    runtime.set_not_ready("loading and attaching modules");
+    {
+        let rt = Arc::clone(&runtime);
+        let mut guard = Arc::clone(&ctl).lock_owned().await;
+        tokio::task::spawn_blocking(move || {
+            let (store, plane) = guard.parts_mut();
+            let state = store.state().clone();
+            rt.start_modules(plane, &interfaces, &state)
+        })
+        .await
+        .context("module start-up panicked")?
+        .context("cannot start the dataplane")?;
+    }
+    runtime.mark_ready();
+    info!(
+        services = ctl.lock().await.store().state().services.len(),
+        state_file = %settings.state_file.display(),
+        "ready: modules up and the saved services restored"
+    );
+
     tokio::spawn(warm_neighbours(Arc::clone(&ctl)));
-    if args.gc_interval > 0 {
-        let gc = datapath::gc::FlowGc::open(&config.pin_root, datapath::gc::GcConfig::default())
-            .context("cannot open the flow tables for garbage collection")?;
+    if !settings.gc_interval.is_zero() {
         tokio::spawn(collect_flows(
-            gc,
-            std::time::Duration::from_secs(args.gc_interval),
+            settings.pin_root.clone(),
+            settings.gc_interval,
         ));
     }
-    info!(socket = %args.socket.display(), "serving the API");
+    tokio::spawn(reloader(Arc::clone(&runtime), overrides, sighup));
+    info!(socket = %settings.api_socket.display(), "serving the API");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Instant>();
     let shutdown = async move {
         let name = tokio::select! {
             _ = sigterm.recv() => "SIGTERM",
             _ = sigint.recv() => "SIGINT",
         };
+        let _ = stop_tx.send(Instant::now());
         info!(
             signal = name,
             "stopping: finishing in-flight requests; the datapath stays attached"
         );
     };
-    let served = api::serve(listener, ctl, shutdown).await;
+    let status_rt = Arc::clone(&runtime);
+    let router = api::router(Arc::clone(&ctl)).merge(
+        axum::Router::new()
+            .route("/v1/status", axum::routing::get(status))
+            .with_state(status_rt),
+    );
+    let served = api::serve_router(listener, router, shutdown).await;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     // Gone rather than refusing connections: lb-ctl then says plainly that nobody is there.
-    if let Err(e) = std::fs::remove_file(&args.socket)
+    if let Err(e) = std::fs::remove_file(&settings.api_socket)
         && e.kind() != std::io::ErrorKind::NotFound
     {
-        tracing::warn!(socket = %args.socket.display(), error = %e, "cannot remove the API socket");
+        warn!(socket = %settings.api_socket.display(), error = %e, "cannot remove the API socket");
     }
     served?;
-    info!("stopped");
+    // The state file is written on every change before the change is acknowledged: nothing is
+    // left to flush. The pinned links and maps stay; our descriptors close with the process.
+    let stopping_since = stop_rx.await.ok();
+    info!(
+        stop_ms = stopping_since.map(|t| t.elapsed().as_millis() as u64),
+        "stopped; the datapath keeps forwarding"
+    );
     Ok(())
+}
+
+/// `GET /v1/status`.
+async fn status(
+    axum::extract::State(rt): axum::extract::State<Arc<Runtime>>,
+) -> axum::Json<datapath_api::StatusView> {
+    let ctl = rt.ctl.lock().await;
+    axum::Json(rt.status(ctl.plane()))
+}
+
+/// Reloads the configuration on SIGHUP and when the file's modification time or size changes
+/// (polled at `reload.poll_interval_ms` when `reload.watch` is on).
+async fn reloader(
+    runtime: Arc<Runtime>,
+    overrides: Overrides,
+    mut sighup: tokio::signal::unix::Signal,
+) {
+    let Some(path) = runtime.config_file.clone() else {
+        // Nothing to reload; SIGHUP is still consumed so it does not kill us.
+        while sighup.recv().await.is_some() {
+            warn!("SIGHUP: no configuration file to reload (start with --config)");
+        }
+        return;
+    };
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    loop {
+        let settings = runtime.settings();
+        let poll = settings.poll_interval;
+        let by = tokio::select! {
+            got = sighup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                "SIGHUP"
+            }
+            _ = tokio::time::sleep(poll) => {
+                if !settings.watch {
+                    continue;
+                }
+                let now = stamp(&path);
+                if now == seen {
+                    continue;
+                }
+                "file change"
+            }
+        };
+        seen = stamp(&path);
+        info!(trigger = by, file = %path.display(), "reloading the configuration");
+        let rt = Arc::clone(&runtime);
+        let o = overrides.clone();
+        let mut guard = Arc::clone(&runtime.ctl).lock_owned().await;
+        let done = tokio::task::spawn_blocking(move || {
+            let (store, plane) = guard.parts_mut();
+            let state = store.state().clone();
+            rt.reload(plane, &state, &o);
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "configuration reload panicked");
+        }
+    }
 }
 
 /// Re-resolves backend neighbours whenever the datapath reports packets that found none (see
 /// `Dataplane::prime_neighbours`). Polls a per-CPU counter twice a second: cheap, and a lost
 /// first SYN is retransmitted by the client after one second.
-async fn warm_neighbours(ctl: Arc<tokio::sync::Mutex<Controller<Dataplane>>>) {
+async fn warm_neighbours(ctl: Arc<tokio::sync::Mutex<Controller<LbPlane>>>) {
     let mut ticker = tokio::time::interval(std::time::Duration::from_millis(500));
     let mut seen = None;
     loop {
         ticker.tick().await;
         let ctl = ctl.lock().await;
-        let Ok(misses) = ctl.plane().neighbour_misses() else {
+        let Some(dp) = ctl.plane().dataplane() else {
+            seen = None;
+            continue;
+        };
+        let Ok(misses) = dp.neighbour_misses() else {
             continue;
         };
         if seen.is_some_and(|seen| misses > seen) {
@@ -300,33 +524,54 @@ async fn warm_neighbours(ctl: Arc<tokio::sync::Mutex<Controller<Dataplane>>>) {
                 misses,
                 "next hops without a neighbour entry: priming backend neighbours"
             );
-            ctl.plane().prime_neighbours();
+            dp.prime_neighbours();
         }
         seen = Some(misses);
     }
 }
 
 /// The flow-table garbage collector (see `datapath::gc`): one throttled sweep per interval, on
-/// a blocking thread so a sweep over a large table never stalls the API.
-async fn collect_flows(gc: datapath::gc::FlowGc, interval: std::time::Duration) {
-    let gc = Arc::new(std::sync::Mutex::new(gc));
+/// a blocking thread so a sweep over a large table never stalls the API. It opens the pinned
+/// flow tables itself, once they exist: the load balancer module may come up after start.
+async fn collect_flows(pin_root: PathBuf, interval: std::time::Duration) {
+    let gc: Arc<std::sync::Mutex<Option<datapath::gc::FlowGc>>> =
+        Arc::new(std::sync::Mutex::new(None));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let gc = Arc::clone(&gc);
+        let pin_root = pin_root.clone();
         let swept = tokio::task::spawn_blocking(move || {
-            let mut gc = gc
+            let mut slot = gc
                 .lock()
                 .map_err(|_| "the collector panicked".to_string())?;
-            let report = gc
-                .sweep(datapath::gc::monotonic_now_ns())
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((report, gc.totals()))
+            if slot.is_none() {
+                // No flow tables yet (the load balancer module is off): nothing to collect.
+                let Ok(opened) =
+                    datapath::gc::FlowGc::open(&pin_root, datapath::gc::GcConfig::default())
+                else {
+                    return Ok(None);
+                };
+                *slot = Some(opened);
+            }
+            let Some(collector) = slot.as_mut() else {
+                return Ok(None);
+            };
+            let report = match collector.sweep(datapath::gc::monotonic_now_ns()) {
+                Ok(report) => report,
+                Err(e) => {
+                    // The maps may have been removed (`datapathd cleanup`): reopen next time.
+                    *slot = None;
+                    return Err(e.to_string());
+                }
+            };
+            Ok::<_, String>(Some((report, collector.totals())))
         })
         .await;
         match swept {
-            Ok(Ok((report, totals))) => {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some((report, totals)))) => {
                 if report.flows_expired + report.nat_orphans_removed + report.deferred > 0 {
                     info!(
                         scanned = report.flows_scanned,
@@ -401,17 +646,39 @@ mod tests {
         })
     }
 
+    fn settings(r: &RunArgs) -> datapath::Result<Settings> {
+        Settings::resolve(None, &r.overrides())
+    }
+
     #[test]
     fn defaults() {
         let r = run_args(&[]).unwrap();
-        let c = r.dataplane_config().unwrap();
+        let s = settings(&r).unwrap();
+        let c = s.dataplane_config();
         assert_eq!(c.interfaces, ["veth0"]);
         assert_eq!(c.maglev_size, 65_537);
         assert_eq!((c.nat_port_min, c.nat_port_max), (1024, 65_535));
-        assert_eq!(r.socket, PathBuf::from(datapath_api::DEFAULT_SOCKET));
-        assert_eq!(r.state_file, PathBuf::from(DEFAULT_STATE_FILE));
+        assert_eq!(s.api_socket, PathBuf::from(datapath_api::DEFAULT_SOCKET));
+        assert_eq!(s.state_file, PathBuf::from(config::DEFAULT_STATE_FILE));
         assert_eq!(c.pin_root, PathBuf::from("/sys/fs/bpf/datapath"));
         assert_eq!(c.xdp_mode, XdpAttachMode::Auto);
+        assert_eq!(s.metrics_listen, "0.0.0.0:9477".parse().ok());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        std::fs::write(
+            &file,
+            "interfaces: [a]\nmaps:\n  max_flows: 100\n  max_services: 7\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let r = run_args(&["--config", path, "--max-flows", "200"]).unwrap();
+        let (s, _) = r.settings().unwrap();
+        assert_eq!((s.max_flows, s.max_services), (200, 7));
+        assert_eq!(s.interfaces, ["veth0"], "--iface beats the file");
     }
 
     #[test]
@@ -428,7 +695,7 @@ mod tests {
             assert!(e.contains(want), "{args:?}: {e}");
         }
         let r = run_args(&["--max-services", "40000", "--maglev-size", "65537"]).unwrap();
-        assert!(r.dataplane_config().is_err(), "too large for one map");
+        assert!(settings(&r).is_err(), "too large for one map");
     }
 
     #[test]
@@ -444,7 +711,10 @@ mod tests {
     #[test]
     fn several_interfaces() {
         let r = run_args(&["--iface", "veth1,veth2", "--xdp-mode", "generic"]).unwrap();
-        assert_eq!(r.ifaces, ["veth0", "veth1", "veth2"]);
-        assert_eq!(XdpAttachMode::from(r.xdp_mode), XdpAttachMode::Generic);
+        assert_eq!(r.ifaces.unwrap(), ["veth0", "veth1", "veth2"]);
+        assert_eq!(
+            XdpAttachMode::from(r.xdp_mode.unwrap()),
+            XdpAttachMode::Generic
+        );
     }
 }

@@ -55,6 +55,8 @@ pub enum Command {
     Backend(BackendCommand),
     /// Packets and bytes per service and backend, and the datapath's verdict counters.
     Stats,
+    /// The daemon's modules (and why one is off), probed kernel features, interfaces, reloads.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +179,7 @@ pub enum Action {
     BackendRemove(ServiceKey, BackendKey),
     BackendUpdate(ServiceKey, BackendKey, UpdateBackend),
     Stats,
+    Status,
 }
 
 /// Parses `ADDR:PORT` (IPv6 as `[ADDR]:PORT`) with a port other than 0.
@@ -318,6 +321,7 @@ impl Command {
                 )
             }
             Command::Stats => Action::Stats,
+            Command::Status => Action::Status,
         })
     }
 }

@@ -7,7 +7,7 @@ use std::{
 
 use datapath_api::{
     AddBackend, ApiError, BackendKey, CreateService, ServiceKey, ServiceView, StatsView,
-    UpdateBackend,
+    StatusView, UpdateBackend,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, body::Bytes};
@@ -48,6 +48,10 @@ impl Client {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    pub async fn status(&self) -> Result<StatusView> {
+        self.call(Method::GET, "/v1/status", None::<&()>).await
     }
 
     pub async fn list_services(&self) -> Result<Vec<ServiceView>> {

@@ -49,6 +49,14 @@ pub async fn run(cli: &Cli) -> Result<String> {
                 output::stats(&stats)
             }
         }
+        Action::Status => {
+            let status = client.status().await?;
+            if json {
+                to_json(&status)?
+            } else {
+                output::status(&status)
+            }
+        }
         Action::ServiceAdd(req) => {
             let view = client.create_service(&req).await?;
             confirm(json, &view, || {

@@ -233,6 +233,54 @@ pub fn stats(v: &StatsView) -> String {
     out
 }
 
+/// `lb-ctl status`: modules first (with why one is off), then features and interfaces.
+pub fn status(v: &datapath_api::StatusView) -> String {
+    use Align::*;
+    let mut out = format!(
+        "datapathd {}: {}\n",
+        v.version,
+        if v.ready { "ready" } else { "NOT READY" }
+    );
+    if let Some(file) = &v.config_file {
+        out.push_str(&format!(
+            "config {file}: {} reload(s) applied, {} refused\n",
+            v.config_reloads, v.config_reload_failures
+        ));
+    }
+    if let Some(e) = &v.last_reload_error {
+        out.push_str(&format!("last refused reload: {e}\n"));
+    }
+    let mut t = Table::new(&[("MODULE", Left), ("STATE", Left), ("WHY", Left)]);
+    for m in &v.modules {
+        let state = match (m.enabled, m.up) {
+            (_, true) => "up",
+            (true, false) => "down",
+            (false, false) => "off",
+        };
+        t.row(vec![
+            m.name.clone(),
+            state.to_string(),
+            m.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    out.push_str(&t.render());
+    let mut t = Table::new(&[("FEATURE", Left), ("AVAILABLE", Left), ("DETAIL", Left)]);
+    for f in &v.features {
+        t.row(vec![
+            f.name.clone(),
+            if f.available { "yes" } else { "no" }.to_string(),
+            f.detail.clone(),
+        ]);
+    }
+    out.push_str(&t.render());
+    let mut t = Table::new(&[("INTERFACE", Left), ("XDP MODE", Left)]);
+    for i in &v.interfaces {
+        t.row(vec![i.name.clone(), i.xdp_mode.clone()]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use datapath_api::{BackendState, Counter, ForwardingMode, Protocol};

@@ -10,7 +10,7 @@ use crate::util::{self, capture, command, is_root};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests use.
-pub const PACKAGES: [&str; 7] = [
+pub const PACKAGES: [&str; 8] = [
     "iproute2",
     "nftables",
     "iputils-ping",
@@ -18,6 +18,8 @@ pub const PACKAGES: [&str; 7] = [
     "bpftool",
     "ethtool",
     "procps",
+    // promtool, for `promtool check metrics` in the namespace tests.
+    "prometheus",
 ];
 
 fn step(title: &str) {

@@ -82,6 +82,28 @@ pub struct Daemon {
     extra_args: Vec<String>,
     child: Option<Child>,
     starts: usize,
+    /// Pass `--iface` for the LB interfaces (off when a config file names them).
+    pass_ifaces: bool,
+}
+
+/// How [`Daemon::start_with`] starts the daemon.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// Pass `--iface lbc --iface lbb` (turn off to take the interfaces from a config file).
+    pub ifaces: bool,
+    /// Wait until the API answers before returning.
+    pub wait_ready: bool,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        DaemonOptions {
+            ifaces: true,
+            wait_ready: true,
+            extra_args: Vec::new(),
+        }
+    }
 }
 
 impl Daemon {
@@ -89,6 +111,24 @@ impl Daemon {
     /// a fresh directory and its pins under `/sys/fs/bpf/<prefix>`; waits until its API
     /// answers.
     pub fn start(ns: &str, prefix: &str, bins: Binaries, extra_args: &[&str]) -> Result<Daemon> {
+        Daemon::start_with(
+            ns,
+            prefix,
+            bins,
+            DaemonOptions {
+                extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+                ..DaemonOptions::default()
+            },
+        )
+    }
+
+    /// Like [`Daemon::start`], with options.
+    pub fn start_with(
+        ns: &str,
+        prefix: &str,
+        bins: Binaries,
+        opts: DaemonOptions,
+    ) -> Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("datapath-netns-{prefix}"));
         if dir.exists() {
             fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -102,19 +142,29 @@ impl Daemon {
             pin_root: PathBuf::from("/sys/fs/bpf").join(prefix),
             log_path: dir.join("datapathd.log"),
             dir,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_args: opts.extra_args,
             child: None,
             starts: 0,
+            pass_ifaces: opts.ifaces,
         };
         if daemon.pin_root.exists() {
             // Pins left by a run that died with the same pid: clear them first.
             daemon.cleanup();
         }
-        daemon.spawn()?;
+        if opts.wait_ready {
+            daemon.spawn()?;
+        } else {
+            daemon.spawn_only()?;
+        }
         Ok(daemon)
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.spawn_only()?;
+        self.wait_ready()
+    }
+
+    fn spawn_only(&mut self) -> Result<()> {
         ensure!(self.child.is_none(), "daemon already running");
         self.starts += 1;
         let mut log = OpenOptions::new()
@@ -125,8 +175,10 @@ impl Daemon {
         writeln!(log, "===== harness: start #{} =====", self.starts)?;
         let mut command = Command::new(&self.bins.datapathd);
         command.arg("run");
-        for iface in LB_IFACES {
-            command.args(["--iface", iface]);
+        if self.pass_ifaces {
+            for iface in LB_IFACES {
+                command.args(["--iface", iface]);
+            }
         }
         command
             .arg("--socket")
@@ -153,10 +205,11 @@ impl Daemon {
             )
         })?;
         self.child = Some(child);
-        self.wait_ready()
+        Ok(())
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
+    /// Waits (bounded) until the API answers.
+    pub fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut()
@@ -224,6 +277,55 @@ impl Daemon {
         let _ = child.kill();
         child.wait()?;
         bail!("datapathd ignored SIGTERM for {STOP_TIMEOUT:?} and was killed")
+    }
+
+    /// Sends `signal` to the running daemon.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let pid = i32::try_from(self.pid().context("daemon not running")?).context("pid")?;
+        // SAFETY: signalling our own child, which we have not reaped yet.
+        ensure!(
+            unsafe { libc::kill(pid, signal) } == 0,
+            "kill({pid}, {signal}) failed"
+        );
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself; returns its status and how long
+    /// it took, or `None` if it still runs (it is left running).
+    pub fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<(std::process::ExitStatus, Duration)>> {
+        let started = Instant::now();
+        let child = self.child.as_mut().context("daemon not running")?;
+        while started.elapsed() < timeout {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some((status, started.elapsed())));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        Ok(None)
+    }
+
+    /// Replaces the extra arguments used by the next start.
+    pub fn set_extra_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// `datapathd cleanup` now (the daemon must be stopped); fails if it fails.
+    pub fn run_cleanup(&self) -> Result<()> {
+        let mut command = Command::new(&self.bins.datapathd);
+        command.arg("cleanup").arg("--pin-root").arg(&self.pin_root);
+        netns::command_in(&mut command, &self.ns)?;
+        let out = cmd::output_timeout(&mut command, Duration::from_secs(30))?;
+        ensure!(
+            out.status.success(),
+            "`datapathd cleanup` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
     }
 
     /// Starts it again with the same socket, state file and pin root (stopping it first if it

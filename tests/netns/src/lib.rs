@@ -18,6 +18,7 @@
 pub mod client;
 pub mod cmd;
 pub mod daemon;
+pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod privilege;
@@ -25,7 +26,7 @@ pub mod servers;
 pub mod topology;
 
 pub use client::{Conn, Spread};
-pub use daemon::{Binaries, Daemon};
+pub use daemon::{Binaries, Daemon, DaemonOptions};
 pub use lab::{Lab, LabOptions};
 pub use privilege::privileged;
 pub use servers::BackendServer;
