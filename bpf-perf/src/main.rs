@@ -20,7 +20,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_store_bytes,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, DevMap, PerCpuArray},
     programs::XdpContext,
 };
 use bpf_common::Counter;
@@ -232,6 +232,31 @@ pub fn xdp_drop_count(ctx: XdpContext) -> u32 {
     let (start, end) = bounds(&ctx);
     count(&DROP_STATS, 0, end.saturating_sub(start) as u64);
     xdp_action::XDP_DROP
+}
+
+#[map(name = "REDIRECT_MACS")]
+static REDIRECT_MACS: Array<[u8; 12]> = Array::with_max_entries(1, 0);
+
+#[map(name = "REDIRECT_PORT")]
+static REDIRECT_PORT: DevMap = DevMap::with_max_entries(1, 0);
+
+/// The forwarding floor: what any XDP forwarder pays at least. Writes the next hop's and the
+/// egress interface's MAC addresses (from `REDIRECT_MACS[0]`) and redirects every frame to the
+/// interface in `REDIRECT_PORT[0]`, with no lookup of its own.
+#[xdp]
+pub fn xdp_redirect_floor(ctx: XdpContext) -> u32 {
+    try_redirect_floor(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+fn try_redirect_floor(ctx: &XdpContext) -> Option<u32> {
+    let macs = *REDIRECT_MACS.get(0)?;
+    let (start, end) = bounds(ctx);
+    if start + 12 > end {
+        return Some(xdp_action::XDP_PASS);
+    }
+    // SAFETY: `start + 12 <= end` was checked just above.
+    unsafe { *(start as *mut [u8; 12]) = macs };
+    REDIRECT_PORT.redirect(0, 0).ok()
 }
 
 /// Lets everything through.

@@ -24,6 +24,8 @@ pub mod programs {
     pub const DROP_COUNT: &str = "xdp_drop_count";
     /// Passes everything.
     pub const PASS: &str = "xdp_pass";
+    /// Rewrites the MACs and redirects everything to one interface: the forwarding floor.
+    pub const REDIRECT_FLOOR: &str = "xdp_redirect_floor";
 }
 
 /// Map names in the object.
@@ -33,6 +35,8 @@ pub mod maps {
     pub const SINK_STATS: &str = "SINK_STATS";
     pub const SINK_BY_DST: &str = "SINK_BY_DST";
     pub const DROP_STATS: &str = "DROP_STATS";
+    pub const REDIRECT_MACS: &str = "REDIRECT_MACS";
+    pub const REDIRECT_PORT: &str = "REDIRECT_PORT";
 }
 
 /// Bytes of the header template the generator writes into every frame.
@@ -101,6 +105,7 @@ impl PerfObject {
             programs::COUNT_SINK,
             programs::DROP_COUNT,
             programs::PASS,
+            programs::REDIRECT_FLOOR,
         ] {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
@@ -148,6 +153,35 @@ impl PerfObject {
         program
             .detach(link)
             .with_context(|| format!("detach {name}"))
+    }
+
+    /// Points `xdp_redirect_floor` at interface `ifindex` of namespace `ns` with Ethernet
+    /// addresses `dst` (next hop) and `src` (the egress interface).
+    pub fn set_redirect(
+        &mut self,
+        ns: &str,
+        ifindex: u32,
+        dst: [u8; 6],
+        src: [u8; 6],
+    ) -> Result<()> {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&dst);
+        macs[6..].copy_from_slice(&src);
+        let mut array: Array<&mut MapData, [u8; 12]> = Array::try_from(
+            self.ebpf
+                .map_mut(maps::REDIRECT_MACS)
+                .context("map REDIRECT_MACS missing")?,
+        )?;
+        array.set(0, macs, 0).context("write REDIRECT_MACS")?;
+        let mut port: aya::maps::DevMap<&mut MapData> = aya::maps::DevMap::try_from(
+            self.ebpf
+                .map_mut(maps::REDIRECT_PORT)
+                .context("map REDIRECT_PORT missing")?,
+        )?;
+        // The kernel resolves a devmap's ifindex in the writer's network namespace.
+        netns_tests::netns::run_in(ns, || port.set(0, ifindex, None, 0))?
+            .context("write REDIRECT_PORT")?;
+        Ok(())
     }
 
     /// Writes the generator's configuration.

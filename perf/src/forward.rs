@@ -37,6 +37,9 @@ use crate::{
 pub const XDP_LB_FULLNAT: &str = "xdp-lb-fullnat";
 pub const NFT_DNAT: &str = "nft-dnat";
 pub const XDP_DROP: &str = "xdp-drop";
+/// (d) MAC rewrite and devmap redirect of every frame to the backend side: the least any XDP
+/// forwarder pays on this path, the load balancer's own ceiling.
+pub const XDP_REDIRECT_FLOOR: &str = "xdp-redirect";
 
 /// How long the daemon's footprint is measured when idle.
 const IDLE_WINDOW: Duration = Duration::from_secs(1);
@@ -157,6 +160,8 @@ enum Counted {
     Backends,
     /// By `xdp_drop_count` at the LB's ingress.
     Dropped,
+    /// At the backends' sink, whatever the destination (nothing was balanced).
+    Sink,
 }
 
 struct Bench<'a> {
@@ -189,6 +194,7 @@ impl Bench<'_> {
                 self.object.sink_by_dst(&topo::BACKENDS)?,
             )),
             Counted::Dropped => Ok((self.object.dropped()?, Vec::new())),
+            Counted::Sink => Ok((self.object.sink_ipv4()?, Vec::new())),
         }
     }
 
@@ -211,7 +217,7 @@ impl Bench<'_> {
             "{scenario}, {flows} flows: {} frames offered, none {}",
             generated.packets,
             match counted {
-                Counted::Backends => "reached the backends",
+                Counted::Backends | Counted::Sink => "reached the backends",
                 Counted::Dropped => "counted by xdp_drop_count",
             }
         );
@@ -294,6 +300,22 @@ pub fn run(options: &ForwardOptions) -> Result<ForwardReport> {
     }
     bench.object.detach(programs::DROP_COUNT, link)?;
 
+    // (d) The forwarding floor: rewrite the MACs and redirect to the backend side, no lookup.
+    let back_index = netns_tests::netns::run_in(&topo.lb_ns, || if_index(topo::LB_BACK_IFACE))??;
+    bench.object.set_redirect(
+        &topo.lb_ns,
+        back_index,
+        topo::mac_of(&topo.sink_ns, topo::SINK_IFACE)?,
+        topo::mac_of(&topo.lb_ns, topo::LB_BACK_IFACE)?,
+    )?;
+    let link = bench
+        .object
+        .attach(programs::REDIRECT_FLOOR, &topo.lb_ns, topo::LB_FRONT_IFACE)?;
+    for &flows in &options.flow_counts {
+        rows.push(bench.row(XDP_REDIRECT_FLOOR, flows, Counted::Sink, |_, _| Ok(()))?);
+    }
+    bench.object.detach(programs::REDIRECT_FLOOR, link)?;
+
     // (b) nftables DNAT, kube-proxy style, behind xdp_pass.
     let link = bench
         .object
@@ -323,6 +345,14 @@ pub fn run(options: &ForwardOptions) -> Result<ForwardReport> {
         rows,
         footprint: Some(footprint),
     })
+}
+
+fn if_index(name: &str) -> Result<u32> {
+    let c_name = std::ffi::CString::new(name)?;
+    // SAFETY: a valid C string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    ensure!(index != 0, "no interface {name}");
+    Ok(index)
 }
 
 fn daemon_log_tail(daemon: &Daemon) -> String {

@@ -297,7 +297,9 @@ fn render(results: &Results) -> String {
              Packets per second delivered to the backends' counting sink, median of the runs; \
              (a) XDP load balancer, full-NAT; (b) nftables DNAT (numgen map, as kube-proxy's \
              nftables mode) behind an XDP_PASS ingress; (c) XDP_DROP at the LB ingress (the \
-             machine's floor: packets absorbed, not forwarded).\n\n\
+             machine's floor: packets absorbed, not forwarded); (d) an XDP program that only \
+             rewrites the MACs and redirects every frame to the backend side (the forwarding \
+             floor: what any XDP forwarder pays on this path, with no lookup at all).\n\n\
              | scenario | flows | offered pps | delivered pps | min | max | runs |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
@@ -316,7 +318,10 @@ fn render(results: &Results) -> String {
         let mut flows: Vec<u32> = forward.rows.iter().map(|row| row.flows).collect();
         flows.sort_unstable();
         flows.dedup();
-        out.push_str("\n| flows | (a)/(b) xdp-lb / nft-dnat | (a)/(c) xdp-lb / xdp-drop |\n| ---: | ---: | ---: |\n");
+        out.push_str(
+            "\n| flows | (a)/(b) xdp-lb / nft-dnat | (a)/(c) xdp-lb / xdp-drop | (a)/(d) xdp-lb / xdp-redirect | (d)/(b) best any XDP forwarder could reach |\n\
+             | ---: | ---: | ---: | ---: | ---: |\n",
+        );
         for flow_count in flows {
             let pps = |scenario: &str| {
                 forward
@@ -331,9 +336,11 @@ fn render(results: &Results) -> String {
             };
             let a = pps("xdp-lb-fullnat");
             out.push_str(&format!(
-                "| {flow_count} | {} | {} |\n",
+                "| {flow_count} | {} | {} | {} | {} |\n",
                 ratio(a, pps("nft-dnat")),
-                ratio(a, pps("xdp-drop"))
+                ratio(a, pps("xdp-drop")),
+                ratio(a, pps("xdp-redirect")),
+                ratio(pps("xdp-redirect"), pps("nft-dnat")),
             ));
         }
         out.push('\n');
