@@ -8,10 +8,18 @@ fn main() -> aya_build::Result<()> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let bpf_xdp_dir = manifest_dir.join("..").join("bpf-xdp").canonicalize()?;
     let root_dir = bpf_xdp_dir.to_string_lossy().into_owned();
+    // `DATAPATH_BPF_VARIANT=upgrade-test` builds the program variant the upgrade test restarts
+    // the daemon onto (different bytecode, same behaviour). Never set for a real build.
+    println!("cargo:rerun-if-env-changed=DATAPATH_BPF_VARIANT");
+    let features: &[&str] = match std::env::var("DATAPATH_BPF_VARIANT").as_deref() {
+        Ok("upgrade-test") => &["upgrade-test-variant"],
+        _ => &[],
+    };
     aya_build::build_ebpf(
         [Package {
             name: "bpf-xdp",
             root_dir: &root_dir,
+            features,
             ..Default::default()
         }],
         Toolchain::default(),

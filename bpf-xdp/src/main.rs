@@ -233,6 +233,10 @@ fn count_bytes(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
 
 #[xdp]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    // The upgrade test's "rebuilt program": one extra, harmless load, so its bytecode (and
+    // the kernel's tag of it) differs from the normal build.
+    #[cfg(feature = "upgrade-test-variant")]
+    let _ = global(&MAGLEV_SIZE);
     let verdict = try_xdp_lb(&ctx);
     count_reason(verdict.reason);
     verdict.action

@@ -35,6 +35,10 @@ use crate::{
 
 /// Scenario names, as they appear in [`ForwardRow::scenario`].
 pub const XDP_LB_FULLNAT: &str = "xdp-lb-fullnat";
+/// (a) again, with the daemon's default `modules.prog_stats: true`: the kernel's BPF run-time
+/// statistics are on while it runs, which costs every BPF program on the node two clock reads
+/// per run.
+pub const XDP_LB_FULLNAT_STATS: &str = "xdp-lb-fullnat+bpf-stats";
 pub const NFT_DNAT: &str = "nft-dnat";
 pub const XDP_DROP: &str = "xdp-drop";
 /// (d) MAC rewrite and devmap redirect of every frame to the backend side: the least any XDP
@@ -328,18 +332,38 @@ pub fn run(options: &ForwardOptions) -> Result<ForwardReport> {
         .context("delete the nftables table")?;
     bench.object.detach(programs::PASS, link)?;
 
-    // (a) The real datapathd, full-NAT over the 4 backends.
+    // (a) The real datapathd, full-NAT over the 4 backends: first with its default
+    // configuration (kernel BPF statistics on; the footprint is measured here), then with
+    // `modules.prog_stats: false`, as (b)-(d) run: the comparable figure.
     let bins = Binaries {
         datapathd: options.datapathd.clone(),
         lb_ctl: options.lb_ctl.clone(),
     };
-    let daemon = Daemon::start(&topo.lb_ns, &topo.prefix, bins, &[])
+    let daemon = Daemon::start(&topo.lb_ns, &topo.prefix, bins.clone(), &[])
         .context("start datapathd in the LB namespace")?;
-    let result = xdp_lb_rows(&mut bench, &daemon, &mut rows);
+    let result = xdp_lb_rows(&mut bench, &daemon, &mut rows, XDP_LB_FULLNAT_STATS);
     if result.is_err() {
         eprintln!("{}", daemon_log_tail(&daemon));
     }
     let footprint = result?;
+    drop(daemon);
+
+    let config = std::env::temp_dir().join(format!("{}-no-prog-stats.yaml", topo.prefix));
+    std::fs::write(&config, "modules:\n  prog_stats: false\n")
+        .with_context(|| format!("write {}", config.display()))?;
+    let started = Daemon::start(
+        &topo.lb_ns,
+        &topo.prefix,
+        bins,
+        &["--config", &config.to_string_lossy()],
+    );
+    let _ = std::fs::remove_file(&config);
+    let daemon = started.context("start datapathd (prog_stats off) in the LB namespace")?;
+    let result = xdp_lb_rows(&mut bench, &daemon, &mut rows, XDP_LB_FULLNAT);
+    if result.is_err() {
+        eprintln!("{}", daemon_log_tail(&daemon));
+    }
+    result?;
     drop(daemon);
     Ok(ForwardReport {
         rows,
@@ -366,6 +390,7 @@ fn xdp_lb_rows(
     bench: &mut Bench<'_>,
     daemon: &Daemon,
     rows: &mut Vec<ForwardRow>,
+    scenario: &'static str,
 ) -> Result<Footprint> {
     let service = format!("{}:{}", topo::VIP, topo::VIP_PORT);
     daemon.lb_ctl_ok(&[
@@ -394,7 +419,7 @@ fn xdp_lb_rows(
     for flows in flow_counts {
         let measure = flows == largest;
         let mut window = None;
-        let row = bench.row(XDP_LB_FULLNAT, flows, Counted::Backends, |run, done| {
+        let row = bench.row(scenario, flows, Counted::Backends, |run, done| {
             if !measure {
                 return Ok(());
             }

@@ -93,9 +93,11 @@ fn bpf_crates() -> Result<Vec<String>> {
 
 fn steps(bpf: &[String]) -> Vec<Step> {
     let target = util::target_dir().join("debug");
+    let upgrade_bin = util::target_dir().join("upgrade-variant").join("datapathd");
     let mut netns = cargo(&["test", "-p", "netns-tests", "--", "--test-threads=1"]);
     netns
         .env("DATAPATHD_BIN", target.join("datapathd"))
+        .env("DATAPATHD_UPGRADE_BIN", &upgrade_bin)
         .env("LB_CTL_BIN", target.join("lb-ctl"));
 
     // --workspace includes every member: leave out the BPF crates (checked on their own).
@@ -151,7 +153,23 @@ fn steps(bpf: &[String]) -> Vec<Step> {
         Step {
             name: "netns",
             selected_by: &[Check::Netns],
-            commands: vec![cargo(&["build", "-p", "datapath", "-p", "lb-ctl"]), netns],
+            commands: {
+                // The upgrade test restarts the daemon onto a rebuilt program: a datapathd whose
+                // XDP bytecode differs by one harmless instruction, built first and set aside.
+                let mut variant = cargo(&["build", "-p", "datapath"]);
+                variant.env("DATAPATH_BPF_VARIANT", "upgrade-test");
+                let mut set_aside = command("install");
+                set_aside
+                    .arg("-D")
+                    .arg(target.join("datapathd"))
+                    .arg(&upgrade_bin);
+                vec![
+                    variant,
+                    set_aside,
+                    cargo(&["build", "-p", "datapath", "-p", "lb-ctl"]),
+                    netns,
+                ]
+            },
         },
         Step {
             name: "bench-smoke",

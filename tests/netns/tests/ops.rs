@@ -696,6 +696,11 @@ fn upgrade_under_tcp_and_udp_traffic_swaps_the_program_in_place() {
         client::connect_many_in(&lab.topo.client, sock(VIP, TCP_SERVICE_PORT), 20),
     );
     let before = link_ids(&lab);
+    // The old programs are freed once replaced: read their bytecode tags now.
+    let tags_before: BTreeMap<String, String> = before
+        .iter()
+        .map(|(iface, (_, prog))| (iface.clone(), prog_tag(*prog)))
+        .collect();
 
     // Continuous UDP: one datagram every 2 ms, each answered or counted lost.
     let stop = Arc::new(AtomicBool::new(false));
@@ -748,6 +753,8 @@ fn upgrade_under_tcp_and_udp_traffic_swaps_the_program_in_place() {
     });
     thread::sleep(Duration::from_millis(500));
     let sent_before = sent.load(Ordering::SeqCst);
+    // The upgrade: the daemon comes back as a rebuilt binary whose XDP program differs.
+    lab.daemon_mut().bins.datapathd = upgrade_binary();
     ok("restarting datapathd", lab.daemon_mut().restart());
     thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
@@ -787,7 +794,50 @@ fn upgrade_under_tcp_and_udp_traffic_swaps_the_program_in_place() {
             prog_after, *prog,
             "{iface}: a newly loaded program replaced the old one"
         );
+        if std::env::var_os("DATAPATHD_UPGRADE_BIN").is_some() {
+            assert_ne!(
+                tags_before[iface],
+                prog_tag(prog_after),
+                "{iface}: the program after the upgrade has different bytecode"
+            );
+        }
     }
+}
+
+/// The rebuilt daemon the upgrade restarts onto (`DATAPATHD_UPGRADE_BIN`, which
+/// `cargo xtask test` builds with `DATAPATH_BPF_VARIANT=upgrade-test`). Without it the test
+/// restarts onto the same binary, unless privileged tests are required.
+fn upgrade_binary() -> std::path::PathBuf {
+    match std::env::var_os("DATAPATHD_UPGRADE_BIN") {
+        Some(path) => {
+            let path = std::path::PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "DATAPATHD_UPGRADE_BIN {} is missing",
+                path.display()
+            );
+            path
+        }
+        None => {
+            assert!(
+                std::env::var("DATAPATH_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+                "DATAPATHD_UPGRADE_BIN is not set: build the upgrade variant with \
+                 `DATAPATH_BPF_VARIANT=upgrade-test cargo build -p datapath` (cargo xtask test does)"
+            );
+            eprintln!("DATAPATHD_UPGRADE_BIN not set: upgrading onto the same binary");
+            netns_tests::Binaries::from_env().datapathd
+        }
+    }
+}
+
+/// The kernel's tag (a hash of the bytecode) of program `id`.
+fn prog_tag(id: u64) -> String {
+    let json = ok(
+        "bpftool prog show",
+        cmd::run_args("bpftool", &["-j", "prog", "show", "id", &id.to_string()]),
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["tag"].as_str().expect("program tag").to_string()
 }
 
 #[test]
