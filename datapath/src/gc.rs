@@ -159,19 +159,29 @@ impl FlowGc {
         let flows: Vec<(FlowKey, FlowEntry)> =
             lookup_all(self.flows.as_fd(), self.config.batch_size)?;
         report.flows_scanned = flows.len() as u64;
-        let mut live: HashSet<FlowKey> = HashSet::with_capacity(flows.len());
+        // Read before the flows are judged: the set of live flows is only needed to find
+        // orphaned reverse entries, and is not built when there are none (DSR-only nodes).
+        let reverse: Vec<(FlowKey, NatReverseEntry)> =
+            lookup_all(self.nat_reverse.as_fd(), self.config.batch_size)?;
+        let track_live = !reverse.is_empty();
+        let mut live: HashSet<FlowKey> =
+            HashSet::with_capacity(if track_live { flows.len() } else { 0 });
         for (key, entry) in &flows {
             if !is_expired(
                 entry.last_seen_ns,
                 now_ns,
                 self.timeout_for(key.proto, entry),
             ) {
-                live.insert(*key);
+                if track_live {
+                    live.insert(*key);
+                }
                 continue;
             }
             if budget == 0 {
                 report.deferred += 1;
-                live.insert(*key);
+                if track_live {
+                    live.insert(*key);
+                }
                 continue;
             }
             // Re-read: a packet may have refreshed the entry since the batch read.
@@ -185,15 +195,15 @@ impl FlowGc {
             );
             if !still_expired {
                 report.flows_kept_live += 1;
-                live.insert(*key);
+                if track_live {
+                    live.insert(*key);
+                }
             } else if delete(self.flows.as_fd(), key)? {
                 report.flows_expired += 1;
                 budget -= 1;
             }
         }
 
-        let reverse: Vec<(FlowKey, NatReverseEntry)> =
-            lookup_all(self.nat_reverse.as_fd(), self.config.batch_size)?;
         report.nat_scanned = reverse.len() as u64;
         for (key, entry) in &reverse {
             let owner = owner_of(key, entry);
@@ -338,7 +348,7 @@ fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> 
 }
 
 fn map_error(what: &str, error: std::io::Error) -> Error {
-    Error::io(format!("{what} on the flow table"), error)
+    Error::io(what.to_string(), error)
 }
 
 fn lookup<K: Copy, V: Copy + Default>(map: BorrowedFd<'_>, key: &K) -> Result<Option<V>> {
@@ -381,9 +391,11 @@ fn lookup_all<K: Copy + Default, V: Copy + Default>(
     let mut token_in = 0u64;
     let mut token_out = 0u64;
     let mut first = true;
+    let mut keys = vec![K::default(); batch_size as usize];
+    let mut values = vec![V::default(); batch_size as usize];
     loop {
-        let mut keys = vec![K::default(); batch_size as usize];
-        let mut values = vec![V::default(); batch_size as usize];
+        keys.resize(batch_size as usize, K::default());
+        values.resize(batch_size as usize, V::default());
         let mut attr = BatchAttr {
             in_batch: if first {
                 0
@@ -403,7 +415,12 @@ fn lookup_all<K: Copy + Default, V: Copy + Default>(
             Ok(_) => {}
             // The end of the map; `count` says how many the last call still returned.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                out.extend(keys.into_iter().zip(values).take(filled));
+                out.extend(
+                    keys.iter()
+                        .copied()
+                        .zip(values.iter().copied())
+                        .take(filled),
+                );
                 return Ok(out);
             }
             // One bucket holds more entries than fit: retry that bucket with room for more.
@@ -413,7 +430,12 @@ fn lookup_all<K: Copy + Default, V: Copy + Default>(
             }
             Err(e) => return Err(map_error("BPF_MAP_LOOKUP_BATCH", e)),
         }
-        out.extend(keys.into_iter().zip(values).take(filled));
+        out.extend(
+            keys.iter()
+                .copied()
+                .zip(values.iter().copied())
+                .take(filled),
+        );
         token_in = token_out;
         first = false;
     }
