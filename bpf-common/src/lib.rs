@@ -9,6 +9,7 @@
 //! exactly as they appear on the wire; the field docs say so with `_be`-style notes.
 #![no_std]
 
+pub mod ct;
 pub mod reason;
 
 /// `AF_INET` as stored in the `family` fields.
@@ -275,4 +276,6 @@ mod pod {
     unsafe impl aya::Pod for NatReverseEntry {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for BenchTemplate {}
+    unsafe impl aya::Pod for ct::CtKey {}
+    unsafe impl aya::Pod for ct::CtEntry {}
 }
