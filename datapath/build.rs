@@ -8,19 +8,30 @@ fn main() -> aya_build::Result<()> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let bpf_xdp_dir = manifest_dir.join("..").join("bpf-xdp").canonicalize()?;
     let root_dir = bpf_xdp_dir.to_string_lossy().into_owned();
+    let bpf_tc_dir = manifest_dir.join("..").join("bpf-tc").canonicalize()?;
+    let tc_root_dir = bpf_tc_dir.to_string_lossy().into_owned();
     aya_build::build_ebpf(
-        [Package {
-            name: "bpf-xdp",
-            root_dir: &root_dir,
-            ..Default::default()
-        }],
+        [
+            Package {
+                name: "bpf-xdp",
+                root_dir: &root_dir,
+                ..Default::default()
+            },
+            Package {
+                name: "bpf-tc",
+                root_dir: &tc_root_dir,
+                ..Default::default()
+            },
+        ],
         Toolchain::default(),
     )?;
     // With AYA_BUILD_SKIP (host-only work), leave an empty object so the crate still compiles;
     // the loader refuses to start with a clear message.
-    let object = PathBuf::from(std::env::var("OUT_DIR")?).join("bpf-xdp");
-    if !object.exists() {
-        std::fs::write(&object, [])?;
+    for name in ["bpf-xdp", "bpf-tc"] {
+        let object = PathBuf::from(std::env::var("OUT_DIR")?).join(name);
+        if !object.exists() {
+            std::fs::write(&object, [])?;
+        }
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod ct;
+pub mod policy;
 pub mod reason;
 
 /// `AF_INET` as stored in the `family` fields.
@@ -278,4 +279,12 @@ mod pod {
     unsafe impl aya::Pod for BenchTemplate {}
     unsafe impl aya::Pod for ct::CtKey {}
     unsafe impl aya::Pod for ct::CtEntry {}
+    unsafe impl aya::Pod for policy::EndpointKey {}
+    unsafe impl aya::Pod for policy::EndpointPolicy {}
+    unsafe impl aya::Pod for policy::RulePrefix {}
+    unsafe impl aya::Pod for policy::Rule {}
+    unsafe impl aya::Pod for policy::RuleList {}
+    unsafe impl aya::Pod for policy::EndpointStats {}
+    unsafe impl aya::Pod for policy::FlowEvent {}
+    unsafe impl aya::Pod for policy::RateBucket {}
 }
