@@ -483,3 +483,48 @@ fn invalid_policy_is_rejected_with_its_line_and_the_old_one_stays() {
     let syn = tcp((CLIENT, 40000), (ENDPOINT, 8080), true, false);
     assert_eq!(fx.ingress(&syn), NEXT);
 }
+
+#[test]
+fn sweep_expires_idle_flows_by_their_state_timeout_and_keeps_the_others() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    let syn = tcp((CLIENT, 40000), (ENDPOINT, 8080), true, false);
+    let syn_ack = tcp((ENDPOINT, 8080), (CLIENT, 40000), true, true);
+    let ack = tcp((CLIENT, 40000), (ENDPOINT, 8080), false, true);
+    for (frame, ingress) in [(&syn, true), (&syn_ack, false), (&ack, true)] {
+        let verdict = if ingress {
+            fx.ingress(frame)
+        } else {
+            fx.egress(frame)
+        };
+        assert_eq!(verdict, NEXT);
+    }
+    let dns = udp((CLIENT, 5353), (ENDPOINT, 53), b"q");
+    assert_eq!(fx.ingress(&dns), NEXT);
+    assert_eq!(fx.flows().len(), 2);
+    // UDP times out at once, established TCP after an hour.
+    let timeouts = conntrack::Timeouts {
+        tcp_syn_ns: 0,
+        tcp_established_ns: 3_600_000_000_000,
+        tcp_closing_ns: 0,
+        udp_ns: 0,
+        other_ns: 0,
+    };
+    let now = datapath::gc::monotonic_now_ns() + 1;
+    let expired = fx.plane().ct_sweep(&timeouts, now, 100).expect("sweep");
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0].0.proto, bpf_common::PROTO_UDP);
+    let flows = fx.flows();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].state, "ESTABLISHED");
+    // The deletion cap throttles a sweep.
+    assert_eq!(fx.ingress(&dns), NEXT);
+    let expired = fx
+        .plane()
+        .ct_sweep(&timeouts, datapath::gc::monotonic_now_ns() + 1, 0)
+        .expect("sweep");
+    assert!(expired.is_empty());
+    assert_eq!(fx.flows().len(), 2);
+}
