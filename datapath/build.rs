@@ -15,20 +15,31 @@ fn main() -> aya_build::Result<()> {
         Ok("upgrade-test") => &["upgrade-test-variant"],
         _ => &[],
     };
+    let bpf_tc_dir = manifest_dir.join("..").join("bpf-tc").canonicalize()?;
+    let tc_root_dir = bpf_tc_dir.to_string_lossy().into_owned();
     aya_build::build_ebpf(
-        [Package {
-            name: "bpf-xdp",
-            root_dir: &root_dir,
-            features,
-            ..Default::default()
-        }],
+        [
+            Package {
+                name: "bpf-xdp",
+                root_dir: &root_dir,
+                features,
+                ..Default::default()
+            },
+            Package {
+                name: "bpf-tc",
+                root_dir: &tc_root_dir,
+                ..Default::default()
+            },
+        ],
         Toolchain::default(),
     )?;
     // With AYA_BUILD_SKIP (host-only work), leave an empty object so the crate still compiles;
     // the loader refuses to start with a clear message.
-    let object = PathBuf::from(std::env::var("OUT_DIR")?).join("bpf-xdp");
-    if !object.exists() {
-        std::fs::write(&object, [])?;
+    for name in ["bpf-xdp", "bpf-tc"] {
+        let object = PathBuf::from(std::env::var("OUT_DIR")?).join(name);
+        if !object.exists() {
+            std::fs::write(&object, [])?;
+        }
     }
     Ok(())
 }

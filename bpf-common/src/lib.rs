@@ -9,6 +9,8 @@
 //! exactly as they appear on the wire; the field docs say so with `_be`-style notes.
 #![no_std]
 
+pub mod ct;
+pub mod policy;
 pub mod reason;
 
 /// `AF_INET` as stored in the `family` fields.
@@ -275,4 +277,14 @@ mod pod {
     unsafe impl aya::Pod for NatReverseEntry {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for BenchTemplate {}
+    unsafe impl aya::Pod for ct::CtKey {}
+    unsafe impl aya::Pod for ct::CtEntry {}
+    unsafe impl aya::Pod for policy::EndpointKey {}
+    unsafe impl aya::Pod for policy::EndpointPolicy {}
+    unsafe impl aya::Pod for policy::RulePrefix {}
+    unsafe impl aya::Pod for policy::Rule {}
+    unsafe impl aya::Pod for policy::RuleList {}
+    unsafe impl aya::Pod for policy::EndpointStats {}
+    unsafe impl aya::Pod for policy::FlowEvent {}
+    unsafe impl aya::Pod for policy::RateBucket {}
 }

@@ -7,11 +7,15 @@
 #![no_std]
 
 mod flags;
+mod flow;
 mod tcp;
 mod timeout;
 mod udp;
 
 pub use flags::TcpFlags;
+pub use flow::{
+    CtUpdate, canonical_key, ct_timeout, direction_of, new_entry, state_name, update_entry,
+};
 pub use tcp::{TcpState, tcp_transition};
 pub use timeout::{Timeouts, is_expired};
 pub use udp::{IcmpState, UdpState, icmp_transition, udp_transition};

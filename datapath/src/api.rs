@@ -246,7 +246,9 @@ impl From<Error> for ApiFailure {
                 format!("{e}; the change was rolled back"),
             ),
             Error::CorruptState { .. } | Error::Io { .. } => (ErrorCode::Internal, e.to_string()),
-            Error::Config { .. } => (ErrorCode::InvalidArgument, e.to_string()),
+            Error::Config { .. } | Error::Policy { .. } => {
+                (ErrorCode::InvalidArgument, e.to_string())
+            }
         };
         if code.http_status() >= 500 {
             tracing::error!(error = %message, "request failed");

@@ -64,6 +64,9 @@ pub enum Error {
         key: String,
         reason: String,
     },
+    /// A policy file is invalid: the line (when known) and the reason.
+    #[error("policy{}: {reason}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Policy { line: Option<usize>, reason: String },
     /// Another I/O failure.
     #[error("{context}: {source}")]
     Io {

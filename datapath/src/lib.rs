@@ -7,6 +7,7 @@ pub mod error;
 pub mod features;
 pub mod gc;
 pub mod metrics;
+pub mod policy;
 pub mod runtime;
 pub mod state;
 

@@ -1,0 +1,196 @@
+//! Bidirectional flow keys and the per-packet update of a conntrack entry.
+//!
+//! [`canonical_key`] orders the two endpoints of a packet so that the packet and its reply
+//! produce the same [`CtKey`]; it also says which canonical side sent the packet. The entry
+//! stores the side that opened the flow, so [`direction_of`] tells original from reply for
+//! every later packet. [`update_entry`] is the one place that advances an entry: counters,
+//! last-seen time, the protocol's state machine ([`crate::tcp_transition`] for TCP, the
+//! pseudo-states for UDP and ICMP) and the handshake round-trip time.
+
+use bpf_common::{
+    Addr16, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    ct::{CT_F_SEEN_REPLY, CtEntry, CtKey},
+};
+
+use crate::{
+    Direction, IcmpState, TcpFlags, TcpState, Timeouts, UdpState, icmp_transition, tcp_transition,
+    udp_transition,
+};
+
+/// True when `(a, pa)` sorts strictly before `(b, pb)`: addresses word by word as stored,
+/// then ports as stored. Any fixed total order works; this one needs no byte swapping.
+#[inline(always)]
+const fn endpoint_lt(a: &Addr16, pa: u16, b: &Addr16, pb: u16) -> bool {
+    let mut i = 0;
+    while i < 4 {
+        if a[i] != b[i] {
+            return a[i] < b[i];
+        }
+        i += 1;
+    }
+    pa < pb
+}
+
+/// The canonical key of a packet from `(src, src_port_be)` to `(dst, dst_port_be)`, and the
+/// canonical side the packet was sent from (0: `a`, 1: `b`). A packet and its reply get the
+/// same key and opposite sides.
+#[must_use]
+#[inline(always)]
+pub const fn canonical_key(
+    src: Addr16,
+    src_port_be: u16,
+    dst: Addr16,
+    dst_port_be: u16,
+    proto: u8,
+    family: u8,
+) -> (CtKey, u8) {
+    if endpoint_lt(&dst, dst_port_be, &src, src_port_be) {
+        (
+            CtKey {
+                addr_a: dst,
+                addr_b: src,
+                port_a_be: dst_port_be,
+                port_b_be: src_port_be,
+                proto,
+                family,
+                _pad: [0; 2],
+            },
+            1,
+        )
+    } else {
+        (
+            CtKey {
+                addr_a: src,
+                addr_b: dst,
+                port_a_be: src_port_be,
+                port_b_be: dst_port_be,
+                proto,
+                family,
+                _pad: [0; 2],
+            },
+            0,
+        )
+    }
+}
+
+/// Direction of a packet sent from canonical `side`, in a flow opened from `orig_side`.
+#[must_use]
+#[inline(always)]
+pub const fn direction_of(orig_side: u8, side: u8) -> Direction {
+    if orig_side == side {
+        Direction::Original
+    } else {
+        Direction::Reply
+    }
+}
+
+/// A fresh entry for a flow whose first packet was sent from canonical `side`. The first
+/// packet itself is applied with [`update_entry`] afterwards, like every other one.
+#[must_use]
+#[inline(always)]
+pub const fn new_entry(now_ns: u64, side: u8) -> CtEntry {
+    CtEntry {
+        created_ns: now_ns,
+        last_seen_ns: now_ns,
+        syn_ns: 0,
+        rtt_ns: 0,
+        packets: [0; 2],
+        bytes: [0; 2],
+        ifindex: 0,
+        rule_id: 0,
+        generation: 0,
+        state: 0,
+        orig_side: side,
+        policy_dir: 0,
+        flags: 0,
+        tcp_flags_seen: [0; 2],
+        _pad: [0; 6],
+    }
+}
+
+/// What one packet did to an entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtUpdate {
+    /// State byte before the packet.
+    pub old_state: u8,
+    /// State byte after the packet.
+    pub new_state: u8,
+    /// The packet moved a TCP flow into a closing state (`FIN_WAIT`, `CLOSE_WAIT`,
+    /// `TIME_WAIT`) or `CLOSE` from a state that was not closing.
+    pub closed: bool,
+}
+
+/// Applies one packet of `len` bytes travelling in `dir` at `now_ns` to `entry`. `tcp_flags`
+/// is ignored for protocols other than TCP. Pure: the caller stores the entry.
+#[inline(always)]
+pub fn update_entry(
+    entry: &mut CtEntry,
+    proto: u8,
+    dir: Direction,
+    tcp_flags: TcpFlags,
+    len: u64,
+    now_ns: u64,
+) -> CtUpdate {
+    let d = dir as usize & 1;
+    entry.packets[d] = entry.packets[d].wrapping_add(1);
+    entry.bytes[d] = entry.bytes[d].wrapping_add(len);
+    if now_ns > entry.last_seen_ns {
+        entry.last_seen_ns = now_ns;
+    }
+    if let Direction::Reply = dir {
+        entry.flags |= CT_F_SEEN_REPLY;
+    }
+    let old = entry.state;
+    let new = match proto {
+        PROTO_TCP => {
+            entry.tcp_flags_seen[d] |= tcp_flags.0;
+            let before = TcpState::from_u8(old);
+            let after = tcp_transition(before, dir, tcp_flags);
+            // The handshake RTT: first SYN to the first SYN+ACK (or simultaneous-open SYN).
+            if matches!(after, TcpState::SynSent) && !matches!(before, TcpState::SynSent) {
+                entry.syn_ns = now_ns;
+                entry.rtt_ns = 0;
+            }
+            if matches!(before, TcpState::SynSent)
+                && matches!(after, TcpState::SynRecv)
+                && entry.syn_ns != 0
+                && entry.rtt_ns == 0
+            {
+                entry.rtt_ns = now_ns.saturating_sub(entry.syn_ns);
+            }
+            after as u8
+        }
+        PROTO_UDP => udp_transition(UdpState::from_u8(old), dir) as u8,
+        _ => icmp_transition(IcmpState::from_u8(old), dir) as u8,
+    };
+    entry.state = new;
+    CtUpdate {
+        old_state: old,
+        new_state: new,
+        closed: proto == PROTO_TCP
+            && !TcpState::from_u8(old).is_closing()
+            && TcpState::from_u8(new).is_closing(),
+    }
+}
+
+/// The idle timeout of a flow of protocol `proto` in state byte `state`.
+#[must_use]
+#[inline(always)]
+pub const fn ct_timeout(t: &Timeouts, proto: u8, state: u8) -> u64 {
+    match proto {
+        PROTO_TCP => t.for_tcp_state(TcpState::from_u8(state)),
+        PROTO_UDP => t.udp_ns,
+        _ => t.other_ns,
+    }
+}
+
+/// Display name of state byte `state` for protocol `proto` (`ESTABLISHED`, `REPLIED`, ...).
+#[must_use]
+pub const fn state_name(proto: u8, state: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => TcpState::from_u8(state).name(),
+        PROTO_UDP => UdpState::from_u8(state).name(),
+        PROTO_ICMP => IcmpState::from_u8(state).name(),
+        _ => IcmpState::from_u8(state).name(),
+    }
+}

@@ -1,0 +1,1306 @@
+//! The tc (TCX) policy: the policy file format, its compilation into the maps of `bpf-tc`,
+//! and [`PolicyPlane`], which loads the programs, attaches them to interfaces, applies
+//! policies atomically and reads the shared conntrack table.
+//!
+//! # Policy file
+//!
+//! ```yaml
+//! endpoints:
+//!   - interface: "veth*"          # an interface name or a pattern (`*`, `?`)
+//!     default_ingress: deny       # allow | deny | log (default: allow)
+//!     default_egress: allow
+//!     ingress:                    # packets the interface receives
+//!       - name: web
+//!         cidr: 198.18.0.0/15     # remote address (default 0.0.0.0/0)
+//!         protocol: tcp           # any | tcp | udp | icmp (default any)
+//!         ports: 8080             # a port or "lo-hi" (default: all)
+//!         action: allow
+//!     egress: []                  # packets the interface sends
+//! ```
+//!
+//! Rules are matched first to last; the first rule whose CIDR contains the remote address
+//! (source for ingress, destination for egress), whose protocol matches and whose port range
+//! contains the destination port decides. Without a match the default action applies. Only
+//! new flows are matched: replies and related ICMP errors of admitted flows pass through the
+//! conntrack.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey},
+    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    util::nr_cpus,
+};
+use bpf_common::{
+    Counter, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    ct::{CtEntry, CtKey, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, RULE_DEFAULT},
+    policy::{
+        ACTION_ALLOW, ACTION_DENY, ACTION_LOG, EndpointKey, EndpointPolicy, EndpointStats,
+        MAX_ENDPOINTS, MAX_RULE_LISTS, MAX_RULES, MAX_RULES_PER_LIST, RULE_PREFIX_HEADER_BITS,
+        Rule, RuleList, RulePrefix, defaults, globals, map_names, reason,
+    },
+};
+use conntrack::{Timeouts, ct_timeout, is_expired, state_name};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The compiled tc object, embedded like the XDP one.
+pub static TC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-tc"));
+
+pub const PROGRAM_INGRESS: &str = "tc_ingress";
+pub const PROGRAM_EGRESS: &str = "tc_egress";
+
+// ---------------------------------------------------------------------------------------------
+// The policy file.
+// ---------------------------------------------------------------------------------------------
+
+/// What a rule or a default does with a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+    /// Allow and report the flow as a `logged` event.
+    Log,
+}
+
+impl Action {
+    fn code(self) -> u8 {
+        match self {
+            Action::Allow => ACTION_ALLOW,
+            Action::Deny => ACTION_DENY,
+            Action::Log => ACTION_LOG,
+        }
+    }
+}
+
+/// Protocol a rule matches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleProtocol {
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl RuleProtocol {
+    fn code(self) -> u8 {
+        match self {
+            RuleProtocol::Any => 0,
+            RuleProtocol::Tcp => PROTO_TCP,
+            RuleProtocol::Udp => PROTO_UDP,
+            RuleProtocol::Icmp => PROTO_ICMP,
+        }
+    }
+}
+
+/// An IPv4 prefix, written `a.b.c.d/len` or a bare address (`/32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub const ANY: Cidr = Cidr {
+        addr: Ipv4Addr::UNSPECIFIED,
+        len: 0,
+    };
+
+    fn mask(len: u8) -> u32 {
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        }
+    }
+
+    /// True when `self` contains every address of `other`.
+    pub fn contains(&self, other: &Cidr) -> bool {
+        self.len <= other.len
+            && u32::from(self.addr) & Self::mask(self.len)
+                == u32::from(other.addr) & Self::mask(self.len)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (
+                a,
+                l.parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= 32)
+                    .ok_or_else(|| format!("invalid prefix length in CIDR {s:?}"))?,
+            ),
+            None => (s, 32),
+        };
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("invalid CIDR {s:?} (expected a.b.c.d/len; IPv4 only)"))?;
+        if u32::from(addr) & !Cidr::mask(len) != 0 {
+            return Err(format!("CIDR {s:?} has host bits set"));
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// An inclusive destination port range: `8080` or `"8000-8100"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    pub const ALL: PortRange = PortRange {
+        min: 0,
+        max: u16::MAX,
+    };
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}-{}", self.min, self.max)
+        }
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("invalid port {p:?} in {s:?} (0-65535)"))
+        };
+        let (min, max) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(s)?, port(s)?),
+        };
+        if min > max {
+            return Err(format!("port range {s:?} is empty (start > end)"));
+        }
+        Ok(PortRange { min, max })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => u16::try_from(n)
+                .map(|p| PortRange { min: p, max: p })
+                .map_err(|_| serde::de::Error::custom(format!("port {n} out of range 0-65535"))),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+fn any_cidr() -> Cidr {
+    Cidr::ANY
+}
+
+/// One rule of a policy file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default = "any_cidr")]
+    pub cidr: Cidr,
+    #[serde(default)]
+    pub protocol: RuleProtocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortRange>,
+    pub action: Action,
+}
+
+/// The policy of one endpoint: an interface name or pattern.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub interface: String,
+    #[serde(default)]
+    pub default_ingress: Action,
+    #[serde(default)]
+    pub default_egress: Action,
+    #[serde(default)]
+    pub ingress: Vec<RuleSpec>,
+    #[serde(default)]
+    pub egress: Vec<RuleSpec>,
+}
+
+/// A whole policy file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// The 1-based line of the first line of `text` that contains `needle`.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+impl PolicySpec {
+    /// Parses and validates a policy file. Errors name the line and the reason.
+    pub fn parse(text: &str) -> Result<PolicySpec> {
+        let spec: PolicySpec = if text.trim().is_empty() {
+            PolicySpec::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| {
+                let mut reason = e.to_string();
+                if let Some(at) = reason.find(" at line ") {
+                    reason.truncate(at);
+                }
+                // A value error is reported at the enclosing mapping: point at the line
+                // holding the offending value when the reason quotes it.
+                let mut line = e.location().map(|l| l.line());
+                if let (Some(start), Some(value)) = (line, reason.split('"').nth(1))
+                    && !value.is_empty()
+                    && let Some(found) = text
+                        .lines()
+                        .enumerate()
+                        .skip(start - 1)
+                        .find(|(_, l)| l.contains(value))
+                {
+                    line = Some(found.0 + 1);
+                }
+                Error::Policy { line, reason }
+            })?
+        };
+        spec.compile().map_err(|e| match e {
+            Error::Policy { line: None, reason } => {
+                let line = spec
+                    .endpoints
+                    .iter()
+                    .find(|ep| reason.contains(&format!("`{}`", ep.interface)))
+                    .and_then(|ep| line_of(text, &ep.interface));
+                Error::Policy { line, reason }
+            }
+            other => other,
+        })?;
+        Ok(spec)
+    }
+
+    /// Compiles the policy into map contents (endpoint ids are positions in the file).
+    pub fn compile(&self) -> Result<CompiledPolicy> {
+        let invalid = |reason: String| Error::Policy { line: None, reason };
+        if self.endpoints.len() > MAX_ENDPOINTS as usize {
+            return Err(invalid(format!(
+                "{} endpoints; at most {MAX_ENDPOINTS}",
+                self.endpoints.len()
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        let mut compiled = CompiledPolicy::default();
+        for (id, ep) in self.endpoints.iter().enumerate() {
+            if ep.interface.is_empty() || ep.interface.len() > 15 {
+                return Err(invalid(format!(
+                    "endpoint `{}`: interface names and patterns have 1 to 15 characters",
+                    ep.interface
+                )));
+            }
+            if !seen.insert(ep.interface.clone()) {
+                return Err(invalid(format!(
+                    "endpoint `{}` appears twice",
+                    ep.interface
+                )));
+            }
+            let mut out = CompiledEndpoint {
+                pattern: ep.interface.clone(),
+                id: id as u32,
+                policy: EndpointPolicy {
+                    endpoint_id: id as u32,
+                    default_ingress: ep.default_ingress.code(),
+                    default_egress: ep.default_egress.code(),
+                    _pad: [0; 2],
+                },
+                lists: Vec::new(),
+            };
+            for (dir, rules) in [
+                (POLICY_DIR_INGRESS, &ep.ingress),
+                (POLICY_DIR_EGRESS, &ep.egress),
+            ] {
+                let first_id = compiled.rules.len() as u32;
+                for (i, r) in rules.iter().enumerate() {
+                    if r.ports.is_some()
+                        && !matches!(r.protocol, RuleProtocol::Tcp | RuleProtocol::Udp)
+                    {
+                        return Err(invalid(format!(
+                            "endpoint `{}`: {} rule {}: ports need protocol tcp or udp",
+                            ep.interface,
+                            dir_name(dir),
+                            i + 1
+                        )));
+                    }
+                    compiled.rules.push(RuleInfo {
+                        id: compiled.rules.len() as u32,
+                        endpoint: ep.interface.clone(),
+                        direction: dir_name(dir).to_string(),
+                        index: i,
+                        name: r.name.clone(),
+                        cidr: r.cidr,
+                        protocol: r.protocol,
+                        ports: r.ports.unwrap_or(PortRange::ALL),
+                        action: r.action,
+                    });
+                }
+                if compiled.rules.len() > MAX_RULES as usize {
+                    return Err(invalid(format!("more than {MAX_RULES} rules in all")));
+                }
+                // One list per distinct prefix: every rule whose CIDR contains it, in order.
+                let prefixes: BTreeSet<Cidr> = rules.iter().map(|r| r.cidr).collect();
+                for prefix in prefixes {
+                    let mut list = RuleList::default();
+                    let matching: Vec<(usize, &RuleSpec)> = rules
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| r.cidr.contains(&prefix))
+                        .collect();
+                    if matching.len() > MAX_RULES_PER_LIST {
+                        return Err(invalid(format!(
+                            "endpoint `{}`: {} addresses in {prefix} match {} rules; at most \
+                             {MAX_RULES_PER_LIST} rules may apply to one prefix",
+                            ep.interface,
+                            dir_name(dir),
+                            matching.len()
+                        )));
+                    }
+                    list.count = matching.len() as u32;
+                    for (slot, (i, r)) in list.rules.iter_mut().zip(matching) {
+                        let ports = r.ports.unwrap_or(PortRange::ALL);
+                        *slot = Rule {
+                            rule_id: first_id + i as u32,
+                            port_min: ports.min,
+                            port_max: ports.max,
+                            proto: r.protocol.code(),
+                            action: r.action.code(),
+                            _pad: [0; 2],
+                        };
+                    }
+                    out.lists.push((dir, prefix, list));
+                }
+            }
+            compiled.list_count += out.lists.len();
+            compiled.endpoints.push(out);
+        }
+        if compiled.list_count > MAX_RULE_LISTS as usize {
+            return Err(invalid(format!(
+                "{} distinct (endpoint, direction, CIDR) combinations; at most {MAX_RULE_LISTS}",
+                compiled.list_count
+            )));
+        }
+        Ok(compiled)
+    }
+}
+
+fn dir_name(dir: u8) -> &'static str {
+    if dir == POLICY_DIR_INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+/// A rule as the policy listing shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleInfo {
+    /// Index in the rule counters.
+    pub id: u32,
+    pub endpoint: String,
+    pub direction: String,
+    /// Position in the endpoint's rules of that direction (0-based).
+    pub index: usize,
+    pub name: Option<String>,
+    pub cidr: Cidr,
+    pub protocol: RuleProtocol,
+    pub ports: PortRange,
+    pub action: Action,
+}
+
+#[derive(Clone, Debug)]
+pub struct CompiledEndpoint {
+    pub pattern: String,
+    pub id: u32,
+    pub policy: EndpointPolicy,
+    /// (direction, prefix, rules that apply to it).
+    pub lists: Vec<(u8, Cidr, RuleList)>,
+}
+
+/// Map contents of a policy.
+#[derive(Clone, Debug, Default)]
+pub struct CompiledPolicy {
+    pub endpoints: Vec<CompiledEndpoint>,
+    pub rules: Vec<RuleInfo>,
+    pub list_count: usize,
+}
+
+impl CompiledPolicy {
+    /// The endpoint governing interface `name`: the first whose pattern matches.
+    pub fn endpoint_for(&self, name: &str) -> Option<&CompiledEndpoint> {
+        self.endpoints
+            .iter()
+            .find(|ep| pattern_matches(&ep.pattern, name))
+    }
+}
+
+/// Shell-style pattern match with `*` and `?` (no character classes). Iterative, bounded by
+/// the lengths of both strings.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    let (mut pi, mut ni) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plane: programs, maps, attachment.
+// ---------------------------------------------------------------------------------------------
+
+/// Settings of the policy plane.
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    pub pin_root: PathBuf,
+    /// Entries of `CT_FLOWS`.
+    pub max_ct_flows: u32,
+    /// Flow events per second and CPU.
+    pub event_rate: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            pin_root: PathBuf::from(bpf_common::defaults::PIN_ROOT),
+            max_ct_flows: defaults::MAX_CT_FLOWS,
+            event_rate: defaults::EVENT_RATE,
+        }
+    }
+}
+
+/// A tracked flow, as listed by `lb-ctl conntrack list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtFlow {
+    pub protocol: String,
+    /// Original direction: source and destination.
+    pub src: String,
+    pub src_port: u16,
+    pub dst: String,
+    pub dst_port: u16,
+    pub state: String,
+    pub packets_orig: u64,
+    pub bytes_orig: u64,
+    pub packets_reply: u64,
+    pub bytes_reply: u64,
+    pub rtt_ns: u64,
+    pub age_ns: u64,
+    pub idle_ns: u64,
+    pub ifindex: u32,
+    /// Deciding rule id, or `None` for the default action.
+    pub rule: Option<u32>,
+    pub policy_direction: String,
+}
+
+/// The protocol name of an IP protocol number.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        PROTO_ICMP => "icmp".into(),
+        p => p.to_string(),
+    }
+}
+
+/// The original-direction tuple of a canonical key: (src, sport, dst, dport), ports in host
+/// byte order.
+pub fn original_tuple(key: &CtKey, orig_side: u8) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
+    let a = Ipv4Addr::from(key.addr_a[0].to_ne_bytes());
+    let b = Ipv4Addr::from(key.addr_b[0].to_ne_bytes());
+    let pa = u16::from_be(key.port_a_be);
+    let pb = u16::from_be(key.port_b_be);
+    if orig_side == 0 {
+        (a, pa, b, pb)
+    } else {
+        (b, pb, a, pa)
+    }
+}
+
+impl CtFlow {
+    pub fn from_entry(key: &CtKey, e: &CtEntry, now_ns: u64) -> Self {
+        let (src, sp, dst, dp) = original_tuple(key, e.orig_side);
+        CtFlow {
+            protocol: proto_name(key.proto),
+            src: src.to_string(),
+            src_port: sp,
+            dst: dst.to_string(),
+            dst_port: dp,
+            state: state_name(key.proto, e.state).to_string(),
+            packets_orig: e.packets[0],
+            bytes_orig: e.bytes[0],
+            packets_reply: e.packets[1],
+            bytes_reply: e.bytes[1],
+            rtt_ns: e.rtt_ns,
+            age_ns: now_ns.saturating_sub(e.created_ns),
+            idle_ns: now_ns.saturating_sub(e.last_seen_ns),
+            ifindex: e.ifindex,
+            rule: (e.rule_id != RULE_DEFAULT).then_some(e.rule_id),
+            policy_direction: dir_name(e.policy_dir).to_string(),
+        }
+    }
+}
+
+/// Filters of `conntrack list` / `flush`: every given field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtFilter {
+    /// Either endpoint's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Either endpoint's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// State name, case-insensitive (`established`, `time_wait`, `replied`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+impl CtFilter {
+    pub fn matches(&self, f: &CtFlow) -> bool {
+        self.address
+            .as_ref()
+            .is_none_or(|a| *a == f.src || *a == f.dst)
+            && self.port.is_none_or(|p| p == f.src_port || p == f.dst_port)
+            && self
+                .protocol
+                .as_ref()
+                .is_none_or(|p| p.eq_ignore_ascii_case(&f.protocol))
+            && self
+                .state
+                .as_ref()
+                .is_none_or(|s| s.eq_ignore_ascii_case(&f.state))
+    }
+}
+
+/// Counters of one rule (summed over CPUs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleStats {
+    #[serde(flatten)]
+    pub rule: RuleInfo,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Counters of one endpoint (summed over CPUs), by direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EndpointCounters {
+    pub endpoint: String,
+    pub interfaces: Vec<String>,
+    pub ingress: DirCounters,
+    pub egress: DirCounters,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DirCounters {
+    pub allowed: u64,
+    pub denied: u64,
+    pub default_hits: u64,
+    pub tracked: u64,
+    pub cut: u64,
+}
+
+/// What `policy list` shows.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PolicyStatus {
+    pub generation: u32,
+    pub policy: PolicySpec,
+    pub endpoints: Vec<EndpointCounters>,
+    pub rules: Vec<RuleStats>,
+    pub reasons: BTreeMap<String, u64>,
+}
+
+/// The tc programs, their maps and their TCX links.
+pub struct PolicyPlane {
+    bpf: Ebpf,
+    config: PolicyConfig,
+    /// Interface name -> (ifindex, ingress link, egress link).
+    links: BTreeMap<String, (u32, SchedClassifierLinkId, SchedClassifierLinkId)>,
+    policy: PolicySpec,
+    compiled: CompiledPolicy,
+}
+
+fn map_error(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Error {
+    let context = context.into();
+    move |source| Error::Map {
+        context,
+        source: Box::new(source),
+    }
+}
+
+fn program_error(context: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    let context = context.into();
+    move |source| Error::Program {
+        context,
+        source: Box::new(source),
+    }
+}
+
+fn interface_index(name: &str) -> Option<u32> {
+    let c_name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: valid C string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// Names of the interfaces of the current network namespace.
+pub fn list_interfaces() -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let dir = std::fs::read_dir("/sys/class/net").map_err(|e| Error::io("list interfaces", e))?;
+    for entry in dir {
+        let entry = entry.map_err(|e| Error::io("list interfaces", e))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+impl PolicyPlane {
+    /// Loads the tc object, reusing (or creating) the maps pinned under `config.pin_root`.
+    pub fn start(config: &PolicyConfig) -> Result<Self> {
+        if TC_OBJECT.is_empty() {
+            return Err(Error::InvalidArgument(
+                "this datapathd was built without its BPF programs (AYA_BUILD_SKIP)".into(),
+            ));
+        }
+        std::fs::create_dir_all(&config.pin_root)
+            .map_err(|e| Error::io(format!("create pin root {}", config.pin_root.display()), e))?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(&config.pin_root)
+            .map_max_entries(map_names::CT_FLOWS, config.max_ct_flows)
+            .override_global(globals::EVENT_RATE, &config.event_rate, true);
+        let mut bpf = loader.load(TC_OBJECT).map_err(|source| Error::Load {
+            source: Box::new(source),
+            context: format!(
+                "load the tc object with maps pinned under {}",
+                config.pin_root.display()
+            ),
+        })?;
+        for name in [PROGRAM_INGRESS, PROGRAM_EGRESS] {
+            let program: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or_else(|| Error::InvalidArgument(format!("program {name} missing")))?
+                .try_into()
+                .map_err(program_error(format!("{name} is not a classifier")))?;
+            program
+                .load()
+                .map_err(program_error(format!("load {name}")))?;
+        }
+        Ok(Self {
+            bpf,
+            config: config.clone(),
+            links: BTreeMap::new(),
+            policy: PolicySpec::default(),
+            compiled: CompiledPolicy::default(),
+        })
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    /// The program for tc direction `dir` (for BPF_PROG_TEST_RUN).
+    pub fn program(&self, dir: u8) -> Result<&SchedClassifier> {
+        let name = if dir == POLICY_DIR_INGRESS {
+            PROGRAM_INGRESS
+        } else {
+            PROGRAM_EGRESS
+        };
+        self.bpf
+            .program(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("program {name} missing")))?
+            .try_into()
+            .map_err(program_error(format!("{name} is not a classifier")))
+    }
+
+    /// Attaches both programs (TCX ingress and egress) to `name`. Idempotent.
+    pub fn attach(&mut self, name: &str) -> Result<()> {
+        if self.links.contains_key(name) {
+            return Ok(());
+        }
+        let ifindex = interface_index(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("interface {name:?} does not exist")))?;
+        let mut ids = Vec::new();
+        for (prog, at) in [
+            (PROGRAM_INGRESS, TcAttachType::Ingress),
+            (PROGRAM_EGRESS, TcAttachType::Egress),
+        ] {
+            let program: &mut SchedClassifier = self
+                .bpf
+                .program_mut(prog)
+                .ok_or_else(|| Error::InvalidArgument(format!("program {prog} missing")))?
+                .try_into()
+                .map_err(program_error(format!("{prog} is not a classifier")))?;
+            match program.attach(name, at) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    // No half-attached interface: undo the ingress link.
+                    if let Some(id) = ids.pop()
+                        && let Some(p) = self.bpf.program_mut(PROGRAM_INGRESS)
+                        && let Ok(p) = <&mut SchedClassifier>::try_from(p)
+                    {
+                        let _ = p.detach(id);
+                    }
+                    return Err(program_error(format!("attach {prog} to {name} (TCX)"))(e));
+                }
+            }
+        }
+        let egress = ids.pop().expect("two links");
+        let ingress = ids.pop().expect("two links");
+        self.links
+            .insert(name.to_string(), (ifindex, ingress, egress));
+        // The new interface may be governed by the live policy.
+        if !self.compiled.endpoints.is_empty() {
+            let compiled = self.compiled.clone();
+            self.write(&compiled)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches both programs from `name`.
+    pub fn detach(&mut self, name: &str) -> Result<()> {
+        let Some((_, ingress, egress)) = self.links.remove(name) else {
+            return Ok(());
+        };
+        for (prog, id) in [(PROGRAM_INGRESS, ingress), (PROGRAM_EGRESS, egress)] {
+            if let Some(p) = self.bpf.program_mut(prog)
+                && let Ok(p) = <&mut SchedClassifier>::try_from(p)
+            {
+                p.detach(id)
+                    .map_err(program_error(format!("detach {prog} from {name}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches to every interface matching one of `patterns`, detaches from attached ones
+    /// that no longer match (or are gone). Returns the attached names.
+    pub fn sync_interfaces(&mut self, patterns: &[String]) -> Result<Vec<String>> {
+        let present = list_interfaces()?;
+        let wanted: Vec<String> = present
+            .into_iter()
+            .filter(|n| patterns.iter().any(|p| pattern_matches(p, n)))
+            .collect();
+        let stale: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(n, (idx, _, _))| !wanted.contains(n) || interface_index(n) != Some(*idx))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stale {
+            if self.detach(&name).is_err() {
+                // The interface is gone with its links.
+                self.links.remove(&name);
+            }
+        }
+        for name in &wanted {
+            self.attach(name)?;
+        }
+        Ok(self.interfaces())
+    }
+
+    pub fn interfaces(&self) -> Vec<String> {
+        self.links.keys().cloned().collect()
+    }
+
+    pub fn policy(&self) -> &PolicySpec {
+        &self.policy
+    }
+
+    /// The live generation (0: no policy).
+    pub fn generation(&self) -> Result<u32> {
+        let map = self
+            .bpf
+            .map(map_names::GENERATION)
+            .ok_or_else(|| Error::InvalidArgument("TC_GENERATION missing".into()))?;
+        let array: Array<&MapData, u32> =
+            Array::try_from(map).map_err(map_error("TC_GENERATION"))?;
+        array.get(&0, 0).map_err(map_error("read TC_GENERATION"))
+    }
+
+    /// Applies a policy whole: it is written into the inactive slot, then the generation flips
+    /// in one update. On any error before the flip the old policy stays in force.
+    pub fn apply(&mut self, spec: &PolicySpec) -> Result<u32> {
+        let compiled = spec.compile()?;
+        let generation = self.write(&compiled)?;
+        self.policy = spec.clone();
+        self.compiled = compiled;
+        Ok(generation)
+    }
+
+    /// Removes the policy: every attached interface passes everything again (the generation
+    /// flips to an empty slot, so tracked flows are re-checked and pass).
+    pub fn delete(&mut self) -> Result<u32> {
+        self.apply(&PolicySpec::default())
+    }
+
+    fn write(&mut self, compiled: &CompiledPolicy) -> Result<u32> {
+        let live = self.generation()?;
+        let mut generation = live.wrapping_add(1);
+        if generation == 0 {
+            generation = 2;
+        }
+        let slot = generation & 1;
+
+        // Clear the inactive slot.
+        {
+            let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointPolicy> =
+                HashMap::try_from(self.map_mut(map_names::ENDPOINTS)?)
+                    .map_err(map_error("TC_ENDPOINTS"))?;
+            let stale: Vec<EndpointKey> = endpoints
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.slot == slot)
+                .collect();
+            for key in stale {
+                endpoints
+                    .remove(&key)
+                    .map_err(map_error("clear TC_ENDPOINTS"))?;
+            }
+        }
+        {
+            let mut trie: LpmTrie<&mut MapData, RulePrefix, u32> =
+                LpmTrie::try_from(self.map_mut(map_names::RULES_LPM)?)
+                    .map_err(map_error("TC_RULES_LPM"))?;
+            let stale: Vec<LpmKey<RulePrefix>> = trie
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| u32::from(k.data().slot) == slot)
+                .collect();
+            for key in stale {
+                trie.remove(&key).map_err(map_error("clear TC_RULES_LPM"))?;
+            }
+        }
+        let cpus = nr_cpus().map_err(|(_, e)| Error::io("count CPUs", e))?;
+        {
+            let mut stats: PerCpuArray<&mut MapData, Counter> =
+                PerCpuArray::try_from(self.map_mut(map_names::RULE_STATS)?)
+                    .map_err(map_error("TC_RULE_STATS"))?;
+            for id in 0..compiled.rules.len() as u32 {
+                let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])
+                    .map_err(|e| Error::io("zero counters", e))?;
+                stats
+                    .set(slot * MAX_RULES + id, zero, 0)
+                    .map_err(map_error("reset TC_RULE_STATS"))?;
+            }
+        }
+        {
+            let mut stats: PerCpuArray<&mut MapData, EndpointStats> =
+                PerCpuArray::try_from(self.map_mut(map_names::EP_STATS)?)
+                    .map_err(map_error("TC_EP_STATS"))?;
+            for ep in &compiled.endpoints {
+                let zero = PerCpuValues::try_from(vec![EndpointStats::default(); cpus])
+                    .map_err(|e| Error::io("zero counters", e))?;
+                stats
+                    .set(slot * MAX_ENDPOINTS + ep.id, zero, 0)
+                    .map_err(map_error("reset TC_EP_STATS"))?;
+            }
+        }
+
+        // Write the new policy into it.
+        let mut next_list = 0u32;
+        for ep in &compiled.endpoints {
+            for (dir, prefix, list) in &ep.lists {
+                let index = slot * MAX_RULE_LISTS + next_list;
+                {
+                    let mut lists: Array<&mut MapData, RuleList> =
+                        Array::try_from(self.map_mut(map_names::RULE_LISTS)?)
+                            .map_err(map_error("TC_RULE_LISTS"))?;
+                    lists
+                        .set(index, *list, 0)
+                        .map_err(map_error("write TC_RULE_LISTS"))?;
+                }
+                let mut trie: LpmTrie<&mut MapData, RulePrefix, u32> =
+                    LpmTrie::try_from(self.map_mut(map_names::RULES_LPM)?)
+                        .map_err(map_error("TC_RULES_LPM"))?;
+                let key = LpmKey::new(
+                    RULE_PREFIX_HEADER_BITS + u32::from(prefix.len),
+                    RulePrefix {
+                        slot: slot as u8,
+                        dir: *dir,
+                        endpoint_be: (ep.id as u16).to_be(),
+                        addr: bpf_common::addr16_from_ipv4_octets(prefix.addr.octets()),
+                    },
+                );
+                trie.insert(&key, next_list, 0)
+                    .map_err(map_error("write TC_RULES_LPM"))?;
+                next_list += 1;
+            }
+        }
+        {
+            let links: Vec<(String, u32)> = self
+                .links
+                .iter()
+                .map(|(n, (idx, _, _))| (n.clone(), *idx))
+                .collect();
+            let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointPolicy> =
+                HashMap::try_from(self.map_mut(map_names::ENDPOINTS)?)
+                    .map_err(map_error("TC_ENDPOINTS"))?;
+            for (name, ifindex) in links {
+                if let Some(ep) = compiled.endpoint_for(&name) {
+                    endpoints
+                        .insert(EndpointKey { ifindex, slot }, ep.policy, 0)
+                        .map_err(map_error("write TC_ENDPOINTS"))?;
+                }
+            }
+        }
+
+        // Flip: one 4-byte update.
+        let mut gen_map: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(map_names::GENERATION)?)
+                .map_err(map_error("TC_GENERATION"))?;
+        gen_map
+            .set(0, generation, 0)
+            .map_err(map_error("flip TC_GENERATION"))?;
+        Ok(generation)
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.bpf
+            .map_mut(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("map {name} missing from the tc object")))
+    }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.bpf
+            .map(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("map {name} missing from the tc object")))
+    }
+
+    /// Drop/verdict reasons, summed over CPUs.
+    pub fn reasons(&self) -> Result<BTreeMap<String, u64>> {
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(map_names::REASONS)?)
+            .map_err(map_error("TC_REASONS"))?;
+        let mut out = BTreeMap::new();
+        for (i, name) in reason::NAMES.iter().enumerate() {
+            let values = map
+                .get(&(i as u32), 0)
+                .map_err(map_error("read TC_REASONS"))?;
+            out.insert((*name).to_string(), values.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Status of the live policy with its counters.
+    pub fn status(&self) -> Result<PolicyStatus> {
+        let generation = self.generation()?;
+        let slot = generation & 1;
+        let rule_map: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.map(map_names::RULE_STATS)?)
+                .map_err(map_error("TC_RULE_STATS"))?;
+        let mut rules = Vec::new();
+        for r in &self.compiled.rules {
+            let v = rule_map
+                .get(&(slot * MAX_RULES + r.id), 0)
+                .map_err(map_error("read TC_RULE_STATS"))?;
+            rules.push(RuleStats {
+                rule: r.clone(),
+                packets: v.iter().map(|c| c.packets).sum(),
+                bytes: v.iter().map(|c| c.bytes).sum(),
+            });
+        }
+        let ep_map: PerCpuArray<&MapData, EndpointStats> =
+            PerCpuArray::try_from(self.map(map_names::EP_STATS)?)
+                .map_err(map_error("TC_EP_STATS"))?;
+        let mut endpoints = Vec::new();
+        for ep in &self.compiled.endpoints {
+            let v = ep_map
+                .get(&(slot * MAX_ENDPOINTS + ep.id), 0)
+                .map_err(map_error("read TC_EP_STATS"))?;
+            let dir = |d: usize| DirCounters {
+                allowed: v.iter().map(|s| s.allowed[d]).sum(),
+                denied: v.iter().map(|s| s.denied[d]).sum(),
+                default_hits: v.iter().map(|s| s.default_hits[d]).sum(),
+                tracked: v.iter().map(|s| s.tracked[d]).sum(),
+                cut: v.iter().map(|s| s.cut[d]).sum(),
+            };
+            endpoints.push(EndpointCounters {
+                endpoint: ep.pattern.clone(),
+                interfaces: self
+                    .links
+                    .keys()
+                    .filter(|n| self.compiled.endpoint_for(n).is_some_and(|e| e.id == ep.id))
+                    .cloned()
+                    .collect(),
+                ingress: dir(0),
+                egress: dir(1),
+            });
+        }
+        Ok(PolicyStatus {
+            generation,
+            policy: self.policy.clone(),
+            endpoints,
+            rules,
+            reasons: self.reasons()?,
+        })
+    }
+
+    /// Every tracked flow.
+    pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let map: HashMap<&MapData, CtKey, CtEntry> =
+            HashMap::try_from(self.map(map_names::CT_FLOWS)?).map_err(map_error("CT_FLOWS"))?;
+        Ok(map.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Tracked flows matching `filter`.
+    pub fn ct_list(&self, filter: &CtFilter, now_ns: u64) -> Result<Vec<CtFlow>> {
+        let mut flows: Vec<CtFlow> = self
+            .ct_entries()?
+            .iter()
+            .map(|(k, e)| CtFlow::from_entry(k, e, now_ns))
+            .filter(|f| filter.matches(f))
+            .collect();
+        flows.sort_by(|a, b| {
+            (&a.protocol, &a.src, a.src_port, &a.dst, a.dst_port).cmp(&(
+                &b.protocol,
+                &b.src,
+                b.src_port,
+                &b.dst,
+                b.dst_port,
+            ))
+        });
+        Ok(flows)
+    }
+
+    /// Removes tracked flows matching `filter`; returns how many.
+    pub fn ct_flush(&mut self, filter: &CtFilter, now_ns: u64) -> Result<u64> {
+        let victims: Vec<CtKey> = self
+            .ct_entries()?
+            .iter()
+            .filter(|(k, e)| filter.matches(&CtFlow::from_entry(k, e, now_ns)))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut map: HashMap<&mut MapData, CtKey, CtEntry> =
+            HashMap::try_from(self.map_mut(map_names::CT_FLOWS)?).map_err(map_error("CT_FLOWS"))?;
+        let mut removed = 0;
+        for key in victims {
+            if map.remove(&key).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes flows idle past their timeout, at most `max_deletes`. Every candidate is read
+    /// again right before its deletion and kept if a packet refreshed it since the scan, so a
+    /// live entry is never removed. Returns the expired flows.
+    pub fn ct_sweep(
+        &mut self,
+        timeouts: &Timeouts,
+        now_ns: u64,
+        max_deletes: usize,
+    ) -> Result<Vec<(CtKey, CtEntry)>> {
+        let candidates: Vec<CtKey> = self
+            .ct_entries()?
+            .iter()
+            .filter(|(k, e)| {
+                is_expired(
+                    e.last_seen_ns,
+                    now_ns,
+                    ct_timeout(timeouts, k.proto, e.state),
+                )
+            })
+            .map(|(k, _)| *k)
+            .take(max_deletes)
+            .collect();
+        let mut map: HashMap<&mut MapData, CtKey, CtEntry> =
+            HashMap::try_from(self.map_mut(map_names::CT_FLOWS)?).map_err(map_error("CT_FLOWS"))?;
+        let mut expired = Vec::new();
+        for key in candidates {
+            let Ok(entry) = map.get(&key, 0) else {
+                continue;
+            };
+            if !is_expired(
+                entry.last_seen_ns,
+                now_ns,
+                ct_timeout(timeouts, key.proto, entry.state),
+            ) {
+                continue;
+            }
+            if map.remove(&key).is_ok() {
+                expired.push((key, entry));
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Takes the flow-event ring buffer (once) for a reader task.
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        let map = self.bpf.take_map(map_names::EVENTS)?;
+        aya::maps::RingBuf::try_from(map).ok()
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.config.pin_root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        let table = [
+            ("veth*", "veth0", true),
+            ("veth*", "veth", true),
+            ("veth*", "eth0", false),
+            ("ep?", "ep1", true),
+            ("ep?", "ep12", false),
+            ("*", "anything", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("eth0", "eth0", true),
+            ("eth0", "eth01", false),
+        ];
+        for (p, n, want) in table {
+            assert_eq!(pattern_matches(p, n), want, "{p} {n}");
+        }
+    }
+
+    #[test]
+    fn lists_hold_every_covering_rule_in_order() {
+        let spec = PolicySpec::parse(
+            "endpoints:\n  - interface: ep0\n    ingress:\n      - {cidr: 0.0.0.0/0, protocol: tcp, ports: 80, action: allow}\n      - {cidr: 10.0.0.0/8, action: deny}\n      - {cidr: 10.1.0.0/16, protocol: udp, ports: \"53-54\", action: log}\n",
+        )
+        .expect("valid");
+        let compiled = spec.compile().expect("compiles");
+        let lists = &compiled.endpoints[0].lists;
+        let ids = |prefix: &str| -> Vec<u32> {
+            let cidr: Cidr = prefix.parse().expect("cidr");
+            let (_, _, list) = lists.iter().find(|(_, p, _)| *p == cidr).expect("list");
+            list.rules[..list.count as usize]
+                .iter()
+                .map(|r| r.rule_id)
+                .collect()
+        };
+        assert_eq!(ids("0.0.0.0/0"), [0]);
+        assert_eq!(ids("10.0.0.0/8"), [0, 1]);
+        assert_eq!(ids("10.1.0.0/16"), [0, 1, 2]);
+        let (_, _, list) = &lists[2];
+        assert_eq!(list.rules[2].port_min, 53);
+        assert_eq!(list.rules[2].port_max, 54);
+        assert_eq!(list.rules[2].action, ACTION_LOG);
+    }
+
+    #[test]
+    fn invalid_files_name_line_and_reason() {
+        let cases = [
+            (
+                "endpoints:\n  - interface: ep0\n    ingress:\n      - {cidr: 10.0.0.1/8, action: allow}\n",
+                4,
+                "host bits",
+            ),
+            (
+                "endpoints:\n  - interface: ep0\n    ingress:\n      - action: maybe\n",
+                4,
+                "unknown variant",
+            ),
+            (
+                "endpoints:\n  - interface: ep0\n    ingress:\n      - {protocol: tcp, ports: \"90-80\", action: allow}\n",
+                4,
+                "empty",
+            ),
+            (
+                "endpoints:\n  - interface: ep0\n    colour: blue\n",
+                3,
+                "unknown field",
+            ),
+            (
+                "endpoints:\n  - interface: ep0\n    ingress:\n      - {ports: 80, action: allow}\n",
+                2,
+                "ports need protocol",
+            ),
+            (
+                "endpoints:\n  - interface: ep0\n  - interface: ep0\n",
+                2,
+                "appears twice",
+            ),
+        ];
+        for (text, line, reason) in cases {
+            let err = PolicySpec::parse(text).expect_err(text);
+            let Error::Policy {
+                line: got,
+                reason: why,
+            } = &err
+            else {
+                panic!("{err}");
+            };
+            assert_eq!(*got, Some(line), "{text}: {err}");
+            assert!(why.contains(reason), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! Fixture tests of the TCX policy programs (`tc_ingress`, `tc_egress`) through
+//! BPF_PROG_TEST_RUN on whole frames built with etherparse.
+//!
+//! Each test builds a private network namespace with one veth (`ep0`, the endpoint), starts
+//! the real [`PolicyPlane`] (its maps pinned under a test-private root), attaches it to `ep0`
+//! (TCX), applies a policy through the real `apply`, and runs frames "arriving on" or
+//! "leaving through" `ep0` (the `__sk_buff` context names its ifindex). Verdicts, the
+//! per-reason and per-rule counters and the conntrack table are checked.
+//!
+//! Needs root. Without it the tests are skipped, unless `DATAPATH_REQUIRE_PRIVILEGED=1`.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use bpf_common::ct::{POLICY_DIR_EGRESS, POLICY_DIR_INGRESS};
+use datapath::policy::{CtFilter, PolicyConfig, PolicyPlane, PolicySpec};
+use etherparse::{
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader,
+    UdpHeader, icmpv4::DestUnreachableHeader,
+};
+
+/// `TCX_NEXT` (-1) as the test run reports it.
+const NEXT: u32 = u32::MAX;
+/// `TCX_DROP`.
+const DROP: u32 = 2;
+
+const CLIENT: [u8; 4] = [198, 18, 0, 1];
+const ENDPOINT: [u8; 4] = [198, 18, 0, 10];
+const ROUTER: [u8; 4] = [198, 18, 0, 254];
+const OUTSIDER: [u8; 4] = [198, 19, 7, 7];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const EP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let reason = "not root: BPF_PROG_TEST_RUN and network namespaces need root";
+    if std::env::var("DATAPATH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{reason} (DATAPATH_REQUIRE_PRIVILEGED=1)");
+    }
+    eprintln!("skipped: {reason}");
+    false
+}
+
+fn run(args: &[&str]) {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A named namespace this thread has entered; deleted (with its veth and links) on drop.
+struct TestNetns {
+    name: String,
+    original: File,
+}
+
+impl TestNetns {
+    fn enter() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "dptc{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        run(&["ip", "netns", "add", &name]);
+        let original = File::open("/proc/thread-self/ns/net").expect("open current netns");
+        let target = File::open(format!("/var/run/netns/{name}")).expect("open test netns");
+        // SAFETY: setns on valid namespace fds affects only this thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        Self { name, original }
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`.
+        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+struct Fixture {
+    plane: Option<PolicyPlane>,
+    ifindex: u32,
+    pin_root: PathBuf,
+    _netns: TestNetns,
+}
+
+const POLICY: &str = r#"
+endpoints:
+  - interface: "ep*"
+    default_ingress: deny
+    default_egress: deny
+    ingress:
+      - name: web
+        cidr: 198.18.0.0/16
+        protocol: tcp
+        ports: 8080
+        action: allow
+      - name: no-telnet
+        protocol: tcp
+        ports: 23
+        action: deny
+      - name: dns
+        protocol: udp
+        ports: 53
+        action: log
+    egress:
+      - name: out-web
+        protocol: tcp
+        ports: 80-443
+        action: allow
+"#;
+
+impl Fixture {
+    fn new(policy: &str) -> Self {
+        let netns = TestNetns::enter();
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            run(&["ip", "netns", "exec", &netns.name, "sysctl", "-qw", key]);
+        }
+        let ip = |args: &[&str]| {
+            let mut full = vec!["ip", "-n", netns.name.as_str()];
+            full.extend_from_slice(args);
+            run(&full);
+        };
+        ip(&[
+            "link", "add", "ep0", "type", "veth", "peer", "name", "peer0",
+        ]);
+        ip(&["link", "set", "ep0", "up"]);
+        ip(&["link", "set", "peer0", "up"]);
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name));
+        let config = PolicyConfig {
+            pin_root: pin_root.clone(),
+            max_ct_flows: 1024,
+            event_rate: 1_000,
+        };
+        let mut plane = PolicyPlane::start(&config).unwrap_or_else(|e| {
+            let _ = datapath::dataplane::cleanup(&pin_root);
+            panic!("start: {e}")
+        });
+        plane.attach("ep0").expect("attach ep0");
+        let spec = PolicySpec::parse(policy).expect("policy");
+        plane.apply(&spec).expect("apply");
+        let c = std::ffi::CString::new("ep0").expect("name");
+        // SAFETY: valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        Self {
+            plane: Some(plane),
+            ifindex,
+            pin_root,
+            _netns: netns,
+        }
+    }
+
+    fn plane(&mut self) -> &mut PolicyPlane {
+        self.plane.as_mut().expect("plane")
+    }
+
+    /// Runs one frame through the program of tc direction `dir` on `ep0`.
+    fn run(&mut self, frame: &[u8], dir: u8) -> u32 {
+        // struct __sk_buff (192 bytes); the kernel lets a test set `ifindex` (offset 40).
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let program = self.plane().program(dir).expect("program");
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        assert_eq!(out, frame, "the policy never rewrites a frame");
+        result.return_value
+    }
+
+    fn ingress(&mut self, frame: &[u8]) -> u32 {
+        self.run(frame, POLICY_DIR_INGRESS)
+    }
+
+    fn egress(&mut self, frame: &[u8]) -> u32 {
+        self.run(frame, POLICY_DIR_EGRESS)
+    }
+
+    fn reason(&mut self, name: &str) -> u64 {
+        self.plane().reasons().expect("reasons")[name]
+    }
+
+    fn rule_packets(&mut self, name: &str) -> u64 {
+        let status = self.plane().status().expect("status");
+        status
+            .rules
+            .iter()
+            .find(|r| r.rule.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("rule {name}"))
+            .packets
+    }
+
+    fn flows(&mut self) -> Vec<datapath::policy::CtFlow> {
+        self.plane()
+            .ct_list(&CtFilter::default(), 0)
+            .expect("ct list")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        drop(self.plane.take());
+        let _ = datapath::dataplane::cleanup(&self.pin_root);
+    }
+}
+
+fn eth(src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
+    Ethernet2Header {
+        source: src,
+        destination: dst,
+        ether_type: EtherType::IPV4,
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: IpNumber, payload_len: usize) -> Ipv4Header {
+    let mut ip = Ipv4Header::new(payload_len as u16, 64, proto, src, dst).expect("ipv4");
+    ip.identification = 0x1234;
+    ip.dont_fragment = true;
+    ip.header_checksum = ip.calc_header_checksum();
+    ip
+}
+
+fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), syn: bool, ack: bool) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(src.1, dst.1, 1000, 64240);
+    tcp.syn = syn;
+    tcp.ack = ack;
+    if ack {
+        tcp.acknowledgment_number = 5000;
+    }
+    let ip = ipv4(src.0, dst.0, IpNumber::TCP, tcp.header_len());
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("tcp checksum");
+    let mut frame = eth(CLIENT_MAC, EP_MAC);
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&tcp.to_bytes());
+    frame
+}
+
+fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let ip = ipv4(src.0, dst.0, IpNumber::UDP, 8 + payload.len());
+    let udp = UdpHeader::with_ipv4_checksum(src.1, dst.1, &ip, payload).expect("udp");
+    let mut frame = eth(CLIENT_MAC, EP_MAC);
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&udp.to_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An ICMP port-unreachable from `from` to `to`, quoting a TCP packet `quoted_src ->
+/// quoted_dst` (IPv4 header + 8 bytes).
+fn icmp_error(
+    from: [u8; 4],
+    to: [u8; 4],
+    quoted_src: ([u8; 4], u16),
+    quoted_dst: ([u8; 4], u16),
+) -> Vec<u8> {
+    let mut t = TcpHeader::new(quoted_src.1, quoted_dst.1, 1000, 64240);
+    t.ack = true;
+    let qip = ipv4(
+        quoted_src.0,
+        quoted_dst.0,
+        IpNumber::TCP,
+        t.header_len() + 100,
+    );
+    let mut quoted = qip.to_bytes().to_vec();
+    quoted.extend_from_slice(&t.to_bytes()[..8]);
+    let header = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        &quoted,
+    );
+    let ip = ipv4(from, to, IpNumber::ICMP, header.header_len() + quoted.len());
+    let mut frame = eth(CLIENT_MAC, EP_MAC);
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&header.to_bytes());
+    frame.extend_from_slice(&quoted);
+    frame
+}
+
+#[test]
+fn allowed_new_flow_opens_a_tracked_entry() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    let syn = tcp((CLIENT, 40000), (ENDPOINT, 8080), true, false);
+    assert_eq!(fx.ingress(&syn), NEXT);
+    assert_eq!(fx.reason("allow_rule"), 1);
+    assert_eq!(fx.rule_packets("web"), 1);
+    let flows = fx.flows();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    let f = &flows[0];
+    assert_eq!(
+        (f.protocol.as_str(), f.src.as_str(), f.src_port),
+        ("tcp", "198.18.0.1", 40000)
+    );
+    assert_eq!((f.dst.as_str(), f.dst_port), ("198.18.0.10", 8080));
+    assert_eq!(f.state, "SYN_SENT");
+    assert_eq!((f.packets_orig, f.packets_reply), (1, 0));
+    assert_eq!(f.bytes_orig, 40);
+    assert_eq!(f.rule, Some(0));
+    assert_eq!(f.policy_direction, "ingress");
+    // A log rule admits too, and tracks the UDP flow.
+    let dns = udp((CLIENT, 5353), (ENDPOINT, 53), b"query");
+    assert_eq!(fx.ingress(&dns), NEXT);
+    assert_eq!(fx.rule_packets("dns"), 1);
+    assert_eq!(fx.flows().len(), 2);
+    let status = fx.plane().status().expect("status");
+    assert_eq!(status.endpoints[0].ingress.allowed, 2);
+    assert_eq!(status.endpoints[0].interfaces, ["ep0"]);
+}
+
+#[test]
+fn denied_flows_are_dropped_and_counted_against_their_rule() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    // An explicit deny rule.
+    let telnet = tcp((CLIENT, 40001), (ENDPOINT, 23), true, false);
+    assert_eq!(fx.ingress(&telnet), DROP);
+    assert_eq!(fx.reason("drop_rule"), 1);
+    assert_eq!(fx.rule_packets("no-telnet"), 1);
+    // No rule: the default action (deny).
+    let ssh = tcp((CLIENT, 40002), (ENDPOINT, 22), true, false);
+    assert_eq!(fx.ingress(&ssh), DROP);
+    // The web rule's CIDR does not cover 198.19.0.0/16.
+    let outsider = tcp((OUTSIDER, 40003), (ENDPOINT, 8080), true, false);
+    assert_eq!(fx.ingress(&outsider), DROP);
+    assert_eq!(fx.reason("drop_default"), 2);
+    assert_eq!(fx.rule_packets("web"), 0);
+    assert!(fx.flows().is_empty(), "denied packets track nothing");
+    let status = fx.plane().status().expect("status");
+    assert_eq!(status.endpoints[0].ingress.denied, 3);
+    assert_eq!(status.endpoints[0].ingress.default_hits, 2);
+    // Egress: 443 allowed, 8443 not.
+    let out = tcp((ENDPOINT, 50000), (OUTSIDER, 443), true, false);
+    assert_eq!(fx.egress(&out), NEXT);
+    let out = tcp((ENDPOINT, 50001), (OUTSIDER, 8443), true, false);
+    assert_eq!(fx.egress(&out), DROP);
+    assert_eq!(fx.rule_packets("out-web"), 1);
+}
+
+#[test]
+fn reply_of_an_allowed_flow_passes_through_conntrack() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    let reply = tcp((ENDPOINT, 8080), (CLIENT, 40000), true, true);
+    // Egress default is deny: without the tracked flow, the SYN+ACK is dropped.
+    assert_eq!(fx.egress(&reply), DROP);
+    let syn = tcp((CLIENT, 40000), (ENDPOINT, 8080), true, false);
+    assert_eq!(fx.ingress(&syn), NEXT);
+    assert_eq!(fx.egress(&reply), NEXT);
+    assert_eq!(fx.reason("pass_reply"), 1);
+    let ack = tcp((CLIENT, 40000), (ENDPOINT, 8080), false, true);
+    assert_eq!(fx.ingress(&ack), NEXT);
+    assert_eq!(fx.reason("pass_tracked"), 1);
+    let flows = fx.flows();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].state, "ESTABLISHED");
+    assert_eq!((flows[0].packets_orig, flows[0].packets_reply), (2, 1));
+    // The outbound direction: the endpoint's allowed connection gets its replies.
+    let out = tcp((ENDPOINT, 50000), (OUTSIDER, 443), true, false);
+    assert_eq!(fx.egress(&out), NEXT);
+    let back = tcp((OUTSIDER, 443), (ENDPOINT, 50000), true, true);
+    assert_eq!(fx.ingress(&back), NEXT);
+    assert_eq!(fx.reason("pass_reply"), 2);
+}
+
+#[test]
+fn related_icmp_error_of_an_allowed_flow_passes() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    // An error about a flow nobody opened: ingress default deny.
+    let stray = icmp_error(ROUTER, ENDPOINT, (ENDPOINT, 50000), (OUTSIDER, 443));
+    assert_eq!(fx.ingress(&stray), DROP);
+    assert_eq!(fx.reason("drop_default"), 1);
+    // The endpoint opens the flow; the router's error about it now passes.
+    let out = tcp((ENDPOINT, 50000), (OUTSIDER, 443), true, false);
+    assert_eq!(fx.egress(&out), NEXT);
+    assert_eq!(fx.ingress(&stray), NEXT);
+    assert_eq!(fx.reason("pass_related"), 1);
+}
+
+#[test]
+fn truncated_frames_are_dropped_and_others_pass() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    let syn = tcp((CLIENT, 40000), (ENDPOINT, 8080), true, false);
+    // IPv4 header cut short, behind a VLAN tag (the kernel's test run itself refuses an
+    // untagged IPv4 frame shorter than an IPv4 header).
+    let mut tagged = syn[..12].to_vec();
+    tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x07, 0x08, 0x00]);
+    tagged.extend_from_slice(&syn[14..14 + 12]);
+    assert_eq!(fx.ingress(&tagged), DROP);
+    // TCP header cut short by the frame (the IP total length claims more).
+    assert_eq!(fx.ingress(&syn[..14 + 20 + 10]), DROP);
+    // TCP header cut short by the IP total length.
+    let mut short = syn.clone();
+    short[16..18].copy_from_slice(&30u16.to_be_bytes());
+    assert_eq!(fx.ingress(&short), DROP);
+    assert_eq!(fx.reason("drop_truncated"), 2);
+    assert_eq!(fx.reason("drop_malformed"), 1);
+    assert!(fx.flows().is_empty());
+    // ARP (not IPv4) passes untouched.
+    let mut arp = syn.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    assert_eq!(fx.ingress(&arp), NEXT);
+    assert_eq!(fx.reason("pass_not_ipv4"), 1);
+}
+
+#[test]
+fn policy_change_cuts_a_flow_no_longer_allowed_and_keeps_the_others() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    let web = tcp((CLIENT, 40000), (ENDPOINT, 8080), true, false);
+    let dns = udp((CLIENT, 5353), (ENDPOINT, 53), b"q");
+    assert_eq!(fx.ingress(&web), NEXT);
+    assert_eq!(fx.ingress(&dns), NEXT);
+    // The new policy drops the web rule.
+    let without_web = POLICY.replace("ports: 8080", "ports: 8081");
+    let spec = PolicySpec::parse(&without_web).expect("policy");
+    let generation = fx.plane().apply(&spec).expect("apply");
+    assert!(generation >= 2);
+    let web_ack = tcp((CLIENT, 40000), (ENDPOINT, 8080), false, true);
+    assert_eq!(fx.ingress(&web_ack), DROP);
+    assert_eq!(fx.reason("drop_policy_changed"), 1);
+    assert_eq!(fx.ingress(&dns), NEXT);
+    assert_eq!(fx.reason("flow_rechecked"), 1);
+    let flows = fx.flows();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert_eq!(flows[0].protocol, "udp");
+    // The cut flow cannot come back mid-stream.
+    assert_eq!(fx.ingress(&web_ack), DROP);
+    let status = fx.plane().status().expect("status");
+    assert_eq!(status.endpoints[0].ingress.cut, 1);
+}
+
+#[test]
+fn invalid_policy_is_rejected_with_its_line_and_the_old_one_stays() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    let bad = POLICY.replace("198.18.0.0/16", "198.18.0.0/40");
+    let err = PolicySpec::parse(&bad).expect_err("invalid");
+    let text = err.to_string();
+    assert!(text.contains("line 8"), "{text}");
+    assert!(text.contains("prefix length"), "{text}");
+    let syn = tcp((CLIENT, 40000), (ENDPOINT, 8080), true, false);
+    assert_eq!(fx.ingress(&syn), NEXT);
+}
+
+#[test]
+fn sweep_expires_idle_flows_by_their_state_timeout_and_keeps_the_others() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    let syn = tcp((CLIENT, 40000), (ENDPOINT, 8080), true, false);
+    let syn_ack = tcp((ENDPOINT, 8080), (CLIENT, 40000), true, true);
+    let ack = tcp((CLIENT, 40000), (ENDPOINT, 8080), false, true);
+    for (frame, ingress) in [(&syn, true), (&syn_ack, false), (&ack, true)] {
+        let verdict = if ingress {
+            fx.ingress(frame)
+        } else {
+            fx.egress(frame)
+        };
+        assert_eq!(verdict, NEXT);
+    }
+    let dns = udp((CLIENT, 5353), (ENDPOINT, 53), b"q");
+    assert_eq!(fx.ingress(&dns), NEXT);
+    assert_eq!(fx.flows().len(), 2);
+    // UDP times out at once, established TCP after an hour.
+    let timeouts = conntrack::Timeouts {
+        tcp_syn_ns: 0,
+        tcp_established_ns: 3_600_000_000_000,
+        tcp_closing_ns: 0,
+        udp_ns: 0,
+        other_ns: 0,
+    };
+    let now = datapath::gc::monotonic_now_ns() + 1;
+    let expired = fx.plane().ct_sweep(&timeouts, now, 100).expect("sweep");
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0].0.proto, bpf_common::PROTO_UDP);
+    let flows = fx.flows();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].state, "ESTABLISHED");
+    // The deletion cap throttles a sweep.
+    assert_eq!(fx.ingress(&dns), NEXT);
+    let expired = fx
+        .plane()
+        .ct_sweep(&timeouts, datapath::gc::monotonic_now_ns() + 1, 0)
+        .expect("sweep");
+    assert!(expired.is_empty());
+    assert_eq!(fx.flows().len(), 2);
+}
