@@ -217,6 +217,9 @@ pub mod map_names {
     pub const VIP_STATS: &str = "LB_VIP_STATS";
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     pub const REASONS: &str = "LB_REASONS";
+    /// Per-CPU `Counter` of the frames each attached interface received, indexed by ingress
+    /// ifindex (index 0 collects ifindexes of `defaults::MAX_IFINDEX` and above).
+    pub const INTERFACE_STATS: &str = "LB_IF_STATS";
     /// Benchmark harness only (not pinned).
     pub const BENCH_TEMPLATE: &str = "BENCH_TEMPLATE";
     pub const BENCH_COUNTER: &str = "BENCH_COUNTER";
@@ -250,6 +253,8 @@ pub mod defaults {
     pub const MAX_FLOWS: u32 = 262_144;
     /// Interfaces the programs can redirect to.
     pub const MAX_TX_PORTS: u32 = 64;
+    /// Entries of `LB_IF_STATS`: interfaces with a smaller ifindex get their own counter.
+    pub const MAX_IFINDEX: u32 = 1_024;
     pub const NAT_PORT_MIN: u16 = 1_024;
     pub const NAT_PORT_MAX: u16 = 65_535;
     /// Default pin root under bpffs.

@@ -92,6 +92,9 @@ static LB_VIP_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(defaults::MAX_SE
 #[map(name = "LB_BE_STATS")]
 static LB_BE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(defaults::MAX_BACKENDS, 0);
 
+#[map(name = "LB_IF_STATS")]
+static LB_IF_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(defaults::MAX_IFINDEX, 0);
+
 #[map(name = "LB_REASONS")]
 static LB_REASONS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
@@ -237,6 +240,15 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
     // the kernel's tag of it) differs from the normal build.
     #[cfg(feature = "upgrade-test-variant")]
     let _ = global(&MAGLEV_SIZE);
+    // Every frame an attached interface receives, whatever becomes of it: a per-CPU array
+    // slot the verifier inlines, no hash lookup on the fast path.
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let slot = if ifindex < defaults::MAX_IFINDEX {
+        ifindex
+    } else {
+        0
+    };
+    count_bytes(&LB_IF_STATS, slot, (ctx.data_end() - ctx.data()) as u64);
     let verdict = try_xdp_lb(&ctx);
     count_reason(verdict.reason);
     verdict.action

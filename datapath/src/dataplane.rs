@@ -319,6 +319,7 @@ pub struct Dataplane {
     maglev: Array<MapData, u32>,
     vip_stats: PerCpuArray<MapData, bpf_common::Counter>,
     backend_stats: PerCpuArray<MapData, bpf_common::Counter>,
+    interface_stats: PerCpuArray<MapData, bpf_common::Counter>,
     reasons: PerCpuArray<MapData, u64>,
     tx_ports: DevMapHash<MapData>,
     /// Attached interfaces: the pinned link and how it was attached.
@@ -416,6 +417,9 @@ impl Dataplane {
             .map_err(map_error("open LB_BE_STATS"))?;
         let reasons = PerCpuArray::try_from(take_map(&mut bpf, map_names::REASONS)?)
             .map_err(map_error("open LB_REASONS"))?;
+        let interface_stats =
+            PerCpuArray::try_from(take_map(&mut bpf, map_names::INTERFACE_STATS)?)
+                .map_err(map_error("open LB_IF_STATS"))?;
 
         Ok(Self {
             config: config.clone(),
@@ -426,6 +430,7 @@ impl Dataplane {
             maglev,
             vip_stats,
             backend_stats,
+            interface_stats,
             reasons,
             tx_ports,
             links,
@@ -486,6 +491,25 @@ impl Dataplane {
             .iter()
             .map(|(name, (_, mode))| (name.clone(), *mode))
             .collect()
+    }
+
+    /// Frames and bytes each attached interface received (summed over CPUs), by name. An
+    /// interface whose ifindex is `MAX_IFINDEX` or more shares the overflow counter and is
+    /// left out.
+    pub fn interface_stats(&self) -> Result<Vec<(String, Counter)>> {
+        let mut out = Vec::new();
+        for name in self.links.keys() {
+            let Ok(c_name) = std::ffi::CString::new(name.as_str()) else {
+                continue;
+            };
+            // SAFETY: a valid C string; the daemon runs in the interfaces' namespace.
+            let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+            if index == 0 || index >= bpf_common::defaults::MAX_IFINDEX {
+                continue;
+            }
+            out.push((name.clone(), sum_counter(&self.interface_stats, index)?));
+        }
+        Ok(out)
     }
 
     /// Kernel id of the loaded `xdp_lb` program and of each interface's link.

@@ -46,6 +46,8 @@ struct Families {
     reloads: IntCounterVec,
     reload_failures: IntCounterVec,
     interface_attached: IntGaugeVec,
+    interface_packets: IntCounterVec,
+    interface_bytes: IntCounterVec,
     service_packets: IntCounterVec,
     service_bytes: IntCounterVec,
     backend_packets: IntCounterVec,
@@ -99,6 +101,16 @@ impl Families {
                 "datapath_interface_attached",
                 "Interfaces the XDP program is attached to, by attach mode.",
                 &["interface", "mode"],
+            ),
+            interface_packets: counter(
+                "datapath_interface_received_packets_total",
+                "Frames each attached interface received, as the XDP program saw them.",
+                &["interface"],
+            ),
+            interface_bytes: counter(
+                "datapath_interface_received_bytes_total",
+                "Bytes of the frames each attached interface received.",
+                &["interface"],
             ),
             service_packets: counter(
                 "datapath_service_packets_total",
@@ -167,6 +179,8 @@ impl Families {
             &self.reloads,
             &self.reload_failures,
             &self.interface_attached,
+            &self.interface_packets,
+            &self.interface_bytes,
             &self.service_packets,
             &self.service_bytes,
             &self.backend_packets,
@@ -243,6 +257,19 @@ impl DatapathCollector {
             f.interface_attached
                 .with_label_values(&[name.as_str(), mode.name()])
                 .set(1);
+        }
+        match dp.interface_stats() {
+            Ok(interfaces) => {
+                for (name, counter) in interfaces {
+                    f.interface_packets
+                        .with_label_values(&[name.as_str()])
+                        .inc_by(counter.packets);
+                    f.interface_bytes
+                        .with_label_values(&[name.as_str()])
+                        .inc_by(counter.bytes);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the interface counters for a scrape"),
         }
         match ctl.stats() {
             Ok(stats) => {

@@ -300,6 +300,18 @@ fn metrics_scraped_during_traffic_match_the_packets_sent() {
         sample(&text, "datapath_bpf_program_runs_total{program=\"xdp_lb\"}") >= sent as f64,
         "BPF stats count every run"
     );
+    // Every datagram entered through the client-facing interface, every reply through the
+    // backend-facing one (plus the TCP traffic and any ARP).
+    for iface in ["lbc", "lbb"] {
+        let received = sample(
+            &text,
+            &format!("datapath_interface_received_packets_total{{interface=\"{iface}\"}}"),
+        );
+        assert!(
+            received >= sent as f64,
+            "{iface} received {received} frames, fewer than the {sent} datagrams"
+        );
+    }
     promtool_check(&text);
 
     // A restarted daemon reads the same pinned counters: nothing doubles, nothing resets.
