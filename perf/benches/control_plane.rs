@@ -169,10 +169,9 @@ fn flow_gc(c: &mut Criterion) {
     group.finish();
 }
 
-/// A private namespace with the two interfaces `datapathd` attaches to, and a running daemon.
+/// A running daemon in the latency bench's namespace; dropped before the namespace's guard.
 struct LiveDaemon {
     daemon: Daemon,
-    ns: String,
 }
 
 impl Drop for LiveDaemon {
@@ -186,13 +185,24 @@ impl Drop for LiveDaemon {
                 &self.daemon.pin_root.to_string_lossy(),
             ],
         );
-        let _ = run_args("ip", &["netns", "del", &self.ns]);
     }
 }
 
-fn start_daemon() -> LiveDaemon {
+/// Deletes the latency bench's namespace, also when setting it up panics.
+struct NsGuard(String);
+
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        let _ = run_args("ip", &["netns", "del", &self.0]);
+    }
+}
+
+fn start_daemon() -> (NsGuard, LiveDaemon) {
+    // Before anything can panic: the binaries must exist.
+    let bins = Binaries::from_env();
     let ns = format!("dplat{}", std::process::id());
     run_args("ip", &["netns", "add", &ns]).expect("create namespace");
+    let guard = NsGuard(ns.clone());
     let ip = |args: &[&str]| {
         let mut full = vec!["-n", ns.as_str()];
         full.extend_from_slice(args);
@@ -208,8 +218,8 @@ fn start_daemon() -> LiveDaemon {
         ip(&["link", "set", peer, "up"]);
         ip(&["addr", "add", addr, "dev", dev]);
     }
-    let daemon = Daemon::start(&ns, &ns, Binaries::from_env(), &[]).expect("start datapathd");
-    let live = LiveDaemon { daemon, ns };
+    let daemon = Daemon::start(&ns, &ns, bins, &[]).expect("start datapathd");
+    let live = LiveDaemon { daemon };
     live.daemon
         .lb_ctl_ok(&["service", "add", "198.18.100.1:80"])
         .expect("service add");
@@ -223,14 +233,15 @@ fn start_daemon() -> LiveDaemon {
             ])
             .expect("backend add");
     }
-    live
+    (guard, live)
 }
 
 fn lb_ctl_to_live(c: &mut Criterion) {
     if !privileged("lb_ctl_to_live") {
         return;
     }
-    let live = start_daemon();
+    // Drop order: the daemon (declared last) first, then the namespace.
+    let (_namespace, live) = start_daemon();
     let map = MapData::from_pin(live.daemon.pin_root.join("LB_VIPS")).expect("pinned LB_VIPS");
     let vips: BpfHashMap<MapData, VipKey, VipInfo> =
         BpfHashMap::try_from(Map::HashMap(map)).expect("LB_VIPS is a hash");

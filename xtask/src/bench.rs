@@ -84,24 +84,47 @@ pub fn smoke_commands() -> Vec<Command> {
     commands(true)
 }
 
+/// Name prefixes of everything the benchmarks create: the forwarding topology (`pf`), the
+/// per-program cost namespace (`dpcost`) and the latency bench's namespace (`dplat`). Only
+/// these are checked, so that other work on a shared machine cannot fail the check.
+const OURS: [&str; 3] = ["pf", "dpcost", "dplat"];
+
+fn ours(name: &str) -> bool {
+    OURS.iter().any(|prefix| {
+        name.strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    })
+}
+
 /// What a benchmark could leave behind: network namespaces, bpffs entries, daemons.
 fn leftovers() -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     if let Some(list) = util::capture(Command::new("ip").args(["netns", "list"])) {
         for line in list.lines() {
-            if let Some(name) = line.split_whitespace().next() {
+            if let Some(name) = line.split_whitespace().next()
+                && ours(name)
+            {
                 found.insert(format!("netns {name}"));
             }
         }
     }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
         for entry in entries.flatten() {
-            found.insert(format!("bpffs {}", entry.file_name().to_string_lossy()));
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if ours(&name) {
+                found.insert(format!("bpffs {name}"));
+            }
         }
     }
-    if let Some(pids) = util::capture(Command::new("pgrep").args(["-x", "datapathd"])) {
-        for pid in pids.split_whitespace() {
-            found.insert(format!("process datapathd {pid}"));
+    // A daemon of ours runs with its pins under /sys/fs/bpf/<one of our prefixes>.
+    if let Some(lines) = util::capture(Command::new("pgrep").args(["-a", "-x", "datapathd"])) {
+        for line in lines.lines() {
+            let mine = line
+                .split_whitespace()
+                .any(|arg| arg.strip_prefix("/sys/fs/bpf/").is_some_and(ours));
+            if mine {
+                found.insert(format!("process {line}"));
+            }
         }
     }
     found
