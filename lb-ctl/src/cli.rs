@@ -647,6 +647,48 @@ mod tests {
     }
 
     #[test]
+    fn policy_conntrack_and_flows_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, "endpoints: []\n").unwrap();
+        let path = file.to_str().unwrap();
+        assert!(matches!(
+            action(&["policy", "apply", "-f", path]).unwrap(),
+            Action::PolicyApply(t) if t == "endpoints: []\n"
+        ));
+        assert!(invalid(&["policy", "apply", "-f", "/nonexistent/p.yaml"]).contains("policy file"));
+        assert!(matches!(
+            action(&["policy", "ls"]).unwrap(),
+            Action::PolicyList
+        ));
+        assert!(matches!(
+            action(&["policy", "rm"]).unwrap(),
+            Action::PolicyDelete
+        ));
+        assert!(matches!(
+            action(&["conntrack", "list", "--address", "198.18.0.1", "--port", "80",
+                     "--protocol", "TCP", "--state", "ESTABLISHED"]).unwrap(),
+            Action::ConntrackList(q)
+                if q == "?address=198.18.0.1&port=80&protocol=tcp&state=established"
+        ));
+        assert!(matches!(
+            action(&["conntrack", "flush"]).unwrap(),
+            Action::ConntrackFlush(q) if q.is_empty()
+        ));
+        assert!(invalid(&["conntrack", "list", "--address", "nope"]).contains("IPv4"));
+        assert!(invalid(&["conntrack", "flush", "--protocol", "sctp"]).contains("tcp, udp"));
+        assert!(invalid(&["conntrack", "list", "--state", "a&b=c"]).contains("state"));
+        assert!(matches!(
+            action(&["flows", "--follow", "--count", "3"]).unwrap(),
+            Action::Flows {
+                follow: true,
+                count: Some(3),
+                timeout: None
+            }
+        ));
+    }
+
+    #[test]
     fn usage_errors_are_clap_errors_with_exit_2() {
         for args in [
             &[
