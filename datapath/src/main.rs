@@ -403,6 +403,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("cannot configure the policy module")?;
     }
     tokio::spawn(datapath::policyd::collect_conntrack(Arc::clone(&policy)));
+    tokio::spawn(datapath::policyd::watch_interfaces(Arc::clone(&policy)));
     runtime.mark_ready();
     info!(
         services = ctl.lock().await.store().state().services.len(),

@@ -523,9 +523,12 @@ impl PolicyModule {
             };
             let names = lock(&self.rule_names).clone();
             let ring = guard.get_inner_mut();
-            // Bounded: at most the ring's capacity in records per wake-up.
+            let mut drained = false;
+            // Bounded: at most the ring's capacity in records per wake-up; what is left is
+            // read at once on the next turn (readiness is kept).
             for _ in 0..(bpf_common::policy::defaults::EVENTS_BYTES as usize / 8) {
                 let Some(item) = ring.next() else {
+                    drained = true;
                     break;
                 };
                 if item.len() < std::mem::size_of::<FlowEvent>() {
@@ -538,7 +541,11 @@ impl PolicyModule {
                 self.events_received.fetch_add(1, Ordering::Relaxed);
                 self.publish(FlowEventView::from_event(&event, &names));
             }
-            guard.clear_ready();
+            if drained {
+                guard.clear_ready();
+            } else {
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -547,9 +554,52 @@ impl PolicyModule {
         self.stopping.send_replace(true);
     }
 
+    /// Attaches to interfaces that appeared since and match `policy.interfaces`, detaches from
+    /// those gone (pod veths come and go between reloads). Returns what changed.
+    pub fn resync_interfaces(&self) -> Result<Vec<String>> {
+        let patterns = self.settings().interfaces;
+        self.with_plane(|plane| {
+            let before = plane.interfaces();
+            let after = plane.sync_interfaces(&patterns)?;
+            let mut changes: Vec<String> = after
+                .iter()
+                .filter(|n| !before.contains(n))
+                .map(|n| format!("attached {n}"))
+                .collect();
+            changes.extend(
+                before
+                    .iter()
+                    .filter(|n| !after.contains(n))
+                    .map(|n| format!("detached {n}")),
+            );
+            Ok(changes)
+        })
+    }
+
     /// A receiver of the events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<FlowEventView> {
         self.events.subscribe()
+    }
+}
+
+/// Every second: attaches the policy to interfaces that appeared (and forgets those gone).
+pub async fn watch_interfaces(module: Arc<PolicyModule>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if !module.up().0 {
+            continue;
+        }
+        let m = Arc::clone(&module);
+        match tokio::task::spawn_blocking(move || m.resync_interfaces()).await {
+            Ok(Ok(changes)) if !changes.is_empty() => {
+                info!(changes = %changes.join(", "), "policy interfaces (TCX)");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot sync the policy's interfaces"),
+            Err(e) => warn!(error = %e, "policy interface sync task failed"),
+        }
     }
 }
 

@@ -82,7 +82,19 @@ endpoints:
         action: deny
 ";
 
+fn config_text(interfaces: &str) -> String {
+    format!(
+        "modules:\n  lb: false\n  prog_stats: false\nreload:\n  watch: false\n\
+         policy:\n  enabled: true\n  interfaces: [{interfaces}]\n  gc_interval_seconds: 1\n  \
+         timeouts:\n    udp_seconds: 2\n"
+    )
+}
+
 fn setup(name: &str) -> Result<PolicyLab> {
+    setup_with(name, "\"ep*\"")
+}
+
+fn setup_with(name: &str, interfaces: &str) -> Result<PolicyLab> {
     let prefix = unique_prefix();
     let mut lab = PolicyLab {
         node: format!("{prefix}n"),
@@ -135,12 +147,7 @@ fn setup(name: &str) -> Result<PolicyLab> {
         client::sock(REMOTE_IP, 5000),
     )?);
 
-    std::fs::write(
-        &lab.config,
-        "modules:\n  lb: false\n  prog_stats: false\nreload:\n  watch: false\n\
-         policy:\n  enabled: true\n  interfaces: [\"ep*\"]\n  gc_interval_seconds: 1\n  \
-         timeouts:\n    udp_seconds: 2\n",
-    )?;
+    std::fs::write(&lab.config, config_text(interfaces))?;
     let config = lab.config.display().to_string();
     lab.daemon = Some(Daemon::start_with(
         &n,
@@ -530,13 +537,29 @@ fn flow_events_are_followed_and_idle_entries_expire_through_gc() {
 
     // A UDP flow is tracked, then expires idle (policy.timeouts.udp_seconds: 2) through the
     // garbage collector, which reports it.
-    let answered = udp_from(&lab.remote, client::sock(ENDPOINT_IP, 8080), 2).unwrap();
-    assert_eq!(answered, 2);
-    let udp = d
-        .lb_ctl_json(&["conntrack", "list", "--protocol", "udp"])
-        .unwrap();
-    assert_eq!(udp.as_array().map(Vec::len), Some(1), "{udp:#}");
-    assert_eq!(udp[0]["state"], "REPLIED", "{udp:#}");
+    // One socket keeps the flow alive until it is listed (a loaded machine may take longer
+    // than the timeout between two commands).
+    let listed = netns::run_in(&lab.remote, || -> Result<Value> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = [0u8; 1500];
+        for i in 0..20 {
+            socket.send_to(
+                format!("datagram {i}").as_bytes(),
+                client::sock(ENDPOINT_IP, 8080),
+            )?;
+            socket.recv_from(&mut buf).context("UDP answer")?;
+            let udp = d.lb_ctl_json(&["conntrack", "list", "--protocol", "udp"])?;
+            if udp.as_array().is_some_and(|a| a.len() == 1) {
+                return Ok(udp);
+            }
+        }
+        bail!("the UDP flow was never listed")
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(listed[0]["state"], "REPLIED", "{listed:#}");
+    assert_eq!(listed[0]["dst_port"], 8080, "{listed:#}");
     let deadline = Instant::now() + WAIT;
     loop {
         let left = d
@@ -585,4 +608,43 @@ fn promtool_check(text: &str) {
         "promtool check metrics: {}: {report}",
         out.status
     );
+}
+
+#[test]
+fn a_reload_attaches_the_policy_to_newly_configured_interfaces() {
+    if !privileged() {
+        return;
+    }
+    // Configured for an interface that does not exist: the policy is stored, not enforced.
+    let lab = setup_with("reload", "\"none9\"").expect("building the policy topology");
+    lab.apply(POLICY).expect("applying the policy");
+    let mut open = client::connect_in(&lab.remote, client::sock(ENDPOINT_IP, 9090))
+        .expect("9090 open while ep0 is not policed");
+    open.ping().unwrap();
+    assert!(
+        lab.status().unwrap()["endpoints"][0]["interfaces"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+
+    // The configuration now names ep0: SIGHUP attaches the programs to it.
+    std::fs::write(&lab.config, config_text("\"ep0\"")).unwrap();
+    lab.daemon().signal(libc::SIGHUP).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = lab.status().unwrap();
+        if status["endpoints"][0]["interfaces"] == serde_json::json!(["ep0"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ep0 not attached: {status:#}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        refused(&lab.remote, 9090),
+        "9090 denied once ep0 is policed"
+    );
+    client::connect_in(&lab.remote, client::sock(ENDPOINT_IP, 8080))
+        .expect("8080 allowed once ep0 is policed")
+        .ping()
+        .unwrap();
 }
