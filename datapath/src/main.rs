@@ -389,17 +389,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         settings.policy.clone(),
     );
     let _ = runtime.policy.set(Arc::clone(&policy));
-    if settings.policy.enabled {
+    let blocker = datapath::policyd::PolicyModule::blocker(&features);
+    if settings.policy.enabled && blocker.is_none() {
         let p = Arc::clone(&policy);
         let wanted = settings.policy.clone();
-        let said = tokio::task::spawn_blocking(move || p.configure(&wanted))
+        let said = tokio::task::spawn_blocking(move || p.configure(&wanted, None))
             .await
             .context("policy start-up panicked")?
             .context("cannot start the policy module")?;
         info!(changes = %said, "policy module configured");
     } else {
         policy
-            .configure(&settings.policy)
+            .configure(&settings.policy, blocker)
             .context("cannot configure the policy module")?;
     }
     tokio::spawn(datapath::policyd::collect_conntrack(Arc::clone(&policy)));
@@ -468,7 +469,11 @@ async fn status(
     axum::extract::State(rt): axum::extract::State<Arc<Runtime>>,
 ) -> axum::Json<datapath_api::StatusView> {
     let ctl = rt.ctl.lock().await;
-    axum::Json(rt.status(ctl.plane()))
+    let mut view = rt.status(ctl.plane());
+    if let Some(policy) = rt.policy.get() {
+        view.modules.push(policy.module_status());
+    }
+    axum::Json(view)
 }
 
 /// Reloads the configuration on SIGHUP and when the file's modification time or size changes

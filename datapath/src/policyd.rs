@@ -233,6 +233,26 @@ impl PolicyModule {
         })
     }
 
+    /// Why the policy module cannot run with `features` (TCX and ring buffers are needed).
+    pub fn blocker(features: &crate::features::Features) -> Option<String> {
+        use crate::features::Feature;
+        [Feature::Tcx, Feature::Ringbuf]
+            .into_iter()
+            .find(|f| !features.available(*f))
+            .map(|f| format!("kernel feature {} missing or forced off", f.name()))
+    }
+
+    /// The module's line of `lb-ctl status`.
+    pub fn module_status(&self) -> datapath_api::ModuleStatus {
+        let inner = lock(&self.inner);
+        datapath_api::ModuleStatus {
+            name: "policy".into(),
+            enabled: inner.settings.enabled,
+            up: inner.plane.is_some(),
+            reason: (inner.plane.is_none()).then(|| inner.reason.clone()),
+        }
+    }
+
     pub fn settings(&self) -> PolicySettings {
         lock(&self.inner).settings.clone()
     }
@@ -295,10 +315,16 @@ impl PolicyModule {
     /// restores the saved policy when it turns on, attaches to the interfaces matching
     /// `settings.interfaces` and detaches from the others, unloads when it turns off.
     /// Returns what changed.
-    pub fn configure(self: &Arc<Self>, settings: &PolicySettings) -> Result<String> {
+    /// `blocker`: why the module cannot run here (a kernel feature missing or forced off); it
+    /// then stays off with that reason, as if disabled.
+    pub fn configure(
+        self: &Arc<Self>,
+        settings: &PolicySettings,
+        blocker: Option<String>,
+    ) -> Result<String> {
         let mut inner = lock(&self.inner);
         let mut changes = Vec::new();
-        if !settings.enabled {
+        if !settings.enabled || blocker.is_some() {
             if let Some(mut plane) = inner.plane.take() {
                 for name in plane.interfaces() {
                     let _ = plane.detach(&name);
@@ -308,7 +334,13 @@ impl PolicyModule {
             if let Some(reader) = inner.reader.take() {
                 reader.abort();
             }
-            inner.reason = "disabled by the configuration".into();
+            inner.reason = if settings.enabled {
+                let why = blocker.unwrap_or_default();
+                warn!(reason = %why, "module policy off");
+                why
+            } else {
+                "disabled by the configuration".into()
+            };
             inner.settings = settings.clone();
             return Ok(changes.join(", "));
         }

@@ -401,7 +401,8 @@ impl Runtime {
 
         // The policy module: loaded, unloaded, its interfaces synced.
         if let Some(policy) = self.policy.get() {
-            let said = policy.configure(&new.policy)?;
+            let blocker = crate::policyd::PolicyModule::blocker(&features);
+            let said = policy.configure(&new.policy, blocker)?;
             if !said.is_empty() {
                 changes.push(said);
             }

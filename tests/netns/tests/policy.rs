@@ -647,4 +647,38 @@ fn a_reload_attaches_the_policy_to_newly_configured_interfaces() {
         .expect("8080 allowed once ep0 is policed")
         .ping()
         .unwrap();
+    let module = |st: &Value| -> Value {
+        st["modules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == "policy")
+            .cloned()
+            .unwrap_or_else(|| panic!("no policy module in {st:#}"))
+    };
+    let st = lab.daemon().lb_ctl_json(&["status"]).unwrap();
+    assert_eq!(module(&st)["up"], true, "{st:#}");
+
+    // TCX forced off: a reload turns the module off with that reason; ep0 passes again.
+    let text = config_text("\"ep0\"") + "features:\n  force_off: [tcx]\n";
+    std::fs::write(&lab.config, text).unwrap();
+    lab.daemon().signal(libc::SIGHUP).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = lab.daemon().lb_ctl_json(&["status"]).unwrap();
+        let m = module(&st);
+        if m["up"] == false {
+            assert!(
+                m["reason"].as_str().is_some_and(|r| r.contains("tcx")),
+                "{m:#}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "policy module still up: {st:#}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    client::connect_in(&lab.remote, client::sock(ENDPOINT_IP, 9090))
+        .expect("9090 open again once the policy module is off");
+    let out = lab.daemon().lb_ctl(&["policy", "list"]).unwrap();
+    assert_eq!(out.status.code(), Some(2), "the module is off: {out:?}");
 }
