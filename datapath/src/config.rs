@@ -82,6 +82,63 @@ struct FileConfig {
     modules: Option<ModulesFile>,
     features: Option<FeaturesFile>,
     reload: Option<ReloadFile>,
+    policy: Option<PolicyFile>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    enabled: Option<bool>,
+    interfaces: Option<Vec<String>>,
+    state_file: Option<PathBuf>,
+    gc_interval_seconds: Option<u64>,
+    max_flows: Option<u32>,
+    event_rate: Option<u64>,
+    timeouts: Option<TimeoutsFile>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimeoutsFile {
+    tcp_syn_seconds: Option<u64>,
+    tcp_established_seconds: Option<u64>,
+    tcp_closing_seconds: Option<u64>,
+    udp_seconds: Option<u64>,
+    other_seconds: Option<u64>,
+}
+
+/// The `policy` section: the tc (TCX) policy module and its conntrack.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicySettings {
+    /// Whether the policy module runs.
+    pub enabled: bool,
+    /// Interface names or glob patterns to attach the TCX programs to (those present).
+    pub interfaces: Vec<String>,
+    /// Where the applied policy is saved (restored on start); `None`: `policy.json` beside
+    /// the state file.
+    pub state_file: Option<PathBuf>,
+    /// Between conntrack garbage-collection sweeps; zero disables them.
+    pub gc_interval: Duration,
+    /// Entries of the conntrack table `CT_FLOWS`.
+    pub max_flows: u32,
+    /// Flow events per second and CPU.
+    pub event_rate: u64,
+    /// Idle timeouts of tracked flows.
+    pub timeouts: conntrack::Timeouts,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interfaces: Vec::new(),
+            state_file: None,
+            gc_interval: Duration::from_secs(5),
+            max_flows: bpf_common::policy::defaults::MAX_CT_FLOWS,
+            event_rate: bpf_common::policy::defaults::EVENT_RATE,
+            timeouts: conntrack::Timeouts::DEFAULT,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -163,6 +220,7 @@ pub struct Settings {
     pub force_off: Vec<Feature>,
     pub watch: bool,
     pub poll_interval: Duration,
+    pub policy: PolicySettings,
 }
 
 impl Default for Settings {
@@ -189,6 +247,7 @@ impl Default for Settings {
             force_off: Vec::new(),
             watch: true,
             poll_interval: Duration::from_millis(DEFAULT_POLL_INTERVAL_MS),
+            policy: PolicySettings::default(),
         }
     }
 }
@@ -457,10 +516,95 @@ impl Settings {
                 self.poll_interval = Duration::from_millis(v);
             }
         }
+        if let Some(p) = f.policy {
+            self.apply_policy_file(src, p)?;
+        }
         if let Err(e) = self.dataplane_config().validate() {
             return Err(src.error("maps", e.to_string()));
         }
         Ok(())
+    }
+
+    fn apply_policy_file(&mut self, src: &Source, p: PolicyFile) -> Result<()> {
+        let out = &mut self.policy;
+        if let Some(v) = p.enabled {
+            out.enabled = v;
+        }
+        if let Some(v) = p.interfaces {
+            for pattern in &v {
+                if pattern.trim().is_empty() || pattern.len() > 15 {
+                    return Err(src.item_error(
+                        "policy.interfaces",
+                        pattern,
+                        format!("{pattern:?} is not an interface name or pattern"),
+                    ));
+                }
+            }
+            out.interfaces = v;
+        }
+        if let Some(v) = p.state_file {
+            out.state_file = Some(v);
+        }
+        if let Some(v) = p.gc_interval_seconds {
+            out.gc_interval = Duration::from_secs(v);
+        }
+        if let Some(v) = p.max_flows {
+            if v == 0 {
+                return Err(src.error("policy.max_flows", "a map size of 0 cannot hold anything"));
+            }
+            out.max_flows = v;
+        }
+        if let Some(v) = p.event_rate {
+            out.event_rate = v;
+        }
+        if let Some(t) = p.timeouts {
+            const NS: u64 = 1_000_000_000;
+            for (key, value, target) in [
+                (
+                    "policy.timeouts.tcp_syn_seconds",
+                    t.tcp_syn_seconds,
+                    &mut out.timeouts.tcp_syn_ns,
+                ),
+                (
+                    "policy.timeouts.tcp_established_seconds",
+                    t.tcp_established_seconds,
+                    &mut out.timeouts.tcp_established_ns,
+                ),
+                (
+                    "policy.timeouts.tcp_closing_seconds",
+                    t.tcp_closing_seconds,
+                    &mut out.timeouts.tcp_closing_ns,
+                ),
+                (
+                    "policy.timeouts.udp_seconds",
+                    t.udp_seconds,
+                    &mut out.timeouts.udp_ns,
+                ),
+                (
+                    "policy.timeouts.other_seconds",
+                    t.other_seconds,
+                    &mut out.timeouts.other_ns,
+                ),
+            ] {
+                if let Some(v) = value {
+                    if v == 0 || v > 30 * 86_400 {
+                        return Err(
+                            src.error(key, format!("{v} is not from 1 to 2592000 (30 days)"))
+                        );
+                    }
+                    *target = v * NS;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the applied policy is saved.
+    pub fn policy_state_file(&self) -> PathBuf {
+        self.policy
+            .state_file
+            .clone()
+            .unwrap_or_else(|| self.state_file.with_file_name("policy.json"))
     }
 
     fn apply_overrides(&mut self, o: &Overrides) -> Result<()> {
@@ -564,6 +708,18 @@ impl Settings {
         );
         check(self.fib_cache != new.fib_cache, "fib_cache_ms");
         check(self.gc_interval != new.gc_interval, "gc_interval_seconds");
+        check(
+            self.policy.state_file != new.policy.state_file,
+            "policy.state_file",
+        );
+        check(
+            self.policy.max_flows != new.policy.max_flows,
+            "policy.max_flows",
+        );
+        check(
+            self.policy.event_rate != new.policy.event_rate,
+            "policy.event_rate",
+        );
         out
     }
 }
@@ -751,6 +907,37 @@ mod tests {
         }
         assert!(glob_match("e?h*", "eth12"));
         assert!(!glob_match("eth", "eth0"));
+    }
+
+    #[test]
+    fn policy_section() {
+        let s = resolve(
+            "policy:\n  enabled: true\n  interfaces: [\"ep*\"]\n  gc_interval_seconds: 1\n  timeouts:\n    udp_seconds: 2\n",
+        )
+        .unwrap();
+        assert!(s.policy.enabled);
+        assert_eq!(s.policy.interfaces, ["ep*"]);
+        assert_eq!(s.policy.gc_interval, Duration::from_secs(1));
+        assert_eq!(s.policy.timeouts.udp_ns, 2_000_000_000);
+        assert_eq!(
+            s.policy.timeouts.tcp_established_ns,
+            conntrack::Timeouts::DEFAULT.tcp_established_ns
+        );
+        assert_eq!(
+            s.policy_state_file(),
+            PathBuf::from("/var/lib/datapath/policy.json")
+        );
+        let (line, key, reason) = err("policy:\n  enabled: true\n  timeouts:\n    udp_secs: 2\n");
+        assert_eq!((line, key.as_str()), (Some(4), "policy.timeouts.udp_secs"));
+        assert!(reason.contains("unknown field"), "{reason}");
+        let (line, key, _) = err("policy:\n  timeouts:\n    udp_seconds: 0\n");
+        assert_eq!(
+            (line, key.as_str()),
+            (Some(3), "policy.timeouts.udp_seconds")
+        );
+        let a = resolve("policy:\n  max_flows: 10\n").unwrap();
+        let b = resolve("policy:\n  max_flows: 20\n  interfaces: [x]\n").unwrap();
+        assert_eq!(a.restart_only_changes(&b), ["policy.max_flows"]);
     }
 
     #[test]

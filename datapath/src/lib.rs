@@ -8,6 +8,7 @@ pub mod features;
 pub mod gc;
 pub mod metrics;
 pub mod policy;
+pub mod policyd;
 pub mod runtime;
 pub mod state;
 

@@ -382,6 +382,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("module start-up panicked")?
         .context("cannot start the dataplane")?;
     }
+    // The policy module (tc/TCX programs, conntrack GC, flow events).
+    let policy = datapath::policyd::PolicyModule::new(
+        &settings.pin_root,
+        settings.policy_state_file(),
+        settings.policy.clone(),
+    );
+    let _ = runtime.policy.set(Arc::clone(&policy));
+    let blocker = datapath::policyd::PolicyModule::blocker(&features);
+    if settings.policy.enabled && blocker.is_none() {
+        let p = Arc::clone(&policy);
+        let wanted = settings.policy.clone();
+        let said = tokio::task::spawn_blocking(move || p.configure(&wanted, None))
+            .await
+            .context("policy start-up panicked")?
+            .context("cannot start the policy module")?;
+        info!(changes = %said, "policy module configured");
+    } else {
+        policy
+            .configure(&settings.policy, blocker)
+            .context("cannot configure the policy module")?;
+    }
+    tokio::spawn(datapath::policyd::collect_conntrack(Arc::clone(&policy)));
+    tokio::spawn(datapath::policyd::watch_interfaces(Arc::clone(&policy)));
     runtime.mark_ready();
     info!(
         services = ctl.lock().await.store().state().services.len(),
@@ -399,23 +422,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(reloader(Arc::clone(&runtime), overrides, sighup));
     info!(socket = %settings.api_socket.display(), "serving the API");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let policy_for_stop = Arc::clone(&policy);
     let shutdown = async move {
         let name = tokio::select! {
             _ = sigterm.recv() => "SIGTERM",
             _ = sigint.recv() => "SIGINT",
         };
         let _ = stop_tx.send(Instant::now());
+        policy_for_stop.stop_streams();
         info!(
             signal = name,
             "stopping: finishing in-flight requests; the datapath stays attached"
         );
     };
     let status_rt = Arc::clone(&runtime);
-    let router = api::router(Arc::clone(&ctl)).merge(
-        axum::Router::new()
-            .route("/v1/status", axum::routing::get(status))
-            .with_state(status_rt),
-    );
+    let router = api::router(Arc::clone(&ctl))
+        .merge(
+            axum::Router::new()
+                .route("/v1/status", axum::routing::get(status))
+                .with_state(status_rt),
+        )
+        .merge(datapath::policyd::router(Arc::clone(&policy)));
     let served = api::serve_router(listener, router, shutdown).await;
     if let Some(task) = metrics_task {
         task.abort();
@@ -442,7 +469,11 @@ async fn status(
     axum::extract::State(rt): axum::extract::State<Arc<Runtime>>,
 ) -> axum::Json<datapath_api::StatusView> {
     let ctl = rt.ctl.lock().await;
-    axum::Json(rt.status(ctl.plane()))
+    let mut view = rt.status(ctl.plane());
+    if let Some(policy) = rt.policy.get() {
+        view.modules.push(policy.module_status());
+    }
+    axum::Json(view)
 }
 
 /// Reloads the configuration on SIGHUP and when the file's modification time or size changes

@@ -358,7 +358,10 @@ impl Collector for DatapathCollector {
 pub fn registry(runtime: Arc<Runtime>) -> Result<Registry> {
     let registry = Registry::new();
     registry
-        .register(Box::new(DatapathCollector::new(runtime)))
+        .register(Box::new(DatapathCollector::new(Arc::clone(&runtime))))
+        .map_err(|e| Error::InvalidArgument(format!("metrics registry: {e}")))?;
+    registry
+        .register(Box::new(crate::policyd::PolicyCollector::new(runtime)))
         .map_err(|e| Error::InvalidArgument(format!("metrics registry: {e}")))?;
     Ok(registry)
 }

@@ -715,16 +715,10 @@ fn interface_index(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// Names of the interfaces of the current network namespace.
+/// Names of the interfaces of the current network namespace (`if_nameindex`: `/sys/class/net`
+/// shows the namespace sysfs was mounted in, not necessarily the process's own).
 pub fn list_interfaces() -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    let dir = std::fs::read_dir("/sys/class/net").map_err(|e| Error::io("list interfaces", e))?;
-    for entry in dir {
-        let entry = entry.map_err(|e| Error::io("list interfaces", e))?;
-        names.push(entry.file_name().to_string_lossy().into_owned());
-    }
-    names.sort();
-    Ok(names)
+    Ok(crate::config::interface_names())
 }
 
 impl PolicyPlane {

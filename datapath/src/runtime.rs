@@ -105,6 +105,8 @@ pub struct Runtime {
     pub not_ready_reason: StdMutex<String>,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// The policy module (set once at start).
+    pub policy: std::sync::OnceLock<Arc<crate::policyd::PolicyModule>>,
     inner: StdMutex<Inner>,
 }
 
@@ -150,6 +152,7 @@ impl Runtime {
             not_ready_reason: StdMutex::new("starting".into()),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            policy: std::sync::OnceLock::new(),
             inner: StdMutex::new(Inner {
                 settings,
                 features,
@@ -394,6 +397,15 @@ impl Runtime {
                 changes.push("module lb up".into());
             }
             (None, false) => {}
+        }
+
+        // The policy module: loaded, unloaded, its interfaces synced.
+        if let Some(policy) = self.policy.get() {
+            let blocker = crate::policyd::PolicyModule::blocker(&features);
+            let said = policy.configure(&new.policy, blocker)?;
+            if !said.is_empty() {
+                changes.push(said);
+            }
         }
 
         // Program statistics.

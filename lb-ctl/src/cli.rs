@@ -57,6 +57,75 @@ pub enum Command {
     Stats,
     /// The daemon's modules (and why one is off), probed kernel features, interfaces, reloads.
     Status,
+    /// The tc (TCX) policy: apply a policy file, show it with its counters, delete it.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// The policy module's conntrack table: list, count, flush tracked flows.
+    #[command(subcommand)]
+    Conntrack(ConntrackCommand),
+    /// Flow events (opened, logged, closed, denied, cut, expired): the recent ones, or live
+    /// with --follow (one JSON object a line with -o json).
+    Flows(FlowsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Apply a policy file (YAML, format in the README) whole. An invalid file is refused
+    /// with its line and the reason, and the policy in force stays.
+    Apply {
+        /// The policy file.
+        #[arg(short = 'f', long = "file", value_name = "FILE.yaml")]
+        file: PathBuf,
+    },
+    /// The policy in force, its endpoints, rules and their counters.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Remove the policy: every policed interface passes everything again.
+    #[command(visible_alias = "rm")]
+    Delete,
+}
+
+/// Filters of `conntrack list` and `conntrack flush`: every one given must match.
+#[derive(Debug, Default, Args)]
+pub struct CtFilterArgs {
+    /// Either end's IPv4 address.
+    #[arg(long, value_name = "IP")]
+    pub address: Option<String>,
+    /// Either end's port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// tcp, udp or icmp.
+    #[arg(long, value_name = "PROTO")]
+    pub protocol: Option<String>,
+    /// A state: syn_sent, syn_recv, established, fin_wait, close_wait, time_wait, closed
+    /// (TCP); new, replied (UDP, ICMP).
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConntrackCommand {
+    /// Tracked flows with their state, packets and bytes per direction, age and idle time.
+    #[command(visible_alias = "ls")]
+    List(CtFilterArgs),
+    /// Entries and capacity, entries by state and protocol, garbage collection, flow events
+    /// received and lost, timeouts.
+    Stats,
+    /// Remove tracked flows (those matching the filters; all without one).
+    Flush(CtFilterArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// Follow new events as they happen instead of listing the recent ones.
+    #[arg(long)]
+    pub follow: bool,
+    /// With --follow: stop after this many events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// With --follow: stop after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +249,54 @@ pub enum Action {
     BackendUpdate(ServiceKey, BackendKey, UpdateBackend),
     Stats,
     Status,
+    /// The policy file's text.
+    PolicyApply(String),
+    PolicyList,
+    PolicyDelete,
+    /// The query string of the filters (`?a=b&c=d` or empty).
+    ConntrackList(String),
+    ConntrackStats,
+    ConntrackFlush(String),
+    Flows {
+        follow: bool,
+        count: Option<u64>,
+        timeout: Option<u64>,
+    },
+}
+
+fn ct_query(f: &CtFilterArgs) -> Result<String> {
+    let mut parts = Vec::new();
+    if let Some(a) = &f.address {
+        let ip: std::net::Ipv4Addr = a
+            .parse()
+            .map_err(|_| Error::invalid("address", a, "not an IPv4 address"))?;
+        parts.push(format!("address={ip}"));
+    }
+    if let Some(p) = f.port {
+        parts.push(format!("port={p}"));
+    }
+    if let Some(p) = &f.protocol {
+        let p = p.to_ascii_lowercase();
+        if !matches!(p.as_str(), "tcp" | "udp" | "icmp") {
+            return Err(Error::invalid("protocol", &p, "expected tcp, udp or icmp"));
+        }
+        parts.push(format!("protocol={p}"));
+    }
+    if let Some(s) = &f.state {
+        if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(Error::invalid(
+                "state",
+                s,
+                "expected a state name such as established",
+            ));
+        }
+        parts.push(format!("state={}", s.to_ascii_lowercase()));
+    }
+    Ok(if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    })
 }
 
 /// Parses `ADDR:PORT` (IPv6 as `[ADDR]:PORT`) with a port other than 0.
@@ -322,6 +439,22 @@ impl Command {
             }
             Command::Stats => Action::Stats,
             Command::Status => Action::Status,
+            Command::Policy(PolicyCommand::Apply { file }) => {
+                let shown = file.display().to_string();
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| Error::invalid("policy file", &shown, e.to_string()))?;
+                Action::PolicyApply(text)
+            }
+            Command::Policy(PolicyCommand::List) => Action::PolicyList,
+            Command::Policy(PolicyCommand::Delete) => Action::PolicyDelete,
+            Command::Conntrack(ConntrackCommand::List(f)) => Action::ConntrackList(ct_query(f)?),
+            Command::Conntrack(ConntrackCommand::Stats) => Action::ConntrackStats,
+            Command::Conntrack(ConntrackCommand::Flush(f)) => Action::ConntrackFlush(ct_query(f)?),
+            Command::Flows(f) => Action::Flows {
+                follow: f.follow,
+                count: f.count,
+                timeout: f.timeout,
+            },
         })
     }
 }
@@ -511,6 +644,48 @@ mod tests {
         assert!(m.starts_with(r#"invalid SNAT address "nope""#), "{m}");
         let m = invalid(&["service", "add", "[fe80::1%2]:80"]);
         assert!(m.contains("scope ids"), "{m}");
+    }
+
+    #[test]
+    fn policy_conntrack_and_flows_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, "endpoints: []\n").unwrap();
+        let path = file.to_str().unwrap();
+        assert!(matches!(
+            action(&["policy", "apply", "-f", path]).unwrap(),
+            Action::PolicyApply(t) if t == "endpoints: []\n"
+        ));
+        assert!(invalid(&["policy", "apply", "-f", "/nonexistent/p.yaml"]).contains("policy file"));
+        assert!(matches!(
+            action(&["policy", "ls"]).unwrap(),
+            Action::PolicyList
+        ));
+        assert!(matches!(
+            action(&["policy", "rm"]).unwrap(),
+            Action::PolicyDelete
+        ));
+        assert!(matches!(
+            action(&["conntrack", "list", "--address", "198.18.0.1", "--port", "80",
+                     "--protocol", "TCP", "--state", "ESTABLISHED"]).unwrap(),
+            Action::ConntrackList(q)
+                if q == "?address=198.18.0.1&port=80&protocol=tcp&state=established"
+        ));
+        assert!(matches!(
+            action(&["conntrack", "flush"]).unwrap(),
+            Action::ConntrackFlush(q) if q.is_empty()
+        ));
+        assert!(invalid(&["conntrack", "list", "--address", "nope"]).contains("IPv4"));
+        assert!(invalid(&["conntrack", "flush", "--protocol", "sctp"]).contains("tcp, udp"));
+        assert!(invalid(&["conntrack", "list", "--state", "a&b=c"]).contains("state"));
+        assert!(matches!(
+            action(&["flows", "--follow", "--count", "3"]).unwrap(),
+            Action::Flows {
+                follow: true,
+                count: Some(3),
+                timeout: None
+            }
+        ));
     }
 
     #[test]

@@ -176,6 +176,64 @@ impl Client {
     }
 }
 
+impl Client {
+    /// `GET path` whose answer streams JSON lines: calls `on_line` with each complete line
+    /// as it arrives, until the daemon ends the answer.
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> Result<()>,
+    ) -> Result<()> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
+            let hint = match source.kind() {
+                io::ErrorKind::PermissionDenied => "the API socket is root's: run lb-ctl as root",
+                _ => "is datapathd running?",
+            };
+            Error::Unreachable {
+                socket: self.socket.clone(),
+                source,
+                hint,
+            }
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| lost(&e))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| Error::Protocol(format!("cannot build the request: {e}")))?;
+        let resp = tokio::time::timeout(TIMEOUT, sender.send_request(req))
+            .await
+            .map_err(|_| Error::Protocol(format!("datapathd did not answer GET {path}")))?
+            .map_err(|e| lost(&e))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await.map_err(|e| lost(&e))?.to_bytes();
+            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => Error::Api(e),
+                Err(_) => Error::Protocol(format!("datapathd answered {status}")),
+            });
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| lost(&e))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                on_line(String::from_utf8_lossy(&line[..line.len() - 1]).trim())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn lost(e: &hyper::Error) -> Error {
     Error::Protocol(format!("lost the connection to datapathd: {e}"))
 }

@@ -8,7 +8,10 @@ pub mod client;
 pub mod error;
 pub mod output;
 
+use std::io::Write as _;
+
 use datapath_api::{BackendState, ServiceView};
+use hyper::Method;
 use serde::Serialize;
 
 pub use crate::error::{Error, Result, exit};
@@ -48,6 +51,121 @@ pub async fn run(cli: &Cli) -> Result<String> {
             } else {
                 output::stats(&stats)
             }
+        }
+        Action::PolicyApply(text) => {
+            let body = serde_json::json!({ "text": text });
+            let status: serde_json::Value =
+                client.call(Method::PUT, "/v1/policy", Some(&body)).await?;
+            if json {
+                to_json(&status)?
+            } else {
+                format!(
+                    "policy applied (generation {}): {} endpoint(s), {} rule(s)\n",
+                    status["generation"],
+                    status["endpoints"].as_array().map_or(0, Vec::len),
+                    status["rules"].as_array().map_or(0, Vec::len)
+                )
+            }
+        }
+        Action::PolicyList => {
+            let status: serde_json::Value =
+                client.call(Method::GET, "/v1/policy", None::<&()>).await?;
+            if json {
+                to_json(&status)?
+            } else {
+                output::policy(&status)
+            }
+        }
+        Action::PolicyDelete => {
+            let status: serde_json::Value = client
+                .call(Method::DELETE, "/v1/policy", None::<&()>)
+                .await?;
+            if json {
+                to_json(&status)?
+            } else {
+                format!(
+                    "policy deleted (generation {}): policed interfaces pass everything\n",
+                    status["generation"]
+                )
+            }
+        }
+        Action::ConntrackList(query) => {
+            let flows: serde_json::Value = client
+                .call(Method::GET, &format!("/v1/conntrack{query}"), None::<&()>)
+                .await?;
+            if json {
+                to_json(&flows)?
+            } else {
+                output::conntrack(&flows)
+            }
+        }
+        Action::ConntrackStats => {
+            let stats: serde_json::Value = client
+                .call(Method::GET, "/v1/conntrack/stats", None::<&()>)
+                .await?;
+            if json {
+                to_json(&stats)?
+            } else {
+                output::conntrack_stats(&stats)
+            }
+        }
+        Action::ConntrackFlush(query) => {
+            let answer: serde_json::Value = client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/conntrack{query}"),
+                    None::<&()>,
+                )
+                .await?;
+            if json {
+                to_json(&answer)?
+            } else {
+                format!("{} tracked flow(s) removed\n", answer["removed"])
+            }
+        }
+        Action::Flows { follow: false, .. } => {
+            let events: serde_json::Value =
+                client.call(Method::GET, "/v1/flows", None::<&()>).await?;
+            if json {
+                to_json(&events)?
+            } else {
+                let mut out = String::new();
+                for e in events.as_array().into_iter().flatten() {
+                    out.push_str(&output::flow_event(e));
+                }
+                out
+            }
+        }
+        Action::Flows {
+            follow: true,
+            count,
+            timeout,
+        } => {
+            let mut path = "/v1/flows?follow=true".to_string();
+            if let Some(n) = count {
+                path.push_str(&format!("&count={n}"));
+            }
+            if let Some(s) = timeout {
+                path.push_str(&format!("&timeout_seconds={s}"));
+            }
+            let stdout = std::io::stdout();
+            client
+                .stream_lines(&path, |line| {
+                    let text = if json {
+                        format!("{line}\n")
+                    } else {
+                        match serde_json::from_str::<serde_json::Value>(line) {
+                            Ok(v) => output::flow_event(&v),
+                            Err(_) => format!("{line}\n"),
+                        }
+                    };
+                    let mut out = stdout.lock();
+                    out.write_all(text.as_bytes())
+                        .and_then(|()| out.flush())
+                        .map_err(Error::Output)
+                })
+                .await?;
+            String::new()
         }
         Action::Status => {
             let status = client.status().await?;

@@ -281,6 +281,177 @@ pub fn status(v: &datapath_api::StatusView) -> String {
     out
 }
 
+fn num(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn secs(ns: &serde_json::Value) -> String {
+    format!("{:.1}s", ns.as_u64().unwrap_or(0) as f64 / 1e9)
+}
+
+/// `lb-ctl policy list`.
+pub fn policy(v: &serde_json::Value) -> String {
+    let mut out = format!("generation {}\n\n", num(&v["generation"]));
+    let mut t = Table::new(&[
+        ("ENDPOINT", Align::Left),
+        ("INTERFACES", Align::Left),
+        ("DIR", Align::Left),
+        ("ALLOWED", Align::Right),
+        ("DENIED", Align::Right),
+        ("DEFAULT", Align::Right),
+        ("TRACKED", Align::Right),
+        ("CUT", Align::Right),
+    ]);
+    for ep in v["endpoints"].as_array().into_iter().flatten() {
+        let ifaces: Vec<String> = ep["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(num)
+            .collect();
+        for dir in ["ingress", "egress"] {
+            let c = &ep[dir];
+            t.row(vec![
+                num(&ep["endpoint"]),
+                ifaces.join(","),
+                dir.into(),
+                num(&c["allowed"]),
+                num(&c["denied"]),
+                num(&c["default_hits"]),
+                num(&c["tracked"]),
+                num(&c["cut"]),
+            ]);
+        }
+    }
+    out.push_str(&t.render());
+    out.push('\n');
+    let mut r = Table::new(&[
+        ("ID", Align::Right),
+        ("ENDPOINT", Align::Left),
+        ("DIR", Align::Left),
+        ("NAME", Align::Left),
+        ("CIDR", Align::Left),
+        ("PROTO", Align::Left),
+        ("PORTS", Align::Left),
+        ("ACTION", Align::Left),
+        ("PACKETS", Align::Right),
+        ("BYTES", Align::Right),
+    ]);
+    for rule in v["rules"].as_array().into_iter().flatten() {
+        r.row(vec![
+            num(&rule["id"]),
+            num(&rule["endpoint"]),
+            num(&rule["direction"]),
+            num(&rule["name"]),
+            num(&rule["cidr"]),
+            num(&rule["protocol"]),
+            num(&rule["ports"]),
+            num(&rule["action"]),
+            num(&rule["packets"]),
+            num(&rule["bytes"]),
+        ]);
+    }
+    out.push_str(&r.render());
+    out
+}
+
+/// `lb-ctl conntrack list`.
+pub fn conntrack(v: &serde_json::Value) -> String {
+    let mut t = Table::new(&[
+        ("PROTO", Align::Left),
+        ("SOURCE", Align::Left),
+        ("DESTINATION", Align::Left),
+        ("STATE", Align::Left),
+        ("PKTS ORIG", Align::Right),
+        ("BYTES ORIG", Align::Right),
+        ("PKTS REPLY", Align::Right),
+        ("BYTES REPLY", Align::Right),
+        ("AGE", Align::Right),
+        ("IDLE", Align::Right),
+        ("RULE", Align::Right),
+    ]);
+    for f in v.as_array().into_iter().flatten() {
+        t.row(vec![
+            num(&f["protocol"]),
+            format!("{}:{}", num(&f["src"]), num(&f["src_port"])),
+            format!("{}:{}", num(&f["dst"]), num(&f["dst_port"])),
+            num(&f["state"]),
+            num(&f["packets_orig"]),
+            num(&f["bytes_orig"]),
+            num(&f["packets_reply"]),
+            num(&f["bytes_reply"]),
+            secs(&f["age_ns"]),
+            secs(&f["idle_ns"]),
+            num(&f["rule"]),
+        ]);
+    }
+    t.render()
+}
+
+/// `lb-ctl conntrack stats`.
+pub fn conntrack_stats(v: &serde_json::Value) -> String {
+    let mut out = format!(
+        "entries {} of {}\ngc: {} sweeps, {} expired\nflow events: {} received\n",
+        num(&v["entries"]),
+        num(&v["capacity"]),
+        num(&v["gc_sweeps"]),
+        num(&v["gc_expired"]),
+        num(&v["events_received"]),
+    );
+    for (title, key) in [
+        ("by state", "by_state"),
+        ("by protocol", "by_protocol"),
+        ("events lost", "events_lost"),
+        ("timeouts (s)", "timeouts"),
+    ] {
+        let items: Vec<String> = v[key]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, n)| format!("{k}={}", num(n)))
+            .collect();
+        let _ = writeln!(out, "{title}: {}", items.join(" "));
+    }
+    out
+}
+
+/// One flow event, one line.
+pub fn flow_event(e: &serde_json::Value) -> String {
+    let mut line = format!(
+        "{:<8} {} {}:{} -> {}:{} {} {} rule={} state={}",
+        num(&e["kind"]),
+        num(&e["protocol"]),
+        num(&e["src"]),
+        num(&e["src_port"]),
+        num(&e["dst"]),
+        num(&e["dst_port"]),
+        num(&e["interface"]),
+        num(&e["direction"]),
+        e["rule_name"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| num(&e["rule"])),
+        num(&e["state"]),
+    );
+    if matches!(e["kind"].as_str(), Some("closed" | "cut" | "expired")) {
+        let _ = write!(
+            line,
+            " packets={}/{} bytes={}/{} duration={}",
+            num(&e["packets_orig"]),
+            num(&e["packets_reply"]),
+            num(&e["bytes_orig"]),
+            num(&e["bytes_reply"]),
+            secs(&e["duration_ns"]),
+        );
+    }
+    line.push('\n');
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use datapath_api::{BackendState, Counter, ForwardingMode, Protocol};
