@@ -114,7 +114,7 @@ static TC_EVENT_RATE: PerCpuArray<RateBucket> = PerCpuArray::pinned(1, 0);
 // the verifier sees a pointer comparison right before each load).
 // ---------------------------------------------------------------------------------------------
 
-const MAX_FRAME: usize = 16_384;
+// Offsets are bounded by `lb_core::parse::MAX_FRAME`, as in bpf-xdp.
 
 struct TcFrame {
     skb: *mut __sk_buff,
@@ -137,20 +137,13 @@ impl Frame for TcFrame {
     #[inline(always)]
     fn fits(&self, len: usize) -> bool {
         let (start, end) = self.bounds();
-        len <= MAX_FRAME && start + len <= end
+        parse::span_fits(start, end, len)
     }
 
     #[inline(always)]
     fn at<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]> {
-        if off > MAX_FRAME {
-            return None;
-        }
         let (start, end) = self.bounds();
-        let ptr = start + off;
-        if ptr + N > end {
-            return None;
-        }
-        Some(ptr as *mut [u8; N])
+        parse::span_at::<N>(start, end, off).map(|ptr| ptr as *mut [u8; N])
     }
 }
 

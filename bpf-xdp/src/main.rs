@@ -102,10 +102,9 @@ static LB_REASONS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 // Frame access.
 // ---------------------------------------------------------------------------------------------
 
-/// Upper bound on any offset we ask about. XDP frames without multi-buffer fit in one page;
-/// bounding offsets explicitly keeps the verifier's packet-pointer range below its 64 KiB
-/// limit when it adds a variable offset (the IPv4 total length) to the packet pointer.
-const MAX_FRAME: usize = 16_384;
+// Offsets are bounded by `lb_core::parse::MAX_FRAME`: XDP frames without multi-buffer fit in
+// one page, and an explicit bound keeps the verifier's packet-pointer range below its 64 KiB
+// limit when it adds a variable offset (the IPv4 total length) to the packet pointer.
 
 /// Frame access for the verifier.
 ///
@@ -141,20 +140,13 @@ impl Frame for XdpFrame {
     #[inline(always)]
     fn fits(&self, len: usize) -> bool {
         let (start, end) = self.bounds();
-        len <= MAX_FRAME && start + len <= end
+        parse::span_fits(start, end, len)
     }
 
     #[inline(always)]
     fn at<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]> {
-        if off > MAX_FRAME {
-            return None;
-        }
         let (start, end) = self.bounds();
-        let ptr = start + off;
-        if ptr + N > end {
-            return None;
-        }
-        Some(ptr as *mut [u8; N])
+        parse::span_at::<N>(start, end, off).map(|ptr| ptr as *mut [u8; N])
     }
 }
 

@@ -51,6 +51,32 @@ pub mod l4 {
     pub const ICMP_CHECK: usize = 2;
 }
 
+/// Largest offset a kernel frame hands out. A constant bound lets the verifier prove that
+/// `start + off` cannot overflow the packet pointer's range.
+pub const MAX_FRAME: usize = 16_384;
+
+/// [`Frame::fits`] for a kernel frame whose data spans the addresses `start..end`.
+#[inline(always)]
+pub const fn span_fits(start: usize, end: usize, len: usize) -> bool {
+    len <= MAX_FRAME && start + len <= end
+}
+
+/// [`Frame::at`] for a kernel frame whose data spans the addresses `start..end`: the address
+/// of `N` bytes at `off`, when all of them lie inside. The programs reload `start` and `end`
+/// from the context for every call (a verifier lesson: a bound checked against a stale
+/// `data_end` is not trusted).
+#[inline(always)]
+pub const fn span_at<const N: usize>(start: usize, end: usize, off: usize) -> Option<usize> {
+    if off > MAX_FRAME {
+        return None;
+    }
+    let ptr = start + off;
+    if ptr + N > end {
+        return None;
+    }
+    Some(ptr)
+}
+
 /// A packet buffer that hands out bounds-checked pointers.
 pub trait Frame {
     /// True when the frame holds at least `len` bytes.

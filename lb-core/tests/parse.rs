@@ -209,3 +209,23 @@ fn frame_bounds_are_exact() {
     assert!(frame.fits(10));
     assert!(!frame.fits(11));
 }
+
+#[test]
+fn kernel_frame_spans_hand_out_only_in_bounds_addresses() {
+    use lb_core::parse::{MAX_FRAME, span_at, span_fits};
+    let (start, end) = (0x1000usize, 0x1000usize + 64);
+    assert!(span_fits(start, end, 64));
+    assert!(!span_fits(start, end, 65));
+    assert!(!span_fits(start, start + MAX_FRAME + 1, MAX_FRAME + 1));
+    assert_eq!(span_at::<4>(start, end, 0), Some(start));
+    assert_eq!(span_at::<4>(start, end, 60), Some(start + 60));
+    assert_eq!(span_at::<4>(start, end, 61), None);
+    assert_eq!(span_at::<1>(start, end, 64), None);
+    // Past the constant bound even when the frame would be long enough.
+    let long_end = start + 2 * MAX_FRAME;
+    assert_eq!(
+        span_at::<1>(start, long_end, MAX_FRAME),
+        Some(start + MAX_FRAME)
+    );
+    assert_eq!(span_at::<1>(start, long_end, MAX_FRAME + 1), None);
+}
