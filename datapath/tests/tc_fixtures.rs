@@ -9,13 +9,7 @@
 //!
 //! Needs root. Without it the tests are skipped, unless `DATAPATH_REQUIRE_PRIVILEGED=1`.
 
-use std::{
-    fs::File,
-    os::fd::AsRawFd as _,
-    path::PathBuf,
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::{path::PathBuf, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
 use bpf_common::ct::{POLICY_DIR_EGRESS, POLICY_DIR_INGRESS};
@@ -24,6 +18,7 @@ use etherparse::{
     EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader,
     UdpHeader, icmpv4::DestUnreachableHeader,
 };
+use netns_tests::netns::EnteredNetns;
 
 /// `TCX_NEXT` (-1) as the test run reports it.
 const NEXT: u32 = u32::MAX;
@@ -62,37 +57,20 @@ fn run(args: &[&str]) {
     );
 }
 
-/// A named namespace this thread has entered; deleted (with its veth and links) on drop.
-struct TestNetns {
-    name: String,
-    original: File,
-}
+/// The fixture's namespace (`netns_tests::netns::EnteredNetns`), with panicking helpers.
+struct TestNetns(EnteredNetns);
 
 impl TestNetns {
     fn enter() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "dptc{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        run(&["ip", "netns", "add", &name]);
-        let original = File::open("/proc/thread-self/ns/net").expect("open current netns");
-        let target = File::open(format!("/var/run/netns/{name}")).expect("open test netns");
-        // SAFETY: setns on valid namespace fds affects only this thread.
-        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        Self { name, original }
+        Self(EnteredNetns::create("dptc").unwrap_or_else(|e| panic!("{e:#}")))
     }
-}
 
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        // SAFETY: as in `enter`.
-        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+    fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    fn ip(&self, args: &[&str]) {
+        self.0.ip(args).unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
 
@@ -136,19 +114,15 @@ impl Fixture {
             "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv6.conf.default.disable_ipv6=1",
         ] {
-            run(&["ip", "netns", "exec", &netns.name, "sysctl", "-qw", key]);
+            run(&["ip", "netns", "exec", netns.name(), "sysctl", "-qw", key]);
         }
-        let ip = |args: &[&str]| {
-            let mut full = vec!["ip", "-n", netns.name.as_str()];
-            full.extend_from_slice(args);
-            run(&full);
-        };
+        let ip = |args: &[&str]| netns.ip(args);
         ip(&[
             "link", "add", "ep0", "type", "veth", "peer", "name", "peer0",
         ]);
         ip(&["link", "set", "ep0", "up"]);
         ip(&["link", "set", "peer0", "up"]);
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name));
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name()));
         let config = PolicyConfig {
             pin_root: pin_root.clone(),
             max_ct_flows: 1024,

@@ -10,12 +10,9 @@
 //! `DATAPATH_REQUIRE_PRIVILEGED=1`, in which case they fail.
 
 use std::{
-    fs::File,
     net::{IpAddr, Ipv4Addr},
-    os::fd::AsRawFd as _,
     path::PathBuf,
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -30,6 +27,7 @@ use lb_core::{
     hash::{SEED_MAGLEV, flow_hash},
     maglev::{MaglevBackend, build_table},
 };
+use netns_tests::netns::EnteredNetns;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -87,46 +85,20 @@ fn run(args: &[&str]) {
     );
 }
 
-/// A named network namespace that the current thread has entered; on drop the thread goes back
-/// and the namespace (with its veths, and thereby the XDP links) is deleted.
-struct TestNetns {
-    name: String,
-    original: File,
-}
+/// The fixture's namespace (`netns_tests::netns::EnteredNetns`), with panicking helpers.
+struct TestNetns(EnteredNetns);
 
 impl TestNetns {
     fn enter() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "dpfx{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        run(&["ip", "netns", "add", &name]);
-        let original = File::open("/proc/thread-self/ns/net").expect("open current netns");
-        let target = File::open(format!("/var/run/netns/{name}")).expect("open test netns");
-        // SAFETY: setns on valid namespace fds affects only this thread.
-        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        let ns = Self { name, original };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        Self(EnteredNetns::create("dpfx").unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    fn name(&self) -> &str {
+        &self.0.name
     }
 
     fn ip(&self, args: &[&str]) {
-        let mut full = vec!["ip", "-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        run(&full);
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        // SAFETY: as in `enter`.
-        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        self.0.ip(args).unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
 
@@ -161,7 +133,7 @@ impl Fixture {
             "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv6.conf.default.disable_ipv6=1",
         ] {
-            run(&["ip", "netns", "exec", &netns.name, "sysctl", "-qw", key]);
+            run(&["ip", "netns", "exec", netns.name(), "sysctl", "-qw", key]);
         }
         netns.ip(&[
             "link",
@@ -231,13 +203,13 @@ impl Fixture {
             "ip",
             "netns",
             "exec",
-            &netns.name,
+            netns.name(),
             "sysctl",
             "-qw",
             "net.ipv4.ip_forward=1",
         ]);
 
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name));
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name()));
         let config = DataplaneConfig {
             pin_root: pin_root.clone(),
             interfaces: vec!["front".into(), "back".into()],

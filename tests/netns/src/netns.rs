@@ -76,3 +76,48 @@ pub fn command_in(cmd: &mut Command, name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// A namespace created with `ip netns add` that the calling thread has entered (for fixtures
+/// that load and test-run BPF programs in it). Dropping it moves the thread back to where it
+/// was and deletes the namespace, with its interfaces and the links on them.
+pub struct EnteredNetns {
+    pub name: String,
+    original: File,
+}
+
+impl EnteredNetns {
+    /// Creates `<prefix><pid>-<n>`, enters it on this thread and brings `lo` up.
+    pub fn create(prefix: &str) -> Result<Self> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "{prefix}{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        crate::cmd::run_args("ip", &["netns", "add", &name])?;
+        let original = File::open("/proc/thread-self/ns/net")
+            .context("cannot open this thread's network namespace")?;
+        // From here on, dropping `entered` deletes the namespace again.
+        let entered = EnteredNetns { name, original };
+        enter(&entered.name)?;
+        entered.ip(&["link", "set", "lo", "up"])?;
+        Ok(entered)
+    }
+
+    /// `ip -n <name> args...`; returns its stdout.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        crate::cmd::run_args("ip", &full)
+    }
+}
+
+impl Drop for EnteredNetns {
+    fn drop(&mut self) {
+        // SAFETY: setns on the thread's original namespace, kept open since `create`.
+        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
