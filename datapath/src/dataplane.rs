@@ -42,7 +42,7 @@ use datapath_api::{
 use lb_core::maglev::{self, MaglevBackend};
 use tracing::{info, warn};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, map_error, program_error};
 
 /// The compiled XDP object (built by `build.rs` from `bpf-xdp`).
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-xdp"));
@@ -213,7 +213,8 @@ fn ensurebpffs() -> Result<()> {
     Ok(())
 }
 
-fn interface_index(name: &str) -> Result<u32> {
+/// The ifindex of `name` in this network namespace.
+pub(crate) fn interface_index(name: &str) -> Result<u32> {
     let c_name = std::ffi::CString::new(name)
         .map_err(|_| Error::InvalidArgument(format!("invalid interface name {name:?}")))?;
     // SAFETY: valid C string.
@@ -224,22 +225,6 @@ fn interface_index(name: &str) -> Result<u32> {
         )));
     }
     Ok(index)
-}
-
-fn map_error(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Error {
-    let context = context.into();
-    move |source| Error::Map {
-        context,
-        source: Box::new(source),
-    }
-}
-
-fn program_error(context: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> Error {
-    let context = context.into();
-    move |source| Error::Program {
-        context,
-        source: Box::new(source),
-    }
 }
 
 fn take_map(bpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
@@ -499,12 +484,11 @@ impl Dataplane {
     pub fn interface_stats(&self) -> Result<Vec<(String, Counter)>> {
         let mut out = Vec::new();
         for name in self.links.keys() {
-            let Ok(c_name) = std::ffi::CString::new(name.as_str()) else {
+            // The daemon runs in the interfaces' namespace.
+            let Ok(index) = interface_index(name) else {
                 continue;
             };
-            // SAFETY: a valid C string; the daemon runs in the interfaces' namespace.
-            let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-            if index == 0 || index >= bpf_common::defaults::MAX_IFINDEX {
+            if index >= bpf_common::defaults::MAX_IFINDEX {
                 continue;
             }
             out.push((name.clone(), sum_counter(&self.interface_stats, index)?));

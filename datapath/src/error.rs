@@ -85,5 +85,25 @@ impl Error {
     }
 }
 
+/// `map_err` adapter: an aya map error with what was being done.
+pub(crate) fn map_error(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Error {
+    let context = context.into();
+    move |source| Error::Map {
+        context,
+        source: Box::new(source),
+    }
+}
+
+/// `map_err` adapter: an aya program error with what was being done.
+pub(crate) fn program_error(
+    context: impl Into<String>,
+) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    let context = context.into();
+    move |source| Error::Program {
+        context,
+        source: Box::new(source),
+    }
+}
+
 /// Result with the daemon library's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -48,7 +48,10 @@ use bpf_common::{
 use conntrack::{Timeouts, ct_timeout, is_expired, state_name};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::{
+    Error, Result,
+    error::{map_error, program_error},
+};
 
 /// The compiled tc object, embedded like the XDP one.
 pub static TC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-tc"));
@@ -692,29 +695,6 @@ pub struct PolicyPlane {
     compiled: CompiledPolicy,
 }
 
-fn map_error(context: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Error {
-    let context = context.into();
-    move |source| Error::Map {
-        context,
-        source: Box::new(source),
-    }
-}
-
-fn program_error(context: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> Error {
-    let context = context.into();
-    move |source| Error::Program {
-        context,
-        source: Box::new(source),
-    }
-}
-
-fn interface_index(name: &str) -> Option<u32> {
-    let c_name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: valid C string.
-    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-    (index != 0).then_some(index)
-}
-
 /// Names of the interfaces of the current network namespace (`if_nameindex`: `/sys/class/net`
 /// shows the namespace sysfs was mounted in, not necessarily the process's own).
 pub fn list_interfaces() -> Result<Vec<String>> {
@@ -785,8 +765,7 @@ impl PolicyPlane {
         if self.links.contains_key(name) {
             return Ok(());
         }
-        let ifindex = interface_index(name)
-            .ok_or_else(|| Error::InvalidArgument(format!("interface {name:?} does not exist")))?;
+        let ifindex = crate::dataplane::interface_index(name)?;
         let mut ids = Vec::new();
         for (prog, at) in [
             (PROGRAM_INGRESS, TcAttachType::Ingress),
@@ -851,7 +830,9 @@ impl PolicyPlane {
         let stale: Vec<String> = self
             .links
             .iter()
-            .filter(|(n, (idx, _, _))| !wanted.contains(n) || interface_index(n) != Some(*idx))
+            .filter(|(n, (idx, _, _))| {
+                !wanted.contains(n) || crate::dataplane::interface_index(n).ok() != Some(*idx)
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in stale {
