@@ -160,6 +160,18 @@ pub struct FlowEntry {
 }
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 56);
 
+impl FlowEntry {
+    /// Whether the cached FIB answer may forward a packet of IPv4 total length `total_len` at
+    /// `now_ns`: one is cached, it is younger than `ttl_ns` (0 disables the cache), and it was
+    /// checked against a packet at least this long (the route's MTU).
+    #[inline(always)]
+    pub const fn fib_cache_usable(&self, now_ns: u64, ttl_ns: u64, total_len: u16) -> bool {
+        self.fib_ifindex != 0
+            && now_ns.wrapping_sub(self.fib_cached_ns) < ttl_ns
+            && total_len <= self.fib_max_len
+    }
+}
+
 /// Value of `LB_NAT_REV`: how to translate a full-NAT reply back to the client.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -858,10 +858,7 @@ fn forward_cached(
     if !cache.is_null() {
         // SAFETY: a live map value from `get_ptr_mut`, valid for this program run.
         let entry = unsafe { &*cache };
-        if entry.fib_ifindex != 0
-            && now.wrapping_sub(entry.fib_cached_ns) < global(&FIB_CACHE_NS)
-            && packet.total_len <= entry.fib_max_len
-        {
+        if entry.fib_cache_usable(now, global(&FIB_CACHE_NS), packet.total_len) {
             let mut macs = [0u8; 12];
             macs[..6].copy_from_slice(&entry.fib_dmac);
             macs[6..].copy_from_slice(&entry.fib_smac);
