@@ -1,5 +1,7 @@
-//! The shared conntrack table (`CT_FLOWS`) of the tc programs: one entry per flow, for both
-//! directions.
+//! The conntrack record of the datapath: one entry per flow, for both directions. The tc
+//! programs keep it in `CT_FLOWS`; the XDP load balancer keys `LB_FLOWS` and `LB_NAT_REV` by the
+//! same [`CtKey`] and embeds a [`CtEntry`] in every `FlowEntry`, advanced by the same
+//! `conntrack::update_entry`.
 //!
 //! The key is *canonical*: the two endpoints (address, port) are stored in a fixed order (the
 //! smaller one first, see `conntrack::flow`), so a packet and its reply find the same entry.
@@ -39,6 +41,11 @@ pub const CT_F_CLOSE_REPORTED: u8 = 0x02;
 pub const CT_F_SEEN_REPLY: u8 = 0x04;
 /// `CtEntry::flags`: the flow was admitted by a rule with action `log`.
 pub const CT_F_LOGGED: u8 = 0x08;
+/// `CtEntry::flags`: the tracker sits on a one-way path and never sees the reply direction
+/// (the load balancer in DSR mode: backends answer clients directly). The TCP state machine
+/// then takes the original side's first ACK as proof of the handshake
+/// (`conntrack::tcp_transition_one_way`).
+pub const CT_F_ONE_WAY: u8 = 0x10;
 
 /// `CtEntry::policy_dir` / `FlowEvent::policy_dir`: the endpoint's ingress rules admitted it.
 pub const POLICY_DIR_INGRESS: u8 = 0;
@@ -65,12 +72,13 @@ pub struct CtEntry {
     pub packets: [u64; 2],
     /// Bytes (IP total length) per direction.
     pub bytes: [u64; 2],
-    /// Interface whose policy admitted the flow.
+    /// Interface whose policy admitted the flow (in `LB_FLOWS`: the interface the first packet
+    /// arrived on).
     pub ifindex: u32,
-    /// Rule that admitted the flow, or [`RULE_DEFAULT`].
+    /// Rule that admitted the flow, or [`RULE_DEFAULT`] (0 in `LB_FLOWS`).
     pub rule_id: u32,
     /// Policy generation the admission was last checked against. When the live generation
-    /// differs, the next packet re-checks the flow against the live policy.
+    /// differs, the next packet re-checks the flow against the live policy (0 in `LB_FLOWS`).
     pub generation: u32,
     /// A `conntrack::TcpState`, `UdpState` or `IcmpState` as a byte, by `CtKey::proto`.
     pub state: u8,

@@ -110,55 +110,43 @@ pub struct BackendInfo {
 }
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
 
-/// A directional 5-tuple. Key of `LB_FLOWS` (client -> VIP direction) and of `LB_NAT_REV`
-/// (backend -> load balancer direction, i.e. the reply as it arrives).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src: Addr16,
-    pub dst: Addr16,
-    /// Network byte order.
-    pub src_port_be: u16,
-    /// Network byte order.
-    pub dst_port_be: u16,
-    pub proto: u8,
-    pub family: u8,
-    pub _pad: [u8; 2],
-}
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-
-/// Value of `LB_FLOWS`: what the first packet of a flow resolved, and the forwarding decision
-/// (`bpf_fib_lookup`'s answer) cached for the packets after it.
+/// Value of `LB_FLOWS`, whose key is the conntrack's canonical [`ct::CtKey`] of the
+/// client <-> VIP flow: the conntrack record of the flow, what its first packet resolved, and
+/// the forwarding decision (`bpf_fib_lookup`'s answer) cached for the packets after it.
+///
+/// The record is the very [`ct::CtEntry`] of the tc programs' `CT_FLOWS`, advanced by the same
+/// `conntrack::update_entry`: in full-NAT mode with client packets as the original direction and
+/// backend replies (found through `LB_NAT_REV`) as the reply direction; in DSR mode, where
+/// replies bypass the load balancer, flagged `CT_F_ONE_WAY`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
+    /// State, counters per direction, last-seen time and handshake RTT of the flow.
+    pub ct: ct::CtEntry,
     pub backend_id: u32,
     /// `BackendInfo::generation` when the flow was pinned.
     pub backend_generation: u32,
     pub service_id: u32,
     /// Source port allocated for full-NAT, network byte order (0 in DSR mode).
     pub nat_port_be: u16,
-    /// A `conntrack::TcpState` as `u8` (0 for UDP).
-    pub tcp_state: u8,
-    pub _pad: u8,
-    /// `bpf_ktime_get_ns` of the last packet.
-    pub last_seen_ns: u64,
-    /// Egress interface of the cached FIB answer; 0 when nothing is cached.
-    pub fib_ifindex: u32,
-    /// Next hop's MAC address of the cached FIB answer.
-    pub fib_dmac: [u8; 6],
-    /// Egress interface's MAC address of the cached FIB answer.
-    pub fib_smac: [u8; 6],
+    pub _pad: [u8; 2],
     /// `bpf_ktime_get_ns` when the FIB answer was cached; it is trusted for
     /// the `FIB_CACHE_NS` global (default [`defaults::FIB_CACHE_NS`]) only, which bounds how
     /// long a neighbour or route change goes unnoticed by an established flow.
     pub fib_cached_ns: u64,
+    /// Egress interface of the cached FIB answer; 0 when nothing is cached.
+    pub fib_ifindex: u32,
     /// Largest IPv4 total length the cached answer was checked against (the MTU check of
     /// `bpf_fib_lookup`); a longer packet looks the route up again.
     pub fib_max_len: u16,
+    /// Next hop's MAC address of the cached FIB answer.
+    pub fib_dmac: [u8; 6],
+    /// Egress interface's MAC address of the cached FIB answer.
+    pub fib_smac: [u8; 6],
     pub _pad2: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 136);
+const _: () = assert!(core::mem::offset_of!(FlowEntry, fib_cached_ns) == 104);
 
 impl FlowEntry {
     /// Whether the cached FIB answer may forward a packet of IPv4 total length `total_len` at
@@ -172,10 +160,14 @@ impl FlowEntry {
     }
 }
 
-/// Value of `LB_NAT_REV`: how to translate a full-NAT reply back to the client.
+/// Value of `LB_NAT_REV`: how to translate a full-NAT reply back to the client. The key is the
+/// canonical [`ct::CtKey`] of the load balancer <-> backend leg (backend address and port,
+/// SNAT address and allocated port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatReverseEntry {
+    /// The key of the client flow in `LB_FLOWS` that owns this entry.
+    pub owner: ct::CtKey,
     pub client_addr: Addr16,
     pub vip_addr: Addr16,
     /// Network byte order.
@@ -184,9 +176,14 @@ pub struct NatReverseEntry {
     pub vip_port_be: u16,
     pub service_id: u32,
     pub backend_id: u32,
-    pub _pad: u32,
+    /// Canonical side of the key (0: `addr_a`, 1: `addr_b`) that is the backend: only packets
+    /// sent from it are replies to translate.
+    pub backend_side: u8,
+    /// Canonical side of `owner` that is the client.
+    pub client_side: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<NatReverseEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<NatReverseEntry>() == 88);
 
 /// Value of the per-CPU counter arrays (`LB_VIP_STATS`, `LB_BE_STATS`).
 #[repr(C)]
@@ -289,7 +286,6 @@ mod pod {
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for VipAddrKey {}
     unsafe impl aya::Pod for BackendInfo {}
-    unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for NatReverseEntry {}
     unsafe impl aya::Pod for Counter {}

@@ -54,8 +54,12 @@ pub const FLOW_RESCHEDULED: u32 = 19;
 /// reclaimed for a new flow.
 pub const NAT_PORT_RECLAIMED: u32 = 20;
 
+/// The program's own per-CPU scratch slot was missing. A one-entry array's lookup cannot fail,
+/// but the verifier requires the check, and the packet is dropped rather than half-processed.
+pub const DROP_INTERNAL: u32 = 21;
+
 /// Number of reasons; the size of `LB_REASONS`.
-pub const COUNT: u32 = 21;
+pub const COUNT: u32 = 22;
 
 /// Metric label of each reason, indexed by its constant.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -80,4 +84,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "new_flow",
     "flow_rescheduled",
     "nat_port_reclaimed",
+    "drop_internal",
 ];

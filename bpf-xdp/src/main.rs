@@ -26,13 +26,17 @@ use aya_ebpf::{
 };
 use bpf_common::{
     BACKEND_ACTIVE, BACKEND_UNUSED, BENCH_FRAME_MAX, BackendInfo, BenchTemplate, Counter,
-    FAMILY_IPV4, FlowEntry, FlowKey, MODE_DSR, NatReverseEntry, PROTO_TCP, PROTO_UDP, VipAddrKey,
-    VipInfo, VipKey, defaults, maglev_index, reason,
+    FAMILY_IPV4, FlowEntry, MODE_DSR, NatReverseEntry, PROTO_TCP, PROTO_UDP, VipAddrKey, VipInfo,
+    VipKey,
+    ct::{CT_F_ONE_WAY, CtEntry, CtKey},
+    defaults, maglev_index, reason,
 };
-use conntrack::{Direction, TcpFlags, TcpState, tcp_transition};
+use conntrack::{
+    Direction, TcpFlags, canonical_key, direction_of, new_entry, update_entry, with_port,
+};
 use lb_core::{
     csum,
-    hash::{SEED_MAGLEV, SEED_NAT_PORT, flow_hash},
+    hash::{SEED_MAGLEV, SEED_NAT_PORT, derive, flow_hash},
     parse::{self, Frame, Ipv4Packet, L4, Outcome, ipv4, l4},
 };
 
@@ -48,6 +52,9 @@ static NAT_PORT_MIN: u16 = defaults::NAT_PORT_MIN;
 static NAT_PORT_MAX: u16 = defaults::NAT_PORT_MAX;
 #[unsafe(no_mangle)]
 static FIB_CACHE_NS: u64 = defaults::FIB_CACHE_NS;
+/// Source ports a new full-NAT flow tries before it is dropped as `nat_ports_exhausted`.
+#[unsafe(no_mangle)]
+static NAT_PORT_TRIES: u32 = 8;
 
 /// Read a `.rodata` global so the compiler cannot fold in the default value.
 #[inline(always)]
@@ -76,11 +83,23 @@ static LB_BACKENDS: Array<BackendInfo> = Array::pinned(defaults::MAX_BACKENDS, 0
 static LB_MAGLEV: Array<u32> = Array::pinned(defaults::MAX_SERVICES * 2 * defaults::MAGLEV_SIZE, 0);
 
 #[map(name = "LB_FLOWS")]
-static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(defaults::MAX_FLOWS, 0);
+static LB_FLOWS: LruHashMap<CtKey, FlowEntry> = LruHashMap::pinned(defaults::MAX_FLOWS, 0);
+
+/// Where a new flow's entries are built before they are inserted: on the stack, beside the
+/// packet's state, the 136-byte flow entry and the 88-byte reverse entry exceed the verifier's
+/// 512-byte limit. Private to the program (never pinned, never read by the daemon): nothing in
+/// it outlives one invocation, and XDP programs are not preempted on their CPU.
+#[repr(C)]
+struct NewFlowScratch {
+    entry: FlowEntry,
+    reverse: NatReverseEntry,
+}
+
+#[map(name = "LB_NEW_FLOW")]
+static LB_NEW_FLOW: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "LB_NAT_REV")]
-static LB_NAT_REV: LruHashMap<FlowKey, NatReverseEntry> =
-    LruHashMap::pinned(defaults::MAX_FLOWS, 0);
+static LB_NAT_REV: LruHashMap<CtKey, NatReverseEntry> = LruHashMap::pinned(defaults::MAX_FLOWS, 0);
 
 /// Interfaces the program may redirect to, keyed by ifindex.
 #[map(name = "LB_TX_PORTS")]
@@ -321,18 +340,21 @@ fn try_l4(ctx: &XdpContext, frame: &XdpFrame, packet: &Ipv4Packet, proto: u8) ->
             tcp_flags,
         );
     }
-    let reverse_key = FlowKey {
-        src: [packet.src, 0, 0, 0],
-        dst: [packet.dst, 0, 0, 0],
+    let (reverse_key, sender_side) = canonical_key(
+        [packet.src, 0, 0, 0],
         src_port_be,
+        [packet.dst, 0, 0, 0],
         dst_port_be,
         proto,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
-    };
-    // SAFETY: copied out at once.
-    if let Some(reverse) = unsafe { LB_NAT_REV.get(reverse_key) }.copied() {
-        return reply_to_client(ctx, frame, packet, &reverse, proto);
+        FAMILY_IPV4,
+    );
+    // SAFETY: read in place (an 88-byte copy would not fit the stack); a concurrent update
+    // replaces the element whole, under RCU.
+    if let Some(reverse) = unsafe { LB_NAT_REV.get(&reverse_key) } {
+        // The key is bidirectional; only the backend's packets are replies to translate.
+        if reverse.backend_side == sender_side {
+            return reply_to_client(ctx, frame, packet, reverse, proto);
+        }
     }
     pass(reason::PASS_NOT_VIP)
 }
@@ -341,32 +363,52 @@ fn try_l4(ctx: &XdpContext, frame: &XdpFrame, packet: &Ipv4Packet, proto: u8) ->
 // Client -> VIP: choose a backend, rewrite, forward.
 // ---------------------------------------------------------------------------------------------
 
+/// A client -> VIP packet's 5-tuple as it arrived. Maglev and the NAT port allocator hash it
+/// in this direction; the flow table is keyed by its canonical [`CtKey`].
+struct Tuple {
+    src: [u32; 4],
+    dst: [u32; 4],
+    src_port_be: u16,
+    dst_port_be: u16,
+    proto: u8,
+}
+
+impl Tuple {
+    #[inline(always)]
+    fn hash(&self, seed: u32) -> u32 {
+        flow_hash(
+            &self.src,
+            &self.dst,
+            self.src_port_be,
+            self.dst_port_be,
+            self.proto,
+            seed,
+        )
+    }
+}
+
 /// A backend usable for a flow: its id, its current info.
 struct Chosen {
     id: u32,
-    info: BackendInfo,
+    /// Read in place from `LB_BACKENDS`: a 40-byte copy spills across the whole new-flow
+    /// path and does not fit the stack. The daemon rewrites an entry only when it changes the
+    /// backend, which a copy would not make atomic either.
+    info: &'static BackendInfo,
 }
 
 #[inline(always)]
-fn backend(id: u32) -> Option<BackendInfo> {
-    LB_BACKENDS.get(id).copied()
+fn backend(id: u32) -> Option<&'static BackendInfo> {
+    LB_BACKENDS.get(id)
 }
 
 /// Picks the backend of a new flow from the service's live Maglev table.
 #[inline(always)]
-fn maglev_pick(vip: &VipInfo, flow: &FlowKey) -> Option<Chosen> {
+fn maglev_pick(vip: &VipInfo, tuple: &Tuple) -> Option<Chosen> {
     let size = global(&MAGLEV_SIZE);
     if size == 0 || vip.active_backends == 0 {
         return None;
     }
-    let hash = flow_hash(
-        &flow.src,
-        &flow.dst,
-        flow.src_port_be,
-        flow.dst_port_be,
-        flow.proto,
-        SEED_MAGLEV,
-    );
+    let hash = tuple.hash(SEED_MAGLEV);
     let slot = vip.table_slot & 1;
     let index = maglev_index(vip.service_id, slot, size, hash % size);
     let id = *LB_MAGLEV.get(index)?;
@@ -395,18 +437,26 @@ fn to_backend(
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_bytes(&LB_VIP_STATS, vip.service_id, bytes);
 
-    let flow = FlowKey {
+    let tuple = Tuple {
         src: [packet.src, 0, 0, 0],
         dst: [packet.dst, 0, 0, 0],
         src_port_be,
         dst_port_be,
         proto,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
     };
+    let (flow, client_side) = canonical_key(
+        tuple.src,
+        src_port_be,
+        tuple.dst,
+        dst_port_be,
+        proto,
+        FAMILY_IPV4,
+    );
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let full_nat = vip.mode != MODE_DSR;
+    let flags = TcpFlags(tcp_flags);
+    let ip_len = packet.total_len as u64;
 
     let mut outcome = reason::NEW_FLOW;
     let mut pinned: Option<(Chosen, u16)> = None;
@@ -417,19 +467,22 @@ fn to_backend(
         // on bookkeeping fields and on the cached FIB answer, which both write alike.
         let entry = unsafe { &mut *entry_ptr };
         if let Some(info) = backend(entry.backend_id) {
-            // Draining backends keep their flows; a freed or reassigned slot does not.
+            // Draining backends keep their flows; a freed or reassigned slot does not. The key is
+            // bidirectional, so the entry must also have been opened from the client's side
+            // (a VIP-to-VIP exchange would otherwise find the other VIP's flow).
             if info.state != BACKEND_UNUSED
                 && info.generation == entry.backend_generation
                 && entry.service_id == vip.service_id
+                && direction_of(entry.ct.orig_side, client_side) == Direction::Original
             {
-                entry.last_seen_ns = now;
-                if proto == PROTO_TCP {
-                    entry.tcp_state = tcp_transition(
-                        TcpState::from_u8(entry.tcp_state),
-                        Direction::Original,
-                        TcpFlags(tcp_flags),
-                    ) as u8;
-                }
+                track(
+                    &mut entry.ct,
+                    proto,
+                    Direction::Original,
+                    flags,
+                    ip_len,
+                    now,
+                );
                 pinned = Some((
                     Chosen {
                         id: entry.backend_id,
@@ -448,34 +501,56 @@ fn to_backend(
     let (chosen, nat_port_be) = match pinned {
         Some(found) => found,
         None => {
-            let Some(chosen) = maglev_pick(vip, &flow) else {
+            let Some(chosen) = maglev_pick(vip, &tuple) else {
                 return drop(reason::DROP_NO_BACKEND);
             };
+            let Some(scratch) = LB_NEW_FLOW.get_ptr_mut(0) else {
+                return drop(reason::DROP_INTERNAL);
+            };
+            // SAFETY: this CPU's slot of a one-entry per-CPU array, used only here and only
+            // within this invocation.
+            let scratch = unsafe { &mut *scratch };
             let nat_port_be = if full_nat {
-                match allocate_nat_port(&flow, &chosen, vip) {
-                    Some(port) => port,
-                    None => return drop(reason::DROP_NAT_PORTS_EXHAUSTED),
+                match allocate_nat_port(
+                    &tuple,
+                    (&flow, client_side),
+                    &chosen,
+                    vip,
+                    &mut scratch.reverse,
+                ) {
+                    NO_NAT_PORT => return drop(reason::DROP_NAT_PORTS_EXHAUSTED),
+                    port_be => port_be as u16,
                 }
             } else {
                 0
             };
-            let tcp_state = if proto == PROTO_TCP {
-                tcp_transition(TcpState::None, Direction::Original, TcpFlags(tcp_flags)) as u8
-            } else {
-                0
-            };
-            let entry = FlowEntry {
-                backend_id: chosen.id,
-                backend_generation: chosen.info.generation,
-                service_id: vip.service_id,
-                nat_port_be,
-                tcp_state,
-                last_seen_ns: now,
-                ..FlowEntry::default()
-            };
-            // An LRU insert only fails on allocation failure; the packet is still forwarded and
-            // the next one retries (Maglev picks the same backend while the table is unchanged).
-            let _ = LB_FLOWS.insert(flow, entry, 0);
+            {
+                let entry = &mut scratch.entry;
+                entry.ct = new_entry(now, client_side);
+                entry.ct.ifindex = ctx.ingress_ifindex() as u32;
+                if !full_nat {
+                    // Backends answer clients directly: this table never sees the replies.
+                    entry.ct.flags |= CT_F_ONE_WAY;
+                }
+                track(
+                    &mut entry.ct,
+                    proto,
+                    Direction::Original,
+                    flags,
+                    ip_len,
+                    now,
+                );
+                entry.backend_id = chosen.id;
+                entry.backend_generation = chosen.info.generation;
+                entry.service_id = vip.service_id;
+                entry.nat_port_be = nat_port_be;
+                entry.fib_ifindex = 0;
+                entry.fib_cached_ns = 0;
+                // An LRU insert only fails on allocation failure; the packet is still forwarded
+                // and the next one retries (Maglev picks the same backend while the table is
+                // unchanged).
+                let _ = LB_FLOWS.insert(flow, &*entry, 0);
+            }
             count_reason(outcome);
             (chosen, nat_port_be)
         }
@@ -524,93 +599,106 @@ fn to_backend(
     }
 }
 
+/// [`allocate_nat_port`]'s answer when every port it tried is taken.
+const NO_NAT_PORT: u32 = u32::MAX;
+
 /// Tries the client's own port, then a few hashed ports from the configured range, inserting
 /// the reverse entry with `BPF_NOEXIST` so that another flow's entry is never overwritten.
+/// Returns the port (network byte order) or [`NO_NAT_PORT`].
+///
+/// A BPF subprogram rather than inlined: its keys and entries would otherwise share
+/// `xdp_lb`'s 512-byte stack frame with the new flow's state, which LLVM refuses. It runs once
+/// per new full-NAT flow only.
 #[inline(always)]
-fn allocate_nat_port(flow: &FlowKey, chosen: &Chosen, vip: &VipInfo) -> Option<u16> {
-    const TRIES: u32 = 8;
+fn allocate_nat_port(
+    flow: &Tuple,
+    (owner, client_side): (&CtKey, u8),
+    chosen: &Chosen,
+    vip: &VipInfo,
+    reverse: &mut NatReverseEntry,
+) -> u32 {
+    // Read through `global` so that LLVM cannot unroll the loop: eight unrolled copies of its
+    // keys and entries exceed the 512-byte stack. The verifier still sees a constant bound
+    // (`.rodata` is frozen), and `min` caps it whatever the global says.
+    let tries = global(&NAT_PORT_TRIES).min(16);
     let min = global(&NAT_PORT_MIN) as u32;
     let max = global(&NAT_PORT_MAX) as u32;
     if max < min {
-        return None;
+        return NO_NAT_PORT;
     }
     let span = max - min + 1;
     let client_port = u16::from_be(flow.src_port_be) as u32;
-    let reverse = NatReverseEntry {
-        client_addr: flow.src,
-        vip_addr: flow.dst,
-        client_port_be: flow.src_port_be,
-        vip_port_be: flow.dst_port_be,
-        service_id: vip.service_id,
-        backend_id: chosen.id,
-        _pad: 0,
-    };
+    reverse.owner = *owner;
+    reverse.client_addr = flow.src;
+    reverse.vip_addr = flow.dst;
+    reverse.client_port_be = flow.src_port_be;
+    reverse.vip_port_be = flow.dst_port_be;
+    reverse.service_id = vip.service_id;
+    reverse.backend_id = chosen.id;
+    reverse.client_side = client_side;
+    // The backend leg's key: backend address and port against the SNAT address and the port
+    // being tried. Its canonical order depends on the two addresses alone when they differ
+    // (the control plane never sets a backend's own address as its SNAT address), so it is
+    // computed once and each attempt only sets the port.
+    if chosen.info.addr == chosen.info.snat_addr {
+        return NO_NAT_PORT;
+    }
+    let (backend_leg, backend_side) = canonical_key(
+        chosen.info.addr,
+        chosen.info.port_be,
+        chosen.info.snat_addr,
+        0,
+        flow.proto,
+        FAMILY_IPV4,
+    );
+    reverse.backend_side = backend_side;
+    let port_hash = flow.hash(SEED_NAT_PORT);
     let mut attempt = 0;
-    while attempt < TRIES {
+    while attempt < tries {
         let port = if attempt == 0 && client_port >= min && client_port <= max {
             client_port
         } else {
-            let hash = flow_hash(
-                &flow.src,
-                &flow.dst,
-                flow.src_port_be,
-                flow.dst_port_be,
-                flow.proto,
-                SEED_NAT_PORT ^ attempt,
-            );
-            min + hash % span
+            min + derive(port_hash, attempt) % span
         };
         let port_be = (port as u16).to_be();
-        let reverse_key = FlowKey {
-            src: chosen.info.addr,
-            dst: chosen.info.snat_addr,
-            src_port_be: chosen.info.port_be,
-            dst_port_be: port_be,
-            proto: flow.proto,
-            family: FAMILY_IPV4,
-            _pad: [0; 2],
-        };
+        let reverse_key = with_port(backend_leg, backend_side ^ 1, port_be);
         if LB_NAT_REV
-            .insert(reverse_key, reverse, BPF_NOEXIST as u64)
+            .insert(&reverse_key, &*reverse, BPF_NOEXIST as u64)
             .is_ok()
         {
-            return Some(port_be);
+            return port_be as u32;
         }
-        // Taken: by this very flow (its flow entry was evicted or rescheduled) is fine.
-        // SAFETY: copied out at once.
-        if let Some(existing) = unsafe { LB_NAT_REV.get(reverse_key) }.copied() {
-            if existing.client_addr == reverse.client_addr
-                && existing.client_port_be == reverse.client_port_be
-                && existing.vip_addr == reverse.vip_addr
-                && existing.vip_port_be == reverse.vip_port_be
-            {
-                return Some(port_be);
-            }
-            // Taken by a flow that is no longer in LB_FLOWS (evicted): the reverse entry is
-            // stale and its port can be reclaimed. Without this the finite port space towards
-            // one backend fills up with dead flows' entries, because reverse entries are
-            // refreshed by replies and can outlive their forward entries.
-            let owner = FlowKey {
-                src: existing.client_addr,
-                dst: existing.vip_addr,
-                src_port_be: existing.client_port_be,
-                dst_port_be: existing.vip_port_be,
-                proto: flow.proto,
-                family: FAMILY_IPV4,
-                _pad: [0; 2],
-            };
-            // SAFETY: copied out at once.
-            let owner_alive = unsafe { LB_FLOWS.get(owner) }.is_some_and(|entry| {
-                entry.nat_port_be == port_be && entry.backend_id == existing.backend_id
-            });
-            if !owner_alive && LB_NAT_REV.insert(reverse_key, reverse, 0).is_ok() {
-                count_reason(reason::NAT_PORT_RECLAIMED);
-                return Some(port_be);
-            }
+        if claim_taken_port(&reverse_key, reverse, port_be) {
+            return port_be as u32;
         }
         attempt += 1;
     }
-    None
+    NO_NAT_PORT
+}
+
+/// Whether the taken port of `reverse_key` may still be used by the flow that owns `reverse`:
+/// it is that very flow's (its flow entry was evicted or rescheduled), or its owner is gone
+/// from `LB_FLOWS` and the stale reverse entry is taken over. Without the take-over the finite
+/// port space towards one backend fills up with dead flows' entries between GC sweeps, because
+/// reverse entries are refreshed by replies and can outlive their flow entries.
+#[inline(always)]
+fn claim_taken_port(reverse_key: &CtKey, reverse: &NatReverseEntry, port_be: u16) -> bool {
+    // SAFETY: read in place; a concurrent update replaces the element whole, under RCU.
+    let Some(existing) = (unsafe { LB_NAT_REV.get(reverse_key) }) else {
+        return false;
+    };
+    if existing.owner == reverse.owner {
+        return true;
+    }
+    // SAFETY: read in place. The owner's key is looked up straight from the reverse entry.
+    let owner_alive = unsafe { LB_FLOWS.get(&existing.owner) }.is_some_and(|entry| {
+        entry.nat_port_be == port_be && entry.backend_id == existing.backend_id
+    });
+    if !owner_alive && LB_NAT_REV.insert(reverse_key, reverse, 0).is_ok() {
+        count_reason(reason::NAT_PORT_RECLAIMED);
+        return true;
+    }
+    false
 }
 
 /// Rewrites source and destination address and port, `(old, new)` each, updating the IPv4 and
@@ -685,6 +773,7 @@ fn reply_to_client(
         return pass(reason::PASS_TRUNCATED_L3);
     }
     count_reason(reason::NAT_REPLY_TRANSLATED);
+    track_reply(packet, reverse, proto);
     forward(
         ctx,
         frame,
@@ -695,6 +784,52 @@ fn reply_to_client(
         reverse.vip_port_be,
         reverse.client_port_be,
     )
+}
+
+/// Applies one packet to a flow's conntrack record with the shared `conntrack::update_entry`.
+#[inline(always)]
+fn track(ct: &mut CtEntry, proto: u8, dir: Direction, flags: TcpFlags, ip_len: u64, now: u64) {
+    let packed = proto as u32 | (dir as u32) << 8 | (flags.0 as u32) << 16;
+    track_packed(ct, packed, ip_len, now);
+}
+
+/// [`track`]'s body as one BPF subprogram instead of three inlined copies: inlined into every
+/// path that tracks a packet, the state machine's registers spill past the 512-byte stack.
+/// BPF calls take at most five arguments, hence the packing of protocol, direction and flags.
+#[inline(never)]
+fn track_packed(ct: &mut CtEntry, packed: u32, ip_len: u64, now: u64) {
+    let proto = packed as u8;
+    let dir = Direction::from_u8((packed >> 8) as u8);
+    let flags = TcpFlags((packed >> 16) as u8);
+    let _ = update_entry(ct, proto, dir, flags, ip_len, now);
+}
+
+/// Advances the client flow's conntrack record with a backend reply, in the reply direction:
+/// full-NAT flows see both directions, so their TCP state follows the whole handshake and
+/// close, exactly as in the tc programs' `CT_FLOWS`. A reply whose flow entry is gone (evicted)
+/// is still translated; there is just no record left to advance.
+#[inline(always)]
+fn track_reply(packet: &Ipv4Packet, reverse: &NatReverseEntry, proto: u8) {
+    let Some(entry_ptr) = LB_FLOWS.get_ptr_mut(&reverse.owner) else {
+        return;
+    };
+    // SAFETY: a valid map value; see `to_backend` on concurrent updates.
+    let entry = unsafe { &mut *entry_ptr };
+    if entry.backend_id != reverse.backend_id
+        || direction_of(entry.ct.orig_side, reverse.client_side) != Direction::Original
+    {
+        return;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    track(
+        &mut entry.ct,
+        proto,
+        Direction::Reply,
+        TcpFlags(packet.tcp_flags),
+        packet.total_len as u64,
+        now,
+    );
 }
 
 #[inline(always)]
@@ -719,22 +854,24 @@ fn try_icmp(ctx: &XdpContext, frame: &XdpFrame, packet: &Ipv4Packet) -> Verdict 
     if !quote.valid {
         return pass(reason::PASS_NOT_VIP);
     }
-    // The quote is our packet to the backend: snat:nat_port -> backend:port. Its reply
-    // direction is the reverse key.
-    let reverse_key = FlowKey {
-        src: [quote.dst, 0, 0, 0],
-        dst: [quote.src, 0, 0, 0],
-        src_port_be: quote.dst_port_be,
-        dst_port_be: quote.src_port_be,
-        proto: quote.proto,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
-    };
-    // SAFETY: copied out at once.
-    let Some(reverse) = (unsafe { LB_NAT_REV.get(reverse_key) }).copied() else {
+    // The quote is our packet to the backend: snat:nat_port -> backend:port, sent from the
+    // side of the reverse key that is not the backend.
+    let (reverse_key, quote_sender_side) = canonical_key(
+        [quote.src, 0, 0, 0],
+        quote.src_port_be,
+        [quote.dst, 0, 0, 0],
+        quote.dst_port_be,
+        quote.proto,
+        FAMILY_IPV4,
+    );
+    // SAFETY: read in place, as in `try_l4`.
+    let Some(reverse) = (unsafe { LB_NAT_REV.get(&reverse_key) }) else {
         return pass(reason::PASS_NOT_VIP);
     };
-    if translate_icmp(frame, packet, &quote, &reverse).is_none() {
+    if reverse.backend_side == quote_sender_side {
+        return pass(reason::PASS_NOT_VIP);
+    }
+    if translate_icmp(frame, packet, &quote, reverse).is_none() {
         return pass(reason::PASS_TRUNCATED_L3);
     }
     count_reason(reason::ICMP_TRANSLATED);

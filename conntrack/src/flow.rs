@@ -9,12 +9,12 @@
 
 use bpf_common::{
     Addr16, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
-    ct::{CT_F_SEEN_REPLY, CtEntry, CtKey},
+    ct::{CT_F_ONE_WAY, CT_F_SEEN_REPLY, CtEntry, CtKey},
 };
 
 use crate::{
     Direction, IcmpState, TcpFlags, TcpState, Timeouts, UdpState, icmp_transition, tcp_transition,
-    udp_transition,
+    tcp_transition_one_way, udp_transition,
 };
 
 /// True when `(a, pa)` sorts strictly before `(b, pb)`: addresses word by word as stored,
@@ -73,6 +73,21 @@ pub const fn canonical_key(
     }
 }
 
+/// `key` with the port of canonical side `side` (0: `a`, 1: `b`) replaced by `port_be`. When the
+/// two addresses differ the order is decided by the addresses alone, so the result is exactly
+/// the canonical key of the new endpoints: a caller that tries many ports between the same two
+/// addresses (full-NAT port allocation) computes the order once.
+#[must_use]
+#[inline(always)]
+pub const fn with_port(mut key: CtKey, side: u8, port_be: u16) -> CtKey {
+    if side == 0 {
+        key.port_a_be = port_be;
+    } else {
+        key.port_b_be = port_be;
+    }
+    key
+}
+
 /// Direction of a packet sent from canonical `side`, in a flow opened from `orig_side`.
 #[must_use]
 #[inline(always)]
@@ -121,7 +136,8 @@ pub struct CtUpdate {
 }
 
 /// Applies one packet of `len` bytes travelling in `dir` at `now_ns` to `entry`. `tcp_flags`
-/// is ignored for protocols other than TCP. Pure: the caller stores the entry.
+/// is ignored for protocols other than TCP. An entry flagged `CT_F_ONE_WAY` advances its TCP
+/// state with [`crate::tcp_transition_one_way`]. Pure: the caller stores the entry.
 #[inline(always)]
 pub fn update_entry(
     entry: &mut CtEntry,
@@ -145,7 +161,11 @@ pub fn update_entry(
         PROTO_TCP => {
             entry.tcp_flags_seen[d] |= tcp_flags.0;
             let before = TcpState::from_u8(old);
-            let after = tcp_transition(before, dir, tcp_flags);
+            let after = if entry.flags & CT_F_ONE_WAY != 0 && matches!(dir, Direction::Original) {
+                tcp_transition_one_way(before, tcp_flags)
+            } else {
+                tcp_transition(before, dir, tcp_flags)
+            };
             // The handshake RTT: first SYN to the first SYN+ACK (or simultaneous-open SYN).
             if matches!(after, TcpState::SynSent) && !matches!(before, TcpState::SynSent) {
                 entry.syn_ns = now_ns;

@@ -112,6 +112,29 @@ impl TcpState {
     }
 }
 
+/// Next state after an original-direction packet with `flags`, for a tracker that never sees
+/// the reply direction (`CT_F_ONE_WAY`: the load balancer in DSR mode). It is
+/// [`tcp_transition`] with one inference added first: in `SynSent`, an ACK without SYN or RST
+/// from the original side proves that the SYN+ACK reached the client (a client ACKs nothing
+/// before it), so the flow is taken as `Established`. The packet is then applied normally, so
+/// an ACK+FIN right after the handshake lands in `FinWait`. A two-way tracker must not use
+/// this: it would let a forged ACK establish a flow whose SYN+ACK never came.
+#[must_use]
+#[inline(always)]
+pub const fn tcp_transition_one_way(state: TcpState, flags: TcpFlags) -> TcpState {
+    let handshake_proved = matches!(state, TcpState::SynSent)
+        && flags.ack()
+        && !flags.syn()
+        && !flags.rst()
+        && !flags.is_invalid_combination();
+    let state = if handshake_proved {
+        TcpState::Established
+    } else {
+        state
+    };
+    tcp_transition(state, Direction::Original, flags)
+}
+
 /// Next state after a packet with `flags` travelling in `dir`. Pure and total: every input
 /// yields a state, packets that do not fit the rules keep the current one. See the module
 /// documentation for the exact rules.

@@ -4,7 +4,7 @@
 
 use bpf_common::{
     FAMILY_IPV4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, addr16_from_ipv4_octets,
-    ct::{CT_F_SEEN_REPLY, CtEntry},
+    ct::{CT_F_ONE_WAY, CT_F_SEEN_REPLY, CtEntry},
 };
 use conntrack::{
     Direction, TcpFlags, TcpState, Timeouts, canonical_key, ct_timeout, direction_of, new_entry,
@@ -322,4 +322,36 @@ fn timeouts_per_state_and_protocol() {
     );
     assert_eq!(ct_timeout(&d, PROTO_UDP, 0), 60_000_000_000);
     assert_eq!(ct_timeout(&d, PROTO_ICMP, 0), 60_000_000_000);
+}
+
+#[test]
+fn one_way_entries_advance_on_original_packets_only() {
+    // The load balancer in DSR mode: backends answer clients directly, so the entry only ever
+    // sees the original direction, and is flagged so.
+    let mut start = new_entry(1_000, 0);
+    start.flags |= CT_F_ONE_WAY;
+    let e = run(
+        "dsr",
+        PROTO_TCP,
+        Some(start),
+        &[
+            (O, SYN, 60, 1_000, "SYN_SENT", false),
+            (O, ACK, 52, 1_500, "ESTABLISHED", false),
+            (O, PSH_ACK, 152, 1_600, "ESTABLISHED", false),
+            (O, FIN_ACK, 52, 1_700, "FIN_WAIT", true),
+        ],
+    );
+    assert_eq!(e.packets, [4, 0]);
+    assert_eq!(e.rtt_ns, 0, "no SYN+ACK seen, no RTT");
+    assert_eq!(e.flags & CT_F_SEEN_REPLY, 0);
+    // The same packets on a two-way entry stay in SYN_SENT: the machine waits for the reply.
+    run(
+        "two-way",
+        PROTO_TCP,
+        None,
+        &[
+            (O, SYN, 60, 1_000, "SYN_SENT", false),
+            (O, ACK, 52, 1_500, "SYN_SENT", false),
+        ],
+    );
 }

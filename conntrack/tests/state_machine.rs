@@ -4,7 +4,7 @@ use Direction::{Original as O, Reply as R};
 use TcpState::*;
 use conntrack::{
     Direction, IcmpState, TcpFlags, TcpState, Timeouts, UdpState, icmp_transition, is_expired,
-    tcp_transition, udp_transition,
+    tcp_transition, tcp_transition_one_way, udp_transition,
 };
 
 const SYN: TcpFlags = TcpFlags::SYN;
@@ -415,4 +415,79 @@ fn udp_and_icmp() {
     }
     assert_eq!(UdpState::Replied.name(), "REPLIED");
     assert_eq!(IcmpState::New.name(), "NEW");
+}
+
+/// The one-way tracker (DSR load balancer): only original-direction packets, from `start`.
+fn run_one_way(name: &str, start: TcpState, steps: &[(TcpFlags, TcpState)]) {
+    let mut state = start;
+    for (i, &(flags, want)) in steps.iter().enumerate() {
+        let got = tcp_transition_one_way(state, flags);
+        assert_eq!(
+            got, want,
+            "{name}: step {i}: {state:?} flags {:#04x}",
+            flags.0
+        );
+        state = got;
+    }
+}
+
+#[test]
+fn one_way_tracker_takes_the_first_ack_as_the_handshake() {
+    run_one_way(
+        "open, data, client closes",
+        None,
+        &[
+            (SYN, SynSent),
+            (SYN, SynSent),
+            (ACK, Established),
+            (PSH_ACK, Established),
+            (FIN_ACK, FinWait),
+            (ACK, FinWait),
+        ],
+    );
+    run_one_way(
+        "ACK+FIN right after the handshake",
+        None,
+        &[(SYN, SynSent), (FIN_ACK, FinWait)],
+    );
+    run_one_way(
+        "reset before and after the handshake",
+        None,
+        &[
+            (SYN, SynSent),
+            (TcpFlags::RST_ACK, Closed),
+            (SYN, SynSent),
+            (ACK, Established),
+            (TcpFlags::RST, Closed),
+        ],
+    );
+    run_one_way(
+        "port reuse after close",
+        TimeWait,
+        &[(SYN, SynSent), (ACK, Established)],
+    );
+}
+
+#[test]
+fn one_way_tracker_agrees_with_the_two_way_machine_outside_syn_sent() {
+    // The inference applies to SynSent only; everywhere else the one-way tracker is exactly
+    // the shared machine seen from the original side.
+    for state in TcpState::ALL {
+        for flags in 0..=u8::MAX {
+            let flags = TcpFlags(flags);
+            let one_way = tcp_transition_one_way(state, flags);
+            let two_way = tcp_transition(state, O, flags);
+            let inferred = state == SynSent && flags.ack() && !flags.syn() && !flags.rst();
+            if inferred {
+                assert_eq!(
+                    one_way,
+                    tcp_transition(Established, O, flags),
+                    "{state:?} {:#04x}",
+                    flags.0
+                );
+            } else {
+                assert_eq!(one_way, two_way, "{state:?} {:#04x}", flags.0);
+            }
+        }
+    }
 }

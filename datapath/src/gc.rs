@@ -21,13 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bpf_common::{FlowEntry, FlowKey, NatReverseEntry, map_names};
-use conntrack::{TcpState, Timeouts, is_expired};
+use bpf_common::{FlowEntry, NatReverseEntry, ct::CtKey, map_names};
+use conntrack::{Timeouts, canonical_key, ct_timeout, is_expired};
 
 use crate::{Error, Result};
-
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 /// Collector settings.
 #[derive(Clone, Copy, Debug)]
@@ -110,8 +107,8 @@ impl FlowGc {
         ))
     }
 
-    /// A collector over already-open maps (`flows`: `FlowKey -> FlowEntry`, `nat_reverse`:
-    /// `FlowKey -> NatReverseEntry`).
+    /// A collector over already-open maps (`flows`: `CtKey -> FlowEntry`, `nat_reverse`:
+    /// `CtKey -> NatReverseEntry`).
     pub fn from_fds(flows: OwnedFd, nat_reverse: OwnedFd, config: GcConfig) -> Self {
         Self {
             flows,
@@ -139,14 +136,10 @@ impl FlowGc {
         &self.nat_reverse
     }
 
-    /// The idle timeout that applies to `entry` of protocol `proto`.
+    /// The idle timeout that applies to `entry` of protocol `proto`: the conntrack's own
+    /// [`ct_timeout`] of the entry's state, as for the tc programs' `CT_FLOWS`.
     pub fn timeout_for(&self, proto: u8, entry: &FlowEntry) -> u64 {
-        let timeouts = &self.config.timeouts;
-        match proto {
-            IPPROTO_TCP => timeouts.for_tcp_state(TcpState::from_u8(entry.tcp_state)),
-            IPPROTO_UDP => timeouts.udp_ns,
-            _ => timeouts.other_ns,
-        }
+        ct_timeout(&self.config.timeouts, proto, entry.ct.state)
     }
 
     /// One sweep at `now_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`; see
@@ -156,19 +149,19 @@ impl FlowGc {
         let mut report = SweepReport::default();
         let mut budget = self.config.max_deletes_per_sweep;
 
-        let flows: Vec<(FlowKey, FlowEntry)> =
+        let flows: Vec<(CtKey, FlowEntry)> =
             lookup_all(self.flows.as_fd(), self.config.batch_size)?;
         report.flows_scanned = flows.len() as u64;
         // Read before the flows are judged: the set of live flows is only needed to find
         // orphaned reverse entries, and is not built when there are none (DSR-only nodes).
-        let reverse: Vec<(FlowKey, NatReverseEntry)> =
+        let reverse: Vec<(CtKey, NatReverseEntry)> =
             lookup_all(self.nat_reverse.as_fd(), self.config.batch_size)?;
         let track_live = !reverse.is_empty();
-        let mut live: HashSet<FlowKey> =
+        let mut live: HashSet<CtKey> =
             HashSet::with_capacity(if track_live { flows.len() } else { 0 });
         for (key, entry) in &flows {
             if !is_expired(
-                entry.last_seen_ns,
+                entry.ct.last_seen_ns,
                 now_ns,
                 self.timeout_for(key.proto, entry),
             ) {
@@ -185,11 +178,11 @@ impl FlowGc {
                 continue;
             }
             // Re-read: a packet may have refreshed the entry since the batch read.
-            let Some(current) = lookup::<FlowKey, FlowEntry>(self.flows.as_fd(), key)? else {
+            let Some(current) = lookup::<CtKey, FlowEntry>(self.flows.as_fd(), key)? else {
                 continue;
             };
             let still_expired = is_expired(
-                current.last_seen_ns,
+                current.ct.last_seen_ns,
                 now_ns,
                 self.timeout_for(key.proto, &current),
             );
@@ -216,7 +209,7 @@ impl FlowGc {
             }
             // The owner may have been created after the flow table was read (the kernel
             // inserts the reverse entry first): look again before deleting.
-            if lookup::<FlowKey, FlowEntry>(self.flows.as_fd(), &owner)?.is_some() {
+            if lookup::<CtKey, FlowEntry>(self.flows.as_fd(), &owner)?.is_some() {
                 continue;
             }
             if delete(self.nat_reverse.as_fd(), key)? {
@@ -241,32 +234,31 @@ impl FlowGc {
     /// backend while the Maglev table is unchanged, but full-NAT flows get a new source port.
     pub fn flush(&mut self) -> Result<u64> {
         let mut deleted = 0;
-        for (key, _) in
-            lookup_all::<FlowKey, FlowEntry>(self.flows.as_fd(), self.config.batch_size)?
+        for (key, _) in lookup_all::<CtKey, FlowEntry>(self.flows.as_fd(), self.config.batch_size)?
         {
             deleted += u64::from(delete(self.flows.as_fd(), &key)?);
         }
-        for (key, _) in lookup_all::<FlowKey, NatReverseEntry>(
-            self.nat_reverse.as_fd(),
-            self.config.batch_size,
-        )? {
+        for (key, _) in
+            lookup_all::<CtKey, NatReverseEntry>(self.nat_reverse.as_fd(), self.config.batch_size)?
+        {
             deleted += u64::from(delete(self.nat_reverse.as_fd(), &key)?);
         }
         Ok(deleted)
     }
 }
 
-/// The forward flow key that owns the reverse entry `key -> entry`.
-fn owner_of(key: &FlowKey, entry: &NatReverseEntry) -> FlowKey {
-    FlowKey {
-        src: entry.client_addr,
-        dst: entry.vip_addr,
-        src_port_be: entry.client_port_be,
-        dst_port_be: entry.vip_port_be,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    }
+/// The client flow's key that owns the reverse entry `key -> entry`: the same canonical key the
+/// kernel side computes for the client <-> VIP flow.
+pub fn owner_of(key: &CtKey, entry: &NatReverseEntry) -> CtKey {
+    canonical_key(
+        entry.client_addr,
+        entry.client_port_be,
+        entry.vip_addr,
+        entry.vip_port_be,
+        key.proto,
+        key.family,
+    )
+    .0
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
@@ -491,7 +483,8 @@ pub fn update<K: Copy, V: Copy>(map: BorrowedFd<'_>, key: &K, value: &V) -> Resu
     Ok(())
 }
 
-/// Every entry of a map of `FlowKey -> V`. For tests, benchmarks and inspection.
-pub fn read_all<V: Copy + Default>(map: BorrowedFd<'_>) -> Result<Vec<(FlowKey, V)>> {
+/// Every entry of a hash map of `K -> V`, read with `BPF_MAP_LOOKUP_BATCH`. For inspection,
+/// tests and benchmarks.
+pub fn read_all<K: Copy + Default, V: Copy + Default>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>> {
     lookup_all(map, 4_096)
 }

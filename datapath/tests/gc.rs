@@ -7,8 +7,8 @@
 
 use std::os::fd::{AsFd as _, OwnedFd};
 
-use bpf_common::{FlowEntry, FlowKey, NatReverseEntry};
-use conntrack::{TcpState, Timeouts};
+use bpf_common::{FlowEntry, NatReverseEntry, ct::CtKey};
+use conntrack::{TcpState, Timeouts, canonical_key, new_entry};
 use datapath::gc::{
     BPF_MAP_TYPE_LRU_HASH, FlowGc, GcConfig, create_hash_map, monotonic_now_ns, read_all,
     update_all,
@@ -35,67 +35,93 @@ fn addr(last: u8) -> [u32; 4] {
     [u32::from_ne_bytes([198, 18, 0, last]), 0, 0, 0]
 }
 
-fn flow(client: u8, client_port: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src: addr(client),
-        dst: [u32::from_ne_bytes([198, 18, 100, 1]), 0, 0, 0],
-        src_port_be: client_port.to_be(),
-        dst_port_be: 80u16.to_be(),
+const VIP: [u8; 4] = [198, 18, 100, 1];
+
+/// The canonical key the kernel gives the flow from `client`:`client_port` to the VIP, port 80.
+fn flow(client: u8, client_port: u16, proto: u8) -> CtKey {
+    canonical_key(
+        addr(client),
+        client_port.to_be(),
+        [u32::from_ne_bytes(VIP), 0, 0, 0],
+        80u16.to_be(),
         proto,
-        family: 2,
-        _pad: [0; 2],
+        2,
+    )
+    .0
+}
+
+/// The client's port in a flow key built by [`flow`].
+fn client_port(key: &CtKey) -> u16 {
+    if key.addr_a[0] == u32::from_ne_bytes(VIP) {
+        u16::from_be(key.port_b_be)
+    } else {
+        u16::from_be(key.port_a_be)
     }
 }
 
 fn entry(state: TcpState, last_seen_ns: u64, nat_port: u16) -> FlowEntry {
+    let mut ct = new_entry(last_seen_ns, 0);
+    ct.state = state as u8;
     FlowEntry {
+        ct,
         backend_id: 1,
         backend_generation: 1,
         service_id: 0,
         nat_port_be: nat_port.to_be(),
-        tcp_state: state as u8,
-        _pad: 0,
-        last_seen_ns,
         ..FlowEntry::default()
     }
 }
 
 /// The reverse entry the kernel would insert for full-NAT flow `owner` on `nat_port`.
-fn reverse_of(owner: &FlowKey, nat_port: u16) -> (FlowKey, NatReverseEntry) {
-    let key = FlowKey {
-        src: [u32::from_ne_bytes([198, 18, 1, 11]), 0, 0, 0],
-        dst: [u32::from_ne_bytes([198, 18, 1, 1]), 0, 0, 0],
-        src_port_be: 80u16.to_be(),
-        dst_port_be: nat_port.to_be(),
-        proto: owner.proto,
-        family: 2,
-        _pad: [0; 2],
+fn reverse_of(owner: &CtKey, nat_port: u16) -> (CtKey, NatReverseEntry) {
+    let (key, backend_side) = canonical_key(
+        [u32::from_ne_bytes([198, 18, 1, 11]), 0, 0, 0],
+        80u16.to_be(),
+        [u32::from_ne_bytes([198, 18, 1, 1]), 0, 0, 0],
+        nat_port.to_be(),
+        owner.proto,
+        2,
+    );
+    let client_side = u8::from(owner.addr_a[0] == u32::from_ne_bytes(VIP));
+    let (client, vip) = if client_side == 0 {
+        (
+            (owner.addr_a, owner.port_a_be),
+            (owner.addr_b, owner.port_b_be),
+        )
+    } else {
+        (
+            (owner.addr_b, owner.port_b_be),
+            (owner.addr_a, owner.port_a_be),
+        )
     };
     let value = NatReverseEntry {
-        client_addr: owner.src,
-        vip_addr: owner.dst,
-        client_port_be: owner.src_port_be,
-        vip_port_be: owner.dst_port_be,
+        owner: *owner,
+        client_addr: client.0,
+        vip_addr: vip.0,
+        client_port_be: client.1,
+        vip_port_be: vip.1,
         service_id: 0,
         backend_id: 1,
-        _pad: 0,
+        backend_side,
+        client_side,
+        _pad: [0; 2],
     };
     (key, value)
 }
 
 fn maps() -> (OwnedFd, OwnedFd) {
-    let flows = create_hash_map::<FlowKey, FlowEntry>(BPF_MAP_TYPE_LRU_HASH, 4_096)
-        .expect("create flow map");
-    let reverse = create_hash_map::<FlowKey, NatReverseEntry>(BPF_MAP_TYPE_LRU_HASH, 4_096)
+    let flows =
+        create_hash_map::<CtKey, FlowEntry>(BPF_MAP_TYPE_LRU_HASH, 4_096).expect("create flow map");
+    let reverse = create_hash_map::<CtKey, NatReverseEntry>(BPF_MAP_TYPE_LRU_HASH, 4_096)
         .expect("create reverse map");
     (flows, reverse)
 }
 
 fn sorted_keys<V: Copy + Default>(map: &OwnedFd) -> Vec<(u16, u8)> {
-    let mut keys: Vec<(u16, u8)> = read_all::<V>(map.as_fd())
+    let mut keys: Vec<(u16, u8)> = read_all::<CtKey, V>(map.as_fd())
         .expect("read map")
         .into_iter()
-        .map(|(key, _)| (u16::from_be(key.src_port_be), key.proto))
+        .map(|(key, _)| (client_port(&key), key.proto))
         .collect();
     keys.sort_unstable();
     keys
@@ -129,7 +155,7 @@ fn sweep_deletes_exactly_the_expired_entries_per_state() {
         (1009, TCP, TcpState::FinWait, 11 * SEC, false),
         (1010, 1, TcpState::None, 61 * SEC, false),
     ];
-    let entries: Vec<(FlowKey, FlowEntry)> = cases
+    let entries: Vec<(CtKey, FlowEntry)> = cases
         .iter()
         .map(|&(port, proto, state, idle, _)| {
             (
@@ -140,7 +166,7 @@ fn sweep_deletes_exactly_the_expired_entries_per_state() {
         .collect();
     update_all(flows.as_fd(), &entries).expect("fill flows");
     // Reverse entries for every flow, plus one whose flow never existed.
-    let mut reverse_entries: Vec<(FlowKey, NatReverseEntry)> = entries
+    let mut reverse_entries: Vec<(CtKey, NatReverseEntry)> = entries
         .iter()
         .map(|(key, value)| reverse_of(key, u16::from_be(value.nat_port_be)))
         .collect();
@@ -166,7 +192,7 @@ fn sweep_deletes_exactly_the_expired_entries_per_state() {
     survivors.sort_unstable();
     assert_eq!(sorted_keys::<FlowEntry>(flows), survivors);
     // Reverse entries are keyed by backend -> SNAT; their owners are the surviving flows.
-    let mut owners: Vec<u16> = read_all::<NatReverseEntry>(reverse.as_fd())
+    let mut owners: Vec<u16> = read_all::<CtKey, NatReverseEntry>(reverse.as_fd())
         .expect("read reverse")
         .into_iter()
         .map(|(_, value)| u16::from_be(value.client_port_be))
@@ -187,7 +213,7 @@ fn refreshed_entries_survive_and_the_deletion_cap_defers_the_rest() {
     let (flows, reverse) = maps();
     // A clock a day ahead: the machine may have been up for less than the 6 h timeout.
     let now = monotonic_now_ns() + 24 * 3600 * SEC;
-    let stale: Vec<(FlowKey, FlowEntry)> = (0..10)
+    let stale: Vec<(CtKey, FlowEntry)> = (0..10)
         .map(|i| {
             (
                 flow(2, 2000 + i, UDP),
@@ -208,16 +234,18 @@ fn refreshed_entries_survive_and_the_deletion_cap_defers_the_rest() {
     let first = gc.sweep(now).expect("first sweep");
     assert_eq!((first.flows_expired, first.deferred), (4, 6));
     assert_eq!(
-        read_all::<FlowEntry>(gc_flows(&gc).as_fd()).unwrap().len(),
+        read_all::<CtKey, FlowEntry>(gc_flows(&gc).as_fd())
+            .unwrap()
+            .len(),
         6
     );
 
     // A packet refreshes every remaining flow: the collector must keep all of them.
-    let refreshed: Vec<(FlowKey, FlowEntry)> = read_all::<FlowEntry>(gc_flows(&gc).as_fd())
+    let refreshed: Vec<(CtKey, FlowEntry)> = read_all::<CtKey, FlowEntry>(gc_flows(&gc).as_fd())
         .unwrap()
         .into_iter()
         .map(|(key, mut value)| {
-            value.last_seen_ns = now;
+            value.ct.last_seen_ns = now;
             (key, value)
         })
         .collect();
@@ -225,7 +253,9 @@ fn refreshed_entries_survive_and_the_deletion_cap_defers_the_rest() {
     let second = gc.sweep(now + SEC).expect("second sweep");
     assert_eq!((second.flows_expired, second.deferred), (0, 0));
     assert_eq!(
-        read_all::<FlowEntry>(gc_flows(&gc).as_fd()).unwrap().len(),
+        read_all::<CtKey, FlowEntry>(gc_flows(&gc).as_fd())
+            .unwrap()
+            .len(),
         6
     );
 
@@ -234,7 +264,7 @@ fn refreshed_entries_survive_and_the_deletion_cap_defers_the_rest() {
     assert_eq!(gc.sweep(later).unwrap().flows_expired, 4);
     assert_eq!(gc.sweep(later).unwrap().flows_expired, 2);
     assert!(
-        read_all::<FlowEntry>(gc_flows(&gc).as_fd())
+        read_all::<CtKey, FlowEntry>(gc_flows(&gc).as_fd())
             .unwrap()
             .is_empty()
     );

@@ -50,6 +50,14 @@ pub const fn flow_hash(
     finalize(hash ^ 37)
 }
 
+/// The `n`-th hash derived from a flow's hash `hash`: independent-looking values for retries
+/// (full-NAT port allocation's later attempts) without re-hashing the whole 5-tuple each time,
+/// which in BPF would also keep every tuple word alive across the retry loop.
+#[inline(always)]
+pub const fn derive(hash: u32, n: u32) -> u32 {
+    finalize(mix(hash, n))
+}
+
 /// Seed of the Maglev bucket hash.
 pub const SEED_MAGLEV: u32 = 0x4d61_676c;
 /// Seed of the full-NAT source-port hash.
@@ -58,6 +66,28 @@ pub const SEED_NAT_PORT: u32 = 0x4e41_5450;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_hashes_differ_from_each_other_and_from_the_base() {
+        let base = flow_hash(
+            &[0x0100_12c6, 0, 0, 0],
+            &[0x0164_12c6, 0, 0, 0],
+            1000,
+            80,
+            6,
+            1,
+        );
+        let mut seen = [base; 9];
+        for n in 1..9u32 {
+            seen[n as usize] = derive(base, n);
+        }
+        for i in 0..seen.len() {
+            for j in i + 1..seen.len() {
+                assert_ne!(seen[i], seen[j], "{i} {j}");
+            }
+        }
+        assert_ne!(derive(base, 1), derive(base ^ 1, 1));
+    }
 
     #[test]
     fn every_field_changes_the_hash() {

@@ -21,7 +21,8 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use bpf_common::{FAMILY_IPV4, FlowEntry, FlowKey, NatReverseEntry, PROTO_TCP, VipInfo, VipKey};
+use bpf_common::{FAMILY_IPV4, FlowEntry, NatReverseEntry, PROTO_TCP, VipInfo, VipKey, ct::CtKey};
+use conntrack::{TcpState, canonical_key, new_entry};
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use datapath::gc::{
     BPF_MAP_TYPE_LRU_HASH, FlowGc, GcConfig, create_hash_map, monotonic_now_ns, update_all,
@@ -82,33 +83,31 @@ fn maglev_build(c: &mut Criterion) {
     group.finish();
 }
 
-fn flow_key(i: u32) -> FlowKey {
-    FlowKey {
-        src: [
+fn flow_key(i: u32) -> CtKey {
+    canonical_key(
+        [
             u32::from_ne_bytes([198, 18, (i >> 16) as u8, (i >> 8) as u8]),
             0,
             0,
             0,
         ],
-        dst: [u32::from_ne_bytes([198, 18, 100, 1]), 0, 0, 0],
-        src_port_be: ((i & 0xff) as u16 + 1024).to_be(),
-        dst_port_be: 80u16.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
-    }
+        ((i & 0xff) as u16 + 1024).to_be(),
+        [u32::from_ne_bytes([198, 18, 100, 1]), 0, 0, 0],
+        80u16.to_be(),
+        PROTO_TCP,
+        FAMILY_IPV4,
+    )
+    .0
 }
 
 fn flow_entry(last_seen_ns: u64) -> FlowEntry {
+    let mut ct = new_entry(last_seen_ns, 0);
+    // Established: 6 h timeout.
+    ct.state = TcpState::Established as u8;
     FlowEntry {
+        ct,
         backend_id: 1,
         backend_generation: 1,
-        service_id: 0,
-        nat_port_be: 0,
-        // Established: 6 h timeout.
-        tcp_state: 3,
-        _pad: 0,
-        last_seen_ns,
         ..FlowEntry::default()
     }
 }
@@ -117,18 +116,18 @@ fn flow_gc(c: &mut Criterion) {
     if !privileged("flow_gc") {
         return;
     }
-    let flows = create_hash_map::<FlowKey, FlowEntry>(BPF_MAP_TYPE_LRU_HASH, GC_ENTRIES + 65_536)
+    let flows = create_hash_map::<CtKey, FlowEntry>(BPF_MAP_TYPE_LRU_HASH, GC_ENTRIES + 65_536)
         .expect("create the flow map");
-    let reverse = create_hash_map::<FlowKey, NatReverseEntry>(BPF_MAP_TYPE_LRU_HASH, 65_536)
+    let reverse = create_hash_map::<CtKey, NatReverseEntry>(BPF_MAP_TYPE_LRU_HASH, 65_536)
         .expect("create the reverse map");
     // A clock a day ahead: the machine may have been up for less than the 6 h timeout.
     let now = monotonic_now_ns() + 24 * 3600 * SEC;
-    let all: Vec<(FlowKey, FlowEntry)> = (0..GC_ENTRIES)
+    let all: Vec<(CtKey, FlowEntry)> = (0..GC_ENTRIES)
         .map(|i| (flow_key(i), flow_entry(now)))
         .collect();
     update_all(flows.as_fd(), &all).expect("fill 1,000,000 flows");
     // Every tenth entry idle for longer than the established timeout.
-    let stale: Vec<(FlowKey, FlowEntry)> = (0..GC_ENTRIES)
+    let stale: Vec<(CtKey, FlowEntry)> = (0..GC_ENTRIES)
         .step_by(10)
         .map(|i| (flow_key(i), flow_entry(now - 7 * 3600 * SEC)))
         .collect();

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{HashMap, Map, MapData};
-use bpf_common::{FlowEntry, FlowKey, map_names};
+use bpf_common::{FlowEntry, ct::CtKey, map_names};
 use netns_tests::{Binaries, Daemon, topology::exec_in};
 use serde::Serialize;
 
@@ -565,6 +565,6 @@ pub fn tracked_flows(pin_root: &Path) -> Result<u64> {
     let path = pin_root.join(map_names::FLOWS);
     let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
     let map = Map::from_map_data(data)?;
-    let flows: HashMap<MapData, FlowKey, FlowEntry> = HashMap::try_from(map)?;
+    let flows: HashMap<MapData, CtKey, FlowEntry> = HashMap::try_from(map)?;
     Ok(flows.keys().filter(Result::is_ok).count() as u64)
 }
