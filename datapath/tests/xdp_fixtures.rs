@@ -16,7 +16,12 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use bpf_common::reason;
+use bpf_common::{
+    FlowEntry, NatReverseEntry,
+    ct::{CT_F_ONE_WAY, CT_F_SEEN_REPLY, CtKey},
+    reason,
+};
+use conntrack::{Timeouts, canonical_key, ct_timeout, state_name};
 use datapath::dataplane::{Dataplane, DataplaneConfig, XdpAttachMode};
 use datapath_api::{BackendSpec, BackendState, ForwardingMode, Protocol, ServiceKey, ServiceSpec};
 use etherparse::{
@@ -1135,4 +1140,209 @@ fn established_flow_reuses_its_cached_fib_answer_until_a_longer_packet() {
         "a longer packet must not use the cached answer"
     );
     assert_eq!(fx.reason("pass_fib_no_neigh"), misses + 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The flow table is the conntrack: LB_FLOWS holds CtKey -> CtEntry records.
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP frame with any of SYN, ACK and FIN set, and no payload.
+fn tcp_flags_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    (syn, ack, fin): (bool, bool, bool),
+) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(src.1, dst.1, 1000, 64240);
+    tcp.syn = syn;
+    tcp.ack = ack;
+    tcp.fin = fin;
+    if ack {
+        tcp.acknowledgment_number = 5000;
+    }
+    let ip = ipv4(src.0, dst.0, IpNumber::TCP, tcp.header_len());
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("tcp checksum");
+    let mut frame = eth(macs.0, macs.1).to_bytes().to_vec();
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&tcp.to_bytes());
+    frame
+}
+
+fn addr16(a: [u8; 4]) -> [u32; 4] {
+    [u32::from_ne_bytes(a), 0, 0, 0]
+}
+
+/// Every entry of the pinned map `name` under the fixture's pin root.
+fn pinned_entries<V: Copy + Default>(fx: &Fixture, name: &str) -> Vec<(CtKey, V)> {
+    use std::os::fd::AsFd as _;
+    let map = aya::maps::MapData::from_pin(fx.pin_root.join(name)).expect("open pinned map");
+    datapath::gc::read_all::<CtKey, V>(map.fd().as_fd()).expect("read map")
+}
+
+/// The `LB_FLOWS` record of the flow from `client` to `vip`, found by the conntrack's own key.
+fn lb_flow(fx: &Fixture, client: ([u8; 4], u16), vip: ([u8; 4], u16)) -> (u8, FlowEntry) {
+    let (key, client_side) = canonical_key(
+        addr16(client.0),
+        client.1.to_be(),
+        addr16(vip.0),
+        vip.1.to_be(),
+        6,
+        2,
+    );
+    let entries = pinned_entries::<FlowEntry>(fx, bpf_common::map_names::FLOWS);
+    let entry = entries
+        .iter()
+        .find(|(k, _)| *k == key)
+        .unwrap_or_else(|| panic!("no LB_FLOWS entry under the canonical key in {entries:?}"))
+        .1;
+    (client_side, entry)
+}
+
+const SYN: (bool, bool, bool) = (true, false, false);
+const SYN_ACK: (bool, bool, bool) = (true, true, false);
+const ACK: (bool, bool, bool) = (false, true, false);
+const FIN_ACK: (bool, bool, bool) = (false, true, true);
+/// IPv4 total length of every frame `tcp_flags_frame` builds.
+const IP_LEN: u64 = 40;
+
+#[test]
+fn full_nat_flow_entries_are_conntrack_records_advanced_in_both_directions() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..3];
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        backends,
+    ));
+    let backend = expected_backend(backends, 40100, 80, 6);
+    let client_packet =
+        |flags| tcp_flags_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, 40100), (VIP, 80), flags);
+    let backend_packet = |flags| {
+        tcp_flags_frame(
+            (backend_mac(backend), BACK_MAC),
+            (backend, 8080),
+            (LB_BACK, 40100),
+            flags,
+        )
+    };
+    let state = |fx: &Fixture| {
+        let (_, entry) = lb_flow(fx, (CLIENT, 40100), (VIP, 80));
+        state_name(6, entry.ct.state)
+    };
+
+    assert_eq!(fx.run(&client_packet(SYN), fx.front_index).0, XDP_REDIRECT);
+    assert_eq!(state(&fx), "SYN_SENT");
+    // The backend's SYN+ACK reaches the flow's record through the reverse entry.
+    assert_eq!(
+        fx.run(&backend_packet(SYN_ACK), fx.back_index).0,
+        XDP_REDIRECT
+    );
+    assert_eq!(state(&fx), "SYN_RECV");
+    assert_eq!(fx.run(&client_packet(ACK), fx.front_index).0, XDP_REDIRECT);
+
+    let (client_side, entry) = lb_flow(&fx, (CLIENT, 40100), (VIP, 80));
+    let ct = entry.ct;
+    assert_eq!(state_name(6, ct.state), "ESTABLISHED");
+    assert_eq!(ct.orig_side, client_side, "opened from the client's side");
+    assert_eq!(ct.packets, [2, 1]);
+    assert_eq!(ct.bytes, [2 * IP_LEN, IP_LEN]);
+    assert_ne!(ct.flags & CT_F_SEEN_REPLY, 0);
+    assert_eq!(ct.flags & CT_F_ONE_WAY, 0);
+    assert!(
+        ct.rtt_ns > 0,
+        "handshake RTT observed from SYN to SYN+ACK: {ct:?}"
+    );
+    assert_eq!(ct.ifindex, fx.front_index);
+    assert_eq!(
+        entry.nat_port_be,
+        40100u16.to_be(),
+        "full-NAT kept the client's port"
+    );
+
+    // The reverse entry: keyed by the backend leg's canonical key, owned by the flow's key.
+    let (backend_leg, backend_side) = canonical_key(
+        addr16(backend),
+        8080u16.to_be(),
+        addr16(LB_BACK),
+        40100u16.to_be(),
+        6,
+        2,
+    );
+    let reverse = pinned_entries::<NatReverseEntry>(&fx, bpf_common::map_names::NAT_REV);
+    assert_eq!(reverse.len(), 1, "{reverse:?}");
+    let (key, value) = reverse[0];
+    assert_eq!(key, backend_leg);
+    assert_eq!(value.backend_side, backend_side);
+    let (flow_key, _) = canonical_key(
+        addr16(CLIENT),
+        40100u16.to_be(),
+        addr16(VIP),
+        80u16.to_be(),
+        6,
+        2,
+    );
+    assert_eq!(value.owner, flow_key);
+
+    // Close: the client's FIN, then the backend's. The record ends in TIME_WAIT, which the
+    // GC expires after the closing timeout, not the established one.
+    assert_eq!(
+        fx.run(&client_packet(FIN_ACK), fx.front_index).0,
+        XDP_REDIRECT
+    );
+    assert_eq!(state(&fx), "FIN_WAIT");
+    assert_eq!(
+        fx.run(&backend_packet(FIN_ACK), fx.back_index).0,
+        XDP_REDIRECT
+    );
+    assert_eq!(state(&fx), "TIME_WAIT");
+    let (_, entry) = lb_flow(&fx, (CLIENT, 40100), (VIP, 80));
+    assert_eq!(entry.ct.packets, [3, 2]);
+    assert_eq!(
+        ct_timeout(&Timeouts::DEFAULT, 6, entry.ct.state),
+        Timeouts::DEFAULT.tcp_closing_ns
+    );
+
+    // A packet from the LB's side of the backend leg (not from the backend) is not a reply,
+    // even though the bidirectional key matches the reverse entry.
+    let spoofed = tcp_flags_frame(
+        (backend_mac(backend), BACK_MAC),
+        (LB_BACK, 40100),
+        (backend, 8080),
+        ACK,
+    );
+    let before = fx.reason("nat_reply_translated");
+    assert_eq!(fx.run(&spoofed, fx.back_index).0, XDP_PASS);
+    assert_eq!(fx.reason("nat_reply_translated"), before);
+}
+
+#[test]
+fn dsr_flow_entries_are_one_way_conntrack_records() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..3];
+    fx.apply(&service(ForwardingMode::Dsr, Protocol::Tcp, 80, backends));
+    let packet =
+        |flags| tcp_flags_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, 40200), (VIP, 80), flags);
+    assert_eq!(fx.run(&packet(SYN), fx.front_index).0, XDP_REDIRECT);
+    // Backends answer clients directly; the client's first ACK proves the handshake.
+    assert_eq!(fx.run(&packet(ACK), fx.front_index).0, XDP_REDIRECT);
+    let (_, entry) = lb_flow(&fx, (CLIENT, 40200), (VIP, 80));
+    assert_eq!(state_name(6, entry.ct.state), "ESTABLISHED");
+    assert_ne!(entry.ct.flags & CT_F_ONE_WAY, 0);
+    assert_eq!(entry.ct.packets, [2, 0]);
+    assert_eq!(entry.ct.rtt_ns, 0, "no SYN+ACK seen, no RTT");
+    assert_eq!(entry.nat_port_be, 0);
+    assert!(
+        pinned_entries::<NatReverseEntry>(&fx, bpf_common::map_names::NAT_REV).is_empty(),
+        "DSR allocates no reverse entry"
+    );
+    assert_eq!(fx.run(&packet(FIN_ACK), fx.front_index).0, XDP_REDIRECT);
+    let (_, entry) = lb_flow(&fx, (CLIENT, 40200), (VIP, 80));
+    assert_eq!(state_name(6, entry.ct.state), "FIN_WAIT");
 }
