@@ -13,6 +13,12 @@
 //! The parsing, checksum and hashing logic lives in `lb-core` and is unit-tested on the host.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference on purpose: by value, a key or entry \
+              that lives in a map (a scratch slot, a reverse entry's owner) is first copied onto \
+              the stack, and xdp_lb's frame is within a few bytes of the verifier's 512"
+)]
 
 use aya_ebpf::{
     bindings::{
