@@ -9,10 +9,10 @@
 //!
 //! Needs root. Without it the tests are skipped, unless `DATAPATH_REQUIRE_PRIVILEGED=1`.
 
-use std::{path::PathBuf, process::Command};
+use std::{os::fd::AsFd as _, path::PathBuf, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
-use bpf_common::ct::{POLICY_DIR_EGRESS, POLICY_DIR_INGRESS};
+use bpf_common::ct::{CtEntry, CtKey, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS};
 use datapath::policy::{CtFilter, PolicyConfig, PolicyPlane, PolicySpec};
 use etherparse::{
     EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader,
@@ -109,6 +109,12 @@ endpoints:
 
 impl Fixture {
     fn new(policy: &str) -> Self {
+        Self::with_config(policy, 1024, 1_000)
+    }
+
+    /// A fixture whose `CT_FLOWS` holds `max_ct_flows` and whose programs send at most
+    /// `event_rate` flow events per second and CPU.
+    fn with_config(policy: &str, max_ct_flows: u32, event_rate: u64) -> Self {
         let netns = TestNetns::enter();
         for key in [
             "net.ipv6.conf.all.disable_ipv6=1",
@@ -125,8 +131,8 @@ impl Fixture {
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name()));
         let config = PolicyConfig {
             pin_root: pin_root.clone(),
-            max_ct_flows: 1024,
-            event_rate: 1_000,
+            max_ct_flows,
+            event_rate,
         };
         let mut plane = PolicyPlane::start(&config).unwrap_or_else(|e| {
             let _ = datapath::dataplane::cleanup(&pin_root);
@@ -501,4 +507,108 @@ fn sweep_expires_idle_flows_by_their_state_timeout_and_keeps_the_others() {
         .expect("sweep");
     assert!(expired.is_empty());
     assert_eq!(fx.flows().len(), 2);
+}
+
+/// A UDP conntrack entry from `CLIENT:sport` to `ENDPOINT:53`, last seen at `last_seen_ns`.
+fn udp_ct_entry(sport: u16, last_seen_ns: u64) -> (CtKey, CtEntry) {
+    let key = CtKey {
+        addr_a: [u32::from_ne_bytes(CLIENT), 0, 0, 0],
+        addr_b: [u32::from_ne_bytes(ENDPOINT), 0, 0, 0],
+        port_a_be: sport.to_be(),
+        port_b_be: 53u16.to_be(),
+        proto: bpf_common::PROTO_UDP,
+        family: bpf_common::FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    let entry = CtEntry {
+        created_ns: last_seen_ns,
+        last_seen_ns,
+        packets: [1, 0],
+        bytes: [40, 0],
+        rule_id: bpf_common::ct::RULE_DEFAULT,
+        ..CtEntry::default()
+    };
+    (key, entry)
+}
+
+#[test]
+fn batch_read_sees_every_flow_of_a_large_table_and_sweep_and_flush_keep_their_bounds() {
+    if !privileged() {
+        return;
+    }
+    // More entries than one BPF_MAP_LOOKUP_BATCH call returns (4096), so the walk resumes
+    // from the kernel's token several times.
+    const FLOWS: u16 = 20_000;
+    const FIRST_PORT: u16 = 10_000;
+    let mut fx = Fixture::with_config(POLICY, 32_768, 1_000);
+    let pinned = aya::maps::MapData::from_pin(fx.pin_root.join("CT_FLOWS")).expect("CT_FLOWS");
+    // Explicit clock values: even source ports were last seen at BASE (idle 5 s at the sweep's
+    // `now`), odd ones "after" `now` (idle 0).
+    const BASE: u64 = 1_000_000_000_000;
+    const SECOND: u64 = 1_000_000_000;
+    let now = BASE + 5 * SECOND;
+    let entries: Vec<(CtKey, CtEntry)> = (0..FLOWS)
+        .map(|i| {
+            let seen = if i % 2 == 0 { BASE } else { now + SECOND };
+            udp_ct_entry(FIRST_PORT + i, seen)
+        })
+        .collect();
+    datapath::gc::update_all(pinned.fd().as_fd(), &entries).expect("fill CT_FLOWS");
+
+    let read = fx.plane().ct_entries().expect("batch read");
+    assert_eq!(read.len(), usize::from(FLOWS), "every entry, once");
+    let mut ports: Vec<u16> = read
+        .iter()
+        .map(|(k, _)| u16::from_be(k.port_a_be))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), usize::from(FLOWS), "no entry read twice");
+    assert_eq!(
+        (ports[0], ports[ports.len() - 1]),
+        (FIRST_PORT, FIRST_PORT + FLOWS - 1)
+    );
+    let (key, entry) = read
+        .iter()
+        .find(|(k, _)| u16::from_be(k.port_a_be) == FIRST_PORT + 1)
+        .expect("port 10001");
+    assert_eq!(*entry, entries[1].1, "values travel with their keys");
+    assert_eq!(*key, entries[1].0);
+
+    // UDP idles out after one second: the even half is expired. The cap bounds one sweep.
+    let timeouts = conntrack::Timeouts {
+        tcp_syn_ns: SECOND,
+        tcp_established_ns: SECOND,
+        tcp_closing_ns: SECOND,
+        udp_ns: SECOND,
+        other_ns: SECOND,
+    };
+    let expired = fx.plane().ct_sweep(&timeouts, now, 4_000).expect("sweep");
+    assert_eq!(expired.len(), 4_000);
+    assert!(
+        expired
+            .iter()
+            .all(|(k, e)| u16::from_be(k.port_a_be) % 2 == 0 && e.last_seen_ns == BASE),
+        "only idle flows expire"
+    );
+    assert_eq!(fx.plane().ct_entries().expect("read").len(), 16_000);
+    let expired = fx.plane().ct_sweep(&timeouts, now, 100_000).expect("sweep");
+    assert_eq!(expired.len(), 6_000, "the rest of the idle half");
+    let left = fx.plane().ct_entries().expect("read");
+    assert_eq!(left.len(), 10_000);
+    assert!(left.iter().all(|(k, _)| u16::from_be(k.port_a_be) % 2 == 1));
+
+    // Flush by filter, then everything.
+    let one = CtFilter {
+        port: Some(FIRST_PORT + 1),
+        ..CtFilter::default()
+    };
+    assert_eq!(fx.plane().ct_flush(&one, now).expect("flush"), 1);
+    assert_eq!(
+        fx.plane()
+            .ct_flush(&CtFilter::default(), now)
+            .expect("flush"),
+        9_999
+    );
+    assert!(fx.plane().ct_entries().expect("read").is_empty());
 }
