@@ -612,3 +612,120 @@ fn batch_read_sees_every_flow_of_a_large_table_and_sweep_and_flush_keep_their_bo
     );
     assert!(fx.plane().ct_entries().expect("read").is_empty());
 }
+
+/// (packets, bytes) of every rule of the live policy, by name.
+fn rule_counters(fx: &mut Fixture) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let status = fx.plane().status().expect("status");
+    status
+        .rules
+        .iter()
+        .map(|r| (r.rule.label(), (r.packets, r.bytes)))
+        .collect()
+}
+
+/// (allowed, denied, default_hits) of the `ep*` endpoint's ingress.
+fn ingress_counters(fx: &mut Fixture) -> (u64, u64, u64) {
+    let status = fx.plane().status().expect("status");
+    let c = &status.endpoints[0].ingress;
+    (c.allowed, c.denied, c.default_hits)
+}
+
+#[test]
+fn rule_and_endpoint_counters_keep_counting_across_applies() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    let apply = |fx: &mut Fixture, text: &str| {
+        let spec = PolicySpec::parse(text).expect("policy");
+        fx.plane().apply(&spec).expect("apply")
+    };
+    let web = |port: u16| tcp((CLIENT, port), (ENDPOINT, 8080), true, false);
+    let telnet = |port: u16| tcp((CLIENT, port), (ENDPOINT, 23), true, false);
+    // A TCP SYN is 40 bytes of IP.
+    const SYN: u64 = 40;
+    assert_eq!(fx.ingress(&web(40000)), NEXT);
+    assert_eq!(fx.ingress(&telnet(41000)), DROP);
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (1, SYN));
+    assert_eq!(rules["no-telnet"], (1, SYN));
+    assert_eq!(ingress_counters(&mut fx), (1, 1, 0));
+
+    // A changed policy that keeps `web` (wider ports) and moves it: a new rule comes first, so
+    // `web` gets another rule id and other counter slots in the kernel.
+    let changed = POLICY
+        .replace(
+            "    ingress:\n      - name: web\n",
+            "    ingress:\n      - name: ssh\n        protocol: tcp\n        ports: 22\n        \
+             action: allow\n      - name: web\n",
+        )
+        .replace("ports: 8080\n", "ports: 8080-8081\n");
+    assert_ne!(changed, POLICY);
+    apply(&mut fx, &changed);
+    let status = fx.plane().status().expect("status");
+    let web_rule = status
+        .rules
+        .iter()
+        .find(|r| r.rule.name.as_deref() == Some("web"))
+        .expect("web");
+    assert_eq!(web_rule.rule.id, 1, "web moved to another counter slot");
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (1, SYN), "not reset by the apply");
+    assert_eq!(rules["no-telnet"], (1, SYN));
+    assert_eq!(rules["ssh"], (0, 0), "a new rule starts at zero");
+    assert_eq!(ingress_counters(&mut fx), (1, 1, 0));
+    assert_eq!(fx.ingress(&web(40001)), NEXT);
+    assert_eq!(
+        fx.ingress(&tcp((CLIENT, 42000), (ENDPOINT, 22), true, false)),
+        NEXT
+    );
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (2, 2 * SYN), "keeps counting");
+    assert_eq!(rules["ssh"], (1, SYN));
+    assert_eq!(ingress_counters(&mut fx), (3, 1, 0));
+
+    // A second change, without `no-telnet`: the slot of the first generation is reused (its
+    // counters are folded into the totals before it is zeroed).
+    let without_telnet = changed.replace(
+        "      - name: no-telnet\n        protocol: tcp\n        ports: 23\n        action: deny\n",
+        "",
+    );
+    assert_ne!(without_telnet, changed);
+    apply(&mut fx, &without_telnet);
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (2, 2 * SYN));
+    assert!(!rules.contains_key("no-telnet"));
+    assert_eq!(ingress_counters(&mut fx), (3, 1, 0));
+    assert_eq!(fx.ingress(&web(40002)), NEXT);
+    // Telnet now meets the default action (deny).
+    assert_eq!(fx.ingress(&telnet(41001)), DROP);
+    assert_eq!(rule_counters(&mut fx)["web"], (3, 3 * SYN));
+    assert_eq!(ingress_counters(&mut fx), (4, 2, 1));
+
+    // Delete, then the original policy again: `no-telnet` comes back with its total, `web`
+    // goes back to rule id 0 and keeps its own.
+    fx.plane().delete().expect("delete");
+    assert!(rule_counters(&mut fx).is_empty());
+    apply(&mut fx, POLICY);
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (3, 3 * SYN));
+    assert_eq!(rules["no-telnet"], (1, SYN));
+    assert_eq!(ingress_counters(&mut fx), (4, 2, 1));
+    assert_eq!(fx.ingress(&telnet(41002)), DROP);
+    assert_eq!(rule_counters(&mut fx)["no-telnet"], (2, 2 * SYN));
+
+    // Attaching another interface rewrites the policy into the other slot (a flip) too.
+    fx._netns.ip(&[
+        "link", "add", "ep1", "type", "veth", "peer", "name", "peer1",
+    ]);
+    let before = fx.plane().generation().expect("generation");
+    fx.plane().attach("ep1").expect("attach ep1");
+    assert!(fx.plane().generation().expect("generation") > before);
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (3, 3 * SYN));
+    assert_eq!(rules["no-telnet"], (2, 2 * SYN));
+    assert_eq!(ingress_counters(&mut fx), (4, 3, 1));
+    assert_eq!(fx.ingress(&web(40003)), NEXT);
+    assert_eq!(rule_counters(&mut fx)["web"], (4, 4 * SYN));
+    assert_eq!(ingress_counters(&mut fx), (5, 3, 1));
+}
