@@ -729,3 +729,158 @@ fn rule_and_endpoint_counters_keep_counting_across_applies() {
     assert_eq!(rule_counters(&mut fx)["web"], (4, 4 * SYN));
     assert_eq!(ingress_counters(&mut fx), (5, 3, 1));
 }
+
+/// Keeps the calling test thread on the CPU it runs on, so that every BPF_PROG_TEST_RUN
+/// meets the same per-CPU token bucket (`TC_EVENT_RATE`).
+fn pin_to_this_cpu() {
+    // SAFETY: sched_getcpu has no preconditions; the CPU set is a plain bit set initialised
+    // to zero before use and passed with its own size.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Every flow event waiting in the ring, oldest first (at most `max`).
+fn drain_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    max: usize,
+) -> Vec<bpf_common::policy::FlowEvent> {
+    let mut events = Vec::new();
+    for _ in 0..max {
+        let Some(item) = ring.next() else {
+            break;
+        };
+        assert_eq!(
+            item.len(),
+            std::mem::size_of::<bpf_common::policy::FlowEvent>(),
+            "one FlowEvent per record"
+        );
+        // SAFETY: the record holds one FlowEvent, a plain-old-data struct.
+        events.push(unsafe {
+            std::ptr::read_unaligned(item.as_ptr().cast::<bpf_common::policy::FlowEvent>())
+        });
+    }
+    events
+}
+
+/// A SYN from `CLIENT:port` to `ENDPOINT:22`: a new flow the ingress default denies, which
+/// sends exactly one `denied` event and tracks nothing (so the same count of events arises
+/// whatever the conntrack holds).
+fn denied_syn(port: u16) -> Vec<u8> {
+    tcp((CLIENT, port), (ENDPOINT, 22), true, false)
+}
+
+/// The client source port of a flow event.
+fn event_src_port(e: &bpf_common::policy::FlowEvent) -> u16 {
+    datapath::policy::original_tuple(&e.key, e.orig_side).1
+}
+
+#[test]
+fn events_over_the_rate_limit_are_counted_not_silently_lost() {
+    if !privileged() {
+        return;
+    }
+    pin_to_this_cpu();
+    const RATE: u64 = 10;
+    const FLOWS: u16 = 200;
+    const FIRST_PORT: u16 = 20_000;
+    let mut fx = Fixture::with_config(POLICY, 1024, RATE);
+    let mut ring = fx.plane().take_events().expect("TC_EVENTS");
+    let started = std::time::Instant::now();
+    for i in 0..FLOWS {
+        assert_eq!(fx.ingress(&denied_syn(FIRST_PORT + i)), DROP);
+    }
+    let elapsed = started.elapsed();
+    // Nothing has read the ring meanwhile.
+    let events = drain_events(&mut ring, usize::from(FLOWS) + 16);
+    let delivered = events.len() as u64;
+    let rate_limited = fx.reason("event_rate_limited");
+    let ring_full = fx.reason("event_lost");
+    assert_eq!(fx.reason("drop_default"), u64::from(FLOWS));
+    assert_eq!(
+        delivered + rate_limited + ring_full,
+        u64::from(FLOWS),
+        "every event generated is delivered or counted as lost \
+         (delivered {delivered}, rate_limited {rate_limited}, ring_full {ring_full})"
+    );
+    assert_eq!(ring_full, 0, "the ring had room for all of them");
+    // The bucket starts full (a burst of RATE), then refills at RATE per second: the bound
+    // grows with the time the loop took, it is not a timing threshold.
+    let refill = (elapsed.as_nanos() * u128::from(RATE)).div_ceil(1_000_000_000) as u64;
+    assert!(
+        (RATE..=RATE + refill).contains(&delivered),
+        "delivered {delivered}: a burst of {RATE} plus at most {refill} refilled in {elapsed:?}"
+    );
+    assert!(rate_limited >= u64::from(FLOWS) - RATE - refill);
+    // The burst is the first flows, in order, each a `denied` event.
+    for (i, e) in events.iter().take(RATE as usize).enumerate() {
+        assert_eq!(e.kind, bpf_common::policy::EVENT_DENIED);
+        assert_eq!(event_src_port(e), FIRST_PORT + i as u16);
+    }
+}
+
+#[test]
+fn events_that_find_the_ring_full_are_counted_not_silently_lost() {
+    if !privileged() {
+        return;
+    }
+    pin_to_this_cpu();
+    // The programs cap the rate at 1e6 per second: the bucket's burst is far more than the
+    // ring holds, so only the ring limits here.
+    let mut fx = Fixture::with_config(POLICY, 1024, 1_000_000);
+    let mut ring = fx.plane().take_events().expect("TC_EVENTS");
+    // A ring buffer record is an 8-byte header plus the event, rounded up to 8 bytes; a
+    // reservation fails once it would not fit the ring's bytes.
+    let record = (8 + std::mem::size_of::<bpf_common::policy::FlowEvent>()).next_multiple_of(8);
+    let capacity = bpf_common::policy::defaults::EVENTS_BYTES as usize / record;
+    let flows = capacity + 500;
+    const FIRST_PORT: u16 = 10_000;
+    for i in 0..flows {
+        assert_eq!(fx.ingress(&denied_syn(FIRST_PORT + i as u16)), DROP);
+    }
+    let events = drain_events(&mut ring, flows + 16);
+    let delivered = events.len() as u64;
+    let rate_limited = fx.reason("event_rate_limited");
+    let ring_full = fx.reason("event_lost");
+    assert_eq!(
+        delivered + rate_limited + ring_full,
+        flows as u64,
+        "every event generated is delivered or counted as lost \
+         (delivered {delivered}, rate_limited {rate_limited}, ring_full {ring_full})"
+    );
+    assert_eq!(rate_limited, 0);
+    assert_eq!(
+        delivered, capacity as u64,
+        "the ring holds {capacity} events"
+    );
+    assert_eq!(ring_full, (flows - capacity) as u64);
+    // The ring keeps the oldest: the first `capacity` flows, in order.
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.kind, bpf_common::policy::EVENT_DENIED);
+        assert_eq!(event_src_port(e), FIRST_PORT + i as u16);
+    }
+    // Once read, the ring takes events again; the loss count stays where it was.
+    const MORE: u16 = 10;
+    let next_port = FIRST_PORT + flows as u16;
+    for i in 0..MORE {
+        assert_eq!(fx.ingress(&denied_syn(next_port + i)), DROP);
+    }
+    let events = drain_events(&mut ring, usize::from(MORE) + 16);
+    assert_eq!(events.len(), usize::from(MORE));
+    assert_eq!(event_src_port(&events[0]), next_port);
+    assert_eq!(fx.reason("event_lost"), (flows - capacity) as u64);
+}
