@@ -27,6 +27,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -486,6 +487,24 @@ pub struct CompiledPolicy {
     pub list_count: usize,
 }
 
+impl RuleInfo {
+    /// The rule's user-visible name: its `name`, else `#<index>` (its position among the
+    /// endpoint's rules of its direction). The `rule` label of the metrics.
+    pub fn label(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("#{}", self.index))
+    }
+
+    /// What identifies the rule across policy generations (see [`PolicyPlane`] on counters).
+    fn identity(&self) -> RuleIdentity {
+        (self.endpoint.clone(), self.direction.clone(), self.label())
+    }
+}
+
+/// (endpoint pattern, direction, label): a rule's identity across generations.
+type RuleIdentity = (String, String, String);
+
 impl CompiledPolicy {
     /// The endpoint governing interface `name`: the first whose pattern matches.
     pub fn endpoint_for(&self, name: &str) -> Option<&CompiledEndpoint> {
@@ -686,6 +705,27 @@ pub struct PolicyStatus {
 }
 
 /// The tc programs, their maps and their TCX links.
+///
+/// # Counters across applies
+///
+/// The programs count per rule id and endpoint id *within a slot* (`TC_RULE_STATS`,
+/// `TC_EP_STATS`), and ids are positions in the policy file, so a slot's counters must be
+/// zeroed before a new policy is written into it. Reporting them as they are would make the
+/// exported Prometheus counters go down at every apply (and at every interface attach, which
+/// rewrites the policy). Instead, what [`PolicyPlane::status`] reports is monotonic per
+/// user-visible identity, a rule's (endpoint pattern, direction, name or `#index`) and an
+/// endpoint's pattern:
+///
+/// `retired (folded totals) + the inactive slot (the previous generation) + the live slot`.
+///
+/// Before [`PolicyPlane::apply`] zeroes the inactive slot, it folds that slot's counters
+/// (read with the policy this process wrote there) into `retired`. The slot has not been
+/// live for a whole generation by then, so no packet still counts into it; the live and the
+/// previous slot are both read at every status, so packets of the old generation still in
+/// flight right after a flip are counted too. A rule that is renamed or an unnamed rule that
+/// moves starts a new identity (as its metric labels do); one that disappears and comes back
+/// continues from its total. The totals live in this process: a restarted daemon starts from
+/// zero, like any Prometheus counter after a process restart.
 pub struct PolicyPlane {
     bpf: Ebpf,
     config: PolicyConfig,
@@ -693,6 +733,29 @@ pub struct PolicyPlane {
     links: BTreeMap<String, (u32, SchedClassifierLinkId, SchedClassifierLinkId)>,
     policy: PolicySpec,
     compiled: CompiledPolicy,
+    /// The policy this process wrote into the inactive slot (the previous generation), whose
+    /// counters still count; `None` when that slot was not written by this process or its
+    /// counters were folded into `retired_*` already.
+    previous: Option<CompiledPolicy>,
+    /// Counters of generations whose slot was reused, by rule identity.
+    retired_rules: BTreeMap<RuleIdentity, Counter>,
+    /// Counters of generations whose slot was reused, by endpoint pattern.
+    retired_endpoints: BTreeMap<String, EndpointStats>,
+}
+
+fn add_counter(into: &mut Counter, c: &Counter) {
+    into.packets += c.packets;
+    into.bytes += c.bytes;
+}
+
+fn add_endpoint_stats(into: &mut EndpointStats, s: &EndpointStats) {
+    for d in 0..2 {
+        into.allowed[d] += s.allowed[d];
+        into.denied[d] += s.denied[d];
+        into.default_hits[d] += s.default_hits[d];
+        into.tracked[d] += s.tracked[d];
+        into.cut[d] += s.cut[d];
+    }
 }
 
 /// Names of the interfaces of the current network namespace (`if_nameindex`: `/sys/class/net`
@@ -739,6 +802,9 @@ impl PolicyPlane {
             links: BTreeMap::new(),
             policy: PolicySpec::default(),
             compiled: CompiledPolicy::default(),
+            previous: None,
+            retired_rules: BTreeMap::new(),
+            retired_endpoints: BTreeMap::new(),
         })
     }
 
@@ -890,6 +956,26 @@ impl PolicyPlane {
         }
         let slot = generation & 1;
 
+        // Fold the inactive slot's counters (the generation before the live one) into the
+        // totals before they are zeroed: see "Counters across applies" on `PolicyPlane`.
+        if let Some(previous) = &self.previous {
+            let rules = self.slot_rule_counters(slot, previous)?;
+            let endpoints = self.slot_endpoint_counters(slot, previous)?;
+            for (rule, c) in previous.rules.iter().zip(&rules) {
+                add_counter(self.retired_rules.entry(rule.identity()).or_default(), c);
+            }
+            for (ep, c) in previous.endpoints.iter().zip(&endpoints) {
+                add_endpoint_stats(
+                    self.retired_endpoints
+                        .entry(ep.pattern.clone())
+                        .or_default(),
+                    c,
+                );
+            }
+            // Counted once: from here on the slot's counters are only in the totals.
+            self.previous = None;
+        }
+
         // Clear the inactive slot.
         {
             let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointPolicy> =
@@ -1000,7 +1086,55 @@ impl PolicyPlane {
         gen_map
             .set(0, generation, 0)
             .map_err(map_error("flip TC_GENERATION"))?;
+        // The policy live until now keeps its counters in what is now the inactive slot.
+        self.previous = Some(self.compiled.clone());
         Ok(generation)
+    }
+
+    /// Counters of `compiled`'s rules in `slot`, summed over CPUs, in `compiled.rules` order.
+    fn slot_rule_counters(&self, slot: u32, compiled: &CompiledPolicy) -> Result<Vec<Counter>> {
+        let map: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.map(map_names::RULE_STATS)?)
+                .map_err(map_error("TC_RULE_STATS"))?;
+        compiled
+            .rules
+            .iter()
+            .map(|r| {
+                let v = map
+                    .get(&(slot * MAX_RULES + r.id), 0)
+                    .map_err(map_error("read TC_RULE_STATS"))?;
+                Ok(Counter {
+                    packets: v.iter().map(|c| c.packets).sum(),
+                    bytes: v.iter().map(|c| c.bytes).sum(),
+                })
+            })
+            .collect()
+    }
+
+    /// Counters of `compiled`'s endpoints in `slot`, summed over CPUs, in
+    /// `compiled.endpoints` order.
+    fn slot_endpoint_counters(
+        &self,
+        slot: u32,
+        compiled: &CompiledPolicy,
+    ) -> Result<Vec<EndpointStats>> {
+        let map: PerCpuArray<&MapData, EndpointStats> =
+            PerCpuArray::try_from(self.map(map_names::EP_STATS)?)
+                .map_err(map_error("TC_EP_STATS"))?;
+        compiled
+            .endpoints
+            .iter()
+            .map(|ep| {
+                let v = map
+                    .get(&(slot * MAX_ENDPOINTS + ep.id), 0)
+                    .map_err(map_error("read TC_EP_STATS"))?;
+                let mut sum = EndpointStats::default();
+                for s in v.iter() {
+                    add_endpoint_stats(&mut sum, s);
+                }
+                Ok(sum)
+            })
+            .collect()
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
@@ -1029,38 +1163,53 @@ impl PolicyPlane {
         Ok(out)
     }
 
-    /// Status of the live policy with its counters.
+    /// Status of the live policy with its counters. Rule and endpoint counters are totals
+    /// over every generation this process applied, by identity (see "Counters across
+    /// applies" on [`PolicyPlane`]), so they never go down.
     pub fn status(&self) -> Result<PolicyStatus> {
         let generation = self.generation()?;
         let slot = generation & 1;
-        let rule_map: PerCpuArray<&MapData, Counter> =
-            PerCpuArray::try_from(self.map(map_names::RULE_STATS)?)
-                .map_err(map_error("TC_RULE_STATS"))?;
+        // What earlier generations counted: the folded totals plus the previous slot.
+        let mut carried_rules = self.retired_rules.clone();
+        let mut carried_endpoints = self.retired_endpoints.clone();
+        if let Some(previous) = &self.previous {
+            let rules = self.slot_rule_counters(slot ^ 1, previous)?;
+            for (rule, c) in previous.rules.iter().zip(&rules) {
+                add_counter(carried_rules.entry(rule.identity()).or_default(), c);
+            }
+            let endpoints = self.slot_endpoint_counters(slot ^ 1, previous)?;
+            for (ep, c) in previous.endpoints.iter().zip(&endpoints) {
+                add_endpoint_stats(carried_endpoints.entry(ep.pattern.clone()).or_default(), c);
+            }
+        }
+        let live_rules = self.slot_rule_counters(slot, &self.compiled)?;
         let mut rules = Vec::new();
-        for r in &self.compiled.rules {
-            let v = rule_map
-                .get(&(slot * MAX_RULES + r.id), 0)
-                .map_err(map_error("read TC_RULE_STATS"))?;
+        for (r, live) in self.compiled.rules.iter().zip(&live_rules) {
+            let mut total = *live;
+            // Two rules of one endpoint and direction with the same name share an identity:
+            // the first one carries the history.
+            if let Some(carried) = carried_rules.remove(&r.identity()) {
+                add_counter(&mut total, &carried);
+            }
             rules.push(RuleStats {
                 rule: r.clone(),
-                packets: v.iter().map(|c| c.packets).sum(),
-                bytes: v.iter().map(|c| c.bytes).sum(),
+                packets: total.packets,
+                bytes: total.bytes,
             });
         }
-        let ep_map: PerCpuArray<&MapData, EndpointStats> =
-            PerCpuArray::try_from(self.map(map_names::EP_STATS)?)
-                .map_err(map_error("TC_EP_STATS"))?;
+        let live_endpoints = self.slot_endpoint_counters(slot, &self.compiled)?;
         let mut endpoints = Vec::new();
-        for ep in &self.compiled.endpoints {
-            let v = ep_map
-                .get(&(slot * MAX_ENDPOINTS + ep.id), 0)
-                .map_err(map_error("read TC_EP_STATS"))?;
+        for (ep, live) in self.compiled.endpoints.iter().zip(&live_endpoints) {
+            let mut v = *live;
+            if let Some(carried) = carried_endpoints.remove(&ep.pattern) {
+                add_endpoint_stats(&mut v, &carried);
+            }
             let dir = |d: usize| DirCounters {
-                allowed: v.iter().map(|s| s.allowed[d]).sum(),
-                denied: v.iter().map(|s| s.denied[d]).sum(),
-                default_hits: v.iter().map(|s| s.default_hits[d]).sum(),
-                tracked: v.iter().map(|s| s.tracked[d]).sum(),
-                cut: v.iter().map(|s| s.cut[d]).sum(),
+                allowed: v.allowed[d],
+                denied: v.denied[d],
+                default_hits: v.default_hits[d],
+                tracked: v.tracked[d],
+                cut: v.cut[d],
             };
             endpoints.push(EndpointCounters {
                 endpoint: ep.pattern.clone(),
@@ -1083,11 +1232,24 @@ impl PolicyPlane {
         })
     }
 
-    /// Every tracked flow.
+    /// Every tracked flow, read with `BPF_MAP_LOOKUP_BATCH` ([`lookup_batch_all`]): a few
+    /// hundred syscalls for a million entries instead of two per entry, and no restart from
+    /// the first key when the entry the iteration stood on is deleted meanwhile.
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        let map: HashMap<&MapData, CtKey, CtEntry> =
-            HashMap::try_from(self.map(map_names::CT_FLOWS)?).map_err(map_error("CT_FLOWS"))?;
-        Ok(map.iter().filter_map(|r| r.ok()).collect())
+        let map = match self.map(map_names::CT_FLOWS)? {
+            aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => data,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "CT_FLOWS is not a hash map in the tc object".into(),
+                ));
+            }
+        };
+        // The pinned map may predate a change of `max_ct_flows`: bound the walk by its own size.
+        let max_entries = map
+            .info()
+            .map(|info| info.max_entries())
+            .unwrap_or(self.config.max_ct_flows);
+        lookup_batch_all(map.fd().as_fd(), max_entries, CT_LOOKUP_BATCH)
     }
 
     /// Tracked flows matching `filter`.
@@ -1181,6 +1343,124 @@ impl PolicyPlane {
     pub fn pin_root(&self) -> &Path {
         &self.config.pin_root
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch reads. aya 0.14 has no batch map operations; `gc.rs` has its own for `FlowKey` maps
+// (private, and owned by the flow collector), this one is generic over the key.
+// ---------------------------------------------------------------------------------------------
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call when reading `CT_FLOWS`.
+const CT_LOOKUP_BATCH: u32 = 4_096;
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// `union bpf_attr` for the batch commands (`struct { in_batch, out_batch, keys, values,
+/// count, map_fd, elem_flags, flags }`).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Every entry of a hash or LRU hash map of `K -> V` (plain `#[repr(C)]` types of the map's
+/// key and value sizes) holding at most `max_entries`, read with `BPF_MAP_LOOKUP_BATCH`,
+/// `batch_size` entries per call.
+///
+/// The kernel walks the map bucket by bucket and hands back a bucket index as the resume
+/// token, so an entry deleted between two calls neither restarts nor derails the walk (as it
+/// does with `BPF_MAP_GET_NEXT_KEY`); entries inserted or deleted during the walk may or may
+/// not be in the result. Every call consumes at least one bucket, so the number of calls is
+/// bounded by the bucket count (`max_entries` rounded up to a power of two) plus the retries
+/// that grow the buffer when one bucket holds more entries than fit.
+pub fn lookup_batch_all<K: Copy + Default, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    max_entries: u32,
+    batch_size: u32,
+) -> Result<Vec<(K, V)>> {
+    const MAX_BATCH: u32 = 1 << 20;
+    let mut batch_size = batch_size.clamp(1, MAX_BATCH);
+    let max_calls = u64::from(max_entries.max(1)).next_power_of_two() + 64;
+    let mut out = Vec::new();
+    // The hash maps' token is a bucket index (u32); 8 bytes leave room either way.
+    let mut token_in = 0u64;
+    let mut token_out = 0u64;
+    let mut first = true;
+    let mut keys = vec![K::default(); batch_size as usize];
+    let mut values = vec![V::default(); batch_size as usize];
+    for _ in 0..max_calls {
+        keys.resize(batch_size as usize, K::default());
+        values.resize(batch_size as usize, V::default());
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut token_in as *mut u64 as u64
+            },
+            out_batch: &mut token_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: batch_size,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid `#[repr(C)]` prefix of `union bpf_attr`; the token, key
+        // and value buffers it points to live across the call and hold `count` elements of
+        // the map's key and value types.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr as *mut libc::c_void,
+                std::mem::size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        let filled = (attr.count as usize).min(batch_size as usize);
+        let error = (rc < 0).then(std::io::Error::last_os_error);
+        match error.as_ref().and_then(|e| e.raw_os_error()) {
+            None => {}
+            // The end of the map; `count` says how many the last call still returned.
+            Some(libc::ENOENT) => {
+                out.extend(
+                    keys.iter()
+                        .copied()
+                        .zip(values.iter().copied())
+                        .take(filled),
+                );
+                return Ok(out);
+            }
+            // One bucket holds more entries than fit: retry it with room for more.
+            Some(libc::ENOSPC) if batch_size < MAX_BATCH => {
+                batch_size *= 2;
+                continue;
+            }
+            Some(_) => {
+                return Err(Error::io(
+                    "BPF_MAP_LOOKUP_BATCH",
+                    error.expect("an error code"),
+                ));
+            }
+        }
+        out.extend(
+            keys.iter()
+                .copied()
+                .zip(values.iter().copied())
+                .take(filled),
+        );
+        token_in = token_out;
+        first = false;
+    }
+    Err(Error::InvalidArgument(format!(
+        "BPF_MAP_LOOKUP_BATCH did not reach the end of a map of {max_entries} entries in \
+         {max_calls} calls"
+    )))
 }
 
 #[cfg(test)]

@@ -890,17 +890,19 @@ impl Families {
             ),
             rule_packets: counter(
                 "datapath_policy_rule_packets_total",
-                "Packets decided by each rule of the live policy (restarts at every apply)",
+                "Packets decided by each rule of the live policy, totalled over applies by \
+                 (endpoint, direction, rule name)",
                 &["endpoint", "direction", "rule", "action"],
             ),
             rule_bytes: counter(
                 "datapath_policy_rule_bytes_total",
-                "Bytes decided by each rule of the live policy (restarts at every apply)",
+                "Bytes decided by each rule of the live policy, totalled over applies by \
+                 (endpoint, direction, rule name)",
                 &["endpoint", "direction", "rule", "action"],
             ),
             endpoint_verdicts: counter(
                 "datapath_policy_endpoint_verdicts_total",
-                "New-flow verdicts per endpoint and direction (restart at every apply)",
+                "Verdicts per endpoint and direction, totalled over applies by endpoint",
                 &["endpoint", "direction", "verdict"],
             ),
             packets: counter(
@@ -997,11 +999,7 @@ impl PolicyCollector {
                 .with_label_values::<&str>(&[])
                 .set(i64::from(status.generation));
             for r in &status.rules {
-                let name = r
-                    .rule
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("#{}", r.rule.index));
+                let name = r.rule.label();
                 let action = format!("{:?}", r.rule.action).to_lowercase();
                 let labels = [
                     r.rule.endpoint.as_str(),

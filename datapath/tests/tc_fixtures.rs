@@ -9,10 +9,10 @@
 //!
 //! Needs root. Without it the tests are skipped, unless `DATAPATH_REQUIRE_PRIVILEGED=1`.
 
-use std::{path::PathBuf, process::Command};
+use std::{os::fd::AsFd as _, path::PathBuf, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
-use bpf_common::ct::{POLICY_DIR_EGRESS, POLICY_DIR_INGRESS};
+use bpf_common::ct::{CtEntry, CtKey, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS};
 use datapath::policy::{CtFilter, PolicyConfig, PolicyPlane, PolicySpec};
 use etherparse::{
     EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader,
@@ -109,6 +109,12 @@ endpoints:
 
 impl Fixture {
     fn new(policy: &str) -> Self {
+        Self::with_config(policy, 1024, 1_000)
+    }
+
+    /// A fixture whose `CT_FLOWS` holds `max_ct_flows` and whose programs send at most
+    /// `event_rate` flow events per second and CPU.
+    fn with_config(policy: &str, max_ct_flows: u32, event_rate: u64) -> Self {
         let netns = TestNetns::enter();
         for key in [
             "net.ipv6.conf.all.disable_ipv6=1",
@@ -125,8 +131,8 @@ impl Fixture {
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name()));
         let config = PolicyConfig {
             pin_root: pin_root.clone(),
-            max_ct_flows: 1024,
-            event_rate: 1_000,
+            max_ct_flows,
+            event_rate,
         };
         let mut plane = PolicyPlane::start(&config).unwrap_or_else(|e| {
             let _ = datapath::dataplane::cleanup(&pin_root);
@@ -501,4 +507,380 @@ fn sweep_expires_idle_flows_by_their_state_timeout_and_keeps_the_others() {
         .expect("sweep");
     assert!(expired.is_empty());
     assert_eq!(fx.flows().len(), 2);
+}
+
+/// A UDP conntrack entry from `CLIENT:sport` to `ENDPOINT:53`, last seen at `last_seen_ns`.
+fn udp_ct_entry(sport: u16, last_seen_ns: u64) -> (CtKey, CtEntry) {
+    let key = CtKey {
+        addr_a: [u32::from_ne_bytes(CLIENT), 0, 0, 0],
+        addr_b: [u32::from_ne_bytes(ENDPOINT), 0, 0, 0],
+        port_a_be: sport.to_be(),
+        port_b_be: 53u16.to_be(),
+        proto: bpf_common::PROTO_UDP,
+        family: bpf_common::FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    let entry = CtEntry {
+        created_ns: last_seen_ns,
+        last_seen_ns,
+        packets: [1, 0],
+        bytes: [40, 0],
+        rule_id: bpf_common::ct::RULE_DEFAULT,
+        ..CtEntry::default()
+    };
+    (key, entry)
+}
+
+#[test]
+fn batch_read_sees_every_flow_of_a_large_table_and_sweep_and_flush_keep_their_bounds() {
+    if !privileged() {
+        return;
+    }
+    // More entries than one BPF_MAP_LOOKUP_BATCH call returns (4096), so the walk resumes
+    // from the kernel's token several times.
+    const FLOWS: u16 = 20_000;
+    const FIRST_PORT: u16 = 10_000;
+    let mut fx = Fixture::with_config(POLICY, 32_768, 1_000);
+    let pinned = aya::maps::MapData::from_pin(fx.pin_root.join("CT_FLOWS")).expect("CT_FLOWS");
+    // Explicit clock values: even source ports were last seen at BASE (idle 5 s at the sweep's
+    // `now`), odd ones "after" `now` (idle 0).
+    const BASE: u64 = 1_000_000_000_000;
+    const SECOND: u64 = 1_000_000_000;
+    let now = BASE + 5 * SECOND;
+    let entries: Vec<(CtKey, CtEntry)> = (0..FLOWS)
+        .map(|i| {
+            let seen = if i % 2 == 0 { BASE } else { now + SECOND };
+            udp_ct_entry(FIRST_PORT + i, seen)
+        })
+        .collect();
+    datapath::gc::update_all(pinned.fd().as_fd(), &entries).expect("fill CT_FLOWS");
+
+    let read = fx.plane().ct_entries().expect("batch read");
+    assert_eq!(read.len(), usize::from(FLOWS), "every entry, once");
+    let mut ports: Vec<u16> = read
+        .iter()
+        .map(|(k, _)| u16::from_be(k.port_a_be))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), usize::from(FLOWS), "no entry read twice");
+    assert_eq!(
+        (ports[0], ports[ports.len() - 1]),
+        (FIRST_PORT, FIRST_PORT + FLOWS - 1)
+    );
+    let (key, entry) = read
+        .iter()
+        .find(|(k, _)| u16::from_be(k.port_a_be) == FIRST_PORT + 1)
+        .expect("port 10001");
+    assert_eq!(*entry, entries[1].1, "values travel with their keys");
+    assert_eq!(*key, entries[1].0);
+
+    // UDP idles out after one second: the even half is expired. The cap bounds one sweep.
+    let timeouts = conntrack::Timeouts {
+        tcp_syn_ns: SECOND,
+        tcp_established_ns: SECOND,
+        tcp_closing_ns: SECOND,
+        udp_ns: SECOND,
+        other_ns: SECOND,
+    };
+    let expired = fx.plane().ct_sweep(&timeouts, now, 4_000).expect("sweep");
+    assert_eq!(expired.len(), 4_000);
+    assert!(
+        expired
+            .iter()
+            .all(|(k, e)| u16::from_be(k.port_a_be) % 2 == 0 && e.last_seen_ns == BASE),
+        "only idle flows expire"
+    );
+    assert_eq!(fx.plane().ct_entries().expect("read").len(), 16_000);
+    let expired = fx.plane().ct_sweep(&timeouts, now, 100_000).expect("sweep");
+    assert_eq!(expired.len(), 6_000, "the rest of the idle half");
+    let left = fx.plane().ct_entries().expect("read");
+    assert_eq!(left.len(), 10_000);
+    assert!(left.iter().all(|(k, _)| u16::from_be(k.port_a_be) % 2 == 1));
+
+    // Flush by filter, then everything.
+    let one = CtFilter {
+        port: Some(FIRST_PORT + 1),
+        ..CtFilter::default()
+    };
+    assert_eq!(fx.plane().ct_flush(&one, now).expect("flush"), 1);
+    assert_eq!(
+        fx.plane()
+            .ct_flush(&CtFilter::default(), now)
+            .expect("flush"),
+        9_999
+    );
+    assert!(fx.plane().ct_entries().expect("read").is_empty());
+}
+
+/// (packets, bytes) of every rule of the live policy, by name.
+fn rule_counters(fx: &mut Fixture) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let status = fx.plane().status().expect("status");
+    status
+        .rules
+        .iter()
+        .map(|r| (r.rule.label(), (r.packets, r.bytes)))
+        .collect()
+}
+
+/// (allowed, denied, default_hits) of the `ep*` endpoint's ingress.
+fn ingress_counters(fx: &mut Fixture) -> (u64, u64, u64) {
+    let status = fx.plane().status().expect("status");
+    let c = &status.endpoints[0].ingress;
+    (c.allowed, c.denied, c.default_hits)
+}
+
+#[test]
+fn rule_and_endpoint_counters_keep_counting_across_applies() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    let apply = |fx: &mut Fixture, text: &str| {
+        let spec = PolicySpec::parse(text).expect("policy");
+        fx.plane().apply(&spec).expect("apply")
+    };
+    let web = |port: u16| tcp((CLIENT, port), (ENDPOINT, 8080), true, false);
+    let telnet = |port: u16| tcp((CLIENT, port), (ENDPOINT, 23), true, false);
+    // A TCP SYN is 40 bytes of IP.
+    const SYN: u64 = 40;
+    assert_eq!(fx.ingress(&web(40000)), NEXT);
+    assert_eq!(fx.ingress(&telnet(41000)), DROP);
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (1, SYN));
+    assert_eq!(rules["no-telnet"], (1, SYN));
+    assert_eq!(ingress_counters(&mut fx), (1, 1, 0));
+
+    // A changed policy that keeps `web` (wider ports) and moves it: a new rule comes first, so
+    // `web` gets another rule id and other counter slots in the kernel.
+    let changed = POLICY
+        .replace(
+            "    ingress:\n      - name: web\n",
+            "    ingress:\n      - name: ssh\n        protocol: tcp\n        ports: 22\n        \
+             action: allow\n      - name: web\n",
+        )
+        .replace("ports: 8080\n", "ports: 8080-8081\n");
+    assert_ne!(changed, POLICY);
+    apply(&mut fx, &changed);
+    let status = fx.plane().status().expect("status");
+    let web_rule = status
+        .rules
+        .iter()
+        .find(|r| r.rule.name.as_deref() == Some("web"))
+        .expect("web");
+    assert_eq!(web_rule.rule.id, 1, "web moved to another counter slot");
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (1, SYN), "not reset by the apply");
+    assert_eq!(rules["no-telnet"], (1, SYN));
+    assert_eq!(rules["ssh"], (0, 0), "a new rule starts at zero");
+    assert_eq!(ingress_counters(&mut fx), (1, 1, 0));
+    assert_eq!(fx.ingress(&web(40001)), NEXT);
+    assert_eq!(
+        fx.ingress(&tcp((CLIENT, 42000), (ENDPOINT, 22), true, false)),
+        NEXT
+    );
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (2, 2 * SYN), "keeps counting");
+    assert_eq!(rules["ssh"], (1, SYN));
+    assert_eq!(ingress_counters(&mut fx), (3, 1, 0));
+
+    // A second change, without `no-telnet`: the slot of the first generation is reused (its
+    // counters are folded into the totals before it is zeroed).
+    let without_telnet = changed.replace(
+        "      - name: no-telnet\n        protocol: tcp\n        ports: 23\n        action: deny\n",
+        "",
+    );
+    assert_ne!(without_telnet, changed);
+    apply(&mut fx, &without_telnet);
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (2, 2 * SYN));
+    assert!(!rules.contains_key("no-telnet"));
+    assert_eq!(ingress_counters(&mut fx), (3, 1, 0));
+    assert_eq!(fx.ingress(&web(40002)), NEXT);
+    // Telnet now meets the default action (deny).
+    assert_eq!(fx.ingress(&telnet(41001)), DROP);
+    assert_eq!(rule_counters(&mut fx)["web"], (3, 3 * SYN));
+    assert_eq!(ingress_counters(&mut fx), (4, 2, 1));
+
+    // Delete, then the original policy again: `no-telnet` comes back with its total, `web`
+    // goes back to rule id 0 and keeps its own.
+    fx.plane().delete().expect("delete");
+    assert!(rule_counters(&mut fx).is_empty());
+    apply(&mut fx, POLICY);
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (3, 3 * SYN));
+    assert_eq!(rules["no-telnet"], (1, SYN));
+    assert_eq!(ingress_counters(&mut fx), (4, 2, 1));
+    assert_eq!(fx.ingress(&telnet(41002)), DROP);
+    assert_eq!(rule_counters(&mut fx)["no-telnet"], (2, 2 * SYN));
+
+    // Attaching another interface rewrites the policy into the other slot (a flip) too.
+    fx._netns.ip(&[
+        "link", "add", "ep1", "type", "veth", "peer", "name", "peer1",
+    ]);
+    let before = fx.plane().generation().expect("generation");
+    fx.plane().attach("ep1").expect("attach ep1");
+    assert!(fx.plane().generation().expect("generation") > before);
+    let rules = rule_counters(&mut fx);
+    assert_eq!(rules["web"], (3, 3 * SYN));
+    assert_eq!(rules["no-telnet"], (2, 2 * SYN));
+    assert_eq!(ingress_counters(&mut fx), (4, 3, 1));
+    assert_eq!(fx.ingress(&web(40003)), NEXT);
+    assert_eq!(rule_counters(&mut fx)["web"], (4, 4 * SYN));
+    assert_eq!(ingress_counters(&mut fx), (5, 3, 1));
+}
+
+/// Keeps the calling test thread on the CPU it runs on, so that every BPF_PROG_TEST_RUN
+/// meets the same per-CPU token bucket (`TC_EVENT_RATE`).
+fn pin_to_this_cpu() {
+    // SAFETY: sched_getcpu has no preconditions; the CPU set is a plain bit set initialised
+    // to zero before use and passed with its own size.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Every flow event waiting in the ring, oldest first (at most `max`).
+fn drain_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    max: usize,
+) -> Vec<bpf_common::policy::FlowEvent> {
+    let mut events = Vec::new();
+    for _ in 0..max {
+        let Some(item) = ring.next() else {
+            break;
+        };
+        assert_eq!(
+            item.len(),
+            std::mem::size_of::<bpf_common::policy::FlowEvent>(),
+            "one FlowEvent per record"
+        );
+        // SAFETY: the record holds one FlowEvent, a plain-old-data struct.
+        events.push(unsafe {
+            std::ptr::read_unaligned(item.as_ptr().cast::<bpf_common::policy::FlowEvent>())
+        });
+    }
+    events
+}
+
+/// A SYN from `CLIENT:port` to `ENDPOINT:22`: a new flow the ingress default denies, which
+/// sends exactly one `denied` event and tracks nothing (so the same count of events arises
+/// whatever the conntrack holds).
+fn denied_syn(port: u16) -> Vec<u8> {
+    tcp((CLIENT, port), (ENDPOINT, 22), true, false)
+}
+
+/// The client source port of a flow event.
+fn event_src_port(e: &bpf_common::policy::FlowEvent) -> u16 {
+    datapath::policy::original_tuple(&e.key, e.orig_side).1
+}
+
+#[test]
+fn events_over_the_rate_limit_are_counted_not_silently_lost() {
+    if !privileged() {
+        return;
+    }
+    pin_to_this_cpu();
+    const RATE: u64 = 10;
+    const FLOWS: u16 = 200;
+    const FIRST_PORT: u16 = 20_000;
+    let mut fx = Fixture::with_config(POLICY, 1024, RATE);
+    let mut ring = fx.plane().take_events().expect("TC_EVENTS");
+    let started = std::time::Instant::now();
+    for i in 0..FLOWS {
+        assert_eq!(fx.ingress(&denied_syn(FIRST_PORT + i)), DROP);
+    }
+    let elapsed = started.elapsed();
+    // Nothing has read the ring meanwhile.
+    let events = drain_events(&mut ring, usize::from(FLOWS) + 16);
+    let delivered = events.len() as u64;
+    let rate_limited = fx.reason("event_rate_limited");
+    let ring_full = fx.reason("event_lost");
+    assert_eq!(fx.reason("drop_default"), u64::from(FLOWS));
+    assert_eq!(
+        delivered + rate_limited + ring_full,
+        u64::from(FLOWS),
+        "every event generated is delivered or counted as lost \
+         (delivered {delivered}, rate_limited {rate_limited}, ring_full {ring_full})"
+    );
+    assert_eq!(ring_full, 0, "the ring had room for all of them");
+    // The bucket starts full (a burst of RATE), then refills at RATE per second: the bound
+    // grows with the time the loop took, it is not a timing threshold.
+    let refill = (elapsed.as_nanos() * u128::from(RATE)).div_ceil(1_000_000_000) as u64;
+    assert!(
+        (RATE..=RATE + refill).contains(&delivered),
+        "delivered {delivered}: a burst of {RATE} plus at most {refill} refilled in {elapsed:?}"
+    );
+    assert!(rate_limited >= u64::from(FLOWS) - RATE - refill);
+    // The burst is the first flows, in order, each a `denied` event.
+    for (i, e) in events.iter().take(RATE as usize).enumerate() {
+        assert_eq!(e.kind, bpf_common::policy::EVENT_DENIED);
+        assert_eq!(event_src_port(e), FIRST_PORT + i as u16);
+    }
+}
+
+#[test]
+fn events_that_find_the_ring_full_are_counted_not_silently_lost() {
+    if !privileged() {
+        return;
+    }
+    pin_to_this_cpu();
+    // The programs cap the rate at 1e6 per second: the bucket's burst is far more than the
+    // ring holds, so only the ring limits here.
+    let mut fx = Fixture::with_config(POLICY, 1024, 1_000_000);
+    let mut ring = fx.plane().take_events().expect("TC_EVENTS");
+    // A ring buffer record is an 8-byte header plus the event, rounded up to 8 bytes; a
+    // reservation fails once it would not fit the ring's bytes.
+    let record = (8 + std::mem::size_of::<bpf_common::policy::FlowEvent>()).next_multiple_of(8);
+    let capacity = bpf_common::policy::defaults::EVENTS_BYTES as usize / record;
+    let flows = capacity + 500;
+    const FIRST_PORT: u16 = 10_000;
+    for i in 0..flows {
+        assert_eq!(fx.ingress(&denied_syn(FIRST_PORT + i as u16)), DROP);
+    }
+    let events = drain_events(&mut ring, flows + 16);
+    let delivered = events.len() as u64;
+    let rate_limited = fx.reason("event_rate_limited");
+    let ring_full = fx.reason("event_lost");
+    assert_eq!(
+        delivered + rate_limited + ring_full,
+        flows as u64,
+        "every event generated is delivered or counted as lost \
+         (delivered {delivered}, rate_limited {rate_limited}, ring_full {ring_full})"
+    );
+    assert_eq!(rate_limited, 0);
+    assert_eq!(
+        delivered, capacity as u64,
+        "the ring holds {capacity} events"
+    );
+    assert_eq!(ring_full, (flows - capacity) as u64);
+    // The ring keeps the oldest: the first `capacity` flows, in order.
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.kind, bpf_common::policy::EVENT_DENIED);
+        assert_eq!(event_src_port(e), FIRST_PORT + i as u16);
+    }
+    // Once read, the ring takes events again; the loss count stays where it was.
+    const MORE: u16 = 10;
+    let next_port = FIRST_PORT + flows as u16;
+    for i in 0..MORE {
+        assert_eq!(fx.ingress(&denied_syn(next_port + i)), DROP);
+    }
+    let events = drain_events(&mut ring, usize::from(MORE) + 16);
+    assert_eq!(events.len(), usize::from(MORE));
+    assert_eq!(event_src_port(&events[0]), next_port);
+    assert_eq!(fx.reason("event_lost"), (flows - capacity) as u64);
 }
