@@ -156,6 +156,7 @@ pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
     config.validate()?;
     std::fs::create_dir_all(&config.pin_root)
         .map_err(|e| Error::io(format!("create pin root {}", config.pin_root.display()), e))?;
+    replace_incompatible_pins(&config.pin_root)?;
     let table_entries = config.max_services * 2 * config.maglev_size;
     let mut loader = EbpfLoader::new();
     loader
@@ -180,6 +181,88 @@ pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
             config.pin_root.display()
         ),
     })
+}
+
+/// The layout this build's XDP object gives each pinned map whose layout is fixed by the ABI in
+/// `bpf-common`: name, key size, value size, and the entry count where the ABI fixes it too
+/// (the others follow the configuration).
+fn abi_layouts() -> [(&'static str, usize, usize, Option<u32>); 10] {
+    use bpf_common::{FlowEntry, NatReverseEntry, ct::CtKey, defaults};
+    use std::mem::size_of;
+    let counter = size_of::<bpf_common::Counter>();
+    [
+        (
+            map_names::VIPS,
+            size_of::<VipKey>(),
+            size_of::<VipInfo>(),
+            None,
+        ),
+        (map_names::VIP_ADDRS, size_of::<VipAddrKey>(), 4, None),
+        (map_names::BACKENDS, 4, size_of::<BackendInfo>(), None),
+        (map_names::MAGLEV, 4, 4, None),
+        (
+            map_names::FLOWS,
+            size_of::<CtKey>(),
+            size_of::<FlowEntry>(),
+            None,
+        ),
+        (
+            map_names::NAT_REV,
+            size_of::<CtKey>(),
+            size_of::<NatReverseEntry>(),
+            None,
+        ),
+        (map_names::VIP_STATS, 4, counter, None),
+        (map_names::BACKEND_STATS, 4, counter, None),
+        (
+            map_names::INTERFACE_STATS,
+            4,
+            counter,
+            Some(defaults::MAX_IFINDEX),
+        ),
+        (map_names::REASONS, 4, 8, Some(reason::COUNT)),
+    ]
+}
+
+/// Unpins every map under `pin_root` whose layout differs from this build's, so that the
+/// loader creates it afresh. Such a pin is left by a datapathd built with another ABI (an
+/// upgrade that changed a map's key or value type, or added a drop reason): reused, it would
+/// make the load fail in the verifier or, worse, be read with the wrong layout. Only those maps
+/// lose their entries (a replaced `LB_FLOWS` loses its flows: established connections are
+/// re-pinned by Maglev, full-NAT ones with a new source port); every compatible map, the
+/// services and the pinned links are kept. The old program keeps forwarding with the old maps
+/// until the new one is swapped into its links.
+fn replace_incompatible_pins(pin_root: &Path) -> Result<()> {
+    use std::os::fd::AsFd as _;
+    for (name, key_size, value_size, entries) in abi_layouts() {
+        let path = pin_root.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let map = MapData::from_pin(&path).map_err(|e| Error::Map {
+            context: format!("open pinned map {}", path.display()),
+            source: Box::new(e),
+        })?;
+        let found = crate::gc::map_layout(map.fd().as_fd())?;
+        let compatible = found.key_size as usize == key_size
+            && found.value_size as usize == value_size
+            && entries.is_none_or(|n| n == found.max_entries);
+        if compatible {
+            continue;
+        }
+        warn!(
+            map = name,
+            found_key_bytes = found.key_size,
+            found_value_bytes = found.value_size,
+            found_entries = found.max_entries,
+            key_bytes = key_size,
+            value_bytes = value_size,
+            "pinned map has another build's layout: replaced by an empty one; its entries are lost"
+        );
+        std::fs::remove_file(&path)
+            .map_err(|e| Error::io(format!("unpin incompatible map {}", path.display()), e))?;
+    }
+    Ok(())
 }
 
 /// Mounts bpffs at `/sys/fs/bpf` when nothing is mounted there.

@@ -372,20 +372,44 @@ fn delete<K: Copy>(map: BorrowedFd<'_>, key: &K) -> Result<bool> {
     }
 }
 
-/// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH`.
+/// Every entry of a hash map of `K -> V`, `batch_size` entries per `BPF_MAP_LOOKUP_BATCH`
+/// call, the walk bounded by the map's own size ([`map_layout`], which also refuses a map whose
+/// key or value size is not `K`'s or `V`'s).
 fn lookup_all<K: Copy + Default, V: Copy + Default>(
     map: BorrowedFd<'_>,
     batch_size: u32,
 ) -> Result<Vec<(K, V)>> {
-    let mut batch_size = batch_size.max(1);
+    let layout = map_layout(map)?;
+    layout.expect_types::<K, V>()?;
+    lookup_batch_all(map, layout.max_entries, batch_size)
+}
+
+/// Every entry of a hash or LRU hash map of `K -> V` (plain `#[repr(C)]` types of the map's
+/// key and value sizes) holding at most `max_entries`, read with `BPF_MAP_LOOKUP_BATCH`,
+/// `batch_size` entries per call.
+///
+/// The kernel walks the map bucket by bucket and hands back a bucket index as the resume
+/// token, so an entry deleted between two calls neither restarts nor derails the walk (as it
+/// does with `BPF_MAP_GET_NEXT_KEY`); entries inserted or deleted during the walk may or may
+/// not be in the result. Every call consumes at least one bucket, so the number of calls is
+/// bounded by the bucket count (`max_entries` rounded up to a power of two) plus the retries
+/// that grow the buffer when one bucket holds more entries than fit.
+pub fn lookup_batch_all<K: Copy + Default, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    max_entries: u32,
+    batch_size: u32,
+) -> Result<Vec<(K, V)>> {
+    const MAX_BATCH: u32 = 1 << 20;
+    let mut batch_size = batch_size.clamp(1, MAX_BATCH);
+    let max_calls = u64::from(max_entries.max(1)).next_power_of_two() + 64;
     let mut out = Vec::new();
-    // The hash map's batch token is a bucket index (u32); 8 bytes leave room either way.
+    // The hash maps' token is a bucket index (u32); 8 bytes leave room either way.
     let mut token_in = 0u64;
     let mut token_out = 0u64;
     let mut first = true;
     let mut keys = vec![K::default(); batch_size as usize];
     let mut values = vec![V::default(); batch_size as usize];
-    loop {
+    for _ in 0..max_calls {
         keys.resize(batch_size as usize, K::default());
         values.resize(batch_size as usize, V::default());
         let mut attr = BatchAttr {
@@ -402,7 +426,7 @@ fn lookup_all<K: Copy + Default, V: Copy + Default>(
             ..Default::default()
         };
         let result = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let filled = attr.count as usize;
+        let filled = (attr.count as usize).min(batch_size as usize);
         match result {
             Ok(_) => {}
             // The end of the map; `count` says how many the last call still returned.
@@ -416,7 +440,7 @@ fn lookup_all<K: Copy + Default, V: Copy + Default>(
                 return Ok(out);
             }
             // One bucket holds more entries than fit: retry that bucket with room for more.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && batch_size < 1 << 20 => {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && batch_size < MAX_BATCH => {
                 batch_size *= 2;
                 continue;
             }
@@ -431,6 +455,62 @@ fn lookup_all<K: Copy + Default, V: Copy + Default>(
         token_in = token_out;
         first = false;
     }
+    Err(Error::InvalidArgument(format!(
+        "BPF_MAP_LOOKUP_BATCH did not reach the end of a map of {max_entries} entries in \
+         {max_calls} calls"
+    )))
+}
+
+/// What the kernel says a map is (the start of `struct bpf_map_info`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct MapLayout {
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+}
+
+impl MapLayout {
+    /// An error unless the map's keys are `K`s and its values `V`s, by size. A pinned map
+    /// left by a build with another ABI would otherwise be read as garbage.
+    pub fn expect_types<K, V>(&self) -> Result<()> {
+        let (key, value) = (size_of::<K>() as u32, size_of::<V>() as u32);
+        if (self.key_size, self.value_size) == (key, value) {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "map id {} has {}-byte keys and {}-byte values, this build expects {key} and {value}",
+            self.id, self.key_size, self.value_size
+        )))
+    }
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The type, key and value sizes and capacity of `map`.
+pub fn map_layout(map: BorrowedFd<'_>) -> Result<MapLayout> {
+    let mut layout = MapLayout::default();
+    let mut attr = InfoAttr {
+        bpf_fd: map.as_raw_fd() as u32,
+        // The kernel copies at most this much of its (longer) `struct bpf_map_info`.
+        info_len: size_of::<MapLayout>() as u32,
+        info: &mut layout as *mut MapLayout as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)
+        .map_err(|e| map_error("BPF_OBJ_GET_INFO_BY_FD", e))?;
+    Ok(layout)
 }
 
 /// Creates an anonymous hash map of `map_type` (`BPF_MAP_TYPE_LRU_HASH` is 9) for `K -> V`.

@@ -27,7 +27,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -1232,10 +1232,12 @@ impl PolicyPlane {
         })
     }
 
-    /// Every tracked flow, read with `BPF_MAP_LOOKUP_BATCH` ([`lookup_batch_all`]): a few
+    /// Every tracked flow, read with `BPF_MAP_LOOKUP_BATCH` ([`crate::gc::lookup_batch_all`]): a few
     /// hundred syscalls for a million entries instead of two per entry, and no restart from
     /// the first key when the entry the iteration stood on is deleted meanwhile.
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        /// Entries per `BPF_MAP_LOOKUP_BATCH` call when reading `CT_FLOWS`.
+        const CT_LOOKUP_BATCH: u32 = 4_096;
         let map = match self.map(map_names::CT_FLOWS)? {
             aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => data,
             _ => {
@@ -1249,7 +1251,7 @@ impl PolicyPlane {
             .info()
             .map(|info| info.max_entries())
             .unwrap_or(self.config.max_ct_flows);
-        lookup_batch_all(map.fd().as_fd(), max_entries, CT_LOOKUP_BATCH)
+        crate::gc::lookup_batch_all(map.fd().as_fd(), max_entries, CT_LOOKUP_BATCH)
     }
 
     /// Tracked flows matching `filter`.
@@ -1343,124 +1345,6 @@ impl PolicyPlane {
     pub fn pin_root(&self) -> &Path {
         &self.config.pin_root
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Batch reads. aya 0.14 has no batch map operations; `gc.rs` has its own for `FlowKey` maps
-// (private, and owned by the flow collector), this one is generic over the key.
-// ---------------------------------------------------------------------------------------------
-
-/// Entries per `BPF_MAP_LOOKUP_BATCH` call when reading `CT_FLOWS`.
-const CT_LOOKUP_BATCH: u32 = 4_096;
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-/// `union bpf_attr` for the batch commands (`struct { in_batch, out_batch, keys, values,
-/// count, map_fd, elem_flags, flags }`).
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// Every entry of a hash or LRU hash map of `K -> V` (plain `#[repr(C)]` types of the map's
-/// key and value sizes) holding at most `max_entries`, read with `BPF_MAP_LOOKUP_BATCH`,
-/// `batch_size` entries per call.
-///
-/// The kernel walks the map bucket by bucket and hands back a bucket index as the resume
-/// token, so an entry deleted between two calls neither restarts nor derails the walk (as it
-/// does with `BPF_MAP_GET_NEXT_KEY`); entries inserted or deleted during the walk may or may
-/// not be in the result. Every call consumes at least one bucket, so the number of calls is
-/// bounded by the bucket count (`max_entries` rounded up to a power of two) plus the retries
-/// that grow the buffer when one bucket holds more entries than fit.
-pub fn lookup_batch_all<K: Copy + Default, V: Copy + Default>(
-    map: BorrowedFd<'_>,
-    max_entries: u32,
-    batch_size: u32,
-) -> Result<Vec<(K, V)>> {
-    const MAX_BATCH: u32 = 1 << 20;
-    let mut batch_size = batch_size.clamp(1, MAX_BATCH);
-    let max_calls = u64::from(max_entries.max(1)).next_power_of_two() + 64;
-    let mut out = Vec::new();
-    // The hash maps' token is a bucket index (u32); 8 bytes leave room either way.
-    let mut token_in = 0u64;
-    let mut token_out = 0u64;
-    let mut first = true;
-    let mut keys = vec![K::default(); batch_size as usize];
-    let mut values = vec![V::default(); batch_size as usize];
-    for _ in 0..max_calls {
-        keys.resize(batch_size as usize, K::default());
-        values.resize(batch_size as usize, V::default());
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &mut token_in as *mut u64 as u64
-            },
-            out_batch: &mut token_out as *mut u64 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: batch_size,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        // SAFETY: `attr` is a valid `#[repr(C)]` prefix of `union bpf_attr`; the token, key
-        // and value buffers it points to live across the call and hold `count` elements of
-        // the map's key and value types.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr as *mut libc::c_void,
-                std::mem::size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
-        let filled = (attr.count as usize).min(batch_size as usize);
-        let error = (rc < 0).then(std::io::Error::last_os_error);
-        match error.as_ref().and_then(|e| e.raw_os_error()) {
-            None => {}
-            // The end of the map; `count` says how many the last call still returned.
-            Some(libc::ENOENT) => {
-                out.extend(
-                    keys.iter()
-                        .copied()
-                        .zip(values.iter().copied())
-                        .take(filled),
-                );
-                return Ok(out);
-            }
-            // One bucket holds more entries than fit: retry it with room for more.
-            Some(libc::ENOSPC) if batch_size < MAX_BATCH => {
-                batch_size *= 2;
-                continue;
-            }
-            Some(_) => {
-                return Err(Error::io(
-                    "BPF_MAP_LOOKUP_BATCH",
-                    error.expect("an error code"),
-                ));
-            }
-        }
-        out.extend(
-            keys.iter()
-                .copied()
-                .zip(values.iter().copied())
-                .take(filled),
-        );
-        token_in = token_out;
-        first = false;
-    }
-    Err(Error::InvalidArgument(format!(
-        "BPF_MAP_LOOKUP_BATCH did not reach the end of a map of {max_entries} entries in \
-         {max_calls} calls"
-    )))
 }
 
 #[cfg(test)]

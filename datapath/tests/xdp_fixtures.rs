@@ -131,6 +131,11 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::new_after(|_| {})
+    }
+
+    /// A fixture whose `prepare` runs on the (created) pin root before the dataplane starts.
+    fn new_after(prepare: impl FnOnce(&std::path::Path)) -> Self {
         let netns = TestNetns::enter();
         // The program is really attached: IPv6 router solicitations on the new links would
         // move the counters these tests compare exactly. Off before any link exists.
@@ -215,6 +220,8 @@ impl Fixture {
         ]);
 
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name()));
+        std::fs::create_dir_all(&pin_root).expect("create the pin root");
+        prepare(&pin_root);
         let config = DataplaneConfig {
             pin_root: pin_root.clone(),
             interfaces: vec!["front".into(), "back".into()],
@@ -1345,4 +1352,66 @@ fn dsr_flow_entries_are_one_way_conntrack_records() {
     assert_eq!(fx.run(&packet(FIN_ACK), fx.front_index).0, XDP_REDIRECT);
     let (_, entry) = lb_flow(&fx, (CLIENT, 40200), (VIP, 80));
     assert_eq!(state_name(6, entry.ct.state), "FIN_WAIT");
+}
+
+#[test]
+fn pinned_maps_of_another_abi_are_replaced_and_the_compatible_ones_kept() {
+    use std::os::fd::AsFd as _;
+    if !privileged() {
+        return;
+    }
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    let pin = |fd: std::os::fd::OwnedFd, path: std::path::PathBuf| {
+        aya::maps::MapData::from_fd(fd)
+            .expect("map data")
+            .pin(path)
+            .expect("pin");
+    };
+    let layout = |fx: &Fixture, name: &str| {
+        let map = aya::maps::MapData::from_pin(fx.pin_root.join(name)).expect("open pin");
+        datapath::gc::map_layout(map.fd().as_fd()).expect("map info")
+    };
+    let mut kept_id = 0;
+    let mut fx = Fixture::new_after(|root| {
+        // What the previous release pinned: a 40-byte 5-tuple key and a 56-byte flow entry,
+        // and 21 drop reasons.
+        let flows =
+            datapath::gc::create_hash_map::<[u8; 40], [u8; 56]>(BPF_MAP_TYPE_LRU_HASH, 1024)
+                .expect("old LB_FLOWS");
+        pin(flows, root.join(bpf_common::map_names::FLOWS));
+        let reasons = datapath::gc::create_hash_map::<u32, u64>(BPF_MAP_TYPE_PERCPU_ARRAY, 21)
+            .expect("old LB_REASONS");
+        pin(reasons, root.join(bpf_common::map_names::REASONS));
+        // A map whose layout did not change: it must be reused, not replaced.
+        let vips = datapath::gc::create_hash_map::<bpf_common::VipKey, bpf_common::VipInfo>(
+            BPF_MAP_TYPE_HASH,
+            4,
+        )
+        .expect("LB_VIPS");
+        kept_id = datapath::gc::map_layout(vips.as_fd()).expect("info").id;
+        pin(vips, root.join(bpf_common::map_names::VIPS));
+    });
+
+    let flows = layout(&fx, bpf_common::map_names::FLOWS);
+    assert_eq!(
+        (flows.key_size, flows.value_size),
+        (size_of::<CtKey>() as u32, size_of::<FlowEntry>() as u32)
+    );
+    assert_eq!(
+        layout(&fx, bpf_common::map_names::REASONS).max_entries,
+        reason::COUNT
+    );
+    assert_eq!(layout(&fx, bpf_common::map_names::VIPS).id, kept_id);
+
+    // And the datapath works on the replaced maps.
+    let backends = &BACKENDS[..3];
+    fx.apply(&service(ForwardingMode::Dsr, Protocol::Tcp, 80, backends));
+    let before = fx.reason("new_flow");
+    let syn = tcp_flags_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, 40300), (VIP, 80), SYN);
+    assert_eq!(fx.run(&syn, fx.front_index).0, XDP_REDIRECT);
+    assert_eq!(fx.reason("new_flow"), before + 1);
+    let (_, entry) = lb_flow(&fx, (CLIENT, 40300), (VIP, 80));
+    assert_eq!(state_name(6, entry.ct.state), "SYN_SENT");
 }
