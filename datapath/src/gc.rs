@@ -261,6 +261,36 @@ pub fn owner_of(key: &CtKey, entry: &NatReverseEntry) -> CtKey {
     .0
 }
 
+/// Every entry of the load balancer's flow table pinned under `pin_root`, or `None` when there
+/// is none (the load balancer never ran there). For `lb-ctl conntrack list`.
+pub fn pinned_lb_flows(pin_root: &Path) -> Result<Option<Vec<(CtKey, FlowEntry)>>> {
+    let path = pin_root.join(map_names::FLOWS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let map = aya::maps::MapData::from_pin(&path).map_err(|source| Error::Map {
+        context: format!("open pinned map {}", path.display()),
+        source: Box::new(source),
+    })?;
+    Ok(Some(lookup_all(map.fd().as_fd(), 4_096)?))
+}
+
+/// Deletes `keys` from the load balancer's flow table pinned under `pin_root`; returns how many
+/// were there. A deleted flow's next packet re-creates it on the same backend (while the
+/// Maglev table is unchanged), and a full-NAT flow finds its reverse entry and keeps its port.
+pub fn delete_pinned_lb_flows(pin_root: &Path, keys: &[CtKey]) -> Result<u64> {
+    let path = pin_root.join(map_names::FLOWS);
+    let map = aya::maps::MapData::from_pin(&path).map_err(|source| Error::Map {
+        context: format!("open pinned map {}", path.display()),
+        source: Box::new(source),
+    })?;
+    let mut deleted = 0;
+    for key in keys {
+        deleted += u64::from(delete(map.fd().as_fd(), key)?);
+    }
+    Ok(deleted)
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_now_ns() -> u64 {
     let mut now = libc::timespec {

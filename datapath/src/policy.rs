@@ -563,9 +563,22 @@ impl Default for PolicyConfig {
     }
 }
 
+/// `CtFlow::table` of the tc programs' `CT_FLOWS`.
+pub const TABLE_POLICY: &str = "policy";
+/// `CtFlow::table` of the XDP load balancer's `LB_FLOWS`.
+pub const TABLE_LB: &str = "lb";
+
+fn policy_table() -> String {
+    TABLE_POLICY.into()
+}
+
 /// A tracked flow, as listed by `lb-ctl conntrack list`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CtFlow {
+    /// The conntrack table holding it: [`TABLE_POLICY`] (`CT_FLOWS`) or [`TABLE_LB`]
+    /// (`LB_FLOWS`, whose records are the same `CtEntry`).
+    #[serde(default = "policy_table")]
+    pub table: String,
     pub protocol: String,
     /// Original direction: source and destination.
     pub src: String,
@@ -614,6 +627,7 @@ impl CtFlow {
     pub fn from_entry(key: &CtKey, e: &CtEntry, now_ns: u64) -> Self {
         let (src, sp, dst, dp) = original_tuple(key, e.orig_side);
         CtFlow {
+            table: TABLE_POLICY.into(),
             protocol: proto_name(key.proto),
             src: src.to_string(),
             src_port: sp,
@@ -634,6 +648,19 @@ impl CtFlow {
     }
 }
 
+impl CtFlow {
+    /// A load-balancer flow: its conntrack record, without the policy fields (it was admitted
+    /// by no rule; `ifindex` is where its first packet arrived).
+    pub fn from_lb_entry(key: &CtKey, e: &bpf_common::FlowEntry, now_ns: u64) -> Self {
+        CtFlow {
+            table: TABLE_LB.into(),
+            rule: None,
+            policy_direction: "-".into(),
+            ..CtFlow::from_entry(key, &e.ct, now_ns)
+        }
+    }
+}
+
 /// Filters of `conntrack list` / `flush`: every given field must match.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CtFilter {
@@ -648,6 +675,9 @@ pub struct CtFilter {
     /// State name, case-insensitive (`established`, `time_wait`, `replied`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// `policy` or `lb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
 }
 
 impl CtFilter {
@@ -664,6 +694,10 @@ impl CtFilter {
                 .state
                 .as_ref()
                 .is_none_or(|s| s.eq_ignore_ascii_case(&f.state))
+            && self
+                .table
+                .as_ref()
+                .is_none_or(|t| t.eq_ignore_ascii_case(&f.table))
     }
 }
 

@@ -428,12 +428,65 @@ impl PolicyModule {
         self.with_plane(|plane| plane.status())
     }
 
+    /// Tracked flows of both conntrack tables matching `filter`: the policy module's
+    /// `CT_FLOWS` when it is up, and the load balancer's `LB_FLOWS` when it is pinned. With
+    /// neither, the module's "off" error.
     pub fn ct_list(&self, filter: &CtFilter) -> Result<Vec<CtFlow>> {
-        self.with_plane(|plane| plane.ct_list(filter, monotonic_now_ns()))
+        let now = monotonic_now_ns();
+        let lb = crate::gc::pinned_lb_flows(&self.pin_root)?;
+        let mut flows = match (self.with_plane(|plane| plane.ct_list(filter, now)), &lb) {
+            (Ok(flows), _) => flows,
+            (Err(e), None) => return Err(e),
+            (Err(_), Some(_)) => Vec::new(),
+        };
+        flows.extend(
+            lb.iter()
+                .flatten()
+                .map(|(key, entry)| CtFlow::from_lb_entry(key, entry, now))
+                .filter(|flow| filter.matches(flow)),
+        );
+        flows.sort_by(|a, b| {
+            (
+                &a.table,
+                &a.protocol,
+                &a.src,
+                a.src_port,
+                &a.dst,
+                a.dst_port,
+            )
+                .cmp(&(
+                    &b.table,
+                    &b.protocol,
+                    &b.src,
+                    b.src_port,
+                    &b.dst,
+                    b.dst_port,
+                ))
+        });
+        Ok(flows)
     }
 
+    /// Removes the tracked flows of both tables matching `filter`; see [`Self::ct_list`].
     pub fn ct_flush(&self, filter: &CtFilter) -> Result<u64> {
-        self.with_plane(|plane| plane.ct_flush(filter, monotonic_now_ns()))
+        let now = monotonic_now_ns();
+        let lb = crate::gc::pinned_lb_flows(&self.pin_root)?;
+        let policy_removed = match (self.with_plane(|plane| plane.ct_flush(filter, now)), &lb) {
+            (Ok(removed), _) => removed,
+            (Err(e), None) => return Err(e),
+            (Err(_), Some(_)) => 0,
+        };
+        let victims: Vec<bpf_common::ct::CtKey> = lb
+            .iter()
+            .flatten()
+            .filter(|(key, entry)| filter.matches(&CtFlow::from_lb_entry(key, entry, now)))
+            .map(|(key, _)| *key)
+            .collect();
+        let lb_removed = if victims.is_empty() {
+            0
+        } else {
+            crate::gc::delete_pinned_lb_flows(&self.pin_root, &victims)?
+        };
+        Ok(policy_removed + lb_removed)
     }
 
     pub fn ct_stats(&self) -> Result<CtStats> {
@@ -705,6 +758,7 @@ struct CtQuery {
     port: Option<u16>,
     protocol: Option<String>,
     state: Option<String>,
+    table: Option<String>,
 }
 
 impl From<CtQuery> for CtFilter {
@@ -714,6 +768,7 @@ impl From<CtQuery> for CtFilter {
             port: q.port,
             protocol: q.protocol,
             state: q.state,
+            table: q.table,
         }
     }
 }

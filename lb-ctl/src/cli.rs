@@ -60,7 +60,8 @@ pub enum Command {
     /// The tc (TCX) policy: apply a policy file, show it with its counters, delete it.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// The policy module's conntrack table: list, count, flush tracked flows.
+    /// The conntrack: list, count, flush tracked flows, of the policy module's table (`policy`)
+    /// and of the load balancer's flow table (`lb`), which hold the same records.
     #[command(subcommand)]
     Conntrack(ConntrackCommand),
     /// Flow events (opened, logged, closed, denied, cut, expired): the recent ones, or live
@@ -101,6 +102,9 @@ pub struct CtFilterArgs {
     /// (TCP); new, replied (UDP, ICMP).
     #[arg(long, value_name = "STATE")]
     pub state: Option<String>,
+    /// One table only: policy (the tc programs' CT_FLOWS) or lb (the load balancer's LB_FLOWS).
+    #[arg(long, value_name = "TABLE")]
+    pub table: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -291,6 +295,13 @@ fn ct_query(f: &CtFilterArgs) -> Result<String> {
             ));
         }
         parts.push(format!("state={}", s.to_ascii_lowercase()));
+    }
+    if let Some(t) = &f.table {
+        let t = t.to_ascii_lowercase();
+        if !matches!(t.as_str(), "policy" | "lb") {
+            return Err(Error::invalid("table", &t, "expected policy or lb"));
+        }
+        parts.push(format!("table={t}"));
     }
     Ok(if parts.is_empty() {
         String::new()
@@ -671,6 +682,11 @@ mod tests {
             Action::ConntrackList(q)
                 if q == "?address=198.18.0.1&port=80&protocol=tcp&state=established"
         ));
+        assert!(matches!(
+            action(&["conntrack", "list", "--table", "LB"]).unwrap(),
+            Action::ConntrackList(q) if q == "?table=lb"
+        ));
+        assert!(invalid(&["conntrack", "flush", "--table", "nat"]).contains("policy or lb"));
         assert!(matches!(
             action(&["conntrack", "flush"]).unwrap(),
             Action::ConntrackFlush(q) if q.is_empty()

@@ -362,6 +362,7 @@ pub fn policy(v: &serde_json::Value) -> String {
 /// `lb-ctl conntrack list`.
 pub fn conntrack(v: &serde_json::Value) -> String {
     let mut t = Table::new(&[
+        ("TABLE", Align::Left),
         ("PROTO", Align::Left),
         ("SOURCE", Align::Left),
         ("DESTINATION", Align::Left),
@@ -376,6 +377,7 @@ pub fn conntrack(v: &serde_json::Value) -> String {
     ]);
     for f in v.as_array().into_iter().flatten() {
         t.row(vec![
+            num(&f["table"]),
             num(&f["protocol"]),
             format!("{}:{}", num(&f["src"]), num(&f["src_port"])),
             format!("{}:{}", num(&f["dst"]), num(&f["dst_port"])),

@@ -392,6 +392,16 @@ fn dsr_mode() {
     );
     let svc = find_service(&stats.services, TCP_SERVICE_PORT, Protocol::Tcp);
     assert!(svc.counters.packets > 0, "{svc:#?}");
+
+    // The flow table tracks DSR flows one way: the client's ACK establishes them, and no
+    // reply is ever counted, because replies bypass the load balancer.
+    let mut conn = ok("connect", client::connect_in(lab.client_ns(), vip_tcp()));
+    ok("ping", conn.ping());
+    let rows = lb_conntrack(&lab);
+    let row = &rows[&conn.local.port()];
+    assert_eq!(row["state"], "ESTABLISHED", "{row:#}");
+    assert!(row["packets_orig"].as_u64() >= Some(3), "{row:#}");
+    assert_eq!(row["packets_reply"].as_u64(), Some(0), "{row:#}");
 }
 
 #[test]
@@ -527,4 +537,90 @@ fn cli_bad_input_changes_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+/// The `lb` rows of `lb-ctl -o json conntrack list` for the TCP service, by client port.
+fn lb_conntrack(lab: &Lab) -> std::collections::BTreeMap<u16, serde_json::Value> {
+    let port = TCP_SERVICE_PORT.to_string();
+    let rows = ok(
+        "conntrack list",
+        lab.daemon()
+            .lb_ctl_json(&["conntrack", "list", "--table", "lb", "--port", &port]),
+    );
+    rows.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|row| {
+            assert_eq!(row["table"], "lb", "{row:#}");
+            assert_eq!(row["dst"], VIP.to_string(), "{row:#}");
+            (row["src_port"].as_u64().expect("port") as u16, row.clone())
+        })
+        .collect()
+}
+
+#[test]
+fn conntrack_list_shows_the_load_balancers_flows_with_states_and_counters() {
+    let Some(lab) = tcp_lab(3) else { return };
+    // The policy module is off in this lab: the load balancer's table is listed on its own.
+    let mut conns = ok(
+        "connect",
+        client::connect_many_in(lab.client_ns(), vip_tcp(), 3),
+    );
+    for _ in 0..3 {
+        ping_conns("pings", &mut conns);
+    }
+
+    let rows = lb_conntrack(&lab);
+    for conn in &conns {
+        let row = rows
+            .get(&conn.local.port())
+            .unwrap_or_else(|| panic!("{conn:?} not listed: {rows:#?}"));
+        assert_eq!(row["state"], "ESTABLISHED", "{row:#}");
+        assert_eq!(row["src"], conn.local.ip().to_string(), "{row:#}");
+        // SYN, the handshake's ACK, three pings (at least) one way; SYN+ACK, greeting and
+        // three answers the other: full-NAT replies are counted through the reverse entry.
+        assert!(row["packets_orig"].as_u64() >= Some(5), "{row:#}");
+        assert!(row["packets_reply"].as_u64() >= Some(5), "{row:#}");
+        assert!(row["bytes_reply"].as_u64() > Some(0), "{row:#}");
+        assert!(row["rtt_ns"].as_u64() > Some(0), "handshake RTT: {row:#}");
+        assert_eq!(row["rule"], serde_json::Value::Null, "{row:#}");
+    }
+
+    // A connection closed by the client ends in TIME_WAIT: both FINs crossed the datapath.
+    let closed = conns.remove(0);
+    let closed_port = closed.local.port();
+    drop(closed);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let state = lb_conntrack(&lab)[&closed_port]["state"].clone();
+        if state == "TIME_WAIT" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closed connection's flow still {state} after 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // Flushing the live flows loses nothing: their next packets re-create them on the same
+    // backend, with the same source port (the reverse entry still names them as owners).
+    let listed = lb_conntrack(&lab).len();
+    assert!(listed >= 3, "two live flows and the closed one");
+    let port = TCP_SERVICE_PORT.to_string();
+    let answer = ok(
+        "conntrack flush",
+        lab.daemon()
+            .lb_ctl_json(&["conntrack", "flush", "--table", "lb", "--port", &port]),
+    );
+    assert_eq!(answer["removed"].as_u64(), Some(listed as u64), "{answer}");
+    assert!(lb_conntrack(&lab).is_empty());
+    ping_conns("after the flush", &mut conns);
+    let rows = lb_conntrack(&lab);
+    for conn in &conns {
+        assert!(
+            rows.contains_key(&conn.local.port()),
+            "{conn:?} re-created: {rows:#?}"
+        );
+    }
 }
