@@ -8,7 +8,7 @@ use bpf_common::{
 };
 use conntrack::{
     Direction, TcpFlags, TcpState, Timeouts, canonical_key, ct_timeout, direction_of, new_entry,
-    state_name, update_entry,
+    state_name, update_entry, with_port,
 };
 
 const CLIENT: [u8; 4] = [198, 18, 0, 10];
@@ -354,4 +354,27 @@ fn one_way_entries_advance_on_original_packets_only() {
             (O, ACK, 52, 1_500, "SYN_SENT", false),
         ],
     );
+}
+
+#[test]
+fn with_port_keeps_the_key_canonical_between_distinct_addresses() {
+    // Full-NAT port allocation computes the backend leg's key once and then only sets the
+    // SNAT port of each attempt; that must equal the canonical key of the new endpoints.
+    let pairs = [
+        ([198, 18, 1, 11], [198, 18, 1, 1]),
+        ([198, 18, 1, 1], [198, 18, 1, 11]),
+        ([198, 19, 0, 1], [198, 18, 255, 255]),
+    ];
+    for (backend, snat) in pairs {
+        let backend = addr16_from_ipv4_octets(backend);
+        let snat = addr16_from_ipv4_octets(snat);
+        let (base, backend_side) =
+            canonical_key(backend, be(8080), snat, 0, PROTO_TCP, FAMILY_IPV4);
+        for port in [1, 1024, 40_000, 65_535] {
+            let (want, side) =
+                canonical_key(backend, be(8080), snat, be(port), PROTO_TCP, FAMILY_IPV4);
+            assert_eq!(side, backend_side);
+            assert_eq!(with_port(base, backend_side ^ 1, be(port)), want, "{port}");
+        }
+    }
 }
