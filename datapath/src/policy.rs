@@ -34,7 +34,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key as LpmKey},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+    },
     util::nr_cpus,
 };
 use bpf_common::{
@@ -48,6 +52,7 @@ use bpf_common::{
 };
 use conntrack::{Timeouts, ct_timeout, is_expired, state_name};
 use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
 use crate::{
     Error, Result,
@@ -763,8 +768,9 @@ pub struct PolicyStatus {
 pub struct PolicyPlane {
     bpf: Ebpf,
     config: PolicyConfig,
-    /// Interface name -> (ifindex, ingress link, egress link).
-    links: BTreeMap<String, (u32, SchedClassifierLinkId, SchedClassifierLinkId)>,
+    /// Interface name -> (ifindex, ingress link, egress link). The links are pinned (see
+    /// [`tcx_link_pin`]), so they outlive this process.
+    links: BTreeMap<String, (u32, PinnedLink, PinnedLink)>,
     policy: PolicySpec,
     compiled: CompiledPolicy,
     /// The policy this process wrote into the inactive slot (the previous generation), whose
@@ -790,6 +796,42 @@ fn add_endpoint_stats(into: &mut EndpointStats, s: &EndpointStats) {
         into.tracked[d] += s.tracked[d];
         into.cut[d] += s.cut[d];
     }
+}
+
+/// Where the TCX link of program `prog` on `interface` is pinned: beside the XDP links, so
+/// `datapathd cleanup` removes it with them.
+pub fn tcx_link_pin(pin_root: &Path, prog: &str, interface: &str) -> PathBuf {
+    pin_root.join("links").join(format!("{prog}_{interface}"))
+}
+
+/// Unpins (and so detaches) every pinned TCX link under `pin_root` whose interface is not in
+/// `keep`: what a previous run left for interfaces that are no longer configured, or for a
+/// policy module that is now off.
+pub fn unpin_tcx_links(pin_root: &Path, keep: &[String]) -> Result<()> {
+    let dir = pin_root.join("links");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let interface = [PROGRAM_INGRESS, PROGRAM_EGRESS]
+            .iter()
+            .find_map(|prog| file.strip_prefix(&format!("{prog}_")).map(str::to_string));
+        if let Some(interface) = interface
+            && !keep.contains(&interface)
+        {
+            std::fs::remove_file(entry.path()).map_err(|e| {
+                Error::io(format!("remove pinned link {}", entry.path().display()), e)
+            })?;
+            info!(
+                interface,
+                link = file,
+                "unpinned a TCX link of an interface no longer governed"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Names of the interfaces of the current network namespace (`if_nameindex`: `/sys/class/net`
@@ -866,33 +908,17 @@ impl PolicyPlane {
             return Ok(());
         }
         let ifindex = crate::dataplane::interface_index(name)?;
-        let mut ids = Vec::new();
-        for (prog, at) in [
-            (PROGRAM_INGRESS, TcAttachType::Ingress),
-            (PROGRAM_EGRESS, TcAttachType::Egress),
-        ] {
-            let program: &mut SchedClassifier = self
-                .bpf
-                .program_mut(prog)
-                .ok_or_else(|| Error::InvalidArgument(format!("program {prog} missing")))?
-                .try_into()
-                .map_err(program_error(format!("{prog} is not a classifier")))?;
-            match program.attach(name, at) {
-                Ok(id) => ids.push(id),
-                Err(e) => {
-                    // No half-attached interface: undo the ingress link.
-                    if let Some(id) = ids.pop()
-                        && let Some(p) = self.bpf.program_mut(PROGRAM_INGRESS)
-                        && let Ok(p) = <&mut SchedClassifier>::try_from(p)
-                    {
-                        let _ = p.detach(id);
-                    }
-                    return Err(program_error(format!("attach {prog} to {name} (TCX)"))(e));
+        let (ingress, ingress_created) = self.attach_pinned(PROGRAM_INGRESS, name)?;
+        let egress = match self.attach_pinned(PROGRAM_EGRESS, name) {
+            Ok((link, _)) => link,
+            Err(e) => {
+                // No half-attached interface: undo the ingress link this call created.
+                if ingress_created {
+                    let _ = ingress.unpin();
                 }
+                return Err(e);
             }
-        }
-        let egress = ids.pop().expect("two links");
-        let ingress = ids.pop().expect("two links");
+        };
         self.links
             .insert(name.to_string(), (ifindex, ingress, egress));
         // The new interface may be governed by the live policy.
@@ -903,18 +929,96 @@ impl PolicyPlane {
         Ok(())
     }
 
-    /// Detaches both programs from `name`.
+    /// Attaches program `prog` to `interface` through a pinned TCX link, or swaps this
+    /// process's program into the link a previous run pinned (`bpf_link_update`: the
+    /// interface is never without its policy across a daemon restart or upgrade). Returns the
+    /// link and whether this call created it.
+    fn attach_pinned(&mut self, prog: &str, interface: &str) -> Result<(PinnedLink, bool)> {
+        let pin = tcx_link_pin(&self.config.pin_root, prog, interface);
+        let at = if prog == PROGRAM_INGRESS {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
+        };
+        let program: &mut SchedClassifier = self
+            .bpf
+            .program_mut(prog)
+            .ok_or_else(|| Error::InvalidArgument(format!("program {prog} missing")))?
+            .try_into()
+            .map_err(program_error(format!("{prog} is not a classifier")))?;
+        let link_error = |what: String| {
+            move |e: aya::programs::links::LinkError| {
+                Error::io(what, std::io::Error::other(e.to_string()))
+            }
+        };
+        if pin.exists() {
+            let replaced = PinnedLink::from_pin(&pin)
+                .map_err(link_error(format!("open pinned link {}", pin.display())))
+                .and_then(|pinned| {
+                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_error(
+                        format!("pinned link {} is not a TCX link", pin.display()),
+                    ))
+                })
+                .and_then(|link| {
+                    program
+                        .attach_to_link(link)
+                        .map_err(program_error(format!("replace {prog} on {interface}")))
+                });
+            match replaced {
+                Ok(id) => {
+                    // The pin keeps the link, and the program now in it, alive.
+                    let link = program
+                        .take_link(id)
+                        .map_err(program_error("take the updated TCX link"))?;
+                    drop(link);
+                    let pinned = PinnedLink::from_pin(&pin)
+                        .map_err(link_error(format!("reopen pinned link {}", pin.display())))?;
+                    info!(
+                        interface,
+                        program = prog,
+                        "replaced the program in the pinned TCX link"
+                    );
+                    return Ok((pinned, false));
+                }
+                Err(e) => {
+                    // A link whose interface was deleted (a pod's veth re-created under the
+                    // same name) cannot be updated: attach afresh.
+                    warn!(interface, program = prog, error = %e, "stale pinned TCX link replaced");
+                    std::fs::remove_file(&pin).map_err(|e| {
+                        Error::io(format!("remove stale pinned link {}", pin.display()), e)
+                    })?;
+                }
+            }
+        }
+        let id = program
+            .attach(interface, at)
+            .map_err(program_error(format!("attach {prog} to {interface} (TCX)")))?;
+        let link = program
+            .take_link(id)
+            .map_err(program_error("take the new TCX link"))?;
+        let fd_link = FdLink::try_from(link).map_err(link_error(format!(
+            "{prog} on {interface} was attached through netlink (kernel without TCX), which \
+             cannot be pinned"
+        )))?;
+        if let Some(dir) = pin.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        let pinned = fd_link.pin(&pin).map_err(|source| Error::Pin {
+            context: format!("pin the TCX link of {prog} on {interface}"),
+            source: Box::new(source),
+        })?;
+        Ok((pinned, true))
+    }
+
+    /// Detaches both programs from `name`: unpinning the links releases their last reference.
     pub fn detach(&mut self, name: &str) -> Result<()> {
         let Some((_, ingress, egress)) = self.links.remove(name) else {
             return Ok(());
         };
-        for (prog, id) in [(PROGRAM_INGRESS, ingress), (PROGRAM_EGRESS, egress)] {
-            if let Some(p) = self.bpf.program_mut(prog)
-                && let Ok(p) = <&mut SchedClassifier>::try_from(p)
-            {
-                p.detach(id)
-                    .map_err(program_error(format!("detach {prog} from {name}")))?;
-            }
+        for link in [ingress, egress] {
+            link.unpin()
+                .map_err(|e| Error::io(format!("unpin the TCX links of {name}"), e))?;
         }
         Ok(())
     }
@@ -944,6 +1048,8 @@ impl PolicyPlane {
         for name in &wanted {
             self.attach(name)?;
         }
+        // Links a previous run pinned for interfaces no longer configured.
+        unpin_tcx_links(&self.config.pin_root, &self.interfaces())?;
         Ok(self.interfaces())
     }
 

@@ -331,6 +331,10 @@ impl PolicyModule {
                 }
                 changes.push("module policy off".to_string());
             }
+            // Also the links a previous run pinned: an off module enforces nothing.
+            if let Err(e) = crate::policy::unpin_tcx_links(&self.pin_root, &[]) {
+                warn!(error = %e, "could not unpin the TCX links of a previous run");
+            }
             if let Some(reader) = inner.reader.take() {
                 reader.abort();
             }

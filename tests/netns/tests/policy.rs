@@ -400,8 +400,25 @@ fn replies_pass_through_conntrack_and_a_policy_change_cuts_only_the_disallowed_f
         "new connections to 8081 are denied"
     );
 
-    // The policy survives a restart of the daemon (saved like the services).
+    // While the daemon is down (killed), the policy is still enforced: the TCX links are
+    // pinned, with the programs and their maps. Allowed connections keep working.
     let mut lab = lab;
+    lab.daemon
+        .as_mut()
+        .unwrap()
+        .kill_9()
+        .expect("kill -9 datapathd");
+    assert!(
+        refused(&lab.remote, 8081),
+        "still denied while the daemon is down"
+    );
+    web.ping()
+        .expect("the allowed connection keeps working while the daemon is down");
+    out.ping()
+        .expect("the outbound connection keeps working while the daemon is down");
+
+    // The policy survives a restart of the daemon (saved like the services), which swaps its
+    // programs into the pinned links.
     let d = lab.daemon.as_mut().unwrap();
     d.restart().expect("restarting datapathd");
     let status = lab.status().unwrap();
