@@ -346,67 +346,85 @@ impl Runtime {
         };
         let mut changes = Vec::new();
 
-        // The load balancer.
-        let lb_reason = if !new.lb_enabled {
-            Some("disabled by the configuration".to_string())
-        } else {
-            features.blocker(Module::Lb)
-        };
-        match (plane.dataplane_mut(), lb_wanted) {
-            (Some(dp), true) => {
-                let current: Vec<String> = dp.interfaces().into_iter().map(|(n, _)| n).collect();
-                let added: Vec<&String> =
-                    interfaces.iter().filter(|i| !current.contains(i)).collect();
-                let removed: Vec<&String> =
-                    current.iter().filter(|i| !interfaces.contains(i)).collect();
-                // Attach first; undo this reload's attachments if one fails.
-                let mut done: Vec<&String> = Vec::new();
-                for name in &added {
-                    if let Err(e) = dp.attach_interface(name) {
-                        for d in &done {
-                            let _ = dp.detach_interface(d);
-                        }
-                        return Err(e);
-                    }
-                    done.push(name);
-                    changes.push(format!("attached {name}"));
-                }
-                for name in removed {
-                    dp.detach_interface(name)?;
-                    changes.push(format!("detached {name}"));
-                }
-            }
-            (Some(_), false) => {
-                let reason = lb_reason.clone().unwrap_or_default();
-                if let Some(dp) = plane.dataplane_mut() {
-                    for (name, _) in dp.interfaces() {
-                        dp.detach_interface(&name)?;
-                    }
-                }
-                *plane = LbPlane::off(reason.clone());
-                changes.push(format!("module lb off ({reason})"));
-            }
-            (None, true) => {
-                let config = DataplaneConfig {
-                    interfaces: interfaces.clone(),
-                    ..new.dataplane_config()
-                };
-                let mut dp = Dataplane::start(&config)?;
-                dp.reconcile(state)?;
-                *plane = LbPlane::on(dp);
-                changes.push("module lb up".into());
-            }
-            (None, false) => {}
-        }
-
-        // The policy module: loaded, unloaded, its interfaces synced.
-        if let Some(policy) = self.policy.get() {
+        // The policy module first (loaded, unloaded, its interfaces synced): it can be put back
+        // exactly as it was with the old settings, so a load-balancer step that fails below
+        // does not leave the policy half of this reload in force.
+        let policy_module = self.policy.get();
+        if let Some(policy) = policy_module {
             let blocker = crate::policyd::PolicyModule::blocker(&features);
             let said = policy.configure(&new.policy, blocker)?;
             if !said.is_empty() {
                 changes.push(said);
             }
         }
+        let restore_policy = |e: Error| -> Error {
+            if let Some(policy) = policy_module {
+                let old_features = self.inner().features.with_force_off(&old.force_off);
+                let blocker = crate::policyd::PolicyModule::blocker(&old_features);
+                if let Err(undo) = policy.configure(&old.policy, blocker) {
+                    tracing::error!(error = %undo, "could not restore the policy module after a refused reload");
+                }
+            }
+            e
+        };
+
+        // The load balancer.
+        let lb_reason = if !new.lb_enabled {
+            Some("disabled by the configuration".to_string())
+        } else {
+            features.blocker(Module::Lb)
+        };
+        let lb_result = (|| -> Result<()> {
+            match (plane.dataplane_mut(), lb_wanted) {
+                (Some(dp), true) => {
+                    let current: Vec<String> =
+                        dp.interfaces().into_iter().map(|(n, _)| n).collect();
+                    let added: Vec<&String> =
+                        interfaces.iter().filter(|i| !current.contains(i)).collect();
+                    let removed: Vec<&String> =
+                        current.iter().filter(|i| !interfaces.contains(i)).collect();
+                    // Attach first; undo this reload's attachments if one fails.
+                    let mut done: Vec<&String> = Vec::new();
+                    for name in &added {
+                        if let Err(e) = dp.attach_interface(name) {
+                            for d in &done {
+                                let _ = dp.detach_interface(d);
+                            }
+                            return Err(e);
+                        }
+                        done.push(name);
+                        changes.push(format!("attached {name}"));
+                    }
+                    for name in removed {
+                        dp.detach_interface(name)?;
+                        changes.push(format!("detached {name}"));
+                    }
+                }
+                (Some(_), false) => {
+                    let reason = lb_reason.clone().unwrap_or_default();
+                    if let Some(dp) = plane.dataplane_mut() {
+                        for (name, _) in dp.interfaces() {
+                            dp.detach_interface(&name)?;
+                        }
+                    }
+                    *plane = LbPlane::off(reason.clone());
+                    changes.push(format!("module lb off ({reason})"));
+                }
+                (None, true) => {
+                    let config = DataplaneConfig {
+                        interfaces: interfaces.clone(),
+                        ..new.dataplane_config()
+                    };
+                    let mut dp = Dataplane::start(&config)?;
+                    dp.reconcile(state)?;
+                    *plane = LbPlane::on(dp);
+                    changes.push("module lb up".into());
+                }
+                (None, false) => {}
+            }
+            Ok(())
+        })();
+        lb_result.map_err(restore_policy)?;
 
         // Program statistics.
         let stats_wanted = new.prog_stats_enabled && features.blocker(Module::ProgStats).is_none();

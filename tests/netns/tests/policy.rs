@@ -699,3 +699,53 @@ fn a_reload_attaches_the_policy_to_newly_configured_interfaces() {
     let out = lab.daemon().lb_ctl(&["policy", "list"]).unwrap();
     assert_eq!(out.status.code(), Some(2), "the module is off: {out:?}");
 }
+
+#[test]
+fn a_refused_reload_leaves_the_policy_module_as_it_was() {
+    if !privileged() {
+        return;
+    }
+    let lab = setup_with("rollback", "\"none9\"").expect("building the policy topology");
+    lab.apply(POLICY).expect("applying the policy");
+    // A bridge: it exists (the configuration is valid), but takes no native (driver) XDP.
+    ip_in(&lab.node, &["link", "add", "br9", "type", "bridge"]).unwrap();
+    ip_in(&lab.node, &["link", "set", "br9", "up"]).unwrap();
+    let failures = |lab: &PolicyLab| -> u64 {
+        lab.daemon().lb_ctl_json(&["status"]).unwrap()["config_reload_failures"]
+            .as_u64()
+            .expect("config_reload_failures")
+    };
+    let before = failures(&lab);
+
+    // One reload that polices ep0 and also starts the load balancer on br9 in native mode.
+    // The policy half applies first; the load-balancer half fails; the whole reload is refused
+    // and the policy module is put back: ep0 stays unpoliced.
+    let text = config_text("\"ep0\"").replace("  lb: false\n", "  lb: true\n")
+        + "interfaces: [br9]\nxdp_mode: native\n";
+    assert!(text.contains("  lb: true\n"), "{text}");
+    std::fs::write(&lab.config, text).unwrap();
+    lab.daemon().signal(libc::SIGHUP).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while failures(&lab) == before {
+        assert!(Instant::now() < deadline, "the reload was not refused");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let st = lab.daemon().lb_ctl_json(&["status"]).unwrap();
+    assert!(
+        st["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("br9")),
+        "{st:#}"
+    );
+    let status = lab.status().unwrap();
+    assert!(
+        status["endpoints"][0]["interfaces"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "ep0 policed by a refused reload: {status:#}"
+    );
+    client::connect_in(&lab.remote, client::sock(ENDPOINT_IP, 9090))
+        .expect("9090 still open: the refused reload changed nothing")
+        .ping()
+        .unwrap();
+}
