@@ -607,6 +607,7 @@ fn conntrack_list_shows_the_load_balancers_flows_with_states_and_counters() {
     // backend, with the same source port (the reverse entry still names them as owners).
     let listed = lb_conntrack(&lab).len();
     assert!(listed >= 3, "two live flows and the closed one");
+    let flushed_at = std::time::Instant::now();
     let port = TCP_SERVICE_PORT.to_string();
     let answer = ok(
         "conntrack flush",
@@ -614,7 +615,15 @@ fn conntrack_list_shows_the_load_balancers_flows_with_states_and_counters() {
             .lb_ctl_json(&["conntrack", "flush", "--table", "lb", "--port", &port]),
     );
     assert_eq!(answer["removed"].as_u64(), Some(listed as u64), "{answer}");
-    assert!(lb_conntrack(&lab).is_empty());
+    // Whatever is listed now was created after the flush (a delayed ACK may already have
+    // re-created a flow).
+    for (port, row) in lb_conntrack(&lab) {
+        let age = std::time::Duration::from_nanos(row["age_ns"].as_u64().expect("age_ns"));
+        assert!(
+            age <= flushed_at.elapsed(),
+            "flow from port {port} survived the flush: {row:#}"
+        );
+    }
     ping_conns("after the flush", &mut conns);
     let rows = lb_conntrack(&lab);
     for conn in &conns {
