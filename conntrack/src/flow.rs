@@ -193,6 +193,40 @@ pub fn update_entry(
     }
 }
 
+/// [`update_entry`] for the one case that is most of a busy flow's packets and cannot change its
+/// state: an `ESTABLISHED` TCP flow and a packet without SYN, FIN or RST. Applies the packet and
+/// returns `true` then; returns `false` and leaves `entry` untouched otherwise, for the caller to
+/// call [`update_entry`]. It is small enough to inline into a BPF program whose stack cannot
+/// take the whole state machine (the XDP load balancer calls `update_entry` as a subprogram).
+#[inline(always)]
+pub fn update_entry_steady(
+    entry: &mut CtEntry,
+    proto: u8,
+    dir: Direction,
+    tcp_flags: TcpFlags,
+    len: u64,
+    now_ns: u64,
+) -> bool {
+    let control = TcpFlags::SYN.0 | TcpFlags::FIN.0 | TcpFlags::RST.0;
+    if proto != PROTO_TCP
+        || entry.state != TcpState::Established as u8
+        || tcp_flags.0 & control != 0
+    {
+        return false;
+    }
+    let d = dir as usize & 1;
+    entry.packets[d] = entry.packets[d].wrapping_add(1);
+    entry.bytes[d] = entry.bytes[d].wrapping_add(len);
+    if now_ns > entry.last_seen_ns {
+        entry.last_seen_ns = now_ns;
+    }
+    if let Direction::Reply = dir {
+        entry.flags |= CT_F_SEEN_REPLY;
+    }
+    entry.tcp_flags_seen[d] |= tcp_flags.0;
+    true
+}
+
 /// The idle timeout of a flow of protocol `proto` in state byte `state`.
 #[must_use]
 #[inline(always)]

@@ -15,7 +15,7 @@ mod udp;
 pub use flags::TcpFlags;
 pub use flow::{
     CtUpdate, canonical_key, ct_timeout, direction_of, new_entry, state_name, update_entry,
-    with_port,
+    update_entry_steady, with_port,
 };
 pub use tcp::{TcpState, tcp_transition, tcp_transition_one_way};
 pub use timeout::{Timeouts, is_expired};

@@ -8,7 +8,7 @@ use bpf_common::{
 };
 use conntrack::{
     Direction, TcpFlags, TcpState, Timeouts, canonical_key, ct_timeout, direction_of, new_entry,
-    state_name, update_entry, with_port,
+    state_name, update_entry, update_entry_steady, with_port,
 };
 
 const CLIENT: [u8; 4] = [198, 18, 0, 10];
@@ -377,4 +377,48 @@ fn with_port_keeps_the_key_canonical_between_distinct_addresses() {
             assert_eq!(with_port(base, backend_side ^ 1, be(port)), want, "{port}");
         }
     }
+}
+
+#[test]
+fn the_steady_shortcut_does_exactly_what_update_entry_does_or_nothing() {
+    // Every TCP state, both directions, every flags byte, one-way or not: when the shortcut
+    // applies a packet, the entry is what update_entry makes of it; otherwise it is untouched.
+    let mut applied = 0;
+    for state in TcpState::ALL {
+        for dir in [O, R] {
+            for one_way in [false, true] {
+                for flags in 0..=u8::MAX {
+                    let mut start = new_entry(1_000, 0);
+                    start.state = state as u8;
+                    start.packets = [3, 2];
+                    start.bytes = [300, 200];
+                    if one_way {
+                        start.flags |= CT_F_ONE_WAY;
+                    }
+                    let (mut fast, mut full) = (start, start);
+                    let handled =
+                        update_entry_steady(&mut fast, PROTO_TCP, dir, TcpFlags(flags), 52, 2_000);
+                    let _ = update_entry(&mut full, PROTO_TCP, dir, TcpFlags(flags), 52, 2_000);
+                    if handled {
+                        applied += 1;
+                        assert_eq!(fast, full, "{state:?} {dir:?} {flags:#04x}");
+                        assert_eq!(full.state, start.state);
+                    } else {
+                        assert_eq!(fast, start, "{state:?} {dir:?} {flags:#04x}: untouched");
+                    }
+                }
+            }
+        }
+    }
+    // ESTABLISHED x 2 directions x 2 modes x the 32 flag bytes without SYN, FIN, RST.
+    assert_eq!(applied, 2 * 2 * 32);
+    let mut udp = new_entry(1_000, 0);
+    assert!(!update_entry_steady(
+        &mut udp,
+        PROTO_UDP,
+        O,
+        TcpFlags(0),
+        52,
+        2_000
+    ));
 }

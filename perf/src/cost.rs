@@ -50,8 +50,11 @@ const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
 /// New full-NAT flows per run: each takes a source port towards its backend, and a run must
-/// stay well inside the ports of one SNAT address (about 64k per backend).
-const FULL_NAT_NEW_FLOW_REPEAT: u32 = 60_000;
+/// stay well inside the ports of one SNAT address (about 64k per backend). A flow whose own
+/// port is taken tries 7 hashed ones, which all fail with probability occupancy^7: at 60,000
+/// flows over 3 backends (31%) that dropped about one flow in ten runs and failed the exact
+/// counter check; at 20,000 (10%) it is about 1e-7 per such flow.
+const FULL_NAT_NEW_FLOW_REPEAT: u32 = 20_000;
 
 fn backend_mac(addr: [u8; 4]) -> [u8; 6] {
     [0x02, 0, 0, 0, 0x01, addr[3]]
@@ -346,11 +349,19 @@ fn measure(bench: &mut Bench, options: &CostOptions, path: &Path_) -> Result<Cos
         for (name, per_packet) in path.counters {
             let rose = after[*name] - before[*name];
             let want = u64::from(path.repeat) * per_packet;
-            ensure!(
-                rose == want,
-                "{}: counter {name} rose by {rose}, expected {want}",
-                path.name
-            );
+            if rose != want {
+                // Name every counter that moved: the one that rose instead says why.
+                let moved: Vec<String> = after
+                    .iter()
+                    .filter(|(k, v)| **v != before.get(*k).copied().unwrap_or(0))
+                    .map(|(k, v)| format!("{k} +{}", v - before.get(k).copied().unwrap_or(0)))
+                    .collect();
+                anyhow::bail!(
+                    "{}: counter {name} rose by {rose}, expected {want} (moved: {})",
+                    path.name,
+                    moved.join(", ")
+                );
+            }
         }
         ns.push(measured.ns - harness.ns);
     }
