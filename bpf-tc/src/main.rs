@@ -31,7 +31,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bpf_common::{
-    Counter, FAMILY_IPV4, PROTO_TCP, PROTO_UDP,
+    Counter, PROTO_TCP, PROTO_UDP,
     ct::{
         CT_F_CLOSE_REPORTED, CT_F_LOGGED, CT_F_OPEN_REPORTED, CtEntry, CtKey, POLICY_DIR_INGRESS,
         RULE_DEFAULT,
@@ -43,9 +43,7 @@ use bpf_common::{
         defaults, reason,
     },
 };
-use conntrack::{
-    Direction, TcpFlags, TcpState, canonical_key, direction_of, new_entry, update_entry,
-};
+use conntrack::{Direction, TcpFlags, TcpState, direction_of, ipv4_key, new_entry, update_entry};
 use lb_core::parse::{self, Frame, L4, Outcome};
 
 /// Let the packet continue (next TCX program, then the stack).
@@ -330,14 +328,7 @@ fn try_policy(ctx: &TcContext, dir: u8) -> Verdict {
         L4::Truncated => return drop(reason::DROP_TRUNCATED),
         L4::Other => {}
     }
-    let (key, side) = canonical_key(
-        [packet.src, 0, 0, 0],
-        sport_be,
-        [packet.dst, 0, 0, 0],
-        dport_be,
-        packet.proto,
-        FAMILY_IPV4,
-    );
+    let (key, side) = ipv4_key(packet.src, sport_be, packet.dst, dport_be, packet.proto);
     let info = PacketInfo {
         key,
         side,
@@ -368,13 +359,12 @@ fn related(frame: &TcFrame, icmp_off: usize) -> bool {
     if !quote.valid {
         return false;
     }
-    let (key, _) = canonical_key(
-        [quote.src, 0, 0, 0],
+    let (key, _) = ipv4_key(
+        quote.src,
         quote.src_port_be,
-        [quote.dst, 0, 0, 0],
+        quote.dst,
         quote.dst_port_be,
         quote.proto,
-        FAMILY_IPV4,
     );
     // SAFETY: only checked for presence.
     unsafe { CT_FLOWS.get(key) }.is_some()

@@ -38,8 +38,8 @@ use bpf_common::{
     defaults, maglev_index, reason,
 };
 use conntrack::{
-    Direction, TcpFlags, canonical_key, direction_of, new_entry, update_entry, update_entry_steady,
-    with_port,
+    Direction, TcpFlags, canonical_key, direction_of, ipv4_key, new_entry, update_entry,
+    update_entry_steady, with_port,
 };
 use lb_core::{
     csum,
@@ -347,14 +347,8 @@ fn try_l4(ctx: &XdpContext, frame: &XdpFrame, packet: &Ipv4Packet, proto: u8) ->
             tcp_flags,
         );
     }
-    let (reverse_key, sender_side) = canonical_key(
-        [packet.src, 0, 0, 0],
-        src_port_be,
-        [packet.dst, 0, 0, 0],
-        dst_port_be,
-        proto,
-        FAMILY_IPV4,
-    );
+    let (reverse_key, sender_side) =
+        ipv4_key(packet.src, src_port_be, packet.dst, dst_port_be, proto);
     // SAFETY: read in place (an 88-byte copy would not fit the stack); a concurrent update
     // replaces the element whole, under RCU.
     if let Some(reverse) = unsafe { LB_NAT_REV.get(&reverse_key) } {
@@ -867,13 +861,12 @@ fn try_icmp(ctx: &XdpContext, frame: &XdpFrame, packet: &Ipv4Packet) -> Verdict 
     }
     // The quote is our packet to the backend: snat:nat_port -> backend:port, sent from the
     // side of the reverse key that is not the backend.
-    let (reverse_key, quote_sender_side) = canonical_key(
-        [quote.src, 0, 0, 0],
+    let (reverse_key, quote_sender_side) = ipv4_key(
+        quote.src,
         quote.src_port_be,
-        [quote.dst, 0, 0, 0],
+        quote.dst,
         quote.dst_port_be,
         quote.proto,
-        FAMILY_IPV4,
     );
     // SAFETY: read in place, as in `try_l4`.
     let Some(reverse) = (unsafe { LB_NAT_REV.get(&reverse_key) }) else {

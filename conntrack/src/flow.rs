@@ -8,7 +8,7 @@
 //! pseudo-states for UDP and ICMP) and the handshake round-trip time.
 
 use bpf_common::{
-    Addr16, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    Addr16, FAMILY_IPV4, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
     ct::{CT_F_ONE_WAY, CT_F_SEEN_REPLY, CtEntry, CtKey},
 };
 
@@ -88,6 +88,27 @@ pub const fn with_port(mut key: CtKey, side: u8, port_be: u16) -> CtKey {
     key
 }
 
+/// [`canonical_key`] of an IPv4 packet (or of the packet an ICMP error quotes), addresses as
+/// the wire bytes read in memory order: the form the BPF parsers hand out.
+#[must_use]
+#[inline(always)]
+pub const fn ipv4_key(
+    src: u32,
+    src_port_be: u16,
+    dst: u32,
+    dst_port_be: u16,
+    proto: u8,
+) -> (CtKey, u8) {
+    canonical_key(
+        [src, 0, 0, 0],
+        src_port_be,
+        [dst, 0, 0, 0],
+        dst_port_be,
+        proto,
+        FAMILY_IPV4,
+    )
+}
+
 /// Direction of a packet sent from canonical `side`, in a flow opened from `orig_side`.
 #[must_use]
 #[inline(always)]
@@ -123,6 +144,22 @@ pub const fn new_entry(now_ns: u64, side: u8) -> CtEntry {
     }
 }
 
+/// The part of a packet's update that does not depend on the protocol: counters per
+/// direction, last-seen time (never back), the "reply seen" flag. Returns the direction index.
+#[inline(always)]
+fn count_packet(entry: &mut CtEntry, dir: Direction, len: u64, now_ns: u64) -> usize {
+    let d = dir as usize & 1;
+    entry.packets[d] = entry.packets[d].wrapping_add(1);
+    entry.bytes[d] = entry.bytes[d].wrapping_add(len);
+    if now_ns > entry.last_seen_ns {
+        entry.last_seen_ns = now_ns;
+    }
+    if let Direction::Reply = dir {
+        entry.flags |= CT_F_SEEN_REPLY;
+    }
+    d
+}
+
 /// What one packet did to an entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtUpdate {
@@ -147,15 +184,7 @@ pub fn update_entry(
     len: u64,
     now_ns: u64,
 ) -> CtUpdate {
-    let d = dir as usize & 1;
-    entry.packets[d] = entry.packets[d].wrapping_add(1);
-    entry.bytes[d] = entry.bytes[d].wrapping_add(len);
-    if now_ns > entry.last_seen_ns {
-        entry.last_seen_ns = now_ns;
-    }
-    if let Direction::Reply = dir {
-        entry.flags |= CT_F_SEEN_REPLY;
-    }
+    let d = count_packet(entry, dir, len, now_ns);
     let old = entry.state;
     let new = match proto {
         PROTO_TCP => {
@@ -214,15 +243,7 @@ pub fn update_entry_steady(
     {
         return false;
     }
-    let d = dir as usize & 1;
-    entry.packets[d] = entry.packets[d].wrapping_add(1);
-    entry.bytes[d] = entry.bytes[d].wrapping_add(len);
-    if now_ns > entry.last_seen_ns {
-        entry.last_seen_ns = now_ns;
-    }
-    if let Direction::Reply = dir {
-        entry.flags |= CT_F_SEEN_REPLY;
-    }
+    let d = count_packet(entry, dir, len, now_ns);
     entry.tcp_flags_seen[d] |= tcp_flags.0;
     true
 }

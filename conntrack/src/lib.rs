@@ -14,8 +14,8 @@ mod udp;
 
 pub use flags::TcpFlags;
 pub use flow::{
-    CtUpdate, canonical_key, ct_timeout, direction_of, new_entry, state_name, update_entry,
-    update_entry_steady, with_port,
+    CtUpdate, canonical_key, ct_timeout, direction_of, ipv4_key, new_entry, state_name,
+    update_entry, update_entry_steady, with_port,
 };
 pub use tcp::{TcpState, tcp_transition, tcp_transition_one_way};
 pub use timeout::{Timeouts, is_expired};

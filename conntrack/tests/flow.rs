@@ -7,8 +7,8 @@ use bpf_common::{
     ct::{CT_F_ONE_WAY, CT_F_SEEN_REPLY, CtEntry},
 };
 use conntrack::{
-    Direction, TcpFlags, TcpState, Timeouts, canonical_key, ct_timeout, direction_of, new_entry,
-    state_name, update_entry, update_entry_steady, with_port,
+    Direction, TcpFlags, TcpState, Timeouts, canonical_key, ct_timeout, direction_of, ipv4_key,
+    new_entry, state_name, update_entry, update_entry_steady, with_port,
 };
 
 const CLIENT: [u8; 4] = [198, 18, 0, 10];
@@ -421,4 +421,23 @@ fn the_steady_shortcut_does_exactly_what_update_entry_does_or_nothing() {
         52,
         2_000
     ));
+}
+
+#[test]
+fn ipv4_key_is_the_canonical_key_of_the_ipv4_endpoints() {
+    let client = u32::from_ne_bytes(CLIENT);
+    let server = u32::from_ne_bytes(SERVER);
+    for (src, sp, dst, dp) in [(client, 40_000, server, 80), (server, 80, client, 40_000)] {
+        assert_eq!(
+            ipv4_key(src, be(sp), dst, be(dp), PROTO_TCP),
+            canonical_key(
+                [src, 0, 0, 0],
+                be(sp),
+                [dst, 0, 0, 0],
+                be(dp),
+                PROTO_TCP,
+                FAMILY_IPV4
+            )
+        );
+    }
 }

@@ -666,6 +666,28 @@ impl CtFlow {
     }
 }
 
+/// The order of `lb-ctl conntrack list`: by table, protocol, then the original tuple.
+pub fn sort_flows(flows: &mut [CtFlow]) {
+    flows.sort_by(|a, b| {
+        (
+            &a.table,
+            &a.protocol,
+            &a.src,
+            a.src_port,
+            &a.dst,
+            a.dst_port,
+        )
+            .cmp(&(
+                &b.table,
+                &b.protocol,
+                &b.src,
+                b.src_port,
+                &b.dst,
+                b.dst_port,
+            ))
+    });
+}
+
 /// Filters of `conntrack list` / `flush`: every given field must match.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CtFilter {
@@ -1402,15 +1424,7 @@ impl PolicyPlane {
             .map(|(k, e)| CtFlow::from_entry(k, e, now_ns))
             .filter(|f| filter.matches(f))
             .collect();
-        flows.sort_by(|a, b| {
-            (&a.protocol, &a.src, a.src_port, &a.dst, a.dst_port).cmp(&(
-                &b.protocol,
-                &b.src,
-                b.src_port,
-                &b.dst,
-                b.dst_port,
-            ))
-        });
+        sort_flows(&mut flows);
         Ok(flows)
     }
 

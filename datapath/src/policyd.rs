@@ -449,24 +449,7 @@ impl PolicyModule {
                 .map(|(key, entry)| CtFlow::from_lb_entry(key, entry, now))
                 .filter(|flow| filter.matches(flow)),
         );
-        flows.sort_by(|a, b| {
-            (
-                &a.table,
-                &a.protocol,
-                &a.src,
-                a.src_port,
-                &a.dst,
-                a.dst_port,
-            )
-                .cmp(&(
-                    &b.table,
-                    &b.protocol,
-                    &b.src,
-                    b.src_port,
-                    &b.dst,
-                    b.dst_port,
-                ))
-        });
+        crate::policy::sort_flows(&mut flows);
         Ok(flows)
     }
 

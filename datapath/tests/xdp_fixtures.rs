@@ -372,9 +372,21 @@ fn tcp_frame(
     ack: bool,
     payload: &[u8],
 ) -> Vec<u8> {
+    tcp_segment(macs, src, dst, (syn, ack, false), payload)
+}
+
+/// A TCP frame with any of SYN, ACK and FIN set: the one builder of the TCP frames here.
+fn tcp_segment(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    (syn, ack, fin): (bool, bool, bool),
+    payload: &[u8],
+) -> Vec<u8> {
     let mut tcp = TcpHeader::new(src.1, dst.1, 1000, 64240);
     tcp.syn = syn;
     tcp.ack = ack;
+    tcp.fin = fin;
     if ack {
         tcp.acknowledgment_number = 5000;
     }
@@ -1158,21 +1170,9 @@ fn tcp_flags_frame(
     macs: ([u8; 6], [u8; 6]),
     src: ([u8; 4], u16),
     dst: ([u8; 4], u16),
-    (syn, ack, fin): (bool, bool, bool),
+    flags: (bool, bool, bool),
 ) -> Vec<u8> {
-    let mut tcp = TcpHeader::new(src.1, dst.1, 1000, 64240);
-    tcp.syn = syn;
-    tcp.ack = ack;
-    tcp.fin = fin;
-    if ack {
-        tcp.acknowledgment_number = 5000;
-    }
-    let ip = ipv4(src.0, dst.0, IpNumber::TCP, tcp.header_len());
-    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("tcp checksum");
-    let mut frame = eth(macs.0, macs.1).to_bytes().to_vec();
-    frame.extend_from_slice(&ip.to_bytes());
-    frame.extend_from_slice(&tcp.to_bytes());
-    frame
+    tcp_segment(macs, src, dst, flags, &[])
 }
 
 fn addr16(a: [u8; 4]) -> [u32; 4] {
