@@ -156,7 +156,7 @@ pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
     config.validate()?;
     std::fs::create_dir_all(&config.pin_root)
         .map_err(|e| Error::io(format!("create pin root {}", config.pin_root.display()), e))?;
-    replace_incompatible_pins(&config.pin_root)?;
+    replace_incompatible_pins(&config.pin_root, &abi_layouts())?;
     let table_entries = config.max_services * 2 * config.maglev_size;
     let mut loader = EbpfLoader::new();
     loader
@@ -183,10 +183,13 @@ pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
     })
 }
 
+/// A pinned map's layout as a build expects it: name, key size, value size, and the entry count
+/// where the ABI fixes it too (the others follow the configuration).
+pub(crate) type PinLayout = (&'static str, usize, usize, Option<u32>);
+
 /// The layout this build's XDP object gives each pinned map whose layout is fixed by the ABI in
-/// `bpf-common`: name, key size, value size, and the entry count where the ABI fixes it too
-/// (the others follow the configuration).
-fn abi_layouts() -> [(&'static str, usize, usize, Option<u32>); 10] {
+/// `bpf-common`.
+fn abi_layouts() -> [PinLayout; 10] {
     use bpf_common::{FlowEntry, NatReverseEntry, ct::CtKey, defaults};
     use std::mem::size_of;
     let counter = size_of::<bpf_common::Counter>();
@@ -224,7 +227,7 @@ fn abi_layouts() -> [(&'static str, usize, usize, Option<u32>); 10] {
     ]
 }
 
-/// Unpins every map under `pin_root` whose layout differs from this build's, so that the
+/// Unpins every map of `layouts` under `pin_root` whose layout differs, so that the
 /// loader creates it afresh. Such a pin is left by a datapathd built with another ABI (an
 /// upgrade that changed a map's key or value type, or added a drop reason): reused, it would
 /// make the load fail in the verifier or, worse, be read with the wrong layout. Only those maps
@@ -232,9 +235,9 @@ fn abi_layouts() -> [(&'static str, usize, usize, Option<u32>); 10] {
 /// re-pinned by Maglev, full-NAT ones with a new source port); every compatible map, the
 /// services and the pinned links are kept. The old program keeps forwarding with the old maps
 /// until the new one is swapped into its links.
-fn replace_incompatible_pins(pin_root: &Path) -> Result<()> {
+pub(crate) fn replace_incompatible_pins(pin_root: &Path, layouts: &[PinLayout]) -> Result<()> {
     use std::os::fd::AsFd as _;
-    for (name, key_size, value_size, entries) in abi_layouts() {
+    for &(name, key_size, value_size, entries) in layouts {
         let path = pin_root.join(name);
         if !path.exists() {
             continue;

@@ -820,6 +820,48 @@ fn add_endpoint_stats(into: &mut EndpointStats, s: &EndpointStats) {
     }
 }
 
+/// The layout this build's tc object gives its pinned maps with plain keys and values (the LPM
+/// trie and the ring buffer are left out: their kernel sizes are not the ABI types' sizes).
+fn tc_abi_layouts() -> [crate::dataplane::PinLayout; 8] {
+    use bpf_common::policy::{MAX_ENDPOINTS, MAX_RULE_LISTS, MAX_RULES, RateBucket};
+    use std::mem::size_of;
+    [
+        (
+            map_names::CT_FLOWS,
+            size_of::<CtKey>(),
+            size_of::<CtEntry>(),
+            None,
+        ),
+        (map_names::GENERATION, 4, 4, Some(1)),
+        (
+            map_names::ENDPOINTS,
+            size_of::<EndpointKey>(),
+            size_of::<EndpointPolicy>(),
+            Some(MAX_ENDPOINTS * 2),
+        ),
+        (
+            map_names::RULE_LISTS,
+            4,
+            size_of::<RuleList>(),
+            Some(MAX_RULE_LISTS * 2),
+        ),
+        (
+            map_names::RULE_STATS,
+            4,
+            size_of::<bpf_common::Counter>(),
+            Some(MAX_RULES * 2),
+        ),
+        (
+            map_names::EP_STATS,
+            4,
+            size_of::<EndpointStats>(),
+            Some(MAX_ENDPOINTS * 2),
+        ),
+        (map_names::REASONS, 4, 8, Some(reason::COUNT)),
+        (map_names::EVENT_RATE, 4, size_of::<RateBucket>(), Some(1)),
+    ]
+}
+
 /// Where the TCX link of program `prog` on `interface` is pinned: beside the XDP links, so
 /// `datapathd cleanup` removes it with them.
 pub fn tcx_link_pin(pin_root: &Path, prog: &str, interface: &str) -> PathBuf {
@@ -872,6 +914,7 @@ impl PolicyPlane {
         }
         std::fs::create_dir_all(&config.pin_root)
             .map_err(|e| Error::io(format!("create pin root {}", config.pin_root.display()), e))?;
+        crate::dataplane::replace_incompatible_pins(&config.pin_root, &tc_abi_layouts())?;
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&config.pin_root)

@@ -884,3 +884,44 @@ fn events_that_find_the_ring_full_are_counted_not_silently_lost() {
     assert_eq!(event_src_port(&events[0]), next_port);
     assert_eq!(fx.reason("event_lost"), (flows - capacity) as u64);
 }
+
+#[test]
+fn a_restarted_plane_reuses_every_pinned_map_of_its_own_layout() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    // Map id of every pinned map (the links live in their own directory).
+    let ids = |root: &std::path::Path| -> Vec<(String, u32)> {
+        let mut ids: Vec<(String, u32)> = std::fs::read_dir(root)
+            .expect("list the pin root")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.is_file())
+            .map(|p| {
+                let map = aya::maps::MapData::from_pin(&p).expect("open pin");
+                let id = datapath::gc::map_layout(map.fd().as_fd())
+                    .expect("map info")
+                    .id;
+                (p.file_name().unwrap().to_string_lossy().into_owned(), id)
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = ids(&fx.pin_root);
+    assert!(
+        before.iter().any(|(name, _)| name == "CT_FLOWS"),
+        "{before:?}"
+    );
+    // A daemon restart: the plane goes, a new one loads the same object on the same pins. The
+    // layout check must find every pin compatible and replace none.
+    drop(fx.plane.take());
+    let plane = PolicyPlane::start(&PolicyConfig {
+        pin_root: fx.pin_root.clone(),
+        max_ct_flows: 1024,
+        event_rate: 1_000,
+    })
+    .expect("restart");
+    fx.plane = Some(plane);
+    assert_eq!(ids(&fx.pin_root), before);
+}
