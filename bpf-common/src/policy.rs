@@ -241,6 +241,12 @@ pub mod reason {
 
     pub const COUNT: u32 = 17;
 
+    /// Whether `reason` is a verdict: every packet counts exactly one verdict reason. The
+    /// others (`event_rate_limited`, `event_lost`, `flow_rechecked`) are counted beside it.
+    pub const fn is_verdict(reason: u32) -> bool {
+        !matches!(reason, EVENT_RATE_LIMITED | EVENT_LOST | FLOW_RECHECKED) && reason < COUNT
+    }
+
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_endpoint",
         "pass_not_ipv4",

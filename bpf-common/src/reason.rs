@@ -61,6 +61,21 @@ pub const DROP_INTERNAL: u32 = 21;
 /// Number of reasons; the size of `LB_REASONS`.
 pub const COUNT: u32 = 22;
 
+/// Whether `reason` is a verdict: every packet counts exactly one verdict reason. The others
+/// (`nat_reply_translated`, `icmp_translated`, `seen_ip_options`, `new_flow`,
+/// `flow_rescheduled`, `nat_port_reclaimed`) are events counted beside the verdict.
+pub const fn is_verdict(reason: u32) -> bool {
+    !matches!(
+        reason,
+        NAT_REPLY_TRANSLATED
+            | ICMP_TRANSLATED
+            | SEEN_IP_OPTIONS
+            | NEW_FLOW
+            | FLOW_RESCHEDULED
+            | NAT_PORT_RECLAIMED
+    ) && reason < COUNT
+}
+
 /// Metric label of each reason, indexed by its constant.
 pub const NAMES: [&str; COUNT as usize] = [
     "pass_not_ipv4",

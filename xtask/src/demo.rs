@@ -29,6 +29,9 @@ pub struct DemoArgs {
     /// Don't build the binaries first (use what is in target/debug).
     #[arg(long)]
     skip_build: bool,
+    /// Don't run `cargo xtask setup` first (the toolchain pieces are already installed).
+    #[arg(long)]
+    skip_setup: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -45,6 +48,10 @@ fn check_interrupt() -> Result<()> {
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
+    // The build needs nightly's rust-src and bpf-linker: install them first, as the tests do.
+    if !args.skip_setup && !args.skip_build {
+        crate::setup::run(&crate::setup::SetupArgs::default()).context("setup failed")?;
+    }
     if !args.skip_build {
         println!("==> demo: building datapathd and lb-ctl");
         util::run(command("cargo").args(["build", "-p", "datapath", "-p", "lb-ctl"]))?;
