@@ -132,10 +132,14 @@ impl TcFrame {
 }
 
 impl Frame for TcFrame {
+    /// Against the packet's real length (`skb->len`, L2 header included at TCX), not the
+    /// linear area: with scatter-gather or GRO the payload sits in page fragments, and judging
+    /// the IP total length against `data_end` dropped every such packet as malformed.
     #[inline(always)]
     fn fits(&self, len: usize) -> bool {
-        let (start, end) = self.bounds();
-        parse::span_fits(start, end, len)
+        // SAFETY: `skb` is the program's context pointer for the whole invocation.
+        let skb_len = unsafe { core::ptr::read_volatile(&(*self.skb).len) } as usize;
+        len <= skb_len
     }
 
     #[inline(always)]

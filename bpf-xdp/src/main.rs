@@ -38,8 +38,8 @@ use bpf_common::{
     defaults, maglev_index, reason,
 };
 use conntrack::{
-    Direction, TcpFlags, canonical_key, direction_of, ipv4_key, new_entry, update_entry,
-    update_entry_steady, with_port,
+    Direction, TcpFlags, TcpState, canonical_key, direction_of, ipv4_key, new_entry,
+    opens_new_connection, update_entry, update_entry_steady, with_port,
 };
 use lb_core::{
     csum,
@@ -437,6 +437,10 @@ fn to_backend(
 ) -> Verdict {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_bytes(&LB_VIP_STATS, vip.service_id, bytes);
+    if packet.has_options {
+        // Forwarded with the options unchanged; counted beside the verdict.
+        count_reason(reason::SEEN_IP_OPTIONS);
+    }
 
     let tuple = Tuple {
         src: [packet.src, 0, 0, 0],
@@ -460,6 +464,7 @@ fn to_backend(
     let ip_len = packet.total_len as u64;
 
     let mut outcome = reason::NEW_FLOW;
+    let mut reopened = false;
     let mut pinned: Option<(Chosen, u16)> = None;
     // The established flow's entry, whose cached FIB answer `forward` uses and refreshes.
     let mut cache: *mut FlowEntry = core::ptr::null_mut();
@@ -471,7 +476,18 @@ fn to_backend(
             // Draining backends keep their flows; a freed or reassigned slot does not. The key is
             // bidirectional, so the entry must also have been opened from the client's side
             // (a VIP-to-VIP exchange would otherwise find the other VIP's flow).
-            if info.state != BACKEND_UNUSED
+            // A SYN that opens a new connection on a record whose connection ended (a client
+            // reusing its source port) is a new flow: a fresh backend choice, so a draining
+            // backend gets none, and `new_flow` counted.
+            let starts_new = proto == PROTO_TCP
+                && opens_new_connection(
+                    TcpState::from_u8(entry.ct.state),
+                    flags,
+                    entry.ct.flags & CT_F_ONE_WAY != 0,
+                );
+            if starts_new {
+                reopened = true;
+            } else if info.state != BACKEND_UNUSED
                 && info.generation == entry.backend_generation
                 && entry.service_id == vip.service_id
                 && direction_of(entry.ct.orig_side, client_side) == Direction::Original
@@ -494,7 +510,7 @@ fn to_backend(
                 cache = entry_ptr;
             }
         }
-        if pinned.is_none() {
+        if pinned.is_none() && !reopened {
             outcome = reason::FLOW_RESCHEDULED;
         }
     }

@@ -17,7 +17,7 @@ pub use flow::{
     CtUpdate, canonical_key, ct_timeout, direction_of, ipv4_key, new_entry, state_name,
     update_entry, update_entry_steady, with_port,
 };
-pub use tcp::{TcpState, tcp_transition, tcp_transition_one_way};
+pub use tcp::{TcpState, opens_new_connection, tcp_transition, tcp_transition_one_way};
 pub use timeout::{Timeouts, is_expired};
 pub use udp::{IcmpState, UdpState, icmp_transition, udp_transition};
 

@@ -112,6 +112,29 @@ impl TcpState {
     }
 }
 
+/// Whether a packet with `flags` from the original side starts a new connection on a record
+/// in `state`, instead of continuing it: a SYN without ACK (a valid combination) on a record
+/// whose connection has ended. As in Linux's conntrack, that is `TimeWait` and `Closed` for a
+/// two-way tracker. A one-way tracker (`one_way`, DSR) never sees the server's FIN, so its
+/// records of closed connections stop in `FinWait` or `CloseWait`: there, any closing state
+/// counts, since a client sends a bare SYN only to open a connection (a retransmitted SYN
+/// comes in `SynSent`). The caller then treats the packet as the first of a new flow: a fresh
+/// backend choice and record, so a draining backend gets no new connection through a recycled
+/// 5-tuple.
+#[must_use]
+#[inline(always)]
+pub const fn opens_new_connection(state: TcpState, flags: TcpFlags, one_way: bool) -> bool {
+    let bare_syn = flags.syn() && !flags.ack() && !flags.rst() && !flags.is_invalid_combination();
+    if !bare_syn {
+        return false;
+    }
+    if one_way {
+        state.is_closing()
+    } else {
+        matches!(state, TcpState::TimeWait | TcpState::Closed)
+    }
+}
+
 /// Next state after an original-direction packet with `flags`, for a tracker that never sees
 /// the reply direction (`CT_F_ONE_WAY`: the load balancer in DSR mode). It is
 /// [`tcp_transition`] with one inference added first: in `SynSent`, an ACK without SYN or RST

@@ -4,7 +4,7 @@ use Direction::{Original as O, Reply as R};
 use TcpState::*;
 use conntrack::{
     Direction, IcmpState, TcpFlags, TcpState, Timeouts, UdpState, icmp_transition, is_expired,
-    tcp_transition, tcp_transition_one_way, udp_transition,
+    opens_new_connection, tcp_transition, tcp_transition_one_way, udp_transition,
 };
 
 const SYN: TcpFlags = TcpFlags::SYN;
@@ -490,4 +490,38 @@ fn one_way_tracker_agrees_with_the_two_way_machine_outside_syn_sent() {
             }
         }
     }
+}
+
+/// A bare SYN on a record whose connection ended opens a new connection (new backend choice in
+/// the load balancer); anything else on any record, and a SYN on a live one, continues it.
+#[test]
+fn a_bare_syn_on_an_ended_record_opens_a_new_connection() {
+    for state in TcpState::ALL {
+        for flags in 0..=255u8 {
+            let flags = TcpFlags(flags);
+            let bare_syn =
+                flags.syn() && !flags.ack() && !flags.rst() && !flags.is_invalid_combination();
+            let two_way = bare_syn && matches!(state, TimeWait | Closed);
+            assert_eq!(
+                opens_new_connection(state, flags, false),
+                two_way,
+                "{state:?} {flags:?} two-way"
+            );
+            let one_way = bare_syn && matches!(state, FinWait | CloseWait | TimeWait | Closed);
+            assert_eq!(
+                opens_new_connection(state, flags, true),
+                one_way,
+                "{state:?} {flags:?} one-way"
+            );
+        }
+    }
+    // And the reopened record starts over in SYN_SENT.
+    assert!(opens_new_connection(TimeWait, SYN, false));
+    assert_eq!(tcp_transition(None, O, SYN), SynSent);
+    assert!(!opens_new_connection(Established, SYN, false));
+    assert!(
+        !opens_new_connection(SynSent, SYN, true),
+        "a retransmitted SYN"
+    );
+    assert!(!opens_new_connection(Closed, SYN_ACK, false));
 }

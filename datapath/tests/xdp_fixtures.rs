@@ -1415,3 +1415,234 @@ fn pinned_maps_of_another_abi_are_replaced_and_the_compatible_ones_kept() {
     let (_, entry) = lb_flow(&fx, (CLIENT, 40300), (VIP, 80));
     assert_eq!(state_name(6, entry.ct.state), "SYN_SENT");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Recycled 5-tuples, hostile TCP headers, IP options.
+// ---------------------------------------------------------------------------------------------
+
+/// A client port whose flow Maglev gives to `backend` among `among`.
+fn port_for(among: &[[u8; 4]], backend: [u8; 4], from: u16) -> u16 {
+    (from..from + 2000)
+        .find(|p| expected_backend(among, *p, 80, 6) == backend)
+        .expect("a client port for the backend")
+}
+
+/// A SYN on a 5-tuple whose previous connection ended (TIME_WAIT after both FINs, CLOSE after a
+/// RST; FIN_WAIT for DSR, which sees one direction) is a new flow: a fresh Maglev choice that
+/// skips the draining backend, `new_flow` counted and not `flow_rescheduled`, and in full-NAT
+/// the client's port kept since it is free towards the new backend.
+#[test]
+fn a_syn_on_a_closed_tuple_is_a_new_flow_and_skips_a_draining_backend() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let all = &BACKENDS[..3];
+    let survivors = &BACKENDS[1..3];
+    let mut full_nat = service(ForwardingMode::FullNat, Protocol::Tcp, 80, all);
+    fx.apply(&full_nat);
+    let to_lb = |port: u16, flags| {
+        tcp_flags_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, port), (VIP, 80), flags)
+    };
+    let from_backend = |backend: [u8; 4], port: u16, flags| {
+        tcp_flags_frame(
+            (backend_mac(backend), BACK_MAC),
+            (backend, 8080),
+            (LB_BACK, port),
+            flags,
+        )
+    };
+    const RST: (bool, bool, bool) = (false, false, false);
+    // Two connections on backend 0: one closed by both FINs, one reset by the client.
+    let fin_port = port_for(all, all[0], 47000);
+    let rst_port = port_for(all, all[0], fin_port + 1);
+    for port in [fin_port, rst_port] {
+        assert_eq!(fx.run(&to_lb(port, SYN), fx.front_index).0, XDP_REDIRECT);
+        assert_eq!(
+            fx.run(&from_backend(all[0], port, SYN_ACK), fx.back_index)
+                .0,
+            XDP_REDIRECT
+        );
+        assert_eq!(fx.run(&to_lb(port, ACK), fx.front_index).0, XDP_REDIRECT);
+    }
+    assert_eq!(
+        fx.run(&to_lb(fin_port, FIN_ACK), fx.front_index).0,
+        XDP_REDIRECT
+    );
+    assert_eq!(
+        fx.run(&from_backend(all[0], fin_port, FIN_ACK), fx.back_index)
+            .0,
+        XDP_REDIRECT
+    );
+    let mut rst = to_lb(rst_port, RST);
+    // Set RST+ACK by hand (the frame builder knows SYN, ACK and FIN) and fix the checksum.
+    {
+        let mut tcp = TcpHeader::from_slice(&rst[34..]).expect("tcp").0;
+        tcp.rst = true;
+        tcp.ack = true;
+        tcp.acknowledgment_number = 5000;
+        let ip = Ipv4Header::from_slice(&rst[14..]).expect("ip").0;
+        tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("checksum");
+        rst[34..54].copy_from_slice(&tcp.to_bytes());
+    }
+    assert_eq!(fx.run(&rst, fx.front_index).0, XDP_REDIRECT);
+    let state =
+        |fx: &Fixture, port| state_name(6, lb_flow(fx, (CLIENT, port), (VIP, 80)).1.ct.state);
+    assert_eq!(state(&fx, fin_port), "TIME_WAIT");
+    assert_eq!(state(&fx, rst_port), "CLOSE");
+
+    // Backend 0 drains. Its closed records must not pull the reconnecting clients back to it.
+    full_nat.backends[0].state = BackendState::Draining;
+    fx.apply(&full_nat);
+    for port in [fin_port, rst_port] {
+        let (new_flow, rescheduled) = (fx.reason("new_flow"), fx.reason("flow_rescheduled"));
+        let backend = expected_backend(survivors, port, 80, 6);
+        let want = tcp_flags_frame(
+            (BACK_MAC, backend_mac(backend)),
+            (LB_BACK, port),
+            (backend, 8080),
+            SYN,
+        );
+        assert_frame(
+            &format!("SYN on the closed tuple from port {port}"),
+            fx.run(&to_lb(port, SYN), fx.front_index),
+            XDP_REDIRECT,
+            &want,
+        );
+        assert_eq!(fx.reason("new_flow"), new_flow + 1, "a new flow counted");
+        assert_eq!(fx.reason("flow_rescheduled"), rescheduled);
+        let (_, entry) = lb_flow(&fx, (CLIENT, port), (VIP, 80));
+        assert_eq!(state_name(6, entry.ct.state), "SYN_SENT", "a fresh record");
+        assert_eq!(entry.ct.packets, [1, 0], "counters start over");
+    }
+
+    // A SYN on a live (established) connection of the draining backend is not a reconnect:
+    // the flow stays where it is.
+    let live = port_for(all, all[0], rst_port + 1);
+    full_nat.backends[0].state = BackendState::Active;
+    fx.apply(&full_nat);
+    assert_eq!(fx.run(&to_lb(live, SYN), fx.front_index).0, XDP_REDIRECT);
+    assert_eq!(
+        fx.run(&from_backend(all[0], live, SYN_ACK), fx.back_index)
+            .0,
+        XDP_REDIRECT
+    );
+    assert_eq!(fx.run(&to_lb(live, ACK), fx.front_index).0, XDP_REDIRECT);
+    full_nat.backends[0].state = BackendState::Draining;
+    fx.apply(&full_nat);
+    let want = tcp_flags_frame(
+        (BACK_MAC, backend_mac(all[0])),
+        (LB_BACK, live),
+        (all[0], 8080),
+        SYN,
+    );
+    assert_frame(
+        "SYN on a live flow of a draining backend",
+        fx.run(&to_lb(live, SYN), fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+
+    // DSR sees one direction: the client's FIN leaves the record in FIN_WAIT, and a SYN there
+    // opens a new connection.
+    let mut dsr = service(ForwardingMode::Dsr, Protocol::Tcp, 81, all);
+    dsr.id = 1;
+    fx.apply(&dsr);
+    let to_dsr = |port: u16, flags| {
+        tcp_flags_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, port), (VIP, 81), flags)
+    };
+    let port = (40000u16..42000)
+        .find(|p| expected_backend(all, *p, 81, 6) == all[0])
+        .expect("port");
+    for flags in [SYN, ACK, FIN_ACK] {
+        assert_eq!(fx.run(&to_dsr(port, flags), fx.front_index).0, XDP_REDIRECT);
+    }
+    dsr.backends[0].state = BackendState::Draining;
+    fx.apply(&dsr);
+    let backend = expected_backend(survivors, port, 81, 6);
+    let want = tcp_flags_frame(
+        (BACK_MAC, backend_mac(backend)),
+        (CLIENT, port),
+        (VIP, 81),
+        SYN,
+    );
+    assert_frame(
+        "DSR SYN on a closed tuple",
+        fx.run(&to_dsr(port, SYN), fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+}
+
+/// A SYN to a VIP whose TCP data offset points past the end of the segment (15 words, 20 bytes
+/// on the wire) has a header cut short: dropped as `drop_truncated_l4`, no flow created.
+#[test]
+fn tcp_data_offset_past_the_segment_is_dropped_as_truncated() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.apply(&service(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        &BACKENDS[..3],
+    ));
+    for words in [15u8, 6, 4, 0] {
+        let mut syn = tcp_flags_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, 40777), (VIP, 80), SYN);
+        syn[34 + 12] = (words << 4) | (syn[34 + 12] & 0x0f);
+        let (dropped, new_flow) = (fx.reason("drop_truncated_l4"), fx.reason("new_flow"));
+        assert_frame(
+            &format!("data offset {words}"),
+            fx.run(&syn, fx.front_index),
+            XDP_DROP,
+            &syn,
+        );
+        assert_eq!(
+            fx.reason("drop_truncated_l4"),
+            dropped + 1,
+            "offset {words}"
+        );
+        assert_eq!(fx.reason("new_flow"), new_flow, "offset {words}: no flow");
+    }
+    let flows = pinned_entries::<FlowEntry>(&fx, bpf_common::map_names::FLOWS);
+    assert!(flows.is_empty(), "{flows:?}");
+}
+
+/// IPv4 options on a VIP flow are forwarded unchanged and counted as `seen_ip_options`.
+#[test]
+fn ip_options_on_a_vip_flow_are_forwarded_and_counted() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..3];
+    fx.apply(&service(ForwardingMode::Dsr, Protocol::Tcp, 80, backends));
+    let with_options = |macs: ([u8; 6], [u8; 6])| {
+        let mut tcp = TcpHeader::new(41500, 80, 1000, 64240);
+        tcp.syn = true;
+        let mut ip = ipv4(CLIENT, VIP, IpNumber::TCP, tcp.header_len());
+        // Four bytes of options: NOP, NOP, NOP, end of list.
+        ip.set_options(&[1, 1, 1, 0]).expect("options");
+        ip.total_len += 4;
+        ip.header_checksum = ip.calc_header_checksum();
+        tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("checksum");
+        let mut frame = eth(macs.0, macs.1).to_bytes().to_vec();
+        frame.extend_from_slice(&ip.to_bytes());
+        frame.extend_from_slice(&tcp.to_bytes());
+        frame
+    };
+    let backend = expected_backend(backends, 41500, 80, 6);
+    let before = fx.reason("seen_ip_options");
+    assert_frame(
+        "SYN with IP options",
+        fx.run(&with_options((CLIENT_MAC, FRONT_MAC)), fx.front_index),
+        XDP_REDIRECT,
+        &with_options((BACK_MAC, backend_mac(backend))),
+    );
+    assert_eq!(fx.reason("seen_ip_options"), before + 1);
+    // Without options it does not move.
+    let plain = tcp_flags_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, 41501), (VIP, 80), SYN);
+    assert_eq!(fx.run(&plain, fx.front_index).0, XDP_REDIRECT);
+    assert_eq!(fx.reason("seen_ip_options"), before + 1);
+}

@@ -1,9 +1,14 @@
 //! Bounds-checked parsing of Ethernet (+ one 802.1Q tag), IPv4, TCP, UDP and ICMP.
 //!
-//! The same code runs in the XDP program (over `xdp_md`'s `data..data_end`) and on the host
-//! (over a byte slice), through the [`Frame`] trait. Every header access goes through
-//! [`Frame::at`], whose bounds check is the `start + off + size <= end` comparison the verifier
-//! needs to see before a packet load.
+//! The same code runs in the XDP program (over `xdp_md`'s `data..data_end`), in the tc programs
+//! (over an skb's linear area) and on the host (over a byte slice), through the [`Frame`] trait.
+//! Every header access goes through [`Frame::at`], whose bounds check is the
+//! `start + off + size <= end` comparison the verifier needs to see before a packet load.
+//!
+//! Lengths are judged against the packet's real length ([`Frame::fits`]), which for an skb
+//! (`skb->len`) is usually more than its linear area: with scatter-gather or GRO the payload
+//! sits in page fragments. Only the headers must be readable ([`Frame::at`]); a tc program
+//! pulls them into the linear area first.
 //!
 //! # Rules for anomalies (each maps to one counter in `bpf_common::reason`)
 //!
@@ -15,6 +20,7 @@
 //! | IPv4 with options (IHL > 5) | parsed; the options are skipped and forwarded unchanged |
 //! | a fragment (MF set or offset != 0) | [`L4::Fragment`]: ports are never read, not even from the first fragment, so all fragments of a datagram get the same treatment |
 //! | TCP/UDP/ICMP header cut short (by the frame or by the IP total length) | [`L4::Truncated`] |
+//! | TCP data offset below 5 words, or pointing past the end of the IP payload | [`L4::Truncated`]: the options are part of the header |
 //! | any other protocol | [`L4::Other`] |
 
 /// Ethertypes (host byte order).
@@ -26,6 +32,8 @@ pub const ETH_HLEN: usize = 14;
 pub const VLAN_HLEN: usize = 4;
 pub const IPV4_MIN_HLEN: usize = 20;
 pub const TCP_MIN_HLEN: usize = 20;
+/// Byte of the TCP header whose high nibble is the data offset (header length in words).
+pub const TCP_DATA_OFFSET: usize = 12;
 pub const UDP_HLEN: usize = 8;
 /// ICMP header up to and including the 4 "rest of header" bytes.
 pub const ICMP_HLEN: usize = 8;
@@ -79,10 +87,12 @@ pub const fn span_at<const N: usize>(start: usize, end: usize, off: usize) -> Op
 
 /// A packet buffer that hands out bounds-checked pointers.
 pub trait Frame {
-    /// True when the frame holds at least `len` bytes.
+    /// True when the packet is at least `len` bytes long. This is its real length, which may
+    /// exceed the bytes [`Frame::at`] can reach (an skb's paged data).
     fn fits(&self, len: usize) -> bool;
 
-    /// A pointer to `N` bytes at `off`, or `None` if they do not all lie inside the frame.
+    /// A pointer to `N` bytes at `off`, or `None` if they do not all lie inside the readable
+    /// (linear) part of the frame.
     fn at<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]>;
 
     /// Copies `N` bytes at `off`.
@@ -94,7 +104,8 @@ pub trait Frame {
     }
 }
 
-/// A host-side frame over a mutable byte slice (tests and tools).
+/// A host-side frame over a mutable byte slice (tests and tools): linear, its length is the
+/// slice's.
 pub struct SliceFrame<'a> {
     pub bytes: &'a mut [u8],
 }
@@ -110,6 +121,27 @@ impl Frame for SliceFrame<'_> {
             return None;
         }
         Some(self.bytes[off..end].as_ptr() as *mut [u8; N])
+    }
+}
+
+/// A host-side model of a non-linear skb: `linear` is what the program can read, `len` the
+/// packet's real length (`linear.len()` plus the paged bytes, which are never read).
+pub struct NonLinearFrame<'a> {
+    pub linear: &'a mut [u8],
+    pub len: usize,
+}
+
+impl Frame for NonLinearFrame<'_> {
+    fn fits(&self, len: usize) -> bool {
+        len <= self.len
+    }
+
+    fn at<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]> {
+        let end = off.checked_add(N)?;
+        if end > self.linear.len() || end > self.len {
+            return None;
+        }
+        Some(self.linear[off..end].as_ptr() as *mut [u8; N])
     }
 }
 
@@ -170,6 +202,8 @@ pub struct Ipv4Packet {
     pub dst_port_be: u16,
     /// TCP flags byte.
     pub tcp_flags: u8,
+    /// TCP header length in bytes, options included (0 unless TCP).
+    pub tcp_hlen: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
 }
@@ -253,6 +287,7 @@ pub fn parse<F: Frame>(frame: &F) -> Parsed {
         src_port_be: 0,
         dst_port_be: 0,
         tcp_flags: 0,
+        tcp_hlen: 0,
         icmp_type: 0,
         icmp_code: 0,
     };
@@ -279,6 +314,13 @@ fn parse_l4<F: Frame>(frame: &F, packet: &mut Ipv4Packet, ip_end: usize) {
             if let Some(tcp) = frame.at::<TCP_MIN_HLEN>(l4_off) {
                 // SAFETY: bounds-checked by `at`; `[u8; N]` has alignment 1.
                 let tcp = unsafe { &*tcp };
+                // The data offset is part of the header: below 5 words, or past the end of
+                // the segment, the header is cut short whatever the first 20 bytes say.
+                let tcp_hlen = ((tcp[TCP_DATA_OFFSET] >> 4) as usize) * 4;
+                if tcp_hlen < TCP_MIN_HLEN || l4_off + tcp_hlen > ip_end {
+                    return;
+                }
+                packet.tcp_hlen = tcp_hlen as u8;
                 packet.src_port_be = u16::from_ne_bytes([tcp[0], tcp[1]]);
                 packet.dst_port_be = u16::from_ne_bytes([tcp[2], tcp[3]]);
                 packet.tcp_flags = tcp[l4::TCP_FLAGS];

@@ -1,7 +1,7 @@
 //! Host tests of the parser that the XDP program runs, over whole frames built with etherparse.
 
 use etherparse::{IpNumber, PacketBuilder};
-use lb_core::parse::{Frame, L4, Outcome, SliceFrame, parse, parse_icmp_quote};
+use lb_core::parse::{Frame, L4, NonLinearFrame, Outcome, SliceFrame, parse, parse_icmp_quote};
 
 fn tcp_syn() -> Vec<u8> {
     let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
@@ -228,4 +228,75 @@ fn kernel_frame_spans_hand_out_only_in_bounds_addresses() {
         Some(start + MAX_FRAME)
     );
     assert_eq!(span_at::<1>(start, long_end, MAX_FRAME + 1), None);
+}
+
+/// Sets the TCP data offset (in 32-bit words) of a frame built by [`tcp_syn`].
+fn with_tcp_data_offset(mut frame: Vec<u8>, words: u8) -> Vec<u8> {
+    frame[34 + 12] = (words << 4) | (frame[34 + 12] & 0x0f);
+    frame
+}
+
+/// A SYN whose data offset points past the end of the segment (offset 15 = 60 bytes of header,
+/// 20 on the wire) has a header cut short; so has one whose offset is below the minimum.
+#[test]
+fn tcp_data_offset_past_the_segment_or_below_five_is_truncated() {
+    for words in [15u8, 6, 0, 4] {
+        let mut frame = with_tcp_data_offset(tcp_syn(), words);
+        let parsed = parse_bytes(&mut frame);
+        assert_eq!(parsed.outcome, Outcome::Ipv4, "offset {words}");
+        assert_eq!(parsed.packet.l4, L4::Truncated, "offset {words}");
+        assert_eq!(parsed.packet.src_port_be, 0, "no ports from a cut header");
+    }
+    // Offset 5 is the plain header; offset 8 with 12 bytes of options (here: payload the
+    // header claims) is whole.
+    let mut frame = tcp_syn();
+    assert_eq!(parse_bytes(&mut frame).packet.tcp_hlen, 20);
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 18, 0, 1], [198, 18, 100, 1], 64)
+        .tcp(40000, 80, 1000, 64240)
+        .syn();
+    let mut with_12 = Vec::new();
+    builder.write(&mut with_12, &[1u8; 12]).expect("build");
+    let mut with_12 = with_tcp_data_offset(with_12, 8);
+    let parsed = parse_bytes(&mut with_12);
+    assert_eq!(parsed.packet.l4, L4::Tcp);
+    assert_eq!(parsed.packet.tcp_hlen, 32);
+}
+
+/// A non-linear skb (headers in the linear area, payload in page fragments) parses exactly like
+/// the same packet fully linear: lengths are judged against the packet's real length.
+#[test]
+fn a_non_linear_packet_parses_like_the_linear_one() {
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 18, 0, 1], [198, 18, 100, 1], 64)
+        .tcp(40000, 80, 1000, 64240)
+        .ack(1);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, &[7u8; 1400]).expect("build");
+    let mut linear = frame.clone();
+    let expected = parse_bytes(&mut linear);
+    assert_eq!(expected.packet.l4, L4::Tcp);
+    for linear_len in [54usize, 64, 128, 600, frame.len()] {
+        let len = frame.len();
+        let mut head = frame[..linear_len].to_vec();
+        let parsed = parse(&NonLinearFrame {
+            linear: &mut head,
+            len,
+        });
+        assert_eq!(parsed, expected, "linear part of {linear_len} bytes");
+    }
+    // A packet whose real length is short of the IP total length is still malformed.
+    let mut head = frame[..128].to_vec();
+    let parsed = parse(&NonLinearFrame {
+        linear: &mut head,
+        len: frame.len() - 1,
+    });
+    assert_eq!(parsed.outcome, Outcome::Malformed);
+    // Headers the linear area does not hold cannot be read: truncated, never guessed.
+    let mut head = frame[..40].to_vec();
+    let parsed = parse(&NonLinearFrame {
+        linear: &mut head,
+        len: frame.len(),
+    });
+    assert_eq!(parsed.packet.l4, L4::Truncated);
 }
