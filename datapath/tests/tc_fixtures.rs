@@ -925,3 +925,169 @@ fn a_restarted_plane_reuses_every_pinned_map_of_its_own_layout() {
     fx.plane = Some(plane);
     assert_eq!(ids(&fx.pin_root), before);
 }
+
+/// A TCP segment of `payload` bytes (ACK set), checksummed.
+fn tcp_data(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(src.1, dst.1, 1000, 64240);
+    tcp.ack = true;
+    tcp.psh = true;
+    tcp.acknowledgment_number = 5000;
+    let ip = ipv4(
+        src.0,
+        dst.0,
+        IpNumber::TCP,
+        tcp.header_len() + payload.len(),
+    );
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).expect("tcp checksum");
+    let mut frame = eth(CLIENT_MAC, EP_MAC);
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&tcp.to_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A SYN whose TCP data offset points past the end of the segment (15 words, 20 bytes on the
+/// wire) has a header cut short: dropped as `drop_truncated`, nothing tracked.
+#[test]
+fn tcp_data_offset_past_the_segment_is_dropped_as_truncated() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    for (n, words) in [15u8, 6, 4, 0].into_iter().enumerate() {
+        let mut syn = tcp((CLIENT, 40100), (ENDPOINT, 8080), true, false);
+        syn[34 + 12] = (words << 4) | (syn[34 + 12] & 0x0f);
+        assert_eq!(fx.ingress(&syn), DROP, "data offset {words}");
+        assert_eq!(fx.reason("drop_truncated"), n as u64 + 1);
+    }
+    assert_eq!(fx.reason("allow_rule"), 0);
+    assert!(fx.flows().is_empty());
+}
+
+/// `SOL_PACKET` options (linux/if_packet.h).
+const SOL_PACKET: libc::c_int = 263;
+const PACKET_VNET_HDR: libc::c_int = 15;
+
+/// Sends `frame` out of `ifname` through an AF_PACKET socket, so the kernel's egress path (and
+/// the TCX egress program) sees it. With `linear = Some(n)` the socket's virtio-net header asks
+/// for an skb whose linear area holds only the first `n` bytes, the rest in page fragments: the
+/// shape scatter-gather and GRO give real traffic. (BPF_PROG_TEST_RUN on this kernel builds only
+/// linear skbs: it refuses a `data_end` below the frame's length, so this is the way to hand the
+/// program a non-linear one.) The kernel pages an skb only from a page's worth of data, so the
+/// frame must be longer than 4 KiB, and the interface's MTU must allow it. Even without the
+/// header the linear area holds only the link-layer header. Returns whether the packet left
+/// (false: the egress path dropped it).
+fn send_packet(ifname: &str, frame: &[u8], linear: Option<u16>) -> bool {
+    // SAFETY: plain socket calls on a descriptor this function owns; buffers outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let one: libc::c_int = 1;
+        let mut buf = Vec::new();
+        if let Some(linear) = linear {
+            let rc = libc::setsockopt(
+                fd,
+                SOL_PACKET,
+                PACKET_VNET_HDR,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            assert_eq!(
+                rc,
+                0,
+                "PACKET_VNET_HDR: {}",
+                std::io::Error::last_os_error()
+            );
+            // struct virtio_net_hdr: flags, gso_type (none), hdr_len, gso_size, csum_start,
+            // csum_offset. No offloads asked for: only the linear size.
+            buf.extend_from_slice(&[0, 0]);
+            buf.extend_from_slice(&linear.to_ne_bytes());
+            buf.extend_from_slice(&[0u8; 6]);
+        }
+        buf.extend_from_slice(frame);
+        let name = std::ffi::CString::new(ifname).expect("name");
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let sent = libc::sendto(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        // A packet the egress program drops comes back as NET_XMIT_DROP: ENOBUFS.
+        if sent < 0 && err.raw_os_error() == Some(libc::ENOBUFS) {
+            return false;
+        }
+        assert_eq!(sent, buf.len() as isize, "sendto {ifname}: {err}");
+        true
+    }
+}
+
+/// Non-linear skbs get the verdicts of the same packets linear: a tracked flow's large segments
+/// pass, an untracked flow's are denied by the policy, and a packet whose IP total length runs
+/// past the skb's real length is still malformed. (Before the parser judged lengths against
+/// `skb->len`, every non-linear segment was dropped as `drop_malformed`.)
+#[test]
+fn non_linear_skbs_get_the_verdicts_of_linear_ones() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new(POLICY);
+    for dev in ["ep0", "peer0"] {
+        fx._netns.ip(&["link", "set", dev, "mtu", "9000"]);
+    }
+    // The endpoint opens an allowed connection (egress 443) and one that is not (8443).
+    let syn = tcp((ENDPOINT, 50000), (OUTSIDER, 443), true, false);
+    assert_eq!(fx.egress(&syn), NEXT);
+    let payload = vec![0x5au8; 6000];
+    let allowed = tcp_data((ENDPOINT, 50000), (OUTSIDER, 443), &payload);
+    let denied = tcp_data((ENDPOINT, 50001), (OUTSIDER, 8443), &payload);
+    let mut too_long = allowed.clone();
+    let claimed = u16::from_be_bytes([too_long[16], too_long[17]]) + 1;
+    too_long[16..18].copy_from_slice(&claimed.to_be_bytes());
+    let mut ip = Ipv4Header::from_slice(&too_long[14..]).expect("ip").0;
+    ip.header_checksum = ip.calc_header_checksum();
+    too_long[14..34].copy_from_slice(&ip.to_bytes());
+
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("tracked segment", &allowed, "pass_tracked"),
+        ("untracked segment", &denied, "drop_default"),
+        ("total length past the packet", &too_long, "drop_malformed"),
+    ];
+    for linear in [None, Some(54), Some(64), Some(200)] {
+        for (what, frame, counter) in cases {
+            let before = fx.plane().reasons().expect("reasons");
+            let sent = send_packet("ep0", frame, linear);
+            let after = fx.plane().reasons().expect("reasons");
+            let moved: Vec<(&String, u64)> = after
+                .iter()
+                .filter(|(k, v)| before[*k] != **v)
+                .map(|(k, v)| (k, v - before[k]))
+                .collect();
+            assert_eq!(
+                moved,
+                vec![(&counter.to_string(), 1)],
+                "{what}, linear part {linear:?}: exactly {counter} moved"
+            );
+            assert_eq!(sent, !counter.starts_with("drop_"), "{what}: sent");
+        }
+    }
+    let flows = fx.flows();
+    let flow = flows
+        .iter()
+        .find(|f| f.dst_port == 443)
+        .expect("the 443 flow");
+    assert_eq!(flow.packets_orig, 1 + 4, "{flow:?}");
+}
