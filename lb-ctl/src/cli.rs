@@ -93,18 +93,91 @@ pub struct CtFilterArgs {
     #[arg(long, value_name = "IP")]
     pub address: Option<String>,
     /// Either end's port.
-    #[arg(long, value_name = "PORT")]
+    #[arg(long, value_name = "PORT", allow_negative_numbers = true,
+          value_parser = number_in(0u16, u16::MAX))]
     pub port: Option<u16>,
-    /// tcp, udp or icmp.
-    #[arg(long, value_name = "PROTO")]
-    pub protocol: Option<String>,
-    /// A state: syn_sent, syn_recv, established, fin_wait, close_wait, time_wait, closed
-    /// (TCP); new, replied (UDP, ICMP).
-    #[arg(long, value_name = "STATE")]
-    pub state: Option<String>,
-    /// One table only: policy (the tc programs' CT_FLOWS) or lb (the load balancer's LB_FLOWS).
-    #[arg(long, value_name = "TABLE")]
-    pub table: Option<String>,
+    /// The flow's protocol (any case).
+    #[arg(long, value_name = "PROTO", value_enum, ignore_case = true)]
+    pub protocol: Option<CtProto>,
+    /// The flow's state as `conntrack list` shows it (any case; `closed` is also accepted
+    /// for `close`).
+    #[arg(long, value_name = "STATE", value_enum, ignore_case = true)]
+    pub state: Option<CtState>,
+    /// One table only (any case).
+    #[arg(long, value_name = "TABLE", value_enum, ignore_case = true)]
+    pub table: Option<CtTable>,
+}
+
+/// Protocols of tracked flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CtProto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// The conntrack states, named as the daemon shows them (`conntrack::state_name`), in lower
+/// case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CtState {
+    /// TCP, first seen mid-stream (no SYN): e.g. a load-balancer flow re-created by its next
+    /// packet after a flush.
+    #[value(name = "none")]
+    None,
+    /// TCP, SYN seen.
+    #[value(name = "syn_sent")]
+    SynSent,
+    /// TCP, SYN+ACK seen.
+    #[value(name = "syn_recv")]
+    SynRecv,
+    /// TCP, handshake completed.
+    #[value(name = "established")]
+    Established,
+    /// TCP, the opening side sent FIN.
+    #[value(name = "fin_wait")]
+    FinWait,
+    /// TCP, the other side sent FIN.
+    #[value(name = "close_wait")]
+    CloseWait,
+    /// TCP, both sides sent FIN.
+    #[value(name = "time_wait")]
+    TimeWait,
+    /// TCP, reset (alias: closed).
+    #[value(name = "close", alias = "closed")]
+    Close,
+    /// UDP and ICMP, no reply yet.
+    #[value(name = "new")]
+    New,
+    /// UDP and ICMP, answered.
+    #[value(name = "replied")]
+    Replied,
+}
+
+/// The two conntrack tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CtTable {
+    /// The tc programs' CT_FLOWS.
+    Policy,
+    /// The load balancer's LB_FLOWS.
+    Lb,
+}
+
+/// The canonical name clap accepts for `v` (what goes into the query string).
+fn value_name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+/// A value parser for a number from `min` to `max` whose error says so.
+pub fn number_in<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |s: &str| match s.parse::<T>() {
+        Ok(v) if v >= min && v <= max => Ok(v),
+        _ => Err(format!("accepted: a whole number from {min} to {max}")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,10 +198,12 @@ pub struct FlowsArgs {
     #[arg(long)]
     pub follow: bool,
     /// With --follow: stop after this many events.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
+          value_parser = number_in(0u64, u64::MAX))]
     pub count: Option<u64>,
-    /// With --follow: stop after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
+    /// With --follow: stop after this many seconds (datapathd stops at one day).
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true,
+          value_parser = number_in(0u64, u64::MAX))]
     pub timeout: Option<u64>,
 }
 
@@ -191,7 +266,12 @@ pub enum BackendCommand {
         #[command(flatten)]
         target: BackendArg,
         /// Relative share of new flows (1 or more).
-        #[arg(long, value_name = "N", default_value = "1")]
+        #[arg(
+            long,
+            value_name = "N",
+            default_value = "1",
+            allow_negative_numbers = true
+        )]
         weight: String,
     },
     /// Remove a backend; its established flows move to the remaining backends.
@@ -206,7 +286,7 @@ pub enum BackendCommand {
         #[command(flatten)]
         target: BackendArg,
         /// New weight (1 or more).
-        #[arg(value_name = "WEIGHT")]
+        #[arg(value_name = "WEIGHT", allow_negative_numbers = true)]
         weight: String,
     },
 }
@@ -279,29 +359,14 @@ fn ct_query(f: &CtFilterArgs) -> Result<String> {
     if let Some(p) = f.port {
         parts.push(format!("port={p}"));
     }
-    if let Some(p) = &f.protocol {
-        let p = p.to_ascii_lowercase();
-        if !matches!(p.as_str(), "tcp" | "udp" | "icmp") {
-            return Err(Error::invalid("protocol", &p, "expected tcp, udp or icmp"));
-        }
-        parts.push(format!("protocol={p}"));
+    if let Some(p) = f.protocol {
+        parts.push(format!("protocol={}", value_name(p)));
     }
-    if let Some(s) = &f.state {
-        if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(Error::invalid(
-                "state",
-                s,
-                "expected a state name such as established",
-            ));
-        }
-        parts.push(format!("state={}", s.to_ascii_lowercase()));
+    if let Some(s) = f.state {
+        parts.push(format!("state={}", value_name(s)));
     }
-    if let Some(t) = &f.table {
-        let t = t.to_ascii_lowercase();
-        if !matches!(t.as_str(), "policy" | "lb") {
-            return Err(Error::invalid("table", &t, "expected policy or lb"));
-        }
-        parts.push(format!("table={t}"));
+    if let Some(t) = f.table {
+        parts.push(format!("table={}", value_name(t)));
     }
     Ok(if parts.is_empty() {
         String::new()
@@ -310,29 +375,54 @@ fn ct_query(f: &CtFilterArgs) -> Result<String> {
     })
 }
 
-/// Parses `ADDR:PORT` (IPv6 as `[ADDR]:PORT`) with a port other than 0.
+/// Parses `ADDR:PORT` (IPv6 as `[ADDR]:PORT`) with a port from 1 to 65535.
 pub fn parse_endpoint(what: &'static str, input: &str) -> Result<(IpAddr, u16)> {
-    let addr: SocketAddr = input.parse().map_err(|_| {
-        let reason = if input.parse::<std::net::Ipv4Addr>().is_ok() {
-            "the port is missing (expected ADDR:PORT)"
-        } else if input.parse::<std::net::Ipv6Addr>().is_ok() {
-            "the port is missing, or the brackets: IPv6 is [ADDR]:PORT"
-        } else if input.matches(':').count() > 1 && !input.starts_with('[') {
-            "IPv6 addresses go in brackets: [ADDR]:PORT"
-        } else {
-            "expected ADDR:PORT, e.g. 198.18.0.10:80 or [2001:db8::10]:80"
-        };
-        Error::invalid(what, input, reason)
-    })?;
+    let addr: SocketAddr = input
+        .parse()
+        .map_err(|_| Error::invalid(what, input, endpoint_problem(input)))?;
     if let SocketAddr::V6(v6) = addr
         && v6.scope_id() != 0
     {
         return Err(Error::invalid(what, input, "scope ids are not supported"));
     }
     if addr.port() == 0 {
-        return Err(Error::invalid(what, input, "port must not be 0"));
+        return Err(Error::invalid(
+            what,
+            input,
+            "port must not be 0 (accepted: 1-65535)",
+        ));
     }
     Ok((addr.ip(), addr.port()))
+}
+
+/// Why `input` is not an `ADDR:PORT`.
+fn endpoint_problem(input: &str) -> String {
+    if input.parse::<std::net::Ipv4Addr>().is_ok() {
+        return "the port is missing (expected ADDR:PORT)".into();
+    }
+    if input.parse::<std::net::Ipv6Addr>().is_ok() {
+        return "the port is missing, or the brackets: IPv6 is [ADDR]:PORT".into();
+    }
+    // A valid address with a bad port: say which ports there are.
+    if let Some((host, port)) = input.rsplit_once(':') {
+        let host_ok = host.parse::<std::net::Ipv4Addr>().is_ok()
+            || host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+        if host_ok {
+            return if port.parse::<i128>().is_ok() {
+                format!("port {port} is out of range (accepted: 1-65535)")
+            } else {
+                format!("port {port:?} is not a number (accepted: 1-65535)")
+            };
+        }
+    }
+    if input.matches(':').count() > 1 && !input.starts_with('[') {
+        "IPv6 addresses go in brackets: [ADDR]:PORT".into()
+    } else {
+        "expected ADDR:PORT, e.g. 198.18.0.10:80 or [2001:db8::10]:80".into()
+    }
 }
 
 fn parse_weight(input: &str) -> Result<u32> {
@@ -617,7 +707,7 @@ mod tests {
         let m = invalid(&["service", "add", "198.18.0.10:0"]);
         assert_eq!(
             m,
-            r#"invalid service address "198.18.0.10:0": port must not be 0"#
+            r#"invalid service address "198.18.0.10:0": port must not be 0 (accepted: 1-65535)"#
         );
         let m = invalid(&["service", "show", "2001:db8::1:80"]);
         assert!(m.contains("IPv6 is [ADDR]:PORT"), "{m}");
@@ -686,14 +776,20 @@ mod tests {
             action(&["conntrack", "list", "--table", "LB"]).unwrap(),
             Action::ConntrackList(q) if q == "?table=lb"
         ));
-        assert!(invalid(&["conntrack", "flush", "--table", "nat"]).contains("policy or lb"));
         assert!(matches!(
             action(&["conntrack", "flush"]).unwrap(),
             Action::ConntrackFlush(q) if q.is_empty()
         ));
         assert!(invalid(&["conntrack", "list", "--address", "nope"]).contains("IPv4"));
-        assert!(invalid(&["conntrack", "flush", "--protocol", "sctp"]).contains("tcp, udp"));
-        assert!(invalid(&["conntrack", "list", "--state", "a&b=c"]).contains("state"));
+        // Aliases and any case, sent by their canonical name.
+        assert!(matches!(
+            action(&["conntrack", "flush", "--state", "Closed", "--protocol", "ICMP"]).unwrap(),
+            Action::ConntrackFlush(q) if q == "?protocol=icmp&state=close"
+        ));
+        assert!(matches!(
+            action(&["conntrack", "list", "--state", "syn_recv", "--port", "0"]).unwrap(),
+            Action::ConntrackList(q) if q == "?port=0&state=syn_recv"
+        ));
         assert!(matches!(
             action(&["flows", "--follow", "--count", "3"]).unwrap(),
             Action::Flows {
@@ -702,6 +798,110 @@ mod tests {
                 timeout: None
             }
         ));
+    }
+
+    /// Every value clap refuses in a filter is a clap error (exit 2): nothing is sent.
+    #[test]
+    fn unknown_filter_values_are_usage_errors() {
+        for args in [
+            &["lb-ctl", "conntrack", "list", "--state", "bogus"][..],
+            &["lb-ctl", "conntrack", "flush", "--state", "bogus"],
+            &["lb-ctl", "conntrack", "list", "--state", "a&b=c"],
+            &["lb-ctl", "conntrack", "list", "--state", "syn-sent"],
+            &["lb-ctl", "conntrack", "flush", "--table", "nat"],
+            &["lb-ctl", "conntrack", "flush", "--protocol", "sctp"],
+            &["lb-ctl", "conntrack", "list", "--port", "65536"],
+            &["lb-ctl", "conntrack", "list", "--port", "-1"],
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert!(
+                matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation
+                ),
+                "{args:?}: {:?}",
+                e.kind()
+            );
+        }
+    }
+
+    /// The state names `--state` accepts are exactly those the daemon shows (the conntrack
+    /// crate's `TcpState::name`, `UdpState::name`, `IcmpState::name`, which the daemon lists
+    /// as `state`), in lower case, plus the alias `closed` that its help mentions.
+    #[test]
+    fn state_names_are_the_conntracks() {
+        const SHOWN: [&str; 10] = [
+            "NONE",
+            "SYN_SENT",
+            "SYN_RECV",
+            "ESTABLISHED",
+            "FIN_WAIT",
+            "CLOSE_WAIT",
+            "TIME_WAIT",
+            "CLOSE",
+            "NEW",
+            "REPLIED",
+        ];
+        // The conntrack's sources name each of them (a renamed state fails here).
+        let sources = [
+            include_str!("../../conntrack/src/tcp.rs"),
+            include_str!("../../conntrack/src/udp.rs"),
+        ]
+        .concat();
+        for name in SHOWN {
+            assert!(sources.contains(&format!("=> \"{name}\"")), "{name}");
+        }
+        let accepted: Vec<String> = CtState::value_variants()
+            .iter()
+            .map(|v| value_name(*v))
+            .collect();
+        let lower: Vec<String> = SHOWN.iter().map(|n| n.to_ascii_lowercase()).collect();
+        assert_eq!(accepted, lower);
+        for name in &lower {
+            for spelled in [name.clone(), name.to_ascii_uppercase()] {
+                let q = ct_query(&CtFilterArgs {
+                    state: Some(CtState::from_str(&spelled, true).unwrap()),
+                    ..CtFilterArgs::default()
+                })
+                .unwrap();
+                assert_eq!(q, format!("?state={name}"));
+            }
+        }
+        assert_eq!(CtState::from_str("closed", true), Ok(CtState::Close));
+    }
+
+    #[test]
+    fn ports_out_of_range_say_the_range() {
+        for (input, want) in [
+            (
+                "198.18.0.10:65536",
+                "port 65536 is out of range (accepted: 1-65535)",
+            ),
+            (
+                "198.18.0.10:-1",
+                "port -1 is out of range (accepted: 1-65535)",
+            ),
+            (
+                "[2001:db8::1]:70000",
+                "port 70000 is out of range (accepted: 1-65535)",
+            ),
+            (
+                "198.18.0.10:http",
+                r#"port "http" is not a number (accepted: 1-65535)"#,
+            ),
+            ("198.18.0.10:0", "port must not be 0 (accepted: 1-65535)"),
+        ] {
+            let e = parse_endpoint("service address", input).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("invalid service address {input:?}: {want}")
+            );
+        }
+        assert_eq!(
+            parse_endpoint("backend address", "198.18.0.10:65535").unwrap(),
+            (ip("198.18.0.10"), 65535)
+        );
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //!
 //! The binary parses the command line ([`cli::Cli`]), checks it into an [`cli::Action`] before
 //! connecting, sends that to datapathd over its Unix socket ([`client::Client`]) and prints the
-//! answer ([`output`]). Failures are an [`Error`], each with its exit code.
+//! answer ([`output`]). Failures are an [`Error`], each with its exit code; clap's usage errors
+//! are rendered on one line by [`usage`].
 pub mod cli;
 pub mod client;
 pub mod error;
 pub mod output;
+pub mod usage;
 
 use std::io::Write as _;
 

@@ -5,12 +5,28 @@ use std::{
     process::ExitCode,
 };
 
-use clap::Parser;
-use lb_ctl::{Error, cli::Cli, exit};
+use lb_ctl::{
+    Error,
+    cli::Cli,
+    exit,
+    usage::{self, Parsed},
+};
 
 fn main() -> ExitCode {
-    // Usage errors exit 2 and --help/--version exit 0, as clap does.
-    let cli = Cli::parse();
+    let args: Vec<_> = std::env::args_os().collect();
+    let cli = match usage::parse::<Cli>(&args) {
+        Parsed::Ok(cli) => cli,
+        // --help and --version: clap's text on stdout, exit 0.
+        Parsed::Print(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(exit::FAILURE));
+        }
+        // Every usage error: one line on stderr, exit 2.
+        Parsed::Usage(line) => {
+            eprintln!("lb-ctl: error: {line}");
+            return ExitCode::from(exit::INVALID_ARGUMENT);
+        }
+    };
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 struct Recorded {
     method: String,
     path: String,
+    query: String,
     body: String,
 }
 
@@ -60,10 +61,12 @@ impl FakeDaemon {
                         async move {
                             let method = req.method().to_string();
                             let path = req.uri().path().to_string();
+                            let query = req.uri().query().unwrap_or("").to_string();
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let rec = Recorded {
                                 method,
                                 path,
+                                query,
                                 body: String::from_utf8(body.to_vec()).unwrap(),
                             };
                             let (status, text) = answer(&rec);
@@ -197,7 +200,7 @@ fn invalid_arguments_exit_2_without_connecting() {
         ),
         (
             &["service", "add", "198.18.0.10:80", "--proto", "sctp"],
-            "error: invalid value 'sctp' for '--proto <PROTO>'",
+            "lb-ctl: error: invalid value 'sctp' for '--proto <PROTO>': accepted: tcp, udp\n",
         ),
     ] {
         let o = d.run(args);
@@ -413,4 +416,235 @@ fn help_documents_the_exit_codes() {
     assert_eq!(o.status.code(), Some(0));
     let help = stdout(&o);
     assert!(help.contains("3  datapathd not reachable"), "{help}");
+}
+
+/// Every usage error is one line on stderr with exit status 2, naming what was rejected and
+/// what is accepted there; nothing reaches the daemon.
+#[test]
+fn usage_errors_are_one_line() {
+    let d = FakeDaemon::start(ok_view);
+    let cases: [(&[&str], &str); 13] = [
+        // An unknown --mode.
+        (
+            &["service", "add", "198.18.0.10:80", "--mode", "nat"],
+            "invalid value 'nat' for '--mode <MODE>': accepted: full-nat, dsr",
+        ),
+        // An unknown --proto.
+        (
+            &[
+                "backend",
+                "rm",
+                "198.18.0.10:80",
+                "198.18.1.1:80",
+                "--proto",
+                "sctp",
+            ],
+            "invalid value 'sctp' for '--proto <PROTO>': accepted: tcp, udp",
+        ),
+        // A negative weight, as an option and as the positional of set-weight.
+        (
+            &[
+                "backend",
+                "add",
+                "198.18.0.10:80",
+                "198.18.1.1:80",
+                "--weight",
+                "-1",
+            ],
+            r#"invalid weight "-1": expected a number from 1 to 4294967295"#,
+        ),
+        (
+            &[
+                "backend",
+                "set-weight",
+                "198.18.0.10:80",
+                "198.18.1.1:80",
+                "-1",
+            ],
+            r#"invalid weight "-1": expected a number from 1 to 4294967295"#,
+        ),
+        // An unknown subcommand, at the top and one level down.
+        (
+            &["servic", "ls"],
+            "unrecognized subcommand 'servic' for 'lb-ctl': accepted: service, backend, \
+             stats, status, policy, conntrack, flows, help; did you mean 'service'?",
+        ),
+        (
+            &["backend", "bogus"],
+            "unrecognized subcommand 'bogus' for 'lb-ctl backend': accepted: add, remove|rm, \
+             drain, activate, set-weight, help",
+        ),
+        // An unknown output format.
+        (
+            &["-o", "yaml", "stats"],
+            "invalid value 'yaml' for '--output <OUTPUT>': accepted: table, json",
+        ),
+        // An extra argument.
+        (
+            &["service", "ls", "extra"],
+            "unexpected argument 'extra' for 'lb-ctl service list': usage: lb-ctl service list \
+             [OPTIONS]",
+        ),
+        // A missing argument.
+        (
+            &["backend", "add", "198.18.0.10:80"],
+            "missing argument <ADDR:PORT> for 'lb-ctl backend add': usage: lb-ctl backend add \
+             <VIP:PORT> <ADDR:PORT>",
+        ),
+        // A negative count.
+        (
+            &["flows", "--follow", "--count", "-1"],
+            "invalid value '-1' for '--count <N>': accepted: a whole number from 0 to \
+             18446744073709551615",
+        ),
+        // Ports out of range in a service or backend address.
+        (
+            &["service", "add", "198.18.0.10:65536"],
+            r#"invalid service address "198.18.0.10:65536": port 65536 is out of range (accepted: 1-65535)"#,
+        ),
+        (
+            &["backend", "add", "198.18.0.10:80", "198.18.1.1:-1"],
+            r#"invalid backend address "198.18.1.1:-1": port -1 is out of range (accepted: 1-65535)"#,
+        ),
+        // A subcommand missing.
+        (
+            &["service"],
+            "'lb-ctl service' needs a subcommand: accepted: add, remove|rm, list|ls, show, help",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = d.run(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert_eq!(err, format!("lb-ctl: error: {want}\n"), "{args:?}");
+        assert_eq!(stdout(&o), "", "{args:?}");
+    }
+    // An unknown option lists the options that are accepted, and a near miss.
+    let o = d.run(&["service", "add", "198.18.0.10:80", "--prot", "udp"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "lb-ctl: error: unknown option '--prot' for 'lb-ctl service add': accepted: --proto, \
+         --mode, --snat-addr, --socket, -o/--output, -h/--help; did you mean '--proto'?\n"
+    );
+    assert_eq!(d.connections.load(Ordering::SeqCst), 0, "nothing was sent");
+}
+
+#[test]
+fn help_and_version_still_print_and_exit_0() {
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["service", "add", "--help"],
+        &["help", "backend"],
+        &["--version"],
+        &["-V"],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_lb-ctl"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{args:?}");
+        let out = stdout(&o);
+        if args[0].starts_with("-V") || args[0] == "--version" {
+            assert_eq!(out, format!("lb-ctl {}\n", env!("CARGO_PKG_VERSION")));
+        } else {
+            assert!(out.contains("Usage: lb-ctl"), "{args:?}: {out}");
+            assert!(out.lines().count() > 5, "{args:?}: {out}");
+        }
+    }
+}
+
+fn ct_answer(rec: &Recorded) -> (u16, String) {
+    let body = match rec.method.as_str() {
+        "DELETE" => json!({"removed": 0}),
+        _ => json!([]),
+    };
+    (200, body.to_string())
+}
+
+/// An unknown state is refused before anything is sent, by list and by flush alike.
+#[test]
+fn conntrack_unknown_state_is_an_invalid_argument() {
+    let d = FakeDaemon::start(ct_answer);
+    for cmd in ["list", "flush"] {
+        let o = d.run(&["conntrack", cmd, "--state", "bogus"]);
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {}", stderr(&o));
+        assert_eq!(
+            stderr(&o),
+            "lb-ctl: error: invalid value 'bogus' for '--state <STATE>': accepted: none, \
+             syn_sent, syn_recv, established, fin_wait, close_wait, time_wait, close, new, \
+             replied\n"
+        );
+        assert_eq!(stdout(&o), "");
+    }
+    assert_eq!(d.connections.load(Ordering::SeqCst), 0);
+}
+
+/// The state names `conntrack list --help` shows are exactly the ones accepted: each is sent
+/// to the daemon as it is spelled there, and so is the alias the help mentions.
+#[test]
+fn conntrack_help_names_exactly_the_accepted_states() {
+    let o = Command::new(env!("CARGO_BIN_EXE_lb-ctl"))
+        .args(["conntrack", "list", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let help = stdout(&o);
+    let block = help
+        .split("--state <STATE>")
+        .nth(1)
+        .and_then(|rest| rest.split("--table").next())
+        .unwrap();
+    assert!(
+        block.contains("`closed` is also accepted for `close`"),
+        "{block}"
+    );
+    let listed: Vec<&str> = block
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .map(|l| l.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "none",
+            "syn_sent",
+            "syn_recv",
+            "established",
+            "fin_wait",
+            "close_wait",
+            "time_wait",
+            "close",
+            "new",
+            "replied"
+        ]
+    );
+    // The short help lists the same.
+    let o = Command::new(env!("CARGO_BIN_EXE_lb-ctl"))
+        .args(["conntrack", "flush", "-h"])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&o).contains(&format!("[possible values: {}]", listed.join(", "))),
+        "{}",
+        stdout(&o)
+    );
+
+    let d = FakeDaemon::start(ct_answer);
+    for name in listed.iter().copied().chain(["ESTABLISHED", "closed"]) {
+        for cmd in ["list", "flush"] {
+            let o = d.run(&["conntrack", cmd, "--state", name]);
+            assert_eq!(o.status.code(), Some(0), "{cmd} {name}: {}", stderr(&o));
+            let rec = d.requests().pop().unwrap();
+            assert_eq!(rec.path, "/v1/conntrack");
+            let sent = match name {
+                "closed" => "close".to_string(),
+                other => other.to_ascii_lowercase(),
+            };
+            assert_eq!(rec.query, format!("state={sent}"), "{cmd} {name}");
+        }
+    }
 }
