@@ -1,7 +1,10 @@
 //! The contract between `datapathd`'s HTTP/JSON API and its clients.
 //!
 //! Transport: HTTP/1.1 over a Unix socket (default [`DEFAULT_SOCKET`], mode 0600, owned by
-//! root). Bodies are JSON. Every error answers with a non-2xx status and an [`ApiError`] body.
+//! root). Bodies are JSON, at most 2 MiB. Every error answers with a non-2xx status and an
+//! [`ApiError`] body, 404 for an unknown route and 405 (with `Allow`) for a wrong method
+//! included. Every route (those of the policy module too), its bodies and its errors:
+//! docs/api.md.
 //!
 //! | method | path | body | answer |
 //! | --- | --- | --- | --- |
@@ -106,7 +109,8 @@ pub struct StatsView {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
-    /// Malformed request or invalid value (HTTP 400).
+    /// Malformed request or invalid value (HTTP 400; also the code of a 405 for a method the
+    /// route does not have and of a 413 for a body over the size limit).
     InvalidArgument,
     /// Unknown service or backend (HTTP 404).
     NotFound,

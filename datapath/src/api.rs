@@ -16,9 +16,9 @@ use std::{
 
 use axum::{
     Json, Router,
-    body::Bytes,
-    extract::{FromRequest, FromRequestParts, Request, State},
-    http::{Method, StatusCode, Uri, request::Parts},
+    body::{Body, Bytes},
+    extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State},
+    http::{HeaderValue, Method, StatusCode, Uri, header, request::Parts},
     response::{IntoResponse, Response},
     routing::{get, patch},
 };
@@ -273,7 +273,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiFailure::invalid(format!("cannot read request body: {}", e.body_text()))
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large()
+            } else {
+                ApiFailure::invalid(format!("cannot read request body: {}", e.body_text()))
+            }
         })?;
         serde_json::from_slice(&bytes)
             .map(ApiJson)
@@ -437,10 +441,88 @@ async fn no_route(method: Method, uri: Uri) -> ApiFailure {
     )
 }
 
+/// 405, with the route's methods in the `Allow` header (set by axum).
 async fn wrong_method(method: Method, uri: Uri) -> ApiFailure {
     let mut f = ApiFailure::invalid(format!("method {method} not allowed on {}", uri.path()));
     f.status = StatusCode::METHOD_NOT_ALLOWED;
     f
+}
+
+/// The most a request body may hold; a larger one answers 413.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+fn too_large() -> ApiFailure {
+    let mut f = ApiFailure::invalid(format!(
+        "request body too large: the limit is {MAX_BODY_BYTES} bytes"
+    ));
+    f.status = StatusCode::PAYLOAD_TOO_LARGE;
+    f
+}
+
+/// The [`ErrorCode`] of an error answer that did not come with one.
+fn code_for_status(status: StatusCode) -> ErrorCode {
+    match status.as_u16() {
+        404 => ErrorCode::NotFound,
+        409 => ErrorCode::AlreadyExists,
+        507 => ErrorCode::CapacityExhausted,
+        400..=499 => ErrorCode::InvalidArgument,
+        _ => ErrorCode::Internal,
+    }
+}
+
+/// Turns an error answer that is not JSON (axum's own rejections and fallbacks, a handler
+/// answering plain text) into an [`ApiError`] with the same status and headers (`Allow`
+/// included): its text on one line, or the status's reason when it had none.
+async fn json_errors(res: Response) -> Response {
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if res.status().as_u16() < 400 || is_json {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    let error = if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    } else {
+        text
+    };
+    let body = ApiError {
+        code: code_for_status(parts.status),
+        error,
+    };
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// The API's error conventions over a whole router, also over routes merged in from elsewhere
+/// (status, policy): 404 and 405 (with `Allow`) as [`ApiError`]s, bodies limited to
+/// [`MAX_BODY_BYTES`] (413), and any other error answer that is not JSON made one.
+pub fn with_api_errors(router: Router) -> Router {
+    router
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(json_errors))
 }
 
 /// The API's routes (see the `datapath-api` crate's route table).
@@ -513,13 +595,14 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Like [`serve`], with a router built by the caller (the API's routes plus others).
+/// Like [`serve`], with a router built by the caller (the API's routes plus others); the
+/// API's error conventions ([`with_api_errors`]) apply to all of it.
 pub async fn serve_router(
     listener: UnixListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, router)
+    axum::serve(listener, with_api_errors(router))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| Error::io("serving the API", e))
@@ -532,10 +615,7 @@ pub async fn serve<P: Plane>(
     ctl: SharedController<P>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, router(ctl))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::io("serving the API", e))
+    serve_router(listener, router(ctl), shutdown).await
 }
 
 #[cfg(test)]
@@ -576,6 +656,12 @@ mod tests {
 
     impl Server {
         async fn start(plane: MemPlane) -> Self {
+            Self::start_with(plane, Router::new()).await
+        }
+
+        /// The API's routes and `extra` merged in, served as the daemon serves them (through
+        /// [`serve_router`]), like main.rs merges the status and policy routes.
+        async fn start_with(plane: MemPlane, extra: Router) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let sock = dir.path().join("run/api.sock");
             let store = Store::open(
@@ -589,9 +675,13 @@ mod tests {
             let ctl = Arc::new(Mutex::new(Controller::new(store, plane)));
             let listener = bind(&sock).await.unwrap();
             let (tx, rx) = oneshot::channel();
-            let task = tokio::spawn(serve(listener, ctl.clone(), async {
-                let _ = rx.await;
-            }));
+            let task = tokio::spawn(serve_router(
+                listener,
+                router(ctl.clone()).merge(extra),
+                async {
+                    let _ = rx.await;
+                },
+            ));
             Self {
                 dir,
                 sock,
@@ -602,6 +692,19 @@ mod tests {
         }
 
         async fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+            let (status, _, value) = self
+                .call_bytes(method, path, body.unwrap_or("").as_bytes().to_vec())
+                .await;
+            (status, value)
+        }
+
+        /// Status, headers and JSON body of one request.
+        async fn call_bytes(
+            &self,
+            method: &str,
+            path: &str,
+            body: Vec<u8>,
+        ) -> (u16, hyper::HeaderMap, Value) {
             let stream = UnixStream::connect(&self.sock).await.unwrap();
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
@@ -612,14 +715,15 @@ mod tests {
                 .uri(path)
                 .header("host", "localhost")
                 .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+                .body(Full::new(Bytes::from(body)))
                 .unwrap();
             let resp = sender.send_request(req).await.unwrap();
             let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
             let bytes = resp.into_body().collect().await.unwrap().to_bytes();
             let value = serde_json::from_slice(&bytes)
                 .unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {bytes:?}"));
-            (status, value)
+            (status, headers, value)
         }
 
         async fn stop(mut self) {
@@ -823,6 +927,132 @@ mod tests {
             assert_error(&got, status, code, text);
         }
         s.stop().await;
+    }
+
+    /// Routes merged in from elsewhere, as main.rs merges `/v1/status` and the policy routes:
+    /// one answering with a body like the status route, one taking a JSON body, and handlers
+    /// answering errors that are not JSON.
+    fn merged_routes() -> Router {
+        async fn status() -> Json<Value> {
+            Json(json!({"ready": true}))
+        }
+        async fn put_text(ApiJson(v): ApiJson<Value>) -> Json<Value> {
+            Json(v)
+        }
+        async fn plain_503() -> (StatusCode, &'static str) {
+            (StatusCode::SERVICE_UNAVAILABLE, "module down\ntry later")
+        }
+        async fn empty_409() -> StatusCode {
+            StatusCode::CONFLICT
+        }
+        Router::new()
+            .route("/v1/status", get(status))
+            .route("/v1/policy", get(status).put(put_text))
+            .route("/test/plain", get(plain_503))
+            .route("/test/empty", get(empty_409))
+    }
+
+    fn allow(headers: &hyper::HeaderMap) -> Vec<String> {
+        let mut methods: Vec<String> = headers
+            .get_all(header::ALLOW)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap().split(','))
+            .map(|m| m.trim().to_string())
+            .collect();
+        methods.sort();
+        methods
+    }
+
+    #[tokio::test]
+    async fn wrong_methods_and_unknown_routes_are_api_errors() {
+        let s = Server::start_with(MemPlane::default(), merged_routes()).await;
+        assert_eq!(
+            s.call("GET", "/v1/status", None).await,
+            (200, json!({"ready": true}))
+        );
+        for (method, path, allowed) in [
+            ("POST", "/v1/status", &["GET", "HEAD"][..]),
+            ("DELETE", "/v1/policy", &["GET", "HEAD", "PUT"]),
+            ("PUT", "/v1/services", &["GET", "HEAD", "POST"]),
+            ("GET", "/v1/services/tcp/198.18.0.10/80/backends", &["POST"]),
+            ("PATCH", SVC, &["DELETE", "GET", "HEAD"]),
+        ] {
+            let (status, headers, body) = s.call_bytes(method, path, Vec::new()).await;
+            assert_error(
+                &(status, body),
+                405,
+                "invalid_argument",
+                &format!("method {method} not allowed on {path}"),
+            );
+            assert_eq!(allow(&headers), allowed, "{method} {path}");
+        }
+        for path in ["/v1/statuses", "/v2/status", "/", "/v1/services/tcp"] {
+            let (status, _, body) = s.call_bytes("POST", path, Vec::new()).await;
+            assert_error(
+                &(status, body),
+                404,
+                "not_found",
+                &format!("no such endpoint: POST {path}"),
+            );
+        }
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413() {
+        let s = Server::start_with(MemPlane::default(), merged_routes()).await;
+        // Valid JSON, one byte too long: the size alone refuses it.
+        let mut big = br#"{"vip":"198.18.0.10","port":80,"proto":"tcp","x":""#.to_vec();
+        big.resize(MAX_BODY_BYTES - 2, b'a');
+        big.extend_from_slice(br#""}"#);
+        assert_eq!(big.len(), MAX_BODY_BYTES);
+        // At the limit: read whole, then refused for what it says.
+        let (status, _, body) = s.call_bytes("POST", "/v1/services", big.clone()).await;
+        assert_error(
+            &(status, body),
+            400,
+            "invalid_argument",
+            "unknown field `x`",
+        );
+        big.insert(big.len() - 2, b'a');
+        for (method, path) in [("POST", "/v1/services"), ("PUT", "/v1/policy")] {
+            let (status, _, body) = s.call_bytes(method, path, big.clone()).await;
+            assert_error(
+                &(status, body),
+                413,
+                "invalid_argument",
+                &format!("request body too large: the limit is {MAX_BODY_BYTES} bytes"),
+            );
+        }
+        assert_eq!(s.call("GET", "/v1/services", None).await, (200, json!([])));
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn error_answers_that_are_not_json_become_api_errors() {
+        let s = Server::start_with(MemPlane::default(), merged_routes()).await;
+        let (status, headers, body) = s.call_bytes("GET", "/test/plain", Vec::new()).await;
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_error(&(status, body), 503, "internal", "module down try later");
+        let (status, _, body) = s.call_bytes("GET", "/test/empty", Vec::new()).await;
+        assert_error(&(status, body), 409, "already_exists", "conflict");
+        s.stop().await;
+    }
+
+    #[test]
+    fn status_codes_map_to_error_codes() {
+        for (status, code) in [
+            (400, ErrorCode::InvalidArgument),
+            (404, ErrorCode::NotFound),
+            (405, ErrorCode::InvalidArgument),
+            (409, ErrorCode::AlreadyExists),
+            (413, ErrorCode::InvalidArgument),
+            (500, ErrorCode::Internal),
+            (503, ErrorCode::Internal),
+            (507, ErrorCode::CapacityExhausted),
+        ] {
+            assert_eq!(code_for_status(StatusCode::from_u16(status).unwrap()), code);
+        }
     }
 
     #[tokio::test]

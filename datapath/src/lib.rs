@@ -1,6 +1,7 @@
 //! `datapathd`'s library: the dataplane (BPF loading and map programming), the desired-state
 //! store and the HTTP/JSON API.
 pub mod api;
+pub mod bpffs_check;
 pub mod config;
 pub mod dataplane;
 pub mod error;

@@ -405,6 +405,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tokio::spawn(datapath::policyd::collect_conntrack(Arc::clone(&policy)));
     tokio::spawn(datapath::policyd::watch_interfaces(Arc::clone(&policy)));
+    datapath::bpffs_check::warn_if_private(&settings.pin_root);
     runtime.mark_ready();
     info!(
         services = ctl.lock().await.store().state().services.len(),
