@@ -16,6 +16,8 @@ use crate::{netns, topology::CLIENT_IP};
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// A burst gives up after this many failures (each failure can cost up to [`IO_TIMEOUT`]).
 pub const MAX_BURST_ERRORS: usize = 10;
+/// Longest a bulk transfer ([`Conn::bulk_download`], [`Conn::bulk_upload`]) may take.
+pub const BULK_TIMEOUT: Duration = Duration::from_secs(30);
 /// A burst never runs longer than this, whatever its count.
 pub const MAX_BURST_TIME: Duration = Duration::from_secs(60);
 
@@ -64,7 +66,11 @@ impl Conn {
     }
 
     fn read_line(&mut self) -> Result<String> {
-        let deadline = Instant::now() + IO_TIMEOUT;
+        self.read_line_within(IO_TIMEOUT)
+    }
+
+    fn read_line_within(&mut self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
         let mut chunk = [0u8; 1024];
         loop {
             if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
@@ -73,7 +79,7 @@ impl Conn {
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!("no complete line within {IO_TIMEOUT:?}");
+                bail!("no complete line within {timeout:?}");
             }
             self.stream.set_read_timeout(Some(deadline - now))?;
             match self.stream.read(&mut chunk) {
@@ -81,7 +87,7 @@ impl Conn {
                 Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    bail!("no complete line within {IO_TIMEOUT:?}")
+                    bail!("no complete line within {timeout:?}")
                 }
                 Err(e) => return Err(e).context("read"),
             }
@@ -97,6 +103,70 @@ impl Conn {
         let back = self.read_line().with_context(|| what.clone())?;
         ensure!(back == msg, "{what}: sent {msg:?}, got {back:?}");
         self.exchanged += 1;
+        Ok(())
+    }
+
+    /// Asks the server for `n` bytes (`bulk-send`) and checks every byte against the pattern.
+    /// Bounded by [`BULK_TIMEOUT`].
+    pub fn bulk_download(&mut self, n: usize) -> Result<()> {
+        let what = format!("download of {n} bytes on {self:?}");
+        self.stream
+            .write_all(format!("bulk-send {n}\n").as_bytes())
+            .with_context(|| what.clone())?;
+        let deadline = Instant::now() + BULK_TIMEOUT;
+        let mut got = 0usize;
+        let check = |bytes: &[u8], got: &mut usize| -> Result<()> {
+            for b in bytes {
+                ensure!(
+                    *b == crate::servers::bulk_byte(*got),
+                    "{what}: byte {got} differs from the pattern"
+                );
+                *got += 1;
+            }
+            Ok(())
+        };
+        let head: Vec<u8> = self.pending.drain(..self.pending.len().min(n)).collect();
+        check(&head, &mut got)?;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while got < n {
+            let now = Instant::now();
+            ensure!(
+                now < deadline,
+                "{what}: {got} bytes within {BULK_TIMEOUT:?}"
+            );
+            self.stream.set_read_timeout(Some(deadline - now))?;
+            let want = chunk.len().min(n - got);
+            match self.stream.read(&mut chunk[..want]) {
+                Ok(0) => bail!("{what}: closed by the peer after {got} bytes"),
+                Ok(k) => check(&chunk[..k], &mut got)?,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    bail!("{what}: {got} bytes within {BULK_TIMEOUT:?}")
+                }
+                Err(e) => return Err(e).with_context(|| format!("{what}: read")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `n` pattern bytes (`bulk-recv`) and checks that the server received them all
+    /// intact. Bounded by [`BULK_TIMEOUT`].
+    pub fn bulk_upload(&mut self, n: usize) -> Result<()> {
+        let what = format!("upload of {n} bytes on {self:?}");
+        self.stream.set_write_timeout(Some(BULK_TIMEOUT))?;
+        self.stream
+            .write_all(format!("bulk-recv {n}\n").as_bytes())
+            .with_context(|| what.clone())?;
+        let data: Vec<u8> = (0..n).map(crate::servers::bulk_byte).collect();
+        self.stream.write_all(&data).with_context(|| what.clone())?;
+        self.stream.set_read_timeout(Some(BULK_TIMEOUT))?;
+        let answer = self
+            .read_line_within(BULK_TIMEOUT)
+            .with_context(|| what.clone())?;
+        ensure!(
+            answer == format!("got {n} 0"),
+            "{what}: the server answered {answer:?}"
+        );
         Ok(())
     }
 

@@ -20,6 +20,39 @@ pub const TCP_SERVICE_PORT: u16 = 80;
 /// The UDP service port the tests use.
 pub const UDP_SERVICE_PORT: u16 = 53;
 
+/// With `DATAPATH_TEST_LB_POLICY=allow-all` every lab's daemon also runs the policy module on
+/// the LB node's interfaces (`lbc`, `lbb`) with an allow-all policy: the second run of the
+/// load-balancer tests (`cargo xtask test`), so the traffic the kernel forwards past the XDP
+/// program (DSR replies, cold-neighbour passes) crosses tc programs, as on a policed node.
+pub const LB_POLICY_ENV: &str = "DATAPATH_TEST_LB_POLICY";
+
+/// The policy the [`LB_POLICY_ENV`] run applies.
+pub const ALLOW_ALL_POLICY: &str = "\
+endpoints:
+  - interface: \"lb*\"
+    default_ingress: allow
+    default_egress: allow
+";
+
+/// Whether this run puts the allow-all policy on the LB node ([`LB_POLICY_ENV`]).
+pub fn lb_policy_requested() -> Result<bool> {
+    match std::env::var(LB_POLICY_ENV) {
+        Err(_) => Ok(false),
+        Ok(v) if v.is_empty() => Ok(false),
+        Ok(v) if v == "allow-all" => Ok(true),
+        Ok(v) => anyhow::bail!("{LB_POLICY_ENV}={v:?}: the one accepted value is allow-all"),
+    }
+}
+
+/// A file removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct LabOptions {
@@ -58,6 +91,10 @@ pub struct Lab {
     pub daemon: Option<Daemon>,
     pub servers: Vec<BackendServer>,
     pub topo: Topology,
+    /// The daemon's configuration file, when the run asks for one ([`LB_POLICY_ENV`]).
+    _config: Option<TempFile>,
+    /// Whether the LB node's interfaces carry the allow-all policy.
+    pub policed: bool,
 }
 
 impl Lab {
@@ -73,6 +110,8 @@ impl Lab {
             daemon: None,
             servers: Vec::new(),
             topo,
+            _config: None,
+            policed: false,
         };
         for b in lab.topo.backends.clone() {
             let addr = if lab.topo.dsr {
@@ -86,7 +125,28 @@ impl Lab {
             );
         }
         if let Some(bins) = opts.daemon {
-            lab.daemon = Some(Daemon::start(&lab.topo.lb, &lab.topo.prefix, bins, &[])?);
+            if lb_policy_requested()? {
+                let path = std::env::temp_dir()
+                    .join(format!("datapath-{}-lb-policy.yaml", lab.topo.prefix));
+                std::fs::write(
+                    &path,
+                    "reload:\n  watch: false\npolicy:\n  enabled: true\n  interfaces: [lbc, lbb]\n",
+                )
+                .with_context(|| format!("writing {}", path.display()))?;
+                let config = path.display().to_string();
+                lab._config = Some(TempFile(path));
+                let daemon =
+                    Daemon::start(&lab.topo.lb, &lab.topo.prefix, bins, &["--config", &config])?;
+                let policy = daemon.dir.join("allow-all.yaml");
+                std::fs::write(&policy, ALLOW_ALL_POLICY)?;
+                daemon
+                    .lb_ctl_ok(&["policy", "apply", "-f", &policy.display().to_string()])
+                    .context("applying the allow-all policy on the LB node")?;
+                lab.daemon = Some(daemon);
+                lab.policed = true;
+            } else {
+                lab.daemon = Some(Daemon::start(&lab.topo.lb, &lab.topo.prefix, bins, &[])?);
+            }
         }
         Ok(lab)
     }

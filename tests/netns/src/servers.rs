@@ -1,7 +1,10 @@
 //! Backend servers that say who they are.
 //!
 //! TCP: on accept, write the backend's name line (`b1\n`), then echo every further line back,
-//! so long-lived connections can keep exchanging data. UDP: answer every datagram with
+//! so long-lived connections can keep exchanging data. Two lines are commands for bulk
+//! transfers (payloads that span many segments, so GSO, GRO and paged skbs come into play):
+//! `bulk-send N` makes the server send `N` bytes of [`bulk_byte`]s; `bulk-recv N` makes it read
+//! `N` bytes and answer `got N <errors>`, the number of bytes that differed from the pattern. UDP: answer every datagram with
 //! `<name> <payload>`.
 //!
 //! The sockets are created inside the backend's namespace (see [`crate::netns::run_in`]) and
@@ -154,6 +157,82 @@ fn accept_loop(
     }
 }
 
+/// Byte `i` of every bulk transfer: a pattern that shows lost, duplicated or reordered data.
+pub fn bulk_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+/// Largest bulk transfer a command may ask for.
+pub const MAX_BULK: usize = 64 << 20;
+
+/// Longest a bulk transfer may take on the server's side.
+const BULK_TIME: Duration = Duration::from_secs(60);
+
+/// A `bulk-send N` / `bulk-recv N` command line, if `line` is one.
+fn bulk_command(line: &[u8]) -> Option<(bool, usize)> {
+    let text = std::str::from_utf8(line).ok()?.trim_end();
+    let (send, n) = if let Some(n) = text.strip_prefix("bulk-send ") {
+        (true, n)
+    } else {
+        (false, text.strip_prefix("bulk-recv ")?)
+    };
+    let n: usize = n.parse().ok()?;
+    (n <= MAX_BULK).then_some((send, n))
+}
+
+/// Sends `n` pattern bytes.
+fn bulk_send(stream: &mut TcpStream, n: usize) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < n {
+        let len = buf.len().min(n - sent);
+        for (j, b) in buf[..len].iter_mut().enumerate() {
+            *b = bulk_byte(sent + j);
+        }
+        stream.write_all(&buf[..len])?;
+        sent += len;
+    }
+    Ok(())
+}
+
+/// Reads `n` bytes (the first of them already in `pending`) and answers how many differed.
+fn bulk_recv(
+    stream: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    n: usize,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let deadline = Instant::now() + BULK_TIME;
+    let mut got = 0usize;
+    let mut errors = 0usize;
+    let mut check = |bytes: &[u8], got: &mut usize| {
+        for b in bytes {
+            if *b != bulk_byte(*got) {
+                errors += 1;
+            }
+            *got += 1;
+        }
+    };
+    let take = pending.len().min(n);
+    let head: Vec<u8> = pending.drain(..take).collect();
+    check(&head, &mut got);
+    let mut chunk = vec![0u8; 64 * 1024];
+    while got < n {
+        if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+            return Ok(());
+        }
+        let want = chunk.len().min(n - got);
+        match stream.read(&mut chunk[..want]) {
+            Ok(0) => return Ok(()),
+            Ok(k) => check(&chunk[..k], &mut got),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    stream.write_all(format!("got {got} {errors}\n").as_bytes())
+}
+
 fn serve_conn(mut stream: TcpStream, name: &str, stop: &AtomicBool) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
@@ -168,7 +247,11 @@ fn serve_conn(mut stream: TcpStream, name: &str, stop: &AtomicBool) -> std::io::
                 pending.extend_from_slice(&chunk[..n]);
                 while let Some(end) = pending.iter().position(|&b| b == b'\n') {
                     let line: Vec<u8> = pending.drain(..=end).collect();
-                    stream.write_all(&line)?;
+                    match bulk_command(&line) {
+                        Some((true, n)) => bulk_send(&mut stream, n)?,
+                        Some((false, n)) => bulk_recv(&mut stream, &mut pending, n, stop)?,
+                        None => stream.write_all(&line)?,
+                    }
                 }
                 if pending.len() > MAX_LINE {
                     return Ok(());

@@ -199,22 +199,17 @@ impl Topology {
             ip_in(&sw, &["link", "set", &port, "master", "br0"])?;
         }
 
-        // Every veth end: full checksums on transmit (veth's TX checksum offload would hand
-        // XDP programs partial checksums), and GRO on, because XDP_REDIRECT into a veth only
-        // delivers when the receiving end has an XDP program or GRO (NAPI) enabled. The ends
-        // that matter are the peers of the LB's interfaces (client eth0, switch p0); the rest
-        // get the same treatment for uniformity.
-        let mut ends: Vec<(String, String)> = vec![
-            (client.clone(), "eth0".into()),
-            (lb.clone(), "lbc".into()),
-            (lb.clone(), "lbb".into()),
-            (sw.clone(), "p0".into()),
-        ];
-        for (i, b) in backends.iter().enumerate() {
-            ends.push((sw.clone(), format!("p{}", i + 1)));
-            ends.push((b.ns.clone(), "eth0".into()));
-        }
-        for (ns, dev) in &ends {
+        // Offloads as on a real node: every interface keeps the kernel's defaults (GRO, GSO,
+        // TSO, scatter-gather, checksum offload), so tc programs and the stack see the
+        // non-linear and GSO skbs real NICs produce. Two exceptions:
+        // - the senders into the LB's XDP program (client `eth0`, switch `p0`) compute full
+        //   checksums and segment in software (`tx off` also turns off scatter-gather and
+        //   TSO): an XDP program on a veth would otherwise see partial checksums, which a real
+        //   NIC never hands it, and its rewrites would leave them wrong (connections time out);
+        // - GRO is on at the ends that receive XDP_REDIRECTs (the peers of `lbc` and `lbb`),
+        //   since a veth delivers redirected frames only when its receiving end runs XDP or
+        //   GRO (NAPI).
+        for (ns, dev) in [(&client, "eth0"), (&sw, "p0")] {
             exec_in(ns, "ethtool", &["-K", dev, "tx", "off", "gro", "on"])
                 .with_context(|| format!("ethtool on {ns}/{dev}"))?;
         }

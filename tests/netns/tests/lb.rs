@@ -633,3 +633,64 @@ fn conntrack_list_shows_the_load_balancers_flows_with_states_and_counters() {
         );
     }
 }
+
+/// One megabyte each way on one connection per backend: payloads of many segments, sent with
+/// the kernel's default offloads on the backends (TSO, GSO, scatter-gather) and taken apart or
+/// merged on the way (GRO). The bytes arrive intact and in order in both directions. In the
+/// policed run ([`netns_tests::lab::LB_POLICY_ENV`]) the LB node's tc programs see them too.
+fn bulk_both_ways(lab: &Lab) {
+    const MEGABYTE: usize = 1 << 20;
+    let all = ok(
+        "a connection to each backend",
+        client::connect_until_each_in(lab.client_ns(), vip_tcp(), &THREE, 1, 60),
+    );
+    let mut conns: Vec<Conn> = Vec::new();
+    for conn in all {
+        if !conns.iter().any(|c| c.backend == conn.backend) {
+            conns.push(conn);
+        }
+    }
+    assert_eq!(conns.len(), THREE.len(), "{conns:?}");
+    for conn in &mut conns {
+        ok("download", conn.bulk_download(MEGABYTE));
+        ok("upload", conn.bulk_upload(MEGABYTE));
+        ok("ping after the transfers", conn.ping());
+    }
+    if lab.policed {
+        let policy = ok("policy list", lab.daemon().lb_ctl_json(&["policy", "list"]));
+        let reasons = &policy["reasons"];
+        println!("policy reasons on the LB node: {reasons}");
+        for drop in ["drop_malformed", "drop_truncated"] {
+            assert_eq!(reasons[drop].as_u64().unwrap_or(0), 0, "{drop}: {policy:#}");
+        }
+    }
+}
+
+#[test]
+fn full_nat_carries_a_megabyte_each_way() {
+    let Some(lab) = tcp_lab(3) else { return };
+    bulk_both_ways(&lab);
+    let stats = ok("stats", lab.daemon().stats());
+    assert!(
+        stats
+            .reasons
+            .get("nat_reply_translated")
+            .copied()
+            .unwrap_or(0)
+            > 700,
+        "the download's segments came back through the reply path: {:#?}",
+        stats.reasons
+    );
+}
+
+#[test]
+fn dsr_carries_a_megabyte_each_way() {
+    let Some(lab) = lab(LabOptions::dsr) else {
+        return;
+    };
+    ok(
+        "adding the dsr service",
+        lab.add_service(TCP_SERVICE_PORT, Protocol::Tcp, "dsr", &THREE),
+    );
+    bulk_both_ways(&lab);
+}

@@ -749,3 +749,63 @@ fn a_refused_reload_leaves_the_policy_module_as_it_was() {
         .ping()
         .unwrap();
 }
+
+/// The offloads on every interface of this topology are the kernel's defaults (GRO, GSO, TSO,
+/// scatter-gather): the endpoint's and the remote's TCP send 64 KiB GSO segments, which cross
+/// `ep0` as non-linear skbs. One megabyte each way, inbound (the remote's connection to the
+/// endpoint's 8080) and outbound (the endpoint's connection to the remote), with an allow-all
+/// policy and with the default-deny one: every byte arrives, and the policy never counts one
+/// of these packets as malformed or truncated.
+#[test]
+fn a_megabyte_each_way_crosses_a_policed_interface_with_default_offloads() {
+    if !privileged() {
+        return;
+    }
+    const MEGABYTE: usize = 1 << 20;
+    let lab = setup("bulk").expect("building the policy topology");
+    // The topology keeps the kernel's offloads: check, so that nobody turns them off unseen.
+    let features = netns_tests::topology::exec_in(&lab.endpoint, "ethtool", &["-k", "eth0"])
+        .expect("ethtool -k");
+    for feature in [
+        "scatter-gather: on",
+        "tcp-segmentation-offload: on",
+        "generic-segmentation-offload: on",
+    ] {
+        assert!(
+            features.contains(feature),
+            "endpoint eth0: {feature}\n{features}"
+        );
+    }
+    let allow_all =
+        "endpoints:\n  - interface: ep0\n    default_ingress: allow\n    default_egress: allow\n";
+    for (name, policy) in [("allow-all", allow_all), ("default-deny", POLICY)] {
+        lab.apply(policy)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let before = lab.status().unwrap();
+        let mut inbound = client::connect_in(&lab.remote, client::sock(ENDPOINT_IP, 8080))
+            .unwrap_or_else(|e| panic!("{name}: 8080: {e:#}"));
+        let mut outbound = client::connect_in(&lab.endpoint, client::sock(REMOTE_IP, 5000))
+            .unwrap_or_else(|e| panic!("{name}: the remote: {e:#}"));
+        for (way, conn) in [("inbound", &mut inbound), ("outbound", &mut outbound)] {
+            conn.bulk_download(MEGABYTE)
+                .unwrap_or_else(|e| panic!("{name}, {way} download: {e:#}"));
+            conn.bulk_upload(MEGABYTE)
+                .unwrap_or_else(|e| panic!("{name}, {way} upload: {e:#}"));
+            conn.ping()
+                .unwrap_or_else(|e| panic!("{name}, {way} ping: {e:#}"));
+        }
+        let status = lab.status().unwrap();
+        for counter in ["drop_malformed", "drop_truncated"] {
+            assert_eq!(
+                reason(&status, counter),
+                reason(&before, counter),
+                "{name}: {counter} moved\n{status:#}"
+            );
+        }
+        assert!(
+            reason(&status, "pass_tracked") + reason(&status, "pass_reply")
+                > reason(&before, "pass_tracked") + reason(&before, "pass_reply") + 50,
+            "{name}: the transfers passed as tracked traffic\n{status:#}"
+        );
+    }
+}
