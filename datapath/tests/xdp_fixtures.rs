@@ -1623,7 +1623,7 @@ fn ip_options_on_a_vip_flow_are_forwarded_and_counted() {
         tcp.syn = true;
         let mut ip = ipv4(CLIENT, VIP, IpNumber::TCP, tcp.header_len());
         // Four bytes of options: NOP, NOP, NOP, end of list.
-        ip.set_options(&[1, 1, 1, 0]).expect("options");
+        ip.options = [1u8, 1, 1, 0].into();
         ip.total_len += 4;
         ip.header_checksum = ip.calc_header_checksum();
         tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("checksum");
