@@ -124,6 +124,9 @@ pub enum ErrorCode {
     PersistenceFailure,
     /// Anything else (HTTP 500).
     Internal,
+    /// The module that serves the route is off (disabled, or a kernel feature it needs is
+    /// missing); `GET /v1/status` says why (HTTP 503).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -136,6 +139,7 @@ impl ErrorCode {
             ErrorCode::DataplaneFailure | ErrorCode::PersistenceFailure | ErrorCode::Internal => {
                 500
             }
+            ErrorCode::Unavailable => 503,
         }
     }
 }

@@ -235,6 +235,7 @@ impl From<Error> for ApiFailure {
         let (code, message) = match &e {
             Error::InvalidArgument(_) => (ErrorCode::InvalidArgument, e.to_string()),
             Error::NotFound(_) => (ErrorCode::NotFound, e.to_string()),
+            Error::Unavailable(_) => (ErrorCode::Unavailable, e.to_string()),
             Error::AlreadyExists(_) => (ErrorCode::AlreadyExists, e.to_string()),
             Error::CapacityExhausted(_) => (ErrorCode::CapacityExhausted, e.to_string()),
             Error::Program { .. } | Error::Load { .. } | Error::Map { .. } | Error::Pin { .. } => (
@@ -465,6 +466,7 @@ fn code_for_status(status: StatusCode) -> ErrorCode {
         404 => ErrorCode::NotFound,
         409 => ErrorCode::AlreadyExists,
         507 => ErrorCode::CapacityExhausted,
+        503 => ErrorCode::Unavailable,
         400..=499 => ErrorCode::InvalidArgument,
         _ => ErrorCode::Internal,
     }
@@ -1033,7 +1035,7 @@ mod tests {
         let s = Server::start_with(MemPlane::default(), merged_routes()).await;
         let (status, headers, body) = s.call_bytes("GET", "/test/plain", Vec::new()).await;
         assert_eq!(headers[header::CONTENT_TYPE], "application/json");
-        assert_error(&(status, body), 503, "internal", "module down try later");
+        assert_error(&(status, body), 503, "unavailable", "module down try later");
         let (status, _, body) = s.call_bytes("GET", "/test/empty", Vec::new()).await;
         assert_error(&(status, body), 409, "already_exists", "conflict");
         s.stop().await;
@@ -1048,7 +1050,7 @@ mod tests {
             (409, ErrorCode::AlreadyExists),
             (413, ErrorCode::InvalidArgument),
             (500, ErrorCode::Internal),
-            (503, ErrorCode::Internal),
+            (503, ErrorCode::Unavailable),
             (507, ErrorCode::CapacityExhausted),
         ] {
             assert_eq!(code_for_status(StatusCode::from_u16(status).unwrap()), code);

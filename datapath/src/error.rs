@@ -15,6 +15,9 @@ pub enum Error {
     /// A service or backend already exists.
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// The module serving the request is off (disabled or missing a kernel feature).
+    #[error("{0}")]
+    Unavailable(String),
     /// A configured capacity is exhausted.
     #[error("capacity exhausted: {0}")]
     CapacityExhausted(String),

@@ -707,7 +707,54 @@ pub struct CtFilter {
     pub table: Option<String>,
 }
 
+/// Every state name a conntrack record can show (TCP's, then UDP's and ICMP's pseudo-states).
+pub fn ct_state_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = conntrack::TcpState::ALL.iter().map(|s| s.name()).collect();
+    for extra in [
+        conntrack::UdpState::New.name(),
+        conntrack::UdpState::Replied.name(),
+    ] {
+        if !names.contains(&extra) {
+            names.push(extra);
+        }
+    }
+    names
+}
+
 impl CtFilter {
+    /// Refuses a filter that can match nothing because a value is not one the table can hold:
+    /// an unknown state, protocol or table is an invalid argument, not an empty answer.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if let Some(state) = &self.state {
+            let names = ct_state_names();
+            if !names.iter().any(|n| n.eq_ignore_ascii_case(state)) {
+                let accepted: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+                return Err(format!(
+                    "unknown state {state:?}: accepted: {}",
+                    accepted.join(", ")
+                ));
+            }
+        }
+        if let Some(protocol) = &self.protocol {
+            let named = ["tcp", "udp", "icmp"]
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(protocol));
+            if !named && protocol.parse::<u8>().is_err() {
+                return Err(format!(
+                    "unknown protocol {protocol:?}: accepted: tcp, udp, icmp, or a number 0-255"
+                ));
+            }
+        }
+        if let Some(table) = &self.table
+            && !["policy", "lb"]
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(table))
+        {
+            return Err(format!("unknown table {table:?}: accepted: policy, lb"));
+        }
+        Ok(())
+    }
+
     pub fn matches(&self, f: &CtFlow) -> bool {
         self.address
             .as_ref()
@@ -1547,6 +1594,63 @@ impl PolicyPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conntrack_filters_with_unknown_values_are_refused() {
+        let ok = |f: CtFilter| f.validate().unwrap_or_else(|e| panic!("{f:?}: {e}"));
+        let bad = |f: CtFilter| f.validate().expect_err(&format!("{f:?} accepted"));
+        ok(CtFilter::default());
+        for state in [
+            "established",
+            "TIME_WAIT",
+            "close",
+            "syn_sent",
+            "new",
+            "Replied",
+            "none",
+        ] {
+            ok(CtFilter {
+                state: Some(state.into()),
+                ..Default::default()
+            });
+        }
+        for protocol in ["tcp", "UDP", "icmp", "47"] {
+            ok(CtFilter {
+                protocol: Some(protocol.into()),
+                ..Default::default()
+            });
+        }
+        for table in ["lb", "Policy"] {
+            ok(CtFilter {
+                table: Some(table.into()),
+                ..Default::default()
+            });
+        }
+        let e = bad(CtFilter {
+            state: Some("bogus".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("\"bogus\"") && e.contains("time_wait"), "{e}");
+        assert!(
+            bad(CtFilter {
+                state: Some("closed".into()),
+                ..Default::default()
+            })
+            .contains("close")
+        );
+        bad(CtFilter {
+            protocol: Some("sctp".into()),
+            ..Default::default()
+        });
+        bad(CtFilter {
+            protocol: Some("256".into()),
+            ..Default::default()
+        });
+        bad(CtFilter {
+            table: Some("nat".into()),
+            ..Default::default()
+        });
+    }
 
     #[test]
     fn patterns() {

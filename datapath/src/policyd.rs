@@ -391,7 +391,7 @@ impl PolicyModule {
         let mut inner = lock(&self.inner);
         let reason = inner.reason.clone();
         let plane = inner.plane.as_mut().ok_or_else(|| {
-            Error::InvalidArgument(format!(
+            Error::Unavailable(format!(
                 "the policy module is off ({reason}); enable it with `policy.enabled: true`"
             ))
         })?;
@@ -716,9 +716,10 @@ async fn blocking<T: Send + 'static>(
     let m = Arc::clone(m);
     match tokio::task::spawn_blocking(move || f(&m)).await {
         Ok(r) => r.map(Json).map_err(ApiFailure::from),
-        Err(e) => Err(ApiFailure::from(Error::InvalidArgument(format!(
-            "internal: request task failed: {e}"
-        )))),
+        Err(e) => Err(ApiFailure::from(Error::io(
+            "request task failed",
+            std::io::Error::other(e.to_string()),
+        ))),
     }
 }
 
@@ -769,12 +770,16 @@ pub struct FlushAnswer {
 fn ct_query(
     q: std::result::Result<Query<CtQuery>, axum::extract::rejection::QueryRejection>,
 ) -> std::result::Result<CtFilter, ApiFailure> {
-    q.map(|Query(q)| q.into()).map_err(|e| {
+    let filter: CtFilter = q.map(|Query(q)| q.into()).map_err(|e| {
         ApiFailure::from(Error::InvalidArgument(format!(
             "invalid filter: {}",
             e.body_text()
         )))
-    })
+    })?;
+    filter
+        .validate()
+        .map_err(|e| ApiFailure::from(Error::InvalidArgument(format!("invalid filter: {e}"))))?;
+    Ok(filter)
 }
 
 async fn list_conntrack(

@@ -56,7 +56,7 @@ impl LbPlane {
     fn require(&mut self) -> Result<&mut Dataplane> {
         let reason = &self.off_reason;
         self.dp.as_mut().ok_or_else(|| {
-            Error::InvalidArgument(format!("module lb is off ({reason}); see `lb-ctl status`"))
+            Error::Unavailable(format!("module lb is off ({reason}); see `lb-ctl status`"))
         })
     }
 }

@@ -15,6 +15,8 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 4;
     pub const ALREADY_EXISTS: u8 = 5;
     pub const CAPACITY_EXHAUSTED: u8 = 6;
+    /// The module serving the command is off (`lb-ctl status` says why).
+    pub const UNAVAILABLE: u8 = 7;
 }
 
 /// Everything that can go wrong in lb-ctl; each displays as one line.
@@ -64,6 +66,7 @@ impl Error {
                 ErrorCode::NotFound => exit::NOT_FOUND,
                 ErrorCode::AlreadyExists => exit::ALREADY_EXISTS,
                 ErrorCode::CapacityExhausted => exit::CAPACITY_EXHAUSTED,
+                ErrorCode::Unavailable => exit::UNAVAILABLE,
                 ErrorCode::DataplaneFailure
                 | ErrorCode::PersistenceFailure
                 | ErrorCode::Internal => exit::FAILURE,
