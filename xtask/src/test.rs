@@ -36,6 +36,8 @@ pub enum Check {
     BpfClippy,
     /// `cargo test --workspace` without the namespace tests.
     Unit,
+    /// The fuzz targets' smoke (a second or so per property; `cargo xtask fuzz` runs longer).
+    Fuzz,
     /// The namespace integration tests with the real daemon and CLI.
     Netns,
     /// The benchmark suite once, in smoke mode: pktgen, per-program cost, forwarding rate,
@@ -149,6 +151,11 @@ fn steps(bpf: &[String]) -> Vec<Step> {
             name: "unit",
             selected_by: &[Check::Unit],
             commands: vec![unit],
+        },
+        Step {
+            name: "fuzz",
+            selected_by: &[Check::Fuzz],
+            commands: vec![crate::fuzz::smoke_command()],
         },
         Step {
             name: "netns",
