@@ -44,6 +44,95 @@ impl Conn {
     pub fn connect(addr: SocketAddr) -> Result<Conn> {
         let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
             .with_context(|| format!("connect to {addr}"))?;
+        Self::greeted(stream, addr)
+    }
+
+    /// Connects to `addr` from the client's address and a fixed source `port` (a client that
+    /// reuses its source ports), and reads the greeting. Call inside the client namespace.
+    pub fn connect_from(port: u16, addr: SocketAddr) -> Result<Conn> {
+        use std::os::fd::FromRawFd as _;
+        let what = || format!("connect from port {port} to {addr}");
+        let SocketAddr::V4(to) = addr else {
+            bail!("{}: IPv4 only", what());
+        };
+        let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: plain socket calls on a descriptor owned here (handed to TcpStream at the
+        // end, or closed on error); the option and address buffers outlive each call.
+        let stream = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            ensure!(
+                fd >= 0,
+                "{}: socket: {}",
+                what(),
+                std::io::Error::last_os_error()
+            );
+            let stream = TcpStream::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            // connect() gives up after SO_SNDTIMEO.
+            let timeout = libc::timeval {
+                tv_sec: IO_TIMEOUT.as_secs() as libc::time_t,
+                tv_usec: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            );
+            let local = sockaddr(SocketAddrV4::new(CLIENT_IP, port));
+            if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+                bail!("{}: bind: {}", what(), std::io::Error::last_os_error());
+            }
+            let remote = sockaddr(to);
+            if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+                bail!("{}: {}", what(), std::io::Error::last_os_error());
+            }
+            stream
+        };
+        stream.set_write_timeout(None)?;
+        Self::greeted(stream, addr)
+    }
+
+    /// Closes the connection with a RST (`SO_LINGER` 0), so the client keeps no TIME_WAIT and
+    /// can reuse its source port at once.
+    pub fn reset(self) -> Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on the stream's own descriptor; the buffer outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+        drop(self);
+        Ok(())
+    }
+
+    fn greeted(stream: TcpStream, addr: SocketAddr) -> Result<Conn> {
         stream.set_nodelay(true)?;
         let local = stream.local_addr()?;
         let peer = stream.peer_addr()?;

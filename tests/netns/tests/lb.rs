@@ -694,3 +694,63 @@ fn dsr_carries_a_megabyte_each_way() {
     );
     bulk_both_ways(&lab);
 }
+
+/// A client that reconnects from the same source ports after a backend was drained: the SYN on
+/// a tuple whose connection ended (here reset, so the record is in CLOSE) opens a new flow, and
+/// the draining backend gets none of them. (The flow record used to keep the old backend for as
+/// long as it lived.)
+#[test]
+fn drained_backend_gets_no_reconnects_from_reused_source_ports() {
+    let Some(lab) = tcp_lab(3) else { return };
+    let ns = lab.client_ns().to_string();
+    // Source ports whose connections land on b2, each closed with a RST.
+    let ports: Vec<u16> = ok(
+        "connections from fixed ports",
+        netns_tests::netns::run_in(&ns, || -> anyhow::Result<Vec<u16>> {
+            let mut on_b2 = Vec::new();
+            for port in 42000u16..42300 {
+                let conn = Conn::connect_from(port, vip_tcp())?;
+                if conn.backend == "b2" {
+                    on_b2.push(port);
+                }
+                conn.reset()?;
+                if on_b2.len() == 20 {
+                    break;
+                }
+            }
+            Ok(on_b2)
+        })
+        .and_then(|r| r),
+    );
+    assert_eq!(ports.len(), 20, "b2 got 20 of the first 300 ports");
+
+    let b2 = lab.backend_addr("b2").to_string();
+    ok(
+        "backend drain b2",
+        lab.daemon()
+            .lb_ctl_ok(&["backend", "drain", &svc_tcp(), &b2]),
+    );
+    let new_flows = ok("stats", lab.daemon().stats()).reasons["new_flow"];
+    let landed: Vec<(u16, String)> = ok(
+        "reconnections from the same ports",
+        netns_tests::netns::run_in(&ns, || -> anyhow::Result<Vec<(u16, String)>> {
+            let mut landed = Vec::new();
+            for port in &ports {
+                let mut conn = Conn::connect_from(*port, vip_tcp())?;
+                conn.ping()?;
+                landed.push((*port, conn.backend.clone()));
+                conn.reset()?;
+            }
+            Ok(landed)
+        })
+        .and_then(|r| r),
+    );
+    let kept: Vec<_> = landed.iter().filter(|(_, b)| b == "b2").collect();
+    assert!(kept.is_empty(), "reconnects kept the draining b2: {kept:?}");
+    let stats = ok("stats", lab.daemon().stats());
+    assert!(
+        stats.reasons["new_flow"] >= new_flows + ports.len() as u64,
+        "every reconnect counted as a new flow: {:#?}",
+        stats.reasons
+    );
+}
