@@ -498,13 +498,24 @@ fn ports_text(p: (u32, Option<u32>)) -> String {
     }
 }
 
-/// Writes a generated policy as YAML, block style with some rules in flow style, and returns
-/// the text and the 1-based line where each endpoint starts.
-fn render(endpoints: &[GenEndpoint]) -> (String, Vec<usize>) {
+/// Where the parts of a rendered policy are: each endpoint's `interface:` line, and each
+/// rule's first and last line (ingress rules, then egress rules), 1-based.
+struct Layout {
+    interface_line: Vec<usize>,
+    rule_lines: Vec<Vec<(usize, usize)>>,
+}
+
+/// Writes a generated policy as YAML, block style with some rules in flow style.
+fn render(endpoints: &[GenEndpoint]) -> (String, Layout) {
     let mut out = String::from("# generated\nendpoints:\n");
-    let mut starts = Vec::new();
+    let mut layout = Layout {
+        interface_line: Vec::new(),
+        rule_lines: Vec::new(),
+    };
+    let next_line = |out: &String| out.matches('\n').count() + 1;
     for ep in endpoints {
-        starts.push(out.matches('\n').count() + 1);
+        layout.interface_line.push(next_line(&out));
+        let mut spans = Vec::new();
         out.push_str(&format!("  - interface: {}\n", quoted(&ep.interface)));
         if let Some(a) = ep.default_ingress {
             out.push_str(&format!("    default_ingress: {}\n", action_word(a)));
@@ -518,6 +529,7 @@ fn render(endpoints: &[GenEndpoint]) -> (String, Vec<usize>) {
             }
             out.push_str(&format!("    {key}:\n"));
             for r in rules {
+                let first = next_line(&out);
                 let mut fields = Vec::new();
                 if let Some(n) = &r.name {
                     fields.push(format!("name: {}", quoted(n)));
@@ -540,10 +552,61 @@ fn render(endpoints: &[GenEndpoint]) -> (String, Vec<usize>) {
                         out.push_str(&format!("{lead}{f}\n"));
                     }
                 }
+                spans.push((first, next_line(&out) - 1));
+            }
+        }
+        layout.rule_lines.push(spans);
+    }
+    (out, layout)
+}
+
+/// Every way a generated policy breaks the documented rules, each with the lines an error about
+/// it may name: the value's rule for values refused while reading the file, the endpoint's
+/// `interface:` line for what compiling refuses (as the unit tests expect).
+fn defects(endpoints: &[GenEndpoint], layout: &Layout) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    for (e, ep) in endpoints.iter().enumerate() {
+        let here = layout.interface_line[e];
+        if ep.interface.is_empty() || ep.interface.len() > 15 {
+            out.push((format!("endpoint {e}: interface length"), vec![here]));
+        }
+        if let Some(k) = endpoints[..e]
+            .iter()
+            .position(|o| o.interface == ep.interface)
+        {
+            out.push((
+                format!("endpoint {e}: duplicate of {k}"),
+                vec![layout.interface_line[k], here],
+            ));
+        }
+        for (r, rule) in ep.ingress.iter().chain(&ep.egress).enumerate() {
+            let (first, last) = layout.rule_lines[e][r];
+            let span: Vec<usize> = (first..=last).collect();
+            if let Some((addr, len)) = rule.cidr {
+                let mask = if len == 0 || len > 32 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(len))
+                };
+                if len > 32 || addr & !mask != 0 {
+                    out.push((format!("endpoint {e} rule {r}: cidr"), span.clone()));
+                }
+            }
+            if let Some((a, b)) = rule.ports {
+                let b = b.unwrap_or(a);
+                if a > 65535 || b > 65535 || a > b {
+                    out.push((format!("endpoint {e} rule {r}: ports"), span.clone()));
+                }
+                if !matches!(rule.protocol, Some(RuleProtocol::Tcp | RuleProtocol::Udp)) {
+                    out.push((
+                        format!("endpoint {e} rule {r}: ports without tcp/udp"),
+                        vec![here],
+                    ));
+                }
             }
         }
     }
-    (out, starts)
+    out
 }
 
 /// The policy a generated one means when it is valid by the documented rules, or `None`.
@@ -622,8 +685,10 @@ fn fuzz_policy_generated() {
         proptest::collection::vec(any::<u32>(), 0..4),
     );
     fuzz_harness::check("policy_generated", strategy, |(endpoints, extra)| {
-        let (text, _) = render(&endpoints);
+        let (text, layout) = render(&endpoints);
         let parsed = PolicySpec::parse(&text);
+        let defects = defects(&endpoints, &layout);
+        prop_assert_eq!(defects.is_empty(), expected(&endpoints).is_some());
         match (expected(&endpoints), parsed) {
             (Some(want), Ok(got)) => prop_assert_eq!(got, want, "{}", text),
             (None, Err(e)) => {
@@ -636,6 +701,21 @@ fn fuzz_policy_generated() {
                     e,
                     text
                 );
+                // With one defect, the line is the defect's.
+                if let [(what, lines)] = defects.as_slice() {
+                    let line = line.expect("checked");
+                    if !lines.contains(&line) && !tolerated_line_bug(&e, &text)? {
+                        prop_assert!(
+                            lines.contains(&line),
+                            "{}: line {} named, expected one of {:?}: {}\n{}",
+                            what,
+                            line,
+                            lines,
+                            e,
+                            text
+                        );
+                    }
+                }
             }
             (Some(_), Err(e)) => {
                 prop_assert!(false, "valid policy refused: {e}\n{text}")
@@ -683,4 +763,61 @@ fn regression_policy_error_is_one_line() {
     let err = PolicySpec::parse("{a\n\nA").expect_err("unknown field");
     let message = err.to_string();
     assert!(!message.contains('\n'), "{message:?}");
+}
+
+/// Known bug (`regression_policy_error_line_*`): an error found while compiling names the first
+/// line of the file that contains the endpoint's interface name anywhere (line 1 for an empty
+/// name, a key's line for a name like `e`), not the endpoint's line. Tolerated outside strict
+/// mode when that is what happened.
+fn tolerated_line_bug(e: &Error, text: &str) -> Result<bool, TestCaseError> {
+    let Error::Policy {
+        line: Some(line),
+        reason,
+    } = e
+    else {
+        return Ok(false);
+    };
+    let Some(name) = reason
+        .strip_prefix("endpoint `")
+        .and_then(|r| r.split('`').next())
+    else {
+        return Ok(false);
+    };
+    if text.lines().position(|l| l.contains(name)) == Some(line - 1) {
+        fuzz_yaml::known_bug(
+            "a compile error names the first line containing the interface name",
+            &format!("{name:?}: {e}"),
+        )?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Found by `fuzz_policy_generated` (minimized input: one endpoint with `interface: ""`): the
+/// error names line 1, not the endpoint's line 3. `PolicySpec::parse` (datapath/src/policy.rs)
+/// locates compile errors with `line_of(text, &ep.interface)`, the first line containing the
+/// name, which for "" is the first line of the file.
+#[test]
+#[ignore = "known bug: compile errors name the first line containing the interface name"]
+fn regression_policy_error_line_for_an_empty_interface() {
+    let text = "endpoints:\n  - interface: ep0\n  - interface: \"\"\n";
+    match PolicySpec::parse(text) {
+        Err(Error::Policy { line, .. }) => assert_eq!(line, Some(3)),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The same bug with a name that is part of a key: endpoint `e`'s rule is refused (ports need
+/// tcp or udp) and the error names line 1 (`endpoints:` contains an `e`), not line 3.
+#[test]
+#[ignore = "known bug: compile errors name the first line containing the interface name"]
+fn regression_policy_error_line_for_an_interface_named_like_a_key() {
+    let text = "endpoints:\n  - interface: ep0\n  - interface: e\n    ingress:\n      - {ports: 80, action: allow}\n";
+    match PolicySpec::parse(text) {
+        Err(Error::Policy { line, reason }) => {
+            assert!(reason.contains("ports need protocol"), "{reason}");
+            assert_eq!(line, Some(3), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
