@@ -128,13 +128,14 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
             .filter(|t| args.target.contains(t))
             .collect()
     };
-    let mut build = cargo_test(&targets);
-    fuzz_profile(&mut build);
-    build.arg("--no-run");
-    util::run(&mut build)?;
-
     let mut results = Vec::new();
     for target in targets {
+        // Built per target, as it runs: packages built together unify their features (lb-core
+        // with datapath's `alloc`), which would give another binary than the run's.
+        let mut build = cargo_test(&[target]);
+        fuzz_profile(&mut build);
+        build.arg("--no-run");
+        util::run(&mut build)?;
         let props = properties(target)?;
         if props.is_empty() {
             bail!("target {} has no fuzz_* properties", target.name());
