@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::{
     dataplane::{DataplaneConfig, XdpAttachMode},
-    error::{Error, Result},
+    error::{Error, Result, single_line},
     features::{Feature, Module},
 };
 
@@ -283,8 +283,8 @@ impl Source {
         Error::Config {
             file: self.path.clone(),
             line: line_of(&self.text, &segments),
-            key: key.to_string(),
-            reason: reason.into(),
+            key: single_line(key),
+            reason: single_line(&reason.into()),
         }
     }
 
@@ -301,8 +301,8 @@ impl Source {
         Error::Config {
             file: self.path.clone(),
             line,
-            key: key.to_string(),
-            reason: reason.into(),
+            key: single_line(key),
+            reason: single_line(&reason.into()),
         }
     }
 
@@ -336,8 +336,8 @@ impl Source {
             Error::Config {
                 file: self.path.clone(),
                 line,
-                key,
-                reason,
+                key: single_line(&key),
+                reason: single_line(&reason),
             }
         })
     }

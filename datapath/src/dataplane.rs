@@ -127,8 +127,9 @@ impl DataplaneConfig {
                 "max services, backends and flows must be positive".into(),
             ));
         }
-        let table_entries = u64::from(self.max_services) * 2 * u64::from(self.maglev_size);
-        if table_entries > u64::from(u32::MAX / 4) {
+        // In u128: two u32 maxima times 2 overflow u64.
+        let table_entries = u128::from(self.max_services) * 2 * u128::from(self.maglev_size);
+        if table_entries > u128::from(u32::MAX / 4) {
             return Err(Error::InvalidArgument(format!(
                 "max services ({}) x 2 x maglev size ({}) is too large for one map",
                 self.max_services, self.maglev_size

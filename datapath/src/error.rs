@@ -110,3 +110,21 @@ pub(crate) fn program_error(
 
 /// Result with the daemon library's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `reason` on one line: control characters (a line break inside a quoted key, say) are
+/// written as escapes, so an error stays one line on a terminal and in a log.
+pub(crate) fn single_line(reason: &str) -> String {
+    if !reason.chars().any(char::is_control) {
+        return reason.to_string();
+    }
+    reason
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}

@@ -56,7 +56,7 @@ use tracing::{info, warn};
 
 use crate::{
     Error, Result,
-    error::{map_error, program_error},
+    error::{map_error, program_error, single_line},
 };
 
 /// The compiled tc object, embedded like the XDP one.
@@ -293,9 +293,24 @@ pub struct PolicySpec {
     pub endpoints: Vec<EndpointSpec>,
 }
 
-/// The 1-based line of the first line of `text` that contains `needle`.
-fn line_of(text: &str, needle: &str) -> Option<usize> {
-    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+/// The 1-based line of each endpoint's `interface:` key, in file order, when the file writes
+/// every endpoint in block style (the common case). Only endpoints have an `interface` key
+/// (rules refuse unknown keys), so the k-th such line is endpoint k's. `None` when the count
+/// does not match (flow style, or a key spread over lines): no line rather than a wrong one.
+fn endpoint_lines(text: &str, endpoints: usize) -> Option<Vec<usize>> {
+    let lines: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let l = l.trim_start();
+            let l = l.strip_prefix('-').map_or(l, str::trim_start);
+            ["interface:", "\"interface\":", "'interface':"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|(i, _)| i + 1)
+        .collect();
+    (lines.len() == endpoints).then_some(lines)
 }
 
 impl PolicySpec {
@@ -322,26 +337,34 @@ impl PolicySpec {
                 {
                     line = Some(found.0 + 1);
                 }
-                Error::Policy { line, reason }
+                Error::Policy {
+                    line,
+                    reason: single_line(&reason),
+                }
             })?
         };
-        spec.compile().map_err(|e| match e {
-            Error::Policy { line: None, reason } => {
-                let line = spec
-                    .endpoints
-                    .iter()
-                    .find(|ep| reason.contains(&format!("`{}`", ep.interface)))
-                    .and_then(|ep| line_of(text, &ep.interface));
-                Error::Policy { line, reason }
-            }
-            other => other,
-        })?;
+        spec.compile_located()
+            .map_err(|(endpoint, reason)| Error::Policy {
+                line: endpoint.and_then(|i| {
+                    endpoint_lines(text, spec.endpoints.len())
+                        .and_then(|lines| lines.get(i).copied())
+                }),
+                reason: single_line(&reason),
+            })?;
         Ok(spec)
     }
 
     /// Compiles the policy into map contents (endpoint ids are positions in the file).
     pub fn compile(&self) -> Result<CompiledPolicy> {
-        let invalid = |reason: String| Error::Policy { line: None, reason };
+        self.compile_located().map_err(|(_, reason)| Error::Policy {
+            line: None,
+            reason: single_line(&reason),
+        })
+    }
+
+    /// [`Self::compile`], with the index of the endpoint an error is about.
+    fn compile_located(&self) -> std::result::Result<CompiledPolicy, (Option<usize>, String)> {
+        let invalid = |reason: String| (None, reason);
         if self.endpoints.len() > MAX_ENDPOINTS as usize {
             return Err(invalid(format!(
                 "{} endpoints; at most {MAX_ENDPOINTS}",
@@ -352,16 +375,19 @@ impl PolicySpec {
         let mut compiled = CompiledPolicy::default();
         for (id, ep) in self.endpoints.iter().enumerate() {
             if ep.interface.is_empty() || ep.interface.len() > 15 {
-                return Err(invalid(format!(
-                    "endpoint `{}`: interface names and patterns have 1 to 15 characters",
-                    ep.interface
-                )));
+                return Err((
+                    Some(id),
+                    format!(
+                        "endpoint `{}`: interface names and patterns have 1 to 15 characters",
+                        ep.interface
+                    ),
+                ));
             }
             if !seen.insert(ep.interface.clone()) {
-                return Err(invalid(format!(
-                    "endpoint `{}` appears twice",
-                    ep.interface
-                )));
+                return Err((
+                    Some(id),
+                    format!("endpoint `{}` appears twice", ep.interface),
+                ));
             }
             let mut out = CompiledEndpoint {
                 pattern: ep.interface.clone(),
@@ -383,12 +409,15 @@ impl PolicySpec {
                     if r.ports.is_some()
                         && !matches!(r.protocol, RuleProtocol::Tcp | RuleProtocol::Udp)
                     {
-                        return Err(invalid(format!(
-                            "endpoint `{}`: {} rule {}: ports need protocol tcp or udp",
-                            ep.interface,
-                            dir_name(dir),
-                            i + 1
-                        )));
+                        return Err((
+                            Some(id),
+                            format!(
+                                "endpoint `{}`: {} rule {}: ports need protocol tcp or udp",
+                                ep.interface,
+                                dir_name(dir),
+                                i + 1
+                            ),
+                        ));
                     }
                     compiled.rules.push(RuleInfo {
                         id: compiled.rules.len() as u32,
@@ -415,13 +444,16 @@ impl PolicySpec {
                         .filter(|(_, r)| r.cidr.contains(&prefix))
                         .collect();
                     if matching.len() > MAX_RULES_PER_LIST {
-                        return Err(invalid(format!(
-                            "endpoint `{}`: {} addresses in {prefix} match {} rules; at most \
+                        return Err((
+                            Some(id),
+                            format!(
+                                "endpoint `{}`: {} addresses in {prefix} match {} rules; at most \
                              {MAX_RULES_PER_LIST} rules may apply to one prefix",
-                            ep.interface,
-                            dir_name(dir),
-                            matching.len()
-                        )));
+                                ep.interface,
+                                dir_name(dir),
+                                matching.len()
+                            ),
+                        ));
                     }
                     list.count = matching.len() as u32;
                     for (slot, (i, r)) in list.rules.iter_mut().zip(matching) {
@@ -1725,8 +1757,9 @@ mod tests {
                 "ports need protocol",
             ),
             (
+                // The second occurrence is the duplicate.
                 "endpoints:\n  - interface: ep0\n  - interface: ep0\n",
-                2,
+                3,
                 "appears twice",
             ),
         ];
