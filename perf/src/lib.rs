@@ -5,12 +5,15 @@
 //!   machine's XDP_DROP floor, and the daemon's footprint.
 //! - [`cost`]: per-program ns/packet through BPF_PROG_TEST_RUN.
 //! - [`report`]: medians, the results table and its JSON.
+//! - [`fuzz`]: `dp-fuzz`, mutated and random frames through `xdp_lb` and the tc programs with
+//!   BPF_PROG_TEST_RUN, every verdict, counter and output frame checked.
 //!
 //! Benchmarks print figures; nothing here asserts a timing.
 
 pub mod bpf;
 pub mod cost;
 pub mod forward;
+pub mod fuzz;
 pub mod pktgen;
 pub mod report;
 pub mod topo;

@@ -1,0 +1,187 @@
+//! The raw syscalls of the fuzzer's per-frame loop: `BPF_PROG_TEST_RUN` on a program fd and
+//! one `BPF_MAP_LOOKUP_BATCH` of a whole per-CPU reason array, with buffers reused from frame
+//! to frame, and pinning the calling thread to one CPU.
+//!
+//! aya's `TestRun` borrows the program from its `Ebpf`; the fuzzer's workers hold their own
+//! cloned descriptors instead, and aya 0.14 has no batch map operations.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use anyhow::{Context as _, Result, ensure};
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// `union bpf_attr` for `BPF_PROG_TEST_RUN` (the `test` member, up to `batch_size`).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// `union bpf_attr` for the batch commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+    // SAFETY: `attr` is an initialised `#[repr(C)]` prefix of `union bpf_attr`; the buffers it
+    // points to are kept alive (and large enough) by the caller for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// What one test run returned.
+#[derive(Clone, Copy, Debug)]
+pub struct RunResult {
+    pub retval: u32,
+    /// Bytes of the output frame written to the output buffer.
+    pub out_len: usize,
+}
+
+/// Runs `prog` once on `data` with context `ctx`; the output frame goes to `out`. An error is
+/// the kernel refusing the input (EINVAL for a frame it will not build, say).
+pub fn test_run(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    ctx: &[u8],
+    out: &mut [u8],
+) -> io::Result<RunResult> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: data.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(RunResult {
+        retval: attr.retval,
+        out_len: (attr.data_size_out as usize).min(out.len()),
+    })
+}
+
+/// A per-CPU `u64` array (`LB_REASONS`, `TC_REASONS`) read whole with one
+/// `BPF_MAP_LOOKUP_BATCH`, keeping one CPU's column.
+pub struct PerCpuCounters {
+    entries: u32,
+    cpus: usize,
+    keys: Vec<u32>,
+    values: Vec<u64>,
+}
+
+impl PerCpuCounters {
+    /// Buffers for a map of `entries` slots on `cpus` possible CPUs.
+    pub fn new(entries: u32, cpus: usize) -> Self {
+        Self {
+            entries,
+            cpus,
+            keys: vec![0; entries as usize],
+            values: vec![0; entries as usize * cpus],
+        }
+    }
+
+    /// Reads every slot of `map` and writes CPU `cpu`'s values into `into`.
+    pub fn read(&mut self, map: BorrowedFd<'_>, cpu: usize, into: &mut [u64]) -> Result<()> {
+        ensure!(
+            cpu < self.cpus,
+            "CPU {cpu} beyond the {} possible",
+            self.cpus
+        );
+        let mut out_batch = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: &mut out_batch as *mut u32 as u64,
+            keys: self.keys.as_mut_ptr() as u64,
+            values: self.values.as_mut_ptr() as u64,
+            count: self.entries,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        match sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(()) => {}
+            // The walk reached the end of the array: every slot was copied.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH of the reason counters"),
+        }
+        ensure!(
+            attr.count == self.entries,
+            "BPF_MAP_LOOKUP_BATCH returned {} of {} reason slots",
+            attr.count,
+            self.entries
+        );
+        for (i, key) in self.keys.iter().enumerate() {
+            let key = *key as usize;
+            ensure!(key < into.len(), "reason slot {key} out of range");
+            into[key] = self.values[i * self.cpus + cpu];
+        }
+        Ok(())
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch it and the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("sched_setaffinity to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
+
+/// The CPU the calling thread runs on.
+pub fn current_cpu() -> Result<usize> {
+    // SAFETY: no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    if cpu < 0 {
+        return Err(io::Error::last_os_error()).context("sched_getcpu");
+    }
+    Ok(cpu as usize)
+}
