@@ -513,17 +513,6 @@ fn fuzz_config_generated() {
                 None => invalid = Some(i),
             }
         }
-        let tables = u128::from(expected.max_services) * 2 * u128::from(expected.maglev_size);
-        if invalid.is_none() && tables > u128::from(u64::MAX) {
-            // Known bug (`regression_huge_map_sizes_are_refused`): the size check overflows.
-            return fuzz_yaml::known_bug(
-                "the Maglev table size check overflows u64",
-                &format!(
-                    "max_services {} maglev_size {}",
-                    expected.max_services, expected.maglev_size
-                ),
-            );
-        }
         let result = resolve(&text);
         match (invalid, result) {
             (None, Ok(got)) => prop_assert_eq!(got, expected, "{}", text),
@@ -669,10 +658,9 @@ fn fuzz_config_reload_loses_nothing() {
 /// Found by `fuzz_config_reload_loses_nothing` (minimized input: a key `"a\nb"`): an unknown key
 /// with a line break is quoted verbatim, so the error (logged, and shown by `lb-ctl status` as
 /// the last reload error) spans two lines. `Source::parse` (datapath/src/config.rs) puts the
-/// key path and serde's message into the error unescaped. Ignored until fixed;
-/// `DATAPATH_FUZZ_STRICT=1` makes the fuzz targets fail on it too.
+/// key path and serde's message into the error unescaped. Fixed: control characters are
+/// escaped (`error::single_line`).
 #[test]
-#[ignore = "known bug: config errors quote keys with line breaks verbatim"]
 fn regression_config_error_is_one_line() {
     let err = resolve("\"a\\nb\": 1\n").expect_err("unknown field");
     let message = err.to_string();
@@ -683,9 +671,8 @@ fn regression_config_error_is_one_line() {
 /// sizes make `DataplaneConfig::validate` (datapath/src/dataplane.rs, `table_entries =
 /// u64::from(max_services) * 2 * u64::from(maglev_size)`) overflow u64: a panic where overflow
 /// checks are on (debug builds: loading or reloading such a file kills the daemon), a wrapped
-/// product that may pass the check in release builds. Ignored until fixed.
+/// product that may pass the check in release builds. Fixed: the product is computed in u128.
 #[test]
-#[ignore = "known bug: the Maglev table size check overflows u64"]
 fn regression_huge_map_sizes_are_refused() {
     let text = "maps:\n  max_services: 3117234626\n  maglev_size: 2958831511\n";
     match std::panic::catch_unwind(|| resolve(text)) {

@@ -704,7 +704,7 @@ fn fuzz_policy_generated() {
                 // With one defect, the line is the defect's.
                 if let [(what, lines)] = defects.as_slice() {
                     let line = line.expect("checked");
-                    if !lines.contains(&line) && !tolerated_line_bug(&e, &text)? {
+                    if !lines.contains(&line) {
                         prop_assert!(
                             lines.contains(&line),
                             "{}: line {} named, expected one of {:?}: {}\n{}",
@@ -755,50 +755,20 @@ fn fuzz_policy_patterns_agree() {
 /// Found by `fuzz_policy_arbitrary_text` (minimized input `"{a\n\nA"`): an unknown key with a
 /// line break is quoted verbatim, so the error message spans two lines (`lb-ctl policy apply`
 /// prints two). `PolicySpec::parse` (datapath/src/policy.rs) puts serde's message into the
-/// reason unescaped. Ignored until fixed; `DATAPATH_FUZZ_STRICT=1` makes the fuzz targets fail
-/// on it too.
+/// reason unescaped. Fixed: control characters are escaped (`error::single_line`).
 #[test]
-#[ignore = "known bug: policy errors quote keys with line breaks verbatim"]
 fn regression_policy_error_is_one_line() {
     let err = PolicySpec::parse("{a\n\nA").expect_err("unknown field");
     let message = err.to_string();
     assert!(!message.contains('\n'), "{message:?}");
 }
 
-/// Known bug (`regression_policy_error_line_*`): an error found while compiling names the first
-/// line of the file that contains the endpoint's interface name anywhere (line 1 for an empty
-/// name, a key's line for a name like `e`), not the endpoint's line. Tolerated outside strict
-/// mode when that is what happened.
-fn tolerated_line_bug(e: &Error, text: &str) -> Result<bool, TestCaseError> {
-    let Error::Policy {
-        line: Some(line),
-        reason,
-    } = e
-    else {
-        return Ok(false);
-    };
-    let Some(name) = reason
-        .strip_prefix("endpoint `")
-        .and_then(|r| r.split('`').next())
-    else {
-        return Ok(false);
-    };
-    if text.lines().position(|l| l.contains(name)) == Some(line - 1) {
-        fuzz_yaml::known_bug(
-            "a compile error names the first line containing the interface name",
-            &format!("{name:?}: {e}"),
-        )?;
-        return Ok(true);
-    }
-    Ok(false)
-}
-
 /// Found by `fuzz_policy_generated` (minimized input: one endpoint with `interface: ""`): the
 /// error names line 1, not the endpoint's line 3. `PolicySpec::parse` (datapath/src/policy.rs)
-/// locates compile errors with `line_of(text, &ep.interface)`, the first line containing the
-/// name, which for "" is the first line of the file.
+/// located compile errors with `line_of(text, &ep.interface)`, the first line containing the
+/// name, which for "" is the first line of the file. Fixed: compile errors carry their
+/// endpoint's index, and the line is that endpoint's `interface:` line.
 #[test]
-#[ignore = "known bug: compile errors name the first line containing the interface name"]
 fn regression_policy_error_line_for_an_empty_interface() {
     let text = "endpoints:\n  - interface: ep0\n  - interface: \"\"\n";
     match PolicySpec::parse(text) {
@@ -808,9 +778,8 @@ fn regression_policy_error_line_for_an_empty_interface() {
 }
 
 /// The same bug with a name that is part of a key: endpoint `e`'s rule is refused (ports need
-/// tcp or udp) and the error names line 1 (`endpoints:` contains an `e`), not line 3.
+/// tcp or udp) and the error named line 1 (`endpoints:` contains an `e`), not line 3.
 #[test]
-#[ignore = "known bug: compile errors name the first line containing the interface name"]
 fn regression_policy_error_line_for_an_interface_named_like_a_key() {
     let text = "endpoints:\n  - interface: ep0\n  - interface: e\n    ingress:\n      - {ports: 80, action: allow}\n";
     match PolicySpec::parse(text) {

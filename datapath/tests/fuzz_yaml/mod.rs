@@ -283,36 +283,15 @@ pub fn yaml_lines(text: &str) -> usize {
     breaks + 1
 }
 
-/// `DATAPATH_FUZZ_STRICT=1`: known bugs (listed in `docs/fuzzing.md`, each with an ignored
-/// regression test) fail the properties too, instead of being tolerated.
-pub fn strict() -> bool {
-    std::env::var("DATAPATH_FUZZ_STRICT").is_ok_and(|v| v == "1")
-}
-
-/// Tolerates a known bug (`kind`, one of those `docs/fuzzing.md` lists) outside strict mode,
-/// saying so once per kind and process.
-pub fn known_bug(kind: &'static str, detail: &str) -> Result<(), TestCaseError> {
-    static SAID: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
-    if strict() {
-        return Err(TestCaseError::fail(format!("known bug: {kind}: {detail}")));
-    }
-    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
-    if !said.contains(&kind) {
-        said.push(kind);
-        eprintln!("fuzz: tolerating known bug (DATAPATH_FUZZ_STRICT=1 fails): {kind}: {detail}");
-    }
-    Ok(())
-}
-
 /// A rejected document's message is one non-empty line (it is logged, shown by `lb-ctl` and
-/// returned by the API as one line).
-///
-/// Known bug: a key or value quoted verbatim in the reason keeps its line breaks
-/// (`regression_*_error_is_one_line` in the targets).
+/// returned by the API as one line). A key or value quoted in the reason once kept its line
+/// breaks (`regression_*_error_is_one_line` in the targets).
 pub fn check_message(message: &str) -> Result<(), TestCaseError> {
     prop_assert!(!message.trim().is_empty(), "empty error message");
-    if message.contains(['\n', '\r']) {
-        return known_bug("error message is not one line", &format!("{message:?}"));
-    }
+    prop_assert!(
+        !message.contains(['\n', '\r']),
+        "error message is not one line: {:?}",
+        message
+    );
     Ok(())
 }
