@@ -38,7 +38,8 @@ pub enum Check {
     Unit,
     /// The fuzz targets' smoke (a second or so per property; `cargo xtask fuzz` runs longer).
     Fuzz,
-    /// The namespace integration tests with the real daemon and CLI.
+    /// The namespace integration tests with the real daemon and CLI, then the load-balancer
+    /// tests again with the policy module on the LB node (`DATAPATH_TEST_LB_POLICY=allow-all`).
     Netns,
     /// The benchmark suite once, in smoke mode: pktgen, per-program cost, forwarding rate,
     /// criterion benches (figures meaningless, only proves they still run).
@@ -101,6 +102,21 @@ fn steps(bpf: &[String]) -> Vec<Step> {
         .env("DATAPATHD_BIN", target.join("datapathd"))
         .env("DATAPATHD_UPGRADE_BIN", &upgrade_bin)
         .env("LB_CTL_BIN", target.join("lb-ctl"));
+    // The load-balancer tests once more with the policy module on the LB node's interfaces
+    // (allow-all): the traffic the kernel forwards past XDP then crosses tc programs too.
+    let mut netns_policed = cargo(&[
+        "test",
+        "-p",
+        "netns-tests",
+        "--test",
+        "lb",
+        "--",
+        "--test-threads=1",
+    ]);
+    netns_policed
+        .env("DATAPATHD_BIN", target.join("datapathd"))
+        .env("LB_CTL_BIN", target.join("lb-ctl"))
+        .env("DATAPATH_TEST_LB_POLICY", "allow-all");
 
     // --workspace includes every member: leave out the BPF crates (checked on their own).
     let mut host_clippy = cargo(&["clippy", "--workspace"]);
@@ -175,6 +191,7 @@ fn steps(bpf: &[String]) -> Vec<Step> {
                     set_aside,
                     cargo(&["build", "-p", "datapath", "-p", "lb-ctl"]),
                     netns,
+                    netns_policed,
                 ]
             },
         },
