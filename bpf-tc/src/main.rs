@@ -311,7 +311,7 @@ fn try_policy(ctx: &TcContext, dir: u8) -> Verdict {
         L4::Icmp => {
             let t = packet.icmp_type;
             if t == ICMP_DEST_UNREACH || t == ICMP_TIME_EXCEEDED || t == ICMP_PARAM_PROBLEM {
-                if related(&frame, packet.l4_off) {
+                if related(&frame, &packet) {
                     count_endpoint(slot, endpoint.endpoint_id, dir, EpCounter::Tracked);
                     return pass(reason::PASS_RELATED);
                 }
@@ -358,8 +358,12 @@ fn try_policy(ctx: &TcContext, dir: u8) -> Verdict {
 
 /// True when the ICMP error at `icmp_off` quotes a tracked TCP/UDP flow.
 #[inline(always)]
-fn related(frame: &TcFrame, icmp_off: usize) -> bool {
-    let quote = parse::parse_icmp_quote(frame, icmp_off);
+fn related(frame: &TcFrame, packet: &parse::Ipv4Packet) -> bool {
+    // The quote must lie inside the ICMP packet, not in the padding behind it.
+    if packet.l4_off + parse::ICMP_QUOTE_LEN > packet.l3_off + packet.total_len as usize {
+        return false;
+    }
+    let quote = parse::parse_icmp_quote(frame, packet.l4_off);
     if !quote.valid {
         return false;
     }

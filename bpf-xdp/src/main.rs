@@ -920,7 +920,7 @@ fn translate_icmp(
     let mut icmp_check = load16(frame, icmp_check_off)?;
 
     // Quoted IPv4 header: src snat -> client, dst backend -> VIP.
-    let q3 = quote.l3_off;
+    let (q3, q4) = parse::quote_offsets(packet.l4_off);
     let old_quote_ip_check = load16(frame, q3 + ipv4::CHECK)?;
     let quote_ip_check = csum::replace_u32(old_quote_ip_check, quote.src, client);
     let quote_ip_check = csum::replace_u32(quote_ip_check, quote.dst, vip);
@@ -932,7 +932,6 @@ fn translate_icmp(
     icmp_check = csum::replace_u16(icmp_check, old_quote_ip_check, quote_ip_check);
 
     // Quoted ports: nat_port -> client port, backend port -> VIP port.
-    let q4 = quote.l4_off;
     store16(frame, q4 + l4::SRC_PORT, reverse.client_port_be)?;
     store16(frame, q4 + l4::DST_PORT, reverse.vip_port_be)?;
     icmp_check = csum::replace_u16(icmp_check, quote.src_port_be, reverse.client_port_be);

@@ -1646,3 +1646,42 @@ fn ip_options_on_a_vip_flow_are_forwarded_and_counted() {
     assert_eq!(fx.run(&plain, fx.front_index).0, XDP_REDIRECT);
     assert_eq!(fx.reason("seen_ip_options"), before + 1);
 }
+
+/// A UDP datagram to a VIP whose length field runs past the end of the IP packet (or is below
+/// the 8 header bytes) is cut short: dropped as `drop_truncated_l4`, no flow opened. One shorter
+/// than the payload leaves padding and is forwarded.
+#[test]
+fn udp_length_past_the_packet_is_dropped_as_truncated() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..3];
+    fx.apply(&service(ForwardingMode::Dsr, Protocol::Udp, 53, backends));
+    for len in [200u16, 7, 0] {
+        let mut frame = udp_frame(
+            (CLIENT_MAC, FRONT_MAC),
+            (CLIENT, 40600),
+            (VIP, 53),
+            b"query",
+        );
+        frame[38..40].copy_from_slice(&len.to_be_bytes());
+        let (dropped, new_flow) = (fx.reason("drop_truncated_l4"), fx.reason("new_flow"));
+        assert_frame(
+            &format!("UDP length {len}"),
+            fx.run(&frame, fx.front_index),
+            XDP_DROP,
+            &frame,
+        );
+        assert_eq!(fx.reason("drop_truncated_l4"), dropped + 1, "length {len}");
+        assert_eq!(fx.reason("new_flow"), new_flow, "length {len}: no flow");
+    }
+    let mut short = udp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 40601),
+        (VIP, 53),
+        b"query",
+    );
+    short[38..40].copy_from_slice(&10u16.to_be_bytes());
+    assert_eq!(fx.run(&short, fx.front_index).0, XDP_REDIRECT);
+}

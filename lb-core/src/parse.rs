@@ -21,6 +21,7 @@
 //! | a fragment (MF set or offset != 0) | [`L4::Fragment`]: ports are never read, not even from the first fragment, so all fragments of a datagram get the same treatment |
 //! | TCP/UDP/ICMP header cut short (by the frame or by the IP total length) | [`L4::Truncated`] |
 //! | TCP data offset below 5 words, or pointing past the end of the IP payload | [`L4::Truncated`]: the options are part of the header |
+//! | UDP length field below 8 or past the end of the IP payload (shorter is fine: the rest is padding, as Linux trims it) | [`L4::Truncated`] |
 //! | any other protocol | [`L4::Other`] |
 
 /// Ethertypes (host byte order).
@@ -328,12 +329,17 @@ fn parse_l4<F: Frame>(frame: &F, packet: &mut Ipv4Packet, ip_end: usize) {
             }
         }
         bpf_common::PROTO_UDP => {
-            if l4_off + UDP_HLEN > ip_end {
-                return;
-            }
             if let Some(udp) = frame.at::<UDP_HLEN>(l4_off) {
                 // SAFETY: as above.
                 let udp = unsafe { &*udp };
+                // The length field covers the header and a datagram longer than the packet
+                // is cut short (the receiving kernel would drop it, so it must not open a flow
+                // or be NATed here either); a shorter one leaves padding, which Linux trims.
+                // This also covers "the IP total length cuts the header short".
+                let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+                if udp_len < UDP_HLEN || l4_off + udp_len > ip_end {
+                    return;
+                }
                 packet.src_port_be = u16::from_ne_bytes([udp[0], udp[1]]);
                 packet.dst_port_be = u16::from_ne_bytes([udp[2], udp[3]]);
                 packet.l4 = L4::Udp;
@@ -355,6 +361,18 @@ fn parse_l4<F: Frame>(frame: &F, packet: &mut Ipv4Packet, ip_end: usize) {
     }
 }
 
+/// Bytes from an ICMP error's header to the end of the part of the quote that is parsed: the
+/// ICMP header, the quoted IPv4 header (without options) and 8 bytes of its transport header.
+pub const ICMP_QUOTE_LEN: usize = ICMP_HLEN + IPV4_MIN_HLEN + 8;
+
+/// The offsets of the quoted IPv4 header and of its transport header in an ICMP error whose
+/// ICMP header is at `icmp_off` (fixed: quotes with IP options are not parsed). Not stored in
+/// [`QuotedPacket`]: 16 bytes more of it did not fit `xdp_lb`'s stack.
+#[inline(always)]
+pub const fn quote_offsets(icmp_off: usize) -> (usize, usize) {
+    (icmp_off + ICMP_HLEN, icmp_off + ICMP_HLEN + IPV4_MIN_HLEN)
+}
+
 /// ICMP types that carry a quoted packet and that the load balancer translates.
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -365,10 +383,6 @@ pub const ICMP_TIME_EXCEEDED: u8 = 11;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QuotedPacket {
     pub valid: bool,
-    /// Offset of the quoted IPv4 header.
-    pub l3_off: usize,
-    /// Offset of the quoted transport header.
-    pub l4_off: usize,
     pub src: u32,
     pub dst: u32,
     pub proto: u8,
@@ -377,7 +391,10 @@ pub struct QuotedPacket {
 }
 
 /// Parses the packet quoted by an ICMP error whose ICMP header is at `icmp_off`. The result is
-/// not `valid` when the quote is truncated, carries IP options, or is not TCP/UDP.
+/// not `valid` when the quote is truncated by the frame, carries IP options, or is not TCP/UDP.
+/// Whether the quote also lies inside the ICMP packet's IP total length (not in padding behind
+/// it) is the caller's check: `icmp_off + ICMP_QUOTE_LEN <= l3_off + total_len`. (The tc
+/// programs make it; in `xdp_lb` it does not fit the 512-byte stack yet.)
 #[inline(always)]
 pub fn parse_icmp_quote<F: Frame>(frame: &F, icmp_off: usize) -> QuotedPacket {
     let mut quote = QuotedPacket::default();
@@ -405,8 +422,6 @@ pub fn parse_icmp_quote<F: Frame>(frame: &F, icmp_off: usize) -> QuotedPacket {
     let ports = unsafe { &*ports };
     quote.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
     quote.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
-    quote.l3_off = l3_off;
-    quote.l4_off = l4_off;
     quote.valid = true;
     quote
 }

@@ -5,7 +5,7 @@
 //! - never a panic; every offset reported lies inside the frame; every field reported is the
 //!   bytes at that offset;
 //! - the outcome equals an oracle made of etherparse's own per-layer parsers and the documented
-//!   rules of `lb_core::parse` (at most one 802.1Q/802.1ad tag, UDP length field not checked,
+//!   rules of `lb_core::parse` (at most one 802.1Q/802.1ad tag, UDP length field within the payload,
 //!   ICMP needs 8 bytes): NotIpv4 / Truncated / Malformed, and for IPv4 the L4 verdict, ports,
 //!   flags, ICMP type and code;
 //! - whenever `parse` reports TCP or UDP, etherparse's whole-packet parser (`SlicedPacket`)
@@ -434,8 +434,12 @@ fn oracle(bytes: &[u8]) -> Expect {
                 },
                 Err(_) => ExpectL4::Truncated,
             },
-            // The UDP length field is not checked (only the 8 header bytes must be there).
+            // The UDP length field must cover the header and stay inside the IP payload (a
+            // shorter datagram leaves padding, which is fine).
             17 => match UdpHeaderSlice::from_slice(p) {
+                Ok(udp) if udp.length() < 8 || usize::from(udp.length()) > p.len() => {
+                    ExpectL4::Truncated
+                }
                 Ok(udp) => ExpectL4::Udp {
                     sport: udp.source_port(),
                     dport: udp.destination_port(),
@@ -575,8 +579,8 @@ fn check_invariants(bytes: &[u8], p: &Parsed) -> Result<(), TestCaseError> {
 }
 
 /// When `parse` reports TCP or UDP, etherparse's whole-packet parser agrees on the ports. UDP
-/// falls back to etherparse's lax parser when only the UDP length field is off (not checked by
-/// design).
+/// falls back to etherparse's lax parser when only the UDP length field is off (`parse` accepts a
+/// length shorter than the payload, the rest being padding).
 fn check_against_sliced_packet(bytes: &[u8], p: &Parsed) -> Result<(), TestCaseError> {
     let Some(q) = p.ipv4() else { return Ok(()) };
     let ports = (u16::from_be(q.src_port_be), u16::from_be(q.dst_port_be));
@@ -883,7 +887,7 @@ fn fuzz_parse_icmp_quote() {
             l3 + 20 <= frame.len() && frame[l3] == 0x45 && matches!(frame[l3 + 9], 6 | 17);
         prop_assert_eq!(quote.valid, readable && header_ok, "quote at {}", icmp_off);
         if quote.valid {
-            prop_assert_eq!((quote.l3_off, quote.l4_off), (l3, l4));
+            prop_assert_eq!(lb_core::parse::quote_offsets(icmp_off), (l3, l4));
             let ip = Ipv4HeaderSlice::from_slice(&frame[l3..]).expect("etherparse reads it");
             prop_assert_eq!(quote.src.to_ne_bytes(), ip.source());
             prop_assert_eq!(quote.dst.to_ne_bytes(), ip.destination());
@@ -892,7 +896,6 @@ fn fuzz_parse_icmp_quote() {
             prop_assert_eq!(u16::from_be(quote.dst_port_be), be16(&frame, l4 + 2));
         } else {
             prop_assert_eq!((quote.src_port_be, quote.dst_port_be), (0, 0));
-            prop_assert_eq!((quote.l3_off, quote.l4_off), (0, 0));
         }
         Ok(())
     });

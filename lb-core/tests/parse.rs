@@ -197,6 +197,29 @@ fn icmp_quotes_parse_and_every_cut_is_invalid() {
     }
 }
 
+/// A UDP length field past the end of the IP payload, or below the 8 header bytes, is a header
+/// cut short; a shorter datagram inside a longer packet is fine (the rest is padding).
+#[test]
+fn udp_length_field_past_the_payload_is_truncated() {
+    let set_len = |frame: &mut [u8], len: u16| frame[38..40].copy_from_slice(&len.to_be_bytes());
+    for len in [0u16, 7, 14, 200, u16::MAX] {
+        let mut frame = udp_with_payload();
+        set_len(&mut frame, len);
+        assert_eq!(
+            parse_bytes(&mut frame).packet.l4,
+            L4::Truncated,
+            "length {len}"
+        );
+    }
+    for len in [8u16, 12, 13] {
+        let mut frame = udp_with_payload();
+        set_len(&mut frame, len);
+        let parsed = parse_bytes(&mut frame);
+        assert_eq!(parsed.packet.l4, L4::Udp, "length {len}");
+        assert_eq!(u16::from_be(parsed.packet.dst_port_be), 53);
+    }
+}
+
 #[test]
 fn frame_bounds_are_exact() {
     let mut bytes = [0u8; 10];
