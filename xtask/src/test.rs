@@ -171,7 +171,7 @@ fn steps(bpf: &[String]) -> Vec<Step> {
         Step {
             name: "fuzz",
             selected_by: &[Check::Fuzz],
-            commands: vec![crate::fuzz::smoke_command()],
+            commands: vec![crate::fuzz::smoke_command(), kernel_fuzz_smoke()],
         },
         Step {
             name: "netns",
@@ -201,6 +201,32 @@ fn steps(bpf: &[String]) -> Vec<Step> {
             commands: crate::bench::smoke_commands(),
         },
     ]
+}
+
+/// The kernel-level fuzzer's smoke: 10,000 mutated frames through `xdp_lb`, `tc_ingress` and
+/// `tc_egress` with BPF_PROG_TEST_RUN (`perf/src/fuzz.rs`, docs/fuzzing.md). Two checks are
+/// allowed for now: `xdp_lb` translates an ICMP error whose quote lies in the padding behind
+/// the packet (its rewrite leaves the packet and the ICMP checksum wrong), and the check that
+/// would refuse such quotes does not fit its 512-byte stack yet. Those findings are still
+/// printed; every other one fails the step.
+fn kernel_fuzz_smoke() -> Command {
+    cargo(&[
+        "run",
+        "--release",
+        "-p",
+        "dp-perf",
+        "--bin",
+        "dp-fuzz",
+        "--",
+        "--frames",
+        "10000",
+        "--progress",
+        "0",
+        "--allow",
+        "icmp-checksum",
+        "--allow",
+        "rewrite-stays-in-ip-packet",
+    ])
 }
 
 /// `DATAPATH_REQUIRE_PRIVILEGED=1` for the test steps in CI and as root (privileged tests
