@@ -178,14 +178,23 @@ fn main() -> Result<()> {
     }
     if args.write_results {
         let path = netns_tests::daemon::workspace_root().join("perf/RESULTS.md");
+        // Sections written by hand (other tools' figures) follow the marker and are kept.
+        let kept = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| old.find(KEPT_MARKER).map(|at| old[at..].to_string()))
+            .unwrap_or_else(|| format!("{KEPT_MARKER}\n"));
         let body = format!(
             "# perf results\n\nReproduce: `cargo xtask bench` (as root, on an idle machine; \
-             about 10 minutes).\n\n{table}"
+             about 10 minutes).\n\n{table}\n{kept}"
         );
         std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
+
+/// In perf/RESULTS.md, everything from this line on is written by hand and kept by
+/// `--write-results`.
+const KEPT_MARKER: &str = "<!-- dp-bench --write-results keeps everything below this line -->";
 
 fn command_line(program: &str, args: &[&str]) -> String {
     Command::new(program)
