@@ -360,7 +360,7 @@ fn try_policy(ctx: &TcContext, dir: u8) -> Verdict {
 #[inline(always)]
 fn related(frame: &TcFrame, packet: &parse::Ipv4Packet) -> bool {
     // The quote must lie inside the ICMP packet, not in the padding behind it.
-    if packet.l4_off + parse::ICMP_QUOTE_LEN > packet.l3_off + packet.total_len as usize {
+    if !parse::quote_within_packet(packet) {
         return false;
     }
     let quote = parse::parse_icmp_quote(frame, packet.l4_off);

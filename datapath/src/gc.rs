@@ -424,6 +424,42 @@ fn lookup_all<K: Copy + Default, V: Copy + Default>(
 /// not be in the result. Every call consumes at least one bucket, so the number of calls is
 /// bounded by the bucket count (`max_entries` rounded up to a power of two) plus the retries
 /// that grow the buffer when one bucket holds more entries than fit.
+/// One `BPF_MAP_LOOKUP_BATCH` call into the caller's buffers: from the start of the map
+/// (`token_in` `None`) or from a previous call's resume token, up to `keys.len()` entries.
+/// `values` holds `values_per_key` values for each key (the possible CPUs of a per-CPU map, else
+/// 1). Returns how many entries were copied and whether the walk reached the end of the map
+/// (ENOENT, which is not an error). The buffers are reused from call to call, so a caller that
+/// reads a small array on every packet (the kernel fuzzer) allocates nothing.
+pub fn lookup_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    token_in: Option<&mut u64>,
+    token_out: &mut u64,
+    keys: &mut [K],
+    values: &mut [V],
+    values_per_key: usize,
+) -> std::result::Result<(usize, bool), std::io::Error> {
+    let count = keys.len().min(u32::MAX as usize);
+    if values.len() < count * values_per_key.max(1) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut attr = BatchAttr {
+        in_batch: token_in.map_or(0, |t| t as *mut u64 as u64),
+        out_batch: token_out as *mut u64 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: count as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    let result = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+    let filled = (attr.count as usize).min(count);
+    match result {
+        Ok(_) => Ok((filled, false)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((filled, true)),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn lookup_batch_all<K: Copy + Default, V: Copy + Default>(
     map: BorrowedFd<'_>,
     max_entries: u32,
@@ -442,25 +478,18 @@ pub fn lookup_batch_all<K: Copy + Default, V: Copy + Default>(
     for _ in 0..max_calls {
         keys.resize(batch_size as usize, K::default());
         values.resize(batch_size as usize, V::default());
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &mut token_in as *mut u64 as u64
-            },
-            out_batch: &mut token_out as *mut u64 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: batch_size,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        let result = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let filled = (attr.count as usize).min(batch_size as usize);
-        match result {
-            Ok(_) => {}
-            // The end of the map; `count` says how many the last call still returned.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+        let result = lookup_batch(
+            map,
+            (!first).then_some(&mut token_in),
+            &mut token_out,
+            &mut keys,
+            &mut values,
+            1,
+        );
+        let filled = match result {
+            Ok((filled, false)) => filled,
+            // The end of the map; the last call may still have returned some.
+            Ok((filled, true)) => {
                 out.extend(
                     keys.iter()
                         .copied()
@@ -475,7 +504,7 @@ pub fn lookup_batch_all<K: Copy + Default, V: Copy + Default>(
                 continue;
             }
             Err(e) => return Err(map_error("BPF_MAP_LOOKUP_BATCH", e)),
-        }
+        };
         out.extend(
             keys.iter()
                 .copied()

@@ -365,6 +365,13 @@ fn parse_l4<F: Frame>(frame: &F, packet: &mut Ipv4Packet, ip_end: usize) {
 /// ICMP header, the quoted IPv4 header (without options) and 8 bytes of its transport header.
 pub const ICMP_QUOTE_LEN: usize = ICMP_HLEN + IPV4_MIN_HLEN + 8;
 
+/// Whether the ICMP packet `icmp` (as [`parse`] found it) holds a quote of the minimum size
+/// ([`ICMP_QUOTE_LEN`]) inside its IP total length, not in padding behind it.
+#[inline(always)]
+pub const fn quote_within_packet(icmp: &Ipv4Packet) -> bool {
+    icmp.l4_off + ICMP_QUOTE_LEN <= icmp.l3_off + icmp.total_len as usize
+}
+
 /// The offsets of the quoted IPv4 header and of its transport header in an ICMP error whose
 /// ICMP header is at `icmp_off` (fixed: quotes with IP options are not parsed). Not stored in
 /// [`QuotedPacket`]: 16 bytes more of it did not fit `xdp_lb`'s stack.
@@ -393,7 +400,7 @@ pub struct QuotedPacket {
 /// Parses the packet quoted by an ICMP error whose ICMP header is at `icmp_off`. The result is
 /// not `valid` when the quote is truncated by the frame, carries IP options, or is not TCP/UDP.
 /// Whether the quote also lies inside the ICMP packet's IP total length (not in padding behind
-/// it) is the caller's check: `icmp_off + ICMP_QUOTE_LEN <= l3_off + total_len`. (The tc
+/// it) is the caller's check, [`quote_within_packet`]. (The tc
 /// programs make it; in `xdp_lb` it does not fit the 512-byte stack yet.)
 #[inline(always)]
 pub fn parse_icmp_quote<F: Frame>(frame: &F, icmp_off: usize) -> QuotedPacket {

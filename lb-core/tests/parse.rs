@@ -1,7 +1,9 @@
 //! Host tests of the parser that the XDP program runs, over whole frames built with etherparse.
 
 use etherparse::{IpNumber, PacketBuilder};
-use lb_core::parse::{Frame, L4, NonLinearFrame, Outcome, SliceFrame, parse, parse_icmp_quote};
+use lb_core::parse::{
+    Frame, L4, NonLinearFrame, Outcome, SliceFrame, parse, parse_icmp_quote, quote_within_packet,
+};
 
 fn tcp_syn() -> Vec<u8> {
     let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
@@ -195,6 +197,12 @@ fn icmp_quotes_parse_and_every_cut_is_invalid() {
         let quote = parse_icmp_quote(&SliceFrame { bytes: &mut cut }, icmp_off);
         assert!(!quote.valid, "quote cut at {len} must be invalid");
     }
+    // The quote lies inside the packet; with a total length that ends inside the quote (the
+    // rest of the frame as padding), it does not.
+    assert!(quote_within_packet(&parsed.packet));
+    let mut short = parsed.packet;
+    short.total_len -= 1;
+    assert!(!quote_within_packet(&short));
 }
 
 /// A UDP length field past the end of the IP payload, or below the 8 header bytes, is a header

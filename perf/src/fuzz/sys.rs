@@ -3,7 +3,8 @@
 //! to frame, and pinning the calling thread to one CPU.
 //!
 //! aya's `TestRun` borrows the program from its `Ebpf`; the fuzzer's workers hold their own
-//! cloned descriptors instead, and aya 0.14 has no batch map operations.
+//! cloned descriptors instead. The batch read is `datapath::gc::lookup_batch` (aya 0.14 has
+//! no batch map operations).
 
 use std::{
     io,
@@ -13,7 +14,6 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// `union bpf_attr` for `BPF_PROG_TEST_RUN` (the `test` member, up to `batch_size`).
 #[repr(C)]
@@ -35,20 +35,6 @@ struct TestRunAttr {
     cpu: u32,
     batch_size: u32,
     _pad: u32,
-}
-
-/// `union bpf_attr` for the batch commands.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
 }
 
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
@@ -130,26 +116,19 @@ impl PerCpuCounters {
             "CPU {cpu} beyond the {} possible",
             self.cpus
         );
-        let mut out_batch = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: &mut out_batch as *mut u32 as u64,
-            keys: self.keys.as_mut_ptr() as u64,
-            values: self.values.as_mut_ptr() as u64,
-            count: self.entries,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        match sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-            Ok(()) => {}
-            // The walk reached the end of the array: every slot was copied.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH of the reason counters"),
-        }
+        let mut token = 0u64;
+        let (copied, _) = datapath::gc::lookup_batch(
+            map,
+            None,
+            &mut token,
+            &mut self.keys,
+            &mut self.values,
+            self.cpus,
+        )
+        .context("BPF_MAP_LOOKUP_BATCH of the reason counters")?;
         ensure!(
-            attr.count == self.entries,
-            "BPF_MAP_LOOKUP_BATCH returned {} of {} reason slots",
-            attr.count,
+            copied == self.entries as usize,
+            "BPF_MAP_LOOKUP_BATCH returned {copied} of {} reason slots",
             self.entries
         );
         for (i, key) in self.keys.iter().enumerate() {
