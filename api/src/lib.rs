@@ -163,6 +163,12 @@ pub struct ModuleStatus {
     /// Why the module is not up (disabled by configuration, a missing feature, an error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Times the supervisor restarted the module's run loop after a failure.
+    #[serde(default)]
+    pub restarts: u64,
+    /// The last failure of its run loop (a panic or an error), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
 }
 
 /// A kernel feature as probed at start.

@@ -70,6 +70,16 @@ pub enum Error {
     /// A policy file is invalid: the line (when known) and the reason.
     #[error("policy{}: {reason}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
     Policy { line: Option<usize>, reason: String },
+    /// A bug or an unexpected failure inside the daemon (a task that panicked, say).
+    #[error("internal: {0}")]
+    Internal(String),
+    /// `source`, with what was being done.
+    #[error("{context}: {source}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<Error>,
+    },
     /// Another I/O failure.
     #[error("{context}: {source}")]
     Io {
@@ -80,6 +90,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// This error with what was being done in front of it; the kind (and so the API status)
+    /// stays the inner error's.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// The error under every [`Error::Context`].
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Context { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),

@@ -187,11 +187,7 @@ fn no(detail: impl Into<String>) -> Probe {
 }
 
 fn statfs_magic(path: &str) -> Option<i64> {
-    let c = std::ffi::CString::new(path).ok()?;
-    // SAFETY: statfs into a zeroed struct with a valid C string.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut stat) };
-    (rc == 0).then_some(stat.f_type as i64)
+    crate::bpf::pins::fs_magic(Path::new(path))
 }
 
 /// `LSM_ID_BPF` of `include/uapi/linux/lsm.h`.
@@ -342,8 +338,16 @@ impl Features {
 
     /// Why `module` cannot run here, or `None` if it can.
     pub fn blocker(&self, module: Module) -> Option<String> {
-        let missing_caps: Vec<&str> = module
-            .capabilities()
+        self.blocker_for(&crate::controller::Requirements {
+            features: module.features(),
+            capabilities: module.capabilities(),
+        })
+    }
+
+    /// Why a controller with `needs` cannot run here, or `None` if it can.
+    pub fn blocker_for(&self, needs: &crate::controller::Requirements) -> Option<String> {
+        let missing_caps: Vec<&str> = needs
+            .capabilities
             .iter()
             .filter(|c| !self.has(**c))
             .map(|c| c.name())
@@ -351,8 +355,8 @@ impl Features {
         if !missing_caps.is_empty() {
             return Some(format!("missing capability {}", missing_caps.join(", ")));
         }
-        module
-            .features()
+        needs
+            .features
             .iter()
             .find(|f| !self.available(**f))
             .map(|f| {

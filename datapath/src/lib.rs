@@ -1,16 +1,29 @@
-//! `datapathd`'s library: the dataplane (BPF loading and map programming), the desired-state
-//! store and the HTTP/JSON API.
-pub mod api;
+//! `datapathd`'s library: controllers on one bus under a supervisor (docs/architecture.md).
+//!
+//! - [`controller`], [`supervisor`], [`bus`]: the frame every module plugs into;
+//! - [`lb`], [`policy`], [`ct`] (conntrack), [`prog_stats`]: the controllers;
+//! - [`bpf`]: loading, pins, links, batch map operations, ring buffers;
+//! - [`server`] (the API over a Unix socket), [`metrics`], [`config`], [`persist`].
+pub mod bpf;
 pub mod bpffs_check;
+pub mod bus;
 pub mod config;
-pub mod dataplane;
+pub mod controller;
+pub mod ct;
+pub mod daemon;
 pub mod error;
 pub mod features;
-pub mod gc;
+pub mod lb;
 pub mod metrics;
+pub mod persist;
 pub mod policy;
-pub mod policyd;
-pub mod runtime;
-pub mod state;
+pub mod prog_stats;
+pub mod server;
+pub mod supervisor;
+
+// The paths of the modules before controllers, used by the tests, benchmarks and fuzzers.
+pub use ct::gc;
+pub use lb::{dataplane, store as state};
+pub use server as api;
 
 pub use error::{Error, Result};

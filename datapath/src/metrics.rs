@@ -1,10 +1,12 @@
 //! Prometheus metrics, `/healthz` and `/readyz` on a TCP listener (default `:9477`), apart
 //! from the root-only API socket.
 //!
-//! The datapath's counters live in per-CPU BPF maps. They are read when Prometheus scrapes,
-//! summed over CPUs, by a custom [`Collector`]: nothing is cached or accumulated in the
-//! daemon, so a restarted daemon reports the same totals as the maps hold (they survive the
-//! restart pinned), never counting a packet twice.
+//! The registry holds the daemon's own families (controllers, features, reloads, the bus) and
+//! every controller's collectors. The datapath's counters live in per-CPU BPF maps; the
+//! controllers read them when Prometheus scrapes, summed over CPUs: nothing is cached or
+//! accumulated in the daemon, so a restarted daemon reports the same totals as the maps hold
+//! (they survive the restart pinned), never counting a packet twice. No scrape walks a BPF
+//! map entry by entry.
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use axum::{
@@ -14,9 +16,8 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use bpf_common::reason;
 use prometheus::{
-    Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -24,46 +25,80 @@ use tokio::net::TcpListener;
 
 use crate::{
     error::{Error, Result},
-    features::{Feature, Module},
-    runtime::Runtime,
+    features::Feature,
+    supervisor::Supervisor,
 };
 
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+/// An integer counter family (the definitions are constants: a bad one is a bug).
+pub fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition")
 }
 
-fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+/// An integer gauge family.
+pub fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition")
 }
 
-/// One scrape's metric vectors, built fresh every time.
-struct Families {
+/// The metric families one collector fills at every scrape, built fresh every time (so a
+/// label that is gone disappears, and counters are read from the source, never accumulated).
+pub trait Families: Send + Sync + 'static {
+    fn new() -> Self;
+    fn all(&self) -> Vec<&dyn Collector>;
+}
+
+/// A [`Collector`] over [`Families`] and the function that fills them.
+pub struct FamilyCollector<F: Families> {
+    descs: Vec<Desc>,
+    fill: Box<dyn Fn(&F) + Send + Sync>,
+}
+
+impl<F: Families> FamilyCollector<F> {
+    pub fn new(fill: impl Fn(&F) + Send + Sync + 'static) -> Self {
+        let descs = F::new()
+            .all()
+            .into_iter()
+            .flat_map(|c| c.desc().into_iter().cloned())
+            .collect();
+        Self {
+            descs,
+            fill: Box::new(fill),
+        }
+    }
+}
+
+impl<F: Families> Collector for FamilyCollector<F> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let families = F::new();
+        (self.fill)(&families);
+        families
+            .all()
+            .into_iter()
+            .flat_map(|c| c.collect())
+            .filter(|mf| !mf.get_metric().is_empty())
+            .collect()
+    }
+}
+
+/// The daemon's own families: build, controllers, features, readiness, reloads, the bus.
+struct DaemonFamilies {
     build_info: IntGaugeVec,
     module_up: IntGaugeVec,
     module_enabled: IntGaugeVec,
+    restarts: IntCounterVec,
     feature: IntGaugeVec,
     ready: IntGaugeVec,
     reloads: IntCounterVec,
     reload_failures: IntCounterVec,
-    interface_attached: IntGaugeVec,
-    interface_packets: IntCounterVec,
-    interface_bytes: IntCounterVec,
-    service_packets: IntCounterVec,
-    service_bytes: IntCounterVec,
-    backend_packets: IntCounterVec,
-    backend_bytes: IntCounterVec,
-    outcomes: IntCounterVec,
-    drops: IntCounterVec,
-    map_entries: IntGaugeVec,
-    map_capacity: IntGaugeVec,
-    prog_runs: IntCounterVec,
-    prog_run_seconds: GaugeVec,
+    bus_published: IntCounterVec,
+    bus_delivered: IntCounterVec,
+    bus_lost: IntCounterVec,
 }
 
-const SVC: [&str; 3] = ["vip", "port", "proto"];
-const BE: [&str; 4] = ["vip", "port", "proto", "backend"];
-
-impl Families {
+impl Families for DaemonFamilies {
     fn new() -> Self {
         Self {
             build_info: gauge(
@@ -81,6 +116,11 @@ impl Families {
                 "Whether the configuration enables the module.",
                 &["module"],
             ),
+            restarts: counter(
+                "datapath_controller_restarts_total",
+                "Times the supervisor restarted the controller's run loop after a failure.",
+                &["controller"],
+            ),
             feature: gauge(
                 "datapath_feature",
                 "Kernel features probed at start (1 available, 0 missing or forced off).",
@@ -97,278 +137,109 @@ impl Families {
                 "Configuration reloads refused since start (the running configuration stayed).",
                 &[],
             ),
-            interface_attached: gauge(
-                "datapath_interface_attached",
-                "Interfaces the XDP program is attached to, by attach mode.",
-                &["interface", "mode"],
+            bus_published: counter(
+                "datapath_bus_events_published_total",
+                "Events published on the bus topic.",
+                &["topic"],
             ),
-            interface_packets: counter(
-                "datapath_interface_received_packets_total",
-                "Frames each attached interface received, as the XDP program saw them.",
-                &["interface"],
+            bus_delivered: counter(
+                "datapath_bus_events_delivered_total",
+                "Events of the bus topic taken by the subscriber.",
+                &["topic", "subscriber"],
             ),
-            interface_bytes: counter(
-                "datapath_interface_received_bytes_total",
-                "Bytes of the frames each attached interface received.",
-                &["interface"],
+            bus_lost: counter(
+                "datapath_bus_events_lost_total",
+                "Events of the bus topic the subscriber lost because it fell behind.",
+                &["topic", "subscriber"],
             ),
-            service_packets: counter(
-                "datapath_service_packets_total",
-                "Packets forwarded to the service's backends, from LB_VIP_STATS.",
-                &SVC,
-            ),
-            service_bytes: counter(
-                "datapath_service_bytes_total",
-                "Bytes forwarded to the service's backends, from LB_VIP_STATS.",
-                &SVC,
-            ),
-            backend_packets: counter(
-                "datapath_backend_packets_total",
-                "Packets forwarded to the backend, from LB_BE_STATS.",
-                &BE,
-            ),
-            backend_bytes: counter(
-                "datapath_backend_bytes_total",
-                "Bytes forwarded to the backend, from LB_BE_STATS.",
-                &BE,
-            ),
-            outcomes: counter(
-                "datapath_xdp_packets_total",
-                "Packets seen by the XDP program by outcome (LB_REASONS).",
-                &["reason"],
-            ),
-            drops: counter(
-                "datapath_xdp_drops_total",
-                "Packets dropped by the XDP program by reason (LB_REASONS).",
-                &["reason"],
-            ),
-            map_entries: gauge(
-                "datapath_map_entries",
-                "Entries in use in the BPF map.",
-                &["map"],
-            ),
-            map_capacity: gauge(
-                "datapath_map_max_entries",
-                "Capacity of the BPF map, in entries.",
-                &["map"],
-            ),
-            prog_runs: counter(
-                "datapath_bpf_program_runs_total",
-                "Runs of the BPF program counted by the kernel while BPF stats are enabled.",
-                &["program"],
-            ),
-            prog_run_seconds: GaugeVec::new(
-                Opts::new(
-                    "datapath_bpf_program_run_time_seconds",
-                    "Time spent running the BPF program while BPF stats are enabled (grows like \
-                     a counter).",
-                ),
-                &["program"],
-            )
-            .expect("valid metric definition"),
         }
     }
 
-    fn collectors(&self) -> Vec<&dyn Collector> {
+    fn all(&self) -> Vec<&dyn Collector> {
         vec![
             &self.build_info,
             &self.module_up,
             &self.module_enabled,
+            &self.restarts,
             &self.feature,
             &self.ready,
             &self.reloads,
             &self.reload_failures,
-            &self.interface_attached,
-            &self.interface_packets,
-            &self.interface_bytes,
-            &self.service_packets,
-            &self.service_bytes,
-            &self.backend_packets,
-            &self.backend_bytes,
-            &self.outcomes,
-            &self.drops,
-            &self.map_entries,
-            &self.map_capacity,
-            &self.prog_runs,
-            &self.prog_run_seconds,
+            &self.bus_published,
+            &self.bus_delivered,
+            &self.bus_lost,
         ]
     }
 }
 
-/// Reads everything from the runtime and the BPF maps at scrape time.
-pub struct DatapathCollector {
-    runtime: Arc<Runtime>,
-    descs: Vec<Desc>,
-}
-
-impl DatapathCollector {
-    pub fn new(runtime: Arc<Runtime>) -> Self {
-        let families = Families::new();
-        let descs = families
-            .collectors()
-            .into_iter()
-            .flat_map(|c| c.desc().into_iter().cloned())
-            .collect();
-        Self { runtime, descs }
+fn fill_daemon(sup: &Supervisor, f: &DaemonFamilies) {
+    f.build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    for report in sup.reports() {
+        f.module_up
+            .with_label_values(&[report.name])
+            .set(i64::from(report.health.up));
+        f.module_enabled
+            .with_label_values(&[report.name])
+            .set(i64::from(report.health.enabled));
+        f.restarts
+            .with_label_values(&[report.name])
+            .inc_by(report.restarts);
     }
-
-    fn fill(&self, f: &Families) {
-        let rt = &self.runtime;
-        f.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        let snap = rt.snapshot();
-        for module in Module::ALL {
-            let (enabled, up) = snap
-                .modules
-                .iter()
-                .find(|(m, _, _)| *m == module)
-                .map(|(_, e, u)| (*e, *u))
-                .unwrap_or((false, false));
-            f.module_up
-                .with_label_values(&[module.name()])
-                .set(i64::from(up));
-            f.module_enabled
-                .with_label_values(&[module.name()])
-                .set(i64::from(enabled));
-        }
-        for feature in Feature::ALL {
-            f.feature
-                .with_label_values(&[feature.name()])
-                .set(i64::from(snap.features.available(feature)));
-        }
-        f.ready
-            .with_label_values::<&str>(&[])
-            .set(i64::from(rt.ready.load(Ordering::SeqCst)));
-        f.reloads
-            .with_label_values::<&str>(&[])
-            .inc_by(rt.reloads.load(Ordering::SeqCst));
-        f.reload_failures
-            .with_label_values::<&str>(&[])
-            .inc_by(rt.reload_failures.load(Ordering::SeqCst));
-
-        // The collector runs on the blocking pool (see `metrics`), where waiting for the
-        // controller is allowed.
-        let ctl = rt.ctl.blocking_lock();
-        let Some(dp) = ctl.plane().dataplane() else {
-            return;
-        };
-        for (name, mode) in dp.interfaces() {
-            f.interface_attached
-                .with_label_values(&[name.as_str(), mode.name()])
-                .set(1);
-        }
-        match dp.interface_stats() {
-            Ok(interfaces) => {
-                for (name, counter) in interfaces {
-                    f.interface_packets
-                        .with_label_values(&[name.as_str()])
-                        .inc_by(counter.packets);
-                    f.interface_bytes
-                        .with_label_values(&[name.as_str()])
-                        .inc_by(counter.bytes);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read the interface counters for a scrape"),
-        }
-        match ctl.stats() {
-            Ok(stats) => {
-                for s in &stats.services {
-                    let port = s.port.to_string();
-                    let proto = s.proto.to_string();
-                    let vip = s.vip.to_string();
-                    let labels = [vip.as_str(), port.as_str(), proto.as_str()];
-                    f.service_packets
-                        .with_label_values(&labels)
-                        .inc_by(s.counters.packets);
-                    f.service_bytes
-                        .with_label_values(&labels)
-                        .inc_by(s.counters.bytes);
-                    for b in &s.backends {
-                        let backend = match b.addr {
-                            std::net::IpAddr::V4(a) => format!("{a}:{}", b.port),
-                            std::net::IpAddr::V6(a) => format!("[{a}]:{}", b.port),
-                        };
-                        let labels = [
-                            vip.as_str(),
-                            port.as_str(),
-                            proto.as_str(),
-                            backend.as_str(),
-                        ];
-                        f.backend_packets
-                            .with_label_values(&labels)
-                            .inc_by(b.counters.packets);
-                        f.backend_bytes
-                            .with_label_values(&labels)
-                            .inc_by(b.counters.bytes);
-                    }
-                }
-                for name in reason::NAMES {
-                    let n = stats.reasons.get(name).copied().unwrap_or(0);
-                    f.outcomes.with_label_values(&[name]).inc_by(n);
-                    if let Some(cause) = name.strip_prefix("drop_") {
-                        f.drops.with_label_values(&[cause]).inc_by(n);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read the datapath counters for a scrape"),
-        }
-        for usage in dp.map_usage() {
-            f.map_entries
-                .with_label_values(&[usage.name])
-                .set(usage.entries as i64);
-            f.map_capacity
-                .with_label_values(&[usage.name])
-                .set(usage.capacity as i64);
-        }
-        if snap.prog_stats_up {
-            match dp.program_info() {
-                Ok(info) => {
-                    f.prog_runs
-                        .with_label_values(&[crate::dataplane::PROGRAM_LB])
-                        .inc_by(info.run_count());
-                    f.prog_run_seconds
-                        .with_label_values(&[crate::dataplane::PROGRAM_LB])
-                        .set(info.run_time().as_secs_f64());
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot read xdp_lb's program info"),
-            }
+    let features = sup.features();
+    for feature in Feature::ALL {
+        f.feature
+            .with_label_values(&[feature.name()])
+            .set(i64::from(features.available(feature)));
+    }
+    f.ready
+        .with_label_values::<&str>(&[])
+        .set(i64::from(sup.not_ready().is_none()));
+    f.reloads
+        .with_label_values::<&str>(&[])
+        .inc_by(sup.reloads.load(Ordering::SeqCst));
+    f.reload_failures
+        .with_label_values::<&str>(&[])
+        .inc_by(sup.reload_failures.load(Ordering::SeqCst));
+    for topic in sup.bus().topic_stats() {
+        f.bus_published
+            .with_label_values(&[topic.name()])
+            .inc_by(topic.published());
+        for (subscriber, counts) in topic.subscribers() {
+            f.bus_delivered
+                .with_label_values(&[topic.name(), subscriber])
+                .inc_by(counts.delivered);
+            f.bus_lost
+                .with_label_values(&[topic.name(), subscriber])
+                .inc_by(counts.lost);
         }
     }
 }
 
-impl Collector for DatapathCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let families = Families::new();
-        self.fill(&families);
-        families
-            .collectors()
-            .into_iter()
-            .flat_map(|c| c.collect())
-            .filter(|mf| !mf.get_metric().is_empty())
-            .collect()
-    }
-}
-
-/// The registry the endpoint serves.
-pub fn registry(runtime: Arc<Runtime>) -> Result<Registry> {
+/// The registry the endpoint serves: the daemon's families and every controller's.
+pub fn registry(sup: &Arc<Supervisor>) -> Result<Registry> {
     let registry = Registry::new();
-    registry
-        .register(Box::new(DatapathCollector::new(Arc::clone(&runtime))))
-        .map_err(|e| Error::InvalidArgument(format!("metrics registry: {e}")))?;
-    registry
-        .register(Box::new(crate::policyd::PolicyCollector::new(runtime)))
-        .map_err(|e| Error::InvalidArgument(format!("metrics registry: {e}")))?;
+    let register = |c: Box<dyn Collector>| {
+        registry
+            .register(c)
+            .map_err(|e| Error::Internal(format!("metrics registry: {e}")))
+    };
+    let me = Arc::clone(sup);
+    register(Box::new(FamilyCollector::new(move |f: &DaemonFamilies| {
+        fill_daemon(&me, f)
+    })))?;
+    for controller in sup.controllers() {
+        for collector in Arc::clone(controller).collectors() {
+            register(collector)?;
+        }
+    }
     Ok(registry)
 }
 
 #[derive(Clone)]
 struct HttpState {
-    runtime: Arc<Runtime>,
+    sup: Arc<Supervisor>,
     registry: Registry,
 }
 
@@ -398,19 +269,12 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
-    if s.runtime.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n".into())
-    } else {
-        let why = s
-            .runtime
-            .not_ready_reason
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_default();
-        (
+    match s.sup.not_ready() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),
-        )
+        ),
     }
 }
 
@@ -422,13 +286,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
-pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>) -> Result<()> {
-    let registry = registry(runtime.clone())?;
+pub async fn serve(listener: TcpListener, sup: Arc<Supervisor>) -> Result<()> {
+    let registry = registry(&sup)?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(HttpState { runtime, registry });
+        .with_state(HttpState { sup, registry });
     axum::serve(listener, app)
         .await
         .map_err(|e| Error::io("serving metrics", e))

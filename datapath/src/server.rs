@@ -232,7 +232,7 @@ impl ApiFailure {
 
 impl From<Error> for ApiFailure {
     fn from(e: Error) -> Self {
-        let (code, message) = match &e {
+        let (code, message) = match e.root() {
             Error::InvalidArgument(_) => (ErrorCode::InvalidArgument, e.to_string()),
             Error::NotFound(_) => (ErrorCode::NotFound, e.to_string()),
             Error::Unavailable(_) => (ErrorCode::Unavailable, e.to_string()),
@@ -246,7 +246,10 @@ impl From<Error> for ApiFailure {
                 ErrorCode::PersistenceFailure,
                 format!("{e}; the change was rolled back"),
             ),
-            Error::CorruptState { .. } | Error::Io { .. } => (ErrorCode::Internal, e.to_string()),
+            Error::CorruptState { .. } | Error::Io { .. } | Error::Internal(_) => {
+                (ErrorCode::Internal, e.to_string())
+            }
+            Error::Context { .. } => unreachable!("root() is never a Context"),
             Error::Config { .. } | Error::Policy { .. } => {
                 (ErrorCode::InvalidArgument, e.to_string())
             }

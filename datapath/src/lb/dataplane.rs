@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -157,7 +157,7 @@ pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
     config.validate()?;
     std::fs::create_dir_all(&config.pin_root)
         .map_err(|e| Error::io(format!("create pin root {}", config.pin_root.display()), e))?;
-    replace_incompatible_pins(&config.pin_root, &abi_layouts())?;
+    crate::bpf::pins::replace_incompatible_pins(&config.pin_root, &abi_layouts())?;
     let table_entries = config.max_services * 2 * config.maglev_size;
     let mut loader = EbpfLoader::new();
     loader
@@ -184,9 +184,7 @@ pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
     })
 }
 
-/// A pinned map's layout as a build expects it: name, key size, value size, and the entry count
-/// where the ABI fixes it too (the others follow the configuration).
-pub(crate) type PinLayout = (&'static str, usize, usize, Option<u32>);
+pub(crate) use crate::bpf::pins::PinLayout;
 
 /// The layout this build's XDP object gives each pinned map whose layout is fixed by the ABI in
 /// `bpf-common`.
@@ -226,78 +224,6 @@ fn abi_layouts() -> [PinLayout; 10] {
         ),
         (map_names::REASONS, 4, 8, Some(reason::COUNT)),
     ]
-}
-
-/// Unpins every map of `layouts` under `pin_root` whose layout differs, so that the
-/// loader creates it afresh. Such a pin is left by a datapathd built with another ABI (an
-/// upgrade that changed a map's key or value type, or added a drop reason): reused, it would
-/// make the load fail in the verifier or, worse, be read with the wrong layout. Only those maps
-/// lose their entries (a replaced `LB_FLOWS` loses its flows: established connections are
-/// re-pinned by Maglev, full-NAT ones with a new source port); every compatible map, the
-/// services and the pinned links are kept. The old program keeps forwarding with the old maps
-/// until the new one is swapped into its links.
-pub(crate) fn replace_incompatible_pins(pin_root: &Path, layouts: &[PinLayout]) -> Result<()> {
-    use std::os::fd::AsFd as _;
-    for &(name, key_size, value_size, entries) in layouts {
-        let path = pin_root.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let map = MapData::from_pin(&path).map_err(|e| Error::Map {
-            context: format!("open pinned map {}", path.display()),
-            source: Box::new(e),
-        })?;
-        let found = crate::gc::map_layout(map.fd().as_fd())?;
-        let compatible = found.key_size as usize == key_size
-            && found.value_size as usize == value_size
-            && entries.is_none_or(|n| n == found.max_entries);
-        if compatible {
-            continue;
-        }
-        warn!(
-            map = name,
-            found_key_bytes = found.key_size,
-            found_value_bytes = found.value_size,
-            found_entries = found.max_entries,
-            key_bytes = key_size,
-            value_bytes = value_size,
-            "pinned map has another build's layout: replaced by an empty one; its entries are lost"
-        );
-        std::fs::remove_file(&path)
-            .map_err(|e| Error::io(format!("unpin incompatible map {}", path.display()), e))?;
-    }
-    Ok(())
-}
-
-/// Mounts bpffs at `/sys/fs/bpf` when nothing is mounted there.
-fn ensurebpffs() -> Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let path = c"/sys/fs/bpf";
-    // SAFETY: statfs into a zeroed struct with a valid C string.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
-    if rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
-    std::fs::create_dir_all("/sys/fs/bpf").map_err(|e| Error::io("create /sys/fs/bpf", e))?;
-    // SAFETY: plain mount(2) call with valid C strings.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            path.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(Error::io(
-            "mount bpffs at /sys/fs/bpf",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    info!("mounted bpffs at /sys/fs/bpf");
-    Ok(())
 }
 
 /// The ifindex of `name` in this network namespace.
@@ -444,7 +370,7 @@ impl Dataplane {
         for name in &config.interfaces {
             if_indexes.push((name.clone(), interface_index(name)?));
         }
-        ensurebpffs()?;
+        crate::bpf::pins::ensure_bpffs()?;
         let mut bpf = load_object(config)?;
 
         let program: &mut Xdp = bpf
@@ -618,19 +544,18 @@ impl Dataplane {
             .map_err(program_error("read xdp_lb's program info"))
     }
 
-    /// Entries in use and capacity of each map the daemon sizes.
-    pub fn map_usage(&self) -> Vec<MapUsage> {
+    /// Entries in use and capacity of each map the daemon sizes, from what this process
+    /// programmed (never a walk of a map: a scrape must stay cheap). `flows` and `nat`: the
+    /// flow tables' occupancy, as the conntrack controller's last sweep counted it.
+    pub fn map_usage(&self, flows: u64, nat: u64) -> Vec<MapUsage> {
         let c = &self.config;
-        let backends_used = (0..c.max_backends)
-            .filter(|id| {
-                self.backends
-                    .get(id, 0)
-                    .is_ok_and(|b| b.state != BACKEND_UNUSED)
-            })
-            .count() as u64;
-        let flows = pinned_map_entries(&c.pin_root, map_names::FLOWS);
-        let nat = pinned_map_entries(&c.pin_root, map_names::NAT_REV);
-        let services = self.vips.keys().filter(|k| k.is_ok()).count() as u64;
+        let backends_used = self
+            .programmed
+            .values()
+            .flat_map(|p| p.spec.backends.iter().map(|b| b.id))
+            .collect::<std::collections::BTreeSet<u32>>()
+            .len() as u64;
+        let services = self.programmed.len() as u64;
         let maglev_used = self
             .programmed
             .values()
@@ -668,6 +593,25 @@ impl Dataplane {
 
     pub fn config(&self) -> &DataplaneConfig {
         &self.config
+    }
+
+    /// Duplicates of the descriptors of the flow table (`LB_FLOWS`) and of the full-NAT
+    /// reverse table (`LB_NAT_REV`): the typed handle the conntrack controller works on.
+    pub fn flow_table_fds(&self) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+        let dup = |name: &str| -> Result<std::os::fd::OwnedFd> {
+            let map = self.bpf.map(name).ok_or_else(|| {
+                Error::InvalidArgument(format!("map {name} missing from the XDP object"))
+            })?;
+            let data: &MapData = match map {
+                aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
+                _ => return Err(Error::InvalidArgument(format!("{name} is not a hash map"))),
+            };
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io(format!("duplicate the descriptor of {name}"), e))
+        };
+        Ok((dup(map_names::FLOWS)?, dup(map_names::NAT_REV)?))
     }
 
     /// The whole loaded object (programs and the maps not taken over by the dataplane), for the
@@ -1063,63 +1007,20 @@ fn sum_counter(map: &PerCpuArray<MapData, bpf_common::Counter>, id: u32) -> Resu
     }))
 }
 
-/// Number of keys of the pinned map `name` (walked with `BPF_MAP_GET_NEXT_KEY`, bounded by the
-/// map's capacity).
-fn pinned_map_entries(pin_root: &Path, name: &str) -> u64 {
-    let Ok(data) = MapData::from_pin(pin_root.join(name)) else {
-        return 0;
-    };
-    let Ok(info) = data.info() else {
-        return 0;
-    };
-    let key_size = info.key_size() as usize;
-    let max = u64::from(info.max_entries());
-    let fd = data.fd().as_fd().as_raw_fd();
-    let mut key = vec![0u8; key_size];
-    let mut next = vec![0u8; key_size];
-    let mut count = 0u64;
-    let mut first = true;
-    while count < max {
-        // SAFETY: BPF_MAP_GET_NEXT_KEY with key buffers of the map's key size.
-        let mut attr: [u64; 4] = [0; 4];
-        attr[0] = fd as u64;
-        attr[1] = if first { 0 } else { key.as_ptr() as u64 };
-        attr[2] = next.as_mut_ptr() as u64;
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                4, // BPF_MAP_GET_NEXT_KEY
-                attr.as_mut_ptr(),
-                std::mem::size_of_val(&attr),
-            )
-        };
-        if rc != 0 {
-            break;
-        }
-        first = false;
-        count += 1;
-        std::mem::swap(&mut key, &mut next);
-    }
-    count
-}
 
 /// Attaches `program` to `interface` through a pinned bpf_link, or, when a link from a previous
 /// run is pinned, swaps the program inside it atomically (`bpf_link_update`) so no packet ever
-/// misses the program.
+/// misses the program. See [`crate::bpf::links`].
 fn attach_or_replace(
     program: &mut Xdp,
     config: &DataplaneConfig,
     interface: &str,
 ) -> Result<(PinnedLink, AttachedMode)> {
     let pin_path = link_pin_path(&config.pin_root, interface);
-    if pin_path.exists() {
-        let pinned = PinnedLink::from_pin(&pin_path).map_err(|e| {
-            Error::io(
-                format!("open pinned link {}", pin_path.display()),
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
-        let fd_link: FdLink = pinned.into();
+    let what = format!("{PROGRAM_LB} on {interface}");
+    let program = std::cell::RefCell::new(program);
+    let replace = |fd_link: FdLink| -> Result<AttachedMode> {
+        let mut program = program.borrow_mut();
         let xdp_link = XdpLink::try_from(fd_link).map_err(|e| {
             Error::io(
                 format!("pinned link {} is not an XDP link", pin_path.display()),
@@ -1129,95 +1030,60 @@ fn attach_or_replace(
         let link_id = program
             .attach_to_link(xdp_link)
             .map_err(program_error(format!("replace the program on {interface}")))?;
-        let link = program
-            .take_link(link_id)
-            .map_err(program_error("take the updated link"))?;
-        let fd_link = FdLink::try_from(link)
-            .map_err(|e| Error::io("convert the XDP link", std::io::Error::other(e.to_string())))?;
-        info!(interface, "replaced the program in the pinned XDP link");
-        // The pin keeps the link (and the program in it) alive; hold a handle by path.
-        drop(fd_link);
-        return PinnedLink::from_pin(&pin_path)
-            .map(|l| (l, AttachedMode::Adopted))
-            .map_err(|e| Error::io("reopen pinned link", std::io::Error::other(e.to_string())));
-    }
-
-    let modes: &[XdpMode] = match config.xdp_mode {
-        XdpAttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
-        XdpAttachMode::Native => &[XdpMode::Driver],
-        XdpAttachMode::Generic => &[XdpMode::Skb],
+        // The pin holds the link; our handle of it can go.
+        drop(
+            program
+                .take_link(link_id)
+                .map_err(program_error("take the updated link"))?,
+        );
+        Ok(AttachedMode::Adopted)
     };
-    let mut last_error = None;
-    for mode in modes {
-        match program.attach(interface, *mode) {
-            Ok(link_id) => {
-                if *mode == XdpMode::Skb && config.xdp_mode == XdpAttachMode::Auto {
-                    warn!(
-                        interface,
-                        "native XDP unavailable, attached in generic (skb) mode: slower"
-                    );
+    let attach = || -> Result<(FdLink, AttachedMode)> {
+        let mut program = program.borrow_mut();
+        let modes: &[XdpMode] = match config.xdp_mode {
+            XdpAttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+            XdpAttachMode::Native => &[XdpMode::Driver],
+            XdpAttachMode::Generic => &[XdpMode::Skb],
+        };
+        let mut last_error = None;
+        for mode in modes {
+            match program.attach(interface, *mode) {
+                Ok(link_id) => {
+                    if *mode == XdpMode::Skb && config.xdp_mode == XdpAttachMode::Auto {
+                        warn!(
+                            interface,
+                            "native XDP unavailable, attached in generic (skb) mode: slower"
+                        );
+                    }
+                    let link = program
+                        .take_link(link_id)
+                        .map_err(program_error("take the new link"))?;
+                    let fd_link = FdLink::try_from(link).map_err(|e| {
+                        Error::io(
+                            format!(
+                                "XDP on {interface} was attached through netlink, which cannot \
+                                 be pinned"
+                            ),
+                            std::io::Error::other(e.to_string()),
+                        )
+                    })?;
+                    info!(interface, ?mode, "attached xdp_lb");
+                    let attached = if *mode == XdpMode::Skb {
+                        AttachedMode::Generic
+                    } else {
+                        AttachedMode::Native
+                    };
+                    return Ok((fd_link, attached));
                 }
-                let link = program
-                    .take_link(link_id)
-                    .map_err(program_error("take the new link"))?;
-                let fd_link = FdLink::try_from(link).map_err(|e| {
-                    Error::io(
-                        format!(
-                            "XDP on {interface} was attached through netlink, which cannot be \
-                             pinned"
-                        ),
-                        std::io::Error::other(e.to_string()),
-                    )
-                })?;
-                let pinned = fd_link.pin(&pin_path).map_err(|source| Error::Pin {
-                    context: format!("pin the XDP link of {interface}"),
-                    source: Box::new(source),
-                })?;
-                info!(interface, ?mode, "attached xdp_lb");
-                let attached = if *mode == XdpMode::Skb {
-                    AttachedMode::Generic
-                } else {
-                    AttachedMode::Native
-                };
-                return Ok((pinned, attached));
-            }
-            Err(e) => {
-                last_error = Some(e);
+                Err(e) => last_error = Some(e),
             }
         }
-    }
-    Err(program_error(format!("attach xdp_lb to {interface}"))(
-        last_error.unwrap_or(aya::programs::ProgramError::NotLoaded),
-    ))
+        Err(program_error(format!("attach xdp_lb to {interface}"))(
+            last_error.unwrap_or(aya::programs::ProgramError::NotLoaded),
+        ))
+    };
+    let (pinned, mode, _) = crate::bpf::links::adopt_or_attach(&pin_path, &what, replace, attach)?;
+    Ok((pinned, mode))
 }
 
-/// Detaches everything pinned under `pin_root` (links first, so the program stops at once) and
-/// removes all pins. Used by `datapathd cleanup`.
-pub fn cleanup(pin_root: &Path) -> Result<()> {
-    if !pin_root.exists() {
-        return Ok(());
-    }
-    let links_dir = pin_root.join("links");
-    if links_dir.exists() {
-        let entries =
-            std::fs::read_dir(&links_dir).map_err(|e| Error::io("list pinned links", e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io("list pinned links", e))?;
-            // Removing the last reference (the pin) detaches the link.
-            std::fs::remove_file(entry.path()).map_err(|e| {
-                Error::io(format!("remove pinned link {}", entry.path().display()), e)
-            })?;
-        }
-        std::fs::remove_dir(&links_dir).map_err(|e| Error::io("remove the links directory", e))?;
-    }
-    let entries = std::fs::read_dir(pin_root)
-        .map_err(|e| Error::io(format!("list {}", pin_root.display()), e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io("list pinned maps", e))?;
-        std::fs::remove_file(entry.path())
-            .map_err(|e| Error::io(format!("remove pinned map {}", entry.path().display()), e))?;
-    }
-    std::fs::remove_dir(pin_root)
-        .map_err(|e| Error::io(format!("remove {}", pin_root.display()), e))?;
-    Ok(())
-}
+pub use crate::bpf::pins::cleanup;

@@ -1,0 +1,77 @@
+//! Pinned bpf_links, the same way for every attachment (XDP, TCX, and later cgroup and LSM):
+//! adopt the link a previous run pinned by swapping our program into it (`bpf_link_update`:
+//! the hook never runs without a program across a restart or an upgrade), or attach afresh
+//! and pin the new link. A stale pinned link, one whose interface was deleted or that is of
+//! another kind, is replaced by a new one.
+use std::path::Path;
+
+use aya::programs::links::{FdLink, PinnedLink};
+use tracing::{info, warn};
+
+use crate::{Error, Result};
+
+/// How [`adopt_or_attach`] got its link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkOrigin {
+    /// A link pinned by a previous run now runs our program.
+    Adopted,
+    /// A new link, attached and pinned by this call.
+    Created,
+}
+
+fn link_error(what: String) -> impl FnOnce(aya::programs::links::LinkError) -> Error {
+    move |e| Error::io(what, std::io::Error::other(e.to_string()))
+}
+
+/// The link pinned at `pin`, running our program: adopted by `replace` (given the pinned link,
+/// it swaps the program in and answers what the caller wants to know of it), or, with no
+/// usable pin, created by `attach` and pinned there. `what` names the attachment in errors and
+/// logs (`xdp_lb on eth0`).
+pub fn adopt_or_attach<T>(
+    pin: &Path,
+    what: &str,
+    replace: impl FnOnce(FdLink) -> Result<T>,
+    attach: impl FnOnce() -> Result<(FdLink, T)>,
+) -> Result<(PinnedLink, T, LinkOrigin)> {
+    if pin.exists() {
+        let adopted = PinnedLink::from_pin(pin)
+            .map_err(link_error(format!("open pinned link {}", pin.display())))
+            .and_then(|pinned| replace(FdLink::from(pinned)));
+        match adopted {
+            Ok(extra) => {
+                // The pin keeps the link, and the program now in it, alive; hold it by path.
+                let pinned = PinnedLink::from_pin(pin)
+                    .map_err(link_error(format!("reopen pinned link {}", pin.display())))?;
+                info!(link = what, "adopted the pinned link: our program now runs in it");
+                return Ok((pinned, extra, LinkOrigin::Adopted));
+            }
+            Err(e) => {
+                // E.g. the interface was deleted and re-created under the same name: the old
+                // link is defunct and cannot be updated.
+                warn!(link = what, error = %e, "stale pinned link replaced by a new one");
+                std::fs::remove_file(pin).map_err(|e| {
+                    Error::io(format!("remove stale pinned link {}", pin.display()), e)
+                })?;
+            }
+        }
+    }
+    let (link, extra) = attach()?;
+    if let Some(dir) = pin.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    }
+    let pinned = link.pin(pin).map_err(|source| Error::Pin {
+        context: format!("pin the link of {what}"),
+        source: Box::new(source),
+    })?;
+    Ok((pinned, extra, LinkOrigin::Created))
+}
+
+/// Removes the pin of a link we hold: with our descriptor dropped too, the link detaches.
+pub fn unpin(pin: &Path) -> Result<()> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove pinned link {}", pin.display()), e)),
+    }
+}

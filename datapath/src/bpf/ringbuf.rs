@@ -1,0 +1,54 @@
+//! A BPF ring buffer drained onto a bus topic.
+use std::sync::Arc;
+
+use aya::maps::{MapData, RingBuf};
+use tracing::warn;
+
+use crate::{
+    Error, Result,
+    bus::Topic,
+    controller::Cancel,
+};
+
+/// Reads `ring` until `cancel`, turning each record of at least `size_of::<R>()` bytes into an
+/// event with `convert` and publishing it on `topic`. Each wake-up reads at most `max_batch`
+/// records before yielding, so a flood cannot starve the other tasks of the runtime.
+pub async fn drain<R: Copy, E: Clone + Send + Sync + 'static>(
+    ring: RingBuf<MapData>,
+    topic: Arc<Topic<E>>,
+    max_batch: usize,
+    mut cancel: Cancel,
+    mut convert: impl FnMut(R) -> E + Send,
+) -> Result<()> {
+    // SAFETY: the ring buffer owns its descriptor and moves into the AsyncFd, which
+    // deregisters it before dropping it.
+    let mut fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }
+        .map_err(|e| Error::io("poll the ring buffer", e.into_parts().1))?;
+    loop {
+        let mut guard = tokio::select! {
+            ready = fd.readable_mut() => ready.map_err(|e| Error::io("ring buffer failed", e))?,
+            _ = cancel.cancelled() => return Ok(()),
+        };
+        let ring = guard.get_inner_mut();
+        let mut drained = false;
+        for _ in 0..max_batch {
+            let Some(item) = ring.next() else {
+                drained = true;
+                break;
+            };
+            if item.len() < std::mem::size_of::<R>() {
+                warn!(bytes = item.len(), "short ring buffer record skipped");
+                continue;
+            }
+            // SAFETY: the record holds at least one `R`, a plain-old-data struct of the ABI.
+            let record: R = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<R>()) };
+            drop(item);
+            topic.publish(convert(record));
+        }
+        if drained {
+            guard.clear_ready();
+        } else {
+            tokio::task::yield_now().await;
+        }
+    }
+}

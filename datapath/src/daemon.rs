@@ -1,0 +1,271 @@
+//! The daemon: builds the bus and the controllers (one line each), hands them to the
+//! supervisor, serves the API and the metrics, reloads on SIGHUP or a change of the file, and
+//! stops on SIGTERM or SIGINT.
+use std::{path::PathBuf, sync::Arc, time::Instant};
+
+use axum::{Json, extract::State, routing::get};
+use datapath_api::{InterfaceStatus, ModuleStatus, StatusView};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::{
+    Error, Result,
+    bus::Bus,
+    config::{Overrides, Settings, Source},
+    controller::DynController,
+    ct::ConntrackController,
+    features::Features,
+    lb::{LbController, LbPlane},
+    metrics,
+    policy::PolicyController,
+    prog_stats::ProgStats,
+    server::{self, SharedController},
+    supervisor::Supervisor,
+};
+
+fn signal_of(kind: SignalKind, name: &str) -> Result<Signal> {
+    signal(kind).map_err(|e| Error::io(format!("cannot handle {name}"), e))
+}
+
+/// What `GET /v1/status` reads.
+#[derive(Clone)]
+struct StatusState {
+    sup: Arc<Supervisor>,
+    lb: SharedController<LbPlane>,
+    config_file: Option<PathBuf>,
+}
+
+async fn status(State(s): State<StatusState>) -> Json<StatusView> {
+    let interfaces = s
+        .lb
+        .lock()
+        .await
+        .plane()
+        .dataplane()
+        .map(|dp| {
+            dp.interfaces()
+                .into_iter()
+                .map(|(name, mode)| InterfaceStatus {
+                    name,
+                    xdp_mode: mode.name().to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let sup = &s.sup;
+    Json(StatusView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ready: sup.not_ready().is_none(),
+        config_file: s.config_file.as_ref().map(|p| p.display().to_string()),
+        config_reloads: sup.reloads.load(std::sync::atomic::Ordering::SeqCst),
+        config_reload_failures: sup.reload_failures.load(std::sync::atomic::Ordering::SeqCst),
+        last_reload_error: sup.last_reload_error(),
+        interfaces,
+        modules: sup
+            .reports()
+            .into_iter()
+            .map(|r| ModuleStatus {
+                name: r.name.to_string(),
+                enabled: r.health.enabled,
+                up: r.health.up,
+                reason: r.health.reason,
+                restarts: r.restarts,
+                last_failure: r.last_failure,
+            })
+            .collect(),
+        features: sup.features().views(),
+    })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. `source`: the configuration file as read at
+/// start; `overrides`: the flags and environment, applied again at every reload.
+pub async fn run(settings: Settings, source: Option<Source>, overrides: Overrides) -> Result<()> {
+    // Registered before anything is attached, so a signal during start-up ends the daemon
+    // through the same orderly path instead of killing it half-way.
+    let mut sigterm = signal_of(SignalKind::terminate(), "SIGTERM")?;
+    let mut sigint = signal_of(SignalKind::interrupt(), "SIGINT")?;
+    let sighup = signal_of(SignalKind::hangup(), "SIGHUP")?;
+    let config_file = source.as_ref().map(|s| s.path.clone());
+
+    let features = Features::probe(&settings.force_off);
+    info!(
+        features = %features.summary(),
+        config = %config_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none)".into()),
+        "probed kernel features"
+    );
+    let missing = features.missing_capabilities();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
+        warn!(missing = %names.join(", "),
+              "missing capabilities: the modules that need them stay off (see deploy/README.md)");
+    }
+
+    // The controllers, one line each; the supervisor orders them by their dependencies.
+    let bus = Bus::new();
+    let lb = LbController::new(&settings, &bus).map_err(|e| e.context("cannot load the saved services"))?;
+    let conntrack = ConntrackController::new(&settings, &bus)?;
+    let controllers: Vec<DynController> = vec![
+        Arc::clone(&lb) as DynController,
+        ProgStats::new(&bus)?,
+        PolicyController::new(&settings, &bus)?,
+        Arc::clone(&conntrack) as DynController,
+    ];
+    let sup = Supervisor::new(controllers, bus, settings.clone(), features)?;
+
+    // Metrics and probes answer from the start: /healthz at once, /readyz once started.
+    let metrics_task = match settings.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            info!(%addr, "serving /metrics, /healthz and /readyz");
+            let s = Arc::clone(&sup);
+            Some(tokio::spawn(async move {
+                if let Err(e) = metrics::serve(listener, s).await {
+                    tracing::error!(error = %e, "metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    // Then the socket: it refuses to start while another daemon is serving, before we take
+    // its programs and maps over.
+    let listener = server::bind(&settings.api_socket).await?;
+    let remove_socket = |path: &std::path::Path| {
+        // Gone rather than refusing connections: lb-ctl then says plainly nobody is there.
+        if let Err(e) = std::fs::remove_file(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(socket = %path.display(), error = %e, "cannot remove the API socket");
+        }
+    };
+
+    let started = tokio::select! {
+        started = sup.start() => started,
+        _ = sigterm.recv() => Err(Error::Unavailable("SIGTERM".into())),
+        _ = sigint.recv() => Err(Error::Unavailable("SIGINT".into())),
+    };
+    if let Err(e) = started {
+        for c in sup.controllers() {
+            c.stop();
+        }
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
+        remove_socket(&settings.api_socket);
+        if let Error::Unavailable(signal) = e.root() {
+            info!(signal = %signal, "stopping during start-up");
+            return Ok(());
+        }
+        return Err(e);
+    }
+    crate::bpffs_check::warn_if_private(&settings.pin_root);
+    info!(
+        services = lb.shared().lock().await.store().state().services.len(),
+        state_file = %settings.state_file.display(),
+        "ready: controllers up and the saved services restored"
+    );
+
+    let reloader = tokio::spawn(reloader(Arc::clone(&sup), config_file.clone(), overrides, sighup));
+    info!(socket = %settings.api_socket.display(), "serving the API");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let ct = Arc::clone(&conntrack);
+    let shutdown = async move {
+        let name = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        };
+        let _ = stop_tx.send(Instant::now());
+        ct.stop_streams();
+        info!(signal = name, "stopping: finishing in-flight requests; the datapath stays attached");
+    };
+    let mut router = axum::Router::new()
+        .route("/v1/status", get(status))
+        .with_state(StatusState {
+            sup: Arc::clone(&sup),
+            lb: lb.shared(),
+            config_file,
+        });
+    for c in sup.controllers() {
+        router = router.merge(Arc::clone(c).routes());
+    }
+    let served = server::serve_router(listener, router, shutdown).await;
+    reloader.abort();
+    sup.shutdown().await;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    remove_socket(&settings.api_socket);
+    served?;
+    // Every change is saved before it is acknowledged: nothing is left to flush. The pinned
+    // links and maps stay; our descriptors close with the process.
+    let stopping_since = stop_rx.await.ok();
+    info!(
+        stop_ms = stopping_since.map(|t| t.elapsed().as_millis() as u64),
+        "stopped; the datapath keeps forwarding"
+    );
+    Ok(())
+}
+
+/// Reloads the configuration on SIGHUP and when the file's modification time or size changes
+/// (polled at `reload.poll_interval_ms` when `reload.watch` is on).
+async fn reloader(
+    sup: Arc<Supervisor>,
+    config_file: Option<PathBuf>,
+    overrides: Overrides,
+    mut sighup: Signal,
+) {
+    let Some(path) = config_file else {
+        // Nothing to reload; SIGHUP is still consumed so it does not kill us.
+        while sighup.recv().await.is_some() {
+            warn!("SIGHUP: no configuration file to reload (start with --config)");
+        }
+        return;
+    };
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    loop {
+        let settings = sup.settings();
+        let by = tokio::select! {
+            got = sighup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                "SIGHUP"
+            }
+            _ = tokio::time::sleep(settings.poll_interval) => {
+                if !settings.watch || stamp(&path) == seen {
+                    continue;
+                }
+                "file change"
+            }
+        };
+        seen = stamp(&path);
+        info!(trigger = by, file = %path.display(), "reloading the configuration");
+        let new = Source::read(&path).and_then(|source| {
+            let new = Settings::resolve(Some(&source), &overrides)?;
+            let restart_only = sup.settings().restart_only_changes(&new);
+            if !restart_only.is_empty() {
+                return Err(Error::Config {
+                    file: path.clone(),
+                    line: None,
+                    key: restart_only.join(", "),
+                    reason: "changes only on restart (kernel map sizes, program constants, open \
+                             sockets and files)"
+                        .into(),
+                });
+            }
+            Ok(new)
+        });
+        match new {
+            // The supervisor logs, counts and shows the outcome.
+            Ok(new) => {
+                let _ = sup.reload(new).await;
+            }
+            Err(e) => sup.refuse_reload(e),
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The `lb` controller: the XDP L4 load balancer. It owns the XDP object (pins under
+//! `pin_root/lb/`), the desired services and their state file, the service API routes and
+//! the load balancer's metrics, and hands the conntrack controller a typed handle of its flow
+//! tables.
+pub mod dataplane;
+mod metrics;
+pub mod store;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use datapath_api::{ServiceSpec, StatsSnapshot};
+use tracing::{info, warn};
+
+use crate::{
+    Error, Result,
+    bpf::pins::{FlatPins, controller_dir, migrate_flat_pins},
+    bus::{Bus, StateReader, StateWriter},
+    config::{self, Settings},
+    controller::{Cancel, Controller, Health, NoChange, Prepared, Requirements, RunFuture},
+    ct::{LB_TABLES, LbFlowTables, OCCUPANCY, Occupancy},
+    features::{Capability, Feature},
+    server::{self, PlaneStats, SharedController},
+};
+use dataplane::{Dataplane, DataplaneConfig};
+use store::{Limits, ServicePlane, Store};
+
+/// The controller's name: status, metrics, pin directory.
+pub const NAME: &str = "lb";
+
+/// The load balancer module: the attached dataplane, or why there is none.
+pub struct LbPlane {
+    dp: Option<Dataplane>,
+    off_reason: String,
+}
+
+impl LbPlane {
+    pub fn on(dp: Dataplane) -> Self {
+        Self {
+            dp: Some(dp),
+            off_reason: String::new(),
+        }
+    }
+
+    pub fn off(reason: impl Into<String>) -> Self {
+        Self {
+            dp: None,
+            off_reason: reason.into(),
+        }
+    }
+
+    pub fn dataplane(&self) -> Option<&Dataplane> {
+        self.dp.as_ref()
+    }
+
+    pub fn dataplane_mut(&mut self) -> Option<&mut Dataplane> {
+        self.dp.as_mut()
+    }
+
+    fn require(&mut self) -> Result<&mut Dataplane> {
+        let reason = &self.off_reason;
+        self.dp.as_mut().ok_or_else(|| {
+            Error::Unavailable(format!("module lb is off ({reason}); see `lb-ctl status`"))
+        })
+    }
+}
+
+impl ServicePlane for LbPlane {
+    fn apply_service(&mut self, s: &ServiceSpec) -> Result<()> {
+        self.require()?.apply_service(s)
+    }
+
+    fn remove_service(&mut self, s: &ServiceSpec) -> Result<()> {
+        self.require()?.remove_service(s)
+    }
+}
+
+impl PlaneStats for LbPlane {
+    fn stats(&self) -> Result<StatsSnapshot> {
+        match &self.dp {
+            Some(dp) => dp.stats(),
+            None => Ok(StatsSnapshot::default()),
+        }
+    }
+
+    fn table_entries(&self, service_id: u32) -> Result<BTreeMap<u32, u32>> {
+        match &self.dp {
+            Some(dp) => dp.table_entries(service_id),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+}
+
+/// The maps and links the flat layout of builds before controllers held for the load balancer.
+const FLAT_PINS: FlatPins<'static> = FlatPins {
+    maps: &[
+        bpf_common::map_names::VIPS,
+        bpf_common::map_names::VIP_ADDRS,
+        bpf_common::map_names::BACKENDS,
+        bpf_common::map_names::MAGLEV,
+        bpf_common::map_names::FLOWS,
+        bpf_common::map_names::NAT_REV,
+        bpf_common::map_names::TX_PORTS,
+        bpf_common::map_names::VIP_STATS,
+        bpf_common::map_names::BACKEND_STATS,
+        bpf_common::map_names::INTERFACE_STATS,
+        bpf_common::map_names::REASONS,
+    ],
+    link_prefixes: &["xdp_lb_"],
+};
+
+struct Inner {
+    settings: Settings,
+    health: Health,
+    /// Why `/readyz` must wait (the configured interfaces have not appeared yet).
+    waiting: Option<String>,
+}
+
+/// See the module documentation.
+pub struct LbController {
+    ctl: SharedController<LbPlane>,
+    inner: Mutex<Inner>,
+    tables: Mutex<StateWriter<Option<Arc<LbFlowTables>>>>,
+    occupancy: StateReader<Occupancy>,
+    prog_stats: StateReader<bool>,
+    /// Set at shutdown: a start still waiting for interfaces gives up.
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LbController {
+    /// Opens the state file (a corrupt one stops the daemon here, before the datapath is
+    /// touched: it would otherwise be reconciled down to less than what was declared).
+    pub fn new(settings: &Settings, bus: &Bus) -> Result<Arc<Self>> {
+        let dp_config = settings.dataplane_config();
+        let store = Store::open(&settings.state_file, Limits::from_config(&dp_config))?;
+        Ok(Arc::new(Self {
+            ctl: Arc::new(tokio::sync::Mutex::new(server::Controller::new(
+                store,
+                LbPlane::off("starting"),
+            ))),
+            inner: Mutex::new(Inner {
+                settings: settings.clone(),
+                health: Health::default(),
+                waiting: None,
+            }),
+            tables: Mutex::new(bus.state::<Option<Arc<LbFlowTables>>>(LB_TABLES)?.writer()?),
+            occupancy: bus.state::<Occupancy>(OCCUPANCY)?.reader(),
+            prog_stats: bus.state::<bool>(crate::prog_stats::ENABLED)?.reader(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// The services and the dataplane, as the API changes them.
+    pub fn shared(&self) -> SharedController<LbPlane> {
+        Arc::clone(&self.ctl)
+    }
+
+    fn pin_dir(settings: &Settings) -> std::path::PathBuf {
+        controller_dir(&settings.pin_root, NAME)
+    }
+
+    fn dataplane_config(settings: &Settings, interfaces: Vec<String>) -> DataplaneConfig {
+        DataplaneConfig {
+            interfaces,
+            pin_root: Self::pin_dir(settings),
+            ..settings.dataplane_config()
+        }
+    }
+
+    /// Publishes (or withdraws) the flow tables' handle for the conntrack controller.
+    fn publish_tables(&self, plane: &LbPlane, max_flows: u32) {
+        let handle = plane.dataplane().and_then(|dp| match dp.flow_table_fds() {
+            Ok((flows, nat_reverse)) => Some(Arc::new(LbFlowTables {
+                flows,
+                nat_reverse,
+                max_flows,
+            })),
+            Err(e) => {
+                warn!(error = %e, "cannot hand the flow tables to the conntrack controller");
+                None
+            }
+        });
+        lock(&self.tables).publish(handle);
+    }
+
+    /// Waits (bounded by `interface_wait`) until every configured pattern matches an
+    /// interface, then expands the patterns.
+    fn wait_for_interfaces(&self, settings: &Settings) -> Result<Vec<String>> {
+        let deadline = Instant::now() + settings.interface_wait;
+        loop {
+            let existing = config::interface_names();
+            let missing = config::unmatched(&settings.interfaces, &existing);
+            let stopping = self.stopping.load(std::sync::atomic::Ordering::SeqCst);
+            if missing.is_empty() || Instant::now() >= deadline || stopping {
+                lock(&self.inner).waiting = None;
+                return config::expand_interfaces(&settings.interfaces, &existing, None);
+            }
+            lock(&self.inner).waiting = Some(format!("waiting for interfaces {}", missing.join(", ")));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn set_health(&self, settings: &Settings, plane: &LbPlane, reason: Option<String>) {
+        let up = plane.dataplane().is_some();
+        lock(&self.inner).health = Health {
+            enabled: settings.lb_enabled,
+            up,
+            reason: if up { None } else { reason },
+        };
+    }
+
+    fn off_reason(settings: &Settings, blocker: Option<String>) -> Option<String> {
+        if !settings.lb_enabled {
+            Some("disabled by the configuration".into())
+        } else {
+            blocker
+        }
+    }
+}
+
+/// A prepared reload of the load balancer.
+enum LbChange {
+    /// Attached to `added` already; `removed` are detached on commit.
+    Interfaces {
+        ctl: Arc<LbController>,
+        added: Vec<String>,
+        removed: Vec<String>,
+        settings: Settings,
+    },
+    /// A dataplane started for the new settings, installed on commit.
+    Up {
+        ctl: Arc<LbController>,
+        dp: Box<Dataplane>,
+        settings: Settings,
+    },
+    /// Turned off on commit.
+    Off {
+        ctl: Arc<LbController>,
+        reason: String,
+        settings: Settings,
+    },
+}
+
+impl Prepared for LbChange {
+    fn commit(self: Box<Self>) -> Vec<String> {
+        match *self {
+            LbChange::Interfaces { ctl, added, removed, settings } => {
+                let mut changes: Vec<String> = added.iter().map(|n| format!("attached {n}")).collect();
+                let mut guard = ctl.ctl.blocking_lock();
+                let (_, plane) = guard.parts_mut();
+                if let Some(dp) = plane.dataplane_mut() {
+                    for name in &removed {
+                        match dp.detach_interface(name) {
+                            Ok(()) => changes.push(format!("detached {name}")),
+                            Err(e) => warn!(interface = %name, error = %e, "cannot detach"),
+                        }
+                    }
+                }
+                ctl.set_health(&settings, plane, None);
+                lock(&ctl.inner).settings = settings;
+                changes
+            }
+            LbChange::Up { ctl, dp, settings } => {
+                let mut guard = ctl.ctl.blocking_lock();
+                let (_, plane) = guard.parts_mut();
+                *plane = LbPlane::on(*dp);
+                ctl.publish_tables(plane, settings.max_flows);
+                ctl.set_health(&settings, plane, None);
+                lock(&ctl.inner).settings = settings;
+                vec!["module lb up".into()]
+            }
+            LbChange::Off { ctl, reason, settings } => {
+                let mut guard = ctl.ctl.blocking_lock();
+                let (_, plane) = guard.parts_mut();
+                if let Some(dp) = plane.dataplane_mut() {
+                    for (name, _) in dp.interfaces() {
+                        if let Err(e) = dp.detach_interface(&name) {
+                            warn!(interface = %name, error = %e, "cannot detach");
+                        }
+                    }
+                }
+                *plane = LbPlane::off(reason.clone());
+                ctl.publish_tables(plane, settings.max_flows);
+                ctl.set_health(&settings, plane, Some(reason.clone()));
+                lock(&ctl.inner).settings = settings;
+                vec![format!("module lb off ({reason})")]
+            }
+        }
+    }
+
+    fn rollback(self: Box<Self>) {
+        match *self {
+            LbChange::Interfaces { ctl, added, .. } => {
+                let mut guard = ctl.ctl.blocking_lock();
+                if let Some(dp) = guard.parts_mut().1.dataplane_mut() {
+                    for name in &added {
+                        if let Err(e) = dp.detach_interface(name) {
+                            warn!(interface = %name, error = %e, "cannot undo an attachment");
+                        }
+                    }
+                }
+            }
+            LbChange::Up { mut dp, .. } => {
+                // Its links are pinned: unpin them, or they would outlive the rollback.
+                for (name, _) in dp.interfaces() {
+                    if let Err(e) = dp.detach_interface(&name) {
+                        warn!(interface = %name, error = %e, "cannot undo an attachment");
+                    }
+                }
+            }
+            LbChange::Off { .. } => {}
+        }
+    }
+}
+
+impl Controller for LbController {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn requirements(&self) -> Requirements {
+        Requirements {
+            features: &[Feature::Xdp],
+            // Loading programs and maps (CAP_BPF), attaching XDP and reading interfaces
+            // (CAP_NET_ADMIN), the verifier's pointer arithmetic on packet data (CAP_PERFMON).
+            capabilities: &[Capability::Bpf, Capability::NetAdmin, Capability::Perfmon],
+        }
+    }
+
+    fn enabled(&self, settings: &Settings) -> bool {
+        settings.lb_enabled
+    }
+
+    fn start(&self, settings: &Settings, blocker: Option<String>) -> Result<()> {
+        let mut guard = self.ctl.blocking_lock();
+        let (store, plane) = guard.parts_mut();
+        let reason = Self::off_reason(settings, blocker);
+        if reason.is_none() {
+            let interfaces = self.wait_for_interfaces(settings)?;
+            let dir = Self::pin_dir(settings);
+            migrate_flat_pins(&settings.pin_root, &dir, &FLAT_PINS)?;
+            let mut dp = Dataplane::start(&Self::dataplane_config(settings, interfaces.clone()))?;
+            dp.reconcile(store.state())?;
+            info!(interfaces = ?interfaces, services = store.state().services.len(),
+                  "module lb up: XDP load balancer attached and reconciled");
+            *plane = LbPlane::on(dp);
+        } else {
+            *plane = LbPlane::off(reason.clone().unwrap_or_default());
+        }
+        self.publish_tables(plane, settings.max_flows);
+        self.set_health(settings, plane, reason);
+        lock(&self.inner).settings = settings.clone();
+        Ok(())
+    }
+
+    fn prepare(self: Arc<Self>, new: &Settings, blocker: Option<String>) -> Result<Box<dyn Prepared>> {
+        let me = Arc::clone(&self);
+        let reason = Self::off_reason(new, blocker);
+        let mut guard = self.ctl.blocking_lock();
+        let (store, plane) = guard.parts_mut();
+        let change: Box<dyn Prepared> = match (plane.dataplane_mut(), reason) {
+            (Some(dp), None) => {
+                let interfaces = config::expand_interfaces(&new.interfaces, &config::interface_names(), None)?;
+                let current: Vec<String> = dp.interfaces().into_iter().map(|(n, _)| n).collect();
+                let removed = current.iter().filter(|i| !interfaces.contains(i)).cloned().collect();
+                let mut added: Vec<String> = Vec::new();
+                for name in interfaces.iter().filter(|i| !current.contains(i)) {
+                    if let Err(e) = dp.attach_interface(name) {
+                        for done in &added {
+                            let _ = dp.detach_interface(done);
+                        }
+                        return Err(e);
+                    }
+                    added.push(name.clone());
+                }
+                Box::new(LbChange::Interfaces { ctl: me, added, removed, settings: new.clone() })
+            }
+            (Some(_), Some(reason)) => Box::new(LbChange::Off { ctl: me, reason, settings: new.clone() }),
+            (None, None) => {
+                let interfaces = config::expand_interfaces(&new.interfaces, &config::interface_names(), None)?;
+                migrate_flat_pins(&new.pin_root, &Self::pin_dir(new), &FLAT_PINS)?;
+                let mut dp = Dataplane::start(&Self::dataplane_config(new, interfaces))?;
+                if let Err(e) = dp.reconcile(store.state()) {
+                    for (name, _) in dp.interfaces() {
+                        let _ = dp.detach_interface(&name);
+                    }
+                    return Err(e);
+                }
+                Box::new(LbChange::Up { ctl: me, dp: Box::new(dp), settings: new.clone() })
+            }
+            (None, Some(reason)) => {
+                drop(guard);
+                let mut inner = lock(&self.inner);
+                inner.health.enabled = new.lb_enabled;
+                inner.health.reason = Some(reason);
+                inner.settings = new.clone();
+                return Ok(Box::new(NoChange));
+            }
+        };
+        Ok(change)
+    }
+
+    fn run(self: Arc<Self>, cancel: Cancel) -> RunFuture {
+        Box::pin(warm_neighbours(self, cancel))
+    }
+
+    fn health(&self) -> Health {
+        lock(&self.inner).health.clone()
+    }
+
+    fn not_ready(&self) -> Option<String> {
+        lock(&self.inner).waiting.clone()
+    }
+
+    fn routes(self: Arc<Self>) -> axum::Router {
+        server::router(Arc::clone(&self.ctl))
+    }
+
+    fn collectors(self: Arc<Self>) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(metrics::LbCollector::new(
+            Arc::clone(&self.ctl),
+            self.occupancy.clone(),
+            self.prog_stats.clone(),
+        ))]
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Re-resolves backend neighbours whenever the datapath reports packets that found none (see
+/// `Dataplane::prime_neighbours`). Polls a per-CPU counter twice a second: cheap, and a lost
+/// first SYN is retransmitted by the client after one second. (The netlink controller will
+/// replace this with neighbour events.)
+async fn warm_neighbours(lb: Arc<LbController>, mut cancel: Cancel) -> Result<()> {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let mut seen = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = cancel.cancelled() => return Ok(()),
+        }
+        let ctl = lb.ctl.lock().await;
+        let Some(dp) = ctl.plane().dataplane() else {
+            seen = None;
+            continue;
+        };
+        let Ok(misses) = dp.neighbour_misses() else {
+            continue;
+        };
+        if seen.is_some_and(|seen| misses > seen) {
+            info!(misses, "next hops without a neighbour entry: priming backend neighbours");
+            dp.prime_neighbours();
+        }
+        seen = Some(misses);
+    }
+}
