@@ -1,36 +1,43 @@
-//! The contract between `datapathd`'s HTTP/JSON API and its clients.
+//! The contract between `datapathd`'s HTTP/JSON API and its clients: every route's path,
+//! method, query, request body and answer, and the error answers.
 //!
 //! Transport: HTTP/1.1 over a Unix socket (default [`DEFAULT_SOCKET`], mode 0600, owned by
 //! root). Bodies are JSON, at most 2 MiB. Every error answers with a non-2xx status and an
 //! [`ApiError`] body, 404 for an unknown route and 405 (with `Allow`) for a wrong method
-//! included. Every route (those of the policy module too), its bodies and its errors:
-//! docs/api.md.
+//! included. Prose, examples and the errors of each route: docs/api.md.
 //!
-//! | method | path | body | answer |
-//! | --- | --- | --- | --- |
-//! | GET | `/v1/services` | - | `Vec<ServiceView>` |
-//! | POST | `/v1/services` | [`CreateService`] | 201, [`ServiceView`] |
-//! | GET | `/v1/services/{proto}/{vip}/{port}` | - | [`ServiceView`] |
-//! | DELETE | `/v1/services/{proto}/{vip}/{port}` | - | [`ServiceView`] (as removed) |
-//! | POST | `/v1/services/{proto}/{vip}/{port}/backends` | [`AddBackend`] | 201, [`ServiceView`] |
-//! | PATCH | `/v1/services/{proto}/{vip}/{port}/backends/{addr}/{port}` | [`UpdateBackend`] | [`ServiceView`] |
-//! | DELETE | `/v1/services/{proto}/{vip}/{port}/backends/{addr}/{port}` | - | [`ServiceView`] |
-//! | GET | `/v1/stats` | - | [`StatsView`] |
-//! | GET | `/v1/status` | - | [`StatusView`] |
-//! | GET | `/healthz` | - | `{"status":"ok"}` |
+//! - [`routes`]: every route as a type ([`Route`]) and as a table ([`routes::ROUTES`]),
+//!   with the path constants the daemon's router uses.
+//! - [`lb`]: services, backends, counters (`/v1/services...`, `/v1/stats`); [`model`]: the
+//!   load balancer's desired state, which the state file stores too.
+//! - [`policy`]: `/v1/policy`, the policy file's types among them.
+//! - [`conntrack`]: `/v1/conntrack` (its filters), `/v1/conntrack/stats`.
+//! - [`flows`]: `/v1/flows`, the recent events and the follow stream.
+//! - [`status`]: `/v1/status`, `/healthz`.
+//! - [`error`]: [`ApiError`], [`ErrorCode`], and [`Error`], this crate's one error type (a
+//!   value that does not parse).
 //!
-//! `{proto}` is `tcp` or `udp`; IPv6 addresses appear in paths without brackets.
+//! The types write exactly what the daemon answers (tests/wire.rs holds real answers):
+//! changing a field's name, its optionality or an enum's spelling changes the API.
 
+pub mod conntrack;
 pub mod error;
+pub mod flows;
 pub mod lb;
 pub mod model;
+pub mod policy;
+pub mod routes;
 pub mod status;
 
 // Every type at the crate's root too: `datapath_api::ServiceView` and friends are the paths the
 // daemon, lb-ctl and the tests use.
+pub use conntrack::*;
 pub use error::*;
+pub use flows::*;
 pub use lb::*;
 pub use model::*;
+pub use policy::*;
+pub use routes::{Route, RouteInfo};
 pub use status::*;
 
 /// Where `datapathd` listens and `lb-ctl` connects by default.

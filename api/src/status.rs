@@ -51,3 +51,17 @@ pub struct StatusView {
     pub modules: Vec<ModuleStatus>,
     pub features: Vec<FeatureStatus>,
 }
+
+/// Body of `GET /healthz`: `{"status":"ok"}` as long as the API serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+}
+
+impl Health {
+    pub fn ok() -> Self {
+        Self {
+            status: "ok".into(),
+        }
+    }
+}
