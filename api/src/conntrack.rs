@@ -37,7 +37,7 @@ impl CtTable {
 
 impl fmt::Display for CtTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -118,7 +118,7 @@ impl CtState {
 
 impl fmt::Display for CtState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 
@@ -158,8 +158,8 @@ impl IpProtocol {
 impl fmt::Display for IpProtocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.name() {
-            Some(name) => f.write_str(name),
-            None => write!(f, "{}", self.0),
+            Some(name) => f.pad(name),
+            None => f.pad(&self.0.to_string()),
         }
     }
 }

@@ -60,7 +60,8 @@ impl FlowKind {
 
 impl fmt::Display for FlowKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad`, as every name's `Display` here: a width (`{:<8}`) aligns it in a table.
+        f.pad(self.as_str())
     }
 }
 
