@@ -28,7 +28,8 @@ pub struct FeatureStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceStatus {
     pub name: String,
-    /// `native` or `generic`.
+    /// `native`, `generic`, or `adopted` (a link pinned by a previous run, whose mode that run
+    /// chose).
     pub xdp_mode: String,
 }
 
