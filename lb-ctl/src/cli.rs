@@ -6,8 +6,8 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use datapath_api::{
-    AddBackend, BackendKey, BackendState, CreateService, ForwardingMode, Protocol, ServiceKey,
-    UpdateBackend,
+    AddBackend, ApplyPolicy, BackendKey, BackendState, CreateService, CtFilter, FlowsQuery,
+    ForwardingMode, IpProtocol, Protocol, ServiceKey, UpdateBackend,
 };
 
 use crate::error::{Error, Result};
@@ -22,7 +22,8 @@ Exit codes:
   3  datapathd not reachable (socket missing, connection refused)
   4  service or backend not found
   5  service or backend already exists
-  6  capacity exhausted (--max-services / --max-backends of datapathd)";
+  6  capacity exhausted (--max-services / --max-backends of datapathd)
+  7  the module serving the command is off (lb-ctl status says why)";
 
 /// Operate datapathd's XDP load balancer: services (VIP:PORT), their backends, counters.
 #[derive(Debug, Parser)]
@@ -116,6 +117,16 @@ pub enum CtProto {
     Icmp,
 }
 
+impl From<CtProto> for IpProtocol {
+    fn from(p: CtProto) -> Self {
+        match p {
+            CtProto::Tcp => IpProtocol::TCP,
+            CtProto::Udp => IpProtocol::UDP,
+            CtProto::Icmp => IpProtocol::ICMP,
+        }
+    }
+}
+
 /// The conntrack states, named as the daemon shows them (`conntrack::state_name`), in lower
 /// case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -153,6 +164,24 @@ pub enum CtState {
     Replied,
 }
 
+impl From<CtState> for datapath_api::CtState {
+    fn from(s: CtState) -> Self {
+        use datapath_api::CtState as S;
+        match s {
+            CtState::None => S::None,
+            CtState::SynSent => S::SynSent,
+            CtState::SynRecv => S::SynRecv,
+            CtState::Established => S::Established,
+            CtState::FinWait => S::FinWait,
+            CtState::CloseWait => S::CloseWait,
+            CtState::TimeWait => S::TimeWait,
+            CtState::Close => S::Close,
+            CtState::New => S::New,
+            CtState::Replied => S::Replied,
+        }
+    }
+}
+
 /// The two conntrack tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CtTable {
@@ -162,11 +191,13 @@ pub enum CtTable {
     Lb,
 }
 
-/// The canonical name clap accepts for `v` (what goes into the query string).
-fn value_name(v: impl ValueEnum) -> String {
-    v.to_possible_value()
-        .map(|p| p.get_name().to_owned())
-        .unwrap_or_default()
+impl From<CtTable> for datapath_api::CtTable {
+    fn from(t: CtTable) -> Self {
+        match t {
+            CtTable::Policy => datapath_api::CtTable::Policy,
+            CtTable::Lb => datapath_api::CtTable::Lb,
+        }
+    }
 }
 
 /// A value parser for a number from `min` to `max` whose error says so.
@@ -334,44 +365,38 @@ pub enum Action {
     Stats,
     Status,
     /// The policy file's text.
-    PolicyApply(String),
+    PolicyApply(ApplyPolicy),
     PolicyList,
     PolicyDelete,
-    /// The query string of the filters (`?a=b&c=d` or empty).
-    ConntrackList(String),
+    ConntrackList(CtFilter),
     ConntrackStats,
-    ConntrackFlush(String),
-    Flows {
-        follow: bool,
-        count: Option<u64>,
-        timeout: Option<u64>,
-    },
+    ConntrackFlush(CtFilter),
+    /// `follow` false: the recent events; true: follow them.
+    Flows(FlowsQuery),
 }
 
-fn ct_query(f: &CtFilterArgs) -> Result<String> {
-    let mut parts = Vec::new();
-    if let Some(a) = &f.address {
-        let ip: std::net::Ipv4Addr = a
-            .parse()
-            .map_err(|_| Error::invalid("address", a, "not an IPv4 address"))?;
-        parts.push(format!("address={ip}"));
-    }
-    if let Some(p) = f.port {
-        parts.push(format!("port={p}"));
-    }
-    if let Some(p) = f.protocol {
-        parts.push(format!("protocol={}", value_name(p)));
-    }
-    if let Some(s) = f.state {
-        parts.push(format!("state={}", value_name(s)));
-    }
-    if let Some(t) = f.table {
-        parts.push(format!("table={}", value_name(t)));
-    }
-    Ok(if parts.is_empty() {
-        String::new()
-    } else {
-        format!("?{}", parts.join("&"))
+/// The filter sent: canonical spellings (the address as parsed, names in lower case), which
+/// the daemon accepts in any case.
+fn ct_filter(f: &CtFilterArgs) -> Result<CtFilter> {
+    let address = match &f.address {
+        Some(a) => {
+            let ip: std::net::Ipv4Addr = a
+                .parse()
+                .map_err(|_| Error::invalid("address", a, "not an IPv4 address"))?;
+            Some(ip.to_string())
+        }
+        None => None,
+    };
+    Ok(CtFilter {
+        address,
+        port: f.port,
+        protocol: f.protocol.map(|p| IpProtocol::from(p).to_string()),
+        state: f
+            .state
+            .map(|s| datapath_api::CtState::from(s).name().to_ascii_lowercase()),
+        table: f
+            .table
+            .map(|t| datapath_api::CtTable::from(t).as_str().to_owned()),
     })
 }
 
@@ -544,18 +569,18 @@ impl Command {
                 let shown = file.display().to_string();
                 let text = std::fs::read_to_string(file)
                     .map_err(|e| Error::invalid("policy file", &shown, e.to_string()))?;
-                Action::PolicyApply(text)
+                Action::PolicyApply(ApplyPolicy { text })
             }
             Command::Policy(PolicyCommand::List) => Action::PolicyList,
             Command::Policy(PolicyCommand::Delete) => Action::PolicyDelete,
-            Command::Conntrack(ConntrackCommand::List(f)) => Action::ConntrackList(ct_query(f)?),
+            Command::Conntrack(ConntrackCommand::List(f)) => Action::ConntrackList(ct_filter(f)?),
             Command::Conntrack(ConntrackCommand::Stats) => Action::ConntrackStats,
-            Command::Conntrack(ConntrackCommand::Flush(f)) => Action::ConntrackFlush(ct_query(f)?),
-            Command::Flows(f) => Action::Flows {
+            Command::Conntrack(ConntrackCommand::Flush(f)) => Action::ConntrackFlush(ct_filter(f)?),
+            Command::Flows(f) => Action::Flows(FlowsQuery {
                 follow: f.follow,
                 count: f.count,
-                timeout: f.timeout,
-            },
+                timeout_seconds: f.timeout,
+            }),
         })
     }
 }
@@ -584,6 +609,28 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// The canonical name clap accepts for `v`.
+    fn value_name(v: impl ValueEnum) -> String {
+        v.to_possible_value()
+            .map(|p| p.get_name().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// What a filter sends is the name `--help` shows for the value.
+    #[test]
+    fn filter_values_are_sent_as_named_in_the_help() {
+        for s in CtState::value_variants() {
+            let sent = datapath_api::CtState::from(*s).name().to_ascii_lowercase();
+            assert_eq!(value_name(*s), sent);
+        }
+        for p in CtProto::value_variants() {
+            assert_eq!(value_name(*p), IpProtocol::from(*p).to_string());
+        }
+        for t in CtTable::value_variants() {
+            assert_eq!(value_name(*t), datapath_api::CtTable::from(*t).as_str());
+        }
     }
 
     #[test]
@@ -755,7 +802,7 @@ mod tests {
         let path = file.to_str().unwrap();
         assert!(matches!(
             action(&["policy", "apply", "-f", path]).unwrap(),
-            Action::PolicyApply(t) if t == "endpoints: []\n"
+            Action::PolicyApply(t) if t.text == "endpoints: []\n"
         ));
         assert!(invalid(&["policy", "apply", "-f", "/nonexistent/p.yaml"]).contains("policy file"));
         assert!(matches!(
@@ -770,34 +817,34 @@ mod tests {
             action(&["conntrack", "list", "--address", "198.18.0.1", "--port", "80",
                      "--protocol", "TCP", "--state", "ESTABLISHED"]).unwrap(),
             Action::ConntrackList(q)
-                if q == "?address=198.18.0.1&port=80&protocol=tcp&state=established"
+                if q.to_query() == "?address=198.18.0.1&port=80&protocol=tcp&state=established"
         ));
         assert!(matches!(
             action(&["conntrack", "list", "--table", "LB"]).unwrap(),
-            Action::ConntrackList(q) if q == "?table=lb"
+            Action::ConntrackList(q) if q.to_query() == "?table=lb"
         ));
         assert!(matches!(
             action(&["conntrack", "flush"]).unwrap(),
-            Action::ConntrackFlush(q) if q.is_empty()
+            Action::ConntrackFlush(q) if q.to_query().is_empty()
         ));
         assert!(invalid(&["conntrack", "list", "--address", "nope"]).contains("IPv4"));
         // Aliases and any case, sent by their canonical name.
         assert!(matches!(
             action(&["conntrack", "flush", "--state", "Closed", "--protocol", "ICMP"]).unwrap(),
-            Action::ConntrackFlush(q) if q == "?protocol=icmp&state=close"
+            Action::ConntrackFlush(q) if q.to_query() == "?protocol=icmp&state=close"
         ));
         assert!(matches!(
             action(&["conntrack", "list", "--state", "syn_recv", "--port", "0"]).unwrap(),
-            Action::ConntrackList(q) if q == "?port=0&state=syn_recv"
+            Action::ConntrackList(q) if q.to_query() == "?port=0&state=syn_recv"
         ));
-        assert!(matches!(
+        assert_eq!(
             action(&["flows", "--follow", "--count", "3"]).unwrap(),
-            Action::Flows {
-                follow: true,
-                count: Some(3),
-                timeout: None
-            }
-        ));
+            Action::Flows(FlowsQuery::follow(Some(3), None))
+        );
+        assert_eq!(
+            action(&["flows"]).unwrap(),
+            Action::Flows(FlowsQuery::default())
+        );
     }
 
     /// Every value clap refuses in a filter is a clap error (exit 2): nothing is sent.
@@ -860,12 +907,12 @@ mod tests {
         assert_eq!(accepted, lower);
         for name in &lower {
             for spelled in [name.clone(), name.to_ascii_uppercase()] {
-                let q = ct_query(&CtFilterArgs {
+                let q = ct_filter(&CtFilterArgs {
                     state: Some(CtState::from_str(&spelled, true).unwrap()),
                     ..CtFilterArgs::default()
                 })
                 .unwrap();
-                assert_eq!(q, format!("?state={name}"));
+                assert_eq!(q.to_query(), format!("?state={name}"));
             }
         }
         assert_eq!(CtState::from_str("closed", true), Ok(CtState::Close));

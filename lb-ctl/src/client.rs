@@ -6,13 +6,14 @@ use std::{
 };
 
 use datapath_api::{
-    AddBackend, ApiError, BackendKey, CreateService, ServiceKey, ServiceView, StatsView,
-    StatusView, UpdateBackend,
+    AddBackend, ApiError, ApplyPolicy, BackendKey, CreateService, CtFilter, CtFlow, CtStats,
+    FlowEventView, FlowsQuery, FlushAnswer, PolicyStatus, Route, ServiceKey, ServiceView,
+    StatsView, StatusView, UpdateBackend,
+    routes::{self, Body, Encoding, NoBody, NoQuery},
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, body::Bytes};
 use hyper_util::rt::TokioIo;
-use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::UnixStream;
 
 use crate::error::{Error, Result};
@@ -25,18 +26,14 @@ pub struct Client {
     socket: PathBuf,
 }
 
-fn service_path(key: &ServiceKey) -> String {
-    // IpAddr's Display writes IPv6 without brackets, as the API's paths want.
-    format!("/v1/services/{}/{}/{}", key.proto, key.vip, key.port)
-}
-
-fn backend_path(key: &ServiceKey, backend: &BackendKey) -> String {
-    format!(
-        "{}/backends/{}/{}",
-        service_path(key),
-        backend.addr,
-        backend.port
-    )
+fn method<R: Route>() -> Method {
+    match R::METHOD {
+        routes::Method::Get => Method::GET,
+        routes::Method::Post => Method::POST,
+        routes::Method::Put => Method::PUT,
+        routes::Method::Patch => Method::PATCH,
+        routes::Method::Delete => Method::DELETE,
+    }
 }
 
 impl Client {
@@ -51,30 +48,30 @@ impl Client {
     }
 
     pub async fn status(&self) -> Result<StatusView> {
-        self.call(Method::GET, "/v1/status", None::<&()>).await
+        self.send::<routes::GetStatus>(&(), &NoQuery, &NoBody).await
     }
 
     pub async fn list_services(&self) -> Result<Vec<ServiceView>> {
-        self.call(Method::GET, "/v1/services", None::<&()>).await
+        self.send::<routes::ListServices>(&(), &NoQuery, &NoBody)
+            .await
     }
 
     pub async fn show_service(&self, key: &ServiceKey) -> Result<ServiceView> {
-        self.call(Method::GET, &service_path(key), None::<&()>)
+        self.send::<routes::GetService>(key, &NoQuery, &NoBody)
             .await
     }
 
     pub async fn create_service(&self, req: &CreateService) -> Result<ServiceView> {
-        self.call(Method::POST, "/v1/services", Some(req)).await
+        self.send::<routes::PostService>(&(), &NoQuery, req).await
     }
 
     pub async fn delete_service(&self, key: &ServiceKey) -> Result<ServiceView> {
-        self.call(Method::DELETE, &service_path(key), None::<&()>)
+        self.send::<routes::DeleteService>(key, &NoQuery, &NoBody)
             .await
     }
 
     pub async fn add_backend(&self, key: &ServiceKey, req: &AddBackend) -> Result<ServiceView> {
-        let path = format!("{}/backends", service_path(key));
-        self.call(Method::POST, &path, Some(req)).await
+        self.send::<routes::PostBackend>(key, &NoQuery, req).await
     }
 
     pub async fn update_backend(
@@ -83,7 +80,7 @@ impl Client {
         backend: &BackendKey,
         req: &UpdateBackend,
     ) -> Result<ServiceView> {
-        self.call(Method::PATCH, &backend_path(key, backend), Some(req))
+        self.send::<routes::PatchBackend>(&(*key, *backend), &NoQuery, req)
             .await
     }
 
@@ -92,23 +89,65 @@ impl Client {
         key: &ServiceKey,
         backend: &BackendKey,
     ) -> Result<ServiceView> {
-        self.call(Method::DELETE, &backend_path(key, backend), None::<&()>)
+        self.send::<routes::DeleteBackend>(&(*key, *backend), &NoQuery, &NoBody)
             .await
     }
 
     pub async fn stats(&self) -> Result<StatsView> {
-        self.call(Method::GET, "/v1/stats", None::<&()>).await
+        self.send::<routes::GetStats>(&(), &NoQuery, &NoBody).await
     }
 
-    /// Sends one request and decodes the answer: the `T` of a 2xx, or the [`ApiError`] of any
-    /// other status.
-    pub async fn call<T: DeserializeOwned>(
+    pub async fn policy(&self) -> Result<PolicyStatus> {
+        self.send::<routes::GetPolicy>(&(), &NoQuery, &NoBody).await
+    }
+
+    pub async fn apply_policy(&self, req: &ApplyPolicy) -> Result<PolicyStatus> {
+        self.send::<routes::PutPolicy>(&(), &NoQuery, req).await
+    }
+
+    pub async fn delete_policy(&self) -> Result<PolicyStatus> {
+        self.send::<routes::DeletePolicy>(&(), &NoQuery, &NoBody)
+            .await
+    }
+
+    pub async fn conntrack(&self, filter: &CtFilter) -> Result<Vec<CtFlow>> {
+        self.send::<routes::ListConntrack>(&(), filter, &NoBody)
+            .await
+    }
+
+    pub async fn flush_conntrack(&self, filter: &CtFilter) -> Result<FlushAnswer> {
+        self.send::<routes::FlushConntrack>(&(), filter, &NoBody)
+            .await
+    }
+
+    pub async fn conntrack_stats(&self) -> Result<CtStats> {
+        self.send::<routes::GetConntrackStats>(&(), &NoQuery, &NoBody)
+            .await
+    }
+
+    pub async fn flows(&self) -> Result<Vec<FlowEventView>> {
+        self.send::<routes::GetFlows>(&(), &FlowsQuery::default(), &NoBody)
+            .await
+    }
+
+    /// Follows the flow events: calls `on_line` with each line of the stream (one
+    /// [`FlowEventView`]) as it arrives, until the daemon ends it.
+    pub async fn follow_flows(
         &self,
-        method: Method,
-        path: &str,
-        body: Option<&impl Serialize>,
-    ) -> Result<T> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
+        count: Option<u64>,
+        timeout_seconds: Option<u64>,
+        on_line: impl FnMut(&str) -> Result<()>,
+    ) -> Result<()> {
+        self.stream::<routes::FollowFlows>(
+            &(),
+            &FlowsQuery::follow(count, timeout_seconds),
+            on_line,
+        )
+        .await
+    }
+
+    async fn connect(&self) -> Result<UnixStream> {
+        UnixStream::connect(&self.socket).await.map_err(|source| {
             let hint = match source.kind() {
                 io::ErrorKind::PermissionDenied => "the API socket is root's: run lb-ctl as root",
                 _ => "is datapathd running?",
@@ -118,21 +157,39 @@ impl Client {
                 source,
                 hint,
             }
-        })?;
+        })
+    }
+
+    /// Sends route `R`'s request and decodes its answer: the `R::Answer` of a 2xx, or the
+    /// [`ApiError`] of any other status.
+    pub async fn send<R: Route>(
+        &self,
+        params: &R::Params,
+        query: &R::Query,
+        body: &R::Request,
+    ) -> Result<R::Answer> {
+        debug_assert_eq!(
+            R::ENCODING,
+            Encoding::Json,
+            "{} streams: use stream",
+            R::NAME
+        );
+        let method = method::<R>();
+        let path = R::uri(params, query);
+        let stream = self.connect().await?;
         let exchange = async {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| lost(&e))?;
             tokio::spawn(conn);
-            let body = match body {
-                Some(b) => {
-                    Bytes::from(serde_json::to_vec(b).map_err(|e| Error::Protocol(e.to_string()))?)
-                }
-                None => Bytes::new(),
+            let body = if R::Request::PRESENT {
+                Bytes::from(serde_json::to_vec(body).map_err(|e| Error::Protocol(e.to_string()))?)
+            } else {
+                Bytes::new()
             };
             let req = Request::builder()
                 .method(method.clone())
-                .uri(path)
+                .uri(&path)
                 .header(hyper::header::HOST, "localhost")
                 .header(hyper::header::CONTENT_TYPE, "application/json")
                 .body(Full::new(body))
@@ -174,34 +231,27 @@ impl Client {
             ))),
         }
     }
-}
 
-impl Client {
-    /// `GET path` whose answer streams JSON lines: calls `on_line` with each complete line
-    /// as it arrives, until the daemon ends the answer.
-    pub async fn stream_lines(
+    /// Sends route `R`'s request, whose answer streams JSON lines (one `R::Answer` each):
+    /// calls `on_line` with each complete line as it arrives, until the daemon ends the
+    /// answer. The lines are handed over as text, so that `-o json` prints what the daemon
+    /// sent.
+    pub async fn stream<R: Route<Request = NoBody>>(
         &self,
-        path: &str,
+        params: &R::Params,
+        query: &R::Query,
         mut on_line: impl FnMut(&str) -> Result<()>,
     ) -> Result<()> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
-            let hint = match source.kind() {
-                io::ErrorKind::PermissionDenied => "the API socket is root's: run lb-ctl as root",
-                _ => "is datapathd running?",
-            };
-            Error::Unreachable {
-                socket: self.socket.clone(),
-                source,
-                hint,
-            }
-        })?;
+        debug_assert_eq!(R::ENCODING, Encoding::NdJson, "{} does not stream", R::NAME);
+        let path = R::uri(params, query);
+        let stream = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| lost(&e))?;
         tokio::spawn(conn);
         let req = Request::builder()
-            .method(Method::GET)
-            .uri(path)
+            .method(method::<R>())
+            .uri(&path)
             .header(hyper::header::HOST, "localhost")
             .body(Full::new(Bytes::new()))
             .map_err(|e| Error::Protocol(format!("cannot build the request: {e}")))?;

@@ -77,3 +77,30 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code the daemon can answer has its documented exit code (docs/cli.md).
+    #[test]
+    fn every_error_code_has_its_exit_code() {
+        for code in ErrorCode::ALL {
+            let want = match code {
+                ErrorCode::InvalidArgument => 2,
+                ErrorCode::NotFound => 4,
+                ErrorCode::AlreadyExists => 5,
+                ErrorCode::CapacityExhausted => 6,
+                ErrorCode::Unavailable => 7,
+                ErrorCode::DataplaneFailure
+                | ErrorCode::PersistenceFailure
+                | ErrorCode::Internal => 1,
+            };
+            let e = Error::Api(ApiError {
+                code,
+                error: "why".into(),
+            });
+            assert_eq!(e.exit_code(), want, "{code}");
+        }
+    }
+}

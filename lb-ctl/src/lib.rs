@@ -12,8 +12,7 @@ pub mod usage;
 
 use std::io::Write as _;
 
-use datapath_api::{BackendState, ServiceView};
-use hyper::Method;
+use datapath_api::{BackendState, FlowEventView, FlowsQuery, ServiceView};
 use serde::Serialize;
 
 pub use crate::error::{Error, Result, exit};
@@ -54,112 +53,86 @@ pub async fn run(cli: &Cli) -> Result<String> {
                 output::stats(&stats)
             }
         }
-        Action::PolicyApply(text) => {
-            let body = serde_json::json!({ "text": text });
-            let status: serde_json::Value =
-                client.call(Method::PUT, "/v1/policy", Some(&body)).await?;
+        Action::PolicyApply(req) => {
+            let status = client.apply_policy(&req).await?;
             if json {
-                to_json(&status)?
+                to_json_sorted(&status)?
             } else {
                 format!(
                     "policy applied (generation {}): {} endpoint(s), {} rule(s)\n",
-                    status["generation"],
-                    status["endpoints"].as_array().map_or(0, Vec::len),
-                    status["rules"].as_array().map_or(0, Vec::len)
+                    status.generation,
+                    status.endpoints.len(),
+                    status.rules.len()
                 )
             }
         }
         Action::PolicyList => {
-            let status: serde_json::Value =
-                client.call(Method::GET, "/v1/policy", None::<&()>).await?;
+            let status = client.policy().await?;
             if json {
-                to_json(&status)?
+                to_json_sorted(&status)?
             } else {
                 output::policy(&status)
             }
         }
         Action::PolicyDelete => {
-            let status: serde_json::Value = client
-                .call(Method::DELETE, "/v1/policy", None::<&()>)
-                .await?;
+            let status = client.delete_policy().await?;
             if json {
-                to_json(&status)?
+                to_json_sorted(&status)?
             } else {
                 format!(
                     "policy deleted (generation {}): policed interfaces pass everything\n",
-                    status["generation"]
+                    status.generation
                 )
             }
         }
-        Action::ConntrackList(query) => {
-            let flows: serde_json::Value = client
-                .call(Method::GET, &format!("/v1/conntrack{query}"), None::<&()>)
-                .await?;
+        Action::ConntrackList(filter) => {
+            let flows = client.conntrack(&filter).await?;
             if json {
-                to_json(&flows)?
+                to_json_sorted(&flows)?
             } else {
                 output::conntrack(&flows)
             }
         }
         Action::ConntrackStats => {
-            let stats: serde_json::Value = client
-                .call(Method::GET, "/v1/conntrack/stats", None::<&()>)
-                .await?;
+            let stats = client.conntrack_stats().await?;
             if json {
-                to_json(&stats)?
+                to_json_sorted(&stats)?
             } else {
                 output::conntrack_stats(&stats)
             }
         }
-        Action::ConntrackFlush(query) => {
-            let answer: serde_json::Value = client
-                .call(
-                    Method::DELETE,
-                    &format!("/v1/conntrack{query}"),
-                    None::<&()>,
-                )
-                .await?;
+        Action::ConntrackFlush(filter) => {
+            let answer = client.flush_conntrack(&filter).await?;
             if json {
-                to_json(&answer)?
+                to_json_sorted(&answer)?
             } else {
-                format!("{} tracked flow(s) removed\n", answer["removed"])
+                format!("{} tracked flow(s) removed\n", answer.removed)
             }
         }
-        Action::Flows { follow: false, .. } => {
-            let events: serde_json::Value =
-                client.call(Method::GET, "/v1/flows", None::<&()>).await?;
+        Action::Flows(FlowsQuery { follow: false, .. }) => {
+            let events = client.flows().await?;
             if json {
-                to_json(&events)?
+                to_json_sorted(&events)?
             } else {
-                let mut out = String::new();
-                for e in events.as_array().into_iter().flatten() {
-                    out.push_str(&output::flow_event(e));
-                }
-                out
+                events.iter().map(output::flow_event).collect()
             }
         }
-        Action::Flows {
+        Action::Flows(FlowsQuery {
             follow: true,
             count,
-            timeout,
-        } => {
-            let mut path = "/v1/flows?follow=true".to_string();
-            if let Some(n) = count {
-                path.push_str(&format!("&count={n}"));
-            }
-            if let Some(s) = timeout {
-                path.push_str(&format!("&timeout_seconds={s}"));
-            }
+            timeout_seconds,
+        }) => {
             let stdout = std::io::stdout();
             client
-                .stream_lines(&path, |line| {
-                    let text = if json {
-                        format!("{line}\n")
-                    } else {
-                        match serde_json::from_str::<serde_json::Value>(line) {
-                            Ok(v) => output::flow_event(&v),
-                            Err(_) => format!("{line}\n"),
-                        }
+                .follow_flows(count, timeout_seconds, |line| {
+                    // -o json: the daemon's line as it came (one JSON object a line). A line
+                    // that is not an event is shown as it is rather than lost.
+                    let event = (!json)
+                        .then(|| serde_json::from_str::<FlowEventView>(line).ok())
+                        .flatten();
+                    let text = match event {
+                        Some(event) => output::flow_event(&event),
+                        None => format!("{line}\n"),
                     };
                     let mut out = stdout.lock();
                     out.write_all(text.as_bytes())
@@ -250,4 +223,12 @@ fn to_json(value: &impl Serialize) -> Result<String> {
     serde_json::to_string_pretty(value)
         .map(|s| s + "\n")
         .map_err(|e| Error::Output(e.into()))
+}
+
+/// Like [`to_json`], with every object's keys in name order: the policy, conntrack and flow
+/// commands printed the daemon's answer through `serde_json::Value` (whose maps sort their
+/// keys) before they had types, and scripts may compare that output.
+fn to_json_sorted(value: &impl Serialize) -> Result<String> {
+    let value = serde_json::to_value(value).map_err(|e| Error::Output(e.into()))?;
+    to_json(&value)
 }

@@ -1,7 +1,10 @@
 //! Human-readable output: aligned tables and one-line confirmations.
 use std::fmt::Write as _;
 
-use datapath_api::{BackendKey, BackendView, ServiceKey, ServiceView, StatsView};
+use datapath_api::{
+    BackendKey, BackendView, CtFlow, CtStats, FlowEventView, PolicyStatus, ServiceKey, ServiceView,
+    StatsView,
+};
 
 /// Column alignment.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -281,21 +284,19 @@ pub fn status(v: &datapath_api::StatusView) -> String {
     out
 }
 
-fn num(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::Null => "-".into(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// A nanosecond duration in seconds, one decimal.
+fn secs(ns: u64) -> String {
+    format!("{:.1}s", ns as f64 / 1e9)
 }
 
-fn secs(ns: &serde_json::Value) -> String {
-    format!("{:.1}s", ns.as_u64().unwrap_or(0) as f64 / 1e9)
+/// An optional cell: `-` when absent (an unnamed rule, the default action).
+fn or_dash(v: Option<impl ToString>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
 /// `lb-ctl policy list`.
-pub fn policy(v: &serde_json::Value) -> String {
-    let mut out = format!("generation {}\n\n", num(&v["generation"]));
+pub fn policy(v: &PolicyStatus) -> String {
+    let mut out = format!("generation {}\n\n", v.generation);
     let mut t = Table::new(&[
         ("ENDPOINT", Align::Left),
         ("INTERFACES", Align::Left),
@@ -306,24 +307,17 @@ pub fn policy(v: &serde_json::Value) -> String {
         ("TRACKED", Align::Right),
         ("CUT", Align::Right),
     ]);
-    for ep in v["endpoints"].as_array().into_iter().flatten() {
-        let ifaces: Vec<String> = ep["interfaces"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(num)
-            .collect();
-        for dir in ["ingress", "egress"] {
-            let c = &ep[dir];
+    for ep in &v.endpoints {
+        for (dir, c) in [("ingress", &ep.ingress), ("egress", &ep.egress)] {
             t.row(vec![
-                num(&ep["endpoint"]),
-                ifaces.join(","),
+                ep.endpoint.clone(),
+                ep.interfaces.join(","),
                 dir.into(),
-                num(&c["allowed"]),
-                num(&c["denied"]),
-                num(&c["default_hits"]),
-                num(&c["tracked"]),
-                num(&c["cut"]),
+                c.allowed.to_string(),
+                c.denied.to_string(),
+                c.default_hits.to_string(),
+                c.tracked.to_string(),
+                c.cut.to_string(),
             ]);
         }
     }
@@ -341,18 +335,19 @@ pub fn policy(v: &serde_json::Value) -> String {
         ("PACKETS", Align::Right),
         ("BYTES", Align::Right),
     ]);
-    for rule in v["rules"].as_array().into_iter().flatten() {
+    for stats in &v.rules {
+        let rule = &stats.rule;
         r.row(vec![
-            num(&rule["id"]),
-            num(&rule["endpoint"]),
-            num(&rule["direction"]),
-            num(&rule["name"]),
-            num(&rule["cidr"]),
-            num(&rule["protocol"]),
-            num(&rule["ports"]),
-            num(&rule["action"]),
-            num(&rule["packets"]),
-            num(&rule["bytes"]),
+            rule.id.to_string(),
+            rule.endpoint.clone(),
+            rule.direction.to_string(),
+            or_dash(rule.name.as_ref()),
+            rule.cidr.to_string(),
+            rule.protocol.to_string(),
+            rule.ports.to_string(),
+            rule.action.to_string(),
+            stats.packets.to_string(),
+            stats.bytes.to_string(),
         ]);
     }
     out.push_str(&r.render());
@@ -360,7 +355,7 @@ pub fn policy(v: &serde_json::Value) -> String {
 }
 
 /// `lb-ctl conntrack list`.
-pub fn conntrack(v: &serde_json::Value) -> String {
+pub fn conntrack(flows: &[CtFlow]) -> String {
     let mut t = Table::new(&[
         ("TABLE", Align::Left),
         ("PROTO", Align::Left),
@@ -375,79 +370,67 @@ pub fn conntrack(v: &serde_json::Value) -> String {
         ("IDLE", Align::Right),
         ("RULE", Align::Right),
     ]);
-    for f in v.as_array().into_iter().flatten() {
+    for f in flows {
         t.row(vec![
-            num(&f["table"]),
-            num(&f["protocol"]),
-            format!("{}:{}", num(&f["src"]), num(&f["src_port"])),
-            format!("{}:{}", num(&f["dst"]), num(&f["dst_port"])),
-            num(&f["state"]),
-            num(&f["packets_orig"]),
-            num(&f["bytes_orig"]),
-            num(&f["packets_reply"]),
-            num(&f["bytes_reply"]),
-            secs(&f["age_ns"]),
-            secs(&f["idle_ns"]),
-            num(&f["rule"]),
+            f.table.to_string(),
+            f.protocol.to_string(),
+            format!("{}:{}", f.src, f.src_port),
+            format!("{}:{}", f.dst, f.dst_port),
+            f.state.to_string(),
+            f.packets_orig.to_string(),
+            f.bytes_orig.to_string(),
+            f.packets_reply.to_string(),
+            f.bytes_reply.to_string(),
+            secs(f.age_ns),
+            secs(f.idle_ns),
+            or_dash(f.rule),
         ]);
     }
     t.render()
 }
 
 /// `lb-ctl conntrack stats`.
-pub fn conntrack_stats(v: &serde_json::Value) -> String {
+pub fn conntrack_stats(v: &CtStats) -> String {
     let mut out = format!(
         "entries {} of {}\ngc: {} sweeps, {} expired\nflow events: {} received\n",
-        num(&v["entries"]),
-        num(&v["capacity"]),
-        num(&v["gc_sweeps"]),
-        num(&v["gc_expired"]),
-        num(&v["events_received"]),
+        v.entries, v.capacity, v.gc_sweeps, v.gc_expired, v.events_received,
     );
-    for (title, key) in [
-        ("by state", "by_state"),
-        ("by protocol", "by_protocol"),
-        ("events lost", "events_lost"),
-        ("timeouts (s)", "timeouts"),
+    for (title, map) in [
+        ("by state", &v.by_state),
+        ("by protocol", &v.by_protocol),
+        ("events lost", &v.events_lost),
+        ("timeouts (s)", &v.timeouts),
     ] {
-        let items: Vec<String> = v[key]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, n)| format!("{k}={}", num(n)))
-            .collect();
+        let items: Vec<String> = map.iter().map(|(k, n)| format!("{k}={n}")).collect();
         let _ = writeln!(out, "{title}: {}", items.join(" "));
     }
     out
 }
 
 /// One flow event, one line.
-pub fn flow_event(e: &serde_json::Value) -> String {
+pub fn flow_event(e: &FlowEventView) -> String {
     let mut line = format!(
         "{:<8} {} {}:{} -> {}:{} {} {} rule={} state={}",
-        num(&e["kind"]),
-        num(&e["protocol"]),
-        num(&e["src"]),
-        num(&e["src_port"]),
-        num(&e["dst"]),
-        num(&e["dst_port"]),
-        num(&e["interface"]),
-        num(&e["direction"]),
-        e["rule_name"]
-            .as_str()
-            .map(String::from)
-            .unwrap_or_else(|| num(&e["rule"])),
-        num(&e["state"]),
+        e.kind,
+        e.protocol,
+        e.src,
+        e.src_port,
+        e.dst,
+        e.dst_port,
+        e.interface,
+        e.direction,
+        e.rule_name.clone().unwrap_or_else(|| or_dash(e.rule)),
+        e.state,
     );
-    if matches!(e["kind"].as_str(), Some("closed" | "cut" | "expired")) {
+    if e.kind.ends_flow() {
         let _ = write!(
             line,
             " packets={}/{} bytes={}/{} duration={}",
-            num(&e["packets_orig"]),
-            num(&e["packets_reply"]),
-            num(&e["bytes_orig"]),
-            num(&e["bytes_reply"]),
-            secs(&e["duration_ns"]),
+            e.packets_orig,
+            e.packets_reply,
+            e.bytes_orig,
+            e.bytes_reply,
+            secs(e.duration_ns),
         );
     }
     line.push('\n');

@@ -648,3 +648,122 @@ fn conntrack_help_names_exactly_the_accepted_states() {
         }
     }
 }
+
+/// A file of tests/fixtures: answers of the policy, conntrack and flow routes as datapathd
+/// writes them (the ones datapath-api's tests/wire.rs reads), and, in the `.txt` files, what
+/// lb-ctl printed for them when it read them as `serde_json::Value` (made with that code).
+fn fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn policy_answer(rec: &Recorded) -> (u16, String) {
+    let file = match (rec.method.as_str(), rec.path.as_str(), rec.query.as_str()) {
+        ("DELETE", "/v1/conntrack", _) => return (200, r#"{"removed":3}"#.into()),
+        (_, "/v1/policy", _) => "policy.json",
+        ("GET", "/v1/conntrack", _) => "conntrack.json",
+        ("GET", "/v1/conntrack/stats", _) => "conntrack_stats.json",
+        ("GET", "/v1/flows", "") => "flows.json",
+        ("GET", "/v1/flows", _) => "follow.ndjson",
+        _ => {
+            return (
+                404,
+                json!({"code": "not_found", "error": "no such endpoint"}).to_string(),
+            );
+        }
+    };
+    (200, fixture(file))
+}
+
+/// Reading the answers with the API's types changed nothing lb-ctl prints, tables and
+/// `-o json` alike.
+#[test]
+fn policy_conntrack_and_flow_output_is_unchanged() {
+    let d = FakeDaemon::start(policy_answer);
+    for (args, golden) in [
+        (&["policy", "list"][..], "policy"),
+        (&["conntrack", "list"], "conntrack"),
+        (&["conntrack", "stats"], "conntrack_stats"),
+        (&["flows"], "flows"),
+    ] {
+        let o = d.run(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(
+            stdout(&o),
+            fixture(&format!("{golden}.table.txt")),
+            "{args:?}"
+        );
+        let json_args: Vec<&str> = ["-o", "json"].iter().chain(args).copied().collect();
+        let o = d.run(&json_args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(
+            stdout(&o),
+            fixture(&format!("{golden}.json.txt")),
+            "{args:?}"
+        );
+    }
+
+    // Following: each event on its line as it comes, a line that is not one as it is; with
+    // -o json the daemon's lines untouched.
+    let o = d.run(&["flows", "--follow", "--count", "6", "--timeout", "9"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), fixture("follow.table.txt"));
+    assert_eq!(
+        d.requests().pop().unwrap().query,
+        "follow=true&count=6&timeout_seconds=9"
+    );
+    let o = d.run(&["-o", "json", "flows", "--follow"]);
+    assert_eq!(stdout(&o), fixture("follow.ndjson"));
+    assert_eq!(d.requests().pop().unwrap().query, "follow=true");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(&file, "endpoints: []\n").unwrap();
+    let o = d.run(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(
+        stdout(&o),
+        "policy applied (generation 2): 2 endpoint(s), 4 rule(s)\n"
+    );
+    let rec = d.requests().pop().unwrap();
+    assert_eq!(
+        (rec.method.as_str(), rec.path.as_str()),
+        ("PUT", "/v1/policy")
+    );
+    assert_eq!(rec.body, r#"{"text":"endpoints: []\n"}"#);
+    let o = d.run(&["policy", "rm"]);
+    assert_eq!(
+        stdout(&o),
+        "policy deleted (generation 2): policed interfaces pass everything\n"
+    );
+    let o = d.run(&["conntrack", "flush", "--table", "lb"]);
+    assert_eq!(stdout(&o), "3 tracked flow(s) removed\n");
+    assert_eq!(d.requests().pop().unwrap().query, "table=lb");
+    let o = d.run(&["-o", "json", "conntrack", "flush"]);
+    assert_eq!(stdout(&o), "{\n  \"removed\": 3\n}\n");
+}
+
+/// The policy module off: 503 `unavailable`, exit 7, on every command it serves.
+#[test]
+fn module_off_exits_7() {
+    let d = FakeDaemon::start(|_| {
+        (
+            503,
+            json!({"code": "unavailable", "error": "the policy module is off (disabled by the configuration); enable it with `policy.enabled: true`"})
+                .to_string(),
+        )
+    });
+    for args in [
+        &["policy", "list"][..],
+        &["conntrack", "stats"],
+        &["conntrack", "flush"],
+        &["flows"],
+        &["flows", "--follow"],
+    ] {
+        let o = d.run(args);
+        assert_eq!(o.status.code(), Some(7), "{args:?}");
+        assert!(stderr(&o).starts_with("lb-ctl: error: the policy module is off"));
+        assert_eq!(stdout(&o), "");
+    }
+}

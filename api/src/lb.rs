@@ -1,0 +1,81 @@
+//! The load balancer's routes: services, their backends and their counters.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{BackendState, Counter, ForwardingMode, Protocol};
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Body of `POST /v1/services`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Protocol,
+    #[serde(default)]
+    pub mode: ForwardingMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_addr: Option<IpAddr>,
+}
+
+/// Body of `POST .../backends`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddBackend {
+    pub addr: IpAddr,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub state: BackendState,
+}
+
+/// Body of `PATCH .../backends/{addr}/{port}`: the fields to change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBackend {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<BackendState>,
+}
+
+/// A backend as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    pub state: BackendState,
+    pub id: u32,
+    /// Entries of the live Maglev table pointing at this backend (0 when draining).
+    pub table_entries: u32,
+    pub counters: Counter,
+}
+
+/// A service as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Protocol,
+    pub mode: ForwardingMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_addr: Option<IpAddr>,
+    pub id: u32,
+    pub backends: Vec<BackendView>,
+    pub counters: Counter,
+}
+
+/// Body of `GET /v1/stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    pub services: Vec<ServiceView>,
+    /// Datapath outcome counters by reason (passes, drops by cause, forwards).
+    pub reasons: BTreeMap<String, u64>,
+}
