@@ -21,6 +21,7 @@ use crate::{
     dataplane::{DataplaneConfig, XdpAttachMode},
     error::{Error, Result, single_line},
     features::{Feature, Module},
+    text,
 };
 
 /// Where the daemon looks for its configuration when no `--config` is given.
@@ -282,7 +283,7 @@ impl Source {
         let segments: Vec<&str> = key.split('.').collect();
         Error::Config {
             file: self.path.clone(),
-            line: line_of(&self.text, &segments),
+            line: text::line_of(&self.text, &segments),
             key: single_line(key),
             reason: single_line(&reason.into()),
         }
@@ -290,7 +291,7 @@ impl Source {
 
     /// Like [`Self::error`], for an item of a list key (`interfaces`): the line of the item.
     fn item_error(&self, key: &str, item: &str, reason: impl Into<String>) -> Error {
-        let line = line_of(&self.text, &[key]).map(|start| {
+        let line = text::line_of(&self.text, &[key]).map(|start| {
             self.text
                 .lines()
                 .enumerate()
@@ -343,43 +344,19 @@ impl Source {
     }
 }
 
-/// The 1-based line of the key at `path` in block-style YAML: each segment is searched
-/// after the previous one, deeper indented.
-fn line_of(text: &str, path: &[&str]) -> Option<usize> {
-    let mut start = 0;
-    let mut min_indent = 0;
-    let mut found = None;
-    for segment in path {
-        let (index, indent) = text.lines().enumerate().skip(start).find_map(|(i, line)| {
-            let trimmed = line.trim_start();
-            let indent = line.len() - trimmed.len();
-            let key = trimmed.strip_prefix("- ").unwrap_or(trimmed);
-            (indent >= min_indent
-                && (key.starts_with(&format!("{segment}:"))
-                    || key.starts_with(&format!("\"{segment}\":"))))
-            .then_some((i, indent))
-        })?;
-        found = Some(index + 1);
-        start = index + 1;
-        min_indent = indent + 1;
+/// The full-NAT source port range, `MIN-MAX` (file key `lb.nat_port_range` and
+/// `--nat-port-range`): [`text::parse_port_range`] plus the rules of a range to allocate from.
+/// Port 0 is no source port a packet can carry, and the dash is required so that a lone port
+/// (more likely a typo than a range of one) is not taken as the whole range.
+pub fn parse_nat_port_range(s: &str) -> std::result::Result<(u16, u16), String> {
+    if !s.contains('-') {
+        return Err(format!("expected MIN-MAX, e.g. 1024-65535, not {s:?}"));
     }
-    found
-}
-
-fn parse_port_range(s: &str) -> std::result::Result<(u16, u16), String> {
-    let (min, max) = s
-        .split_once('-')
-        .ok_or_else(|| format!("expected MIN-MAX, e.g. 1024-65535, not {s:?}"))?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p > 0)
-            .ok_or_else(|| format!("{p:?} is not a port from 1 to 65535"))
-    };
-    let (min, max) = (port(min)?, port(max)?);
-    if min > max {
-        return Err(format!("{s:?} is empty: MIN is above MAX"));
+    let (min, max) = text::parse_port_range(s)?;
+    if min == 0 {
+        return Err(format!(
+            "{s:?}: 0 is not a port full-NAT can allocate (1 to 65535)"
+        ));
     }
     Ok((min, max))
 }
@@ -448,7 +425,7 @@ impl Settings {
         }
         if let Some(v) = f.nat_port_range {
             (self.nat_port_min, self.nat_port_max) =
-                parse_port_range(&v).map_err(|e| src.error("nat_port_range", e))?;
+                parse_nat_port_range(&v).map_err(|e| src.error("nat_port_range", e))?;
         }
         if let Some(v) = f.fib_cache_ms {
             if v > MAX_FIB_CACHE_MS {
@@ -748,19 +725,8 @@ pub fn interface_names() -> Vec<String> {
     names
 }
 
-/// Shell-style match with `*` and `?`.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
-}
+/// Re-exported for the users that still import it from here (`tests/fuzz_policy.rs`).
+pub use crate::text::glob_match;
 
 /// Expands `patterns` against `existing` interface names. A pattern that matches nothing is
 /// an error naming it (with its line when it came from `file`).

@@ -12,5 +12,6 @@ pub mod policy;
 pub mod policyd;
 pub mod runtime;
 pub mod state;
+pub mod text;
 
 pub use error::{Error, Result};
