@@ -76,22 +76,43 @@ fn key_indent(line: &str, key: &str) -> Option<usize> {
 }
 
 /// The 1-based line of the key at the dotted `path` (given as its segments) in block-style
-/// YAML: each segment is searched after the line of the previous one, indented deeper than
-/// it. `None` when some segment is not found that way (flow style, or the key is absent):
-/// no line rather than a wrong one.
+/// YAML: the first segment at the document's top level (the indentation of its first line
+/// of content), each further one after the line of the previous one, indented deeper than
+/// it. So `interfaces` is not found as `lb.interfaces`. `None` when some segment is not found
+/// that way (flow style, or the key is absent): no line rather than a wrong one.
 pub fn line_of(text: &str, path: &[&str]) -> Option<usize> {
+    let top = text
+        .lines()
+        .find(|l| {
+            let t = l.trim_start();
+            !(t.is_empty() || t.starts_with('#') || t.starts_with('%') || t.starts_with("---"))
+        })
+        .map_or(0, |l| l.len() - l.trim_start().len());
     let mut start = 0;
-    let mut min_indent = 0;
+    let (mut min_indent, mut max_indent) = (top, top);
     let mut found = None;
     for segment in path {
-        let (index, indent) = text.lines().enumerate().skip(start).find_map(|(i, line)| {
-            key_indent(line, segment)
-                .filter(|&indent| indent >= min_indent)
-                .map(|indent| (i, indent))
-        })?;
+        let mut hit = None;
+        for (i, line) in text.lines().enumerate().skip(start) {
+            if let Some(indent) = key_indent(line, segment)
+                && (min_indent..=max_indent).contains(&indent)
+            {
+                hit = Some((i, indent));
+                break;
+            }
+            // A key back at the parent's indentation ends the parent's section: the same
+            // name in the next section (`policy.interfaces` after `lb:`) is not ours.
+            let t = line.trim_start();
+            let content = !(t.is_empty() || t.starts_with('#') || t.starts_with('-'));
+            if found.is_some() && content && line.len() - t.len() < min_indent {
+                break;
+            }
+        }
+        let (index, indent) = hit?;
         found = Some(index + 1);
         start = index + 1;
         min_indent = indent + 1;
+        max_indent = usize::MAX;
     }
     found
 }
@@ -191,9 +212,14 @@ mod tests {
         assert_eq!(line_of(text, &["lb", "maps", "max_flows"]), Some(6));
         assert_eq!(line_of(text, &["lb", "xdp_mode"]), Some(7));
         assert_eq!(line_of(text, &["lb", "colour"]), None);
-        assert_eq!(line_of(text, &["max_flows"]), Some(3));
+        // Only top-level keys are found as a path's first segment.
+        assert_eq!(line_of(text, &["max_flows"]), None);
+        assert_eq!(line_of("# c\n\n  a:\n    b: 1\n  b: 2\n", &["b"]), Some(5));
         assert_eq!(line_of(text, &["list", "interface"]), Some(9));
         assert_eq!(key_lines(text, "interface"), [9, 10]);
+        let sections = "lb:\n  enabled: true\n# c\npolicy:\n  interfaces: [x]\nlb2:\n  x: 1\n";
+        assert_eq!(line_of(sections, &["lb", "interfaces"]), None);
+        assert_eq!(line_of(sections, &["policy", "interfaces"]), Some(5));
         assert_eq!(key_lines(text, "max_flows"), [3, 6]);
         // A key is only a key when the colon follows it directly.
         assert_eq!(key_lines("maps_x: 1\nmap: 2\n", "map"), [2]);
