@@ -1,9 +1,16 @@
 //! The daemon's configuration: one YAML file (default [`DEFAULT_CONFIG_FILE`]), overridden by
 //! environment variables and flags.
 //!
+//! The file has the daemon-wide keys at the top and one section per controller: `lb` (the XDP
+//! load balancer), `conntrack` (the GC of its flow tables), `policy` (the tc policy and its
+//! own conntrack) and `prog_stats`; [`Settings`] has the same shape. The previous build's
+//! layout (`interfaces`, `maps`, `modules`, ... at the top level) is still read: each old key
+//! ([`DEPRECATED_KEYS`]) moves to its section with a warning, and a file giving an old key and
+//! its new one is refused, since which value was meant cannot be known.
+//!
 //! Precedence, lowest first: built-in defaults, the file, `DATAPATH_*` environment variables,
 //! command-line flags (`main.rs` turns the last two into an [`Overrides`]). Every key of the
-//! file is documented in the README and in `deploy/config.example.yaml`.
+//! file is documented in docs/operations.md and in `deploy/config.example.yaml`.
 //!
 //! An unknown key, a value of the wrong type or an impossible value (a map size of 0, a
 //! non-prime Maglev size, an interface pattern that matches nothing) is an
@@ -21,6 +28,7 @@ use crate::{
     dataplane::{DataplaneConfig, XdpAttachMode},
     error::{Error, Result, single_line},
     features::{Feature, Module},
+    text,
 };
 
 /// Where the daemon looks for its configuration when no `--config` is given.
@@ -41,7 +49,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// `xdp_mode` in the file.
+/// `lb.xdp_mode` in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum XdpModeName {
@@ -60,29 +68,98 @@ impl From<XdpModeName> for XdpAttachMode {
     }
 }
 
-/// Longest `fib_cache_ms`: a next hop that changed goes unnoticed for at most this long.
+/// Longest `lb.fib_cache_ms`: a next hop that changed goes unnoticed for at most this long.
 const MAX_FIB_CACHE_MS: u64 = 60_000;
 
-/// The file's layout. Every field is optional: what the file leaves out keeps its default.
+/// Keys of the previous build's layout, each with the key that replaces it (old, new). A file
+/// may still use them: each is read into its new place with a warning, and a file giving both
+/// an old key and its new one is refused. `maps` and `modules` are the sections: an empty one
+/// is warned about as a whole.
+pub const DEPRECATED_KEYS: &[(&str, &str)] = &[
+    ("interfaces", "lb.interfaces"),
+    ("xdp_mode", "lb.xdp_mode"),
+    ("interface_wait_seconds", "lb.interface_wait_seconds"),
+    ("state_file", "lb.state_file"),
+    ("nat_port_range", "lb.nat_port_range"),
+    ("fib_cache_ms", "lb.fib_cache_ms"),
+    ("gc_interval_seconds", "conntrack.gc_interval_seconds"),
+    ("maps", "lb.maps"),
+    ("maps.maglev_size", "lb.maps.maglev_size"),
+    ("maps.max_services", "lb.maps.max_services"),
+    ("maps.max_backends", "lb.maps.max_backends"),
+    ("maps.max_flows", "lb.maps.max_flows"),
+    ("modules", "lb.enabled and prog_stats.enabled"),
+    ("modules.lb", "lb.enabled"),
+    ("modules.prog_stats", "prog_stats.enabled"),
+];
+
+/// A key of the previous layout that a file used, and the key that replaces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deprecated {
+    pub old: &'static str,
+    pub new: &'static str,
+}
+
+impl std::fmt::Display for Deprecated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` is deprecated: use `{}`", self.old, self.new)
+    }
+}
+
+/// The file's layout: daemon-wide keys, one section per controller, and the previous build's
+/// keys (read, warned about and moved into their sections by [`FileConfig::migrate`]). Every
+/// field is optional: what the file leaves out keeps its default.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    interfaces: Option<Vec<String>>,
-    xdp_mode: Option<XdpModeName>,
-    interface_wait_seconds: Option<u64>,
     api_socket: Option<PathBuf>,
-    state_file: Option<PathBuf>,
     pin_root: Option<PathBuf>,
     metrics_listen: Option<String>,
     log_format: Option<LogFormat>,
+    features: Option<FeaturesFile>,
+    reload: Option<ReloadFile>,
+    lb: Option<LbFile>,
+    conntrack: Option<ConntrackFile>,
+    policy: Option<PolicyFile>,
+    prog_stats: Option<ProgStatsFile>,
+    // The previous layout (see DEPRECATED_KEYS).
+    interfaces: Option<Vec<String>>,
+    xdp_mode: Option<XdpModeName>,
+    interface_wait_seconds: Option<u64>,
+    state_file: Option<PathBuf>,
     nat_port_range: Option<String>,
     fib_cache_ms: Option<u64>,
     gc_interval_seconds: Option<u64>,
     maps: Option<MapsFile>,
     modules: Option<ModulesFile>,
-    features: Option<FeaturesFile>,
-    reload: Option<ReloadFile>,
-    policy: Option<PolicyFile>,
+}
+
+/// The `lb` section: the XDP load balancer controller.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LbFile {
+    enabled: Option<bool>,
+    interfaces: Option<Vec<String>>,
+    xdp_mode: Option<XdpModeName>,
+    interface_wait_seconds: Option<u64>,
+    state_file: Option<PathBuf>,
+    nat_port_range: Option<String>,
+    fib_cache_ms: Option<u64>,
+    maps: Option<MapsFile>,
+}
+
+/// The `conntrack` section: the GC of the load balancer's flow tables.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConntrackFile {
+    gc_interval_seconds: Option<u64>,
+}
+
+/// The `prog_stats` section: kernel BPF run count/time.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgStatsFile {
+    enabled: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -107,7 +184,247 @@ struct TimeoutsFile {
     other_seconds: Option<u64>,
 }
 
-/// The `policy` section: the tc (TCX) policy module and its conntrack.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MapsFile {
+    maglev_size: Option<u32>,
+    max_services: Option<u32>,
+    max_backends: Option<u32>,
+    max_flows: Option<u32>,
+}
+
+/// The previous layout's `modules` section.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModulesFile {
+    lb: Option<bool>,
+    prog_stats: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeaturesFile {
+    #[serde(default)]
+    force_off: Vec<Feature>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadFile {
+    watch: Option<bool>,
+    poll_interval_ms: Option<u64>,
+}
+
+/// The deprecated key `old` and its replacement, from [`DEPRECATED_KEYS`].
+fn deprecated(old: &'static str) -> Deprecated {
+    // Every caller passes a listed key (the unit tests use each); unlisted, it names itself.
+    let new = DEPRECATED_KEYS
+        .iter()
+        .find(|(o, _)| *o == old)
+        .map_or(old, |(_, n)| n);
+    Deprecated { old, new }
+}
+
+/// Moves an old key's value into its new place, or refuses the file when both are given.
+fn migrate_key<T>(
+    src: &Source,
+    moved: &mut Vec<Deprecated>,
+    old: Option<T>,
+    new: &mut Option<T>,
+    old_key: &'static str,
+) -> Result<()> {
+    let Some(value) = old else {
+        return Ok(());
+    };
+    let Deprecated {
+        old: old_key,
+        new: new_key,
+    } = deprecated(old_key);
+    if new.is_some() {
+        return Err(src.conflict(old_key, new_key));
+    }
+    *new = Some(value);
+    moved.push(deprecated(old_key));
+    Ok(())
+}
+
+impl FileConfig {
+    /// Moves the previous layout's keys into their sections, and says which were used.
+    fn migrate(&mut self, src: &Source) -> Result<Vec<Deprecated>> {
+        let mut moved = Vec::new();
+        let lb = self.lb.get_or_insert_with(LbFile::default);
+        let m = &mut moved;
+        migrate_key(
+            src,
+            m,
+            self.interfaces.take(),
+            &mut lb.interfaces,
+            "interfaces",
+        )?;
+        migrate_key(src, m, self.xdp_mode.take(), &mut lb.xdp_mode, "xdp_mode")?;
+        migrate_key(
+            src,
+            m,
+            self.interface_wait_seconds.take(),
+            &mut lb.interface_wait_seconds,
+            "interface_wait_seconds",
+        )?;
+        migrate_key(
+            src,
+            m,
+            self.state_file.take(),
+            &mut lb.state_file,
+            "state_file",
+        )?;
+        migrate_key(
+            src,
+            m,
+            self.nat_port_range.take(),
+            &mut lb.nat_port_range,
+            "nat_port_range",
+        )?;
+        migrate_key(
+            src,
+            m,
+            self.fib_cache_ms.take(),
+            &mut lb.fib_cache_ms,
+            "fib_cache_ms",
+        )?;
+        let conntrack = self.conntrack.get_or_insert_with(ConntrackFile::default);
+        migrate_key(
+            src,
+            m,
+            self.gc_interval_seconds.take(),
+            &mut conntrack.gc_interval_seconds,
+            "gc_interval_seconds",
+        )?;
+        if let Some(old) = self.maps.take() {
+            let new = lb.maps.get_or_insert_with(MapsFile::default);
+            let before = m.len();
+            migrate_key(
+                src,
+                m,
+                old.maglev_size,
+                &mut new.maglev_size,
+                "maps.maglev_size",
+            )?;
+            migrate_key(
+                src,
+                m,
+                old.max_services,
+                &mut new.max_services,
+                "maps.max_services",
+            )?;
+            migrate_key(
+                src,
+                m,
+                old.max_backends,
+                &mut new.max_backends,
+                "maps.max_backends",
+            )?;
+            migrate_key(src, m, old.max_flows, &mut new.max_flows, "maps.max_flows")?;
+            // An empty `maps:` still is an old key the operator should rename.
+            if m.len() == before {
+                m.push(deprecated("maps"));
+            }
+        }
+        if let Some(old) = self.modules.take() {
+            let before = m.len();
+            migrate_key(src, m, old.lb, &mut lb.enabled, "modules.lb")?;
+            let stats = self.prog_stats.get_or_insert_with(ProgStatsFile::default);
+            migrate_key(
+                src,
+                m,
+                old.prog_stats,
+                &mut stats.enabled,
+                "modules.prog_stats",
+            )?;
+            if m.len() == before {
+                m.push(deprecated("modules"));
+            }
+        }
+        Ok(moved)
+    }
+}
+
+/// Values from the environment and the command line; `None` leaves the file's (or the
+/// default) value.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub interfaces: Option<Vec<String>>,
+    pub xdp_mode: Option<XdpAttachMode>,
+    pub api_socket: Option<PathBuf>,
+    pub state_file: Option<PathBuf>,
+    pub pin_root: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub maglev_size: Option<u32>,
+    pub max_services: Option<u32>,
+    pub max_backends: Option<u32>,
+    pub max_flows: Option<u32>,
+    pub nat_port_range: Option<(u16, u16)>,
+    pub fib_cache_ms: Option<u64>,
+    pub gc_interval_seconds: Option<u64>,
+}
+
+/// The `lb` section: the XDP load balancer controller.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LbSettings {
+    /// Whether the load balancer runs.
+    pub enabled: bool,
+    /// Interface names or glob patterns (`*`, `?`) to attach XDP to.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpAttachMode,
+    /// How long to wait at start for configured interfaces to appear.
+    pub interface_wait: Duration,
+    /// Where declared services are saved.
+    pub state_file: PathBuf,
+    pub maglev_size: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_flows: u32,
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// How long an established flow reuses its cached route and next hop.
+    pub fib_cache: Duration,
+}
+
+impl Default for LbSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interfaces: Vec::new(),
+            xdp_mode: XdpAttachMode::Auto,
+            interface_wait: Duration::ZERO,
+            state_file: PathBuf::from(DEFAULT_STATE_FILE),
+            maglev_size: defaults::MAGLEV_SIZE,
+            max_services: defaults::MAX_SERVICES,
+            max_backends: defaults::MAX_BACKENDS,
+            max_flows: defaults::MAX_FLOWS,
+            nat_port_min: defaults::NAT_PORT_MIN,
+            nat_port_max: defaults::NAT_PORT_MAX,
+            fib_cache: Duration::from_nanos(defaults::FIB_CACHE_NS),
+        }
+    }
+}
+
+/// The `conntrack` section: garbage collection of the load balancer's flow tables (the
+/// policy's table has its own, under `policy`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConntrackSettings {
+    /// Between flow-table garbage-collection sweeps; zero disables them.
+    pub gc_interval: Duration,
+}
+
+impl Default for ConntrackSettings {
+    fn default() -> Self {
+        Self {
+            gc_interval: crate::gc::DEFAULT_SWEEP_INTERVAL,
+        }
+    }
+}
+
+/// The `policy` section: the tc (TCX) policy controller and its conntrack.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicySettings {
     /// Whether the policy module runs.
@@ -115,7 +432,7 @@ pub struct PolicySettings {
     /// Interface names or glob patterns to attach the TCX programs to (those present).
     pub interfaces: Vec<String>,
     /// Where the applied policy is saved (restored on start); `None`: `policy.json` beside
-    /// the state file.
+    /// the load balancer's state file.
     pub state_file: Option<PathBuf>,
     /// Between conntrack garbage-collection sweeps; zero disables them.
     pub gc_interval: Duration,
@@ -141,113 +458,50 @@ impl Default for PolicySettings {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MapsFile {
-    maglev_size: Option<u32>,
-    max_services: Option<u32>,
-    max_backends: Option<u32>,
-    max_flows: Option<u32>,
+/// The `prog_stats` section: kernel BPF run count/time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProgStatsSettings {
+    pub enabled: bool,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ModulesFile {
-    lb: Option<bool>,
-    prog_stats: Option<bool>,
+impl Default for ProgStatsSettings {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FeaturesFile {
-    #[serde(default)]
-    force_off: Vec<Feature>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReloadFile {
-    watch: Option<bool>,
-    poll_interval_ms: Option<u64>,
-}
-
-/// Values from the environment and the command line; `None` leaves the file's (or the
-/// default) value.
-#[derive(Clone, Debug, Default)]
-pub struct Overrides {
-    pub interfaces: Option<Vec<String>>,
-    pub xdp_mode: Option<XdpAttachMode>,
-    pub api_socket: Option<PathBuf>,
-    pub state_file: Option<PathBuf>,
-    pub pin_root: Option<PathBuf>,
-    pub metrics_listen: Option<String>,
-    pub log_format: Option<LogFormat>,
-    pub maglev_size: Option<u32>,
-    pub max_services: Option<u32>,
-    pub max_backends: Option<u32>,
-    pub max_flows: Option<u32>,
-    pub nat_port_range: Option<(u16, u16)>,
-    pub fib_cache_ms: Option<u64>,
-    pub gc_interval_seconds: Option<u64>,
-}
-
-/// The configuration in force: every value resolved.
+/// The configuration in force: every value resolved. Daemon-wide values at the top, then one
+/// section per controller.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
-    /// Interface names or glob patterns (`*`, `?`) to attach XDP to.
-    pub interfaces: Vec<String>,
-    pub xdp_mode: XdpAttachMode,
-    /// How long to wait at start for configured interfaces to appear.
-    pub interface_wait: Duration,
     pub api_socket: PathBuf,
-    pub state_file: PathBuf,
     pub pin_root: PathBuf,
     /// `None`: no metrics listener.
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
-    pub maglev_size: u32,
-    pub max_services: u32,
-    pub max_backends: u32,
-    pub max_flows: u32,
-    pub nat_port_min: u16,
-    pub nat_port_max: u16,
-    /// How long an established flow reuses its cached route and next hop.
-    pub fib_cache: Duration,
-    /// Between flow-table garbage-collection sweeps; zero disables them.
-    pub gc_interval: Duration,
-    pub lb_enabled: bool,
-    pub prog_stats_enabled: bool,
     pub force_off: Vec<Feature>,
     pub watch: bool,
     pub poll_interval: Duration,
+    pub lb: LbSettings,
+    pub conntrack: ConntrackSettings,
     pub policy: PolicySettings,
+    pub prog_stats: ProgStatsSettings,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            interfaces: Vec::new(),
-            xdp_mode: XdpAttachMode::Auto,
-            interface_wait: Duration::ZERO,
             api_socket: PathBuf::from(datapath_api::DEFAULT_SOCKET),
-            state_file: PathBuf::from(DEFAULT_STATE_FILE),
             pin_root: PathBuf::from(defaults::PIN_ROOT),
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
             log_format: LogFormat::Text,
-            maglev_size: defaults::MAGLEV_SIZE,
-            max_services: defaults::MAX_SERVICES,
-            max_backends: defaults::MAX_BACKENDS,
-            max_flows: defaults::MAX_FLOWS,
-            nat_port_min: defaults::NAT_PORT_MIN,
-            nat_port_max: defaults::NAT_PORT_MAX,
-            fib_cache: Duration::from_nanos(defaults::FIB_CACHE_NS),
-            gc_interval: crate::gc::DEFAULT_SWEEP_INTERVAL,
-            lb_enabled: true,
-            prog_stats_enabled: true,
             force_off: Vec::new(),
             watch: true,
             poll_interval: Duration::from_millis(DEFAULT_POLL_INTERVAL_MS),
+            lb: LbSettings::default(),
+            conntrack: ConntrackSettings::default(),
             policy: PolicySettings::default(),
+            prog_stats: ProgStatsSettings::default(),
         }
     }
 }
@@ -282,15 +536,17 @@ impl Source {
         let segments: Vec<&str> = key.split('.').collect();
         Error::Config {
             file: self.path.clone(),
-            line: line_of(&self.text, &segments),
+            line: text::line_of(&self.text, &segments),
             key: single_line(key),
             reason: single_line(&reason.into()),
         }
     }
 
-    /// Like [`Self::error`], for an item of a list key (`interfaces`): the line of the item.
+    /// Like [`Self::error`], for an item of a list key (`lb.interfaces`): the line of the
+    /// item.
     fn item_error(&self, key: &str, item: &str, reason: impl Into<String>) -> Error {
-        let line = line_of(&self.text, &[key]).map(|start| {
+        let segments: Vec<&str> = key.split('.').collect();
+        let line = text::line_of(&self.text, &segments).map(|start| {
             self.text
                 .lines()
                 .enumerate()
@@ -304,6 +560,29 @@ impl Source {
             key: single_line(key),
             reason: single_line(&reason.into()),
         }
+    }
+
+    /// A file giving both the deprecated key `old` and its replacement `new`: refused at the
+    /// new key, since which of the two values was meant cannot be known.
+    fn conflict(&self, old: &str, new: &str) -> Error {
+        let segments: Vec<&str> = old.split('.').collect();
+        let at = text::line_of(&self.text, &segments)
+            .map(|l| format!(" (line {l})"))
+            .unwrap_or_default();
+        self.error(
+            new,
+            format!("also given as the deprecated `{old}`{at}: keep only `{new}`"),
+        )
+    }
+
+    /// The key the load balancer's interfaces were written under: the deprecated top-level
+    /// `interfaces` when the file has it, else `lb.interfaces`.
+    fn lb_interfaces_key(&self) -> &'static str {
+        let old = self
+            .text
+            .lines()
+            .any(|l| l.starts_with("interfaces:") || l.starts_with("\"interfaces\":"));
+        if old { "interfaces" } else { "lb.interfaces" }
     }
 
     fn parse(&self) -> Result<FileConfig> {
@@ -343,43 +622,19 @@ impl Source {
     }
 }
 
-/// The 1-based line of the key at `path` in block-style YAML: each segment is searched
-/// after the previous one, deeper indented.
-fn line_of(text: &str, path: &[&str]) -> Option<usize> {
-    let mut start = 0;
-    let mut min_indent = 0;
-    let mut found = None;
-    for segment in path {
-        let (index, indent) = text.lines().enumerate().skip(start).find_map(|(i, line)| {
-            let trimmed = line.trim_start();
-            let indent = line.len() - trimmed.len();
-            let key = trimmed.strip_prefix("- ").unwrap_or(trimmed);
-            (indent >= min_indent
-                && (key.starts_with(&format!("{segment}:"))
-                    || key.starts_with(&format!("\"{segment}\":"))))
-            .then_some((i, indent))
-        })?;
-        found = Some(index + 1);
-        start = index + 1;
-        min_indent = indent + 1;
+/// The full-NAT source port range, `MIN-MAX` (file key `lb.nat_port_range` and
+/// `--nat-port-range`): [`text::parse_port_range`] plus the rules of a range to allocate from.
+/// Port 0 is no source port a packet can carry, and the dash is required so that a lone port
+/// (more likely a typo than a range of one) is not taken as the whole range.
+pub fn parse_nat_port_range(s: &str) -> std::result::Result<(u16, u16), String> {
+    if !s.contains('-') {
+        return Err(format!("expected MIN-MAX, e.g. 1024-65535, not {s:?}"));
     }
-    found
-}
-
-fn parse_port_range(s: &str) -> std::result::Result<(u16, u16), String> {
-    let (min, max) = s
-        .split_once('-')
-        .ok_or_else(|| format!("expected MIN-MAX, e.g. 1024-65535, not {s:?}"))?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p > 0)
-            .ok_or_else(|| format!("{p:?} is not a port from 1 to 65535"))
-    };
-    let (min, max) = (port(min)?, port(max)?);
-    if min > max {
-        return Err(format!("{s:?} is empty: MIN is above MAX"));
+    let (min, max) = text::parse_port_range(s)?;
+    if min == 0 {
+        return Err(format!(
+            "{s:?}: 0 is not a port full-NAT can allocate (1 to 65535)"
+        ));
     }
     Ok((min, max))
 }
@@ -401,41 +656,40 @@ pub fn parse_listen(s: &str) -> std::result::Result<Option<SocketAddr>, String> 
 }
 
 impl Settings {
-    /// Defaults, then `file`, then `overrides`, checked.
+    /// Defaults, then `file`, then `overrides`, checked. Each deprecated key the file uses is
+    /// logged as a warning naming its replacement.
     pub fn resolve(file: Option<&Source>, overrides: &Overrides) -> Result<Self> {
-        let mut s = Settings::default();
-        if let Some(src) = file {
-            s.apply_file(src)?;
+        let (settings, deprecated) = Self::resolve_with_deprecations(file, overrides)?;
+        for d in &deprecated {
+            let file = file.map(|f| f.path.display().to_string());
+            tracing::warn!(file, "{d}");
         }
-        s.apply_overrides(overrides)?;
-        Ok(s)
+        Ok(settings)
     }
 
-    fn apply_file(&mut self, src: &Source) -> Result<()> {
-        let f = src.parse()?;
-        if let Some(v) = f.interfaces {
-            for pattern in &v {
-                if pattern.trim().is_empty() || pattern.len() > 15 {
-                    return Err(src.item_error(
-                        "interfaces",
-                        pattern,
-                        format!("{pattern:?} is not an interface name or pattern"),
-                    ));
-                }
-            }
-            self.interfaces = v;
-        }
-        if let Some(v) = f.xdp_mode {
-            self.xdp_mode = v.into();
-        }
-        if let Some(v) = f.interface_wait_seconds {
-            self.interface_wait = Duration::from_secs(v);
-        }
+    /// [`Self::resolve`], returning the deprecated keys the file used instead of logging them.
+    pub fn resolve_with_deprecations(
+        file: Option<&Source>,
+        overrides: &Overrides,
+    ) -> Result<(Self, Vec<Deprecated>)> {
+        let mut s = Settings::default();
+        let deprecated = match file {
+            Some(src) => s.apply_file(src)?,
+            None => Vec::new(),
+        };
+        s.apply_overrides(overrides)?;
+        Ok((s, deprecated))
+    }
+
+    fn apply_file(&mut self, src: &Source) -> Result<Vec<Deprecated>> {
+        let mut f = src.parse()?;
+        let moved = f.migrate(src)?;
+        // Errors name the key as the file wrote it: the old one when it used the old layout.
+        let key = |new: &'static str| -> &'static str {
+            moved.iter().find(|d| d.new == new).map_or(new, |d| d.old)
+        };
         if let Some(v) = f.api_socket {
             self.api_socket = v;
-        }
-        if let Some(v) = f.state_file {
-            self.state_file = v;
         }
         if let Some(v) = f.pin_root {
             self.pin_root = v;
@@ -445,62 +699,6 @@ impl Settings {
         }
         if let Some(v) = f.log_format {
             self.log_format = v;
-        }
-        if let Some(v) = f.nat_port_range {
-            (self.nat_port_min, self.nat_port_max) =
-                parse_port_range(&v).map_err(|e| src.error("nat_port_range", e))?;
-        }
-        if let Some(v) = f.fib_cache_ms {
-            if v > MAX_FIB_CACHE_MS {
-                return Err(src.error(
-                    "fib_cache_ms",
-                    format!("{v} is more than {MAX_FIB_CACHE_MS} (a minute)"),
-                ));
-            }
-            self.fib_cache = Duration::from_millis(v);
-        }
-        if let Some(v) = f.gc_interval_seconds {
-            self.gc_interval = Duration::from_secs(v);
-        }
-        if let Some(maps) = f.maps {
-            for (key, value, target) in [
-                ("maps.maglev_size", maps.maglev_size, &mut self.maglev_size),
-                (
-                    "maps.max_services",
-                    maps.max_services,
-                    &mut self.max_services,
-                ),
-                (
-                    "maps.max_backends",
-                    maps.max_backends,
-                    &mut self.max_backends,
-                ),
-                ("maps.max_flows", maps.max_flows, &mut self.max_flows),
-            ] {
-                if let Some(v) = value {
-                    if v == 0 {
-                        return Err(src.error(key, "a map size of 0 cannot hold anything"));
-                    }
-                    *target = v;
-                }
-            }
-            if maps.maglev_size.is_some() && !lb_core::maglev::is_prime(self.maglev_size) {
-                return Err(src.error(
-                    "maps.maglev_size",
-                    format!(
-                        "{} is not prime; Maglev needs a prime table size (e.g. 251, 4093, 65537)",
-                        self.maglev_size
-                    ),
-                ));
-            }
-        }
-        if let Some(m) = f.modules {
-            if let Some(v) = m.lb {
-                self.lb_enabled = v;
-            }
-            if let Some(v) = m.prog_stats {
-                self.prog_stats_enabled = v;
-            }
         }
         if let Some(features) = f.features {
             self.force_off = features.force_off;
@@ -516,11 +714,100 @@ impl Settings {
                 self.poll_interval = Duration::from_millis(v);
             }
         }
+        if let Some(lb) = f.lb {
+            self.apply_lb_file(src, lb, &key)?;
+        }
+        if let Some(v) = f.conntrack.and_then(|c| c.gc_interval_seconds) {
+            self.conntrack.gc_interval = Duration::from_secs(v);
+        }
         if let Some(p) = f.policy {
             self.apply_policy_file(src, p)?;
         }
+        if let Some(v) = f.prog_stats.and_then(|p| p.enabled) {
+            self.prog_stats.enabled = v;
+        }
         if let Err(e) = self.dataplane_config().validate() {
-            return Err(src.error("maps", e.to_string()));
+            // The only rule across keys left: the Maglev tables of every service in one map.
+            let old_maps = moved
+                .iter()
+                .any(|d| d.old.split('.').next() == Some("maps"));
+            let maps = if old_maps { "maps" } else { "lb.maps" };
+            return Err(src.error(maps, e.to_string()));
+        }
+        Ok(moved)
+    }
+
+    fn apply_lb_file(
+        &mut self,
+        src: &Source,
+        f: LbFile,
+        key: &dyn Fn(&'static str) -> &'static str,
+    ) -> Result<()> {
+        let out = &mut self.lb;
+        if let Some(v) = f.enabled {
+            out.enabled = v;
+        }
+        if let Some(v) = f.interfaces {
+            check_patterns(src, key("lb.interfaces"), &v)?;
+            out.interfaces = v;
+        }
+        if let Some(v) = f.xdp_mode {
+            out.xdp_mode = v.into();
+        }
+        if let Some(v) = f.interface_wait_seconds {
+            out.interface_wait = Duration::from_secs(v);
+        }
+        if let Some(v) = f.state_file {
+            out.state_file = v;
+        }
+        if let Some(v) = f.nat_port_range {
+            (out.nat_port_min, out.nat_port_max) =
+                parse_nat_port_range(&v).map_err(|e| src.error(key("lb.nat_port_range"), e))?;
+        }
+        if let Some(v) = f.fib_cache_ms {
+            if v > MAX_FIB_CACHE_MS {
+                return Err(src.error(
+                    key("lb.fib_cache_ms"),
+                    format!("{v} is more than {MAX_FIB_CACHE_MS} (a minute)"),
+                ));
+            }
+            out.fib_cache = Duration::from_millis(v);
+        }
+        if let Some(maps) = f.maps {
+            for (new, value, target) in [
+                (
+                    "lb.maps.maglev_size",
+                    maps.maglev_size,
+                    &mut out.maglev_size,
+                ),
+                (
+                    "lb.maps.max_services",
+                    maps.max_services,
+                    &mut out.max_services,
+                ),
+                (
+                    "lb.maps.max_backends",
+                    maps.max_backends,
+                    &mut out.max_backends,
+                ),
+                ("lb.maps.max_flows", maps.max_flows, &mut out.max_flows),
+            ] {
+                if let Some(v) = value {
+                    if v == 0 {
+                        return Err(src.error(key(new), "a map size of 0 cannot hold anything"));
+                    }
+                    *target = v;
+                }
+            }
+            if maps.maglev_size.is_some() && !lb_core::maglev::is_prime(out.maglev_size) {
+                return Err(src.error(
+                    key("lb.maps.maglev_size"),
+                    format!(
+                        "{} is not prime; Maglev needs a prime table size (e.g. 251, 4093, 65537)",
+                        out.maglev_size
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -531,15 +818,7 @@ impl Settings {
             out.enabled = v;
         }
         if let Some(v) = p.interfaces {
-            for pattern in &v {
-                if pattern.trim().is_empty() || pattern.len() > 15 {
-                    return Err(src.item_error(
-                        "policy.interfaces",
-                        pattern,
-                        format!("{pattern:?} is not an interface name or pattern"),
-                    ));
-                }
-            }
+            check_patterns(src, "policy.interfaces", &v)?;
             out.interfaces = v;
         }
         if let Some(v) = p.state_file {
@@ -604,21 +883,49 @@ impl Settings {
         self.policy
             .state_file
             .clone()
-            .unwrap_or_else(|| self.state_file.with_file_name("policy.json"))
+            .unwrap_or_else(|| self.lb.state_file.with_file_name("policy.json"))
     }
 
     fn apply_overrides(&mut self, o: &Overrides) -> Result<()> {
+        let lb = &mut self.lb;
         if let Some(v) = &o.interfaces {
-            self.interfaces = v.clone();
+            lb.interfaces = v.clone();
         }
         if let Some(v) = o.xdp_mode {
-            self.xdp_mode = v;
+            lb.xdp_mode = v;
+        }
+        if let Some(v) = &o.state_file {
+            lb.state_file = v.clone();
+        }
+        if let Some(v) = o.maglev_size {
+            lb.maglev_size = v;
+        }
+        if let Some(v) = o.max_services {
+            lb.max_services = v;
+        }
+        if let Some(v) = o.max_backends {
+            lb.max_backends = v;
+        }
+        if let Some(v) = o.max_flows {
+            lb.max_flows = v;
+        }
+        if let Some((min, max)) = o.nat_port_range {
+            lb.nat_port_min = min;
+            lb.nat_port_max = max;
+        }
+        if let Some(v) = o.fib_cache_ms {
+            if v > MAX_FIB_CACHE_MS {
+                return Err(Error::InvalidArgument(format!(
+                    "--fib-cache-ms: {v} is more than {MAX_FIB_CACHE_MS} (a minute)"
+                )));
+            }
+            lb.fib_cache = Duration::from_millis(v);
+        }
+        if let Some(v) = o.gc_interval_seconds {
+            self.conntrack.gc_interval = Duration::from_secs(v);
         }
         if let Some(v) = &o.api_socket {
             self.api_socket = v.clone();
-        }
-        if let Some(v) = &o.state_file {
-            self.state_file = v.clone();
         }
         if let Some(v) = &o.pin_root {
             self.pin_root = v.clone();
@@ -630,62 +937,38 @@ impl Settings {
         if let Some(v) = o.log_format {
             self.log_format = v;
         }
-        if let Some(v) = o.maglev_size {
-            self.maglev_size = v;
-        }
-        if let Some(v) = o.max_services {
-            self.max_services = v;
-        }
-        if let Some(v) = o.max_backends {
-            self.max_backends = v;
-        }
-        if let Some(v) = o.max_flows {
-            self.max_flows = v;
-        }
-        if let Some((min, max)) = o.nat_port_range {
-            self.nat_port_min = min;
-            self.nat_port_max = max;
-        }
-        if let Some(v) = o.fib_cache_ms {
-            if v > MAX_FIB_CACHE_MS {
-                return Err(Error::InvalidArgument(format!(
-                    "--fib-cache-ms: {v} is more than {MAX_FIB_CACHE_MS} (a minute)"
-                )));
-            }
-            self.fib_cache = Duration::from_millis(v);
-        }
-        if let Some(v) = o.gc_interval_seconds {
-            self.gc_interval = Duration::from_secs(v);
-        }
         self.dataplane_config().validate()
     }
 
-    /// The dataplane's part of the settings, with `interfaces` as given (patterns unexpanded).
+    /// The dataplane's part of the settings, with `lb.interfaces` as given (patterns
+    /// unexpanded).
     pub fn dataplane_config(&self) -> DataplaneConfig {
+        let lb = &self.lb;
         DataplaneConfig {
             pin_root: self.pin_root.clone(),
-            interfaces: self.interfaces.clone(),
-            xdp_mode: self.xdp_mode,
-            maglev_size: self.maglev_size,
-            max_services: self.max_services,
-            max_backends: self.max_backends,
-            max_flows: self.max_flows,
-            nat_port_min: self.nat_port_min,
-            nat_port_max: self.nat_port_max,
-            fib_cache_ns: self.fib_cache.as_nanos() as u64,
+            interfaces: lb.interfaces.clone(),
+            xdp_mode: lb.xdp_mode,
+            maglev_size: lb.maglev_size,
+            max_services: lb.max_services,
+            max_backends: lb.max_backends,
+            max_flows: lb.max_flows,
+            nat_port_min: lb.nat_port_min,
+            nat_port_max: lb.nat_port_max,
+            fib_cache_ns: lb.fib_cache.as_nanos() as u64,
         }
     }
 
     /// Whether `module` is enabled by the configuration.
     pub fn module_enabled(&self, module: Module) -> bool {
         match module {
-            Module::Lb => self.lb_enabled,
-            Module::ProgStats => self.prog_stats_enabled,
+            Module::Lb => self.lb.enabled,
+            Module::ProgStats => self.prog_stats.enabled,
         }
     }
 
     /// Keys whose change needs a restart: they size kernel maps, are compiled into the loaded
     /// program, or are sockets and files already open. A reload that changes one is refused.
+    /// The keys are the current layout's, whichever layout the files used.
     pub fn restart_only_changes(&self, new: &Settings) -> Vec<&'static str> {
         let mut out = Vec::new();
         let mut check = |changed: bool, key: &'static str| {
@@ -694,34 +977,45 @@ impl Settings {
             }
         };
         check(self.api_socket != new.api_socket, "api_socket");
-        check(self.state_file != new.state_file, "state_file");
         check(self.pin_root != new.pin_root, "pin_root");
         check(self.metrics_listen != new.metrics_listen, "metrics_listen");
         check(self.log_format != new.log_format, "log_format");
-        check(self.maglev_size != new.maglev_size, "maps.maglev_size");
-        check(self.max_services != new.max_services, "maps.max_services");
-        check(self.max_backends != new.max_backends, "maps.max_backends");
-        check(self.max_flows != new.max_flows, "maps.max_flows");
+        let (a, b) = (&self.lb, &new.lb);
+        check(a.state_file != b.state_file, "lb.state_file");
+        check(a.maglev_size != b.maglev_size, "lb.maps.maglev_size");
+        check(a.max_services != b.max_services, "lb.maps.max_services");
+        check(a.max_backends != b.max_backends, "lb.maps.max_backends");
+        check(a.max_flows != b.max_flows, "lb.maps.max_flows");
         check(
-            (self.nat_port_min, self.nat_port_max) != (new.nat_port_min, new.nat_port_max),
-            "nat_port_range",
+            (a.nat_port_min, a.nat_port_max) != (b.nat_port_min, b.nat_port_max),
+            "lb.nat_port_range",
         );
-        check(self.fib_cache != new.fib_cache, "fib_cache_ms");
-        check(self.gc_interval != new.gc_interval, "gc_interval_seconds");
+        check(a.fib_cache != b.fib_cache, "lb.fib_cache_ms");
         check(
-            self.policy.state_file != new.policy.state_file,
-            "policy.state_file",
+            self.conntrack.gc_interval != new.conntrack.gc_interval,
+            "conntrack.gc_interval_seconds",
         );
-        check(
-            self.policy.max_flows != new.policy.max_flows,
-            "policy.max_flows",
-        );
-        check(
-            self.policy.event_rate != new.policy.event_rate,
-            "policy.event_rate",
-        );
+        let (a, b) = (&self.policy, &new.policy);
+        check(a.state_file != b.state_file, "policy.state_file");
+        check(a.max_flows != b.max_flows, "policy.max_flows");
+        check(a.event_rate != b.event_rate, "policy.event_rate");
         out
     }
+}
+
+/// Interface names and patterns of a list key: non-empty, and no longer than an interface
+/// name can be (15 bytes).
+fn check_patterns(src: &Source, key: &str, patterns: &[String]) -> Result<()> {
+    for pattern in patterns {
+        if pattern.trim().is_empty() || pattern.len() > 15 {
+            return Err(src.item_error(
+                key,
+                pattern,
+                format!("{pattern:?} is not an interface name or pattern"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Names of the interfaces of this network namespace.
@@ -748,19 +1042,8 @@ pub fn interface_names() -> Vec<String> {
     names
 }
 
-/// Shell-style match with `*` and `?`.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
-}
+/// Re-exported for the users that still import it from here (`tests/fuzz_policy.rs`).
+pub use crate::text::glob_match;
 
 /// Expands `patterns` against `existing` interface names. A pattern that matches nothing is
 /// an error naming it (with its line when it came from `file`).
@@ -770,9 +1053,9 @@ pub fn expand_interfaces(
     file: Option<&Source>,
 ) -> Result<Vec<String>> {
     if patterns.is_empty() {
-        let reason = "no interface configured (set `interfaces` or --iface)";
+        let reason = "no interface configured (set `lb.interfaces` or --iface)";
         return Err(match file {
-            Some(src) => src.error("interfaces", reason),
+            Some(src) => src.error(src.lb_interfaces_key(), reason),
             None => Error::InvalidArgument(reason.into()),
         });
     }
@@ -785,7 +1068,7 @@ pub fn expand_interfaces(
                 existing.join(", ")
             );
             return Err(match file {
-                Some(src) => src.item_error("interfaces", pattern, reason),
+                Some(src) => src.item_error(src.lb_interfaces_key(), pattern, reason),
                 None => Error::InvalidArgument(reason),
             });
         }
@@ -811,11 +1094,18 @@ pub fn unmatched<'a>(patterns: &'a [String], existing: &[String]) -> Vec<&'a str
 mod tests {
     use super::*;
 
+    fn src(text: &str) -> Source {
+        Source::from_text("/etc/datapath/config.yaml", text)
+    }
+
     fn resolve(text: &str) -> Result<Settings> {
-        Settings::resolve(
-            Some(&Source::from_text("/etc/datapath/config.yaml", text)),
-            &Overrides::default(),
-        )
+        Settings::resolve(Some(&src(text)), &Overrides::default())
+    }
+
+    fn deprecations(text: &str) -> Vec<Deprecated> {
+        Settings::resolve_with_deprecations(Some(&src(text)), &Overrides::default())
+            .unwrap()
+            .1
     }
 
     fn err(text: &str) -> (Option<usize>, String, String) {
@@ -827,67 +1117,231 @@ mod tests {
         }
     }
 
+    fn repo_file(path: &str) -> String {
+        std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
     #[test]
     fn full_example_parses() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/config.example.yaml"
-        ))
-        .unwrap();
-        let s = resolve(&text).unwrap();
-        assert_eq!(s.interfaces, ["eth0", "eth1"]);
+        let text = repo_file("../deploy/config.example.yaml");
+        let (s, deprecated) =
+            Settings::resolve_with_deprecations(Some(&src(&text)), &Overrides::default()).unwrap();
+        assert_eq!(deprecated, [], "the example uses the current layout");
+        assert_eq!(s.lb.interfaces, ["eth0", "eth1"]);
         assert_eq!(s.metrics_listen, "0.0.0.0:9477".parse().ok());
-        assert!(s.lb_enabled);
+        assert!(s.lb.enabled);
+        assert!(s.prog_stats.enabled);
+        // The example shows the defaults.
+        let defaults = Settings {
+            lb: LbSettings {
+                interfaces: s.lb.interfaces.clone(),
+                ..LbSettings::default()
+            },
+            ..Settings::default()
+        };
+        assert_eq!(s, defaults);
+    }
+
+    /// A file written for the previous build (its example, kept as a fixture) still resolves,
+    /// to the same settings as the current example, with one warning per old key.
+    #[test]
+    fn previous_example_resolves_like_the_current_one() {
+        let old = repo_file("tests/fixtures/config.previous.yaml");
+        let new = repo_file("../deploy/config.example.yaml");
+        let (old_settings, deprecated) =
+            Settings::resolve_with_deprecations(Some(&src(&old)), &Overrides::default()).unwrap();
+        assert_eq!(old_settings, resolve(&new).unwrap());
+        let olds: Vec<&str> = deprecated.iter().map(|d| d.old).collect();
+        assert_eq!(
+            olds,
+            [
+                "interfaces",
+                "xdp_mode",
+                "interface_wait_seconds",
+                "state_file",
+                "nat_port_range",
+                "fib_cache_ms",
+                "gc_interval_seconds",
+                "maps.maglev_size",
+                "maps.max_services",
+                "maps.max_backends",
+                "maps.max_flows",
+                "modules.lb",
+                "modules.prog_stats",
+            ]
+        );
+    }
+
+    #[test]
+    fn old_keys_map_to_their_sections() {
+        let old = "interfaces: [a]\nxdp_mode: generic\ninterface_wait_seconds: 3\nstate_file: /s.json\nnat_port_range: \"2000-3000\"\nfib_cache_ms: 7\ngc_interval_seconds: 9\nmaps:\n  maglev_size: 251\n  max_services: 8\n  max_backends: 9\n  max_flows: 10\nmodules:\n  lb: false\n  prog_stats: false\n";
+        let new = "lb:\n  enabled: false\n  interfaces: [a]\n  xdp_mode: generic\n  interface_wait_seconds: 3\n  state_file: /s.json\n  nat_port_range: \"2000-3000\"\n  fib_cache_ms: 7\n  maps:\n    maglev_size: 251\n    max_services: 8\n    max_backends: 9\n    max_flows: 10\nconntrack:\n  gc_interval_seconds: 9\nprog_stats:\n  enabled: false\n";
+        let s = resolve(new).unwrap();
+        assert_eq!(resolve(old).unwrap(), s);
+        assert_eq!(deprecations(new), []);
+        let lb = &s.lb;
+        assert!(!lb.enabled && !s.prog_stats.enabled);
+        assert_eq!(lb.interfaces, ["a"]);
+        assert_eq!(lb.xdp_mode, XdpAttachMode::Generic);
+        assert_eq!(lb.interface_wait, Duration::from_secs(3));
+        assert_eq!(lb.state_file, PathBuf::from("/s.json"));
+        assert_eq!((lb.nat_port_min, lb.nat_port_max), (2000, 3000));
+        assert_eq!(lb.fib_cache, Duration::from_millis(7));
+        assert_eq!(
+            (
+                lb.maglev_size,
+                lb.max_services,
+                lb.max_backends,
+                lb.max_flows
+            ),
+            (251, 8, 9, 10)
+        );
+        assert_eq!(s.conntrack.gc_interval, Duration::from_secs(9));
+        assert_eq!(s.policy_state_file(), PathBuf::from("/policy.json"));
+        // Each warning names the new key; every listed old key is one a file can use.
+        let got = deprecations(old);
+        assert_eq!(got.len(), 13);
+        for d in &got {
+            assert!(DEPRECATED_KEYS.contains(&(d.old, d.new)), "{d}");
+        }
+        assert_eq!(
+            got[0].to_string(),
+            "`interfaces` is deprecated: use `lb.interfaces`"
+        );
+        assert_eq!(
+            deprecations("maps: {}\nmodules: {}\n"),
+            [
+                Deprecated {
+                    old: "maps",
+                    new: "lb.maps"
+                },
+                Deprecated {
+                    old: "modules",
+                    new: "lb.enabled and prog_stats.enabled"
+                }
+            ]
+        );
+        // Old and new keys of different settings mix.
+        let s = resolve("maps:\n  max_flows: 5\nlb:\n  maps:\n    max_services: 6\n").unwrap();
+        assert_eq!((s.lb.max_flows, s.lb.max_services), (5, 6));
+    }
+
+    #[test]
+    fn old_and_new_key_together_are_refused() {
+        for (text, line, key, old) in [
+            (
+                "interfaces: [a]\nlb:\n  interfaces: [b]\n",
+                3,
+                "lb.interfaces",
+                "`interfaces` (line 1)",
+            ),
+            (
+                "lb:\n  maps:\n    max_flows: 3\nmaps:\n  max_flows: 4\n",
+                3,
+                "lb.maps.max_flows",
+                "`maps.max_flows` (line 5)",
+            ),
+            (
+                "modules:\n  lb: true\nlb:\n  enabled: true\n",
+                4,
+                "lb.enabled",
+                "`modules.lb` (line 2)",
+            ),
+            (
+                "prog_stats:\n  enabled: false\nmodules: {prog_stats: true}\n",
+                2,
+                "prog_stats.enabled",
+                "`modules.prog_stats`",
+            ),
+            (
+                "conntrack:\n  gc_interval_seconds: 1\ngc_interval_seconds: 1\n",
+                2,
+                "conntrack.gc_interval_seconds",
+                "`gc_interval_seconds` (line 3)",
+            ),
+        ] {
+            let (got_line, got_key, reason) = err(text);
+            assert_eq!((got_line, got_key.as_str()), (Some(line), key), "{text}");
+            assert!(reason.contains(old), "{text}: {reason}");
+            assert!(reason.contains(&format!("keep only `{key}`")), "{reason}");
+        }
     }
 
     #[test]
     fn precedence_defaults_file_overrides() {
         let src = Source::from_text(
             "c.yaml",
-            "interfaces: [a, b]\nmaps:\n  max_flows: 1000\n  max_services: 8\n",
+            "lb:\n  interfaces: [a, b]\n  maps:\n    max_flows: 1000\n    max_services: 8\n",
         );
         let s = Settings::resolve(Some(&src), &Overrides::default()).unwrap();
-        assert_eq!((s.max_flows, s.max_services), (1000, 8));
-        assert_eq!(s.max_backends, defaults::MAX_BACKENDS);
+        assert_eq!((s.lb.max_flows, s.lb.max_services), (1000, 8));
+        assert_eq!(s.lb.max_backends, defaults::MAX_BACKENDS);
         let o = Overrides {
             max_flows: Some(2000),
             interfaces: Some(vec!["c".into()]),
+            gc_interval_seconds: Some(0),
             ..Overrides::default()
         };
         let s = Settings::resolve(Some(&src), &o).unwrap();
-        assert_eq!((s.max_flows, s.max_services), (2000, 8));
-        assert_eq!(s.interfaces, ["c"]);
+        assert_eq!((s.lb.max_flows, s.lb.max_services), (2000, 8));
+        assert_eq!(s.lb.interfaces, ["c"]);
+        assert_eq!(s.conntrack.gc_interval, Duration::ZERO);
     }
 
     #[test]
     fn errors_name_line_and_key() {
         assert_eq!(
-            err("interfaces: [a]\nmaps:\n  max_flows: 0\n"),
+            err("lb:\n  interfaces: [a]\n  maps:\n    max_flows: 0\n"),
             (
-                Some(3),
-                "maps.max_flows".into(),
+                Some(4),
+                "lb.maps.max_flows".into(),
                 "a map size of 0 cannot hold anything".into()
             )
         );
-        let (line, key, reason) = err("interfaces: [a]\nmaps:\n  max_flowz: 10\n");
-        assert_eq!((line, key.as_str()), (Some(3), "maps.max_flowz"));
+        let (line, key, reason) = err("lb:\n  maps:\n    max_flowz: 10\n");
+        assert_eq!((line, key.as_str()), (Some(3), "lb.maps.max_flowz"));
         assert!(reason.contains("unknown field `max_flowz`"), "{reason}");
-        let (line, key, reason) = err("interfaces: [a]\ncolour: red\n");
-        assert_eq!((line, key.as_str()), (Some(2), "colour"));
+        let (line, key, reason) = err("lb:\n  interfaces: [a]\ncolour: red\n");
+        assert_eq!((line, key.as_str()), (Some(3), "colour"));
         assert!(reason.contains("unknown field"), "{reason}");
-        let (line, key, reason) = err("interfaces: [a]\nmaps:\n  max_flows: many\n");
-        assert_eq!((line, key.as_str()), (Some(3), "maps.max_flows"));
+        let (line, key, reason) = err("lb:\n  colour: red\n");
+        assert_eq!((line, key.as_str()), (Some(2), "lb.colour"));
+        assert!(reason.contains("unknown field"), "{reason}");
+        let (line, key, reason) = err("conntrack:\n  max_flows: 1\n");
+        assert_eq!((line, key.as_str()), (Some(2), "conntrack.max_flows"));
+        assert!(reason.contains("unknown field"), "{reason}");
+        let (line, key, reason) = err("lb:\n  maps:\n    max_flows: many\n");
+        assert_eq!((line, key.as_str()), (Some(3), "lb.maps.max_flows"));
         assert!(reason.contains("invalid type"), "{reason}");
-        let (line, key, _) = err("interfaces: [a]\nmaps:\n  maglev_size: 100\n");
-        assert_eq!((line, key.as_str()), (Some(3), "maps.maglev_size"));
-        let (line, key, _) = err("xdp_mode: turbo\n");
-        assert_eq!((line, key.as_str()), (Some(1), "xdp_mode"));
+        let (line, key, _) = err("lb:\n  maps:\n    maglev_size: 100\n");
+        assert_eq!((line, key.as_str()), (Some(3), "lb.maps.maglev_size"));
+        let (line, key, _) = err("lb:\n  xdp_mode: turbo\n");
+        assert_eq!((line, key.as_str()), (Some(2), "lb.xdp_mode"));
         let (line, key, _) = err("features:\n  force_off: [lsm, warp]\n");
         assert_eq!((line, key.as_str()), (Some(2), "features.force_off[1]"));
-        let (line, key, _) = err("a: 1\nnat_port_range: 9-3\n");
+        let (line, key, _) = err("a: 1\nlb:\n  nat_port_range: 9-3\n");
         assert_eq!((line, key.as_str()), (Some(1), "a"));
+        let (line, key, reason) = err("lb:\n  nat_port_range: 9-3\n");
+        assert_eq!((line, key.as_str()), (Some(2), "lb.nat_port_range"));
+        assert!(reason.contains("MIN is above MAX"), "{reason}");
+        let (line, key, reason) = err("lb:\n  nat_port_range: 0-10\n");
+        assert_eq!((line, key.as_str()), (Some(2), "lb.nat_port_range"));
+        assert!(reason.contains("not a port"), "{reason}");
+        let (_, _, reason) = err("lb:\n  nat_port_range: \"1024\"\n");
+        assert!(reason.contains("expected MIN-MAX"), "{reason}");
+        let (line, key, _) = err("lb:\n  maps:\n    max_services: 40000\n");
+        assert_eq!((line, key.as_str()), (Some(2), "lb.maps"));
+        let (line, key, _) = err("lb:\n  fib_cache_ms: 60001\n");
+        assert_eq!((line, key.as_str()), (Some(2), "lb.fib_cache_ms"));
+        // A value under an old key is refused under the name the file used.
+        let (line, key, _) = err("interfaces: [a]\nmaps:\n  max_flows: 0\n");
+        assert_eq!((line, key.as_str()), (Some(3), "maps.max_flows"));
         let (line, key, _) = err("nat_port_range: 9-3\n");
         assert_eq!((line, key.as_str()), (Some(1), "nat_port_range"));
+        let (line, key, _) = err("xdp_mode: turbo\n");
+        assert_eq!((line, key.as_str()), (Some(1), "xdp_mode"));
+        let (line, key, _) = err("maps:\n  max_services: 40000\n");
+        assert_eq!((line, key.as_str()), (Some(1), "maps"));
     }
 
     #[test]
@@ -898,13 +1352,42 @@ mod tests {
             .collect();
         let got = expand_interfaces(&["eth*".into(), "lbc".into()], &have, None).unwrap();
         assert_eq!(got, ["eth0", "eth1", "lbc"]);
-        let src = Source::from_text("c.yaml", "interfaces:\n  - eth0\n  - wlan*\n");
-        match expand_interfaces(&["eth0".into(), "wlan*".into()], &have, Some(&src)) {
-            Err(Error::Config { line, key, .. }) => {
-                assert_eq!((line, key.as_str()), (Some(3), "interfaces"))
+        let patterns = ["eth0".to_string(), "wlan*".to_string()];
+        for (text, line, key) in [
+            (
+                "lb:\n  interfaces:\n    - eth0\n    - wlan*\n",
+                4,
+                "lb.interfaces",
+            ),
+            ("interfaces:\n  - eth0\n  - wlan*\n", 3, "interfaces"),
+            (
+                "policy:\n  interfaces:\n    - wlan*\nlb:\n  interfaces:\n    - eth0\n    - wlan*\n",
+                7,
+                "lb.interfaces",
+            ),
+        ] {
+            match expand_interfaces(&patterns, &have, Some(&src(text))) {
+                Err(Error::Config {
+                    line: got_line,
+                    key: got_key,
+                    ..
+                }) => assert_eq!((got_line, got_key.as_str()), (Some(line), key), "{text}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        match expand_interfaces(&[], &have, Some(&src("lb:\n  enabled: true\n"))) {
+            Err(Error::Config { key, reason, .. }) => {
+                assert_eq!(key, "lb.interfaces");
+                assert!(
+                    reason.contains("set `lb.interfaces` or --iface"),
+                    "{reason}"
+                );
             }
             other => panic!("{other:?}"),
         }
+        let (line, key, _) = err("lb:\n  interfaces: [\"sixteen_chars_xx\"]\n");
+        assert_eq!((line, key.as_str()), (Some(2), "lb.interfaces"));
+        assert_eq!(unmatched(&patterns, &have), ["wlan*"]);
         assert!(glob_match("e?h*", "eth12"));
         assert!(!glob_match("eth", "eth0"));
     }
@@ -927,6 +1410,8 @@ mod tests {
             s.policy_state_file(),
             PathBuf::from("/var/lib/datapath/policy.json")
         );
+        // The policy's GC interval is its own, not the load balancer's conntrack's.
+        assert_eq!(s.conntrack.gc_interval, crate::gc::DEFAULT_SWEEP_INTERVAL);
         let (line, key, reason) = err("policy:\n  enabled: true\n  timeouts:\n    udp_secs: 2\n");
         assert_eq!((line, key.as_str()), (Some(4), "policy.timeouts.udp_secs"));
         assert!(reason.contains("unknown field"), "{reason}");
@@ -942,8 +1427,20 @@ mod tests {
 
     #[test]
     fn reload_refuses_restart_only_keys() {
-        let a = resolve("interfaces: [a]\n").unwrap();
-        let b = resolve("interfaces: [a, b]\nmaps:\n  max_flows: 77\n").unwrap();
-        assert_eq!(a.restart_only_changes(&b), ["maps.max_flows"]);
+        let a = resolve("lb:\n  interfaces: [a]\n").unwrap();
+        let b = resolve("lb:\n  interfaces: [a, b]\n  maps:\n    max_flows: 77\n").unwrap();
+        assert_eq!(a.restart_only_changes(&b), ["lb.maps.max_flows"]);
+        // The answer names the current keys also when the file used the old ones.
+        let c =
+            resolve("interfaces: [a]\nmaps:\n  max_flows: 77\ngc_interval_seconds: 1\n").unwrap();
+        assert_eq!(
+            a.restart_only_changes(&c),
+            ["lb.maps.max_flows", "conntrack.gc_interval_seconds"]
+        );
+        let d =
+            resolve("lb:\n  enabled: false\n  xdp_mode: native\nprog_stats:\n  enabled: false\n")
+                .unwrap();
+        assert!(a.restart_only_changes(&d).is_empty());
+        assert!(!d.module_enabled(Module::Lb) && !d.module_enabled(Module::ProgStats));
     }
 }

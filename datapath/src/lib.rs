@@ -20,6 +20,7 @@ pub mod policy;
 pub mod prog_stats;
 pub mod server;
 pub mod supervisor;
+pub mod text;
 
 // The paths of the modules before controllers, used by the tests, benchmarks and fuzzers.
 pub use ct::gc;

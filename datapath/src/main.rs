@@ -333,7 +333,7 @@ mod tests {
         assert_eq!(c.maglev_size, 65_537);
         assert_eq!((c.nat_port_min, c.nat_port_max), (1024, 65_535));
         assert_eq!(s.api_socket, PathBuf::from(datapath_api::DEFAULT_SOCKET));
-        assert_eq!(s.state_file, PathBuf::from(config::DEFAULT_STATE_FILE));
+        assert_eq!(s.lb.state_file, PathBuf::from(config::DEFAULT_STATE_FILE));
         assert_eq!(c.pin_root, PathBuf::from("/sys/fs/bpf/datapath"));
         assert_eq!(c.xdp_mode, XdpAttachMode::Auto);
         assert_eq!(s.metrics_listen, "0.0.0.0:9477".parse().ok());
@@ -345,14 +345,14 @@ mod tests {
         let file = dir.path().join("c.yaml");
         std::fs::write(
             &file,
-            "interfaces: [a]\nmaps:\n  max_flows: 100\n  max_services: 7\n",
+            "lb:\n  interfaces: [a]\n  maps:\n    max_flows: 100\n    max_services: 7\n",
         )
         .unwrap();
         let path = file.to_str().unwrap();
         let r = run_args(&["--config", path, "--max-flows", "200"]).unwrap();
         let (s, _) = r.settings().unwrap();
-        assert_eq!((s.max_flows, s.max_services), (200, 7));
-        assert_eq!(s.interfaces, ["veth0"], "--iface beats the file");
+        assert_eq!((s.lb.max_flows, s.lb.max_services), (200, 7));
+        assert_eq!(s.lb.interfaces, ["veth0"], "--iface beats the file");
     }
 
     #[test]

@@ -6,9 +6,12 @@
 //!   tests' snippets never panic;
 //! - a rejected file gives `Error::Config` naming a key, with a non-empty one-line message and,
 //!   when it names a line, a line of the file;
-//! - generated files (random keys, valid and invalid values, written out as YAML here) resolve
-//!   to exactly the documented meaning of each key over the defaults, and a file with one
-//!   invalid value is refused naming that key and its line;
+//! - generated files (random keys, valid and invalid values, written out as YAML here, each
+//!   key in the current layout or, when it has one, under its deprecated name) resolve to
+//!   exactly the documented meaning of each key over the defaults, with one deprecation per
+//!   old key used; a file with one invalid value is refused naming that key (as written) and
+//!   its line, and one giving a setting under both its old and its new key is refused naming
+//!   the new key and its line;
 //! - a reload of a rejected file (or of one changing a restart-only key) leaves the running
 //!   settings and module states exactly as they were, counts a failure and shows the error;
 //!   an accepted one puts the new settings in force. (The runtime has no capabilities here, so
@@ -23,7 +26,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use datapath::{
     Error,
     api::Controller,
-    config::{Overrides, Settings, Source},
+    config::{DEPRECATED_KEYS, Overrides, Settings, Source},
     dataplane::XdpAttachMode,
     features::Features,
     runtime::{LbPlane, Runtime},
@@ -58,6 +61,8 @@ const CONFIG_WORDS: &[&str] = &[
     "watch:",
     "poll_interval_ms:",
     "policy:",
+    "lb:",
+    "conntrack:",
     "enabled:",
     "event_rate:",
     "timeouts:",
@@ -97,12 +102,16 @@ const CONFIG_WORDS: &[&str] = &[
 fn seeds() -> Vec<String> {
     vec![
         include_str!("../../deploy/config.example.yaml").to_string(),
-        "interfaces: [a, b]\nmaps:\n  max_flows: 1000\n  max_services: 8\n".into(),
+        "lb:\n  interfaces: [a, b]\n  maps:\n    max_flows: 1000\n    max_services: 8\n".into(),
         "policy:\n  enabled: true\n  interfaces: [\"ep*\"]\n  gc_interval_seconds: 1\n  timeouts:\n    udp_seconds: 2\n".into(),
-        "interfaces: [a]\nmaps:\n  maglev_size: 100\n".into(),
+        "lb:\n  interfaces: [a]\n  maps:\n    maglev_size: 100\n".into(),
         "features:\n  force_off: [lsm, xdp]\nreload: {watch: false, poll_interval_ms: 5}\n".into(),
-        "{interfaces: [eth0], metrics_listen: off, nat_port_range: \"2000-3000\"}\n".into(),
+        "{lb: {interfaces: [eth0], nat_port_range: \"2000-3000\"}, metrics_listen: off}\n".into(),
         String::new(),
+        // The previous build's layout, still read.
+        include_str!("fixtures/config.previous.yaml").to_string(),
+        "interfaces: [a, b]\nmaps:\n  max_flows: 1000\n  max_services: 8\nconntrack:\n  gc_interval_seconds: 1\n".into(),
+        "interfaces: [a]\nlb:\n  interfaces: [b]\n".into(),
     ]
 }
 
@@ -143,8 +152,8 @@ fn check_config_text(text: &str) -> Result<(), TestCaseError> {
             // Accepted settings are consistent: what the dataplane would be started with
             // validates, and resolving is a function of the text.
             prop_assert!(s.dataplane_config().validate().is_ok());
-            prop_assert!(s.nat_port_min >= 1 && s.nat_port_min <= s.nat_port_max);
-            prop_assert!(s.fib_cache <= Duration::from_secs(60));
+            prop_assert!(s.lb.nat_port_min >= 1 && s.lb.nat_port_min <= s.lb.nat_port_max);
+            prop_assert!(s.lb.fib_cache <= Duration::from_secs(60));
             prop_assert!(s.poll_interval >= Duration::from_millis(1));
             prop_assert!(s.restart_only_changes(s).is_empty());
             let again = resolve(text).ok();
@@ -182,8 +191,10 @@ fn fuzz_config_mutated_examples() {
 fn every_seed_resolves_as_its_tests_say() {
     let seeds = seeds();
     for (i, seed) in seeds.iter().enumerate() {
-        // The fourth seed is the unit tests' non-prime Maglev size.
-        assert_eq!(resolve(seed).is_err(), i == 3, "seed {i}: {seed}");
+        // The fourth seed is the unit tests' non-prime Maglev size, the last one gives the same
+        // setting under its old and its new key.
+        let refused = i == 3 || i == seeds.len() - 1;
+        assert_eq!(resolve(seed).is_err(), refused, "seed {i}: {seed}");
     }
 }
 
@@ -191,11 +202,14 @@ fn every_seed_resolves_as_its_tests_say() {
 // Generated files.
 // ---------------------------------------------------------------------------------------------
 
-/// One key of a generated file: its dotted path, the YAML text of its value, and what it
-/// does to the settings when it is valid (`None`: the documented rules refuse it).
+/// One key of a generated file: its dotted path as written, the current layout's path of the
+/// setting (the same unless written under its deprecated key), the YAML text of its value,
+/// and what it does to the settings when it is valid (`None`: the documented rules refuse
+/// it).
 #[derive(Clone, Debug)]
 struct GenKey {
     path: &'static str,
+    setting: &'static str,
     value: String,
     effect: Option<Effect>,
 }
@@ -222,21 +236,21 @@ enum Effect {
 
 fn apply_effect(s: &mut Settings, e: &Effect) {
     match e {
-        Effect::Interfaces(v) => s.interfaces = v.clone(),
-        Effect::XdpMode(m) => s.xdp_mode = *m,
-        Effect::InterfaceWait(v) => s.interface_wait = Duration::from_secs(*v),
+        Effect::Interfaces(v) => s.lb.interfaces = v.clone(),
+        Effect::XdpMode(m) => s.lb.xdp_mode = *m,
+        Effect::InterfaceWait(v) => s.lb.interface_wait = Duration::from_secs(*v),
         Effect::MetricsListen(v) => s.metrics_listen = *v,
-        Effect::NatPorts(a, b) => (s.nat_port_min, s.nat_port_max) = (*a, *b),
-        Effect::FibCacheMs(v) => s.fib_cache = Duration::from_millis(*v),
-        Effect::GcInterval(v) => s.gc_interval = Duration::from_secs(*v),
+        Effect::NatPorts(a, b) => (s.lb.nat_port_min, s.lb.nat_port_max) = (*a, *b),
+        Effect::FibCacheMs(v) => s.lb.fib_cache = Duration::from_millis(*v),
+        Effect::GcInterval(v) => s.conntrack.gc_interval = Duration::from_secs(*v),
         Effect::Map(key, v) => match *key {
-            "maglev_size" => s.maglev_size = *v,
-            "max_services" => s.max_services = *v,
-            "max_backends" => s.max_backends = *v,
-            _ => s.max_flows = *v,
+            "maglev_size" => s.lb.maglev_size = *v,
+            "max_services" => s.lb.max_services = *v,
+            "max_backends" => s.lb.max_backends = *v,
+            _ => s.lb.max_flows = *v,
         },
-        Effect::Lb(v) => s.lb_enabled = *v,
-        Effect::ProgStats(v) => s.prog_stats_enabled = *v,
+        Effect::Lb(v) => s.lb.enabled = *v,
+        Effect::ProgStats(v) => s.prog_stats.enabled = *v,
         Effect::Watch(v) => s.watch = *v,
         Effect::PollMs(v) => s.poll_interval = Duration::from_millis(*v),
         Effect::PolicyEnabled(v) => s.policy.enabled = *v,
@@ -252,7 +266,7 @@ fn apply_effect(s: &mut Settings, e: &Effect) {
                 _ => t.other_ns = ns,
             }
         }
-        Effect::StateFile(p) => s.state_file = p.clone(),
+        Effect::StateFile(p) => s.lb.state_file = p.clone(),
     }
 }
 
@@ -266,6 +280,7 @@ fn is_prime(n: u32) -> bool {
 fn key(path: &'static str, value: impl Into<String>, effect: Option<Effect>) -> GenKey {
     GenKey {
         path,
+        setting: path,
         value: value.into(),
         effect,
     }
@@ -312,28 +327,32 @@ fn gen_key() -> impl Strategy<Value = GenKey> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            key("interfaces", value, ok.then_some(Effect::Interfaces(names)))
+            key(
+                "lb.interfaces",
+                value,
+                ok.then_some(Effect::Interfaces(names)),
+            )
         }),
         prop_oneof![
             Just(key(
-                "xdp_mode",
+                "lb.xdp_mode",
                 "auto",
                 Some(Effect::XdpMode(XdpAttachMode::Auto))
             )),
             Just(key(
-                "xdp_mode",
+                "lb.xdp_mode",
                 "native",
                 Some(Effect::XdpMode(XdpAttachMode::Native))
             )),
             Just(key(
-                "xdp_mode",
+                "lb.xdp_mode",
                 "generic",
                 Some(Effect::XdpMode(XdpAttachMode::Generic))
             )),
-            Just(key("xdp_mode", "turbo", None)),
+            Just(key("lb.xdp_mode", "turbo", None)),
         ],
         any::<u64>().prop_map(|v| key(
-            "interface_wait_seconds",
+            "lb.interface_wait_seconds",
             v.to_string(),
             Some(Effect::InterfaceWait(v))
         )),
@@ -364,34 +383,34 @@ fn gen_key() -> impl Strategy<Value = GenKey> {
         (0u32..70_000, 0u32..70_000).prop_map(|(a, b)| {
             let ok = a >= 1 && b <= 65535 && a <= b;
             key(
-                "nat_port_range",
+                "lb.nat_port_range",
                 format!("\"{a}-{b}\""),
                 ok.then_some(Effect::NatPorts(a as u16, b as u16)),
             )
         }),
         prop_oneof![0u64..=60_000, 60_001u64..100_000].prop_map(|v| key(
-            "fib_cache_ms",
+            "lb.fib_cache_ms",
             v.to_string(),
             (v <= 60_000).then_some(Effect::FibCacheMs(v))
         )),
         any::<u64>().prop_map(|v| key(
-            "gc_interval_seconds",
+            "conntrack.gc_interval_seconds",
             v.to_string(),
             Some(Effect::GcInterval(v))
         )),
         (map_key, map_value).prop_map(|(k, v)| {
             let path = match k {
-                "maglev_size" => "maps.maglev_size",
-                "max_services" => "maps.max_services",
-                "max_backends" => "maps.max_backends",
-                _ => "maps.max_flows",
+                "maglev_size" => "lb.maps.maglev_size",
+                "max_services" => "lb.maps.max_services",
+                "max_backends" => "lb.maps.max_backends",
+                _ => "lb.maps.max_flows",
             };
             let ok = v != 0 && (k != "maglev_size" || is_prime(v));
             key(path, v.to_string(), ok.then_some(Effect::Map(k, v)))
         }),
-        any::<bool>().prop_map(|v| key("modules.lb", v.to_string(), Some(Effect::Lb(v)))),
+        any::<bool>().prop_map(|v| key("lb.enabled", v.to_string(), Some(Effect::Lb(v)))),
         any::<bool>().prop_map(|v| key(
-            "modules.prog_stats",
+            "prog_stats.enabled",
             v.to_string(),
             Some(Effect::ProgStats(v))
         )),
@@ -431,80 +450,124 @@ fn gen_key() -> impl Strategy<Value = GenKey> {
                 )
             }),
         "/[a-z/]{1,20}".prop_map(|p| key(
-            "state_file",
+            "lb.state_file",
             p.clone(),
             Some(Effect::StateFile(PathBuf::from(p)))
         )),
     ]
 }
 
-/// Writes the keys as block-style YAML, sections grouped, and returns the text and the line
-/// of each key (by index into `keys`).
+/// Writes the keys as block-style YAML, each section (and sub-section) once, and returns the
+/// text and the line of each key (by index into `keys`).
 fn render(keys: &[GenKey]) -> (String, Vec<usize>) {
     let mut out = String::from("# generated\n");
     let mut lines = vec![0; keys.len()];
     let mut line = 2;
-    // Top-level keys first, then each section with its keys (and sub-section).
-    let top: Vec<usize> = (0..keys.len())
-        .filter(|i| !keys[*i].path.contains('.'))
-        .collect();
-    for i in top {
-        out.push_str(&format!("{}: {}\n", keys[i].path, keys[i].value));
-        lines[i] = line;
-        line += 1;
-    }
-    for section in ["maps", "modules", "reload", "policy"] {
-        let members: Vec<usize> = (0..keys.len())
-            .filter(|i| keys[*i].path.starts_with(&format!("{section}.")))
-            .collect();
-        if members.is_empty() {
-            continue;
-        }
-        out.push_str(&format!("{section}:\n"));
-        line += 1;
-        let mut timeouts_open = false;
-        for i in members {
-            let rest = &keys[i].path[section.len() + 1..];
-            if let Some(leaf) = rest.strip_prefix("timeouts.") {
-                if !timeouts_open {
-                    out.push_str("  timeouts:\n");
-                    line += 1;
-                    timeouts_open = true;
-                }
-                out.push_str(&format!("    {leaf}: {}\n", keys[i].value));
-            } else {
-                out.push_str(&format!("  {rest}: {}\n", keys[i].value));
-            }
-            lines[i] = line;
+    // Sorted by section path, top-level keys first: every section's keys are then together,
+    // its sub-sections right after it.
+    let parent = |i: usize| -> Vec<&'static str> {
+        let mut segments: Vec<&'static str> = keys[i].path.split('.').collect();
+        segments.pop();
+        segments
+    };
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by_key(|&i| parent(i));
+    let mut open: Vec<&'static str> = Vec::new();
+    for i in order {
+        let want = parent(i);
+        let common = open.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        open.truncate(common);
+        for segment in &want[common..] {
+            out.push_str(&format!("{}{segment}:\n", "  ".repeat(open.len())));
+            open.push(segment);
             line += 1;
         }
+        let leaf = keys[i].path.rsplit('.').next().unwrap_or_default();
+        out.push_str(&format!(
+            "{}{leaf}: {}\n",
+            "  ".repeat(open.len()),
+            keys[i].value
+        ));
+        lines[i] = line;
+        line += 1;
     }
     (out, lines)
 }
 
+/// The deprecated key `new` replaced, if any.
+fn old_key(new: &str) -> Option<&'static str> {
+    DEPRECATED_KEYS
+        .iter()
+        .find(|(_, n)| *n == new)
+        .map(|(o, _)| *o)
+}
+
+/// A generated file: its keys, and whether the last one repeats an earlier setting under its
+/// other name (old or new), which must be refused.
+#[derive(Clone, Debug)]
+struct GenFile {
+    keys: Vec<GenKey>,
+    conflict: bool,
+}
+
 #[test]
 fn fuzz_config_generated() {
-    let strategy = proptest::collection::vec(gen_key(), 0..8).prop_map(|mut keys| {
-        // One value per key; policy timeouts last, so the other policy keys come before the
-        // `timeouts:` block that `render` opens.
-        let mut seen = Vec::new();
-        keys.retain(|k| {
-            let new = !seen.contains(&k.path);
-            seen.push(k.path);
-            new
+    let strategy = (
+        proptest::collection::vec((gen_key(), any::<bool>()), 0..8),
+        proptest::option::weighted(0.2, any::<proptest::sample::Index>()),
+    )
+        .prop_map(|(keys, conflict)| {
+            // One value per setting, some under their deprecated key.
+            let mut seen = Vec::new();
+            let mut keys: Vec<GenKey> = keys
+                .into_iter()
+                .filter(|(k, _)| {
+                    let new = !seen.contains(&k.setting);
+                    seen.push(k.setting);
+                    new
+                })
+                .map(|(mut k, deprecated)| {
+                    if deprecated && let Some(old) = old_key(k.setting) {
+                        k.path = old;
+                    }
+                    k
+                })
+                .collect();
+            // At most one invalid value, so the error to expect is known.
+            let mut bad = false;
+            keys.retain(|k| {
+                let keep = k.effect.is_some() || !bad;
+                bad |= k.effect.is_none();
+                keep
+            });
+            // Then, in a file of valid values, maybe one setting given twice.
+            let mut conflict_added = false;
+            if let Some(pick) = conflict
+                && !bad
+            {
+                let movable: Vec<&GenKey> = keys
+                    .iter()
+                    .filter(|k| old_key(k.setting).is_some())
+                    .collect();
+                if !movable.is_empty() {
+                    let mut twin = movable[pick.index(movable.len())].clone();
+                    twin.path = if twin.path == twin.setting {
+                        old_key(twin.setting).unwrap_or(twin.setting)
+                    } else {
+                        twin.setting
+                    };
+                    keys.push(twin);
+                    conflict_added = true;
+                }
+            }
+            GenFile {
+                keys,
+                conflict: conflict_added,
+            }
         });
-        keys.sort_by_key(|k| k.path.starts_with("policy.timeouts."));
-        // At most one invalid value, so the error to expect is known.
-        let mut bad = false;
-        keys.retain(|k| {
-            let keep = k.effect.is_some() || !bad;
-            bad |= k.effect.is_none();
-            keep
-        });
-        keys
-    });
-    fuzz_harness::check("config_generated", strategy, |keys| {
-        let (text, lines) = render(&keys);
+    fuzz_harness::check("config_generated", strategy, |file| {
+        let keys = &file.keys;
+        let (text, lines) = render(keys);
         let mut expected = Settings::default();
         let mut invalid = None;
         for (i, k) in keys.iter().enumerate() {
@@ -513,25 +576,59 @@ fn fuzz_config_generated() {
                 None => invalid = Some(i),
             }
         }
-        let result = resolve(&text);
+        if file.conflict {
+            // Refused at the new key of the setting given twice.
+            let twin = keys.last().map(|k| k.setting).unwrap_or_default();
+            invalid = keys.iter().position(|k| k.path == twin);
+        }
+        let result = Settings::resolve_with_deprecations(
+            Some(&Source::from_text(
+                "/etc/datapath/config.yaml",
+                text.as_str(),
+            )),
+            &Overrides::default(),
+        );
         match (invalid, result) {
-            (None, Ok(got)) => prop_assert_eq!(got, expected, "{}", text),
+            (None, Ok((got, deprecated))) => {
+                prop_assert_eq!(got, expected, "{}", text);
+                let mut used: Vec<&str> = keys
+                    .iter()
+                    .filter(|k| k.path != k.setting)
+                    .map(|k| k.path)
+                    .collect();
+                let mut warned: Vec<&str> = deprecated.iter().map(|d| d.old).collect();
+                used.sort_unstable();
+                warned.sort_unstable();
+                prop_assert_eq!(warned, used, "one warning per old key\n{}", text);
+                for d in &deprecated {
+                    prop_assert!(old_key(d.new) == Some(d.old), "{}", d);
+                }
+            }
             (None, Err(e)) => {
                 // Only the cross-key rule may refuse a file of valid values: the Maglev
                 // tables of every service must fit one map.
-                let tables = u64::from(expected.max_services) * 2 * u64::from(expected.maglev_size);
+                let lb = &expected.lb;
+                let tables = u64::from(lb.max_services) * 2 * u64::from(lb.maglev_size);
                 prop_assert!(tables > u64::from(u32::MAX / 4), "refused: {}\n{}", e, text);
                 let Error::Config { key, .. } = &e else {
                     return Err(TestCaseError::fail(format!("not a config error: {e}")));
                 };
-                prop_assert_eq!(key.as_str(), "maps", "{}", e);
+                // Named at the section the map sizes were written in.
+                let old = keys.iter().any(|k| k.path.starts_with("maps."));
+                prop_assert_eq!(key.as_str(), if old { "maps" } else { "lb.maps" }, "{}", e);
             }
             (Some(i), Err(e)) => {
-                let Error::Config { key, line, .. } = &e else {
+                let Error::Config {
+                    key, line, reason, ..
+                } = &e
+                else {
                     return Err(TestCaseError::fail(format!("not a config error: {e}")));
                 };
                 prop_assert_eq!(key.as_str(), keys[i].path, "{}\n{}", e, text);
                 prop_assert_eq!(*line, Some(lines[i]), "{}\n{}", e, text);
+                if file.conflict {
+                    prop_assert!(reason.contains("deprecated"), "{}", e);
+                }
             }
             (Some(i), Ok(_)) => {
                 prop_assert!(
@@ -573,8 +670,8 @@ fn rig(base: &str) -> ReloadRig {
     let store = Store::open(
         dir.path().join("state.json"),
         Limits {
-            max_services: settings.max_services,
-            max_backends: settings.max_backends,
+            max_services: settings.lb.max_services,
+            max_backends: settings.lb.max_backends,
         },
     )
     .expect("store");
