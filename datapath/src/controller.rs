@@ -128,8 +128,11 @@ pub trait Controller: Send + Sync + 'static {
     fn start(&self, settings: &Settings, blocker: Option<String>) -> Result<()>;
 
     /// Phase one of a reload to `settings`: do what can fail, keep what is needed to undo it.
-    fn prepare(self: Arc<Self>, settings: &Settings, blocker: Option<String>)
-        -> Result<Box<dyn Prepared>>;
+    fn prepare(
+        self: Arc<Self>,
+        settings: &Settings,
+        blocker: Option<String>,
+    ) -> Result<Box<dyn Prepared>>;
 
     /// Its long-running work, until `cancel`. An error or a panic is reported and the loop is
     /// started again with backoff; a loop with nothing to do waits for `cancel`.

@@ -36,29 +36,38 @@ struct StatusState {
 }
 
 async fn status(State(s): State<StatusState>) -> Json<StatusView> {
-    let interfaces = s
-        .lb
-        .lock()
-        .await
-        .plane()
-        .dataplane()
-        .map(|dp| {
-            dp.interfaces()
-                .into_iter()
-                .map(|(name, mode)| InterfaceStatus {
-                    name,
-                    xdp_mode: mode.name().to_string(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let sup = &s.sup;
-    Json(StatusView {
+    let interfaces: Vec<InterfaceStatus> =
+        s.lb.lock()
+            .await
+            .plane()
+            .dataplane()
+            .map(|dp| {
+                dp.interfaces()
+                    .into_iter()
+                    .map(|(name, mode)| InterfaceStatus {
+                        name,
+                        xdp_mode: mode.name().to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+    Json(status_view(&s.sup, interfaces, s.config_file.as_deref()))
+}
+
+/// Everything `GET /v1/status` shows; `interfaces`: the load balancer's.
+pub fn status_view(
+    sup: &Supervisor,
+    interfaces: Vec<InterfaceStatus>,
+    config_file: Option<&std::path::Path>,
+) -> StatusView {
+    StatusView {
         version: env!("CARGO_PKG_VERSION").to_string(),
         ready: sup.not_ready().is_none(),
-        config_file: s.config_file.as_ref().map(|p| p.display().to_string()),
+        config_file: config_file.map(|p| p.display().to_string()),
         config_reloads: sup.reloads.load(std::sync::atomic::Ordering::SeqCst),
-        config_reload_failures: sup.reload_failures.load(std::sync::atomic::Ordering::SeqCst),
+        config_reload_failures: sup
+            .reload_failures
+            .load(std::sync::atomic::Ordering::SeqCst),
         last_reload_error: sup.last_reload_error(),
         interfaces,
         modules: sup
@@ -74,7 +83,63 @@ async fn status(State(s): State<StatusState>) -> Json<StatusView> {
             })
             .collect(),
         features: sup.features().views(),
-    })
+    }
+}
+
+/// The daemon's controllers, and typed handles of the two the daemon itself talks to.
+pub struct Controllers {
+    pub lb: Arc<LbController>,
+    pub conntrack: Arc<ConntrackController>,
+    pub all: Vec<DynController>,
+}
+
+/// Builds every controller on `bus`: one line each. The supervisor orders them by their
+/// dependencies; a new module is one folder and one line here.
+pub fn controllers(settings: &Settings, bus: &Bus) -> Result<Controllers> {
+    let lb = LbController::new(settings, bus)
+        .map_err(|e| e.context("cannot load the saved services"))?;
+    let conntrack = ConntrackController::new(settings, bus)?;
+    let all: Vec<DynController> = vec![
+        Arc::clone(&lb) as DynController,
+        ProgStats::new(bus)?,
+        PolicyController::new(settings, bus)?,
+        Arc::clone(&conntrack) as DynController,
+    ];
+    Ok(Controllers { lb, conntrack, all })
+}
+
+/// Reads the configuration file `path` again and reloads every controller with it (see
+/// [`Supervisor::reload`]). A file that is invalid, or changes a key that needs a restart, is
+/// refused before any controller sees it; either way the outcome is logged, counted and
+/// shown by `lb-ctl status`.
+pub async fn reload_from_file(
+    sup: &Arc<Supervisor>,
+    path: &std::path::Path,
+    overrides: &Overrides,
+) -> Result<String> {
+    let new = Source::read(path).and_then(|source| {
+        let new = Settings::resolve(Some(&source), overrides)?;
+        let restart_only = sup.settings().restart_only_changes(&new);
+        if !restart_only.is_empty() {
+            return Err(Error::Config {
+                file: path.to_path_buf(),
+                line: None,
+                key: restart_only.join(", "),
+                reason: "changes only on restart (kernel map sizes, program constants, open \
+                         sockets and files)"
+                    .into(),
+            });
+        }
+        Ok(new)
+    });
+    match new {
+        Ok(new) => sup.reload(new).await,
+        Err(e) => {
+            let text = e.to_string();
+            sup.refuse_reload(e);
+            Err(Error::InvalidArgument(text))
+        }
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `source`: the configuration file as read at
@@ -100,17 +165,9 @@ pub async fn run(settings: Settings, source: Option<Source>, overrides: Override
               "missing capabilities: the modules that need them stay off (see deploy/README.md)");
     }
 
-    // The controllers, one line each; the supervisor orders them by their dependencies.
     let bus = Bus::new();
-    let lb = LbController::new(&settings, &bus).map_err(|e| e.context("cannot load the saved services"))?;
-    let conntrack = ConntrackController::new(&settings, &bus)?;
-    let controllers: Vec<DynController> = vec![
-        Arc::clone(&lb) as DynController,
-        ProgStats::new(&bus)?,
-        PolicyController::new(&settings, &bus)?,
-        Arc::clone(&conntrack) as DynController,
-    ];
-    let sup = Supervisor::new(controllers, bus, settings.clone(), features)?;
+    let Controllers { lb, conntrack, all } = controllers(&settings, &bus)?;
+    let sup = Supervisor::new(all, bus, settings.clone(), features)?;
 
     // Metrics and probes answer from the start: /healthz at once, /readyz once started.
     let metrics_task = match settings.metrics_listen {
@@ -161,11 +218,16 @@ pub async fn run(settings: Settings, source: Option<Source>, overrides: Override
     crate::bpffs_check::warn_if_private(&settings.pin_root);
     info!(
         services = lb.shared().lock().await.store().state().services.len(),
-        state_file = %settings.state_file.display(),
+        state_file = %settings.lb.state_file.display(),
         "ready: controllers up and the saved services restored"
     );
 
-    let reloader = tokio::spawn(reloader(Arc::clone(&sup), config_file.clone(), overrides, sighup));
+    let reloader = tokio::spawn(reloader(
+        Arc::clone(&sup),
+        config_file.clone(),
+        overrides,
+        sighup,
+    ));
     info!(socket = %settings.api_socket.display(), "serving the API");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Instant>();
     let ct = Arc::clone(&conntrack);
@@ -176,7 +238,10 @@ pub async fn run(settings: Settings, source: Option<Source>, overrides: Override
         };
         let _ = stop_tx.send(Instant::now());
         ct.stop_streams();
-        info!(signal = name, "stopping: finishing in-flight requests; the datapath stays attached");
+        info!(
+            signal = name,
+            "stopping: finishing in-flight requests; the datapath stays attached"
+        );
     };
     let mut router = axum::Router::new()
         .route("/v1/status", get(status))
@@ -245,27 +310,7 @@ async fn reloader(
         };
         seen = stamp(&path);
         info!(trigger = by, file = %path.display(), "reloading the configuration");
-        let new = Source::read(&path).and_then(|source| {
-            let new = Settings::resolve(Some(&source), &overrides)?;
-            let restart_only = sup.settings().restart_only_changes(&new);
-            if !restart_only.is_empty() {
-                return Err(Error::Config {
-                    file: path.clone(),
-                    line: None,
-                    key: restart_only.join(", "),
-                    reason: "changes only on restart (kernel map sizes, program constants, open \
-                             sockets and files)"
-                        .into(),
-                });
-            }
-            Ok(new)
-        });
-        match new {
-            // The supervisor logs, counts and shows the outcome.
-            Ok(new) => {
-                let _ = sup.reload(new).await;
-            }
-            Err(e) => sup.refuse_reload(e),
-        }
+        // The supervisor logs, counts and shows the outcome.
+        let _ = reload_from_file(&sup, &path, &overrides).await;
     }
 }

@@ -143,19 +143,30 @@ mod tests {
         let path = dir.path().join("sub/state.json");
         assert!(load_versioned::<Saved>(&path, 1, None).unwrap().is_none());
         save_versioned(&path, 1, &Saved { items: vec![1, 2] }).unwrap();
-        assert!(!tmp_path(&path).exists(), "the temporary file is renamed away");
+        assert!(
+            !tmp_path(&path).exists(),
+            "the temporary file is renamed away"
+        );
         let text = fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("{\n  \"version\": 1"), "{text}");
+        assert!(text.contains("\"version\": 1"), "{text}");
         let (v, got) = load_versioned::<Saved>(&path, 1, None).unwrap().unwrap();
         assert_eq!((v, got), (1, Saved { items: vec![1, 2] }));
 
         fs::write(&path, r#"{"items": [3]}"#).unwrap();
         let (v, got) = load_versioned::<Saved>(&path, 2, Some(1)).unwrap().unwrap();
-        assert_eq!((v, got.items), (1, vec![3]), "a file from before versioning");
-        let e = load_versioned::<Saved>(&path, 2, None).unwrap_err().to_string();
+        assert_eq!(
+            (v, got.items),
+            (1, vec![3]),
+            "a file from before versioning"
+        );
+        let e = load_versioned::<Saved>(&path, 2, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no \"version\""), "{e}");
         fs::write(&path, r#"{"version": 3, "items": []}"#).unwrap();
-        let e = load_versioned::<Saved>(&path, 2, None).unwrap_err().to_string();
+        let e = load_versioned::<Saved>(&path, 2, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("version 3 is not supported"), "{e}");
         fs::write(&path, "{not json").unwrap();
         assert!(load_versioned::<Saved>(&path, 2, None).is_err());

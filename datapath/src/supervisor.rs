@@ -45,13 +45,17 @@ struct Failpoints {
 impl Failpoints {
     fn parse(spec: &str) -> std::result::Result<Self, String> {
         let mut fp = Failpoints::default();
-        for item in spec.split([',', ';']).map(str::trim).filter(|s| !s.is_empty()) {
+        for item in spec
+            .split([',', ';'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             let (point, action) = item
                 .split_once('=')
                 .ok_or_else(|| format!("failpoint {item:?}: expected POINT=ACTION"))?;
-            let (controller, hook) = point
-                .split_once('.')
-                .ok_or_else(|| format!("failpoint {point:?}: expected CONTROLLER.run or CONTROLLER.prepare"))?;
+            let (controller, hook) = point.split_once('.').ok_or_else(|| {
+                format!("failpoint {point:?}: expected CONTROLLER.run or CONTROLLER.prepare")
+            })?;
             match (hook, action.split_once(':')) {
                 ("run", Some(("panic-after-ms", ms))) => {
                     let ms: u64 = ms
@@ -209,7 +213,12 @@ impl Supervisor {
         lock(&self.inner).features.clone()
     }
 
-    fn blocker(&self, c: &dyn Controller, features: &Features, settings: &Settings) -> Option<String> {
+    fn blocker(
+        &self,
+        c: &dyn Controller,
+        features: &Features,
+        settings: &Settings,
+    ) -> Option<String> {
         if !c.enabled(settings) {
             return None;
         }
@@ -353,7 +362,10 @@ impl Supervisor {
                 Ok(p) => prepared.push((c.name(), p)),
                 Err(e) => {
                     for (name, p) in prepared.into_iter().rev() {
-                        info!(controller = name, "rolling back its part of the refused reload");
+                        info!(
+                            controller = name,
+                            "rolling back its part of the refused reload"
+                        );
                         p.rollback();
                     }
                     return Err(e.context(format!("controller {} refused the reload", c.name())));
@@ -382,7 +394,10 @@ impl Supervisor {
             let task = lock(&slot.task).take();
             if let Some(mut task) = task {
                 if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                    warn!(controller = slot.controller.name(), "run loop did not stop in time; aborted");
+                    warn!(
+                        controller = slot.controller.name(),
+                        "run loop did not stop in time; aborted"
+                    );
                     task.abort();
                 }
             }
@@ -400,9 +415,11 @@ impl Supervisor {
         if !self.ready.load(Ordering::SeqCst) {
             return Some(lock(&self.inner).not_ready_reason.clone());
         }
-        self.slots
-            .iter()
-            .find_map(|s| s.controller.not_ready().map(|r| format!("{}: {r}", s.controller.name())))
+        self.slots.iter().find_map(|s| {
+            s.controller
+                .not_ready()
+                .map(|r| format!("{}: {r}", s.controller.name()))
+        })
     }
 
     pub fn last_reload_error(&self) -> Option<String> {
@@ -435,7 +452,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
-    use crate::controller::{Cancel, NoChange, RunFuture};
+    use crate::controller::{Cancel, RunFuture};
 
     /// A controller for the supervisor's own tests: counts its runs and fails as told.
     struct Probe {
@@ -448,7 +465,11 @@ mod tests {
     }
 
     impl Probe {
-        fn new(name: &'static str, after: &'static [&'static str], log: &Arc<Mutex<Vec<String>>>) -> Self {
+        fn new(
+            name: &'static str,
+            after: &'static [&'static str],
+            log: &Arc<Mutex<Vec<String>>>,
+        ) -> Self {
             Self {
                 name,
                 after,
@@ -535,7 +556,10 @@ mod tests {
         let flaky = Arc::new(flaky);
         let base = Arc::new(Probe::new("base", &[], &log));
         let sup = Supervisor::new(
-            vec![Arc::clone(&flaky) as DynController, Arc::clone(&base) as DynController],
+            vec![
+                Arc::clone(&flaky) as DynController,
+                Arc::clone(&base) as DynController,
+            ],
             Bus::new(),
             Settings::default(),
             features(),
@@ -552,8 +576,15 @@ mod tests {
         let flaky_report = reports.iter().find(|r| r.name == "flaky").unwrap();
         assert_eq!(flaky_report.restarts, 2);
         assert_eq!(flaky_report.last_failure.as_deref(), Some("run 1 fails"));
-        assert_eq!(reports.iter().find(|r| r.name == "base").unwrap().restarts, 0);
-        assert_eq!(base.runs.load(Ordering::SeqCst), 1, "the others keep running");
+        assert_eq!(
+            reports.iter().find(|r| r.name == "base").unwrap().restarts,
+            0
+        );
+        assert_eq!(
+            base.runs.load(Ordering::SeqCst),
+            1,
+            "the others keep running"
+        );
         sup.shutdown().await;
         let log = lock(&log).clone();
         assert_eq!(log[log.len() - 2..], ["stopped flaky", "stopped base"]);
@@ -567,7 +598,11 @@ mod tests {
         b.refuse_prepare = true;
         let c = Arc::new(Probe::new("c", &["b"], &log));
         let sup = Supervisor::new(
-            vec![c as DynController, Arc::new(b) as DynController, a as DynController],
+            vec![
+                c as DynController,
+                Arc::new(b) as DynController,
+                a as DynController,
+            ],
             Bus::new(),
             Settings::default(),
             features(),
@@ -575,8 +610,15 @@ mod tests {
         .unwrap();
         sup.start().await.unwrap();
         lock(&log).clear();
-        let e = sup.reload(Settings::default()).await.unwrap_err().to_string();
-        assert!(e.contains("controller b refused the reload") && e.contains("b refuses"), "{e}");
+        let e = sup
+            .reload(Settings::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("controller b refused the reload") && e.contains("b refuses"),
+            "{e}"
+        );
         assert_eq!(*lock(&log), ["prepare a", "rollback a"]);
         assert_eq!(sup.reload_failures.load(Ordering::SeqCst), 1);
         assert!(sup.last_reload_error().is_some());
@@ -591,10 +633,16 @@ mod tests {
         assert!(start_order(vec![cyc_a, cyc_b]).is_err());
         let lone = Arc::new(Probe::new("a", &["zz"], &log)) as DynController;
         assert!(start_order(vec![lone]).is_err());
-        let fp = Failpoints::parse("conntrack.run=panic-after-ms:1500, policy.prepare=error").unwrap();
+        let fp =
+            Failpoints::parse("conntrack.run=panic-after-ms:1500, policy.prepare=error").unwrap();
         assert_eq!(fp.panic_after["conntrack"], Duration::from_millis(1500));
         assert_eq!(fp.prepare_error, ["policy"]);
-        for bad in ["x", "a.run=panic", "a.start=error", "a.run=panic-after-ms:soon"] {
+        for bad in [
+            "x",
+            "a.run=panic",
+            "a.start=error",
+            "a.run=panic-after-ms:soon",
+        ] {
             assert!(Failpoints::parse(bad).is_err(), "{bad}");
         }
     }

@@ -1,5 +1,5 @@
 //! Fuzz target `config`: the daemon's configuration file (`datapath::config::Settings::resolve`)
-//! and its hot reload (`datapath::runtime::Runtime::reload`), see `docs/fuzzing.md`.
+//! and its hot reload (`datapath::daemon::reload_from_file`, every controller under a real supervisor), see `docs/fuzzing.md`.
 //!
 //! Properties:
 //! - arbitrary text, word soups and mutations of `deploy/config.example.yaml` and the unit
@@ -25,14 +25,13 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use datapath::{
     Error,
-    api::Controller,
+    bus::Bus,
     config::{DEPRECATED_KEYS, Overrides, Settings, Source},
+    daemon,
     dataplane::XdpAttachMode,
     features::Features,
-    runtime::{LbPlane, Runtime},
-    state::{Limits, Store},
+    supervisor::Supervisor,
 };
-use datapath_api::DesiredState;
 use proptest::prelude::*;
 
 const CONFIG_WORDS: &[&str] = &[
@@ -651,41 +650,49 @@ fn fuzz_config_generated() {
 struct ReloadRig {
     _dir: tempfile::TempDir,
     config: PathBuf,
-    runtime: Arc<Runtime>,
-    plane: LbPlane,
-    state: DesiredState,
+    overrides: Overrides,
+    rt: tokio::runtime::Runtime,
+    sup: Arc<Supervisor>,
+    lb: Arc<datapath::lb::LbController>,
 }
 
-/// A runtime whose configuration file holds `base`, without capabilities (so no module loads
-/// a program: only the configuration logic runs, also as root).
+impl ReloadRig {
+    fn status(&self) -> datapath_api::StatusView {
+        daemon::status_view(&self.sup, Vec::new(), Some(&self.config))
+    }
+}
+
+/// The daemon's controllers under a real supervisor, whose configuration file holds `base`,
+/// without capabilities (so no controller loads a program: only the configuration logic runs,
+/// also as root). Pins and state stay in a temporary directory.
 fn rig(base: &str) -> ReloadRig {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, base).expect("write config");
-    let settings = Settings::resolve(
-        Some(&Source::from_text(&config, base)),
-        &Overrides::default(),
-    )
-    .expect("base config is valid");
-    let store = Store::open(
-        dir.path().join("state.json"),
-        Limits {
-            max_services: settings.lb.max_services,
-            max_backends: settings.lb.max_backends,
-        },
-    )
-    .expect("store");
-    let ctl = Arc::new(tokio::sync::Mutex::new(Controller::new(
-        store,
-        LbPlane::off("fuzz"),
-    )));
-    let runtime = Runtime::new(ctl, settings, Features::default(), Some(config.clone()));
+    let overrides = Overrides {
+        pin_root: Some(dir.path().join("pins")),
+        state_file: Some(dir.path().join("state.json")),
+        ..Overrides::default()
+    };
+    let settings = Settings::resolve(Some(&Source::from_text(&config, base)), &overrides)
+        .expect("base config is valid");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let bus = Bus::new();
+    let controllers = daemon::controllers(&settings, &bus).expect("controllers");
+    let lb = Arc::clone(&controllers.lb);
+    let sup =
+        Supervisor::new(controllers.all, bus, settings, Features::default()).expect("supervisor");
+    rt.block_on(sup.start()).expect("start");
     ReloadRig {
         _dir: dir,
         config,
-        runtime,
-        plane: LbPlane::off("fuzz"),
-        state: DesiredState::default(),
+        overrides,
+        rt,
+        sup,
+        lb,
     }
 }
 
@@ -701,27 +708,30 @@ fn fuzz_config_reload_loses_nothing() {
     fuzz_harness::check("config_reload", strategy, move |(seed, mutations)| {
         let rig = &mut *rig.borrow_mut();
         let text = fuzz_yaml::mutate(&seeds[seed], &mutations, CONFIG_WORDS);
-        let before = rig.runtime.settings();
-        let status_before = rig.runtime.status(&rig.plane);
+        let before = rig.sup.settings();
+        let status_before = rig.status();
         std::fs::write(&rig.config, &text).expect("write config");
         let expected = Settings::resolve(
             Some(&Source::from_text(&rig.config, text.as_str())),
-            &Overrides::default(),
+            &rig.overrides,
         );
-        rig.runtime
-            .reload(&mut rig.plane, &rig.state, &Overrides::default());
-        let status = rig.runtime.status(&rig.plane);
+        let _ = rig.rt.block_on(daemon::reload_from_file(
+            &rig.sup,
+            &rig.config,
+            &rig.overrides,
+        ));
+        let status = rig.status();
         let accepted = match &expected {
             Ok(new) => before.restart_only_changes(new).is_empty(),
             Err(_) => false,
         };
         if accepted {
-            prop_assert_eq!(Some(rig.runtime.settings()), expected.ok());
+            prop_assert_eq!(Some(rig.sup.settings()), expected.ok());
             prop_assert_eq!(status.config_reloads, status_before.config_reloads + 1);
             prop_assert_eq!(status.last_reload_error, None);
         } else {
             prop_assert_eq!(
-                rig.runtime.settings(),
+                rig.sup.settings(),
                 before,
                 "a refused reload changes nothing"
             );
@@ -747,7 +757,11 @@ fn fuzz_config_reload_loses_nothing() {
             };
             prop_assert_eq!(names(&status), names(&status_before), "modules unchanged");
         }
-        prop_assert!(rig.plane.dataplane().is_none(), "nothing was loaded");
+        let lb = rig.lb.shared();
+        prop_assert!(
+            lb.blocking_lock().plane().dataplane().is_none(),
+            "nothing was loaded"
+        );
         Ok(())
     });
 }

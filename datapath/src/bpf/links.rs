@@ -42,7 +42,10 @@ pub fn adopt_or_attach<T>(
                 // The pin keeps the link, and the program now in it, alive; hold it by path.
                 let pinned = PinnedLink::from_pin(pin)
                     .map_err(link_error(format!("reopen pinned link {}", pin.display())))?;
-                info!(link = what, "adopted the pinned link: our program now runs in it");
+                info!(
+                    link = what,
+                    "adopted the pinned link: our program now runs in it"
+                );
                 return Ok((pinned, extra, LinkOrigin::Adopted));
             }
             Err(e) => {
@@ -72,6 +75,9 @@ pub fn unpin(pin: &Path) -> Result<()> {
     match std::fs::remove_file(pin) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("remove pinned link {}", pin.display()), e)),
+        Err(e) => Err(Error::io(
+            format!("remove pinned link {}", pin.display()),
+            e,
+        )),
     }
 }

@@ -329,4 +329,3 @@ pub fn update<K: Copy, V: Copy>(map: BorrowedFd<'_>, key: &K, value: &V) -> Resu
 pub fn read_all<K: Copy + Default, V: Copy + Default>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>> {
     lookup_all(map, 4_096)
 }
-

@@ -54,7 +54,10 @@ pub fn migrate_flat_pins(pin_root: &Path, dir: &Path, owned: &FlatPins<'_>) -> R
                 .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
         }
         std::fs::rename(&from, &to).map_err(|e| {
-            Error::io(format!("move pin {} to {}", from.display(), to.display()), e)
+            Error::io(
+                format!("move pin {} to {}", from.display(), to.display()),
+                e,
+            )
         })?;
         moved += 1;
         Ok(())
@@ -152,11 +155,11 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
-
 /// Removes the files under `dir` whose parent directory is named `links` (at any depth), so
 /// every pinned link detaches before any map goes.
 fn unpin_links(dir: &Path) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
         let path = entry.path();

@@ -4,11 +4,7 @@ use std::sync::Arc;
 use aya::maps::{MapData, RingBuf};
 use tracing::warn;
 
-use crate::{
-    Error, Result,
-    bus::Topic,
-    controller::Cancel,
-};
+use crate::{Error, Result, bus::Topic, controller::Cancel};
 
 /// Reads `ring` until `cancel`, turning each record of at least `size_of::<R>()` bytes into an
 /// event with `convert` and publishing it on `topic`. Each wake-up reads at most `max_batch`

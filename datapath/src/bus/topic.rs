@@ -219,8 +219,20 @@ mod tests {
         slow.recv_many(&mut got, 10).await;
         assert_eq!(got, vec![2, 3, 4, 5], "the newest events are kept");
         let stats = topic.subscribers();
-        assert_eq!(stats["fast"], SubscriberCounts { delivered: 6, lost: 0 });
-        assert_eq!(stats["slow"], SubscriberCounts { delivered: 4, lost: 2 });
+        assert_eq!(
+            stats["fast"],
+            SubscriberCounts {
+                delivered: 6,
+                lost: 0
+            }
+        );
+        assert_eq!(
+            stats["slow"],
+            SubscriberCounts {
+                delivered: 4,
+                lost: 2
+            }
+        );
         assert_eq!(topic.published(), 6);
         assert_eq!(
             stats["slow"].delivered + stats["slow"].lost,

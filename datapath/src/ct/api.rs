@@ -12,10 +12,7 @@ use axum::{
 use serde::Deserialize;
 
 use super::{ConntrackController, CtStats, FlowEventView, FlushAnswer, table::CtFilter};
-use crate::{
-    Error, Result,
-    server::ApiFailure,
-};
+use crate::{Error, Result, server::ApiFailure};
 
 /// The subscriber name of `GET /v1/flows?follow=true` streams in the loss counters.
 pub(super) const FOLLOWER: &str = "api_follow";
@@ -82,7 +79,10 @@ async fn list_conntrack(
 
 async fn flush_conntrack(State(ct): State<Shared>, q: QueryResult<CtQuery>) -> Answer<FlushAnswer> {
     let filter = ct_query(q)?;
-    blocking(&ct, move |ct| ct.flush(&filter).map(|removed| FlushAnswer { removed })).await
+    blocking(&ct, move |ct| {
+        ct.flush(&filter).map(|removed| FlushAnswer { removed })
+    })
+    .await
 }
 
 async fn conntrack_stats(State(ct): State<Shared>) -> Answer<CtStats> {

@@ -19,13 +19,13 @@ use std::{
     time::Duration,
 };
 
+use ::conntrack::{Timeouts, state_name};
 use bpf_common::{
     ct::{CtEntry, CtKey, POLICY_DIR_INGRESS, RULE_DEFAULT},
     policy::{
         EVENT_CLOSED, EVENT_CUT, EVENT_DENIED, EVENT_EXPIRED, EVENT_LOGGED, EVENT_OPENED, FlowEvent,
     },
 };
-use ::conntrack::{Timeouts, state_name};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -69,7 +69,12 @@ pub trait PolicyTable: Send + Sync {
     fn remove(&self, keys: &[CtKey]) -> Result<u64>;
     /// Removes flows idle past `timeouts` (at most `max_deletes`, never one refreshed since
     /// the scan); answers how many entries it read and the expired ones.
-    fn sweep(&self, timeouts: &Timeouts, now_ns: u64, max_deletes: usize) -> Result<(u64, Vec<(CtKey, CtEntry)>)>;
+    fn sweep(
+        &self,
+        timeouts: &Timeouts,
+        now_ns: u64,
+        max_deletes: usize,
+    ) -> Result<(u64, Vec<(CtKey, CtEntry)>)>;
     fn capacity(&self) -> u64;
     /// Rule names by id, to name the rule of an expired flow.
     fn rule_names(&self) -> BTreeMap<u32, String>;
@@ -269,7 +274,10 @@ impl ConntrackController {
     fn lb_gc<T>(&self, f: impl FnOnce(&mut FlowGc) -> Result<T>) -> Option<Result<T>> {
         let tables = (*self.lb_tables.get()).clone()?;
         let mut sweeper = lock(&self.sweeper);
-        let stale = sweeper.lb.as_ref().is_none_or(|(t, _)| !Arc::ptr_eq(t, &tables));
+        let stale = sweeper
+            .lb
+            .as_ref()
+            .is_none_or(|(t, _)| !Arc::ptr_eq(t, &tables));
         if stale {
             let dup = |fd: &OwnedFd| fd.as_fd().try_clone_to_owned();
             let opened = match (dup(&tables.flows), dup(&tables.nat_reverse)) {
@@ -416,7 +424,8 @@ impl ConntrackController {
         let timeouts = self.settings().policy.timeouts;
         let (scanned, expired) = policy.sweep(&timeouts, monotonic_now_ns(), GC_MAX_DELETES)?;
         self.gc_sweeps.fetch_add(1, Ordering::Relaxed);
-        self.gc_expired.fetch_add(expired.len() as u64, Ordering::Relaxed);
+        self.gc_expired
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
         let names = policy.rule_names();
         for (key, entry) in &expired {
             let event = FlowEvent {
@@ -434,7 +443,8 @@ impl ConntrackController {
                 state: entry.state,
                 _pad: [0; 4],
             };
-            self.events.publish(FlowEventView::from_event(&event, &names));
+            self.events
+                .publish(FlowEventView::from_event(&event, &names));
         }
         if !expired.is_empty() {
             info!(
@@ -454,7 +464,8 @@ impl ConntrackController {
             return Ok(());
         };
         let report = report?;
-        self.lb_gc_expired.fetch_add(report.flows_expired, Ordering::Relaxed);
+        self.lb_gc_expired
+            .fetch_add(report.flows_expired, Ordering::Relaxed);
         if report.flows_expired + report.nat_orphans_removed + report.deferred > 0 {
             info!(
                 scanned = report.flows_scanned,
@@ -493,9 +504,14 @@ async fn run(ct: Arc<ConntrackController>, mut cancel: Cancel) -> Result<()> {
     let idle = Duration::from_secs(1);
     loop {
         let settings = ct.settings();
-        let (lb_every, policy_every) = (settings.gc_interval, settings.policy.gc_interval);
+        let (lb_every, policy_every) =
+            (settings.conntrack.gc_interval, settings.policy.gc_interval);
         // Zero disables a sweep; the loop then only wakes to read the settings again.
-        let lb_at = if lb_every.is_zero() { tokio::time::Instant::now() + idle } else { lb_next };
+        let lb_at = if lb_every.is_zero() {
+            tokio::time::Instant::now() + idle
+        } else {
+            lb_next
+        };
         let policy_at = if policy_every.is_zero() {
             tokio::time::Instant::now() + idle
         } else {
@@ -557,7 +573,11 @@ impl Controller for ConntrackController {
         Ok(())
     }
 
-    fn prepare(self: Arc<Self>, settings: &Settings, _: Option<String>) -> Result<Box<dyn Prepared>> {
+    fn prepare(
+        self: Arc<Self>,
+        settings: &Settings,
+        _: Option<String>,
+    ) -> Result<Box<dyn Prepared>> {
         Ok(Box::new(NewSettings(self, settings.clone())))
     }
 

@@ -11,7 +11,6 @@ use bpf_common::{
 use conntrack::state_name;
 use serde::{Deserialize, Serialize};
 
-
 /// The compiled tc object, embedded like the XDP one.
 
 pub const TABLE_POLICY: &str = "policy";
@@ -220,7 +219,6 @@ impl CtFilter {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +279,4 @@ mod tests {
             ..Default::default()
         });
     }
-
 }

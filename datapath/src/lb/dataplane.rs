@@ -1007,7 +1007,6 @@ fn sum_counter(map: &PerCpuArray<MapData, bpf_common::Counter>, id: u32) -> Resu
     }))
 }
 
-
 /// Attaches `program` to `interface` through a pinned bpf_link, or, when a link from a previous
 /// run is pinned, swaps the program inside it atomically (`bpf_link_update`) so no packet ever
 /// misses the program. See [`crate::bpf::links`].

@@ -127,12 +127,14 @@ impl metrics::Families for Families {
     }
 }
 
-
 /// The load balancer's collector.
 pub(super) struct LbCollector;
 
 impl LbCollector {
-    #[expect(clippy::new_ret_no_self, reason = "a constructor of the generic collector")]
+    #[expect(
+        clippy::new_ret_no_self,
+        reason = "a constructor of the generic collector"
+    )]
     pub(super) fn new(
         ctl: SharedController<LbPlane>,
         occupancy: StateReader<Occupancy>,
@@ -156,93 +158,93 @@ struct Scrape {
 
 impl Scrape {
     fn fill(&self, f: &Families) {
-    // The collector runs on the blocking pool (see `metrics`), where waiting for the
-    // controller is allowed.
-    let ctl = self.ctl.blocking_lock();
-    let Some(dp) = ctl.plane().dataplane() else {
-        return;
-    };
-    for (name, mode) in dp.interfaces() {
-        f.interface_attached
-            .with_label_values(&[name.as_str(), mode.name()])
-            .set(1);
-    }
-    match dp.interface_stats() {
-        Ok(interfaces) => {
-            for (name, counter) in interfaces {
-                f.interface_packets
-                    .with_label_values(&[name.as_str()])
-                    .inc_by(counter.packets);
-                f.interface_bytes
-                    .with_label_values(&[name.as_str()])
-                    .inc_by(counter.bytes);
-            }
+        // The collector runs on the blocking pool (see `metrics`), where waiting for the
+        // controller is allowed.
+        let ctl = self.ctl.blocking_lock();
+        let Some(dp) = ctl.plane().dataplane() else {
+            return;
+        };
+        for (name, mode) in dp.interfaces() {
+            f.interface_attached
+                .with_label_values(&[name.as_str(), mode.name()])
+                .set(1);
         }
-        Err(e) => tracing::warn!(error = %e, "cannot read the interface counters for a scrape"),
-    }
-    match ctl.stats() {
-        Ok(stats) => {
-            for s in &stats.services {
-                let port = s.port.to_string();
-                let proto = s.proto.to_string();
-                let vip = s.vip.to_string();
-                let labels = [vip.as_str(), port.as_str(), proto.as_str()];
-                f.service_packets
-                    .with_label_values(&labels)
-                    .inc_by(s.counters.packets);
-                f.service_bytes
-                    .with_label_values(&labels)
-                    .inc_by(s.counters.bytes);
-                for b in &s.backends {
-                    let backend = match b.addr {
-                        std::net::IpAddr::V4(a) => format!("{a}:{}", b.port),
-                        std::net::IpAddr::V6(a) => format!("[{a}]:{}", b.port),
-                    };
-                    let labels = [
-                        vip.as_str(),
-                        port.as_str(),
-                        proto.as_str(),
-                        backend.as_str(),
-                    ];
-                    f.backend_packets
-                        .with_label_values(&labels)
-                        .inc_by(b.counters.packets);
-                    f.backend_bytes
-                        .with_label_values(&labels)
-                        .inc_by(b.counters.bytes);
+        match dp.interface_stats() {
+            Ok(interfaces) => {
+                for (name, counter) in interfaces {
+                    f.interface_packets
+                        .with_label_values(&[name.as_str()])
+                        .inc_by(counter.packets);
+                    f.interface_bytes
+                        .with_label_values(&[name.as_str()])
+                        .inc_by(counter.bytes);
                 }
             }
-            for name in reason::NAMES {
-                let n = stats.reasons.get(name).copied().unwrap_or(0);
-                f.outcomes.with_label_values(&[name]).inc_by(n);
-                if let Some(cause) = name.strip_prefix("drop_") {
-                    f.drops.with_label_values(&[cause]).inc_by(n);
+            Err(e) => tracing::warn!(error = %e, "cannot read the interface counters for a scrape"),
+        }
+        match ctl.stats() {
+            Ok(stats) => {
+                for s in &stats.services {
+                    let port = s.port.to_string();
+                    let proto = s.proto.to_string();
+                    let vip = s.vip.to_string();
+                    let labels = [vip.as_str(), port.as_str(), proto.as_str()];
+                    f.service_packets
+                        .with_label_values(&labels)
+                        .inc_by(s.counters.packets);
+                    f.service_bytes
+                        .with_label_values(&labels)
+                        .inc_by(s.counters.bytes);
+                    for b in &s.backends {
+                        let backend = match b.addr {
+                            std::net::IpAddr::V4(a) => format!("{a}:{}", b.port),
+                            std::net::IpAddr::V6(a) => format!("[{a}]:{}", b.port),
+                        };
+                        let labels = [
+                            vip.as_str(),
+                            port.as_str(),
+                            proto.as_str(),
+                            backend.as_str(),
+                        ];
+                        f.backend_packets
+                            .with_label_values(&labels)
+                            .inc_by(b.counters.packets);
+                        f.backend_bytes
+                            .with_label_values(&labels)
+                            .inc_by(b.counters.bytes);
+                    }
+                }
+                for name in reason::NAMES {
+                    let n = stats.reasons.get(name).copied().unwrap_or(0);
+                    f.outcomes.with_label_values(&[name]).inc_by(n);
+                    if let Some(cause) = name.strip_prefix("drop_") {
+                        f.drops.with_label_values(&[cause]).inc_by(n);
+                    }
                 }
             }
+            Err(e) => tracing::warn!(error = %e, "cannot read the datapath counters for a scrape"),
         }
-        Err(e) => tracing::warn!(error = %e, "cannot read the datapath counters for a scrape"),
-    }
-    let occupancy = self.occupancy.get();
-    for usage in dp.map_usage(occupancy.lb_flows, occupancy.lb_nat_reverse) {
-        f.map_entries
-            .with_label_values(&[usage.name])
-            .set(usage.entries as i64);
-        f.map_capacity
-            .with_label_values(&[usage.name])
-            .set(usage.capacity as i64);
-    }
-    if *self.prog_stats.get() {
-        match dp.program_info() {
-            Ok(info) => {
-                f.prog_runs
-                    .with_label_values(&[super::dataplane::PROGRAM_LB])
-                    .inc_by(info.run_count());
-                f.prog_run_seconds
-                    .with_label_values(&[super::dataplane::PROGRAM_LB])
-                    .set(info.run_time().as_secs_f64());
+        let occupancy = self.occupancy.get();
+        for usage in dp.map_usage(occupancy.lb_flows, occupancy.lb_nat_reverse) {
+            f.map_entries
+                .with_label_values(&[usage.name])
+                .set(usage.entries as i64);
+            f.map_capacity
+                .with_label_values(&[usage.name])
+                .set(usage.capacity as i64);
+        }
+        if *self.prog_stats.get() {
+            match dp.program_info() {
+                Ok(info) => {
+                    f.prog_runs
+                        .with_label_values(&[super::dataplane::PROGRAM_LB])
+                        .inc_by(info.run_count());
+                    f.prog_run_seconds
+                        .with_label_values(&[super::dataplane::PROGRAM_LB])
+                        .set(info.run_time().as_secs_f64());
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read xdp_lb's program info"),
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read xdp_lb's program info"),
         }
-    }
     }
 }

@@ -139,7 +139,7 @@ impl LbController {
     /// touched: it would otherwise be reconciled down to less than what was declared).
     pub fn new(settings: &Settings, bus: &Bus) -> Result<Arc<Self>> {
         let dp_config = settings.dataplane_config();
-        let store = Store::open(&settings.state_file, Limits::from_config(&dp_config))?;
+        let store = Store::open(&settings.lb.state_file, Limits::from_config(&dp_config))?;
         Ok(Arc::new(Self {
             ctl: Arc::new(tokio::sync::Mutex::new(server::Controller::new(
                 store,
@@ -150,7 +150,10 @@ impl LbController {
                 health: Health::default(),
                 waiting: None,
             }),
-            tables: Mutex::new(bus.state::<Option<Arc<LbFlowTables>>>(LB_TABLES)?.writer()?),
+            tables: Mutex::new(
+                bus.state::<Option<Arc<LbFlowTables>>>(LB_TABLES)?
+                    .writer()?,
+            ),
             occupancy: bus.state::<Occupancy>(OCCUPANCY)?.reader(),
             prog_stats: bus.state::<bool>(crate::prog_stats::ENABLED)?.reader(),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -193,16 +196,17 @@ impl LbController {
     /// Waits (bounded by `interface_wait`) until every configured pattern matches an
     /// interface, then expands the patterns.
     fn wait_for_interfaces(&self, settings: &Settings) -> Result<Vec<String>> {
-        let deadline = Instant::now() + settings.interface_wait;
+        let deadline = Instant::now() + settings.lb.interface_wait;
         loop {
             let existing = config::interface_names();
-            let missing = config::unmatched(&settings.interfaces, &existing);
+            let missing = config::unmatched(&settings.lb.interfaces, &existing);
             let stopping = self.stopping.load(std::sync::atomic::Ordering::SeqCst);
             if missing.is_empty() || Instant::now() >= deadline || stopping {
                 lock(&self.inner).waiting = None;
-                return config::expand_interfaces(&settings.interfaces, &existing, None);
+                return config::expand_interfaces(&settings.lb.interfaces, &existing, None);
             }
-            lock(&self.inner).waiting = Some(format!("waiting for interfaces {}", missing.join(", ")));
+            lock(&self.inner).waiting =
+                Some(format!("waiting for interfaces {}", missing.join(", ")));
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -210,14 +214,14 @@ impl LbController {
     fn set_health(&self, settings: &Settings, plane: &LbPlane, reason: Option<String>) {
         let up = plane.dataplane().is_some();
         lock(&self.inner).health = Health {
-            enabled: settings.lb_enabled,
+            enabled: settings.lb.enabled,
             up,
             reason: if up { None } else { reason },
         };
     }
 
     fn off_reason(settings: &Settings, blocker: Option<String>) -> Option<String> {
-        if !settings.lb_enabled {
+        if !settings.lb.enabled {
             Some("disabled by the configuration".into())
         } else {
             blocker
@@ -251,8 +255,14 @@ enum LbChange {
 impl Prepared for LbChange {
     fn commit(self: Box<Self>) -> Vec<String> {
         match *self {
-            LbChange::Interfaces { ctl, added, removed, settings } => {
-                let mut changes: Vec<String> = added.iter().map(|n| format!("attached {n}")).collect();
+            LbChange::Interfaces {
+                ctl,
+                added,
+                removed,
+                settings,
+            } => {
+                let mut changes: Vec<String> =
+                    added.iter().map(|n| format!("attached {n}")).collect();
                 let mut guard = ctl.ctl.blocking_lock();
                 let (_, plane) = guard.parts_mut();
                 if let Some(dp) = plane.dataplane_mut() {
@@ -271,12 +281,16 @@ impl Prepared for LbChange {
                 let mut guard = ctl.ctl.blocking_lock();
                 let (_, plane) = guard.parts_mut();
                 *plane = LbPlane::on(*dp);
-                ctl.publish_tables(plane, settings.max_flows);
+                ctl.publish_tables(plane, settings.lb.max_flows);
                 ctl.set_health(&settings, plane, None);
                 lock(&ctl.inner).settings = settings;
                 vec!["module lb up".into()]
             }
-            LbChange::Off { ctl, reason, settings } => {
+            LbChange::Off {
+                ctl,
+                reason,
+                settings,
+            } => {
                 let mut guard = ctl.ctl.blocking_lock();
                 let (_, plane) = guard.parts_mut();
                 if let Some(dp) = plane.dataplane_mut() {
@@ -287,7 +301,7 @@ impl Prepared for LbChange {
                     }
                 }
                 *plane = LbPlane::off(reason.clone());
-                ctl.publish_tables(plane, settings.max_flows);
+                ctl.publish_tables(plane, settings.lb.max_flows);
                 ctl.set_health(&settings, plane, Some(reason.clone()));
                 lock(&ctl.inner).settings = settings;
                 vec![format!("module lb off ({reason})")]
@@ -335,7 +349,7 @@ impl Controller for LbController {
     }
 
     fn enabled(&self, settings: &Settings) -> bool {
-        settings.lb_enabled
+        settings.lb.enabled
     }
 
     fn start(&self, settings: &Settings, blocker: Option<String>) -> Result<()> {
@@ -354,22 +368,34 @@ impl Controller for LbController {
         } else {
             *plane = LbPlane::off(reason.clone().unwrap_or_default());
         }
-        self.publish_tables(plane, settings.max_flows);
+        self.publish_tables(plane, settings.lb.max_flows);
         self.set_health(settings, plane, reason);
         lock(&self.inner).settings = settings.clone();
         Ok(())
     }
 
-    fn prepare(self: Arc<Self>, new: &Settings, blocker: Option<String>) -> Result<Box<dyn Prepared>> {
+    fn prepare(
+        self: Arc<Self>,
+        new: &Settings,
+        blocker: Option<String>,
+    ) -> Result<Box<dyn Prepared>> {
         let me = Arc::clone(&self);
         let reason = Self::off_reason(new, blocker);
         let mut guard = self.ctl.blocking_lock();
         let (store, plane) = guard.parts_mut();
         let change: Box<dyn Prepared> = match (plane.dataplane_mut(), reason) {
             (Some(dp), None) => {
-                let interfaces = config::expand_interfaces(&new.interfaces, &config::interface_names(), None)?;
+                let interfaces = config::expand_interfaces(
+                    &new.lb.interfaces,
+                    &config::interface_names(),
+                    None,
+                )?;
                 let current: Vec<String> = dp.interfaces().into_iter().map(|(n, _)| n).collect();
-                let removed = current.iter().filter(|i| !interfaces.contains(i)).cloned().collect();
+                let removed = current
+                    .iter()
+                    .filter(|i| !interfaces.contains(i))
+                    .cloned()
+                    .collect();
                 let mut added: Vec<String> = Vec::new();
                 for name in interfaces.iter().filter(|i| !current.contains(i)) {
                     if let Err(e) = dp.attach_interface(name) {
@@ -380,11 +406,24 @@ impl Controller for LbController {
                     }
                     added.push(name.clone());
                 }
-                Box::new(LbChange::Interfaces { ctl: me, added, removed, settings: new.clone() })
+                Box::new(LbChange::Interfaces {
+                    ctl: me,
+                    added,
+                    removed,
+                    settings: new.clone(),
+                })
             }
-            (Some(_), Some(reason)) => Box::new(LbChange::Off { ctl: me, reason, settings: new.clone() }),
+            (Some(_), Some(reason)) => Box::new(LbChange::Off {
+                ctl: me,
+                reason,
+                settings: new.clone(),
+            }),
             (None, None) => {
-                let interfaces = config::expand_interfaces(&new.interfaces, &config::interface_names(), None)?;
+                let interfaces = config::expand_interfaces(
+                    &new.lb.interfaces,
+                    &config::interface_names(),
+                    None,
+                )?;
                 migrate_flat_pins(&new.pin_root, &Self::pin_dir(new), &FLAT_PINS)?;
                 let mut dp = Dataplane::start(&Self::dataplane_config(new, interfaces))?;
                 if let Err(e) = dp.reconcile(store.state()) {
@@ -393,12 +432,16 @@ impl Controller for LbController {
                     }
                     return Err(e);
                 }
-                Box::new(LbChange::Up { ctl: me, dp: Box::new(dp), settings: new.clone() })
+                Box::new(LbChange::Up {
+                    ctl: me,
+                    dp: Box::new(dp),
+                    settings: new.clone(),
+                })
             }
             (None, Some(reason)) => {
                 drop(guard);
                 let mut inner = lock(&self.inner);
-                inner.health.enabled = new.lb_enabled;
+                inner.health.enabled = new.lb.enabled;
                 inner.health.reason = Some(reason);
                 inner.settings = new.clone();
                 return Ok(Box::new(NoChange));
@@ -432,7 +475,8 @@ impl Controller for LbController {
     }
 
     fn stop(&self) {
-        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -457,7 +501,10 @@ async fn warm_neighbours(lb: Arc<LbController>, mut cancel: Cancel) -> Result<()
             continue;
         };
         if seen.is_some_and(|seen| misses > seen) {
-            info!(misses, "next hops without a neighbour entry: priming backend neighbours");
+            info!(
+                misses,
+                "next hops without a neighbour entry: priming backend neighbours"
+            );
             dp.prime_neighbours();
         }
         seen = Some(misses);

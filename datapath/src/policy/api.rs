@@ -29,7 +29,10 @@ async fn get_policy(State(p): State<Shared>) -> Answer<PolicyStatus> {
     blocking(&p, |p| p.status()).await
 }
 
-async fn put_policy(State(p): State<Shared>, ApiJson(req): ApiJson<ApplyPolicy>) -> Answer<PolicyStatus> {
+async fn put_policy(
+    State(p): State<Shared>,
+    ApiJson(req): ApiJson<ApplyPolicy>,
+) -> Answer<PolicyStatus> {
     blocking(&p, move |p| p.apply_text(&req.text)).await
 }
 

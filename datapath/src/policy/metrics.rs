@@ -79,44 +79,44 @@ pub(super) fn collector(m: Arc<PolicyController>) -> FamilyCollector<Families> {
         if !up {
             return;
         }
-            let status = m.status();
-            if let Ok(status) = status {
-                f.generation
-                    .with_label_values::<&str>(&[])
-                    .set(i64::from(status.generation));
-                for r in &status.rules {
-                    let name = r.rule.label();
-                    let action = format!("{:?}", r.rule.action).to_lowercase();
-                    let labels = [
-                        r.rule.endpoint.as_str(),
-                        r.rule.direction.as_str(),
-                        name.as_str(),
-                        action.as_str(),
-                    ];
-                    f.rule_packets.with_label_values(&labels).inc_by(r.packets);
-                    f.rule_bytes.with_label_values(&labels).inc_by(r.bytes);
-                }
-                for ep in &status.endpoints {
-                    for (dir, c) in [("ingress", &ep.ingress), ("egress", &ep.egress)] {
-                        for (verdict, n) in [
-                            ("allowed", c.allowed),
-                            ("denied", c.denied),
-                            ("default", c.default_hits),
-                            ("tracked", c.tracked),
-                            ("cut", c.cut),
-                        ] {
-                            f.endpoint_verdicts
-                                .with_label_values(&[ep.endpoint.as_str(), dir, verdict])
-                                .inc_by(n);
-                        }
-                    }
-                }
-                for (name, n) in &status.reasons {
-                    f.packets.with_label_values(&[name.as_str()]).inc_by(*n);
-                    if let Some(cause) = name.strip_prefix("drop_") {
-                        f.drops.with_label_values(&[cause]).inc_by(*n);
+        let status = m.status();
+        if let Ok(status) = status {
+            f.generation
+                .with_label_values::<&str>(&[])
+                .set(i64::from(status.generation));
+            for r in &status.rules {
+                let name = r.rule.label();
+                let action = format!("{:?}", r.rule.action).to_lowercase();
+                let labels = [
+                    r.rule.endpoint.as_str(),
+                    r.rule.direction.as_str(),
+                    name.as_str(),
+                    action.as_str(),
+                ];
+                f.rule_packets.with_label_values(&labels).inc_by(r.packets);
+                f.rule_bytes.with_label_values(&labels).inc_by(r.bytes);
+            }
+            for ep in &status.endpoints {
+                for (dir, c) in [("ingress", &ep.ingress), ("egress", &ep.egress)] {
+                    for (verdict, n) in [
+                        ("allowed", c.allowed),
+                        ("denied", c.denied),
+                        ("default", c.default_hits),
+                        ("tracked", c.tracked),
+                        ("cut", c.cut),
+                    ] {
+                        f.endpoint_verdicts
+                            .with_label_values(&[ep.endpoint.as_str(), dir, verdict])
+                            .inc_by(n);
                     }
                 }
             }
+            for (name, n) in &status.reasons {
+                f.packets.with_label_values(&[name.as_str()]).inc_by(*n);
+                if let Some(cause) = name.strip_prefix("drop_") {
+                    f.drops.with_label_values(&[cause]).inc_by(*n);
+                }
+            }
+        }
     })
 }

@@ -17,11 +17,11 @@ use std::{
     time::Duration,
 };
 
+use ::conntrack::Timeouts;
 use bpf_common::{
     ct::{CtEntry, CtKey},
     policy::{FlowEvent, map_names},
 };
-use ::conntrack::Timeouts;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -334,11 +334,9 @@ impl PolicyController {
             context: format!("open pinned map {}", path.display()),
             source: Box::new(source),
         })?;
-        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(|source| {
-            Error::Map {
-                context: "open the flow-event ring buffer".into(),
-                source: Box::new(source),
-            }
+        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(|source| Error::Map {
+            context: "open the flow-event ring buffer".into(),
+            source: Box::new(source),
         })
     }
 }
@@ -352,7 +350,12 @@ impl PolicyTable for PolicyController {
         self.with_plane(|plane| plane.ct_remove(keys))
     }
 
-    fn sweep(&self, timeouts: &Timeouts, now_ns: u64, max_deletes: usize) -> Result<(u64, Vec<(CtKey, CtEntry)>)> {
+    fn sweep(
+        &self,
+        timeouts: &Timeouts,
+        now_ns: u64,
+        max_deletes: usize,
+    ) -> Result<(u64, Vec<(CtKey, CtEntry)>)> {
         self.with_plane(|plane| plane.ct_sweep_counted(timeouts, now_ns, max_deletes))
     }
 
@@ -400,7 +403,11 @@ async fn watch_interfaces(policy: Arc<PolicyController>) -> Result<()> {
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => warn!(error = %e, "cannot sync the policy's interfaces"),
-            Err(e) => return Err(Error::Internal(format!("policy interface sync failed: {e}"))),
+            Err(e) => {
+                return Err(Error::Internal(format!(
+                    "policy interface sync failed: {e}"
+                )));
+            }
         }
     }
 }
@@ -496,7 +503,11 @@ impl Controller for PolicyController {
         Ok(())
     }
 
-    fn prepare(self: Arc<Self>, settings: &Settings, blocker: Option<String>) -> Result<Box<dyn Prepared>> {
+    fn prepare(
+        self: Arc<Self>,
+        settings: &Settings,
+        blocker: Option<String>,
+    ) -> Result<Box<dyn Prepared>> {
         let old = self.settings();
         let (was_up, old_reason) = self.up();
         let old_blocker = (!was_up && old.enabled).then_some(old_reason);

@@ -24,8 +24,8 @@ use bpf_common::{
     Counter,
     ct::{CtEntry, CtKey, POLICY_DIR_INGRESS},
     policy::{
-        EndpointKey, EndpointPolicy, EndpointStats,
-        MAX_ENDPOINTS, MAX_RULE_LISTS, MAX_RULES, RULE_PREFIX_HEADER_BITS, RuleList, RulePrefix, defaults, globals, map_names, reason,
+        EndpointKey, EndpointPolicy, EndpointStats, MAX_ENDPOINTS, MAX_RULE_LISTS, MAX_RULES,
+        RULE_PREFIX_HEADER_BITS, RuleList, RulePrefix, defaults, globals, map_names, reason,
     },
 };
 use conntrack::{Timeouts, ct_timeout, is_expired};
@@ -881,4 +881,3 @@ impl PolicyPlane {
         &self.config.pin_root
     }
 }
-

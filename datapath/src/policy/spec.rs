@@ -24,26 +24,19 @@
 //! new flows are matched: replies and related ICMP errors of admitted flows pass through the
 //! conntrack.
 
-use std::{
-    collections::BTreeSet,
-    net::Ipv4Addr,
-};
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use bpf_common::{
     PROTO_ICMP, PROTO_TCP, PROTO_UDP,
     ct::{POLICY_DIR_EGRESS, POLICY_DIR_INGRESS},
     policy::{
-        ACTION_ALLOW, ACTION_DENY, ACTION_LOG, EndpointPolicy,
-        MAX_ENDPOINTS, MAX_RULE_LISTS, MAX_RULES, MAX_RULES_PER_LIST,
-        Rule, RuleList,
+        ACTION_ALLOW, ACTION_DENY, ACTION_LOG, EndpointPolicy, MAX_ENDPOINTS, MAX_RULE_LISTS,
+        MAX_RULES, MAX_RULES_PER_LIST, Rule, RuleList,
     },
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    Error, Result,
-    error::single_line,
-};
+use crate::{Error, Result, error::single_line};
 
 /// The compiled tc object, embedded like the XDP one.
 pub static TC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-tc"));
@@ -562,7 +555,6 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,4 +652,3 @@ mod tests {
         }
     }
 }
-

@@ -57,7 +57,7 @@ impl ProgStats {
 
     fn apply(&self, settings: &Settings, blocker: Option<String>, fd: Option<OwnedFd>) -> bool {
         let mut inner = lock(&self.inner);
-        let reason = if !settings.prog_stats_enabled {
+        let reason = if !settings.prog_stats.enabled {
             Some("disabled by the configuration".to_string())
         } else {
             blocker
@@ -72,7 +72,7 @@ impl ProgStats {
         }
         let up = inner.fd.is_some();
         inner.health = Health {
-            enabled: settings.prog_stats_enabled,
+            enabled: settings.prog_stats.enabled,
             up,
             reason: if up { None } else { reason },
         };
@@ -119,11 +119,11 @@ impl Controller for ProgStats {
     }
 
     fn enabled(&self, settings: &Settings) -> bool {
-        settings.prog_stats_enabled
+        settings.prog_stats.enabled
     }
 
     fn start(&self, settings: &Settings, blocker: Option<String>) -> Result<()> {
-        let fd = if settings.prog_stats_enabled && blocker.is_none() {
+        let fd = if settings.prog_stats.enabled && blocker.is_none() {
             let fd = enable_bpf_stats()?;
             info!("module prog_stats up: kernel BPF statistics enabled");
             Some(fd)
@@ -134,8 +134,12 @@ impl Controller for ProgStats {
         Ok(())
     }
 
-    fn prepare(self: Arc<Self>, settings: &Settings, blocker: Option<String>) -> Result<Box<dyn Prepared>> {
-        let wanted = settings.prog_stats_enabled && blocker.is_none();
+    fn prepare(
+        self: Arc<Self>,
+        settings: &Settings,
+        blocker: Option<String>,
+    ) -> Result<Box<dyn Prepared>> {
+        let wanted = settings.prog_stats.enabled && blocker.is_none();
         let have = lock(&self.inner).fd.is_some();
         // The only step that can fail, done now; turning off waits for the commit.
         let fd = if wanted && !have {
