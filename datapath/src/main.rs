@@ -175,24 +175,8 @@ impl FromStr for PortRange {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (min, max) = s
-            .split_once('-')
-            .ok_or_else(|| format!("expected MIN-MAX, e.g. 1024-65535, not {s:?}"))?;
-        let port = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|&p| p > 0)
-                .ok_or_else(|| format!("{p:?} is not a port from 1 to 65535"))
-        };
-        let range = PortRange {
-            min: port(min)?,
-            max: port(max)?,
-        };
-        if range.min > range.max {
-            return Err(format!("{s:?} is empty: MIN is above MAX"));
-        }
-        Ok(range)
+        let (min, max) = config::parse_nat_port_range(s)?;
+        Ok(PortRange { min, max })
     }
 }
 

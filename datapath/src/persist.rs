@@ -12,7 +12,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{Error, Result};
 
-fn parent_dir(path: &Path) -> &Path {
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

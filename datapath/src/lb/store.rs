@@ -17,10 +17,10 @@
 //! [`datapath_api::ServiceKey`] is a struct; each entry carries its own key.
 use std::{
     collections::BTreeSet,
-    fs::{self, DirBuilder, File, OpenOptions},
-    io::{self, Write},
+    fs::{self, DirBuilder},
+    io,
     net::IpAddr,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
 };
 
@@ -395,48 +395,12 @@ impl Store {
         };
         let mut json = serde_json::to_vec_pretty(&file).map_err(|e| persistence(e.into()))?;
         json.push(b'\n');
-        let tmp = tmp_path(&self.path);
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o644)
-                .open(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(persistence(e));
-        }
-        // Past the rename the file holds the new state; undoing the change now would make the
-        // dataplane and memory disagree with it. A failed directory flush only risks the
-        // rename on power loss, so it is reported, not rolled back.
-        if let Err(e) = File::open(parent_dir(&self.path)).and_then(|d| d.sync_all()) {
-            tracing::warn!(
-                path = %self.path.display(),
-                error = %e,
-                "state file saved but its directory could not be flushed; the last change may not survive a power loss"
-            );
-        }
+        crate::persist::write_atomic(&self.path, &json)?;
         Ok(())
     }
 }
 
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
+use crate::persist::parent_dir;
 
 fn service_not_found(key: &ServiceKey) -> Error {
     Error::NotFound(format!("service {key}"))
@@ -725,6 +689,7 @@ mod tests {
     use datapath_api::{BackendState, Protocol};
 
     use super::{testing::*, *};
+    use crate::persist::tmp_path;
 
     const LIMITS: Limits = Limits {
         max_services: 3,

@@ -191,18 +191,7 @@ impl std::str::FromStr for PortRange {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let port = |p: &str| {
-            p.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("invalid port {p:?} in {s:?} (0-65535)"))
-        };
-        let (min, max) = match s.split_once('-') {
-            Some((a, b)) => (port(a)?, port(b)?),
-            None => (port(s)?, port(s)?),
-        };
-        if min > max {
-            return Err(format!("port range {s:?} is empty (start > end)"));
-        }
+        let (min, max) = crate::text::parse_port_range(s)?;
         Ok(PortRange { min, max })
     }
 }
@@ -277,18 +266,7 @@ pub struct PolicySpec {
 /// (rules refuse unknown keys), so the k-th such line is endpoint k's. `None` when the count
 /// does not match (flow style, or a key spread over lines): no line rather than a wrong one.
 fn endpoint_lines(text: &str, endpoints: usize) -> Option<Vec<usize>> {
-    let lines: Vec<usize> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| {
-            let l = l.trim_start();
-            let l = l.strip_prefix('-').map_or(l, str::trim_start);
-            ["interface:", "\"interface\":", "'interface':"]
-                .iter()
-                .any(|k| l.starts_with(k))
-        })
-        .map(|(i, _)| i + 1)
-        .collect();
+    let lines = crate::text::key_lines(text, "interface");
     (lines.len() == endpoints).then_some(lines)
 }
 
@@ -530,30 +508,8 @@ impl CompiledPolicy {
     }
 }
 
-/// Shell-style pattern match with `*` and `?` (no character classes). Iterative, bounded by
-/// the lengths of both strings.
-pub fn pattern_matches(pattern: &str, name: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    let (mut pi, mut ni) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
-}
+/// Interface patterns of the policy file match as the configuration's do (one matcher).
+pub use crate::text::glob_match as pattern_matches;
 
 #[cfg(test)]
 mod tests {
