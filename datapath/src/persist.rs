@@ -28,13 +28,13 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` atomically: after a crash or a power loss the file holds either
-/// the old or the new content, never a mix. Creates missing parent directories.
+/// the old or the new content, never a mix. The directory must exist: one that disappeared
+/// under a running daemon is an error, not something to re-create silently.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let persistence = |source| Error::Persistence {
         path: path.to_path_buf(),
         source,
     };
-    fs::create_dir_all(parent_dir(path)).map_err(persistence)?;
     let tmp = tmp_path(path);
     let written = (|| {
         let mut f = OpenOptions::new()
@@ -64,13 +64,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Writes `value` as pretty JSON with a top-level `"version": version` in front of its fields
-/// (`value` must serialize to a JSON object).
+/// Writes `value` as pretty JSON with a top-level `"version": version` beside its fields
+/// (`value` must serialize to a JSON object), creating the directory if missing.
 pub fn save_versioned<T: Serialize>(path: &Path, version: u32, value: &T) -> Result<()> {
     let persistence = |e: serde_json::Error| Error::Persistence {
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     };
+    fs::create_dir_all(parent_dir(path)).map_err(|source| Error::Persistence {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut object = serde_json::Map::new();
     object.insert("version".into(), version.into());
     match serde_json::to_value(value).map_err(persistence)? {
