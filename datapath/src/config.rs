@@ -486,6 +486,26 @@ pub struct Settings {
     pub conntrack: ConntrackSettings,
     pub policy: PolicySettings,
     pub prog_stats: ProgStatsSettings,
+    /// The file the values came from, to name its lines in errors found later (an interface
+    /// pattern that matches nothing when a controller starts or reloads).
+    pub origin: Origin,
+}
+
+/// Where a [`Settings`] came from. Not part of its value: two settings with equal values are
+/// equal whatever file (or none) they were read from.
+#[derive(Clone, Debug, Default)]
+pub struct Origin(pub Option<Source>);
+
+impl PartialEq for Origin {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Origin {
+    pub fn source(&self) -> Option<&Source> {
+        self.0.as_ref()
+    }
 }
 
 impl Default for Settings {
@@ -502,6 +522,7 @@ impl Default for Settings {
             conntrack: ConntrackSettings::default(),
             policy: PolicySettings::default(),
             prog_stats: ProgStatsSettings::default(),
+            origin: Origin::default(),
         }
     }
 }
@@ -678,6 +699,7 @@ impl Settings {
             None => Vec::new(),
         };
         s.apply_overrides(overrides)?;
+        s.origin = Origin(file.cloned());
         Ok((s, deprecated))
     }
 

@@ -203,7 +203,11 @@ impl LbController {
             let stopping = self.stopping.load(std::sync::atomic::Ordering::SeqCst);
             if missing.is_empty() || Instant::now() >= deadline || stopping {
                 lock(&self.inner).waiting = None;
-                return config::expand_interfaces(&settings.lb.interfaces, &existing, None);
+                return config::expand_interfaces(
+                    &settings.lb.interfaces,
+                    &existing,
+                    settings.origin.source(),
+                );
             }
             lock(&self.inner).waiting =
                 Some(format!("waiting for interfaces {}", missing.join(", ")));

@@ -355,7 +355,7 @@ fn readyz_is_not_ready_until_the_program_is_attached() {
         text.contains("datapath_module_up{module=\"lb\"} 0"),
         "{text}"
     );
-    let links_dir = lab.daemon().pin_root.join("links");
+    let links_dir = lab.daemon().pin_root.join("lb").join("links");
     assert!(!links_dir.exists() || std::fs::read_dir(&links_dir).unwrap().count() == 0);
 
     ok(
@@ -654,7 +654,8 @@ fn a_feature_forced_off_disables_only_its_module() {
 
 /// `bpftool link show pinned` of each LB interface's link: interface -> (link id, prog id).
 fn link_ids(lab: &Lab) -> BTreeMap<String, (u64, u64)> {
-    let dir = lab.daemon().pin_root.join("links");
+    // The load balancer controller's links (docs/architecture.md, "Pins").
+    let dir = lab.daemon().pin_root.join("lb").join("links");
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(&dir).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -873,7 +874,7 @@ fn sigterm_exits_within_5s_leaving_traffic_flowing_and_cleanup_removes_everythin
     );
     let links = link_ids(&lab);
     let pin_root = lab.daemon().pin_root.clone();
-    let maps: Vec<u64> = std::fs::read_dir(&pin_root)
+    let maps: Vec<u64> = std::fs::read_dir(pin_root.join("lb"))
         .unwrap()
         .flatten()
         .filter(|e| e.path().is_file())
