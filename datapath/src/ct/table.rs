@@ -1,6 +1,5 @@
 //! The conntrack tables as the API shows them: [`CtFlow`], the listing filter [`CtFilter`].
 
-#[allow(unused_imports)]
 use crate::policy::spec::dir_name;
 use std::net::Ipv4Addr;
 

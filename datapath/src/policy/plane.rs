@@ -1,8 +1,6 @@
 //! [`PolicyPlane`]: the tc object's programs, maps and TCX links.
 
-#[allow(unused_imports)]
 use super::spec::*;
-#[allow(unused_imports)]
 use crate::ct::table::*;
 use std::{
     collections::BTreeMap,

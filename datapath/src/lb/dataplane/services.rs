@@ -1,0 +1,385 @@
+//! Programming services into the maps (see the atomicity rules in `super`).
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
+    os::fd::AsFd,
+};
+
+use aya::{maps::PerCpuValues, util::nr_cpus};
+use bpf_common::{
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_UNUSED, BackendInfo, FAMILY_IPV4, MODE_DSR,
+    MODE_FULL_NAT, VipAddrKey, VipInfo, VipKey, maglev_index, reason,
+};
+use datapath_api::{
+    BackendKey, BackendSpec, BackendState, DesiredState, ForwardingMode, ServiceSpec, StatsSnapshot,
+};
+use lb_core::maglev::{self, MaglevBackend};
+use tracing::warn;
+
+use crate::error::{Error, Result, map_error};
+
+use super::*;
+
+impl Dataplane {
+    /// Programs one service (new or changed) so that the datapath switches from its previous
+    /// table to the new one in a single map update. On error the previous table stays live.
+    pub fn apply_service(&mut self, service: &ServiceSpec) -> Result<()> {
+        let key = vip_key(&service.key)?;
+        if service.id >= self.config.max_services {
+            return Err(Error::CapacityExhausted(format!(
+                "service id {} beyond the configured {} services",
+                service.id, self.config.max_services
+            )));
+        }
+        let previous: BTreeMap<BackendKey, BackendSpec> = self
+            .programmed
+            .get(&service.key)
+            .map(|p| {
+                p.spec
+                    .backends
+                    .iter()
+                    .map(|b| (b.key(), b.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        // Resolve every backend's datapath record first: nothing is written if one fails.
+        let prime = true;
+        let mut records = Vec::with_capacity(service.backends.len());
+        for backend in &service.backends {
+            if backend.id >= self.config.max_backends {
+                return Err(Error::CapacityExhausted(format!(
+                    "backend id {} beyond the configured {} backends",
+                    backend.id, self.config.max_backends
+                )));
+            }
+            let addr = ipv4_of(backend.addr, "backend")?;
+            let snat = match service.snat_addr {
+                Some(snat) => {
+                    let snat = ipv4_of(snat, "SNAT address")?;
+                    // Still prime the neighbour.
+                    let _ = source_towards(addr, prime);
+                    snat
+                }
+                None => source_towards(addr, prime)?,
+            };
+            records.push((
+                backend,
+                BackendInfo {
+                    addr: addr16(addr),
+                    snat_addr: addr16(snat),
+                    port_be: backend.port.to_be(),
+                    family: FAMILY_IPV4,
+                    state: match backend.state {
+                        BackendState::Active => BACKEND_ACTIVE,
+                        BackendState::Draining => BACKEND_DRAINING,
+                    },
+                    generation: backend.generation,
+                },
+            ));
+        }
+
+        // The new table, over active backends only.
+        let active: Vec<&BackendSpec> = service
+            .backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .collect();
+        let identities: Vec<String> = active.iter().map(|b| b.key().to_string()).collect();
+        let table = if active.is_empty() {
+            Vec::new()
+        } else {
+            let members: Vec<MaglevBackend<'_>> = active
+                .iter()
+                .zip(&identities)
+                .map(|(b, identity)| MaglevBackend {
+                    key: identity.as_bytes(),
+                    weight: b.weight,
+                })
+                .collect();
+            maglev::build_table(&members, self.config.maglev_size)
+                .map_err(|e| Error::InvalidArgument(format!("maglev table: {e}")))?
+                .into_iter()
+                .map(|index| active[index as usize].id)
+                .collect::<Vec<u32>>()
+        };
+
+        // Step 1: backends that are new, or that become active, before the table can point at
+        // them. New slots start with zeroed counters.
+        let mut written_new = Vec::new();
+        for (backend, info) in &records {
+            let old = previous.get(&backend.key());
+            let is_new = old.is_none_or(|o| o.id != backend.id);
+            let becomes_active = old.is_some_and(|o| o.state != BackendState::Active)
+                && backend.state == BackendState::Active;
+            // A slot already pinned with this generation is the same backend from before a
+            // restart: keep its counters.
+            let already_pinned = self.backends.get(&backend.id, 0).is_ok_and(|pinned| {
+                pinned.state != BACKEND_UNUSED && pinned.generation == backend.generation
+            });
+            if is_new && !already_pinned {
+                self.reset_counter(CounterKind::Backend, backend.id)?;
+            }
+            if is_new || becomes_active {
+                if let Err(e) = self
+                    .backends
+                    .set(backend.id, *info, 0)
+                    .map_err(map_error(format!("write backend {}", backend.key())))
+                {
+                    self.free_backends(&written_new);
+                    return Err(e);
+                }
+                if is_new {
+                    written_new.push(backend.id);
+                }
+            }
+        }
+
+        // Step 2: the inactive table slot.
+        let current = self.vips.get(&key, 0).ok();
+        let slot = match current {
+            Some(info) if info.service_id == service.id => 1 - (info.table_slot & 1),
+            _ => 0,
+        };
+        if current.is_none_or(|info| info.service_id != service.id) {
+            self.reset_counter(CounterKind::Service, service.id)?;
+        }
+        // One BPF_MAP_UPDATE_BATCH per 8192 entries instead of a syscall per entry: a
+        // 65537-entry table goes live in milliseconds, not in a tenth of a second.
+        let entries: Vec<(u32, u32)> = table
+            .iter()
+            .enumerate()
+            .map(|(bucket, backend_id)| {
+                let index = maglev_index(service.id, slot, self.config.maglev_size, bucket as u32);
+                (index, *backend_id)
+            })
+            .collect();
+        let maglev_fd = aya::maps::IterableMap::map(&self.maglev).fd().as_fd();
+        if let Err(e) = crate::gc::update_all(maglev_fd, &entries) {
+            self.free_backends(&written_new);
+            return Err(match e {
+                Error::Io { context, source } => Error::io(
+                    format!("write the Maglev table of {} ({context})", service.key),
+                    source,
+                ),
+                other => other,
+            });
+        }
+
+        // Step 3: the flip.
+        let info = VipInfo {
+            service_id: service.id,
+            table_slot: slot,
+            active_backends: if table.is_empty() {
+                0
+            } else {
+                active.len() as u32
+            },
+            mode: match service.mode {
+                ForwardingMode::FullNat => MODE_FULL_NAT,
+                ForwardingMode::Dsr => MODE_DSR,
+            },
+            _pad: [0; 3],
+        };
+        if let Err(e) = self.vips.insert(key, info, 0).map_err(map_error(format!(
+            "switch {} to its new table",
+            service.key
+        ))) {
+            self.free_backends(&written_new);
+            return Err(e);
+        }
+        // Counts services per VIP address for the anomaly paths; an error here only affects
+        // how fragments to this address are counted.
+        let _ = self.vip_addrs.insert(vip_addr_key(service.key.vip)?, 1, 0);
+
+        // Step 4: backends leaving the active set, then removed backends.
+        for (backend, info) in &records {
+            if let Some(old) = previous.get(&backend.key())
+                && old.id == backend.id
+                && (old.state != backend.state || old.generation != backend.generation)
+                && backend.state != BackendState::Active
+            {
+                self.backends
+                    .set(backend.id, *info, 0)
+                    .map_err(map_error(format!("update backend {}", backend.key())))?;
+            }
+        }
+        let kept: BTreeSet<u32> = service.backends.iter().map(|b| b.id).collect();
+        let removed: Vec<u32> = previous
+            .values()
+            .map(|b| b.id)
+            .filter(|id| !kept.contains(id))
+            .collect();
+        self.free_backends(&removed);
+
+        let mut table_entries = BTreeMap::new();
+        for backend_id in &table {
+            *table_entries.entry(*backend_id).or_insert(0) += 1;
+        }
+        self.programmed.insert(
+            service.key,
+            Programmed {
+                spec: service.clone(),
+                table_entries,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a service: its VIP stops matching at once; its backend slots are freed.
+    pub fn remove_service(&mut self, service: &ServiceSpec) -> Result<()> {
+        let key = vip_key(&service.key)?;
+        match self.vips.remove(&key) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_error(format!("remove {}", service.key))(e)),
+        }
+        let address_still_used = self
+            .programmed
+            .keys()
+            .any(|k| *k != service.key && k.vip == service.key.vip);
+        if !address_still_used {
+            let _ = self.vip_addrs.remove(&vip_addr_key(service.key.vip)?);
+        }
+        let mut ids: Vec<u32> = service.backends.iter().map(|b| b.id).collect();
+        if let Some(programmed) = self.programmed.remove(&service.key) {
+            ids.extend(programmed.spec.backends.iter().map(|b| b.id));
+        }
+        self.free_backends(&ids);
+        Ok(())
+    }
+
+    /// At start: programs every service of `state` and removes whatever the pinned maps hold
+    /// that `state` does not.
+    pub fn reconcile(&mut self, state: &DesiredState) -> Result<()> {
+        for service in state.services.values() {
+            self.apply_service(service)?;
+        }
+        let wanted: HashSet<VipKey> = state.services.keys().map(vip_key).collect::<Result<_>>()?;
+        let stale: Vec<VipKey> = self
+            .vips
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            warn!(?key, "removing a VIP the state file does not know");
+            let _ = self.vips.remove(&key);
+        }
+        let wanted_addrs: HashSet<VipAddrKey> = state
+            .services
+            .keys()
+            .map(|k| vip_addr_key(k.vip))
+            .collect::<Result<_>>()?;
+        let stale_addrs: Vec<VipAddrKey> = self
+            .vip_addrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted_addrs.contains(k))
+            .collect();
+        for key in stale_addrs {
+            let _ = self.vip_addrs.remove(&key);
+        }
+        let used: BTreeSet<u32> = state
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let unused: Vec<u32> = (0..self.config.max_backends)
+            .filter(|id| !used.contains(id))
+            .filter(|id| {
+                self.backends
+                    .get(id, 0)
+                    .is_ok_and(|info| info.state != BACKEND_UNUSED)
+            })
+            .collect();
+        self.free_backends(&unused);
+        Ok(())
+    }
+
+    /// Reads every counter, summed over CPUs.
+    pub fn stats(&self) -> Result<StatsSnapshot> {
+        let mut snapshot = StatsSnapshot::default();
+        for programmed in self.programmed.values() {
+            let id = programmed.spec.id;
+            snapshot
+                .services
+                .insert(id, sum_counter(&self.vip_stats, id)?);
+            for backend in &programmed.spec.backends {
+                snapshot
+                    .backends
+                    .insert(backend.id, sum_counter(&self.backend_stats, backend.id)?);
+            }
+        }
+        for (index, name) in reason::NAMES.iter().enumerate() {
+            let values = self
+                .reasons
+                .get(&(index as u32), 0)
+                .map_err(map_error("read LB_REASONS"))?;
+            snapshot
+                .reasons
+                .insert((*name).to_string(), values.iter().sum());
+        }
+        Ok(snapshot)
+    }
+
+    /// Number of entries of service `service_id`'s live Maglev table that point at each backend
+    /// id.
+    pub fn table_entries(&self, service_id: u32) -> Result<BTreeMap<u32, u32>> {
+        Ok(self
+            .programmed
+            .values()
+            .find(|p| p.spec.id == service_id)
+            .map(|p| p.table_entries.clone())
+            .unwrap_or_default())
+    }
+
+    /// How many packets found no neighbour entry for their next hop (`pass_fib_no_neigh`).
+    pub fn neighbour_misses(&self) -> Result<u64> {
+        let values = self
+            .reasons
+            .get(&reason::PASS_FIB_NO_NEIGH, 0)
+            .map_err(map_error("read LB_REASONS"))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Makes the kernel resolve every programmed backend's neighbour entry again.
+    ///
+    /// Why: without a neighbour entry `bpf_fib_lookup` cannot give the next hop's MAC, and the
+    /// packet's fallback to the stack does not resolve it either - in full-NAT the rewritten
+    /// packet carries one of this node's own addresses as source, which the kernel drops as a
+    /// martian before it would send an ARP request, and in DSR the kernel has no route for the
+    /// VIP. The daemon calls this when `pass_fib_no_neigh` rises (a flushed or expired entry);
+    /// the client's retransmission then finds the neighbour.
+    pub fn prime_neighbours(&self) {
+        for programmed in self.programmed.values() {
+            for backend in &programmed.spec.backends {
+                if let IpAddr::V4(addr) = backend.addr
+                    && let Err(e) = source_towards(addr, true)
+                {
+                    warn!(backend = %addr, error = %e, "could not prime the neighbour entry");
+                }
+            }
+        }
+    }
+
+    fn free_backends(&mut self, ids: &[u32]) {
+        for id in ids {
+            if let Err(e) = self.backends.set(*id, BackendInfo::default(), 0) {
+                warn!(backend_id = id, error = %e, "could not free a backend slot");
+            }
+        }
+    }
+
+    fn reset_counter(&mut self, kind: CounterKind, id: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| Error::io("count possible CPUs", e))?;
+        let zeros = PerCpuValues::try_from(vec![bpf_common::Counter::default(); cpus])
+            .map_err(|e| Error::io("build per-CPU zeros", e))?;
+        let map = match kind {
+            CounterKind::Service => &mut self.vip_stats,
+            CounterKind::Backend => &mut self.backend_stats,
+        };
+        map.set(id, zeros, 0)
+            .map_err(map_error(format!("reset counters of id {id}")))
+    }
+}
