@@ -37,6 +37,12 @@ use bpf_common::{
     ct::{CT_F_ONE_WAY, CtEntry, CtKey},
     defaults, maglev_index, reason,
 };
+use bpf_lib::{
+    count::count_bytes,
+    frame::{XdpFrame, load16, store16, store32},
+    global,
+    verdict::xdp::{Verdict, drop, pass},
+};
 use conntrack::{
     Direction, TcpFlags, TcpState, canonical_key, direction_of, ipv4_key, new_entry,
     opens_new_connection, update_entry, update_entry_steady, with_port,
@@ -62,13 +68,6 @@ static FIB_CACHE_NS: u64 = defaults::FIB_CACHE_NS;
 /// Source ports a new full-NAT flow tries before it is dropped as `nat_ports_exhausted`.
 #[unsafe(no_mangle)]
 static NAT_PORT_TRIES: u32 = 8;
-
-/// Read a `.rodata` global so the compiler cannot fold in the default value.
-#[inline(always)]
-fn global<T: Copy>(value: &'static T) -> T {
-    // SAFETY: a valid, aligned static.
-    unsafe { core::ptr::read_volatile(value) }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Maps. All pinned by name under the daemon's pin root so the datapath keeps forwarding (and
@@ -125,127 +124,12 @@ static LB_IF_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(defaults::MAX_IFI
 static LB_REASONS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 // ---------------------------------------------------------------------------------------------
-// Frame access.
+// Counters (`bpf_lib::count` over this program's maps).
 // ---------------------------------------------------------------------------------------------
-
-// Offsets are bounded by `lb_core::parse::MAX_FRAME`: XDP frames without multi-buffer fit in
-// one page, and an explicit bound keeps the verifier's packet-pointer range below its 64 KiB
-// limit when it adds a variable offset (the IPv4 total length) to the packet pointer.
-
-/// Frame access for the verifier.
-///
-/// Every access reloads `data` and `data_end` from the context with volatile reads and checks
-/// `data + off + N <= data_end` right before handing out the pointer. Without the volatile
-/// reloads LLVM proves many of these checks redundant from earlier *scalar* comparisons (for
-/// example `l4_off + 20 <= ip_end` together with `data + ip_end <= data_end`) and deletes them;
-/// the verifier only tracks packet ranges through pointer comparisons and then rejects the
-/// load ("invalid access to packet").
-struct XdpFrame {
-    ctx: *mut aya_ebpf::bindings::xdp_md,
-}
-
-impl XdpFrame {
-    #[inline(always)]
-    fn new(ctx: &XdpContext) -> Self {
-        Self { ctx: ctx.ctx }
-    }
-
-    #[inline(always)]
-    fn bounds(&self) -> (usize, usize) {
-        // SAFETY: `ctx` is the program's context pointer for the whole invocation.
-        unsafe {
-            (
-                core::ptr::read_volatile(&(*self.ctx).data) as usize,
-                core::ptr::read_volatile(&(*self.ctx).data_end) as usize,
-            )
-        }
-    }
-}
-
-impl Frame for XdpFrame {
-    #[inline(always)]
-    fn fits(&self, len: usize) -> bool {
-        let (start, end) = self.bounds();
-        parse::span_fits(start, end, len)
-    }
-
-    #[inline(always)]
-    fn at<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]> {
-        let (start, end) = self.bounds();
-        parse::span_at::<N>(start, end, off).map(|ptr| ptr as *mut [u8; N])
-    }
-}
-
-/// Reads a 16-bit field as it sits in the packet.
-#[inline(always)]
-fn load16(frame: &XdpFrame, off: usize) -> Option<u16> {
-    let ptr = frame.at::<2>(off)?;
-    // SAFETY: bounds-checked by `at`; `[u8; 2]` has alignment 1.
-    Some(u16::from_ne_bytes(unsafe { *ptr }))
-}
-
-/// Writes a 16-bit field as it sits in the packet.
-#[inline(always)]
-fn store16(frame: &XdpFrame, off: usize, value: u16) -> Option<()> {
-    let ptr = frame.at::<2>(off)?;
-    // SAFETY: bounds-checked by `at`; `[u8; 2]` has alignment 1.
-    unsafe { *ptr = value.to_ne_bytes() };
-    Some(())
-}
-
-/// Writes a 32-bit field as it sits in the packet.
-#[inline(always)]
-fn store32(frame: &XdpFrame, off: usize, value: u32) -> Option<()> {
-    let ptr = frame.at::<4>(off)?;
-    // SAFETY: bounds-checked by `at`; `[u8; 4]` has alignment 1.
-    unsafe { *ptr = value.to_ne_bytes() };
-    Some(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Verdicts and counters.
-// ---------------------------------------------------------------------------------------------
-
-/// An XDP action and the reason it is counted under.
-#[derive(Clone, Copy)]
-struct Verdict {
-    action: u32,
-    reason: u32,
-}
-
-#[inline(always)]
-const fn pass(reason: u32) -> Verdict {
-    Verdict {
-        action: xdp_action::XDP_PASS,
-        reason,
-    }
-}
-
-#[inline(always)]
-const fn drop(reason: u32) -> Verdict {
-    Verdict {
-        action: xdp_action::XDP_DROP,
-        reason,
-    }
-}
 
 #[inline(always)]
 fn count_reason(reason: u32) {
-    if let Some(slot) = LB_REASONS.get_ptr_mut(reason) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *slot += 1 };
-    }
-}
-
-#[inline(always)]
-fn count_bytes(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
-    if let Some(counter) = map.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes;
-        }
-    }
+    bpf_lib::count::count_reason(&LB_REASONS, reason);
 }
 
 // ---------------------------------------------------------------------------------------------
