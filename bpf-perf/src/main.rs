@@ -24,6 +24,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use bpf_common::Counter;
+use bpf_lib::{count::count_bytes, frame::XdpFrame};
 
 /// Bytes of the template the generator writes at the start of every frame: Ethernet + IPv4 +
 /// TCP (54) rounded up to 8; the smallest frame (60 bytes without FCS) holds it.
@@ -80,30 +81,6 @@ static SINK_BY_DST: PerCpuArray<Counter> = PerCpuArray::with_max_entries(256, 0)
 #[map(name = "DROP_STATS")]
 static DROP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
 
-#[inline(always)]
-fn count(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
-    if let Some(counter) = map.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot; only this CPU touches it while the program runs.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes;
-        }
-    }
-}
-
-/// `(data, data_end)` reloaded from the context with volatile reads (the verifier only tracks
-/// packet ranges through pointer comparisons made right before the access).
-#[inline(always)]
-fn bounds(ctx: &XdpContext) -> (usize, usize) {
-    // SAFETY: `ctx.ctx` is the program's context pointer for the whole invocation.
-    unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-        )
-    }
-}
-
 /// Folds a 32-bit one's-complement sum to 16 bits.
 #[inline(always)]
 fn fold(mut sum: u32) -> u16 {
@@ -144,7 +121,7 @@ pub fn xdp_pktgen(ctx: XdpContext) -> u32 {
     match try_pktgen(&ctx) {
         Some(action) => action,
         None => {
-            count(&PKTGEN_STATS, 1, 0);
+            count_bytes(&PKTGEN_STATS, 1, 0);
             xdp_action::XDP_DROP
         }
     }
@@ -202,11 +179,11 @@ pub fn xdp_count_sink(ctx: XdpContext) -> u32 {
 }
 
 fn try_count_sink(ctx: &XdpContext) -> u32 {
-    let (start, end) = bounds(ctx);
+    let (start, end) = XdpFrame::new(ctx).bounds();
     let len = end.saturating_sub(start) as u64;
     // Ethernet (14) + IPv4 up to the destination address (20).
     if start + 34 > end {
-        count(&SINK_STATS, 1, len);
+        count_bytes(&SINK_STATS, 1, len);
         return xdp_action::XDP_PASS;
     }
     // SAFETY: `start + 34 <= end` was checked just above.
@@ -218,19 +195,19 @@ fn try_count_sink(ctx: &XdpContext) -> u32 {
         )
     };
     if ethertype != [0x08, 0x00] || version != 4 {
-        count(&SINK_STATS, 1, len);
+        count_bytes(&SINK_STATS, 1, len);
         return xdp_action::XDP_PASS;
     }
-    count(&SINK_STATS, 0, len);
-    count(&SINK_BY_DST, u32::from(dst_last), len);
+    count_bytes(&SINK_STATS, 0, len);
+    count_bytes(&SINK_BY_DST, u32::from(dst_last), len);
     xdp_action::XDP_DROP
 }
 
 /// The floor: counts and drops every frame.
 #[xdp]
 pub fn xdp_drop_count(ctx: XdpContext) -> u32 {
-    let (start, end) = bounds(&ctx);
-    count(&DROP_STATS, 0, end.saturating_sub(start) as u64);
+    let (start, end) = XdpFrame::new(&ctx).bounds();
+    count_bytes(&DROP_STATS, 0, end.saturating_sub(start) as u64);
     xdp_action::XDP_DROP
 }
 
@@ -250,7 +227,7 @@ pub fn xdp_redirect_floor(ctx: XdpContext) -> u32 {
 
 fn try_redirect_floor(ctx: &XdpContext) -> Option<u32> {
     let macs = *REDIRECT_MACS.get(0)?;
-    let (start, end) = bounds(ctx);
+    let (start, end) = XdpFrame::new(ctx).bounds();
     if start + 12 > end {
         return Some(xdp_action::XDP_PASS);
     }

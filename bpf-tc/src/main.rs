@@ -24,8 +24,6 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::__sk_buff,
-    helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
@@ -43,13 +41,15 @@ use bpf_common::{
         defaults, reason,
     },
 };
+use bpf_lib::{
+    count::count_bytes,
+    event::{self, Refused},
+    frame::TcFrame,
+    global, now_ns,
+    verdict::tc::{Verdict, drop, pass},
+};
 use conntrack::{Direction, TcpFlags, TcpState, direction_of, ipv4_key, new_entry, update_entry};
 use lb_core::parse::{self, Frame, L4, Outcome};
-
-/// Let the packet continue (next TCX program, then the stack).
-const TCX_NEXT: i32 = -1;
-/// Drop the packet.
-const TCX_DROP: i32 = 2;
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -66,12 +66,6 @@ const PULL_LEN: u32 = 128;
 
 #[unsafe(no_mangle)]
 static EVENT_RATE: u64 = defaults::EVENT_RATE;
-
-#[inline(always)]
-fn global<T: Copy>(value: &'static T) -> T {
-    // SAFETY: a valid, aligned static.
-    unsafe { core::ptr::read_volatile(value) }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Maps (pinned by name under the daemon's pin root).
@@ -108,79 +102,12 @@ static TC_EVENTS: RingBuf = RingBuf::pinned(defaults::EVENTS_BYTES, 0);
 static TC_EVENT_RATE: PerCpuArray<RateBucket> = PerCpuArray::pinned(1, 0);
 
 // ---------------------------------------------------------------------------------------------
-// Frame access (see `XdpFrame` in bpf-xdp: reload data/data_end volatilely on every access so
-// the verifier sees a pointer comparison right before each load).
+// Counters (`bpf_lib::count` over this program's maps).
 // ---------------------------------------------------------------------------------------------
-
-// Offsets are bounded by `lb_core::parse::MAX_FRAME`, as in bpf-xdp.
-
-struct TcFrame {
-    skb: *mut __sk_buff,
-}
-
-impl TcFrame {
-    #[inline(always)]
-    fn bounds(&self) -> (usize, usize) {
-        // SAFETY: `skb` is the program's context pointer for the whole invocation.
-        unsafe {
-            (
-                core::ptr::read_volatile(&(*self.skb).data) as usize,
-                core::ptr::read_volatile(&(*self.skb).data_end) as usize,
-            )
-        }
-    }
-}
-
-impl Frame for TcFrame {
-    /// Against the packet's real length (`skb->len`, L2 header included at TCX), not the
-    /// linear area: with scatter-gather or GRO the payload sits in page fragments, and judging
-    /// the IP total length against `data_end` dropped every such packet as malformed.
-    #[inline(always)]
-    fn fits(&self, len: usize) -> bool {
-        // SAFETY: `skb` is the program's context pointer for the whole invocation.
-        let skb_len = unsafe { core::ptr::read_volatile(&(*self.skb).len) } as usize;
-        len <= skb_len
-    }
-
-    #[inline(always)]
-    fn at<const N: usize>(&self, off: usize) -> Option<*mut [u8; N]> {
-        let (start, end) = self.bounds();
-        parse::span_at::<N>(start, end, off).map(|ptr| ptr as *mut [u8; N])
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Verdicts and counters.
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy)]
-struct Verdict {
-    action: i32,
-    reason: u32,
-}
-
-#[inline(always)]
-const fn pass(reason: u32) -> Verdict {
-    Verdict {
-        action: TCX_NEXT,
-        reason,
-    }
-}
-
-#[inline(always)]
-const fn drop(reason: u32) -> Verdict {
-    Verdict {
-        action: TCX_DROP,
-        reason,
-    }
-}
 
 #[inline(always)]
 fn count_reason(reason: u32) {
-    if let Some(slot) = TC_REASONS.get_ptr_mut(reason) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *slot += 1 };
-    }
+    bpf_lib::count::count_reason(&TC_REASONS, reason);
 }
 
 /// Which counter of `EndpointStats` to bump.
@@ -218,13 +145,7 @@ fn count_rule(slot: u32, rule_id: u32, bytes: u64) {
     if rule_id >= MAX_RULES {
         return;
     }
-    if let Some(counter) = TC_RULE_STATS.get_ptr_mut(slot * MAX_RULES + rule_id) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes;
-        }
-    }
+    count_bytes(&TC_RULE_STATS, slot * MAX_RULES + rule_id, bytes);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -279,7 +200,7 @@ fn try_policy(ctx: &TcContext, dir: u8) -> Verdict {
 
     // Headers may sit in paged data (GRO); pull what parsing needs into the linear area.
     let len = ctx.len();
-    let frame = TcFrame { skb };
+    let frame = TcFrame::new(ctx);
     let (start, end) = frame.bounds();
     let want = if len < PULL_LEN { len } else { PULL_LEN };
     if end.saturating_sub(start) < want as usize {
@@ -588,12 +509,6 @@ fn evaluate(
 // ---------------------------------------------------------------------------------------------
 
 #[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
-}
-
-#[inline(always)]
 fn event_from(entry: &CtEntry, key: &CtKey, kind: u8, now: u64) -> FlowEvent {
     FlowEvent {
         ts_ns: now,
@@ -612,54 +527,20 @@ fn event_from(entry: &CtEntry, key: &CtKey, kind: u8, now: u64) -> FlowEvent {
     }
 }
 
-/// Sends `event` when the per-CPU token bucket allows; counts what is not sent.
+/// Sends `event` when the per-CPU token bucket allows (`EVENT_RATE` per second); counts what
+/// is not sent.
 #[inline(always)]
 fn emit(event: &FlowEvent, now: u64) -> bool {
-    if !rate_allows(now) {
-        count_reason(reason::EVENT_RATE_LIMITED);
-        return false;
-    }
-    if TC_EVENTS.output::<FlowEvent>(event, 0).is_err() {
-        count_reason(reason::EVENT_LOST);
-        return false;
-    }
-    true
-}
-
-const TOKEN: u64 = 1_000_000_000;
-
-/// Token bucket: `EVENT_RATE` events per second, burst of `EVENT_RATE`. Tokens are scaled by
-/// 1e9 so that each nanosecond adds `EVENT_RATE` units.
-#[inline(always)]
-fn rate_allows(now: u64) -> bool {
-    let mut rate = global(&EVENT_RATE);
-    if rate == 0 {
-        return false;
-    }
-    if rate > 1_000_000 {
-        rate = 1_000_000;
-    }
-    let Some(bucket) = TC_EVENT_RATE.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-    let bucket = unsafe { &mut *bucket };
-    let cap = rate * TOKEN;
-    // A second refills the whole bucket: capping the gap keeps the product in range
-    // (at most 1e9 * 1e6) without a 128-bit multiply, which BPF does not have.
-    let mut elapsed = now.saturating_sub(bucket.last_ns);
-    if elapsed > TOKEN {
-        elapsed = TOKEN;
-    }
-    let refill = elapsed * rate;
-    let tokens = bucket.tokens.saturating_add(refill);
-    bucket.tokens = if tokens > cap { cap } else { tokens };
-    bucket.last_ns = now;
-    if bucket.tokens >= TOKEN {
-        bucket.tokens -= TOKEN;
-        true
-    } else {
-        false
+    match event::emit(&TC_EVENTS, &TC_EVENT_RATE, global(&EVENT_RATE), event, now) {
+        Ok(()) => true,
+        Err(Refused::RateLimited) => {
+            count_reason(reason::EVENT_RATE_LIMITED);
+            false
+        }
+        Err(Refused::Lost) => {
+            count_reason(reason::EVENT_LOST);
+            false
+        }
     }
 }
 

@@ -1,0 +1,69 @@
+//! Events to user space through a ring buffer, behind a per-CPU token bucket so that a flood
+//! of events cannot starve the ring (or the reader) of the ones that matter.
+
+use aya_ebpf::maps::{PerCpuArray, RingBuf};
+use bpf_common::policy::RateBucket;
+
+/// Why [`emit`] sent nothing; the caller counts it under its own reason.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The token bucket is empty (or the rate is 0).
+    RateLimited,
+    /// The ring buffer is full.
+    Lost,
+}
+
+/// Sends `event` to `ring` when the token bucket in `bucket[0]` allows `rate` events per second.
+#[inline(always)]
+pub fn emit<T>(
+    ring: &RingBuf,
+    bucket: &PerCpuArray<RateBucket>,
+    rate: u64,
+    event: &T,
+    now: u64,
+) -> Result<(), Refused> {
+    if !rate_allows(bucket, rate, now) {
+        return Err(Refused::RateLimited);
+    }
+    if ring.output::<T>(event, 0).is_err() {
+        return Err(Refused::Lost);
+    }
+    Ok(())
+}
+
+/// One event's worth of tokens.
+const TOKEN: u64 = 1_000_000_000;
+
+/// Token bucket: `rate` events per second (capped at 1e6), burst of `rate`. Tokens are scaled by
+/// 1e9 so that each nanosecond adds `rate` units.
+#[inline(always)]
+fn rate_allows(bucket: &PerCpuArray<RateBucket>, mut rate: u64, now: u64) -> bool {
+    if rate == 0 {
+        return false;
+    }
+    if rate > 1_000_000 {
+        rate = 1_000_000;
+    }
+    let Some(bucket) = bucket.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    let bucket = unsafe { &mut *bucket };
+    let cap = rate * TOKEN;
+    // A second refills the whole bucket: capping the gap keeps the product in range
+    // (at most 1e9 * 1e6) without a 128-bit multiply, which BPF does not have.
+    let mut elapsed = now.saturating_sub(bucket.last_ns);
+    if elapsed > TOKEN {
+        elapsed = TOKEN;
+    }
+    let refill = elapsed * rate;
+    let tokens = bucket.tokens.saturating_add(refill);
+    bucket.tokens = if tokens > cap { cap } else { tokens };
+    bucket.last_ns = now;
+    if bucket.tokens >= TOKEN {
+        bucket.tokens -= TOKEN;
+        true
+    } else {
+        false
+    }
+}

@@ -1,0 +1,67 @@
+//! Maps. All pinned by name under the daemon's pin root so the datapath keeps forwarding (and
+//! keeps its flows) across a daemon restart. Sizes are defaults; the daemon sets the real ones.
+//! Names, types and sizes are ABI: a daemon adopts the pins of the previous build.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use bpf_common::{
+    BackendInfo, Counter, FlowEntry, NatReverseEntry, VipAddrKey, VipInfo, VipKey, ct::CtKey,
+    defaults, reason,
+};
+
+#[map(name = "LB_VIPS")]
+pub(crate) static LB_VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(defaults::MAX_SERVICES, 0);
+
+#[map(name = "LB_VIP_ADDRS")]
+pub(crate) static LB_VIP_ADDRS: HashMap<VipAddrKey, u32> =
+    HashMap::pinned(defaults::MAX_SERVICES, 0);
+
+#[map(name = "LB_BACKENDS")]
+pub(crate) static LB_BACKENDS: Array<BackendInfo> = Array::pinned(defaults::MAX_BACKENDS, 0);
+
+/// `max_services * 2` Maglev tables of `MAGLEV_SIZE` backend ids (two per service: one live,
+/// one being rebuilt).
+#[map(name = "LB_MAGLEV")]
+pub(crate) static LB_MAGLEV: Array<u32> =
+    Array::pinned(defaults::MAX_SERVICES * 2 * defaults::MAGLEV_SIZE, 0);
+
+#[map(name = "LB_FLOWS")]
+pub(crate) static LB_FLOWS: LruHashMap<CtKey, FlowEntry> =
+    LruHashMap::pinned(defaults::MAX_FLOWS, 0);
+
+/// Where a new flow's entries are built before they are inserted: on the stack, beside the
+/// packet's state, the 136-byte flow entry and the 88-byte reverse entry exceed the verifier's
+/// 512-byte limit. Private to the program (never pinned, never read by the daemon): nothing in
+/// it outlives one invocation, and XDP programs are not preempted on their CPU.
+#[repr(C)]
+pub(crate) struct NewFlowScratch {
+    pub(crate) entry: FlowEntry,
+    pub(crate) reverse: NatReverseEntry,
+}
+
+#[map(name = "LB_NEW_FLOW")]
+pub(crate) static LB_NEW_FLOW: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "LB_NAT_REV")]
+pub(crate) static LB_NAT_REV: LruHashMap<CtKey, NatReverseEntry> =
+    LruHashMap::pinned(defaults::MAX_FLOWS, 0);
+
+/// Interfaces the program may redirect to, keyed by ifindex.
+#[map(name = "LB_TX_PORTS")]
+pub(crate) static LB_TX_PORTS: DevMapHash = DevMapHash::pinned(defaults::MAX_TX_PORTS, 0);
+
+#[map(name = "LB_VIP_STATS")]
+pub(crate) static LB_VIP_STATS: PerCpuArray<Counter> =
+    PerCpuArray::pinned(defaults::MAX_SERVICES, 0);
+
+#[map(name = "LB_BE_STATS")]
+pub(crate) static LB_BE_STATS: PerCpuArray<Counter> =
+    PerCpuArray::pinned(defaults::MAX_BACKENDS, 0);
+
+#[map(name = "LB_IF_STATS")]
+pub(crate) static LB_IF_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(defaults::MAX_IFINDEX, 0);
+
+#[map(name = "LB_REASONS")]
+pub(crate) static LB_REASONS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
