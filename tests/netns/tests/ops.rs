@@ -832,7 +832,7 @@ fn upgrade_binary() -> std::path::PathBuf {
         }
         None => {
             assert!(
-                std::env::var("DATAPATH_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+                !netns_tests::privilege::required(),
                 "DATAPATHD_UPGRADE_BIN is not set: build the upgrade variant with \
                  `DATAPATH_BPF_VARIANT=upgrade-test cargo build -p datapath` (cargo xtask test does)"
             );
