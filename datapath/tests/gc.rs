@@ -18,17 +18,10 @@ const SEC: u64 = 1_000_000_000;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 
+/// Returns false (skip) when the test cannot run; panics when it must run (see
+/// [`netns_tests::privilege::may_run`]).
 fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let reason = "not root: creating BPF maps needs root";
-    if std::env::var("DATAPATH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{reason} (DATAPATH_REQUIRE_PRIVILEGED=1)");
-    }
-    eprintln!("skipped: {reason}");
-    false
+    netns_tests::privilege::privileged_as_root("creating BPF maps")
 }
 
 fn addr(last: u8) -> [u32; 4] {

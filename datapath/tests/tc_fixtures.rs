@@ -32,17 +32,10 @@ const OUTSIDER: [u8; 4] = [198, 19, 7, 7];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const EP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 
+/// Returns false (skip) when the test cannot run; panics when it must run (see
+/// [`netns_tests::privilege::may_run`]).
 fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let reason = "not root: BPF_PROG_TEST_RUN and network namespaces need root";
-    if std::env::var("DATAPATH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{reason} (DATAPATH_REQUIRE_PRIVILEGED=1)");
-    }
-    eprintln!("skipped: {reason}");
-    false
+    netns_tests::privilege::privileged_as_root("BPF_PROG_TEST_RUN in a network namespace")
 }
 
 fn run(args: &[&str]) {
@@ -66,7 +59,7 @@ impl TestNetns {
     }
 
     fn name(&self) -> &str {
-        &self.0.name
+        self.0.name()
     }
 
     fn ip(&self, args: &[&str]) {

@@ -63,19 +63,10 @@ fn backend_mac(addr: [u8; 4]) -> [u8; 6] {
 // Privilege and namespace plumbing.
 // ---------------------------------------------------------------------------------------------
 
-/// Returns false (skip) when the test cannot run; panics when it must run.
+/// Returns false (skip) when the test cannot run; panics when it must run (see
+/// [`netns_tests::privilege::may_run`]).
 fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        return true;
-    }
-    let reason = "not root: BPF_PROG_TEST_RUN and network namespaces need root";
-    if std::env::var("DATAPATH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{reason} (DATAPATH_REQUIRE_PRIVILEGED=1)");
-    }
-    eprintln!("skipped: {reason}");
-    false
+    netns_tests::privilege::privileged_as_root("BPF_PROG_TEST_RUN in a network namespace")
 }
 
 fn run(args: &[&str]) {
@@ -99,7 +90,7 @@ impl TestNetns {
     }
 
     fn name(&self) -> &str {
-        &self.0.name
+        self.0.name()
     }
 
     fn ip(&self, args: &[&str]) {

@@ -28,28 +28,18 @@ use datapath::gc::{
     BPF_MAP_TYPE_LRU_HASH, FlowGc, GcConfig, create_hash_map, monotonic_now_ns, update_all,
 };
 use lb_core::maglev::{MaglevBackend, build_table};
-use netns_tests::{Binaries, Daemon, cmd::run_args};
+use netns_tests::{Binaries, Daemon, cmd::run_args, netns::OwnedNetns};
 
 const MAGLEV_SIZE: u32 = 65_537;
 const GC_ENTRIES: u32 = 1_000_000;
 const SEC: u64 = 1_000_000_000;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Skips a root-only bench with a message, or panics under `DATAPATH_REQUIRE_PRIVILEGED=1`.
-fn privileged(what: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    let reason = format!("{what}: not root, skipped (BPF maps and namespaces need root)");
-    if std::env::var("DATAPATH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{reason} (DATAPATH_REQUIRE_PRIVILEGED=1)");
-    }
-    eprintln!("{reason}");
-    false
+/// Skips a root-only bench with a message, or panics under `DATAPATH_REQUIRE_PRIVILEGED=1`
+/// (see [`netns_tests::privilege::may_run`]).
+fn privileged(bench: &str) -> bool {
+    netns_tests::privilege::privileged_as_root(&format!(
+        "the {bench} bench (BPF maps and namespaces)"
+    ))
 }
 
 fn out_dir() -> PathBuf {
@@ -187,27 +177,17 @@ impl Drop for LiveDaemon {
     }
 }
 
-/// Deletes the latency bench's namespace, also when setting it up panics.
-struct NsGuard(String);
-
-impl Drop for NsGuard {
-    fn drop(&mut self) {
-        let _ = run_args("ip", &["netns", "del", &self.0]);
-    }
-}
-
-fn start_daemon() -> (NsGuard, LiveDaemon) {
+/// The latency bench's namespace (deleted when dropped, also when setting it up panics) and
+/// the daemon in it.
+fn start_daemon() -> (OwnedNetns, LiveDaemon) {
     // Before anything can panic: the binaries must exist.
     let bins = Binaries::from_env();
-    let ns = format!("dplat{}", std::process::id());
-    run_args("ip", &["netns", "add", &ns]).expect("create namespace");
-    let guard = NsGuard(ns.clone());
+    let namespace =
+        OwnedNetns::create(&format!("dplat{}", std::process::id())).expect("create namespace");
+    let ns = namespace.name().to_string();
     let ip = |args: &[&str]| {
-        let mut full = vec!["-n", ns.as_str()];
-        full.extend_from_slice(args);
-        run_args("ip", &full).expect("ip");
+        namespace.ip(args).expect("ip");
     };
-    ip(&["link", "set", "lo", "up"]);
     for (dev, peer, addr) in [
         ("lbc", "lbc-p", "198.18.0.2/24"),
         ("lbb", "lbb-p", "198.18.1.1/24"),
@@ -232,7 +212,7 @@ fn start_daemon() -> (NsGuard, LiveDaemon) {
             ])
             .expect("backend add");
     }
-    (guard, live)
+    (namespace, live)
 }
 
 fn lb_ctl_to_live(c: &mut Criterion) {

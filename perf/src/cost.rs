@@ -32,7 +32,10 @@ use datapath::{
 };
 use datapath_api::{BackendSpec, BackendState, ForwardingMode, Protocol, ServiceKey, ServiceSpec};
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, TcpHeader};
-use netns_tests::{cmd::run_args, netns};
+use netns_tests::{
+    cmd::run_args,
+    netns::{self, OwnedNetns},
+};
 use serde::Serialize;
 
 use crate::report::Summary;
@@ -117,14 +120,15 @@ pub fn run(options: &CostOptions) -> Result<Vec<CostRow>> {
         "repeat and runs must be positive"
     );
     let name = format!("dpcost{}", std::process::id());
-    run_args("ip", &["netns", "add", &name])?;
+    let namespace = OwnedNetns::create(&name)?;
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/{name}"));
     let result = netns::run_in(&name, || {
         build_topology(&name).and_then(|()| measure_all(options, &pin_root))
     })
     .and_then(|inner| inner);
     let _ = cleanup(&pin_root);
-    let _ = run_args("ip", &["netns", "del", &name]);
+    // The pins first: the namespace goes with the programs' interfaces.
+    drop(namespace);
     result
 }
 
@@ -154,7 +158,6 @@ fn build_topology(ns: &str) -> Result<()> {
     let sysctl = |key: &str| -> Result<()> {
         run_args("ip", &["netns", "exec", ns, "sysctl", "-qw", key]).map(drop)
     };
-    ip(&["link", "set", "lo", "up"])?;
     // The program is really attached: IPv6 router solicitations on the new links would move
     // the counters the rows check exactly. Off before any link exists.
     sysctl("net.ipv6.conf.all.disable_ipv6=1")?;

@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use netns_tests::{
-    cmd, netns,
+    netns::OwnedNetns,
     topology::{exec_in, ip_in, sysctl_in},
 };
 
@@ -102,7 +102,8 @@ pub struct ForwardTopo {
     pub lb_front_mac: [u8; 6],
     /// MAC of `g0`.
     pub gen_mac: [u8; 6],
-    created: Vec<String>,
+    /// Every namespace, in creation order; deleted in reverse order on drop.
+    created: Vec<OwnedNetns>,
 }
 
 impl ForwardTopo {
@@ -124,13 +125,7 @@ impl ForwardTopo {
     }
 
     fn add_netns(&mut self, name: &str) -> Result<()> {
-        if netns::exists(name) {
-            // Left over by a run that died with the same pid: ours to reclaim.
-            let _ = cmd::run_args("ip", &["netns", "del", name]);
-        }
-        cmd::run_args("ip", &["netns", "add", name])?;
-        self.created.push(name.to_string());
-        ip_in(name, &["link", "set", "lo", "up"])?;
+        self.created.push(OwnedNetns::create(name)?);
         // No IPv6: router solicitations and the like would only add noise to the counters.
         sysctl_in(
             name,
@@ -299,10 +294,8 @@ impl ForwardTopo {
 
 impl Drop for ForwardTopo {
     fn drop(&mut self) {
-        for ns in self.created.iter().rev() {
-            if let Err(e) = cmd::run_args("ip", &["netns", "del", ns]) {
-                eprintln!("warning: deleting namespace {ns}: {e:#}");
-            }
+        while let Some(ns) = self.created.pop() {
+            drop(ns);
         }
     }
 }

@@ -12,6 +12,7 @@ mod demo;
 mod fuzz;
 mod setup;
 mod test;
+mod upgrade_from;
 mod util;
 
 use std::process::ExitCode;

@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 
 use crate::{
     setup,
+    upgrade_from::{self, UpgradeFrom},
     util::{self, command, is_root},
 };
 
@@ -40,7 +41,11 @@ pub enum Check {
     Fuzz,
     /// The namespace integration tests with the real daemon and CLI, then the load-balancer
     /// tests again with the policy module on the LB node (`DATAPATH_TEST_LB_POLICY=allow-all`).
+    /// First `upgrade-from`.
     Netns,
+    /// Only build the previous landed build (`tests/netns/upgrade-from`) that the upgrade test
+    /// starts from, unless it is already built (debug, under `target/upgrade-from/`).
+    UpgradeFrom,
     /// The benchmark suite once, in smoke mode: pktgen, per-program cost, forwarding rate,
     /// criterion benches (figures meaningless, only proves they still run).
     BenchSmoke,
@@ -49,6 +54,8 @@ pub enum Check {
 struct Step {
     name: &'static str,
     selected_by: &'static [Check],
+    /// Work done in this process, before the commands.
+    call: Option<Box<dyn Fn() -> Result<()>>>,
     commands: Vec<Command>,
 }
 
@@ -94,13 +101,14 @@ fn bpf_crates() -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn steps(bpf: &[String]) -> Vec<Step> {
+fn steps(bpf: &[String], upgrade_from: UpgradeFrom) -> Vec<Step> {
     let target = util::target_dir().join("debug");
     let upgrade_bin = util::target_dir().join("upgrade-variant").join("datapathd");
     let mut netns = cargo(&["test", "-p", "netns-tests", "--", "--test-threads=1"]);
     netns
         .env("DATAPATHD_BIN", target.join("datapathd"))
         .env("DATAPATHD_UPGRADE_BIN", &upgrade_bin)
+        .env(upgrade_from::BIN_ENV, upgrade_from.bin_dir())
         .env("LB_CTL_BIN", target.join("lb-ctl"));
     // The load-balancer tests once more with the policy module on the LB node's interfaces
     // (allow-all): the traffic the kernel forwards past XDP then crosses tc programs too.
@@ -147,16 +155,19 @@ fn steps(bpf: &[String]) -> Vec<Step> {
         Step {
             name: "fmt",
             selected_by: &[Check::Fmt],
+            call: None,
             commands: vec![cargo(&["fmt", "--all", "--", "--check"])],
         },
         Step {
             name: "clippy",
             selected_by: &[Check::Clippy, Check::HostClippy],
+            call: None,
             commands: vec![host_clippy],
         },
         Step {
             name: "bpf-clippy",
             selected_by: &[Check::Clippy, Check::BpfClippy],
+            call: None,
             commands: if bpf.is_empty() {
                 Vec::new()
             } else {
@@ -166,16 +177,25 @@ fn steps(bpf: &[String]) -> Vec<Step> {
         Step {
             name: "unit",
             selected_by: &[Check::Unit],
+            call: None,
             commands: vec![unit],
         },
         Step {
             name: "fuzz",
             selected_by: &[Check::Fuzz],
+            call: None,
             commands: vec![crate::fuzz::smoke_command(), kernel_fuzz_smoke()],
+        },
+        Step {
+            name: "upgrade-from",
+            selected_by: &[Check::Netns, Check::UpgradeFrom],
+            call: Some(Box::new(move || upgrade_from.ensure_built())),
+            commands: Vec::new(),
         },
         Step {
             name: "netns",
             selected_by: &[Check::Netns],
+            call: None,
             commands: {
                 // The upgrade test restarts the daemon onto a rebuilt program: a datapathd whose
                 // XDP bytecode differs by one harmless instruction, built first and set aside.
@@ -198,6 +218,7 @@ fn steps(bpf: &[String]) -> Vec<Step> {
         Step {
             name: "bench-smoke",
             selected_by: &[Check::BenchSmoke],
+            call: None,
             commands: crate::bench::smoke_commands(),
         },
     ]
@@ -244,7 +265,7 @@ fn summary(results: &[(&str, bool, f64)]) {
     println!("==> summary");
     for (name, ok, secs) in results {
         println!(
-            "  {:<4} {name:<11} {secs:>7.1}s",
+            "  {:<4} {name:<12} {secs:>7.1}s",
             if *ok { "ok" } else { "FAIL" }
         );
     }
@@ -270,20 +291,34 @@ pub fn run(args: &TestArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let upgrade_from = match UpgradeFrom::read() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: the upgrade test's previous landed build: {e:#}");
+            summary(&[("upgrade-from", false, 0.0)]);
+            return ExitCode::FAILURE;
+        }
+    };
     let mut results: Vec<(&str, bool, f64)> = Vec::new();
-    for mut step in steps(&bpf) {
+    for mut step in steps(&bpf, upgrade_from) {
         if !args.only.is_empty() && !step.selected_by.iter().any(|c| args.only.contains(c)) {
             continue;
         }
         println!();
         println!("==> test: {}", step.name);
         let started = Instant::now();
-        let outcome: Result<()> = step.commands.iter_mut().try_for_each(|cmd| {
-            if let Some(v) = require {
-                cmd.env("DATAPATH_REQUIRE_PRIVILEGED", v);
-            }
-            util::run(cmd)
-        });
+        let outcome: Result<()> = step
+            .call
+            .as_ref()
+            .map_or(Ok(()), |call| call())
+            .and_then(|()| {
+                step.commands.iter_mut().try_for_each(|cmd| {
+                    if let Some(v) = require {
+                        cmd.env("DATAPATH_REQUIRE_PRIVILEGED", v);
+                    }
+                    util::run(cmd)
+                })
+            });
         let secs = started.elapsed().as_secs_f64();
         match outcome {
             Ok(()) => results.push((step.name, true, secs)),

@@ -226,14 +226,14 @@ impl Drop for Setup {
 
 impl Setup {
     pub fn netns_name(&self) -> &str {
-        &self.netns.name
+        self.netns.name()
     }
 
     /// Builds the namespace, starts both planes in it and programs them. The calling thread
     /// stays in the namespace (threads it spawns later start there too).
     pub fn build() -> Result<Setup> {
         let netns = EnteredNetns::create("dpfz")?;
-        let ns = netns.name.clone();
+        let ns = netns.name().to_string();
         let sysctl = |key: &str| -> Result<()> {
             netns_tests::cmd::run_args("ip", &["netns", "exec", &ns, "sysctl", "-qw", key])
                 .map(drop)

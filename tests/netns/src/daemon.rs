@@ -50,6 +50,19 @@ impl Binaries {
             lb_ctl: pick("LB_CTL_BIN", "lb-ctl"),
         }
     }
+
+    /// `datapathd` and `lb-ctl` in directory `dir` (another build's); fails when one is
+    /// missing.
+    pub fn in_dir(dir: &Path) -> Result<Binaries> {
+        let bins = Binaries {
+            datapathd: dir.join("datapathd"),
+            lb_ctl: dir.join("lb-ctl"),
+        };
+        for path in [&bins.datapathd, &bins.lb_ctl] {
+            ensure!(path.is_file(), "{} is missing", path.display());
+        }
+        Ok(bins)
+    }
 }
 
 /// The workspace root (two levels above this crate).

@@ -77,31 +77,34 @@ pub fn command_in(cmd: &mut Command, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A namespace created with `ip netns add` that the calling thread has entered (for fixtures
-/// that load and test-run BPF programs in it). Dropping it moves the thread back to where it
-/// was and deletes the namespace, with its interfaces and the links on them.
-pub struct EnteredNetns {
-    pub name: String,
-    original: File,
+/// A network namespace this process created with `ip netns add`, with `lo` up. Dropping it
+/// deletes the namespace, and with it its interfaces, their addresses and routes, and the
+/// programs attached to them: the one guard every test and benchmark holds its namespaces by,
+/// so they are gone also when a test panics half-way through its setup.
+#[derive(Debug)]
+pub struct OwnedNetns {
+    name: String,
 }
 
-impl EnteredNetns {
-    /// Creates `<prefix><pid>-<n>`, enters it on this thread and brings `lo` up.
-    pub fn create(prefix: &str) -> Result<Self> {
-        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let name = format!(
-            "{prefix}{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        crate::cmd::run_args("ip", &["netns", "add", &name])?;
-        let original = File::open("/proc/thread-self/ns/net")
-            .context("cannot open this thread's network namespace")?;
-        // From here on, dropping `entered` deletes the namespace again.
-        let entered = EnteredNetns { name, original };
-        enter(&entered.name)?;
-        entered.ip(&["link", "set", "lo", "up"])?;
-        Ok(entered)
+impl OwnedNetns {
+    /// Creates namespace `name` and brings `lo` up. A namespace of that name left by a run
+    /// that died (with the same pid, since names carry it) is deleted first: it is ours.
+    pub fn create(name: &str) -> Result<Self> {
+        if exists(name) {
+            let _ = crate::cmd::run_args("ip", &["netns", "del", name]);
+        }
+        crate::cmd::run_args("ip", &["netns", "add", name])?;
+        // From here on, dropping `owned` deletes the namespace again.
+        let owned = OwnedNetns {
+            name: name.to_string(),
+        };
+        owned.ip(&["link", "set", "lo", "up"])?;
+        Ok(owned)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// `ip -n <name> args...`; returns its stdout.
@@ -112,12 +115,55 @@ impl EnteredNetns {
     }
 }
 
+impl Drop for OwnedNetns {
+    fn drop(&mut self) {
+        if let Err(e) = crate::cmd::run_args("ip", &["netns", "del", &self.name]) {
+            eprintln!("warning: deleting namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// An [`OwnedNetns`] that the calling thread has entered (for fixtures that load and
+/// test-run BPF programs in it). Dropping it moves the thread back to where it was, then
+/// deletes the namespace.
+pub struct EnteredNetns {
+    /// Where the thread was before; restored on drop.
+    original: File,
+    /// Dropped after `drop` restored the thread: a namespace is deleted once nobody is in it.
+    netns: OwnedNetns,
+}
+
+impl EnteredNetns {
+    /// Creates `<prefix><pid>-<n>`, brings `lo` up and enters it on this thread.
+    pub fn create(prefix: &str) -> Result<Self> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "{prefix}{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let netns = OwnedNetns::create(&name)?;
+        let original = File::open("/proc/thread-self/ns/net")
+            .context("cannot open this thread's network namespace")?;
+        let entered = EnteredNetns { original, netns };
+        enter(entered.name())?;
+        Ok(entered)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        self.netns.name()
+    }
+
+    /// `ip -n <name> args...`; returns its stdout.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        self.netns.ip(args)
+    }
+}
+
 impl Drop for EnteredNetns {
     fn drop(&mut self) {
         // SAFETY: setns on the thread's original namespace, kept open since `create`.
         unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{cmd, netns};
+use crate::{cmd, netns::OwnedNetns};
 
 /// The client's address.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -86,7 +86,8 @@ pub struct Topology {
     pub switch: String,
     pub backends: Vec<BackendNode>,
     pub dsr: bool,
-    created: Vec<String>,
+    /// Every namespace, in creation order; deleted in reverse order on drop.
+    created: Vec<OwnedNetns>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -151,13 +152,7 @@ impl Topology {
     }
 
     fn add_netns(&mut self, name: &str) -> Result<()> {
-        if netns::exists(name) {
-            // Left over by a run that died with the same pid; it is ours to reclaim.
-            let _ = cmd::run_args("ip", &["netns", "del", name]);
-        }
-        cmd::run_args("ip", &["netns", "add", name])?;
-        self.created.push(name.to_string());
-        ip_in(name, &["link", "set", "lo", "up"])?;
+        self.created.push(OwnedNetns::create(name)?);
         Ok(())
     }
 
@@ -306,9 +301,9 @@ impl Topology {
         Ok(())
     }
 
-    /// Every namespace, for diagnostics.
-    pub fn namespaces(&self) -> &[String] {
-        &self.created
+    /// Every namespace's name, for diagnostics.
+    pub fn namespaces(&self) -> Vec<&str> {
+        self.created.iter().map(OwnedNetns::name).collect()
     }
 
     /// The backend node named `name` (`b1`, ...).
@@ -322,10 +317,9 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        for ns in self.created.drain(..).rev() {
-            if let Err(e) = cmd::run_args("ip", &["netns", "del", &ns]) {
-                eprintln!("warning: deleting namespace {ns}: {e:#}");
-            }
+        // The reverse of creation order: backends and switch before the LB node and client.
+        while let Some(ns) = self.created.pop() {
+            drop(ns);
         }
     }
 }

@@ -107,7 +107,12 @@ fn topology_teardown_removes_namespaces() {
         return;
     }
     let lab = lab_without_daemon(3, false);
-    let names: Vec<String> = lab.topo.namespaces().to_vec();
+    let names: Vec<String> = lab
+        .topo
+        .namespaces()
+        .into_iter()
+        .map(String::from)
+        .collect();
     assert_eq!(names.len(), 6, "client, lb, switch, 3 backends: {names:?}");
     assert!(names.iter().all(|n| netns::exists(n)));
     drop(lab);

@@ -22,7 +22,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use netns_tests::{
-    BackendServer, Binaries, Daemon, DaemonOptions, client, cmd, http, netns, privileged,
+    BackendServer, Binaries, Daemon, DaemonOptions, client, cmd, http,
+    netns::{self, OwnedNetns},
+    privileged,
     topology::{ip_in, sysctl_in, unique_prefix},
 };
 use serde_json::Value;
@@ -43,6 +45,8 @@ struct PolicyLab {
     config: PathBuf,
     servers: Vec<BackendServer>,
     daemon: Option<Daemon>,
+    /// Deleted (as fields drop, after `drop` stopped the daemon and servers).
+    _namespaces: Vec<OwnedNetns>,
 }
 
 impl Drop for PolicyLab {
@@ -50,9 +54,6 @@ impl Drop for PolicyLab {
         self.daemon = None;
         for s in &mut self.servers {
             s.stop();
-        }
-        for ns in [&self.node, &self.endpoint, &self.remote] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = std::fs::remove_file(&self.config);
     }
@@ -104,10 +105,10 @@ fn setup_with(name: &str, interfaces: &str) -> Result<PolicyLab> {
         prefix,
         servers: Vec::new(),
         daemon: None,
+        _namespaces: Vec::new(),
     };
-    for ns in [&lab.node, &lab.endpoint, &lab.remote] {
-        netns_tests::cmd::run_args("ip", &["netns", "add", ns])?;
-        ip_in(ns, &["link", "set", "lo", "up"])?;
+    for ns in [lab.node.clone(), lab.endpoint.clone(), lab.remote.clone()] {
+        lab._namespaces.push(OwnedNetns::create(&ns)?);
     }
     let (n, e, r) = (lab.node.clone(), lab.endpoint.clone(), lab.remote.clone());
     ip_in(
