@@ -221,7 +221,8 @@ fn lb_ctl_to_live(c: &mut Criterion) {
     }
     // Drop order: the daemon (declared last) first, then the namespace.
     let (_namespace, live) = start_daemon();
-    let map = MapData::from_pin(live.daemon.pin_root.join("LB_VIPS")).expect("pinned LB_VIPS");
+    let map =
+        MapData::from_pin(live.daemon.pin_root.join("lb").join("LB_VIPS")).expect("pinned LB_VIPS");
     let vips: BpfHashMap<MapData, VipKey, VipInfo> =
         BpfHashMap::try_from(Map::HashMap(map)).expect("LB_VIPS is a hash");
     let key = VipKey {

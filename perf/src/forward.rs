@@ -441,7 +441,7 @@ fn xdp_lb_rows(
     ensure!(
         tracked_flows > 0,
         "datapathd's flow table {} is empty after the run",
-        pin_root.join(map_names::FLOWS).display()
+        pin_root.join("lb").join(map_names::FLOWS).display()
     );
     Ok(Footprint {
         idle_rss_kib: idle_rss,
@@ -560,9 +560,11 @@ fn cpu_percent_over(pid: u32, window: Duration) -> Result<f64> {
     cpu_percent_since(pid, ticks, at)
 }
 
-/// Entries in the pinned flow table under `pin_root`.
+/// Entries in a daemon's pinned flow table: `pin_root/lb/` is the load balancer
+/// controller's pin directory (docs/architecture.md, "Pins"). A benchmark may read it; the
+/// daemon's own controllers never open another's pins.
 pub fn tracked_flows(pin_root: &Path) -> Result<u64> {
-    let path = pin_root.join(map_names::FLOWS);
+    let path = pin_root.join("lb").join(map_names::FLOWS);
     let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
     let map = Map::from_map_data(data)?;
     let flows: HashMap<MapData, CtKey, FlowEntry> = HashMap::try_from(map)?;

@@ -347,3 +347,18 @@ fn reload_refuses_restart_only_keys() {
     assert!(a.restart_only_changes(&d).is_empty());
     assert!(!d.module_enabled(Module::Lb) && !d.module_enabled(Module::ProgStats));
 }
+
+#[test]
+fn interface_errors_found_after_resolving_name_the_files_line() {
+    let src = Source::from_text("/etc/d.yaml", "interfaces:\n  - lbc\n  - wan*\n");
+    let s = Settings::resolve(Some(&src), &Overrides::default()).unwrap();
+    let e = expand_interfaces(&s.lb.interfaces, &["lbc".to_string()], s.origin.source())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("/etc/d.yaml line 3") && e.contains("`interfaces`"),
+        "{e}"
+    );
+    let cloned = s.clone();
+    assert!(cloned.origin.source().is_some());
+}

@@ -148,7 +148,7 @@ impl LbController {
             inner: Mutex::new(Inner {
                 settings: settings.clone(),
                 health: Health::default(),
-                waiting: None,
+                waiting: Self::missing_interfaces(settings),
             }),
             tables: Mutex::new(
                 bus.state::<Option<Arc<LbFlowTables>>>(LB_TABLES)?
@@ -191,6 +191,15 @@ impl LbController {
             }
         });
         lock(&self.tables).publish(handle);
+    }
+
+    /// Why `/readyz` waits for the interfaces, from the start (before the controller starts).
+    fn missing_interfaces(settings: &Settings) -> Option<String> {
+        if !settings.lb.enabled {
+            return None;
+        }
+        let missing = config::unmatched(&settings.lb.interfaces, &config::interface_names());
+        (!missing.is_empty()).then(|| format!("waiting for interfaces {}", missing.join(", ")))
     }
 
     /// Waits (bounded by `interface_wait`) until every configured pattern matches an
@@ -370,6 +379,7 @@ impl Controller for LbController {
                   "module lb up: XDP load balancer attached and reconciled");
             *plane = LbPlane::on(dp);
         } else {
+            lock(&self.inner).waiting = None;
             *plane = LbPlane::off(reason.clone().unwrap_or_default());
         }
         self.publish_tables(plane, settings.lb.max_flows);
@@ -392,7 +402,7 @@ impl Controller for LbController {
                 let interfaces = config::expand_interfaces(
                     &new.lb.interfaces,
                     &config::interface_names(),
-                    None,
+                    new.origin.source(),
                 )?;
                 let current: Vec<String> = dp.interfaces().into_iter().map(|(n, _)| n).collect();
                 let removed = current
@@ -426,7 +436,7 @@ impl Controller for LbController {
                 let interfaces = config::expand_interfaces(
                     &new.lb.interfaces,
                     &config::interface_names(),
-                    None,
+                    new.origin.source(),
                 )?;
                 migrate_flat_pins(&new.pin_root, &Self::pin_dir(new), &FLAT_PINS)?;
                 let mut dp = Dataplane::start(&Self::dataplane_config(new, interfaces))?;
