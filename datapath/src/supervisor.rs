@@ -392,14 +392,14 @@ impl Supervisor {
         for slot in self.slots.iter().rev() {
             slot.cancel.cancel();
             let task = lock(&slot.task).take();
-            if let Some(mut task) = task {
-                if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                    warn!(
-                        controller = slot.controller.name(),
-                        "run loop did not stop in time; aborted"
-                    );
-                    task.abort();
-                }
+            if let Some(mut task) = task
+                && tokio::time::timeout_at(deadline, &mut task).await.is_err()
+            {
+                warn!(
+                    controller = slot.controller.name(),
+                    "run loop did not stop in time; aborted"
+                );
+                task.abort();
             }
             slot.controller.stop();
         }
@@ -524,7 +524,7 @@ mod tests {
             Box::pin(async move {
                 let n = self.runs.fetch_add(1, Ordering::SeqCst);
                 if n < self.fail_first_runs {
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         panic!("probe {} run {n} panics", self.name);
                     }
                     return Err(Error::InvalidArgument(format!("run {n} fails")));

@@ -10,8 +10,7 @@ use bpf_common::{
 use conntrack::state_name;
 use serde::{Deserialize, Serialize};
 
-/// The compiled tc object, embedded like the XDP one.
-
+/// `CtFlow::table` of the tc programs' `CT_FLOWS`.
 pub const TABLE_POLICY: &str = "policy";
 /// `CtFlow::table` of the XDP load balancer's `LB_FLOWS`.
 pub const TABLE_LB: &str = "lb";

@@ -35,8 +35,6 @@ use crate::{
     error::{map_error, program_error},
 };
 
-/// The compiled tc object, embedded like the XDP one.
-
 // ---------------------------------------------------------------------------------------------
 // The plane: programs, maps, attachment.
 // ---------------------------------------------------------------------------------------------
@@ -60,8 +58,6 @@ impl Default for PolicyConfig {
         }
     }
 }
-
-/// `CtFlow::table` of the tc programs' `CT_FLOWS`.
 
 /// Counters of one rule (summed over CPUs).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
