@@ -411,11 +411,13 @@ fn status_and_health() {
             "last_reload_error": "config /etc/datapath/config.yaml line 3: key `x`: unknown",
             "interfaces": [{"name": "eth0", "xdp_mode": "native"},
                            {"name": "eth1", "xdp_mode": "adopted"}],
-            "modules": [{"name": "lb", "enabled": true, "up": true},
+            "modules": [{"name": "lb", "enabled": true, "up": true, "restarts": 0},
                         {"name": "prog_stats", "enabled": false, "up": false,
-                         "reason": "disabled by the configuration"},
+                         "reason": "disabled by the configuration", "restarts": 0},
                         {"name": "policy", "enabled": true, "up": false,
-                         "reason": "kernel feature tcx missing or forced off"}],
+                         "reason": "kernel feature tcx missing or forced off", "restarts": 0},
+                        {"name": "conntrack", "enabled": true, "up": true, "restarts": 2,
+                         "last_failure": "panicked: injected"}],
             "features": [{"name": "tcx", "available": false, "detail": "kernel 6.1"}]}"#,
     );
     assert_eq!(status.modules[2].reason.as_deref().map(str::len), Some(40));

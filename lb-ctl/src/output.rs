@@ -253,17 +253,33 @@ pub fn status(v: &datapath_api::StatusView) -> String {
     if let Some(e) = &v.last_reload_error {
         out.push_str(&format!("last refused reload: {e}\n"));
     }
-    let mut t = Table::new(&[("MODULE", Left), ("STATE", Left), ("WHY", Left)]);
+    let mut t = Table::new(&[
+        ("MODULE", Left),
+        ("STATE", Left),
+        ("RESTARTS", Right),
+        ("WHY", Left),
+    ]);
     for m in &v.modules {
         let state = match (m.enabled, m.up) {
             (_, true) => "up",
             (true, false) => "down",
             (false, false) => "off",
         };
+        // Why it is off, else the last failure of its run loop (it was restarted since).
+        let why = m
+            .reason
+            .clone()
+            .or_else(|| {
+                m.last_failure
+                    .as_ref()
+                    .map(|f| format!("last failure: {f}"))
+            })
+            .unwrap_or_default();
         t.row(vec![
             m.name.clone(),
             state.to_string(),
-            m.reason.clone().unwrap_or_default(),
+            m.restarts.to_string(),
+            why,
         ]);
     }
     out.push_str(&t.render());
