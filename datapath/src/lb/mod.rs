@@ -366,11 +366,15 @@ impl Controller for LbController {
     }
 
     fn start(&self, settings: &Settings, blocker: Option<String>) -> Result<()> {
+        let reason = Self::off_reason(settings, blocker);
+        // Waited for without the lock: a scrape of /metrics meanwhile must not block on it.
+        let interfaces = match reason {
+            None => Some(self.wait_for_interfaces(settings)?),
+            Some(_) => None,
+        };
         let mut guard = self.ctl.blocking_lock();
         let (store, plane) = guard.parts_mut();
-        let reason = Self::off_reason(settings, blocker);
-        if reason.is_none() {
-            let interfaces = self.wait_for_interfaces(settings)?;
+        if let Some(interfaces) = interfaces {
             let dir = Self::pin_dir(settings);
             migrate_flat_pins(&settings.pin_root, &dir, &FLAT_PINS)?;
             let mut dp = Dataplane::start(&Self::dataplane_config(settings, interfaces.clone()))?;
