@@ -9,6 +9,10 @@
 //!   change's latency is also recorded, and p50/p99 are written to
 //!   `$DP_BENCH_OUT/control_plane_latency.json` (default `target/bench/`).
 //!
+//! - `metrics_scrape`: `GET /metrics` of a real `datapathd` (load balancer and policy module
+//!   on) with 1,000,000 flows in each of `LB_FLOWS` and `CT_FLOWS`, after a GC sweep counted
+//!   them; p50/p99 to `$DP_BENCH_OUT/metrics_latency.json`.
+//!
 //! `cargo test --benches` (the test suite's smoke run) runs each once. The BPF parts need root.
 
 use std::{
@@ -299,5 +303,202 @@ fn lb_ctl_to_live(c: &mut Criterion) {
     println!("lb_ctl_to_live: {doc}");
 }
 
+/// Flows put in each of `LB_FLOWS` and `CT_FLOWS` by `metrics_scrape` under `cargo bench`;
+/// the smoke run (`cargo test --benches`) uses far fewer, only to prove the bench works.
+const SCRAPE_FLOWS: u32 = 1_000_000;
+const SCRAPE_FLOWS_SMOKE: u32 = 10_000;
+/// The scrape bench's metrics listener, on its namespace's loopback.
+const SCRAPE_METRICS: &str = "127.0.0.1:9477";
+
+/// Whether criterion measures (`cargo bench` passes `--bench`) rather than smoke-tests.
+fn measuring() -> bool {
+    std::env::args().any(|arg| arg == "--bench")
+}
+
+/// A daemon with both tables sized for `max_flows`, the policy module on (TCX on `lbb`) and
+/// the default GC interval, in a namespace of its own (`dplat<pid>m`).
+fn start_daemon_for_scrapes(max_flows: u32) -> (NsGuard, LiveDaemon) {
+    let bins = Binaries::from_env();
+    let ns = format!("dplat{}m", std::process::id());
+    run_args("ip", &["netns", "add", &ns]).expect("create namespace");
+    let guard = NsGuard(ns.clone());
+    let ip = |args: &[&str]| {
+        let mut full = vec!["-n", ns.as_str()];
+        full.extend_from_slice(args);
+        run_args("ip", &full).expect("ip");
+    };
+    ip(&["link", "set", "lo", "up"]);
+    for (dev, peer, addr) in [
+        ("lbc", "lbc-p", "198.18.0.2/24"),
+        ("lbb", "lbb-p", "198.18.1.1/24"),
+    ] {
+        ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
+        ip(&["link", "set", dev, "up"]);
+        ip(&["link", "set", peer, "up"]);
+        ip(&["addr", "add", addr, "dev", dev]);
+    }
+    let config = std::env::temp_dir().join(format!("{ns}-config.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_listen: \"{SCRAPE_METRICS}\"\n\
+             lb:\n  maps: {{ max_flows: {max_flows} }}\n\
+             conntrack:\n  gc_interval_seconds: 5\n\
+             policy:\n  enabled: true\n  interfaces: [lbb]\n  max_flows: {max_flows}\n"
+        ),
+    )
+    .expect("write the daemon's config");
+    let started = Daemon::start(&ns, &ns, bins, &["--config", &config.to_string_lossy()]);
+    let _ = std::fs::remove_file(&config);
+    let live = LiveDaemon {
+        daemon: started.expect("start datapathd"),
+    };
+    live.daemon
+        .lb_ctl_ok(&["service", "add", "198.18.100.1:80"])
+        .expect("service add");
+    for i in 11..15 {
+        live.daemon
+            .lb_ctl_ok(&[
+                "backend",
+                "add",
+                "198.18.100.1:80",
+                &format!("198.18.1.{i}:8080"),
+            ])
+            .expect("backend add");
+    }
+    (guard, live)
+}
+
+/// The value of the sample `series` (name and labels, as the text format writes them).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+/// One `GET /metrics` from inside the bench's namespace; the body.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    let (status, body) = netns_tests::http::get(addr, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    body
+}
+
+/// `/metrics` latency of a real `datapathd` tracking `SCRAPE_FLOWS` flows in each of its two
+/// tables (`LB_FLOWS`, the policy's `CT_FLOWS`), once a GC sweep has counted them. Every
+/// scrape's latency is recorded; p50/p99 go to `$DP_BENCH_OUT/metrics_latency.json`.
+fn metrics_scrape(c: &mut Criterion) {
+    if !privileged("metrics_scrape") {
+        return;
+    }
+    let flows = if measuring() {
+        SCRAPE_FLOWS
+    } else {
+        SCRAPE_FLOWS_SMOKE
+    };
+    // Room above the flows: an LRU hash may evict before it is quite full.
+    let max_flows = flows + 65_536;
+    let (namespace, live) = start_daemon_for_scrapes(max_flows);
+    let pins = |controller: &str, map: &str| {
+        datapath::bpf::pins::controller_dir(&live.daemon.pin_root, controller).join(map)
+    };
+    // Fill both tables as a busy node would have them: established TCP flows, seen just now
+    // (idle timeout 6 h, so no sweep expires them during the bench).
+    let now = monotonic_now_ns();
+    let lb_flows = MapData::from_pin(pins("lb", "LB_FLOWS")).expect("pinned LB_FLOWS");
+    let entries: Vec<(CtKey, FlowEntry)> =
+        (0..flows).map(|i| (flow_key(i), flow_entry(now))).collect();
+    update_all(lb_flows.fd().as_fd(), &entries).expect("fill LB_FLOWS");
+    drop(entries);
+    let ct_flows = MapData::from_pin(pins("policy", "CT_FLOWS")).expect("pinned CT_FLOWS");
+    let mut ct = new_entry(now, 0);
+    ct.state = TcpState::Established as u8;
+    let entries: Vec<(CtKey, bpf_common::ct::CtEntry)> =
+        (0..flows).map(|i| (flow_key(i), ct)).collect();
+    update_all(ct_flows.fd().as_fd(), &entries).expect("fill CT_FLOWS");
+    drop(entries);
+
+    // Occupancy comes from the conntrack sweep (never a walk at scrape time): wait, bounded,
+    // until a sweep has counted (nearly) every flow of both tables. 99%: the LRU may have
+    // evicted a few.
+    let addr: std::net::SocketAddr = SCRAPE_METRICS.parse().expect("address");
+    let want = f64::from(flows) * 0.99;
+    let (lb_seen, ct_seen) = netns_tests::netns::run_in(&namespace.0, || {
+        let started = Instant::now();
+        loop {
+            let text = scrape(addr);
+            let lb = sample(&text, "datapath_map_entries{map=\"LB_FLOWS\"}").unwrap_or(0.0);
+            let ct = sample(&text, "datapath_conntrack_entries").unwrap_or(0.0);
+            if lb >= want && ct >= want {
+                return (lb, ct);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no sweep counted the flows within 60 s: LB_FLOWS {lb}, CT_FLOWS {ct}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .expect("enter the namespace");
+    println!("metrics_scrape: the sweep counted LB_FLOWS {lb_seen}, CT_FLOWS {ct_seen}");
+
+    let samples: Mutex<Vec<Duration>> = Mutex::new(Vec::new());
+    let mut group = c.benchmark_group("metrics_scrape");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(10));
+    group.bench_function(format!("GET /metrics, {flows} flows per table"), |b| {
+        b.iter_custom(|iters| {
+            // One thread in the namespace for all the scrapes of this sample.
+            netns_tests::netns::run_in(&namespace.0, || {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let started = Instant::now();
+                    let text = scrape(addr);
+                    let latency = started.elapsed();
+                    // Each scrape still shows the table as the sweeps counted it.
+                    let lb = sample(&text, "datapath_map_entries{map=\"LB_FLOWS\"}");
+                    assert!(
+                        lb.is_some_and(|n| n >= want),
+                        "LB_FLOWS in a scrape: {lb:?}"
+                    );
+                    total += latency;
+                    samples.lock().expect("samples").push(latency);
+                }
+                total
+            })
+            .expect("enter the namespace")
+        });
+    });
+    group.finish();
+    drop(live);
+    drop(namespace);
+
+    let mut all = samples.into_inner().expect("samples");
+    all.sort_unstable();
+    let percentile = |p: f64| {
+        let index = ((all.len() as f64 - 1.0) * p).round() as usize;
+        all[index].as_secs_f64() * 1e3
+    };
+    let doc = serde_json::json!({
+        "flows_per_table": flows,
+        "lb_flows_counted": lb_seen,
+        "ct_flows_counted": ct_seen,
+        "scrapes": all.len(),
+        "p50_ms": percentile(0.50),
+        "p99_ms": percentile(0.99),
+        "max_ms": percentile(1.0),
+    });
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir).expect("create the output directory");
+    std::fs::write(
+        dir.join("metrics_latency.json"),
+        serde_json::to_string_pretty(&doc).expect("json"),
+    )
+    .expect("write scrape latency results");
+    println!("metrics_scrape: {doc}");
+}
+
 criterion_group!(benches, maglev_build, flow_gc, lb_ctl_to_live);
-criterion_main!(benches);
+// A group of its own, run first: its daemon and its 2M map entries are set up only here.
+criterion_group!(scrapes, metrics_scrape);
+criterion_main!(scrapes, benches);

@@ -371,6 +371,74 @@ pub fn run(options: &ForwardOptions) -> Result<ForwardReport> {
     })
 }
 
+/// `datapathd`'s idle footprint on its own (`dp-bench --only footprint`): the real daemon in
+/// the LB namespace with its default configuration and the same UDP full-NAT service over 4
+/// backends as [`run`] configures, no traffic. The first window is the one [`run`] measures;
+/// the others (taken right after it) show how steady that is.
+#[derive(Clone, Debug, Serialize)]
+pub struct IdleFootprint {
+    /// CPU use (percent of one CPU) of each consecutive [`IDLE_WINDOW`].
+    pub cpu_percent: Summary,
+    /// First window's CPU use, as [`Footprint::idle_cpu_percent`].
+    pub first_window_cpu_percent: f64,
+    /// RSS (KiB) at the end of each window.
+    pub rss_kib: Summary,
+    /// RSS right after the first window, as [`Footprint::idle_rss_kib`].
+    pub first_window_rss_kib: u64,
+}
+
+/// Measures [`IdleFootprint`] over `windows` windows of [`IDLE_WINDOW`].
+pub fn idle_footprint(
+    datapathd: PathBuf,
+    lb_ctl: PathBuf,
+    windows: usize,
+) -> Result<IdleFootprint> {
+    ensure!(
+        (1..=MAX_RUNS).contains(&windows),
+        "windows {windows} outside 1..={MAX_RUNS}"
+    );
+    for binary in [&datapathd, &lb_ctl] {
+        ensure!(
+            binary.is_file(),
+            "{} not found (build it: `cargo build -p datapath -p lb-ctl`)",
+            binary.display()
+        );
+    }
+    let topo = ForwardTopo::create()?;
+    let bins = Binaries { datapathd, lb_ctl };
+    let daemon = Daemon::start(&topo.lb_ns, &topo.prefix, bins, &[])
+        .context("start datapathd in the LB namespace")?;
+    let measured = (|| -> Result<IdleFootprint> {
+        let service = format!("{}:{}", topo::VIP, topo::VIP_PORT);
+        daemon.lb_ctl_ok(&[
+            "service", "add", &service, "--proto", "udp", "--mode", "full-nat",
+        ])?;
+        for backend in topo::BACKENDS {
+            let backend = format!("{backend}:{}", topo::BACKEND_PORT);
+            daemon.lb_ctl_ok(&["backend", "add", &service, &backend, "--proto", "udp"])?;
+        }
+        let pid = daemon.pid().context("datapathd is not running")?;
+        let mut cpu = Vec::new();
+        let mut rss = Vec::new();
+        for _ in 0..windows {
+            cpu.push(cpu_percent_over(pid, IDLE_WINDOW)?);
+            rss.push(rss_kib(pid)?);
+        }
+        Ok(IdleFootprint {
+            first_window_cpu_percent: cpu[0],
+            first_window_rss_kib: rss[0],
+            cpu_percent: Summary::of(&cpu).context("no window")?,
+            rss_kib: Summary::of(&rss.iter().map(|&r| r as f64).collect::<Vec<_>>())
+                .context("no window")?,
+        })
+    })();
+    if measured.is_err() {
+        eprintln!("{}", daemon_log_tail(&daemon));
+    }
+    drop(daemon);
+    measured
+}
+
 fn if_index(name: &str) -> Result<u32> {
     let c_name = std::ffi::CString::new(name)?;
     // SAFETY: a valid C string.

@@ -64,6 +64,9 @@ enum Part {
     All,
     Cost,
     Forward,
+    /// Only the daemon's idle footprint (one window per `--runs`, default 5), printed; not
+    /// part of `all`, which measures it with the forwarding rows.
+    Footprint,
 }
 
 #[derive(Serialize)]
@@ -91,6 +94,14 @@ fn main() -> Result<()> {
         "dp-bench needs root (BPF, network namespaces)"
     );
     let runs = args.runs.map(|r| r as usize);
+    if args.only == Part::Footprint {
+        // A partial run: the results file is only rewritten from a whole one.
+        ensure!(
+            !args.write_results,
+            "--write-results needs the whole suite (--only all)"
+        );
+        return footprint_alone(&args, runs.unwrap_or(if args.smoke { 1 } else { 5 }));
+    }
     let exe_dir = std::env::current_exe()?
         .parent()
         .context("binary without a directory")?
@@ -104,7 +115,7 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| exe_dir.join("lb-ctl"));
 
-    let cost_rows = if args.only != Part::Forward {
+    let cost_rows = if args.only == Part::All || args.only == Part::Cost {
         let mut options = if args.smoke {
             CostOptions::smoke()
         } else {
@@ -121,7 +132,7 @@ fn main() -> Result<()> {
         Vec::new()
     };
 
-    let forward = if args.only != Part::Cost {
+    let forward = if args.only == Part::All || args.only == Part::Forward {
         for binary in [&datapathd, &lb_ctl] {
             ensure!(
                 binary.is_file(),
@@ -188,6 +199,46 @@ fn main() -> Result<()> {
              about 10 minutes).\n\n{table}\n{kept}"
         );
         std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `--only footprint`: the idle daemon over `windows` windows of 1 s.
+fn footprint_alone(args: &Args, windows: usize) -> Result<()> {
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .context("binary without a directory")?
+        .to_path_buf();
+    let datapathd = args
+        .datapathd
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("datapathd"));
+    let lb_ctl = args
+        .lb_ctl
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+    eprintln!("dp-bench: idle footprint ({windows} windows of 1 s)");
+    let idle = forward::idle_footprint(datapathd, lb_ctl, windows).context("idle footprint")?;
+    print!(
+        "{} | {}\n\n### datapathd idle footprint (service configured)\n\n\
+         | window | RSS (KiB) | CPU (%) |\n| --- | ---: | ---: |\n\
+         | first (as `dp-bench` measures it) | {} | {:.2} |\n\
+         | median of {} | {:.0} | {:.2} |\n\
+         | max of {} | {:.0} | {:.2} |\n",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine(),
+        idle.first_window_rss_kib,
+        idle.first_window_cpu_percent,
+        windows,
+        idle.rss_kib.median,
+        idle.cpu_percent.median,
+        windows,
+        idle.rss_kib.max,
+        idle.cpu_percent.max,
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&idle)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
