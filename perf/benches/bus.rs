@@ -13,9 +13,13 @@
 //!   events (about 60,000 events/s, far below the publish rate), so it loses most of them.
 //!   Time: until the 3 fast ones are done; the slow one then drains its buffer untimed.
 //!
-//! Event types: `datapath::ct::FlowEventView` itself (what the daemon's `flow_events` topic
-//! carries: every subscriber gets a deep clone, 8 heap strings) and `Arc<FlowEventView>` (the
-//! clone-cheap equivalent: one reference count per subscriber). The events of a batch are
+//! Each case runs twice: one `publish` per event, and `publish_batch` of 256 events (what the
+//! ring-buffer drain does: the records of one wake-up in one call, one lock and one wake-up per
+//! subscriber).
+//!
+//! Event types: `datapath::ct::FlowEventView` itself (a deep clone per subscriber, 8 heap
+//! strings) and `Arc<FlowEventView>` (what the daemon's `flow_events` topic carries: one
+//! reference count per subscriber). The events of a batch are
 //! built before the clock runs,
 //! so the figure is the bus's cost, not the event's construction.
 //!
@@ -43,6 +47,9 @@ use datapath::{
 
 /// Events published per measured iteration.
 const BATCH: u64 = 65_536;
+/// Events per `publish_batch` in the batched cases: what one wake-up of the ring-buffer drain
+/// publishes under load (it reads up to the ring's records per wake-up).
+const RING_BATCH: usize = 256;
 /// Most events one `recv_many` takes, as the daemon's consumers do.
 const RECV_MAX: usize = 256;
 /// The sequence number that tells a subscriber thread to stop (never counted).
@@ -207,8 +214,10 @@ impl<T: Event> Rig<T> {
         }
     }
 
-    /// Publishes `iters` batches; the time until the subscribers that are not slow are done.
-    fn run(&mut self, iters: u64, slow: bool) -> Duration {
+    /// Publishes `iters` batches, `per_call` events per publish call (1: `publish`; more:
+    /// `publish_batch`, as the ring-buffer drain publishes the records of one wake-up); the
+    /// time until the subscribers that are not slow are done.
+    fn run(&mut self, iters: u64, slow: bool, per_call: usize) -> Duration {
         let fast = if slow {
             &self.seen[..NAMES.len() - 1]
         } else {
@@ -221,8 +230,19 @@ impl<T: Event> Rig<T> {
                 .map(|seq| T::numbered(&self.template, seq))
                 .collect();
             let started = Instant::now();
-            for event in events {
-                self.topic.publish(event);
+            if per_call <= 1 {
+                for event in events {
+                    self.topic.publish(event);
+                }
+            } else {
+                let mut events = events.into_iter();
+                loop {
+                    let chunk: Vec<T> = events.by_ref().take(per_call).collect();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    self.topic.publish_batch(chunk);
+                }
             }
             self.next_seq += BATCH;
             self.wait(&fast);
@@ -282,14 +302,32 @@ fn bench_type<T: Event>(c: &mut Criterion, type_name: &str) {
     group.throughput(Throughput::Elements(BATCH));
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(5));
-    for (case, slow, capacity) in [
-        ("4 keep up, buffer 65536", false, BATCH as usize),
-        ("4 drain, buffer 4096", false, EVENT_BUFFER),
-        ("3 + 1 slow, buffer 4096", true, EVENT_BUFFER),
+    for (case, slow, capacity, per_call) in [
+        ("4 keep up, buffer 65536", false, BATCH as usize, 1),
+        ("4 drain, buffer 4096", false, EVENT_BUFFER, 1),
+        ("3 + 1 slow, buffer 4096", true, EVENT_BUFFER, 1),
+        (
+            "4 keep up, buffer 65536, batches of 256",
+            false,
+            BATCH as usize,
+            RING_BATCH,
+        ),
+        (
+            "4 drain, buffer 4096, batches of 256",
+            false,
+            EVENT_BUFFER,
+            RING_BATCH,
+        ),
+        (
+            "3 + 1 slow, buffer 4096, batches of 256",
+            true,
+            EVENT_BUFFER,
+            RING_BATCH,
+        ),
     ] {
         let mut rig = Rig::<T>::new(slow, capacity);
         group.bench_function(BenchmarkId::new(case, BATCH), |b| {
-            b.iter_custom(|iters| rig.run(iters, slow));
+            b.iter_custom(|iters| rig.run(iters, slow, per_call));
         });
         let (published, lost) = rig.finish();
         if capacity as u64 >= BATCH {

@@ -7,8 +7,9 @@ use tracing::warn;
 use crate::{Error, Result, bus::Topic, controller::Cancel};
 
 /// Reads `ring` until `cancel`, turning each record of at least `size_of::<R>()` bytes into an
-/// event with `convert` and publishing it on `topic`. Each wake-up reads at most `max_batch`
-/// records before yielding, so a flood cannot starve the other tasks of the runtime.
+/// event with `convert` and publishing them on `topic`, one batch per wake-up (one lock and one
+/// wake-up per subscriber, not per event). Each wake-up reads at most `max_batch` records
+/// before yielding, so a flood cannot starve the other tasks of the runtime.
 pub async fn drain<R: Copy, E: Clone + Send + Sync + 'static>(
     ring: RingBuf<MapData>,
     topic: Arc<Topic<E>>,
@@ -27,6 +28,7 @@ pub async fn drain<R: Copy, E: Clone + Send + Sync + 'static>(
         };
         let ring = guard.get_inner_mut();
         let mut drained = false;
+        let mut batch = Vec::new();
         for _ in 0..max_batch {
             let Some(item) = ring.next() else {
                 drained = true;
@@ -39,8 +41,9 @@ pub async fn drain<R: Copy, E: Clone + Send + Sync + 'static>(
             // SAFETY: the record holds at least one `R`, a plain-old-data struct of the ABI.
             let record: R = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<R>()) };
             drop(item);
-            topic.publish(convert(record));
+            batch.push(convert(record));
         }
+        topic.publish_batch(batch);
         if drained {
             guard.clear_ready();
         } else {

@@ -131,11 +131,11 @@ async fn flows(State(ct): State<Shared>, q: QueryResult<FlowsQuery>) -> Response
         if sent >= limit || *stop.borrow() {
             return None;
         }
-        let event: FlowEventView = tokio::select! {
+        let event: Arc<FlowEventView> = tokio::select! {
             got = tokio::time::timeout_at(deadline, rx.recv()) => got.ok()?,
             _ = stop.changed() => return None,
         };
-        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        let mut line = serde_json::to_vec(&*event).unwrap_or_default();
         line.push(b'\n');
         Some((Ok::<_, Infallible>(Bytes::from(line)), (rx, sent + 1, stop)))
     });

@@ -45,7 +45,8 @@ pub const LB_TABLES: &str = "lb.flow_tables";
 pub const POLICY_TABLE: &str = "policy.ct_table";
 /// State: entries of each table at the last sweep (writer: conntrack).
 pub const OCCUPANCY: &str = "conntrack.occupancy";
-/// Topic: flow opened, logged, closed, denied, cut (policy's ring buffer) and expired (GC).
+/// Topic: flow opened, logged, closed, denied, cut (policy's ring buffer) and expired (GC),
+/// as `Arc<FlowEventView>`: every subscriber shares one copy of an event.
 pub const FLOW_EVENTS: &str = "flow_events";
 /// Events a subscriber of [`FLOW_EVENTS`] may fall behind by before it loses some.
 pub const EVENT_BUFFER: usize = 4096;
@@ -221,8 +222,8 @@ pub struct ConntrackController {
     lb_tables: StateReader<Option<Arc<LbFlowTables>>>,
     policy_table: StateReader<PolicyTableHandle>,
     occupancy: StateWriter<Occupancy>,
-    events: Arc<Topic<FlowEventView>>,
-    recent: Mutex<VecDeque<FlowEventView>>,
+    events: Arc<Topic<Arc<FlowEventView>>>,
+    recent: Mutex<VecDeque<Arc<FlowEventView>>>,
     sweeper: Mutex<Sweeper>,
     /// Set on shutdown: ends the followers' streams.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -239,7 +240,7 @@ impl ConntrackController {
             lb_tables: bus.state::<Option<Arc<LbFlowTables>>>(LB_TABLES)?.reader(),
             policy_table: bus.state::<PolicyTableHandle>(POLICY_TABLE)?.reader(),
             occupancy,
-            events: bus.topic::<FlowEventView>(FLOW_EVENTS, EVENT_BUFFER)?,
+            events: bus.topic::<Arc<FlowEventView>>(FLOW_EVENTS, EVENT_BUFFER)?,
             recent: Mutex::new(VecDeque::new()),
             sweeper: Mutex::new(Sweeper { lb: None }),
             stopping: tokio::sync::watch::Sender::new(false),
@@ -403,7 +404,7 @@ impl ConntrackController {
         lost
     }
 
-    fn remember(&self, event: FlowEventView) {
+    fn remember(&self, event: Arc<FlowEventView>) {
         let mut recent = lock(&self.recent);
         if recent.len() >= RECENT_EVENTS {
             recent.pop_front();
@@ -413,7 +414,10 @@ impl ConntrackController {
 
     /// The last events (oldest first).
     pub fn recent_events(&self) -> Vec<FlowEventView> {
-        lock(&self.recent).iter().cloned().collect()
+        lock(&self.recent)
+            .iter()
+            .map(|e| FlowEventView::clone(e))
+            .collect()
     }
 
     /// One sweep of the policy's table; publishes the expired flows.
@@ -427,6 +431,7 @@ impl ConntrackController {
         self.gc_expired
             .fetch_add(expired.len() as u64, Ordering::Relaxed);
         let names = policy.rule_names();
+        let mut expired_events = Vec::with_capacity(expired.len());
         for (key, entry) in &expired {
             let event = FlowEvent {
                 ts_ns: monotonic_now_ns(),
@@ -443,9 +448,9 @@ impl ConntrackController {
                 state: entry.state,
                 _pad: [0; 4],
             };
-            self.events
-                .publish(FlowEventView::from_event(&event, &names));
+            expired_events.push(Arc::new(FlowEventView::from_event(&event, &names)));
         }
+        self.events.publish_batch(expired_events);
         if !expired.is_empty() {
             info!(
                 expired = expired.len(),
@@ -498,7 +503,7 @@ async fn blocking<T: Send + 'static>(
 
 /// The run loop: the sweeps of both tables at their intervals, and the recent-events history.
 async fn run(ct: Arc<ConntrackController>, mut cancel: Cancel) -> Result<()> {
-    let mut history: Subscriber<FlowEventView> = ct.events.subscribe("recent");
+    let mut history: Subscriber<Arc<FlowEventView>> = ct.events.subscribe("recent");
     let mut lb_next = tokio::time::Instant::now();
     let mut policy_next = tokio::time::Instant::now();
     let idle = Duration::from_secs(1);

@@ -90,7 +90,7 @@ pub struct PolicyController {
     pin_root: PathBuf,
     state_file: PathBuf,
     rule_names: Mutex<BTreeMap<u32, String>>,
-    events: Arc<Topic<FlowEventView>>,
+    events: Arc<Topic<Arc<FlowEventView>>>,
     table: StateWriter<PolicyTableHandle>,
     /// Bumped whenever the programs are loaded or unloaded: the event reader follows.
     loaded: tokio::sync::watch::Sender<u64>,
@@ -103,7 +103,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl PolicyController {
     pub fn new(settings: &Settings, bus: &Bus) -> Result<Arc<Self>> {
-        let events = bus.topic::<FlowEventView>(FLOW_EVENTS, EVENT_BUFFER)?;
+        let events = bus.topic::<Arc<FlowEventView>>(FLOW_EVENTS, EVENT_BUFFER)?;
         let table = bus.state::<PolicyTableHandle>(POLICY_TABLE)?.writer()?;
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -427,7 +427,7 @@ async fn read_events(policy: Arc<PolicyController>, cancel: Cancel) -> Result<()
                 cancel.clone(),
                 move |event: FlowEvent| {
                     p.events_received.fetch_add(1, Ordering::Relaxed);
-                    FlowEventView::from_event(&event, &lock(&p.rule_names))
+                    Arc::new(FlowEventView::from_event(&event, &lock(&p.rule_names)))
                 },
             );
             tokio::select! {
