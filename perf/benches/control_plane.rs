@@ -317,11 +317,10 @@ fn measuring() -> bool {
 
 /// A daemon with both tables sized for `max_flows`, the policy module on (TCX on `lbb`) and
 /// the default GC interval, in a namespace of its own (`dplat<pid>m`).
-fn start_daemon_for_scrapes(max_flows: u32) -> (NsGuard, LiveDaemon) {
+fn start_daemon_for_scrapes(max_flows: u32) -> (OwnedNetns, LiveDaemon) {
     let bins = Binaries::from_env();
     let ns = format!("dplat{}m", std::process::id());
-    run_args("ip", &["netns", "add", &ns]).expect("create namespace");
-    let guard = NsGuard(ns.clone());
+    let guard = OwnedNetns::create(&ns).expect("create namespace");
     let ip = |args: &[&str]| {
         let mut full = vec!["-n", ns.as_str()];
         full.extend_from_slice(args);
@@ -423,7 +422,7 @@ fn metrics_scrape(c: &mut Criterion) {
     // evicted a few.
     let addr: std::net::SocketAddr = SCRAPE_METRICS.parse().expect("address");
     let want = f64::from(flows) * 0.99;
-    let (lb_seen, ct_seen) = netns_tests::netns::run_in(&namespace.0, || {
+    let (lb_seen, ct_seen) = netns_tests::netns::run_in(namespace.name(), || {
         let started = Instant::now();
         loop {
             let text = scrape(addr);
@@ -449,7 +448,7 @@ fn metrics_scrape(c: &mut Criterion) {
     group.bench_function(format!("GET /metrics, {flows} flows per table"), |b| {
         b.iter_custom(|iters| {
             // One thread in the namespace for all the scrapes of this sample.
-            netns_tests::netns::run_in(&namespace.0, || {
+            netns_tests::netns::run_in(namespace.name(), || {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let started = Instant::now();
