@@ -10,8 +10,8 @@
 //!   packet (remote address, protocol, port, both directions) exactly as the documented
 //!   semantics do: first rule in file order whose CIDR, protocol and port range match, else
 //!   the endpoint's default;
-//! - interfaces go to the first endpoint whose pattern matches, and the policy's pattern
-//!   matcher agrees with the configuration's (`config::glob_match`);
+//! - interfaces go to the first endpoint whose pattern matches, and the one pattern matcher
+//!   (`text::glob_match`, shared with the configuration) means what `*` and `?` mean;
 //! - generated policies (random endpoints and rules, written out as YAML here) are accepted
 //!   exactly when they follow the documented rules, and then mean what was generated.
 
@@ -726,8 +726,9 @@ fn fuzz_policy_generated() {
     });
 }
 
-/// The two glob matchers of the daemon (policy endpoints, configured interfaces) agree, and
-/// match what `*` (any run, empty included) and `?` (one character) mean.
+/// The daemon's one glob matcher (`text::glob_match`, reached through both paths the policy
+/// endpoints and the configured interfaces use) matches what `*` (any run, empty included) and
+/// `?` (one character) mean, by a reference dynamic programme.
 #[test]
 fn fuzz_policy_patterns_agree() {
     let strategy = ("[ab*?]{0,8}", "[ab]{0,8}");
