@@ -243,6 +243,11 @@ fn a_reload_refused_by_one_controller_leaves_every_controller_as_it_was() {
         "lb-ctl policy list",
         lab.daemon().lb_ctl_json(&["policy", "list"]),
     );
+    let lbb_before = programs_on(&lb, "lbb");
+    assert!(
+        lbb_before.contains("xdp"),
+        "the load balancer is attached to lbb: {lbb_before}"
+    );
 
     // Both controllers would attach to lbn; the policy refuses, so the load balancer must
     // undo its attachment.
@@ -279,7 +284,15 @@ fn a_reload_refused_by_one_controller_leaves_every_controller_as_it_was() {
         "lb-ctl policy list",
         lab.daemon().lb_ctl_json(&["policy", "list"]),
     );
-    assert_eq!(policy_after, policy_before, "the policy is as it was");
+    // The policy and its generation; its packet counters move with the traffic.
+    for key in ["policy", "generation", "endpoints"] {
+        assert_eq!(policy_after[key], policy_before[key], "the policy's {key}");
+    }
+    assert_eq!(
+        programs_on(&lb, "lbb"),
+        lbb_before,
+        "lbb keeps the programs it had"
+    );
     for name in ["lb", "policy", "prog_stats", "conntrack"] {
         assert_eq!(
             (module(&st, name).up, module(&st, name).enabled),
