@@ -245,6 +245,13 @@ fn init_tracing(format: config::LogFormat) {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (settings, source) = args.settings()?;
     init_tracing(settings.log_format);
+    // The file was read before logging was set up: say now which of its keys are deprecated.
+    if let Some(src) = &source {
+        let (_, deprecated) = Settings::resolve_with_deprecations(Some(src), &args.overrides())?;
+        for d in deprecated {
+            tracing::warn!(file = %src.path.display(), "{d}");
+        }
+    }
     datapath::daemon::run(settings, source, args.overrides()).await?;
     Ok(())
 }

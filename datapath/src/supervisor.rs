@@ -411,15 +411,14 @@ impl Supervisor {
     }
 
     /// `None` when ready; else why not (for `/readyz`).
+    /// A controller's own reason (waiting for its interfaces, say) comes first, also during
+    /// start-up.
     pub fn not_ready(&self) -> Option<String> {
-        if !self.ready.load(Ordering::SeqCst) {
-            return Some(lock(&self.inner).not_ready_reason.clone());
+        let own = self.slots.iter().find_map(|s| s.controller.not_ready());
+        if own.is_some() {
+            return own;
         }
-        self.slots.iter().find_map(|s| {
-            s.controller
-                .not_ready()
-                .map(|r| format!("{}: {r}", s.controller.name()))
-        })
+        (!self.ready.load(Ordering::SeqCst)).then(|| lock(&self.inner).not_ready_reason.clone())
     }
 
     pub fn last_reload_error(&self) -> Option<String> {
