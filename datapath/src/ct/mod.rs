@@ -123,27 +123,8 @@ pub struct FlowEventView {
     pub rtt_ns: u64,
 }
 
-/// `GET /v1/conntrack/stats`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CtStats {
-    pub entries: u64,
-    pub capacity: u64,
-    pub by_state: BTreeMap<String, u64>,
-    pub by_protocol: BTreeMap<String, u64>,
-    pub gc_sweeps: u64,
-    pub gc_expired: u64,
-    pub events_received: u64,
-    /// Events lost by cause: `ring_full`, `rate_limited`, `slow_reader`.
-    pub events_lost: BTreeMap<String, u64>,
-    /// Idle timeouts in seconds.
-    pub timeouts: BTreeMap<String, u64>,
-}
-
-/// `DELETE /v1/conntrack`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FlushAnswer {
-    pub removed: u64,
-}
+/// The answers of the conntrack routes: the api crate's types.
+pub use datapath_api::{CtStats, FlushAnswer};
 
 fn interface_name(ifindex: u32) -> String {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];

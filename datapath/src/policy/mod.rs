@@ -46,12 +46,8 @@ pub const NAME: &str = "policy";
 /// Version of the saved policy file (files of earlier builds, without one, are version 1).
 const POLICY_FILE_VERSION: u32 = 1;
 
-/// `PUT /v1/policy`: the policy file's text.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApplyPolicy {
-    pub text: String,
-}
+/// The body of `PUT /v1/policy`: the api crate's type.
+pub use datapath_api::ApplyPolicy;
 
 /// What the policy file holds on disk.
 #[derive(Debug, Default, Serialize, Deserialize)]
