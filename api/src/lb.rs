@@ -56,6 +56,10 @@ pub struct BackendView {
     /// Entries of the live Maglev table pointing at this backend (0 when draining).
     pub table_entries: u32,
     pub counters: Counter,
+    /// The NUD state of its neighbour entry (see `NeighbourStatus::state`), when the netlink
+    /// controller runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbour: Option<String>,
 }
 
 /// A service as the API shows it.

@@ -39,6 +39,60 @@ pub struct InterfaceStatus {
     pub xdp_mode: String,
 }
 
+/// An interface as the netlink controller learned it, and what the daemon attached to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub ifindex: u32,
+    pub name: String,
+    /// `aa:bb:cc:dd:ee:ff`; absent for interfaces without a link-layer address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    pub mtu: u32,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    /// The ifindex of its master (bridge, bond, VRF), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master: Option<u32>,
+    /// What the daemon's programs hold on it: `xdp` (the load balancer), `tcx-ingress` and
+    /// `tcx-egress` (the policy).
+    #[serde(default)]
+    pub attached: Vec<String>,
+}
+
+/// The neighbour entry of a backend or full-NAT next hop, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeighbourStatus {
+    /// The backend's (or next hop's) address.
+    pub addr: std::net::IpAddr,
+    /// The interface the entry is on; absent while no route leads to the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// The NUD state in lower case: `reachable`, `stale`, `delay`, `probe`, `incomplete`,
+    /// `failed`, `permanent`, `noarp`, `none`; `missing` when the kernel has no entry.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Created and kept resolved by the daemon (NTF_EXT_MANAGED).
+    pub managed: bool,
+    /// `incomplete`, `failed` or `missing`: packets to it cannot be forwarded.
+    pub unresolved: bool,
+}
+
+/// The netlink controller's own figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetlinkStatus {
+    /// Netlink messages applied since start (dumps and events).
+    pub messages: u64,
+    /// Full re-dumps after the receive buffer overran (ENOBUFS).
+    pub resyncs: u64,
+    /// Messages that could not be parsed and were skipped.
+    pub parse_errors: u64,
+    /// The socket's receive buffer as the kernel reports it (SO_RCVBUF), in bytes.
+    pub receive_buffer_bytes: u64,
+    /// Programs found detached by someone else and attached again.
+    pub reattachments: u64,
+}
+
 /// Body of `GET /v1/status`: what runs, what does not and why.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusView {
@@ -55,6 +109,14 @@ pub struct StatusView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reload_error: Option<String>,
     pub interfaces: Vec<InterfaceStatus>,
+    /// Every interface of the namespace, from the netlink controller (empty while it is off).
+    #[serde(default)]
+    pub links: Vec<LinkStatus>,
+    /// The backends' and next hops' neighbour entries.
+    #[serde(default)]
+    pub neighbours: Vec<NeighbourStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netlink: Option<NetlinkStatus>,
     pub modules: Vec<ModuleStatus>,
     pub features: Vec<FeatureStatus>,
 }

@@ -70,6 +70,9 @@ pub fn status_view(
             .load(std::sync::atomic::Ordering::SeqCst),
         last_reload_error: sup.last_reload_error(),
         interfaces,
+        links: Vec::new(),
+        neighbours: Vec::new(),
+        netlink: None,
         modules: sup
             .reports()
             .into_iter()

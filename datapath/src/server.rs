@@ -200,6 +200,7 @@ fn make_view(
                 id: b.id,
                 table_entries: entries.get(&b.id).copied().unwrap_or(0),
                 counters: stats.backends.get(&b.id).copied().unwrap_or_default(),
+                neighbour: None,
             })
             .collect(),
         counters: stats.services.get(&spec.id).copied().unwrap_or_default(),

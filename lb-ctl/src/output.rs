@@ -471,6 +471,7 @@ mod tests {
                 packets,
                 bytes: packets * 100,
             },
+            neighbour: None,
         };
         ServiceView {
             vip: "198.18.0.10".parse().unwrap(),
