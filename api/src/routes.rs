@@ -12,6 +12,7 @@ use crate::{
     flows::{FlowEventView, FlowsQuery},
     lb::{AddBackend, CreateService, ServiceView, StatsView, UpdateBackend},
     model::{BackendKey, ServiceKey},
+    node::NodeView,
     policy::{ApplyPolicy, PolicyStatus},
     status::{Health, StatusView},
 };
@@ -27,6 +28,7 @@ pub const POLICY: &str = "/v1/policy";
 pub const CONNTRACK: &str = "/v1/conntrack";
 pub const CONNTRACK_STATS: &str = "/v1/conntrack/stats";
 pub const FLOWS: &str = "/v1/flows";
+pub const NODE: &str = "/v1/node";
 
 /// The HTTP methods the API uses (every `GET` route also answers `HEAD`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -241,6 +243,8 @@ routes! {
         body UpdateBackend => 200 ServiceView, Json;
     DeleteBackend: Delete BACKEND, params (ServiceKey, BackendKey), query NoQuery,
         body NoBody => 200 ServiceView, Json;
+    /// Interfaces, addresses, neighbours and routes as the netlink controller learned them.
+    GetNode: Get NODE, params (), query NoQuery, body NoBody => 200 NodeView, Json;
     GetStats: Get STATS, params (), query NoQuery, body NoBody => 200 StatsView, Json;
     GetPolicy: Get POLICY, params (), query NoQuery, body NoBody => 200 PolicyStatus, Json;
     PutPolicy: Put POLICY, params (), query NoQuery, body ApplyPolicy => 200 PolicyStatus, Json;

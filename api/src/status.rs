@@ -110,10 +110,10 @@ pub struct StatusView {
     pub last_reload_error: Option<String>,
     pub interfaces: Vec<InterfaceStatus>,
     /// Every interface of the namespace, from the netlink controller (empty while it is off).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<LinkStatus>,
     /// The backends' and next hops' neighbour entries.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub neighbours: Vec<NeighbourStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netlink: Option<NetlinkStatus>,
