@@ -122,6 +122,7 @@ struct FileConfig {
     conntrack: Option<ConntrackFile>,
     policy: Option<PolicyFile>,
     prog_stats: Option<ProgStatsFile>,
+    netlink: Option<NetlinkFile>,
     // The previous layout (see DEPRECATED_KEYS).
     interfaces: Option<Vec<String>>,
     xdp_mode: Option<XdpModeName>,
@@ -145,7 +146,17 @@ struct LbFile {
     state_file: Option<PathBuf>,
     nat_port_range: Option<String>,
     fib_cache_ms: Option<u64>,
+    attach_watchdog_ms: Option<u64>,
     maps: Option<MapsFile>,
+}
+
+/// The `netlink` section: the controller that learns interfaces, addresses, neighbours and
+/// routes over rtnetlink.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetlinkFile {
+    enabled: Option<bool>,
+    receive_buffer_bytes: Option<u64>,
 }
 
 /// The `conntrack` section: the GC of the load balancer's flow tables.
@@ -171,6 +182,7 @@ struct PolicyFile {
     gc_interval_seconds: Option<u64>,
     max_flows: Option<u32>,
     event_rate: Option<u64>,
+    attach_watchdog_ms: Option<u64>,
     timeouts: Option<TimeoutsFile>,
 }
 
@@ -365,6 +377,7 @@ pub struct Overrides {
     pub nat_port_range: Option<(u16, u16)>,
     pub fib_cache_ms: Option<u64>,
     pub gc_interval_seconds: Option<u64>,
+    pub netlink_receive_buffer: Option<u64>,
 }
 
 /// The `lb` section: the XDP load balancer controller.
@@ -387,6 +400,9 @@ pub struct LbSettings {
     pub nat_port_max: u16,
     /// How long an established flow reuses its cached route and next hop.
     pub fib_cache: Duration,
+    /// Between checks that the XDP links are still attached (nobody announces a detach);
+    /// zero turns the check off.
+    pub attach_watchdog: Duration,
 }
 
 impl Default for LbSettings {
@@ -404,6 +420,7 @@ impl Default for LbSettings {
             nat_port_min: defaults::NAT_PORT_MIN,
             nat_port_max: defaults::NAT_PORT_MAX,
             fib_cache: Duration::from_nanos(defaults::FIB_CACHE_NS),
+            attach_watchdog: DEFAULT_ATTACH_WATCHDOG,
         }
     }
 }
@@ -442,6 +459,8 @@ pub struct PolicySettings {
     pub event_rate: u64,
     /// Idle timeouts of tracked flows.
     pub timeouts: conntrack::Timeouts,
+    /// See [`LbSettings::attach_watchdog`]: the same for the TCX links.
+    pub attach_watchdog: Duration,
 }
 
 impl Default for PolicySettings {
@@ -454,6 +473,35 @@ impl Default for PolicySettings {
             max_flows: bpf_common::policy::defaults::MAX_CT_FLOWS,
             event_rate: bpf_common::policy::defaults::EVENT_RATE,
             timeouts: conntrack::Timeouts::DEFAULT,
+            attach_watchdog: DEFAULT_ATTACH_WATCHDOG,
+        }
+    }
+}
+
+/// The `netlink` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetlinkSettings {
+    /// Whether the netlink controller runs. Off, interfaces are only found at start and
+    /// reloads, and backends' neighbours are not managed.
+    pub enabled: bool,
+    /// The event socket's receive buffer (SO_RCVBUFFORCE; the kernel doubles it). The
+    /// default rmem is small, and a burst of route changes overruns it: each overrun costs a
+    /// full re-dump.
+    pub receive_buffer_bytes: u64,
+}
+
+/// Default of `netlink.receive_buffer_bytes`: 4 MiB.
+pub const DEFAULT_NETLINK_RECEIVE_BUFFER: u64 = 4 << 20;
+/// Smallest and largest `netlink.receive_buffer_bytes`.
+pub const NETLINK_RECEIVE_BUFFER_RANGE: (u64, u64) = (4096, 1 << 30);
+/// Default of `lb.attach_watchdog_ms` and `policy.attach_watchdog_ms`.
+pub const DEFAULT_ATTACH_WATCHDOG: Duration = Duration::from_secs(2);
+
+impl Default for NetlinkSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            receive_buffer_bytes: DEFAULT_NETLINK_RECEIVE_BUFFER,
         }
     }
 }
@@ -486,6 +534,7 @@ pub struct Settings {
     pub conntrack: ConntrackSettings,
     pub policy: PolicySettings,
     pub prog_stats: ProgStatsSettings,
+    pub netlink: NetlinkSettings,
     /// The file the values came from, to name its lines in errors found later (an interface
     /// pattern that matches nothing when a controller starts or reloads).
     pub origin: Origin,
@@ -522,6 +571,7 @@ impl Default for Settings {
             conntrack: ConntrackSettings::default(),
             policy: PolicySettings::default(),
             prog_stats: ProgStatsSettings::default(),
+            netlink: NetlinkSettings::default(),
             origin: Origin::default(),
         }
     }
@@ -748,6 +798,16 @@ impl Settings {
         if let Some(v) = f.prog_stats.and_then(|p| p.enabled) {
             self.prog_stats.enabled = v;
         }
+        if let Some(n) = f.netlink {
+            if let Some(v) = n.enabled {
+                self.netlink.enabled = v;
+            }
+            if let Some(v) = n.receive_buffer_bytes {
+                check_receive_buffer(v)
+                    .map_err(|e| src.error("netlink.receive_buffer_bytes", e))?;
+                self.netlink.receive_buffer_bytes = v;
+            }
+        }
         if let Err(e) = self.dataplane_config().validate() {
             // The only rule across keys left: the Maglev tables of every service in one map.
             let old_maps = moved
@@ -794,6 +854,9 @@ impl Settings {
                 ));
             }
             out.fib_cache = Duration::from_millis(v);
+        }
+        if let Some(v) = f.attach_watchdog_ms {
+            out.attach_watchdog = Duration::from_millis(v);
         }
         if let Some(maps) = f.maps {
             for (new, value, target) in [
@@ -857,6 +920,9 @@ impl Settings {
         }
         if let Some(v) = p.event_rate {
             out.event_rate = v;
+        }
+        if let Some(v) = p.attach_watchdog_ms {
+            out.attach_watchdog = Duration::from_millis(v);
         }
         if let Some(t) = p.timeouts {
             const NS: u64 = 1_000_000_000;
@@ -946,6 +1012,11 @@ impl Settings {
         if let Some(v) = o.gc_interval_seconds {
             self.conntrack.gc_interval = Duration::from_secs(v);
         }
+        if let Some(v) = o.netlink_receive_buffer {
+            check_receive_buffer(v)
+                .map_err(|e| Error::InvalidArgument(format!("--netlink-receive-buffer: {e}")))?;
+            self.netlink.receive_buffer_bytes = v;
+        }
         if let Some(v) = &o.api_socket {
             self.api_socket = v.clone();
         }
@@ -1021,7 +1092,17 @@ impl Settings {
         check(a.state_file != b.state_file, "policy.state_file");
         check(a.max_flows != b.max_flows, "policy.max_flows");
         check(a.event_rate != b.event_rate, "policy.event_rate");
+        check(self.netlink != new.netlink, "netlink");
         out
+    }
+}
+
+fn check_receive_buffer(v: u64) -> std::result::Result<(), String> {
+    let (min, max) = NETLINK_RECEIVE_BUFFER_RANGE;
+    if (min..=max).contains(&v) {
+        Ok(())
+    } else {
+        Err(format!("{v} is not between {min} and {max} bytes"))
     }
 }
 

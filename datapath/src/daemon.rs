@@ -3,6 +3,7 @@
 //! stops on SIGTERM or SIGINT.
 use std::{path::PathBuf, sync::Arc, time::Instant};
 
+use crate::controller::Controller as _;
 use axum::{Json, extract::State, routing::get};
 use datapath_api::{InterfaceStatus, ModuleStatus, StatusView};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -17,6 +18,7 @@ use crate::{
     features::Features,
     lb::{LbController, LbPlane},
     metrics,
+    netlink::NetlinkController,
     policy::PolicyController,
     prog_stats::ProgStats,
     server::{self, SharedController},
@@ -32,6 +34,7 @@ fn signal_of(kind: SignalKind, name: &str) -> Result<Signal> {
 struct StatusState {
     sup: Arc<Supervisor>,
     lb: SharedController<LbPlane>,
+    netlink: Arc<NetlinkController>,
     config_file: Option<PathBuf>,
 }
 
@@ -51,7 +54,13 @@ async fn status(State(s): State<StatusState>) -> Json<StatusView> {
                     .collect()
             })
             .unwrap_or_default();
-    Json(status_view(&s.sup, interfaces, s.config_file.as_deref()))
+    let mut view = status_view(&s.sup, interfaces, s.config_file.as_deref());
+    if s.netlink.health().up {
+        view.links = s.netlink.link_status();
+        view.neighbours = s.netlink.neighbour_status();
+        view.netlink = Some(s.netlink.figures());
+    }
+    Json(view)
 }
 
 /// Everything `GET /v1/status` shows; `interfaces`: the load balancer's.
@@ -93,6 +102,7 @@ pub fn status_view(
 pub struct Controllers {
     pub lb: Arc<LbController>,
     pub conntrack: Arc<ConntrackController>,
+    pub netlink: Arc<NetlinkController>,
     pub all: Vec<DynController>,
 }
 
@@ -102,13 +112,20 @@ pub fn controllers(settings: &Settings, bus: &Bus) -> Result<Controllers> {
     let lb = LbController::new(settings, bus)
         .map_err(|e| e.context("cannot load the saved services"))?;
     let conntrack = ConntrackController::new(settings, bus)?;
+    let netlink = NetlinkController::new(settings, bus)?;
     let all: Vec<DynController> = vec![
+        Arc::clone(&netlink) as DynController,
         Arc::clone(&lb) as DynController,
         ProgStats::new(bus)?,
         PolicyController::new(settings, bus)?,
         Arc::clone(&conntrack) as DynController,
     ];
-    Ok(Controllers { lb, conntrack, all })
+    Ok(Controllers {
+        lb,
+        conntrack,
+        netlink,
+        all,
+    })
 }
 
 /// Reads the configuration file `path` again and reloads every controller with it (see
@@ -169,7 +186,12 @@ pub async fn run(settings: Settings, source: Option<Source>, overrides: Override
     }
 
     let bus = Bus::new();
-    let Controllers { lb, conntrack, all } = controllers(&settings, &bus)?;
+    let Controllers {
+        lb,
+        conntrack,
+        netlink,
+        all,
+    } = controllers(&settings, &bus)?;
     let sup = Supervisor::new(all, bus, settings.clone(), features)?;
 
     // Metrics and probes answer from the start: /healthz at once, /readyz once started.
@@ -251,6 +273,7 @@ pub async fn run(settings: Settings, source: Option<Source>, overrides: Override
         .with_state(StatusState {
             sup: Arc::clone(&sup),
             lb: lb.shared(),
+            netlink,
             config_file,
         });
     for c in sup.controllers() {

@@ -15,6 +15,7 @@ pub mod error;
 pub mod features;
 pub mod lb;
 pub mod metrics;
+pub mod netlink;
 pub mod persist;
 pub mod policy;
 pub mod prog_stats;

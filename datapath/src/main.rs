@@ -107,6 +107,12 @@ struct RunArgs {
     /// UDP and other 60 s [config: gc_interval_seconds; default: 5].
     #[arg(long, value_name = "SECONDS", env = "DATAPATH_GC_INTERVAL")]
     gc_interval: Option<u64>,
+    /// Receive buffer of the netlink event socket, in bytes (SO_RCVBUFFORCE; the kernel
+    /// doubles it); an overrun costs a full re-dump of interfaces, neighbours and routes
+    /// [config: netlink.receive_buffer_bytes; default: 4194304].
+    #[arg(long, value_name = "BYTES", env = "DATAPATH_NETLINK_RECEIVE_BUFFER",
+          value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+    netlink_receive_buffer: Option<u64>,
     /// Log format on stderr [config: log_format; default: text].
     #[arg(long, value_enum, env = "DATAPATH_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -207,6 +213,7 @@ impl RunArgs {
             nat_port_range: self.nat_port_range.map(|r| (r.min, r.max)),
             fib_cache_ms: self.fib_cache_ms,
             gc_interval_seconds: self.gc_interval,
+            netlink_receive_buffer: self.netlink_receive_buffer,
         }
     }
 
