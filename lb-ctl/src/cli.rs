@@ -58,6 +58,9 @@ pub enum Command {
     Stats,
     /// The daemon's modules (and why one is off), probed kernel features, interfaces, reloads.
     Status,
+    /// What the netlink controller learned of the node: interfaces (and what is attached),
+    /// addresses, neighbours and routes.
+    Node,
     /// The tc (TCX) policy: apply a policy file, show it with its counters, delete it.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -364,6 +367,7 @@ pub enum Action {
     BackendUpdate(ServiceKey, BackendKey, UpdateBackend),
     Stats,
     Status,
+    Node,
     /// The policy file's text.
     PolicyApply(ApplyPolicy),
     PolicyList,
@@ -565,6 +569,7 @@ impl Command {
             }
             Command::Stats => Action::Stats,
             Command::Status => Action::Status,
+            Command::Node => Action::Node,
             Command::Policy(PolicyCommand::Apply { file }) => {
                 let shown = file.display().to_string();
                 let text = std::fs::read_to_string(file)

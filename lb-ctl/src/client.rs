@@ -51,6 +51,10 @@ impl Client {
         self.send::<routes::GetStatus>(&(), &NoQuery, &NoBody).await
     }
 
+    pub async fn node(&self) -> Result<datapath_api::NodeView> {
+        self.send::<routes::GetNode>(&(), &NoQuery, &NoBody).await
+    }
+
     pub async fn list_services(&self) -> Result<Vec<ServiceView>> {
         self.send::<routes::ListServices>(&(), &NoQuery, &NoBody)
             .await

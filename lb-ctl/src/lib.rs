@@ -142,6 +142,14 @@ pub async fn run(cli: &Cli) -> Result<String> {
                 .await?;
             String::new()
         }
+        Action::Node => {
+            let node = client.node().await?;
+            if json {
+                to_json(&node)?
+            } else {
+                output::node(&node)
+            }
+        }
         Action::Status => {
             let status = client.status().await?;
             if json {

@@ -297,6 +297,135 @@ pub fn status(v: &datapath_api::StatusView) -> String {
         t.row(vec![i.name.clone(), i.xdp_mode.clone()]);
     }
     out.push_str(&t.render());
+    if let Some(n) = &v.netlink {
+        out.push_str(&format!(
+            "netlink: {} message(s), {} resync(s), {} unparsable, receive buffer {} bytes, {} re-attachment(s)\n",
+            n.messages, n.resyncs, n.parse_errors, n.receive_buffer_bytes, n.reattachments
+        ));
+    }
+    let attached: Vec<_> = v.links.iter().filter(|l| !l.attached.is_empty()).collect();
+    if !attached.is_empty() {
+        let mut t = Table::new(&[("LINK", Left), ("IFINDEX", Right), ("ATTACHED", Left)]);
+        for l in attached {
+            t.row(vec![
+                l.name.clone(),
+                l.ifindex.to_string(),
+                l.attached.join(","),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    if !v.neighbours.is_empty() {
+        out.push_str(&neighbour_table(&v.neighbours));
+    }
+    out
+}
+
+fn neighbour_table(neighbours: &[datapath_api::NeighbourStatus]) -> String {
+    use Align::*;
+    let mut t = Table::new(&[
+        ("BACKEND", Left),
+        ("INTERFACE", Left),
+        ("NEIGHBOUR", Left),
+        ("MAC", Left),
+        ("MANAGED", Left),
+    ]);
+    for n in neighbours {
+        let state = if n.unresolved {
+            n.state.to_uppercase()
+        } else {
+            n.state.clone()
+        };
+        t.row(vec![
+            n.addr.to_string(),
+            n.interface.clone().unwrap_or_else(|| "-".into()),
+            state,
+            n.mac.clone().unwrap_or_else(|| "-".into()),
+            if n.managed { "yes" } else { "no" }.to_string(),
+        ]);
+    }
+    t.render()
+}
+
+/// `lb-ctl node`.
+pub fn node(v: &datapath_api::NodeView) -> String {
+    use Align::*;
+    let mut out = String::new();
+    if !v.ready {
+        out.push_str("netlink view NOT READY (first dump or a resync in progress)\n");
+    }
+    let mut t = Table::new(&[
+        ("IFINDEX", Right),
+        ("LINK", Left),
+        ("MAC", Left),
+        ("MTU", Right),
+        ("STATE", Left),
+        ("ATTACHED", Left),
+    ]);
+    for l in &v.links {
+        t.row(vec![
+            l.ifindex.to_string(),
+            l.name.clone(),
+            l.mac.clone().unwrap_or_else(|| "-".into()),
+            l.mtu.to_string(),
+            if l.up { "up" } else { "down" }.to_string(),
+            l.attached.join(","),
+        ]);
+    }
+    out.push_str(&t.render());
+    let mut t = Table::new(&[("ADDRESS", Left), ("INTERFACE", Left)]);
+    for a in &v.addresses {
+        t.row(vec![
+            format!("{}/{}", a.addr, a.prefix_len),
+            a.interface.clone(),
+        ]);
+    }
+    out.push_str(&t.render());
+    let mut t = Table::new(&[
+        ("NEIGHBOUR", Left),
+        ("INTERFACE", Left),
+        ("MAC", Left),
+        ("STATE", Left),
+        ("MANAGED", Left),
+    ]);
+    for n in &v.neighbours {
+        t.row(vec![
+            n.addr.to_string(),
+            n.interface.clone(),
+            n.mac.clone().unwrap_or_else(|| "-".into()),
+            n.state.clone(),
+            if n.managed { "yes" } else { "no" }.to_string(),
+        ]);
+    }
+    out.push_str(&t.render());
+    let mut t = Table::new(&[
+        ("ROUTE", Left),
+        ("TABLE", Right),
+        ("TYPE", Left),
+        ("VIA", Left),
+        ("DEV", Left),
+        ("METRIC", Right),
+    ]);
+    for r in &v.routes {
+        t.row(vec![
+            r.dst.clone(),
+            r.table.to_string(),
+            r.kind.clone(),
+            r.gateway
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.interface.clone().unwrap_or_else(|| "-".into()),
+            r.metric.map(|m| m.to_string()).unwrap_or_default(),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push_str(&format!(
+        "netlink: {} message(s), {} resync(s), {} unparsable, receive buffer {} bytes\n",
+        v.netlink.messages,
+        v.netlink.resyncs,
+        v.netlink.parse_errors,
+        v.netlink.receive_buffer_bytes
+    ));
     out
 }
 

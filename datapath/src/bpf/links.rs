@@ -81,3 +81,71 @@ pub fn unpin(pin: &Path) -> Result<()> {
         )),
     }
 }
+
+/// The interface the link pinned at `pin` is attached to, from the kernel's link info
+/// (`bpf_link_info.xdp.ifindex` / `.tcx.ifindex`, which share an offset): `0` when the link was
+/// detached (`bpftool link detach`, or its interface deleted). No event announces a detach,
+/// which is why the controllers' watchdogs ask.
+pub fn attached_ifindex(pin: &Path) -> Result<u32> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let io = |what: &str, e: std::io::Error| Error::io(format!("{what} {}", pin.display()), e);
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| io("pin path", std::io::Error::other(e)))?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid attr of the size passed; the path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io("open pinned link", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor the kernel just gave us, owned here.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the per-type union.
+    let mut info = [0u64; 16];
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoByFd {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: as above; the kernel writes at most info_len bytes into `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io("read link info of", std::io::Error::last_os_error()));
+    }
+    // Offset 16: the first u32 of the union.
+    let union = info[2].to_ne_bytes();
+    Ok(u32::from_ne_bytes([union[0], union[1], union[2], union[3]]))
+}

@@ -351,11 +351,7 @@ impl Dataplane {
     /// Mounts bpffs if needed, loads the program (reusing pinned maps), and attaches it to every
     /// configured interface, replacing the program of an existing pinned link atomically.
     pub fn start(config: &DataplaneConfig) -> Result<Self> {
-        if config.interfaces.is_empty() {
-            return Err(Error::InvalidArgument(
-                "no interface to attach to (use --iface)".into(),
-            ));
-        }
+        // No interface yet is fine: the lb controller attaches to interfaces as they appear.
         let mut if_indexes = Vec::new();
         for name in &config.interfaces {
             if_indexes.push((name.clone(), interface_index(name)?));
@@ -534,3 +530,4 @@ pub use crate::bpf::pins::cleanup;
 
 mod attach;
 mod services;
+pub use services::set_neighbour_priming;

@@ -248,3 +248,35 @@ impl Scrape {
         }
     }
 }
+
+pub(super) struct FibFamilies {
+    generation: prometheus::IntGaugeVec,
+}
+
+impl crate::metrics::Families for FibFamilies {
+    fn new() -> Self {
+        Self {
+            generation: crate::metrics::gauge(
+                "datapath_fib_generation",
+                "The XDP FIB cache's generation, bumped on every neighbour or route change that \
+                 can change a forwarding decision",
+                &[],
+            ),
+        }
+    }
+
+    fn all(&self) -> Vec<&dyn prometheus::core::Collector> {
+        vec![&self.generation]
+    }
+}
+
+pub(super) fn fib_collector(
+    lb: std::sync::Arc<super::LbController>,
+) -> crate::metrics::FamilyCollector<FibFamilies> {
+    crate::metrics::FamilyCollector::new(move |f: &FibFamilies| {
+        let generation = lb.fib_generation.load(std::sync::atomic::Ordering::Relaxed);
+        f.generation
+            .with_label_values::<&str>(&[])
+            .set(generation as i64);
+    })
+}

@@ -4,11 +4,13 @@
 //! tables.
 pub mod dataplane;
 mod metrics;
+mod node;
 pub mod store;
 
 use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -128,6 +130,20 @@ pub struct LbController {
     prog_stats: StateReader<bool>,
     /// Set at shutdown: a start still waiting for interfaces gives up.
     stopping: std::sync::atomic::AtomicBool,
+    /// Whether the netlink controller runs (fixed until restart): interfaces then follow its
+    /// link state, and it keeps the backends' neighbours.
+    netlink: bool,
+    links: StateReader<crate::netlink::model::Links>,
+    neighbours: StateReader<crate::netlink::model::Neighbours>,
+    routes: StateReader<crate::netlink::model::Routes>,
+    attached: StateWriter<crate::netlink::Attached>,
+    reattachments: StateWriter<u64>,
+    /// Name -> ifindex of each interface XDP is attached to (a new ifindex: re-created).
+    ifindexes: Mutex<BTreeMap<String, u32>>,
+    /// Wakes the run loop to sync the interfaces (after a reload).
+    resync: tokio::sync::Notify,
+    /// The FIB generation as last bumped (for `/metrics`).
+    fib_generation: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -139,7 +155,15 @@ impl LbController {
     /// touched: it would otherwise be reconciled down to less than what was declared).
     pub fn new(settings: &Settings, bus: &Bus) -> Result<Arc<Self>> {
         let dp_config = settings.dataplane_config();
-        let store = Store::open(&settings.lb.state_file, Limits::from_config(&dp_config))?;
+        let mut store = Store::open(&settings.lb.state_file, Limits::from_config(&dp_config))?;
+        dataplane::set_neighbour_priming(!settings.netlink.enabled);
+        let next_hops = Arc::new(
+            bus.state::<BTreeSet<IpAddr>>(crate::netlink::NEXT_HOPS)?
+                .writer()?,
+        );
+        store.observe(Arc::new(move |state| {
+            next_hops.publish(node::next_hops(state))
+        }));
         Ok(Arc::new(Self {
             ctl: Arc::new(tokio::sync::Mutex::new(server::Controller::new(
                 store,
@@ -157,6 +181,15 @@ impl LbController {
             occupancy: bus.state::<Occupancy>(OCCUPANCY)?.reader(),
             prog_stats: bus.state::<bool>(crate::prog_stats::ENABLED)?.reader(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            netlink: settings.netlink.enabled,
+            links: bus.state(crate::netlink::LINKS)?.reader(),
+            neighbours: bus.state(crate::netlink::NEIGHBOURS)?.reader(),
+            routes: bus.state(crate::netlink::ROUTES)?.reader(),
+            attached: bus.state(crate::netlink::LB_ATTACHED)?.writer()?,
+            reattachments: bus.state(crate::netlink::LB_REATTACHMENTS)?.writer()?,
+            ifindexes: Mutex::new(BTreeMap::new()),
+            resync: tokio::sync::Notify::new(),
+            fib_generation: AtomicU64::new(0),
         }))
     }
 
@@ -205,6 +238,10 @@ impl LbController {
     /// Waits (bounded by `interface_wait`) until every configured pattern matches an
     /// interface, then expands the patterns.
     fn wait_for_interfaces(&self, settings: &Settings) -> Result<Vec<String>> {
+        if self.netlink {
+            // No wait: the run loop attaches to the others as they appear.
+            return self.present_interfaces(settings);
+        }
         let deadline = Instant::now() + settings.lb.interface_wait;
         loop {
             let existing = config::interface_names();
@@ -222,6 +259,37 @@ impl LbController {
                 Some(format!("waiting for interfaces {}", missing.join(", ")));
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The configured interfaces that exist now (with the netlink controller a pattern that
+    /// matches nothing yet is no error: `/readyz` waits for it).
+    fn present_interfaces(&self, settings: &Settings) -> Result<Vec<String>> {
+        if settings.lb.interfaces.is_empty() {
+            return config::expand_interfaces(&[], &[], settings.origin.source());
+        }
+        let existing = config::interface_names();
+        let missing = config::unmatched(&settings.lb.interfaces, &existing);
+        lock(&self.inner).waiting =
+            (!missing.is_empty()).then(|| format!("waiting for interfaces {}", missing.join(", ")));
+        Ok(existing
+            .into_iter()
+            .filter(|n| {
+                settings
+                    .lb
+                    .interfaces
+                    .iter()
+                    .any(|p| crate::text::glob_match(p, n))
+            })
+            .collect())
+    }
+
+    /// Remembers what `dp` attached (after a start or a reload), for status and for telling a
+    /// re-created interface.
+    fn note_attached(&self, dp: &Dataplane) {
+        let now = node::attached_indexes(dp);
+        *lock(&self.ifindexes) = now.clone();
+        self.attached.publish(now);
+        self.resync.notify_one();
     }
 
     fn set_health(&self, settings: &Settings, plane: &LbPlane, reason: Option<String>) {
@@ -286,6 +354,9 @@ impl Prepared for LbChange {
                         }
                     }
                 }
+                if let Some(dp) = plane.dataplane() {
+                    ctl.note_attached(dp);
+                }
                 ctl.set_health(&settings, plane, None);
                 lock(&ctl.inner).settings = settings;
                 changes
@@ -293,6 +364,7 @@ impl Prepared for LbChange {
             LbChange::Up { ctl, dp, settings } => {
                 let mut guard = ctl.ctl.blocking_lock();
                 let (_, plane) = guard.parts_mut();
+                ctl.note_attached(&dp);
                 *plane = LbPlane::on(*dp);
                 ctl.publish_tables(plane, settings.lb.max_flows);
                 ctl.set_health(&settings, plane, None);
@@ -381,6 +453,7 @@ impl Controller for LbController {
             dp.reconcile(store.state())?;
             info!(interfaces = ?interfaces, services = store.state().services.len(),
                   "module lb up: XDP load balancer attached and reconciled");
+            self.note_attached(&dp);
             *plane = LbPlane::on(dp);
         } else {
             lock(&self.inner).waiting = None;
@@ -403,11 +476,15 @@ impl Controller for LbController {
         let (store, plane) = guard.parts_mut();
         let change: Box<dyn Prepared> = match (plane.dataplane_mut(), reason) {
             (Some(dp), None) => {
-                let interfaces = config::expand_interfaces(
-                    &new.lb.interfaces,
-                    &config::interface_names(),
-                    new.origin.source(),
-                )?;
+                let interfaces = if self.netlink {
+                    self.present_interfaces(new)?
+                } else {
+                    config::expand_interfaces(
+                        &new.lb.interfaces,
+                        &config::interface_names(),
+                        new.origin.source(),
+                    )?
+                };
                 let current: Vec<String> = dp.interfaces().into_iter().map(|(n, _)| n).collect();
                 let removed = current
                     .iter()
@@ -437,11 +514,15 @@ impl Controller for LbController {
                 settings: new.clone(),
             }),
             (None, None) => {
-                let interfaces = config::expand_interfaces(
-                    &new.lb.interfaces,
-                    &config::interface_names(),
-                    new.origin.source(),
-                )?;
+                let interfaces = if self.netlink {
+                    self.present_interfaces(new)?
+                } else {
+                    config::expand_interfaces(
+                        &new.lb.interfaces,
+                        &config::interface_names(),
+                        new.origin.source(),
+                    )?
+                };
                 migrate_flat_pins(&new.pin_root, &Self::pin_dir(new), &FLAT_PINS)?;
                 let mut dp = Dataplane::start(&Self::dataplane_config(new, interfaces))?;
                 if let Err(e) = dp.reconcile(store.state()) {
@@ -469,7 +550,11 @@ impl Controller for LbController {
     }
 
     fn run(self: Arc<Self>, cancel: Cancel) -> RunFuture {
-        Box::pin(warm_neighbours(self, cancel))
+        if self.netlink {
+            Box::pin(node::follow_node(self, cancel))
+        } else {
+            Box::pin(warm_neighbours(self, cancel))
+        }
     }
 
     fn health(&self) -> Health {
@@ -485,11 +570,14 @@ impl Controller for LbController {
     }
 
     fn collectors(self: Arc<Self>) -> Vec<Box<dyn prometheus::core::Collector>> {
-        vec![Box::new(metrics::LbCollector::new(
-            Arc::clone(&self.ctl),
-            self.occupancy.clone(),
-            self.prog_stats.clone(),
-        ))]
+        vec![
+            Box::new(metrics::LbCollector::new(
+                Arc::clone(&self.ctl),
+                self.occupancy.clone(),
+                self.prog_stats.clone(),
+            )),
+            Box::new(metrics::fib_collector(self)),
+        ]
     }
 
     fn stop(&self) {
@@ -498,10 +586,10 @@ impl Controller for LbController {
     }
 }
 
-/// Re-resolves backend neighbours whenever the datapath reports packets that found none (see
-/// `Dataplane::prime_neighbours`). Polls a per-CPU counter twice a second: cheap, and a lost
-/// first SYN is retransmitted by the client after one second. (The netlink controller will
-/// replace this with neighbour events.)
+/// Without the netlink controller only: re-resolves backend neighbours whenever the datapath
+/// reports packets that found none (see `Dataplane::prime_neighbours`). Polls a per-CPU
+/// counter twice a second; with the netlink controller the next hops are managed neighbours
+/// and nothing polls.
 async fn warm_neighbours(lb: Arc<LbController>, mut cancel: Cancel) -> Result<()> {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     let mut seen = None;

@@ -101,12 +101,26 @@ enum Change {
     Remove(ServiceSpec),
 }
 
+/// Called with the new desired state after every committed change (the lb controller
+/// publishes the backends' addresses from it).
+pub type Observer = std::sync::Arc<dyn Fn(&DesiredState) + Send + Sync>;
+
 /// The desired state, its file, and the rules every change must follow.
-#[derive(Debug)]
 pub struct Store {
     path: PathBuf,
     limits: Limits,
     state: DesiredState,
+    observer: Option<Observer>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("limits", &self.limits)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -138,6 +152,7 @@ impl Store {
             path,
             limits,
             state,
+            observer: None,
         };
         store.persist(&store.state)?;
         Ok(store)
@@ -145,6 +160,12 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Calls `observer` with the state now and after every committed change.
+    pub fn observe(&mut self, observer: Observer) {
+        observer(&self.state);
+        self.observer = Some(observer);
     }
 
     pub fn limits(&self) -> Limits {
@@ -378,6 +399,9 @@ impl Store {
             return Err(e);
         }
         self.state = next;
+        if let Some(observer) = &self.observer {
+            observer(&self.state);
+        }
         Ok(())
     }
 

@@ -627,6 +627,7 @@ mod metrics {
         pub neighbour_errors: IntCounterVec,
         pub receive_buffer: IntGaugeVec,
         pub unresolved: IntGaugeVec,
+        pub reattachments: IntCounterVec,
     }
 
     impl Families for NetlinkFamilies {
@@ -662,6 +663,11 @@ mod metrics {
                     "1 when a backend's next-hop neighbour is incomplete, failed or missing",
                     &["addr"],
                 ),
+                reattachments: counter(
+                    "datapath_reattachments_total",
+                    "Program links found detached by someone else and attached again",
+                    &["controller"],
+                ),
             }
         }
 
@@ -673,6 +679,7 @@ mod metrics {
                 &self.neighbour_errors,
                 &self.receive_buffer,
                 &self.unresolved,
+                &self.reattachments,
             ]
         }
     }
@@ -699,6 +706,12 @@ fn metrics_collector(
         f.receive_buffer
             .with_label_values(none)
             .set(fig.receive_buffer.load(Ordering::Relaxed) as i64);
+        f.reattachments
+            .with_label_values(&["lb"])
+            .inc_by(*ctl.lb_reattachments.get());
+        f.reattachments
+            .with_label_values(&["policy"])
+            .inc_by(*ctl.policy_reattachments.get());
         for n in ctl.neighbour_status() {
             f.unresolved
                 .with_label_values(&[n.addr.to_string().as_str()])

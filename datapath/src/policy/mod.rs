@@ -32,7 +32,7 @@ pub use crate::ct::table::{
 use crate::{
     Error, Result,
     bpf::pins::{FlatPins, controller_dir, migrate_flat_pins},
-    bus::{Bus, StateWriter, Topic},
+    bus::{Bus, StateReader, StateWriter, Topic},
     config::{PolicySettings, Settings},
     controller::{Cancel, Controller, Health, Prepared, Requirements, RunFuture},
     ct::{EVENT_BUFFER, FLOW_EVENTS, FlowEventView, POLICY_TABLE, PolicyTable, PolicyTableHandle},
@@ -91,6 +91,13 @@ pub struct PolicyController {
     /// Bumped whenever the programs are loaded or unloaded: the event reader follows.
     loaded: tokio::sync::watch::Sender<u64>,
     events_received: AtomicU64,
+    /// The interfaces the netlink controller learned; their changes drive attachment.
+    links: StateReader<crate::netlink::model::Links>,
+    /// Whether the netlink controller runs (fixed until restart); without it, interfaces are
+    /// polled every second as before.
+    netlink: bool,
+    attached: StateWriter<crate::netlink::Attached>,
+    reattachments: StateWriter<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,6 +108,13 @@ impl PolicyController {
     pub fn new(settings: &Settings, bus: &Bus) -> Result<Arc<Self>> {
         let events = bus.topic::<Arc<FlowEventView>>(FLOW_EVENTS, EVENT_BUFFER)?;
         let table = bus.state::<PolicyTableHandle>(POLICY_TABLE)?.writer()?;
+        let links = bus.state::<crate::netlink::model::Links>(crate::netlink::LINKS)?;
+        let attached = bus
+            .state::<crate::netlink::Attached>(crate::netlink::POLICY_ATTACHED)?
+            .writer()?;
+        let reattachments = bus
+            .state::<u64>(crate::netlink::POLICY_REATTACHMENTS)?
+            .writer()?;
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             inner: Mutex::new(Inner {
@@ -115,6 +129,10 @@ impl PolicyController {
             table,
             loaded: tokio::sync::watch::Sender::new(0),
             events_received: AtomicU64::new(0),
+            links: links.reader(),
+            netlink: settings.netlink.enabled,
+            attached,
+            reattachments,
         }))
     }
 
@@ -382,18 +400,50 @@ impl PolicyTable for PolicyController {
     }
 }
 
-/// Every second: attaches the policy to interfaces that appeared (and forgets those gone).
-/// (The netlink controller will replace this with link events.)
+/// Attaches the policy to interfaces that appear (and forgets those gone) as the netlink
+/// controller announces them, and every `policy.attach_watchdog_ms` attaches again a link that
+/// someone else detached (the kernel announces no detach). Without the netlink controller,
+/// interfaces are looked up every second instead.
 async fn watch_interfaces(policy: Arc<PolicyController>) -> Result<()> {
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let watchdog = policy.settings().attach_watchdog;
+    let period = match (policy.netlink, watchdog.is_zero()) {
+        (false, _) => Duration::from_secs(1),
+        (true, false) => watchdog,
+        // Nothing periodic to do: a timer that never fires in practice.
+        (true, true) => Duration::from_secs(86_400 * 365),
+    };
+    let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut links = policy.links.clone();
     loop {
-        ticker.tick().await;
+        let sync = tokio::select! {
+            _ = links.changed(), if policy.netlink => true,
+            _ = ticker.tick() => !policy.netlink,
+        };
         if !policy.up().0 {
             continue;
         }
         let p = Arc::clone(&policy);
-        match tokio::task::spawn_blocking(move || p.resync_interfaces()).await {
+        let repair = policy.netlink && !watchdog.is_zero() && !sync;
+        let done = tokio::task::spawn_blocking(move || {
+            if sync && p.netlink && !p.links.is_ready() {
+                return Ok(Vec::new());
+            }
+            let mut changes = if sync { p.resync_interfaces()? } else { Vec::new() };
+            if repair {
+                let repaired = p.with_plane(|plane| plane.repair_detached())?;
+                if !repaired.is_empty() {
+                    p.reattachments
+                        .modify(|n| *n += repaired.len() as u64);
+                    warn!(interfaces = ?repaired, "policy links were detached by someone else: attached again");
+                    changes.extend(repaired.iter().map(|n| format!("re-attached {n}")));
+                }
+            }
+            p.attached.publish(p.with_plane(|plane| Ok(plane.attached())).unwrap_or_default());
+            Ok::<_, Error>(changes)
+        })
+        .await;
+        match done {
             Ok(Ok(changes)) if !changes.is_empty() => {
                 info!(changes = %changes.join(", "), "policy interfaces (TCX)");
             }

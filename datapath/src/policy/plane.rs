@@ -434,6 +434,37 @@ impl PolicyPlane {
         self.links.keys().cloned().collect()
     }
 
+    /// Interface name -> ifindex of what is attached.
+    pub fn attached(&self) -> BTreeMap<String, u32> {
+        self.links
+            .iter()
+            .map(|(name, (index, _, _))| (name.clone(), *index))
+            .collect()
+    }
+
+    /// Attaches again what someone else detached (a TCX link whose kernel info shows no
+    /// interface): answers the interfaces repaired.
+    pub fn repair_detached(&mut self) -> Result<Vec<String>> {
+        let broken: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(name, (index, _, _))| {
+                [PROGRAM_INGRESS, PROGRAM_EGRESS].iter().any(|prog| {
+                    let pin = tcx_link_pin(&self.config.pin_root, prog, name);
+                    crate::bpf::links::attached_ifindex(&pin).ok() != Some(*index)
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &broken {
+            if self.detach(name).is_err() {
+                self.links.remove(name);
+            }
+            self.attach(name)?;
+        }
+        Ok(broken)
+    }
+
     pub fn policy(&self) -> &PolicySpec {
         &self.policy
     }

@@ -61,6 +61,19 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Each attached interface's link pin.
+    pub fn link_pins(&self) -> Vec<(String, std::path::PathBuf)> {
+        self.links
+            .keys()
+            .map(|name| (name.clone(), link_pin_path(&self.config.pin_root, name)))
+            .collect()
+    }
+
+    /// TEMPORARY until the FIB generation map lands: does nothing.
+    pub fn bump_fib_generation(&self) -> Result<u32> {
+        Ok(0)
+    }
+
     /// Attached interfaces and how.
     pub fn interfaces(&self) -> Vec<(String, AttachedMode)> {
         self.links

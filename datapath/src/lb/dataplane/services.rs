@@ -20,6 +20,16 @@ use crate::error::{Error, Result, map_error};
 
 use super::*;
 
+/// Whether a programmed backend gets an empty datagram to make the kernel resolve its
+/// neighbour entry (see [`Dataplane::prime_neighbours`]). Only without the netlink controller,
+/// which keeps the next hops as managed neighbours instead; fixed at start.
+static PRIME_NEIGHBOURS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the neighbour priming on or off for this process.
+pub fn set_neighbour_priming(on: bool) {
+    PRIME_NEIGHBOURS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl Dataplane {
     /// Programs one service (new or changed) so that the datapath switches from its previous
     /// table to the new one in a single map update. On error the previous table stays live.
@@ -44,7 +54,7 @@ impl Dataplane {
             .unwrap_or_default();
 
         // Resolve every backend's datapath record first: nothing is written if one fails.
-        let prime = true;
+        let prime = PRIME_NEIGHBOURS.load(std::sync::atomic::Ordering::Relaxed);
         let mut records = Vec::with_capacity(service.backends.len());
         for backend in &service.backends {
             if backend.id >= self.config.max_backends {
