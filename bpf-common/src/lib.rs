@@ -143,18 +143,43 @@ pub struct FlowEntry {
     pub fib_dmac: [u8; 6],
     /// Egress interface's MAC address of the cached FIB answer.
     pub fib_smac: [u8; 6],
-    pub _pad2: [u8; 6],
+    /// The `LB_FIB_GEN` generation the cached answer was looked up under, low half first: a
+    /// neighbour or route change bumps the generation and so invalidates every cached answer
+    /// at once. Two halves because a `u32` at this offset would move every field after it
+    /// (it was padding, so entries of older builds read generation 0).
+    pub fib_generation: [u16; 2],
+    pub _pad2: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 136);
 const _: () = assert!(core::mem::offset_of!(FlowEntry, fib_cached_ns) == 104);
+const _: () = assert!(core::mem::offset_of!(FlowEntry, fib_generation) == 130);
 
 impl FlowEntry {
+    /// The generation the cached FIB answer was looked up under.
+    #[inline(always)]
+    pub const fn cached_fib_generation(&self) -> u32 {
+        self.fib_generation[0] as u32 | (self.fib_generation[1] as u32) << 16
+    }
+
+    #[inline(always)]
+    pub fn set_fib_generation(&mut self, generation: u32) {
+        self.fib_generation = [generation as u16, (generation >> 16) as u16];
+    }
+
     /// Whether the cached FIB answer may forward a packet of IPv4 total length `total_len` at
     /// `now_ns`: one is cached, it is younger than `ttl_ns` (0 disables the cache), and it was
     /// checked against a packet at least this long (the route's MTU).
     #[inline(always)]
-    pub const fn fib_cache_usable(&self, now_ns: u64, ttl_ns: u64, total_len: u16) -> bool {
+    pub const fn fib_cache_usable(
+        &self,
+        now_ns: u64,
+        ttl_ns: u64,
+        total_len: u16,
+        generation: u32,
+    ) -> bool {
         self.fib_ifindex != 0
+            && self.fib_generation[0] == generation as u16
+            && self.fib_generation[1] == (generation >> 16) as u16
             && now_ns.wrapping_sub(self.fib_cached_ns) < ttl_ns
             && total_len <= self.fib_max_len
     }
@@ -226,6 +251,8 @@ pub mod map_names {
     pub const VIP_STATS: &str = "LB_VIP_STATS";
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     pub const REASONS: &str = "LB_REASONS";
+    /// `Array<u32>` of one entry: the FIB cache's generation (see `FlowEntry::fib_generation`).
+    pub const FIB_GEN: &str = "LB_FIB_GEN";
     /// Per-CPU `Counter` of the frames each attached interface received, indexed by ingress
     /// ifindex (index 0 collects ifindexes of `defaults::MAX_IFINDEX` and above).
     pub const INTERFACE_STATS: &str = "LB_IF_STATS";
@@ -252,8 +279,10 @@ pub mod globals {
 pub mod defaults {
     /// Maglev table size: a prime, as Maglev requires.
     pub const MAGLEV_SIZE: u32 = 65_537;
-    /// An established flow re-checks its route and next hop once a second.
-    pub const FIB_CACHE_NS: u64 = 1_000_000_000;
+    /// An established flow re-checks its route and next hop every 30 s at the latest. The
+    /// changes netlink announces take effect on the next packet through `LB_FIB_GEN`; this
+    /// bounds what it does not (the daemon down, or a change it missed).
+    pub const FIB_CACHE_NS: u64 = 30_000_000_000;
     /// Services (VIP, port, protocol) the datapath can hold.
     pub const MAX_SERVICES: u32 = 64;
     /// Backend slots across all services.

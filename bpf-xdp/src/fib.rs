@@ -6,7 +6,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_map_lookup_elem},
     programs::XdpContext,
 };
 use bpf_common::{FlowEntry, reason};
@@ -17,7 +17,10 @@ use bpf_lib::{
 };
 use lb_core::parse::{Frame, Ipv4Packet};
 
-use crate::{config::FIB_CACHE_NS, maps::LB_TX_PORTS};
+use crate::{
+    config::FIB_CACHE_NS,
+    maps::{LB_FIB_GEN, LB_FIB_SCRATCH, LB_TX_PORTS},
+};
 
 const AF_INET: u8 = 2;
 
@@ -68,15 +71,30 @@ pub(crate) fn forward_cached(
     if !cache.is_null() {
         // SAFETY: a live map value from `get_ptr_mut`, valid for this program run.
         let entry = unsafe { &*cache };
-        if entry.fib_cache_usable(now, global(&FIB_CACHE_NS), packet.total_len) {
+        // One array lookup per packet with a flow entry, far cheaper than the
+        // `bpf_fib_lookup` it saves.
+        if entry.fib_cache_usable(
+            now,
+            global(&FIB_CACHE_NS),
+            packet.total_len,
+            fib_generation(),
+        ) {
             let mut macs = [0u8; 12];
             macs[..6].copy_from_slice(&entry.fib_dmac);
             macs[6..].copy_from_slice(&entry.fib_smac);
             return egress(ctx, frame, macs, entry.fib_ifindex);
         }
     }
+    // The lookup's 64-byte parameters live in a per-CPU scratch slot, not on the stack,
+    // which is at the verifier's 512-byte limit. XDP runs are not preempted on their CPU, so
+    // nothing else uses the slot meanwhile.
+    let Some(params) = fib_scratch() else {
+        return drop(reason::DROP_FIB_FAILED);
+    };
+    // SAFETY: a live per-CPU map value of this type, valid for this program run.
+    let params = unsafe { &mut *params };
     // SAFETY: plain-old-data C struct; all-zero is a valid initial value.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    *params = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = proto;
     params.sport = src_port_be;
@@ -90,7 +108,7 @@ pub(crate) fn forward_cached(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut params,
+            params,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
@@ -108,6 +126,10 @@ pub(crate) fn forward_cached(
         entry.fib_dmac = params.dmac;
         entry.fib_smac = params.smac;
         entry.fib_cached_ns = now;
+        // Read after the lookup, so that no value lives across the helper call. Safe: the
+        // daemon bumps the generation only after the kernel changed the neighbour or route,
+        // so a lookup this close before the read already saw the change.
+        entry.set_fib_generation(fib_generation());
         // A fresh answer resets the length it was checked against; within its lifetime the
         // longest packet seen so far is the bound.
         entry.fib_max_len = packet.total_len;
@@ -116,6 +138,42 @@ pub(crate) fn forward_cached(
     macs[..6].copy_from_slice(&params.dmac);
     macs[6..].copy_from_slice(&params.smac);
     egress(ctx, frame, macs, params.ifindex)
+}
+
+/// The per-CPU `bpf_fib_lookup` parameters (see `forward_cached`).
+#[inline(always)]
+fn fib_scratch() -> Option<*mut FibParams> {
+    // SAFETY: as in `fib_generation`: the map's definition, and a key in read-only data.
+    let value = unsafe {
+        bpf_map_lookup_elem(
+            (&raw const LB_FIB_SCRATCH).cast_mut().cast(),
+            (&raw const FIB_GEN_KEY).cast(),
+        )
+    };
+    (!value.is_null()).then_some(value.cast::<FibParams>())
+}
+
+/// Index 0 of `LB_FIB_GEN`, in read-only data: a key on the stack would push `xdp_lb` past
+/// the verifier's 512 bytes (the helper accepts a key in a map value, which `.rodata` is).
+static FIB_GEN_KEY: u32 = 0;
+
+/// The FIB cache's generation; 0 if unreadable (an empty array cannot be, but the verifier
+/// wants the null check).
+#[inline(always)]
+fn fib_generation() -> u32 {
+    // SAFETY: `Array` is a transparent wrapper of its map definition, which is what the helper
+    // takes; the key lives for the program's life.
+    let value = unsafe {
+        bpf_map_lookup_elem(
+            (&raw const LB_FIB_GEN).cast_mut().cast(),
+            (&raw const FIB_GEN_KEY).cast(),
+        )
+    };
+    if value.is_null() {
+        return 0;
+    }
+    // SAFETY: a non-null value of an Array<u32>.
+    unsafe { core::ptr::read_volatile(value.cast::<u32>()) }
 }
 
 /// Writes the next hop's and our MAC addresses and transmits on `ifindex`.

@@ -241,7 +241,8 @@ pub(crate) fn to_backend(
     count_bytes(&LB_BE_STATS, chosen.id, bytes);
 
     let backend_addr = chosen.info.addr[0];
-    if full_nat {
+    // One call site of the inlined forward_cached: two would each take their stack slots.
+    let (src, ports) = if full_nat {
         let snat_addr = chosen.info.snat_addr[0];
         if rewrite_l3l4(
             frame,
@@ -258,26 +259,18 @@ pub(crate) fn to_backend(
             // per field, and the stack gets it.
             return pass(reason::PASS_TRUNCATED_L3);
         }
-        forward_cached(
-            ctx,
-            frame,
-            packet,
-            (snat_addr, backend_addr),
-            proto,
-            (nat_port_be, chosen.info.port_be),
-            cache,
-            now,
-        )
+        (snat_addr, (nat_port_be, chosen.info.port_be))
     } else {
-        forward_cached(
-            ctx,
-            frame,
-            packet,
-            (packet.src, backend_addr),
-            proto,
-            (src_port_be, dst_port_be),
-            cache,
-            now,
-        )
-    }
+        (packet.src, (src_port_be, dst_port_be))
+    };
+    forward_cached(
+        ctx,
+        frame,
+        packet,
+        (src, backend_addr),
+        proto,
+        ports,
+        cache,
+        now,
+    )
 }

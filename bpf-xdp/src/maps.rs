@@ -44,6 +44,18 @@ pub(crate) struct NewFlowScratch {
 #[map(name = "LB_NEW_FLOW")]
 pub(crate) static LB_NEW_FLOW: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The FIB cache's generation (index 0), bumped by the daemon on every neighbour or route
+/// change that can change a forwarding decision: a cached answer of another generation is
+/// looked up again.
+#[map(name = "LB_FIB_GEN")]
+pub(crate) static LB_FIB_GEN: Array<u32> = Array::pinned(1, 0);
+
+/// `bpf_fib_lookup`'s parameters, off the stack (see `fib::forward_cached`). Private to the
+/// program, never pinned.
+#[map(name = "LB_FIB_SCRATCH")]
+pub(crate) static LB_FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "LB_NAT_REV")]
 pub(crate) static LB_NAT_REV: LruHashMap<CtKey, NatReverseEntry> =
     LruHashMap::pinned(defaults::MAX_FLOWS, 0);

@@ -36,6 +36,10 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing the arguments buys nothing"
+)]
 enum Command {
     /// Attach the load balancer, restore the saved services and serve the API.
     #[command(after_help = RUN_AFTER_HELP)]
@@ -97,8 +101,10 @@ struct RunArgs {
     #[arg(long, value_name = "MIN-MAX", env = "DATAPATH_NAT_PORT_RANGE")]
     nat_port_range: Option<PortRange>,
     /// Milliseconds an established flow reuses its cached route and next-hop MAC before
-    /// looking them up again; bounds how long a neighbour change goes unnoticed; 0 looks the
-    /// route up for every packet [config: fib_cache_ms; default: 1000].
+    /// looking them up again. Neighbour and route changes that netlink announces take effect
+    /// on the next packet anyway; this bounds what it does not (the daemon down or
+    /// resyncing). 0 looks the route up for every packet [config: lb.fib_cache_ms;
+    /// default: 30000].
     #[arg(long, value_name = "MS", env = "DATAPATH_FIB_CACHE_MS",
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     fib_cache_ms: Option<u64>,

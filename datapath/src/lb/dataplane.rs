@@ -178,7 +178,7 @@ pub(crate) use crate::bpf::pins::PinLayout;
 
 /// The layout this build's XDP object gives each pinned map whose layout is fixed by the ABI in
 /// `bpf-common`.
-fn abi_layouts() -> [PinLayout; 10] {
+fn abi_layouts() -> [PinLayout; 11] {
     use bpf_common::{FlowEntry, NatReverseEntry, ct::CtKey, defaults};
     use std::mem::size_of;
     let counter = size_of::<bpf_common::Counter>();
@@ -213,6 +213,7 @@ fn abi_layouts() -> [PinLayout; 10] {
             Some(defaults::MAX_IFINDEX),
         ),
         (map_names::REASONS, 4, 8, Some(reason::COUNT)),
+        (map_names::FIB_GEN, 4, 4, Some(1)),
     ]
 }
 
@@ -310,6 +311,7 @@ pub struct Dataplane {
     interface_stats: PerCpuArray<MapData, bpf_common::Counter>,
     reasons: PerCpuArray<MapData, u64>,
     tx_ports: DevMapHash<MapData>,
+    fib_generation: Array<MapData, u32>,
     /// Attached interfaces: the pinned link and how it was attached.
     links: BTreeMap<String, (PinnedLink, AttachedMode)>,
     programmed: StdHashMap<ServiceKey, Programmed>,
@@ -407,6 +409,8 @@ impl Dataplane {
         let interface_stats =
             PerCpuArray::try_from(take_map(&mut bpf, map_names::INTERFACE_STATS)?)
                 .map_err(map_error("open LB_IF_STATS"))?;
+        let fib_generation = Array::try_from(take_map(&mut bpf, map_names::FIB_GEN)?)
+            .map_err(map_error("open LB_FIB_GEN"))?;
 
         Ok(Self {
             config: config.clone(),
@@ -420,6 +424,7 @@ impl Dataplane {
             interface_stats,
             reasons,
             tx_ports,
+            fib_generation,
             links,
             programmed: StdHashMap::new(),
         })

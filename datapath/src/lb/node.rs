@@ -137,8 +137,8 @@ impl LbController {
     }
 
     async fn bump_fib_generation(&self, why: &str) {
-        let guard = self.ctl.lock().await;
-        let Some(dp) = guard.plane().dataplane() else {
+        let mut guard = self.ctl.lock().await;
+        let Some(dp) = guard.parts_mut().1.dataplane_mut() else {
             return;
         };
         match dp.bump_fib_generation() {

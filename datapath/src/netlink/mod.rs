@@ -245,7 +245,8 @@ impl NetlinkController {
 
     /// Brings the daemon's managed neighbours to what the backends need: one per next hop,
     /// created (or converted) with the managed flag, and ours that no backend needs removed.
-    async fn reconcile_neighbours(&self, handle: &rtnetlink::Handle, tables: &Tables) {
+    async fn reconcile_neighbours(&self, handle: &rtnetlink::Handle, tables: &mut Tables) {
+        let mut changed = false;
         let wanted: BTreeSet<(u32, IpAddr)> = self
             .next_hops
             .get()
@@ -270,7 +271,10 @@ impl NetlinkController {
                     NEIGH_PROTOCOL,
                 )));
             match req.execute().await {
-                Ok(()) => debug!(%addr, ifindex, "managed neighbour added"),
+                Ok(()) => {
+                    changed = true;
+                    debug!(%addr, ifindex, "managed neighbour added");
+                }
                 Err(e) => {
                     self.figures
                         .neighbour_errors
@@ -299,7 +303,10 @@ impl NetlinkController {
                     IpAddr::V6(a) => NeighbourAddress::Inet6(a),
                 }));
             match handle.neighbours().del(m).execute().await {
-                Ok(()) => debug!(%addr, ifindex, "managed neighbour removed"),
+                Ok(()) => {
+                    changed = true;
+                    debug!(%addr, ifindex, "managed neighbour removed");
+                }
                 Err(e) => {
                     self.figures
                         .neighbour_errors
@@ -308,6 +315,31 @@ impl NetlinkController {
                 }
             }
         }
+        if changed {
+            // The kernel announces a new entry only once it resolves (or fails): read the
+            // neighbours back so that the view holds ours at once.
+            if let Err(e) = self.dump_neighbours(handle, tables).await {
+                warn!(error = %e, "cannot read the neighbours back");
+            }
+        }
+    }
+
+    async fn dump_neighbours(&self, handle: &rtnetlink::Handle, tables: &mut Tables) -> Result<()> {
+        let mut fresh = Tables::default();
+        let mut touched = Touched::default();
+        let mut s = handle.neighbours().get().execute();
+        while let Some(m) = s.try_next().await.map_err(rtnl_error("dump neighbours"))? {
+            self.apply(
+                &mut fresh,
+                parse::neighbour(&m).map(Change::Neighbour),
+                &mut touched,
+            );
+        }
+        if fresh.neighbours != tables.neighbours {
+            tables.neighbours = fresh.neighbours;
+            self.neighbours.publish(tables.neighbours.clone());
+        }
+        Ok(())
     }
 
     async fn run_loop(self: Arc<Self>, mut cancel: Cancel) -> Result<()> {
@@ -331,12 +363,12 @@ impl NetlinkController {
             "module netlink up: node learned"
         );
         let mut next_hops = self.next_hops.clone();
-        self.reconcile_neighbours(&handle, &tables).await;
+        self.reconcile_neighbours(&handle, &mut tables).await;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = next_hops.changed() => {
-                    self.reconcile_neighbours(&handle, &tables).await;
+                    self.reconcile_neighbours(&handle, &mut tables).await;
                 }
                 batch = events.next_batch() => {
                     let batch = batch?;
@@ -350,7 +382,7 @@ impl NetlinkController {
                         // What queued before the overrun is older than the dump: dropped.
                         events.discard_queued();
                         self.resync(&handle, &mut tables).await?;
-                        self.reconcile_neighbours(&handle, &tables).await;
+                        self.reconcile_neighbours(&handle, &mut tables).await;
                         continue;
                     }
                     let mut touched = Touched::default();
@@ -367,7 +399,7 @@ impl NetlinkController {
                     }
                     self.publish(&tables, touched);
                     if touched.routes || touched.neighbours {
-                        self.reconcile_neighbours(&handle, &tables).await;
+                        self.reconcile_neighbours(&handle, &mut tables).await;
                     }
                 }
             }

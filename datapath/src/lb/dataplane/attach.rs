@@ -69,9 +69,22 @@ impl Dataplane {
             .collect()
     }
 
-    /// TEMPORARY until the FIB generation map lands: does nothing.
-    pub fn bump_fib_generation(&self) -> Result<u32> {
-        Ok(0)
+    /// Invalidates every cached FIB answer at once (`LB_FIB_GEN`, see
+    /// `FlowEntry::fib_generation`): the next packet of each flow looks its next hop up again.
+    /// Answers the new generation.
+    pub fn bump_fib_generation(&mut self) -> Result<u32> {
+        let next = self.fib_generation()?.wrapping_add(1);
+        self.fib_generation
+            .set(0, next, 0)
+            .map_err(|e| Error::io("write LB_FIB_GEN", std::io::Error::other(e.to_string())))?;
+        Ok(next)
+    }
+
+    /// The FIB cache's generation.
+    pub fn fib_generation(&self) -> Result<u32> {
+        self.fib_generation
+            .get(&0, 0)
+            .map_err(|e| Error::io("read LB_FIB_GEN", std::io::Error::other(e.to_string())))
     }
 
     /// Attached interfaces and how.
