@@ -297,8 +297,10 @@ pub async fn run(settings: Settings, source: Option<Source>, overrides: Override
     Ok(())
 }
 
-/// Reloads the configuration on SIGHUP and when the file's modification time or size changes
-/// (polled at `reload.poll_interval_ms` when `reload.watch` is on).
+/// Reloads the configuration on SIGHUP and, when `reload.watch` is on, when the file's content
+/// changes: watched with inotify (see [`crate::watch`]), so nothing polls. If inotify cannot
+/// be set up, the file's modification time and size are polled every
+/// `reload.poll_interval_ms` instead, with a warning.
 async fn reloader(
     sup: Arc<Supervisor>,
     config_file: Option<PathBuf>,
@@ -311,6 +313,14 @@ async fn reloader(
             warn!("SIGHUP: no configuration file to reload (start with --config)");
         }
         return;
+    };
+    let mut watch = match crate::watch::FileWatch::new(&path) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(file = %path.display(), error = %e,
+                  "cannot watch the configuration file with inotify: polling it instead");
+            None
+        }
     };
     let stamp = |p: &std::path::Path| {
         std::fs::metadata(p)
@@ -325,10 +335,26 @@ async fn reloader(
                 if got.is_none() {
                     return;
                 }
+                if let Some(w) = watch.as_mut() {
+                    w.saw(std::fs::read(&path).ok());
+                }
                 "SIGHUP"
             }
-            _ = tokio::time::sleep(settings.poll_interval) => {
-                if !settings.watch || stamp(&path) == seen {
+            changed = async {
+                match watch.as_mut() {
+                    Some(w) => w.changed().await.map(|_| ()),
+                    None => std::future::pending().await,
+                }
+            }, if settings.watch && watch.is_some() => {
+                if let Err(e) = changed {
+                    warn!(error = %e, "the configuration file watch failed: polling it instead");
+                    watch = None;
+                    continue;
+                }
+                "file change"
+            }
+            _ = tokio::time::sleep(settings.poll_interval), if settings.watch && watch.is_none() => {
+                if stamp(&path) == seen {
                     continue;
                 }
                 "file change"

@@ -22,6 +22,7 @@ pub mod prog_stats;
 pub mod server;
 pub mod supervisor;
 pub mod text;
+pub mod watch;
 
 // The paths of the modules before controllers, used by the tests, benchmarks and fuzzers.
 pub use ct::gc;
