@@ -76,8 +76,7 @@ impl FileWatch {
             watch_dir(&fd, d)?;
         }
         // SAFETY: the OwnedFd keeps the descriptor open and the same for the AsyncFd's life.
-        let fd = unsafe { AsyncFd::register(fd) }
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Self {
             fd,
             path: path.to_path_buf(),
@@ -162,7 +161,10 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(3);
 
     async fn next(w: &mut FileWatch) -> Option<Vec<u8>> {
-        tokio::time::timeout(WAIT, w.changed()).await.ok().map(|r| r.unwrap())
+        tokio::time::timeout(WAIT, w.changed())
+            .await
+            .ok()
+            .map(|r| r.unwrap())
     }
 
     async fn none_within(w: &mut FileWatch, d: Duration) -> bool {
@@ -177,7 +179,10 @@ mod tests {
         let mut w = FileWatch::new(&path).unwrap();
         std::fs::write(&path, "a: 2\n").unwrap();
         assert_eq!(next(&mut w).await.as_deref(), Some(&b"a: 2\n"[..]));
-        assert!(none_within(&mut w, Duration::from_millis(300)).await, "seen once");
+        assert!(
+            none_within(&mut w, Duration::from_millis(300)).await,
+            "seen once"
+        );
     }
 
     #[tokio::test]
@@ -216,9 +221,15 @@ mod tests {
         std::fs::write(&path, "a: 1\n").unwrap();
         let mut w = FileWatch::new(&path).unwrap();
         std::fs::write(&path, "a: 1\n").unwrap();
-        assert!(none_within(&mut w, Duration::from_millis(300)).await, "same bytes");
+        assert!(
+            none_within(&mut w, Duration::from_millis(300)).await,
+            "same bytes"
+        );
         std::fs::remove_file(&path).unwrap();
-        assert!(none_within(&mut w, Duration::from_millis(300)).await, "gone");
+        assert!(
+            none_within(&mut w, Duration::from_millis(300)).await,
+            "gone"
+        );
         std::fs::write(&path, "a: 4\n").unwrap();
         assert_eq!(next(&mut w).await.as_deref(), Some(&b"a: 4\n"[..]));
     }

@@ -80,6 +80,9 @@ pub struct RouteKey {
     pub dst_len: u8,
     pub tos: u8,
     pub priority: u32,
+    /// The output interface (0: none): IPv6 keeps `fe80::/64` once per interface, and IPv4
+    /// can hold one prefix on several devices (`ip route append`).
+    pub oif: u32,
 }
 
 /// A route (RTM_NEWROUTE).
@@ -296,6 +299,7 @@ mod tests {
                 dst_len: len,
                 tos: 0,
                 priority: 0,
+                oif,
             },
             kind: RTN_UNICAST,
             gateway: gw.map(v4),

@@ -95,6 +95,11 @@ pub fn neighbour(m: &NeighbourMessage) -> Result<Neighbour, Skip> {
         }
     }
     let addr = addr.ok_or_else(|| Skip::Invalid("neighbour without an address".into()))?;
+    if u16::from(m.header.state) == super::model::nud::NOARP {
+        // Multicast and broadcast mappings: the kernel creates them without announcing them,
+        // no next hop is one, and `ip neigh` hides them too.
+        return Err(Skip::Ignored);
+    }
     Ok(Neighbour {
         ifindex: m.header.ifindex,
         addr,
@@ -152,6 +157,7 @@ pub fn route(m: &RouteMessage) -> Result<Route, Skip> {
             dst_len: m.header.destination_prefix_length,
             tos: m.header.tos,
             priority,
+            oif: oif.unwrap_or(0),
         },
         kind: u8::from(m.header.kind),
         gateway,
