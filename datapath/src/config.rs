@@ -1184,6 +1184,11 @@ pub fn expand_interfaces(
     Ok(out)
 }
 
+/// Whether `pattern` is a glob (`*`, `?`) rather than one interface's name.
+pub fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '['])
+}
+
 /// Patterns of `patterns` that match nothing in `existing`.
 pub fn unmatched<'a>(patterns: &'a [String], existing: &[String]) -> Vec<&'a str> {
     patterns

@@ -622,7 +622,7 @@ fn cpu_percent_since(pid: u32, ticks: u64, at: Instant) -> Result<f64> {
 }
 
 /// CPU use of `pid` over the next `window` (percent of one CPU).
-fn cpu_percent_over(pid: u32, window: Duration) -> Result<f64> {
+pub(crate) fn cpu_percent_over(pid: u32, window: Duration) -> Result<f64> {
     let (ticks, at) = (cpu_ticks(pid)?, Instant::now());
     thread::sleep(window);
     cpu_percent_since(pid, ticks, at)

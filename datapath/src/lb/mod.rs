@@ -231,7 +231,11 @@ impl LbController {
         if !settings.lb.enabled {
             return None;
         }
-        let missing = config::unmatched(&settings.lb.interfaces, &config::interface_names());
+        let missing: Vec<&str> =
+            config::unmatched(&settings.lb.interfaces, &config::interface_names())
+                .into_iter()
+                .filter(|p| !(settings.netlink.enabled && config::is_glob(p)))
+                .collect();
         (!missing.is_empty()).then(|| format!("waiting for interfaces {}", missing.join(", ")))
     }
 
@@ -268,7 +272,11 @@ impl LbController {
             return config::expand_interfaces(&[], &[], settings.origin.source());
         }
         let existing = config::interface_names();
-        let missing = config::unmatched(&settings.lb.interfaces, &existing);
+        // Readiness waits for the interfaces named; a glob may match nothing yet.
+        let missing: Vec<&str> = config::unmatched(&settings.lb.interfaces, &existing)
+            .into_iter()
+            .filter(|p| !config::is_glob(p))
+            .collect();
         lock(&self.inner).waiting =
             (!missing.is_empty()).then(|| format!("waiting for interfaces {}", missing.join(", ")));
         Ok(existing

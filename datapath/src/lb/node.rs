@@ -66,7 +66,11 @@ impl LbController {
             .map(|l| (l.name.clone(), l.ifindex))
             .collect();
         let names: Vec<String> = links.values().map(|l| l.name.clone()).collect();
-        let missing = crate::config::unmatched(&settings.lb.interfaces, &names);
+        // Readiness waits for the interfaces named; a glob (pod veths) may match nothing yet.
+        let missing: Vec<&str> = crate::config::unmatched(&settings.lb.interfaces, &names)
+            .into_iter()
+            .filter(|p| !crate::config::is_glob(p))
+            .collect();
         let mut guard = self.ctl.lock().await;
         let (_, plane) = guard.parts_mut();
         let Some(dp) = plane.dataplane_mut() else {

@@ -67,6 +67,9 @@ enum Part {
     /// Only the daemon's idle footprint (one window per `--runs`, default 5), printed; not
     /// part of `all`, which measures it with the forwarding rows.
     Footprint,
+    /// Only how fast the daemon follows the node over netlink (link -> attached, neighbour ->
+    /// FIB generation, idle CPU over 60 s), printed; not part of `all`.
+    Netlink,
 }
 
 #[derive(Serialize)]
@@ -101,6 +104,13 @@ fn main() -> Result<()> {
             "--write-results needs the whole suite (--only all)"
         );
         return footprint_alone(&args, runs.unwrap_or(if args.smoke { 1 } else { 5 }));
+    }
+    if args.only == Part::Netlink {
+        ensure!(
+            !args.write_results,
+            "--write-results needs the whole suite (--only all)"
+        );
+        return netlink_alone(&args);
     }
     let exe_dir = std::env::current_exe()?
         .parent()
@@ -199,6 +209,55 @@ fn main() -> Result<()> {
              about 10 minutes).\n\n{table}\n{kept}"
         );
         std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `--only netlink`: see `dp_perf::netlink`.
+fn netlink_alone(args: &Args) -> Result<()> {
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .context("binary without a directory")?
+        .to_path_buf();
+    let datapathd = args
+        .datapathd
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("datapathd"));
+    let lb_ctl = args
+        .lb_ctl
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+    eprintln!("dp-bench: netlink (links, neighbours, idle CPU)");
+    let r = dp_perf::netlink::run(datapathd, lb_ctl, args.smoke)?;
+    let p99 = dp_perf::netlink::p99;
+    print!(
+        "{} | {}\n\n### datapathd following the node over netlink\n\n\
+         | measure | samples | p50 (ms) | p99 (ms) | max (ms) |\n| --- | ---: | ---: | ---: | ---: |\n\
+         | link appears -> XDP attached (pinned) | {} | {:.2} | {:.2} | {:.2} |\n\
+         | neighbour change -> FIB generation, from `ip` start (upper bound) | {} | {:.2} | {:.2} | {:.2} |\n\
+         | neighbour change -> FIB generation, from `ip` exit (lower bound) | {} | {:.2} | {:.2} | {:.2} |\n\n\
+         Idle CPU over {} s (UDP service with 4 backends, policy on {} interfaces): {:.3} %\n",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine(),
+        r.attach_ms.samples.len(),
+        r.attach_ms.median,
+        p99(&r.attach_ms),
+        r.attach_ms.max,
+        r.bump_from_start_ms.samples.len(),
+        r.bump_from_start_ms.median,
+        p99(&r.bump_from_start_ms),
+        r.bump_from_start_ms.max,
+        r.bump_from_exit_ms.samples.len(),
+        r.bump_from_exit_ms.median,
+        p99(&r.bump_from_exit_ms),
+        r.bump_from_exit_ms.max,
+        r.idle_window_s,
+        r.attach_ms.samples.len(),
+        r.idle_cpu_percent,
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
