@@ -289,8 +289,10 @@ pub mod defaults {
     pub const MAX_BACKENDS: u32 = 4_096;
     /// Tracked flows (LRU).
     pub const MAX_FLOWS: u32 = 262_144;
-    /// Interfaces the programs can redirect to.
-    pub const MAX_TX_PORTS: u32 = 64;
+    /// Interfaces the programs can redirect to: every attached interface is one, and with
+    /// pod veths followed over netlink a node can have hundreds. (A node upgraded from a build
+    /// with 64 keeps its pinned map of 64 until `datapathd cleanup`.)
+    pub const MAX_TX_PORTS: u32 = 1024;
     /// Entries of `LB_IF_STATS`: interfaces with a smaller ifindex get their own counter.
     pub const MAX_IFINDEX: u32 = 1_024;
     pub const NAT_PORT_MIN: u16 = 1_024;

@@ -8,8 +8,8 @@
 //!   MAC, 200 times; the time until `LB_FIB_GEN` (read from its pin with aya) moved. Measured
 //!   from `ip` starting (an upper bound: it includes starting the process) and from `ip`
 //!   returning (a lower bound: the kernel changed the entry before it returned);
-//! - **idle CPU** of the daemon over 60 s (10 s with `--smoke`) with a UDP service of 4
-//!   backends and a policy on a matching interface, from `/proc/<pid>/stat`.
+//! - **idle CPU** of the daemon over 60 s (10 s with `--smoke`), measured first: XDP on the
+//!   two LB interfaces, the policy on one, a UDP service of 4 backends; `/proc/<pid>/stat`.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -75,7 +75,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<NetlinkRe
     let config = std::env::temp_dir().join(format!("dp-bench-netlink-{}.yaml", topo.prefix));
     std::fs::write(
         &config,
-        "lb:\n  interfaces: [lbc, lbb, \"nlb*\"]\npolicy:\n  enabled: true\n  interfaces: [\"nlb*\"]\n",
+        "lb:\n  interfaces: [lbc, lbb, \"nlb*\"]\npolicy:\n  enabled: true\n  interfaces: [lbb, \"nlb*\"]\n",
     )?;
     let daemon = Daemon::start_with(
         &topo.lb_ns,
@@ -97,6 +97,10 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<NetlinkRe
             let backend = format!("{backend}:{}", topo::BACKEND_PORT);
             daemon.lb_ctl_ok(&["backend", "add", &service, &backend, "--proto", "udp"])?;
         }
+        // Idle first, as a node runs: two interfaces with XDP, TCX on one, the service.
+        let window = Duration::from_secs(if smoke { 10 } else { 60 });
+        let pid = daemon.pid().context("datapathd is not running")?;
+        let idle = cpu_percent_over(pid, window)?;
         let links = daemon.pin_root.join("lb/links");
         let count = if smoke { 10 } else { 100 };
         let mut attach = Vec::new();
@@ -151,9 +155,6 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<NetlinkRe
             from_start.push(ms(done - start));
             from_exit.push(ms(done.saturating_duration_since(exited)));
         }
-        let window = Duration::from_secs(if smoke { 10 } else { 60 });
-        let pid = daemon.pid().context("datapathd is not running")?;
-        let idle = cpu_percent_over(pid, window)?;
         Ok(NetlinkReport {
             attach_ms: Summary::of(&attach).context("no attachment")?,
             bump_from_start_ms: Summary::of(&from_start).context("no bump")?,

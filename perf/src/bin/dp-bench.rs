@@ -236,7 +236,8 @@ fn netlink_alone(args: &Args) -> Result<()> {
          | link appears -> XDP attached (pinned) | {} | {:.2} | {:.2} | {:.2} |\n\
          | neighbour change -> FIB generation, from `ip` start (upper bound) | {} | {:.2} | {:.2} | {:.2} |\n\
          | neighbour change -> FIB generation, from `ip` exit (lower bound) | {} | {:.2} | {:.2} | {:.2} |\n\n\
-         Idle CPU over {} s (UDP service with 4 backends, policy on {} interfaces): {:.3} %\n",
+         Idle CPU over {} s (XDP on lbc and lbb, TCX policy on lbb, a UDP service with 4 \
+         backends; before the {} extra interfaces): {:.3} %\n",
         command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         machine(),
         r.attach_ms.samples.len(),
