@@ -61,14 +61,28 @@ impl<T: ServicePlane + PlaneStats + Send + 'static> Plane for T {}
 pub struct Controller<P> {
     store: Store,
     plane: P,
+    neighbour_of: Option<NeighbourLookup>,
 }
+
+/// The kernel's neighbour state (NUD name) of the entry a backend's packets need, as the
+/// netlink controller learned it; `None` when unknown.
+pub type NeighbourLookup = Arc<dyn Fn(IpAddr) -> Option<String> + Send + Sync>;
 
 /// The controller as the API server shares it.
 pub type SharedController<P> = Arc<Mutex<Controller<P>>>;
 
 impl<P: Plane> Controller<P> {
     pub fn new(store: Store, plane: P) -> Self {
-        Self { store, plane }
+        Self {
+            store,
+            plane,
+            neighbour_of: None,
+        }
+    }
+
+    /// Views then carry each backend's neighbour state (with the netlink controller on).
+    pub fn set_neighbour_lookup(&mut self, lookup: NeighbourLookup) {
+        self.neighbour_of = Some(lookup);
     }
 
     pub fn store(&self) -> &Store {
@@ -159,7 +173,7 @@ impl<P: Plane> Controller<P> {
 
     fn view(&self, spec: &ServiceSpec, stats: &StatsSnapshot) -> Result<ServiceView> {
         let entries = self.plane.table_entries(spec.id)?;
-        Ok(make_view(spec, stats, &entries))
+        Ok(make_view(spec, stats, &entries, self.neighbour_of.as_ref()))
     }
 
     /// The view answering a change that has already happened: failing to read counters must
@@ -173,7 +187,7 @@ impl<P: Plane> Controller<P> {
             tracing::warn!(service = %spec.key, error = %e, "cannot read the Maglev table");
             BTreeMap::new()
         });
-        make_view(spec, &stats, &entries)
+        make_view(spec, &stats, &entries, self.neighbour_of.as_ref())
     }
 }
 
@@ -181,6 +195,7 @@ fn make_view(
     spec: &ServiceSpec,
     stats: &StatsSnapshot,
     entries: &BTreeMap<u32, u32>,
+    neighbour_of: Option<&NeighbourLookup>,
 ) -> ServiceView {
     ServiceView {
         vip: spec.key.vip,
@@ -200,7 +215,7 @@ fn make_view(
                 id: b.id,
                 table_entries: entries.get(&b.id).copied().unwrap_or(0),
                 counters: stats.backends.get(&b.id).copied().unwrap_or_default(),
-                neighbour: None,
+                neighbour: neighbour_of.and_then(|f| f(b.addr)),
             })
             .collect(),
         counters: stats.services.get(&spec.id).copied().unwrap_or_default(),

@@ -179,6 +179,7 @@ pub fn service_show(s: &ServiceView) -> String {
         ("ID", Right),
         ("WEIGHT", Right),
         ("STATE", Left),
+        ("NEIGHBOUR", Left),
         ("TABLE", Right),
         ("PACKETS", Right),
         ("BYTES", Right),
@@ -189,6 +190,7 @@ pub fn service_show(s: &ServiceView) -> String {
             b.id.to_string(),
             b.weight.to_string(),
             b.state.to_string(),
+            b.neighbour.clone().unwrap_or_else(|| "-".into()),
             share(b, s),
             b.counters.packets.to_string(),
             b.counters.bytes.to_string(),
@@ -642,7 +644,15 @@ SERVICE                PROTO  MODE      BACKENDS  WEIGHT  STATE     TABLE  PACKE
             "{got}"
         );
         assert!(
-            got.contains("198.18.1.22:8080   0       2  draining   0.0%"),
+            got.contains("198.18.1.22:8080   0       2  draining  -           0.0%"),
+            "{got}"
+        );
+        let mut known = view();
+        known.backends[0].neighbour = Some("REACHABLE".into());
+        let got = service_show(&known);
+        assert!(got.contains("  NEIGHBOUR  "), "{got}");
+        assert!(
+            got.contains("198.18.1.1:8080    0       1  active    REACHABLE  75.0%"),
             "{got}"
         );
         assert!(service_list(&[]).starts_with("no services"));

@@ -164,11 +164,21 @@ impl LbController {
         store.observe(Arc::new(move |state| {
             next_hops.publish(node::next_hops(state))
         }));
+        let links: StateReader<crate::netlink::model::Links> =
+            bus.state(crate::netlink::LINKS)?.reader();
+        let neighbours: StateReader<crate::netlink::model::Neighbours> =
+            bus.state(crate::netlink::NEIGHBOURS)?.reader();
+        let routes: StateReader<crate::netlink::model::Routes> =
+            bus.state(crate::netlink::ROUTES)?.reader();
+        let mut ctl = server::Controller::new(store, LbPlane::off("starting"));
+        if settings.netlink.enabled {
+            let (l, n, r) = (links.clone(), neighbours.clone(), routes.clone());
+            ctl.set_neighbour_lookup(Arc::new(move |addr| {
+                Some(crate::netlink::backend_neighbour(&l.get(), &r.get(), &n.get(), addr).state)
+            }));
+        }
         Ok(Arc::new(Self {
-            ctl: Arc::new(tokio::sync::Mutex::new(server::Controller::new(
-                store,
-                LbPlane::off("starting"),
-            ))),
+            ctl: Arc::new(tokio::sync::Mutex::new(ctl)),
             inner: Mutex::new(Inner {
                 settings: settings.clone(),
                 health: Health::default(),
@@ -182,9 +192,9 @@ impl LbController {
             prog_stats: bus.state::<bool>(crate::prog_stats::ENABLED)?.reader(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             netlink: settings.netlink.enabled,
-            links: bus.state(crate::netlink::LINKS)?.reader(),
-            neighbours: bus.state(crate::netlink::NEIGHBOURS)?.reader(),
-            routes: bus.state(crate::netlink::ROUTES)?.reader(),
+            links,
+            neighbours,
+            routes,
             attached: bus.state(crate::netlink::LB_ATTACHED)?.writer()?,
             reattachments: bus.state(crate::netlink::LB_REATTACHMENTS)?.writer()?,
             ifindexes: Mutex::new(BTreeMap::new()),

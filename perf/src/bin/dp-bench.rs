@@ -234,8 +234,8 @@ fn netlink_alone(args: &Args) -> Result<()> {
         "{} | {}\n\n### datapathd following the node over netlink\n\n\
          | measure | samples | p50 (ms) | p99 (ms) | max (ms) |\n| --- | ---: | ---: | ---: | ---: |\n\
          | link appears -> XDP attached (pinned) | {} | {:.2} | {:.2} | {:.2} |\n\
-         | neighbour change -> FIB generation, from `ip` start (upper bound) | {} | {:.2} | {:.2} | {:.2} |\n\
-         | neighbour change -> FIB generation, from `ip` exit (lower bound) | {} | {:.2} | {:.2} | {:.2} |\n\n\
+         | neighbour change -> FIB generation, from RTM_NEWNEIGH sent (upper bound) | {} | {:.2} | {:.2} | {:.2} |\n\
+         | neighbour change -> FIB generation, from its sendmsg returning (lower bound) | {} | {:.2} | {:.2} | {:.2} |\n\n\
          Idle CPU over {} s (XDP on lbc and lbb, TCX policy on lbb, a UDP service with 4 \
          backends; before the {} extra interfaces): {:.3} %\n",
         command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -244,14 +244,14 @@ fn netlink_alone(args: &Args) -> Result<()> {
         r.attach_ms.median,
         p99(&r.attach_ms),
         r.attach_ms.max,
-        r.bump_from_start_ms.samples.len(),
-        r.bump_from_start_ms.median,
-        p99(&r.bump_from_start_ms),
-        r.bump_from_start_ms.max,
-        r.bump_from_exit_ms.samples.len(),
-        r.bump_from_exit_ms.median,
-        p99(&r.bump_from_exit_ms),
-        r.bump_from_exit_ms.max,
+        r.bump_from_send_ms.samples.len(),
+        r.bump_from_send_ms.median,
+        p99(&r.bump_from_send_ms),
+        r.bump_from_send_ms.max,
+        r.bump_from_sent_ms.samples.len(),
+        r.bump_from_sent_ms.median,
+        p99(&r.bump_from_sent_ms),
+        r.bump_from_sent_ms.max,
         r.idle_window_s,
         r.attach_ms.samples.len(),
         r.idle_cpu_percent,

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_api::{NodeView, Protocol, StatusView};
+use datapath_api::{NodeView, Protocol, ServiceView, StatusView};
 use netns_tests::{
     Binaries, Daemon, DaemonOptions, Lab, LabOptions, client, cmd, http,
     lab::UDP_SERVICE_PORT,
@@ -376,8 +376,87 @@ fn backends_get_managed_neighbours_that_go_with_them() {
     for n in &st.neighbours {
         assert_eq!(n.interface.as_deref(), Some("lbb"), "{n:?}");
     }
-    let b2 = lab.topo.backend("b2").ip.to_string();
     let svc = format!("{VIP}:{UDP_SERVICE_PORT}");
+    // `service show` carries each backend's neighbour state, the one status reports.
+    let show = |d: &Daemon| -> ServiceView {
+        ok(
+            "lb-ctl service show",
+            d.lb_ctl_json(&["service", "show", &svc, "--proto", "udp"])
+                .and_then(|v| Ok(serde_json::from_value(v)?)),
+        )
+    };
+    let st = status(d);
+    for b in show(d).backends {
+        let n = st.neighbours.iter().find(|n| n.addr == b.addr).unwrap();
+        assert_eq!(
+            b.neighbour.as_deref(),
+            Some(n.state.as_str()),
+            "{b:?} {n:?}"
+        );
+    }
+    // A backend nobody answers for: its managed entry fails to resolve, and status, `service
+    // show` and the metric say so.
+    let ghost = "198.18.1.99";
+    ok(
+        "adding an unanswered backend",
+        d.lb_ctl_ok(&[
+            "backend",
+            "add",
+            &svc,
+            &format!("{ghost}:8080"),
+            "--proto",
+            "udp",
+        ]),
+    );
+    let (state, _) = wait_until("the unanswered backend shown unresolved", || {
+        let st = status(d);
+        let n = st
+            .neighbours
+            .iter()
+            .find(|n| n.addr.to_string() == ghost && n.unresolved)?;
+        Some(n.state.clone())
+    });
+    assert!(
+        ["INCOMPLETE", "FAILED", "missing"].contains(&state.as_str()),
+        "{state}"
+    );
+    let view = show(d);
+    let b = view
+        .backends
+        .iter()
+        .find(|b| b.addr.to_string() == ghost)
+        .unwrap();
+    assert!(
+        matches!(
+            b.neighbour.as_deref(),
+            Some("INCOMPLETE" | "FAILED" | "missing")
+        ),
+        "{b:?}"
+    );
+    let key = format!("datapath_backend_neighbour_unresolved{{addr=\"{ghost}\"}}");
+    wait_until("the unresolved metric", || {
+        (sample(&scrape(&lab), &key) == Some(1.0)).then_some(())
+    });
+    let b1_key = format!(
+        "datapath_backend_neighbour_unresolved{{addr=\"{}\"}}",
+        lab.topo.backend("b1").ip
+    );
+    assert_eq!(sample(&scrape(&lab), &b1_key), Some(0.0));
+    ok(
+        "removing the unanswered backend",
+        d.lb_ctl_ok(&[
+            "backend",
+            "remove",
+            &svc,
+            &format!("{ghost}:8080"),
+            "--proto",
+            "udp",
+        ]),
+    );
+    wait_until("the unanswered backend's entry removed", || {
+        neigh_lines(&ns, ghost).is_empty().then_some(())
+    });
+    let b2 = lab.topo.backend("b2").ip.to_string();
     ok(
         "removing b2",
         d.lb_ctl_ok(&[
