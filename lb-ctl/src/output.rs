@@ -648,11 +648,11 @@ SERVICE                PROTO  MODE      BACKENDS  WEIGHT  STATE     TABLE  PACKE
             "{got}"
         );
         let mut known = view();
-        known.backends[0].neighbour = Some("REACHABLE".into());
+        known.backends[0].neighbour = Some("reachable".into());
         let got = service_show(&known);
         assert!(got.contains("  NEIGHBOUR  "), "{got}");
         assert!(
-            got.contains("198.18.1.1:8080    0       1  active    REACHABLE  75.0%"),
+            got.contains("198.18.1.1:8080    0       1  active    reachable  75.0%"),
             "{got}"
         );
         assert!(service_list(&[]).starts_with("no services"));

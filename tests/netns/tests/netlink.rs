@@ -417,7 +417,7 @@ fn backends_get_managed_neighbours_that_go_with_them() {
         Some(n.state.clone())
     });
     assert!(
-        ["INCOMPLETE", "FAILED", "missing"].contains(&state.as_str()),
+        ["incomplete", "failed", "missing"].contains(&state.as_str()),
         "{state}"
     );
     let view = show(d);
@@ -429,7 +429,7 @@ fn backends_get_managed_neighbours_that_go_with_them() {
     assert!(
         matches!(
             b.neighbour.as_deref(),
-            Some("INCOMPLETE" | "FAILED" | "missing")
+            Some("incomplete" | "failed" | "missing")
         ),
         "{b:?}"
     );
