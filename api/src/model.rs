@@ -81,7 +81,9 @@ impl FromStr for ForwardingMode {
 }
 
 /// Administrative state of a backend.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
     /// Receives new flows.
