@@ -19,6 +19,7 @@ pub mod client;
 pub mod cmd;
 pub mod daemon;
 pub mod http;
+pub mod kube_api;
 pub mod lab;
 pub mod netns;
 pub mod privilege;
