@@ -372,21 +372,25 @@ impl Prepared for LbChange {
                         }
                     }
                 }
+                ctl.set_health(&settings, plane, None);
+                // The settings first: `note_attached` wakes the node sync, which must judge
+                // what is attached by the new patterns (else it detaches what was just added).
+                lock(&ctl.inner).settings = settings;
                 if let Some(dp) = plane.dataplane() {
                     ctl.note_attached(dp);
                 }
-                ctl.set_health(&settings, plane, None);
-                lock(&ctl.inner).settings = settings;
                 changes
             }
             LbChange::Up { ctl, dp, settings } => {
                 let mut guard = ctl.ctl.blocking_lock();
                 let (_, plane) = guard.parts_mut();
-                ctl.note_attached(&dp);
                 *plane = LbPlane::on(*dp);
                 ctl.publish_tables(plane, settings.lb.max_flows);
                 ctl.set_health(&settings, plane, None);
                 lock(&ctl.inner).settings = settings;
+                if let Some(dp) = plane.dataplane() {
+                    ctl.note_attached(dp);
+                }
                 vec!["module lb up".into()]
             }
             LbChange::Off {

@@ -52,6 +52,9 @@ impl LbController {
         if !self.links.is_ready() {
             return;
         }
+        // The controller lock first, then the settings: a reload's commit holds the lock
+        // while it installs new settings, so they are read as committed.
+        let mut guard = self.ctl.lock().await;
         let settings = lock(&self.inner).settings.clone();
         let links = self.links.get();
         let wanted: BTreeMap<String, u32> = links
@@ -71,7 +74,6 @@ impl LbController {
             .into_iter()
             .filter(|p| !crate::config::is_glob(p))
             .collect();
-        let mut guard = self.ctl.lock().await;
         let (_, plane) = guard.parts_mut();
         let Some(dp) = plane.dataplane_mut() else {
             return;
