@@ -144,6 +144,8 @@ pub struct LbController {
     resync: tokio::sync::Notify,
     /// The FIB generation as last bumped (for `/metrics`).
     fib_generation: AtomicU64,
+    /// A reload is between prepare and commit (see `prepare`).
+    reloading: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -200,6 +202,7 @@ impl LbController {
             ifindexes: Mutex::new(BTreeMap::new()),
             resync: tokio::sync::Notify::new(),
             fib_generation: AtomicU64::new(0),
+            reloading: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -441,53 +444,9 @@ impl Prepared for LbChange {
     }
 }
 
-impl Controller for LbController {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn requirements(&self) -> Requirements {
-        Requirements {
-            features: &[Feature::Xdp],
-            // Loading programs and maps (CAP_BPF), attaching XDP and reading interfaces
-            // (CAP_NET_ADMIN), the verifier's pointer arithmetic on packet data (CAP_PERFMON).
-            capabilities: &[Capability::Bpf, Capability::NetAdmin, Capability::Perfmon],
-        }
-    }
-
-    fn enabled(&self, settings: &Settings) -> bool {
-        settings.lb.enabled
-    }
-
-    fn start(&self, settings: &Settings, blocker: Option<String>) -> Result<()> {
-        let reason = Self::off_reason(settings, blocker);
-        // Waited for without the lock: a scrape of /metrics meanwhile must not block on it.
-        let interfaces = match reason {
-            None => Some(self.wait_for_interfaces(settings)?),
-            Some(_) => None,
-        };
-        let mut guard = self.ctl.blocking_lock();
-        let (store, plane) = guard.parts_mut();
-        if let Some(interfaces) = interfaces {
-            let dir = Self::pin_dir(settings);
-            migrate_flat_pins(&settings.pin_root, &dir, &FLAT_PINS)?;
-            let mut dp = Dataplane::start(&Self::dataplane_config(settings, interfaces.clone()))?;
-            dp.reconcile(store.state())?;
-            info!(interfaces = ?interfaces, services = store.state().services.len(),
-                  "module lb up: XDP load balancer attached and reconciled");
-            self.note_attached(&dp);
-            *plane = LbPlane::on(dp);
-        } else {
-            lock(&self.inner).waiting = None;
-            *plane = LbPlane::off(reason.clone().unwrap_or_default());
-        }
-        self.publish_tables(plane, settings.lb.max_flows);
-        self.set_health(settings, plane, reason);
-        lock(&self.inner).settings = settings.clone();
-        Ok(())
-    }
-
-    fn prepare(
+impl LbController {
+    /// The reload itself (see `prepare`).
+    fn prepare_change(
         self: Arc<Self>,
         new: &Settings,
         blocker: Option<String>,
@@ -569,6 +528,102 @@ impl Controller for LbController {
             }
         };
         Ok(change)
+    }
+}
+
+/// Clears `reloading` and wakes the node sync when dropped: after commit, rollback, a failed
+/// prepare, or a prepared change never used.
+struct Reloading(Arc<LbController>);
+
+impl Drop for Reloading {
+    fn drop(&mut self) {
+        self.0
+            .reloading
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.0.resync.notify_one();
+    }
+}
+
+/// A prepared change that holds the node sync back until it is committed or rolled back.
+struct ReloadGuarded {
+    change: Option<Box<dyn Prepared>>,
+    _pending: Reloading,
+}
+
+impl Prepared for ReloadGuarded {
+    fn commit(mut self: Box<Self>) -> Vec<String> {
+        self.change.take().map(|c| c.commit()).unwrap_or_default()
+    }
+
+    fn rollback(mut self: Box<Self>) {
+        if let Some(c) = self.change.take() {
+            c.rollback();
+        }
+    }
+}
+
+impl Controller for LbController {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn requirements(&self) -> Requirements {
+        Requirements {
+            features: &[Feature::Xdp],
+            // Loading programs and maps (CAP_BPF), attaching XDP and reading interfaces
+            // (CAP_NET_ADMIN), the verifier's pointer arithmetic on packet data (CAP_PERFMON).
+            capabilities: &[Capability::Bpf, Capability::NetAdmin, Capability::Perfmon],
+        }
+    }
+
+    fn enabled(&self, settings: &Settings) -> bool {
+        settings.lb.enabled
+    }
+
+    fn start(&self, settings: &Settings, blocker: Option<String>) -> Result<()> {
+        let reason = Self::off_reason(settings, blocker);
+        // Waited for without the lock: a scrape of /metrics meanwhile must not block on it.
+        let interfaces = match reason {
+            None => Some(self.wait_for_interfaces(settings)?),
+            Some(_) => None,
+        };
+        let mut guard = self.ctl.blocking_lock();
+        let (store, plane) = guard.parts_mut();
+        if let Some(interfaces) = interfaces {
+            let dir = Self::pin_dir(settings);
+            migrate_flat_pins(&settings.pin_root, &dir, &FLAT_PINS)?;
+            let mut dp = Dataplane::start(&Self::dataplane_config(settings, interfaces.clone()))?;
+            dp.reconcile(store.state())?;
+            info!(interfaces = ?interfaces, services = store.state().services.len(),
+                  "module lb up: XDP load balancer attached and reconciled");
+            self.note_attached(&dp);
+            *plane = LbPlane::on(dp);
+        } else {
+            lock(&self.inner).waiting = None;
+            *plane = LbPlane::off(reason.clone().unwrap_or_default());
+        }
+        self.publish_tables(plane, settings.lb.max_flows);
+        self.set_health(settings, plane, reason);
+        lock(&self.inner).settings = settings.clone();
+        Ok(())
+    }
+
+    fn prepare(
+        self: Arc<Self>,
+        new: &Settings,
+        blocker: Option<String>,
+    ) -> Result<Box<dyn Prepared>> {
+        // The node sync waits while a reload is between prepare and commit: it would judge
+        // the interfaces prepare attached by the old patterns, and detach them (attaching
+        // XDP itself announces the link, which wakes the sync).
+        self.reloading
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let pending = Reloading(Arc::clone(&self));
+        let change = Arc::clone(&self).prepare_change(new, blocker)?;
+        Ok(Box::new(ReloadGuarded {
+            change: Some(change),
+            _pending: pending,
+        }))
     }
 
     fn run(self: Arc<Self>, cancel: Cancel) -> RunFuture {

@@ -49,7 +49,7 @@ impl LbController {
     /// Attaches to the matching interfaces that appeared, detaches (and unpins) those gone
     /// or re-created.
     pub(super) async fn sync_interfaces(&self) {
-        if !self.links.is_ready() {
+        if !self.links.is_ready() || self.reloading.load(Ordering::SeqCst) {
             return;
         }
         // The controller lock first, then the settings: a reload's commit holds the lock
