@@ -15,13 +15,23 @@
 use std::{
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourHeader, NeighbourMessage, NeighbourState,
+    },
+};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use netns_tests::{Binaries, Daemon, DaemonOptions, topology::ip_in};
 use serde::Serialize;
 
@@ -167,37 +177,24 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<NetlinkRe
 
 /// A NETLINK_ROUTE socket made in a namespace, that replaces one interface's neighbours there:
 /// the request the bench times, with nothing else (no process start) inside the measure.
+/// Built and read with the netlink crates the daemon uses.
 struct NeighbourSocket {
-    fd: OwnedFd,
+    socket: Socket,
     ifindex: u32,
     seq: std::cell::Cell<u32>,
 }
-
-const NDA_DST: u16 = 1;
-const NDA_LLADDR: u16 = 2;
 
 impl NeighbourSocket {
     fn open_in(ns: &str, dev: &str) -> Result<Self> {
         let dev = std::ffi::CString::new(dev)?;
         netns_tests::netns::run_in(ns, || -> Result<Self> {
-            // SAFETY: plain syscalls on values owned here; the fd is wrapped at once.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_NETLINK,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::NETLINK_ROUTE,
-                )
-            };
-            if fd < 0 {
-                return Err(io::Error::last_os_error()).context("netlink socket");
-            }
-            // SAFETY: `fd` is a fresh descriptor nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let mut socket = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
+            socket.bind_auto().context("bind the netlink socket")?;
             // SAFETY: `dev` is a valid NUL-terminated string.
             let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
             ensure!(ifindex != 0, "no interface {dev:?} in {ns}");
             Ok(Self {
-                fd,
+                socket,
                 ifindex,
                 seq: std::cell::Cell::new(0),
             })
@@ -206,70 +203,49 @@ impl NeighbourSocket {
 
     /// Sends RTM_NEWNEIGH (create or replace, REACHABLE) for `addr` with `mac`.
     fn send_replace(&self, addr: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
-        fn attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
-            let len = 4 + data.len();
-            buf.extend_from_slice(&(len as u16).to_ne_bytes());
-            buf.extend_from_slice(&kind.to_ne_bytes());
-            buf.extend_from_slice(data);
-            buf.resize(buf.len().next_multiple_of(4), 0);
-        }
-        self.seq.set(self.seq.get() + 1);
-        let mut msg = vec![0u8; 16];
-        // struct ndmsg: family, 3 pad bytes, ifindex, state, flags, type.
-        msg.push(libc::AF_INET as u8);
-        msg.extend_from_slice(&[0; 3]);
-        msg.extend_from_slice(&(self.ifindex as i32).to_ne_bytes());
-        msg.extend_from_slice(&libc::NUD_REACHABLE.to_ne_bytes());
-        msg.push(0);
-        msg.push(0);
-        attr(&mut msg, NDA_DST, &addr.octets());
-        attr(&mut msg, NDA_LLADDR, &mac);
-        let flags =
-            libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE;
-        let len = msg.len() as u32;
-        msg[0..4].copy_from_slice(&len.to_ne_bytes());
-        msg[4..6].copy_from_slice(&libc::RTM_NEWNEIGH.to_ne_bytes());
-        msg[6..8].copy_from_slice(&(flags as u16).to_ne_bytes());
-        msg[8..12].copy_from_slice(&self.seq.get().to_ne_bytes());
-        // SAFETY: a sockaddr_nl for the kernel (all zero but the family).
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: `msg` and `kernel` outlive the call; lengths are theirs.
-        let rc = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&raw const kernel).cast(),
-                size_of::<libc::sockaddr_nl>() as u32,
-            )
+        let mut n = NeighbourMessage::default();
+        n.header = NeighbourHeader {
+            family: AddressFamily::Inet,
+            ifindex: self.ifindex,
+            state: NeighbourState::Reachable,
+            ..Default::default()
         };
-        if rc < 0 {
-            return Err(io::Error::last_os_error()).context("send RTM_NEWNEIGH");
-        }
+        n.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)),
+            NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+        ];
+        self.seq.set(self.seq.get() + 1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+        header.sequence_number = self.seq.get();
+        let mut m = NetlinkMessage::new(
+            header,
+            NetlinkPayload::from(RouteNetlinkMessage::NewNeighbour(n)),
+        );
+        m.finalize();
+        let mut buf = vec![0; m.buffer_len()];
+        m.serialize(&mut buf);
+        self.socket.send(&buf, 0).context("send RTM_NEWNEIGH")?;
         Ok(())
     }
 
-    /// Reads the kernel's answer to the last request: an error of 0, or the errno.
+    /// Reads the kernel's answer to the last request: an acknowledgement, or its errno.
     fn ack(&self) -> Result<()> {
-        let mut buf = [0u8; 4096];
-        // SAFETY: `buf` is writable for its length.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error()).context("receive the netlink answer");
+        let mut buf = vec![0u8; 4096];
+        let n = self
+            .socket
+            .recv(&mut &mut buf[..], 0)
+            .context("receive the netlink answer")?;
+        let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..n])
+            .context("decode the netlink answer")?;
+        match answer.payload {
+            NetlinkPayload::Error(e) => match e.code {
+                None => Ok(()),
+                Some(code) => {
+                    Err(io::Error::from_raw_os_error(-code.get())).context("the kernel refused")
+                }
+            },
+            other => bail!("unexpected netlink answer {other:?}"),
         }
-        let n = n as usize;
-        ensure!(n >= 20, "short netlink answer ({n} bytes)");
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        ensure!(
-            kind == libc::NLMSG_ERROR as u16,
-            "unexpected netlink answer type {kind}"
-        );
-        let errno = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-        if errno != 0 {
-            return Err(io::Error::from_raw_os_error(-errno)).context("the kernel refused");
-        }
-        Ok(())
     }
 }

@@ -72,6 +72,28 @@ struct Store {
     compacted_below: u64,
 }
 
+impl Store {
+    /// The objects of `resource` that `in_ns` admits, as a list or a watch's start sends them.
+    fn current(&self, resource: Resource, in_ns: &dyn Fn(&Value) -> bool) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|((r, _, _), o)| *r == resource && in_ns(o))
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+}
+
+/// A BOOKMARK event at `rv`: only the object's kind and metadata, as the real server sends;
+/// `initial_end` marks the end of a streaming list's initial events.
+fn bookmark(resource: Resource, rv: u64, initial_end: bool) -> Value {
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if initial_end {
+        metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    json!({"type": "BOOKMARK", "object": {"kind": resource.kind(),
+        "apiVersion": resource.api_version(), "metadata": metadata}})
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     store: Mutex<Store>,
@@ -352,12 +374,7 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> Result<()> {
             return watch(stream, shared, resource, &req, &in_ns);
         }
         let st = shared.store.lock().unwrap();
-        let items: Vec<Value> = st
-            .objects
-            .iter()
-            .filter(|((r, _, _), o)| *r == resource && in_ns(o))
-            .map(|(_, o)| o.clone())
-            .collect();
+        let items = st.current(resource, &in_ns);
         let list = json!({"kind": format!("{}List", resource.kind()),
             "apiVersion": resource.api_version(),
             "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
@@ -400,25 +417,14 @@ fn watch(
     let mut st = shared.store.lock().unwrap();
     // From "0" (or with sendInitialEvents) the watch starts with the current objects.
     let mut sent = if from == 0 || initial {
-        let snapshot: Vec<Value> = st
-            .objects
-            .iter()
-            .filter(|((r, _, _), o)| *r == resource && in_ns(o))
-            .map(|(_, o)| o.clone())
-            .collect();
+        let snapshot = st.current(resource, in_ns);
         let rv = st.rv;
         drop(st);
         for o in snapshot {
             chunk(&mut stream, &json!({"type": "ADDED", "object": o}))?;
         }
         if initial && bookmarks {
-            chunk(
-                &mut stream,
-                &json!({"type": "BOOKMARK", "object": {"kind": resource.kind(),
-                    "apiVersion": resource.api_version(), "metadata": {
-                    "resourceVersion": rv.to_string(),
-                    "annotations": {"k8s.io/initial-events-end": "true"}}}}),
-            )?;
+            chunk(&mut stream, &bookmark(resource, rv, true))?;
         }
         st = shared.store.lock().unwrap();
         rv
@@ -454,12 +460,7 @@ fn watch(
         }
         sent = sent.max(newest);
         if bookmarks && last_bookmark.elapsed() >= BOOKMARK_EVERY {
-            chunk(
-                &mut stream,
-                &json!({"type": "BOOKMARK", "object": {"kind": resource.kind(),
-                    "apiVersion": resource.api_version(),
-                    "metadata": {"resourceVersion": sent.to_string()}}}),
-            )?;
+            chunk(&mut stream, &bookmark(resource, sent, false))?;
             last_bookmark = Instant::now();
         }
         st = shared.store.lock().unwrap();

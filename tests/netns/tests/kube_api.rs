@@ -17,7 +17,9 @@ use std::{
 
 use netns_tests::{
     kube_api::{KubeApi, Resource, yaml_object},
-    netns, privileged,
+    netns::{self, OwnedNetns},
+    privileged,
+    topology::unique_prefix,
 };
 use serde_json::Value;
 
@@ -34,51 +36,24 @@ fn object(path: &str) -> Value {
     yaml_object(&recorded(&format!("cilium/{path}"))).unwrap()
 }
 
-/// A namespace of its own, removed on drop.
-struct Ns(String);
-
-impl Ns {
-    fn new() -> Self {
-        let name = format!("dpk{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .unwrap()
-                .success()
-        );
-        assert!(
-            Command::new("ip")
-                .args(["-n", &name, "link", "set", "lo", "up"])
-                .status()
-                .unwrap()
-                .success()
-        );
-        Self(name)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn start(ns: &Ns) -> KubeApi {
-    let listener = netns::run_in(&ns.0, || TcpListener::bind("127.0.0.1:0"))
+/// The test's namespace (deleted on drop, also on a panic) and the stand-in serving in it,
+/// with the two recorded Services both tests start from.
+fn start() -> (OwnedNetns, KubeApi) {
+    let ns = OwnedNetns::create(&format!("{}k", unique_prefix())).unwrap();
+    let listener = netns::run_in(ns.name(), || TcpListener::bind("127.0.0.1:0"))
         .unwrap()
         .unwrap();
-    KubeApi::serve(listener).unwrap()
+    let api = KubeApi::serve(listener).unwrap();
+    api.apply(Resource::Services, object("clusterip/service.yaml"))
+        .unwrap();
+    api.apply(Resource::Services, object("dualstack/service1.yaml"))
+        .unwrap();
+    (ns, api)
 }
-
 /// A connection made inside the namespace.
-fn connect(ns: &Ns, api: &KubeApi) -> TcpStream {
+fn connect(ns: &OwnedNetns, api: &KubeApi) -> TcpStream {
     let addr = api.addr();
-    let s = netns::run_in(&ns.0, move || TcpStream::connect(addr))
+    let s = netns::run_in(ns.name(), move || TcpStream::connect(addr))
         .unwrap()
         .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -86,7 +61,7 @@ fn connect(ns: &Ns, api: &KubeApi) -> TcpStream {
 }
 
 /// GET `target` and read the whole (unchunked) answer: (status, body).
-fn get(ns: &Ns, api: &KubeApi, target: &str) -> (u16, String) {
+fn get(ns: &OwnedNetns, api: &KubeApi, target: &str) -> (u16, String) {
     let mut s = connect(ns, api);
     write!(
         s,
@@ -101,7 +76,7 @@ fn get(ns: &Ns, api: &KubeApi, target: &str) -> (u16, String) {
 }
 
 /// The first `n` events of a watch, decoded from the chunked stream.
-fn watch_events(ns: &Ns, api: &KubeApi, target: &str, n: usize) -> Vec<Value> {
+fn watch_events(ns: &OwnedNetns, api: &KubeApi, target: &str, n: usize) -> Vec<Value> {
     let s = connect(ns, api);
     let mut w = s.try_clone().unwrap();
     write!(w, "GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -138,12 +113,7 @@ fn kube_api_stand_in_speaks_the_recorded_wire_format() {
     if !privileged() {
         return;
     }
-    let ns = Ns::new();
-    let api = start(&ns);
-    api.apply(Resource::Services, object("clusterip/service.yaml"))
-        .unwrap();
-    api.apply(Resource::Services, object("dualstack/service1.yaml"))
-        .unwrap();
+    let (ns, api) = start();
 
     // A List as the real server answers one (k8s-openapi's recorded PodList).
     let real: Value = serde_json::from_str(&recorded("k8s-openapi/v1-33/pod-list.json")).unwrap();
@@ -238,15 +208,12 @@ fn kube_api_stand_in_speaks_to_kubectl() {
     if !privileged() {
         return;
     }
-    let ns = Ns::new();
-    let api = start(&ns);
-    api.apply(Resource::Services, object("clusterip/service.yaml"))
-        .unwrap();
-    api.apply(Resource::Services, object("dualstack/service1.yaml"))
-        .unwrap();
+    let (ns, api) = start();
     // `-o json` with watch events: kubectl prints each event it decoded as a JSON document.
-    let mut kubectl = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "kubectl", "--server", &api.url()])
+    let mut kubectl = Command::new("kubectl");
+    netns::command_in(&mut kubectl, ns.name()).unwrap();
+    let mut kubectl = kubectl
+        .args(["--server", &api.url()])
         .args([
             "get",
             "services",

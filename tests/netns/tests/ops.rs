@@ -423,6 +423,8 @@ fn invalid_config_stops_the_daemon_at_start_naming_line_and_key() {
     };
     let bins = Binaries::from_env();
     let path = config_path(&lab);
+    // A case the daemon wrongly accepted would leave pins behind: the root is removed after.
+    let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/{}bad", lab.topo.prefix));
     for (yaml, line, key) in INVALID {
         std::fs::write(&path, yaml).unwrap();
         let mut command = Command::new(&bins.datapathd);
@@ -435,7 +437,7 @@ fn invalid_config_stops_the_daemon_at_start_naming_line_and_key() {
             .arg("--state-file")
             .arg(std::env::temp_dir().join(format!("{}-bad.json", lab.topo.prefix)))
             .arg("--pin-root")
-            .arg(format!("/sys/fs/bpf/{}bad", lab.topo.prefix));
+            .arg(&pin_root);
         ok(
             "entering the LB namespace",
             netns::command_in(&mut command, &lab.topo.lb),
@@ -445,6 +447,7 @@ fn invalid_config_stops_the_daemon_at_start_naming_line_and_key() {
             cmd::output_timeout(&mut command, Duration::from_secs(30)),
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
+        let _ = std::fs::remove_dir_all(&pin_root);
         assert!(!out.status.success(), "{yaml}: started anyway: {stderr}");
         assert!(
             stderr.contains(&path.display().to_string())
