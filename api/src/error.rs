@@ -15,6 +15,9 @@ pub enum ErrorCode {
     NotFound,
     /// Duplicate service or backend (HTTP 409).
     AlreadyExists,
+    /// The service belongs to another source (the services file, Kubernetes); the API changes
+    /// it only with `force` (HTTP 409).
+    OwnedByOtherSource,
     /// A configured capacity (services, backends) is exhausted (HTTP 507).
     CapacityExhausted,
     /// Programming the BPF maps failed; the previous state keeps serving (HTTP 500).
@@ -30,7 +33,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order of docs/api.md's table.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::InvalidArgument,
         ErrorCode::NotFound,
         ErrorCode::AlreadyExists,
@@ -39,6 +42,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::Unavailable,
         ErrorCode::CapacityExhausted,
+        ErrorCode::OwnedByOtherSource,
     ];
 
     /// The code as the wire spells it.
@@ -47,6 +51,7 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => "invalid_argument",
             ErrorCode::NotFound => "not_found",
             ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::OwnedByOtherSource => "owned_by_other_source",
             ErrorCode::CapacityExhausted => "capacity_exhausted",
             ErrorCode::DataplaneFailure => "dataplane_failure",
             ErrorCode::PersistenceFailure => "persistence_failure",
@@ -74,7 +79,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidArgument => 400,
             ErrorCode::NotFound => 404,
-            ErrorCode::AlreadyExists => 409,
+            ErrorCode::AlreadyExists | ErrorCode::OwnedByOtherSource => 409,
             ErrorCode::CapacityExhausted => 507,
             ErrorCode::DataplaneFailure | ErrorCode::PersistenceFailure | ErrorCode::Internal => {
                 500
@@ -143,6 +148,7 @@ mod tests {
             (ErrorCode::Internal, 500, "internal"),
             (ErrorCode::Unavailable, 503, "unavailable"),
             (ErrorCode::CapacityExhausted, 507, "capacity_exhausted"),
+            (ErrorCode::OwnedByOtherSource, 409, "owned_by_other_source"),
         ];
         assert_eq!(want.map(|w| w.0), ErrorCode::ALL);
         for (code, status, spelling) in want {
@@ -170,6 +176,8 @@ mod tests {
                 ErrorCode::DataplaneFailure | ErrorCode::PersistenceFailure => {
                     assert_eq!(back, ErrorCode::Internal)
                 }
+                // A bare 409 is a duplicate; ownership conflicts always carry their code.
+                ErrorCode::OwnedByOtherSource => assert_eq!(back, ErrorCode::AlreadyExists),
                 _ => assert_eq!(back, code),
             }
         }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackendState, Counter, ForwardingMode, Protocol};
+use crate::model::{BackendState, Counter, ForwardingMode, Protocol, ServiceSource};
 
 fn default_weight() -> u32 {
     1
@@ -69,6 +69,12 @@ pub struct ServiceView {
     pub port: u16,
     pub proto: Protocol,
     pub mode: ForwardingMode,
+    /// Who declared it: `api`, `file` or `kubernetes`.
+    #[serde(default)]
+    pub source: ServiceSource,
+    /// What its source calls it, for file and Kubernetes services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat_addr: Option<IpAddr>,
     pub id: u32,

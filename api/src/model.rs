@@ -158,10 +158,56 @@ impl BackendSpec {
     }
 }
 
+/// Who declared a service: the API (`lb-ctl`), the services file, or Kubernetes. Only its
+/// source changes a service; the API may override with `force`.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceSource {
+    #[default]
+    Api,
+    File,
+    Kubernetes,
+}
+
+impl ServiceSource {
+    pub const ALL: [ServiceSource; 3] = [
+        ServiceSource::Api,
+        ServiceSource::File,
+        ServiceSource::Kubernetes,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceSource::Api => "api",
+            ServiceSource::File => "file",
+            ServiceSource::Kubernetes => "kubernetes",
+        }
+    }
+
+    pub fn is_api(&self) -> bool {
+        *self == ServiceSource::Api
+    }
+}
+
+impl fmt::Display for ServiceSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// One service and its backends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub key: ServiceKey,
+    /// Who declared it (absent in the state file: the API, as before sources existed).
+    #[serde(default, skip_serializing_if = "ServiceSource::is_api")]
+    pub source: ServiceSource,
+    /// What the source calls it (`namespace/name:port (kind)` for Kubernetes, the entry's name
+    /// for the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     pub mode: ForwardingMode,
     /// Full-NAT source address override; `None` lets the daemon pick, per backend, the address
     /// the kernel would use to reach that backend.
@@ -171,6 +217,25 @@ pub struct ServiceSpec {
     pub id: u32,
     /// Sorted by `BackendKey`.
     pub backends: Vec<BackendSpec>,
+}
+
+/// A backend as a source declares it (ids and generations are the store's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredBackend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+/// A service as a source declares it: the whole of it, so applying it replaces what was there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredService {
+    pub key: ServiceKey,
+    pub mode: ForwardingMode,
+    pub snat_addr: Option<IpAddr>,
+    pub owner: String,
+    pub backends: Vec<DeclaredBackend>,
 }
 
 /// Everything the operator asked for. Persisted as the state file.

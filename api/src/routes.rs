@@ -103,6 +103,25 @@ impl Query for NoQuery {
     }
 }
 
+/// The query of a change to a service: `force=true` changes one another source (the services
+/// file, Kubernetes) owns, which is refused (409 `owned_by_other_source`) otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeQuery {
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl Query for ChangeQuery {
+    fn to_query(&self) -> String {
+        if self.force {
+            "?force=true".into()
+        } else {
+            String::new()
+        }
+    }
+}
+
 impl Query for CtFilter {
     fn to_query(&self) -> String {
         CtFilter::to_query(self)
@@ -235,13 +254,13 @@ routes! {
     GetService: Get SERVICE, params ServiceKey, query NoQuery, body NoBody
         => 200 ServiceView, Json;
     /// Answers the service as it was before its removal.
-    DeleteService: Delete SERVICE, params ServiceKey, query NoQuery, body NoBody
+    DeleteService: Delete SERVICE, params ServiceKey, query ChangeQuery, body NoBody
         => 200 ServiceView, Json;
-    PostBackend: Post BACKENDS, params ServiceKey, query NoQuery, body AddBackend
+    PostBackend: Post BACKENDS, params ServiceKey, query ChangeQuery, body AddBackend
         => 201 ServiceView, Json;
-    PatchBackend: Patch BACKEND, params (ServiceKey, BackendKey), query NoQuery,
+    PatchBackend: Patch BACKEND, params (ServiceKey, BackendKey), query ChangeQuery,
         body UpdateBackend => 200 ServiceView, Json;
-    DeleteBackend: Delete BACKEND, params (ServiceKey, BackendKey), query NoQuery,
+    DeleteBackend: Delete BACKEND, params (ServiceKey, BackendKey), query ChangeQuery,
         body NoBody => 200 ServiceView, Json;
     /// Interfaces, addresses, neighbours and routes as the netlink controller learned them.
     GetNode: Get NODE, params (), query NoQuery, body NoBody => 200 NodeView, Json;

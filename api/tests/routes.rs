@@ -3,7 +3,7 @@
 
 use datapath_api::{
     BackendKey, CtFilter, FlowsQuery, Protocol, Route, ServiceKey,
-    routes::{self, Encoding, Method, NoQuery, ROUTES},
+    routes::{self, ChangeQuery, Encoding, Method, NoQuery, ROUTES},
 };
 
 #[test]
@@ -62,12 +62,16 @@ fn request_targets() {
         "/v1/services/udp/2001:db8::10/80"
     );
     assert_eq!(
-        routes::PostBackend::uri(&key, &NoQuery),
+        routes::PostBackend::uri(&key, &ChangeQuery::default()),
         "/v1/services/udp/2001:db8::10/80/backends"
     );
     assert_eq!(
-        routes::DeleteBackend::uri(&(key, backend), &NoQuery),
+        routes::DeleteBackend::uri(&(key, backend), &ChangeQuery::default()),
         "/v1/services/udp/2001:db8::10/80/backends/198.18.1.1/8080"
+    );
+    assert_eq!(
+        routes::DeleteService::uri(&key, &ChangeQuery { force: true }),
+        "/v1/services/udp/2001:db8::10/80?force=true"
     );
     assert_eq!(routes::GetStatus::uri(&(), &NoQuery), "/v1/status");
     assert_eq!(

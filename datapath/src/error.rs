@@ -15,6 +15,9 @@ pub enum Error {
     /// A service or backend already exists.
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// The service belongs to another source; the API changes it only when forced.
+    #[error("{0}")]
+    OwnedByOtherSource(String),
     /// The module serving the request is off (disabled or missing a kernel feature).
     #[error("{0}")]
     Unavailable(String),

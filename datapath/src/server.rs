@@ -138,14 +138,23 @@ impl<P: Plane> Controller<P> {
         Ok(self.view_after_change(&spec))
     }
 
-    /// Removes a service; the view is its last reading before removal.
-    pub fn delete_service(&mut self, key: &ServiceKey) -> Result<ServiceView> {
+    /// Removes a service; the view is its last reading before removal. `force`: even one
+    /// another source owns (the API's changes are refused there otherwise).
+    pub fn delete_service(&mut self, key: &ServiceKey, force: bool) -> Result<ServiceView> {
         let view = self.view_after_change(self.store.service(key)?);
+        self.store.check_api_may_change(key, force)?;
         self.store.delete_service(&mut self.plane, key)?;
         Ok(view)
     }
 
-    pub fn add_backend(&mut self, key: &ServiceKey, req: &AddBackend) -> Result<ServiceView> {
+    pub fn add_backend(
+        &mut self,
+        key: &ServiceKey,
+        req: &AddBackend,
+        force: bool,
+    ) -> Result<ServiceView> {
+        self.store.service(key)?;
+        self.store.check_api_may_change(key, force)?;
         let spec = self.store.add_backend(&mut self.plane, key, req)?;
         Ok(self.view_after_change(&spec))
     }
@@ -154,7 +163,10 @@ impl<P: Plane> Controller<P> {
         &mut self,
         key: &ServiceKey,
         backend: &BackendKey,
+        force: bool,
     ) -> Result<ServiceView> {
+        self.store.service(key)?;
+        self.store.check_api_may_change(key, force)?;
         let spec = self.store.remove_backend(&mut self.plane, key, backend)?;
         Ok(self.view_after_change(&spec))
     }
@@ -164,11 +176,23 @@ impl<P: Plane> Controller<P> {
         key: &ServiceKey,
         backend: &BackendKey,
         req: &UpdateBackend,
+        force: bool,
     ) -> Result<ServiceView> {
+        self.store.service(key)?;
+        self.store.check_api_may_change(key, force)?;
         let spec = self
             .store
             .update_backend(&mut self.plane, key, backend, req)?;
         Ok(self.view_after_change(&spec))
+    }
+
+    /// Makes the services of `source` exactly `declared` (see [`Store::replace_source`]).
+    pub fn replace_source(
+        &mut self,
+        source: datapath_api::ServiceSource,
+        declared: Vec<datapath_api::DeclaredService>,
+    ) -> Result<crate::lb::store::SourceReport> {
+        self.store.replace_source(&mut self.plane, source, declared)
     }
 
     fn view(&self, spec: &ServiceSpec, stats: &StatsSnapshot) -> Result<ServiceView> {
@@ -202,6 +226,8 @@ fn make_view(
         port: spec.key.port,
         proto: spec.key.proto,
         mode: spec.mode,
+        source: spec.source,
+        owner: spec.owner.clone(),
         snat_addr: spec.snat_addr,
         id: spec.id,
         backends: spec
@@ -253,6 +279,7 @@ impl From<Error> for ApiFailure {
             Error::NotFound(_) => (ErrorCode::NotFound, e.to_string()),
             Error::Unavailable(_) => (ErrorCode::Unavailable, e.to_string()),
             Error::AlreadyExists(_) => (ErrorCode::AlreadyExists, e.to_string()),
+            Error::OwnedByOtherSource(_) => (ErrorCode::OwnedByOtherSource, e.to_string()),
             Error::CapacityExhausted(_) => (ErrorCode::CapacityExhausted, e.to_string()),
             Error::Program { .. } | Error::Load { .. } | Error::Map { .. } | Error::Pin { .. } => (
                 ErrorCode::DataplaneFailure,
@@ -409,11 +436,38 @@ async fn show_service<P: Plane>(
     locked(&ctl, move |c| c.show(&key)).await.map(Json)
 }
 
+/// `?force=true` on a change: even of a service another source owns.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// The query of a change; a malformed one is a 400 `invalid_argument` like a bad body.
+pub struct Force(bool);
+
+impl<S: Send + Sync> FromRequestParts<S> for Force {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let q = axum::extract::Query::<ForceQuery>::try_from_uri(&parts.uri).map_err(|e| {
+            ApiFailure::invalid(format!(
+                "invalid query {:?}: {}",
+                parts.uri.query().unwrap_or(""),
+                e.body_text()
+            ))
+        })?;
+        Ok(Self(q.0.force))
+    }
+}
+
 async fn delete_service<P: Plane>(
     State(ctl): State<SharedController<P>>,
     ServicePath(key): ServicePath,
+    Force(force): Force,
 ) -> Answer<ServiceView> {
-    locked(&ctl, move |c| c.delete_service(&key))
+    locked(&ctl, move |c| c.delete_service(&key, force))
         .await
         .map(Json)
 }
@@ -421,18 +475,20 @@ async fn delete_service<P: Plane>(
 async fn add_backend<P: Plane>(
     State(ctl): State<SharedController<P>>,
     ServicePath(key): ServicePath,
+    Force(force): Force,
     ApiJson(req): ApiJson<AddBackend>,
 ) -> Created<ServiceView> {
-    let view = locked(&ctl, move |c| c.add_backend(&key, &req)).await?;
+    let view = locked(&ctl, move |c| c.add_backend(&key, &req, force)).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 async fn update_backend<P: Plane>(
     State(ctl): State<SharedController<P>>,
     BackendPath(key, backend): BackendPath,
+    Force(force): Force,
     ApiJson(req): ApiJson<UpdateBackend>,
 ) -> Answer<ServiceView> {
-    locked(&ctl, move |c| c.update_backend(&key, &backend, &req))
+    locked(&ctl, move |c| c.update_backend(&key, &backend, &req, force))
         .await
         .map(Json)
 }
@@ -440,8 +496,9 @@ async fn update_backend<P: Plane>(
 async fn remove_backend<P: Plane>(
     State(ctl): State<SharedController<P>>,
     BackendPath(key, backend): BackendPath,
+    Force(force): Force,
 ) -> Answer<ServiceView> {
-    locked(&ctl, move |c| c.remove_backend(&key, &backend))
+    locked(&ctl, move |c| c.remove_backend(&key, &backend, force))
         .await
         .map(Json)
 }

@@ -23,7 +23,8 @@ Exit codes:
   4  service or backend not found
   5  service or backend already exists
   6  capacity exhausted (--max-services / --max-backends of datapathd)
-  7  the module serving the command is off (lb-ctl status says why)";
+  7  the module serving the command is off (lb-ctl status says why)
+  8  the service belongs to another source (services file, Kubernetes); --force overrides";
 
 /// Operate datapathd's XDP load balancer: services (VIP:PORT), their backends, counters.
 #[derive(Debug, Parser)]
@@ -36,6 +37,11 @@ pub struct Cli {
     /// Output format: aligned tables for people, the API's JSON for scripts.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// With a change to a service or its backends: change it even though the services file or
+    /// Kubernetes owns it (refused with exit code 8 otherwise). Its source puts it back at its
+    /// next change of that service.
+    #[arg(long, global = true)]
+    pub force: bool,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -9,7 +9,7 @@ use datapath_api::{
     AddBackend, ApiError, ApplyPolicy, BackendKey, CreateService, CtFilter, CtFlow, CtStats,
     FlowEventView, FlowsQuery, FlushAnswer, PolicyStatus, Route, ServiceKey, ServiceView,
     StatsView, StatusView, UpdateBackend,
-    routes::{self, Body, Encoding, NoBody, NoQuery},
+    routes::{self, Body, ChangeQuery, Encoding, NoBody, NoQuery},
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, body::Bytes};
@@ -69,13 +69,19 @@ impl Client {
         self.send::<routes::PostService>(&(), &NoQuery, req).await
     }
 
-    pub async fn delete_service(&self, key: &ServiceKey) -> Result<ServiceView> {
-        self.send::<routes::DeleteService>(key, &NoQuery, &NoBody)
+    pub async fn delete_service(&self, key: &ServiceKey, force: bool) -> Result<ServiceView> {
+        self.send::<routes::DeleteService>(key, &ChangeQuery { force }, &NoBody)
             .await
     }
 
-    pub async fn add_backend(&self, key: &ServiceKey, req: &AddBackend) -> Result<ServiceView> {
-        self.send::<routes::PostBackend>(key, &NoQuery, req).await
+    pub async fn add_backend(
+        &self,
+        key: &ServiceKey,
+        req: &AddBackend,
+        force: bool,
+    ) -> Result<ServiceView> {
+        self.send::<routes::PostBackend>(key, &ChangeQuery { force }, req)
+            .await
     }
 
     pub async fn update_backend(
@@ -83,8 +89,9 @@ impl Client {
         key: &ServiceKey,
         backend: &BackendKey,
         req: &UpdateBackend,
+        force: bool,
     ) -> Result<ServiceView> {
-        self.send::<routes::PatchBackend>(&(*key, *backend), &NoQuery, req)
+        self.send::<routes::PatchBackend>(&(*key, *backend), &ChangeQuery { force }, req)
             .await
     }
 
@@ -92,8 +99,9 @@ impl Client {
         &self,
         key: &ServiceKey,
         backend: &BackendKey,
+        force: bool,
     ) -> Result<ServiceView> {
-        self.send::<routes::DeleteBackend>(&(*key, *backend), &NoQuery, &NoBody)
+        self.send::<routes::DeleteBackend>(&(*key, *backend), &ChangeQuery { force }, &NoBody)
             .await
     }
 

@@ -17,6 +17,9 @@ pub mod exit {
     pub const CAPACITY_EXHAUSTED: u8 = 6;
     /// The module serving the command is off (`lb-ctl status` says why).
     pub const UNAVAILABLE: u8 = 7;
+    /// The service belongs to another source (the services file, Kubernetes); `--force`
+    /// changes it anyway.
+    pub const OWNED_BY_OTHER_SOURCE: u8 = 8;
 }
 
 /// Everything that can go wrong in lb-ctl; each displays as one line.
@@ -67,6 +70,7 @@ impl Error {
                 ErrorCode::AlreadyExists => exit::ALREADY_EXISTS,
                 ErrorCode::CapacityExhausted => exit::CAPACITY_EXHAUSTED,
                 ErrorCode::Unavailable => exit::UNAVAILABLE,
+                ErrorCode::OwnedByOtherSource => exit::OWNED_BY_OTHER_SOURCE,
                 ErrorCode::DataplaneFailure
                 | ErrorCode::PersistenceFailure
                 | ErrorCode::Internal => exit::FAILURE,
@@ -92,6 +96,7 @@ mod tests {
                 ErrorCode::AlreadyExists => 5,
                 ErrorCode::CapacityExhausted => 6,
                 ErrorCode::Unavailable => 7,
+                ErrorCode::OwnedByOtherSource => 8,
                 ErrorCode::DataplaneFailure
                 | ErrorCode::PersistenceFailure
                 | ErrorCode::Internal => 1,

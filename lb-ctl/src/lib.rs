@@ -170,7 +170,7 @@ pub async fn run(cli: &Cli) -> Result<String> {
             })?
         }
         Action::ServiceRemove(key) => {
-            let view = client.delete_service(&key).await?;
+            let view = client.delete_service(&key, cli.force).await?;
             confirm(json, &view, || {
                 format!(
                     "service {key} removed with its {} backend(s)",
@@ -179,7 +179,7 @@ pub async fn run(cli: &Cli) -> Result<String> {
             })?
         }
         Action::BackendAdd(key, req) => {
-            let view = client.add_backend(&key, &req).await?;
+            let view = client.add_backend(&key, &req, cli.force).await?;
             let backend = datapath_api::BackendKey {
                 addr: req.addr,
                 port: req.port,
@@ -193,13 +193,15 @@ pub async fn run(cli: &Cli) -> Result<String> {
             })?
         }
         Action::BackendRemove(key, backend) => {
-            let view = client.remove_backend(&key, &backend).await?;
+            let view = client.remove_backend(&key, &backend, cli.force).await?;
             confirm(json, &view, || {
                 format!("backend {backend} removed from service {key}")
             })?
         }
         Action::BackendUpdate(key, backend, req) => {
-            let view = client.update_backend(&key, &backend, &req).await?;
+            let view = client
+                .update_backend(&key, &backend, &req, cli.force)
+                .await?;
             confirm(json, &view, || {
                 let mut said = Vec::new();
                 if let Some(w) = req.weight {

@@ -113,6 +113,7 @@ pub fn service_list(services: &[ServiceView]) -> String {
         ("SERVICE", Left),
         ("PROTO", Left),
         ("MODE", Left),
+        ("SOURCE", Left),
         ("BACKENDS", Right),
         ("WEIGHT", Right),
         ("STATE", Left),
@@ -125,6 +126,7 @@ pub fn service_list(services: &[ServiceView]) -> String {
             endpoint(s),
             s.proto.to_string(),
             s.mode.to_string(),
+            s.source.to_string(),
             s.backends.len().to_string(),
             String::new(),
             String::new(),
@@ -135,6 +137,7 @@ pub fn service_list(services: &[ServiceView]) -> String {
         for b in &s.backends {
             t.row(vec![
                 format!("  -> {}", backend_key(b)),
+                String::new(),
                 String::new(),
                 String::new(),
                 String::new(),
@@ -161,6 +164,13 @@ pub fn service_show(s: &ServiceView) -> String {
         ("SERVICE", service_key(s).to_string()),
         ("ID", s.id.to_string()),
         ("MODE", s.mode.to_string()),
+        (
+            "SOURCE",
+            match &s.owner {
+                Some(owner) => format!("{} ({owner})", s.source),
+                None => s.source.to_string(),
+            },
+        ),
         ("SNAT", snat),
         ("BACKENDS", s.backends.len().to_string()),
         ("PACKETS", s.counters.packets.to_string()),
@@ -609,6 +619,8 @@ mod tests {
             port: 80,
             proto: Protocol::Tcp,
             mode: ForwardingMode::FullNat,
+            source: datapath_api::ServiceSource::Api,
+            owner: None,
             snat_addr: None,
             id: 0,
             backends: vec![
@@ -627,11 +639,11 @@ mod tests {
     fn list_is_aligned_with_backends_nested() {
         let got = service_list(&[view()]);
         let want = "\
-SERVICE                PROTO  MODE      BACKENDS  WEIGHT  STATE     TABLE  PACKETS    BYTES
-198.18.0.10:80         tcp    full-nat         3                             12350  1235000
-  -> 198.18.1.1:8080                                   1  active    75.0%        5      500
-  -> 198.18.1.22:8080                                  2  draining   0.0%    12345  1234500
-  -> 198.18.1.3:8080                                   3  active    25.0%        0        0
+SERVICE                PROTO  MODE      SOURCE  BACKENDS  WEIGHT  STATE     TABLE  PACKETS    BYTES
+198.18.0.10:80         tcp    full-nat  api            3                             12350  1235000
+  -> 198.18.1.1:8080                                           1  active    75.0%        5      500
+  -> 198.18.1.22:8080                                          2  draining   0.0%    12345  1234500
+  -> 198.18.1.3:8080                                           3  active    25.0%        0        0
 ";
         assert_eq!(got, want, "\n{got}");
     }

@@ -124,7 +124,8 @@ fn stderr(o: &Output) -> String {
 
 fn view() -> Value {
     json!({
-        "vip": "198.18.0.10", "port": 80, "proto": "tcp", "mode": "full-nat", "id": 0,
+        "vip": "198.18.0.10", "port": 80, "proto": "tcp", "mode": "full-nat", "source": "api",
+        "id": 0,
         "backends": [{"addr": "198.18.1.1", "port": 8080, "weight": 1, "state": "active",
                       "id": 0, "table_entries": 65537,
                       "counters": {"packets": 3, "bytes": 180}}],
@@ -218,7 +219,7 @@ fn invalid_arguments_exit_2_without_connecting() {
 #[test]
 fn commands_send_the_api_requests() {
     let d = FakeDaemon::start(ok_view);
-    let cases: [(&[&str], &str, &str, Value); 9] = [
+    let cases: [(&[&str], &str, &str, Value); 11] = [
         (
             &["service", "add", "198.18.0.10:80"],
             "POST",
@@ -294,13 +295,37 @@ fn commands_send_the_api_requests() {
             "/v1/services/tcp/198.18.0.10/80/backends/198.18.1.1/8080",
             Value::Null,
         ),
+        // --force asks the daemon to change a service another source owns.
+        (
+            &[
+                "backend",
+                "drain",
+                "198.18.0.10:80",
+                "198.18.1.1:8080",
+                "--force",
+            ],
+            "PATCH",
+            "/v1/services/tcp/198.18.0.10/80/backends/198.18.1.1/8080?force=true",
+            json!({"state": "draining"}),
+        ),
+        (
+            &["--force", "service", "rm", "198.18.0.10:80"],
+            "DELETE",
+            "/v1/services/tcp/198.18.0.10/80?force=true",
+            Value::Null,
+        ),
     ];
     for (args, method, path, body) in cases {
         let o = d.run(args);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
         let rec = d.requests().pop().unwrap();
+        let target = if rec.query.is_empty() {
+            rec.path.clone()
+        } else {
+            format!("{}?{}", rec.path, rec.query)
+        };
         assert_eq!(
-            (rec.method.as_str(), rec.path.as_str()),
+            (rec.method.as_str(), target.as_str()),
             (method, path),
             "{args:?}"
         );
@@ -526,7 +551,8 @@ fn usage_errors_are_one_line() {
     assert_eq!(
         stderr(&o),
         "lb-ctl: error: unknown option '--prot' for 'lb-ctl service add': accepted: --proto, \
-         --mode, --snat-addr, --socket, -o/--output, -h/--help; did you mean '--proto'?\n"
+         --mode, --snat-addr, --socket, -o/--output, --force, -h/--help; did you mean \
+         '--proto'?\n"
     );
     assert_eq!(d.connections.load(Ordering::SeqCst), 0, "nothing was sent");
 }

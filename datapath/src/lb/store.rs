@@ -25,8 +25,8 @@ use std::{
 };
 
 use datapath_api::{
-    AddBackend, BackendKey, BackendSpec, CreateService, DesiredState, ForwardingMode, ServiceKey,
-    ServiceSpec, UpdateBackend,
+    AddBackend, BackendKey, BackendSpec, CreateService, DeclaredService, DesiredState,
+    ForwardingMode, ServiceKey, ServiceSource, ServiceSpec, UpdateBackend,
 };
 use serde::{Deserialize, Serialize};
 
@@ -208,6 +208,8 @@ impl Store {
         })?;
         let spec = ServiceSpec {
             key,
+            source: ServiceSource::Api,
+            owner: None,
             mode: req.mode,
             snat_addr: req.snat_addr,
             id,
@@ -367,6 +369,290 @@ impl Store {
         Ok(new)
     }
 
+    /// Refuses an API change of service `key` when another source owns it, unless `force`.
+    /// A forced change stays the owner's: its next sync of that service replaces it.
+    pub fn check_api_may_change(&self, key: &ServiceKey, force: bool) -> Result<()> {
+        let Some(spec) = self.state.services.get(key) else {
+            return Ok(());
+        };
+        if spec.source.is_api() || force {
+            return Ok(());
+        }
+        Err(Error::OwnedByOtherSource(format!(
+            "service {key} belongs to the {} source ({}); change it there, or pass --force \
+             (the {} source puts it back at its next change of it)",
+            spec.source,
+            spec.owner.as_deref().unwrap_or("unnamed"),
+            spec.source,
+        )))
+    }
+
+    /// Makes the services of `source` exactly `declared`, by difference: services it no longer
+    /// declares are removed, new ones created, changed ones updated, and the rest not touched.
+    /// A backend that stays keeps its id and generation, so its Maglev slots and its flows
+    /// stay with it.
+    ///
+    /// Each service is one transaction with the dataplane: one that cannot be programmed (or
+    /// is invalid, or is owned by another source, or finds no free id) keeps its previous
+    /// version and is reported in [`SourceReport::rejected`]; the others apply. The state file
+    /// is written once for the whole batch; if that fails, every change of the batch is undone
+    /// and the error returned, so memory, file and dataplane still agree.
+    ///
+    /// Ids freed by this batch are not handed out again within it: the dataplane programs one
+    /// service at a time, and a slot must not serve two services in between.
+    pub fn replace_source<P: ServicePlane + ?Sized>(
+        &mut self,
+        plane: &mut P,
+        source: ServiceSource,
+        declared: Vec<DeclaredService>,
+    ) -> Result<SourceReport> {
+        if source.is_api() {
+            return Err(Error::Internal(
+                "the API changes services one by one, not by replacement".into(),
+            ));
+        }
+        let mut report = SourceReport::default();
+        let mut wanted: std::collections::BTreeMap<ServiceKey, DeclaredService> =
+            Default::default();
+        for d in declared {
+            let key = d.key;
+            if let Some(first) = wanted.get(&key) {
+                report.rejected.push(Rejected {
+                    key,
+                    owner: d.owner.clone(),
+                    reason: format!("declared twice (also by {})", first.owner),
+                });
+                continue;
+            }
+            wanted.insert(key, d);
+        }
+        let mut service_ids = IdPool::new(
+            self.state.services.values().map(|s| s.id).collect(),
+            self.limits.max_services,
+        );
+        let mut backend_ids = IdPool::new(
+            self.state
+                .services
+                .values()
+                .flat_map(|s| s.backends.iter().map(|b| b.id))
+                .collect(),
+            self.limits.max_backends,
+        );
+        let mut next = self.state.clone();
+        let mut applied: Vec<Change> = Vec::new();
+
+        // Removals first: what the source no longer declares.
+        let gone: Vec<ServiceSpec> = self
+            .state
+            .services
+            .values()
+            .filter(|s| s.source == source && !wanted.contains_key(&s.key))
+            .cloned()
+            .collect();
+        for old in gone {
+            match plane.remove_service(&old) {
+                Ok(()) => {
+                    next.services.remove(&old.key);
+                    report.removed += 1;
+                    applied.push(Change::Remove(old));
+                }
+                Err(e) => report.rejected.push(Rejected {
+                    key: old.key,
+                    owner: old.owner.clone().unwrap_or_default(),
+                    reason: format!("cannot remove it: {e}"),
+                }),
+            }
+        }
+
+        for (key, d) in wanted {
+            let old = self.state.services.get(&key);
+            if let Some(old) = old
+                && old.source != source
+            {
+                report.rejected.push(Rejected {
+                    key,
+                    owner: d.owner,
+                    reason: format!(
+                        "service {key} belongs to the {} source ({})",
+                        old.source,
+                        old.owner.as_deref().unwrap_or("unnamed")
+                    ),
+                });
+                continue;
+            }
+            let new = match self.build_declared(
+                &d,
+                source,
+                old,
+                &mut service_ids,
+                &mut backend_ids,
+                &mut next.next_generation,
+            ) {
+                Ok(new) => new,
+                Err(reason) => {
+                    report.rejected.push(Rejected {
+                        key,
+                        owner: d.owner,
+                        reason,
+                    });
+                    continue;
+                }
+            };
+            if old == Some(&new) {
+                report.unchanged += 1;
+                continue;
+            }
+            match plane.apply_service(&new) {
+                Ok(()) => {
+                    if old.is_some() {
+                        report.updated += 1;
+                    } else {
+                        report.created += 1;
+                    }
+                    next.services.insert(key, new.clone());
+                    applied.push(Change::Apply {
+                        new,
+                        old: old.cloned(),
+                    });
+                }
+                Err(e) => report.rejected.push(Rejected {
+                    key,
+                    owner: d.owner,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+
+        if applied.is_empty() {
+            return Ok(report);
+        }
+        if let Err(e) = self.persist(&next) {
+            for change in applied.iter().rev() {
+                if let Err(undo) = undo(plane, change) {
+                    tracing::error!(error = %undo, "saving the state failed and undoing a \
+                        source's change failed too: the dataplane differs from the saved state \
+                        until the source's next sync or a restart");
+                }
+            }
+            return Err(e);
+        }
+        self.state = next;
+        if let Some(observer) = &self.observer {
+            observer(&self.state);
+        }
+        Ok(report)
+    }
+
+    /// The spec for declared service `d`: checked, with `old`'s ids and generations kept for
+    /// the backends that stay and fresh ones (from the free ids, which it marks used) for new
+    /// ones. The reason is one line.
+    fn build_declared(
+        &self,
+        d: &DeclaredService,
+        source: ServiceSource,
+        old: Option<&ServiceSpec>,
+        service_ids: &mut IdPool,
+        backend_ids: &mut IdPool,
+        next_generation: &mut u32,
+    ) -> Result<ServiceSpec, String> {
+        check_service(&d.key, d.mode, d.snat_addr)?;
+        let mut backends: Vec<&datapath_api::DeclaredBackend> = d.backends.iter().collect();
+        backends.sort_by_key(|b| (b.addr, b.port));
+        for pair in backends.windows(2) {
+            if (pair[0].addr, pair[0].port) == (pair[1].addr, pair[1].port) {
+                let dup = BackendKey {
+                    addr: pair[0].addr,
+                    port: pair[0].port,
+                };
+                return Err(format!("backend {dup} is listed twice"));
+            }
+        }
+        let mut total: u64 = 0;
+        for b in &backends {
+            let bkey = BackendKey {
+                addr: b.addr,
+                port: b.port,
+            };
+            check_backend(&d.key, &bkey, b.weight)?;
+            total += u64::from(b.weight);
+        }
+        if total > u64::from(u32::MAX) {
+            return Err(format!(
+                "the weights add up to {total}, above the maximum {}",
+                u32::MAX
+            ));
+        }
+        // Count what is needed before taking anything, so a refusal takes no id.
+        let kept = |bkey: &BackendKey| {
+            old.and_then(|o| {
+                o.backends
+                    .binary_search_by(|x| x.key().cmp(bkey))
+                    .ok()
+                    .map(|i| &o.backends[i])
+            })
+        };
+        let fresh = backends
+            .iter()
+            .filter(|b| {
+                kept(&BackendKey {
+                    addr: b.addr,
+                    port: b.port,
+                })
+                .is_none()
+            })
+            .count();
+        let free_backends = backend_ids.free();
+        if fresh > free_backends {
+            return Err(format!(
+                "capacity exhausted: it needs {fresh} new backend slots and {free_backends} are \
+                 free (max_backends {})",
+                self.limits.max_backends
+            ));
+        }
+        let id = match old {
+            Some(o) => o.id,
+            None => service_ids.take().ok_or_else(|| {
+                format!(
+                    "capacity exhausted: all {} service slots are in use (max_services)",
+                    self.limits.max_services
+                )
+            })?,
+        };
+        let mut specs = Vec::with_capacity(backends.len());
+        for b in backends {
+            let bkey = BackendKey {
+                addr: b.addr,
+                port: b.port,
+            };
+            let (id, generation) = match kept(&bkey) {
+                Some(k) => (k.id, k.generation),
+                None => {
+                    let id = backend_ids.take().expect("counted above");
+                    let generation = *next_generation;
+                    *next_generation = next_generation.wrapping_add(1);
+                    (id, generation)
+                }
+            };
+            specs.push(BackendSpec {
+                addr: b.addr,
+                port: b.port,
+                weight: b.weight,
+                state: b.state,
+                id,
+                generation,
+            });
+        }
+        Ok(ServiceSpec {
+            key: d.key,
+            source,
+            owner: Some(d.owner.clone()),
+            mode: d.mode,
+            snat_addr: d.snat_addr,
+            id,
+            backends: specs,
+        })
+    }
+
     /// Programs `change`, saves `next`, and only then makes `next` the state. A failed save
     /// undoes the dataplane change.
     fn commit<P: ServicePlane + ?Sized>(
@@ -439,6 +725,72 @@ fn find_backend(service: &ServiceSpec, backend: &BackendKey) -> Result<usize> {
 
 fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
     (0..limit).find(|id| !used.contains(id))
+}
+
+/// Ids in use during one batch of [`Store::replace_source`]: it only takes ids, never frees
+/// them, so the lowest free id only grows and a batch of 100,000 backends is one walk.
+struct IdPool {
+    used: BTreeSet<u32>,
+    limit: u32,
+    /// No id below it is free.
+    floor: u32,
+    free: usize,
+}
+
+impl IdPool {
+    fn new(used: BTreeSet<u32>, limit: u32) -> Self {
+        let in_range = used.range(..limit).count();
+        Self {
+            used,
+            limit,
+            floor: 0,
+            free: (limit as usize).saturating_sub(in_range),
+        }
+    }
+
+    fn free(&self) -> usize {
+        self.free
+    }
+
+    /// The lowest free id, now used.
+    fn take(&mut self) -> Option<u32> {
+        while self.floor < self.limit && self.used.contains(&self.floor) {
+            self.floor += 1;
+        }
+        if self.floor >= self.limit {
+            return None;
+        }
+        self.used.insert(self.floor);
+        self.free -= 1;
+        Some(self.floor)
+    }
+}
+
+/// Undoes one applied change of a batch.
+fn undo<P: ServicePlane + ?Sized>(plane: &mut P, change: &Change) -> Result<()> {
+    match change {
+        Change::Apply { old: Some(old), .. } => plane.apply_service(old),
+        Change::Apply { new, old: None } => plane.remove_service(new),
+        Change::Remove(old) => plane.apply_service(old),
+    }
+}
+
+/// A service a source declared that was not applied, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    pub key: ServiceKey,
+    pub owner: String,
+    pub reason: String,
+}
+
+/// What [`Store::replace_source`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SourceReport {
+    pub created: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+    pub rejected: Vec<Rejected>,
 }
 
 /// Why `addr` cannot be a VIP, backend or source address, if it cannot.

@@ -562,3 +562,262 @@ fn generation_counter_is_moved_past_saved_generations() {
         ForwardingMode::Dsr
     );
 }
+
+fn declared(vip: &str, owner: &str, backends: &[(&str, u16, BackendState)]) -> DeclaredService {
+    DeclaredService {
+        key: ServiceKey {
+            vip: ip(vip),
+            port: 80,
+            proto: Protocol::Tcp,
+        },
+        mode: ForwardingMode::FullNat,
+        snat_addr: None,
+        owner: owner.into(),
+        backends: backends
+            .iter()
+            .map(|&(addr, port, state)| datapath_api::DeclaredBackend {
+                addr: ip(addr),
+                port,
+                weight: 1,
+                state,
+            })
+            .collect(),
+    }
+}
+
+fn ids(spec: &ServiceSpec) -> Vec<(BackendKey, u32, u32)> {
+    spec.backends
+        .iter()
+        .map(|b| (b.key(), b.id, b.generation))
+        .collect()
+}
+
+use BackendState::{Active, Draining};
+
+/// A source's batch is applied by difference: kept backends keep id and generation (their
+/// Maglev slots and flows), a changed state is an update, what is no longer declared goes, and
+/// what did not change is not programmed again.
+#[test]
+fn replace_source_applies_the_difference_and_keeps_slots() {
+    let mut f = fixture();
+    let src = ServiceSource::Kubernetes;
+    let first = vec![
+        declared(
+            "198.18.0.1",
+            "default/a:http",
+            &[("198.18.1.1", 80, Active), ("198.18.1.2", 80, Active)],
+        ),
+        declared(
+            "198.18.0.2",
+            "default/b:http",
+            &[("198.18.1.3", 80, Active)],
+        ),
+    ];
+    let r = f
+        .store
+        .replace_source(&mut f.plane, src, first.clone())
+        .unwrap();
+    assert_eq!((r.created, r.updated, r.removed, r.unchanged), (2, 0, 0, 0));
+    assert!(r.rejected.is_empty(), "{r:?}");
+    let a = f.store.service(&first[0].key).unwrap().clone();
+    assert_eq!(a.source, src);
+    assert_eq!(a.owner.as_deref(), Some("default/a:http"));
+    let b_backend = f.store.service(&first[1].key).unwrap().backends[0].id;
+    let calls = f.plane.calls.len();
+
+    // The same batch again changes nothing and programs nothing.
+    let r = f
+        .store
+        .replace_source(&mut f.plane, src, first.clone())
+        .unwrap();
+    assert_eq!((r.created, r.updated, r.removed, r.unchanged), (0, 0, 0, 2));
+    assert_eq!(f.plane.calls.len(), calls);
+
+    // a: 198.18.1.1 drains, 198.18.1.2 goes, 198.18.1.4 comes; b is no longer declared.
+    let second = vec![declared(
+        "198.18.0.1",
+        "default/a:http",
+        &[("198.18.1.1", 80, Draining), ("198.18.1.4", 80, Active)],
+    )];
+    let r = f.store.replace_source(&mut f.plane, src, second).unwrap();
+    assert_eq!((r.created, r.updated, r.removed, r.unchanged), (0, 1, 1, 0));
+    let a2 = f.store.service(&first[0].key).unwrap().clone();
+    assert_eq!(a2.id, a.id);
+    let kept = &a.backends[0];
+    assert_eq!(
+        (
+            a2.backends[0].key(),
+            a2.backends[0].id,
+            a2.backends[0].generation
+        ),
+        (kept.key(), kept.id, kept.generation),
+        "a backend that stays keeps its slot and generation"
+    );
+    assert_eq!(a2.backends[0].state, Draining);
+    // The ids freed in this batch (198.18.1.2's, b's) are not reused within it.
+    let freed = [a.backends[1].id, b_backend];
+    assert!(
+        !freed.contains(&a2.backends[1].id),
+        "{:?} vs {freed:?}",
+        ids(&a2)
+    );
+    assert!(f.store.service(&first[1].key).is_err());
+    assert_eq!(f.plane.live.len(), 1);
+    assert_eq!(f.plane.live[&first[0].key], a2);
+
+    // Restored as saved, source and owner included.
+    let reopened = Store::open(&f.path, LIMITS).unwrap();
+    assert_eq!(reopened.state(), f.store.state());
+}
+
+/// Ownership: a source never takes another's service, the API changes a source's service only
+/// when forced, and sources do not touch each other's services.
+#[test]
+fn sources_own_their_services() {
+    let mut f = fixture();
+    let api = svc("198.18.0.1", 80);
+    f.store.create_service(&mut f.plane, &api).unwrap();
+    let r = f
+        .store
+        .replace_source(
+            &mut f.plane,
+            ServiceSource::File,
+            vec![
+                declared("198.18.0.1", "web", &[("198.18.1.1", 80, Active)]),
+                declared("198.18.0.2", "db", &[("198.18.1.2", 80, Active)]),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r.created, 1);
+    assert_eq!(r.rejected.len(), 1, "{r:?}");
+    assert_eq!(r.rejected[0].owner, "web");
+    assert!(
+        r.rejected[0].reason.contains("belongs to the api source"),
+        "{}",
+        r.rejected[0].reason
+    );
+    assert_eq!(
+        f.store.service(&key_of(&api)).unwrap().source,
+        ServiceSource::Api
+    );
+
+    let db = ServiceKey {
+        vip: ip("198.18.0.2"),
+        port: 80,
+        proto: Protocol::Tcp,
+    };
+    let e = f.store.check_api_may_change(&db, false).unwrap_err();
+    assert!(matches!(e, Error::OwnedByOtherSource(_)), "{e:?}");
+    assert!(e.to_string().contains("file source (db)"), "{e}");
+    f.store.check_api_may_change(&db, true).unwrap();
+    f.store.check_api_may_change(&key_of(&api), false).unwrap();
+
+    // Kubernetes declaring nothing removes nothing of the file's or the API's.
+    let r = f
+        .store
+        .replace_source(&mut f.plane, ServiceSource::Kubernetes, Vec::new())
+        .unwrap();
+    assert_eq!(r, SourceReport::default());
+    assert_eq!(f.store.state().services.len(), 2);
+}
+
+/// Invalid entries, duplicates and capacity are refused one service at a time, with the reason,
+/// and take no ids; the rest of the batch applies.
+#[test]
+fn replace_source_rejects_per_service() {
+    let mut f = fixture();
+    let r = f
+        .store
+        .replace_source(
+            &mut f.plane,
+            ServiceSource::File,
+            vec![
+                declared(
+                    "198.18.0.1",
+                    "a",
+                    &[("198.18.1.1", 80, Active), ("198.18.1.1", 80, Active)],
+                ),
+                declared("198.18.0.2", "b", &[("198.18.1.2", 0, Active)]),
+                declared("198.18.0.3", "c", &[("198.18.1.3", 80, Active); 1]),
+                declared("198.18.0.3", "c-again", &[]),
+                declared(
+                    "198.18.0.4",
+                    "d",
+                    &[
+                        ("198.18.1.4", 80, Active),
+                        ("198.18.1.5", 80, Active),
+                        ("198.18.1.6", 80, Active),
+                        ("198.18.1.7", 80, Active),
+                    ],
+                ),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r.created, 1, "{r:?}");
+    let reasons: Vec<(&str, &str)> = r
+        .rejected
+        .iter()
+        .map(|x| (x.owner.as_str(), x.reason.as_str()))
+        .collect();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|(o, why)| *o == "c-again" && why.contains("declared twice"))
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(o, why)| *o == "a" && why.contains("listed twice"))
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(o, why)| *o == "b" && why.contains("port must not be 0"))
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(o, why)| *o == "d" && why.contains("capacity exhausted"))
+    );
+    // c got service id 0 and backend id 0: the refusals took none.
+    let c = f
+        .store
+        .service(&ServiceKey {
+            vip: ip("198.18.0.3"),
+            port: 80,
+            proto: Protocol::Tcp,
+        })
+        .unwrap();
+    assert_eq!((c.id, c.backends[0].id), (0, 0));
+}
+
+/// A batch whose state file cannot be written is undone whole, in the dataplane and memory.
+#[test]
+fn replace_source_persist_failure_undoes_the_batch() {
+    let mut f = fixture();
+    f.store
+        .replace_source(
+            &mut f.plane,
+            ServiceSource::File,
+            vec![declared("198.18.0.1", "a", &[("198.18.1.1", 80, Active)])],
+        )
+        .unwrap();
+    let state = f.store.state().clone();
+    let live = f.plane.live.clone();
+    fs::remove_dir_all(f.path.parent().unwrap()).unwrap();
+    let e = f
+        .store
+        .replace_source(
+            &mut f.plane,
+            ServiceSource::File,
+            vec![
+                declared("198.18.0.1", "a", &[("198.18.1.2", 80, Active)]),
+                declared("198.18.0.2", "b", &[("198.18.1.3", 80, Active)]),
+            ],
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Persistence { .. }), "{e:?}");
+    assert_eq!(f.store.state(), &state);
+    assert_eq!(f.plane.live, live);
+}
