@@ -28,6 +28,7 @@ pub mod model;
 pub mod node;
 pub mod policy;
 pub mod routes;
+pub mod sources;
 pub mod status;
 
 // Every type at the crate's root too: `datapath_api::ServiceView` and friends are the paths the
@@ -40,6 +41,7 @@ pub use model::*;
 pub use node::*;
 pub use policy::*;
 pub use routes::{Route, RouteInfo};
+pub use sources::*;
 pub use status::*;
 
 /// Where `datapathd` listens and `lb-ctl` connects by default.

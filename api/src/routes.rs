@@ -14,6 +14,7 @@ use crate::{
     model::{BackendKey, ServiceKey},
     node::NodeView,
     policy::{ApplyPolicy, PolicyStatus},
+    sources::SourcesView,
     status::{Health, StatusView},
 };
 
@@ -29,6 +30,7 @@ pub const CONNTRACK: &str = "/v1/conntrack";
 pub const CONNTRACK_STATS: &str = "/v1/conntrack/stats";
 pub const FLOWS: &str = "/v1/flows";
 pub const NODE: &str = "/v1/node";
+pub const SOURCES: &str = "/v1/sources";
 
 /// The HTTP methods the API uses (every `GET` route also answers `HEAD`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -262,6 +264,8 @@ routes! {
         body UpdateBackend => 200 ServiceView, Json;
     DeleteBackend: Delete BACKEND, params (ServiceKey, BackendKey), query ChangeQuery,
         body NoBody => 200 ServiceView, Json;
+    /// What each service source (the services file, Kubernetes) last did.
+    GetSources: Get SOURCES, params (), query NoQuery, body NoBody => 200 SourcesView, Json;
     /// Interfaces, addresses, neighbours and routes as the netlink controller learned them.
     GetNode: Get NODE, params (), query NoQuery, body NoBody => 200 NodeView, Json;
     GetStats: Get STATS, params (), query NoQuery, body NoBody => 200 StatsView, Json;

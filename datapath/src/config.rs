@@ -123,6 +123,8 @@ struct FileConfig {
     policy: Option<PolicyFile>,
     prog_stats: Option<ProgStatsFile>,
     netlink: Option<NetlinkFile>,
+    service_file: Option<ServiceFileSection>,
+    kubernetes: Option<KubernetesFile>,
     // The previous layout (see DEPRECATED_KEYS).
     interfaces: Option<Vec<String>>,
     xdp_mode: Option<XdpModeName>,
@@ -157,6 +159,23 @@ struct LbFile {
 struct NetlinkFile {
     enabled: Option<bool>,
     receive_buffer_bytes: Option<u64>,
+}
+
+/// The `service_file` section: the watched services file (docs/service-maps.md).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceFileSection {
+    path: Option<PathBuf>,
+}
+
+/// The `kubernetes` section: Services and EndpointSlices from an API server.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesFile {
+    enabled: Option<bool>,
+    kubeconfig: Option<PathBuf>,
+    node_name: Option<String>,
+    mode: Option<String>,
 }
 
 /// The `conntrack` section: the GC of the load balancer's flow tables.
@@ -490,6 +509,27 @@ pub struct NetlinkSettings {
     pub receive_buffer_bytes: u64,
 }
 
+/// The `service_file` section.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceFileSettings {
+    /// The services file; `None`: the file source is off.
+    pub path: Option<PathBuf>,
+}
+
+/// The `kubernetes` section.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KubernetesSettings {
+    pub enabled: bool,
+    /// A kubeconfig file; `None`: the in-cluster service account, else `$KUBECONFIG` or
+    /// `~/.kube/config` (kube's inference).
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (traffic policies Local, topology hints, NodePort addresses);
+    /// `None`: `$NODE_NAME` (the downward API in deploy/), else the host name.
+    pub node_name: Option<String>,
+    /// How the Services' VIPs forward.
+    pub mode: datapath_api::ForwardingMode,
+}
+
 /// Default of `netlink.receive_buffer_bytes`: 4 MiB.
 pub const DEFAULT_NETLINK_RECEIVE_BUFFER: u64 = 4 << 20;
 /// Smallest and largest `netlink.receive_buffer_bytes`.
@@ -535,6 +575,8 @@ pub struct Settings {
     pub policy: PolicySettings,
     pub prog_stats: ProgStatsSettings,
     pub netlink: NetlinkSettings,
+    pub service_file: ServiceFileSettings,
+    pub kubernetes: KubernetesSettings,
     /// The file the values came from, to name its lines in errors found later (an interface
     /// pattern that matches nothing when a controller starts or reloads).
     pub origin: Origin,
@@ -572,6 +614,8 @@ impl Default for Settings {
             policy: PolicySettings::default(),
             prog_stats: ProgStatsSettings::default(),
             netlink: NetlinkSettings::default(),
+            service_file: ServiceFileSettings::default(),
+            kubernetes: KubernetesSettings::default(),
             origin: Origin::default(),
         }
     }
@@ -806,6 +850,31 @@ impl Settings {
                 check_receive_buffer(v)
                     .map_err(|e| src.error("netlink.receive_buffer_bytes", e))?;
                 self.netlink.receive_buffer_bytes = v;
+            }
+        }
+        if let Some(sf) = f.service_file {
+            if let Some(p) = &sf.path
+                && p.as_os_str().is_empty()
+            {
+                return Err(src.error("service_file.path", "must not be empty"));
+            }
+            self.service_file.path = sf.path;
+        }
+        if let Some(k) = f.kubernetes {
+            if let Some(v) = k.enabled {
+                self.kubernetes.enabled = v;
+            }
+            self.kubernetes.kubeconfig = k.kubeconfig.or(self.kubernetes.kubeconfig.take());
+            if let Some(n) = k.node_name {
+                if n.is_empty() {
+                    return Err(src.error("kubernetes.node_name", "must not be empty"));
+                }
+                self.kubernetes.node_name = Some(n);
+            }
+            if let Some(m) = k.mode {
+                self.kubernetes.mode = m
+                    .parse()
+                    .map_err(|e: String| src.error("kubernetes.mode", e))?;
             }
         }
         if let Err(e) = self.dataplane_config().validate() {
@@ -1093,6 +1162,7 @@ impl Settings {
         check(a.max_flows != b.max_flows, "policy.max_flows");
         check(a.event_rate != b.event_rate, "policy.event_rate");
         check(self.netlink != new.netlink, "netlink");
+        check(self.kubernetes != new.kubernetes, "kubernetes");
         out
     }
 }

@@ -118,6 +118,7 @@ pub fn controllers(settings: &Settings, bus: &Bus) -> Result<Controllers> {
         Arc::clone(&lb) as DynController,
         ProgStats::new(bus)?,
         PolicyController::new(settings, bus)?,
+        crate::service_file::ServiceFileController::new(settings, bus)? as DynController,
         Arc::clone(&conntrack) as DynController,
     ];
     Ok(Controllers {

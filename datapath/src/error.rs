@@ -70,6 +70,14 @@ pub enum Error {
         key: String,
         reason: String,
     },
+    /// The services file is invalid: names the file, the line (when known) and the key.
+    #[error("services file {}{}: key `{key}`: {reason}", file.display(), line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    ServicesFile {
+        file: PathBuf,
+        line: Option<usize>,
+        key: String,
+        reason: String,
+    },
     /// A policy file is invalid: the line (when known) and the reason.
     #[error("policy{}: {reason}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
     Policy { line: Option<usize>, reason: String },

@@ -1,7 +1,8 @@
 //! `datapathd`'s library: controllers on one bus under a supervisor (docs/architecture.md).
 //!
 //! - [`controller`], [`supervisor`], [`bus`]: the frame every module plugs into;
-//! - [`lb`], [`policy`], [`ct`] (conntrack), [`prog_stats`]: the controllers;
+//! - [`lb`], [`policy`], [`ct`] (conntrack), [`prog_stats`], [`netlink`], the service sources
+//!   [`service_file`]: the controllers;
 //! - [`bpf`]: loading, pins, links, batch map operations, ring buffers;
 //! - [`server`] (the API over a Unix socket), [`metrics`], [`config`], [`persist`].
 pub mod bpf;
@@ -20,6 +21,7 @@ pub mod persist;
 pub mod policy;
 pub mod prog_stats;
 pub mod server;
+pub mod service_file;
 pub mod supervisor;
 pub mod text;
 pub mod watch;

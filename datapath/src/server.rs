@@ -293,7 +293,7 @@ impl From<Error> for ApiFailure {
                 (ErrorCode::Internal, e.to_string())
             }
             Error::Context { .. } => unreachable!("root() is never a Context"),
-            Error::Config { .. } | Error::Policy { .. } => {
+            Error::Config { .. } | Error::Policy { .. } | Error::ServicesFile { .. } => {
                 (ErrorCode::InvalidArgument, e.to_string())
             }
         };

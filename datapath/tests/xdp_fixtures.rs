@@ -292,6 +292,8 @@ fn service(mode: ForwardingMode, proto: Protocol, port: u16, backends: &[[u8; 4]
             port,
             proto,
         },
+        source: Default::default(),
+        owner: None,
         mode,
         snat_addr: None,
         id: 0,

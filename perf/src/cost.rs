@@ -391,6 +391,8 @@ fn service(port: u16, mode: ForwardingMode, id: u32, first_backend_id: u32) -> S
             port,
             proto: Protocol::Tcp,
         },
+        source: Default::default(),
+        owner: None,
         mode,
         snat_addr: None,
         id,

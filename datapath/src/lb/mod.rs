@@ -5,6 +5,7 @@
 pub mod dataplane;
 mod metrics;
 mod node;
+pub mod sources;
 pub mod store;
 
 use std::{
@@ -146,6 +147,8 @@ pub struct LbController {
     fib_generation: AtomicU64,
     /// A reload is between prepare and commit (see `prepare`).
     reloading: std::sync::atomic::AtomicBool,
+    /// What each service source published about itself (`GET /v1/sources`).
+    source_readers: sources::SourceReaders,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -179,8 +182,14 @@ impl LbController {
                 Some(crate::netlink::backend_neighbour(&l.get(), &r.get(), &n.get(), addr).state)
             }));
         }
+        let ctl = Arc::new(tokio::sync::Mutex::new(ctl));
+        bus.state::<Option<sources::ServiceSink>>(sources::SERVICE_SINK)?
+            .writer()?
+            .publish(Some(sources::ServiceSink::new(Arc::clone(&ctl))));
+        let source_readers = sources::SourceReaders::new(bus)?;
         Ok(Arc::new(Self {
-            ctl: Arc::new(tokio::sync::Mutex::new(ctl)),
+            source_readers,
+            ctl,
             inner: Mutex::new(Inner {
                 settings: settings.clone(),
                 health: Health::default(),
@@ -643,7 +652,7 @@ impl Controller for LbController {
     }
 
     fn routes(self: Arc<Self>) -> axum::Router {
-        server::router(Arc::clone(&self.ctl))
+        server::router(Arc::clone(&self.ctl)).merge(sources::router(self.source_readers.clone()))
     }
 
     fn collectors(self: Arc<Self>) -> Vec<Box<dyn prometheus::core::Collector>> {
@@ -653,6 +662,7 @@ impl Controller for LbController {
                 self.occupancy.clone(),
                 self.prog_stats.clone(),
             )),
+            Box::new(sources::collector(self.source_readers.clone())),
             Box::new(metrics::fib_collector(self)),
         ]
     }

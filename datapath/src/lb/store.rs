@@ -555,33 +555,9 @@ impl Store {
         backend_ids: &mut IdPool,
         next_generation: &mut u32,
     ) -> Result<ServiceSpec, String> {
-        check_service(&d.key, d.mode, d.snat_addr)?;
+        check_declared(d)?;
         let mut backends: Vec<&datapath_api::DeclaredBackend> = d.backends.iter().collect();
         backends.sort_by_key(|b| (b.addr, b.port));
-        for pair in backends.windows(2) {
-            if (pair[0].addr, pair[0].port) == (pair[1].addr, pair[1].port) {
-                let dup = BackendKey {
-                    addr: pair[0].addr,
-                    port: pair[0].port,
-                };
-                return Err(format!("backend {dup} is listed twice"));
-            }
-        }
-        let mut total: u64 = 0;
-        for b in &backends {
-            let bkey = BackendKey {
-                addr: b.addr,
-                port: b.port,
-            };
-            check_backend(&d.key, &bkey, b.weight)?;
-            total += u64::from(b.weight);
-        }
-        if total > u64::from(u32::MAX) {
-            return Err(format!(
-                "the weights add up to {total}, above the maximum {}",
-                u32::MAX
-            ));
-        }
         // Count what is needed before taking anything, so a refusal takes no id.
         let kept = |bkey: &BackendKey| {
             old.and_then(|o| {
@@ -725,6 +701,40 @@ fn find_backend(service: &ServiceSpec, backend: &BackendKey) -> Result<usize> {
 
 fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
     (0..limit).find(|id| !used.contains(id))
+}
+
+/// The rules a declared service must follow (those of the API's changes): its own fields,
+/// each backend's, no backend twice, and weights that add up within a `u32`. The reason is one
+/// line. Sources check their input with it before they apply any of it.
+pub fn check_declared(d: &DeclaredService) -> Result<(), String> {
+    check_service(&d.key, d.mode, d.snat_addr)?;
+    let mut backends: Vec<&datapath_api::DeclaredBackend> = d.backends.iter().collect();
+    backends.sort_by_key(|b| (b.addr, b.port));
+    for pair in backends.windows(2) {
+        if (pair[0].addr, pair[0].port) == (pair[1].addr, pair[1].port) {
+            let dup = BackendKey {
+                addr: pair[0].addr,
+                port: pair[0].port,
+            };
+            return Err(format!("backend {dup} is listed twice"));
+        }
+    }
+    let mut total: u64 = 0;
+    for b in &backends {
+        let bkey = BackendKey {
+            addr: b.addr,
+            port: b.port,
+        };
+        check_backend(&d.key, &bkey, b.weight)?;
+        total += u64::from(b.weight);
+    }
+    if total > u64::from(u32::MAX) {
+        return Err(format!(
+            "the weights add up to {total}, above the maximum {}",
+            u32::MAX
+        ));
+    }
+    Ok(())
 }
 
 /// Ids in use during one batch of [`Store::replace_source`]: it only takes ids, never frees

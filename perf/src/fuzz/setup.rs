@@ -453,6 +453,8 @@ impl Setup {
                 port,
                 proto,
             },
+            source: Default::default(),
+            owner: None,
             mode,
             snat_addr: snat.map(|a| IpAddr::V4(a.into())),
             id,
