@@ -119,6 +119,7 @@ pub fn controllers(settings: &Settings, bus: &Bus) -> Result<Controllers> {
         ProgStats::new(bus)?,
         PolicyController::new(settings, bus)?,
         crate::service_file::ServiceFileController::new(settings, bus)? as DynController,
+        crate::kubernetes::KubernetesController::new(settings, bus)? as DynController,
         Arc::clone(&conntrack) as DynController,
     ];
     Ok(Controllers {

@@ -2,7 +2,7 @@
 //!
 //! - [`controller`], [`supervisor`], [`bus`]: the frame every module plugs into;
 //! - [`lb`], [`policy`], [`ct`] (conntrack), [`prog_stats`], [`netlink`], the service sources
-//!   [`service_file`]: the controllers;
+//!   [`service_file`] and [`kubernetes`]: the controllers;
 //! - [`bpf`]: loading, pins, links, batch map operations, ring buffers;
 //! - [`server`] (the API over a Unix socket), [`metrics`], [`config`], [`persist`].
 pub mod bpf;
@@ -14,6 +14,7 @@ pub mod ct;
 pub mod daemon;
 pub mod error;
 pub mod features;
+pub mod kubernetes;
 pub mod lb;
 pub mod metrics;
 pub mod netlink;

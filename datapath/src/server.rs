@@ -190,9 +190,11 @@ impl<P: Plane> Controller<P> {
     pub fn replace_source(
         &mut self,
         source: datapath_api::ServiceSource,
+        scope: Option<&std::collections::BTreeSet<String>>,
         declared: Vec<datapath_api::DeclaredService>,
     ) -> Result<crate::lb::store::SourceReport> {
-        self.store.replace_source(&mut self.plane, source, declared)
+        self.store
+            .replace_source(&mut self.plane, source, scope, declared)
     }
 
     fn view(&self, spec: &ServiceSpec, stats: &StatsSnapshot) -> Result<ServiceView> {

@@ -67,6 +67,9 @@ pub enum Command {
     /// What the netlink controller learned of the node: interfaces (and what is attached),
     /// addresses, neighbours and routes.
     Node,
+    /// The service sources (the services file, Kubernetes): whether each one synced, when,
+    /// its errors, and what it skipped, could not apply or does not route as asked.
+    Sources,
     /// The tc (TCX) policy: apply a policy file, show it with its counters, delete it.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -374,6 +377,7 @@ pub enum Action {
     Stats,
     Status,
     Node,
+    Sources,
     /// The policy file's text.
     PolicyApply(ApplyPolicy),
     PolicyList,
@@ -576,6 +580,7 @@ impl Command {
             Command::Stats => Action::Stats,
             Command::Status => Action::Status,
             Command::Node => Action::Node,
+            Command::Sources => Action::Sources,
             Command::Policy(PolicyCommand::Apply { file }) => {
                 let shown = file.display().to_string();
                 let text = std::fs::read_to_string(file)

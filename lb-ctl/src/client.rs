@@ -55,6 +55,11 @@ impl Client {
         self.send::<routes::GetNode>(&(), &NoQuery, &NoBody).await
     }
 
+    pub async fn sources(&self) -> Result<datapath_api::SourcesView> {
+        self.send::<routes::GetSources>(&(), &NoQuery, &NoBody)
+            .await
+    }
+
     pub async fn list_services(&self) -> Result<Vec<ServiceView>> {
         self.send::<routes::ListServices>(&(), &NoQuery, &NoBody)
             .await

@@ -142,6 +142,14 @@ pub async fn run(cli: &Cli) -> Result<String> {
                 .await?;
             String::new()
         }
+        Action::Sources => {
+            let sources = client.sources().await?;
+            if json {
+                to_json(&sources)?
+            } else {
+                output::sources(&sources)
+            }
+        }
         Action::Node => {
             let node = client.node().await?;
             if json {

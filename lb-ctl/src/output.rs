@@ -360,6 +360,57 @@ fn neighbour_table(neighbours: &[datapath_api::NeighbourStatus]) -> String {
 }
 
 /// `lb-ctl node`.
+/// `sources`: one line per source, then what each skipped, rejected and noted.
+pub fn sources(v: &datapath_api::SourcesView) -> String {
+    use Align::*;
+    let mut t = Table::new(&[
+        ("SOURCE", Left),
+        ("ENABLED", Left),
+        ("SYNCED", Left),
+        ("LAST SYNC", Right),
+        ("SYNCS", Right),
+        ("ERRORS", Right),
+        ("SERVICES", Right),
+        ("OBJECTS", Right),
+        ("LOCATION", Left),
+    ]);
+    for s in &v.sources {
+        t.row(vec![
+            s.source.to_string(),
+            if s.enabled { "yes" } else { "no" }.into(),
+            if s.synced { "yes" } else { "no" }.into(),
+            s.last_sync_age_seconds
+                .map(|a| format!("{a:.1}s ago"))
+                .unwrap_or_else(|| "-".into()),
+            s.syncs.to_string(),
+            s.sync_errors.to_string(),
+            s.services.to_string(),
+            s.objects.to_string(),
+            s.location.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let mut out = t.render();
+    for s in &v.sources {
+        if let Some(e) = &s.last_error {
+            let _ = writeln!(out, "{}: last error: {e}", s.source);
+        }
+        for k in &s.skipped {
+            let _ = writeln!(out, "{}: skipped {}: {}", s.source, k.object, k.reason);
+        }
+        for r in &s.rejected {
+            let _ = writeln!(
+                out,
+                "{}: not applied {} ({}): {}",
+                s.source, r.service, r.owner, r.reason
+            );
+        }
+        for n in &s.notes {
+            let _ = writeln!(out, "{}: note: {n}", s.source);
+        }
+    }
+    out
+}
+
 pub fn node(v: &datapath_api::NodeView) -> String {
     use Align::*;
     let mut out = String::new();

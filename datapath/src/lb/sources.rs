@@ -44,16 +44,18 @@ impl ServiceSink {
         Self { ctl }
     }
 
-    /// Makes `source`'s services exactly `declared` (see `Store::replace_source`); answers
+    /// Makes `source`'s services (of the owners in `scope`, or all) exactly `declared` (see
+    /// `Store::replace_source`); answers
     /// what changed and how many services the source owns now.
     pub async fn replace(
         &self,
         source: ServiceSource,
+        scope: Option<std::collections::BTreeSet<String>>,
         declared: Vec<DeclaredService>,
     ) -> Result<(SourceReport, usize)> {
         let mut guard = Arc::clone(&self.ctl).lock_owned().await;
         tokio::task::spawn_blocking(move || {
-            let report = guard.replace_source(source, declared)?;
+            let report = guard.replace_source(source, scope.as_ref(), declared)?;
             let owned = guard
                 .store()
                 .state()

@@ -389,6 +389,8 @@ impl Store {
 
     /// Makes the services of `source` exactly `declared`, by difference: services it no longer
     /// declares are removed, new ones created, changed ones updated, and the rest not touched.
+    /// With `scope`, only the services of those owners are replaced (one Kubernetes Service's
+    /// change); the source's others stay as they are.
     /// A backend that stays keeps its id and generation, so its Maglev slots and its flows
     /// stay with it.
     ///
@@ -404,6 +406,7 @@ impl Store {
         &mut self,
         plane: &mut P,
         source: ServiceSource,
+        scope: Option<&BTreeSet<String>>,
         declared: Vec<DeclaredService>,
     ) -> Result<SourceReport> {
         if source.is_api() {
@@ -446,7 +449,12 @@ impl Store {
             .state
             .services
             .values()
-            .filter(|s| s.source == source && !wanted.contains_key(&s.key))
+            .filter(|s| {
+                s.source == source
+                    && !wanted.contains_key(&s.key)
+                    && scope
+                        .is_none_or(|owners| s.owner.as_deref().is_some_and(|o| owners.contains(o)))
+            })
             .cloned()
             .collect();
         for old in gone {

@@ -88,7 +88,7 @@ impl ServiceFileController {
             .clone()
             .ok_or_else(|| Failure::Apply("the load balancer is not running".into()))?;
         let (report, owned) = sink
-            .replace(ServiceSource::File, declared)
+            .replace(ServiceSource::File, None, declared)
             .await
             .map_err(|e| Failure::Apply(e.to_string()))?;
         for r in &report.rejected {

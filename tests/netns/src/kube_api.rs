@@ -127,9 +127,25 @@ pub fn yaml_object(text: &str) -> Result<Value> {
 impl KubeApi {
     /// Listens on `listener` (bound by the caller, e.g. inside a namespace).
     pub fn serve(listener: TcpListener) -> Result<Self> {
+        Self::serve_prepared(listener, |_| Ok(()))
+    }
+
+    /// Like [`Self::serve`], with `prepare` run on the server before it answers anything
+    /// (connections queue in the listener meanwhile): a server that comes back with its
+    /// objects in place and its history compacted.
+    pub fn serve_prepared(
+        listener: TcpListener,
+        prepare: impl FnOnce(&KubeApi) -> Result<()>,
+    ) -> Result<Self> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
-        let shared = Arc::new(Shared::default());
+        let mut api = Self {
+            addr,
+            shared: Arc::new(Shared::default()),
+            accept: None,
+        };
+        prepare(&api)?;
+        let shared = Arc::clone(&api.shared);
         let s = Arc::clone(&shared);
         let accept = thread::spawn(move || {
             while !s.stopping.load(Ordering::SeqCst) {
@@ -147,11 +163,8 @@ impl KubeApi {
                 }
             }
         });
-        Ok(Self {
-            addr,
-            shared,
-            accept: Some(accept),
-        })
+        api.accept = Some(accept);
+        Ok(api)
     }
 
     /// Listens on 127.0.0.1, on a free port.
@@ -216,11 +229,12 @@ impl KubeApi {
         self.record(resource, "DELETED", object)
     }
 
-    /// Forgets the event history: a watch from an older resourceVersion gets 410 Gone, as
-    /// after an etcd compaction, and open watches end.
+    /// Forgets the event history: a watch from a resourceVersion older than the current one
+    /// gets 410 Gone, as after an etcd compaction, and open watches end. A watch from the
+    /// current resourceVersion (a fresh list's) stays valid, as on a real server.
     pub fn compact(&self) {
         let mut st = self.shared.store.lock().unwrap();
-        st.compacted_below = st.rv + 1;
+        st.compacted_below = st.rv;
         st.events.clear();
         drop(st);
         self.shared.changed.notify_all();

@@ -615,7 +615,7 @@ fn replace_source_applies_the_difference_and_keeps_slots() {
     ];
     let r = f
         .store
-        .replace_source(&mut f.plane, src, first.clone())
+        .replace_source(&mut f.plane, src, None, first.clone())
         .unwrap();
     assert_eq!((r.created, r.updated, r.removed, r.unchanged), (2, 0, 0, 0));
     assert!(r.rejected.is_empty(), "{r:?}");
@@ -628,7 +628,7 @@ fn replace_source_applies_the_difference_and_keeps_slots() {
     // The same batch again changes nothing and programs nothing.
     let r = f
         .store
-        .replace_source(&mut f.plane, src, first.clone())
+        .replace_source(&mut f.plane, src, None, first.clone())
         .unwrap();
     assert_eq!((r.created, r.updated, r.removed, r.unchanged), (0, 0, 0, 2));
     assert_eq!(f.plane.calls.len(), calls);
@@ -639,7 +639,10 @@ fn replace_source_applies_the_difference_and_keeps_slots() {
         "default/a:http",
         &[("198.18.1.1", 80, Draining), ("198.18.1.4", 80, Active)],
     )];
-    let r = f.store.replace_source(&mut f.plane, src, second).unwrap();
+    let r = f
+        .store
+        .replace_source(&mut f.plane, src, None, second)
+        .unwrap();
     assert_eq!((r.created, r.updated, r.removed, r.unchanged), (0, 1, 1, 0));
     let a2 = f.store.service(&first[0].key).unwrap().clone();
     assert_eq!(a2.id, a.id);
@@ -682,6 +685,7 @@ fn sources_own_their_services() {
         .replace_source(
             &mut f.plane,
             ServiceSource::File,
+            None,
             vec![
                 declared("198.18.0.1", "web", &[("198.18.1.1", 80, Active)]),
                 declared("198.18.0.2", "db", &[("198.18.1.2", 80, Active)]),
@@ -715,7 +719,7 @@ fn sources_own_their_services() {
     // Kubernetes declaring nothing removes nothing of the file's or the API's.
     let r = f
         .store
-        .replace_source(&mut f.plane, ServiceSource::Kubernetes, Vec::new())
+        .replace_source(&mut f.plane, ServiceSource::Kubernetes, None, Vec::new())
         .unwrap();
     assert_eq!(r, SourceReport::default());
     assert_eq!(f.store.state().services.len(), 2);
@@ -731,6 +735,7 @@ fn replace_source_rejects_per_service() {
         .replace_source(
             &mut f.plane,
             ServiceSource::File,
+            None,
             vec![
                 declared(
                     "198.18.0.1",
@@ -800,6 +805,7 @@ fn replace_source_persist_failure_undoes_the_batch() {
         .replace_source(
             &mut f.plane,
             ServiceSource::File,
+            None,
             vec![declared("198.18.0.1", "a", &[("198.18.1.1", 80, Active)])],
         )
         .unwrap();
@@ -811,6 +817,7 @@ fn replace_source_persist_failure_undoes_the_batch() {
         .replace_source(
             &mut f.plane,
             ServiceSource::File,
+            None,
             vec![
                 declared("198.18.0.1", "a", &[("198.18.1.2", 80, Active)]),
                 declared("198.18.0.2", "b", &[("198.18.1.3", 80, Active)]),
@@ -820,4 +827,47 @@ fn replace_source_persist_failure_undoes_the_batch() {
     assert!(matches!(e, Error::Persistence { .. }), "{e:?}");
     assert_eq!(f.store.state(), &state);
     assert_eq!(f.plane.live, live);
+}
+
+/// A scoped replacement touches only the owners named: one Kubernetes Service's change leaves
+/// the source's other services alone, and removes that Service's frontends it no longer has.
+#[test]
+fn scoped_replacement_touches_only_its_owners() {
+    let mut f = fixture();
+    let src = ServiceSource::Kubernetes;
+    f.store
+        .replace_source(
+            &mut f.plane,
+            src,
+            None,
+            vec![
+                declared("198.18.0.1", "ns/a", &[("198.18.1.1", 80, Active)]),
+                declared("198.18.0.2", "ns/a", &[("198.18.1.1", 80, Active)]),
+                declared("198.18.0.3", "ns/b", &[("198.18.1.2", 80, Active)]),
+            ],
+        )
+        .unwrap();
+    let scope: BTreeSet<String> = ["ns/a".to_string()].into();
+    let r = f
+        .store
+        .replace_source(
+            &mut f.plane,
+            src,
+            Some(&scope),
+            vec![declared(
+                "198.18.0.1",
+                "ns/a",
+                &[("198.18.1.3", 80, Active)],
+            )],
+        )
+        .unwrap();
+    assert_eq!((r.created, r.updated, r.removed, r.unchanged), (0, 1, 1, 0));
+    let vips: Vec<String> = f
+        .store
+        .state()
+        .services
+        .keys()
+        .map(|k| k.vip.to_string())
+        .collect();
+    assert_eq!(vips, ["198.18.0.1", "198.18.0.3"]);
 }

@@ -1,0 +1,529 @@
+//! The `kubernetes` controller: Services and EndpointSlices from an API server, mapped the way
+//! kube-proxy maps them (`servicemap`), applied to the load balancer by difference through its
+//! [`ServiceSink`]. It owns the services it declares (source `kubernetes`, owner
+//! `namespace/name`).
+//!
+//! - Two reflectors (kube-runtime) list, then watch from the list's resourceVersion with
+//!   BOOKMARKs; on `410 Gone` (or any broken watch) the watcher lists again, and the store is
+//!   replaced whole when that list is done. Nothing is applied before both first lists are
+//!   done, so a restart serves the saved services until then, and a relist applies only what
+//!   differs: backends that stay keep their Maglev slots and their flows.
+//! - A change of a Service or of one of its slices re-maps that Service only, and replaces only
+//!   that Service's frontends (an update replaces its frontend set).
+//! - API server unreachable: the watcher retries with backoff, every failure is counted in
+//!   `lb-ctl sources` and `datapath_source_sync_errors_total`, and what was applied keeps
+//!   serving. `/readyz` does not wait for the API server.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use datapath_api::{DeclaredBackend, DeclaredService, ServiceKey, ServiceSource, SkippedObject};
+use futures_util::{FutureExt as _, StreamExt as _, stream};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use servicemap::{NodeContext, SERVICE_NAME_LABEL};
+use tracing::{info, warn};
+
+use crate::{
+    Result,
+    bus::{Bus, StateReader},
+    config::{KubernetesSettings, Settings},
+    controller::{Cancel, Controller, Health, NoChange, Prepared, RunFuture},
+    lb::sources::{SERVICE_SINK, ServiceSink, SourceTracker},
+    netlink::model::Addresses,
+};
+
+/// The controller's name: status and logs.
+pub const NAME: &str = "kubernetes";
+
+/// Longest wait before retrying a failed client setup or apply.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// See the module documentation.
+pub struct KubernetesController {
+    settings: Mutex<KubernetesSettings>,
+    tracker: SourceTracker,
+    sink: StateReader<Option<ServiceSink>>,
+    addresses: StateReader<Addresses>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Which watch an event came from.
+enum Watched {
+    Service(watcher::Result<watcher::Event<Service>>),
+    Slice(watcher::Result<watcher::Event<EndpointSlice>>),
+}
+
+/// `namespace/name` of an object.
+fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// The Service (`namespace/name`) a slice belongs to, by its label.
+fn slice_owner(slice: &EndpointSlice) -> Option<String> {
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(format!(
+        "{}/{name}",
+        slice.metadata.namespace.as_deref().unwrap_or("default")
+    ))
+}
+
+/// The node's name: configured, else `$NODE_NAME` (the downward API), else the host name.
+pub fn node_name(settings: &KubernetesSettings) -> String {
+    if let Some(n) = &settings.node_name {
+        return n.clone();
+    }
+    if let Ok(n) = std::env::var("NODE_NAME")
+        && !n.is_empty()
+    {
+        return n;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// What one Service maps to.
+#[derive(Default)]
+struct ServiceMapping {
+    declared: Vec<DeclaredService>,
+    skipped: Option<String>,
+    notes: Vec<String>,
+}
+
+/// The mapped state of every Service, kept between changes so that a change re-maps one.
+#[derive(Default)]
+struct Mapper {
+    by_service: BTreeMap<String, ServiceMapping>,
+}
+
+impl Mapper {
+    /// Maps `name` again from the stores; answers whether its frontends changed.
+    fn remap(
+        &mut self,
+        name: &str,
+        services: &Store<Service>,
+        slices: &BTreeMap<String, Vec<Arc<EndpointSlice>>>,
+        node: &NodeContext,
+        mode: datapath_api::ForwardingMode,
+    ) {
+        let Some((ns, n)) = name.split_once('/') else {
+            return;
+        };
+        let Some(svc) = services.get(&ObjectRef::new(n).within(ns)) else {
+            self.by_service.remove(name);
+            return;
+        };
+        let own: Vec<&EndpointSlice> = slices
+            .get(name)
+            .map(|v| v.iter().map(|s| s.as_ref()).collect())
+            .unwrap_or_default();
+        let mapping = match servicemap::map_service(&svc, &own, node) {
+            Err(e) => ServiceMapping {
+                skipped: Some(e.to_string()),
+                ..Default::default()
+            },
+            Ok(m) => {
+                let mut notes: Vec<String> =
+                    m.notes.iter().map(|n| format!("{name}: {n}")).collect();
+                if m.frontends.iter().any(|f| !f.source_ranges.is_empty()) {
+                    notes.push(format!(
+                        "{name}: loadBalancerSourceRanges are not enforced yet: every source \
+                         reaches its load-balancer addresses"
+                    ));
+                }
+                ServiceMapping {
+                    declared: m
+                        .frontends
+                        .iter()
+                        .map(|f| DeclaredService {
+                            key: ServiceKey {
+                                vip: f.addr,
+                                port: f.port,
+                                proto: f.proto,
+                            },
+                            mode,
+                            snat_addr: None,
+                            owner: name.to_string(),
+                            backends: f
+                                .backends
+                                .iter()
+                                .map(|b| DeclaredBackend {
+                                    addr: b.addr,
+                                    port: b.port,
+                                    weight: 1,
+                                    state: b.state,
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                    skipped: m.skipped.map(|r| r.to_string()),
+                    notes,
+                }
+            }
+        };
+        self.by_service.insert(name.to_string(), mapping);
+    }
+
+    fn declared_of(&self, names: &BTreeSet<String>) -> Vec<DeclaredService> {
+        names
+            .iter()
+            .filter_map(|n| self.by_service.get(n))
+            .flat_map(|m| m.declared.iter().cloned())
+            .collect()
+    }
+
+    fn skipped(&self) -> Vec<SkippedObject> {
+        self.by_service
+            .iter()
+            .filter_map(|(n, m)| {
+                m.skipped.as_ref().map(|r| SkippedObject {
+                    object: n.clone(),
+                    reason: r.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.by_service
+            .values()
+            .flat_map(|m| m.notes.iter().cloned())
+            .collect()
+    }
+}
+
+/// Every slice by the Service it belongs to.
+fn slices_by_service(store: &Store<EndpointSlice>) -> BTreeMap<String, Vec<Arc<EndpointSlice>>> {
+    let mut out: BTreeMap<String, Vec<Arc<EndpointSlice>>> = BTreeMap::new();
+    for s in store.state() {
+        if let Some(owner) = slice_owner(&s) {
+            out.entry(owner).or_default().push(s);
+        }
+    }
+    out
+}
+
+impl KubernetesController {
+    pub fn new(settings: &Settings, bus: &Bus) -> Result<Arc<Self>> {
+        let me = Arc::new(Self {
+            settings: Mutex::new(settings.kubernetes.clone()),
+            tracker: SourceTracker::new(bus, ServiceSource::Kubernetes)?,
+            sink: bus.state(SERVICE_SINK)?.reader(),
+            addresses: bus.state(crate::netlink::ADDRESSES)?.reader(),
+        });
+        me.configured(&settings.kubernetes);
+        Ok(me)
+    }
+
+    fn configured(&self, k: &KubernetesSettings) {
+        let location = k
+            .kubeconfig
+            .as_ref()
+            .map(|p| format!("kubeconfig {}", p.display()));
+        self.tracker.configured(k.enabled, location);
+        *lock(&self.settings) = k.clone();
+    }
+
+    async fn client(settings: &KubernetesSettings) -> Result<Client, String> {
+        let config = match &settings.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| format!("no Kubernetes configuration found: {e}"))?,
+        };
+        Client::try_from(config).map_err(|e| format!("cannot build the API client: {e}"))
+    }
+
+    /// The node as the mapping needs it: NodePort is served on the node's own unicast
+    /// addresses (loopback and link-local excluded), as the netlink controller knows them.
+    fn node(&self, settings: &KubernetesSettings) -> NodeContext {
+        let mut addresses: Vec<IpAddr> = self
+            .addresses
+            .get()
+            .iter()
+            .map(|a| a.addr)
+            .filter(|a| match a {
+                IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+                IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+            })
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        NodeContext {
+            name: node_name(settings),
+            zone: None,
+            addresses,
+        }
+    }
+
+    async fn apply(&self, mapper: &Mapper, scope: Option<&BTreeSet<String>>) -> Result<(), String> {
+        let sink = (*self.sink.get())
+            .clone()
+            .ok_or_else(|| "the load balancer is not running".to_string())?;
+        let all: BTreeSet<String>;
+        let names = match scope {
+            Some(s) => s,
+            None => {
+                all = mapper.by_service.keys().cloned().collect();
+                &all
+            }
+        };
+        let declared = mapper.declared_of(names);
+        let (report, owned) = sink
+            .replace(ServiceSource::Kubernetes, scope.cloned(), declared)
+            .await
+            .map_err(|e| e.to_string())?;
+        for r in &report.rejected {
+            warn!(service = %r.key, owner = %r.owner, reason = %r.reason,
+                  "kubernetes: service not applied");
+        }
+        if scope.is_none() {
+            info!(
+                created = report.created,
+                updated = report.updated,
+                removed = report.removed,
+                unchanged = report.unchanged,
+                rejected = report.rejected.len(),
+                "kubernetes: services synced"
+            );
+        }
+        self.tracker.applied(
+            &report,
+            owned,
+            mapper.by_service.len(),
+            mapper.skipped(),
+            mapper.notes(),
+        );
+        Ok(())
+    }
+
+    async fn follow(
+        &self,
+        settings: KubernetesSettings,
+        cancel: &mut Cancel,
+    ) -> Result<(), String> {
+        let client = Self::client(&settings).await?;
+        let (services, svc_writer) = reflector::store::<Service>();
+        let (slices, eps_writer) = reflector::store::<EndpointSlice>();
+        let svc_stream = reflector::reflector(
+            svc_writer,
+            watcher(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .map(Watched::Service)
+        .boxed();
+        let eps_stream = reflector::reflector(
+            eps_writer,
+            watcher(
+                Api::<EndpointSlice>::all(client),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .map(Watched::Slice)
+        .boxed();
+        let mut events = stream::select(svc_stream, eps_stream);
+
+        let mode = settings.mode;
+        let mut mapper = Mapper::default();
+        let (mut services_listed, mut slices_listed) = (false, false);
+        let mut synced = false;
+        let mut node = self.node(&settings);
+        let mut addresses = self.addresses.incarnation();
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        let mut full = false;
+        let mut retry = Duration::from_millis(500);
+        let mut failed_apply = false;
+        loop {
+            let first = tokio::select! {
+                e = events.next() => e,
+                _ = tokio::time::sleep(retry), if failed_apply => None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+                _ = cancel.cancelled() => return Ok(()),
+            };
+            // Everything that is ready now is one batch.
+            let mut batch: Vec<Watched> = first.into_iter().collect();
+            while let Some(Some(e)) = events.next().now_or_never() {
+                batch.push(e);
+                if batch.len() >= 10_000 {
+                    break;
+                }
+            }
+            for e in batch {
+                match e {
+                    Watched::Service(Ok(ev)) => match ev {
+                        watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
+                            dirty.insert(object_name(&s.metadata));
+                        }
+                        watcher::Event::InitDone => {
+                            services_listed = true;
+                            full = true;
+                        }
+                        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                    },
+                    Watched::Slice(Ok(ev)) => match ev {
+                        watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
+                            if let Some(o) = slice_owner(&s) {
+                                dirty.insert(o);
+                            }
+                        }
+                        watcher::Event::InitDone => {
+                            slices_listed = true;
+                            full = true;
+                        }
+                        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                    },
+                    Watched::Service(Err(e)) | Watched::Slice(Err(e)) => {
+                        let e = format!("watch: {e}");
+                        warn!(error = %e, "kubernetes: the API server failed; the services applied keep serving");
+                        self.tracker.failed(e);
+                    }
+                }
+            }
+            if self.addresses.incarnation() != addresses {
+                addresses = self.addresses.incarnation();
+                let now = self.node(&settings);
+                if now != node {
+                    node = now;
+                    full = true;
+                }
+            }
+            if !(services_listed && slices_listed) {
+                continue;
+            }
+            if !synced || full || failed_apply {
+                // A (re)list: every Service again, and the source's whole set replaced.
+                let by_service = slices_by_service(&slices);
+                let mut names: BTreeSet<String> = services
+                    .state()
+                    .iter()
+                    .map(|s| object_name(&s.metadata))
+                    .collect();
+                names.extend(mapper.by_service.keys().cloned());
+                for n in &names {
+                    mapper.remap(n, &services, &by_service, &node, mode);
+                }
+                match self.apply(&mapper, None).await {
+                    Ok(()) => {
+                        synced = true;
+                        full = false;
+                        failed_apply = false;
+                        retry = Duration::from_millis(500);
+                        dirty.clear();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "kubernetes: services not applied; retrying");
+                        self.tracker.failed(e);
+                        failed_apply = true;
+                        retry = (retry * 2).min(MAX_RETRY);
+                    }
+                }
+            } else if !dirty.is_empty() {
+                let scope = std::mem::take(&mut dirty);
+                let by_service = slices_by_service(&slices);
+                for n in &scope {
+                    mapper.remap(n, &services, &by_service, &node, mode);
+                }
+                if let Err(e) = self.apply(&mapper, Some(&scope)).await {
+                    warn!(error = %e, "kubernetes: services not applied; retrying");
+                    self.tracker.failed(e);
+                    failed_apply = true;
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+}
+
+impl Controller for KubernetesController {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn after(&self) -> &'static [&'static str] {
+        &[crate::lb::NAME]
+    }
+
+    fn enabled(&self, settings: &Settings) -> bool {
+        settings.kubernetes.enabled
+    }
+
+    fn start(&self, settings: &Settings, _blocker: Option<String>) -> Result<()> {
+        self.configured(&settings.kubernetes);
+        Ok(())
+    }
+
+    fn prepare(
+        self: Arc<Self>,
+        _settings: &Settings,
+        _blocker: Option<String>,
+    ) -> Result<Box<dyn Prepared>> {
+        // Its section needs a restart (config refuses a reload that changes it).
+        Ok(Box::new(NoChange))
+    }
+
+    fn run(self: Arc<Self>, mut cancel: Cancel) -> RunFuture {
+        Box::pin(async move {
+            let mut retry = Duration::from_millis(500);
+            loop {
+                let settings = lock(&self.settings).clone();
+                if !settings.enabled {
+                    cancel.cancelled().await;
+                    return Ok(());
+                }
+                match self.follow(settings, &mut cancel).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        warn!(error = %e, "kubernetes source cannot start; retrying");
+                        self.tracker.failed(e);
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+                retry = (retry * 2).min(MAX_RETRY);
+            }
+        })
+    }
+
+    fn health(&self) -> Health {
+        let on = lock(&self.settings).enabled;
+        Health {
+            enabled: on,
+            up: on,
+            reason: if on {
+                None
+            } else {
+                Some("disabled by the configuration (kubernetes.enabled)".into())
+            },
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The Kubernetes service source end to end: datapathd watches the test suite's one stand-in
+//! API server (`netns_tests::kube_api`, which replays recorded objects in the real wire
+//! format; Kubernetes cannot run here), maps a recorded Service and its EndpointSlice, and real
+//! TCP connections flow through XDP to the namespace backends. Everything but the API server is
+//! real: namespaces, veths with their default offloads, the XDP program, TCP.
+//!
+//! The recorded `graceful-termination` Service (`test/graceful-term-svc`) has its ClusterIP
+//! mapped onto the test VIP (198.18.100.1:80) and its endpoints onto the three backends.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpListener},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use datapath_api::{BackendState, Protocol, ServiceSource, ServiceView, SourcesView};
+use netns_tests::{
+    Binaries, Daemon, Lab, LabOptions, TopologyOptions,
+    client::{self, Conn, sock},
+    kube_api::{KubeApi, Resource, yaml_object},
+    lab::{BACKEND_PORT, TCP_SERVICE_PORT},
+    netns, privileged,
+    topology::VIP,
+};
+use serde_json::{Value, json};
+
+const RECORDED: &str = "../../../shared/k8s-recorded/cilium/graceful-termination";
+const NODE: &str = "graceful-term-control-plane";
+const NEW_FLOWS: usize = 200;
+
+fn recorded(file: &str) -> Value {
+    let path = format!("{}/{RECORDED}/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    yaml_object(&text).unwrap()
+}
+
+/// The recorded Service, its ClusterIP on the test VIP and its port on the service port.
+fn service() -> Value {
+    let mut svc = recorded("service.yaml");
+    let vip = VIP.to_string();
+    svc["spec"]["clusterIP"] = json!(vip);
+    svc["spec"]["clusterIPs"] = json!([vip]);
+    svc["spec"]["ports"][0]["port"] = json!(TCP_SERVICE_PORT);
+    svc["spec"]["ports"][0]["targetPort"] = json!(BACKEND_PORT);
+    svc
+}
+
+/// The recorded slice with one endpoint per backend `(ip, conditions)`, on the backend port.
+fn slice(endpoints: &[(IpAddr, Value)]) -> Value {
+    let mut s = recorded("endpointslice.yaml");
+    let template = s["endpoints"][0].clone();
+    s["endpoints"] = endpoints
+        .iter()
+        .map(|(ip, conditions)| {
+            let mut e = template.clone();
+            e["addresses"] = json!([ip.to_string()]);
+            e["conditions"] = conditions.clone();
+            e
+        })
+        .collect();
+    s["ports"][0]["port"] = json!(BACKEND_PORT);
+    s
+}
+
+fn ready() -> Value {
+    json!({"ready": true, "serving": true, "terminating": false})
+}
+
+fn terminating() -> Value {
+    json!({"ready": false, "serving": true, "terminating": true})
+}
+
+fn ok<T>(what: &str, r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+fn kubeconfig(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {url}\n\
+         users:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: \
+         stand-in\n    user: test\ncurrent-context: test\n"
+    )
+}
+
+fn vip_service(d: &Daemon) -> Option<ServiceView> {
+    d.service(IpAddr::V4(VIP), TCP_SERVICE_PORT, Protocol::Tcp)
+        .ok()
+}
+
+/// Polls (bounded) until the VIP's service satisfies `want`.
+fn wait_service(d: &Daemon, what: &str, want: impl Fn(&ServiceView) -> bool) -> ServiceView {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = vip_service(d)
+            && want(&v)
+        {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what}: not reached in 20 s; service now {:#?}\nsources {:#?}\n{}",
+                vip_service(d),
+                sources(d).ok(),
+                d.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sources(d: &Daemon) -> Result<SourcesView> {
+    Ok(serde_json::from_value(d.lb_ctl_json(&["sources"])?)?)
+}
+
+fn kubernetes_status(d: &Daemon) -> datapath_api::SourceStatus {
+    ok("lb-ctl sources", sources(d))
+        .sources
+        .into_iter()
+        .find(|s| s.source == ServiceSource::Kubernetes)
+        .expect("a kubernetes source")
+}
+
+fn state_of(v: &ServiceView, ip: IpAddr) -> Option<BackendState> {
+    v.backends.iter().find(|b| b.addr == ip).map(|b| b.state)
+}
+
+fn ping_all(what: &str, conns: &mut [Conn]) {
+    for c in conns.iter_mut() {
+        c.ping()
+            .unwrap_or_else(|e| panic!("{what}: connection {c:?} stopped: {e:#}"));
+    }
+}
+
+/// Listens inside the LB namespace, where the daemon's client connects.
+fn listen_in(ns: &str, port: u16) -> Result<TcpListener> {
+    netns::run_in(ns, || TcpListener::bind(("127.0.0.1", port)))?
+        .context("binding the stand-in API server")
+}
+
+#[test]
+fn kubernetes_service_flows_through_xdp_and_survives_the_api_server() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 3,
+                dsr: false,
+            },
+            daemon: None,
+        }),
+    );
+    let ip = |name: &str| IpAddr::V4(lab.topo.backend(name).ip);
+    let (b1, b2, b3) = (ip("b1"), ip("b2"), ip("b3"));
+    let vip: SocketAddr = sock(VIP, TCP_SERVICE_PORT);
+
+    let api = ok(
+        "stand-in",
+        listen_in(&lab.topo.lb, 0).and_then(KubeApi::serve),
+    );
+    let port = api.addr().port();
+    ok(
+        "service",
+        api.apply(Resource::Services, service()).map(drop),
+    );
+    let three = [(b1, ready()), (b2, ready()), (b3, ready())];
+    ok(
+        "slice",
+        api.apply(Resource::EndpointSlices, slice(&three)).map(drop),
+    );
+
+    let dir = std::env::temp_dir().join(format!("datapath-{}-kube", lab.topo.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kc = dir.join("kubeconfig");
+    std::fs::write(&kc, kubeconfig(&api.url())).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "reload:\n  watch: false\nkubernetes:\n  enabled: true\n  kubeconfig: {}\n  node_name: {NODE}\n",
+            kc.display()
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    lab.daemon = Some(ok(
+        "daemon",
+        Daemon::start(
+            &lab.topo.lb,
+            &lab.topo.prefix,
+            Binaries::from_env(),
+            &["--config", &config_arg],
+        ),
+    ));
+    let d = lab.daemon();
+
+    // Synced: the Service's one frontend, its three endpoints active, owned by Kubernetes.
+    let first = wait_service(d, "initial sync", |v| {
+        v.backends.len() == 3 && v.backends.iter().all(|b| b.state == BackendState::Active)
+    });
+    assert_eq!(first.source, ServiceSource::Kubernetes);
+    assert_eq!(first.owner.as_deref(), Some("test/graceful-term-svc"));
+    assert!(first.backends.iter().all(|b| b.port == BACKEND_PORT));
+    let st = kubernetes_status(d);
+    assert!(st.synced && st.services == 1 && st.objects == 1, "{st:#?}");
+
+    let mut conns = ok(
+        "long-lived connections",
+        client::connect_until_each_in(lab.client_ns(), vip, &["b1", "b2", "b3"], 2, 60),
+    );
+    ping_all("after the sync", &mut conns);
+
+    // lb-ctl refuses to change what Kubernetes owns, with its own exit code.
+    let b2_arg = sock(lab.topo.backend("b2").ip, BACKEND_PORT).to_string();
+    let o = ok(
+        "lb-ctl backend drain",
+        d.lb_ctl(&["backend", "drain", &vip.to_string(), &b2_arg]),
+    );
+    assert_eq!(o.status.code(), Some(8), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("belongs to the kubernetes source"), "{err}");
+
+    // b2 terminating: it drains, its connections continue, new flows avoid it.
+    let terminating_b2 = [(b1, ready()), (b2, terminating()), (b3, ready())];
+    ok(
+        "slice update",
+        api.apply(Resource::EndpointSlices, slice(&terminating_b2))
+            .map(drop),
+    );
+    let drained = wait_service(d, "b2 draining", |v| {
+        state_of(v, b2) == Some(BackendState::Draining)
+    });
+    let ids = |v: &ServiceView| -> Vec<(IpAddr, u32)> {
+        v.backends.iter().map(|b| (b.addr, b.id)).collect()
+    };
+    assert_eq!(ids(&drained), ids(&first), "every backend kept its slot");
+    ping_all("after b2 began terminating", &mut conns);
+    let spread = ok(
+        "new flows",
+        client::tcp_spread_in(lab.client_ns(), vip, NEW_FLOWS),
+    );
+    assert!(spread.errors.is_empty(), "{}", spread.table());
+    assert_eq!(spread.count("b2"), 0, "{}", spread.table());
+
+    // b2 deleted from the slice: removed; the others' connections continue.
+    let two = [(b1, ready()), (b3, ready())];
+    ok(
+        "slice without b2",
+        api.apply(Resource::EndpointSlices, slice(&two)).map(drop),
+    );
+    let after_delete = wait_service(d, "b2 removed", |v| v.backends.len() == 2);
+    assert!(state_of(&after_delete, b2).is_none());
+    conns.retain(|c| c.backend != "b2");
+    ping_all("after b2 was removed", &mut conns);
+
+    // The API server dies: traffic keeps flowing, and the source says it cannot reach it.
+    let rv_before = api.resource_version();
+    let syncs_before = kubernetes_status(d).syncs;
+    drop(api);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kubernetes_status(d).last_error.is_none() {
+        assert!(Instant::now() < deadline, "no sync error reported in 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ping_all("with the API server down", &mut conns);
+    let spread = ok(
+        "new flows with the API server down",
+        client::tcp_spread_in(lab.client_ns(), vip, NEW_FLOWS),
+    );
+    assert!(spread.errors.is_empty(), "{}", spread.table());
+    assert!(
+        spread.count("b1") > 0 && spread.count("b3") > 0,
+        "{}",
+        spread.table()
+    );
+    ok("the daemon stays up", d.lb_ctl_ok(&["status"]).map(drop));
+    assert_eq!(vip_service(d).map(|v| ids(&v)), Some(ids(&after_delete)));
+
+    // It comes back compacted: the client's resourceVersion is gone (410), it lists again,
+    // and applies only the difference: nothing changes, no flow breaks.
+    let api = ok(
+        "stand-in again",
+        listen_in(&lab.topo.lb, port).and_then(|l| {
+            KubeApi::serve_prepared(l, |api| {
+                api.apply(Resource::Services, service())?;
+                while api.resource_version() <= rv_before + 1 {
+                    api.apply(Resource::EndpointSlices, slice(&two))?;
+                }
+                api.compact();
+                Ok(())
+            })
+        }),
+    );
+    // Relisted, and then quiet: the watch from the new list's resourceVersion holds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut quiet_since: Option<(Instant, u64)> = None;
+    loop {
+        let st = kubernetes_status(d);
+        let relisted = st.syncs > syncs_before && st.last_error.is_none();
+        match quiet_since {
+            Some((since, errors)) if relisted && st.sync_errors == errors => {
+                if since.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+            }
+            _ if relisted => quiet_since = Some((Instant::now(), st.sync_errors)),
+            _ => quiet_since = None,
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no steady relist after the API server came back: {st:#?}\n{}",
+                d.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        d.log().contains("Expired"),
+        "the watch from the old resourceVersion was answered 410 Gone (Expired)"
+    );
+    let relisted = vip_service(d).expect("service after the relist");
+    assert_eq!(ids(&relisted), ids(&after_delete), "nothing flapped");
+    ping_all("after the relist", &mut conns);
+    let table = ok("lb-ctl sources", d.lb_ctl_ok(&["sources"]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("kubernetes") && l.contains(" yes ")),
+        "{table}"
+    );
+}
