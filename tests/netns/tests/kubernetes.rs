@@ -323,6 +323,14 @@ fn kubernetes_service_flows_through_xdp_and_survives_the_api_server() {
     let relisted = vip_service(d).expect("service after the relist");
     assert_eq!(ids(&relisted), ids(&after_delete), "nothing flapped");
     ping_all("after the relist", &mut conns);
+    // A restart serves the Kubernetes services from the state file at once, before the first
+    // list, with their slots; the connections continue.
+    ok("restart", lab.daemon_mut().restart());
+    let d = lab.daemon();
+    let restored = vip_service(d).expect("restored at once");
+    assert_eq!(restored.source, ServiceSource::Kubernetes);
+    assert_eq!(ids(&restored), ids(&after_delete));
+    ping_all("after the daemon's restart", &mut conns);
     let table = ok("lb-ctl sources", d.lb_ctl_ok(&["sources"]));
     assert!(
         table
