@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackendState, Counter, ForwardingMode, Protocol, ServiceSource};
+use crate::model::{BackendState, Counter, ForwardingMode, Protocol, ServiceSource, SourceRange};
 
 fn default_weight() -> u32 {
     1
@@ -77,6 +77,9 @@ pub struct ServiceView {
     pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat_addr: Option<IpAddr>,
+    /// New flows only from these sources (absent: from anywhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<SourceRange>,
     pub id: u32,
     pub backends: Vec<BackendView>,
     pub counters: Counter,

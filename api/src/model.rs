@@ -158,6 +158,75 @@ impl BackendSpec {
     }
 }
 
+/// A source prefix a service takes new flows from (Kubernetes `loadBalancerSourceRanges`),
+/// written `addr/len`; host bits are cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SourceRange {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl SourceRange {
+    /// `addr/len` with the host bits of `addr` cleared; `None` if `len` is too long.
+    pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
+        let addr = match addr {
+            IpAddr::V4(a) if len <= 32 => {
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(len))
+                };
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) if len <= 128 => {
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(len))
+                };
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+            _ => return None,
+        };
+        Some(Self { addr, len })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Self::new(ip, self.len).is_some_and(|p| p.addr == self.addr)
+    }
+}
+
+impl fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for SourceRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid source range {s:?} (expected ADDR/LEN)");
+        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let len: u8 = len.parse().map_err(|_| bad())?;
+        Self::new(addr, len).ok_or_else(|| format!("invalid prefix length in source range {s:?}"))
+    }
+}
+
+impl TryFrom<String> for SourceRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<SourceRange> for String {
+    fn from(r: SourceRange) -> String {
+        r.to_string()
+    }
+}
+
 /// Who declared a service: the API (`lb-ctl`), the services file, or Kubernetes. Only its
 /// source changes a service; the API may override with `force`.
 #[derive(
@@ -213,6 +282,9 @@ pub struct ServiceSpec {
     /// the kernel would use to reach that backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat_addr: Option<IpAddr>,
+    /// New flows only from these sources (none: from anywhere). Sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<SourceRange>,
     /// Slot in the service-indexed maps, assigned by the state store.
     pub id: u32,
     /// Sorted by `BackendKey`.
@@ -235,6 +307,9 @@ pub struct DeclaredService {
     pub mode: ForwardingMode,
     pub snat_addr: Option<IpAddr>,
     pub owner: String,
+    /// New flows only from these sources (empty: from anywhere).
+    #[serde(default)]
+    pub source_ranges: Vec<SourceRange>,
     pub backends: Vec<DeclaredBackend>,
 }
 

@@ -69,9 +69,32 @@ pub struct VipInfo {
     pub active_backends: u32,
     /// `MODE_FULL_NAT` or `MODE_DSR`.
     pub mode: u8,
-    pub _pad: [u8; 3],
+    /// `VIP_F_*` bits (0 in pins of builds before flags: the byte was padding).
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+
+/// `VipInfo::flags`: new flows are taken only from the sources in `LB_SRC_RANGES` for this
+/// service (Kubernetes `loadBalancerSourceRanges`); others are dropped as `drop_source_range`.
+pub const VIP_F_SOURCE_RANGES: u8 = 1;
+
+/// Data of an `LB_SRC_RANGES` key (an LPM trie): the service id, matched in full (its 32 bits
+/// lead the prefix), then the IPv4 source prefix. A lookup uses prefix length 64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// `VipInfo::service_id`, big-endian so that its bytes are the prefix's leading bits.
+    pub service_id_be: u32,
+    /// The source address (prefix), wire order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
+
+/// Prefix length of an `LB_SRC_RANGES` key for an IPv4 range of `len` bits.
+pub const fn source_range_prefix_len(len: u8) -> u32 {
+    32 + len as u32
+}
 
 /// Key of `LB_VIP_ADDRS`: the set of addresses that carry at least one VIP. Used only on the
 /// anomaly paths (fragments, truncated L4), where ports are unknown.
@@ -251,6 +274,9 @@ pub mod map_names {
     pub const VIP_STATS: &str = "LB_VIP_STATS";
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     pub const REASONS: &str = "LB_REASONS";
+    /// `LpmTrie<SourceRangeKey, u8>`: the source prefixes each service with
+    /// `VIP_F_SOURCE_RANGES` takes new flows from.
+    pub const SOURCE_RANGES: &str = "LB_SRC_RANGES";
     /// `Array<u32>` of one entry: the FIB cache's generation (see `FlowEntry::fib_generation`).
     pub const FIB_GEN: &str = "LB_FIB_GEN";
     /// Per-CPU `Counter` of the frames each attached interface received, indexed by ingress
@@ -287,6 +313,8 @@ pub mod defaults {
     pub const MAX_SERVICES: u32 = 64;
     /// Backend slots across all services.
     pub const MAX_BACKENDS: u32 = 4_096;
+    /// Source prefixes across all services (`LB_SRC_RANGES`).
+    pub const MAX_SOURCE_RANGES: u32 = 16_384;
     /// Tracked flows (LRU).
     pub const MAX_FLOWS: u32 = 262_144;
     /// Interfaces the programs can redirect to: every attached interface is one, and with
@@ -316,6 +344,7 @@ mod pod {
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for VipAddrKey {}
+    unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for NatReverseEntry {}

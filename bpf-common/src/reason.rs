@@ -58,8 +58,12 @@ pub const NAT_PORT_RECLAIMED: u32 = 20;
 /// but the verifier requires the check, and the packet is dropped rather than half-processed.
 pub const DROP_INTERNAL: u32 = 21;
 
+/// A new flow to a service with source ranges (`loadBalancerSourceRanges`) from a source
+/// outside them: dropped.
+pub const DROP_SOURCE_RANGE: u32 = 22;
+
 /// Number of reasons; the size of `LB_REASONS`.
-pub const COUNT: u32 = 22;
+pub const COUNT: u32 = 23;
 
 /// Whether `reason` is a verdict: every packet counts exactly one verdict reason. The others
 /// (`nat_reply_translated`, `icmp_translated`, `seen_ip_options`, `new_flow`,
@@ -100,4 +104,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "flow_rescheduled",
     "nat_port_reclaimed",
     "drop_internal",
+    "drop_source_range",
 ];

@@ -1,10 +1,11 @@
 //! Client -> VIP: choose a backend (the flow table first, the service's Maglev table for a new
 //! flow), rewrite (full-NAT) or not (DSR), forward.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::XdpContext};
 use bpf_common::{
     BACKEND_ACTIVE, BACKEND_UNUSED, BackendInfo, FAMILY_IPV4, FlowEntry, MODE_DSR, PROTO_TCP,
-    VipInfo, ct::CT_F_ONE_WAY, maglev_index, reason,
+    SourceRangeKey, VIP_F_SOURCE_RANGES, VipInfo, ct::CT_F_ONE_WAY, maglev_index, reason,
+    source_range_prefix_len,
 };
 use bpf_lib::{
     count::count_bytes,
@@ -24,10 +25,25 @@ use crate::{
     config::MAGLEV_SIZE,
     count_reason,
     fib::forward_cached,
-    maps::{LB_BACKENDS, LB_BE_STATS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOW, LB_VIP_STATS},
+    maps::{
+        LB_BACKENDS, LB_BE_STATS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOW, LB_SRC_RANGES, LB_VIP_STATS,
+    },
     nat::{NO_NAT_PORT, allocate_nat_port, rewrite_l3l4},
     track::track,
 };
+
+/// Whether `src` (wire order) is within one of service `service_id`'s source ranges.
+#[inline(always)]
+fn source_allowed(service_id: u32, src: u32) -> bool {
+    let key = Key::new(
+        source_range_prefix_len(32),
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr: src.to_ne_bytes(),
+        },
+    );
+    LB_SRC_RANGES.get(&key).is_some()
+}
 
 /// A client -> VIP packet's 5-tuple as it arrived. Maglev and the NAT port allocator hash it
 /// in this direction; the flow table is keyed by its canonical
@@ -184,6 +200,9 @@ pub(crate) fn to_backend(
     let (chosen, nat_port_be) = match pinned {
         Some(found) => found,
         None => {
+            if vip.flags & VIP_F_SOURCE_RANGES != 0 && !source_allowed(vip.service_id, packet.src) {
+                return drop(reason::DROP_SOURCE_RANGE);
+            }
             let Some(chosen) = maglev_pick(vip, &tuple) else {
                 return drop(reason::DROP_NO_BACKEND);
             };

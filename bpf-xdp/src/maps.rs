@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use bpf_common::{
-    BackendInfo, Counter, FlowEntry, NatReverseEntry, VipAddrKey, VipInfo, VipKey, ct::CtKey,
-    defaults, reason,
+    BackendInfo, Counter, FlowEntry, NatReverseEntry, SourceRangeKey, VipAddrKey, VipInfo, VipKey,
+    ct::CtKey, defaults, reason,
 };
 
 #[map(name = "LB_VIPS")]
@@ -17,6 +17,11 @@ pub(crate) static LB_VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(defaults::
 #[map(name = "LB_VIP_ADDRS")]
 pub(crate) static LB_VIP_ADDRS: HashMap<VipAddrKey, u32> =
     HashMap::pinned(defaults::MAX_SERVICES, 0);
+
+/// The source prefixes of the services with `VIP_F_SOURCE_RANGES` (see `SourceRangeKey`).
+#[map(name = "LB_SRC_RANGES")]
+pub(crate) static LB_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::pinned(defaults::MAX_SOURCE_RANGES, 0);
 
 #[map(name = "LB_BACKENDS")]
 pub(crate) static LB_BACKENDS: Array<BackendInfo> = Array::pinned(defaults::MAX_BACKENDS, 0);

@@ -230,6 +230,7 @@ fn make_view(
         mode: spec.mode,
         source: spec.source,
         owner: spec.owner.clone(),
+        source_ranges: spec.source_ranges.clone(),
         snat_addr: spec.snat_addr,
         id: spec.id,
         backends: spec

@@ -294,6 +294,7 @@ fn service(mode: ForwardingMode, proto: Protocol, port: u16, backends: &[[u8; 4]
         },
         source: Default::default(),
         owner: None,
+        source_ranges: Vec::new(),
         mode,
         snat_addr: None,
         id: 0,
@@ -686,6 +687,79 @@ fn service_without_backends_drops_and_counts() {
     let before = fx.reason("drop_no_backend");
     assert_frame("no backend", fx.run(&syn, fx.front_index), XDP_DROP, &syn);
     assert_eq!(fx.reason("drop_no_backend"), before + 1);
+}
+
+/// A service with source ranges takes new flows only from them: the others are dropped whole
+/// and counted; a source inside a range is forwarded as usual.
+#[test]
+fn source_ranges_admit_only_their_sources() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS[..2];
+    let mut svc = service(ForwardingMode::FullNat, Protocol::Tcp, 80, backends);
+    // CLIENT is inside the first range; 198.19.0.7 is in none.
+    svc.source_ranges = vec![
+        format!("{}/24", ip_str(CLIENT)).parse().unwrap(),
+        "203.0.113.0/24".parse().unwrap(),
+    ];
+    fx.apply(&svc);
+    let outsider = [198, 19, 0, 7];
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (outsider, 40000),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+    let before = fx.reason("drop_source_range");
+    assert_frame(
+        "outside the ranges",
+        fx.run(&syn, fx.front_index),
+        XDP_DROP,
+        &syn,
+    );
+    assert_eq!(fx.reason("drop_source_range"), before + 1);
+
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 40000),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+    let backend = expected_backend(backends, 40000, 80, 6);
+    let want = tcp_frame(
+        (BACK_MAC, backend_mac(backend)),
+        (LB_BACK, 40000),
+        (backend, 8080),
+        true,
+        false,
+        &[],
+    );
+    assert_frame(
+        "inside a range",
+        fx.run(&syn, fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+
+    // Without ranges the outsider is served again: the flag and the entries go together.
+    svc.source_ranges.clear();
+    fx.apply(&svc);
+    let syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (outsider, 40001),
+        (VIP, 80),
+        true,
+        false,
+        &[],
+    );
+    assert_eq!(fx.run(&syn, fx.front_index).0, XDP_REDIRECT);
+    assert_eq!(fx.reason("drop_source_range"), before + 1);
 }
 
 #[test]

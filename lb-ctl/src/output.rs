@@ -172,6 +172,18 @@ pub fn service_show(s: &ServiceView) -> String {
             },
         ),
         ("SNAT", snat),
+        (
+            "SOURCES",
+            if s.source_ranges.is_empty() {
+                "any".to_string()
+            } else {
+                s.source_ranges
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
         ("BACKENDS", s.backends.len().to_string()),
         ("PACKETS", s.counters.packets.to_string()),
         ("BYTES", s.counters.bytes.to_string()),
@@ -672,6 +684,7 @@ mod tests {
             mode: ForwardingMode::FullNat,
             source: datapath_api::ServiceSource::Api,
             owner: None,
+            source_ranges: Vec::new(),
             snat_addr: None,
             id: 0,
             backends: vec![

@@ -62,6 +62,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Which watch an event came from.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "each event is moved once, from the stream to the batch; boxing would allocate per event"
+)]
 enum Watched {
     Service(watcher::Result<watcher::Event<Service>>),
     Slice(watcher::Result<watcher::Event<EndpointSlice>>),
@@ -141,14 +145,7 @@ impl Mapper {
                 ..Default::default()
             },
             Ok(m) => {
-                let mut notes: Vec<String> =
-                    m.notes.iter().map(|n| format!("{name}: {n}")).collect();
-                if m.frontends.iter().any(|f| !f.source_ranges.is_empty()) {
-                    notes.push(format!(
-                        "{name}: loadBalancerSourceRanges are not enforced yet: every source \
-                         reaches its load-balancer addresses"
-                    ));
-                }
+                let notes: Vec<String> = m.notes.iter().map(|n| format!("{name}: {n}")).collect();
                 ServiceMapping {
                     declared: m
                         .frontends
@@ -162,6 +159,11 @@ impl Mapper {
                             mode,
                             snat_addr: None,
                             owner: name.to_string(),
+                            source_ranges: f
+                                .source_ranges
+                                .iter()
+                                .filter_map(|p| datapath_api::SourceRange::new(p.addr, p.len))
+                                .collect(),
                             backends: f
                                 .backends
                                 .iter()

@@ -23,7 +23,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::LpmTrie, xdp::DevMapHash},
     programs::{Xdp, links::PinnedLink},
 };
 use bpf_common::{
@@ -178,7 +178,7 @@ pub(crate) use crate::bpf::pins::PinLayout;
 
 /// The layout this build's XDP object gives each pinned map whose layout is fixed by the ABI in
 /// `bpf-common`.
-fn abi_layouts() -> [PinLayout; 11] {
+fn abi_layouts() -> [PinLayout; 12] {
     use bpf_common::{FlowEntry, NatReverseEntry, ct::CtKey, defaults};
     use std::mem::size_of;
     let counter = size_of::<bpf_common::Counter>();
@@ -214,6 +214,12 @@ fn abi_layouts() -> [PinLayout; 11] {
         ),
         (map_names::REASONS, 4, 8, Some(reason::COUNT)),
         (map_names::FIB_GEN, 4, 4, Some(1)),
+        (
+            map_names::SOURCE_RANGES,
+            4 + size_of::<bpf_common::SourceRangeKey>(),
+            1,
+            Some(defaults::MAX_SOURCE_RANGES),
+        ),
     ]
 }
 
@@ -306,6 +312,7 @@ pub struct Dataplane {
     vip_addrs: HashMap<MapData, VipAddrKey, u32>,
     backends: Array<MapData, BackendInfo>,
     maglev: Array<MapData, u32>,
+    source_ranges: LpmTrie<MapData, bpf_common::SourceRangeKey, u8>,
     vip_stats: PerCpuArray<MapData, bpf_common::Counter>,
     backend_stats: PerCpuArray<MapData, bpf_common::Counter>,
     interface_stats: PerCpuArray<MapData, bpf_common::Counter>,
@@ -400,6 +407,8 @@ impl Dataplane {
             .map_err(map_error("open LB_BACKENDS"))?;
         let maglev = Array::try_from(take_map(&mut bpf, map_names::MAGLEV)?)
             .map_err(map_error("open LB_MAGLEV"))?;
+        let source_ranges = LpmTrie::try_from(take_map(&mut bpf, map_names::SOURCE_RANGES)?)
+            .map_err(map_error("open LB_SRC_RANGES"))?;
         let vip_stats = PerCpuArray::try_from(take_map(&mut bpf, map_names::VIP_STATS)?)
             .map_err(map_error("open LB_VIP_STATS"))?;
         let backend_stats = PerCpuArray::try_from(take_map(&mut bpf, map_names::BACKEND_STATS)?)
@@ -419,6 +428,7 @@ impl Dataplane {
             vip_addrs,
             backends,
             maglev,
+            source_ranges,
             vip_stats,
             backend_stats,
             interface_stats,

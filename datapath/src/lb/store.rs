@@ -210,6 +210,7 @@ impl Store {
             key,
             source: ServiceSource::Api,
             owner: None,
+            source_ranges: Vec::new(),
             mode: req.mode,
             snat_addr: req.snat_addr,
             id,
@@ -626,10 +627,14 @@ impl Store {
                 generation,
             });
         }
+        let mut source_ranges = d.source_ranges.clone();
+        source_ranges.sort();
+        source_ranges.dedup();
         Ok(ServiceSpec {
             key: d.key,
             source,
             owner: Some(d.owner.clone()),
+            source_ranges,
             mode: d.mode,
             snat_addr: d.snat_addr,
             id,
@@ -716,6 +721,18 @@ fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
 /// line. Sources check their input with it before they apply any of it.
 pub fn check_declared(d: &DeclaredService) -> Result<(), String> {
     check_service(&d.key, d.mode, d.snat_addr)?;
+    if let Some(r) = d
+        .source_ranges
+        .iter()
+        .find(|r| r.addr.is_ipv4() != d.key.vip.is_ipv4())
+    {
+        return Err(format!(
+            "invalid source range {r}: it is {} but VIP {} is {}",
+            family(r.addr),
+            d.key.vip,
+            family(d.key.vip)
+        ));
+    }
     let mut backends: Vec<&datapath_api::DeclaredBackend> = d.backends.iter().collect();
     backends.sort_by_key(|b| (b.addr, b.port));
     for pair in backends.windows(2) {

@@ -8,6 +8,7 @@
 //!     port: 80
 //!     protocol: tcp          # tcp (default) or udp
 //!     mode: full-nat         # full-nat (default) or dsr
+//!     source_ranges: [198.18.0.0/24]   # new flows only from these (default: any source)
 //!     backends:
 //!       - addr: 198.18.1.1
 //!         port: 8080
@@ -18,6 +19,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use datapath_api::{
     BackendState, DeclaredBackend, DeclaredService, ForwardingMode, Protocol, ServiceKey,
+    SourceRange,
 };
 use serde::Deserialize;
 
@@ -45,6 +47,9 @@ struct Entry {
     mode: ForwardingMode,
     #[serde(default)]
     snat_addr: Option<IpAddr>,
+    /// New flows only from these prefixes (absent: from anywhere).
+    #[serde(default)]
+    source_ranges: Vec<SourceRange>,
     #[serde(default)]
     backends: Vec<BackendEntry>,
 }
@@ -148,6 +153,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<DeclaredService>, Error> {
             mode: e.mode,
             snat_addr: e.snat_addr,
             owner: e.name.clone(),
+            source_ranges: e.source_ranges.clone(),
             backends: e
                 .backends
                 .iter()
@@ -248,7 +254,7 @@ services:
         let cases = [
             (
                 format!("{head}    prot: tcp\n"),
-                "services file /etc/datapath/services.yaml line 5: key `services[0].prot`: unknown field `prot`, expected one of `name`, `vip`, `port`, `protocol`, `mode`, `snat_addr`, `backends`",
+                "services file /etc/datapath/services.yaml line 5: key `services[0].prot`: unknown field `prot`, expected one of `name`, `vip`, `port`, `protocol`, `mode`, `snat_addr`, `source_ranges`, `backends`",
             ),
             (
                 "services:\n  - name: web\n    vip: 198.18.0.300\n    port: 80\n".to_string(),

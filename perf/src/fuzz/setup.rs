@@ -455,6 +455,7 @@ impl Setup {
             },
             source: Default::default(),
             owner: None,
+            source_ranges: Vec::new(),
             mode,
             snat_addr: snat.map(|a| IpAddr::V4(a.into())),
             id,

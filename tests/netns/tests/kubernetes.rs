@@ -280,7 +280,8 @@ fn kubernetes_service_flows_through_xdp_and_survives_the_api_server() {
 
     // It comes back compacted: the client's resourceVersion is gone (410), it lists again,
     // and applies only the difference: nothing changes, no flow breaks.
-    let api = ok(
+    // Kept alive to the end: the daemon restart below lists from it.
+    let _api = ok(
         "stand-in again",
         listen_in(&lab.topo.lb, port).and_then(|l| {
             KubeApi::serve_prepared(l, |api| {

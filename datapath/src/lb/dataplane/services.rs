@@ -8,7 +8,8 @@ use std::{
 use aya::{maps::PerCpuValues, util::nr_cpus};
 use bpf_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_UNUSED, BackendInfo, FAMILY_IPV4, MODE_DSR,
-    MODE_FULL_NAT, VipAddrKey, VipInfo, VipKey, maglev_index, reason,
+    MODE_FULL_NAT, SourceRangeKey, VIP_F_SOURCE_RANGES, VipAddrKey, VipInfo, VipKey, maglev_index,
+    reason, source_range_prefix_len,
 };
 use datapath_api::{
     BackendKey, BackendSpec, BackendState, DesiredState, ForwardingMode, ServiceSpec, StatsSnapshot,
@@ -176,7 +177,17 @@ impl Dataplane {
             });
         }
 
-        // Step 3: the flip.
+        // Step 3: the source ranges the flip turns on, then the flip.
+        let old_ranges: Vec<datapath_api::SourceRange> = self
+            .programmed
+            .get(&service.key)
+            .filter(|p| p.spec.id == service.id)
+            .map(|p| p.spec.source_ranges.clone())
+            .unwrap_or_default();
+        if let Err(e) = self.write_source_ranges(service.id, &service.source_ranges) {
+            self.free_backends(&written_new);
+            return Err(e);
+        }
         let info = VipInfo {
             service_id: service.id,
             table_slot: slot,
@@ -189,7 +200,12 @@ impl Dataplane {
                 ForwardingMode::FullNat => MODE_FULL_NAT,
                 ForwardingMode::Dsr => MODE_DSR,
             },
-            _pad: [0; 3],
+            flags: if service.source_ranges.is_empty() {
+                0
+            } else {
+                VIP_F_SOURCE_RANGES
+            },
+            _pad: [0; 2],
         };
         if let Err(e) = self.vips.insert(key, info, 0).map_err(map_error(format!(
             "switch {} to its new table",
@@ -198,6 +214,12 @@ impl Dataplane {
             self.free_backends(&written_new);
             return Err(e);
         }
+        // Ranges the service no longer has (after the flip, which stopped consulting them).
+        let stale: Vec<datapath_api::SourceRange> = old_ranges
+            .into_iter()
+            .filter(|r| !service.source_ranges.contains(r))
+            .collect();
+        self.remove_source_ranges(service.id, &stale);
         // Counts services per VIP address for the anomaly paths; an error here only affects
         // how fragments to this address are counted.
         let _ = self.vip_addrs.insert(vip_addr_key(service.key.vip)?, 1, 0);
@@ -251,8 +273,10 @@ impl Dataplane {
         if !address_still_used {
             let _ = self.vip_addrs.remove(&vip_addr_key(service.key.vip)?);
         }
+        self.remove_source_ranges(service.id, &service.source_ranges);
         let mut ids: Vec<u32> = service.backends.iter().map(|b| b.id).collect();
         if let Some(programmed) = self.programmed.remove(&service.key) {
+            self.remove_source_ranges(programmed.spec.id, &programmed.spec.source_ranges);
             ids.extend(programmed.spec.backends.iter().map(|b| b.id));
         }
         self.free_backends(&ids);
@@ -290,6 +314,28 @@ impl Dataplane {
         for key in stale_addrs {
             let _ = self.vip_addrs.remove(&key);
         }
+        // Source ranges a previous run left for services that no longer have them.
+        let wanted_ranges: HashSet<(u32, [u8; 4], u32)> = state
+            .services
+            .values()
+            .flat_map(|s| {
+                s.source_ranges
+                    .iter()
+                    .filter_map(|r| range_key(s.id, r).ok())
+                    .map(|k| (k.prefix_len(), k.data().addr, k.data().service_id_be))
+            })
+            .collect();
+        let stale_ranges: Vec<aya::maps::lpm_trie::Key<bpf_common::SourceRangeKey>> = self
+            .source_ranges
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| {
+                !wanted_ranges.contains(&(k.prefix_len(), k.data().addr, k.data().service_id_be))
+            })
+            .collect();
+        for key in stale_ranges {
+            let _ = self.source_ranges.remove(&key);
+        }
         let used: BTreeSet<u32> = state
             .services
             .values()
@@ -305,6 +351,37 @@ impl Dataplane {
             .collect();
         self.free_backends(&unused);
         Ok(())
+    }
+
+    /// Writes service `id`'s source ranges (all or nothing: the ones written are removed if one
+    /// fails).
+    fn write_source_ranges(&mut self, id: u32, ranges: &[datapath_api::SourceRange]) -> Result<()> {
+        let mut written = Vec::new();
+        for r in ranges {
+            let key = range_key(id, r)?;
+            if let Err(e) = self
+                .source_ranges
+                .insert(&key, 1, 0)
+                .map_err(map_error(format!(
+                    "write source range {r} (LB_SRC_RANGES full?)"
+                )))
+            {
+                for k in &written {
+                    let _ = self.source_ranges.remove(k);
+                }
+                return Err(e);
+            }
+            written.push(key);
+        }
+        Ok(())
+    }
+
+    fn remove_source_ranges(&mut self, id: u32, ranges: &[datapath_api::SourceRange]) {
+        for r in ranges {
+            if let Ok(key) = range_key(id, r) {
+                let _ = self.source_ranges.remove(&key);
+            }
+        }
     }
 
     /// Reads every counter, summed over CPUs.
@@ -392,4 +469,19 @@ impl Dataplane {
         map.set(id, zeros, 0)
             .map_err(map_error(format!("reset counters of id {id}")))
     }
+}
+
+/// The `LB_SRC_RANGES` key of service `id`'s range `r`.
+fn range_key(
+    id: u32,
+    r: &datapath_api::SourceRange,
+) -> Result<aya::maps::lpm_trie::Key<SourceRangeKey>> {
+    let addr = ipv4_of(r.addr, "source range")?;
+    Ok(aya::maps::lpm_trie::Key::new(
+        source_range_prefix_len(r.len),
+        SourceRangeKey {
+            service_id_be: id.to_be(),
+            addr: addr.octets(),
+        },
+    ))
 }

@@ -573,6 +573,7 @@ fn declared(vip: &str, owner: &str, backends: &[(&str, u16, BackendState)]) -> D
         mode: ForwardingMode::FullNat,
         snat_addr: None,
         owner: owner.into(),
+        source_ranges: Vec::new(),
         backends: backends
             .iter()
             .map(|&(addr, port, state)| datapath_api::DeclaredBackend {
