@@ -186,15 +186,31 @@ impl<P: Plane> Controller<P> {
         Ok(self.view_after_change(&spec))
     }
 
+    /// Writes the state file if a source's deferred batch left it behind.
+    pub fn flush(&mut self) -> Result<()> {
+        self.store.flush()
+    }
+
+    /// See [`Store::take_unsaved`].
+    pub fn take_unsaved(&mut self) -> Option<crate::lb::store::PendingWrite> {
+        self.store.take_unsaved()
+    }
+
+    /// See [`Store::mark_unsaved`].
+    pub fn mark_unsaved(&mut self) {
+        self.store.mark_unsaved()
+    }
+
     /// Makes the services of `source` exactly `declared` (see [`Store::replace_source`]).
     pub fn replace_source(
         &mut self,
         source: datapath_api::ServiceSource,
         scope: Option<&std::collections::BTreeSet<String>>,
         declared: Vec<datapath_api::DeclaredService>,
+        durability: crate::lb::store::Durability,
     ) -> Result<crate::lb::store::SourceReport> {
         self.store
-            .replace_source(&mut self.plane, source, scope, declared)
+            .replace_source(&mut self.plane, source, scope, declared, durability)
     }
 
     fn view(&self, spec: &ServiceSpec, stats: &StatsSnapshot) -> Result<ServiceView> {

@@ -14,6 +14,7 @@ pub mod bpf;
 pub mod cost;
 pub mod forward;
 pub mod fuzz;
+pub mod kubernetes;
 pub mod netlink;
 pub mod pktgen;
 pub mod report;

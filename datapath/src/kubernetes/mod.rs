@@ -39,12 +39,21 @@ use crate::{
     bus::{Bus, StateReader},
     config::{KubernetesSettings, Settings},
     controller::{Cancel, Controller, Health, NoChange, Prepared, RunFuture},
-    lb::sources::{SERVICE_SINK, ServiceSink, SourceTracker},
+    lb::{
+        sources::{SERVICE_SINK, ServiceSink, SourceTracker},
+        store::Durability,
+    },
     netlink::model::Addresses,
 };
 
 /// The controller's name: status and logs.
 pub const NAME: &str = "kubernetes";
+
+/// The state file is written once the source has been quiet this long...
+const SAVE_QUIET: Duration = Duration::from_secs(1);
+/// ...or at the latest this long after the first change it does not hold. (A crash before
+/// loses nothing: the state file is what serves until the relist, which brings it up to date.)
+const SAVE_AT_MOST: Duration = Duration::from_secs(10);
 
 /// Longest wait before retrying a failed client setup or apply.
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -124,7 +133,8 @@ impl Mapper {
         &mut self,
         name: &str,
         services: &Store<Service>,
-        slices: &BTreeMap<String, Vec<Arc<EndpointSlice>>>,
+        slices: &SliceIndex,
+        store: &Store<EndpointSlice>,
         node: &NodeContext,
         mode: datapath_api::ForwardingMode,
     ) {
@@ -135,10 +145,8 @@ impl Mapper {
             self.by_service.remove(name);
             return;
         };
-        let own: Vec<&EndpointSlice> = slices
-            .get(name)
-            .map(|v| v.iter().map(|s| s.as_ref()).collect())
-            .unwrap_or_default();
+        let held = slices.slices_of(name, store);
+        let own: Vec<&EndpointSlice> = held.iter().map(|s| s.as_ref()).collect();
         let mapping = match servicemap::map_service(&svc, &own, node) {
             Err(e) => ServiceMapping {
                 skipped: Some(e.to_string()),
@@ -212,15 +220,56 @@ impl Mapper {
     }
 }
 
-/// Every slice by the Service it belongs to.
-fn slices_by_service(store: &Store<EndpointSlice>) -> BTreeMap<String, Vec<Arc<EndpointSlice>>> {
-    let mut out: BTreeMap<String, Vec<Arc<EndpointSlice>>> = BTreeMap::new();
-    for s in store.state() {
-        if let Some(owner) = slice_owner(&s) {
-            out.entry(owner).or_default().push(s);
+/// Which slices (by reference into the reflector's store) belong to which Service, kept from
+/// the watch events, so that a change looks up its Service's slices without a walk of every
+/// slice. Rebuilt from the store after a (re)list.
+#[derive(Default)]
+struct SliceIndex {
+    by_owner: BTreeMap<String, std::collections::HashSet<ObjectRef<EndpointSlice>>>,
+    owner_of: std::collections::HashMap<ObjectRef<EndpointSlice>, String>,
+}
+
+impl SliceIndex {
+    /// Notes `slice` as it is now (`deleted`: gone); answers the Services whose slices changed
+    /// (the one it left too, when its label moved it).
+    fn update(&mut self, slice: &EndpointSlice, deleted: bool) -> Vec<String> {
+        let r = ObjectRef::from_obj(slice);
+        let mut touched = Vec::new();
+        if let Some(old) = self.owner_of.remove(&r) {
+            if let Some(set) = self.by_owner.get_mut(&old) {
+                set.remove(&r);
+                if set.is_empty() {
+                    self.by_owner.remove(&old);
+                }
+            }
+            touched.push(old);
+        }
+        if !deleted && let Some(owner) = slice_owner(slice) {
+            self.by_owner
+                .entry(owner.clone())
+                .or_default()
+                .insert(r.clone());
+            self.owner_of.insert(r, owner.clone());
+            if !touched.contains(&owner) {
+                touched.push(owner);
+            }
+        }
+        touched
+    }
+
+    fn rebuild(&mut self, store: &Store<EndpointSlice>) {
+        *self = Self::default();
+        for s in store.state() {
+            self.update(&s, false);
         }
     }
-    out
+
+    fn slices_of(&self, owner: &str, store: &Store<EndpointSlice>) -> Vec<Arc<EndpointSlice>> {
+        self.by_owner
+            .get(owner)
+            .map(|refs| refs.iter().filter_map(|r| store.get(r)).collect())
+            .unwrap_or_default()
+    }
 }
 
 impl KubernetesController {
@@ -294,9 +343,17 @@ impl KubernetesController {
                 &all
             }
         };
+        let started = std::time::Instant::now();
         let declared = mapper.declared_of(names);
+        // Deferred: the change is live at once, and the state file is written when the source
+        // is quiet (see `follow`). After a crash the relist gives the state again.
         let (report, owned) = sink
-            .replace(ServiceSource::Kubernetes, scope.cloned(), declared)
+            .replace(
+                ServiceSource::Kubernetes,
+                scope.cloned(),
+                declared,
+                Durability::Deferred,
+            )
             .await
             .map_err(|e| e.to_string())?;
         for r in &report.rejected {
@@ -310,6 +367,7 @@ impl KubernetesController {
                 removed = report.removed,
                 unchanged = report.unchanged,
                 rejected = report.rejected.len(),
+                apply_ms = started.elapsed().as_millis() as u64,
                 "kubernetes: services synced"
             );
         }
@@ -321,6 +379,13 @@ impl KubernetesController {
             mapper.notes(),
         );
         Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), String> {
+        let sink = (*self.sink.get())
+            .clone()
+            .ok_or_else(|| "the load balancer is not running".to_string())?;
+        sink.flush().await.map_err(|e| e.to_string())
     }
 
     async fn follow(
@@ -355,6 +420,7 @@ impl KubernetesController {
 
         let mode = settings.mode;
         let mut mapper = Mapper::default();
+        let mut index = SliceIndex::default();
         let (mut services_listed, mut slices_listed) = (false, false);
         let mut synced = false;
         let mut node = self.node(&settings);
@@ -363,12 +429,30 @@ impl KubernetesController {
         let mut full = false;
         let mut retry = Duration::from_millis(500);
         let mut failed_apply = false;
+        // Applied but not yet in the state file, since when.
+        let mut unsaved_since: Option<std::time::Instant> = None;
         loop {
+            // Saved when the source has been quiet for a moment, or has not been for a while.
+            let save_in = unsaved_since
+                .map(|since| SAVE_QUIET.min(SAVE_AT_MOST.saturating_sub(since.elapsed())));
             let first = tokio::select! {
                 e = events.next() => e,
                 _ = tokio::time::sleep(retry), if failed_apply => None,
+                _ = tokio::time::sleep(save_in.unwrap_or(Duration::MAX)), if save_in.is_some() => {
+                    match self.flush().await {
+                        Ok(()) => unsaved_since = None,
+                        Err(e) => {
+                            warn!(error = %e, "kubernetes: cannot save the services; retrying");
+                            self.tracker.failed(e);
+                        }
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => None,
-                _ = cancel.cancelled() => return Ok(()),
+                _ = cancel.cancelled() => {
+                    let _ = self.flush().await;
+                    return Ok(());
+                }
             };
             // Everything that is ready now is one batch.
             let mut batch: Vec<Watched> = first.into_iter().collect();
@@ -391,11 +475,8 @@ impl KubernetesController {
                         watcher::Event::Init | watcher::Event::InitApply(_) => {}
                     },
                     Watched::Slice(Ok(ev)) => match ev {
-                        watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
-                            if let Some(o) = slice_owner(&s) {
-                                dirty.insert(o);
-                            }
-                        }
+                        watcher::Event::Apply(s) => dirty.extend(index.update(&s, false)),
+                        watcher::Event::Delete(s) => dirty.extend(index.update(&s, true)),
                         watcher::Event::InitDone => {
                             slices_listed = true;
                             full = true;
@@ -422,7 +503,7 @@ impl KubernetesController {
             }
             if !synced || full || failed_apply {
                 // A (re)list: every Service again, and the source's whole set replaced.
-                let by_service = slices_by_service(&slices);
+                index.rebuild(&slices);
                 let mut names: BTreeSet<String> = services
                     .state()
                     .iter()
@@ -430,10 +511,11 @@ impl KubernetesController {
                     .collect();
                 names.extend(mapper.by_service.keys().cloned());
                 for n in &names {
-                    mapper.remap(n, &services, &by_service, &node, mode);
+                    mapper.remap(n, &services, &index, &slices, &node, mode);
                 }
                 match self.apply(&mapper, None).await {
                     Ok(()) => {
+                        unsaved_since.get_or_insert_with(std::time::Instant::now);
                         synced = true;
                         full = false;
                         failed_apply = false;
@@ -449,15 +531,19 @@ impl KubernetesController {
                 }
             } else if !dirty.is_empty() {
                 let scope = std::mem::take(&mut dirty);
-                let by_service = slices_by_service(&slices);
                 for n in &scope {
-                    mapper.remap(n, &services, &by_service, &node, mode);
+                    mapper.remap(n, &services, &index, &slices, &node, mode);
                 }
-                if let Err(e) = self.apply(&mapper, Some(&scope)).await {
-                    warn!(error = %e, "kubernetes: services not applied; retrying");
-                    self.tracker.failed(e);
-                    failed_apply = true;
-                    retry = (retry * 2).min(MAX_RETRY);
+                match self.apply(&mapper, Some(&scope)).await {
+                    Ok(()) => {
+                        unsaved_since.get_or_insert_with(std::time::Instant::now);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "kubernetes: services not applied; retrying");
+                        self.tracker.failed(e);
+                        failed_apply = true;
+                        retry = (retry * 2).min(MAX_RETRY);
+                    }
                 }
             }
         }

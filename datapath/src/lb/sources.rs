@@ -10,7 +10,10 @@ use datapath_api::{
 };
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts};
 
-use super::{LbPlane, store::SourceReport};
+use super::{
+    LbPlane,
+    store::{Durability, SourceReport},
+};
 use crate::{
     Error, Result,
     bus::{Bus, StateReader, StateWriter},
@@ -52,10 +55,11 @@ impl ServiceSink {
         source: ServiceSource,
         scope: Option<std::collections::BTreeSet<String>>,
         declared: Vec<DeclaredService>,
+        durability: Durability,
     ) -> Result<(SourceReport, usize)> {
         let mut guard = Arc::clone(&self.ctl).lock_owned().await;
         tokio::task::spawn_blocking(move || {
-            let report = guard.replace_source(source, scope.as_ref(), declared)?;
+            let report = guard.replace_source(source, scope.as_ref(), declared, durability)?;
             let owned = guard
                 .store()
                 .state()
@@ -67,6 +71,26 @@ impl ServiceSink {
         })
         .await
         .map_err(|e| Error::Internal(format!("applying the {source} source's services: {e}")))?
+    }
+}
+
+impl ServiceSink {
+    /// Writes the state file if a deferred batch left it behind.
+    ///
+    /// The copy is taken under the controller lock; the write is done outside it, so an
+    /// endpoint change meanwhile is not held behind the file.
+    pub async fn flush(&self) -> Result<()> {
+        let ctl = Arc::clone(&self.ctl);
+        tokio::task::spawn_blocking(move || {
+            let Some(pending) = ctl.blocking_lock().take_unsaved() else {
+                return Ok(());
+            };
+            pending
+                .write()
+                .inspect_err(|_| ctl.blocking_lock().mark_unsaved())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("saving the services: {e}")))?
     }
 }
 

@@ -84,6 +84,14 @@ struct StateFile {
     services: Vec<ServiceSpec>,
 }
 
+/// The state file's layout as written, borrowing the services.
+#[derive(Serialize)]
+struct StateFileOut<'a> {
+    version: u32,
+    next_generation: u32,
+    services: Vec<&'a ServiceSpec>,
+}
+
 /// Read first, alone, so that a file from a newer daemon is reported as such rather than as
 /// whatever field it no longer has.
 #[derive(Deserialize)]
@@ -111,6 +119,12 @@ pub struct Store {
     limits: Limits,
     state: DesiredState,
     observer: Option<Observer>,
+    /// Changes of a deferred batch not yet in the state file.
+    unsaved: bool,
+    /// Bumped by every committed change; the state file says which it holds (`file`).
+    generation: u64,
+    /// The generation the state file holds; locked while it is written.
+    file: std::sync::Arc<std::sync::Mutex<u64>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -153,8 +167,11 @@ impl Store {
             limits,
             state,
             observer: None,
+            unsaved: false,
+            generation: 0,
+            file: Default::default(),
         };
-        store.persist(&store.state)?;
+        store.persist(&store.state, 0)?;
         Ok(store)
     }
 
@@ -409,6 +426,7 @@ impl Store {
         source: ServiceSource,
         scope: Option<&BTreeSet<String>>,
         declared: Vec<DeclaredService>,
+        durability: Durability,
     ) -> Result<SourceReport> {
         if source.is_api() {
             return Err(Error::Internal(
@@ -430,23 +448,16 @@ impl Store {
             }
             wanted.insert(key, d);
         }
-        let mut service_ids = IdPool::new(
-            self.state.services.values().map(|s| s.id).collect(),
-            self.limits.max_services,
-        );
-        let mut backend_ids = IdPool::new(
-            self.state
-                .services
-                .values()
-                .flat_map(|s| s.backends.iter().map(|b| b.id))
-                .collect(),
-            self.limits.max_backends,
-        );
-        let mut next = self.state.clone();
+        // Changes are made to the state in place, each with the value it replaced, so that a
+        // failed save can put everything back (a copy of 10,000 services per change costs more
+        // than the change).
+        let mut undo_log: Vec<(ServiceKey, Option<ServiceSpec>)> = Vec::new();
         let mut applied: Vec<Change> = Vec::new();
+        let generation_before = self.state.next_generation;
+        let mut ids = Ids::default();
 
         // Removals first: what the source no longer declares.
-        let gone: Vec<ServiceSpec> = self
+        let gone: Vec<ServiceKey> = self
             .state
             .services
             .values()
@@ -456,13 +467,16 @@ impl Store {
                     && scope
                         .is_none_or(|owners| s.owner.as_deref().is_some_and(|o| owners.contains(o)))
             })
-            .cloned()
+            .map(|s| s.key)
             .collect();
-        for old in gone {
+        for key in gone {
+            let old = self.state.services[&key].clone();
             match plane.remove_service(&old) {
                 Ok(()) => {
-                    next.services.remove(&old.key);
+                    ids.freed(&old, None);
+                    self.state.services.remove(&key);
                     report.removed += 1;
+                    undo_log.push((key, Some(old.clone())));
                     applied.push(Change::Remove(old));
                 }
                 Err(e) => report.rejected.push(Rejected {
@@ -474,8 +488,8 @@ impl Store {
         }
 
         for (key, d) in wanted {
-            let old = self.state.services.get(&key);
-            if let Some(old) = old
+            let old = self.state.services.get(&key).cloned();
+            if let Some(old) = &old
                 && old.source != source
             {
                 report.rejected.push(Rejected {
@@ -489,14 +503,7 @@ impl Store {
                 });
                 continue;
             }
-            let new = match self.build_declared(
-                &d,
-                source,
-                old,
-                &mut service_ids,
-                &mut backend_ids,
-                &mut next.next_generation,
-            ) {
+            let new = match self.build_declared(&d, source, old.as_ref(), &mut ids) {
                 Ok(new) => new,
                 Err(reason) => {
                     report.rejected.push(Rejected {
@@ -507,22 +514,21 @@ impl Store {
                     continue;
                 }
             };
-            if old == Some(&new) {
+            if old.as_ref() == Some(&new) {
                 report.unchanged += 1;
                 continue;
             }
             match plane.apply_service(&new) {
                 Ok(()) => {
-                    if old.is_some() {
+                    if let Some(old) = &old {
+                        ids.freed(old, Some(&new));
                         report.updated += 1;
                     } else {
                         report.created += 1;
                     }
-                    next.services.insert(key, new.clone());
-                    applied.push(Change::Apply {
-                        new,
-                        old: old.cloned(),
-                    });
+                    self.state.services.insert(key, new.clone());
+                    undo_log.push((key, old.clone()));
+                    applied.push(Change::Apply { new, old });
                 }
                 Err(e) => report.rejected.push(Rejected {
                     key,
@@ -531,11 +537,36 @@ impl Store {
                 }),
             }
         }
+        if let Some((_, _, generation)) = &ids.pools {
+            self.state.next_generation = *generation;
+        }
 
         if applied.is_empty() {
             return Ok(report);
         }
-        if let Err(e) = self.persist(&next) {
+        let addresses_changed = applied.iter().any(|c| match c {
+            Change::Remove(_) => true,
+            Change::Apply { new, old: None } => !new.backends.is_empty(),
+            Change::Apply {
+                new,
+                old: Some(old),
+            } => !new
+                .backends
+                .iter()
+                .map(|b| b.addr)
+                .eq(old.backends.iter().map(|b| b.addr)),
+        });
+        self.generation += 1;
+        let saved = match durability {
+            Durability::Now => self
+                .persist(&self.state, self.generation)
+                .map(|()| self.unsaved = false),
+            Durability::Deferred => {
+                self.unsaved = true;
+                Ok(())
+            }
+        };
+        if let Err(e) = saved {
             for change in applied.iter().rev() {
                 if let Err(undo) = undo(plane, change) {
                     tracing::error!(error = %undo, "saving the state failed and undoing a \
@@ -543,13 +574,60 @@ impl Store {
                         until the source's next sync or a restart");
                 }
             }
+            for (key, old) in undo_log.into_iter().rev() {
+                match old {
+                    Some(old) => self.state.services.insert(key, old),
+                    None => self.state.services.remove(&key),
+                };
+            }
+            self.state.next_generation = generation_before;
+            self.generation -= 1;
             return Err(e);
         }
-        self.state = next;
-        if let Some(observer) = &self.observer {
+        // The observer wants the backends' addresses: a change of states or weights keeps
+        // them (and a walk of 100,000 backends per endpoint change is not free).
+        if addresses_changed && let Some(observer) = &self.observer {
             observer(&self.state);
         }
         Ok(report)
+    }
+
+    /// Whether changes are in memory and the dataplane but not yet in the state file (a
+    /// source's deferred batch); [`Self::flush`] writes them.
+    pub fn unsaved(&self) -> bool {
+        self.unsaved
+    }
+
+    /// Writes the state file if a deferred batch left it behind.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(pending) = self.take_unsaved() {
+            if let Err(e) = pending.write() {
+                self.unsaved = true;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a deferred batch left unsaved, to write without holding the store (a state of
+    /// 10,000 services takes tens of milliseconds to write): a copy of the state. If the write
+    /// fails, [`Self::mark_unsaved`] says so, and the next flush tries again.
+    pub fn take_unsaved(&mut self) -> Option<PendingWrite> {
+        if !self.unsaved {
+            return None;
+        }
+        self.unsaved = false;
+        Some(PendingWrite {
+            path: self.path.clone(),
+            file: std::sync::Arc::clone(&self.file),
+            generation: self.generation,
+            state: self.state.clone(),
+        })
+    }
+
+    /// A [`PendingWrite`] failed: the next flush writes again.
+    pub fn mark_unsaved(&mut self) {
+        self.unsaved = true;
     }
 
     /// The spec for declared service `d`: checked, with `old`'s ids and generations kept for
@@ -560,14 +638,11 @@ impl Store {
         d: &DeclaredService,
         source: ServiceSource,
         old: Option<&ServiceSpec>,
-        service_ids: &mut IdPool,
-        backend_ids: &mut IdPool,
-        next_generation: &mut u32,
+        ids: &mut Ids,
     ) -> Result<ServiceSpec, String> {
         check_declared(d)?;
         let mut backends: Vec<&datapath_api::DeclaredBackend> = d.backends.iter().collect();
         backends.sort_by_key(|b| (b.addr, b.port));
-        // Count what is needed before taking anything, so a refusal takes no id.
         let kept = |bkey: &BackendKey| {
             old.and_then(|o| {
                 o.backends
@@ -586,23 +661,42 @@ impl Store {
                 .is_none()
             })
             .count();
-        let free_backends = backend_ids.free();
-        if fresh > free_backends {
-            return Err(format!(
-                "capacity exhausted: it needs {fresh} new backend slots and {free_backends} are \
-                 free (max_backends {})",
-                self.limits.max_backends
-            ));
+        // The id pools are only built when an id is needed: most changes (an endpoint that
+        // drains or returns) take none.
+        let needs_ids = fresh > 0 || old.is_none();
+        let pools = if needs_ids {
+            Some(ids.pools(&self.state, self.limits))
+        } else {
+            None
+        };
+        let (service_ids, backend_ids, next_generation) = match pools {
+            Some((s, b, g)) => (Some(s), Some(b), Some(g)),
+            None => (None, None, None),
+        };
+        if let Some(backend_ids) = &backend_ids {
+            let free_backends = backend_ids.free();
+            if fresh > free_backends {
+                return Err(format!(
+                    "capacity exhausted: it needs {fresh} new backend slots and {free_backends} \
+                     are free (max_backends {})",
+                    self.limits.max_backends
+                ));
+            }
         }
         let id = match old {
             Some(o) => o.id,
-            None => service_ids.take().ok_or_else(|| {
-                format!(
-                    "capacity exhausted: all {} service slots are in use (max_services)",
-                    self.limits.max_services
-                )
-            })?,
+            None => service_ids
+                .expect("built for a new service")
+                .take()
+                .ok_or_else(|| {
+                    format!(
+                        "capacity exhausted: all {} service slots are in use (max_services)",
+                        self.limits.max_services
+                    )
+                })?,
         };
+        let mut backend_ids = backend_ids;
+        let mut next_generation = next_generation;
         let mut specs = Vec::with_capacity(backends.len());
         for b in backends {
             let bkey = BackendKey {
@@ -612,9 +706,11 @@ impl Store {
             let (id, generation) = match kept(&bkey) {
                 Some(k) => (k.id, k.generation),
                 None => {
-                    let id = backend_ids.take().expect("counted above");
-                    let generation = *next_generation;
-                    *next_generation = next_generation.wrapping_add(1);
+                    let pool = backend_ids.as_mut().expect("built for a new backend");
+                    let id = pool.take().expect("counted above");
+                    let counter = next_generation.as_mut().expect("built with the pools");
+                    let generation = **counter;
+                    **counter = counter.wrapping_add(1);
                     (id, generation)
                 }
             };
@@ -654,7 +750,7 @@ impl Store {
             Change::Apply { new, .. } => plane.apply_service(new)?,
             Change::Remove(old) => plane.remove_service(old)?,
         }
-        if let Err(e) = self.persist(&next) {
+        if let Err(e) = self.persist(&next, self.generation + 1) {
             let (undo, what) = match &change {
                 Change::Apply { old: Some(old), .. } => (plane.apply_service(old), old.key),
                 Change::Apply { new, old: None } => (plane.remove_service(new), new.key),
@@ -673,6 +769,9 @@ impl Store {
             }
             return Err(e);
         }
+        // The write held every change so far, a deferred batch's included.
+        self.unsaved = false;
+        self.generation += 1;
         self.state = next;
         if let Some(observer) = &self.observer {
             observer(&self.state);
@@ -682,24 +781,60 @@ impl Store {
 
     /// Writes `state` to the state file atomically: a temporary file in the same directory,
     /// flushed to disk, renamed over the old file, and the directory flushed.
-    fn persist(&self, state: &DesiredState) -> Result<()> {
-        let persistence = |source| Error::Persistence {
-            path: self.path.clone(),
-            source,
-        };
-        let file = StateFile {
-            version: STATE_FILE_VERSION,
-            next_generation: state.next_generation,
-            services: state.services.values().cloned().collect(),
-        };
-        let mut json = serde_json::to_vec_pretty(&file).map_err(|e| persistence(e.into()))?;
-        json.push(b'\n');
-        crate::persist::write_atomic(&self.path, &json)?;
-        Ok(())
+    fn persist(&self, state: &DesiredState, generation: u64) -> Result<()> {
+        write_state(&self.path, &self.file, generation, state)
     }
 }
 
 use crate::persist::parent_dir;
+
+/// Writes `state` (of store generation `generation`) to `path`, unless a newer generation was
+/// written already: writes made outside the store (a deferred batch's) may finish after a
+/// later change's.
+fn write_state(
+    path: &Path,
+    file: &std::sync::Mutex<u64>,
+    generation: u64,
+    state: &DesiredState,
+) -> Result<()> {
+    let mut written = file.lock().unwrap_or_else(|p| p.into_inner());
+    if generation < *written {
+        return Ok(());
+    }
+    let persistence = |source| Error::Persistence {
+        path: path.to_path_buf(),
+        source,
+    };
+    let out = StateFileOut {
+        version: STATE_FILE_VERSION,
+        next_generation: state.next_generation,
+        services: state.services.values().collect(),
+    };
+    let started = std::time::Instant::now();
+    // Compact: a state of 10,000 services is 20 MB pretty-printed, and twice as slow to write.
+    let mut json = serde_json::to_vec(&out).map_err(|e| persistence(e.into()))?;
+    json.push(b'\n');
+    let encoded = started.elapsed();
+    crate::persist::write_atomic(path, &json)?;
+    *written = generation;
+    tracing::debug!(services = state.services.len(), bytes = json.len(), ?encoded,
+                    total = ?started.elapsed(), "state file written");
+    Ok(())
+}
+
+/// A copy of the state to write outside the store (see [`Store::take_unsaved`]).
+pub struct PendingWrite {
+    path: PathBuf,
+    file: std::sync::Arc<std::sync::Mutex<u64>>,
+    generation: u64,
+    state: DesiredState,
+}
+
+impl PendingWrite {
+    pub fn write(&self) -> Result<()> {
+        write_state(&self.path, &self.file, self.generation, &self.state)
+    }
+}
 
 fn service_not_found(key: &ServiceKey) -> Error {
     Error::NotFound(format!("service {key}"))
@@ -760,6 +895,68 @@ pub fn check_declared(d: &DeclaredService) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The id pools of one batch of [`Store::replace_source`], built at the first need from the
+/// state as it is then plus the ids the batch freed before (which must not be handed out
+/// again within the batch), and the batch's generation counter.
+#[derive(Default)]
+struct Ids {
+    pools: Option<(IdPool, IdPool, u32)>,
+    freed_services: Vec<u32>,
+    freed_backends: Vec<u32>,
+}
+
+impl Ids {
+    /// Notes what replacing `old` by `new` (or removing it) freed.
+    fn freed(&mut self, old: &ServiceSpec, new: Option<&ServiceSpec>) {
+        let kept: BTreeSet<u32> = new
+            .map(|n| n.backends.iter().map(|b| b.id).collect())
+            .unwrap_or_default();
+        if new.is_none() {
+            self.freed_services.push(old.id);
+        }
+        self.freed_backends.extend(
+            old.backends
+                .iter()
+                .map(|b| b.id)
+                .filter(|id| !kept.contains(id)),
+        );
+    }
+
+    fn pools(
+        &mut self,
+        state: &DesiredState,
+        limits: Limits,
+    ) -> (&mut IdPool, &mut IdPool, &mut u32) {
+        let pools = self.pools.get_or_insert_with(|| {
+            let mut services: BTreeSet<u32> = state.services.values().map(|s| s.id).collect();
+            services.extend(self.freed_services.iter().copied());
+            let mut backends: BTreeSet<u32> = state
+                .services
+                .values()
+                .flat_map(|s| s.backends.iter().map(|b| b.id))
+                .collect();
+            backends.extend(self.freed_backends.iter().copied());
+            (
+                IdPool::new(services, limits.max_services),
+                IdPool::new(backends, limits.max_backends),
+                state.next_generation,
+            )
+        });
+        (&mut pools.0, &mut pools.1, &mut pools.2)
+    }
+}
+
+/// When a source's batch reaches the state file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Before the call returns; a failed write undoes the batch.
+    Now,
+    /// At the next [`Store::flush`] (or the next change through the API): the batch is live
+    /// at once and its write is coalesced with the next ones. For a source that can give its
+    /// state again (Kubernetes relists after a restart), so a crash in between loses nothing.
+    Deferred,
 }
 
 /// Ids in use during one batch of [`Store::replace_source`]: it only takes ids, never frees

@@ -23,7 +23,10 @@ use crate::{
     bus::{Bus, StateReader},
     config::Settings,
     controller::{Cancel, Controller, Health, Prepared, RunFuture},
-    lb::sources::{SERVICE_SINK, ServiceSink, SourceTracker},
+    lb::{
+        sources::{SERVICE_SINK, ServiceSink, SourceTracker},
+        store::Durability,
+    },
     watch::FileWatch,
 };
 
@@ -88,7 +91,7 @@ impl ServiceFileController {
             .clone()
             .ok_or_else(|| Failure::Apply("the load balancer is not running".into()))?;
         let (report, owned) = sink
-            .replace(ServiceSource::File, None, declared)
+            .replace(ServiceSource::File, None, declared, Durability::Now)
             .await
             .map_err(|e| Failure::Apply(e.to_string()))?;
         for r in &report.rejected {

@@ -70,6 +70,9 @@ enum Part {
     /// Only how fast the daemon follows the node over netlink (link -> attached, neighbour ->
     /// FIB generation, idle CPU over 60 s), printed; not part of `all`.
     Netlink,
+    /// Only the Kubernetes service source at scale (initial sync of 10,000 Services x 10
+    /// endpoints, one EndpointSlice change until live, RSS), printed; not part of `all`.
+    Kubernetes,
 }
 
 #[derive(Serialize)]
@@ -104,6 +107,13 @@ fn main() -> Result<()> {
             "--write-results needs the whole suite (--only all)"
         );
         return footprint_alone(&args, runs.unwrap_or(if args.smoke { 1 } else { 5 }));
+    }
+    if args.only == Part::Kubernetes {
+        ensure!(
+            !args.write_results,
+            "--write-results needs the whole suite (--only all)"
+        );
+        return kubernetes_alone(&args);
     }
     if args.only == Part::Netlink {
         ensure!(
@@ -209,6 +219,50 @@ fn main() -> Result<()> {
              about 10 minutes).\n\n{table}\n{kept}"
         );
         std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `--only kubernetes`: see `dp_perf::kubernetes`.
+fn kubernetes_alone(args: &Args) -> Result<()> {
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .context("binary without a directory")?
+        .to_path_buf();
+    let datapathd = args
+        .datapathd
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("datapathd"));
+    let lb_ctl = args
+        .lb_ctl
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+    eprintln!("dp-bench: kubernetes (initial sync, slice change to live, RSS)");
+    let r = dp_perf::kubernetes::run(datapathd, lb_ctl, args.smoke)?;
+    let p99 = dp_perf::netlink::p99;
+    print!(
+        "{} | {}\n\n### The Kubernetes source: {} Services x {} endpoints\n\n\
+         | measure | value |\n| --- | ---: |\n\
+         | initial sync, daemon start -> all programmed | {:.2} s |\n\
+         | initial sync, API answering -> all programmed | {:.2} s |\n\
+         | one EndpointSlice change -> live in LB_BACKENDS, p50 / p99 / max ({} changes) | {:.2} / {:.2} / {:.2} ms |\n\
+         | daemon RSS after the changes (peak) | {:.1} MiB ({:.1} MiB) |\n",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine(),
+        r.services,
+        r.endpoints_per_service,
+        r.sync_from_start_s,
+        r.sync_from_ready_s,
+        r.change_ms.samples.len(),
+        r.change_ms.median,
+        p99(&r.change_ms),
+        r.change_ms.max,
+        r.rss_mib,
+        r.peak_rss_mib,
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -616,7 +616,7 @@ fn replace_source_applies_the_difference_and_keeps_slots() {
     ];
     let r = f
         .store
-        .replace_source(&mut f.plane, src, None, first.clone())
+        .replace_source(&mut f.plane, src, None, first.clone(), Durability::Now)
         .unwrap();
     assert_eq!((r.created, r.updated, r.removed, r.unchanged), (2, 0, 0, 0));
     assert!(r.rejected.is_empty(), "{r:?}");
@@ -629,7 +629,7 @@ fn replace_source_applies_the_difference_and_keeps_slots() {
     // The same batch again changes nothing and programs nothing.
     let r = f
         .store
-        .replace_source(&mut f.plane, src, None, first.clone())
+        .replace_source(&mut f.plane, src, None, first.clone(), Durability::Now)
         .unwrap();
     assert_eq!((r.created, r.updated, r.removed, r.unchanged), (0, 0, 0, 2));
     assert_eq!(f.plane.calls.len(), calls);
@@ -642,7 +642,7 @@ fn replace_source_applies_the_difference_and_keeps_slots() {
     )];
     let r = f
         .store
-        .replace_source(&mut f.plane, src, None, second)
+        .replace_source(&mut f.plane, src, None, second, Durability::Now)
         .unwrap();
     assert_eq!((r.created, r.updated, r.removed, r.unchanged), (0, 1, 1, 0));
     let a2 = f.store.service(&first[0].key).unwrap().clone();
@@ -691,6 +691,7 @@ fn sources_own_their_services() {
                 declared("198.18.0.1", "web", &[("198.18.1.1", 80, Active)]),
                 declared("198.18.0.2", "db", &[("198.18.1.2", 80, Active)]),
             ],
+            Durability::Now,
         )
         .unwrap();
     assert_eq!(r.created, 1);
@@ -720,7 +721,13 @@ fn sources_own_their_services() {
     // Kubernetes declaring nothing removes nothing of the file's or the API's.
     let r = f
         .store
-        .replace_source(&mut f.plane, ServiceSource::Kubernetes, None, Vec::new())
+        .replace_source(
+            &mut f.plane,
+            ServiceSource::Kubernetes,
+            None,
+            Vec::new(),
+            Durability::Now,
+        )
         .unwrap();
     assert_eq!(r, SourceReport::default());
     assert_eq!(f.store.state().services.len(), 2);
@@ -757,6 +764,7 @@ fn replace_source_rejects_per_service() {
                     ],
                 ),
             ],
+            Durability::Now,
         )
         .unwrap();
     assert_eq!(r.created, 1, "{r:?}");
@@ -808,6 +816,7 @@ fn replace_source_persist_failure_undoes_the_batch() {
             ServiceSource::File,
             None,
             vec![declared("198.18.0.1", "a", &[("198.18.1.1", 80, Active)])],
+            Durability::Now,
         )
         .unwrap();
     let state = f.store.state().clone();
@@ -823,6 +832,7 @@ fn replace_source_persist_failure_undoes_the_batch() {
                 declared("198.18.0.1", "a", &[("198.18.1.2", 80, Active)]),
                 declared("198.18.0.2", "b", &[("198.18.1.3", 80, Active)]),
             ],
+            Durability::Now,
         )
         .unwrap_err();
     assert!(matches!(e, Error::Persistence { .. }), "{e:?}");
@@ -846,6 +856,7 @@ fn scoped_replacement_touches_only_its_owners() {
                 declared("198.18.0.2", "ns/a", &[("198.18.1.1", 80, Active)]),
                 declared("198.18.0.3", "ns/b", &[("198.18.1.2", 80, Active)]),
             ],
+            Durability::Now,
         )
         .unwrap();
     let scope: BTreeSet<String> = ["ns/a".to_string()].into();
@@ -860,6 +871,7 @@ fn scoped_replacement_touches_only_its_owners() {
                 "ns/a",
                 &[("198.18.1.3", 80, Active)],
             )],
+            Durability::Now,
         )
         .unwrap();
     assert_eq!((r.created, r.updated, r.removed, r.unchanged), (0, 1, 1, 0));
