@@ -600,11 +600,11 @@ impl Store {
 
     /// Writes the state file if a deferred batch left it behind.
     pub fn flush(&mut self) -> Result<()> {
-        if let Some(pending) = self.take_unsaved() {
-            if let Err(e) = pending.write() {
-                self.unsaved = true;
-                return Err(e);
-            }
+        if let Some(pending) = self.take_unsaved()
+            && let Err(e) = pending.write()
+        {
+            self.unsaved = true;
+            return Err(e);
         }
         Ok(())
     }
