@@ -79,9 +79,20 @@ fn commands(smoke: bool) -> Vec<Command> {
     vec![build, criterion, dp_bench]
 }
 
-/// The smoke run, as steps of `cargo xtask test`.
+/// The smoke run, as steps of `cargo xtask test`: the suite, then the Kubernetes source's
+/// bench at 500 Services (it is not part of the suite: `dp-bench --only kubernetes`).
 pub fn smoke_commands() -> Vec<Command> {
-    commands(true)
+    let mut all = commands(true);
+    let bin_dir = util::target_dir().join("debug");
+    let mut kubernetes = command(&bin_dir.join("dp-bench").to_string_lossy());
+    kubernetes
+        .arg("--datapathd")
+        .arg(bin_dir.join("datapathd"))
+        .arg("--lb-ctl")
+        .arg(bin_dir.join("lb-ctl"))
+        .args(["--only", "kubernetes", "--smoke"]);
+    all.push(kubernetes);
+    all
 }
 
 /// Name prefixes of everything the benchmarks create: the forwarding topology (`pf`), the
