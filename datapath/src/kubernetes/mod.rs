@@ -469,6 +469,8 @@ impl KubernetesController {
         let mut failed_apply = false;
         // Applied but not yet in the state file, since when.
         let mut unsaved_since: Option<std::time::Instant> = None;
+        // The background write in progress, if any.
+        let mut saving: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
         loop {
             // Saved when the source has been quiet for a moment, or has not been for a while.
             let save_in = unsaved_since
@@ -476,18 +478,39 @@ impl KubernetesController {
             let first = tokio::select! {
                 e = events.next() => e,
                 _ = tokio::time::sleep(retry), if failed_apply => None,
-                _ = tokio::time::sleep(save_in.unwrap_or(Duration::MAX)), if save_in.is_some() => {
-                    match self.flush().await {
-                        Ok(()) => unsaved_since = None,
-                        Err(e) => {
-                            warn!(error = %e, "kubernetes: cannot save the services; retrying");
-                            self.tracker.failed(e);
+                _ = tokio::time::sleep(save_in.unwrap_or(Duration::MAX)),
+                    if save_in.is_some() && saving.is_none() =>
+                {
+                    // Written in the background: the next events are applied meanwhile.
+                    let sink = (*self.sink.get()).clone();
+                    saving = Some(tokio::spawn(async move {
+                        match sink {
+                            Some(sink) => sink.flush().await.map_err(|e| e.to_string()),
+                            None => Err("the load balancer is not running".to_string()),
                         }
+                    }));
+                    unsaved_since = None;
+                    continue;
+                }
+                done = async { saving.as_mut().expect("guarded").await }, if saving.is_some() => {
+                    saving = None;
+                    let failed = match done {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e),
+                        Err(e) => Some(format!("the state-file write failed: {e}")),
+                    };
+                    if let Some(e) = failed {
+                        warn!(error = %e, "kubernetes: cannot save the services; retrying");
+                        self.tracker.failed(e);
+                        unsaved_since.get_or_insert_with(std::time::Instant::now);
                     }
                     continue;
                 }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => None,
                 _ = cancel.cancelled() => {
+                    if let Some(w) = saving.take() {
+                        let _ = w.await;
+                    }
                     let _ = self.flush().await;
                     return Ok(());
                 }
