@@ -17,10 +17,11 @@ use datapath_api::{BackendState, Protocol, ServiceSource, ServiceView, SourcesVi
 use netns_tests::{
     Binaries, Daemon, Lab, LabOptions, TopologyOptions,
     client::{self, Conn, sock},
+    http,
     kube_api::{KubeApi, Resource, yaml_object},
     lab::{BACKEND_PORT, TCP_SERVICE_PORT},
     netns, privileged,
-    topology::VIP,
+    topology::{LB_CLIENT_IP, VIP},
 };
 use serde_json::{Value, json};
 
@@ -276,6 +277,26 @@ fn kubernetes_service_flows_through_xdp_and_survives_the_api_server() {
         spread.table()
     );
     ok("the daemon stays up", d.lb_ctl_ok(&["status"]).map(drop));
+    // Ready for the datapath, and the metrics say the source is failing.
+    let metrics = sock(LB_CLIENT_IP, 9477);
+    let (code, body) = ok("/readyz", http::get_in(lab.client_ns(), metrics, "/readyz"));
+    assert_eq!(code, 200, "/readyz with the API server down: {body}");
+    let (_, text) = ok(
+        "/metrics",
+        http::get_in(lab.client_ns(), metrics, "/metrics"),
+    );
+    let errors: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("datapath_source_sync_errors_total{source=\"kubernetes\"} "))
+        .expect("the source's error counter")
+        .parse()
+        .unwrap();
+    assert!(errors >= 1.0, "{text}");
+    assert!(
+        text.contains("datapath_source_synced{source=\"kubernetes\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("datapath_source_last_sync_age_seconds{source=\"kubernetes\"}"));
     assert_eq!(vip_service(d).map(|v| ids(&v)), Some(ids(&after_delete)));
 
     // It comes back compacted: the client's resourceVersion is gone (410), it lists again,
