@@ -706,27 +706,7 @@ impl Source {
         }
         let de = serde_yaml_ng::Deserializer::from_str(&self.text);
         serde_path_to_error::deserialize(de).map_err(|e| {
-            let line = e.inner().location().map(|l| l.line());
-            let mut key = e.path().to_string();
-            let mut reason = e.inner().to_string();
-            // serde_yaml_ng appends " at line L column C"; the error says it separately.
-            if let Some(at) = reason.find(" at line ") {
-                reason.truncate(at);
-            }
-            // An unknown key is reported at its parent: name the key itself.
-            if let Some(rest) = reason.strip_prefix("unknown field `")
-                && let Some(end) = rest.find('`')
-            {
-                let name = &rest[..end];
-                if key == "." || key.is_empty() {
-                    key = name.to_string();
-                } else if !key.ends_with(name) {
-                    key = format!("{key}.{name}");
-                }
-            }
-            if key == "." {
-                key = "(top level)".to_string();
-            }
+            let (line, key, reason) = text::yaml_error(&e, false);
             Error::Config {
                 file: self.path.clone(),
                 line,

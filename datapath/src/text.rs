@@ -128,6 +128,41 @@ pub fn key_lines(text: &str, key: &str) -> Vec<usize> {
         .collect()
 }
 
+/// Where a YAML file's serde error is, as the daemon reports it: the line, the key (an unknown
+/// key named itself, not its parent) and the one-line reason without serde_yaml_ng's own
+/// location. `strip_path`: also drop a leading `path: ` that some of its reasons repeat.
+pub fn yaml_error(
+    e: &serde_path_to_error::Error<serde_yaml_ng::Error>,
+    strip_path: bool,
+) -> (Option<usize>, String, String) {
+    let line = e.inner().location().map(|l| l.line());
+    let mut key = e.path().to_string();
+    let mut reason = e.inner().to_string();
+    if let Some(at) = reason.find(" at line ") {
+        reason.truncate(at);
+    }
+    if strip_path
+        && let Some((head, rest)) = reason.split_once(": ")
+        && key.starts_with(head)
+    {
+        reason = rest.to_string();
+    }
+    if let Some(rest) = reason.strip_prefix("unknown field `")
+        && let Some(end) = rest.find('`')
+    {
+        let name = &rest[..end];
+        if key == "." || key.is_empty() {
+            key = name.to_string();
+        } else if !key.ends_with(name) {
+            key = format!("{key}.{name}");
+        }
+    }
+    if key == "." {
+        key = "(top level)".to_string();
+    }
+    (line, key, reason)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};

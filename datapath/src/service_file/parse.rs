@@ -87,32 +87,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<DeclaredService>, Error> {
     }
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let layout: FileLayout = serde_path_to_error::deserialize(de).map_err(|e| {
-        let line = e.inner().location().map(|l| l.line());
-        let mut key = e.path().to_string();
-        let mut reason = e.inner().to_string();
-        // serde_yaml_ng appends " at line L column C"; the error says it separately.
-        if let Some(at) = reason.find(" at line ") {
-            reason.truncate(at);
-        }
-        // serde_yaml_ng also starts some reasons with the path.
-        if let Some((head, rest)) = reason.split_once(": ")
-            && key.starts_with(head)
-        {
-            reason = rest.to_string();
-        }
-        if let Some(rest) = reason.strip_prefix("unknown field `")
-            && let Some(end) = rest.find('`')
-        {
-            let name = &rest[..end];
-            if key == "." || key.is_empty() {
-                key = name.to_string();
-            } else if !key.ends_with(name) {
-                key = format!("{key}.{name}");
-            }
-        }
-        if key == "." {
-            key = "(top level)".into();
-        }
+        let (line, key, reason) = crate::text::yaml_error(&e, true);
         config_error(line, &key, &reason)
     })?;
 
