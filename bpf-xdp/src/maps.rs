@@ -27,10 +27,12 @@ pub(crate) static LB_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
 pub(crate) static LB_BACKENDS: Array<BackendInfo> = Array::pinned(defaults::MAX_BACKENDS, 0);
 
 /// `max_services * 2` Maglev tables of `MAGLEV_SIZE` backend ids (two per service: one live,
-/// one being rebuilt).
+/// one being rebuilt). Mappable: the daemon writes the tables in place.
 #[map(name = "LB_MAGLEV")]
-pub(crate) static LB_MAGLEV: Array<u32> =
-    Array::pinned(defaults::MAX_SERVICES * 2 * defaults::MAGLEV_SIZE, 0);
+pub(crate) static LB_MAGLEV: Array<u32> = Array::pinned(
+    defaults::MAX_SERVICES * 2 * defaults::MAGLEV_SIZE,
+    bpf_common::BPF_F_MMAPABLE,
+);
 
 #[map(name = "LB_FLOWS")]
 pub(crate) static LB_FLOWS: LruHashMap<CtKey, FlowEntry> =

@@ -39,8 +39,13 @@ use crate::{
 pub trait PlaneStats {
     /// Every counter, summed over CPUs.
     fn stats(&self) -> Result<StatsSnapshot>;
-    /// Entries of service `service_id`'s live Maglev table, by backend id.
-    fn table_entries(&self, service_id: u32) -> Result<BTreeMap<u32, u32>>;
+    /// The counters of `service` and its backends (and the reasons); a plane with many
+    /// services reads only these.
+    fn service_stats(&self, _service: &ServiceSpec) -> Result<StatsSnapshot> {
+        self.stats()
+    }
+    /// Entries of `service`'s live Maglev table, by backend id.
+    fn table_entries(&self, service: &ServiceSpec) -> Result<BTreeMap<u32, u32>>;
 }
 
 impl PlaneStats for Dataplane {
@@ -48,8 +53,12 @@ impl PlaneStats for Dataplane {
         Dataplane::stats(self)
     }
 
-    fn table_entries(&self, service_id: u32) -> Result<BTreeMap<u32, u32>> {
-        Dataplane::table_entries(self, service_id)
+    fn service_stats(&self, service: &ServiceSpec) -> Result<StatsSnapshot> {
+        Dataplane::service_stats(self, service)
+    }
+
+    fn table_entries(&self, service: &ServiceSpec) -> Result<BTreeMap<u32, u32>> {
+        Dataplane::table_entries(self, service)
     }
 }
 
@@ -115,7 +124,7 @@ impl<P: Plane> Controller<P> {
 
     pub fn show(&self, key: &ServiceKey) -> Result<ServiceView> {
         let spec = self.store.service(key)?;
-        self.view(spec, &self.plane.stats()?)
+        self.view(spec, &self.plane.service_stats(spec)?)
     }
 
     pub fn stats(&self) -> Result<StatsView> {
@@ -214,18 +223,18 @@ impl<P: Plane> Controller<P> {
     }
 
     fn view(&self, spec: &ServiceSpec, stats: &StatsSnapshot) -> Result<ServiceView> {
-        let entries = self.plane.table_entries(spec.id)?;
+        let entries = self.plane.table_entries(spec)?;
         Ok(make_view(spec, stats, &entries, self.neighbour_of.as_ref()))
     }
 
     /// The view answering a change that has already happened: failing to read counters must
     /// not turn that answer into an error, so they read as zero (with a warning) instead.
     fn view_after_change(&self, spec: &ServiceSpec) -> ServiceView {
-        let stats = self.plane.stats().unwrap_or_else(|e| {
+        let stats = self.plane.service_stats(spec).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the datapath counters");
             StatsSnapshot::default()
         });
-        let entries = self.plane.table_entries(spec.id).unwrap_or_else(|e| {
+        let entries = self.plane.table_entries(spec).unwrap_or_else(|e| {
             tracing::warn!(service = %spec.key, error = %e, "cannot read the Maglev table");
             BTreeMap::new()
         });

@@ -293,7 +293,7 @@ pub fn create_hash_map<K, V>(map_type: u32, max_entries: u32) -> Result<OwnedFd>
 /// `BPF_MAP_TYPE_LRU_HASH`, the type of `LB_FLOWS` and `LB_NAT_REV`.
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
-/// Inserts or replaces `entries`, in batches. For tests and benchmarks.
+/// Inserts or replaces `entries`, in batches (one syscall per 8,192 entries).
 pub fn update_all<K: Copy, V: Copy>(map: BorrowedFd<'_>, entries: &[(K, V)]) -> Result<()> {
     const CHUNK: usize = 8_192;
     for chunk in entries.chunks(CHUNK) {
@@ -301,6 +301,35 @@ pub fn update_all<K: Copy, V: Copy>(map: BorrowedFd<'_>, entries: &[(K, V)]) -> 
         let values: Vec<V> = chunk.iter().map(|(_, value)| *value).collect();
         let mut attr = BatchAttr {
             keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
+            .map_err(|e| map_error("BPF_MAP_UPDATE_BATCH", e))?;
+    }
+    Ok(())
+}
+
+/// Sets every CPU's value of each of `keys` to `value` in a per-CPU array or hash map, in
+/// batches: the kernel takes `cpus` values per key, each padded to 8 bytes.
+pub fn update_all_per_cpu<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    value: V,
+    cpus: usize,
+) -> Result<()> {
+    const CHUNK: usize = 1_024;
+    let slot = size_of::<V>().next_multiple_of(8);
+    for chunk in keys.chunks(CHUNK) {
+        let mut values = vec![0u8; chunk.len() * cpus * slot];
+        for cell in values.chunks_exact_mut(slot) {
+            // SAFETY: `cell` is at least `size_of::<V>()` bytes; V is plain data.
+            unsafe { std::ptr::write_unaligned(cell.as_mut_ptr().cast::<V>(), value) };
+        }
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
             values: values.as_ptr() as u64,
             count: chunk.len() as u32,
             map_fd: map.as_raw_fd() as u32,
@@ -328,4 +357,104 @@ pub fn update<K: Copy, V: Copy>(map: BorrowedFd<'_>, key: &K, value: &V) -> Resu
 /// tests and benchmarks.
 pub fn read_all<K: Copy + Default, V: Copy + Default>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>> {
     lookup_all(map, 4_096)
+}
+
+/// An array map of `u32` created with `BPF_F_MMAPABLE`, mapped into this process: entries are
+/// written in place, with no syscall. The programs read the same pages. The kernel stores array
+/// elements 8 bytes apart (`round_up(value_size, 8)`), so entry `i` is the `2i`-th `u32`.
+pub struct MappedU32Array {
+    base: std::ptr::NonNull<std::sync::atomic::AtomicU32>,
+    entries: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory that every access reaches through atomics; it stays
+// valid until `Drop` unmaps it.
+unsafe impl Send for MappedU32Array {}
+// SAFETY: as above.
+unsafe impl Sync for MappedU32Array {}
+
+impl MappedU32Array {
+    /// Maps `map`; `None` when it was created without `BPF_F_MMAPABLE` (a map pinned by an
+    /// older build), which the caller then writes with syscalls.
+    pub fn map(map: BorrowedFd<'_>) -> Result<Option<Self>> {
+        let layout = map_layout(map)?;
+        if layout.map_flags & bpf_common::BPF_F_MMAPABLE == 0 || layout.value_size != 4 {
+            return Ok(None);
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let entries = layout.max_entries as usize;
+        let len = (entries * ARRAY_STRIDE_U32S * 4)
+            .next_multiple_of(page)
+            .max(page);
+        // SAFETY: a new shared mapping of the map's pages; the kernel checks length and flags.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::io(
+                "map LB_MAGLEV into memory",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let base = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| {
+            Error::io(
+                "map LB_MAGLEV into memory",
+                std::io::Error::other("null mapping"),
+            )
+        })?;
+        Ok(Some(Self { base, entries, len }))
+    }
+
+    /// Writes every `(index, value)`; an index beyond the map is an error, before anything is
+    /// written.
+    pub fn set_all(&self, entries: &[(u32, u32)]) -> Result<()> {
+        if let Some((index, _)) = entries.iter().find(|(i, _)| *i as usize >= self.entries) {
+            return Err(Error::InvalidArgument(format!(
+                "index {index} beyond the {} entries of the mapped array",
+                self.entries
+            )));
+        }
+        for (index, value) in entries {
+            self.cell(*index as usize)
+                .store(*value, std::sync::atomic::Ordering::Relaxed);
+        }
+        // The VIP update that publishes the table is a syscall after this; the fence keeps the
+        // stores before it on weakly ordered CPUs too.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    pub fn get(&self, index: u32) -> Option<u32> {
+        ((index as usize) < self.entries).then(|| {
+            self.cell(index as usize)
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    fn cell(&self, index: usize) -> &std::sync::atomic::AtomicU32 {
+        debug_assert!(index < self.entries);
+        // SAFETY: index < entries, and the mapping holds `entries` 8-byte elements.
+        unsafe { &*self.base.as_ptr().add(index * ARRAY_STRIDE_U32S) }
+    }
+}
+
+/// `u32`s per array element: the kernel rounds an array's value size up to 8 bytes.
+const ARRAY_STRIDE_U32S: usize = 2;
+
+impl Drop for MappedU32Array {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `map` made.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
 }

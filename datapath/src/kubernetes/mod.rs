@@ -471,6 +471,8 @@ impl KubernetesController {
         let mut unsaved_since: Option<std::time::Instant> = None;
         // The background write in progress, if any.
         let mut saving: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
+        // For the log line of each (re)list: how long the lists and the mapping took.
+        let mut listing_since = Some(std::time::Instant::now());
         loop {
             // Saved when the source has been quiet for a moment, or has not been for a while.
             let save_in = unsaved_since
@@ -533,7 +535,10 @@ impl KubernetesController {
                             services_listed = true;
                             full = true;
                         }
-                        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                        watcher::Event::Init => {
+                            listing_since.get_or_insert_with(std::time::Instant::now);
+                        }
+                        watcher::Event::InitApply(_) => {}
                     },
                     Watched::Slice(Ok(ev)) => match ev {
                         watcher::Event::Apply(s) => dirty.extend(index.update(&s, false)),
@@ -542,7 +547,10 @@ impl KubernetesController {
                             slices_listed = true;
                             full = true;
                         }
-                        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                        watcher::Event::Init => {
+                            listing_since.get_or_insert_with(std::time::Instant::now);
+                        }
+                        watcher::Event::InitApply(_) => {}
                     },
                     Watched::Service(Err(e)) | Watched::Slice(Err(e)) => {
                         let e = format!("watch: {e}");
@@ -564,6 +572,15 @@ impl KubernetesController {
             }
             if !synced || full || failed_apply {
                 // A (re)list: every Service again, and the source's whole set replaced.
+                let mapping_since = std::time::Instant::now();
+                if let Some(since) = listing_since.take() {
+                    info!(
+                        services = services.state().len(),
+                        slices = slices.state().len(),
+                        list_ms = since.elapsed().as_millis() as u64,
+                        "kubernetes: listed"
+                    );
+                }
                 index.rebuild(&slices);
                 let mut names: BTreeSet<String> = services
                     .state()
@@ -574,6 +591,11 @@ impl KubernetesController {
                 for n in &names {
                     mapper.remap(n, &services, &index, &slices, &node, mode);
                 }
+                info!(
+                    services = names.len(),
+                    map_ms = mapping_since.elapsed().as_millis() as u64,
+                    "kubernetes: mapped"
+                );
                 match self.apply(&mapper, None).await {
                     Ok(()) => {
                         unsaved_since.get_or_insert_with(std::time::Instant::now);

@@ -89,9 +89,16 @@ impl PlaneStats for LbPlane {
         }
     }
 
-    fn table_entries(&self, service_id: u32) -> Result<BTreeMap<u32, u32>> {
+    fn service_stats(&self, service: &ServiceSpec) -> Result<StatsSnapshot> {
         match &self.dp {
-            Some(dp) => dp.table_entries(service_id),
+            Some(dp) => dp.service_stats(service),
+            None => Ok(StatsSnapshot::default()),
+        }
+    }
+
+    fn table_entries(&self, service: &ServiceSpec) -> Result<BTreeMap<u32, u32>> {
+        match &self.dp {
+            Some(dp) => dp.table_entries(service),
             None => Ok(BTreeMap::new()),
         }
     }
@@ -685,8 +692,8 @@ async fn warm_neighbours(lb: Arc<LbController>, mut cancel: Cancel) -> Result<()
             _ = ticker.tick() => {}
             _ = cancel.cancelled() => return Ok(()),
         }
-        let ctl = lb.ctl.lock().await;
-        let Some(dp) = ctl.plane().dataplane() else {
+        let mut ctl = lb.ctl.lock().await;
+        let Some(dp) = ctl.parts_mut().1.dataplane_mut() else {
             seen = None;
             continue;
         };

@@ -19,8 +19,8 @@ impl PlaneStats for MemPlane {
         Ok(self.stats.clone())
     }
 
-    fn table_entries(&self, service_id: u32) -> Result<BTreeMap<u32, u32>> {
-        Ok(self.entries(service_id))
+    fn table_entries(&self, service: &ServiceSpec) -> Result<BTreeMap<u32, u32>> {
+        Ok(self.entries(service.id))
     }
 }
 

@@ -83,6 +83,39 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The `List` answer: the objects are encoded straight from the store, not copied first (a
+    /// list of 10,000 slices is answered in tens of milliseconds, as a real server answers from
+    /// its watch cache).
+    fn list_body(&self, resource: Resource, in_ns: &dyn Fn(&Value) -> bool) -> Result<Vec<u8>> {
+        let mut out = format!(
+            r#"{{"kind":"{}List","apiVersion":"{}","metadata":{{"resourceVersion":"{}"}},"items":["#,
+            resource.kind(),
+            resource.api_version(),
+            self.rv
+        )
+        .into_bytes();
+        let mut first = true;
+        for ((r, _, _), o) in &self.objects {
+            if *r != resource || !in_ns(o) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            serde_json::to_writer(&mut out, o)?;
+        }
+        out.extend_from_slice(b"]}");
+        Ok(out)
+    }
+
+    /// The events after `rv` (the history is in resourceVersion order).
+    fn events_after(&self, rv: u64) -> &[Event] {
+        &self.events[self.events.partition_point(|e| e.rv <= rv)..]
+    }
+}
+
 /// A BOOKMARK event at `rv`: only the object's kind and metadata, as the real server sends;
 /// `initial_end` marks the end of a streaming list's initial events.
 fn bookmark(resource: Resource, rv: u64, initial_end: bool) -> Value {
@@ -157,7 +190,14 @@ impl KubeApi {
                         });
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5));
+                        // Woken by the next connection at once, by the stop flag within 50 ms.
+                        let mut ready = libc::pollfd {
+                            fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        // SAFETY: one valid pollfd for the listener, which outlives the call.
+                        unsafe { libc::poll(&mut ready, 1, 50) };
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -293,7 +333,10 @@ fn read_request(stream: &TcpStream) -> Result<Option<Request>> {
 }
 
 fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
-    let text = body.to_string();
+    respond_text(stream, code, body.to_string().as_bytes())
+}
+
+fn respond_text(stream: &mut TcpStream, code: u16, text: &[u8]) -> Result<()> {
     let reason = match code {
         200 => "OK",
         404 => "Not Found",
@@ -303,9 +346,10 @@ fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
     };
     write!(
         stream,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         text.len()
     )?;
+    stream.write_all(text)?;
     Ok(())
 }
 
@@ -387,13 +431,8 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> Result<()> {
         {
             return watch(stream, shared, resource, &req, &in_ns);
         }
-        let st = shared.store.lock().unwrap();
-        let items = st.current(resource, &in_ns);
-        let list = json!({"kind": format!("{}List", resource.kind()),
-            "apiVersion": resource.api_version(),
-            "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
-        drop(st);
-        respond(&mut stream, 200, &list)?;
+        let list = shared.store.lock().unwrap().list_body(resource, &in_ns)?;
+        respond_text(&mut stream, 200, &list)?;
     }
     Ok(())
 }
@@ -462,7 +501,7 @@ fn watch(
             break;
         }
         let due: Vec<Event> = st
-            .events
+            .events_after(sent)
             .iter()
             .filter(|e| e.rv > sent && e.resource == resource && in_ns(&e.object))
             .cloned()
