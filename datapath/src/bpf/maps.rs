@@ -299,16 +299,22 @@ pub fn update_all<K: Copy, V: Copy>(map: BorrowedFd<'_>, entries: &[(K, V)]) -> 
     for chunk in entries.chunks(CHUNK) {
         let keys: Vec<K> = chunk.iter().map(|(key, _)| *key).collect();
         let values: Vec<V> = chunk.iter().map(|(_, value)| *value).collect();
-        let mut attr = BatchAttr {
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: chunk.len() as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
-            .map_err(|e| map_error("BPF_MAP_UPDATE_BATCH", e))?;
+        update_batch(map, &keys, values.as_ptr().cast())?;
     }
+    Ok(())
+}
+
+/// One `BPF_MAP_UPDATE_BATCH` of `keys`, with their values laid out at `values` as the map
+/// expects them (one value per key, or one per possible CPU in a per-CPU map).
+fn update_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K], values: *const u8) -> Result<()> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map_err(|e| map_error("BPF_MAP_UPDATE_BATCH", e))?;
     Ok(())
 }
 
@@ -328,15 +334,7 @@ pub fn update_all_per_cpu<K: Copy, V: Copy>(
             // SAFETY: `cell` is at least `size_of::<V>()` bytes; V is plain data.
             unsafe { std::ptr::write_unaligned(cell.as_mut_ptr().cast::<V>(), value) };
         }
-        let mut attr = BatchAttr {
-            keys: chunk.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: chunk.len() as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
-            .map_err(|e| map_error("BPF_MAP_UPDATE_BATCH", e))?;
+        update_batch(map, chunk, values.as_ptr())?;
     }
     Ok(())
 }

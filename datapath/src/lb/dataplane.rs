@@ -599,10 +599,15 @@ fn sum_counter(map: &PerCpuArray<MapData, bpf_common::Counter>, id: u32) -> Resu
     let values = map
         .get(&id, 0)
         .map_err(map_error(format!("read counters of id {id}")))?;
-    Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+    Ok(sum_over_cpus(&values))
+}
+
+/// One id's per-CPU counters, summed.
+fn sum_over_cpus(per_cpu: &[bpf_common::Counter]) -> Counter {
+    per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
         packets: acc.packets + c.packets,
         bytes: acc.bytes + c.bytes,
-    }))
+    })
 }
 
 pub use crate::bpf::pins::cleanup;

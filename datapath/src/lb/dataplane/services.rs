@@ -561,10 +561,7 @@ fn sum_all_counters(
         .map_err(|e| Error::io("read the counters (BPF_MAP_LOOKUP_BATCH)", e))?;
         first = false;
         for per_cpu in values[..filled * cpus].chunks_exact(cpus) {
-            sums.push(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            }));
+            sums.push(sum_over_cpus(per_cpu));
         }
         if done || filled == 0 {
             break;
