@@ -45,8 +45,7 @@ pub struct KubernetesReport {
     pub sync_from_ready_s: f64,
     /// Milliseconds from a slice change to its backend's state flipping in `LB_BACKENDS`.
     pub change_ms: Summary,
-    pub rss_mib: f64,
-    pub peak_rss_mib: f64,
+    pub rss: Rss,
 }
 
 fn cluster_ip(i: usize) -> Ipv4Addr {
@@ -114,7 +113,18 @@ fn backend_state(pin: &Path, id: u32) -> Result<u8> {
     Ok(array.get(&id, 0)?.state)
 }
 
-fn rss_mib(pid: u32) -> Result<(f64, f64)> {
+/// Resident memory of `pid`, MiB.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Rss {
+    pub total: f64,
+    pub peak: f64,
+    /// Heap and stacks (`RssAnon`).
+    pub anon: f64,
+    /// Mapped files and BPF maps (`RssFile`: `LB_MAGLEV` is mapped while it is written).
+    pub file: f64,
+}
+
+fn rss_mib(pid: u32) -> Result<Rss> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |key: &str| -> Result<f64> {
         let line = status
@@ -127,7 +137,12 @@ fn rss_mib(pid: u32) -> Result<(f64, f64)> {
             .unwrap_or("0")
             .parse::<f64>()?)
     };
-    Ok((kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
+    Ok(Rss {
+        total: kib("VmRSS:")? / 1024.0,
+        peak: kib("VmHWM:")? / 1024.0,
+        anon: kib("RssAnon:")? / 1024.0,
+        file: (kib("RssFile:")? + kib("RssShmem:")?) / 1024.0,
+    })
 }
 
 fn sources(daemon: &Daemon) -> Result<Value> {
@@ -250,15 +265,14 @@ pub fn run(
                 thread::sleep(Duration::from_millis(20));
             }
         }
-        let (rss, peak) = rss_mib(pid)?;
+        let rss = rss_mib(pid)?;
         Ok(KubernetesReport {
             services: count,
             endpoints_per_service: ENDPOINTS,
             sync_from_start_s: (synced - started).as_secs_f64(),
             sync_from_ready_s: (synced - ready).as_secs_f64(),
             change_ms: Summary::of(&samples).context("no change measured")?,
-            rss_mib: rss,
-            peak_rss_mib: peak,
+            rss,
         })
     })();
     if result.is_err() || std::env::var_os("DP_BENCH_DAEMON_LOG").is_some() {

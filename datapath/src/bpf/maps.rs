@@ -357,44 +357,94 @@ pub fn read_all<K: Copy + Default, V: Copy + Default>(map: BorrowedFd<'_>) -> Re
     lookup_all(map, 4_096)
 }
 
-/// An array map of `u32` created with `BPF_F_MMAPABLE`, mapped into this process: entries are
-/// written in place, with no syscall. The programs read the same pages. The kernel stores array
-/// elements 8 bytes apart (`round_up(value_size, 8)`), so entry `i` is the `2i`-th `u32`.
-pub struct MappedU32Array {
-    base: std::ptr::NonNull<std::sync::atomic::AtomicU32>,
+/// An array map of `u32` created with `BPF_F_MMAPABLE`, written in place through a shared
+/// mapping of only the pages a write touches: one mmap and munmap per write, instead of one
+/// syscall per entry. The window is unmapped after each write because a mapping of a BPF
+/// array is populated whole when it is made, and the whole of `LB_MAGLEV` (tens of MiB) would
+/// count as this process's resident memory. The kernel stores array elements 8 bytes apart
+/// (`round_up(value_size, 8)`), so entry `i` is the `2i`-th `u32`.
+pub struct MappableU32Array {
+    fd: OwnedFd,
     entries: usize,
-    len: usize,
+    page: usize,
 }
 
-// SAFETY: the mapping is shared memory that every access reaches through atomics; it stays
-// valid until `Drop` unmaps it.
-unsafe impl Send for MappedU32Array {}
-// SAFETY: as above.
-unsafe impl Sync for MappedU32Array {}
-
-impl MappedU32Array {
-    /// Maps `map`; `None` when it was created without `BPF_F_MMAPABLE` (a map pinned by an
-    /// older build), which the caller then writes with syscalls.
-    pub fn map(map: BorrowedFd<'_>) -> Result<Option<Self>> {
+impl MappableU32Array {
+    /// `None` when `map` was created without `BPF_F_MMAPABLE` (a map pinned by an older
+    /// build), which the caller then writes with syscalls.
+    pub fn open(map: BorrowedFd<'_>) -> Result<Option<Self>> {
         let layout = map_layout(map)?;
         if layout.map_flags & bpf_common::BPF_F_MMAPABLE == 0 || layout.value_size != 4 {
             return Ok(None);
         }
+        let fd = map
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("duplicate the LB_MAGLEV descriptor", e))?;
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let entries = layout.max_entries as usize;
-        let len = (entries * ARRAY_STRIDE_U32S * 4)
-            .next_multiple_of(page)
-            .max(page);
-        // SAFETY: a new shared mapping of the map's pages; the kernel checks length and flags.
+        Ok(Some(Self {
+            fd,
+            entries: layout.max_entries as usize,
+            page,
+        }))
+    }
+
+    /// Writes `values` to entries `first..first + values.len()`; a range beyond the map is an
+    /// error, before anything is written.
+    pub fn write_range(&self, first: u32, values: &[u32]) -> Result<()> {
+        self.with_window(first, values.len(), |cells| {
+            for (cell, value) in cells.zip(values) {
+                cell.store(*value, std::sync::atomic::Ordering::Relaxed);
+            }
+            // The VIP update that publishes the table is a syscall after this; the fence keeps
+            // the stores before it on weakly ordered CPUs too.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        })
+    }
+
+    /// Entries `first..first + count`, read through a mapping (tests and inspection).
+    pub fn read_range(&self, first: u32, count: usize) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(count);
+        self.with_window(first, count, |cells| {
+            out.extend(cells.map(|c| c.load(std::sync::atomic::Ordering::Relaxed)));
+        })?;
+        Ok(out)
+    }
+
+    /// Maps the pages that hold entries `first..first + count`, hands `f` those entries in
+    /// order, and unmaps them.
+    fn with_window(
+        &self,
+        first: u32,
+        count: usize,
+        f: impl FnOnce(&mut dyn Iterator<Item = &std::sync::atomic::AtomicU32>),
+    ) -> Result<()> {
+        let first = first as usize;
+        if first.saturating_add(count) > self.entries {
+            return Err(Error::InvalidArgument(format!(
+                "entries {first}..{} beyond the {} entries of the mapped array",
+                first.saturating_add(count),
+                self.entries
+            )));
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let element = ARRAY_STRIDE_U32S * 4;
+        let start = first * element;
+        let end = (first + count) * element;
+        let offset = start - start % self.page;
+        let len = (end - offset).next_multiple_of(self.page);
+        // SAFETY: a new shared mapping of the map's own pages, at a page-aligned offset inside
+        // the map (checked above); the kernel checks length and flags again.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                map.as_raw_fd(),
-                0,
+                self.fd.as_raw_fd(),
+                offset as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -403,56 +453,21 @@ impl MappedU32Array {
                 std::io::Error::last_os_error(),
             ));
         }
-        let base = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| {
-            Error::io(
-                "map LB_MAGLEV into memory",
-                std::io::Error::other("null mapping"),
-            )
-        })?;
-        Ok(Some(Self { base, entries, len }))
-    }
-
-    /// Writes every `(index, value)`; an index beyond the map is an error, before anything is
-    /// written.
-    pub fn set_all(&self, entries: &[(u32, u32)]) -> Result<()> {
-        if let Some((index, _)) = entries.iter().find(|(i, _)| *i as usize >= self.entries) {
-            return Err(Error::InvalidArgument(format!(
-                "index {index} beyond the {} entries of the mapped array",
-                self.entries
-            )));
+        // SAFETY: the mapping holds every 8-byte element from `offset` to `offset + len`;
+        // `AtomicU32` has the layout of `u32`, and other writers (none) and the programs
+        // (readers) reach the same memory only atomically or from the kernel.
+        let words: &[std::sync::atomic::AtomicU32] = unsafe {
+            std::slice::from_raw_parts(ptr.cast::<std::sync::atomic::AtomicU32>(), len / 4)
+        };
+        let skip = (start - offset) / 4;
+        f(&mut words[skip..].iter().step_by(ARRAY_STRIDE_U32S).take(count));
+        // SAFETY: unmaps exactly the mapping made above; nothing borrows it any more.
+        unsafe {
+            libc::munmap(ptr, len);
         }
-        for (index, value) in entries {
-            self.cell(*index as usize)
-                .store(*value, std::sync::atomic::Ordering::Relaxed);
-        }
-        // The VIP update that publishes the table is a syscall after this; the fence keeps the
-        // stores before it on weakly ordered CPUs too.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         Ok(())
-    }
-
-    pub fn get(&self, index: u32) -> Option<u32> {
-        ((index as usize) < self.entries).then(|| {
-            self.cell(index as usize)
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-    }
-
-    fn cell(&self, index: usize) -> &std::sync::atomic::AtomicU32 {
-        debug_assert!(index < self.entries);
-        // SAFETY: index < entries, and the mapping holds `entries` 8-byte elements.
-        unsafe { &*self.base.as_ptr().add(index * ARRAY_STRIDE_U32S) }
     }
 }
 
 /// `u32`s per array element: the kernel rounds an array's value size up to 8 bytes.
 const ARRAY_STRIDE_U32S: usize = 2;
-
-impl Drop for MappedU32Array {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `map` made.
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.len);
-        }
-    }
-}

@@ -358,8 +358,9 @@ pub struct Dataplane {
     vip_addrs: HashMap<MapData, VipAddrKey, u32>,
     backends: Array<MapData, BackendInfo>,
     maglev: Array<MapData, u32>,
-    /// `LB_MAGLEV` mapped into memory, when it was created mappable (not by an older build).
-    maglev_mapped: Option<crate::bpf::maps::MappedU32Array>,
+    /// `LB_MAGLEV` written through mappings, when it was created mappable (not by an older
+    /// build).
+    maglev_mapped: Option<crate::bpf::maps::MappableU32Array>,
     source_ranges: LpmTrie<MapData, bpf_common::SourceRangeKey, u8>,
     vip_stats: PerCpuArray<MapData, bpf_common::Counter>,
     backend_stats: PerCpuArray<MapData, bpf_common::Counter>,
@@ -460,7 +461,7 @@ impl Dataplane {
             .map_err(map_error("open LB_BACKENDS"))?;
         let maglev: Array<MapData, u32> = Array::try_from(take_map(&mut bpf, map_names::MAGLEV)?)
             .map_err(map_error("open LB_MAGLEV"))?;
-        let maglev_mapped = crate::bpf::maps::MappedU32Array::map(
+        let maglev_mapped = crate::bpf::maps::MappableU32Array::open(
             aya::maps::IterableMap::map(&maglev).fd().as_fd(),
         )?;
         if maglev_mapped.is_none() {

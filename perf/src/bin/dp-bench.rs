@@ -246,7 +246,8 @@ fn kubernetes_alone(args: &Args) -> Result<()> {
          | initial sync, daemon start -> all programmed | {:.2} s |\n\
          | initial sync, API answering -> all programmed | {:.2} s |\n\
          | one EndpointSlice change -> live in LB_BACKENDS, p50 / p99 / max ({} changes) | {:.2} / {:.2} / {:.2} ms |\n\
-         | daemon RSS after the changes (peak) | {:.1} MiB ({:.1} MiB) |\n",
+         | daemon RSS after the changes (peak) | {:.1} MiB ({:.1} MiB) |\n\
+         | of which heap and stacks / mapped files and maps | {:.1} / {:.1} MiB |\n",
         command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         machine(),
         r.services,
@@ -257,8 +258,10 @@ fn kubernetes_alone(args: &Args) -> Result<()> {
         r.change_ms.median,
         p99(&r.change_ms),
         r.change_ms.max,
-        r.rss_mib,
-        r.peak_rss_mib,
+        r.rss.total,
+        r.rss.peak,
+        r.rss.anon,
+        r.rss.file,
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&r)?)

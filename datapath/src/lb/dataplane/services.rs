@@ -170,20 +170,16 @@ impl Dataplane {
         // Written in place through the mapping (or, in a map an older build pinned, one
         // BPF_MAP_UPDATE_BATCH per 8192 entries): a 65537-entry table goes live in well under a
         // millisecond, where a syscall per entry took a tenth of a second.
-        let entries: Vec<(u32, u32)> = table
-            .iter()
-            .enumerate()
-            .map(|(bucket, backend_id)| {
-                let index = maglev_index(service.id, slot, self.config.maglev_size, bucket as u32);
-                (index, *backend_id)
-            })
-            .collect();
+        let first = maglev_index(service.id, slot, self.config.maglev_size, 0);
         let written = match &self.maglev_mapped {
-            Some(mapped) => mapped.set_all(&entries),
-            None => crate::bpf::maps::update_all(
-                aya::maps::IterableMap::map(&self.maglev).fd().as_fd(),
-                &entries,
-            ),
+            Some(mapped) => mapped.write_range(first, &table),
+            None => {
+                let entries: Vec<(u32, u32)> = (first..).zip(table.iter().copied()).collect();
+                crate::bpf::maps::update_all(
+                    aya::maps::IterableMap::map(&self.maglev).fd().as_fd(),
+                    &entries,
+                )
+            }
         };
         if let Err(e) = written {
             self.free_backends(&written_new);
