@@ -269,8 +269,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// glibc's defaults suit short programs, not a daemon whose syncs free as much as they keep:
+/// an arena per thread (up to 8 per CPU) holds freed memory that only its own thread reuses,
+/// and the mmap threshold grows after each large free, so later large buffers (a state file,
+/// a list answer) land in the heap and stay resident. One arena (the daemon allocates little
+/// outside a sync, so its lock is not contended) and a fixed threshold keep the daemon's
+/// memory near what it holds (perf/RESULTS.md, 10,000 Services). `MALLOC_ARENA_MAX` in the
+/// environment leaves glibc's settings to the operator.
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; it runs before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run(_)) && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        tune_allocator();
+    }
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Runtime::new()
             .context("cannot start the async runtime")

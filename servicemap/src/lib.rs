@@ -30,6 +30,8 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
 };
 
+pub mod compact;
+
 /// The label that ties an EndpointSlice to its Service (with the namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The label that makes a Service headless whatever its `clusterIP`.

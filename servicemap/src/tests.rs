@@ -42,7 +42,20 @@ fn node(name: &str) -> NodeContext {
 
 fn map(svc: &Service, slices: &[EndpointSlice], node: &NodeContext) -> Mapped {
     let refs: Vec<&EndpointSlice> = slices.iter().collect();
-    map_service(svc, &refs, node).unwrap()
+    let mapped = map_service(svc, &refs, node).unwrap();
+    // Every scenario maps the same from the compact copies the Kubernetes source keeps.
+    let mut names = compact::Names::default();
+    let expanded: Vec<EndpointSlice> = slices
+        .iter()
+        .map(|s| compact::CompactSlice::new(s, &mut names).expand())
+        .collect();
+    let refs: Vec<&EndpointSlice> = expanded.iter().collect();
+    assert_eq!(
+        map_service(svc, &refs, node).unwrap(),
+        mapped,
+        "mapped differently from the compact slices"
+    );
+    mapped
 }
 
 /// (kind, addr, port, proto) of each frontend, and its backends as (addr, port, state).

@@ -3,9 +3,10 @@
 //! [`ServiceSink`]. It owns the services it declares (source `kubernetes`, owner
 //! `namespace/name`).
 //!
-//! - Two reflectors (kube-runtime) list, then watch from the list's resourceVersion with
-//!   BOOKMARKs; on `410 Gone` (or any broken watch) the watcher lists again, and the store is
-//!   replaced whole when that list is done. Nothing is applied before both first lists are
+//! - Two watchers (kube-runtime) list, then watch from the list's resourceVersion with
+//!   BOOKMARKs; on `410 Gone` (or any broken watch) the watcher lists again, and the stored
+//!   set is replaced whole when that list is done, as a reflector's store is. The stores are
+//!   compact ([`ServiceStore`], [`SliceStore`]): the API objects were most of the memory. Nothing is applied before both first lists are
 //!   done, so a restart serves the saved services until then, and a relist applies only what
 //!   differs: backends that stay keep their Maglev slots and their flows.
 //! - A change of a Service or of one of its slices re-maps that Service only, and replaces only
@@ -14,7 +15,7 @@
 //!   `lb-ctl sources` and `datapath_source_sync_errors_total`, and what was applied keeps
 //!   serving. `/readyz` does not wait for the API server.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -25,13 +26,12 @@ use futures_util::{FutureExt as _, StreamExt as _, stream};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client,
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, ObjectRef, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
-use servicemap::{NodeContext, SERVICE_NAME_LABEL};
+use servicemap::{
+    NodeContext,
+    compact::{CompactSlice, Names},
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -110,15 +110,6 @@ fn release_freed_memory() {
     }
 }
 
-/// The Service (`namespace/name`) a slice belongs to, by its label.
-fn slice_owner(slice: &EndpointSlice) -> Option<String> {
-    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(format!(
-        "{}/{name}",
-        slice.metadata.namespace.as_deref().unwrap_or("default")
-    ))
-}
-
 /// The node's name: configured, else `$NODE_NAME` (the downward API), else the host name.
 pub fn node_name(settings: &KubernetesSettings) -> String {
     if let Some(n) = &settings.node_name {
@@ -153,21 +144,30 @@ impl Mapper {
     fn remap(
         &mut self,
         name: &str,
-        services: &Store<Service>,
-        slices: &SliceIndex,
-        store: &Store<EndpointSlice>,
+        services: &ServiceStore,
+        slices: &SliceStore,
         node: &NodeContext,
         mode: datapath_api::ForwardingMode,
     ) {
-        let Some((ns, n)) = name.split_once('/') else {
-            return;
+        let svc = match services.get(name) {
+            None => {
+                self.by_service.remove(name);
+                return;
+            }
+            Some(Err(e)) => {
+                self.by_service.insert(
+                    name.to_string(),
+                    ServiceMapping {
+                        skipped: Some(e),
+                        ..Default::default()
+                    },
+                );
+                return;
+            }
+            Some(Ok(svc)) => svc,
         };
-        let Some(svc) = services.get(&ObjectRef::new(n).within(ns)) else {
-            self.by_service.remove(name);
-            return;
-        };
-        let held = slices.slices_of(name, store);
-        let own: Vec<&EndpointSlice> = held.iter().map(|s| s.as_ref()).collect();
+        let held = slices.slices_of(name);
+        let own: Vec<&EndpointSlice> = held.iter().collect();
         let mapping = match servicemap::map_service(&svc, &own, node) {
             Err(e) => ServiceMapping {
                 skipped: Some(e.to_string()),
@@ -241,54 +241,159 @@ impl Mapper {
     }
 }
 
-/// Which slices (by reference into the reflector's store) belong to which Service, kept from
-/// the watch events, so that a change looks up its Service's slices without a walk of every
-/// slice. Rebuilt from the store after a (re)list.
+/// The Services by `namespace/name`, each kept as its JSON (what `strip_meta` leaves) and
+/// decoded when it is mapped: a decoded `Service` is over a kilobyte of mostly empty fields, its
+/// JSON a few hundred bytes, and a decode costs microseconds. A (re)list replaces the set when
+/// it is done, as a reflector's store does.
 #[derive(Default)]
-struct SliceIndex {
-    by_owner: BTreeMap<String, std::collections::HashSet<ObjectRef<EndpointSlice>>>,
-    owner_of: std::collections::HashMap<ObjectRef<EndpointSlice>, String>,
+struct ServiceStore {
+    by_name: HashMap<String, Box<[u8]>>,
+    relisting: Option<HashMap<String, Box<[u8]>>>,
 }
 
-impl SliceIndex {
-    /// Notes `slice` as it is now (`deleted`: gone); answers the Services whose slices changed
-    /// (the one it left too, when its label moved it).
-    fn update(&mut self, slice: &EndpointSlice, deleted: bool) -> Vec<String> {
-        let r = ObjectRef::from_obj(slice);
-        let mut touched = Vec::new();
-        if let Some(old) = self.owner_of.remove(&r) {
-            if let Some(set) = self.by_owner.get_mut(&old) {
-                set.remove(&r);
-                if set.is_empty() {
-                    self.by_owner.remove(&old);
-                }
-            }
-            touched.push(old);
+impl ServiceStore {
+    fn encode(svc: &Service) -> Box<[u8]> {
+        serde_json::to_vec(svc)
+            .expect("a Service always encodes")
+            .into_boxed_slice()
+    }
+
+    fn update(&mut self, svc: &Service, deleted: bool) -> String {
+        let name = object_name(&svc.metadata);
+        if deleted {
+            self.by_name.remove(&name);
+        } else {
+            self.by_name.insert(name.clone(), Self::encode(svc));
         }
-        if !deleted && let Some(owner) = slice_owner(slice) {
-            self.by_owner
-                .entry(owner.clone())
-                .or_default()
-                .insert(r.clone());
-            self.owner_of.insert(r, owner.clone());
-            if !touched.contains(&owner) {
-                touched.push(owner);
+        name
+    }
+
+    fn relist_started(&mut self) {
+        self.relisting = Some(HashMap::new());
+    }
+
+    fn relisted(&mut self, svc: &Service) {
+        self.relisting
+            .get_or_insert_with(HashMap::new)
+            .insert(object_name(&svc.metadata), Self::encode(svc));
+    }
+
+    fn relist_done(&mut self) {
+        self.by_name = self.relisting.take().unwrap_or_default();
+        self.by_name.shrink_to_fit();
+    }
+
+    fn names(&self) -> impl Iterator<Item = &String> {
+        self.by_name.keys()
+    }
+
+    fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// `None`: no such Service; `Err`: what it held no longer decodes (it cannot, short of a
+    /// bug, since it was encoded from a `Service`).
+    fn get(&self, name: &str) -> Option<Result<Service, String>> {
+        self.by_name.get(name).map(|json| {
+            serde_json::from_slice(json).map_err(|e| format!("cannot decode the kept Service: {e}"))
+        })
+    }
+}
+
+/// The EndpointSlices by Service, as compact copies (`servicemap::compact`): the API objects
+/// would be most of the daemon's memory at 10,000 Services. Filled from the watch events; a
+/// (re)list builds a new set that replaces the old one when it is done, as a reflector's store
+/// does, so a change during a relist is mapped against the last complete list.
+#[derive(Default)]
+struct SliceStore {
+    /// A Service has one slice per address family and 100 endpoints, rarely more: a short
+    /// list costs less than a map per Service.
+    by_owner: HashMap<String, Vec<CompactSlice>>,
+    owner_of: HashMap<String, String>,
+    names: Names,
+    relisting: Option<Vec<CompactSlice>>,
+}
+
+impl SliceStore {
+    fn key(slice: &CompactSlice) -> String {
+        format!(
+            "{}/{}",
+            slice.namespace().unwrap_or("default"),
+            slice.name().unwrap_or("")
+        )
+    }
+
+    fn owner(slice: &CompactSlice) -> Option<String> {
+        let name = slice.service_name()?;
+        Some(format!("{}/{name}", slice.namespace().unwrap_or("default")))
+    }
+
+    /// Forgets the slice `key`; answers the Service it belonged to.
+    fn forget(&mut self, key: &str) -> Option<String> {
+        let old = self.owner_of.remove(key)?;
+        if let Some(held) = self.by_owner.get_mut(&old) {
+            held.retain(|s| Self::key(s) != key);
+            if held.is_empty() {
+                self.by_owner.remove(&old);
             }
+        }
+        Some(old)
+    }
+
+    fn insert(&mut self, slice: CompactSlice) -> Option<String> {
+        let owner = Self::owner(&slice)?;
+        let key = Self::key(&slice);
+        self.owner_of.insert(key.clone(), owner.clone());
+        let held = self.by_owner.entry(owner.clone()).or_default();
+        held.push(slice);
+        held.shrink_to_fit();
+        Some(owner)
+    }
+
+    /// Notes `slice` as it is now (`deleted`: gone); answers the Services whose slices changed
+    /// (the one it left too, when its label moved it). A slice without the service-name
+    /// label belongs to no Service and is not kept.
+    fn update(&mut self, slice: &EndpointSlice, deleted: bool) -> Vec<String> {
+        let compact = CompactSlice::new(slice, &mut self.names);
+        let mut touched: Vec<String> = self.forget(&Self::key(&compact)).into_iter().collect();
+        if !deleted
+            && let Some(owner) = self.insert(compact)
+            && !touched.contains(&owner)
+        {
+            touched.push(owner);
         }
         touched
     }
 
-    fn rebuild(&mut self, store: &Store<EndpointSlice>) {
-        *self = Self::default();
-        for s in store.state() {
-            self.update(&s, false);
-        }
+    fn relist_started(&mut self) {
+        self.relisting = Some(Vec::new());
     }
 
-    fn slices_of(&self, owner: &str, store: &Store<EndpointSlice>) -> Vec<Arc<EndpointSlice>> {
+    fn relisted(&mut self, slice: &EndpointSlice) {
+        let compact = CompactSlice::new(slice, &mut self.names);
+        self.relisting.get_or_insert_with(Vec::new).push(compact);
+    }
+
+    /// The relist is done: its slices replace the store's.
+    fn relist_done(&mut self) {
+        let listed = self.relisting.take().unwrap_or_default();
+        self.by_owner.clear();
+        self.owner_of.clear();
+        for s in listed {
+            self.insert(s);
+        }
+        self.names.prune();
+    }
+
+    fn len(&self) -> usize {
+        self.owner_of.len()
+    }
+
+    /// The slices of Service `owner`, rebuilt with what the mapping reads.
+    fn slices_of(&self, owner: &str) -> Vec<EndpointSlice> {
         self.by_owner
             .get(owner)
-            .map(|refs| refs.iter().filter_map(|r| store.get(r)).collect())
+            .map(|held| held.iter().map(CompactSlice::expand).collect())
             .unwrap_or_default()
     }
 }
@@ -415,41 +520,26 @@ impl KubernetesController {
         cancel: &mut Cancel,
     ) -> Result<(), String> {
         let client = Self::client(&settings).await?;
-        let (services, svc_writer) = reflector::store::<Service>();
-        let (slices, eps_writer) = reflector::store::<EndpointSlice>();
-        // What the mapping never reads is dropped before the stores keep it: managedFields
+        // What the mapping never reads is dropped before the store keeps it: managedFields
         // alone are most of a real object.
-        let svc_stream = reflector::reflector(
-            svc_writer,
-            watcher(
-                Api::<Service>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .modify(|s: &mut Service| {
-                strip_meta(&mut s.metadata);
-                s.status = s.status.take().map(|mut st| {
-                    st.conditions = None;
-                    st
-                });
-            }),
+        let svc_stream = watcher(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
         )
+        .modify(|s: &mut Service| {
+            strip_meta(&mut s.metadata);
+            s.status = s.status.take().map(|mut st| {
+                st.conditions = None;
+                st
+            });
+        })
         .default_backoff()
         .map(Watched::Service)
         .boxed();
-        let eps_stream = reflector::reflector(
-            eps_writer,
-            watcher(
-                Api::<EndpointSlice>::all(client),
-                watcher::Config::default(),
-            )
-            .modify(|s: &mut EndpointSlice| {
-                strip_meta(&mut s.metadata);
-                for e in &mut s.endpoints {
-                    e.target_ref = None;
-                    e.deprecated_topology = None;
-                    e.hostname = None;
-                }
-            }),
+        // Slices are kept compact (`SliceStore`), not in a reflector's store.
+        let eps_stream = watcher(
+            Api::<EndpointSlice>::all(client),
+            watcher::Config::default(),
         )
         .default_backoff()
         .map(Watched::Slice)
@@ -458,7 +548,8 @@ impl KubernetesController {
 
         let mode = settings.mode;
         let mut mapper = Mapper::default();
-        let mut index = SliceIndex::default();
+        let mut services = ServiceStore::default();
+        let mut slices = SliceStore::default();
         let (mut services_listed, mut slices_listed) = (false, false);
         let mut synced = false;
         let mut node = self.node(&settings);
@@ -497,7 +588,11 @@ impl KubernetesController {
                 done = async { saving.as_mut().expect("guarded").await }, if saving.is_some() => {
                     saving = None;
                     let failed = match done {
-                        Ok(Ok(())) => None,
+                        Ok(Ok(())) => {
+                            // The state file's buffers are freed now.
+                            release_freed_memory();
+                            None
+                        }
                         Ok(Err(e)) => Some(e),
                         Err(e) => Some(format!("the state-file write failed: {e}")),
                     };
@@ -528,29 +623,36 @@ impl KubernetesController {
             for e in batch {
                 match e {
                     Watched::Service(Ok(ev)) => match ev {
-                        watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
-                            dirty.insert(object_name(&s.metadata));
+                        watcher::Event::Apply(s) => {
+                            dirty.insert(services.update(&s, false));
+                        }
+                        watcher::Event::Delete(s) => {
+                            dirty.insert(services.update(&s, true));
                         }
                         watcher::Event::InitDone => {
+                            services.relist_done();
                             services_listed = true;
                             full = true;
                         }
                         watcher::Event::Init => {
+                            services.relist_started();
                             listing_since.get_or_insert_with(std::time::Instant::now);
                         }
-                        watcher::Event::InitApply(_) => {}
+                        watcher::Event::InitApply(s) => services.relisted(&s),
                     },
                     Watched::Slice(Ok(ev)) => match ev {
-                        watcher::Event::Apply(s) => dirty.extend(index.update(&s, false)),
-                        watcher::Event::Delete(s) => dirty.extend(index.update(&s, true)),
+                        watcher::Event::Apply(s) => dirty.extend(slices.update(&s, false)),
+                        watcher::Event::Delete(s) => dirty.extend(slices.update(&s, true)),
                         watcher::Event::InitDone => {
+                            slices.relist_done();
                             slices_listed = true;
                             full = true;
                         }
                         watcher::Event::Init => {
+                            slices.relist_started();
                             listing_since.get_or_insert_with(std::time::Instant::now);
                         }
-                        watcher::Event::InitApply(_) => {}
+                        watcher::Event::InitApply(s) => slices.relisted(&s),
                     },
                     Watched::Service(Err(e)) | Watched::Slice(Err(e)) => {
                         let e = format!("watch: {e}");
@@ -575,21 +677,16 @@ impl KubernetesController {
                 let mapping_since = std::time::Instant::now();
                 if let Some(since) = listing_since.take() {
                     info!(
-                        services = services.state().len(),
-                        slices = slices.state().len(),
+                        services = services.len(),
+                        slices = slices.len(),
                         list_ms = since.elapsed().as_millis() as u64,
                         "kubernetes: listed"
                     );
                 }
-                index.rebuild(&slices);
-                let mut names: BTreeSet<String> = services
-                    .state()
-                    .iter()
-                    .map(|s| object_name(&s.metadata))
-                    .collect();
+                let mut names: BTreeSet<String> = services.names().cloned().collect();
                 names.extend(mapper.by_service.keys().cloned());
                 for n in &names {
-                    mapper.remap(n, &services, &index, &slices, &node, mode);
+                    mapper.remap(n, &services, &slices, &node, mode);
                 }
                 info!(
                     services = names.len(),
@@ -616,7 +713,7 @@ impl KubernetesController {
             } else if !dirty.is_empty() {
                 let scope = std::mem::take(&mut dirty);
                 for n in &scope {
-                    mapper.remap(n, &services, &index, &slices, &node, mode);
+                    mapper.remap(n, &services, &slices, &node, mode);
                 }
                 match self.apply(&mapper, Some(&scope)).await {
                     Ok(()) => {
