@@ -402,15 +402,6 @@ impl MappableU32Array {
         })
     }
 
-    /// Entries `first..first + count`, read through a mapping (tests and inspection).
-    pub fn read_range(&self, first: u32, count: usize) -> Result<Vec<u32>> {
-        let mut out = Vec::with_capacity(count);
-        self.with_window(first, count, |cells| {
-            out.extend(cells.map(|c| c.load(std::sync::atomic::Ordering::Relaxed)));
-        })?;
-        Ok(out)
-    }
-
     /// Maps the pages that hold entries `first..first + count`, hands `f` those entries in
     /// order, and unmaps them.
     fn with_window(

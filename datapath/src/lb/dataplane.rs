@@ -466,7 +466,8 @@ impl Dataplane {
         )?;
         if maglev_mapped.is_none() {
             tracing::info!(
-                "LB_MAGLEV was pinned by an older build and is not mappable: Maglev tables are                  written with syscalls until `datapathd cleanup` recreates it"
+                "LB_MAGLEV was pinned by an older build and is not mappable: Maglev tables are \
+                 written with syscalls until `datapathd cleanup` recreates it"
             );
         }
         let source_ranges = LpmTrie::try_from(take_map(&mut bpf, map_names::SOURCE_RANGES)?)

@@ -81,9 +81,7 @@ impl Store {
             .map(|(_, o)| o.clone())
             .collect()
     }
-}
 
-impl Store {
     /// The `List` answer: the objects are encoded straight from the store, not copied first (a
     /// list of 10,000 slices is answered in tens of milliseconds, as a real server answers from
     /// its watch cache).

@@ -151,10 +151,7 @@ impl Dataplane {
             let fd = aya::maps::IterableMap::map(&self.backends).fd().as_fd();
             if let Err(e) = crate::bpf::maps::update_all(fd, &writes) {
                 self.free_backends(&written_new);
-                return Err(in_context(
-                    e,
-                    format!("write the backends of {}", service.key),
-                ));
+                return Err(e.context(format!("write the backends of {}", service.key)));
             }
         }
 
@@ -183,10 +180,7 @@ impl Dataplane {
         };
         if let Err(e) = written {
             self.free_backends(&written_new);
-            return Err(in_context(
-                e,
-                format!("write the Maglev table of {}", service.key),
-            ));
+            return Err(e.context(format!("write the Maglev table of {}", service.key)));
         }
 
         // Step 3: the source ranges the flip turns on, then the flip.
@@ -251,7 +245,7 @@ impl Dataplane {
         if !leaving.is_empty() {
             let fd = aya::maps::IterableMap::map(&self.backends).fd().as_fd();
             crate::bpf::maps::update_all(fd, &leaving)
-                .map_err(|e| in_context(e, format!("update the backends of {}", service.key)))?;
+                .map_err(|e| e.context(format!("update the backends of {}", service.key)))?;
         }
         let kept: BTreeSet<u32> = service.backends.iter().map(|b| b.id).collect();
         let removed: Vec<u32> = previous
@@ -514,18 +508,7 @@ impl Dataplane {
         };
         let fd = aya::maps::IterableMap::map(map).fd().as_fd();
         crate::bpf::maps::update_all_per_cpu(fd, ids, bpf_common::Counter::default(), cpus)
-            .map_err(|e| in_context(e, format!("reset the counters of {} ids", ids.len())))
-    }
-}
-
-/// `e` with `context` in front of its own.
-fn in_context(e: Error, context: String) -> Error {
-    match e {
-        Error::Io {
-            context: inner,
-            source,
-        } => Error::io(format!("{context} ({inner})"), source),
-        other => other,
+            .map_err(|e| e.context(format!("reset the counters of {} ids", ids.len())))
     }
 }
 
