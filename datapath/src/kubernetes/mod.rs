@@ -3,12 +3,18 @@
 //! [`ServiceSink`]. It owns the services it declares (source `kubernetes`, owner
 //! `namespace/name`).
 //!
-//! - Two watchers (kube-runtime) list, then watch from the list's resourceVersion with
+//! - Three watchers (kube-runtime) list, then watch from the list's resourceVersion with
 //!   BOOKMARKs; on `410 Gone` (or any broken watch) the watcher lists again, and the stored
 //!   set is replaced whole when that list is done, as a reflector's store is. The stores are
-//!   compact ([`ServiceStore`], [`SliceStore`]): the API objects were most of the memory. Nothing is applied before both first lists are
-//!   done, so a restart serves the saved services until then, and a relist applies only what
-//!   differs: backends that stay keep their Maglev slots and their flows.
+//!   compact ([`ServiceStore`], [`SliceStore`]): the API objects were most of the memory.
+//!   Nothing is applied before the first lists are done, so a restart serves the saved services
+//!   until then, and a relist applies only what differs: backends that stay keep their Maglev
+//!   slots and their flows.
+//! - The third watcher follows this node's own Node object (`fieldSelector=metadata.name=…`):
+//!   its `topology.kubernetes.io/zone` label picks the topology hints, and its addresses serve
+//!   NodePort when the netlink controller knows none. A Node watch that fails (no RBAC for
+//!   nodes, say) does not hold the sync back: the zone stays unknown, the failure is counted,
+//!   and a later Node re-maps every Service.
 //! - A change of a Service or of one of its slices re-maps that Service only, and replaces only
 //!   that Service's frontends (an update replaces its frontend set).
 //! - API server unreachable: the watcher retries with backoff, every failure is counted in
@@ -23,7 +29,10 @@ use std::{
 
 use datapath_api::{DeclaredBackend, DeclaredService, ServiceKey, ServiceSource, SkippedObject};
 use futures_util::{FutureExt as _, StreamExt as _, stream};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt as _, watcher},
@@ -78,6 +87,75 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 enum Watched {
     Service(watcher::Result<watcher::Event<Service>>),
     Slice(watcher::Result<watcher::Event<EndpointSlice>>),
+    Node(watcher::Result<watcher::Event<NodeFacts>>),
+}
+
+/// The label that names a node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// What the mapping reads from this node's Node object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct NodeFacts {
+    zone: Option<String>,
+    /// `status.addresses` of type InternalIP and ExternalIP, in the Node's order.
+    addresses: Vec<IpAddr>,
+}
+
+impl NodeFacts {
+    fn of(node: &Node) -> Self {
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .filter(|z| !z.is_empty())
+            .cloned();
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        Self { zone, addresses }
+    }
+}
+
+/// This node's Node as the watch last listed or changed it: `None` before its first list, and
+/// `Some(None)` when the API server has no Node of this name.
+#[derive(Default)]
+struct NodeStore {
+    current: Option<Option<NodeFacts>>,
+    relisting: Option<Option<NodeFacts>>,
+    /// The watch failed before its first list: the sync goes on without it.
+    given_up_waiting: bool,
+}
+
+impl NodeStore {
+    fn listed(&self) -> bool {
+        self.current.is_some() || self.given_up_waiting
+    }
+
+    fn facts(&self) -> Option<&NodeFacts> {
+        self.current.as_ref().and_then(Option::as_ref)
+    }
+
+    /// Notes one event; answers whether what the mapping reads may have changed.
+    fn update(&mut self, event: watcher::Event<NodeFacts>) -> bool {
+        let before = self.current.clone();
+        match event {
+            watcher::Event::Init => self.relisting = Some(None),
+            watcher::Event::InitApply(n) => self.relisting = Some(Some(n)),
+            watcher::Event::InitDone => {
+                self.current = Some(self.relisting.take().flatten());
+            }
+            watcher::Event::Apply(n) => self.current = Some(Some(n)),
+            watcher::Event::Delete(_) => self.current = Some(None),
+        }
+        self.current != before
+    }
 }
 
 /// `namespace/name` of an object.
@@ -435,9 +513,10 @@ impl KubernetesController {
         Client::try_from(config).map_err(|e| format!("cannot build the API client: {e}"))
     }
 
-    /// The node as the mapping needs it: NodePort is served on the node's own unicast
-    /// addresses (loopback and link-local excluded), as the netlink controller knows them.
-    fn node(&self, settings: &KubernetesSettings) -> NodeContext {
+    /// The node as the mapping needs it: the zone from its Node object; NodePort is served on
+    /// the node's own unicast addresses (loopback and link-local excluded), as the netlink
+    /// controller knows them, else on the Node's InternalIP and ExternalIP addresses.
+    fn node(&self, settings: &KubernetesSettings, facts: Option<&NodeFacts>) -> NodeContext {
         let mut addresses: Vec<IpAddr> = self
             .addresses
             .get()
@@ -448,16 +527,26 @@ impl KubernetesController {
                 IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
             })
             .collect();
+        if addresses.is_empty()
+            && let Some(f) = facts
+        {
+            addresses = f.addresses.clone();
+        }
         addresses.sort();
         addresses.dedup();
         NodeContext {
             name: node_name(settings),
-            zone: None,
+            zone: facts.and_then(|f| f.zone.clone()),
             addresses,
         }
     }
 
-    async fn apply(&self, mapper: &Mapper, scope: Option<&BTreeSet<String>>) -> Result<(), String> {
+    async fn apply(
+        &self,
+        mapper: &Mapper,
+        scope: Option<&BTreeSet<String>>,
+        node_note: Option<&str>,
+    ) -> Result<(), String> {
         let sink = (*self.sink.get())
             .clone()
             .ok_or_else(|| "the load balancer is not running".to_string())?;
@@ -497,12 +586,16 @@ impl KubernetesController {
                 "kubernetes: services synced"
             );
         }
+        let mut notes = mapper.notes();
+        if let Some(n) = node_note {
+            notes.insert(0, n.to_string());
+        }
         self.tracker.applied(
             &report,
             owned,
             mapper.by_service.len(),
             mapper.skipped(),
-            mapper.notes(),
+            notes,
         );
         Ok(())
     }
@@ -538,21 +631,40 @@ impl KubernetesController {
         .boxed();
         // Slices are kept compact (`SliceStore`), not in a reflector's store.
         let eps_stream = watcher(
-            Api::<EndpointSlice>::all(client),
+            Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
         )
         .default_backoff()
         .map(Watched::Slice)
         .boxed();
-        let mut events = stream::select(svc_stream, eps_stream);
+        // This node's Node only, reduced to what the mapping reads as it arrives.
+        let node_name = node_name(&settings);
+        let node_stream = watcher(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        )
+        .default_backoff()
+        .map(|r| {
+            Watched::Node(r.map(|e| match e {
+                watcher::Event::Apply(n) => watcher::Event::Apply(NodeFacts::of(&n)),
+                watcher::Event::Delete(n) => watcher::Event::Delete(NodeFacts::of(&n)),
+                watcher::Event::Init => watcher::Event::Init,
+                watcher::Event::InitApply(n) => watcher::Event::InitApply(NodeFacts::of(&n)),
+                watcher::Event::InitDone => watcher::Event::InitDone,
+            }))
+        })
+        .boxed();
+        let mut events = stream::select(stream::select(svc_stream, eps_stream), node_stream);
 
         let mode = settings.mode;
         let mut mapper = Mapper::default();
         let mut services = ServiceStore::default();
         let mut slices = SliceStore::default();
         let (mut services_listed, mut slices_listed) = (false, false);
+        let mut node_store = NodeStore::default();
+        let mut node_changed = false;
         let mut synced = false;
-        let mut node = self.node(&settings);
+        let mut node = self.node(&settings, None);
         let mut addresses = self.addresses.incarnation();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         let mut full = false;
@@ -654,6 +766,15 @@ impl KubernetesController {
                         }
                         watcher::Event::InitApply(s) => slices.relisted(&s),
                     },
+                    Watched::Node(Ok(ev)) => node_changed |= node_store.update(ev),
+                    Watched::Node(Err(e)) => {
+                        if !node_store.listed() {
+                            node_store.given_up_waiting = true;
+                        }
+                        let e = format!("watch of Node {node_name}: {e}");
+                        warn!(error = %e, "kubernetes: cannot read this node's Node; its zone stays unknown");
+                        self.tracker.failed(e);
+                    }
                     Watched::Service(Err(e)) | Watched::Slice(Err(e)) => {
                         let e = format!("watch: {e}");
                         warn!(error = %e, "kubernetes: the API server failed; the services applied keep serving");
@@ -661,17 +782,32 @@ impl KubernetesController {
                     }
                 }
             }
-            if self.addresses.incarnation() != addresses {
+            if self.addresses.incarnation() != addresses || node_changed {
                 addresses = self.addresses.incarnation();
-                let now = self.node(&settings);
+                node_changed = false;
+                let now = self.node(&settings, node_store.facts());
                 if now != node {
+                    info!(
+                        zone = now.zone.as_deref().unwrap_or("unknown"),
+                        addresses = now.addresses.len(),
+                        "kubernetes: this node changed"
+                    );
                     node = now;
                     full = true;
                 }
             }
-            if !(services_listed && slices_listed) {
+            if !(services_listed && slices_listed && node_store.listed()) {
                 continue;
             }
+            let node_note = match &node_store.current {
+                Some(None) => Some(format!(
+                    "Node {node_name} is not in the API server: its zone is unknown, topology hints are not used"
+                )),
+                None => Some(format!(
+                    "Node {node_name} cannot be read: its zone is unknown, topology hints are not used"
+                )),
+                Some(Some(_)) => None,
+            };
             if !synced || full || failed_apply {
                 // A (re)list: every Service again, and the source's whole set replaced.
                 let mapping_since = std::time::Instant::now();
@@ -693,7 +829,7 @@ impl KubernetesController {
                     map_ms = mapping_since.elapsed().as_millis() as u64,
                     "kubernetes: mapped"
                 );
-                match self.apply(&mapper, None).await {
+                match self.apply(&mapper, None, node_note.as_deref()).await {
                     Ok(()) => {
                         unsaved_since.get_or_insert_with(std::time::Instant::now);
                         release_freed_memory();
@@ -715,7 +851,10 @@ impl KubernetesController {
                 for n in &scope {
                     mapper.remap(n, &services, &slices, &node, mode);
                 }
-                match self.apply(&mapper, Some(&scope)).await {
+                match self
+                    .apply(&mapper, Some(&scope), node_note.as_deref())
+                    .await
+                {
                     Ok(()) => {
                         unsaved_since.get_or_insert_with(std::time::Instant::now);
                     }
@@ -794,5 +933,81 @@ impl Controller for KubernetesController {
                 Some("disabled by the configuration (kubernetes.enabled)".into())
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(json: serde_json::Value) -> Node {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn node_facts_are_the_zone_label_and_the_internal_and_external_addresses() {
+        let n = node(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {ZONE_LABEL: "zone-a", "other": "x"}},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "n1"},
+                {"type": "InternalIP", "address": "198.18.0.10"},
+                {"type": "ExternalIP", "address": "2001:db8::10"},
+                {"type": "InternalDNS", "address": "n1.cluster.local"},
+                {"type": "InternalIP", "address": "not-an-ip"},
+            ]},
+        }));
+        assert_eq!(
+            NodeFacts::of(&n),
+            NodeFacts {
+                zone: Some("zone-a".into()),
+                addresses: vec![
+                    "198.18.0.10".parse().unwrap(),
+                    "2001:db8::10".parse().unwrap()
+                ],
+            }
+        );
+        // No labels, an empty zone label, no status: nothing known.
+        assert_eq!(
+            NodeFacts::of(&node(serde_json::json!({"metadata": {"name": "n1"}}))),
+            NodeFacts::default()
+        );
+        let empty =
+            node(serde_json::json!({"metadata": {"name": "n1", "labels": {ZONE_LABEL: ""}}}));
+        assert_eq!(NodeFacts::of(&empty).zone, None);
+    }
+
+    #[test]
+    fn node_store_follows_lists_changes_and_deletion() {
+        let zone = |z: &str| NodeFacts {
+            zone: Some(z.into()),
+            addresses: vec![],
+        };
+        let mut s = NodeStore::default();
+        assert!(!s.listed());
+        // A list that finds no Node of this name: listed, nothing known.
+        assert!(!s.update(watcher::Event::Init));
+        assert!(s.update(watcher::Event::InitDone));
+        assert!(s.listed() && s.facts().is_none());
+        assert_eq!(s.current, Some(None));
+        assert!(s.update(watcher::Event::Apply(zone("a"))));
+        assert_eq!(s.facts(), Some(&zone("a")));
+        assert!(
+            !s.update(watcher::Event::Apply(zone("a"))),
+            "the same facts again: no change"
+        );
+        // A relist keeps the old facts until it is done.
+        s.update(watcher::Event::Init);
+        s.update(watcher::Event::InitApply(zone("b")));
+        assert_eq!(s.facts(), Some(&zone("a")));
+        assert!(s.update(watcher::Event::InitDone));
+        assert_eq!(s.facts(), Some(&zone("b")));
+        assert!(s.update(watcher::Event::Delete(zone("b"))));
+        assert!(s.listed() && s.facts().is_none());
+        // A watch that failed before its first list does not hold the sync back.
+        let failed = NodeStore {
+            given_up_waiting: true,
+            ..Default::default()
+        };
+        assert!(failed.listed() && failed.facts().is_none());
     }
 }

@@ -9,7 +9,10 @@
 //!
 //! Served: `/api`, `/apis`, `/api/v1`, `/apis/discovery.k8s.io/v1`, and list/watch of
 //! `services` (core/v1) and `endpointslices` (discovery.k8s.io/v1), cluster-wide or by
-//! namespace. Nothing else (no writes: tests change objects through [`KubeApi`]'s methods).
+//! namespace, and of `nodes` (core/v1, cluster-scoped). A `fieldSelector` on `metadata.name`
+//! or `metadata.namespace` (`=`, `==`, `!=`, comma-joined) filters lists and watches; any other
+//! field is refused with 400, as the real server refuses a field it does not index. Nothing
+//! else (no writes: tests change objects through [`KubeApi`]'s methods).
 
 use std::{
     collections::BTreeMap,
@@ -31,11 +34,13 @@ const WATCH_LIMIT: Duration = Duration::from_secs(60);
 /// Between BOOKMARKs on a watch that asked for them.
 const BOOKMARK_EVERY: Duration = Duration::from_millis(500);
 
-/// The two resources served, by their plural name.
+/// The resources served, by their plural name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Resource {
     Services,
     EndpointSlices,
+    /// Cluster-scoped: served only at `/api/v1/nodes`.
+    Nodes,
 }
 
 impl Resource {
@@ -43,14 +48,19 @@ impl Resource {
         match self {
             Resource::Services => "Service",
             Resource::EndpointSlices => "EndpointSlice",
+            Resource::Nodes => "Node",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Resource::Services => "v1",
+            Resource::Services | Resource::Nodes => "v1",
             Resource::EndpointSlices => "discovery.k8s.io/v1",
         }
+    }
+
+    fn namespaced(self) -> bool {
+        self != Resource::Nodes
     }
 }
 
@@ -73,11 +83,11 @@ struct Store {
 }
 
 impl Store {
-    /// The objects of `resource` that `in_ns` admits, as a list or a watch's start sends them.
-    fn current(&self, resource: Resource, in_ns: &dyn Fn(&Value) -> bool) -> Vec<Value> {
+    /// The objects of `resource` that `admits` admits, as a list or a watch's start sends them.
+    fn current(&self, resource: Resource, admits: &dyn Fn(&Value) -> bool) -> Vec<Value> {
         self.objects
             .iter()
-            .filter(|((r, _, _), o)| *r == resource && in_ns(o))
+            .filter(|((r, _, _), o)| *r == resource && admits(o))
             .map(|(_, o)| o.clone())
             .collect()
     }
@@ -85,7 +95,7 @@ impl Store {
     /// The `List` answer: the objects are encoded straight from the store, not copied first (a
     /// list of 10,000 slices is answered in tens of milliseconds, as a real server answers from
     /// its watch cache).
-    fn list_body(&self, resource: Resource, in_ns: &dyn Fn(&Value) -> bool) -> Result<Vec<u8>> {
+    fn list_body(&self, resource: Resource, admits: &dyn Fn(&Value) -> bool) -> Result<Vec<u8>> {
         let mut out = format!(
             r#"{{"kind":"{}List","apiVersion":"{}","metadata":{{"resourceVersion":"{}"}},"items":["#,
             resource.kind(),
@@ -95,7 +105,7 @@ impl Store {
         .into_bytes();
         let mut first = true;
         for ((r, _, _), o) in &self.objects {
-            if *r != resource || !in_ns(o) {
+            if *r != resource || !admits(o) {
                 continue;
             }
             if !first {
@@ -145,8 +155,12 @@ fn key_of(resource: Resource, object: &Value) -> Result<(Resource, String, Strin
         .as_str()
         .context("object without metadata.name")?
         .to_string();
-    let ns = meta["namespace"].as_str().unwrap_or("default").to_string();
-    Ok((resource, ns, name))
+    let ns = if resource.namespaced() {
+        meta["namespace"].as_str().unwrap_or("default")
+    } else {
+        ""
+    };
+    Ok((resource, ns.to_string(), name))
 }
 
 /// Reads a recorded YAML object as the JSON the API server would send.
@@ -254,6 +268,7 @@ impl KubeApi {
         self.record(resource, if exists { "MODIFIED" } else { "ADDED" }, object)
     }
 
+    /// Deletes an object; `namespace` is ignored for a cluster-scoped resource (Nodes).
     pub fn delete(&self, resource: Resource, namespace: &str, name: &str) -> Result<u64> {
         let object = self
             .shared
@@ -261,7 +276,11 @@ impl KubeApi {
             .lock()
             .unwrap()
             .objects
-            .get(&(resource, namespace.to_string(), name.to_string()))
+            .get(&(
+                resource,
+                if resource.namespaced() { namespace } else { "" }.to_string(),
+                name.to_string(),
+            ))
             .cloned()
             .with_context(|| format!("no {} {namespace}/{name}", resource.kind()))?;
         self.record(resource, "DELETED", object)
@@ -321,13 +340,75 @@ fn read_request(stream: &TcpStream) -> Result<Option<Request>> {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (k.to_string(), v.to_string())
+            (percent_decoded(k), percent_decoded(v))
         })
         .collect();
     Ok(Some(Request {
         path: path.to_string(),
         query,
     }))
+}
+
+/// A query component as clients send it (`metadata.name%3Dnode-1`, `+` for a space).
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One term of a field selector: the field, whether it must equal (`=`, `==`) or differ
+/// (`!=`), and the value.
+type FieldTerm = (String, bool, String);
+
+/// Parses a `fieldSelector`; `Err` names the first field this server cannot select on.
+fn field_selector(selector: &str) -> std::result::Result<Vec<FieldTerm>, String> {
+    let mut terms = Vec::new();
+    for term in selector.split(',').filter(|t| !t.is_empty()) {
+        let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
+            (f, false, v)
+        } else if let Some((f, v)) = term.split_once("==") {
+            (f, true, v)
+        } else if let Some((f, v)) = term.split_once('=') {
+            (f, true, v)
+        } else {
+            return Err(format!("invalid field selector term: {term:?}"));
+        };
+        if field != "metadata.name" && field != "metadata.namespace" {
+            return Err(format!("field label not supported: {field}"));
+        }
+        terms.push((field.to_string(), equal, value.to_string()));
+    }
+    Ok(terms)
+}
+
+fn selected(terms: &[FieldTerm], object: &Value) -> bool {
+    terms.iter().all(|(field, equal, value)| {
+        let meta = &object["metadata"];
+        let have = match field.as_str() {
+            "metadata.name" => meta["name"].as_str().unwrap_or(""),
+            _ => meta["namespace"].as_str().unwrap_or(""),
+        };
+        (have == value) == *equal
+    })
 }
 
 fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
@@ -337,6 +418,7 @@ fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
 fn respond_text(stream: &mut TcpStream, code: u16, text: &[u8]) -> Result<()> {
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         410 => "Gone",
@@ -357,8 +439,8 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 fn discovery(path: &str) -> Option<Value> {
-    let resource = |name: &str, kind: &str, short: &[&str]| {
-        json!({"name": name, "singularName": "", "namespaced": true, "kind": kind,
+    let resource = |name: &str, kind: &str, namespaced: bool, short: &[&str]| {
+        json!({"name": name, "singularName": "", "namespaced": namespaced, "kind": kind,
                "verbs": ["get", "list", "watch"], "shortNames": short})
     };
     Some(match path {
@@ -369,10 +451,11 @@ fn discovery(path: &str) -> Option<Value> {
             "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
             "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"}}]}),
         "/api/v1" => json!({"kind": "APIResourceList", "groupVersion": "v1",
-            "resources": [resource("services", "Service", &["svc"])]}),
+            "resources": [resource("services", "Service", true, &["svc"]),
+                          resource("nodes", "Node", false, &["no"])]}),
         "/apis/discovery.k8s.io/v1" => json!({"kind": "APIResourceList",
             "apiVersion": "v1", "groupVersion": "discovery.k8s.io/v1",
-            "resources": [resource("endpointslices", "EndpointSlice", &[])]}),
+            "resources": [resource("endpointslices", "EndpointSlice", true, &[])]}),
         _ => return None,
     })
 }
@@ -392,6 +475,7 @@ fn route(path: &str) -> Option<(Resource, Option<String>)> {
     };
     let resource = match (prefix[0], plural) {
         ("api", "services") => Resource::Services,
+        ("api", "nodes") if ns.is_none() => Resource::Nodes,
         ("apis", "endpointslices") => Resource::EndpointSlices,
         _ => return None,
     };
@@ -418,18 +502,26 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> Result<()> {
             )?;
             continue;
         };
-        let in_ns = |o: &Value| {
+        let terms = match field_selector(req.query.get("fieldSelector").map_or("", |s| s)) {
+            Ok(t) => t,
+            Err(e) => {
+                respond(&mut stream, 400, &status(400, "BadRequest", &e))?;
+                continue;
+            }
+        };
+        let admits = |o: &Value| {
             ns.as_deref()
                 .is_none_or(|ns| o["metadata"]["namespace"].as_str().unwrap_or("default") == ns)
+                && selected(&terms, o)
         };
         if req
             .query
             .get("watch")
             .is_some_and(|w| w == "true" || w == "1")
         {
-            return watch(stream, shared, resource, &req, &in_ns);
+            return watch(stream, shared, resource, &req, &admits);
         }
-        let list = shared.store.lock().unwrap().list_body(resource, &in_ns)?;
+        let list = shared.store.lock().unwrap().list_body(resource, &admits)?;
         respond_text(&mut stream, 200, &list)?;
     }
     Ok(())
@@ -446,7 +538,7 @@ fn watch(
     shared: &Shared,
     resource: Resource,
     req: &Request,
-    in_ns: &dyn Fn(&Value) -> bool,
+    admits: &dyn Fn(&Value) -> bool,
 ) -> Result<()> {
     let from: u64 = req
         .query
@@ -468,7 +560,7 @@ fn watch(
     let mut st = shared.store.lock().unwrap();
     // From "0" (or with sendInitialEvents) the watch starts with the current objects.
     let mut sent = if from == 0 || initial {
-        let snapshot = st.current(resource, in_ns);
+        let snapshot = st.current(resource, admits);
         let rv = st.rv;
         drop(st);
         for o in snapshot {
@@ -501,7 +593,7 @@ fn watch(
         let due: Vec<Event> = st
             .events_after(sent)
             .iter()
-            .filter(|e| e.rv > sent && e.resource == resource && in_ns(&e.object))
+            .filter(|e| e.rv > sent && e.resource == resource && admits(&e.object))
             .cloned()
             .collect();
         let newest = st.rv;

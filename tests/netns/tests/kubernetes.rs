@@ -5,7 +5,9 @@
 //! real: namespaces, veths with their default offloads, the XDP program, TCP.
 //!
 //! The recorded `graceful-termination` Service (`test/graceful-term-svc`) has its ClusterIP
-//! mapped onto the test VIP (198.18.100.1:80) and its endpoints onto the three backends.
+//! mapped onto the test VIP (198.18.100.1:80) and its endpoints onto the three backends; the
+//! recorded `topology-aware` Service (`test/echo`) the same way, onto two backends, with this
+//! node's zone taken from its Node object.
 
 use std::{
     net::{IpAddr, SocketAddr, TcpListener},
@@ -26,18 +28,26 @@ use netns_tests::{
 use serde_json::{Value, json};
 
 const RECORDED: &str = "../../../shared/k8s-recorded/cilium/graceful-termination";
+const TOPOLOGY_AWARE: &str = "../../../shared/k8s-recorded/cilium/topology-aware";
 const NODE: &str = "graceful-term-control-plane";
 const NEW_FLOWS: usize = 200;
 
 fn recorded(file: &str) -> Value {
-    let path = format!("{}/{RECORDED}/{file}", env!("CARGO_MANIFEST_DIR"));
+    recorded_in(RECORDED, file)
+}
+
+fn recorded_in(scenario: &str, file: &str) -> Value {
+    let path = format!("{}/{scenario}/{file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     yaml_object(&text).unwrap()
 }
 
 /// The recorded Service, its ClusterIP on the test VIP and its port on the service port.
 fn service() -> Value {
-    let mut svc = recorded("service.yaml");
+    on_test_vip(recorded("service.yaml"))
+}
+
+fn on_test_vip(mut svc: Value) -> Value {
     let vip = VIP.to_string();
     svc["spec"]["clusterIP"] = json!(vip);
     svc["spec"]["clusterIPs"] = json!([vip]);
@@ -359,5 +369,190 @@ fn kubernetes_service_flows_through_xdp_and_survives_the_api_server() {
             .lines()
             .any(|l| l.starts_with("kubernetes") && l.contains(" yes ")),
         "{table}"
+    );
+}
+
+/// A Node in the API's shape (the recordings hold none): kind's labels and addresses, with
+/// `zone` as its `topology.kubernetes.io/zone`.
+fn node(name: &str, zone: Option<&str>, internal_ip: &str) -> Value {
+    let mut labels = json!({
+        "kubernetes.io/arch": "amd64",
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+    });
+    if let Some(z) = zone {
+        labels["topology.kubernetes.io/zone"] = json!(z);
+    }
+    json!({
+        "metadata": {"name": name, "labels": labels, "uid": format!("uid-{name}"),
+                     "creationTimestamp": "2026-12-04T10:00:00Z"},
+        "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"]},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": internal_ip},
+                          {"type": "Hostname", "address": name}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "lastHeartbeatTime": "2026-12-04T10:00:00Z",
+                            "lastTransitionTime": "2026-12-04T10:00:00Z"}],
+        },
+    })
+}
+
+fn backend_ips(v: &ServiceView) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = v.backends.iter().map(|b| b.addr).collect();
+    ips.sort();
+    ips
+}
+
+/// Topology-aware routing with a known zone: this node's Node (found by name with a field
+/// selector, beside another node in another zone) says zone `foo`, and only the endpoint
+/// hinted for `foo` gets new flows; the Node moving to `quux` moves them to the other; the
+/// Node gone leaves the zone unknown and every endpoint serving (kube-proxy's fallback), with
+/// the reason in `lb-ctl sources`.
+#[test]
+fn kubernetes_topology_hints_follow_this_nodes_zone() {
+    if !privileged() {
+        return;
+    }
+    const THIS_NODE: &str = "topo-node";
+    let mut lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 2,
+                dsr: false,
+            },
+            daemon: None,
+        }),
+    );
+    let b1 = IpAddr::V4(lab.topo.backend("b1").ip);
+    let b2 = IpAddr::V4(lab.topo.backend("b2").ip);
+    let vip: SocketAddr = sock(VIP, TCP_SERVICE_PORT);
+    let api = ok(
+        "stand-in",
+        listen_in(&lab.topo.lb, 0).and_then(KubeApi::serve),
+    );
+    ok(
+        "service",
+        api.apply(
+            Resource::Services,
+            on_test_vip(recorded_in(TOPOLOGY_AWARE, "service.yaml")),
+        )
+        .map(drop),
+    );
+    // eps1's endpoint (hinted for foo and bar) on b1, eps2's (hinted for quux) on b2.
+    for (file, ip) in [("endpointslice.yaml", b1), ("endpointslice2.yaml", b2)] {
+        let mut s = recorded_in(TOPOLOGY_AWARE, file);
+        s["endpoints"][0]["addresses"] = json!([ip.to_string()]);
+        s["ports"][0]["port"] = json!(BACKEND_PORT);
+        ok("slice", api.apply(Resource::EndpointSlices, s).map(drop));
+    }
+    // Listed after this node by name, so a client that read every Node would end on it.
+    ok(
+        "this node",
+        api.apply(Resource::Nodes, node(THIS_NODE, Some("foo"), "198.18.0.10"))
+            .map(drop),
+    );
+    ok(
+        "another node",
+        api.apply(
+            Resource::Nodes,
+            node("zz-other", Some("quux"), "198.18.0.11"),
+        )
+        .map(drop),
+    );
+
+    let dir = std::env::temp_dir().join(format!("datapath-{}-kube", lab.topo.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kc = dir.join("kubeconfig");
+    std::fs::write(&kc, kubeconfig(&api.url())).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "reload:\n  watch: false\nkubernetes:\n  enabled: true\n  kubeconfig: {}\n  node_name: {THIS_NODE}\n",
+            kc.display()
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    lab.daemon = Some(ok(
+        "daemon",
+        Daemon::start(
+            &lab.topo.lb,
+            &lab.topo.prefix,
+            Binaries::from_env(),
+            &["--config", &config_arg],
+        ),
+    ));
+    let d = lab.daemon();
+    let spread_only = |what: &str, backend: &str| {
+        let spread = ok(what, client::tcp_spread_in(lab.client_ns(), vip, NEW_FLOWS));
+        assert!(spread.errors.is_empty(), "{what}: {}", spread.table());
+        assert_eq!(
+            spread.count(backend),
+            NEW_FLOWS,
+            "{what}: {}",
+            spread.table()
+        );
+    };
+
+    // Zone foo: b1 only.
+    let v = wait_service(d, "zone foo", |v| backend_ips(v) == vec![b1]);
+    assert_eq!(v.owner.as_deref(), Some("test/echo"));
+    assert!(
+        kubernetes_status(d).notes.is_empty(),
+        "{:#?}",
+        kubernetes_status(d)
+    );
+    spread_only("new flows in zone foo", "b1");
+
+    // The Node moves to zone quux: b2 only.
+    ok(
+        "this node in quux",
+        api.apply(
+            Resource::Nodes,
+            node(THIS_NODE, Some("quux"), "198.18.0.10"),
+        )
+        .map(drop),
+    );
+    wait_service(d, "zone quux", |v| backend_ips(v) == vec![b2]);
+    spread_only("new flows in zone quux", "b2");
+
+    // The other node changing changes nothing here.
+    ok(
+        "the other node in foo",
+        api.apply(
+            Resource::Nodes,
+            node("zz-other", Some("foo"), "198.18.0.11"),
+        )
+        .map(drop),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(vip_service(d).map(|v| backend_ips(&v)), Some(vec![b2]));
+
+    // The Node gone: the zone is unknown, every endpoint serves, and the source says why.
+    ok(
+        "this node deleted",
+        api.delete(Resource::Nodes, "", THIS_NODE).map(drop),
+    );
+    let mut both = vec![b1, b2];
+    both.sort();
+    wait_service(d, "zone unknown", |v| backend_ips(v) == both);
+    let st = kubernetes_status(d);
+    assert!(
+        st.notes
+            .iter()
+            .any(|n| n.contains(THIS_NODE) && n.contains("zone is unknown")),
+        "{st:#?}"
+    );
+    let spread = ok(
+        "new flows with the zone unknown",
+        client::tcp_spread_in(lab.client_ns(), vip, NEW_FLOWS),
+    );
+    assert!(spread.errors.is_empty(), "{}", spread.table());
+    assert!(
+        spread.count("b1") > 0 && spread.count("b2") > 0,
+        "{}",
+        spread.table()
     );
 }
