@@ -17,6 +17,8 @@ fn main() -> aya_build::Result<()> {
     };
     let bpf_tc_dir = manifest_dir.join("..").join("bpf-tc").canonicalize()?;
     let tc_root_dir = bpf_tc_dir.to_string_lossy().into_owned();
+    let bpf_sock_dir = manifest_dir.join("..").join("bpf-sock").canonicalize()?;
+    let sock_root_dir = bpf_sock_dir.to_string_lossy().into_owned();
     aya_build::build_ebpf(
         [
             Package {
@@ -30,12 +32,17 @@ fn main() -> aya_build::Result<()> {
                 root_dir: &tc_root_dir,
                 ..Default::default()
             },
+            Package {
+                name: "bpf-sock",
+                root_dir: &sock_root_dir,
+                ..Default::default()
+            },
         ],
         Toolchain::default(),
     )?;
     // With AYA_BUILD_SKIP (host-only work), leave an empty object so the crate still compiles;
     // the loader refuses to start with a clear message.
-    for name in ["bpf-xdp", "bpf-tc"] {
+    for name in ["bpf-xdp", "bpf-tc", "bpf-sock"] {
         let object = PathBuf::from(std::env::var("OUT_DIR")?).join(name);
         if !object.exists() {
             std::fs::write(&object, [])?;

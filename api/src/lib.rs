@@ -14,6 +14,7 @@
 //! - [`conntrack`]: `/v1/conntrack` (its filters), `/v1/conntrack/stats`.
 //! - [`flows`]: `/v1/flows`, the recent events and the follow stream.
 //! - [`status`]: `/v1/status`, `/healthz`.
+//! - [`socklb`]: `/v1/socklb`, the socket load balancer.
 //! - [`error`]: [`ApiError`], [`ErrorCode`], and [`Error`], this crate's one error type (a
 //!   value that does not parse).
 //!
@@ -28,6 +29,7 @@ pub mod model;
 pub mod node;
 pub mod policy;
 pub mod routes;
+pub mod socklb;
 pub mod sources;
 pub mod status;
 
@@ -41,6 +43,7 @@ pub use model::*;
 pub use node::*;
 pub use policy::*;
 pub use routes::{Route, RouteInfo};
+pub use socklb::*;
 pub use sources::*;
 pub use status::*;
 

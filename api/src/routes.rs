@@ -14,6 +14,7 @@ use crate::{
     model::{BackendKey, ServiceKey},
     node::NodeView,
     policy::{ApplyPolicy, PolicyStatus},
+    socklb::SockLbStatus,
     sources::SourcesView,
     status::{Health, StatusView},
 };
@@ -31,6 +32,7 @@ pub const CONNTRACK_STATS: &str = "/v1/conntrack/stats";
 pub const FLOWS: &str = "/v1/flows";
 pub const NODE: &str = "/v1/node";
 pub const SOURCES: &str = "/v1/sources";
+pub const SOCKLB: &str = "/v1/socklb";
 
 /// The HTTP methods the API uses (every `GET` route also answers `HEAD`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -266,6 +268,8 @@ routes! {
         body NoBody => 200 ServiceView, Json;
     /// What each service source (the services file, Kubernetes) last did.
     GetSources: Get SOURCES, params (), query NoQuery, body NoBody => 200 SourcesView, Json;
+    /// The socket load balancer: attachment, outcomes, decisions per service, recent ones.
+    GetSockLb: Get SOCKLB, params (), query NoQuery, body NoBody => 200 SockLbStatus, Json;
     /// Interfaces, addresses, neighbours and routes as the netlink controller learned them.
     GetNode: Get NODE, params (), query NoQuery, body NoBody => 200 NodeView, Json;
     GetStats: Get STATS, params (), query NoQuery, body NoBody => 200 StatsView, Json;

@@ -12,6 +12,7 @@
 pub mod ct;
 pub mod policy;
 pub mod reason;
+pub mod sock;
 
 /// `AF_INET` as stored in the `family` fields.
 pub const FAMILY_IPV4: u8 = 2;
@@ -365,4 +366,6 @@ mod pod {
     unsafe impl aya::Pod for policy::EndpointStats {}
     unsafe impl aya::Pod for policy::FlowEvent {}
     unsafe impl aya::Pod for policy::RateBucket {}
+    unsafe impl aya::Pod for sock::SockRevNat {}
+    unsafe impl aya::Pod for sock::SockLbEvent {}
 }

@@ -125,6 +125,7 @@ struct FileConfig {
     netlink: Option<NetlinkFile>,
     service_file: Option<ServiceFileSection>,
     kubernetes: Option<KubernetesFile>,
+    socklb: Option<SockLbFile>,
     // The previous layout (see DEPRECATED_KEYS).
     interfaces: Option<Vec<String>>,
     xdp_mode: Option<XdpModeName>,
@@ -176,6 +177,17 @@ struct KubernetesFile {
     kubeconfig: Option<PathBuf>,
     node_name: Option<String>,
     mode: Option<String>,
+}
+
+/// The `socklb` section: socket-level load balancing (docs/socket-lb.md).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SockLbFile {
+    enabled: Option<bool>,
+    cgroup: Option<PathBuf>,
+    host_netns_only: Option<bool>,
+    opt_out_cgroups: Option<Vec<PathBuf>>,
+    event_rate: Option<u64>,
 }
 
 /// The `conntrack` section: the GC of the load balancer's flow tables.
@@ -530,6 +542,34 @@ pub struct KubernetesSettings {
     pub mode: datapath_api::ForwardingMode,
 }
 
+/// The `socklb` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SockLbSettings {
+    pub enabled: bool,
+    /// The cgroup v2 directory the programs attach to; `None`: the cgroup2 mount's root, found
+    /// in `/proc/self/mountinfo`.
+    pub cgroup: Option<PathBuf>,
+    /// Translate only sockets of the daemon's own network namespace (the host's), so in-pod
+    /// proxies keep seeing VIPs.
+    pub host_netns_only: bool,
+    /// Cgroup directories whose processes (and their descendants') are left alone.
+    pub opt_out_cgroups: Vec<PathBuf>,
+    /// Decision events per second per CPU (0: none).
+    pub event_rate: u64,
+}
+
+impl Default for SockLbSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cgroup: None,
+            host_netns_only: false,
+            opt_out_cgroups: Vec::new(),
+            event_rate: bpf_common::sock::DEFAULT_EVENT_RATE,
+        }
+    }
+}
+
 /// Default of `netlink.receive_buffer_bytes`: 4 MiB.
 pub const DEFAULT_NETLINK_RECEIVE_BUFFER: u64 = 4 << 20;
 /// Smallest and largest `netlink.receive_buffer_bytes`.
@@ -577,6 +617,7 @@ pub struct Settings {
     pub netlink: NetlinkSettings,
     pub service_file: ServiceFileSettings,
     pub kubernetes: KubernetesSettings,
+    pub socklb: SockLbSettings,
     /// The file the values came from, to name its lines in errors found later (an interface
     /// pattern that matches nothing when a controller starts or reloads).
     pub origin: Origin,
@@ -616,6 +657,7 @@ impl Default for Settings {
             netlink: NetlinkSettings::default(),
             service_file: ServiceFileSettings::default(),
             kubernetes: KubernetesSettings::default(),
+            socklb: SockLbSettings::default(),
             origin: Origin::default(),
         }
     }
@@ -855,6 +897,35 @@ impl Settings {
                 self.kubernetes.mode = m
                     .parse()
                     .map_err(|e: String| src.error("kubernetes.mode", e))?;
+            }
+        }
+        if let Some(s) = f.socklb {
+            if let Some(v) = s.enabled {
+                self.socklb.enabled = v;
+            }
+            if let Some(c) = s.cgroup {
+                if !c.is_absolute() {
+                    return Err(src.error("socklb.cgroup", "must be an absolute path"));
+                }
+                self.socklb.cgroup = Some(c);
+            }
+            if let Some(v) = s.host_netns_only {
+                self.socklb.host_netns_only = v;
+            }
+            if let Some(list) = s.opt_out_cgroups {
+                if let Some(bad) = list.iter().find(|c| !c.is_absolute()) {
+                    return Err(src.error(
+                        "socklb.opt_out_cgroups",
+                        format!("{} is not an absolute path", bad.display()),
+                    ));
+                }
+                self.socklb.opt_out_cgroups = list;
+            }
+            if let Some(r) = s.event_rate {
+                if r > 1_000_000 {
+                    return Err(src.error("socklb.event_rate", "at most 1000000 per second"));
+                }
+                self.socklb.event_rate = r;
             }
         }
         if let Err(e) = self.dataplane_config().validate() {
@@ -1143,6 +1214,7 @@ impl Settings {
         check(a.event_rate != b.event_rate, "policy.event_rate");
         check(self.netlink != new.netlink, "netlink");
         check(self.kubernetes != new.kubernetes, "kubernetes");
+        check(self.socklb != new.socklb, "socklb");
         out
     }
 }

@@ -23,6 +23,7 @@ pub mod policy;
 pub mod prog_stats;
 pub mod server;
 pub mod service_file;
+pub mod socklb;
 pub mod supervisor;
 pub mod text;
 pub mod watch;

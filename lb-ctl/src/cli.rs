@@ -70,6 +70,9 @@ pub enum Command {
     /// The service sources (the services file, Kubernetes): whether each one synced, when,
     /// its errors, and what it skipped, could not apply or does not route as asked.
     Sources,
+    /// The socket load balancer: whether it runs, the cgroup its programs are attached to,
+    /// its outcome counters, sockets per service and the latest decisions.
+    Socklb,
     /// The tc (TCX) policy: apply a policy file, show it with its counters, delete it.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -378,6 +381,7 @@ pub enum Action {
     Status,
     Node,
     Sources,
+    SockLb,
     /// The policy file's text.
     PolicyApply(ApplyPolicy),
     PolicyList,
@@ -581,6 +585,7 @@ impl Command {
             Command::Status => Action::Status,
             Command::Node => Action::Node,
             Command::Sources => Action::Sources,
+            Command::Socklb => Action::SockLb,
             Command::Policy(PolicyCommand::Apply { file }) => {
                 let shown = file.display().to_string();
                 let text = std::fs::read_to_string(file)

@@ -60,6 +60,10 @@ impl Client {
             .await
     }
 
+    pub async fn socklb(&self) -> Result<datapath_api::SockLbStatus> {
+        self.send::<routes::GetSockLb>(&(), &NoQuery, &NoBody).await
+    }
+
     pub async fn list_services(&self) -> Result<Vec<ServiceView>> {
         self.send::<routes::ListServices>(&(), &NoQuery, &NoBody)
             .await

@@ -150,6 +150,14 @@ pub async fn run(cli: &Cli) -> Result<String> {
                 output::sources(&sources)
             }
         }
+        Action::SockLb => {
+            let st = client.socklb().await?;
+            if json {
+                to_json(&st)?
+            } else {
+                output::socklb(&st)
+            }
+        }
         Action::Node => {
             let node = client.node().await?;
             if json {

@@ -371,6 +371,77 @@ fn neighbour_table(neighbours: &[datapath_api::NeighbourStatus]) -> String {
     t.render()
 }
 
+/// `lb-ctl socklb`: the module's state, then its services and counters, then the latest
+/// decisions.
+pub fn socklb(v: &datapath_api::SockLbStatus) -> String {
+    use Align::*;
+    let mut out = String::new();
+    let state = if v.up {
+        "up".to_string()
+    } else {
+        format!("off ({})", v.reason.as_deref().unwrap_or("disabled"))
+    };
+    let _ = writeln!(out, "socket LB: {state}");
+    if let Some(c) = &v.cgroup {
+        let _ = writeln!(out, "cgroup: {c}");
+    }
+    if !v.programs.is_empty() {
+        let _ = writeln!(out, "programs: {}", v.programs.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "host namespace only: {}",
+        if v.host_netns_only { "yes" } else { "no" }
+    );
+    for c in &v.opt_out_cgroups {
+        let _ = writeln!(out, "opted out: {c}");
+    }
+    let _ = writeln!(out, "sockets destroyed: {}", v.sockets_destroyed);
+    if !v.services.is_empty() {
+        let mut t = Table::new(&[("SERVICE", Left), ("SOCKETS", Right)]);
+        for s in &v.services {
+            t.row(vec![s.service.clone(), s.sockets.to_string()]);
+        }
+        out.push_str(&t.render());
+    }
+    let counted: Vec<_> = v.reasons.iter().filter(|(_, n)| **n > 0).collect();
+    if !counted.is_empty() {
+        let mut t = Table::new(&[("OUTCOME", Left), ("COUNT", Right)]);
+        for (r, n) in counted {
+            t.row(vec![r.clone(), n.to_string()]);
+        }
+        out.push_str(&t.render());
+    }
+    if !v.recent.is_empty() {
+        let mut t = Table::new(&[
+            ("COOKIE", Right),
+            ("PID", Right),
+            ("CGROUP", Right),
+            ("HOOK", Left),
+            ("PROTO", Left),
+            ("VIP", Left),
+            ("BACKEND", Left),
+        ]);
+        for d in &v.recent {
+            t.row(vec![
+                d.cookie.to_string(),
+                d.pid.to_string(),
+                d.cgroup_id.to_string(),
+                match d.hook {
+                    datapath_api::SockLbHook::Connect => "connect",
+                    datapath_api::SockLbHook::Sendmsg => "sendmsg",
+                }
+                .into(),
+                d.proto.to_string(),
+                d.vip.to_string(),
+                d.backend.to_string(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    out
+}
+
 /// `lb-ctl node`.
 /// `sources`: one line per source, then what each skipped, rejected and noted.
 pub fn sources(v: &datapath_api::SourcesView) -> String {

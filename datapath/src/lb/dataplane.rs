@@ -576,6 +576,23 @@ impl Dataplane {
         Ok((dup(map_names::FLOWS)?, dup(map_names::NAT_REV)?))
     }
 
+    /// Descriptors of the service maps (`LB_VIPS`, `LB_BACKENDS`, `LB_MAGLEV`), for the socket
+    /// load balancer's programs, which use the very same maps.
+    pub fn service_map_fds(&self) -> Result<[std::os::fd::OwnedFd; 3]> {
+        use aya::maps::IterableMap as _;
+        let dup = |name: &str, data: &MapData| {
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io(format!("duplicate the descriptor of {name}"), e))
+        };
+        Ok([
+            dup(map_names::VIPS, self.vips.map())?,
+            dup(map_names::BACKENDS, self.backends.map())?,
+            dup(map_names::MAGLEV, self.maglev.map())?,
+        ])
+    }
+
     /// The whole loaded object (programs and the maps not taken over by the dataplane), for the
     /// benchmark harness, which tail-calls `xdp_lb` through `BENCH_TARGET`.
     pub fn bpf_mut(&mut self) -> &mut Ebpf {

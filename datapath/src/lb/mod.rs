@@ -34,6 +34,20 @@ use store::{Limits, ServicePlane, Store};
 /// The controller's name: status, metrics, pin directory.
 pub const NAME: &str = "lb";
 
+/// State: the handle of the service maps, for the socket load balancer (`None` while the load
+/// balancer is off).
+pub const SERVICE_MAPS: &str = "lb.service_maps";
+
+/// The load balancer's service maps as it lends them: one service store, two datapaths.
+#[derive(Debug)]
+pub struct LbServiceMaps {
+    pub vips: std::os::fd::OwnedFd,
+    pub backends: std::os::fd::OwnedFd,
+    pub maglev: std::os::fd::OwnedFd,
+    pub maglev_size: u32,
+    pub max_services: u32,
+}
+
 /// The load balancer module: the attached dataplane, or why there is none.
 pub struct LbPlane {
     dp: Option<Dataplane>,
@@ -134,6 +148,7 @@ pub struct LbController {
     ctl: SharedController<LbPlane>,
     inner: Mutex<Inner>,
     tables: Mutex<StateWriter<Option<Arc<LbFlowTables>>>>,
+    service_maps: Mutex<StateWriter<Option<Arc<LbServiceMaps>>>>,
     occupancy: StateReader<Occupancy>,
     prog_stats: StateReader<bool>,
     /// Set at shutdown: a start still waiting for interfaces gives up.
@@ -206,6 +221,10 @@ impl LbController {
                 bus.state::<Option<Arc<LbFlowTables>>>(LB_TABLES)?
                     .writer()?,
             ),
+            service_maps: Mutex::new(
+                bus.state::<Option<Arc<LbServiceMaps>>>(SERVICE_MAPS)?
+                    .writer()?,
+            ),
             occupancy: bus.state::<Occupancy>(OCCUPANCY)?.reader(),
             prog_stats: bus.state::<bool>(crate::prog_stats::ENABLED)?.reader(),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -253,6 +272,20 @@ impl LbController {
             }
         });
         lock(&self.tables).publish(handle);
+        let maps = plane.dataplane().and_then(|dp| match dp.service_map_fds() {
+            Ok([vips, backends, maglev]) => Some(Arc::new(LbServiceMaps {
+                vips,
+                backends,
+                maglev,
+                maglev_size: dp.config().maglev_size,
+                max_services: dp.config().max_services,
+            })),
+            Err(e) => {
+                warn!(error = %e, "cannot hand the service maps to the socket load balancer");
+                None
+            }
+        });
+        lock(&self.service_maps).publish(maps);
     }
 
     /// Why `/readyz` waits for the interfaces, from the start (before the controller starts).

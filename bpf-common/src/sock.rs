@@ -1,0 +1,143 @@
+//! ABI of the socket load balancer (`bpf-sock`): cgroup sock_addr programs that translate a
+//! VIP to a backend at `connect()`/`sendmsg()` and back at `recvmsg()`/`getpeername()`, over the
+//! XDP load balancer's own service maps (`LB_VIPS`, `LB_BACKENDS`, `LB_MAGLEV`).
+
+use crate::Addr16;
+
+/// Value of `SOCK_REVNAT`, a socket-local storage map (`BPF_MAP_TYPE_SK_STORAGE`): what the
+/// socket's VIP was translated to, so that replies and `getpeername()` show the VIP again. It
+/// lives in the socket and dies with it, so it can never go stale or be taken by another
+/// socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNat {
+    pub vip: Addr16,
+    pub backend: Addr16,
+    /// Network byte order.
+    pub vip_port_be: u16,
+    /// Network byte order.
+    pub backend_port_be: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNat>() == 48);
+
+/// `SockLbEvent::hook`: a `connect()` translated.
+pub const HOOK_CONNECT: u8 = 1;
+/// `SockLbEvent::hook`: a `sendmsg()` on an unconnected UDP socket translated.
+pub const HOOK_SENDMSG: u8 = 2;
+
+/// One socket-LB decision, sent to `SOCK_EVENTS` (a ring buffer) behind a token bucket: who
+/// (socket cookie, pid, cgroup) was sent where (VIP to backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLbEvent {
+    pub cookie: u64,
+    pub cgroup_id: u64,
+    /// Thread-group id (the process id as user space knows it).
+    pub pid: u32,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// `HOOK_*`.
+    pub hook: u8,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u8,
+    pub vip: Addr16,
+    pub backend: Addr16,
+    /// Network byte order.
+    pub vip_port_be: u16,
+    /// Network byte order.
+    pub backend_port_be: u16,
+    pub _pad2: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<SockLbEvent>() == 72);
+
+/// How many levels of ancestors an opt-out cgroup is looked for above the caller's own cgroup
+/// (a bounded loop: `bpf_get_current_ancestor_cgroup_id` per level).
+pub const OPT_OUT_DEPTH: u32 = 12;
+
+/// Default ceiling of decision events per second per CPU.
+pub const DEFAULT_EVENT_RATE: u64 = 10_000;
+
+/// Map names of the socket-LB programs (besides the LB's, which they share).
+pub mod map_names {
+    /// `SK_STORAGE<u32, SockRevNat>`, created by the daemon (the kernel wants BTF for it).
+    pub const REVNAT: &str = "SOCK_REVNAT";
+    /// Per-CPU `u64` per reason (`reason`).
+    pub const REASONS: &str = "SOCK_REASONS";
+    /// Per-CPU `u64` per service id: sockets translated to the service.
+    pub const SERVICE_STATS: &str = "SOCK_SVC_STATS";
+    /// `Hash<u64, u8>`: cgroup ids whose processes (and their descendants') are left alone.
+    pub const OPT_OUT: &str = "SOCK_OPT_OUT";
+    /// Ring buffer of `SockLbEvent`.
+    pub const EVENTS: &str = "SOCK_EVENTS";
+    /// Per-CPU `RateBucket` of the event rate.
+    pub const EVENT_BUCKET: &str = "SOCK_EV_BUCKET";
+}
+
+/// `.rodata` globals of the socket-LB programs.
+pub mod globals {
+    /// `u32`: as the XDP program's (`crate::globals::MAGLEV_SIZE`).
+    pub const MAGLEV_SIZE: &str = "MAGLEV_SIZE";
+    /// `u64`: when non-zero, only sockets of the network namespace with this cookie are
+    /// translated (the host-namespace-only mode: in-pod proxies keep seeing VIPs).
+    pub const ONLY_NETNS_COOKIE: &str = "ONLY_NETNS_COOKIE";
+    /// `u64`: decision events per second per CPU (0: none).
+    pub const EVENT_RATE: &str = "EVENT_RATE";
+}
+
+/// Outcome counters of the socket-LB programs (`SOCK_REASONS`). Every call of a program counts
+/// exactly one.
+pub mod reason {
+    /// `connect()` to a VIP, translated to a backend.
+    pub const CONNECT_TRANSLATED: u32 = 0;
+    /// `sendmsg()` to a VIP on an unconnected UDP socket, translated.
+    pub const SENDMSG_TRANSLATED: u32 = 1;
+    /// `recvmsg()` from a backend the socket was translated to, shown as from the VIP.
+    pub const RECVMSG_REVERSED: u32 = 2;
+    /// `getpeername()` of a translated socket, answered with the VIP.
+    pub const GETPEERNAME_REVERSED: u32 = 3;
+    /// Not a VIP (or not IPv4, TCP or UDP): left alone.
+    pub const PASS_NOT_VIP: u32 = 4;
+    /// The caller's cgroup, or an ancestor of it, opted out: left alone.
+    pub const PASS_OPTED_OUT: u32 = 5;
+    /// Host-namespace-only mode, and the socket is in another namespace: left alone.
+    pub const PASS_OTHER_NETNS: u32 = 6;
+    /// A VIP with no active backend: `connect()`/`sendmsg()` refused (EPERM).
+    pub const REFUSE_NO_BACKEND: u32 = 7;
+    /// The translation could not be stored in the socket: left alone (the VIP goes to XDP,
+    /// if it is routed there).
+    pub const PASS_NO_STORAGE: u32 = 8;
+    /// `recvmsg()`/`getpeername()` of a socket that was not translated, or from another peer.
+    pub const PASS_NOT_TRANSLATED: u32 = 9;
+    /// Decision events not sent: over the rate.
+    pub const EVENT_RATE_LIMITED: u32 = 10;
+    /// Decision events not sent: the ring buffer was full.
+    pub const EVENT_LOST: u32 = 11;
+
+    pub const COUNT: u32 = 12;
+
+    /// Whether `reason` is an outcome (one per call); the others are counted beside it.
+    pub const fn is_outcome(reason: u32) -> bool {
+        reason < EVENT_RATE_LIMITED
+    }
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "connect_translated",
+        "sendmsg_translated",
+        "recvmsg_reversed",
+        "getpeername_reversed",
+        "pass_not_vip",
+        "pass_opted_out",
+        "pass_other_netns",
+        "refuse_no_backend",
+        "pass_no_storage",
+        "pass_not_translated",
+        "event_rate_limited",
+        "event_lost",
+    ];
+}

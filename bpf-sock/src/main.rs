@@ -1,0 +1,367 @@
+//! Socket-level load balancing: cgroup sock_addr programs that send a process's sockets to a
+//! service backend when it connects, so east-west traffic never carries the VIP on the wire and
+//! needs no per-packet NAT.
+//!
+//! - `sock_connect4` (TCP and connected UDP) and `sock_sendmsg4` (unconnected UDP) look the
+//!   destination up in the XDP load balancer's own `LB_VIPS`; a VIP's backend is picked from
+//!   the service's live Maglev table (`LB_MAGLEV`) by a hash of the socket cookie (the source
+//!   port is not chosen yet at `connect()`), skipping any backend that is not active. The
+//!   destination is rewritten, and the translation is kept in the socket's own storage
+//!   (`SOCK_REVNAT`, an sk_storage map), which dies with the socket.
+//! - `sock_recvmsg4` and `sock_getpeername4` show the VIP again for a peer that the socket was
+//!   translated to, so UDP replies come "from the VIP" and `getpeername()` answers the VIP.
+//! - Left alone: what is not a VIP, callers in an opted-out cgroup (or below one), and, in the
+//!   host-namespace-only mode, sockets of other network namespaces.
+//!
+//! Each call counts exactly one outcome (`bpf_common::sock::reason`) and answers 1 (carry on),
+//! or 0 for a VIP with no active backend (the call fails with EPERM, as the kernel answers a
+//! cgroup program's refusal). Decisions go to `SOCK_EVENTS` behind a per-CPU token bucket.
+#![no_std]
+#![no_main]
+
+use core::cell::UnsafeCell;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_NO_PREALLOC, bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_storage_get,
+    },
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::SockAddrContext,
+};
+use bpf_common::{
+    BACKEND_ACTIVE, BackendInfo, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, VipInfo, VipKey, defaults,
+    maglev_index,
+    policy::RateBucket,
+    sock::{
+        DEFAULT_EVENT_RATE, HOOK_CONNECT, HOOK_SENDMSG, OPT_OUT_DEPTH, SockLbEvent, SockRevNat,
+        reason,
+    },
+};
+use bpf_lib::{
+    count::count_reason,
+    event::{self, Refused},
+    global, now_ns,
+};
+use lb_core::hash::{SEED_MAGLEV, cookie_hash, derive};
+
+/// The XDP load balancer's maps, by the same names: the daemon hands this object the very maps
+/// the XDP program uses (one service store, two datapaths).
+#[map(name = "LB_VIPS")]
+static LB_VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(defaults::MAX_SERVICES, 0);
+
+#[map(name = "LB_BACKENDS")]
+static LB_BACKENDS: Array<BackendInfo> = Array::pinned(defaults::MAX_BACKENDS, 0);
+
+#[map(name = "LB_MAGLEV")]
+static LB_MAGLEV: Array<u32> = Array::pinned(
+    defaults::MAX_SERVICES * 2 * defaults::MAGLEV_SIZE,
+    bpf_common::BPF_F_MMAPABLE,
+);
+
+#[map(name = "SOCK_REASONS")]
+static SOCK_REASONS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+
+#[map(name = "SOCK_SVC_STATS")]
+static SOCK_SVC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(defaults::MAX_SERVICES, 0);
+
+#[map(name = "SOCK_OPT_OUT")]
+static SOCK_OPT_OUT: HashMap<u64, u8> = HashMap::pinned(1024, 0);
+
+#[map(name = "SOCK_EVENTS")]
+static SOCK_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+
+#[map(name = "SOCK_EV_BUCKET")]
+static SOCK_EV_BUCKET: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Translations one socket remembers (an unconnected UDP socket may talk to several VIPs); the
+/// oldest is replaced first.
+const REVNAT_SLOTS: usize = 4;
+
+/// Value of `SOCK_REVNAT`.
+#[repr(C)]
+struct RevNatSet {
+    entries: [SockRevNat; REVNAT_SLOTS],
+    next: u32,
+    _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<RevNatSet>() == 200);
+
+/// A legacy map definition for the one map type aya-ebpf has no wrapper for. The kernel wants
+/// BTF for an sk_storage map, which this object does not carry: the daemon creates and pins
+/// the map first, and the loader adopts that pin by name.
+#[repr(transparent)]
+struct SkStorageDef(UnsafeCell<bpf_map_def>);
+// SAFETY: the definition is only read, by the loader; programs pass its address to helpers.
+unsafe impl Sync for SkStorageDef {}
+
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = "SOCK_REVNAT")]
+static SOCK_REVNAT: SkStorageDef = SkStorageDef(UnsafeCell::new(bpf_map_def {
+    type_: BPF_MAP_TYPE_SK_STORAGE,
+    key_size: 4,
+    value_size: core::mem::size_of::<RevNatSet>() as u32,
+    max_entries: 0,
+    map_flags: BPF_F_NO_PREALLOC,
+    id: 0,
+    pinning: 1,
+}));
+
+/// `BPF_SK_STORAGE_GET_F_CREATE`.
+const SK_STORAGE_CREATE: u64 = 1;
+
+#[unsafe(no_mangle)]
+static MAGLEV_SIZE: u32 = defaults::MAGLEV_SIZE;
+#[unsafe(no_mangle)]
+static ONLY_NETNS_COOKIE: u64 = 0;
+#[unsafe(no_mangle)]
+static EVENT_RATE: u64 = DEFAULT_EVENT_RATE;
+
+/// Carry on with the call (translated or not).
+const ALLOW: i32 = 1;
+/// Refuse the call (EPERM).
+const REFUSE: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    finish(try_translate(&ctx, HOOK_CONNECT))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    finish(try_translate(&ctx, HOOK_SENDMSG))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    finish(try_reverse(&ctx, reason::RECVMSG_REVERSED))
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    finish(try_reverse(&ctx, reason::GETPEERNAME_REVERSED))
+}
+
+/// Counts the outcome and answers the verdict.
+#[inline(always)]
+fn finish((verdict, why): (i32, u32)) -> i32 {
+    count_reason(&SOCK_REASONS, why);
+    verdict
+}
+
+#[inline(always)]
+fn opted_out() -> bool {
+    // SAFETY: helpers without preconditions.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if SOCK_OPT_OUT.get_ptr(&own).is_some() {
+        return true;
+    }
+    for level in 1..OPT_OUT_DEPTH {
+        // SAFETY: as above; 0 past the caller's own depth.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            return false;
+        }
+        if SOCK_OPT_OUT.get_ptr(&id).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// A backend of `vip` for the socket with `cookie`: its Maglev bucket, or (when that backend is
+/// no longer active: the table is being replaced) up to three derived buckets.
+#[inline(always)]
+fn pick(vip: &VipInfo, key: &VipKey, cookie: u64) -> Option<(u32, &'static BackendInfo)> {
+    let size = global(&MAGLEV_SIZE);
+    if size == 0 || vip.active_backends == 0 {
+        return None;
+    }
+    let hash = cookie_hash(cookie, key.addr[0], key.port_be, key.proto, SEED_MAGLEV);
+    let slot = vip.table_slot & 1;
+    for n in 0..4u32 {
+        let h = if n == 0 { hash } else { derive(hash, n) };
+        let id = *LB_MAGLEV.get(maglev_index(vip.service_id, slot, size, h % size))?;
+        let info = LB_BACKENDS.get(id)?;
+        if info.state == BACKEND_ACTIVE {
+            return Some((id, info));
+        }
+    }
+    None
+}
+
+/// The socket's translation storage; `create` makes it when it is missing.
+#[inline(always)]
+fn revnat_of(ctx: &SockAddrContext, create: bool) -> Option<&'static mut RevNatSet> {
+    // SAFETY: the context is the kernel's bpf_sock_addr; `sk` is its socket (never null in
+    // these hooks, checked anyway).
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a map of type sk_storage and the hook's own socket; the kernel zeroes new
+    // storage.
+    let value = unsafe {
+        bpf_sk_storage_get(
+            SOCK_REVNAT.0.get().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            if create { SK_STORAGE_CREATE } else { 0 },
+        )
+    };
+    if value.is_null() {
+        None
+    } else {
+        // SAFETY: the kernel answers a value of the map's value size, owned by the socket.
+        Some(unsafe { &mut *value.cast::<RevNatSet>() })
+    }
+}
+
+#[inline(always)]
+fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
+    // SAFETY: the kernel's bpf_sock_addr for this call.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let proto = sa.protocol as u8;
+    if sa.user_family != 2 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return (ALLOW, reason::PASS_NOT_VIP);
+    }
+    let key = VipKey {
+        addr: [sa.user_ip4, 0, 0, 0],
+        // The port's two bytes, in network order, are the low half of the u32.
+        port_be: sa.user_port as u16,
+        proto,
+        family: FAMILY_IPV4,
+    };
+    let Some(vip) = LB_VIPS.get_ptr(&key) else {
+        return (ALLOW, reason::PASS_NOT_VIP);
+    };
+    // SAFETY: a map value, read in place.
+    let vip = unsafe { &*vip };
+    let only = global(&ONLY_NETNS_COOKIE);
+    // SAFETY: the hook's own context.
+    if only != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != only {
+        return (ALLOW, reason::PASS_OTHER_NETNS);
+    }
+    if opted_out() {
+        return (ALLOW, reason::PASS_OPTED_OUT);
+    }
+    // SAFETY: the hook's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some((backend_id, backend)) = pick(vip, &key, cookie) else {
+        return (REFUSE, reason::REFUSE_NO_BACKEND);
+    };
+    let Some(set) = revnat_of(ctx, true) else {
+        return (ALLOW, reason::PASS_NO_STORAGE);
+    };
+    // The same peer again (a reconnect, the next datagram) reuses its slot.
+    let mut slot = REVNAT_SLOTS;
+    for (i, e) in set.entries.iter().enumerate() {
+        if e.family == FAMILY_IPV4
+            && e.vip[0] == key.addr[0]
+            && e.vip_port_be == key.port_be
+            && e.backend[0] == backend.addr[0]
+            && e.backend_port_be == backend.port_be
+        {
+            slot = i;
+        }
+    }
+    let known = slot < REVNAT_SLOTS;
+    if !known {
+        slot = (set.next as usize) % REVNAT_SLOTS;
+        set.next = set.next.wrapping_add(1);
+    }
+    if let Some(e) = set.entries.get_mut(slot) {
+        *e = SockRevNat {
+            vip: key.addr,
+            backend: backend.addr,
+            vip_port_be: key.port_be,
+            backend_port_be: backend.port_be,
+            family: FAMILY_IPV4,
+            proto,
+            _pad: [0; 2],
+            service_id: vip.service_id,
+            backend_id,
+        };
+    }
+    sa.user_ip4 = backend.addr[0];
+    sa.user_port = backend.port_be as u32;
+    if let Some(n) = SOCK_SVC_STATS.get_ptr_mut(vip.service_id) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *n += 1 };
+    }
+    let why = if hook == HOOK_CONNECT {
+        reason::CONNECT_TRANSLATED
+    } else {
+        reason::SENDMSG_TRANSLATED
+    };
+    // A datagram to a VIP this socket already sends to is the same decision again.
+    if known && hook == HOOK_SENDMSG {
+        return (ALLOW, why);
+    }
+    // SAFETY: helpers without preconditions.
+    let (pid_tgid, cgroup_id) =
+        unsafe { (bpf_get_current_pid_tgid(), bpf_get_current_cgroup_id()) };
+    let ev = SockLbEvent {
+        cookie,
+        cgroup_id,
+        pid: (pid_tgid >> 32) as u32,
+        service_id: vip.service_id,
+        backend_id,
+        hook,
+        proto,
+        family: FAMILY_IPV4,
+        _pad: 0,
+        vip: key.addr,
+        backend: backend.addr,
+        vip_port_be: key.port_be,
+        backend_port_be: backend.port_be,
+        _pad2: [0; 4],
+    };
+    match event::emit(
+        &SOCK_EVENTS,
+        &SOCK_EV_BUCKET,
+        global(&EVENT_RATE),
+        &ev,
+        now_ns(),
+    ) {
+        Ok(()) => {}
+        Err(Refused::RateLimited) => count_reason(&SOCK_REASONS, reason::EVENT_RATE_LIMITED),
+        Err(Refused::Lost) => count_reason(&SOCK_REASONS, reason::EVENT_LOST),
+    }
+    (ALLOW, why)
+}
+
+/// A peer (the datagram's source, or the connected peer) that this socket was translated to is
+/// shown as its VIP.
+#[inline(always)]
+fn try_reverse(ctx: &SockAddrContext, reversed: u32) -> (i32, u32) {
+    // SAFETY: the kernel's bpf_sock_addr for this call.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.user_family != 2 {
+        return (ALLOW, reason::PASS_NOT_TRANSLATED);
+    }
+    let Some(set) = revnat_of(ctx, false) else {
+        return (ALLOW, reason::PASS_NOT_TRANSLATED);
+    };
+    let (addr, port) = (sa.user_ip4, sa.user_port as u16);
+    for e in set.entries.iter() {
+        if e.family == FAMILY_IPV4 && e.backend[0] == addr && e.backend_port_be == port {
+            sa.user_ip4 = e.vip[0];
+            sa.user_port = e.vip_port_be as u32;
+            return (ALLOW, reversed);
+        }
+    }
+    (ALLOW, reason::PASS_NOT_TRANSLATED)
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
