@@ -398,7 +398,7 @@ impl SockLbPlane {
                 || {
                     let mut program = program.borrow_mut();
                     let id = program
-                        .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                        .attach(&cgroup_file, CgroupAttachMode::Single)
                         .map_err(program_error(format!("attach {what}")))?;
                     let link = program
                         .take_link(id)

@@ -1,0 +1,352 @@
+//! Socket-level load balancing end to end: datapathd attaches its cgroup sock_addr programs to
+//! a cgroup made for the test (never the root), and processes in that cgroup, on the LB node
+//! (the namespace where the daemon runs), reach the backends through a VIP that no route
+//! leads to: only the socket LB can make those connections work. Everything is real: the
+//! cgroup, the programs, TCP and UDP sockets, the backends' servers.
+//!
+//! The clients are small Python programs (`CLIENT`), started inside the test cgroup and the LB
+//! node's network namespace; each prints one JSON line per exchange.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{IpAddr, SocketAddr},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use datapath_api::{Protocol, SockLbStatus};
+use netns_tests::{
+    Binaries, Daemon, Lab, LabOptions, TopologyOptions,
+    lab::{TCP_SERVICE_PORT, UDP_SERVICE_PORT},
+    netns, privileged,
+    topology::VIP,
+};
+use serde_json::Value;
+
+const CLIENT: &str = r#"
+import json, socket, sys
+mode, vip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+for i in range(n):
+    try:
+        if mode == "tcp":
+            s = socket.create_connection((vip, port), timeout=5)
+            name = s.makefile().readline().strip()
+            peer = "%s:%d" % s.getpeername()
+            s.close()
+            print(json.dumps({"backend": name, "peer": peer}), flush=True)
+        elif mode == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            s.sendto(b"q%d" % i, (vip, port))
+            data, src = s.recvfrom(2048)
+            s.close()
+            print(json.dumps({"backend": data.decode().split()[0], "peer": "%s:%d" % src}),
+                  flush=True)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            s.connect((vip, port))
+            s.send(b"c%d" % i)
+            data = s.recv(2048)
+            peer = "%s:%d" % s.getpeername()
+            s.close()
+            print(json.dumps({"backend": data.decode().split()[0], "peer": peer}), flush=True)
+    except OSError as e:
+        print(json.dumps({"error": "%s: %s" % (type(e).__name__, e)}), flush=True)
+"#;
+
+fn ok<T>(what: &str, r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+/// A cgroup made for the test under the cgroup2 mount, removed on drop (its processes have
+/// exited by then).
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn create(prefix: &str) -> Result<Self> {
+        // The cgroup2 mount, from mountinfo (fields: ... mount-point ... - fstype ...).
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let root = mountinfo
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                (right.split_whitespace().next()? == "cgroup2")
+                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                    .flatten()
+            })
+            .context("no cgroup2 mount")?;
+        let dir = root.join(format!("datapath-test-{prefix}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Runs the client in namespace `ns`, in `cgroup` when given (else where the test runs), and
+/// answers its JSON lines.
+fn client(ns: &str, cgroup: Option<&Path>, mode: &str, port: u16, n: usize) -> Vec<Value> {
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        CLIENT,
+        mode,
+        &VIP.to_string(),
+        &port.to_string(),
+        &n.to_string(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    ok("the client's namespace", netns::command_in(&mut cmd, ns));
+    if let Some(cg) = cgroup {
+        let procs =
+            std::ffi::CString::new(cg.join("cgroup.procs").to_string_lossy().into_owned()).unwrap();
+        // SAFETY: between fork and exec only open(2), write(2) and close(2), which are
+        // async-signal-safe; `procs` is owned by the closure.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0": the writing process itself.
+                let rc = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                libc::close(fd);
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = ok("python3 client", cmd.output().context("python3"));
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn socklb(d: &Daemon) -> SockLbStatus {
+    ok(
+        "lb-ctl socklb",
+        d.lb_ctl_json(&["socklb"])
+            .and_then(|v| Ok(serde_json::from_value(v)?)),
+    )
+}
+
+/// The backends named in `answers`, each answer checked to come from the VIP.
+fn backends_via_vip(what: &str, answers: &[Value], port: u16) -> Vec<String> {
+    let vip = SocketAddr::new(IpAddr::V4(VIP), port).to_string();
+    answers
+        .iter()
+        .map(|a| {
+            assert!(a.get("error").is_none(), "{what}: {answers:#?}");
+            assert_eq!(a["peer"], vip.as_str(), "{what}: the peer is the VIP: {a}");
+            a["backend"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// tcpdump in `ns` for packets to or from the VIP, until stopped.
+struct Capture {
+    child: std::process::Child,
+}
+
+impl Capture {
+    fn start(ns: &str) -> Result<Self> {
+        let mut cmd = Command::new("tcpdump");
+        cmd.args(["-i", "any", "-n", "-l", "host", &VIP.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        netns::command_in(&mut cmd, ns)?;
+        let mut child = cmd.spawn().context("tcpdump")?;
+        // Ready once it says it listens.
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("listening on") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("tcpdump ended before listening"),
+            }
+            if Instant::now() > deadline {
+                bail!("tcpdump not listening in 10 s");
+            }
+        }
+        Ok(Self { child })
+    }
+
+    /// Stops it; answers the packets it printed.
+    fn stop(self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: a child we own; SIGINT makes tcpdump flush and exit.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let out = self.child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+#[test]
+fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 2,
+                dsr: false,
+            },
+            daemon: None,
+        }),
+    );
+    let cgroup = ok("test cgroup", TestCgroup::create(&lab.topo.prefix));
+    let dir = std::env::temp_dir().join(format!("datapath-{}-socklb", lab.topo.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "reload:\n  watch: false\nsocklb:\n  enabled: true\n  cgroup: {}\n",
+            cgroup.path().display()
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    lab.daemon = Some(ok(
+        "daemon",
+        Daemon::start(
+            &lab.topo.lb,
+            &lab.topo.prefix,
+            Binaries::from_env(),
+            &["--config", &config_arg],
+        ),
+    ));
+    ok(
+        "tcp service",
+        lab.add_service(TCP_SERVICE_PORT, Protocol::Tcp, "full-nat", &["b1", "b2"])
+            .map(drop),
+    );
+    ok(
+        "udp service",
+        lab.add_service(UDP_SERVICE_PORT, Protocol::Udp, "full-nat", &["b1", "b2"])
+            .map(drop),
+    );
+    let d = lab.daemon();
+    let st = socklb(d);
+    assert!(st.up, "{st:#?}\n{}", d.log());
+    assert_eq!(st.cgroup.as_deref(), Some(cgroup.path().to_str().unwrap()));
+    assert_eq!(st.programs.len(), 4, "{st:#?}");
+    let node = lab.topo.lb.clone();
+
+    // Outside the test cgroup nothing is translated, and the VIP is routed nowhere here.
+    let outside = client(&node, None, "tcp", TCP_SERVICE_PORT, 1);
+    assert!(
+        outside[0].get("error").is_some(),
+        "a process outside the test cgroup must not reach the VIP: {outside:?}"
+    );
+
+    // TCP from the test cgroup: every connection reaches a backend, both are used, and
+    // getpeername() answers the VIP. No packet to or from the VIP is on the wire.
+    let capture = ok("tcpdump", Capture::start(&node));
+    let tcp = client(&node, Some(cgroup.path()), "tcp", TCP_SERVICE_PORT, 40);
+    let names = backends_via_vip("tcp", &tcp, TCP_SERVICE_PORT);
+    assert_eq!(names.len(), 40);
+    assert!(
+        names.iter().any(|n| n == "b1") && names.iter().any(|n| n == "b2"),
+        "both backends: {names:?}"
+    );
+    // Unconnected UDP: the replies come from the VIP (no "reply from unexpected source").
+    let udp = client(&node, Some(cgroup.path()), "udp", UDP_SERVICE_PORT, 20);
+    let udp_names = backends_via_vip("unconnected udp", &udp, UDP_SERVICE_PORT);
+    assert_eq!(udp_names.len(), 20);
+    // Connected UDP: getpeername() and the replies show the VIP.
+    let udpc = client(&node, Some(cgroup.path()), "udpc", UDP_SERVICE_PORT, 20);
+    assert_eq!(
+        backends_via_vip("connected udp", &udpc, UDP_SERVICE_PORT).len(),
+        20
+    );
+    let on_wire = capture.stop();
+    assert!(
+        on_wire.is_empty(),
+        "packets with the VIP on the wire: {on_wire:#?}"
+    );
+    // XDP saw none of it: the services' packet counters stay at zero.
+    let stats = ok("lb-ctl stats", d.stats());
+    for s in &stats.services {
+        assert_eq!(
+            s.counters.packets, 0,
+            "XDP carried socket-LB traffic: {stats:#?}"
+        );
+    }
+
+    // The module counted and published each decision.
+    let st = socklb(d);
+    // TCP and connected UDP; the process outside the cgroup never ran the programs.
+    assert_eq!(st.reasons["connect_translated"], 40 + 20, "{st:#?}");
+    assert_eq!(st.reasons["sendmsg_translated"], 20, "{st:#?}");
+    assert!(st.reasons["getpeername_reversed"] >= 60, "{st:#?}");
+    // recvfrom() asks for the source; a connected recv() does not, and is not hooked.
+    assert!(st.reasons["recvmsg_reversed"] >= 20, "{st:#?}");
+    let tcp_count = st
+        .services
+        .iter()
+        .find(|s| s.service == format!("tcp/{VIP}:{TCP_SERVICE_PORT}"))
+        .map(|s| s.sockets);
+    assert_eq!(tcp_count, Some(40), "{st:#?}");
+    let last = st.recent.last().expect("recent decisions");
+    assert_eq!(last.vip, SocketAddr::new(IpAddr::V4(VIP), UDP_SERVICE_PORT));
+    assert!(
+        last.pid > 0 && last.cgroup_id > 0 && last.cookie > 0,
+        "{last:?}"
+    );
+    let table = ok("lb-ctl socklb", d.lb_ctl_ok(&["socklb"]));
+    assert!(table.contains("connect_translated"), "{table}");
+
+    // A restart: the links stay attached (the kernel lists them on the cgroup throughout),
+    // and new connections are still balanced.
+    ok("restart", lab.daemon_mut().restart());
+    let d = lab.daemon();
+    let listed = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup.path())
+        .output()
+        .expect("bpftool");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for hook in ["connect4", "sendmsg4", "recvmsg4", "getpeername4"] {
+        assert!(
+            listed.contains(hook),
+            "{hook} attached after the restart:\n{listed}"
+        );
+    }
+    let after = client(&node, Some(cgroup.path()), "tcp", TCP_SERVICE_PORT, 20);
+    let names = backends_via_vip("tcp after the restart", &after, TCP_SERVICE_PORT);
+    assert!(
+        names.iter().any(|n| n == "b1") && names.iter().any(|n| n == "b2"),
+        "both backends after the restart: {names:?}"
+    );
+    assert!(socklb(d).up);
+}
