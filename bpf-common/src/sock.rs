@@ -60,6 +60,9 @@ const _: () = assert!(core::mem::size_of::<SockLbEvent>() == 72);
 /// (a bounded loop: `bpf_get_current_ancestor_cgroup_id` per level).
 pub const OPT_OUT_DEPTH: u32 = 12;
 
+/// Entries of `SOCK_BY_COOKIE` (an LRU).
+pub const MAX_SOCK_COOKIES: u32 = 65_536;
+
 /// Default ceiling of decision events per second per CPU.
 pub const DEFAULT_EVENT_RATE: u64 = 10_000;
 
@@ -73,6 +76,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SOCK_SVC_STATS";
     /// `Hash<u64, u8>`: cgroup ids whose processes (and their descendants') are left alone.
     pub const OPT_OUT: &str = "SOCK_OPT_OUT";
+    /// `LruHash<u64, SockRevNat>`: connected sockets' translations by socket cookie.
+    pub const BY_COOKIE: &str = "SOCK_BY_COOKIE";
     /// Ring buffer of `SockLbEvent`.
     pub const EVENTS: &str = "SOCK_EVENTS";
     /// Per-CPU `RateBucket` of the event rate.

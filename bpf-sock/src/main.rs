@@ -29,7 +29,7 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_storage_get,
     },
     macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::SockAddrContext,
 };
 use bpf_common::{
@@ -70,6 +70,14 @@ static SOCK_SVC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(defaults::MAX_SERV
 
 #[map(name = "SOCK_OPT_OUT")]
 static SOCK_OPT_OUT: HashMap<u64, u8> = HashMap::pinned(1024, 0);
+
+/// The connected sockets' translations by socket cookie, for the daemon: when a backend is
+/// removed it lists the sockets connected to it (sock_diag answers their cookies) and destroys
+/// those this program sent there. An LRU: a cookie is never reused, so an entry that outlives
+/// its socket is only evicted.
+#[map(name = "SOCK_BY_COOKIE")]
+static SOCK_BY_COOKIE: LruHashMap<u64, SockRevNat> =
+    LruHashMap::pinned(bpf_common::sock::MAX_SOCK_COOKIES, 0);
 
 #[map(name = "SOCK_EVENTS")]
 static SOCK_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
@@ -285,6 +293,13 @@ fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
             service_id: vip.service_id,
             backend_id,
         };
+    }
+    if hook == HOOK_CONNECT
+        && let Some(e) = set.entries.get(slot)
+    {
+        // Best effort: a failed insert only means this socket is not destroyed with its
+        // backend.
+        let _ = SOCK_BY_COOKIE.insert(&cookie, e, 0);
     }
     sa.user_ip4 = backend.addr[0];
     sa.user_port = backend.port_be as u32;

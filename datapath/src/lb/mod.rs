@@ -38,6 +38,13 @@ pub const NAME: &str = "lb";
 /// balancer is off).
 pub const SERVICE_MAPS: &str = "lb.service_maps";
 
+/// State: every (service, backend address) of the desired state, draining backends included:
+/// what the socket load balancer destroys sockets by when a backend leaves.
+pub const SERVICE_BACKENDS: &str = "lb.service_backends";
+
+/// See [`SERVICE_BACKENDS`].
+pub type ServiceBackends = BTreeSet<(datapath_api::ServiceKey, std::net::SocketAddr)>;
+
 /// The load balancer's service maps as it lends them: one service store, two datapaths.
 #[derive(Debug)]
 pub struct LbServiceMaps {
@@ -188,8 +195,10 @@ impl LbController {
             bus.state::<BTreeSet<IpAddr>>(crate::netlink::NEXT_HOPS)?
                 .writer()?,
         );
+        let members = Arc::new(bus.state::<ServiceBackends>(SERVICE_BACKENDS)?.writer()?);
         store.observe(Arc::new(move |state| {
-            next_hops.publish(node::next_hops(state))
+            next_hops.publish(node::next_hops(state));
+            members.publish(node::service_backends(state));
         }));
         let links: StateReader<crate::netlink::model::Links> =
             bus.state(crate::netlink::LINKS)?.reader();

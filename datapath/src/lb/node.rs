@@ -37,6 +37,19 @@ pub(super) fn next_hops(state: &DesiredState) -> BTreeSet<IpAddr> {
         .collect()
 }
 
+/// Every (service, backend) of `state` (see [`super::SERVICE_BACKENDS`]).
+pub(super) fn service_backends(state: &DesiredState) -> super::ServiceBackends {
+    state
+        .services
+        .values()
+        .flat_map(|s| {
+            s.backends
+                .iter()
+                .map(|b| (s.key, std::net::SocketAddr::new(b.addr, b.port)))
+        })
+        .collect()
+}
+
 /// Name -> ifindex of what `dp` has attached, as the kernel numbers those names now.
 pub(super) fn attached_indexes(dp: &Dataplane) -> BTreeMap<String, u32> {
     dp.interfaces()

@@ -8,13 +8,20 @@
 //!   pinned links, which a restart adopts (the hooks never run without a program).
 //! - Each decision (socket cookie, pid, cgroup, VIP, backend) is published on the bus topic
 //!   [`DECISIONS`]; the latest are kept for `GET /v1/socklb`.
+//! - When a backend leaves a service (the lb's [`SERVICE_BACKENDS`] state), the TCP and
+//!   connected UDP sockets the programs sent to it are destroyed (`destroy`), so clients
+//!   reconnect to a live one; at start, those of backends removed while the daemon was down.
 //! - The section needs a restart to change (config refuses a reload that changes it).
+mod destroy;
 mod plane;
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeSet, VecDeque},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use datapath_api::{
@@ -28,7 +35,7 @@ use crate::{
     config::{Settings, SockLbSettings},
     controller::{Cancel, Controller, Health, NoChange, Prepared, Requirements, RunFuture},
     features::Capability,
-    lb::{LbServiceMaps, SERVICE_MAPS},
+    lb::{LbServiceMaps, SERVICE_BACKENDS, SERVICE_MAPS, ServiceBackends},
 };
 pub use plane::{SockLbPlane, cgroup_id, cgroup2_root};
 
@@ -56,6 +63,9 @@ pub struct SockLbController {
     maps: StateReader<Option<Arc<LbServiceMaps>>>,
     decisions: Arc<Topic<Arc<SockLbDecision>>>,
     recent: Mutex<VecDeque<SockLbDecision>>,
+    members: StateReader<ServiceBackends>,
+    destroyed: AtomicU64,
+    destroy_errors: AtomicU64,
 }
 
 fn socket(addr: [u32; 4], port_be: u16) -> SocketAddr {
@@ -77,6 +87,9 @@ impl SockLbController {
             maps: bus.state(SERVICE_MAPS)?.reader(),
             decisions: bus.topic(DECISIONS, DECISION_BUFFER)?,
             recent: Mutex::new(VecDeque::new()),
+            members: bus.state(SERVICE_BACKENDS)?.reader(),
+            destroyed: AtomicU64::new(0),
+            destroy_errors: AtomicU64::new(0),
         }))
     }
 
@@ -121,6 +134,7 @@ impl SockLbController {
                 .map(|p| p.display().to_string())
                 .collect(),
             recent: lock(&self.recent).iter().cloned().collect(),
+            sockets_destroyed: self.destroyed.load(Ordering::Relaxed),
             ..Default::default()
         };
         if let Some(plane) = &inner.plane {
@@ -141,6 +155,65 @@ impl SockLbController {
             }
         }
         st
+    }
+}
+
+impl SockLbController {
+    /// Destroys the sockets sent to a pair `doomed` picks (see `destroy`), counting them.
+    fn destroy(
+        &self,
+        peers: Option<&BTreeSet<SocketAddr>>,
+        doomed: impl Fn(&(datapath_api::ServiceKey, SocketAddr)) -> bool,
+    ) {
+        let inner = lock(&self.inner);
+        let Some(plane) = &inner.plane else { return };
+        match destroy::destroy_where(&plane.by_cookie, peers, doomed) {
+            Ok(n) => {
+                self.destroyed.fetch_add(n, Ordering::Relaxed);
+                if n > 0 {
+                    tracing::info!(
+                        sockets = n,
+                        "socklb: destroyed the sockets of removed backends"
+                    );
+                }
+            }
+            Err(e) => {
+                self.destroy_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "socklb: cannot destroy the sockets of removed backends");
+            }
+        }
+    }
+
+    /// Follows the services' backends until `cancel`: each backend that leaves a service has
+    /// its sockets destroyed.
+    async fn follow_backends(self: Arc<Self>, mut cancel: Cancel) -> Result<()> {
+        let mut members = self.members.clone();
+        let mut known = members.get();
+        // Backends removed while the daemon was down.
+        {
+            let me = Arc::clone(&self);
+            let now = Arc::clone(&known);
+            let _ =
+                tokio::task::spawn_blocking(move || me.destroy(None, |p| !now.contains(p))).await;
+        }
+        loop {
+            tokio::select! {
+                _ = members.changed() => {}
+                _ = cancel.cancelled() => return Ok(()),
+            }
+            let now = members.get();
+            let removed: BTreeSet<_> = known.difference(&now).cloned().collect();
+            known = now;
+            if removed.is_empty() {
+                continue;
+            }
+            let me = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || {
+                let peers: BTreeSet<SocketAddr> = removed.iter().map(|(_, b)| *b).collect();
+                me.destroy(Some(&peers), |p| removed.contains(p))
+            })
+            .await;
+        }
     }
 }
 
@@ -213,17 +286,36 @@ impl Controller for SockLbController {
 
     fn run(self: Arc<Self>, mut cancel: Cancel) -> RunFuture {
         Box::pin(async move {
+            if lock(&self.inner).plane.is_none() {
+                cancel.cancelled().await;
+                return Ok(());
+            }
+            let follow = Arc::clone(&self).follow_backends(cancel.clone());
             let ring = lock(&self.inner)
                 .plane
                 .as_mut()
                 .and_then(|p| p.events.take());
-            let Some(ring) = ring else {
-                cancel.cancelled().await;
-                return Ok(());
-            };
             let me = Arc::clone(&self);
             let topic = Arc::clone(&self.decisions);
-            crate::bpf::ringbuf::drain(ring, topic, 1024, cancel, move |e| me.decision(e)).await
+            let drain = async move {
+                match ring {
+                    Some(ring) => {
+                        crate::bpf::ringbuf::drain(ring, topic, 1024, cancel, move |e| {
+                            me.decision(e)
+                        })
+                        .await
+                    }
+                    // Taken by an earlier run of this loop: decisions are not read until a
+                    // restart.
+                    None => {
+                        let mut cancel = cancel;
+                        cancel.cancelled().await;
+                        Ok(())
+                    }
+                }
+            };
+            let (a, b) = tokio::join!(follow, drain);
+            a.and(b)
         })
     }
 

@@ -302,6 +302,7 @@ pub struct SockLbPlane {
     reasons: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, u64>,
     vips: HashMap<MapData, bpf_common::VipKey, bpf_common::VipInfo>,
+    pub by_cookie: HashMap<MapData, u64, bpf_common::sock::SockRevNat>,
     pub events: Option<RingBuf<MapData>>,
 }
 
@@ -438,6 +439,8 @@ impl SockLbPlane {
             .map_err(map_error("open LB_VIPS"))?;
         let events = RingBuf::try_from(take(&mut bpf, map_names::EVENTS)?)
             .map_err(map_error("open SOCK_EVENTS"))?;
+        let by_cookie = HashMap::try_from(take(&mut bpf, map_names::BY_COOKIE)?)
+            .map_err(map_error("open SOCK_BY_COOKIE"))?;
         info!(cgroup = %cgroup.display(), host_netns_only = settings.host_netns_only,
               opted_out = opt_out.len(), "socket LB attached");
         Ok(Self {
@@ -447,6 +450,7 @@ impl SockLbPlane {
             reasons,
             service_stats,
             vips,
+            by_cookie,
             events: Some(events),
         })
     }

@@ -29,6 +29,61 @@ use serde_json::Value;
 const CLIENT: &str = r#"
 import json, socket, sys
 mode, vip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+def greeting(s):
+    got = b""
+    while not got.endswith(b"\n"):
+        chunk = s.recv(100)
+        if not chunk:
+            raise ConnectionError("closed before the greeting")
+        got += chunk
+    return got.decode().strip()
+
+def udp_exchange(u, msg):
+    u.send(msg)
+    return u.recv(2048).decode().split()[0]
+
+def udp_connected(uport):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    u.connect((vip, uport))
+    return u
+
+if mode == "hold":
+    # n TCP connections and n connected UDP sockets (UDP port argv[5]), kept open; their
+    # backends are printed, then after a line on stdin each is used again (and replaced by a
+    # new one when it fails).
+    uport = int(sys.argv[5])
+    tcps = []
+    for i in range(n):
+        s = socket.create_connection((vip, port), timeout=5)
+        tcps.append((s, greeting(s)))
+    udps = []
+    for i in range(n):
+        u = udp_connected(uport)
+        udps.append((u, udp_exchange(u, b"h%d" % i)))
+    print(json.dumps({"tcp": [b for _, b in tcps], "udp": [b for _, b in udps]}), flush=True)
+    sys.stdin.readline()
+    out = {"tcp": [], "udp": []}
+    for s, was in tcps:
+        try:
+            s.sendall(b"ping\n")
+            if s.recv(100) != b"ping\n":
+                raise ConnectionError("no echo")
+            out["tcp"].append({"was": was, "ok": True})
+        except OSError as e:
+            s2 = socket.create_connection((vip, port), timeout=5)
+            out["tcp"].append({"was": was, "ok": False, "error": repr(e), "now": greeting(s2)})
+    for u, was in udps:
+        try:
+            out["udp"].append({"was": was, "ok": True, "now": udp_exchange(u, b"again")})
+        except OSError as e:
+            u2 = udp_connected(uport)
+            out["udp"].append({"was": was, "ok": False, "error": repr(e),
+                               "now": udp_exchange(u2, b"new")})
+    print(json.dumps(out), flush=True)
+    sys.exit(0)
+
 for i in range(n):
     try:
         if mode == "tcp":
@@ -95,20 +150,13 @@ impl Drop for TestCgroup {
     }
 }
 
-/// Runs the client in namespace `ns`, in `cgroup` when given (else where the test runs), and
-/// answers its JSON lines.
-fn client(ns: &str, cgroup: Option<&Path>, mode: &str, port: u16, n: usize) -> Vec<Value> {
+/// The client's command in namespace `ns`, in `cgroup` when given (else where the test runs).
+fn client_command(ns: &str, cgroup: Option<&Path>, args: &[String]) -> Command {
     let mut cmd = Command::new("python3");
-    cmd.args([
-        "-c",
-        CLIENT,
-        mode,
-        &VIP.to_string(),
-        &port.to_string(),
-        &n.to_string(),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.args(["-c", CLIENT])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     ok("the client's namespace", netns::command_in(&mut cmd, ns));
     if let Some(cg) = cgroup {
         let procs =
@@ -131,6 +179,18 @@ fn client(ns: &str, cgroup: Option<&Path>, mode: &str, port: u16, n: usize) -> V
             });
         }
     }
+    cmd
+}
+
+/// Runs the client (see [`client_command`]) and answers its JSON lines.
+fn client(ns: &str, cgroup: Option<&Path>, mode: &str, port: u16, n: usize) -> Vec<Value> {
+    let args = [
+        mode.to_string(),
+        VIP.to_string(),
+        port.to_string(),
+        n.to_string(),
+    ];
+    let mut cmd = client_command(ns, cgroup, &args);
     let out = ok("python3 client", cmd.output().context("python3"));
     assert!(
         out.status.success(),
@@ -349,4 +409,130 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
         "both backends after the restart: {names:?}"
     );
     assert!(socklb(d).up);
+}
+
+/// A backend removed under load: the TCP connections and connected UDP sockets the socket LB
+/// sent to it are destroyed (SOCK_DESTROY), those to the other backend are not, and the
+/// replacements reach the remaining backend.
+#[test]
+fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
+    if !privileged() {
+        return;
+    }
+    const SOCKETS: usize = 12;
+    let mut lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 2,
+                dsr: false,
+            },
+            daemon: None,
+        }),
+    );
+    let cgroup = ok("test cgroup", TestCgroup::create(&lab.topo.prefix));
+    let dir = std::env::temp_dir().join(format!("datapath-{}-socklb", lab.topo.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "reload:\n  watch: false\nsocklb:\n  enabled: true\n  cgroup: {}\n",
+            cgroup.path().display()
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    lab.daemon = Some(ok(
+        "daemon",
+        Daemon::start(
+            &lab.topo.lb,
+            &lab.topo.prefix,
+            Binaries::from_env(),
+            &["--config", &config_arg],
+        ),
+    ));
+    for (port, proto) in [
+        (TCP_SERVICE_PORT, Protocol::Tcp),
+        (UDP_SERVICE_PORT, Protocol::Udp),
+    ] {
+        ok(
+            "service",
+            lab.add_service(port, proto, "full-nat", &["b1", "b2"])
+                .map(drop),
+        );
+    }
+    let d = lab.daemon();
+    let args = [
+        "hold".to_string(),
+        VIP.to_string(),
+        TCP_SERVICE_PORT.to_string(),
+        SOCKETS.to_string(),
+        UDP_SERVICE_PORT.to_string(),
+    ];
+    let mut holder = client_command(&lab.topo.lb, Some(cgroup.path()), &args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(holder.stdout.take().unwrap()).lines();
+    let first: Value =
+        serde_json::from_str(&out.next().expect("the held sockets").unwrap()).unwrap();
+    let on = |proto: &str, name: &str| {
+        first[proto]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| *b == name)
+            .count()
+    };
+    for proto in ["tcp", "udp"] {
+        assert!(
+            on(proto, "b1") > 0 && on(proto, "b2") > 0,
+            "{SOCKETS} {proto} sockets on both backends: {first}"
+        );
+    }
+    let expected = (on("tcp", "b2") + on("udp", "b2")) as u64;
+
+    // b2 leaves both services.
+    let b2 = lab.backend_addr("b2").to_string();
+    for (port, proto) in [(TCP_SERVICE_PORT, "tcp"), (UDP_SERVICE_PORT, "udp")] {
+        let svc = SocketAddr::new(IpAddr::V4(VIP), port).to_string();
+        ok(
+            "backend remove",
+            d.lb_ctl_ok(&["backend", "remove", &svc, &b2, "--proto", proto])
+                .map(drop),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while socklb(d).sockets_destroyed < expected {
+        assert!(
+            Instant::now() < deadline,
+            "{expected} sockets destroyed in 20 s: {:#?}\n{}",
+            socklb(d),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(socklb(d).sockets_destroyed, expected, "only b2's sockets");
+
+    // Each socket used again: b2's failed and their replacements reached b1; b1's still work.
+    use std::io::Write as _;
+    writeln!(holder.stdin.as_mut().unwrap(), "check").unwrap();
+    let after: Value = serde_json::from_str(&out.next().expect("the check").unwrap()).unwrap();
+    let _ = holder.wait();
+    for proto in ["tcp", "udp"] {
+        for s in after[proto].as_array().unwrap() {
+            if s["was"] == "b2" {
+                assert_eq!(s["ok"], false, "{proto} socket to b2 destroyed: {s}");
+                assert_eq!(s["now"], "b1", "{proto}: the new socket reaches b1: {s}");
+            } else {
+                assert_eq!(s["ok"], true, "{proto} socket to b1 untouched: {s}");
+            }
+        }
+    }
+    let table = ok("lb-ctl socklb", d.lb_ctl_ok(&["socklb"]));
+    assert!(
+        table.contains(&format!("sockets destroyed: {expected}")),
+        "{table}"
+    );
 }
