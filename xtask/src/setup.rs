@@ -10,7 +10,7 @@ use crate::util::{self, capture, command, is_root};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests use.
-pub const PACKAGES: [&str; 8] = [
+pub const PACKAGES: [&str; 11] = [
     "iproute2",
     "nftables",
     "iputils-ping",
@@ -20,6 +20,11 @@ pub const PACKAGES: [&str; 8] = [
     "procps",
     // promtool, for `promtool check metrics` in the namespace tests.
     "prometheus",
+    // The socket-LB tests' clients (python3) and DNS backends (dnsmasq, dig). Not `dnsmasq`,
+    // which starts a system service.
+    "python3",
+    "dnsmasq-base",
+    "bind9-dnsutils",
 ];
 
 fn step(title: &str) {

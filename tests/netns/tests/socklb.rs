@@ -153,10 +153,13 @@ impl Drop for TestCgroup {
 /// The client's command in namespace `ns`, in `cgroup` when given (else where the test runs).
 fn client_command(ns: &str, cgroup: Option<&Path>, args: &[String]) -> Command {
     let mut cmd = Command::new("python3");
-    cmd.args(["-c", CLIENT])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(["-c", CLIENT]).args(args);
+    in_cgroup(cmd, ns, cgroup)
+}
+
+/// `cmd` run in namespace `ns` and, when given, in `cgroup`, its output piped.
+fn in_cgroup(mut cmd: Command, ns: &str, cgroup: Option<&Path>) -> Command {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     ok("the client's namespace", netns::command_in(&mut cmd, ns));
     if let Some(cg) = cgroup {
         let procs =
@@ -222,6 +225,64 @@ fn backends_via_vip(what: &str, answers: &[Value], port: u16) -> Vec<String> {
             a["backend"].as_str().unwrap().to_string()
         })
         .collect()
+}
+
+/// The port of the DNS service and of dnsmasq on the backends.
+const DNS_PORT: u16 = 5300;
+
+/// dnsmasq on a backend, answering `web.test` with 198.18.77.`n`; killed on drop.
+struct Dnsmasq(std::process::Child);
+
+impl Dnsmasq {
+    fn start(lab: &Lab, backend: &str, n: u8) -> Result<Self> {
+        let ip = lab.backend_addr(backend).ip();
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--pid-file=",
+            &format!("--listen-address={ip}"),
+            &format!("--port={DNS_PORT}"),
+            &format!("--host-record=web.test,198.18.77.{n}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        netns::command_in(&mut cmd, &lab.topo.backend(backend).ns)?;
+        let child = cmd.spawn().context("dnsmasq")?;
+        // Ready when it answers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut dig = Command::new("dig");
+            dig.args([
+                &format!("@{ip}"),
+                "-p",
+                &DNS_PORT.to_string(),
+                "web.test",
+                "+short",
+                "+tries=1",
+                "+time=1",
+            ]);
+            netns::command_in(&mut dig, &lab.topo.backend(backend).ns)?;
+            let out = dig.output().context("dig")?;
+            if String::from_utf8_lossy(&out.stdout).trim() == format!("198.18.77.{n}") {
+                return Ok(Self(child));
+            }
+            if Instant::now() > deadline {
+                bail!("dnsmasq on {backend} does not answer");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// tcpdump in `ns` for packets to or from the VIP, until stopped.
@@ -315,7 +376,26 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
         lab.add_service(UDP_SERVICE_PORT, Protocol::Udp, "full-nat", &["b1", "b2"])
             .map(drop),
     );
+    // dnsmasq on each backend, a UDP service in front of them.
+    let _dns: Vec<Dnsmasq> = [("b1", 1), ("b2", 2)]
+        .iter()
+        .map(|(name, n)| ok("dnsmasq", Dnsmasq::start(&lab, name, *n)))
+        .collect();
+    let dns_vip = SocketAddr::new(IpAddr::V4(VIP), DNS_PORT).to_string();
     let d = lab.daemon();
+    ok(
+        "dns service",
+        d.lb_ctl_ok(&["service", "add", &dns_vip, "--proto", "udp"])
+            .map(drop),
+    );
+    for name in ["b1", "b2"] {
+        let b = SocketAddr::new(lab.backend_addr(name).ip(), DNS_PORT).to_string();
+        ok(
+            "dns backend",
+            d.lb_ctl_ok(&["backend", "add", &dns_vip, &b, "--proto", "udp"])
+                .map(drop),
+        );
+    }
     let st = socklb(d);
     assert!(st.up, "{st:#?}\n{}", d.log());
     assert_eq!(st.cgroup.as_deref(), Some(cgroup.path().to_str().unwrap()));
@@ -349,6 +429,44 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
         backends_via_vip("connected udp", &udpc, UDP_SERVICE_PORT).len(),
         20
     );
+    // A real DNS client against real DNS servers: dig through the VIP to dnsmasq on both
+    // backends, each answering its own address for the name. dig checks that the reply comes
+    // from where it sent the query ("reply from unexpected source" otherwise).
+    let answers: Vec<String> = (0..16)
+        .map(|_| {
+            let mut dig = Command::new("dig");
+            dig.args([
+                &format!("@{VIP}"),
+                "-p",
+                &DNS_PORT.to_string(),
+                "web.test",
+                "A",
+                "+tries=1",
+                "+time=3",
+            ]);
+            let out = in_cgroup(dig, &node, Some(cgroup.path()))
+                .output()
+                .expect("dig");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "dig: {text}");
+            assert!(!text.contains("unexpected source"), "{text}");
+            assert!(
+                text.contains(&format!("SERVER: {VIP}#{DNS_PORT}")),
+                "{text}"
+            );
+            text.lines()
+                .find(|l| l.starts_with("web.test.") && l.contains("\tA\t"))
+                .and_then(|l| l.split_whitespace().last())
+                .unwrap_or_else(|| panic!("an A record: {text}"))
+                .to_string()
+        })
+        .collect();
+    for answer in ["198.18.77.1", "198.18.77.2"] {
+        assert!(
+            answers.iter().any(|a| a == answer),
+            "both dnsmasq backends answered: {answers:?}"
+        );
+    }
     let on_wire = capture.stop();
     assert!(
         on_wire.is_empty(),
@@ -365,12 +483,13 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
 
     // The module counted and published each decision.
     let st = socklb(d);
-    // TCP and connected UDP; the process outside the cgroup never ran the programs.
-    assert_eq!(st.reasons["connect_translated"], 40 + 20, "{st:#?}");
+    // TCP, connected UDP and dig (which connects its socket); the process outside the cgroup
+    // never ran the programs.
+    assert_eq!(st.reasons["connect_translated"], 40 + 20 + 16, "{st:#?}");
     assert_eq!(st.reasons["sendmsg_translated"], 20, "{st:#?}");
     assert!(st.reasons["getpeername_reversed"] >= 60, "{st:#?}");
     // recvfrom() asks for the source; a connected recv() does not, and is not hooked.
-    assert!(st.reasons["recvmsg_reversed"] >= 20, "{st:#?}");
+    assert!(st.reasons["recvmsg_reversed"] >= 20 + 16, "{st:#?}");
     let tcp_count = st
         .services
         .iter()
@@ -378,7 +497,12 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
         .map(|s| s.sockets);
     assert_eq!(tcp_count, Some(40), "{st:#?}");
     let last = st.recent.last().expect("recent decisions");
-    assert_eq!(last.vip, SocketAddr::new(IpAddr::V4(VIP), UDP_SERVICE_PORT));
+    assert_eq!(
+        last.vip,
+        SocketAddr::new(IpAddr::V4(VIP), DNS_PORT),
+        "dig's, the last"
+    );
+    assert_eq!(last.proto, Protocol::Udp);
     assert!(
         last.pid > 0 && last.cgroup_id > 0 && last.cookie > 0,
         "{last:?}"
@@ -535,4 +659,105 @@ fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
         table.contains(&format!("sockets destroyed: {expected}")),
         "{table}"
     );
+}
+
+/// The opt-outs: a child cgroup listed in `opt_out_cgroups` is left alone (its connections to
+/// the unrouted VIP fail), and with `host_netns_only` a process of another network namespace
+/// in the test cgroup keeps the VIP, so its traffic goes through XDP instead.
+#[test]
+fn socket_lb_leaves_opted_out_cgroups_and_other_namespaces_alone() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 2,
+                dsr: false,
+            },
+            daemon: None,
+        }),
+    );
+    let cgroup = ok("test cgroup", TestCgroup::create(&lab.topo.prefix));
+    // Dropped (removed) before its parent.
+    let proxy = TestCgroup(cgroup.path().join("proxy"));
+    std::fs::create_dir_all(proxy.path()).unwrap();
+    let dir = std::env::temp_dir().join(format!("datapath-{}-socklb", lab.topo.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "reload:\n  watch: false\nsocklb:\n  enabled: true\n  cgroup: {}\n  \
+             host_netns_only: true\n  opt_out_cgroups: [{}]\n",
+            cgroup.path().display(),
+            proxy.path().display()
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    lab.daemon = Some(ok(
+        "daemon",
+        Daemon::start(
+            &lab.topo.lb,
+            &lab.topo.prefix,
+            Binaries::from_env(),
+            &["--config", &config_arg],
+        ),
+    ));
+    ok(
+        "tcp service",
+        lab.add_service(TCP_SERVICE_PORT, Protocol::Tcp, "full-nat", &["b1", "b2"])
+            .map(drop),
+    );
+    let d = lab.daemon();
+    let st = socklb(d);
+    assert!(st.up && st.host_netns_only, "{st:#?}");
+    assert_eq!(st.opt_out_cgroups, vec![proxy.path().display().to_string()]);
+
+    // The test cgroup on the node: translated.
+    let tcp = client(
+        &lab.topo.lb,
+        Some(cgroup.path()),
+        "tcp",
+        TCP_SERVICE_PORT,
+        5,
+    );
+    assert_eq!(
+        backends_via_vip("translated", &tcp, TCP_SERVICE_PORT).len(),
+        5
+    );
+    // Its opted-out child: left alone, and the VIP leads nowhere on the node.
+    let proxied = client(&lab.topo.lb, Some(proxy.path()), "tcp", TCP_SERVICE_PORT, 3);
+    assert!(
+        proxied.iter().all(|a| a.get("error").is_some()),
+        "an opted-out cgroup is not translated: {proxied:?}"
+    );
+    // Another namespace (the client's), in the test cgroup: left alone, so the VIP is routed
+    // to the LB node and XDP balances it.
+    let before = ok("stats", d.stats());
+    let other = client(
+        lab.client_ns(),
+        Some(cgroup.path()),
+        "tcp",
+        TCP_SERVICE_PORT,
+        5,
+    );
+    assert_eq!(
+        backends_via_vip("through XDP", &other, TCP_SERVICE_PORT).len(),
+        5
+    );
+    let after = ok("stats", d.stats());
+    let packets = |s: &datapath_api::StatsView| -> u64 {
+        s.services.iter().map(|v| v.counters.packets).sum()
+    };
+    assert!(
+        packets(&after) > packets(&before),
+        "the other namespace's connections went through XDP: {after:#?}"
+    );
+    let st = socklb(d);
+    assert_eq!(st.reasons["connect_translated"], 5, "{st:#?}");
+    assert_eq!(st.reasons["pass_opted_out"], 3, "{st:#?}");
+    assert_eq!(st.reasons["pass_other_netns"], 5, "{st:#?}");
 }
