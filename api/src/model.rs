@@ -285,10 +285,18 @@ pub struct ServiceSpec {
     /// New flows only from these sources (none: from anywhere). Sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_ranges: Vec<SourceRange>,
+    /// Served by the XDP load balancer only, never by the socket load balancer (see
+    /// [`DeclaredService::xdp_only`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub xdp_only: bool,
     /// Slot in the service-indexed maps, assigned by the state store.
     pub id: u32,
     /// Sorted by `BackendKey`.
     pub backends: Vec<BackendSpec>,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// A backend as a source declares it (ids and generations are the store's).
@@ -310,6 +318,10 @@ pub struct DeclaredService {
     /// New flows only from these sources (empty: from anywhere).
     #[serde(default)]
     pub source_ranges: Vec<SourceRange>,
+    /// Served by the XDP load balancer only, never by the socket load balancer (a node or
+    /// load-balancer address: NodePort, LoadBalancer ingress, externalIPs).
+    #[serde(default)]
+    pub xdp_only: bool,
     pub backends: Vec<DeclaredBackend>,
 }
 

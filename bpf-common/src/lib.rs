@@ -80,6 +80,11 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
 /// service (Kubernetes `loadBalancerSourceRanges`); others are dropped as `drop_source_range`.
 pub const VIP_F_SOURCE_RANGES: u8 = 1;
 
+/// `VipInfo::flags`: a frontend on a node or load-balancer address (Kubernetes NodePort,
+/// LoadBalancer ingress, externalIPs). The socket load balancer leaves it alone: only cluster
+/// VIPs are translated at `connect()`.
+pub const VIP_F_XDP_ONLY: u8 = 2;
+
 /// Data of an `LB_SRC_RANGES` key (an LPM trie): the service id, matched in full (its 32 bits
 /// lead the prefix), then the IPv4 source prefix. A lookup uses prefix length 64.
 #[repr(C)]

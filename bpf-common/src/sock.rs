@@ -119,12 +119,15 @@ pub mod reason {
     pub const PASS_NO_STORAGE: u32 = 8;
     /// `recvmsg()`/`getpeername()` of a socket that was not translated, or from another peer.
     pub const PASS_NOT_TRANSLATED: u32 = 9;
+    /// A frontend served by XDP only (`VIP_F_XDP_ONLY`: a NodePort, LoadBalancer or external
+    /// address): left alone.
+    pub const PASS_XDP_ONLY: u32 = 10;
     /// Decision events not sent: over the rate.
-    pub const EVENT_RATE_LIMITED: u32 = 10;
+    pub const EVENT_RATE_LIMITED: u32 = 11;
     /// Decision events not sent: the ring buffer was full.
-    pub const EVENT_LOST: u32 = 11;
+    pub const EVENT_LOST: u32 = 12;
 
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     /// Whether `reason` is an outcome (one per call); the others are counted beside it.
     pub const fn is_outcome(reason: u32) -> bool {
@@ -142,6 +145,7 @@ pub mod reason {
         "refuse_no_backend",
         "pass_no_storage",
         "pass_not_translated",
+        "pass_xdp_only",
         "event_rate_limited",
         "event_lost",
     ];

@@ -33,8 +33,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use bpf_common::{
-    BACKEND_ACTIVE, BackendInfo, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, VipInfo, VipKey, defaults,
-    maglev_index,
+    BACKEND_ACTIVE, BackendInfo, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, VIP_F_XDP_ONLY, VipInfo,
+    VipKey, defaults, maglev_index,
     policy::RateBucket,
     sock::{
         DEFAULT_EVENT_RATE, HOOK_CONNECT, HOOK_SENDMSG, OPT_OUT_DEPTH, SockLbEvent, SockRevNat,
@@ -248,6 +248,9 @@ fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
     };
     // SAFETY: a map value, read in place.
     let vip = unsafe { &*vip };
+    if vip.flags & VIP_F_XDP_ONLY != 0 {
+        return (ALLOW, reason::PASS_XDP_ONLY);
+    }
     let only = global(&ONLY_NETNS_COOKIE);
     // SAFETY: the hook's own context.
     if only != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != only {

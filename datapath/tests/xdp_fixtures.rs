@@ -295,6 +295,7 @@ fn service(mode: ForwardingMode, proto: Protocol, port: u16, backends: &[[u8; 4]
         source: Default::default(),
         owner: None,
         source_ranges: Vec::new(),
+        xdp_only: false,
         mode,
         snat_addr: None,
         id: 0,

@@ -50,7 +50,15 @@ pub async fn run(cli: &Cli) -> Result<String> {
             if json {
                 to_json(&stats)?
             } else {
-                output::stats(&stats)
+                let mut out = output::stats(&stats);
+                // The socket LB's side of the same services, when it runs (`lb-ctl socklb`
+                // has the rest).
+                if let Ok(st) = client.socklb().await
+                    && st.up
+                {
+                    out.push_str(&output::socklb_stats(&st));
+                }
+                out
             }
         }
         Action::PolicyApply(req) => {

@@ -371,6 +371,25 @@ fn neighbour_table(neighbours: &[datapath_api::NeighbourStatus]) -> String {
     t.render()
 }
 
+/// The socket LB's lines of `lb-ctl stats`: sockets per service, sockets destroyed.
+pub fn socklb_stats(v: &datapath_api::SockLbStatus) -> String {
+    use Align::*;
+    let mut out = String::from("\n");
+    let mut t = Table::new(&[("SOCKET LB SERVICE", Left), ("SOCKETS", Right)]);
+    for s in &v.services {
+        t.row(vec![s.service.clone(), s.sockets.to_string()]);
+    }
+    if !v.services.is_empty() {
+        out.push_str(&t.render());
+    }
+    let _ = writeln!(
+        out,
+        "socket LB: {} sockets destroyed (backend removed)",
+        v.sockets_destroyed
+    );
+    out
+}
+
 /// `lb-ctl socklb`: the module's state, then its services and counters, then the latest
 /// decisions.
 pub fn socklb(v: &datapath_api::SockLbStatus) -> String {

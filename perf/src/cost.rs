@@ -394,6 +394,7 @@ fn service(port: u16, mode: ForwardingMode, id: u32, first_backend_id: u32) -> S
         source: Default::default(),
         owner: None,
         source_ranges: Vec::new(),
+        xdp_only: false,
         mode,
         snat_addr: None,
         id,

@@ -265,6 +265,8 @@ impl Mapper {
                             },
                             mode,
                             snat_addr: None,
+                            // The socket LB serves cluster VIPs only.
+                            xdp_only: f.kind != servicemap::FrontendKind::ClusterIp,
                             owner: name.to_string(),
                             source_ranges: f
                                 .source_ranges
@@ -974,6 +976,43 @@ mod tests {
         let empty =
             node(serde_json::json!({"metadata": {"name": "n1", "labels": {ZONE_LABEL: ""}}}));
         assert_eq!(NodeFacts::of(&empty).zone, None);
+    }
+
+    fn recorded<T: serde::de::DeserializeOwned>(file: &str) -> T {
+        let path = format!(
+            "{}/../../shared/k8s-recorded/cilium/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_yaml_ng::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn only_cluster_ips_are_left_to_the_socket_lb() {
+        let mut services = ServiceStore::default();
+        let mut slices = SliceStore::default();
+        let name = services.update(&recorded("loadbalancer/service.yaml"), false);
+        slices.update(&recorded("loadbalancer/endpointslice.yaml"), false);
+        let node = NodeContext {
+            name: "n1".into(),
+            zone: None,
+            addresses: vec!["198.18.0.10".parse().unwrap()],
+        };
+        let mut mapper = Mapper::default();
+        mapper.remap(&name, &services, &slices, &node, Default::default());
+        let declared = mapper.declared_of(&BTreeSet::from([name]));
+        let by_vip: BTreeMap<String, bool> = declared
+            .iter()
+            .map(|d| (format!("{}:{}", d.key.vip, d.key.port), d.xdp_only))
+            .collect();
+        assert_eq!(
+            by_vip,
+            BTreeMap::from([
+                ("10.96.50.104:80".to_string(), false),
+                ("172.16.1.1:80".to_string(), true),
+                ("198.18.0.10:30781".to_string(), true),
+            ])
+        );
     }
 
     #[test]

@@ -129,6 +129,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<DeclaredService>, Error> {
             snat_addr: e.snat_addr,
             owner: e.name.clone(),
             source_ranges: e.source_ranges.clone(),
+            xdp_only: false,
             backends: e
                 .backends
                 .iter()

@@ -323,6 +323,10 @@ impl Controller for SockLbController {
         lock(&self.inner).health.clone()
     }
 
+    fn collectors(self: Arc<Self>) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(metrics_collector(self))]
+    }
+
     fn routes(self: Arc<Self>) -> axum::Router {
         use axum::{Json, routing::get};
         let me = Arc::clone(&self);
@@ -340,4 +344,65 @@ impl Controller for SockLbController {
             }),
         )
     }
+}
+
+mod metrics {
+    use prometheus::{IntCounterVec, core::Collector};
+
+    use crate::metrics::{Families, counter};
+
+    pub(super) struct SockLbFamilies {
+        pub outcomes: IntCounterVec,
+        pub destroyed: IntCounterVec,
+        pub destroy_errors: IntCounterVec,
+    }
+
+    impl Families for SockLbFamilies {
+        fn new() -> Self {
+            Self {
+                outcomes: counter(
+                    "datapath_socklb_outcomes_total",
+                    "Calls of the socket-LB programs by outcome (translated, passed and why, \
+                     refused), and decision events not sent",
+                    &["outcome"],
+                ),
+                destroyed: counter(
+                    "datapath_socklb_sockets_destroyed_total",
+                    "Sockets destroyed because the backend they were sent to was removed",
+                    &[],
+                ),
+                destroy_errors: counter(
+                    "datapath_socklb_destroy_errors_total",
+                    "Sweeps for the sockets of removed backends that failed",
+                    &[],
+                ),
+            }
+        }
+
+        fn all(&self) -> Vec<&dyn Collector> {
+            vec![&self.outcomes, &self.destroyed, &self.destroy_errors]
+        }
+    }
+}
+
+fn metrics_collector(
+    ctl: Arc<SockLbController>,
+) -> crate::metrics::FamilyCollector<metrics::SockLbFamilies> {
+    crate::metrics::FamilyCollector::new(move |f: &metrics::SockLbFamilies| {
+        let inner = lock(&ctl.inner);
+        let Some(plane) = &inner.plane else { return };
+        // One per-CPU read per reason: a small array, never a walk of a large map.
+        if let Ok(reasons) = plane.reasons() {
+            for (outcome, n) in reasons {
+                f.outcomes.with_label_values(&[outcome.as_str()]).inc_by(n);
+            }
+        }
+        let none: &[&str] = &[];
+        f.destroyed
+            .with_label_values(none)
+            .inc_by(ctl.destroyed.load(Ordering::Relaxed));
+        f.destroy_errors
+            .with_label_values(none)
+            .inc_by(ctl.destroy_errors.load(Ordering::Relaxed));
+    })
 }

@@ -456,6 +456,7 @@ impl Setup {
             source: Default::default(),
             owner: None,
             source_ranges: Vec::new(),
+            xdp_only: false,
             mode,
             snat_addr: snat.map(|a| IpAddr::V4(a.into())),
             id,

@@ -20,9 +20,11 @@ use anyhow::{Context, Result, bail};
 use datapath_api::{Protocol, SockLbStatus};
 use netns_tests::{
     Binaries, Daemon, Lab, LabOptions, TopologyOptions,
+    client::sock,
+    cmd, http,
     lab::{TCP_SERVICE_PORT, UDP_SERVICE_PORT},
     netns, privileged,
-    topology::VIP,
+    topology::{LB_CLIENT_IP, VIP},
 };
 use serde_json::Value;
 
@@ -225,6 +227,30 @@ fn backends_via_vip(what: &str, answers: &[Value], port: u16) -> Vec<String> {
             a["backend"].as_str().unwrap().to_string()
         })
         .collect()
+}
+
+fn promtool_check(text: &str) {
+    let file = std::env::temp_dir().join(format!("datapath-socklb-metrics-{}", std::process::id()));
+    std::fs::write(&file, text).unwrap();
+    let out = ok(
+        "promtool (Debian package prometheus)",
+        cmd::output_timeout(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("promtool check metrics < {}", file.display())),
+            Duration::from_secs(60),
+        ),
+    );
+    let _ = std::fs::remove_file(&file);
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics: {report}"
+    );
 }
 
 /// The port of the DNS service and of dnsmasq on the backends.
@@ -509,6 +535,20 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
     );
     let table = ok("lb-ctl socklb", d.lb_ctl_ok(&["socklb"]));
     assert!(table.contains("connect_translated"), "{table}");
+    // The same counts in /metrics, promtool clean.
+    let (_, metrics) = ok(
+        "/metrics",
+        http::get_in(lab.client_ns(), sock(LB_CLIENT_IP, 9477), "/metrics"),
+    );
+    assert!(
+        metrics.contains("datapath_socklb_outcomes_total{outcome=\"connect_translated\"} 76"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("datapath_socklb_sockets_destroyed_total 0"),
+        "{metrics}"
+    );
+    promtool_check(&metrics);
 
     // A restart: the links stay attached (the kernel lists them on the cgroup throughout),
     // and new connections are still balanced.
@@ -658,6 +698,11 @@ fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
     assert!(
         table.contains(&format!("sockets destroyed: {expected}")),
         "{table}"
+    );
+    let stats = ok("lb-ctl stats", d.lb_ctl_ok(&["stats"]));
+    assert!(
+        stats.contains(&format!("socket LB: {expected} sockets destroyed")),
+        "{stats}"
     );
 }
 

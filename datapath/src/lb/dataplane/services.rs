@@ -8,8 +8,8 @@ use std::{
 use aya::util::nr_cpus;
 use bpf_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_UNUSED, BackendInfo, FAMILY_IPV4, MODE_DSR,
-    MODE_FULL_NAT, SourceRangeKey, VIP_F_SOURCE_RANGES, VipAddrKey, VipInfo, VipKey, maglev_index,
-    reason, source_range_prefix_len,
+    MODE_FULL_NAT, SourceRangeKey, VIP_F_SOURCE_RANGES, VIP_F_XDP_ONLY, VipAddrKey, VipInfo,
+    VipKey, maglev_index, reason, source_range_prefix_len,
 };
 use datapath_api::{
     BackendKey, BackendSpec, BackendState, DesiredState, ForwardingMode, ServiceSpec, StatsSnapshot,
@@ -210,7 +210,7 @@ impl Dataplane {
                 0
             } else {
                 VIP_F_SOURCE_RANGES
-            },
+            } | if service.xdp_only { VIP_F_XDP_ONLY } else { 0 },
             _pad: [0; 2],
         };
         if let Err(e) = self.vips.insert(key, info, 0).map_err(map_error(format!(

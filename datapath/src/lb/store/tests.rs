@@ -572,6 +572,7 @@ fn declared(vip: &str, owner: &str, backends: &[(&str, u16, BackendState)]) -> D
         },
         mode: ForwardingMode::FullNat,
         snat_addr: None,
+        xdp_only: false,
         owner: owner.into(),
         source_ranges: Vec::new(),
         backends: backends
