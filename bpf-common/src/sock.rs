@@ -60,8 +60,8 @@ const _: () = assert!(core::mem::size_of::<SockLbEvent>() == 72);
 /// (a bounded loop: `bpf_get_current_ancestor_cgroup_id` per level).
 pub const OPT_OUT_DEPTH: u32 = 12;
 
-/// Entries of `SOCK_BY_COOKIE` (an LRU).
-pub const MAX_SOCK_COOKIES: u32 = 65_536;
+/// Entries of `SOCK_UDP_CONN` (an LRU of connected UDP sockets).
+pub const MAX_UDP_CONNECTED: u32 = 65_536;
 
 /// Default ceiling of decision events per second per CPU.
 pub const DEFAULT_EVENT_RATE: u64 = 10_000;
@@ -76,8 +76,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SOCK_SVC_STATS";
     /// `Hash<u64, u8>`: cgroup ids whose processes (and their descendants') are left alone.
     pub const OPT_OUT: &str = "SOCK_OPT_OUT";
-    /// `LruHash<u64, SockRevNat>`: connected sockets' translations by socket cookie.
-    pub const BY_COOKIE: &str = "SOCK_BY_COOKIE";
+    /// `LruHash<u64, SockRevNat>`: connected UDP sockets' translations by socket cookie.
+    pub const UDP_CONNECTED: &str = "SOCK_UDP_CONN";
     /// Ring buffer of `SockLbEvent`.
     pub const EVENTS: &str = "SOCK_EVENTS";
     /// Per-CPU `RateBucket` of the event rate.
@@ -93,6 +93,8 @@ pub mod globals {
     pub const ONLY_NETNS_COOKIE: &str = "ONLY_NETNS_COOKIE";
     /// `u64`: decision events per second per CPU (0: none).
     pub const EVENT_RATE: &str = "EVENT_RATE";
+    /// `u32`: non-zero when any cgroup opted out (else the ancestor walk is skipped).
+    pub const OPT_OUT_ANY: &str = "OPT_OUT_ANY";
 }
 
 /// Outcome counters of the socket-LB programs (`SOCK_REASONS`). Every call of a program counts

@@ -31,6 +31,37 @@ pub fn emit<T>(
     Ok(())
 }
 
+/// `BPF_RB_NO_WAKEUP`, `BPF_RB_FORCE_WAKEUP`, `BPF_RB_AVAIL_DATA`.
+const RB_NO_WAKEUP: u64 = 1;
+const RB_FORCE_WAKEUP: u64 = 2;
+const RB_AVAIL_DATA: u64 = 0;
+
+/// Like [`emit`], but wakes the reader only once `wake_bytes` are waiting: for events of a hot
+/// path (a `connect()`), where a wake-up each would cost more than the work. The reader must
+/// also read on a timer, for what waits below the mark.
+#[inline(always)]
+pub fn emit_batched<T>(
+    ring: &RingBuf,
+    bucket: &PerCpuArray<RateBucket>,
+    rate: u64,
+    event: &T,
+    now: u64,
+    wake_bytes: u64,
+) -> Result<(), Refused> {
+    if !rate_allows(bucket, rate, now) {
+        return Err(Refused::RateLimited);
+    }
+    let flags = if ring.query(RB_AVAIL_DATA) >= wake_bytes {
+        RB_FORCE_WAKEUP
+    } else {
+        RB_NO_WAKEUP
+    };
+    if ring.output::<T>(event, flags).is_err() {
+        return Err(Refused::Lost);
+    }
+    Ok(())
+}
+
 /// One event's worth of tokens.
 const TOKEN: u64 = 1_000_000_000;
 

@@ -71,16 +71,21 @@ static SOCK_SVC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(defaults::MAX_SERV
 #[map(name = "SOCK_OPT_OUT")]
 static SOCK_OPT_OUT: HashMap<u64, u8> = HashMap::pinned(1024, 0);
 
-/// The connected sockets' translations by socket cookie, for the daemon: when a backend is
-/// removed it lists the sockets connected to it (sock_diag answers their cookies) and destroys
-/// those this program sent there. An LRU: a cookie is never reused, so an entry that outlives
-/// its socket is only evicted.
-#[map(name = "SOCK_BY_COOKIE")]
-static SOCK_BY_COOKIE: LruHashMap<u64, SockRevNat> =
-    LruHashMap::pinned(bpf_common::sock::MAX_SOCK_COOKIES, 0);
+/// Connected UDP sockets' translations by socket cookie, for the daemon: sock_diag answers a
+/// TCP socket with its `SOCK_REVNAT` value, but a UDP socket without, so this is how the daemon
+/// tells which UDP sockets connected to a removed backend are the socket LB's to destroy. An
+/// LRU: cookies are never reused, so an entry that outlives its socket only waits for eviction.
+#[map(name = "SOCK_UDP_CONN")]
+static SOCK_UDP_CONN: LruHashMap<u64, SockRevNat> =
+    LruHashMap::pinned(bpf_common::sock::MAX_UDP_CONNECTED, 0);
 
 #[map(name = "SOCK_EVENTS")]
-static SOCK_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+static SOCK_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+const EVENTS_BYTES: u32 = 256 * 1024;
+/// The reader is woken once a quarter of the ring is waiting (about 800 decisions); below
+/// that it reads on its own tick.
+const EVENTS_WAKE_BYTES: u64 = EVENTS_BYTES as u64 / 4;
 
 #[map(name = "SOCK_EV_BUCKET")]
 static SOCK_EV_BUCKET: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
@@ -127,6 +132,10 @@ static MAGLEV_SIZE: u32 = defaults::MAGLEV_SIZE;
 static ONLY_NETNS_COOKIE: u64 = 0;
 #[unsafe(no_mangle)]
 static EVENT_RATE: u64 = DEFAULT_EVENT_RATE;
+/// Non-zero when `SOCK_OPT_OUT` holds any cgroup: without opt-outs the ancestor walk is
+/// skipped.
+#[unsafe(no_mangle)]
+static OPT_OUT_ANY: u32 = 0;
 
 /// Carry on with the call (translated or not).
 const ALLOW: i32 = 1;
@@ -256,7 +265,7 @@ fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
     if only != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != only {
         return (ALLOW, reason::PASS_OTHER_NETNS);
     }
-    if opted_out() {
+    if global(&OPT_OUT_ANY) != 0 && opted_out() {
         return (ALLOW, reason::PASS_OPTED_OUT);
     }
     // SAFETY: the hook's own context.
@@ -298,11 +307,11 @@ fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
         };
     }
     if hook == HOOK_CONNECT
+        && proto == PROTO_UDP
         && let Some(e) = set.entries.get(slot)
     {
-        // Best effort: a failed insert only means this socket is not destroyed with its
-        // backend.
-        let _ = SOCK_BY_COOKIE.insert(&cookie, e, 0);
+        // Best effort: without it this socket is not destroyed with its backend.
+        let _ = SOCK_UDP_CONN.insert(&cookie, e, 0);
     }
     sa.user_ip4 = backend.addr[0];
     sa.user_port = backend.port_be as u32;
@@ -338,12 +347,13 @@ fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
         backend_port_be: backend.port_be,
         _pad2: [0; 4],
     };
-    match event::emit(
+    match event::emit_batched(
         &SOCK_EVENTS,
         &SOCK_EV_BUCKET,
         global(&EVENT_RATE),
         &ev,
         now_ns(),
+        EVENTS_WAKE_BYTES,
     ) {
         Ok(()) => {}
         Err(Refused::RateLimited) => count_reason(&SOCK_REASONS, reason::EVENT_RATE_LIMITED),

@@ -5,6 +5,7 @@
 //!   machine's XDP_DROP floor, and the daemon's footprint.
 //! - [`cost`]: per-program ns/packet through BPF_PROG_TEST_RUN.
 //! - [`report`]: medians, the results table and its JSON.
+//! - [`socklb`]: what the socket LB costs a `connect()`, against direct and nftables DNAT.
 //! - [`fuzz`]: `dp-fuzz`, mutated and random frames through `xdp_lb` and the tc programs with
 //!   BPF_PROG_TEST_RUN, every verdict, counter and output frame checked.
 //!
@@ -18,4 +19,5 @@ pub mod kubernetes;
 pub mod netlink;
 pub mod pktgen;
 pub mod report;
+pub mod socklb;
 pub mod topo;

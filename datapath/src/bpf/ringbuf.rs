@@ -1,19 +1,47 @@
 //! A BPF ring buffer drained onto a bus topic.
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use tracing::warn;
 
 use crate::{Error, Result, bus::Topic, controller::Cancel};
 
+/// Reads up to `max_batch` records of `ring` into events; answers them and whether the ring
+/// is empty now.
+fn read_batch<R: Copy, E>(
+    ring: &mut RingBuf<MapData>,
+    max_batch: usize,
+    convert: &mut impl FnMut(R) -> E,
+) -> (Vec<E>, bool) {
+    let mut batch = Vec::new();
+    for _ in 0..max_batch {
+        let Some(item) = ring.next() else {
+            return (batch, true);
+        };
+        if item.len() < std::mem::size_of::<R>() {
+            warn!(bytes = item.len(), "short ring buffer record skipped");
+            continue;
+        }
+        // SAFETY: the record holds at least one `R`, a plain-old-data struct of the ABI.
+        let record: R = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<R>()) };
+        drop(item);
+        batch.push(convert(record));
+    }
+    (batch, false)
+}
+
 /// Reads `ring` until `cancel`, turning each record of at least `size_of::<R>()` bytes into an
 /// event with `convert` and publishing them on `topic`, one batch per wake-up (one lock and one
 /// wake-up per subscriber, not per event). Each wake-up reads at most `max_batch` records
 /// before yielding, so a flood cannot starve the other tasks of the runtime.
+///
+/// `tick`: for a ring whose programs wake the reader only when much is waiting
+/// (`BPF_RB_NO_WAKEUP` below a watermark), the longest a record waits to be read.
 pub async fn drain<R: Copy, E: Clone + Send + Sync + 'static>(
     ring: RingBuf<MapData>,
     topic: Arc<Topic<E>>,
     max_batch: usize,
+    tick: Option<Duration>,
     mut cancel: Cancel,
     mut convert: impl FnMut(R) -> E + Send,
 ) -> Result<()> {
@@ -22,32 +50,22 @@ pub async fn drain<R: Copy, E: Clone + Send + Sync + 'static>(
     let mut fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }
         .map_err(|e| Error::io("poll the ring buffer", e.into_parts().1))?;
     loop {
-        let mut guard = tokio::select! {
-            ready = fd.readable_mut() => ready.map_err(|e| Error::io("ring buffer failed", e))?,
-            _ = cancel.cancelled() => return Ok(()),
-        };
-        let ring = guard.get_inner_mut();
-        let mut drained = false;
-        let mut batch = Vec::new();
-        for _ in 0..max_batch {
-            let Some(item) = ring.next() else {
-                drained = true;
-                break;
-            };
-            if item.len() < std::mem::size_of::<R>() {
-                warn!(bytes = item.len(), "short ring buffer record skipped");
-                continue;
+        tokio::select! {
+            ready = fd.readable_mut() => {
+                let mut guard = ready.map_err(|e| Error::io("ring buffer failed", e))?;
+                let (batch, drained) = read_batch(guard.get_inner_mut(), max_batch, &mut convert);
+                topic.publish_batch(batch);
+                if drained {
+                    guard.clear_ready();
+                } else {
+                    tokio::task::yield_now().await;
+                }
             }
-            // SAFETY: the record holds at least one `R`, a plain-old-data struct of the ABI.
-            let record: R = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<R>()) };
-            drop(item);
-            batch.push(convert(record));
-        }
-        topic.publish_batch(batch);
-        if drained {
-            guard.clear_ready();
-        } else {
-            tokio::task::yield_now().await;
+            _ = tokio::time::sleep(tick.unwrap_or(Duration::MAX)), if tick.is_some() => {
+                let (batch, _) = read_batch(fd.get_mut(), max_batch, &mut convert);
+                topic.publish_batch(batch);
+            }
+            _ = cancel.cancelled() => return Ok(()),
         }
     }
 }

@@ -470,6 +470,7 @@ async fn read_events(policy: Arc<PolicyController>, cancel: Cancel) -> Result<()
                 ring,
                 Arc::clone(&policy.events),
                 bpf_common::policy::defaults::EVENTS_BYTES as usize / 8,
+                None,
                 cancel.clone(),
                 move |event: FlowEvent| {
                     p.events_received.fetch_add(1, Ordering::Relaxed);

@@ -3,9 +3,10 @@
 //! LB sends the new socket to a live backend. Connected UDP sockets are included: left alone
 //! they would talk to the removed backend for as long as they live.
 //!
-//! Only sockets the socket LB translated are touched: each connected socket's translation is in
-//! `SOCK_BY_COOKIE`, and sock_diag answers every socket's cookie. A socket connected to the same
-//! address directly is left alone.
+//! Only sockets the socket LB translated are touched: sock_diag answers each TCP socket with its
+//! value of `SOCK_REVNAT` (the socket-local storage the programs write at `connect()`), and a
+//! connected UDP socket's cookie is looked up in `SOCK_UDP_CONN` (sock_diag dumps no storage
+//! for UDP), so a socket connected to the same address directly is left alone.
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
@@ -13,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use bpf_common::{PROTO_TCP, PROTO_UDP, sock::SockRevNat};
+use bpf_common::{FAMILY_IPV4, PROTO_TCP, PROTO_UDP, sock::SockRevNat};
 use datapath_api::{Protocol, ServiceKey};
 
 use crate::{Error, Result};
@@ -23,6 +24,18 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
+/// `INET_DIAG_REQ_SK_BPF_STORAGES`: the request attribute naming the storages to dump.
+const REQ_SK_BPF_STORAGES: u16 = 2;
+/// `SK_DIAG_BPF_STORAGE_REQ_MAP_FD`.
+const REQ_MAP_FD: u16 = 1;
+/// `INET_DIAG_SK_BPF_STORAGES`: the answer's attribute with the socket's storages.
+const SK_BPF_STORAGES: u16 = 20;
+/// `SK_DIAG_BPF_STORAGE`: one storage, nested in the above.
+const STORAGE: u16 = 1;
+/// `SK_DIAG_BPF_STORAGE_MAP_VALUE`.
+const STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+const NLA_TYPE_MASK: u16 = 0x3fff;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -57,7 +70,7 @@ struct DiagRequest {
     id: SockId,
 }
 
-/// The start of `struct inet_diag_msg`.
+/// `struct inet_diag_msg`; its attributes follow.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct DiagMessage {
@@ -66,12 +79,59 @@ struct DiagMessage {
     timer: u8,
     retrans: u8,
     id: SockId,
+    expires: u32,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
+}
+const _: () = assert!(std::mem::size_of::<DiagMessage>() == 72);
+
+/// The netlink attributes in `buf`: (type without flags, payload).
+fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some((kind, payload))
+    })
 }
 
-#[repr(C)]
-struct Request {
-    header: NlMsgHdr,
-    body: DiagRequest,
+/// The translations in a socket's answer attributes (its `SOCK_REVNAT` value, the one
+/// storage asked for).
+fn translations(attrs: &[u8]) -> Vec<SockRevNat> {
+    let mut out = Vec::new();
+    for (kind, storages) in attributes(attrs) {
+        if kind != SK_BPF_STORAGES {
+            continue;
+        }
+        for (kind, storage) in attributes(storages) {
+            if kind != STORAGE {
+                continue;
+            }
+            for (kind, value) in attributes(storage) {
+                if kind != STORAGE_MAP_VALUE {
+                    continue;
+                }
+                let size = std::mem::size_of::<SockRevNat>();
+                for chunk in value.chunks_exact(size).take(4) {
+                    // SAFETY: `size` bytes of a plain `repr(C)` struct of the ABI.
+                    let r: SockRevNat = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
+                    if r.family == FAMILY_IPV4 {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 fn as_bytes<T>(v: &T) -> &[u8] {
@@ -120,19 +180,22 @@ impl Diag {
         Ok(Self { fd, seq: 0 })
     }
 
-    fn send(&mut self, kind: u16, flags: u16, body: DiagRequest) -> Result<u32> {
+    /// Sends a request of `body` and the attribute bytes `attrs`.
+    fn send(&mut self, kind: u16, flags: u16, body: DiagRequest, attrs: &[u8]) -> Result<u32> {
         self.seq += 1;
-        let req = Request {
-            header: NlMsgHdr {
-                len: std::mem::size_of::<Request>() as u32,
-                kind,
-                flags,
-                seq: self.seq,
-                pid: 0,
-            },
-            body,
+        let header = NlMsgHdr {
+            len: (std::mem::size_of::<NlMsgHdr>()
+                + std::mem::size_of::<DiagRequest>()
+                + attrs.len()) as u32,
+            kind,
+            flags,
+            seq: self.seq,
+            pid: 0,
         };
-        let bytes = as_bytes(&req);
+        let mut bytes = Vec::with_capacity(header.len as usize);
+        bytes.extend_from_slice(as_bytes(&header));
+        bytes.extend_from_slice(as_bytes(&body));
+        bytes.extend_from_slice(attrs);
         // SAFETY: a buffer of the length passed.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
         if n < 0 {
@@ -146,7 +209,7 @@ impl Diag {
 
     /// Reads the answers to request `seq` until it is done: the messages of a dump, or the
     /// acknowledgement (an error code, 0 for success) of a request with `NLM_F_ACK`.
-    fn answers(&mut self, seq: u32, mut each: impl FnMut(&DiagMessage)) -> Result<i32> {
+    fn answers(&mut self, seq: u32, mut each: impl FnMut(&DiagMessage, &[u8])) -> Result<i32> {
         let mut buf = vec![0u8; 64 * 1024];
         // Bounded: a dump of a million sockets is about 10,000 reads.
         for _ in 0..1_000_000 {
@@ -188,7 +251,7 @@ impl Diag {
                             // SAFETY: as above.
                             let m: DiagMessage =
                                 unsafe { std::ptr::read_unaligned(payload.as_ptr().cast()) };
-                            each(&m);
+                            each(&m, &payload[std::mem::size_of::<DiagMessage>()..]);
                         }
                         _ => {}
                     }
@@ -225,10 +288,20 @@ fn translated(r: &SockRevNat) -> (ServiceKey, SocketAddr) {
 /// connected to a (service, backend) pair that `doomed` picks; `peers`, when given, are the
 /// only backend addresses worth looking at. Answers how many it destroyed.
 pub fn destroy_where(
-    by_cookie: &HashMap<MapData, u64, SockRevNat>,
+    revnat: &MapData,
+    udp_connected: &HashMap<MapData, u64, SockRevNat>,
     peers: Option<&BTreeSet<SocketAddr>>,
     doomed: impl Fn(&(ServiceKey, SocketAddr)) -> bool,
 ) -> Result<u64> {
+    use std::os::fd::AsFd as _;
+    // INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: fd }.
+    let fd = revnat.fd().as_fd().as_raw_fd() as u32;
+    let mut attrs = Vec::new();
+    attrs.extend(12u16.to_ne_bytes());
+    attrs.extend((REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+    attrs.extend(8u16.to_ne_bytes());
+    attrs.extend(REQ_MAP_FD.to_ne_bytes());
+    attrs.extend(fd.to_ne_bytes());
     let mut destroyed = 0;
     for protocol in [PROTO_TCP, PROTO_UDP] {
         let mut diag = Diag::open()?;
@@ -241,27 +314,35 @@ pub fn destroy_where(
                 states: u32::MAX,
                 ..Default::default()
             },
+            &attrs,
         )?;
-        let mut candidates = Vec::new();
-        diag.answers(seq, |m| {
+        let mut doomed_sockets = Vec::new();
+        diag.answers(seq, |m, attrs| {
             let peer = SocketAddr::new(
                 std::net::IpAddr::V4(Ipv4Addr::from(m.id.dst[0].to_ne_bytes())),
                 u16::from_be(m.id.dport_be),
             );
-            if peer.port() != 0 && peers.is_none_or(|p| p.contains(&peer)) {
-                candidates.push(*m);
+            if peer.port() == 0 || peers.is_some_and(|p| !p.contains(&peer)) {
+                return;
+            }
+            // The translation that led this socket to its peer; none: not the socket LB's.
+            let recorded = if protocol == PROTO_UDP {
+                let cookie = u64::from(m.id.cookie[0]) | (u64::from(m.id.cookie[1]) << 32);
+                udp_connected.get(&cookie, 0).into_iter().collect()
+            } else {
+                translations(attrs)
+            };
+            let pair = recorded
+                .iter()
+                .map(translated)
+                .find(|(_, backend)| *backend == peer);
+            if let Some(pair) = pair
+                && doomed(&pair)
+            {
+                doomed_sockets.push((*m, pair));
             }
         })?;
-        for m in candidates {
-            let cookie = u64::from(m.id.cookie[0]) | (u64::from(m.id.cookie[1]) << 32);
-            let Ok(record) = by_cookie.get(&cookie, 0) else {
-                // Not one the socket LB connected.
-                continue;
-            };
-            let pair = translated(&record);
-            if !doomed(&pair) {
-                continue;
-            }
+        for (m, pair) in doomed_sockets {
             let seq = diag.send(
                 SOCK_DESTROY,
                 (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
@@ -272,8 +353,9 @@ pub fn destroy_where(
                     id: m.id,
                     ..Default::default()
                 },
+                &[],
             )?;
-            match diag.answers(seq, |_| {})? {
+            match diag.answers(seq, |_, _| {})? {
                 0 => destroyed += 1,
                 // Gone meanwhile.
                 code if code == -libc::ENOENT => {}

@@ -43,6 +43,9 @@ pub use plane::{SockLbPlane, cgroup_id, cgroup2_root};
 pub const NAME: &str = "socklb";
 /// Event topic: every socket-LB decision.
 pub const DECISIONS: &str = "socklb.decisions";
+/// The longest a decision waits in the ring buffer before it is read (below the programs'
+/// wake-up watermark).
+const EVENT_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 /// Decisions a slow subscriber may fall behind by before it loses some.
 const DECISION_BUFFER: usize = 4096;
 
@@ -167,7 +170,7 @@ impl SockLbController {
     ) {
         let inner = lock(&self.inner);
         let Some(plane) = &inner.plane else { return };
-        match destroy::destroy_where(&plane.by_cookie, peers, doomed) {
+        match destroy::destroy_where(&plane.revnat, &plane.udp_connected, peers, doomed) {
             Ok(n) => {
                 self.destroyed.fetch_add(n, Ordering::Relaxed);
                 if n > 0 {
@@ -300,9 +303,17 @@ impl Controller for SockLbController {
             let drain = async move {
                 match ring {
                     Some(ring) => {
-                        crate::bpf::ringbuf::drain(ring, topic, 1024, cancel, move |e| {
-                            me.decision(e)
-                        })
+                        // The programs wake the reader only past a watermark (a wake-up per
+                        // connect() would cost more than the translation): the rest is read
+                        // on this tick.
+                        crate::bpf::ringbuf::drain(
+                            ring,
+                            topic,
+                            1024,
+                            Some(EVENT_TICK),
+                            cancel,
+                            move |e| me.decision(e),
+                        )
                         .await
                     }
                     // Taken by an earlier run of this loop: decisions are not read until a

@@ -302,7 +302,10 @@ pub struct SockLbPlane {
     reasons: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, u64>,
     vips: HashMap<MapData, bpf_common::VipKey, bpf_common::VipInfo>,
-    pub by_cookie: HashMap<MapData, u64, bpf_common::sock::SockRevNat>,
+    /// `SOCK_REVNAT`, whose values sock_diag dumps with each TCP socket.
+    pub revnat: MapData,
+    /// `SOCK_UDP_CONN`: connected UDP sockets by cookie (sock_diag dumps no storage for UDP).
+    pub udp_connected: HashMap<MapData, u64, bpf_common::sock::SockRevNat>,
     pub events: Option<RingBuf<MapData>>,
 }
 
@@ -361,13 +364,15 @@ impl SockLbPlane {
         } else {
             0
         };
+        let opt_out_any = u32::from(!opt_out.is_empty());
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&dir)
             .map_max_entries(map_names::SERVICE_STATS, maps.max_services)
             .override_global(globals::MAGLEV_SIZE, &maps.maglev_size, true)
             .override_global(globals::ONLY_NETNS_COOKIE, &only_netns, true)
-            .override_global(globals::EVENT_RATE, &settings.event_rate, true);
+            .override_global(globals::EVENT_RATE, &settings.event_rate, true)
+            .override_global(globals::OPT_OUT_ANY, &opt_out_any, true);
         let mut bpf = loader.load(SOCK_OBJECT).map_err(|source| Error::Load {
             source: Box::new(source),
             context: format!(
@@ -439,8 +444,16 @@ impl SockLbPlane {
             .map_err(map_error("open LB_VIPS"))?;
         let events = RingBuf::try_from(take(&mut bpf, map_names::EVENTS)?)
             .map_err(map_error("open SOCK_EVENTS"))?;
-        let by_cookie = HashMap::try_from(take(&mut bpf, map_names::BY_COOKIE)?)
-            .map_err(map_error("open SOCK_BY_COOKIE"))?;
+        let udp_connected = HashMap::try_from(take(&mut bpf, map_names::UDP_CONNECTED)?)
+            .map_err(map_error("open SOCK_UDP_CONN"))?;
+        let revnat = match take(&mut bpf, map_names::REVNAT)? {
+            aya::maps::Map::SkStorage(data) => data,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "SOCK_REVNAT is not an sk_storage map".into(),
+                ));
+            }
+        };
         info!(cgroup = %cgroup.display(), host_netns_only = settings.host_netns_only,
               opted_out = opt_out.len(), "socket LB attached");
         Ok(Self {
@@ -450,7 +463,8 @@ impl SockLbPlane {
             reasons,
             service_stats,
             vips,
-            by_cookie,
+            revnat,
+            udp_connected,
             events: Some(events),
         })
     }

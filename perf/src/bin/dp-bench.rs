@@ -73,6 +73,9 @@ enum Part {
     /// Only the Kubernetes service source at scale (initial sync of 10,000 Services x 10
     /// endpoints, one EndpointSlice change until live, RSS), printed; not part of `all`.
     Kubernetes,
+    /// Only the socket LB: one `connect()` through it against direct and nftables DNAT, and
+    /// connections per second at 1, 10 and 1,000 services, printed; not part of `all`.
+    Socklb,
 }
 
 #[derive(Serialize)]
@@ -114,6 +117,13 @@ fn main() -> Result<()> {
             "--write-results needs the whole suite (--only all)"
         );
         return kubernetes_alone(&args);
+    }
+    if args.only == Part::Socklb {
+        ensure!(
+            !args.write_results,
+            "--write-results needs the whole suite (--only all)"
+        );
+        return socklb_alone(&args);
     }
     if args.only == Part::Netlink {
         ensure!(
@@ -263,6 +273,54 @@ fn kubernetes_alone(args: &Args) -> Result<()> {
         r.rss.anon,
         r.rss.file,
     );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `--only socklb`: see `dp_perf::socklb`.
+fn socklb_alone(args: &Args) -> Result<()> {
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .context("binary without a directory")?
+        .to_path_buf();
+    let datapathd = args
+        .datapathd
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("datapathd"));
+    let lb_ctl = args
+        .lb_ctl
+        .clone()
+        .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+    eprintln!("dp-bench: socklb (connect() cost, connections per second)");
+    let r = dp_perf::socklb::run(datapathd, lb_ctl, args.smoke)?;
+    let direct = r.connect[0].us.median;
+    print!(
+        "{} | {}\n\n### Socket LB: one TCP connect() from the node ({} rounds of {} connects, \
+         median of the round means)\n\n| path | us per connect() | over direct | ratio |\n\
+         | --- | ---: | ---: | ---: |\n",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine(),
+        r.rounds,
+        r.connects_per_round,
+    );
+    for row in &r.connect {
+        print!(
+            "| {} | {:.2} | {:+.2} | {:.3} |\n",
+            row.path,
+            row.us.median,
+            row.us.median - direct,
+            row.us.median / direct
+        );
+    }
+    print!(
+        "\n| services | connections per second (connect and close, one thread) |\n| ---: | ---: |\n"
+    );
+    for row in &r.cps {
+        print!("| {} | {:.0} |\n", row.services, row.cps.median);
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&r)?)
             .with_context(|| format!("writing {}", path.display()))?;
