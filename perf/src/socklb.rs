@@ -12,9 +12,13 @@
 //!   nftables DNAT rule on the output hook (`numgen random` over the same four backends). The
 //!   three are interleaved round by round; each round is the mean over its connects, and the
 //!   rows are medians over rounds. Sockets close with a reset (SO_LINGER 0), so no TIME_WAIT
-//!   piles up.
+//!   piles up. A fourth row is (a) from inside the cgroup: what every other `connect()` of a
+//!   translated process pays for the programs looking.
 //! - **connections per second** from the cgroup, single-threaded (connect, close), to the VIPs
 //!   of 1, 10 and 1,000 services (declared in a services file), round-robin over the services.
+//!
+//! `DP_BENCH_SOCKLB_EVENT_RATE` sets the daemon's `socklb.event_rate` (default 10000), to see
+//! what the decision events cost (0: none sent).
 use std::{
     io::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -357,6 +361,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
         let (rounds, n) = if smoke { (3, 200) } else { (15, 2_000) };
         let ns = node.name().to_string();
         let mut direct = Vec::new();
+        let mut direct_in_cgroup = Vec::new();
         let mut socklb = Vec::new();
         let mut nft = Vec::new();
         // Warm up every path once (neighbours, the programs' first runs).
@@ -374,6 +379,9 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
                 let _in = InCgroup::enter(&cgroup.0)?;
                 socklb.push(mean_connect_us(&ns, n, |_| {
                     SocketAddr::from((socklb_vip(0), 80))
+                })?);
+                direct_in_cgroup.push(mean_connect_us(&ns, n, |i| {
+                    SocketAddr::from((BACKENDS[i % 4], PORT))
                 })?);
             }
             nft.push(mean_connect_us(&ns, n, |_| {
@@ -415,6 +423,10 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
                 ConnectRow {
                     path: "VIP, socket LB",
                     us: summary(&socklb),
+                },
+                ConnectRow {
+                    path: "direct to the backend, from the socket LB's cgroup (not a VIP: the programs only look)",
+                    us: summary(&direct_in_cgroup),
                 },
                 ConnectRow {
                     path: "VIP, nftables DNAT (output hook)",
