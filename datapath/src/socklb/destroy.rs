@@ -11,6 +11,7 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
 };
 
 use aya::maps::{HashMap, MapData};
@@ -369,4 +370,73 @@ pub fn destroy_where(
         }
     }
     Ok(destroyed)
+}
+
+/// Most cgroup directories and processes [`member_namespaces`] looks at: a bound on the walk,
+/// far above a node's.
+const MAX_CGROUPS: usize = 100_000;
+const MAX_PROCESSES: usize = 1_000_000;
+
+/// The network namespaces of the processes in `cgroup` and below it, other than the daemon's
+/// own: for each, the `/proc/<pid>/ns/net` of one process in it. Pods have their own
+/// namespaces, whose sockets sock_diag only lists from inside.
+pub fn member_namespaces(cgroup: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).ok();
+    let mut seen: BTreeSet<u64> = own.into_iter().collect();
+    let mut out = Vec::new();
+    let mut dirs = vec![cgroup.to_path_buf()];
+    let (mut visited, mut processes) = (0usize, 0usize);
+    while let Some(dir) = dirs.pop() {
+        visited += 1;
+        if visited > MAX_CGROUPS || processes > MAX_PROCESSES {
+            tracing::warn!(cgroup = %cgroup.display(), "socklb: cgroup walk cut short");
+            break;
+        }
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                processes += 1;
+                let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                if let Ok(m) = std::fs::metadata(&ns)
+                    && seen.insert(m.ino())
+                {
+                    out.push(ns);
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runs `f` on a thread of its own in the network namespace `ns` (a `/proc/<pid>/ns/net`).
+pub fn in_namespace<T: Send>(ns: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(ns)
+                    .map_err(|e| Error::io(format!("open {}", ns.display()), e))?;
+                // SAFETY: setns(2) on this thread only, with a namespace descriptor we hold.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(Error::io(
+                        format!("enter {}", ns.display()),
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(Error::io(
+                    "destroy sockets",
+                    std::io::Error::other("the namespace thread panicked"),
+                ))
+            })
+    })
 }

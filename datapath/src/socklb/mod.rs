@@ -166,11 +166,21 @@ impl SockLbController {
     fn destroy(
         &self,
         peers: Option<&BTreeSet<SocketAddr>>,
-        doomed: impl Fn(&(datapath_api::ServiceKey, SocketAddr)) -> bool,
+        doomed: impl Fn(&(datapath_api::ServiceKey, SocketAddr)) -> bool + Sync,
     ) {
         let inner = lock(&self.inner);
         let Some(plane) = &inner.plane else { return };
-        match destroy::destroy_where(&plane.revnat, &plane.udp_connected, peers, doomed) {
+        let sweep = || destroy::destroy_where(&plane.revnat, &plane.udp_connected, peers, &doomed);
+        // The daemon's namespace, then those of the processes in the cgroup (pods).
+        let mut result = sweep();
+        for ns in destroy::member_namespaces(&plane.cgroup) {
+            let theirs = destroy::in_namespace(&ns, sweep);
+            result = match (result, theirs) {
+                (Ok(a), Ok(b)) => Ok(a + b),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
+        match result {
             Ok(n) => {
                 self.destroyed.fetch_add(n, Ordering::Relaxed);
                 if n > 0 {

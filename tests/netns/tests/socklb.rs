@@ -577,7 +577,8 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
 
 /// A backend removed under load: the TCP connections and connected UDP sockets the socket LB
 /// sent to it are destroyed (SOCK_DESTROY), those to the other backend are not, and the
-/// replacements reach the remaining backend.
+/// replacements reach the remaining backend; in the daemon's namespace and in another one (a
+/// pod's, here the client namespace), whose sockets the daemon destroys from inside it.
 #[test]
 fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
     if !privileged() {
@@ -634,28 +635,34 @@ fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
         SOCKETS.to_string(),
         UDP_SERVICE_PORT.to_string(),
     ];
-    let mut holder = client_command(&lab.topo.lb, Some(cgroup.path()), &args)
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut out = BufReader::new(holder.stdout.take().unwrap()).lines();
-    let first: Value =
-        serde_json::from_str(&out.next().expect("the held sockets").unwrap()).unwrap();
-    let on = |proto: &str, name: &str| {
-        first[proto]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|b| *b == name)
-            .count()
-    };
-    for proto in ["tcp", "udp"] {
-        assert!(
-            on(proto, "b1") > 0 && on(proto, "b2") > 0,
-            "{SOCKETS} {proto} sockets on both backends: {first}"
-        );
+    // One holder on the node, one in another namespace.
+    let mut holders = Vec::new();
+    let mut expected = 0u64;
+    for ns in [lab.topo.lb.clone(), lab.client_ns().to_string()] {
+        let mut holder = client_command(&ns, Some(cgroup.path()), &args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut out = BufReader::new(holder.stdout.take().unwrap()).lines();
+        let first: Value =
+            serde_json::from_str(&out.next().expect("the held sockets").unwrap()).unwrap();
+        let on = |proto: &str, name: &str| {
+            first[proto]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| *b == name)
+                .count()
+        };
+        for proto in ["tcp", "udp"] {
+            assert!(
+                on(proto, "b1") > 0 && on(proto, "b2") > 0,
+                "{ns}: {SOCKETS} {proto} sockets on both backends: {first}"
+            );
+        }
+        expected += (on("tcp", "b2") + on("udp", "b2")) as u64;
+        holders.push((ns, holder, out));
     }
-    let expected = (on("tcp", "b2") + on("udp", "b2")) as u64;
 
     // b2 leaves both services.
     let b2 = lab.backend_addr("b2").to_string();
@@ -681,16 +688,18 @@ fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
 
     // Each socket used again: b2's failed and their replacements reached b1; b1's still work.
     use std::io::Write as _;
-    writeln!(holder.stdin.as_mut().unwrap(), "check").unwrap();
-    let after: Value = serde_json::from_str(&out.next().expect("the check").unwrap()).unwrap();
-    let _ = holder.wait();
-    for proto in ["tcp", "udp"] {
-        for s in after[proto].as_array().unwrap() {
-            if s["was"] == "b2" {
-                assert_eq!(s["ok"], false, "{proto} socket to b2 destroyed: {s}");
-                assert_eq!(s["now"], "b1", "{proto}: the new socket reaches b1: {s}");
-            } else {
-                assert_eq!(s["ok"], true, "{proto} socket to b1 untouched: {s}");
+    for (ns, mut holder, mut out) in holders {
+        writeln!(holder.stdin.as_mut().unwrap(), "check").unwrap();
+        let after: Value = serde_json::from_str(&out.next().expect("the check").unwrap()).unwrap();
+        let _ = holder.wait();
+        for proto in ["tcp", "udp"] {
+            for s in after[proto].as_array().unwrap() {
+                if s["was"] == "b2" {
+                    assert_eq!(s["ok"], false, "{ns}: {proto} socket to b2 destroyed: {s}");
+                    assert_eq!(s["now"], "b1", "{ns}: {proto}: the new one reaches b1: {s}");
+                } else {
+                    assert_eq!(s["ok"], true, "{ns}: {proto} socket to b1 untouched: {s}");
+                }
             }
         }
     }
