@@ -173,7 +173,7 @@ fn finish((verdict, why): (i32, u32)) -> i32 {
 fn opted_out() -> bool {
     // SAFETY: helpers without preconditions.
     let own = unsafe { bpf_get_current_cgroup_id() };
-    if SOCK_OPT_OUT.get_ptr(&own).is_some() {
+    if SOCK_OPT_OUT.get_ptr(own).is_some() {
         return true;
     }
     for level in 1..OPT_OUT_DEPTH {
@@ -182,7 +182,7 @@ fn opted_out() -> bool {
         if id == 0 {
             return false;
         }
-        if SOCK_OPT_OUT.get_ptr(&id).is_some() {
+        if SOCK_OPT_OUT.get_ptr(id).is_some() {
             return true;
         }
     }
@@ -252,7 +252,7 @@ fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
         proto,
         family: FAMILY_IPV4,
     };
-    let Some(vip) = LB_VIPS.get_ptr(&key) else {
+    let Some(vip) = LB_VIPS.get_ptr(key) else {
         return (ALLOW, reason::PASS_NOT_VIP);
     };
     // SAFETY: a map value, read in place.
@@ -311,7 +311,7 @@ fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
         && let Some(e) = set.entries.get(slot)
     {
         // Best effort: without it this socket is not destroyed with its backend.
-        let _ = SOCK_UDP_CONN.insert(&cookie, e, 0);
+        let _ = SOCK_UDP_CONN.insert(cookie, e, 0);
     }
     sa.user_ip4 = backend.addr[0];
     sa.user_port = backend.port_be as u32;

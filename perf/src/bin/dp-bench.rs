@@ -307,8 +307,8 @@ fn socklb_alone(args: &Args) -> Result<()> {
         r.connects_per_round,
     );
     for row in &r.connect {
-        print!(
-            "| {} | {:.2} | {:+.2} | {:.3} |\n",
+        println!(
+            "| {} | {:.2} | {:+.2} | {:.3} |",
             row.path,
             row.us.median,
             row.us.median - direct,
@@ -319,7 +319,7 @@ fn socklb_alone(args: &Args) -> Result<()> {
         "\n| services | connections per second (connect and close, one thread) |\n| ---: | ---: |\n"
     );
     for row in &r.cps {
-        print!("| {} | {:.0} |\n", row.services, row.cps.median);
+        println!("| {} | {:.0} |", row.services, row.cps.median);
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&r)?)
