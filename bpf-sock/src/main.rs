@@ -10,6 +10,8 @@
 //!   (`SOCK_REVNAT`, an sk_storage map), which dies with the socket.
 //! - `sock_recvmsg4` and `sock_getpeername4` show the VIP again for a peer that the socket was
 //!   translated to, so UDP replies come "from the VIP" and `getpeername()` answers the VIP.
+//! - The `*6` programs do the same for IPv6 sockets that reach an IPv4 VIP through its
+//!   IPv4-mapped address.
 //! - Left alone: what is not a VIP, callers in an opted-out cgroup (or below one), and, in the
 //!   host-namespace-only mode, sockets of other network namespaces.
 //!
@@ -23,7 +25,9 @@ use core::cell::UnsafeCell;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE},
+    bindings::{
+        BPF_F_NO_PREALLOC, bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock_addr,
+    },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_storage_get,
@@ -144,22 +148,43 @@ const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    finish(try_translate(&ctx, HOOK_CONNECT))
+    finish(try_translate::<false>(&ctx, HOOK_CONNECT))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    finish(try_translate(&ctx, HOOK_SENDMSG))
+    finish(try_translate::<false>(&ctx, HOOK_SENDMSG))
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    finish(try_reverse(&ctx, reason::RECVMSG_REVERSED))
+    finish(try_reverse::<false>(&ctx, reason::RECVMSG_REVERSED))
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    finish(try_reverse(&ctx, reason::GETPEERNAME_REVERSED))
+    finish(try_reverse::<false>(&ctx, reason::GETPEERNAME_REVERSED))
+}
+
+/// The IPv6 hooks serve IPv6 sockets talking to IPv4 VIPs through IPv4-mapped addresses.
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    finish(try_translate::<true>(&ctx, HOOK_CONNECT))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    finish(try_translate::<true>(&ctx, HOOK_SENDMSG))
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    finish(try_reverse::<true>(&ctx, reason::RECVMSG_REVERSED))
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    finish(try_reverse::<true>(&ctx, reason::GETPEERNAME_REVERSED))
 }
 
 /// Counts the outcome and answers the verdict.
@@ -238,15 +263,18 @@ fn revnat_of(ctx: &SockAddrContext, create: bool) -> Option<&'static mut RevNatS
 }
 
 #[inline(always)]
-fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
+fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
     // SAFETY: the kernel's bpf_sock_addr for this call.
     let sa = unsafe { &mut *ctx.sock_addr };
     let proto = sa.protocol as u8;
-    if sa.user_family != 2 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
         return (ALLOW, reason::PASS_NOT_VIP);
     }
+    let Some(ip) = destination::<V6>(sa) else {
+        return (ALLOW, reason::PASS_NOT_VIP);
+    };
     let key = VipKey {
-        addr: [sa.user_ip4, 0, 0, 0],
+        addr: [ip, 0, 0, 0],
         // The port's two bytes, in network order, are the low half of the u32.
         port_be: sa.user_port as u16,
         proto,
@@ -313,8 +341,7 @@ fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
         // Best effort: without it this socket is not destroyed with its backend.
         let _ = SOCK_UDP_CONN.insert(cookie, e, 0);
     }
-    sa.user_ip4 = backend.addr[0];
-    sa.user_port = backend.port_be as u32;
+    set_peer::<V6>(sa, backend.addr[0], backend.port_be);
     if let Some(n) = SOCK_SVC_STATS.get_ptr_mut(vip.service_id) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *n += 1 };
@@ -365,25 +392,56 @@ fn try_translate(ctx: &SockAddrContext, hook: u8) -> (i32, u32) {
 /// A peer (the datagram's source, or the connected peer) that this socket was translated to is
 /// shown as its VIP.
 #[inline(always)]
-fn try_reverse(ctx: &SockAddrContext, reversed: u32) -> (i32, u32) {
+fn try_reverse<const V6: bool>(ctx: &SockAddrContext, reversed: u32) -> (i32, u32) {
     // SAFETY: the kernel's bpf_sock_addr for this call.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.user_family != 2 {
+    let Some(addr) = destination::<V6>(sa) else {
         return (ALLOW, reason::PASS_NOT_TRANSLATED);
-    }
+    };
     let Some(set) = revnat_of(ctx, false) else {
         return (ALLOW, reason::PASS_NOT_TRANSLATED);
     };
-    let (addr, port) = (sa.user_ip4, sa.user_port as u16);
+    let port = sa.user_port as u16;
     for e in set.entries.iter() {
         if e.family == FAMILY_IPV4 && e.backend[0] == addr && e.backend_port_be == port {
-            sa.user_ip4 = e.vip[0];
-            sa.user_port = e.vip_port_be as u32;
+            set_peer::<V6>(sa, e.vip[0], e.vip_port_be);
             return (ALLOW, reversed);
         }
     }
     (ALLOW, reason::PASS_NOT_TRANSLATED)
 }
+
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as it sits in memory.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 address of the call's peer: `user_ip4` in the v4 hooks, an IPv4-mapped
+/// `user_ip6` in the v6 ones (an IPv6 socket talking to an IPv4 VIP); `None` for anything
+/// else (IPv6 VIPs are not served yet). `V6` is a constant so that each program only touches
+/// the fields its hook may (the verifier refuses `user_ip6` in a v4 hook and the reverse).
+#[inline(always)]
+fn destination<const V6: bool>(sa: &bpf_sock_addr) -> Option<u32> {
+    if V6 {
+        let a = sa.user_ip6;
+        (sa.user_family == AF_INET6 && a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD)
+            .then_some(a[3])
+    } else {
+        (sa.user_family == AF_INET).then_some(sa.user_ip4)
+    }
+}
+
+/// Sets the call's peer to `addr:port` (wire order), in the hook's own form.
+#[inline(always)]
+fn set_peer<const V6: bool>(sa: &mut bpf_sock_addr, addr: u32, port_be: u16) {
+    if V6 {
+        sa.user_ip6[3] = addr;
+    } else {
+        sa.user_ip4 = addr;
+    }
+    sa.user_port = port_be as u32;
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -267,6 +267,17 @@ impl Diag {
     }
 }
 
+/// A socket's IPv4 peer (wire order): the address of an IPv4 socket, or an IPv4-mapped one of
+/// an IPv6 socket.
+fn ipv4_peer(family: i32, dst: &[u32; 4]) -> Option<u32> {
+    if family == libc::AF_INET {
+        Some(dst[0])
+    } else {
+        (dst[0] == 0 && dst[1] == 0 && dst[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
+            .then_some(dst[3])
+    }
+}
+
 /// What the socket LB recorded for a socket, as a (service, backend) pair.
 fn translated(r: &SockRevNat) -> (ServiceKey, SocketAddr) {
     let ip = |a: [u32; 4]| std::net::IpAddr::V4(Ipv4Addr::from(a[0].to_ne_bytes()));
@@ -304,13 +315,19 @@ pub fn destroy_where(
     attrs.extend(REQ_MAP_FD.to_ne_bytes());
     attrs.extend(fd.to_ne_bytes());
     let mut destroyed = 0;
-    for protocol in [PROTO_TCP, PROTO_UDP] {
+    // IPv6 sockets too: they reach IPv4 VIPs through IPv4-mapped addresses.
+    for (family, protocol) in [
+        (libc::AF_INET, PROTO_TCP),
+        (libc::AF_INET, PROTO_UDP),
+        (libc::AF_INET6, PROTO_TCP),
+        (libc::AF_INET6, PROTO_UDP),
+    ] {
         let mut diag = Diag::open()?;
         let seq = diag.send(
             SOCK_DIAG_BY_FAMILY,
             (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
             DiagRequest {
-                family: libc::AF_INET as u8,
+                family: family as u8,
                 protocol,
                 states: u32::MAX,
                 ..Default::default()
@@ -319,8 +336,11 @@ pub fn destroy_where(
         )?;
         let mut doomed_sockets = Vec::new();
         diag.answers(seq, |m, attrs| {
+            let Some(peer_ip) = ipv4_peer(family, &m.id.dst) else {
+                return;
+            };
             let peer = SocketAddr::new(
-                std::net::IpAddr::V4(Ipv4Addr::from(m.id.dst[0].to_ne_bytes())),
+                std::net::IpAddr::V4(Ipv4Addr::from(peer_ip.to_ne_bytes())),
                 u16::from_be(m.id.dport_be),
             );
             if peer.port() == 0 || peers.is_some_and(|p| !p.contains(&peer)) {
@@ -348,7 +368,7 @@ pub fn destroy_where(
                 SOCK_DESTROY,
                 (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
                 DiagRequest {
-                    family: libc::AF_INET as u8,
+                    family: family as u8,
                     protocol,
                     states: 1 << m.state,
                     id: m.id,

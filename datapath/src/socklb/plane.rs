@@ -32,11 +32,15 @@ use crate::{
 pub static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-sock"));
 
 /// The programs, in attach order.
-pub const PROGRAMS: [&str; 4] = [
+pub const PROGRAMS: [&str; 8] = [
     "sock_connect4",
     "sock_sendmsg4",
     "sock_recvmsg4",
     "sock_getpeername4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_getpeername6",
 ];
 
 /// Value size of `SOCK_REVNAT` (the program's `RevNatSet`: four translations and a cursor).

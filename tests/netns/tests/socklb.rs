@@ -31,6 +31,17 @@ use serde_json::Value;
 const CLIENT: &str = r#"
 import json, socket, sys
 mode, vip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+# A mode ending in 6 ("tcp6", "hold6"): IPv6 sockets to the IPv4-mapped VIP (::ffff:a.b.c.d).
+family = socket.AF_INET6 if mode.endswith("6") else socket.AF_INET
+host = "::ffff:" + vip if mode.endswith("6") else vip
+target = (host, port)
+mode = mode.rstrip("6")
+
+def tcp_connected():
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(target)
+    return s
 
 def greeting(s):
     got = b""
@@ -46,9 +57,9 @@ def udp_exchange(u, msg):
     return u.recv(2048).decode().split()[0]
 
 def udp_connected(uport):
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u = socket.socket(family, socket.SOCK_DGRAM)
     u.settimeout(5)
-    u.connect((vip, uport))
+    u.connect((host, uport))
     return u
 
 if mode == "hold":
@@ -58,7 +69,7 @@ if mode == "hold":
     uport = int(sys.argv[5])
     tcps = []
     for i in range(n):
-        s = socket.create_connection((vip, port), timeout=5)
+        s = tcp_connected()
         tcps.append((s, greeting(s)))
     udps = []
     for i in range(n):
@@ -74,7 +85,7 @@ if mode == "hold":
                 raise ConnectionError("no echo")
             out["tcp"].append({"was": was, "ok": True})
         except OSError as e:
-            s2 = socket.create_connection((vip, port), timeout=5)
+            s2 = tcp_connected()
             out["tcp"].append({"was": was, "ok": False, "error": repr(e), "now": greeting(s2)})
     for u, was in udps:
         try:
@@ -89,18 +100,20 @@ if mode == "hold":
 for i in range(n):
     try:
         if mode == "tcp":
-            s = socket.create_connection((vip, port), timeout=5)
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(target)
             name = s.makefile().readline().strip()
-            peer = "%s:%d" % s.getpeername()
+            peer = "%s:%d" % s.getpeername()[:2]
             s.close()
             print(json.dumps({"backend": name, "peer": peer}), flush=True)
         elif mode == "udp":
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(family, socket.SOCK_DGRAM)
             s.settimeout(5)
-            s.sendto(b"q%d" % i, (vip, port))
+            s.sendto(b"q%d" % i, target)
             data, src = s.recvfrom(2048)
             s.close()
-            print(json.dumps({"backend": data.decode().split()[0], "peer": "%s:%d" % src}),
+            print(json.dumps({"backend": data.decode().split()[0], "peer": "%s:%d" % src[:2]}),
                   flush=True)
         else:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -218,12 +231,20 @@ fn socklb(d: &Daemon) -> SockLbStatus {
 
 /// The backends named in `answers`, each answer checked to come from the VIP.
 fn backends_via_vip(what: &str, answers: &[Value], port: u16) -> Vec<String> {
-    let vip = SocketAddr::new(IpAddr::V4(VIP), port).to_string();
+    backends_via(
+        what,
+        answers,
+        &SocketAddr::new(IpAddr::V4(VIP), port).to_string(),
+    )
+}
+
+/// The backends named in `answers`, each answer checked to come from `vip` as printed.
+fn backends_via(what: &str, answers: &[Value], vip: &str) -> Vec<String> {
     answers
         .iter()
         .map(|a| {
             assert!(a.get("error").is_none(), "{what}: {answers:#?}");
-            assert_eq!(a["peer"], vip.as_str(), "{what}: the peer is the VIP: {a}");
+            assert_eq!(a["peer"], vip, "{what}: the peer is the VIP: {a}");
             a["backend"].as_str().unwrap().to_string()
         })
         .collect()
@@ -425,7 +446,7 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
     let st = socklb(d);
     assert!(st.up, "{st:#?}\n{}", d.log());
     assert_eq!(st.cgroup.as_deref(), Some(cgroup.path().to_str().unwrap()));
-    assert_eq!(st.programs.len(), 4, "{st:#?}");
+    assert_eq!(st.programs.len(), 8, "{st:#?}");
     let node = lab.topo.lb.clone();
 
     // Outside the test cgroup nothing is translated, and the VIP is routed nowhere here.
@@ -454,6 +475,19 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
     assert_eq!(
         backends_via_vip("connected udp", &udpc, UDP_SERVICE_PORT).len(),
         20
+    );
+    // IPv6 sockets to the IPv4-mapped VIP, through the v6 hooks: translated the same way,
+    // and they see the mapped VIP.
+    let tcp6 = client(&node, Some(cgroup.path()), "tcp6", TCP_SERVICE_PORT, 10);
+    let mapped = |port: u16| format!("::ffff:{VIP}:{port}");
+    assert_eq!(
+        backends_via("tcp over ipv6", &tcp6, &mapped(TCP_SERVICE_PORT)).len(),
+        10
+    );
+    let udp6 = client(&node, Some(cgroup.path()), "udp6", UDP_SERVICE_PORT, 10);
+    assert_eq!(
+        backends_via("udp over ipv6", &udp6, &mapped(UDP_SERVICE_PORT)).len(),
+        10
     );
     // A real DNS client against real DNS servers: dig through the VIP to dnsmasq on both
     // backends, each answering its own address for the name. dig checks that the reply comes
@@ -511,17 +545,21 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
     let st = socklb(d);
     // TCP, connected UDP and dig (which connects its socket); the process outside the cgroup
     // never ran the programs.
-    assert_eq!(st.reasons["connect_translated"], 40 + 20 + 16, "{st:#?}");
-    assert_eq!(st.reasons["sendmsg_translated"], 20, "{st:#?}");
-    assert!(st.reasons["getpeername_reversed"] >= 60, "{st:#?}");
+    assert_eq!(
+        st.reasons["connect_translated"],
+        40 + 20 + 10 + 16,
+        "{st:#?}"
+    );
+    assert_eq!(st.reasons["sendmsg_translated"], 20 + 10, "{st:#?}");
+    assert!(st.reasons["getpeername_reversed"] >= 60 + 10, "{st:#?}");
     // recvfrom() asks for the source; a connected recv() does not, and is not hooked.
-    assert!(st.reasons["recvmsg_reversed"] >= 20 + 16, "{st:#?}");
+    assert!(st.reasons["recvmsg_reversed"] >= 20 + 10 + 16, "{st:#?}");
     let tcp_count = st
         .services
         .iter()
         .find(|s| s.service == format!("tcp/{VIP}:{TCP_SERVICE_PORT}"))
         .map(|s| s.sockets);
-    assert_eq!(tcp_count, Some(40), "{st:#?}");
+    assert_eq!(tcp_count, Some(40 + 10), "{st:#?}");
     let last = st.recent.last().expect("recent decisions");
     assert_eq!(
         last.vip,
@@ -541,7 +579,7 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
         http::get_in(lab.client_ns(), sock(LB_CLIENT_IP, 9477), "/metrics"),
     );
     assert!(
-        metrics.contains("datapath_socklb_outcomes_total{outcome=\"connect_translated\"} 76"),
+        metrics.contains("datapath_socklb_outcomes_total{outcome=\"connect_translated\"} 86"),
         "{metrics}"
     );
     assert!(
@@ -560,7 +598,16 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
         .output()
         .expect("bpftool");
     let listed = String::from_utf8_lossy(&listed.stdout);
-    for hook in ["connect4", "sendmsg4", "recvmsg4", "getpeername4"] {
+    for hook in [
+        "connect4",
+        "sendmsg4",
+        "recvmsg4",
+        "getpeername4",
+        "connect6",
+        "sendmsg6",
+        "recvmsg6",
+        "getpeername6",
+    ] {
         assert!(
             listed.contains(hook),
             "{hook} attached after the restart:\n{listed}"
@@ -638,8 +685,15 @@ fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
     // One holder on the node, one in another namespace.
     let mut holders = Vec::new();
     let mut expected = 0u64;
-    for ns in [lab.topo.lb.clone(), lab.client_ns().to_string()] {
-        let mut holder = client_command(&ns, Some(cgroup.path()), &args)
+    // And IPv6 sockets to the IPv4-mapped VIP on the node (the v6 hooks, AF_INET6 in sock_diag).
+    let mut args6 = args.clone();
+    args6[0] = "hold6".into();
+    for (ns, args) in [
+        (lab.topo.lb.clone(), &args),
+        (lab.client_ns().to_string(), &args),
+        (lab.topo.lb.clone(), &args6),
+    ] {
+        let mut holder = client_command(&ns, Some(cgroup.path()), args)
             .stdin(Stdio::piped())
             .spawn()
             .expect("python3");
