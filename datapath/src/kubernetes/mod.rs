@@ -667,7 +667,9 @@ impl KubernetesController {
         let mut node_changed = false;
         let mut synced = false;
         let mut node = self.node(&settings, None);
-        let mut addresses = self.addresses.incarnation();
+        // Each publish of the node's addresses is a new value (the incarnation only counts the
+        // netlink controller's restarts).
+        let mut addresses = self.addresses.get();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         let mut full = false;
         let mut retry = Duration::from_millis(500);
@@ -784,8 +786,9 @@ impl KubernetesController {
                     }
                 }
             }
-            if self.addresses.incarnation() != addresses || node_changed {
-                addresses = self.addresses.incarnation();
+            let now_addresses = self.addresses.get();
+            if !Arc::ptr_eq(&now_addresses, &addresses) || node_changed {
+                addresses = now_addresses;
                 node_changed = false;
                 let now = self.node(&settings, node_store.facts());
                 if now != node {

@@ -58,7 +58,14 @@ struct Inner {
     pin_root: std::path::PathBuf,
     plane: Option<SockLbPlane>,
     health: Health,
+    /// Why it must stay off whatever the load balancer does (disabled, a missing capability).
+    blocked: Option<String>,
+    /// The load balancer's handle the programs were last loaded over (`None`: not yet).
+    lent: Option<Lent>,
 }
+
+/// The service maps' state as published (each publish a new value).
+type Lent = Arc<Option<Arc<LbServiceMaps>>>;
 
 /// See the module documentation.
 pub struct SockLbController {
@@ -86,6 +93,8 @@ impl SockLbController {
                 pin_root: settings.pin_root.clone(),
                 plane: None,
                 health: Health::default(),
+                blocked: None,
+                lent: None,
             }),
             maps: bus.state(SERVICE_MAPS)?.reader(),
             decisions: bus.topic(DECISIONS, DECISION_BUFFER)?,
@@ -162,6 +171,49 @@ impl SockLbController {
 }
 
 impl SockLbController {
+    /// Loads the programs over the service maps the load balancer lends (again, when it lent
+    /// new ones: the pinned links are adopted, so the hooks never run without a program), or
+    /// detaches them when it lends none (the load balancer is off: no services to serve).
+    fn load_over(&self, lent: Lent) {
+        let mut inner = lock(&self.inner);
+        inner.lent = Some(Arc::clone(&lent));
+        let maps = lent.as_ref().as_ref();
+        let reason = if let Some(b) = &inner.blocked {
+            Some(b.clone())
+        } else {
+            match maps {
+                None => {
+                    if let Some(old) = inner.plane.take() {
+                        let pin_root = inner.pin_root.clone();
+                        if let Err(e) = old.detach(&pin_root) {
+                            warn!(error = %e, "socklb: cannot detach");
+                        }
+                    }
+                    Some("the load balancer (module lb) is off: no services to serve".into())
+                }
+                Some(maps) => match SockLbPlane::start(&inner.settings, &inner.pin_root, maps) {
+                    Ok(plane) => {
+                        tracing::info!(
+                            adopted = plane.adopted(),
+                            "module socklb up: socket LB programs attached"
+                        );
+                        inner.plane = Some(plane);
+                        None
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "module socklb off: cannot attach");
+                        Some(format!("cannot attach: {e}"))
+                    }
+                },
+            }
+        };
+        inner.health = Health {
+            enabled: inner.settings.enabled,
+            up: reason.is_none(),
+            reason,
+        };
+    }
+
     /// Destroys the sockets sent to a pair `doomed` picks (see `destroy`), counting them.
     fn destroy(
         &self,
@@ -230,6 +282,45 @@ impl SockLbController {
     }
 }
 
+impl SockLbController {
+    /// The decisions onto the bus and the removed backends' sockets destroyed, until `cancel`.
+    async fn serve(self: Arc<Self>, cancel: Cancel) -> Result<()> {
+        let follow = Arc::clone(&self).follow_backends(cancel.clone());
+        let ring = lock(&self.inner)
+            .plane
+            .as_mut()
+            .and_then(|p| p.events.take());
+        let me = Arc::clone(&self);
+        let topic = Arc::clone(&self.decisions);
+        let drain = async move {
+            match ring {
+                // The programs wake the reader only past a watermark (a wake-up per connect()
+                // would cost more than the translation): the rest is read on this tick.
+                Some(ring) => {
+                    crate::bpf::ringbuf::drain(
+                        ring,
+                        topic,
+                        1024,
+                        Some(EVENT_TICK),
+                        cancel,
+                        move |e| me.decision(e),
+                    )
+                    .await
+                }
+                // Taken by an earlier run of this loop: decisions are read again after the
+                // next load.
+                None => {
+                    let mut cancel = cancel;
+                    cancel.cancelled().await;
+                    Ok(())
+                }
+            }
+        };
+        let (a, b) = tokio::join!(follow, drain);
+        a.and(b)
+    }
+}
+
 impl Controller for SockLbController {
     fn name(&self) -> &'static str {
         NAME
@@ -252,39 +343,17 @@ impl Controller for SockLbController {
     }
 
     fn start(&self, settings: &Settings, blocker: Option<String>) -> Result<()> {
-        let mut inner = lock(&self.inner);
-        inner.settings = settings.socklb.clone();
-        inner.pin_root = settings.pin_root.clone();
-        let reason = if !settings.socklb.enabled {
-            Some("disabled by the configuration (socklb.enabled)".to_string())
-        } else if let Some(b) = blocker {
-            Some(b)
-        } else {
-            match &*self.maps.get() {
-                None => Some("the load balancer (module lb) is off: no services to serve".into()),
-                Some(maps) => {
-                    match SockLbPlane::start(&settings.socklb, &settings.pin_root, maps) {
-                        Ok(plane) => {
-                            tracing::info!(
-                                adopted = plane.adopted(),
-                                "module socklb up: socket LB programs attached"
-                            );
-                            inner.plane = Some(plane);
-                            None
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "module socklb off: cannot attach");
-                            Some(format!("cannot attach: {e}"))
-                        }
-                    }
-                }
-            }
-        };
-        inner.health = Health {
-            enabled: settings.socklb.enabled,
-            up: reason.is_none(),
-            reason,
-        };
+        {
+            let mut inner = lock(&self.inner);
+            inner.settings = settings.socklb.clone();
+            inner.pin_root = settings.pin_root.clone();
+            inner.blocked = if !settings.socklb.enabled {
+                Some("disabled by the configuration (socklb.enabled)".to_string())
+            } else {
+                blocker
+            };
+        }
+        self.load_over(self.maps.get());
         Ok(())
     }
 
@@ -299,44 +368,41 @@ impl Controller for SockLbController {
 
     fn run(self: Arc<Self>, mut cancel: Cancel) -> RunFuture {
         Box::pin(async move {
-            if lock(&self.inner).plane.is_none() {
-                cancel.cancelled().await;
-                return Ok(());
-            }
-            let follow = Arc::clone(&self).follow_backends(cancel.clone());
-            let ring = lock(&self.inner)
-                .plane
-                .as_mut()
-                .and_then(|p| p.events.take());
-            let me = Arc::clone(&self);
-            let topic = Arc::clone(&self.decisions);
-            let drain = async move {
-                match ring {
-                    Some(ring) => {
-                        // The programs wake the reader only past a watermark (a wake-up per
-                        // connect() would cost more than the translation): the rest is read
-                        // on this tick.
-                        crate::bpf::ringbuf::drain(
-                            ring,
-                            topic,
-                            1024,
-                            Some(EVENT_TICK),
-                            cancel,
-                            move |e| me.decision(e),
-                        )
-                        .await
+            let mut maps = self.maps.clone();
+            loop {
+                let loaded = lock(&self.inner).lent.clone();
+                let current = maps.get();
+                if loaded.as_ref().is_some_and(|l| Arc::ptr_eq(l, &current)) {
+                    // Each publish is a new value: wait until the load balancer lends other
+                    // maps (or none), serving meanwhile.
+                    let relent = async {
+                        loop {
+                            maps.changed().await;
+                            if !Arc::ptr_eq(&maps.get(), &current) {
+                                break;
+                            }
+                        }
+                    };
+                    if lock(&self.inner).plane.is_some() {
+                        let serve = Arc::clone(&self).serve(cancel.clone());
+                        tokio::select! {
+                            done = serve => return done,
+                            _ = relent => {}
+                        }
+                    } else {
+                        tokio::select! {
+                            _ = relent => {}
+                            _ = cancel.cancelled() => return Ok(()),
+                        }
                     }
-                    // Taken by an earlier run of this loop: decisions are not read until a
-                    // restart.
-                    None => {
-                        let mut cancel = cancel;
-                        cancel.cancelled().await;
-                        Ok(())
+                    if cancel.is_cancelled() {
+                        return Ok(());
                     }
+                    continue;
                 }
-            };
-            let (a, b) = tokio::join!(follow, drain);
-            a.and(b)
+                let me = Arc::clone(&self);
+                let _ = tokio::task::spawn_blocking(move || me.load_over(current)).await;
+            }
         })
     }
 
