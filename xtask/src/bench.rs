@@ -79,19 +79,22 @@ fn commands(smoke: bool) -> Vec<Command> {
     vec![build, criterion, dp_bench]
 }
 
-/// The smoke run, as steps of `cargo xtask test`: the suite, then the Kubernetes source's
-/// bench at 500 Services (it is not part of the suite: `dp-bench --only kubernetes`).
+/// The smoke run, as steps of `cargo xtask test`: the suite, then the benches that are not
+/// part of it, briefly: the Kubernetes source at 500 Services (`dp-bench --only kubernetes`)
+/// and the socket LB (`dp-bench --only socklb`).
 pub fn smoke_commands() -> Vec<Command> {
     let mut all = commands(true);
     let bin_dir = util::target_dir().join("debug");
-    let mut kubernetes = command(&bin_dir.join("dp-bench").to_string_lossy());
-    kubernetes
-        .arg("--datapathd")
-        .arg(bin_dir.join("datapathd"))
-        .arg("--lb-ctl")
-        .arg(bin_dir.join("lb-ctl"))
-        .args(["--only", "kubernetes", "--smoke"]);
-    all.push(kubernetes);
+    for part in ["kubernetes", "socklb"] {
+        let mut alone = command(&bin_dir.join("dp-bench").to_string_lossy());
+        alone
+            .arg("--datapathd")
+            .arg(bin_dir.join("datapathd"))
+            .arg("--lb-ctl")
+            .arg(bin_dir.join("lb-ctl"))
+            .args(["--only", part, "--smoke"]);
+        all.push(alone);
+    }
     all
 }
 

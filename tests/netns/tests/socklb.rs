@@ -202,9 +202,21 @@ fn in_cgroup(mut cmd: Command, ns: &str, cgroup: Option<&Path>) -> Command {
 
 /// Runs the client (see [`client_command`]) and answers its JSON lines.
 fn client(ns: &str, cgroup: Option<&Path>, mode: &str, port: u16, n: usize) -> Vec<Value> {
+    client_to(ns, cgroup, mode, IpAddr::V4(VIP), port, n)
+}
+
+/// Like [`client`], to `addr` instead of the VIP.
+fn client_to(
+    ns: &str,
+    cgroup: Option<&Path>,
+    mode: &str,
+    addr: IpAddr,
+    port: u16,
+    n: usize,
+) -> Vec<Value> {
     let args = [
         mode.to_string(),
-        VIP.to_string(),
+        addr.to_string(),
         port.to_string(),
         n.to_string(),
     ];
@@ -868,4 +880,144 @@ fn socket_lb_leaves_opted_out_cgroups_and_other_namespaces_alone() {
     assert_eq!(st.reasons["connect_translated"], 5, "{st:#?}");
     assert_eq!(st.reasons["pass_opted_out"], 3, "{st:#?}");
     assert_eq!(st.reasons["pass_other_netns"], 5, "{st:#?}");
+}
+
+/// Only cluster VIPs are the socket LB's: a Kubernetes LoadBalancer Service (the recorded
+/// `loadbalancer` scenario, served by the test suite's one stand-in API server) has its
+/// ClusterIP translated, while its LoadBalancer ingress and NodePort frontends are marked
+/// `xdp_only` and left alone (`pass_xdp_only`), to go through XDP as they arrive from outside.
+#[test]
+fn socket_lb_leaves_nodeport_and_load_balancer_frontends_to_xdp() {
+    if !privileged() {
+        return;
+    }
+    use netns_tests::kube_api::{KubeApi, Resource, yaml_object};
+    const INGRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 100, 2);
+    const NODE_PORT: u16 = 30781;
+    let mut lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 2,
+                dsr: false,
+            },
+            daemon: None,
+        }),
+    );
+    let cgroup = ok("test cgroup", TestCgroup::create(&lab.topo.prefix));
+    let recorded = |file: &str| {
+        let path = format!(
+            "{}/../../../shared/k8s-recorded/cilium/loadbalancer/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        yaml_object(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    };
+    let mut svc = recorded("service.yaml");
+    svc["spec"]["clusterIP"] = VIP.to_string().into();
+    svc["spec"]["clusterIPs"] = serde_json::json!([VIP.to_string()]);
+    svc["spec"]["ports"][0]["port"] = TCP_SERVICE_PORT.into();
+    svc["status"]["loadBalancer"]["ingress"][0]["ip"] = INGRESS.to_string().into();
+    let mut slice = recorded("endpointslice.yaml");
+    for (i, name) in ["b1", "b2"].iter().enumerate() {
+        slice["endpoints"][i]["addresses"] =
+            serde_json::json!([lab.backend_addr(name).ip().to_string()]);
+    }
+    slice["ports"][0]["port"] = netns_tests::lab::BACKEND_PORT.into();
+    let listener = ok(
+        "stand-in listener",
+        netns::run_in(&lab.topo.lb, || std::net::TcpListener::bind("127.0.0.1:0"))
+            .and_then(|l| Ok(l?)),
+    );
+    let api = ok("stand-in", KubeApi::serve(listener));
+    ok("service", api.apply(Resource::Services, svc).map(drop));
+    ok(
+        "slice",
+        api.apply(Resource::EndpointSlices, slice).map(drop),
+    );
+
+    let dir = std::env::temp_dir().join(format!("datapath-{}-socklb", lab.topo.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    \
+             server: {}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  \
+             context:\n    cluster: stand-in\n    user: test\ncurrent-context: test\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "reload:\n  watch: false\nkubernetes:\n  enabled: true\n  kubeconfig: {}\n  \
+             node_name: nodeport-worker\nsocklb:\n  enabled: true\n  cgroup: {}\n",
+            kubeconfig.display(),
+            cgroup.path().display()
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    lab.daemon = Some(ok(
+        "daemon",
+        Daemon::start(
+            &lab.topo.lb,
+            &lab.topo.prefix,
+            Binaries::from_env(),
+            &["--config", &config_arg],
+        ),
+    ));
+    let d = lab.daemon();
+    // The ClusterIP, the ingress and NodePort on the node's addresses, each with both backends.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let node_port = SocketAddr::new(IpAddr::V4(LB_CLIENT_IP), NODE_PORT);
+    loop {
+        let services = ok("services", d.services());
+        let has = |addr: IpAddr, port: u16| {
+            services
+                .iter()
+                .any(|s| s.vip == addr && s.port == port && s.backends.len() == 2)
+        };
+        if has(IpAddr::V4(VIP), TCP_SERVICE_PORT)
+            && has(IpAddr::V4(INGRESS), TCP_SERVICE_PORT)
+            && has(node_port.ip(), NODE_PORT)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Service's frontends: {services:#?}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let tcp = client(
+        &lab.topo.lb,
+        Some(cgroup.path()),
+        "tcp",
+        TCP_SERVICE_PORT,
+        5,
+    );
+    assert_eq!(
+        backends_via_vip("cluster ip", &tcp, TCP_SERVICE_PORT).len(),
+        5
+    );
+    // Left alone: the ingress is routed nowhere on the node, and nothing listens on the
+    // node's own address at the NodePort.
+    for (addr, port) in [
+        (IpAddr::V4(INGRESS), TCP_SERVICE_PORT),
+        (node_port.ip(), NODE_PORT),
+    ] {
+        let answers = client_to(&lab.topo.lb, Some(cgroup.path()), "tcp", addr, port, 1);
+        assert!(
+            answers[0].get("error").is_some(),
+            "{addr}:{port} is not translated: {answers:?}"
+        );
+    }
+    let st = socklb(d);
+    assert_eq!(st.reasons["connect_translated"], 5, "{st:#?}");
+    assert_eq!(st.reasons["pass_xdp_only"], 2, "{st:#?}");
 }
