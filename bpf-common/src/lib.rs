@@ -372,5 +372,6 @@ mod pod {
     unsafe impl aya::Pod for policy::FlowEvent {}
     unsafe impl aya::Pod for policy::RateBucket {}
     unsafe impl aya::Pod for sock::SockRevNat {}
+    unsafe impl aya::Pod for sock::SockRevNatSet {}
     unsafe impl aya::Pod for sock::SockLbEvent {}
 }

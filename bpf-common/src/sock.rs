@@ -25,6 +25,74 @@ pub struct SockRevNat {
 }
 const _: () = assert!(core::mem::size_of::<SockRevNat>() == 48);
 
+/// Translations one socket remembers (an unconnected UDP socket may talk to several VIPs).
+pub const REVNAT_SLOTS: usize = 4;
+
+/// Value of `SOCK_REVNAT`: a socket's translations, the oldest replaced first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNatSet {
+    pub entries: [SockRevNat; REVNAT_SLOTS],
+    /// Where the next new translation goes (modulo `REVNAT_SLOTS`).
+    pub next: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatSet>() == 200);
+
+impl SockRevNat {
+    /// Whether `self` translates the same VIP to the same backend as `other`.
+    #[inline(always)]
+    pub fn same_pair(&self, other: &SockRevNat) -> bool {
+        self.family == other.family
+            && self.vip == other.vip
+            && self.vip_port_be == other.vip_port_be
+            && self.backend == other.backend
+            && self.backend_port_be == other.backend_port_be
+    }
+}
+
+impl SockRevNatSet {
+    /// Keeps `r`: in the slot that holds the same VIP and backend already (a reconnect, the
+    /// next datagram), else in the oldest slot. Answers whether it was there already.
+    #[inline(always)]
+    pub fn remember(&mut self, r: &SockRevNat) -> bool {
+        let mut slot = REVNAT_SLOTS;
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.same_pair(r) {
+                slot = i;
+            }
+        }
+        let known = slot < REVNAT_SLOTS;
+        if !known {
+            slot = self.next as usize % REVNAT_SLOTS;
+            self.next = self.next.wrapping_add(1);
+        }
+        if let Some(e) = self.entries.get_mut(slot) {
+            *e = *r;
+        }
+        known
+    }
+
+    /// The IPv4 translation whose backend is `addr:port_be` (wire order).
+    #[inline(always)]
+    pub fn by_backend(&self, addr: u32, port_be: u16) -> Option<&SockRevNat> {
+        self.entries.iter().find(|e| {
+            e.family == crate::FAMILY_IPV4 && e.backend[0] == addr && e.backend_port_be == port_be
+        })
+    }
+}
+
+/// The IPv4 address (wire order) in an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, words as
+/// they sit in memory); `None` for any other IPv6 address.
+#[inline(always)]
+pub const fn ipv4_of_mapped(a: &[u32; 4]) -> Option<u32> {
+    if a[0] == 0 && a[1] == 0 && a[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+        Some(a[3])
+    } else {
+        None
+    }
+}
+
 /// `SockLbEvent::hook`: a `connect()` translated.
 pub const HOOK_CONNECT: u8 = 1;
 /// `SockLbEvent::hook`: a `sendmsg()` on an unconnected UDP socket translated.
@@ -151,4 +219,69 @@ pub mod reason {
         "event_rate_limited",
         "event_lost",
     ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(vip: u8, backend: u8) -> SockRevNat {
+        SockRevNat {
+            vip: crate::addr16_from_ipv4_octets([198, 18, 100, vip]),
+            backend: crate::addr16_from_ipv4_octets([198, 18, 1, backend]),
+            vip_port_be: 80u16.to_be(),
+            backend_port_be: 8080u16.to_be(),
+            family: crate::FAMILY_IPV4,
+            proto: crate::PROTO_TCP,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_socket_remembers_four_translations_replacing_the_oldest() {
+        let mut set = SockRevNatSet::default();
+        assert!(!set.remember(&pair(1, 11)));
+        assert!(
+            set.remember(&pair(1, 11)),
+            "the same pair again keeps its slot"
+        );
+        assert_eq!(set.next, 1);
+        for (vip, backend) in [(2, 12), (3, 13), (4, 14)] {
+            assert!(!set.remember(&pair(vip, backend)));
+        }
+        let backend = |n: u8| crate::addr16_from_ipv4_octets([198, 18, 1, n])[0];
+        assert_eq!(
+            set.by_backend(backend(11), 8080u16.to_be()),
+            Some(&pair(1, 11))
+        );
+        // A fifth replaces the oldest (the first).
+        assert!(!set.remember(&pair(5, 15)));
+        assert_eq!(set.by_backend(backend(11), 8080u16.to_be()), None);
+        assert_eq!(
+            set.by_backend(backend(15), 8080u16.to_be()),
+            Some(&pair(5, 15))
+        );
+        assert_eq!(
+            set.by_backend(backend(12), 8080u16.to_be()),
+            Some(&pair(2, 12))
+        );
+        assert_eq!(
+            set.by_backend(backend(12), 8081u16.to_be()),
+            None,
+            "the port counts"
+        );
+    }
+
+    #[test]
+    fn only_ipv4_mapped_addresses_give_an_ipv4_address() {
+        let v4 = u32::from_ne_bytes([198, 18, 100, 1]);
+        let mapped = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), v4];
+        assert_eq!(ipv4_of_mapped(&mapped), Some(v4));
+        // 2001:db8::c612:6401 and ::c612:6401 (IPv4-compatible, deprecated) are not mapped.
+        assert_eq!(
+            ipv4_of_mapped(&[u32::from_ne_bytes([0x20, 1, 0xd, 0xb8]), 0, 0, v4]),
+            None
+        );
+        assert_eq!(ipv4_of_mapped(&[0, 0, 0, v4]), None);
+    }
 }

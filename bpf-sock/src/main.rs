@@ -42,7 +42,7 @@ use bpf_common::{
     policy::RateBucket,
     sock::{
         DEFAULT_EVENT_RATE, HOOK_CONNECT, HOOK_SENDMSG, OPT_OUT_DEPTH, SockLbEvent, SockRevNat,
-        reason,
+        SockRevNatSet, ipv4_of_mapped, reason,
     },
 };
 use bpf_lib::{
@@ -94,19 +94,6 @@ const EVENTS_WAKE_BYTES: u64 = EVENTS_BYTES as u64 / 4;
 #[map(name = "SOCK_EV_BUCKET")]
 static SOCK_EV_BUCKET: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
 
-/// Translations one socket remembers (an unconnected UDP socket may talk to several VIPs); the
-/// oldest is replaced first.
-const REVNAT_SLOTS: usize = 4;
-
-/// Value of `SOCK_REVNAT`.
-#[repr(C)]
-struct RevNatSet {
-    entries: [SockRevNat; REVNAT_SLOTS],
-    next: u32,
-    _pad: u32,
-}
-const _: () = assert!(core::mem::size_of::<RevNatSet>() == 200);
-
 /// A legacy map definition for the one map type aya-ebpf has no wrapper for. The kernel wants
 /// BTF for an sk_storage map, which this object does not carry: the daemon creates and pins
 /// the map first, and the loader adopts that pin by name.
@@ -120,7 +107,7 @@ unsafe impl Sync for SkStorageDef {}
 static SOCK_REVNAT: SkStorageDef = SkStorageDef(UnsafeCell::new(bpf_map_def {
     type_: BPF_MAP_TYPE_SK_STORAGE,
     key_size: 4,
-    value_size: core::mem::size_of::<RevNatSet>() as u32,
+    value_size: core::mem::size_of::<SockRevNatSet>() as u32,
     max_entries: 0,
     map_flags: BPF_F_NO_PREALLOC,
     id: 0,
@@ -237,7 +224,7 @@ fn pick(vip: &VipInfo, key: &VipKey, cookie: u64) -> Option<(u32, &'static Backe
 
 /// The socket's translation storage; `create` makes it when it is missing.
 #[inline(always)]
-fn revnat_of(ctx: &SockAddrContext, create: bool) -> Option<&'static mut RevNatSet> {
+fn revnat_of(ctx: &SockAddrContext, create: bool) -> Option<&'static mut SockRevNatSet> {
     // SAFETY: the context is the kernel's bpf_sock_addr; `sk` is its socket (never null in
     // these hooks, checked anyway).
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
@@ -258,7 +245,7 @@ fn revnat_of(ctx: &SockAddrContext, create: bool) -> Option<&'static mut RevNatS
         None
     } else {
         // SAFETY: the kernel answers a value of the map's value size, owned by the socket.
-        Some(unsafe { &mut *value.cast::<RevNatSet>() })
+        Some(unsafe { &mut *value.cast::<SockRevNatSet>() })
     }
 }
 
@@ -304,42 +291,21 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
     let Some(set) = revnat_of(ctx, true) else {
         return (ALLOW, reason::PASS_NO_STORAGE);
     };
-    // The same peer again (a reconnect, the next datagram) reuses its slot.
-    let mut slot = REVNAT_SLOTS;
-    for (i, e) in set.entries.iter().enumerate() {
-        if e.family == FAMILY_IPV4
-            && e.vip[0] == key.addr[0]
-            && e.vip_port_be == key.port_be
-            && e.backend[0] == backend.addr[0]
-            && e.backend_port_be == backend.port_be
-        {
-            slot = i;
-        }
-    }
-    let known = slot < REVNAT_SLOTS;
-    if !known {
-        slot = (set.next as usize) % REVNAT_SLOTS;
-        set.next = set.next.wrapping_add(1);
-    }
-    if let Some(e) = set.entries.get_mut(slot) {
-        *e = SockRevNat {
-            vip: key.addr,
-            backend: backend.addr,
-            vip_port_be: key.port_be,
-            backend_port_be: backend.port_be,
-            family: FAMILY_IPV4,
-            proto,
-            _pad: [0; 2],
-            service_id: vip.service_id,
-            backend_id,
-        };
-    }
-    if hook == HOOK_CONNECT
-        && proto == PROTO_UDP
-        && let Some(e) = set.entries.get(slot)
-    {
+    let translation = SockRevNat {
+        vip: key.addr,
+        backend: backend.addr,
+        vip_port_be: key.port_be,
+        backend_port_be: backend.port_be,
+        family: FAMILY_IPV4,
+        proto,
+        _pad: [0; 2],
+        service_id: vip.service_id,
+        backend_id,
+    };
+    let known = set.remember(&translation);
+    if hook == HOOK_CONNECT && proto == PROTO_UDP {
         // Best effort: without it this socket is not destroyed with its backend.
-        let _ = SOCK_UDP_CONN.insert(cookie, e, 0);
+        let _ = SOCK_UDP_CONN.insert(cookie, translation, 0);
     }
     set_peer::<V6>(sa, backend.addr[0], backend.port_be);
     if let Some(n) = SOCK_SVC_STATS.get_ptr_mut(vip.service_id) {
@@ -401,18 +367,14 @@ fn try_reverse<const V6: bool>(ctx: &SockAddrContext, reversed: u32) -> (i32, u3
     let Some(set) = revnat_of(ctx, false) else {
         return (ALLOW, reason::PASS_NOT_TRANSLATED);
     };
-    let port = sa.user_port as u16;
-    for e in set.entries.iter() {
-        if e.family == FAMILY_IPV4 && e.backend[0] == addr && e.backend_port_be == port {
+    match set.by_backend(addr, sa.user_port as u16) {
+        Some(e) => {
             set_peer::<V6>(sa, e.vip[0], e.vip_port_be);
-            return (ALLOW, reversed);
+            (ALLOW, reversed)
         }
+        None => (ALLOW, reason::PASS_NOT_TRANSLATED),
     }
-    (ALLOW, reason::PASS_NOT_TRANSLATED)
 }
-
-/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as it sits in memory.
-const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// The IPv4 address of the call's peer: `user_ip4` in the v4 hooks, an IPv4-mapped
 /// `user_ip6` in the v6 ones (an IPv6 socket talking to an IPv4 VIP); `None` for anything
@@ -421,9 +383,11 @@ const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 #[inline(always)]
 fn destination<const V6: bool>(sa: &bpf_sock_addr) -> Option<u32> {
     if V6 {
-        let a = sa.user_ip6;
-        (sa.user_family == AF_INET6 && a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD)
-            .then_some(a[3])
+        if sa.user_family == AF_INET6 {
+            ipv4_of_mapped(&sa.user_ip6)
+        } else {
+            None
+        }
     } else {
         (sa.user_family == AF_INET).then_some(sa.user_ip4)
     }

@@ -35,6 +35,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use netns_tests::{
     Binaries, Daemon, DaemonOptions,
+    cgroup::{TestCgroup, cgroup2_root},
     netns::{self, OwnedNetns},
     topology::ip_in,
 };
@@ -81,42 +82,14 @@ pub struct SockLbReport {
     pub cps: Vec<CpsRow>,
 }
 
-/// The cgroup the socket LB attaches to, under the cgroup2 mount; removed on drop.
-struct BenchCgroup(PathBuf);
-
-impl BenchCgroup {
-    fn create(prefix: &str) -> Result<Self> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let root = mountinfo
-            .lines()
-            .find_map(|l| {
-                let (left, right) = l.split_once(" - ")?;
-                (right.split_whitespace().next()? == "cgroup2")
-                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                    .flatten()
-            })
-            .context("no cgroup2 mount")?;
-        let dir = root.join(format!("dp-bench-{prefix}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for BenchCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// This process's cgroup v2 directory (to come back to).
-fn own_cgroup(root_of: &Path) -> Result<PathBuf> {
+fn own_cgroup() -> Result<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup")?;
     let rel = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .context("no cgroup v2 line in /proc/self/cgroup")?;
-    let root = root_of.parent().context("cgroup root")?;
-    Ok(root.join(rel.trim_start_matches('/')))
+    Ok(cgroup2_root()?.join(rel.trim_start_matches('/')))
 }
 
 /// While held, this whole process is in `cgroup`; dropped, it is back where it was.
@@ -126,7 +99,7 @@ struct InCgroup {
 
 impl InCgroup {
     fn enter(cgroup: &Path) -> Result<Self> {
-        let home = own_cgroup(cgroup)?;
+        let home = own_cgroup()?;
         move_self(cgroup)?;
         Ok(Self { home })
     }
@@ -331,7 +304,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
     ensure!(child.wait()?.success(), "nft -f: {rules}");
     let _listeners = Listeners::start(backends.name())?;
 
-    let cgroup = BenchCgroup::create(&prefix)?;
+    let cgroup = TestCgroup::create(&format!("dp-bench-{prefix}"))?;
     let services = std::env::temp_dir().join(format!("dp-bench-socklb-{prefix}-services.yaml"));
     std::fs::write(&services, services_file(1))?;
     let config = std::env::temp_dir().join(format!("dp-bench-socklb-{prefix}.yaml"));
@@ -342,7 +315,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
              maglev_size: 1021\nservice_file:\n  path: {}\nsocklb:\n  enabled: true\n  event_rate: {}\n  cgroup: {}\n",
             services.display(),
             std::env::var("DP_BENCH_SOCKLB_EVENT_RATE").unwrap_or_else(|_| "10000".into()),
-            cgroup.0.display()
+            cgroup.path().display()
         ),
     )?;
     let daemon = Daemon::start_with(
@@ -366,7 +339,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
         let mut nft = Vec::new();
         // Warm up every path once (neighbours, the programs' first runs).
         {
-            let _in = InCgroup::enter(&cgroup.0)?;
+            let _in = InCgroup::enter(cgroup.path())?;
             mean_connect_us(&ns, 50, |_| SocketAddr::from((socklb_vip(0), 80)))?;
         }
         mean_connect_us(&ns, 50, |i| SocketAddr::from((BACKENDS[i % 4], PORT)))?;
@@ -376,7 +349,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
                 SocketAddr::from((BACKENDS[i % 4], PORT))
             })?);
             {
-                let _in = InCgroup::enter(&cgroup.0)?;
+                let _in = InCgroup::enter(cgroup.path())?;
                 socklb.push(mean_connect_us(&ns, n, |_| {
                     SocketAddr::from((socklb_vip(0), 80))
                 })?);
@@ -404,7 +377,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
             wait_services(&daemon, count as usize)?;
             let mut samples = Vec::new();
             for _ in 0..if smoke { 1 } else { 5 } {
-                let _in = InCgroup::enter(&cgroup.0)?;
+                let _in = InCgroup::enter(cgroup.path())?;
                 samples.push(cps(&ns, count, window)?);
             }
             cps_rows.push(CpsRow {

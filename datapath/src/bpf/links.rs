@@ -82,18 +82,41 @@ pub fn unpin(pin: &Path) -> Result<()> {
     }
 }
 
-/// The interface the link pinned at `pin` is attached to, from the kernel's link info
-/// (`bpf_link_info.xdp.ifindex` / `.tcx.ifindex`, which share an offset): `0` when the link was
-/// detached (`bpftool link detach`, or its interface deleted). No event announces a detach,
-/// which is why the controllers' watchdogs ask.
-pub fn attached_ifindex(pin: &Path) -> Result<u32> {
-    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+/// `bpf(2)` with one `union bpf_attr` variant.
+pub(crate) fn bpf_syscall<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid bpf_attr variant of the size passed, outliving the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
 
+/// The descriptor `bpf(2)` answered.
+pub(crate) fn owned_fd(fd: libc::c_long) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: a descriptor the kernel just gave us, owned from here.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Opens the object pinned at `pin` (`BPF_OBJ_GET`).
+pub(crate) fn obj_get(pin: &Path) -> Result<std::os::fd::OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
     const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let io = |what: &str, e: std::io::Error| Error::io(format!("{what} {}", pin.display()), e);
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
-        .map_err(|e| io("pin path", std::io::Error::other(e)))?;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(|e| {
+        Error::io(
+            format!("pin path {}", pin.display()),
+            std::io::Error::other(e),
+        )
+    })?;
     // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
     #[repr(C)]
     struct ObjGet {
@@ -106,21 +129,17 @@ pub fn attached_ifindex(pin: &Path) -> Result<u32> {
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: a valid attr of the size passed; the path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io("open pinned link", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a descriptor the kernel just gave us, owned here.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the per-type union.
+    bpf_syscall(BPF_OBJ_GET, &attr)
+        .map(owned_fd)
+        .map_err(|e| Error::io(format!("open pinned link {}", pin.display()), e))
+}
+
+/// The first words of the kernel's `struct bpf_link_info` for the link pinned at `pin`: type,
+/// id, prog_id, then (8-aligned, from word 2) the per-type union.
+fn link_info(pin: &Path) -> Result<[u64; 16]> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let fd = obj_get(pin)?;
     let mut info = [0u64; 16];
     #[repr(C)]
     struct InfoByFd {
@@ -129,23 +148,51 @@ pub fn attached_ifindex(pin: &Path) -> Result<u32> {
         info: u64,
     }
     let attr = InfoByFd {
-        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        bpf_fd: fd.as_raw_fd() as u32,
         info_len: std::mem::size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
     };
-    // SAFETY: as above; the kernel writes at most info_len bytes into `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoByFd,
-            std::mem::size_of::<InfoByFd>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io("read link info of", std::io::Error::last_os_error()));
-    }
-    // Offset 16: the first u32 of the union.
-    let union = info[2].to_ne_bytes();
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &attr)
+        .map_err(|e| Error::io(format!("read link info of {}", pin.display()), e))?;
+    Ok(info)
+}
+
+/// The interface the link pinned at `pin` is attached to, from the kernel's link info
+/// (`bpf_link_info.xdp.ifindex` / `.tcx.ifindex`, which share an offset): `0` when the link was
+/// detached (`bpftool link detach`, or its interface deleted). No event announces a detach,
+/// which is why the controllers' watchdogs ask.
+pub fn attached_ifindex(pin: &Path) -> Result<u32> {
+    // The first u32 of the union.
+    let union = link_info(pin)?[2].to_ne_bytes();
     Ok(u32::from_ne_bytes([union[0], union[1], union[2], union[3]]))
+}
+
+/// The cgroup the cgroup link pinned at `pin` is attached to (`bpf_link_info.cgroup.cgroup_id`,
+/// the cgroup directory's inode number); `0` when it was detached.
+pub fn attached_cgroup_id(pin: &Path) -> Result<u64> {
+    Ok(link_info(pin)?[2])
+}
+
+/// Runs `program` in the link pinned at `pin` (`BPF_LINK_UPDATE`), for a link type aya cannot
+/// update itself (cgroup links).
+pub fn update_program(pin: &Path, program: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let link = obj_get(pin)?;
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf_syscall(BPF_LINK_UPDATE, &attr)
+        .map(drop)
+        .map_err(|e| Error::io(format!("update the pinned link {}", pin.display()), e))
 }

@@ -21,6 +21,9 @@ struct Snapshot<T> {
     /// How many writers have owned the state: a reader that saw another number missed a
     /// restart of the writer.
     incarnation: u64,
+    /// How many values have been published (`publish` and `modify`): a reader that saw another
+    /// number has a new value to look at.
+    version: u64,
 }
 
 impl<T> Clone for Snapshot<T> {
@@ -29,6 +32,7 @@ impl<T> Clone for Snapshot<T> {
             value: Arc::clone(&self.value),
             ready: self.ready,
             incarnation: self.incarnation,
+            version: self.version,
         }
     }
 }
@@ -48,6 +52,7 @@ impl<T: Default + Send + Sync + 'static> State<T> {
                 value: Arc::new(T::default()),
                 ready: false,
                 incarnation: 0,
+                version: 0,
             }),
             writer_taken: AtomicBool::new(false),
         }
@@ -94,6 +99,7 @@ impl<T> StateWriter<T> {
         self.state.tx.send_modify(|s| {
             s.value = Arc::new(value);
             s.ready = true;
+            s.version += 1;
         });
     }
 
@@ -115,6 +121,7 @@ impl<T: Clone> StateWriter<T> {
             let mut value = T::clone(&s.value);
             f(&mut value);
             s.value = Arc::new(value);
+            s.version += 1;
         });
     }
 }
@@ -148,9 +155,21 @@ impl<T> StateReader<T> {
         self.rx.borrow().ready
     }
 
-    /// How many writers have owned the state so far.
+    /// How many writers have owned the state so far (not how many values: see `version`).
     pub fn incarnation(&self) -> u64 {
         self.rx.borrow().incarnation
+    }
+
+    /// How many values have been published so far: a reader that remembers it knows whether
+    /// the value changed since.
+    pub fn version(&self) -> u64 {
+        self.rx.borrow().version
+    }
+
+    /// The latest value and its version, read together.
+    pub fn get_versioned(&self) -> (Arc<T>, u64) {
+        let s = self.rx.borrow();
+        (Arc::clone(&s.value), s.version)
     }
 
     /// Waits until the state is ready and answers its value.
@@ -208,5 +227,25 @@ mod tests {
         assert_eq!(reader.incarnation(), 2);
         writer.publish(vec![9]);
         assert_eq!(*reader.wait_ready().await, vec![9]);
+    }
+
+    #[test]
+    fn every_publish_moves_the_version_and_a_restart_does_not() {
+        let state = Arc::new(State::<Vec<u32>>::new("addresses"));
+        let reader = state.reader();
+        assert_eq!(reader.version(), 0);
+        let writer = state.writer().unwrap();
+        writer.publish(vec![1]);
+        writer.publish(vec![1]);
+        assert_eq!(
+            reader.version(),
+            2,
+            "the same value published again is a new version"
+        );
+        writer.modify(|v| v.push(2));
+        assert_eq!(reader.get_versioned(), (Arc::new(vec![1, 2]), 3));
+        drop(writer);
+        let _again = state.writer().unwrap();
+        assert_eq!((reader.incarnation(), reader.version()), (2, 3));
     }
 }

@@ -667,9 +667,7 @@ impl KubernetesController {
         let mut node_changed = false;
         let mut synced = false;
         let mut node = self.node(&settings, None);
-        // Each publish of the node's addresses is a new value (the incarnation only counts the
-        // netlink controller's restarts).
-        let mut addresses = self.addresses.get();
+        let mut addresses = self.addresses.version();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         let mut full = false;
         let mut retry = Duration::from_millis(500);
@@ -786,9 +784,8 @@ impl KubernetesController {
                     }
                 }
             }
-            let now_addresses = self.addresses.get();
-            if !Arc::ptr_eq(&now_addresses, &addresses) || node_changed {
-                addresses = now_addresses;
+            if self.addresses.version() != addresses || node_changed {
+                addresses = self.addresses.version();
                 node_changed = false;
                 let now = self.node(&settings, node_store.facts());
                 if now != node {

@@ -15,7 +15,10 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use bpf_common::{FAMILY_IPV4, PROTO_TCP, PROTO_UDP, sock::SockRevNat};
+use bpf_common::{
+    FAMILY_IPV4, PROTO_TCP, PROTO_UDP,
+    sock::{SockRevNat, SockRevNatSet, ipv4_of_mapped},
+};
 use datapath_api::{Protocol, ServiceKey};
 
 use crate::{Error, Result};
@@ -121,14 +124,12 @@ fn translations(attrs: &[u8]) -> Vec<SockRevNat> {
                 if kind != STORAGE_MAP_VALUE {
                     continue;
                 }
-                let size = std::mem::size_of::<SockRevNat>();
-                for chunk in value.chunks_exact(size).take(4) {
-                    // SAFETY: `size` bytes of a plain `repr(C)` struct of the ABI.
-                    let r: SockRevNat = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
-                    if r.family == FAMILY_IPV4 {
-                        out.push(r);
-                    }
+                if value.len() < std::mem::size_of::<SockRevNatSet>() {
+                    continue;
                 }
+                // SAFETY: at least one plain `repr(C)` value of the ABI.
+                let set: SockRevNatSet = unsafe { std::ptr::read_unaligned(value.as_ptr().cast()) };
+                out.extend(set.entries.iter().filter(|r| r.family == FAMILY_IPV4));
             }
         }
     }
@@ -273,8 +274,7 @@ fn ipv4_peer(family: i32, dst: &[u32; 4]) -> Option<u32> {
     if family == libc::AF_INET {
         Some(dst[0])
     } else {
-        (dst[0] == 0 && dst[1] == 0 && dst[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
-            .then_some(dst[3])
+        ipv4_of_mapped(dst)
     }
 }
 

@@ -60,12 +60,10 @@ struct Inner {
     health: Health,
     /// Why it must stay off whatever the load balancer does (disabled, a missing capability).
     blocked: Option<String>,
-    /// The load balancer's handle the programs were last loaded over (`None`: not yet).
-    lent: Option<Lent>,
+    /// The version of the load balancer's handle the programs were last loaded over (`None`:
+    /// not yet).
+    lent: Option<u64>,
 }
-
-/// The service maps' state as published (each publish a new value).
-type Lent = Arc<Option<Arc<LbServiceMaps>>>;
 
 /// See the module documentation.
 pub struct SockLbController {
@@ -174,9 +172,10 @@ impl SockLbController {
     /// Loads the programs over the service maps the load balancer lends (again, when it lent
     /// new ones: the pinned links are adopted, so the hooks never run without a program), or
     /// detaches them when it lends none (the load balancer is off: no services to serve).
-    fn load_over(&self, lent: Lent) {
+    fn load_over(&self) {
+        let (lent, version) = self.maps.get_versioned();
         let mut inner = lock(&self.inner);
-        inner.lent = Some(Arc::clone(&lent));
+        inner.lent = Some(version);
         let maps = lent.as_ref().as_ref();
         let reason = if let Some(b) = &inner.blocked {
             Some(b.clone())
@@ -353,7 +352,7 @@ impl Controller for SockLbController {
                 blocker
             };
         }
-        self.load_over(self.maps.get());
+        self.load_over();
         Ok(())
     }
 
@@ -370,17 +369,14 @@ impl Controller for SockLbController {
         Box::pin(async move {
             let mut maps = self.maps.clone();
             loop {
-                let loaded = lock(&self.inner).lent.clone();
-                let current = maps.get();
-                if loaded.as_ref().is_some_and(|l| Arc::ptr_eq(l, &current)) {
-                    // Each publish is a new value: wait until the load balancer lends other
-                    // maps (or none), serving meanwhile.
+                let loaded = lock(&self.inner).lent;
+                let current = maps.version();
+                if loaded == Some(current) {
+                    // Wait until the load balancer lends other maps (or none), serving
+                    // meanwhile.
                     let relent = async {
-                        loop {
+                        while maps.version() == current {
                             maps.changed().await;
-                            if !Arc::ptr_eq(&maps.get(), &current) {
-                                break;
-                            }
                         }
                     };
                     if lock(&self.inner).plane.is_some() {
@@ -401,7 +397,7 @@ impl Controller for SockLbController {
                     continue;
                 }
                 let me = Arc::clone(&self);
-                let _ = tokio::task::spawn_blocking(move || me.load_over(current)).await;
+                let _ = tokio::task::spawn_blocking(move || me.load_over()).await;
             }
         })
     }

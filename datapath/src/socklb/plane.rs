@@ -3,8 +3,8 @@
 use std::{
     collections::BTreeMap,
     os::{
-        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+        fd::{AsFd as _, AsRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
 };
@@ -43,8 +43,8 @@ pub const PROGRAMS: [&str; 8] = [
     "sock_getpeername6",
 ];
 
-/// Value size of `SOCK_REVNAT` (the program's `RevNatSet`: four translations and a cursor).
-const REVNAT_VALUE_SIZE: u32 = 4 * std::mem::size_of::<bpf_common::sock::SockRevNat>() as u32 + 8;
+/// Value size of `SOCK_REVNAT`.
+const REVNAT_VALUE_SIZE: u32 = std::mem::size_of::<bpf_common::sock::SockRevNatSet>() as u32;
 
 /// The cgroup2 mount point, from `/proc/self/mountinfo` (a hybrid host has it at
 /// `/sys/fs/cgroup/unified`, a Kubernetes node at `/sys/fs/cgroup`).
@@ -76,23 +76,6 @@ pub fn cgroup_id(dir: &Path) -> Result<u64> {
         )));
     }
     Ok(meta.ino())
-}
-
-fn bpf_syscall<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid bpf_attr variant of the size passed, outliving the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const T,
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 /// The BTF an sk_storage map must be created with: `int` keys, values of `size` bytes.
@@ -137,7 +120,7 @@ fn create_revnat_map(pin: &Path) -> Result<()> {
         log_size: u32,
         log_level: u32,
     }
-    let fd = bpf_syscall(
+    let btf_fd = links::bpf_syscall(
         BPF_BTF_LOAD,
         &BtfLoad {
             btf: btf.as_ptr() as u64,
@@ -147,9 +130,8 @@ fn create_revnat_map(pin: &Path) -> Result<()> {
             log_level: 0,
         },
     )
+    .map(links::owned_fd)
     .map_err(|e| Error::io("load the BTF of SOCK_REVNAT", e))?;
-    // SAFETY: a descriptor the kernel just gave us.
-    let btf_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     #[repr(C)]
     struct MapCreate {
         map_type: u32,
@@ -169,7 +151,7 @@ fn create_revnat_map(pin: &Path) -> Result<()> {
     }
     let mut name = [0u8; 16];
     name[..map_names::REVNAT.len()].copy_from_slice(map_names::REVNAT.as_bytes());
-    let fd = bpf_syscall(
+    let map_fd = links::bpf_syscall(
         BPF_MAP_CREATE,
         &MapCreate {
             map_type: MAP_TYPE_SK_STORAGE,
@@ -188,9 +170,8 @@ fn create_revnat_map(pin: &Path) -> Result<()> {
             map_extra: 0,
         },
     )
+    .map(links::owned_fd)
     .map_err(|e| Error::io("create SOCK_REVNAT (sk_storage)", e))?;
-    // SAFETY: as above.
-    let map_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     pin_fd(map_fd, pin, map_names::REVNAT)
 }
 
@@ -216,60 +197,10 @@ fn pin_lent(fd: &OwnedFd, pin: &Path, name: &str) -> Result<()> {
     pin_fd(fd, pin, name)
 }
 
-/// Opens the object pinned at `pin` (`BPF_OBJ_GET`).
-fn obj_get(pin: &Path) -> Result<OwnedFd> {
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
-        .map_err(|_| Error::InvalidArgument(format!("pin path {}", pin.display())))?;
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let fd = bpf_syscall(
-        BPF_OBJ_GET,
-        &ObjGet {
-            pathname: path.as_ptr() as u64,
-            bpf_fd: 0,
-            file_flags: 0,
-        },
-    )
-    .map_err(|e| Error::io(format!("open pinned {}", pin.display()), e))?;
-    // SAFETY: a descriptor the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// The cgroup id a pinned cgroup link is attached to (0: detached).
-fn link_cgroup_id(link: &OwnedFd) -> Result<u64> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union, whose cgroup
-    // member starts with the cgroup id.
-    let mut info = [0u64; 16];
-    #[repr(C)]
-    struct InfoByFd {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    bpf_syscall(
-        BPF_OBJ_GET_INFO_BY_FD,
-        &InfoByFd {
-            bpf_fd: link.as_raw_fd() as u32,
-            info_len: std::mem::size_of_val(&info) as u32,
-            info: info.as_mut_ptr() as u64,
-        },
-    )
-    .map_err(|e| Error::io("read the link's info", e))?;
-    Ok(info[2])
-}
-
-/// Runs `program` in the pinned link at `pin` (`BPF_LINK_UPDATE`), if that link is attached to
-/// cgroup `cgroup_id`.
+/// Runs `program` in the cgroup link pinned at `pin`, if that link is attached to cgroup
+/// `cgroup_id` (the configuration may have named another since it was pinned).
 fn update_link(pin: &Path, cgroup_id: u64, program: &CgroupSockAddr) -> Result<()> {
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    let link = obj_get(pin)?;
-    let attached = link_cgroup_id(&link)?;
+    let attached = links::attached_cgroup_id(pin)?;
     if attached != cgroup_id {
         return Err(Error::InvalidArgument(format!(
             "the pinned link is attached to cgroup {attached}, not the configured {cgroup_id}"
@@ -278,24 +209,7 @@ fn update_link(pin: &Path, cgroup_id: u64, program: &CgroupSockAddr) -> Result<(
     let prog = program
         .fd()
         .map_err(program_error("the loaded program's descriptor"))?;
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    bpf_syscall(
-        BPF_LINK_UPDATE,
-        &LinkUpdate {
-            link_fd: link.as_raw_fd() as u32,
-            new_prog_fd: prog.as_fd().as_raw_fd() as u32,
-            flags: 0,
-            old_prog_fd: 0,
-        },
-    )
-    .map_err(|e| Error::io(format!("update the pinned link {}", pin.display()), e))?;
-    Ok(())
+    links::update_program(pin, prog.as_fd())
 }
 
 /// The loaded and attached socket-LB programs.

@@ -132,18 +132,7 @@ fn main() -> Result<()> {
         );
         return netlink_alone(&args);
     }
-    let exe_dir = std::env::current_exe()?
-        .parent()
-        .context("binary without a directory")?
-        .to_path_buf();
-    let datapathd = args
-        .datapathd
-        .clone()
-        .unwrap_or_else(|| exe_dir.join("datapathd"));
-    let lb_ctl = args
-        .lb_ctl
-        .clone()
-        .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+    let (datapathd, lb_ctl) = binaries(&args)?;
 
     let cost_rows = if args.only == Part::All || args.only == Part::Cost {
         let mut options = if args.smoke {
@@ -233,8 +222,8 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// `--only kubernetes`: see `dp_perf::kubernetes`.
-fn kubernetes_alone(args: &Args) -> Result<()> {
+/// The `datapathd` and `lb-ctl` to run: as given, else next to this binary.
+fn binaries(args: &Args) -> Result<(PathBuf, PathBuf)> {
     let exe_dir = std::env::current_exe()?
         .parent()
         .context("binary without a directory")?
@@ -247,6 +236,12 @@ fn kubernetes_alone(args: &Args) -> Result<()> {
         .lb_ctl
         .clone()
         .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+    Ok((datapathd, lb_ctl))
+}
+
+/// `--only kubernetes`: see `dp_perf::kubernetes`.
+fn kubernetes_alone(args: &Args) -> Result<()> {
+    let (datapathd, lb_ctl) = binaries(args)?;
     eprintln!("dp-bench: kubernetes (initial sync, slice change to live, RSS)");
     let r = dp_perf::kubernetes::run(datapathd, lb_ctl, args.smoke)?;
     let p99 = dp_perf::netlink::p99;
@@ -282,18 +277,7 @@ fn kubernetes_alone(args: &Args) -> Result<()> {
 
 /// `--only socklb`: see `dp_perf::socklb`.
 fn socklb_alone(args: &Args) -> Result<()> {
-    let exe_dir = std::env::current_exe()?
-        .parent()
-        .context("binary without a directory")?
-        .to_path_buf();
-    let datapathd = args
-        .datapathd
-        .clone()
-        .unwrap_or_else(|| exe_dir.join("datapathd"));
-    let lb_ctl = args
-        .lb_ctl
-        .clone()
-        .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+    let (datapathd, lb_ctl) = binaries(args)?;
     eprintln!("dp-bench: socklb (connect() cost, connections per second)");
     let r = dp_perf::socklb::run(datapathd, lb_ctl, args.smoke)?;
     let direct = r.connect[0].us.median;
@@ -330,18 +314,7 @@ fn socklb_alone(args: &Args) -> Result<()> {
 
 /// `--only netlink`: see `dp_perf::netlink`.
 fn netlink_alone(args: &Args) -> Result<()> {
-    let exe_dir = std::env::current_exe()?
-        .parent()
-        .context("binary without a directory")?
-        .to_path_buf();
-    let datapathd = args
-        .datapathd
-        .clone()
-        .unwrap_or_else(|| exe_dir.join("datapathd"));
-    let lb_ctl = args
-        .lb_ctl
-        .clone()
-        .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+    let (datapathd, lb_ctl) = binaries(args)?;
     eprintln!("dp-bench: netlink (links, neighbours, idle CPU)");
     let r = dp_perf::netlink::run(datapathd, lb_ctl, args.smoke)?;
     let p99 = dp_perf::netlink::p99;
@@ -380,18 +353,7 @@ fn netlink_alone(args: &Args) -> Result<()> {
 
 /// `--only footprint`: the idle daemon over `windows` windows of 1 s.
 fn footprint_alone(args: &Args, windows: usize) -> Result<()> {
-    let exe_dir = std::env::current_exe()?
-        .parent()
-        .context("binary without a directory")?
-        .to_path_buf();
-    let datapathd = args
-        .datapathd
-        .clone()
-        .unwrap_or_else(|| exe_dir.join("datapathd"));
-    let lb_ctl = args
-        .lb_ctl
-        .clone()
-        .unwrap_or_else(|| exe_dir.join("lb-ctl"));
+    let (datapathd, lb_ctl) = binaries(args)?;
     eprintln!("dp-bench: idle footprint ({windows} windows of 1 s)");
     let idle = forward::idle_footprint(datapathd, lb_ctl, windows).context("idle footprint")?;
     print!(

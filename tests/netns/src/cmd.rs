@@ -92,3 +92,30 @@ pub fn available(program: &str, arg: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// `promtool check metrics` over a scrape's `text` (Debian package prometheus, which
+/// `cargo xtask setup` installs): `Err` with its report unless it passes and reports nothing.
+pub fn promtool_check(text: &str) -> Result<()> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file =
+        std::env::temp_dir().join(format!("datapath-promtool-{}-{n}.txt", std::process::id()));
+    std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+    let out = output_timeout(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("promtool check metrics < {}", file.display())),
+        Duration::from_secs(60),
+    );
+    let _ = std::fs::remove_file(&file);
+    let out = out.context("running promtool (Debian package prometheus)")?;
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || !report.trim().is_empty() {
+        bail!("promtool check metrics: {}: {report}", out.status);
+    }
+    Ok(())
+}

@@ -163,6 +163,16 @@ fn key_of(resource: Resource, object: &Value) -> Result<(Resource, String, Strin
     Ok((resource, ns.to_string(), name))
 }
 
+/// A kubeconfig for a client of the stand-in at `url` (no credentials: the stand-in asks for
+/// none).
+pub fn kubeconfig(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {url}\n\
+         users:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: \
+         stand-in\n    user: test\ncurrent-context: test\n"
+    )
+}
+
 /// Reads a recorded YAML object as the JSON the API server would send.
 pub fn yaml_object(text: &str) -> Result<Value> {
     let v: Value = serde_yaml_ng::from_str(text).context("recorded object is not YAML")?;

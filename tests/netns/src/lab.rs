@@ -53,6 +53,15 @@ impl Drop for TempFile {
     }
 }
 
+/// A directory removed with everything in it on drop.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct LabOptions {
@@ -95,6 +104,9 @@ pub struct Lab {
     _config: Option<TempFile>,
     /// Whether the LB node's interfaces carry the allow-all policy.
     pub policed: bool,
+    /// Files a test writes for the daemon (configs, kubeconfigs, services files); removed
+    /// after the daemon stopped.
+    scratch: Option<TempDir>,
 }
 
 impl Lab {
@@ -112,6 +124,7 @@ impl Lab {
             topo,
             _config: None,
             policed: false,
+            scratch: None,
         };
         for b in lab.topo.backends.clone() {
             let addr = if lab.topo.dsr {
@@ -149,6 +162,36 @@ impl Lab {
             }
         }
         Ok(lab)
+    }
+
+    /// A directory for the files a test hands the daemon, removed with the lab.
+    pub fn scratch(&mut self) -> Result<std::path::PathBuf> {
+        if self.scratch.is_none() {
+            let dir = std::env::temp_dir().join(format!("datapath-{}-files", self.topo.prefix));
+            std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+            self.scratch = Some(TempDir(dir));
+        }
+        Ok(self.scratch.as_ref().expect("just made").0.clone())
+    }
+
+    /// Writes `name` with `text` into the lab's scratch directory; answers its path.
+    pub fn write_file(&mut self, name: &str, text: &str) -> Result<std::path::PathBuf> {
+        let path = self.scratch()?.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Starts the daemon in the LB namespace with the configuration file `config` (YAML).
+    pub fn start_daemon_with_config(&mut self, config: &str) -> Result<()> {
+        let path = self.write_file("config.yaml", config)?;
+        let arg = path.display().to_string();
+        self.daemon = Some(Daemon::start(
+            &self.topo.lb,
+            &self.topo.prefix,
+            Binaries::from_env(),
+            &["--config", &arg],
+        )?);
+        Ok(())
     }
 
     /// The daemon (panics if the lab has none).

@@ -17,10 +17,10 @@ use std::{
 use anyhow::{Context, Result};
 use datapath_api::{BackendState, Protocol, ServiceSource, ServiceView, SourcesView};
 use netns_tests::{
-    Binaries, Daemon, Lab, LabOptions, TopologyOptions,
+    Daemon, Lab, LabOptions, TopologyOptions,
     client::{self, Conn, sock},
     http,
-    kube_api::{KubeApi, Resource, yaml_object},
+    kube_api::{self, KubeApi, Resource, yaml_object},
     lab::{BACKEND_PORT, TCP_SERVICE_PORT},
     netns, privileged,
     topology::{LB_CLIENT_IP, VIP},
@@ -85,12 +85,18 @@ fn ok<T>(what: &str, r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
 }
 
-fn kubeconfig(url: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {url}\n\
-         users:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: \
-         stand-in\n    user: test\ncurrent-context: test\n"
-    )
+/// Starts the daemon on the lab's LB node with the Kubernetes source reading `api` as node
+/// `node`.
+fn start_daemon(lab: &mut Lab, api: &KubeApi, node: &str) {
+    let kc = ok(
+        "kubeconfig",
+        lab.write_file("kubeconfig", &kube_api::kubeconfig(&api.url())),
+    );
+    let config = format!(
+        "reload:\n  watch: false\nkubernetes:\n  enabled: true\n  kubeconfig: {}\n  node_name: {node}\n",
+        kc.display()
+    );
+    ok("daemon", lab.start_daemon_with_config(&config));
 }
 
 fn vip_service(d: &Daemon) -> Option<ServiceView> {
@@ -182,29 +188,7 @@ fn kubernetes_service_flows_through_xdp_and_survives_the_api_server() {
         api.apply(Resource::EndpointSlices, slice(&three)).map(drop),
     );
 
-    let dir = std::env::temp_dir().join(format!("datapath-{}-kube", lab.topo.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kc = dir.join("kubeconfig");
-    std::fs::write(&kc, kubeconfig(&api.url())).unwrap();
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "reload:\n  watch: false\nkubernetes:\n  enabled: true\n  kubeconfig: {}\n  node_name: {NODE}\n",
-            kc.display()
-        ),
-    )
-    .unwrap();
-    let config_arg = config.display().to_string();
-    lab.daemon = Some(ok(
-        "daemon",
-        Daemon::start(
-            &lab.topo.lb,
-            &lab.topo.prefix,
-            Binaries::from_env(),
-            &["--config", &config_arg],
-        ),
-    ));
+    start_daemon(&mut lab, &api, NODE);
     let d = lab.daemon();
 
     // Synced: the Service's one frontend, its three endpoints active, owned by Kubernetes.
@@ -461,29 +445,7 @@ fn kubernetes_topology_hints_follow_this_nodes_zone() {
         .map(drop),
     );
 
-    let dir = std::env::temp_dir().join(format!("datapath-{}-kube", lab.topo.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kc = dir.join("kubeconfig");
-    std::fs::write(&kc, kubeconfig(&api.url())).unwrap();
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "reload:\n  watch: false\nkubernetes:\n  enabled: true\n  kubeconfig: {}\n  node_name: {THIS_NODE}\n",
-            kc.display()
-        ),
-    )
-    .unwrap();
-    let config_arg = config.display().to_string();
-    lab.daemon = Some(ok(
-        "daemon",
-        Daemon::start(
-            &lab.topo.lb,
-            &lab.topo.prefix,
-            Binaries::from_env(),
-            &["--config", &config_arg],
-        ),
-    ));
+    start_daemon(&mut lab, &api, THIS_NODE);
     let d = lab.daemon();
     let spread_only = |what: &str, backend: &str| {
         let spread = ok(what, client::tcp_spread_in(lab.client_ns(), vip, NEW_FLOWS));

@@ -158,33 +158,6 @@ fn udp_exchange(ns: &str, count: usize) -> (u64, u64, u64) {
     )
 }
 
-fn promtool_check(text: &str) {
-    let dir = std::env::temp_dir().join(format!("datapath-promtool-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("metrics.txt");
-    std::fs::write(&file, text).unwrap();
-    let out = ok(
-        "running promtool (Debian package prometheus; `cargo xtask setup` installs it)",
-        cmd::output_timeout(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!("promtool check metrics < {}", file.display())),
-            Duration::from_secs(60),
-        ),
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics: {}: {report}",
-        out.status
-    );
-}
-
 #[test]
 fn metrics_scraped_during_traffic_match_the_packets_sent() {
     let Some(lab) = (|| {
@@ -312,7 +285,7 @@ fn metrics_scraped_during_traffic_match_the_packets_sent() {
             "{iface} received {received} frames, fewer than the {sent} datagrams"
         );
     }
-    promtool_check(&text);
+    cmd::promtool_check(&text).unwrap_or_else(|e| panic!("{e:#}"));
 
     // A restarted daemon reads the same pinned counters: nothing doubles, nothing resets.
     ok("restart", lab.daemon_mut().restart());

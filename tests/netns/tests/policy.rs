@@ -316,7 +316,7 @@ fn default_deny_allows_8080_counts_drops_and_lists_flows() {
     ] {
         assert!(text.contains(needle), "no {needle} in:\n{text}");
     }
-    promtool_check(&text);
+    cmd::promtool_check(&text).unwrap_or_else(|e| panic!("{e:#}"));
 
     // Flushing by filter removes exactly the matching flows.
     let flushed = d
@@ -602,30 +602,6 @@ fn flow_events_are_followed_and_idle_entries_expire_through_gc() {
         .unwrap();
     // The established TCP flows of this test are not idle long enough to go.
     assert!(stats["gc_sweeps"].as_u64().unwrap() >= 1, "{stats:#}");
-}
-
-fn promtool_check(text: &str) {
-    let file =
-        std::env::temp_dir().join(format!("datapath-policy-promtool-{}", std::process::id()));
-    std::fs::write(&file, text).unwrap();
-    let out = cmd::output_timeout(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("promtool check metrics < {}", file.display())),
-        Duration::from_secs(60),
-    )
-    .expect("running promtool (Debian package prometheus; `cargo xtask setup` installs it)");
-    let _ = std::fs::remove_file(&file);
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics: {}: {report}",
-        out.status
-    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::{
 use anyhow::Result;
 use datapath_api::{BackendState, Protocol, ServiceSource, ServiceView, SourceStatus, SourcesView};
 use netns_tests::{
-    Binaries, Daemon, Lab, LabOptions, TopologyOptions,
+    Daemon, Lab, LabOptions, TopologyOptions,
     client::{self, sock},
     lab::{BACKEND_PORT, TCP_SERVICE_PORT},
     privileged,
@@ -97,29 +97,15 @@ fn services_file_is_applied_by_difference_and_owns_its_services() {
     let ip = |name: &str| IpAddr::V4(lab.topo.backend(name).ip);
     let (b1, b2, b3) = (ip("b1"), ip("b2"), ip("b3"));
     let vip: SocketAddr = sock(VIP, TCP_SERVICE_PORT);
-    let dir = std::env::temp_dir().join(format!("datapath-{}-svcfile", lab.topo.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    let services = dir.join("services.yaml");
+    let services = ok("scratch", lab.scratch()).join("services.yaml");
     write(&services, &file(&[(b1, "active"), (b2, "active")]));
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
+    ok(
+        "daemon",
+        lab.start_daemon_with_config(&format!(
             "reload:\n  watch: false\nservice_file:\n  path: {}\n",
             services.display()
-        ),
-    )
-    .unwrap();
-    let config_arg = config.display().to_string();
-    lab.daemon = Some(ok(
-        "daemon",
-        Daemon::start(
-            &lab.topo.lb,
-            &lab.topo.prefix,
-            Binaries::from_env(),
-            &["--config", &config_arg],
-        ),
-    ));
+        )),
+    );
     let d = lab.daemon();
 
     let first = wait_for("the file applied", d, || {

@@ -11,7 +11,7 @@ use std::{
     io::{BufRead, BufReader},
     net::{IpAddr, SocketAddr},
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -19,7 +19,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use datapath_api::{Protocol, SockLbStatus};
 use netns_tests::{
-    Binaries, Daemon, Lab, LabOptions, TopologyOptions,
+    Daemon, Lab, LabOptions, TopologyOptions,
+    cgroup::TestCgroup,
     client::sock,
     cmd, http,
     lab::{TCP_SERVICE_PORT, UDP_SERVICE_PORT},
@@ -132,37 +133,32 @@ fn ok<T>(what: &str, r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
 }
 
-/// A cgroup made for the test under the cgroup2 mount, removed on drop (its processes have
-/// exited by then).
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn create(prefix: &str) -> Result<Self> {
-        // The cgroup2 mount, from mountinfo (fields: ... mount-point ... - fstype ...).
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let root = mountinfo
-            .lines()
-            .find_map(|l| {
-                let (left, right) = l.split_once(" - ")?;
-                (right.split_whitespace().next()? == "cgroup2")
-                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                    .flatten()
-            })
-            .context("no cgroup2 mount")?;
-        let dir = root.join(format!("datapath-test-{prefix}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
+/// A lab of two backends (no daemon yet) and a cgroup made for the test.
+fn lab_and_cgroup() -> (Lab, TestCgroup) {
+    let lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 2,
+                dsr: false,
+            },
+            daemon: None,
+        }),
+    );
+    let cgroup = ok(
+        "test cgroup",
+        TestCgroup::create(&format!("datapath-test-{}", lab.topo.prefix)),
+    );
+    (lab, cgroup)
 }
 
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
+/// The daemon's configuration: the socket LB on `cgroup`, with `socklb_keys` (indented lines)
+/// in its section and `sections` after it.
+fn socklb_config(cgroup: &TestCgroup, socklb_keys: &str, sections: &str) -> String {
+    format!(
+        "reload:\n  watch: false\nsocklb:\n  enabled: true\n  cgroup: {}\n{socklb_keys}{sections}",
+        cgroup.path().display()
+    )
 }
 
 /// The client's command in namespace `ns`, in `cgroup` when given (else where the test runs).
@@ -262,28 +258,15 @@ fn backends_via(what: &str, answers: &[Value], vip: &str) -> Vec<String> {
         .collect()
 }
 
-fn promtool_check(text: &str) {
-    let file = std::env::temp_dir().join(format!("datapath-socklb-metrics-{}", std::process::id()));
-    std::fs::write(&file, text).unwrap();
-    let out = ok(
-        "promtool (Debian package prometheus)",
-        cmd::output_timeout(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!("promtool check metrics < {}", file.display())),
-            Duration::from_secs(60),
-        ),
-    );
-    let _ = std::fs::remove_file(&file);
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics: {report}"
-    );
+/// A client process that holds sockets; killed on drop, so that a failing test leaves no
+/// process in the test cgroup (which could not be removed then).
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The port of the DNS service and of dnsmasq on the backends.
@@ -346,7 +329,17 @@ impl Drop for Dnsmasq {
 
 /// tcpdump in `ns` for packets to or from the VIP, until stopped.
 struct Capture {
-    child: std::process::Child,
+    /// Taken by `stop`; killed on drop otherwise (a failing test).
+    child: Option<std::process::Child>,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Capture {
@@ -356,9 +349,15 @@ impl Capture {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         netns::command_in(&mut cmd, ns)?;
-        let mut child = cmd.spawn().context("tcpdump")?;
-        // Ready once it says it listens.
-        let stderr = child.stderr.take().unwrap();
+        let mut capture = Self {
+            child: Some(cmd.spawn().context("tcpdump")?),
+        };
+        // Ready once it says it listens (killed on drop if it never does).
+        let stderr = capture
+            .child
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .unwrap();
         let mut lines = BufReader::new(stderr).lines();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -371,15 +370,16 @@ impl Capture {
                 bail!("tcpdump not listening in 10 s");
             }
         }
-        Ok(Self { child })
+        Ok(capture)
     }
 
     /// Stops it; answers the packets it printed.
-    fn stop(self) -> Vec<String> {
+    fn stop(mut self) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(300));
+        let child = self.child.take().expect("stopped once");
         // SAFETY: a child we own; SIGINT makes tcpdump flush and exit.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let out = self.child.wait_with_output().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -393,38 +393,11 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
     if !privileged() {
         return;
     }
-    let mut lab = ok(
-        "lab",
-        Lab::start(LabOptions {
-            topology: TopologyOptions {
-                backends: 2,
-                dsr: false,
-            },
-            daemon: None,
-        }),
-    );
-    let cgroup = ok("test cgroup", TestCgroup::create(&lab.topo.prefix));
-    let dir = std::env::temp_dir().join(format!("datapath-{}-socklb", lab.topo.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "reload:\n  watch: false\nsocklb:\n  enabled: true\n  cgroup: {}\n",
-            cgroup.path().display()
-        ),
-    )
-    .unwrap();
-    let config_arg = config.display().to_string();
-    lab.daemon = Some(ok(
+    let (mut lab, cgroup) = lab_and_cgroup();
+    ok(
         "daemon",
-        Daemon::start(
-            &lab.topo.lb,
-            &lab.topo.prefix,
-            Binaries::from_env(),
-            &["--config", &config_arg],
-        ),
-    ));
+        lab.start_daemon_with_config(&socklb_config(&cgroup, "", "")),
+    );
     ok(
         "tcp service",
         lab.add_service(TCP_SERVICE_PORT, Protocol::Tcp, "full-nat", &["b1", "b2"])
@@ -598,7 +571,7 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
         metrics.contains("datapath_socklb_sockets_destroyed_total 0"),
         "{metrics}"
     );
-    promtool_check(&metrics);
+    cmd::promtool_check(&metrics).unwrap_or_else(|e| panic!("{e:#}"));
 
     // A restart: the links stay attached (the kernel lists them on the cgroup throughout),
     // and new connections are still balanced.
@@ -644,38 +617,11 @@ fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
         return;
     }
     const SOCKETS: usize = 12;
-    let mut lab = ok(
-        "lab",
-        Lab::start(LabOptions {
-            topology: TopologyOptions {
-                backends: 2,
-                dsr: false,
-            },
-            daemon: None,
-        }),
-    );
-    let cgroup = ok("test cgroup", TestCgroup::create(&lab.topo.prefix));
-    let dir = std::env::temp_dir().join(format!("datapath-{}-socklb", lab.topo.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "reload:\n  watch: false\nsocklb:\n  enabled: true\n  cgroup: {}\n",
-            cgroup.path().display()
-        ),
-    )
-    .unwrap();
-    let config_arg = config.display().to_string();
-    lab.daemon = Some(ok(
+    let (mut lab, cgroup) = lab_and_cgroup();
+    ok(
         "daemon",
-        Daemon::start(
-            &lab.topo.lb,
-            &lab.topo.prefix,
-            Binaries::from_env(),
-            &["--config", &config_arg],
-        ),
-    ));
+        lab.start_daemon_with_config(&socklb_config(&cgroup, "", "")),
+    );
     for (port, proto) in [
         (TCP_SERVICE_PORT, Protocol::Tcp),
         (UDP_SERVICE_PORT, Protocol::Udp),
@@ -705,11 +651,13 @@ fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
         (lab.client_ns().to_string(), &args),
         (lab.topo.lb.clone(), &args6),
     ] {
-        let mut holder = client_command(&ns, Some(cgroup.path()), args)
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut out = BufReader::new(holder.stdout.take().unwrap()).lines();
+        let mut holder = Holder(
+            client_command(&ns, Some(cgroup.path()), args)
+                .stdin(Stdio::piped())
+                .spawn()
+                .expect("python3"),
+        );
+        let mut out = BufReader::new(holder.0.stdout.take().unwrap()).lines();
         let first: Value =
             serde_json::from_str(&out.next().expect("the held sockets").unwrap()).unwrap();
         let on = |proto: &str, name: &str| {
@@ -755,9 +703,9 @@ fn socket_lb_destroys_the_sockets_of_a_removed_backend() {
     // Each socket used again: b2's failed and their replacements reached b1; b1's still work.
     use std::io::Write as _;
     for (ns, mut holder, mut out) in holders {
-        writeln!(holder.stdin.as_mut().unwrap(), "check").unwrap();
+        writeln!(holder.0.stdin.as_mut().unwrap(), "check").unwrap();
         let after: Value = serde_json::from_str(&out.next().expect("the check").unwrap()).unwrap();
-        let _ = holder.wait();
+        let _ = holder.0.wait();
         for proto in ["tcp", "udp"] {
             for s in after[proto].as_array().unwrap() {
                 if s["was"] == "b2" {
@@ -789,43 +737,17 @@ fn socket_lb_leaves_opted_out_cgroups_and_other_namespaces_alone() {
     if !privileged() {
         return;
     }
-    let mut lab = ok(
-        "lab",
-        Lab::start(LabOptions {
-            topology: TopologyOptions {
-                backends: 2,
-                dsr: false,
-            },
-            daemon: None,
-        }),
-    );
-    let cgroup = ok("test cgroup", TestCgroup::create(&lab.topo.prefix));
+    let (mut lab, cgroup) = lab_and_cgroup();
     // Dropped (removed) before its parent.
-    let proxy = TestCgroup(cgroup.path().join("proxy"));
-    std::fs::create_dir_all(proxy.path()).unwrap();
-    let dir = std::env::temp_dir().join(format!("datapath-{}-socklb", lab.topo.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "reload:\n  watch: false\nsocklb:\n  enabled: true\n  cgroup: {}\n  \
-             host_netns_only: true\n  opt_out_cgroups: [{}]\n",
-            cgroup.path().display(),
-            proxy.path().display()
-        ),
-    )
-    .unwrap();
-    let config_arg = config.display().to_string();
-    lab.daemon = Some(ok(
+    let proxy = ok("child cgroup", cgroup.child("proxy"));
+    let opt_out = format!(
+        "  host_netns_only: true\n  opt_out_cgroups: [{}]\n",
+        proxy.path().display()
+    );
+    ok(
         "daemon",
-        Daemon::start(
-            &lab.topo.lb,
-            &lab.topo.prefix,
-            Binaries::from_env(),
-            &["--config", &config_arg],
-        ),
-    ));
+        lab.start_daemon_with_config(&socklb_config(&cgroup, &opt_out, "")),
+    );
     ok(
         "tcp service",
         lab.add_service(TCP_SERVICE_PORT, Protocol::Tcp, "full-nat", &["b1", "b2"])
@@ -894,17 +816,7 @@ fn socket_lb_leaves_nodeport_and_load_balancer_frontends_to_xdp() {
     use netns_tests::kube_api::{KubeApi, Resource, yaml_object};
     const INGRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 100, 2);
     const NODE_PORT: u16 = 30781;
-    let mut lab = ok(
-        "lab",
-        Lab::start(LabOptions {
-            topology: TopologyOptions {
-                backends: 2,
-                dsr: false,
-            },
-            daemon: None,
-        }),
-    );
-    let cgroup = ok("test cgroup", TestCgroup::create(&lab.topo.prefix));
+    let (mut lab, cgroup) = lab_and_cgroup();
     let recorded = |file: &str| {
         let path = format!(
             "{}/../../../shared/k8s-recorded/cilium/loadbalancer/{file}",
@@ -935,40 +847,18 @@ fn socket_lb_leaves_nodeport_and_load_balancer_frontends_to_xdp() {
         api.apply(Resource::EndpointSlices, slice).map(drop),
     );
 
-    let dir = std::env::temp_dir().join(format!("datapath-{}-socklb", lab.topo.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    \
-             server: {}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  \
-             context:\n    cluster: stand-in\n    user: test\ncurrent-context: test\n",
-            api.url()
-        ),
-    )
-    .unwrap();
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "reload:\n  watch: false\nkubernetes:\n  enabled: true\n  kubeconfig: {}\n  \
-             node_name: nodeport-worker\nsocklb:\n  enabled: true\n  cgroup: {}\n",
-            kubeconfig.display(),
-            cgroup.path().display()
-        ),
-    )
-    .unwrap();
-    let config_arg = config.display().to_string();
-    lab.daemon = Some(ok(
+    let kubeconfig = ok(
+        "kubeconfig",
+        lab.write_file("kubeconfig", &netns_tests::kube_api::kubeconfig(&api.url())),
+    );
+    let kubernetes = format!(
+        "kubernetes:\n  enabled: true\n  kubeconfig: {}\n  node_name: nodeport-worker\n",
+        kubeconfig.display()
+    );
+    ok(
         "daemon",
-        Daemon::start(
-            &lab.topo.lb,
-            &lab.topo.prefix,
-            Binaries::from_env(),
-            &["--config", &config_arg],
-        ),
-    ));
+        lab.start_daemon_with_config(&socklb_config(&cgroup, "", &kubernetes)),
+    );
     let d = lab.daemon();
     // The ClusterIP, the ingress and NodePort on the node's addresses, each with both backends.
     let deadline = Instant::now() + Duration::from_secs(20);
