@@ -19,6 +19,8 @@ fn main() -> aya_build::Result<()> {
     let tc_root_dir = bpf_tc_dir.to_string_lossy().into_owned();
     let bpf_sock_dir = manifest_dir.join("..").join("bpf-sock").canonicalize()?;
     let sock_root_dir = bpf_sock_dir.to_string_lossy().into_owned();
+    let bpf_dns_dir = manifest_dir.join("..").join("bpf-dns").canonicalize()?;
+    let dns_root_dir = bpf_dns_dir.to_string_lossy().into_owned();
     aya_build::build_ebpf(
         [
             Package {
@@ -37,12 +39,17 @@ fn main() -> aya_build::Result<()> {
                 root_dir: &sock_root_dir,
                 ..Default::default()
             },
+            Package {
+                name: "bpf-dns",
+                root_dir: &dns_root_dir,
+                ..Default::default()
+            },
         ],
         Toolchain::default(),
     )?;
     // With AYA_BUILD_SKIP (host-only work), leave an empty object so the crate still compiles;
     // the loader refuses to start with a clear message.
-    for name in ["bpf-xdp", "bpf-tc", "bpf-sock"] {
+    for name in ["bpf-xdp", "bpf-tc", "bpf-sock", "bpf-dns"] {
         let object = PathBuf::from(std::env::var("OUT_DIR")?).join(name);
         if !object.exists() {
             std::fs::write(&object, [])?;

@@ -242,6 +242,12 @@ pub struct CtFlow {
     /// `ingress` or `egress`; `-` (here `None`) for load-balancer flows.
     #[serde(with = "dash_if_none")]
     pub policy_direction: Option<Direction>,
+    /// The name the source asked DNS for the destination (the `dns` module), if any.
+    #[serde(default)]
+    pub dst_name: Option<String>,
+    /// The name the destination asked DNS for the source (a flow seen in reply order).
+    #[serde(default)]
+    pub src_name: Option<String>,
 }
 
 /// Query of `GET` and `DELETE /v1/conntrack`: every filter given must match.

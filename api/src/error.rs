@@ -129,6 +129,9 @@ pub enum Error {
     State(String, String),
     #[error("unknown table {0:?}: accepted: policy, lb")]
     Table(String),
+    /// An address of a query: (the field, the value as written).
+    #[error("{0} {1:?} is not an IP address")]
+    Address(&'static str, String),
 }
 
 #[cfg(test)]

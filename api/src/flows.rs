@@ -92,6 +92,12 @@ pub struct FlowEventView {
     pub bytes_reply: u64,
     pub duration_ns: u64,
     pub rtt_ns: u64,
+    /// The name the source asked DNS for the destination (the `dns` module), if any.
+    #[serde(default)]
+    pub dst_name: Option<String>,
+    /// The name the destination asked DNS for the source.
+    #[serde(default)]
+    pub src_name: Option<String>,
 }
 
 /// Query of `GET /v1/flows`.

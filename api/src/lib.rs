@@ -15,6 +15,7 @@
 //! - [`flows`]: `/v1/flows`, the recent events and the follow stream.
 //! - [`status`]: `/v1/status`, `/healthz`.
 //! - [`socklb`]: `/v1/socklb`, the socket load balancer.
+//! - [`dns`]: `/v1/dns`, `/v1/dns/names`, names learned from DNS answers.
 //! - [`error`]: [`ApiError`], [`ErrorCode`], and [`Error`], this crate's one error type (a
 //!   value that does not parse).
 //!
@@ -22,6 +23,7 @@
 //! changing a field's name, its optionality or an enum's spelling changes the API.
 
 pub mod conntrack;
+pub mod dns;
 pub mod error;
 pub mod flows;
 pub mod lb;
@@ -36,6 +38,7 @@ pub mod status;
 // Every type at the crate's root too: `datapath_api::ServiceView` and friends are the paths the
 // daemon, lb-ctl and the tests use.
 pub use conntrack::*;
+pub use dns::*;
 pub use error::*;
 pub use flows::*;
 pub use lb::*;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
     conntrack::{CtFilter, CtFlow, CtStats, FlushAnswer},
+    dns::{DnsEntryView, DnsNamesQuery, DnsStatus},
     flows::{FlowEventView, FlowsQuery},
     lb::{AddBackend, CreateService, ServiceView, StatsView, UpdateBackend},
     model::{BackendKey, ServiceKey},
@@ -33,6 +34,8 @@ pub const FLOWS: &str = "/v1/flows";
 pub const NODE: &str = "/v1/node";
 pub const SOURCES: &str = "/v1/sources";
 pub const SOCKLB: &str = "/v1/socklb";
+pub const DNS: &str = "/v1/dns";
+pub const DNS_NAMES: &str = "/v1/dns/names";
 
 /// The HTTP methods the API uses (every `GET` route also answers `HEAD`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -129,6 +132,12 @@ impl Query for ChangeQuery {
 impl Query for CtFilter {
     fn to_query(&self) -> String {
         CtFilter::to_query(self)
+    }
+}
+
+impl Query for DnsNamesQuery {
+    fn to_query(&self) -> String {
+        DnsNamesQuery::to_query(self)
     }
 }
 
@@ -270,6 +279,11 @@ routes! {
     GetSources: Get SOURCES, params (), query NoQuery, body NoBody => 200 SourcesView, Json;
     /// The socket load balancer: attachment, outcomes, decisions per service, recent ones.
     GetSockLb: Get SOCKLB, params (), query NoQuery, body NoBody => 200 SockLbStatus, Json;
+    /// The DNS module: capture counters, parse errors by reason, the store's figures.
+    GetDns: Get DNS, params (), query NoQuery, body NoBody => 200 DnsStatus, Json;
+    /// Learned names, by address then client.
+    ListDnsNames: Get DNS_NAMES, params (), query DnsNamesQuery, body NoBody
+        => 200 Vec<DnsEntryView>, Json;
     /// Interfaces, addresses, neighbours and routes as the netlink controller learned them.
     GetNode: Get NODE, params (), query NoQuery, body NoBody => 200 NodeView, Json;
     GetStats: Get STATS, params (), query NoQuery, body NoBody => 200 StatsView, Json;

@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod ct;
+pub mod dns;
 pub mod policy;
 pub mod reason;
 pub mod sock;
@@ -374,4 +375,5 @@ mod pod {
     unsafe impl aya::Pod for sock::SockRevNat {}
     unsafe impl aya::Pod for sock::SockRevNatSet {}
     unsafe impl aya::Pod for sock::SockLbEvent {}
+    unsafe impl aya::Pod for dns::DnsCaptureMeta {}
 }

@@ -68,7 +68,7 @@ const TOKEN: u64 = 1_000_000_000;
 /// Token bucket: `rate` events per second (capped at 1e6), burst of `rate`. Tokens are scaled by
 /// 1e9 so that each nanosecond adds `rate` units.
 #[inline(always)]
-fn rate_allows(bucket: &PerCpuArray<RateBucket>, mut rate: u64, now: u64) -> bool {
+pub fn rate_allows(bucket: &PerCpuArray<RateBucket>, mut rate: u64, now: u64) -> bool {
     if rate == 0 {
         return false;
     }

@@ -126,6 +126,7 @@ struct FileConfig {
     service_file: Option<ServiceFileSection>,
     kubernetes: Option<KubernetesFile>,
     socklb: Option<SockLbFile>,
+    dns: Option<DnsFile>,
     // The previous layout (see DEPRECATED_KEYS).
     interfaces: Option<Vec<String>>,
     xdp_mode: Option<XdpModeName>,
@@ -188,6 +189,22 @@ struct SockLbFile {
     host_netns_only: Option<bool>,
     opt_out_cgroups: Option<Vec<PathBuf>>,
     event_rate: Option<u64>,
+}
+
+/// The `dns` section: names learned from DNS answers (docs/dns.md).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DnsFile {
+    enabled: Option<bool>,
+    interfaces: Option<Vec<String>>,
+    loopback: Option<bool>,
+    capture_rate: Option<u64>,
+    snap_bytes: Option<u32>,
+    ttl_floor_seconds: Option<u64>,
+    ttl_cap_seconds: Option<u64>,
+    grace_seconds: Option<u64>,
+    max_entries: Option<usize>,
+    max_addresses_per_name: Option<usize>,
 }
 
 /// The `conntrack` section: the GC of the load balancer's flow tables.
@@ -570,6 +587,47 @@ impl Default for SockLbSettings {
     }
 }
 
+/// The `dns` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DnsSettings {
+    pub enabled: bool,
+    /// Interfaces (names or patterns) whose ingress and egress are captured.
+    pub interfaces: Vec<String>,
+    /// Capture `lo` too (ingress: every loopback packet crosses it once), for answers of local
+    /// stub resolvers.
+    pub loopback: bool,
+    /// Responses captured per second per CPU (0: none).
+    pub capture_rate: u64,
+    /// Most bytes of a packet copied.
+    pub snap_bytes: u32,
+    /// An answer lives at least this long (TTL 0 is common), and at most `ttl_cap`.
+    pub ttl_floor: Duration,
+    pub ttl_cap: Duration,
+    /// How long an entry outlives the last live flow to its address seen past its TTL.
+    pub grace: Duration,
+    /// Entries in the store (least recently answered evicted first).
+    pub max_entries: usize,
+    /// Addresses one client keeps for one name (the oldest evicted first).
+    pub max_addresses_per_name: usize,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interfaces: Vec::new(),
+            loopback: true,
+            capture_rate: bpf_common::dns::DEFAULT_CAPTURE_RATE,
+            snap_bytes: bpf_common::dns::DEFAULT_SNAP_LEN,
+            ttl_floor: Duration::from_secs(5),
+            ttl_cap: Duration::from_secs(86_400),
+            grace: Duration::from_secs(60),
+            max_entries: 100_000,
+            max_addresses_per_name: 64,
+        }
+    }
+}
+
 /// Default of `netlink.receive_buffer_bytes`: 4 MiB.
 pub const DEFAULT_NETLINK_RECEIVE_BUFFER: u64 = 4 << 20;
 /// Smallest and largest `netlink.receive_buffer_bytes`.
@@ -618,6 +676,7 @@ pub struct Settings {
     pub service_file: ServiceFileSettings,
     pub kubernetes: KubernetesSettings,
     pub socklb: SockLbSettings,
+    pub dns: DnsSettings,
     /// The file the values came from, to name its lines in errors found later (an interface
     /// pattern that matches nothing when a controller starts or reloads).
     pub origin: Origin,
@@ -658,6 +717,7 @@ impl Default for Settings {
             service_file: ServiceFileSettings::default(),
             kubernetes: KubernetesSettings::default(),
             socklb: SockLbSettings::default(),
+            dns: DnsSettings::default(),
             origin: Origin::default(),
         }
     }
@@ -927,6 +987,9 @@ impl Settings {
                 }
                 self.socklb.event_rate = r;
             }
+        }
+        if let Some(d) = f.dns {
+            self.apply_dns(src, d)?;
         }
         if let Err(e) = self.dataplane_config().validate() {
             // The only rule across keys left: the Maglev tables of every service in one map.
@@ -1215,7 +1278,72 @@ impl Settings {
         check(self.netlink != new.netlink, "netlink");
         check(self.kubernetes != new.kubernetes, "kubernetes");
         check(self.socklb != new.socklb, "socklb");
+        check(self.dns != new.dns, "dns");
         out
+    }
+}
+
+impl Settings {
+    /// The `dns` section over the defaults.
+    fn apply_dns(&mut self, src: &Source, d: DnsFile) -> Result<()> {
+        let dns = &mut self.dns;
+        if let Some(v) = d.enabled {
+            dns.enabled = v;
+        }
+        if let Some(list) = d.interfaces {
+            check_patterns(src, "dns.interfaces", &list)?;
+            dns.interfaces = list;
+        }
+        if let Some(v) = d.loopback {
+            dns.loopback = v;
+        }
+        if let Some(r) = d.capture_rate {
+            if r > 1_000_000 {
+                return Err(src.error("dns.capture_rate", "at most 1000000 per second"));
+            }
+            dns.capture_rate = r;
+        }
+        if let Some(n) = d.snap_bytes {
+            let max = bpf_common::dns::MAX_SNAP_LEN;
+            if !(512..=max).contains(&n) {
+                return Err(src.error("dns.snap_bytes", format!("between 512 and {max}")));
+            }
+            dns.snap_bytes = n;
+        }
+        let seconds = Duration::from_secs;
+        if let Some(v) = d.ttl_floor_seconds {
+            dns.ttl_floor = seconds(v);
+        }
+        if let Some(v) = d.ttl_cap_seconds {
+            if v == 0 {
+                return Err(src.error("dns.ttl_cap_seconds", "must be at least 1"));
+            }
+            dns.ttl_cap = seconds(v);
+        }
+        if dns.ttl_floor > dns.ttl_cap {
+            let key = if d.ttl_floor_seconds.is_some() {
+                "dns.ttl_floor_seconds"
+            } else {
+                "dns.ttl_cap_seconds"
+            };
+            return Err(src.error(key, "the TTL floor is above the TTL cap"));
+        }
+        if let Some(v) = d.grace_seconds {
+            dns.grace = seconds(v);
+        }
+        if let Some(n) = d.max_entries {
+            if !(1..=10_000_000).contains(&n) {
+                return Err(src.error("dns.max_entries", "between 1 and 10000000"));
+            }
+            dns.max_entries = n;
+        }
+        if let Some(n) = d.max_addresses_per_name {
+            if !(1..=4096).contains(&n) {
+                return Err(src.error("dns.max_addresses_per_name", "between 1 and 4096"));
+            }
+            dns.max_addresses_per_name = n;
+        }
+        Ok(())
     }
 }
 

@@ -121,6 +121,7 @@ pub fn controllers(settings: &Settings, bus: &Bus) -> Result<Controllers> {
         crate::service_file::ServiceFileController::new(settings, bus)? as DynController,
         crate::kubernetes::KubernetesController::new(settings, bus)? as DynController,
         crate::socklb::SockLbController::new(settings, bus)? as DynController,
+        crate::dns::DnsController::new(settings, bus)? as DynController,
         Arc::clone(&conntrack) as DynController,
     ];
     Ok(Controllers {

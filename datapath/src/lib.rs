@@ -12,6 +12,7 @@ pub mod config;
 pub mod controller;
 pub mod ct;
 pub mod daemon;
+pub mod dns;
 pub mod error;
 pub mod features;
 pub mod kubernetes;

@@ -6,8 +6,8 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use datapath_api::{
-    AddBackend, ApplyPolicy, BackendKey, BackendState, CreateService, CtFilter, FlowsQuery,
-    ForwardingMode, IpProtocol, Protocol, ServiceKey, UpdateBackend,
+    AddBackend, ApplyPolicy, BackendKey, BackendState, CreateService, CtFilter, DnsNamesQuery,
+    FlowsQuery, ForwardingMode, IpProtocol, Protocol, ServiceKey, UpdateBackend,
 };
 
 use crate::error::{Error, Result};
@@ -83,6 +83,36 @@ pub enum Command {
     /// Flow events (opened, logged, closed, denied, cut, expired): the recent ones, or live
     /// with --follow (one JSON object a line with -o json).
     Flows(FlowsArgs),
+    /// Names learned from the DNS answers crossing the node (the `dns` module): the capture's
+    /// counters, the name store, the names of an address.
+    #[command(subcommand)]
+    Dns(DnsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DnsCommand {
+    /// Whether the module runs, where it captures, answers, parse errors by reason, losses,
+    /// the store's entries and evictions.
+    Status,
+    /// Learned names, by address then client (every filter given must match).
+    #[command(visible_alias = "ls")]
+    List {
+        /// The learned address.
+        #[arg(long, value_name = "IP")]
+        address: Option<String>,
+        /// Who asked.
+        #[arg(long, value_name = "IP")]
+        client: Option<String>,
+        /// A name of the entry (the name asked for, or one of its CNAMEs).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// The names of one address, as each client that asked was told.
+    Lookup {
+        /// An IPv4 or IPv6 address.
+        #[arg(value_name = "ADDR")]
+        address: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -391,6 +421,21 @@ pub enum Action {
     ConntrackFlush(CtFilter),
     /// `follow` false: the recent events; true: follow them.
     Flows(FlowsQuery),
+    DnsStatus,
+    DnsList(DnsNamesQuery),
+    /// `lb-ctl dns lookup`: the query holds the address.
+    DnsLookup(DnsNamesQuery),
+}
+
+/// An address argument, parsed (IPv4 or IPv6; brackets allowed around IPv6).
+fn ip_arg(what: &'static str, value: &str) -> Result<String> {
+    let bare = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(value);
+    bare.parse::<std::net::IpAddr>()
+        .map(|a| a.to_string())
+        .map_err(|_| Error::invalid(what, value, "not an IPv4 or IPv6 address"))
 }
 
 /// The filter sent: canonical spellings (the address as parsed, names in lower case), which
@@ -586,6 +631,23 @@ impl Command {
             Command::Node => Action::Node,
             Command::Sources => Action::Sources,
             Command::Socklb => Action::SockLb,
+            Command::Dns(DnsCommand::Status) => Action::DnsStatus,
+            Command::Dns(DnsCommand::List {
+                address,
+                client,
+                name,
+            }) => Action::DnsList(DnsNamesQuery {
+                address: address
+                    .as_deref()
+                    .map(|a| ip_arg("address", a))
+                    .transpose()?,
+                client: client.as_deref().map(|a| ip_arg("client", a)).transpose()?,
+                name: name.clone(),
+            }),
+            Command::Dns(DnsCommand::Lookup { address }) => Action::DnsLookup(DnsNamesQuery {
+                address: Some(ip_arg("address", address)?),
+                ..Default::default()
+            }),
             Command::Policy(PolicyCommand::Apply { file }) => {
                 let shown = file.display().to_string();
                 let text = std::fs::read_to_string(file)

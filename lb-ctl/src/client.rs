@@ -64,6 +64,17 @@ impl Client {
         self.send::<routes::GetSockLb>(&(), &NoQuery, &NoBody).await
     }
 
+    pub async fn dns(&self) -> Result<datapath_api::DnsStatus> {
+        self.send::<routes::GetDns>(&(), &NoQuery, &NoBody).await
+    }
+
+    pub async fn dns_names(
+        &self,
+        q: &datapath_api::DnsNamesQuery,
+    ) -> Result<Vec<datapath_api::DnsEntryView>> {
+        self.send::<routes::ListDnsNames>(&(), q, &NoBody).await
+    }
+
     pub async fn list_services(&self) -> Result<Vec<ServiceView>> {
         self.send::<routes::ListServices>(&(), &NoQuery, &NoBody)
             .await

@@ -166,6 +166,22 @@ pub async fn run(cli: &Cli) -> Result<String> {
                 output::socklb(&st)
             }
         }
+        Action::DnsStatus => {
+            let st = client.dns().await?;
+            if json {
+                to_json(&st)?
+            } else {
+                output::dns_status(&st)
+            }
+        }
+        Action::DnsList(q) | Action::DnsLookup(q) => {
+            let entries = client.dns_names(&q).await?;
+            if json {
+                to_json(&entries)?
+            } else {
+                output::dns_names(&entries)
+            }
+        }
         Action::Node => {
             let node = client.node().await?;
             if json {

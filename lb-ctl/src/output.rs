@@ -679,6 +679,7 @@ pub fn conntrack(flows: &[CtFlow]) -> String {
         ("AGE", Align::Right),
         ("IDLE", Align::Right),
         ("RULE", Align::Right),
+        ("NAME", Align::Left),
     ]);
     for f in flows {
         t.row(vec![
@@ -694,6 +695,100 @@ pub fn conntrack(flows: &[CtFlow]) -> String {
             secs(f.age_ns),
             secs(f.idle_ns),
             or_dash(f.rule),
+            remote_name(f.dst_name.as_deref(), f.src_name.as_deref()),
+        ]);
+    }
+    t.render()
+}
+
+/// The NAME of a flow: its destination's learned name, else its source's (a flow seen from
+/// the remote's side) marked with `<`, else `-`.
+fn remote_name(dst: Option<&str>, src: Option<&str>) -> String {
+    match (dst, src) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(s)) => format!("<{s}"),
+        (None, None) => "-".into(),
+    }
+}
+
+/// `lb-ctl dns status`.
+pub fn dns_status(v: &datapath_api::DnsStatus) -> String {
+    let mut out = String::new();
+    let state = match (v.enabled, v.up) {
+        (_, true) => "up".to_string(),
+        (false, _) => "disabled".to_string(),
+        (true, false) => format!("off: {}", v.reason.as_deref().unwrap_or("unknown")),
+    };
+    let _ = writeln!(out, "dns: {state}");
+    let _ = writeln!(
+        out,
+        "interfaces: {}",
+        if v.interfaces.is_empty() {
+            "-".to_string()
+        } else {
+            v.interfaces.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "captured {} (cut at the snap length {}), messages {}, duplicates {}, answers {}",
+        v.captured, v.snap_cut, v.messages, v.duplicates, v.answers
+    );
+    let _ = writeln!(
+        out,
+        "store: {} entries, {} names, {} held by live flows, {} expired, tcp streams {}",
+        v.entries, v.names, v.held, v.expired, v.tcp_streams
+    );
+    for (title, map) in [
+        ("lost", &v.lost),
+        ("parse errors", &v.parse_errors),
+        ("evictions", &v.evictions),
+    ] {
+        let items: Vec<String> = map
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{title}: {}",
+            if items.is_empty() {
+                "none".to_string()
+            } else {
+                items.join(", ")
+            }
+        );
+    }
+    out
+}
+
+/// `lb-ctl dns list` and `lb-ctl dns lookup`.
+pub fn dns_names(entries: &[datapath_api::DnsEntryView]) -> String {
+    let mut t = Table::new(&[
+        ("ADDRESS", Align::Left),
+        ("NAME", Align::Left),
+        ("CNAMES", Align::Left),
+        ("CLIENT", Align::Left),
+        ("TTL", Align::Right),
+        ("EXPIRES", Align::Right),
+        ("HELD", Align::Left),
+        ("RESOLVER", Align::Left),
+    ]);
+    for e in entries {
+        let cnames = e.names.get(1..).unwrap_or_default();
+        t.row(vec![
+            e.address.to_string(),
+            e.names.first().cloned().unwrap_or_else(|| "-".into()),
+            if cnames.is_empty() {
+                "-".into()
+            } else {
+                cnames.join(" > ")
+            },
+            e.client.to_string(),
+            e.ttl.to_string(),
+            format!("{}s", e.expires_in_seconds),
+            if e.held { "yes" } else { "no" }.into(),
+            e.resolver.to_string(),
         ]);
     }
     t.render()
@@ -732,6 +827,12 @@ pub fn flow_event(e: &FlowEventView) -> String {
         e.rule_name.clone().unwrap_or_else(|| or_dash(e.rule)),
         e.state,
     );
+    if let Some(name) = &e.dst_name {
+        let _ = write!(line, " dst_name={name}");
+    }
+    if let Some(name) = &e.src_name {
+        let _ = write!(line, " src_name={name}");
+    }
     if e.kind.ends_flow() {
         let _ = write!(
             line,

@@ -106,6 +106,8 @@ fn template() -> FlowEventView {
         bytes_reply: 14_220,
         duration_ns: 52_000_000,
         rtt_ns: 180_000,
+        dst_name: Some("api.example.com".into()),
+        src_name: None,
     }
 }
 

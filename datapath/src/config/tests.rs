@@ -368,3 +368,56 @@ fn interface_errors_found_after_resolving_name_the_files_line() {
     let cloned = s.clone();
     assert!(cloned.origin.source().is_some());
 }
+
+#[test]
+fn dns_section_resolves_and_refuses_with_its_key() {
+    let s = resolve(
+        "dns:\n  enabled: true\n  interfaces: [\"veth*\", eth0]\n  loopback: false\n  \
+         capture_rate: 1000\n  snap_bytes: 1500\n  ttl_floor_seconds: 0\n  ttl_cap_seconds: 60\n  \
+         grace_seconds: 5\n  max_entries: 1000\n  max_addresses_per_name: 8\n",
+    )
+    .unwrap();
+    assert_eq!(
+        s.dns,
+        DnsSettings {
+            enabled: true,
+            interfaces: vec!["veth*".into(), "eth0".into()],
+            loopback: false,
+            capture_rate: 1000,
+            snap_bytes: 1500,
+            ttl_floor: Duration::ZERO,
+            ttl_cap: Duration::from_secs(60),
+            grace: Duration::from_secs(5),
+            max_entries: 1000,
+            max_addresses_per_name: 8,
+        }
+    );
+    assert_eq!(resolve("").unwrap().dns, DnsSettings::default());
+    for (text, key) in [
+        ("dns:\n  snap_bytes: 100\n", "dns.snap_bytes"),
+        ("dns:\n  snap_bytes: 70000\n", "dns.snap_bytes"),
+        ("dns:\n  capture_rate: 2000000\n", "dns.capture_rate"),
+        (
+            "dns:\n  ttl_floor_seconds: 10\n  ttl_cap_seconds: 5\n",
+            "dns.ttl_floor_seconds",
+        ),
+        ("dns:\n  ttl_cap_seconds: 0\n", "dns.ttl_cap_seconds"),
+        ("dns:\n  max_entries: 0\n", "dns.max_entries"),
+        (
+            "dns:\n  max_addresses_per_name: 0\n",
+            "dns.max_addresses_per_name",
+        ),
+        ("dns:\n  interfaces: [\"\"]\n", "dns.interfaces"),
+    ] {
+        let (_, got_key, message) = err(text);
+        assert_eq!(got_key, key, "{text:?}: {message}");
+    }
+    // A restart is needed to change it.
+    let a = resolve("dns:\n  enabled: true\n").unwrap();
+    let b = resolve("dns:\n  enabled: false\n").unwrap();
+    assert!(
+        a.restart_only_changes(&b).contains(&"dns"),
+        "{:?}",
+        a.restart_only_changes(&b)
+    );
+}

@@ -126,19 +126,23 @@ async fn flows(State(ct): State<Shared>, q: QueryResult<FlowsQuery>) -> Response
             .unwrap_or(MAX_FOLLOW)
             .min(MAX_FOLLOW);
     let stop = ct.stopping.subscribe();
-    let state = (rx, 0u64, stop);
-    let stream = futures_util::stream::unfold(state, move |(mut rx, sent, mut stop)| async move {
-        if sent >= limit || *stop.borrow() {
-            return None;
-        }
-        let event: Arc<FlowEventView> = tokio::select! {
-            got = tokio::time::timeout_at(deadline, rx.recv()) => got.ok()?,
-            _ = stop.changed() => return None,
-        };
-        let mut line = serde_json::to_vec(&*event).unwrap_or_default();
-        line.push(b'\n');
-        Some((Ok::<_, Infallible>(Bytes::from(line)), (rx, sent + 1, stop)))
-    });
+    let state = (rx, 0u64, stop, Arc::clone(&ct));
+    let stream =
+        futures_util::stream::unfold(state, move |(mut rx, sent, mut stop, ct)| async move {
+            if sent >= limit || *stop.borrow() {
+                return None;
+            }
+            let event: Arc<FlowEventView> = tokio::select! {
+                got = tokio::time::timeout_at(deadline, rx.recv()) => got.ok()?,
+                _ = stop.changed() => return None,
+            };
+            let mut line = serde_json::to_vec(&ct.named(&event)).unwrap_or_default();
+            line.push(b'\n');
+            Some((
+                Ok::<_, Infallible>(Bytes::from(line)),
+                (rx, sent + 1, stop, ct),
+            ))
+        });
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/x-ndjson")],

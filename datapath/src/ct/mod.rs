@@ -121,6 +121,12 @@ pub struct FlowEventView {
     pub bytes_reply: u64,
     pub duration_ns: u64,
     pub rtt_ns: u64,
+    /// The name the source asked DNS for the destination (the `dns` module), if any.
+    #[serde(default)]
+    pub dst_name: Option<String>,
+    /// The name the destination asked DNS for the source.
+    #[serde(default)]
+    pub src_name: Option<String>,
 }
 
 /// The answers of the conntrack routes: the api crate's types.
@@ -183,6 +189,8 @@ impl FlowEventView {
             bytes_reply: e.bytes[1],
             duration_ns: e.duration_ns,
             rtt_ns: e.rtt_ns,
+            dst_name: None,
+            src_name: None,
         }
     }
 }
@@ -208,6 +216,10 @@ pub struct ConntrackController {
     sweeper: Mutex<Sweeper>,
     /// Set on shutdown: ends the followers' streams.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Names learned from DNS answers, for the flows' ends (`dns` module).
+    names: StateReader<crate::dns::NameHandle>,
+    /// This controller's live flows, lent to the name store.
+    live: StateWriter<crate::dns::LiveHandle>,
     pub gc_sweeps: AtomicU64,
     pub gc_expired: AtomicU64,
     pub lb_gc_expired: AtomicU64,
@@ -225,6 +237,12 @@ impl ConntrackController {
             recent: Mutex::new(VecDeque::new()),
             sweeper: Mutex::new(Sweeper { lb: None }),
             stopping: tokio::sync::watch::Sender::new(false),
+            names: bus
+                .state::<crate::dns::NameHandle>(crate::dns::NAMES)?
+                .reader(),
+            live: bus
+                .state::<crate::dns::LiveHandle>(crate::dns::LIVE_FLOWS)?
+                .writer()?,
             gc_sweeps: AtomicU64::new(0),
             gc_expired: AtomicU64::new(0),
             lb_gc_expired: AtomicU64::new(0),
@@ -299,7 +317,28 @@ impl ConntrackController {
             );
         }
         sort_flows(&mut flows);
+        if let Some(names) = self.names.get().as_ref() {
+            for f in &mut flows {
+                let (Ok(src), Ok(dst)) = (f.src.parse(), f.dst.parse()) else {
+                    continue;
+                };
+                f.dst_name = names.name_of(src, dst);
+                f.src_name = names.name_of(dst, src);
+            }
+        }
         Ok(flows)
+    }
+
+    /// `event` with the names of its ends, when the `dns` module knows them.
+    pub fn named(&self, event: &FlowEventView) -> FlowEventView {
+        let mut e = event.clone();
+        if let Some(names) = self.names.get().as_ref()
+            && let (Ok(src), Ok(dst)) = (e.src.parse(), e.dst.parse())
+        {
+            e.dst_name = names.name_of(src, dst);
+            e.src_name = names.name_of(dst, src);
+        }
+        e
     }
 
     /// Removes the tracked flows of both tables matching `filter`.
@@ -395,10 +434,8 @@ impl ConntrackController {
 
     /// The last events (oldest first).
     pub fn recent_events(&self) -> Vec<FlowEventView> {
-        lock(&self.recent)
-            .iter()
-            .map(|e| FlowEventView::clone(e))
-            .collect()
+        let recent: Vec<Arc<FlowEventView>> = lock(&self.recent).iter().cloned().collect();
+        recent.iter().map(|e| self.named(e)).collect()
     }
 
     /// One sweep of the policy's table; publishes the expired flows.
@@ -468,6 +505,24 @@ impl ConntrackController {
             o.lb_nat_reverse = report.nat_scanned - report.nat_orphans_removed;
         });
         Ok(())
+    }
+}
+
+impl crate::dns::LiveFlows for ConntrackController {
+    fn live_addresses(&self) -> Result<std::collections::HashSet<std::net::IpAddr>> {
+        let flows = match self.list(&CtFilter::default()) {
+            Ok(f) => f,
+            // Neither table: no flow is live.
+            Err(Error::Unavailable(_)) => return Ok(Default::default()),
+            Err(e) => return Err(e),
+        };
+        // A TCP flow that is closing or closed holds no name: its connection is over.
+        Ok(flows
+            .iter()
+            .filter(|f| !matches!(f.state.as_str(), "TIME_WAIT" | "CLOSE"))
+            .flat_map(|f| [f.src.parse().ok(), f.dst.parse().ok()])
+            .flatten()
+            .collect())
     }
 }
 
@@ -568,6 +623,8 @@ impl Controller for ConntrackController {
     }
 
     fn run(self: Arc<Self>, cancel: Cancel) -> RunFuture {
+        self.live
+            .publish(Some(Arc::clone(&self) as Arc<dyn crate::dns::LiveFlows>));
         Box::pin(run(self, cancel))
     }
 

@@ -44,6 +44,12 @@ pub struct CtFlow {
     /// Deciding rule id, or `None` for the default action.
     pub rule: Option<u32>,
     pub policy_direction: String,
+    /// The name the source asked DNS for the destination (the `dns` module), if any.
+    #[serde(default)]
+    pub dst_name: Option<String>,
+    /// The name the destination asked DNS for the source.
+    #[serde(default)]
+    pub src_name: Option<String>,
 }
 
 /// The protocol name of an IP protocol number.
@@ -91,6 +97,8 @@ impl CtFlow {
             ifindex: e.ifindex,
             rule: (e.rule_id != RULE_DEFAULT).then_some(e.rule_id),
             policy_direction: dir_name(e.policy_dir).to_string(),
+            dst_name: None,
+            src_name: None,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod client;
 pub mod cmd;
 pub mod daemon;
+pub mod dns;
 pub mod http;
 pub mod kube_api;
 pub mod lab;

@@ -273,58 +273,17 @@ impl Drop for Holder {
 const DNS_PORT: u16 = 5300;
 
 /// dnsmasq on a backend, answering `web.test` with 198.18.77.`n`; killed on drop.
-struct Dnsmasq(std::process::Child);
-
-impl Dnsmasq {
-    fn start(lab: &Lab, backend: &str, n: u8) -> Result<Self> {
-        let ip = lab.backend_addr(backend).ip();
-        let mut cmd = Command::new("dnsmasq");
-        cmd.args([
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--pid-file=",
-            &format!("--listen-address={ip}"),
-            &format!("--port={DNS_PORT}"),
-            &format!("--host-record=web.test,198.18.77.{n}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        netns::command_in(&mut cmd, &lab.topo.backend(backend).ns)?;
-        let child = cmd.spawn().context("dnsmasq")?;
-        // Ready when it answers.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut dig = Command::new("dig");
-            dig.args([
-                &format!("@{ip}"),
-                "-p",
-                &DNS_PORT.to_string(),
-                "web.test",
-                "+short",
-                "+tries=1",
-                "+time=1",
-            ]);
-            netns::command_in(&mut dig, &lab.topo.backend(backend).ns)?;
-            let out = dig.output().context("dig")?;
-            if String::from_utf8_lossy(&out.stdout).trim() == format!("198.18.77.{n}") {
-                return Ok(Self(child));
-            }
-            if Instant::now() > deadline {
-                bail!("dnsmasq on {backend} does not answer");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// dnsmasq on backend `backend`, answering web.test with 198.18.77.`n`.
+fn dnsmasq(lab: &Lab, backend: &str, n: u8) -> Result<netns_tests::dns::Dnsmasq> {
+    let ip = lab.backend_addr(backend).ip();
+    let addr = format!("198.18.77.{n}");
+    netns_tests::dns::Dnsmasq::start(
+        &lab.topo.backend(backend).ns,
+        &[ip],
+        DNS_PORT,
+        &[format!("--host-record=web.test,{addr}")],
+        ("web.test", &addr),
+    )
 }
 
 /// tcpdump in `ns` for packets to or from the VIP, until stopped.
@@ -409,9 +368,9 @@ fn socket_lb_balances_connect_and_udp_in_the_test_cgroup_only() {
             .map(drop),
     );
     // dnsmasq on each backend, a UDP service in front of them.
-    let _dns: Vec<Dnsmasq> = [("b1", 1), ("b2", 2)]
+    let _dns: Vec<_> = [("b1", 1), ("b2", 2)]
         .iter()
-        .map(|(name, n)| ok("dnsmasq", Dnsmasq::start(&lab, name, *n)))
+        .map(|(name, n)| ok("dnsmasq", dnsmasq(&lab, name, *n)))
         .collect();
     let dns_vip = SocketAddr::new(IpAddr::V4(VIP), DNS_PORT).to_string();
     let d = lab.daemon();
