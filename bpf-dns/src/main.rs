@@ -175,7 +175,7 @@ fn try_capture(ctx: &TcContext, direction: u8) -> Option<()> {
     };
     // The upper 32 bits of the flags are BPF_F_CTXLEN: that many bytes of the skb follow the
     // record. aya's `PerfEventArray::output` drops the helper's answer, which counts losses.
-    let flags = (u64::from(captured_len) << 32) | u64::from(BPF_F_CURRENT_CPU);
+    let flags = (u64::from(captured_len) << 32) | BPF_F_CURRENT_CPU;
     // SAFETY: the context and map pointers are the program's own; `meta` lives across the call.
     let sent = unsafe {
         bpf_perf_event_output(

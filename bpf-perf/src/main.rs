@@ -19,9 +19,9 @@
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_store_bytes,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{Array, DevMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use bpf_common::Counter;
 use bpf_lib::{count::count_bytes, frame::XdpFrame};
@@ -240,6 +240,12 @@ fn try_redirect_floor(ctx: &XdpContext) -> Option<u32> {
 #[xdp]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// An empty TCX program (every packet continues): the floor TCX programs are measured against.
+#[classifier]
+pub fn tc_next(_ctx: TcContext) -> i32 {
+    -1
 }
 
 #[cfg(not(test))]

@@ -15,6 +15,6 @@ pub mod tcp;
 pub mod wire;
 
 pub use packet::{DnsPacket, PACKET_REASONS, PacketError, Transport, dns_packet};
-pub use store::{Entry, Inserted, NameStore, StoreConfig, StoreStats};
+pub use store::{Entry, Inserted, NameStore, Names, StoreConfig, StoreStats};
 pub use tcp::{Reassembler, TcpStats};
 pub use wire::{Decoded, Learned, Section, WIRE_REASONS, WireError, decode_response, tcp_messages};

@@ -190,8 +190,12 @@ fn ipv6(frame: &[u8], l3: usize) -> Result<IpLayer, PacketError> {
             _ => return Err(PacketError::NotDns),
         }
     }
-    let src: [u8; 16] = h[8..24].try_into().map_err(|_| PacketError::FrameTruncated)?;
-    let dst: [u8; 16] = h[24..40].try_into().map_err(|_| PacketError::FrameTruncated)?;
+    let src: [u8; 16] = h[8..24]
+        .try_into()
+        .map_err(|_| PacketError::FrameTruncated)?;
+    let dst: [u8; 16] = h[24..40]
+        .try_into()
+        .map_err(|_| PacketError::FrameTruncated)?;
     Ok(IpLayer {
         src: IpAddr::V6(Ipv6Addr::from(src)),
         dst: IpAddr::V6(Ipv6Addr::from(dst)),

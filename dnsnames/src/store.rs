@@ -7,7 +7,10 @@
 //! thing, share one `Arc`.
 
 use std::{
-    collections::{BTreeSet, HashMap, hash_map::RandomState},
+    collections::{
+        BTreeSet, HashMap,
+        hash_map::{self, RandomState},
+    },
     hash::{BuildHasher, Hash, Hasher},
     net::IpAddr,
     sync::Arc,
@@ -64,7 +67,7 @@ pub enum Inserted {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
     pub entries: usize,
-    /// Distinct (client, query name) pairs.
+    /// Distinct query names (whichever clients asked).
     pub names: usize,
     pub inserted: u64,
     pub refreshed: u64,
@@ -90,7 +93,7 @@ const UNLINKED: Link = Link {
 struct List {
     head: u32,
     tail: u32,
-    len: usize,
+    len: u32,
 }
 
 const EMPTY: List = List {
@@ -162,6 +165,8 @@ pub struct NameStore {
     by_key: HashMap<(IpAddr, IpAddr), u32>,
     by_addr: HashMap<IpAddr, List>,
     by_name: HashMap<(IpAddr, Arc<str>), List>,
+    /// How many (client, name) groups each query name has.
+    query_names: HashMap<Arc<str>, usize>,
     lru: List,
     by_expiry: BTreeSet<(u64, u32)>,
     /// Interned chains by hash, with how many entries hold each. On a hash collision the
@@ -186,6 +191,7 @@ impl NameStore {
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
             by_name: HashMap::new(),
+            query_names: HashMap::new(),
             lru: EMPTY,
             by_expiry: BTreeSet::new(),
             chains: HashMap::new(),
@@ -301,12 +307,39 @@ impl NameStore {
         push_back(&mut self.slots, &mut self.lru, LRU, id);
         let addr_list = self.by_addr.entry(learned.addr).or_insert(EMPTY);
         push_back(&mut self.slots, addr_list, BY_ADDR, id);
-        let group = self.by_name.entry(group_key).or_insert(EMPTY);
-        push_back(&mut self.slots, group, BY_NAME, id);
+        self.join_group(group_key, id);
         self.by_key.insert((client, learned.addr), id);
         self.by_expiry.insert((expires_ns, id));
         self.counters.inserted += 1;
         Inserted::New
+    }
+
+    fn join_group(&mut self, key: (IpAddr, Arc<str>), id: u32) {
+        let group = match self.by_name.entry(key) {
+            hash_map::Entry::Occupied(o) => o.into_mut(),
+            hash_map::Entry::Vacant(v) => {
+                *self.query_names.entry(v.key().1.clone()).or_insert(0) += 1;
+                v.insert(EMPTY)
+            }
+        };
+        push_back(&mut self.slots, group, BY_NAME, id);
+    }
+
+    fn leave_group(&mut self, key: &(IpAddr, Arc<str>), id: u32) {
+        let Some(group) = self.by_name.get_mut(key) else {
+            return;
+        };
+        unlink(&mut self.slots, group, BY_NAME, id);
+        if group.len > 0 {
+            return;
+        }
+        self.by_name.remove(key);
+        if let Some(groups) = self.query_names.get_mut(&key.1) {
+            *groups -= 1;
+            if *groups == 0 {
+                self.query_names.remove(&key.1);
+            }
+        }
     }
 
     /// At the per-name cap, the group's least recently refreshed entry goes.
@@ -314,7 +347,7 @@ impl NameStore {
         let Some(group) = self.by_name.get(group_key) else {
             return;
         };
-        if group.len >= self.cfg.max_addresses_per_name {
+        if group.len as usize >= self.cfg.max_addresses_per_name {
             let oldest = group.head;
             self.remove(oldest);
             self.counters.evicted_name_cap += 1;
@@ -358,15 +391,9 @@ impl NameStore {
             return;
         }
         // Asked under another name now: it moves to that name's group.
-        if let Some(group) = self.by_name.get_mut(&old_group) {
-            unlink(&mut self.slots, group, BY_NAME, id);
-            if group.len == 0 {
-                self.by_name.remove(&old_group);
-            }
-        }
+        self.leave_group(&old_group, id);
         self.make_room_in_group(&new_group);
-        let group = self.by_name.entry(new_group).or_insert(EMPTY);
-        push_back(&mut self.slots, group, BY_NAME, id);
+        self.join_group(new_group, id);
     }
 
     fn remove(&mut self, id: u32) {
@@ -384,12 +411,7 @@ impl NameStore {
                 self.by_addr.remove(&addr);
             }
         }
-        if let Some(group) = self.by_name.get_mut(&group_key) {
-            unlink(&mut self.slots, group, BY_NAME, id);
-            if group.len == 0 {
-                self.by_name.remove(&group_key);
-            }
-        }
+        self.leave_group(&group_key, id);
         self.by_key.remove(&(client, addr));
         self.by_expiry.remove(&(expires, id));
         if let Some(slot) = self.slots[id as usize].take() {
@@ -464,7 +486,7 @@ impl NameStore {
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             entries: self.by_key.len(),
-            names: self.by_name.len(),
+            names: self.query_names.len(),
             ..self.counters
         }
     }
@@ -517,7 +539,14 @@ mod tests {
         list.iter().map(|n| Arc::from(*n)).collect()
     }
 
-    fn entry(c: IpAddr, addr: IpAddr, list: &[&str], ttl: u32, learned_ns: u64, expires_ns: u64) -> Entry {
+    fn entry(
+        c: IpAddr,
+        addr: IpAddr,
+        list: &[&str],
+        ttl: u32,
+        learned_ns: u64,
+        expires_ns: u64,
+    ) -> Entry {
         Entry {
             client: c,
             addr,
@@ -544,13 +573,26 @@ mod tests {
     fn insert_then_refresh() {
         let mut s = NameStore::new(config());
         let first = learned(ip(1), &["www.example.com"], 300);
-        assert_eq!(s.insert(client(1), RESOLVER, &first, 10 * SEC), Inserted::New);
+        assert_eq!(
+            s.insert(client(1), RESOLVER, &first, 10 * SEC),
+            Inserted::New
+        );
         assert_eq!(
             s.lookup(Some(client(1)), ip(1)),
-            Some(&entry(client(1), ip(1), &["www.example.com"], 300, 10 * SEC, 310 * SEC))
+            Some(&entry(
+                client(1),
+                ip(1),
+                &["www.example.com"],
+                300,
+                10 * SEC,
+                310 * SEC
+            ))
         );
         let again = learned(ip(1), &["api.example.com", "edge.cdn.net"], 100);
-        assert_eq!(s.insert(client(1), RESOLVER, &again, 20 * SEC), Inserted::Refreshed);
+        assert_eq!(
+            s.insert(client(1), RESOLVER, &again, 20 * SEC),
+            Inserted::Refreshed
+        );
         assert_eq!(
             sorted(&s),
             vec![entry(
@@ -578,11 +620,30 @@ mod tests {
     #[test]
     fn ttl_floor_and_cap() {
         let mut s = NameStore::new(config());
-        s.insert(client(1), RESOLVER, &learned(ip(1), &["zero.example"], 0), SEC);
-        s.insert(client(1), RESOLVER, &learned(ip(2), &["long.example"], u32::MAX), SEC);
-        assert_eq!(s.lookup(Some(client(1)), ip(1)).map(|e| e.expires_ns), Some(31 * SEC));
-        assert_eq!(s.lookup(Some(client(1)), ip(2)).map(|e| e.expires_ns), Some(3601 * SEC));
-        assert_eq!(s.lookup(Some(client(1)), ip(2)).map(|e| e.ttl), Some(u32::MAX));
+        s.insert(
+            client(1),
+            RESOLVER,
+            &learned(ip(1), &["zero.example"], 0),
+            SEC,
+        );
+        s.insert(
+            client(1),
+            RESOLVER,
+            &learned(ip(2), &["long.example"], u32::MAX),
+            SEC,
+        );
+        assert_eq!(
+            s.lookup(Some(client(1)), ip(1)).map(|e| e.expires_ns),
+            Some(31 * SEC)
+        );
+        assert_eq!(
+            s.lookup(Some(client(1)), ip(2)).map(|e| e.expires_ns),
+            Some(3601 * SEC)
+        );
+        assert_eq!(
+            s.lookup(Some(client(1)), ip(2)).map(|e| e.ttl),
+            Some(u32::MAX)
+        );
     }
 
     #[test]
@@ -604,7 +665,8 @@ mod tests {
             vec![(client(1), ip(1)), (client(1), ip(4)), (client(2), ip(3))]
         );
         assert_eq!(s.stats().evicted_name_cap, 1);
-        assert_eq!(s.stats().names, 2);
+        // One name, asked by two clients.
+        assert_eq!(s.stats().names, 1);
     }
 
     #[test]
@@ -630,11 +692,31 @@ mod tests {
             max_entries: 2,
             ..config()
         });
-        s.insert(client(1), RESOLVER, &learned(ip(1), &["one.example"], 60), 0);
-        s.insert(client(1), RESOLVER, &learned(ip(2), &["two.example"], 60), 1);
-        s.insert(client(1), RESOLVER, &learned(ip(1), &["one.example"], 60), 2);
+        s.insert(
+            client(1),
+            RESOLVER,
+            &learned(ip(1), &["one.example"], 60),
+            0,
+        );
+        s.insert(
+            client(1),
+            RESOLVER,
+            &learned(ip(2), &["two.example"], 60),
+            1,
+        );
+        s.insert(
+            client(1),
+            RESOLVER,
+            &learned(ip(1), &["one.example"], 60),
+            2,
+        );
         assert_eq!(
-            s.insert(client(1), RESOLVER, &learned(ip(3), &["three.example"], 60), 3),
+            s.insert(
+                client(1),
+                RESOLVER,
+                &learned(ip(3), &["three.example"], 60),
+                3
+            ),
             Inserted::New
         );
         let kept: Vec<IpAddr> = sorted(&s).iter().map(|e| e.addr).collect();
@@ -688,16 +770,45 @@ mod tests {
     #[test]
     fn lookup_falls_back_to_the_latest_other_client() {
         let mut s = NameStore::new(config());
-        s.insert(client(1), RESOLVER, &learned(ip(1), &["first.example"], 60), 0);
-        s.insert(client(2), RESOLVER, &learned(ip(1), &["second.example"], 60), 1);
-        s.insert(client(3), RESOLVER, &learned(ip(9), &["other.example"], 60), 2);
+        s.insert(
+            client(1),
+            RESOLVER,
+            &learned(ip(1), &["first.example"], 60),
+            0,
+        );
+        s.insert(
+            client(2),
+            RESOLVER,
+            &learned(ip(1), &["second.example"], 60),
+            1,
+        );
+        s.insert(
+            client(3),
+            RESOLVER,
+            &learned(ip(9), &["other.example"], 60),
+            2,
+        );
         let name_of = |e: Option<&Entry>| e.map(|e| e.names[0].to_string());
-        assert_eq!(name_of(s.lookup(Some(client(1)), ip(1))), Some("first.example".into()));
-        assert_eq!(name_of(s.lookup(Some(client(3)), ip(1))), Some("second.example".into()));
-        assert_eq!(name_of(s.lookup(None, ip(1))), Some("second.example".into()));
+        assert_eq!(
+            name_of(s.lookup(Some(client(1)), ip(1))),
+            Some("first.example".into())
+        );
+        assert_eq!(
+            name_of(s.lookup(Some(client(3)), ip(1))),
+            Some("second.example".into())
+        );
+        assert_eq!(
+            name_of(s.lookup(None, ip(1))),
+            Some("second.example".into())
+        );
         assert_eq!(s.lookup(None, ip(2)), None);
         // A refresh makes client 1's the latest.
-        s.insert(client(1), RESOLVER, &learned(ip(1), &["first.example"], 60), 3);
+        s.insert(
+            client(1),
+            RESOLVER,
+            &learned(ip(1), &["first.example"], 60),
+            3,
+        );
         assert_eq!(name_of(s.lookup(None, ip(1))), Some("first.example".into()));
         let all: Vec<IpAddr> = s.lookup_all(ip(1)).iter().map(|e| e.client).collect();
         assert_eq!(all, vec![client(1), client(2)]);
@@ -717,5 +828,6 @@ mod tests {
         s.expire(u64::MAX, &never);
         assert!(s.chains.is_empty());
         assert!(s.by_addr.is_empty() && s.by_name.is_empty() && s.by_expiry.is_empty());
+        assert!(s.query_names.is_empty());
     }
 }

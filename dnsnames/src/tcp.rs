@@ -87,6 +87,9 @@ impl Stream {
             }
             if self.buf.len() == 2 && data.len() >= len {
                 // The whole message is in this segment: no copy through the buffer.
+                if !is_response(&data[..len]) {
+                    return Err(Desync);
+                }
                 out.push(data[..len].to_vec());
                 stats.messages += 1;
                 data = &data[len..];
@@ -100,6 +103,9 @@ impl Stream {
             if self.buf.len() == total {
                 let mut message = std::mem::take(&mut self.buf);
                 message.drain(..2);
+                if !is_response(&message) {
+                    return Err(Desync);
+                }
                 out.push(message);
                 stats.messages += 1;
             }
@@ -107,14 +113,21 @@ impl Stream {
     }
 }
 
-/// Could `payload` start a DNS response (length prefix, then a header with QR set)?
+/// The resolver only sends responses: a message without QR means we are not at a boundary.
+fn is_response(message: &[u8]) -> bool {
+    message.get(2).is_some_and(|flags| flags & 0x80 != 0)
+}
+
+/// Could `payload` start a DNS response (length prefix, then a header with QR set), as far as
+/// it shows? A one-byte segment may; `Stream::feed` checks each message when it is whole.
 fn can_start(payload: &[u8]) -> bool {
-    let Some(prefix) = payload.get(..2) else {
-        return false;
-    };
-    let len = usize::from(u16::from_be_bytes([prefix[0], prefix[1]]));
-    let qr_set = payload.get(4).is_none_or(|flags| flags & 0x80 != 0);
-    len >= MIN_MESSAGE_LEN && qr_set
+    let len_ok = payload
+        .get(..2)
+        .is_none_or(|p| usize::from(u16::from_be_bytes([p[0], p[1]])) >= MIN_MESSAGE_LEN);
+    let qr_ok = payload
+        .get(2..)
+        .is_none_or(|m| m.len() < 3 || is_response(m));
+    !payload.is_empty() && len_ok && qr_ok
 }
 
 pub struct Reassembler {
@@ -308,10 +321,15 @@ mod tests {
     fn a_message_across_three_segments() {
         let (message, stream) = framed(40, 7);
         let mut r = Reassembler::new(8, 1024, 1_000_000_000);
-        assert_eq!(r.push(&segment(1000, ISN, &stream[..1]), 0), Vec::<Vec<u8>>::new());
-        // One byte cannot show it is a message start: nothing was kept.
-        assert_eq!(r.streams(), 0);
-        assert_eq!(r.push(&segment(1000, ISN, &stream[..10]), 1), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            r.push(&segment(1000, ISN, &stream[..1]), 0),
+            Vec::<Vec<u8>>::new()
+        );
+        assert_eq!(r.streams(), 1);
+        assert_eq!(
+            r.push(&segment(1000, ISN, &stream[..10]), 1),
+            Vec::<Vec<u8>>::new()
+        );
         assert_eq!(
             r.push(&segment(1000, ISN.wrapping_add(10), &stream[10..30]), 2),
             Vec::<Vec<u8>>::new()
@@ -346,11 +364,20 @@ mod tests {
         let (message, stream) = framed(40, 7);
         let (next, next_stream) = framed(12, 8);
         let mut r = Reassembler::new(8, 1024, 1_000_000_000);
-        assert_eq!(r.push(&segment(1, 0, &stream[..20]), 0), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            r.push(&segment(1, 0, &stream[..20]), 0),
+            Vec::<Vec<u8>>::new()
+        );
         // The same segment again, then one overlapping what was seen.
-        assert_eq!(r.push(&segment(1, 0, &stream[..20]), 1), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            r.push(&segment(1, 0, &stream[..20]), 1),
+            Vec::<Vec<u8>>::new()
+        );
         assert_eq!(r.push(&segment(1, 10, &stream[10..]), 2), vec![message]);
-        assert_eq!(r.push(&segment(1, 10, &stream[10..]), 3), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            r.push(&segment(1, 10, &stream[10..]), 3),
+            Vec::<Vec<u8>>::new()
+        );
         assert_eq!(r.push(&segment(1, 42, &next_stream), 4), vec![next]);
         assert_eq!(r.stats().gaps, 0);
     }
@@ -362,7 +389,10 @@ mod tests {
         let mut r = Reassembler::new(8, 1024, 1_000_000_000);
         r.push(&segment(1, 0, &stream[..10]), 0);
         // Bytes 10..20 never arrive; 20.. cannot start a message, so nothing is kept.
-        assert_eq!(r.push(&segment(1, 20, &stream[20..]), 1), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            r.push(&segment(1, 20, &stream[20..]), 1),
+            Vec::<Vec<u8>>::new()
+        );
         assert_eq!(r.stats().gaps, 1);
         assert_eq!(r.streams(), 0);
         // The next message starts a new buffer.
@@ -380,7 +410,10 @@ mod tests {
         };
         assert_eq!(r.push(&cut, 1), Vec::<Vec<u8>>::new());
         assert_eq!(r.streams(), 0);
-        assert_eq!(r.push(&segment(1, 20, &stream[20..]), 2), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            r.push(&segment(1, 20, &stream[20..]), 2),
+            Vec::<Vec<u8>>::new()
+        );
         assert_eq!(r.stats().gaps, 1);
     }
 
@@ -409,7 +442,10 @@ mod tests {
         assert_eq!(r.streams(), 2);
         assert_eq!(r.stats().evicted, 1);
         // Stream 2 was the least recently active: its rest starts nothing.
-        assert_eq!(r.push(&segment(2, 10, &stream[10..]), 4), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            r.push(&segment(2, 10, &stream[10..]), 4),
+            Vec::<Vec<u8>>::new()
+        );
         assert_eq!(r.push(&segment(1, 20, &stream[20..]), 5).len(), 1);
     }
 
@@ -441,6 +477,19 @@ mod tests {
             ..segment(1, 0, &stream)
         };
         assert_eq!(r.push(&udp, 2), Vec::<Vec<u8>>::new());
+    }
+
+    #[test]
+    fn a_message_that_is_not_a_response_desyncs() {
+        let mut r = Reassembler::new(8, 1024, 1_000_000_000);
+        let (_, stream) = framed(20, 7);
+        // Taken as a start from its first byte; the rest shows QR clear.
+        r.push(&segment(1, 0, &stream[..1]), 0);
+        let mut rest = stream[1..].to_vec();
+        rest[3] = 0x01;
+        assert_eq!(r.push(&segment(1, 1, &rest), 1), Vec::<Vec<u8>>::new());
+        assert_eq!(r.stats().desyncs, 1);
+        assert_eq!(r.streams(), 0);
     }
 
     #[test]

@@ -7,8 +7,18 @@
 //!
 //! An address is learned only when its owner is the query name or a name the answer section's
 //! CNAME records lead to from it: a response must never teach a name it was not asked about.
+//! The rules, exactly:
+//! - only answer records of class IN count; authority and additional records teach nothing;
+//! - from the query name, the first CNAME owned by the current name is followed, at most
+//!   [`MAX_CNAME_HOPS`] times and never back to a name already on the chain (`CnameLoop`);
+//! - each A/AAAA owned by a name on that chain is learned with the chain up to its owner and
+//!   the smallest TTL of it and the CNAMEs followed to reach it (a TTL with the top bit set
+//!   counts as 0, RFC 2181); an address seen again is kept as first learned; an A/AAAA owned
+//!   by any other name is `Unrelated`;
+//! - names compare case-insensitively, as their stored text: lowercase, no trailing dot,
+//!   bytes other than printable ASCII (and '.' or '\\' inside a label) written `\DDD`.
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::{collections::HashSet, fmt::Write as _, net::IpAddr};
 
 use hickory_proto::{
     op::{Header, MessageType, OpCode, Query, ResponseCode},
@@ -41,7 +51,7 @@ pub struct Decoded {
     /// The TC bit.
     pub truncated_flag: bool,
     pub rcode: u16,
-    /// The (first) query name, lowercase without the trailing dot, and the query type.
+    /// The (first) query name as stored (empty for the root) and the query type.
     pub question: Option<(String, u16)>,
     pub learned: Vec<Learned>,
     /// In the order met.
@@ -232,9 +242,7 @@ fn name_end(msg: &[u8], mut at: usize) -> Result<usize, WireError> {
 /// Where the resource record starting at `at` ends, from its RDLENGTH.
 fn record_end(msg: &[u8], at: usize) -> Result<usize, WireError> {
     let fixed = name_end(msg, at)?;
-    let rdlength = msg
-        .get(fixed + 8..fixed + 10)
-        .ok_or(WireError::Truncated)?;
+    let rdlength = msg.get(fixed + 8..fixed + 10).ok_or(WireError::Truncated)?;
     let end = fixed + 10 + usize::from(u16::from_be_bytes([rdlength[0], rdlength[1]]));
     if end > msg.len() {
         return Err(WireError::Truncated);
@@ -346,7 +354,8 @@ pub fn decode_response(msg: &[u8]) -> Decoded {
         refuse = true;
     }
     if header.metadata.op_code != OpCode::Query {
-        out.errors.push(WireError::Opcode(u8::from(header.metadata.op_code)));
+        out.errors
+            .push(WireError::Opcode(u8::from(header.metadata.op_code)));
         refuse = true;
     }
     if header.metadata.response_code != ResponseCode::NoError {
@@ -485,11 +494,11 @@ fn resolve(
     // (name, smallest CNAME TTL on the way to it)
     let mut chain: Vec<(String, u32)> = vec![(query_name, u32::MAX)];
     loop {
-        let (current, ttl) = chain.last().map(|(n, t)| (n.as_str(), *t)).unwrap_or_default();
-        let Some(cname) = cnames
-            .iter()
-            .find(|c| c.owner.as_deref() == Some(current))
-        else {
+        let (current, ttl) = chain
+            .last()
+            .map(|(n, t)| (n.as_str(), *t))
+            .unwrap_or_default();
+        let Some(cname) = cnames.iter().find(|c| c.owner.as_deref() == Some(current)) else {
             break;
         };
         let Some(target) = &cname.target else {
@@ -503,6 +512,7 @@ fn resolve(
     }
 
     let mut learned: Vec<Learned> = Vec::new();
+    let mut seen = HashSet::new();
     for a in addresses {
         let position = a
             .owner
@@ -513,7 +523,7 @@ fn resolve(
             continue;
         };
         // The same address twice (a repeated record): the first says it.
-        if learned.iter().any(|l| l.addr == a.addr) {
+        if !seen.insert(a.addr) {
             continue;
         }
         learned.push(Learned {
@@ -765,7 +775,10 @@ mod tests {
         );
         assert_eq!(d.errors, vec![WireError::Truncated]);
         // Cut inside the header.
-        assert_eq!(decode_response(&bytes[..7]).errors, vec![WireError::Truncated]);
+        assert_eq!(
+            decode_response(&bytes[..7]).errors,
+            vec![WireError::Truncated]
+        );
     }
 
     #[test]
@@ -904,7 +917,25 @@ mod tests {
     fn bad_rdata_is_skipped() {
         let mut msg = handmade(0x8180, [1, 3, 0, 0]);
         // An A record with 5 bytes of data, then one with none.
-        msg.extend([0xc0, QUESTION_NAME_AT, 0, 1, 0, 1, 0, 0, 0, 60, 0, 5, 1, 2, 3, 4, 5]);
+        msg.extend([
+            0xc0,
+            QUESTION_NAME_AT,
+            0,
+            1,
+            0,
+            1,
+            0,
+            0,
+            0,
+            60,
+            0,
+            5,
+            1,
+            2,
+            3,
+            4,
+            5,
+        ]);
         msg.extend([0xc0, QUESTION_NAME_AT, 0, 1, 0, 1, 0, 0, 0, 60, 0, 0]);
         msg.extend([0xc0, QUESTION_NAME_AT]);
         msg.extend(a_tail(3));

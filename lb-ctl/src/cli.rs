@@ -930,6 +930,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn dns_commands() {
+        assert_eq!(action(&["dns", "status"]).unwrap(), Action::DnsStatus);
+        assert_eq!(
+            action(&["dns", "lookup", "[2001:DB8::12]"]).unwrap(),
+            Action::DnsLookup(DnsNamesQuery {
+                address: Some("2001:db8::12".into()),
+                ..Default::default()
+            })
+        );
+        assert!(matches!(
+            action(&["dns", "ls", "--client", "198.18.0.1", "--name", "web.test"]).unwrap(),
+            Action::DnsList(q) if q.to_query() == "?client=198.18.0.1&name=web.test"
+        ));
+        assert!(invalid(&["dns", "lookup", "web.test"]).contains("address"));
+        assert!(invalid(&["dns", "list", "--client", "1.2.3"]).contains("client"));
+    }
+
     /// Every value clap refuses in a filter is a clap error (exit 2): nothing is sent.
     #[test]
     fn unknown_filter_values_are_usage_errors() {

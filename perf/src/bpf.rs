@@ -26,6 +26,8 @@ pub mod programs {
     pub const PASS: &str = "xdp_pass";
     /// Rewrites the MACs and redirects everything to one interface: the forwarding floor.
     pub const REDIRECT_FLOOR: &str = "xdp_redirect_floor";
+    /// An empty TCX program (`TCX_NEXT`).
+    pub const TC_NEXT: &str = "tc_next";
 }
 
 /// Map names in the object.
@@ -116,7 +118,22 @@ impl PerfObject {
                 .load()
                 .with_context(|| format!("load (verify) program {name}"))?;
         }
+        let tc: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut(programs::TC_NEXT)
+            .context("program tc_next missing from bpf-perf")?
+            .try_into()
+            .context("tc_next is not a classifier")?;
+        tc.load().context("load (verify) tc_next")?;
         Ok(Self { ebpf })
+    }
+
+    /// The TCX program `name`.
+    pub fn classifier(&self, name: &str) -> Result<&aya::programs::SchedClassifier> {
+        self.ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing from bpf-perf"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a classifier"))
     }
 
     /// The XDP program `name`.

@@ -13,6 +13,7 @@
 
 pub mod bpf;
 pub mod cost;
+pub mod dns;
 pub mod forward;
 pub mod fuzz;
 pub mod kubernetes;

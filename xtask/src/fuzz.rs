@@ -28,15 +28,19 @@ pub enum Target {
     Policy,
     /// The daemon's configuration file and its reload (`datapath::config`, `runtime`).
     Config,
+    /// `dnsnames`: captured DNS responses to learned names (frames, TCP reassembly, decoding,
+    /// the name store).
+    Dns,
 }
 
 impl Target {
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Parse,
         Target::Csum,
         Target::Conntrack,
         Target::Policy,
         Target::Config,
+        Target::Dns,
     ];
 
     /// (package, test target).
@@ -47,6 +51,7 @@ impl Target {
             Target::Conntrack => ("conntrack", "fuzz_conntrack"),
             Target::Policy => ("datapath", "fuzz_policy"),
             Target::Config => ("datapath", "fuzz_config"),
+            Target::Dns => ("dnsnames", "fuzz_dns"),
         }
     }
 

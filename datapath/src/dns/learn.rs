@@ -180,12 +180,13 @@ impl Learner {
     }
 
     /// TCP reassembly problems, as parse-error reasons.
-    pub fn tcp_errors(&self) -> [(&'static str, u64); 3] {
+    pub fn tcp_errors(&self) -> [(&'static str, u64); 4] {
         let s = self.tcp.stats();
         [
             ("tcp_gap", s.gaps),
             ("tcp_overflow", s.overflows),
             ("tcp_evicted", s.evicted),
+            ("tcp_desync", s.desyncs),
         ]
     }
 

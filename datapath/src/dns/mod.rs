@@ -36,7 +36,7 @@ use crate::{
     ct::gc::monotonic_now_ns,
     features::Capability,
 };
-pub use learn::{DnsAnswer, Learner};
+pub use learn::{DnsAnswer, Learner, store_config};
 use plane::{DnsPlane, PerfBuffer};
 
 /// The controller's name: status, logs, metrics.
@@ -635,7 +635,7 @@ fn metrics_collector(
         for reason in dnsnames::packet::PACKET_REASONS
             .iter()
             .chain(dnsnames::wire::WIRE_REASONS)
-            .chain(["tcp_gap", "tcp_overflow", "tcp_evicted"].iter())
+            .chain(["tcp_gap", "tcp_overflow", "tcp_evicted", "tcp_desync"].iter())
         {
             let n = st.parse_errors.get(*reason).copied().unwrap_or(0);
             f.parse_errors.with_label_values(&[reason]).inc_by(n);

@@ -177,6 +177,15 @@ impl DnsPlane {
         }
     }
 
+    /// Program `name` (for BPF_PROG_TEST_RUN in the benchmarks).
+    pub fn program(&self, name: &str) -> Result<&SchedClassifier> {
+        self.bpf
+            .program(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("program {name} missing")))?
+            .try_into()
+            .map_err(program_error(format!("{name} is not a classifier")))
+    }
+
     /// The interfaces captured.
     pub fn interfaces(&self) -> Vec<String> {
         self.attached.keys().cloned().collect()
