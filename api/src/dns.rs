@@ -80,8 +80,8 @@ pub struct DnsStatus {
     pub interfaces: Vec<String>,
     /// Responses copied by the programs.
     pub captured: u64,
-    /// Responses not seen, by cause: `rate_limited`, `buffer_full` (in the kernel) and
-    /// `reader_lost` (perf records the kernel dropped for a slow reader).
+    /// Responses not seen, by cause, counted in the kernel: `rate_limited`, `buffer_full` (the
+    /// ring buffer was full).
     pub lost: BTreeMap<String, u64>,
     /// Responses cut at the snap length (parsed as far as they go).
     pub snap_cut: u64,

@@ -6,21 +6,20 @@
 //!   name store. Rounds of 100,000 frames (the DNS id changes every round, so no frame is a
 //!   duplicate); answers per second, median over rounds. Every frame must teach one address.
 //! - **Kernel to store, loss counted**: `dns_ingress` run by BPF_PROG_TEST_RUN on one CPU (each
-//!   run sends the frame to the perf buffer, the packet appended by the kernel), a reader on
-//!   the other CPU draining that CPU's perf buffer into a learner, for two seconds. Answers
-//!   learned per second, and what was lost (the kernel's `buffer_full`, the perf ring's lost
-//!   records).
+//!   run copies the frame into the ring buffer), a reader on the other CPU draining the ring
+//!   into a learner, for two seconds. Answers learned per second, and what was lost (the
+//!   kernel's `buffer_full`).
 //! - **The capture's cost on other packets**: a TCP frame (not DNS) through `dns_ingress` and
 //!   through an empty TCX program (`tc_next`, bpf-perf), interleaved, 1M repeats per round,
-//!   ns per packet as the kernel times it; and a DNS answer through `dns_ingress` (its perf
-//!   output included).
+//!   ns per packet as the kernel times it; and a DNS answer through `dns_ingress` (its copy
+//!   into the ring included).
 //! - **Memory per 100,000 names**: heap bytes (glibc's `mallinfo2`) of a name store holding
 //!   100,000 entries, each a different name, a CNAME and an address.
 use std::{
     net::{IpAddr, Ipv4Addr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -52,11 +51,10 @@ pub struct DnsReport {
     pub pipeline_sent: u64,
     pub pipeline_learned: u64,
     pub pipeline_lost_buffer_full: u64,
-    pub pipeline_lost_records: u64,
     /// ns per packet through `dns_ingress` / `tc_next`, a non-DNS TCP frame.
     pub capture_other_ns: Summary,
     pub empty_ns: Summary,
-    /// ns per packet through `dns_ingress`, a DNS answer (perf output included).
+    /// ns per packet through `dns_ingress`, a DNS answer (its copy into the ring included).
     pub capture_answer_ns: Summary,
     pub memory_bytes_per_100k_names: f64,
 }
@@ -170,62 +168,45 @@ fn test_run(prog: &SchedClassifier, frame: &[u8], repeat: u32) -> Result<(u32, f
 }
 
 /// Kernel to store for `seconds`: the program runs on `producer_cpu`, the reader on
-/// `reader_cpu`.
+/// `reader_cpu`. Answers (sent, learned, lost to a full ring, elapsed seconds).
 fn pipeline(
     plane: &DnsPlane,
-    buffers: Vec<datapath::dns::plane::PerfBuffer>,
+    ring: datapath::dns::plane::Ring,
     producer_cpu: usize,
     reader_cpu: usize,
     seconds: f64,
-) -> Result<(u64, u64, u64, u64, f64)> {
-    let buffer = buffers
-        .into_iter()
-        .nth(producer_cpu)
-        .context("no perf buffer for the producer's CPU")?;
+) -> Result<(u64, u64, u64, f64)> {
     let learner = Arc::new(Mutex::new(Learner::new(&settings())));
     let stop = Arc::new(AtomicBool::new(false));
-    let lost_records = Arc::new(AtomicU64::new(0));
     let reader = {
-        let (learner, stop, lost_records) = (
-            Arc::clone(&learner),
-            Arc::clone(&stop),
-            Arc::clone(&lost_records),
-        );
+        let (learner, stop) = (Arc::clone(&learner), Arc::clone(&stop));
         std::thread::spawn(move || -> Result<()> {
             pin_to_cpu(reader_cpu)?;
-            let mut buffer = buffer;
+            let mut ring = ring;
             let meta = std::mem::size_of::<bpf_common::dns::DnsCaptureMeta>();
-            let drain = |buffer: &mut datapath::dns::plane::PerfBuffer| {
+            let drain = |ring: &mut datapath::dns::plane::Ring| {
                 let mut l = learner.lock().unwrap_or_else(|p| p.into_inner());
-                buffer.for_each(|e| match e {
-                    aya::maps::perf::PerfEvent::Sample { head, tail } => {
-                        let mut bytes = head.to_vec();
-                        bytes.extend_from_slice(tail);
-                        let len = u32::from_ne_bytes(bytes[12..16].try_into().unwrap()) as usize;
-                        let end = (meta + len).min(bytes.len());
-                        l.ingest(&bytes[meta..end], now_ns());
-                    }
-                    aya::maps::perf::PerfEvent::Lost { count } => {
-                        lost_records.fetch_add(count, Ordering::Relaxed);
-                    }
-                });
+                while let Some(item) = ring.next() {
+                    let len = u32::from_ne_bytes(item[12..16].try_into().unwrap()) as usize;
+                    let end = (meta + len).min(item.len());
+                    l.ingest(&item[meta..end], now_ns());
+                }
             };
             // Busy-reading: the producer never waits for a wake-up.
             while !stop.load(Ordering::Relaxed) {
-                drain(&mut buffer);
+                drain(&mut ring);
             }
-            drain(&mut buffer);
+            drain(&mut ring);
             Ok(())
         })
     };
     pin_to_cpu(producer_cpu)?;
     let prog = plane.program(datapath::dns::plane::PROGRAM_INGRESS)?;
-    let frames: Vec<Vec<u8>> = (0..65_536u32).map(|i| udp_frame(&answer(i, 1))).collect();
+    let mut frames: Vec<Vec<u8>> = (0..65_536u32).map(|i| udp_frame(&answer(i, 1))).collect();
     let before = plane.reasons()?;
     let started = Instant::now();
     let mut sent = 0u64;
     let mut round = 1u16;
-    let mut frames = frames;
     'run: loop {
         for f in &frames {
             let (verdict, _) = test_run(prog, f, 1)?;
@@ -257,13 +238,7 @@ fn pipeline(
         .counters
         .answers;
     let full = after["buffer_full"] - before["buffer_full"];
-    Ok((
-        sent,
-        learned,
-        full,
-        lost_records.load(Ordering::Relaxed),
-        elapsed,
-    ))
+    Ok((sent, learned, full, elapsed))
 }
 
 /// Heap bytes of a store of `n` names (glibc's allocator statistics).
@@ -294,7 +269,7 @@ pub fn run(smoke: bool) -> Result<DnsReport> {
 
     let cpus = crate::bpf::online_cpus()?;
     ensure!(cpus.len() >= 2, "the pipeline needs two CPUs");
-    let (plane, buffers) = DnsPlane::start(&settings()).context("load the DNS capture")?;
+    let (plane, mut ring) = DnsPlane::start(&settings()).context("load the DNS capture")?;
     let perf = PerfObject::load()?;
     let empty = perf.classifier(crate::bpf::programs::TC_NEXT)?;
     let capture = plane.program(datapath::dns::plane::PROGRAM_INGRESS)?;
@@ -309,23 +284,19 @@ pub fn run(smoke: bool) -> Result<DnsReport> {
         let (v, ns) = test_run(empty, &other, repeat)?;
         ensure!(v == TCX_NEXT, "tc_next answered {v}");
         base.push(ns);
-        // Few repeats: each is a perf sample that nobody reads here (the buffer fills, and
-        // the kernel counts it full: the cost of a send either way).
+        // Few repeats: each is a ring record that nobody reads until the pipeline drains them.
         let (v, ns) = test_run(capture, &dns, 1_000)?;
         ensure!(v == TCX_NEXT, "dns_ingress answered {v} for an answer");
         ans.push(ns);
     }
     // Drain what the cost rows sent before the pipeline measures.
-    let mut buffers = buffers;
-    for b in &mut buffers {
-        b.for_each(|_| {});
-    }
+    while ring.next().is_some() {}
     let seconds = if smoke { 0.5 } else { 2.0 };
-    let (sent, learned, full, lost, elapsed) =
-        pipeline(&plane, buffers, cpus[0] as usize, cpus[1] as usize, seconds)?;
+    let (sent, learned, full, elapsed) =
+        pipeline(&plane, ring, cpus[0] as usize, cpus[1] as usize, seconds)?;
     ensure!(
-        learned + full + lost >= sent / 2,
-        "the pipeline lost track: {sent} sent, {learned} learned, {full} + {lost} lost"
+        learned + full == sent,
+        "the pipeline lost track: {sent} sent, {learned} learned, {full} lost"
     );
     Ok(DnsReport {
         frames_per_round: frames,
@@ -335,7 +306,6 @@ pub fn run(smoke: bool) -> Result<DnsReport> {
         pipeline_sent: sent,
         pipeline_learned: learned,
         pipeline_lost_buffer_full: full,
-        pipeline_lost_records: lost,
         capture_other_ns: Summary::of(&cap).context("no rounds")?,
         empty_ns: Summary::of(&base).context("no rounds")?,
         capture_answer_ns: Summary::of(&ans).context("no rounds")?,

@@ -1,6 +1,6 @@
 //! The `dns` controller: names learned passively from the DNS answers that cross the node, with
 //! no proxy. It owns the TCX capture programs of `bpf-dns` (attached to `dns.interfaces` and
-//! `lo`), reads their per-CPU perf buffers, decodes every answer record by record
+//! `lo`), reads their ring buffer, decodes every answer record by record
 //! (`dnsnames`), and keeps the name store: (client, address) to the name asked for and its
 //! CNAME chain, with a TTL floor and cap, a cap of addresses per name and an LRU bound.
 //!
@@ -15,17 +15,13 @@ pub mod plane;
 use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
-    os::fd::AsRawFd as _,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    os::fd::AsFd as _,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use bpf_common::dns::DnsCaptureMeta;
 use datapath_api::{DnsEntryView, DnsNamesQuery, DnsStatus};
-use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use crate::{
@@ -37,7 +33,7 @@ use crate::{
     features::Capability,
 };
 pub use learn::{DnsAnswer, Learner, store_config};
-use plane::{DnsPlane, PerfBuffer};
+use plane::DnsPlane;
 
 /// The controller's name: status, logs, metrics.
 pub const NAME: &str = "dns";
@@ -52,6 +48,8 @@ const ANSWER_BUFFER: usize = 4096;
 /// How often the store looks for expired entries (and the capture for new interfaces when
 /// the netlink controller is off).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// The longest an answer waits in the ring buffer below the programs' wake-up watermark.
+const READ_TICK: Duration = Duration::from_millis(100);
 
 /// What a module may ask the name store.
 pub trait NameLookup: Send + Sync {
@@ -91,18 +89,10 @@ impl NameLookup for StoreHandle {
 struct Inner {
     settings: DnsSettings,
     plane: Option<DnsPlane>,
-    /// One per online CPU; kept here so a restarted run loop reads them again.
-    buffers: Vec<Arc<Mutex<PerfBuffer>>>,
+    /// The ring buffer's descriptor: each run of the loop opens its reader from a duplicate
+    /// (the ring keeps its read position, so a restarted loop goes on where it stopped).
+    ring: Option<std::os::fd::OwnedFd>,
     health: Health,
-}
-
-/// A perf buffer's descriptor for the reactor (the buffer itself stays in `Inner`).
-struct BufferFd(std::os::fd::RawFd);
-
-impl std::os::fd::AsRawFd for BufferFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0
-    }
 }
 
 /// See the module documentation.
@@ -114,8 +104,6 @@ pub struct DnsController {
     answers: Arc<Topic<Arc<DnsAnswer>>>,
     links: StateReader<crate::netlink::model::Links>,
     netlink: bool,
-    /// Perf records the kernel dropped because this reader was behind.
-    reader_lost: AtomicU64,
     /// Why the last interface sync could not attach somewhere.
     attach_errors: Mutex<Vec<String>>,
 }
@@ -126,7 +114,7 @@ impl DnsController {
             inner: Mutex::new(Inner {
                 settings: settings.dns.clone(),
                 plane: None,
-                buffers: Vec::new(),
+                ring: None,
                 health: Health::default(),
             }),
             learner: Arc::new(Mutex::new(Learner::new(&settings.dns))),
@@ -137,7 +125,6 @@ impl DnsController {
                 .state::<crate::netlink::model::Links>(crate::netlink::LINKS)?
                 .reader(),
             netlink: settings.netlink.enabled,
-            reader_lost: AtomicU64::new(0),
             attach_errors: Mutex::new(Vec::new()),
         }))
     }
@@ -163,71 +150,35 @@ impl DnsController {
         }
     }
 
-    /// One perf sample: the capture header, then the frame.
-    fn sample(&self, head: &[u8], tail: &[u8]) -> Vec<Arc<DnsAnswer>> {
+    /// One ring record: the capture header, then the frame.
+    fn record(&self, bytes: &[u8], out: &mut Vec<Arc<DnsAnswer>>) {
         let meta_len = std::mem::size_of::<DnsCaptureMeta>();
-        let mut bytes = Vec::with_capacity(head.len() + tail.len());
-        bytes.extend_from_slice(head);
-        bytes.extend_from_slice(tail);
         let Some(meta_bytes) = bytes.get(..meta_len) else {
-            return Vec::new();
+            return;
         };
-        let mut meta = DnsCaptureMeta::default();
         // SAFETY: DnsCaptureMeta is a padded `repr(C)` POD of exactly `meta_len` bytes, valid
-        // for any bit pattern; the copy is unaligned-safe.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                meta_bytes.as_ptr(),
-                std::ptr::addr_of_mut!(meta).cast::<u8>(),
-                meta_len,
-            );
-        }
-        // The sample is padded to 8 bytes: the frame is what the program said it appended.
+        // for any bit pattern; read unaligned.
+        let meta: DnsCaptureMeta = unsafe { std::ptr::read_unaligned(meta_bytes.as_ptr().cast()) };
         let end = (meta_len + meta.captured_len as usize).min(bytes.len());
         let frame = &bytes[meta_len..end];
         let mut learner = lock(&self.learner);
-        learner
-            .ingest(frame, meta.ts_ns)
-            .into_iter()
-            .map(Arc::new)
-            .collect()
+        out.extend(learner.ingest(frame, meta.ts_ns).into_iter().map(Arc::new));
     }
 
-    /// Reads one CPU's perf buffer until `cancel`.
-    async fn read_buffer(
-        self: Arc<Self>,
-        buffer: Arc<Mutex<PerfBuffer>>,
-        mut cancel: Cancel,
-    ) -> Result<()> {
-        let fd = lock(&buffer).as_raw_fd();
-        // SAFETY: the descriptor is the buffer's, which `buffer` (held until this function
-        // returns) keeps open for as long as the registration, dropped first, lives.
-        let ready =
-            unsafe { AsyncFd::register_with_interest(BufferFd(fd), tokio::io::Interest::READABLE) }
-                .map_err(|e| {
-                    Error::io(format!("poll the perf buffer (fd {fd})"), e.into_parts().1)
-                })?;
-        loop {
-            let mut guard = tokio::select! {
-                g = ready.readable() => g.map_err(|e| Error::io("poll the perf buffer", e))?,
-                _ = cancel.cancelled() => return Ok(()),
-            };
-            let mut answers = Vec::new();
-            let mut lost = 0u64;
-            lock(&buffer).for_each(|event| match event {
-                aya::maps::perf::PerfEvent::Sample { head, tail } => {
-                    answers.extend(self.sample(head, tail))
-                }
-                aya::maps::perf::PerfEvent::Lost { count } => lost += count,
-            });
-            guard.clear_ready();
-            if lost > 0 {
-                self.reader_lost.fetch_add(lost, Ordering::Relaxed);
-            }
-            if !answers.is_empty() {
-                self.answers.publish_batch(answers);
-            }
-        }
+    /// The ring buffer, opened afresh from the kept descriptor.
+    fn open_ring(&self) -> Result<Option<plane::Ring>> {
+        let inner = lock(&self.inner);
+        let Some(fd) = &inner.ring else {
+            return Ok(None);
+        };
+        let dup = fd
+            .try_clone()
+            .map_err(|e| Error::io("duplicate the DNS ring buffer's descriptor", e))?;
+        let data =
+            aya::maps::MapData::from_fd(dup).map_err(crate::error::map_error("open DNS_EVENTS"))?;
+        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(data))
+            .map(Some)
+            .map_err(crate::error::map_error("open DNS_EVENTS as a ring buffer"))
     }
 
     /// Expires the store's entries past their time, keeping those the conntrack holds a live
@@ -283,10 +234,6 @@ impl DnsController {
             }
         }
         drop(inner);
-        st.lost.insert(
-            "reader_lost".into(),
-            self.reader_lost.load(Ordering::Relaxed),
-        );
         let learner = lock(&self.learner);
         let c = &learner.counters;
         st.messages = c.messages;
@@ -352,14 +299,14 @@ impl DnsController {
     }
 
     fn load(&self, settings: &DnsSettings) -> std::result::Result<(), String> {
-        let (plane, buffers) =
-            DnsPlane::start(settings).map_err(|e| format!("cannot load: {e}"))?;
+        let (plane, ring) = DnsPlane::start(settings).map_err(|e| format!("cannot load: {e}"))?;
         let mut inner = lock(&self.inner);
         inner.plane = Some(plane);
-        inner.buffers = buffers
-            .into_iter()
-            .map(|b| Arc::new(Mutex::new(b)))
-            .collect();
+        inner.ring = Some(
+            ring.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("cannot keep the ring buffer: {e}"))?,
+        );
         Ok(())
     }
 }
@@ -376,7 +323,7 @@ impl Controller for DnsController {
     fn requirements(&self) -> Requirements {
         Requirements {
             features: &[],
-            // TCX attachment, and perf buffers for BPF output.
+            // TCX attachment and the ring buffer.
             capabilities: &[Capability::Bpf, Capability::NetAdmin, Capability::Perfmon],
         }
     }
@@ -428,16 +375,21 @@ impl Controller for DnsController {
 
     fn run(self: Arc<Self>, cancel: Cancel) -> RunFuture {
         Box::pin(async move {
-            let buffers = lock(&self.inner).buffers.clone();
-            if lock(&self.inner).plane.is_none() {
+            let Some(ring) = self.open_ring()? else {
                 let mut cancel = cancel;
                 cancel.cancelled().await;
                 return Ok(());
-            }
-            let readers = futures_util::future::try_join_all(
-                buffers
-                    .into_iter()
-                    .map(|b| Arc::clone(&self).read_buffer(b, cancel.clone())),
+            };
+            // The programs wake the reader only past a watermark; the rest is read on a tick.
+            let me = Arc::clone(&self);
+            let topic = Arc::clone(&self.answers);
+            let readers = crate::bpf::ringbuf::drain_records(
+                ring,
+                topic,
+                1024,
+                Some(READ_TICK),
+                cancel.clone(),
+                move |bytes, out| me.record(bytes, out),
             );
             let me = Arc::clone(&self);
             let mut stop = cancel.clone();
@@ -459,7 +411,7 @@ impl Controller for DnsController {
                 }
             };
             let (a, b) = tokio::join!(readers, upkeep);
-            a.map(|_| ()).and(b)
+            a.and(b)
         })
     }
 
@@ -553,7 +505,7 @@ mod metrics {
                 ),
                 lost: counter(
                     "datapath_dns_lost_total",
-                    "DNS responses not seen, by cause (rate_limited, buffer_full, reader_lost)",
+                    "DNS responses not seen, by cause (rate_limited, buffer_full)",
                     &["cause"],
                 ),
                 snap_cut: counter(

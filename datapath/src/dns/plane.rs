@@ -1,5 +1,5 @@
 //! The capture programs of `bpf-dns`: loaded once, attached to the configured interfaces
-//! (TCX ingress and egress, `lo` on ingress only), their per-CPU perf buffers and counters.
+//! (TCX ingress and egress, `lo` on ingress only), their ring buffer and counters.
 //!
 //! The links are not pinned: a passive capture has nothing to keep across a restart, and an
 //! exiting daemon leaves no program behind on the node's interfaces.
@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, perf::PerfEventArray},
+    maps::{MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use bpf_common::dns::{globals, map_names, reason};
@@ -27,8 +27,6 @@ pub const PROGRAM_EGRESS: &str = "dns_egress";
 /// The loopback interface: captured on ingress only, which every loopback packet crosses once
 /// (its egress would show each answer a second time).
 pub const LOOPBACK: &str = "lo";
-/// Pages of each CPU's perf buffer: 512 KiB, about a thousand typical answers.
-const PERF_PAGES: usize = 128;
 
 /// One attached interface.
 struct Attached {
@@ -42,12 +40,12 @@ pub struct DnsPlane {
     attached: BTreeMap<String, Attached>,
 }
 
-/// One CPU's perf buffer.
-pub type PerfBuffer = aya::maps::perf::PerfEventArrayBuffer<MapData>;
+/// The capture's ring buffer: `DnsCaptureMeta`, then the packet's first bytes, per record.
+pub type Ring = RingBuf<MapData>;
 
 impl DnsPlane {
-    /// Loads and verifies the programs; answers the plane and one perf buffer per online CPU.
-    pub fn start(settings: &DnsSettings) -> Result<(Self, Vec<PerfBuffer>)> {
+    /// Loads and verifies the programs; answers the plane and its ring buffer.
+    pub fn start(settings: &DnsSettings) -> Result<(Self, Ring)> {
         if DNS_OBJECT.is_empty() {
             return Err(Error::InvalidArgument(
                 "this datapathd was built without its BPF programs (AYA_BUILD_SKIP)".into(),
@@ -71,29 +69,18 @@ impl DnsPlane {
                 .ok_or_else(|| Error::InvalidArgument("map DNS_REASONS missing".into()))?,
         )
         .map_err(map_error("open DNS_REASONS"))?;
-        let mut events = PerfEventArray::try_from(
+        let ring = RingBuf::try_from(
             bpf.take_map(map_names::EVENTS)
                 .ok_or_else(|| Error::InvalidArgument("map DNS_EVENTS missing".into()))?,
         )
         .map_err(map_error("open DNS_EVENTS"))?;
-        let cpus =
-            aya::util::online_cpus().map_err(|(what, e)| Error::io(format!("read {what}"), e))?;
-        let mut buffers = Vec::with_capacity(cpus.len());
-        for cpu in cpus {
-            buffers.push(events.open(cpu, Some(PERF_PAGES)).map_err(|e| {
-                Error::io(
-                    format!("open the perf buffer of CPU {cpu}"),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?);
-        }
         Ok((
             Self {
                 bpf,
                 reasons,
                 attached: BTreeMap::new(),
             },
-            buffers,
+            ring,
         ))
     }
 

@@ -364,20 +364,19 @@ fn dns_alone(args: &Args) -> Result<()> {
         &r.empty_ns,
     );
     ns(
-        "a DNS answer through dns_ingress (perf output included)",
+        "a DNS answer through dns_ingress (its copy into the ring included)",
         &r.capture_answer_ns,
     );
     println!(
         "\ncapture over the empty program on non-DNS packets: {over:+.1} ns (median of each)\n\n\
          kernel to store ({:.1} s, dns_ingress by BPF_PROG_TEST_RUN on one CPU, the reader on \
-         another): {} sent, {} learned ({:.0}/s), lost: {} buffer full, {} perf records\n\n\
+         another): {} sent, {} learned ({:.0}/s), lost: {} to a full ring\n\n\
          memory: {:.1} MiB per 100,000 names (heap, each a name, a CNAME and an address)",
         r.pipeline_seconds,
         r.pipeline_sent,
         r.pipeline_learned,
         r.pipeline_per_second,
         r.pipeline_lost_buffer_full,
-        r.pipeline_lost_records,
         r.memory_bytes_per_100k_names / (1024.0 * 1024.0),
     );
     if let Some(path) = &args.json {
