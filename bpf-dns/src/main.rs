@@ -44,6 +44,8 @@ const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_DEST: u8 = 60;
 const DNS_PORT: u16 = 53;
+const UDP_HLEN: usize = 8;
+const DNS_HLEN: usize = 12;
 
 #[unsafe(no_mangle)]
 static CAPTURE_RATE: u64 = DEFAULT_CAPTURE_RATE;
@@ -162,11 +164,15 @@ fn try_capture(ctx: &TcContext, direction: u8) -> Option<()> {
     }
     let packet_len = ctx.len();
     if proto == PROTO_TCP {
-        // Data offset in 32-bit words: a segment that ends with its header has no answer.
+        // Data offset in 32-bit words: a segment that ends with its header has no answer (a
+        // later segment of a message may hold any part of it).
         let header = usize::from(byte_at(ctx, &frame, l4 + 12)? >> 4) * 4;
-        if packet_len as usize <= l4 + header {
+        if header < 20 || packet_len as usize <= l4 + header {
             return None;
         }
+    } else if (packet_len as usize) < l4 + UDP_HLEN + DNS_HLEN {
+        // Not even a UDP header and a DNS header: nothing an answer could be.
+        return None;
     }
     let now = now_ns();
     if !rate_allows(&DNS_RATE, global(&CAPTURE_RATE), now) {

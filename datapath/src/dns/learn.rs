@@ -194,3 +194,71 @@ impl Learner {
         self.tcp.streams()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `web.test` CNAME `edge.test` A 198.18.2.7, from 198.18.1.11 to 198.18.0.1, as a frame.
+    fn frame(id: u16) -> Vec<u8> {
+        let mut m = id.to_be_bytes().to_vec();
+        m.extend([0x81, 0x80, 0, 1, 0, 2, 0, 0, 0, 0]);
+        m.extend(b"\x03web\x04test\x00\x00\x01\x00\x01");
+        // CNAME: owner -> the question, target edge.test (at offset 12 + 14 + 12 = 38).
+        m.extend([0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 30, 0, 11]);
+        m.extend(b"\x04edge\x04test\x00");
+        m.extend([0xc0, 38, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 18, 2, 7]);
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 1, 11], [2, 0, 0, 0, 0, 1])
+            .ipv4([198, 18, 1, 11], [198, 18, 0, 1], 64)
+            .udp(53, 40_000);
+        let mut out = Vec::new();
+        b.write(&mut out, &m).unwrap();
+        out
+    }
+
+    #[test]
+    fn an_answer_is_learned_published_once_and_named_for_its_client() {
+        let mut l = Learner::new(&DnsSettings::default());
+        let answers = l.ingest(&frame(7), 1_000);
+        let (client, resolver): (IpAddr, IpAddr) = (
+            "198.18.0.1".parse().unwrap(),
+            "198.18.1.11".parse().unwrap(),
+        );
+        assert_eq!(
+            answers,
+            [DnsAnswer {
+                ts_ns: 1_000,
+                client,
+                resolver,
+                question: "web.test".into(),
+                qtype: 1,
+                tcp: false,
+                addresses: vec![(
+                    "198.18.2.7".parse().unwrap(),
+                    vec!["web.test".into(), "edge.test".into()],
+                    30,
+                )],
+            }]
+        );
+        // The same answer seen on a second interface: a duplicate, not a second answer.
+        assert!(l.ingest(&frame(7), 2_000).is_empty());
+        assert_eq!(l.counters.duplicates, 1);
+        // The next answer (another id) refreshes the entry.
+        assert_eq!(l.ingest(&frame(8), 3_000).len(), 1);
+        assert_eq!(l.counters.answers, 2);
+        let e = l
+            .store
+            .lookup(Some(client), "198.18.2.7".parse().unwrap())
+            .unwrap();
+        assert_eq!(e.resolver, resolver);
+        assert_eq!(e.ttl, 30);
+        // Not DNS: counted by reason, nothing learned.
+        assert!(l.ingest(&[0u8; 20], 4_000).is_empty());
+        assert_eq!(
+            l.counters.parse_errors.values().sum::<u64>(),
+            1,
+            "{:?}",
+            l.counters
+        );
+    }
+}
