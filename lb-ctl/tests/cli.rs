@@ -492,7 +492,7 @@ fn usage_errors_are_one_line() {
         (
             &["servic", "ls"],
             "unrecognized subcommand 'servic' for 'lb-ctl': accepted: service, backend, \
-             stats, status, node, sources, socklb, policy, conntrack, flows, help; did you mean 'service'?",
+             stats, status, node, sources, socklb, policy, conntrack, flows, dns, help; did you mean 'service'?",
         ),
         (
             &["backend", "bogus"],
@@ -703,8 +703,8 @@ fn policy_answer(rec: &Recorded) -> (u16, String) {
     (200, fixture(file))
 }
 
-/// Reading the answers with the API's types changed nothing lb-ctl prints, tables and
-/// `-o json` alike.
+/// Reading the answers with the API's types changed nothing lb-ctl prints, tables and `-o json`
+/// alike, but for the names of the `dns` module (their own column and fields).
 #[test]
 fn policy_conntrack_and_flow_output_is_unchanged() {
     let d = FakeDaemon::start(policy_answer);
