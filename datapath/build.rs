@@ -21,6 +21,8 @@ fn main() -> aya_build::Result<()> {
     let sock_root_dir = bpf_sock_dir.to_string_lossy().into_owned();
     let bpf_dns_dir = manifest_dir.join("..").join("bpf-dns").canonicalize()?;
     let dns_root_dir = bpf_dns_dir.to_string_lossy().into_owned();
+    let bpf_trace_dir = manifest_dir.join("..").join("bpf-trace").canonicalize()?;
+    let trace_root_dir = bpf_trace_dir.to_string_lossy().into_owned();
     aya_build::build_ebpf(
         [
             Package {
@@ -44,12 +46,17 @@ fn main() -> aya_build::Result<()> {
                 root_dir: &dns_root_dir,
                 ..Default::default()
             },
+            Package {
+                name: "bpf-trace",
+                root_dir: &trace_root_dir,
+                ..Default::default()
+            },
         ],
         Toolchain::default(),
     )?;
     // With AYA_BUILD_SKIP (host-only work), leave an empty object so the crate still compiles;
     // the loader refuses to start with a clear message.
-    for name in ["bpf-xdp", "bpf-tc", "bpf-sock", "bpf-dns"] {
+    for name in ["bpf-xdp", "bpf-tc", "bpf-sock", "bpf-dns", "bpf-trace"] {
         let object = PathBuf::from(std::env::var("OUT_DIR")?).join(name);
         if !object.exists() {
             std::fs::write(&object, [])?;

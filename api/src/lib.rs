@@ -16,6 +16,7 @@
 //! - [`status`]: `/v1/status`, `/healthz`.
 //! - [`socklb`]: `/v1/socklb`, the socket load balancer.
 //! - [`dns`]: `/v1/dns`, `/v1/dns/names`, names learned from DNS answers.
+//! - [`proc`]: `/v1/proc`, `/v1/proc/status`, processes the exec module follows.
 //! - [`error`]: [`ApiError`], [`ErrorCode`], and [`Error`], this crate's one error type (a
 //!   value that does not parse).
 //!
@@ -30,6 +31,7 @@ pub mod lb;
 pub mod model;
 pub mod node;
 pub mod policy;
+pub mod proc;
 pub mod routes;
 pub mod socklb;
 pub mod sources;
@@ -45,6 +47,7 @@ pub use lb::*;
 pub use model::*;
 pub use node::*;
 pub use policy::*;
+pub use proc::*;
 pub use routes::{Route, RouteInfo};
 pub use socklb::*;
 pub use sources::*;

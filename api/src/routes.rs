@@ -15,6 +15,7 @@ use crate::{
     model::{BackendKey, ServiceKey},
     node::NodeView,
     policy::{ApplyPolicy, PolicyStatus},
+    proc::{ProcQuery, ProcStatus, ProcessView},
     socklb::SockLbStatus,
     sources::SourcesView,
     status::{Health, StatusView},
@@ -36,6 +37,8 @@ pub const SOURCES: &str = "/v1/sources";
 pub const SOCKLB: &str = "/v1/socklb";
 pub const DNS: &str = "/v1/dns";
 pub const DNS_NAMES: &str = "/v1/dns/names";
+pub const PROC: &str = "/v1/proc";
+pub const PROC_STATUS: &str = "/v1/proc/status";
 
 /// The HTTP methods the API uses (every `GET` route also answers `HEAD`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -132,6 +135,12 @@ impl Query for ChangeQuery {
 impl Query for CtFilter {
     fn to_query(&self) -> String {
         CtFilter::to_query(self)
+    }
+}
+
+impl Query for ProcQuery {
+    fn to_query(&self) -> String {
+        ProcQuery::to_query(self)
     }
 }
 
@@ -284,6 +293,12 @@ routes! {
     /// Learned names, by address then client.
     ListDnsNames: Get DNS_NAMES, params (), query DnsNamesQuery, body NoBody
         => 200 Vec<DnsEntryView>, Json;
+    /// Processes of the exec module's cache, by pid.
+    ListProcesses: Get PROC, params (), query ProcQuery, body NoBody
+        => 200 Vec<ProcessView>, Json;
+    /// The exec module: tracer counters and the cache's figures.
+    GetProcStatus: Get PROC_STATUS, params (), query NoQuery, body NoBody
+        => 200 ProcStatus, Json;
     /// Interfaces, addresses, neighbours and routes as the netlink controller learned them.
     GetNode: Get NODE, params (), query NoQuery, body NoBody => 200 NodeView, Json;
     GetStats: Get STATS, params (), query NoQuery, body NoBody => 200 StatsView, Json;

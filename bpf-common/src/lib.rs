@@ -14,6 +14,7 @@ pub mod dns;
 pub mod policy;
 pub mod reason;
 pub mod sock;
+pub mod trace;
 
 /// `AF_INET` as stored in the `family` fields.
 pub const FAMILY_IPV4: u8 = 2;
@@ -376,4 +377,5 @@ mod pod {
     unsafe impl aya::Pod for sock::SockRevNatSet {}
     unsafe impl aya::Pod for sock::SockLbEvent {}
     unsafe impl aya::Pod for dns::DnsCaptureMeta {}
+    unsafe impl aya::Pod for trace::ProcessEvent {}
 }

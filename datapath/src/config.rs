@@ -127,6 +127,7 @@ struct FileConfig {
     kubernetes: Option<KubernetesFile>,
     socklb: Option<SockLbFile>,
     dns: Option<DnsFile>,
+    exec: Option<ExecFile>,
     // The previous layout (see DEPRECATED_KEYS).
     interfaces: Option<Vec<String>>,
     xdp_mode: Option<XdpModeName>,
@@ -205,6 +206,17 @@ struct DnsFile {
     grace_seconds: Option<u64>,
     max_entries: Option<usize>,
     max_addresses_per_name: Option<usize>,
+}
+
+/// The `exec` section: processes followed through exec, fork and exit (docs/exec.md).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecFile {
+    enabled: Option<bool>,
+    event_rate: Option<u64>,
+    max_processes: Option<usize>,
+    exit_grace_seconds: Option<u64>,
+    btf_path: Option<PathBuf>,
 }
 
 /// The `conntrack` section: the GC of the load balancer's flow tables.
@@ -628,6 +640,32 @@ impl Default for DnsSettings {
     }
 }
 
+/// The `exec` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecSettings {
+    pub enabled: bool,
+    /// Events per second per CPU (0: none).
+    pub event_rate: u64,
+    /// Processes in the cache (exited ones evicted first).
+    pub max_processes: usize,
+    /// How long an exited process stays known.
+    pub exit_grace: Duration,
+    /// The kernel's BTF, where the tracer's struct offsets are read.
+    pub btf_path: PathBuf,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            event_rate: bpf_common::trace::DEFAULT_EVENT_RATE,
+            max_processes: 65_536,
+            exit_grace: Duration::from_secs(30),
+            btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+        }
+    }
+}
+
 /// Default of `netlink.receive_buffer_bytes`: 4 MiB.
 pub const DEFAULT_NETLINK_RECEIVE_BUFFER: u64 = 4 << 20;
 /// Smallest and largest `netlink.receive_buffer_bytes`.
@@ -677,6 +715,7 @@ pub struct Settings {
     pub kubernetes: KubernetesSettings,
     pub socklb: SockLbSettings,
     pub dns: DnsSettings,
+    pub exec: ExecSettings,
     /// The file the values came from, to name its lines in errors found later (an interface
     /// pattern that matches nothing when a controller starts or reloads).
     pub origin: Origin,
@@ -718,6 +757,7 @@ impl Default for Settings {
             kubernetes: KubernetesSettings::default(),
             socklb: SockLbSettings::default(),
             dns: DnsSettings::default(),
+            exec: ExecSettings::default(),
             origin: Origin::default(),
         }
     }
@@ -990,6 +1030,9 @@ impl Settings {
         }
         if let Some(d) = f.dns {
             self.apply_dns(src, d)?;
+        }
+        if let Some(e) = f.exec {
+            self.apply_exec(src, e)?;
         }
         if let Err(e) = self.dataplane_config().validate() {
             // The only rule across keys left: the Maglev tables of every service in one map.
@@ -1279,11 +1322,42 @@ impl Settings {
         check(self.kubernetes != new.kubernetes, "kubernetes");
         check(self.socklb != new.socklb, "socklb");
         check(self.dns != new.dns, "dns");
+        check(self.exec != new.exec, "exec");
         out
     }
 }
 
 impl Settings {
+    /// The `exec` section over the defaults.
+    fn apply_exec(&mut self, src: &Source, e: ExecFile) -> Result<()> {
+        let exec = &mut self.exec;
+        if let Some(v) = e.enabled {
+            exec.enabled = v;
+        }
+        if let Some(r) = e.event_rate {
+            if r > 1_000_000 {
+                return Err(src.error("exec.event_rate", "at most 1000000 per second"));
+            }
+            exec.event_rate = r;
+        }
+        if let Some(n) = e.max_processes {
+            if !(16..=10_000_000).contains(&n) {
+                return Err(src.error("exec.max_processes", "between 16 and 10000000"));
+            }
+            exec.max_processes = n;
+        }
+        if let Some(v) = e.exit_grace_seconds {
+            exec.exit_grace = Duration::from_secs(v);
+        }
+        if let Some(p) = e.btf_path {
+            if !p.is_absolute() {
+                return Err(src.error("exec.btf_path", "must be an absolute path"));
+            }
+            exec.btf_path = p;
+        }
+        Ok(())
+    }
+
     /// The `dns` section over the defaults.
     fn apply_dns(&mut self, src: &Source, d: DnsFile) -> Result<()> {
         let dns = &mut self.dns;

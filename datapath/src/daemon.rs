@@ -122,6 +122,7 @@ pub fn controllers(settings: &Settings, bus: &Bus) -> Result<Controllers> {
         crate::kubernetes::KubernetesController::new(settings, bus)? as DynController,
         crate::socklb::SockLbController::new(settings, bus)? as DynController,
         crate::dns::DnsController::new(settings, bus)? as DynController,
+        crate::exec::ExecController::new(settings, bus)? as DynController,
         Arc::clone(&conntrack) as DynController,
     ];
     Ok(Controllers {

@@ -14,6 +14,7 @@ pub mod ct;
 pub mod daemon;
 pub mod dns;
 pub mod error;
+pub mod exec;
 pub mod features;
 pub mod kubernetes;
 pub mod lb;

@@ -87,6 +87,30 @@ pub enum Command {
     /// counters, the name store, the names of an address.
     #[command(subcommand)]
     Dns(DnsCommand),
+    /// Processes the exec module follows (exec, fork and exit through BTF tracepoints): the
+    /// cache, one process, the tracer's counters.
+    #[command(subcommand)]
+    Proc(ProcCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProcCommand {
+    /// The processes in the cache, by pid (every filter given must match).
+    #[command(visible_alias = "ls")]
+    List {
+        #[arg(long, value_name = "PID")]
+        pid: Option<u32>,
+        /// The cgroup v2 id (the cgroup directory's inode number).
+        #[arg(long, value_name = "ID")]
+        cgroup_id: Option<u64>,
+    },
+    /// One process (every one of that pid the cache holds: pids are reused).
+    Show {
+        #[arg(value_name = "PID")]
+        pid: u32,
+    },
+    /// Whether the module runs, the tracer's counters, the cache's figures.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -423,6 +447,10 @@ pub enum Action {
     Flows(FlowsQuery),
     DnsStatus,
     DnsList(DnsNamesQuery),
+    ProcList(datapath_api::ProcQuery),
+    /// `proc show`: an error when the cache has no such pid.
+    ProcShow(u32),
+    ProcStatus,
     /// `lb-ctl dns lookup`: the query holds the address.
     DnsLookup(DnsNamesQuery),
 }
@@ -632,6 +660,14 @@ impl Command {
             Command::Sources => Action::Sources,
             Command::Socklb => Action::SockLb,
             Command::Dns(DnsCommand::Status) => Action::DnsStatus,
+            Command::Proc(ProcCommand::List { pid, cgroup_id }) => {
+                Action::ProcList(datapath_api::ProcQuery {
+                    pid: *pid,
+                    cgroup_id: *cgroup_id,
+                })
+            }
+            Command::Proc(ProcCommand::Show { pid }) => Action::ProcShow(*pid),
+            Command::Proc(ProcCommand::Status) => Action::ProcStatus,
             Command::Dns(DnsCommand::List {
                 address,
                 client,

@@ -64,6 +64,18 @@ impl Client {
         self.send::<routes::GetSockLb>(&(), &NoQuery, &NoBody).await
     }
 
+    pub async fn processes(
+        &self,
+        q: &datapath_api::ProcQuery,
+    ) -> Result<Vec<datapath_api::ProcessView>> {
+        self.send::<routes::ListProcesses>(&(), q, &NoBody).await
+    }
+
+    pub async fn proc_status(&self) -> Result<datapath_api::ProcStatus> {
+        self.send::<routes::GetProcStatus>(&(), &NoQuery, &NoBody)
+            .await
+    }
+
     pub async fn dns(&self) -> Result<datapath_api::DnsStatus> {
         self.send::<routes::GetDns>(&(), &NoQuery, &NoBody).await
     }

@@ -166,6 +166,40 @@ pub async fn run(cli: &Cli) -> Result<String> {
                 output::socklb(&st)
             }
         }
+        Action::ProcList(q) => {
+            let list = client.processes(&q).await?;
+            if json {
+                to_json(&list)?
+            } else {
+                output::processes(&list)
+            }
+        }
+        Action::ProcShow(pid) => {
+            let q = datapath_api::ProcQuery {
+                pid: Some(pid),
+                ..Default::default()
+            };
+            let list = client.processes(&q).await?;
+            if list.is_empty() {
+                return Err(Error::Api(datapath_api::ApiError {
+                    code: datapath_api::ErrorCode::NotFound,
+                    error: format!("no process {pid} in the exec module's cache"),
+                }));
+            }
+            if json {
+                to_json(&list)?
+            } else {
+                output::process_details(&list)
+            }
+        }
+        Action::ProcStatus => {
+            let st = client.proc_status().await?;
+            if json {
+                to_json(&st)?
+            } else {
+                output::proc_status(&st)
+            }
+        }
         Action::DnsStatus => {
             let st = client.dns().await?;
             if json {

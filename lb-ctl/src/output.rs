@@ -711,6 +711,110 @@ fn remote_name(dst: Option<&str>, src: Option<&str>) -> String {
     }
 }
 
+/// `lb-ctl proc list`.
+pub fn processes(list: &[datapath_api::ProcessView]) -> String {
+    let mut t = Table::new(&[
+        ("PID", Align::Right),
+        ("PPID", Align::Right),
+        ("UID", Align::Right),
+        ("EXE", Align::Left),
+        ("ARGS", Align::Left),
+        ("CGROUP", Align::Left),
+        ("STATE", Align::Left),
+    ]);
+    for p in list {
+        let mut args = p.args.join(" ");
+        if args.len() > 60 {
+            let cut = (0..=57)
+                .rev()
+                .find(|i| args.is_char_boundary(*i))
+                .unwrap_or(0);
+            args.truncate(cut);
+            args.push_str("...");
+        }
+        t.row(vec![
+            p.pid.to_string(),
+            p.ppid.to_string(),
+            p.uid.to_string(),
+            if p.exe.is_empty() {
+                p.comm.clone()
+            } else {
+                p.exe.clone()
+            },
+            args,
+            p.cgroup.clone().unwrap_or_else(|| p.cgroup_id.to_string()),
+            match p.exit_code {
+                Some(code) => format!("exited {code}"),
+                None => "running".into(),
+            },
+        ]);
+    }
+    t.render()
+}
+
+/// `lb-ctl proc show PID`: every field, one process after the other.
+pub fn process_details(list: &[datapath_api::ProcessView]) -> String {
+    let mut out = String::new();
+    for p in list {
+        let _ = writeln!(out, "pid {} (started at tick {})", p.pid, p.start_ticks);
+        let _ = writeln!(out, "  parent   {}", p.ppid);
+        let _ = writeln!(out, "  exe      {}", p.exe);
+        let _ = writeln!(out, "  args     {:?}", p.args);
+        let _ = writeln!(out, "  comm     {}", p.comm);
+        let _ = writeln!(out, "  uid      {}", p.uid);
+        let _ = writeln!(
+            out,
+            "  cgroup   {} (id {})",
+            p.cgroup.as_deref().unwrap_or("-"),
+            p.cgroup_id
+        );
+        if let Some(pod) = &p.pod_uid {
+            let _ = writeln!(
+                out,
+                "  pod      {pod} container {}",
+                p.container_id.as_deref().unwrap_or("-")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  state    {}{}",
+            match p.exit_code {
+                Some(code) => format!("exited {code}"),
+                None => "running".into(),
+            },
+            if p.from_proc { " (found at start)" } else { "" }
+        );
+    }
+    out
+}
+
+/// `lb-ctl proc status`.
+pub fn proc_status(v: &datapath_api::ProcStatus) -> String {
+    let mut out = String::new();
+    let state = match (v.enabled, v.up) {
+        (_, true) => "up".to_string(),
+        (false, _) => "disabled".to_string(),
+        (true, false) => format!("off: {}", v.reason.as_deref().unwrap_or("unknown")),
+    };
+    let _ = writeln!(out, "exec: {state}");
+    let _ = writeln!(
+        out,
+        "cache: {} processes ({} exited), {} evicted, {} expired, {} found at start",
+        v.entries, v.exited, v.evicted, v.expired, v.found_at_start
+    );
+    let items: Vec<String> = v.events.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let _ = writeln!(
+        out,
+        "events: {}",
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
+    );
+    out
+}
+
 /// `lb-ctl dns status`.
 pub fn dns_status(v: &datapath_api::DnsStatus) -> String {
     let mut out = String::new();

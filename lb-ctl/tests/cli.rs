@@ -492,7 +492,7 @@ fn usage_errors_are_one_line() {
         (
             &["servic", "ls"],
             "unrecognized subcommand 'servic' for 'lb-ctl': accepted: service, backend, \
-             stats, status, node, sources, socklb, policy, conntrack, flows, dns, help; did you mean 'service'?",
+             stats, status, node, sources, socklb, policy, conntrack, flows, dns, proc, help; did you mean 'service'?",
         ),
         (
             &["backend", "bogus"],

@@ -42,6 +42,44 @@ impl TestCgroup {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Its cgroup id: the directory's inode number.
+    pub fn id(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(std::fs::metadata(&self.0)
+            .with_context(|| format!("stat {}", self.0.display()))?
+            .ino())
+    }
+
+    /// Makes `cmd` join this cgroup between fork and exec (so the program runs in it from its
+    /// first instruction).
+    pub fn join_on_exec(&self, cmd: &mut std::process::Command) {
+        join_on_exec(cmd, &self.0);
+    }
+}
+
+/// Makes `cmd` join cgroup directory `cgroup` between fork and exec.
+pub fn join_on_exec(cmd: &mut std::process::Command, cgroup: &Path) {
+    use std::os::unix::process::CommandExt as _;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").to_string_lossy().into_owned())
+        .expect("a path without NUL");
+    // SAFETY: between fork and exec only open(2), write(2) and close(2), which are
+    // async-signal-safe; `procs` is owned by the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0": the writing process itself.
+            let rc = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+            libc::close(fd);
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 impl Drop for TestCgroup {

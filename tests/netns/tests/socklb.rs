@@ -10,7 +10,6 @@
 use std::{
     io::{BufRead, BufReader},
     net::{IpAddr, SocketAddr},
-    os::unix::process::CommandExt as _,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -173,25 +172,7 @@ fn in_cgroup(mut cmd: Command, ns: &str, cgroup: Option<&Path>) -> Command {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     ok("the client's namespace", netns::command_in(&mut cmd, ns));
     if let Some(cg) = cgroup {
-        let procs =
-            std::ffi::CString::new(cg.join("cgroup.procs").to_string_lossy().into_owned()).unwrap();
-        // SAFETY: between fork and exec only open(2), write(2) and close(2), which are
-        // async-signal-safe; `procs` is owned by the closure.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0": the writing process itself.
-                let rc = libc::write(fd, b"0\n".as_ptr().cast(), 2);
-                libc::close(fd);
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        netns_tests::cgroup::join_on_exec(&mut cmd, cg);
     }
     cmd
 }

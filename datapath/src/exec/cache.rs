@@ -1,0 +1,542 @@
+//! The process cache: processes keyed by (pid, start time), built from the tracer's events
+//! and, at start, a walk of `/proc`.
+//!
+//! - Start times are compared at clock-tick resolution: `/proc/<pid>/stat` gives the start in
+//!   ticks since boot, the tracer the leader's `start_boottime` in nanoseconds.
+//! - Events that arrive out of order still resolve: an exit before its fork or exec makes an
+//!   entry that a later exec fills in, and a fork never overwrites what an exec said.
+//! - An exited process is kept for a grace period (a flow's owner stays known a while after it
+//!   ends), then dropped; the cache is bounded (exited processes go first, then the oldest).
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
+
+/// The identity of a process: its pid and its start in clock ticks since boot.
+pub type ProcessKey = (u32, u64);
+
+/// A pod's and container's identity, parsed from a cgroup path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    pub pod_uid: Option<String>,
+    pub container_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    /// Start, in clock ticks since boot.
+    pub start_ticks: u64,
+    pub ppid: u32,
+    pub parent_start_ticks: u64,
+    /// The program's path as execve got it (empty before an exec or a `/proc` walk says it).
+    pub exe: String,
+    pub args: Vec<String>,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    /// The cgroup's path under the cgroup2 root, when known.
+    pub cgroup: Option<String>,
+    pub workload: Workload,
+    /// Boot-clock nanoseconds of the exit, and its code.
+    pub exited: Option<(u64, u32)>,
+    /// Boot-clock nanoseconds of the last event about it (for eviction).
+    pub seen_ns: u64,
+    /// Found by the `/proc` walk (existed before the daemon started).
+    pub from_proc: bool,
+}
+
+/// What the tracer said, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Exec {
+        process: Process,
+    },
+    Fork {
+        process: Process,
+    },
+    Exit {
+        pid: u32,
+        start_ticks: u64,
+        ts_ns: u64,
+        code: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub entries: usize,
+    pub exited: usize,
+    pub evicted: u64,
+    pub expired: u64,
+}
+
+pub struct ProcessCache {
+    by_key: HashMap<ProcessKey, Process>,
+    /// The latest start of each pid (pids are reused).
+    latest: HashMap<u32, u64>,
+    /// Exited processes by exit time, for expiry.
+    exits: BTreeMap<(u64, ProcessKey), ()>,
+    max: usize,
+    grace_ns: u64,
+    evicted: u64,
+    expired: u64,
+}
+
+impl ProcessCache {
+    pub fn new(max: usize, grace_ns: u64) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            latest: HashMap::new(),
+            exits: BTreeMap::new(),
+            max: max.max(1),
+            grace_ns,
+            evicted: 0,
+            expired: 0,
+        }
+    }
+
+    fn note_latest(&mut self, pid: u32, start: u64) {
+        let latest = self.latest.entry(pid).or_insert(start);
+        if start > *latest {
+            *latest = start;
+        }
+    }
+
+    fn remove(&mut self, key: ProcessKey) {
+        if let Some(p) = self.by_key.remove(&key) {
+            if let Some((ts, _)) = p.exited {
+                self.exits.remove(&(ts, key));
+            }
+            if self.latest.get(&key.0) == Some(&key.1) {
+                // The newest of that pid is gone: the next newest, if any, becomes it.
+                match self
+                    .by_key
+                    .keys()
+                    .filter(|k| k.0 == key.0)
+                    .map(|k| k.1)
+                    .max()
+                {
+                    Some(s) => {
+                        self.latest.insert(key.0, s);
+                    }
+                    None => {
+                        self.latest.remove(&key.0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Room for one more: the oldest exited process goes first, else the least recently seen.
+    fn make_room(&mut self) {
+        while self.by_key.len() >= self.max {
+            let victim = self.exits.keys().next().map(|(_, k)| *k).or_else(|| {
+                self.by_key
+                    .iter()
+                    .min_by_key(|(_, p)| p.seen_ns)
+                    .map(|(k, _)| *k)
+            });
+            let Some(key) = victim else { return };
+            self.remove(key);
+            self.evicted += 1;
+        }
+    }
+
+    fn upsert(&mut self, key: ProcessKey, seen_ns: u64, fill: impl FnOnce(&mut Process, bool)) {
+        if !self.by_key.contains_key(&key) {
+            self.make_room();
+        }
+        let fresh = !self.by_key.contains_key(&key);
+        let p = self.by_key.entry(key).or_insert_with(|| Process {
+            pid: key.0,
+            start_ticks: key.1,
+            ..Process::default()
+        });
+        fill(p, fresh);
+        p.seen_ns = p.seen_ns.max(seen_ns);
+        self.note_latest(key.0, key.1);
+    }
+
+    pub fn apply(&mut self, event: Event) {
+        match event {
+            Event::Exec { process } => {
+                let key = (process.pid, process.start_ticks);
+                self.upsert(key, process.seen_ns, |p, _| {
+                    let exited = p.exited;
+                    *p = Process { exited, ..process };
+                });
+            }
+            Event::Fork { process } => {
+                let key = (process.pid, process.start_ticks);
+                // The child runs its parent's program until it execs.
+                let parent = (process.ppid, process.parent_start_ticks);
+                let inherited = self.by_key.get(&parent).map(|pp| {
+                    (
+                        pp.exe.clone(),
+                        pp.args.clone(),
+                        pp.cgroup.clone(),
+                        pp.workload.clone(),
+                    )
+                });
+                self.upsert(key, process.seen_ns, |p, fresh| {
+                    if fresh || p.exe.is_empty() {
+                        let exited = p.exited;
+                        *p = Process { exited, ..process };
+                        if let Some((exe, args, cgroup, workload)) = inherited {
+                            p.exe = exe;
+                            p.args = args;
+                            if p.cgroup.is_none() {
+                                p.cgroup = cgroup;
+                                p.workload = workload;
+                            }
+                        }
+                    }
+                });
+            }
+            Event::Exit {
+                pid,
+                start_ticks,
+                ts_ns,
+                code,
+            } => {
+                let key = (pid, start_ticks);
+                let old = self.by_key.get(&key).and_then(|p| p.exited);
+                if let Some((ts, _)) = old {
+                    self.exits.remove(&(ts, key));
+                }
+                self.upsert(key, ts_ns, |p, _| p.exited = Some((ts_ns, code)));
+                self.exits.insert((ts_ns, key), ());
+            }
+        }
+    }
+
+    /// Drops processes that exited more than the grace period before `now_ns`.
+    pub fn expire(&mut self, now_ns: u64) -> usize {
+        let due: Vec<ProcessKey> = self
+            .exits
+            .keys()
+            .take_while(|(ts, _)| now_ns.saturating_sub(*ts) > self.grace_ns)
+            .map(|(_, k)| *k)
+            .collect();
+        for key in &due {
+            self.remove(*key);
+        }
+        self.expired += due.len() as u64;
+        due.len()
+    }
+
+    /// The newest process with `pid`.
+    pub fn by_pid(&self, pid: u32) -> Option<&Process> {
+        let start = self.latest.get(&pid)?;
+        self.by_key.get(&(pid, *start))
+    }
+
+    pub fn get(&self, key: ProcessKey) -> Option<&Process> {
+        self.by_key.get(&key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Process> {
+        self.by_key.values()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            entries: self.by_key.len(),
+            exited: self.exits.len(),
+            evicted: self.evicted,
+            expired: self.expired,
+        }
+    }
+}
+
+/// The pod and container of a cgroup path, as the kubelet lays them out (cgroupfs:
+/// `/kubepods/burstable/pod<uid>/<id>`; systemd: `.../kubepods-burstable-pod<uid with _>.slice/
+/// cri-containerd-<id>.scope`, also `docker-` and `crio-`).
+pub fn workload_of(cgroup: &str) -> Workload {
+    let mut w = Workload::default();
+    let parts: Vec<&str> = cgroup.split('/').filter(|p| !p.is_empty()).collect();
+    let Some(at) = parts.iter().position(|p| p.contains("kubepods")) else {
+        return w;
+    };
+    for (i, part) in parts.iter().enumerate().skip(at) {
+        let name = part.strip_suffix(".slice").unwrap_or(part);
+        if let Some(pos) = name.rfind("pod")
+            && w.pod_uid.is_none()
+        {
+            let uid = &name[pos + 3..];
+            if uid.len() >= 32
+                && uid
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
+            {
+                w.pod_uid = Some(uid.replace('_', "-"));
+                // The container is the next level, if there is one.
+                if let Some(next) = parts.get(i + 1) {
+                    let id = next.strip_suffix(".scope").unwrap_or(next);
+                    let id = id.rsplit(['-', ':']).next().unwrap_or(id);
+                    if id.len() >= 12 && id.chars().all(|c| c.is_ascii_hexdigit()) {
+                        w.container_id = Some(id.to_string());
+                    }
+                }
+            }
+        }
+    }
+    w
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// Boot-clock nanoseconds to clock ticks.
+pub fn ticks_of_ns(ns: u64, ticks_per_second: u64) -> u64 {
+    ns / (1_000_000_000 / ticks_per_second.max(1))
+}
+
+/// `/proc/<pid>/stat`: (ppid, start in ticks, comm). The comm may hold spaces and parentheses:
+/// the fields follow the last `)`.
+pub fn parse_stat(stat: &str) -> Option<(u32, u64, String)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    // After the comm: state (3), ppid (4), ..., starttime (22).
+    let ppid = fields.get(1)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((ppid, start, comm))
+}
+
+/// The processes of `/proc` (those that existed before the daemon started), bounded by `max`.
+pub fn walk_proc(proc: &Path, max: usize) -> Vec<Process> {
+    let Ok(dir) = std::fs::read_dir(proc) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        if out.len() >= max {
+            break;
+        }
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let base = entry.path();
+        let Some((ppid, start_ticks, comm)) = std::fs::read_to_string(base.join("stat"))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+        else {
+            // Gone meanwhile.
+            continue;
+        };
+        let args: Vec<String> = std::fs::read(base.join("cmdline"))
+            .map(|b| {
+                b.split(|c| *c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let exe = std::fs::read_link(base.join("exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let uid = std::fs::read_to_string(base.join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|u| u.parse().ok())
+            })
+            .unwrap_or(0);
+        let cgroup = std::fs::read_to_string(base.join("cgroup"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .map(str::to_string)
+            });
+        let parent_start_ticks = std::fs::read_to_string(proc.join(ppid.to_string()).join("stat"))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+            .map(|(_, s, _)| s)
+            .unwrap_or(0);
+        out.push(Process {
+            pid,
+            start_ticks,
+            ppid,
+            parent_start_ticks,
+            exe,
+            args,
+            comm,
+            uid,
+            cgroup_id: 0,
+            workload: cgroup.as_deref().map(workload_of).unwrap_or_default(),
+            cgroup,
+            exited: None,
+            seen_ns: 0,
+            from_proc: true,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proc(pid: u32, start: u64, exe: &str, seen: u64) -> Process {
+        Process {
+            pid,
+            start_ticks: start,
+            ppid: 1,
+            parent_start_ticks: 1,
+            exe: exe.into(),
+            args: vec![exe.into(), "-x".into()],
+            comm: "c".into(),
+            seen_ns: seen,
+            ..Process::default()
+        }
+    }
+
+    #[test]
+    fn out_of_order_events_resolve_and_exits_expire_after_the_grace() {
+        let mut c = ProcessCache::new(100, 10);
+        // Exit first, then the exec that preceded it: one entry, the exec's, exited.
+        c.apply(Event::Exit {
+            pid: 7,
+            start_ticks: 50,
+            ts_ns: 100,
+            code: 3,
+        });
+        c.apply(Event::Exec {
+            process: proc(7, 50, "/bin/true", 90),
+        });
+        let p = c.get((7, 50)).unwrap();
+        assert_eq!(p.exe, "/bin/true");
+        assert_eq!(p.exited, Some((100, 3)));
+        // A fork arriving after its exec does not overwrite what the exec said.
+        c.apply(Event::Fork {
+            process: proc(7, 50, "", 80),
+        });
+        assert_eq!(c.get((7, 50)).unwrap().exe, "/bin/true");
+        assert_eq!(c.expire(105), 0, "still within the grace");
+        assert_eq!(c.expire(111), 1);
+        assert!(c.get((7, 50)).is_none());
+        assert!(c.by_pid(7).is_none());
+        assert_eq!(c.stats().expired, 1);
+    }
+
+    #[test]
+    fn a_fork_inherits_its_parents_program_and_pids_are_reused() {
+        let mut c = ProcessCache::new(100, 10);
+        let mut parent = proc(10, 5, "/usr/bin/bash", 1);
+        parent.cgroup = Some("/test".into());
+        c.apply(Event::Exec { process: parent });
+        let mut child = proc(11, 9, "", 2);
+        child.ppid = 10;
+        child.parent_start_ticks = 5;
+        child.args.clear();
+        c.apply(Event::Fork { process: child });
+        let p = c.by_pid(11).unwrap();
+        assert_eq!(
+            (p.exe.as_str(), p.cgroup.as_deref()),
+            ("/usr/bin/bash", Some("/test"))
+        );
+        // Pid 11 again, later: the newer one answers by pid, the older stays by key.
+        c.apply(Event::Exec {
+            process: proc(11, 20, "/bin/sleep", 3),
+        });
+        assert_eq!(c.by_pid(11).unwrap().exe, "/bin/sleep");
+        assert_eq!(c.get((11, 9)).unwrap().exe, "/usr/bin/bash");
+    }
+
+    #[test]
+    fn the_cache_is_bounded_exited_processes_first() {
+        let mut c = ProcessCache::new(3, 1_000);
+        for pid in 1..=3 {
+            c.apply(Event::Exec {
+                process: proc(pid, 1, "/bin/x", u64::from(pid)),
+            });
+        }
+        c.apply(Event::Exit {
+            pid: 3,
+            start_ticks: 1,
+            ts_ns: 10,
+            code: 0,
+        });
+        c.apply(Event::Exec {
+            process: proc(4, 1, "/bin/y", 20),
+        });
+        assert!(c.get((3, 1)).is_none(), "the exited one went first");
+        c.apply(Event::Exec {
+            process: proc(5, 1, "/bin/z", 21),
+        });
+        assert!(c.get((1, 1)).is_none(), "then the least recently seen");
+        assert_eq!(c.stats().entries, 3);
+        assert_eq!(c.stats().evicted, 2);
+    }
+
+    #[test]
+    fn pods_and_containers_from_cgroup_paths() {
+        let uid = "0f6e37b8-8f0f-4c8e-9a5b-1c2d3e4f5a6b";
+        let cid = "4b8d1f0c2e3a5b6c7d8e9f00112233445566778899aabbccddeeff0011223344";
+        let systemd = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/\
+             cri-containerd-{cid}.scope",
+            uid.replace('-', "_")
+        );
+        let want = Workload {
+            pod_uid: Some(uid.into()),
+            container_id: Some(cid.into()),
+        };
+        assert_eq!(workload_of(&systemd), want);
+        assert_eq!(
+            workload_of(&format!("/kubepods/besteffort/pod{uid}/{cid}")),
+            want
+        );
+        assert_eq!(
+            workload_of(&format!(
+                "/kubepods.slice/kubepods-pod{}.slice",
+                uid.replace('-', "_")
+            )),
+            Workload {
+                pod_uid: Some(uid.into()),
+                container_id: None
+            }
+        );
+        assert_eq!(
+            workload_of("/user.slice/user-0.slice/session-1.scope"),
+            Workload::default()
+        );
+        assert_eq!(workload_of("/kubepods/podnot-a-uid/x"), Workload::default());
+    }
+
+    #[test]
+    fn stat_lines_with_odd_commands() {
+        let stat = "1234 (my (odd) cmd) S 42 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000 100 18446744073709551615";
+        assert_eq!(parse_stat(stat), Some((42, 987654, "my (odd) cmd".into())));
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(ticks_of_ns(1_500_000_000, 100), 150);
+    }
+
+    #[test]
+    fn the_proc_walk_finds_this_process() {
+        let me = std::process::id();
+        let found = walk_proc(Path::new("/proc"), 100_000);
+        let p = found
+            .iter()
+            .find(|p| p.pid == me)
+            .expect("this test's process");
+        assert!(p.from_proc);
+        assert!(!p.args.is_empty());
+        assert!(p.start_ticks > 0);
+    }
+}
