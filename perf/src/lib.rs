@@ -14,6 +14,7 @@
 pub mod bpf;
 pub mod cost;
 pub mod dns;
+pub mod exec;
 pub mod forward;
 pub mod fuzz;
 pub mod kubernetes;

@@ -81,11 +81,12 @@ fn commands(smoke: bool) -> Vec<Command> {
 
 /// The smoke run, as steps of `cargo xtask test`: the suite, then the benches that are not
 /// part of it, briefly: the Kubernetes source at 500 Services (`dp-bench --only kubernetes`)
-/// the socket LB (`dp-bench --only socklb`) and the DNS module (`dp-bench --only dns`).
+/// the socket LB (`dp-bench --only socklb`), the DNS module (`dp-bench --only dns`) and the
+/// exec module (`dp-bench --only exec`).
 pub fn smoke_commands() -> Vec<Command> {
     let mut all = commands(true);
     let bin_dir = util::target_dir().join("debug");
-    for part in ["kubernetes", "socklb", "dns"] {
+    for part in ["kubernetes", "socklb", "dns", "exec"] {
         let mut alone = command(&bin_dir.join("dp-bench").to_string_lossy());
         alone
             .arg("--datapathd")

@@ -73,10 +73,12 @@ pub struct CacheStats {
 
 pub struct ProcessCache {
     by_key: HashMap<ProcessKey, Process>,
-    /// The latest start of each pid (pids are reused).
-    latest: HashMap<u32, u64>,
+    /// The starts of each pid in the cache (pids are reused; rarely more than one).
+    starts: HashMap<u32, Vec<u64>>,
     /// Exited processes by exit time, for expiry.
     exits: BTreeMap<(u64, ProcessKey), ()>,
+    /// Every process by when it was last seen, for eviction.
+    by_seen: std::collections::BTreeSet<(u64, ProcessKey)>,
     max: usize,
     grace_ns: u64,
     evicted: u64,
@@ -87,8 +89,9 @@ impl ProcessCache {
     pub fn new(max: usize, grace_ns: u64) -> Self {
         Self {
             by_key: HashMap::new(),
-            latest: HashMap::new(),
+            starts: HashMap::new(),
             exits: BTreeMap::new(),
+            by_seen: std::collections::BTreeSet::new(),
             max: max.max(1),
             grace_ns,
             evicted: 0,
@@ -96,33 +99,23 @@ impl ProcessCache {
         }
     }
 
-    fn note_latest(&mut self, pid: u32, start: u64) {
-        let latest = self.latest.entry(pid).or_insert(start);
-        if start > *latest {
-            *latest = start;
+    fn note_start(&mut self, pid: u32, start: u64) {
+        let starts = self.starts.entry(pid).or_default();
+        if !starts.contains(&start) {
+            starts.push(start);
         }
     }
 
     fn remove(&mut self, key: ProcessKey) {
         if let Some(p) = self.by_key.remove(&key) {
+            self.by_seen.remove(&(p.seen_ns, key));
             if let Some((ts, _)) = p.exited {
                 self.exits.remove(&(ts, key));
             }
-            if self.latest.get(&key.0) == Some(&key.1) {
-                // The newest of that pid is gone: the next newest, if any, becomes it.
-                match self
-                    .by_key
-                    .keys()
-                    .filter(|k| k.0 == key.0)
-                    .map(|k| k.1)
-                    .max()
-                {
-                    Some(s) => {
-                        self.latest.insert(key.0, s);
-                    }
-                    None => {
-                        self.latest.remove(&key.0);
-                    }
+            if let Some(starts) = self.starts.get_mut(&key.0) {
+                starts.retain(|s| *s != key.1);
+                if starts.is_empty() {
+                    self.starts.remove(&key.0);
                 }
             }
         }
@@ -131,12 +124,12 @@ impl ProcessCache {
     /// Room for one more: the oldest exited process goes first, else the least recently seen.
     fn make_room(&mut self) {
         while self.by_key.len() >= self.max {
-            let victim = self.exits.keys().next().map(|(_, k)| *k).or_else(|| {
-                self.by_key
-                    .iter()
-                    .min_by_key(|(_, p)| p.seen_ns)
-                    .map(|(k, _)| *k)
-            });
+            let victim = self
+                .exits
+                .keys()
+                .next()
+                .map(|(_, k)| *k)
+                .or_else(|| self.by_seen.iter().next().map(|(_, k)| *k));
             let Some(key) = victim else { return };
             self.remove(key);
             self.evicted += 1;
@@ -153,9 +146,15 @@ impl ProcessCache {
             start_ticks: key.1,
             ..Process::default()
         });
+        let seen_before = p.seen_ns;
         fill(p, fresh);
-        p.seen_ns = p.seen_ns.max(seen_ns);
-        self.note_latest(key.0, key.1);
+        p.seen_ns = seen_before.max(seen_ns).max(p.seen_ns);
+        let seen_now = p.seen_ns;
+        if !fresh {
+            self.by_seen.remove(&(seen_before, key));
+        }
+        self.by_seen.insert((seen_now, key));
+        self.note_start(key.0, key.1);
     }
 
     pub fn apply(&mut self, event: Event) {
@@ -228,7 +227,7 @@ impl ProcessCache {
 
     /// The newest process with `pid`.
     pub fn by_pid(&self, pid: u32) -> Option<&Process> {
-        let start = self.latest.get(&pid)?;
+        let start = self.starts.get(&pid)?.iter().max()?;
         self.by_key.get(&(pid, *start))
     }
 

@@ -95,6 +95,61 @@ fn cgroup_path(root: &std::path::Path, id: u64) -> Option<String> {
     None
 }
 
+/// A ring record of the tracer, decoded: `ticks` per second for the start times, `cgroup_of`
+/// to name a cgroup id.
+pub fn decode(
+    bytes: &[u8],
+    ticks: u64,
+    cgroup_of: &dyn Fn(u64) -> Option<String>,
+) -> Option<Event> {
+    if bytes.len() < std::mem::size_of::<ProcessEvent>() {
+        return None;
+    }
+    // SAFETY: a POD of the ABI, read unaligned from a record at least its size.
+    let e: ProcessEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let ticks = |ns| cache::ticks_of_ns(ns, ticks);
+    let process = || {
+        let cgroup = cgroup_of(e.cgroup_id);
+        let args_len = usize::from(e.args_len).min(e.args.len());
+        let args = e.args[..args_len]
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let name_len = usize::from(e.filename_len).min(e.filename.len());
+        Process {
+            pid: e.pid,
+            start_ticks: ticks(e.start_ns),
+            ppid: e.ppid,
+            parent_start_ticks: ticks(e.parent_start_ns),
+            exe: String::from_utf8_lossy(&e.filename[..name_len]).into_owned(),
+            args,
+            comm: c_string(&e.comm),
+            uid: e.uid,
+            cgroup_id: e.cgroup_id,
+            workload: cgroup
+                .as_deref()
+                .map(cache::workload_of)
+                .unwrap_or_default(),
+            cgroup,
+            exited: None,
+            seen_ns: e.ts_ns,
+            from_proc: false,
+        }
+    };
+    match e.kind {
+        EVENT_EXEC => Some(Event::Exec { process: process() }),
+        EVENT_FORK => Some(Event::Fork { process: process() }),
+        EVENT_EXIT => Some(Event::Exit {
+            pid: e.pid,
+            start_ticks: ticks(e.start_ns),
+            ts_ns: e.ts_ns,
+            code: e.exit_code,
+        }),
+        _ => None,
+    }
+}
+
 impl ExecController {
     pub fn new(settings: &Settings, bus: &Bus) -> Result<Arc<Self>> {
         let s = &settings.exec;
@@ -126,58 +181,8 @@ impl ExecController {
         found
     }
 
-    /// A ring record, decoded.
-    fn decode(&self, bytes: &[u8]) -> Option<Event> {
-        if bytes.len() < std::mem::size_of::<ProcessEvent>() {
-            return None;
-        }
-        // SAFETY: a POD of the ABI, read unaligned from a record at least its size.
-        let e: ProcessEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let ticks = |ns| cache::ticks_of_ns(ns, self.ticks);
-        let process = || {
-            let cgroup = self.cgroup_of(e.cgroup_id);
-            let args_len = usize::from(e.args_len).min(e.args.len());
-            let args = e.args[..args_len]
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let name_len = usize::from(e.filename_len).min(e.filename.len());
-            Process {
-                pid: e.pid,
-                start_ticks: ticks(e.start_ns),
-                ppid: e.ppid,
-                parent_start_ticks: ticks(e.parent_start_ns),
-                exe: String::from_utf8_lossy(&e.filename[..name_len]).into_owned(),
-                args,
-                comm: c_string(&e.comm),
-                uid: e.uid,
-                cgroup_id: e.cgroup_id,
-                workload: cgroup
-                    .as_deref()
-                    .map(cache::workload_of)
-                    .unwrap_or_default(),
-                cgroup,
-                exited: None,
-                seen_ns: e.ts_ns,
-                from_proc: false,
-            }
-        };
-        match e.kind {
-            EVENT_EXEC => Some(Event::Exec { process: process() }),
-            EVENT_FORK => Some(Event::Fork { process: process() }),
-            EVENT_EXIT => Some(Event::Exit {
-                pid: e.pid,
-                start_ticks: ticks(e.start_ns),
-                ts_ns: e.ts_ns,
-                code: e.exit_code,
-            }),
-            _ => None,
-        }
-    }
-
     fn record(&self, bytes: &[u8], out: &mut Vec<Arc<Event>>) {
-        if let Some(event) = self.decode(bytes) {
+        if let Some(event) = decode(bytes, self.ticks, &|id| self.cgroup_of(id)) {
             lock(&self.cache).apply(event.clone());
             out.push(Arc::new(event));
         }

@@ -80,6 +80,10 @@ enum Part {
     /// counted, the capture's cost on other packets against an empty TCX program, memory per
     /// 100,000 names, printed; not part of `all`.
     Dns,
+    /// Only the exec module: ring records decoded into the process cache per second, the
+    /// fork+exec overhead with the tracer on against off, memory at 10,000 processes, printed;
+    /// not part of `all`.
+    Exec,
 }
 
 #[derive(Serialize)]
@@ -128,6 +132,13 @@ fn main() -> Result<()> {
             "--write-results needs the whole suite (--only all)"
         );
         return socklb_alone(&args);
+    }
+    if args.only == Part::Exec {
+        ensure!(
+            !args.write_results,
+            "--write-results needs the whole suite (--only all)"
+        );
+        return exec_alone(&args);
     }
     if args.only == Part::Dns {
         ensure!(
@@ -316,6 +327,53 @@ fn socklb_alone(args: &Args) -> Result<()> {
     for row in &r.cps {
         println!("| {} | {:.0} |", row.services, row.cps.median);
     }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `--only exec`: see `dp_perf::exec`.
+fn exec_alone(args: &Args) -> Result<()> {
+    eprintln!("dp-bench: exec (records to cache, fork+exec overhead, memory)");
+    let r = dp_perf::exec::run(args.smoke)?;
+    let (off, on) = (r.spawn_us_off.median, r.spawn_us_on.median);
+    print!(
+        "{} | {}\n\n### Processes followed (exec module)\n\n| measure | median | min | max |\n\
+         | --- | ---: | ---: | ---: |\n",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine(),
+    );
+    println!(
+        "| ring records decoded into the cache per second, one core ({} a round, {} rounds) | {:.0}/s | {:.0} | {:.0} |",
+        r.records_per_round,
+        r.records_per_second.samples.len(),
+        r.records_per_second.median,
+        r.records_per_second.min,
+        r.records_per_second.max
+    );
+    for (what, s) in [
+        (
+            "spawn and wait of /bin/true, tracer off (us)",
+            &r.spawn_us_off,
+        ),
+        (
+            "spawn and wait of /bin/true, tracer on (us)",
+            &r.spawn_us_on,
+        ),
+    ] {
+        println!("| {what} | {:.1} | {:.1} | {:.1} |", s.median, s.min, s.max);
+    }
+    println!(
+        "\nfork+exec overhead with the tracer on: {:+.1}% ({} spawns a round, interleaved); \
+         {} events traced, {} not sent\n\nmemory: {:.2} MiB for 10,000 processes (heap)",
+        (on / off - 1.0) * 100.0,
+        r.spawns_per_round,
+        r.traced_events,
+        r.lost_events,
+        r.memory_bytes_10k / (1024.0 * 1024.0),
+    );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&r)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -1,0 +1,232 @@
+//! `dp-bench --only exec`: what following processes costs (issue 16).
+//!
+//! - **Ring record to cache, one core**: the daemon's own path for a record of the tracer
+//!   (`datapath::exec::decode`, then `ProcessCache::apply`) over synthetic records: exec,
+//!   then exit, of distinct processes with five arguments each. Records per second, median
+//!   over rounds. The bus's publish is measured on its own (`perf/benches/bus.rs`).
+//! - **fork+exec overhead**: `/bin/true` spawned and waited for, in rounds with the tracer
+//!   attached (a reader draining its ring into a cache on another thread, as the daemon does)
+//!   and rounds without it, interleaved; the ratio of the medians. The tracer is host-wide:
+//!   whatever else runs on the machine is traced too.
+//! - **Memory at 10,000 processes**: heap bytes (glibc's `mallinfo2`) of a cache of 10,000
+//!   processes, each with a path, five arguments and a cgroup path.
+use std::{
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use bpf_common::trace::{EVENT_EXEC, EVENT_EXIT, MAX_ARGS, MAX_FILENAME, ProcessEvent};
+use datapath::exec::{
+    cache::{Event, Process, ProcessCache},
+    decode,
+    plane::{self, TracePlane},
+};
+use serde::Serialize;
+
+use crate::report::Summary;
+
+#[derive(Debug, Serialize)]
+pub struct ExecReport {
+    pub records_per_round: usize,
+    /// Records decoded and applied per second, one core.
+    pub records_per_second: Summary,
+    pub spawns_per_round: usize,
+    /// Microseconds per spawn and wait of `/bin/true`, per round.
+    pub spawn_us_off: Summary,
+    pub spawn_us_on: Summary,
+    /// Events the reader took from the ring during the "on" rounds, and those the tracer
+    /// could not send.
+    pub traced_events: u64,
+    pub lost_events: u64,
+    pub memory_bytes_10k: f64,
+}
+
+fn record(kind: u8, pid: u32, i: u64) -> Vec<u8> {
+    let mut e = ProcessEvent {
+        ts_ns: 1_000_000 + i,
+        start_ns: 10_000_000_000 + i * 10_000_000,
+        parent_start_ns: 1_000_000_000,
+        cgroup_id: 4242,
+        pid,
+        ppid: 1,
+        uid: 1000,
+        exit_code: 0,
+        kind,
+        _pad: 0,
+        filename_len: 0,
+        args_len: 0,
+        _pad2: 0,
+        comm: [0; 16],
+        filename: [0; MAX_FILENAME],
+        args: [0; MAX_ARGS],
+    };
+    let exe = b"/usr/bin/python3";
+    e.filename[..exe.len()].copy_from_slice(exe);
+    e.filename_len = exe.len() as u16;
+    let args = format!("python3\0-m\0http.server\0--bind\0198.18.0.{}\0", i % 250);
+    e.args[..args.len()].copy_from_slice(args.as_bytes());
+    e.args_len = args.len() as u16;
+    e.comm[..7].copy_from_slice(b"python3");
+    // SAFETY: a padded POD of the ABI, viewed as its bytes.
+    unsafe {
+        std::slice::from_raw_parts(
+            std::ptr::addr_of!(e).cast::<u8>(),
+            std::mem::size_of::<ProcessEvent>(),
+        )
+    }
+    .to_vec()
+}
+
+fn decode_rounds(records: usize, rounds: usize) -> Result<Summary> {
+    let cgroup = |_id: u64| {
+        Some("/kubepods.slice/kubepods-pod0f6e37b8_8f0f_4c8e_9a5b_1c2d3e4f5a6b.slice".to_string())
+    };
+    let mut rates = Vec::new();
+    for round in 0..rounds {
+        let base = (round * records) as u64;
+        let batch: Vec<Vec<u8>> = (0..records as u64)
+            .flat_map(|i| {
+                let pid = 100_000 + (i % 1_000_000) as u32;
+                [
+                    record(EVENT_EXEC, pid, base + i),
+                    record(EVENT_EXIT, pid, base + i),
+                ]
+            })
+            .collect();
+        let mut cache = ProcessCache::new(65_536, 30_000_000_000);
+        let t = Instant::now();
+        let mut applied = 0usize;
+        for r in &batch {
+            if let Some(e) = decode(r, 100, &cgroup) {
+                cache.apply(e);
+                applied += 1;
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        ensure!(
+            applied == batch.len(),
+            "{applied} of {} records decoded",
+            batch.len()
+        );
+        rates.push(batch.len() as f64 / secs);
+    }
+    Summary::of(&rates).context("no rounds")
+}
+
+/// Microseconds per spawn-and-wait of `/bin/true`, over `n` spawns.
+fn spawn_round(n: usize) -> Result<f64> {
+    let t = Instant::now();
+    for _ in 0..n {
+        let status = Command::new("/bin/true")
+            .status()
+            .context("spawn /bin/true")?;
+        ensure!(status.success(), "/bin/true failed");
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
+}
+
+fn memory_of_processes(n: u32) -> f64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let in_use = || unsafe { libc::mallinfo2() }.uordblks as f64;
+    let before = in_use();
+    let mut cache = ProcessCache::new(n as usize, 30_000_000_000);
+    for pid in 0..n {
+        cache.apply(Event::Exec {
+            process: Process {
+                pid,
+                start_ticks: u64::from(pid) + 1_000,
+                ppid: 1,
+                parent_start_ticks: 1,
+                exe: "/usr/bin/python3".into(),
+                args: ["python3", "-m", "http.server", "--bind", "198.18.0.1"]
+                    .map(String::from)
+                    .to_vec(),
+                comm: "python3".into(),
+                uid: 1000,
+                cgroup_id: 4242,
+                cgroup: Some(format!("/kubepods.slice/kubepods-pod{pid:032x}.slice")),
+                ..Process::default()
+            },
+        });
+    }
+    let after = in_use();
+    assert_eq!(cache.stats().entries, n as usize);
+    drop(std::hint::black_box(cache));
+    after - before
+}
+
+pub fn run(smoke: bool) -> Result<ExecReport> {
+    let (records, rounds) = if smoke { (10_000, 3) } else { (100_000, 7) };
+    let records_per_second = decode_rounds(records, rounds)?;
+
+    let btf = kbtf::Btf::from_sys_fs().context("read the kernel's BTF")?;
+    let offsets = plane::offsets(&btf).map_err(anyhow::Error::msg)?;
+    let spawns = if smoke { 300 } else { 5_000 };
+    let spawn_rounds = if smoke { 2 } else { 4 };
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut traced, mut lost) = (0u64, 0u64);
+    for _ in 0..spawn_rounds {
+        off.push(spawn_round(spawns)?);
+        let (tracer, ring) = TracePlane::start(1_000_000, &offsets).context("load the tracer")?;
+        let before = tracer.reasons()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let cache = Arc::new(Mutex::new(ProcessCache::new(65_536, 30_000_000_000)));
+        let reader = {
+            let (stop, cache) = (Arc::clone(&stop), Arc::clone(&cache));
+            std::thread::spawn(move || -> u64 {
+                let mut ring = ring;
+                let mut n = 0;
+                let no_cgroup = |_id: u64| None;
+                loop {
+                    let mut got = false;
+                    while let Some(item) = ring.next() {
+                        got = true;
+                        if let Some(e) = decode(&item, 100, &no_cgroup) {
+                            cache.lock().unwrap_or_else(|p| p.into_inner()).apply(e);
+                            n += 1;
+                        }
+                    }
+                    if stop.load(Ordering::Relaxed) && !got {
+                        return n;
+                    }
+                    if !got {
+                        // The daemon waits on epoll and a tick; a short sleep here.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            })
+        };
+        on.push(spawn_round(spawns)?);
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, Ordering::Relaxed);
+        traced += reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+        let after = tracer.reasons()?;
+        lost += ["lost", "rate_limited", "read_failed"]
+            .iter()
+            .map(|k| after[*k] - before[*k])
+            .sum::<u64>();
+        drop(tracer);
+    }
+    ensure!(
+        traced >= (spawns * spawn_rounds) as u64,
+        "the tracer saw {traced} events for {} spawns",
+        spawns * spawn_rounds
+    );
+    Ok(ExecReport {
+        records_per_round: records * 2,
+        records_per_second,
+        spawns_per_round: spawns,
+        spawn_us_off: Summary::of(&off).context("no rounds")?,
+        spawn_us_on: Summary::of(&on).context("no rounds")?,
+        traced_events: traced,
+        lost_events: lost,
+        memory_bytes_10k: memory_of_processes(10_000),
+    })
+}
