@@ -726,3 +726,59 @@ pub async fn serve<P: Plane>(
 
 #[cfg(test)]
 mod tests;
+
+/// A controller's GET route answering `answer()` as JSON, computed on the blocking pool (it
+/// reads maps); a failed task answers the default.
+pub fn get_blocking<T, F>(answer: F) -> axum::routing::MethodRouter
+where
+    T: serde::Serialize + Default + Send + 'static,
+    F: Fn() -> T + Clone + Send + Sync + 'static,
+{
+    get(move || {
+        let answer = answer.clone();
+        async move {
+            Json(
+                tokio::task::spawn_blocking(answer)
+                    .await
+                    .unwrap_or_default(),
+            )
+        }
+    })
+}
+
+/// A controller's GET route with a typed query, answered by `answer(query)` on the blocking
+/// pool. A query that does not parse is a 400 `invalid_argument`, as an error of `answer`
+/// is its own status.
+pub fn get_query_blocking<Q, T, F>(answer: F) -> axum::routing::MethodRouter
+where
+    Q: DeserializeOwned + Send + 'static,
+    T: serde::Serialize + Send + 'static,
+    F: Fn(Q) -> Result<T> + Clone + Send + Sync + 'static,
+{
+    get(
+        move |q: std::result::Result<
+            axum::extract::Query<Q>,
+            axum::extract::rejection::QueryRejection,
+        >| {
+            let answer = answer.clone();
+            async move {
+                let q = match q {
+                    Ok(axum::extract::Query(q)) => q,
+                    Err(e) => {
+                        return ApiFailure::from(Error::InvalidArgument(format!(
+                            "invalid query: {}",
+                            e.body_text()
+                        )))
+                        .into_response();
+                    }
+                };
+                match tokio::task::spawn_blocking(move || answer(q)).await {
+                    Ok(Ok(v)) => Json(v).into_response(),
+                    Ok(Err(e)) => ApiFailure::from(e).into_response(),
+                    Err(e) => ApiFailure::from(Error::Internal(format!("task failed: {e}")))
+                        .into_response(),
+                }
+            }
+        },
+    )
+}

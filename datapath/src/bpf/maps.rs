@@ -462,3 +462,41 @@ impl MappableU32Array {
 
 /// `u32`s per array element: the kernel rounds an array's value size up to 8 bytes.
 const ARRAY_STRIDE_U32S: usize = 2;
+
+/// A program's per-CPU reason counters (`u64` per reason, `names[i]` for reason `i`), taken
+/// out of its object.
+pub fn take_reasons(bpf: &mut aya::Ebpf, name: &str) -> Result<ReasonCounters> {
+    let map = bpf
+        .take_map(name)
+        .ok_or_else(|| Error::InvalidArgument(format!("map {name} missing")))?;
+    let map = aya::maps::PerCpuArray::try_from(map)
+        .map_err(crate::error::map_error(format!("open {name}")))?;
+    Ok(ReasonCounters {
+        map,
+        name: name.to_string(),
+    })
+}
+
+/// A per-CPU array of reason counters.
+pub struct ReasonCounters {
+    map: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    name: String,
+}
+
+impl ReasonCounters {
+    /// Each reason of `names` (index = reason id), summed over the CPUs.
+    pub fn sums(
+        &self,
+        names: &[&'static str],
+    ) -> Result<std::collections::BTreeMap<&'static str, u64>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (i, name) in names.iter().enumerate() {
+            let per_cpu = self
+                .map
+                .get(&(i as u32), 0)
+                .map_err(crate::error::map_error(format!("read {}", self.name)))?;
+            out.insert(*name, per_cpu.iter().sum());
+        }
+        Ok(out)
+    }
+}

@@ -84,3 +84,23 @@ pub async fn drain<R: Copy, E: Clone + Send + Sync + 'static>(
     })
     .await
 }
+
+/// The ring buffer `name` of `bpf`, taken out of the object.
+pub fn take(bpf: &mut aya::Ebpf, name: &str) -> Result<RingBuf<MapData>> {
+    let map = bpf
+        .take_map(name)
+        .ok_or_else(|| Error::InvalidArgument(format!("map {name} missing")))?;
+    RingBuf::try_from(map).map_err(crate::error::map_error(format!("open {name}")))
+}
+
+/// A reader of the ring buffer behind `fd` (a duplicate of its descriptor, kept by its
+/// owner): each run of a controller's loop opens one, and the ring keeps its read position.
+pub fn reopen(fd: &std::os::fd::OwnedFd, name: &str) -> Result<RingBuf<MapData>> {
+    let dup = fd
+        .try_clone()
+        .map_err(|e| Error::io(format!("duplicate the descriptor of {name}"), e))?;
+    let data = MapData::from_fd(dup).map_err(crate::error::map_error(format!("open {name}")))?;
+    RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(crate::error::map_error(format!(
+        "open {name} as a ring buffer"
+    )))
+}

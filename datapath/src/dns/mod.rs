@@ -168,17 +168,11 @@ impl DnsController {
     /// The ring buffer, opened afresh from the kept descriptor.
     fn open_ring(&self) -> Result<Option<plane::Ring>> {
         let inner = lock(&self.inner);
-        let Some(fd) = &inner.ring else {
-            return Ok(None);
-        };
-        let dup = fd
-            .try_clone()
-            .map_err(|e| Error::io("duplicate the DNS ring buffer's descriptor", e))?;
-        let data =
-            aya::maps::MapData::from_fd(dup).map_err(crate::error::map_error("open DNS_EVENTS"))?;
-        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(data))
-            .map(Some)
-            .map_err(crate::error::map_error("open DNS_EVENTS as a ring buffer"))
+        inner
+            .ring
+            .as_ref()
+            .map(|fd| crate::bpf::ringbuf::reopen(fd, "DNS_EVENTS"))
+            .transpose()
     }
 
     /// Expires the store's entries past their time, keeping those the conntrack holds a live
@@ -424,53 +418,11 @@ impl Controller for DnsController {
     }
 
     fn routes(self: Arc<Self>) -> axum::Router {
-        use axum::{
-            Json,
-            extract::Query,
-            response::{IntoResponse, Response},
-            routing::get,
-        };
+        use crate::server::{get_blocking, get_query_blocking};
         let me = Arc::clone(&self);
-        let status = get(move || {
-            let me = Arc::clone(&me);
-            async move {
-                Json(
-                    tokio::task::spawn_blocking(move || me.status())
-                        .await
-                        .unwrap_or_default(),
-                )
-            }
-        });
+        let status = get_blocking(move || me.status());
         let me = Arc::clone(&self);
-        let names = get(
-            move |q: std::result::Result<
-                Query<DnsNamesQuery>,
-                axum::extract::rejection::QueryRejection,
-            >| {
-                let me = Arc::clone(&me);
-                async move {
-                    let q = match q {
-                        Ok(Query(q)) => q,
-                        Err(e) => {
-                            return crate::server::ApiFailure::from(Error::InvalidArgument(
-                                format!("invalid query: {}", e.body_text()),
-                            ))
-                            .into_response();
-                        }
-                    };
-                    let answer: Response =
-                        match tokio::task::spawn_blocking(move || me.names(&q)).await {
-                            Ok(Ok(list)) => Json(list).into_response(),
-                            Ok(Err(e)) => crate::server::ApiFailure::from(e).into_response(),
-                            Err(e) => crate::server::ApiFailure::from(Error::Internal(format!(
-                                "dns task failed: {e}"
-                            )))
-                            .into_response(),
-                        };
-                    answer
-                }
-            },
-        );
+        let names = get_query_blocking(move |q: DnsNamesQuery| me.names(&q));
         axum::Router::new()
             .route(datapath_api::routes::DNS, status)
             .route(datapath_api::routes::DNS_NAMES, names)

@@ -7,17 +7,12 @@ use std::collections::BTreeMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, RingBuf},
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use bpf_common::dns::{globals, map_names, reason};
 
-use crate::{
-    Error, Result,
-    config::DnsSettings,
-    error::{map_error, program_error},
-    text::glob_match,
-};
+use crate::{Error, Result, config::DnsSettings, error::program_error, text::glob_match};
 
 /// The compiled capture object (built by `build.rs` from `bpf-dns`).
 pub static DNS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf-dns"));
@@ -36,7 +31,7 @@ struct Attached {
 
 pub struct DnsPlane {
     bpf: Ebpf,
-    reasons: PerCpuArray<MapData, u64>,
+    reasons: crate::bpf::maps::ReasonCounters,
     attached: BTreeMap<String, Attached>,
 }
 
@@ -64,16 +59,8 @@ impl DnsPlane {
                 .load()
                 .map_err(program_error(format!("load {name}")))?;
         }
-        let reasons = PerCpuArray::try_from(
-            bpf.take_map(map_names::REASONS)
-                .ok_or_else(|| Error::InvalidArgument("map DNS_REASONS missing".into()))?,
-        )
-        .map_err(map_error("open DNS_REASONS"))?;
-        let ring = RingBuf::try_from(
-            bpf.take_map(map_names::EVENTS)
-                .ok_or_else(|| Error::InvalidArgument("map DNS_EVENTS missing".into()))?,
-        )
-        .map_err(map_error("open DNS_EVENTS"))?;
+        let reasons = crate::bpf::maps::take_reasons(&mut bpf, map_names::REASONS)?;
+        let ring = crate::bpf::ringbuf::take(&mut bpf, map_names::EVENTS)?;
         Ok((
             Self {
                 bpf,
@@ -180,15 +167,7 @@ impl DnsPlane {
 
     /// The programs' counters, by reason, summed over the CPUs.
     pub fn reasons(&self) -> Result<BTreeMap<&'static str, u64>> {
-        let mut out = BTreeMap::new();
-        for (i, name) in reason::NAMES.iter().enumerate() {
-            let per_cpu = self
-                .reasons
-                .get(&(i as u32), 0)
-                .map_err(map_error("read DNS_REASONS"))?;
-            out.insert(*name, per_cpu.iter().sum());
-        }
-        Ok(out)
+        self.reasons.sums(&reason::NAMES)
     }
 }
 

@@ -212,19 +212,11 @@ impl ExecController {
 
     fn open_ring(&self) -> Result<Option<plane::Ring>> {
         let inner = lock(&self.inner);
-        let Some(fd) = &inner.ring else {
-            return Ok(None);
-        };
-        let dup = fd
-            .try_clone()
-            .map_err(|e| Error::io("duplicate the tracer's ring buffer descriptor", e))?;
-        let data = aya::maps::MapData::from_fd(dup)
-            .map_err(crate::error::map_error("open TRACE_EVENTS"))?;
-        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(data))
-            .map(Some)
-            .map_err(crate::error::map_error(
-                "open TRACE_EVENTS as a ring buffer",
-            ))
+        inner
+            .ring
+            .as_ref()
+            .map(|fd| crate::bpf::ringbuf::reopen(fd, "TRACE_EVENTS"))
+            .transpose()
     }
 
     fn view(p: &Process) -> ProcessView {
@@ -387,43 +379,11 @@ impl Controller for ExecController {
     }
 
     fn routes(self: Arc<Self>) -> axum::Router {
-        use axum::{
-            Json,
-            extract::Query,
-            response::{IntoResponse, Response},
-            routing::get,
-        };
+        use crate::server::{get_blocking, get_query_blocking};
         let me = Arc::clone(&self);
-        let status = get(move || {
-            let me = Arc::clone(&me);
-            async move {
-                Json(
-                    tokio::task::spawn_blocking(move || me.status())
-                        .await
-                        .unwrap_or_default(),
-                )
-            }
-        });
+        let status = get_blocking(move || me.status());
         let me = Arc::clone(&self);
-        let list = get(
-            move |q: std::result::Result<
-                Query<ProcQuery>,
-                axum::extract::rejection::QueryRejection,
-            >| {
-                let me = Arc::clone(&me);
-                async move {
-                    let answer: Response = match q {
-                        Ok(Query(q)) => Json(me.processes(&q)).into_response(),
-                        Err(e) => crate::server::ApiFailure::from(Error::InvalidArgument(format!(
-                            "invalid query: {}",
-                            e.body_text()
-                        )))
-                        .into_response(),
-                    };
-                    answer
-                }
-            },
-        );
+        let list = get_query_blocking(move |q: ProcQuery| Ok(me.processes(&q)));
         axum::Router::new()
             .route(datapath_api::routes::PROC, list)
             .route(datapath_api::routes::PROC_STATUS, status)

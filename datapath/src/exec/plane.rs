@@ -5,15 +5,12 @@ use std::collections::BTreeMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, RingBuf},
     programs::BtfTracePoint,
 };
 use bpf_common::trace::{globals, map_names, reason};
 
-use crate::{
-    Error, Result,
-    error::{map_error, program_error},
-};
+use crate::{Error, Result, error::program_error};
 
 /// The compiled tracer (built by `build.rs` from `bpf-trace`).
 pub static TRACE_OBJECT: &[u8] =
@@ -30,7 +27,7 @@ pub type Ring = RingBuf<MapData>;
 
 pub struct TracePlane {
     _bpf: Ebpf,
-    reasons: PerCpuArray<MapData, u64>,
+    reasons: crate::bpf::maps::ReasonCounters,
 }
 
 /// The offsets the programs need, from `btf`; the first one missing names itself.
@@ -94,29 +91,13 @@ impl TracePlane {
                 .attach()
                 .map_err(program_error(format!("attach {name} to {tracepoint}")))?;
         }
-        let reasons = PerCpuArray::try_from(
-            bpf.take_map(map_names::REASONS)
-                .ok_or_else(|| Error::InvalidArgument("map TRACE_REASONS missing".into()))?,
-        )
-        .map_err(map_error("open TRACE_REASONS"))?;
-        let ring = RingBuf::try_from(
-            bpf.take_map(map_names::EVENTS)
-                .ok_or_else(|| Error::InvalidArgument("map TRACE_EVENTS missing".into()))?,
-        )
-        .map_err(map_error("open TRACE_EVENTS"))?;
+        let reasons = crate::bpf::maps::take_reasons(&mut bpf, map_names::REASONS)?;
+        let ring = crate::bpf::ringbuf::take(&mut bpf, map_names::EVENTS)?;
         Ok((Self { _bpf: bpf, reasons }, ring))
     }
 
     /// The programs' counters, by reason, summed over the CPUs.
     pub fn reasons(&self) -> Result<BTreeMap<&'static str, u64>> {
-        let mut out = BTreeMap::new();
-        for (i, name) in reason::NAMES.iter().enumerate() {
-            let per_cpu = self
-                .reasons
-                .get(&(i as u32), 0)
-                .map_err(map_error("read TRACE_REASONS"))?;
-            out.insert(*name, per_cpu.iter().sum());
-        }
-        Ok(out)
+        self.reasons.sums(&reason::NAMES)
     }
 }

@@ -411,20 +411,10 @@ impl Controller for SockLbController {
     }
 
     fn routes(self: Arc<Self>) -> axum::Router {
-        use axum::{Json, routing::get};
         let me = Arc::clone(&self);
         axum::Router::new().route(
             datapath_api::routes::SOCKLB,
-            get(move || {
-                let me = Arc::clone(&me);
-                async move {
-                    Json(
-                        tokio::task::spawn_blocking(move || me.status())
-                            .await
-                            .unwrap_or_default(),
-                    )
-                }
-            }),
+            crate::server::get_blocking(move || me.status()),
         )
     }
 }

@@ -27,6 +27,7 @@ pub mod netns;
 pub mod privilege;
 pub mod servers;
 pub mod topology;
+pub mod wait;
 
 pub use client::{Conn, Spread};
 pub use daemon::{Binaries, Daemon, DaemonOptions};

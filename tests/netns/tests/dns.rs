@@ -20,6 +20,7 @@ use netns_tests::{
     dns::{Crafter, DNS_PORT, Dnsmasq, ScriptedServer, dig, getent, query_name},
     http, privileged,
     topology::{LB_CLIENT_IP, ip_in, sysctl_in},
+    wait::eventually,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -207,20 +208,6 @@ fn conntrack(d: &Daemon) -> Vec<CtFlow> {
         "conntrack json",
         serde_json::from_value(v).map_err(Into::into),
     )
-}
-
-/// Polls `f` until it answers `Some` (bounded).
-fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("{what}: not within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The entry as the test expects it, the times aside.

@@ -6,11 +6,13 @@
 
 use std::{
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use datapath_api::{ProcStatus, ProcessView};
-use netns_tests::{Daemon, Lab, LabOptions, TopologyOptions, cgroup::TestCgroup, privileged};
+use netns_tests::{
+    Daemon, Lab, LabOptions, TopologyOptions, cgroup::TestCgroup, privileged, wait::eventually,
+};
 
 fn ok<T>(what: &str, r: anyhow::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
@@ -47,17 +49,6 @@ fn processes(d: &Daemon, args: &[&str]) -> Vec<ProcessView> {
         "proc list json",
         serde_json::from_value(v).map_err(Into::into),
     )
-}
-
-fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Names of the BPF programs loaded in the kernel (`bpftool prog list`).
