@@ -24,7 +24,6 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bpf_common::{
-    PROTO_TCP, PROTO_UDP,
     dns::{
         DEFAULT_CAPTURE_RATE, DEFAULT_SNAP_LEN, DIR_EGRESS, DIR_INGRESS, DnsCaptureMeta,
         DnsScratch, MAX_SNAP_LEN, RING_BYTES, WAKE_BYTES, reason,
@@ -33,19 +32,6 @@ use bpf_common::{
 };
 use bpf_lib::{event::rate_allows, frame::TcFrame, global, now_ns, verdict::tc::TCX_NEXT};
 use lb_core::parse::Frame as _;
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-const IPV6_HLEN: usize = 40;
-const NEXTHDR_HOP: u8 = 0;
-const NEXTHDR_ROUTING: u8 = 43;
-const NEXTHDR_DEST: u8 = 60;
-const DNS_PORT: u16 = 53;
-const UDP_HLEN: usize = 8;
-const DNS_HLEN: usize = 12;
 
 #[unsafe(no_mangle)]
 static CAPTURE_RATE: u64 = DEFAULT_CAPTURE_RATE;
@@ -88,92 +74,44 @@ pub fn dns_egress(ctx: TcContext) -> i32 {
     TCX_NEXT
 }
 
-/// A byte of the packet: from the linear area when it is there, else through
+/// The packet as the header walk reads it: the linear area when the bytes are there, else
 /// `bpf_skb_load_bytes` (headers in a paged fragment).
-#[inline(always)]
-fn byte_at(ctx: &TcContext, frame: &TcFrame, off: usize) -> Option<u8> {
-    // A two-byte window: the verifier derives no range from a one-byte check at a variable
-    // offset (`ptr >= end` with no constant part proves nothing to it).
-    match frame.at::<2>(off) {
-        // SAFETY: bounds-checked by `at`.
-        Some(p) => Some(unsafe { (*p)[0] }),
-        None => ctx.load::<u8>(off).ok(),
-    }
+struct Skb<'a> {
+    ctx: &'a TcContext,
+    frame: TcFrame,
 }
 
-/// A big-endian 16-bit field, as [`byte_at`].
-#[inline(always)]
-fn be16_at(ctx: &TcContext, frame: &TcFrame, off: usize) -> Option<u16> {
-    match frame.at::<2>(off) {
-        // SAFETY: bounds-checked by `at`.
-        Some(p) => Some(u16::from_be_bytes(unsafe { *p })),
-        None => ctx.load::<[u8; 2]>(off).ok().map(u16::from_be_bytes),
+impl lb_core::capture::Bytes for Skb<'_> {
+    #[inline(always)]
+    fn u8_at(&self, off: usize) -> Option<u8> {
+        // A two-byte window: the verifier derives no range from a one-byte check at a variable
+        // offset (`ptr >= end` with no constant part proves nothing to it).
+        match self.frame.at::<2>(off) {
+            // SAFETY: bounds-checked by `at`.
+            Some(p) => Some(unsafe { (*p)[0] }),
+            None => self.ctx.load::<u8>(off).ok(),
+        }
     }
-}
 
-/// The L4 header's offset and protocol of an IPv4 or IPv6 packet; `None` for anything else,
-/// and for IPv4 fragments after the first.
-#[inline(always)]
-fn l4_of(ctx: &TcContext, frame: &TcFrame) -> Option<(usize, u8)> {
-    let mut l3 = ETH_HLEN;
-    let mut ethertype = be16_at(ctx, frame, 12)?;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = be16_at(ctx, frame, l3 + 2)?;
-        l3 += 4;
-    }
-    if ethertype == ETH_P_IP {
-        let ihl = usize::from(byte_at(ctx, frame, l3)? & 0x0f) * 4;
-        if ihl < 20 {
-            return None;
+    #[inline(always)]
+    fn be16_at(&self, off: usize) -> Option<u16> {
+        match self.frame.at::<2>(off) {
+            // SAFETY: bounds-checked by `at`.
+            Some(p) => Some(u16::from_be_bytes(unsafe { *p })),
+            None => self.ctx.load::<[u8; 2]>(off).ok().map(u16::from_be_bytes),
         }
-        // Offset bits: a later fragment has no L4 header.
-        if be16_at(ctx, frame, l3 + 6)? & 0x1fff != 0 {
-            return None;
-        }
-        let proto = byte_at(ctx, frame, l3 + 9)?;
-        return Some((l3 + ihl, proto));
     }
-    if ethertype != ETH_P_IPV6 {
-        return None;
-    }
-    let mut next = byte_at(ctx, frame, l3 + 6)?;
-    let mut l4 = l3 + IPV6_HLEN;
-    // Two extension headers at most (hop-by-hop, then destination options or routing):
-    // unrolled, a bounded walk the verifier sees whole.
-    for _ in 0..2 {
-        if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
-            break;
-        }
-        let len = (usize::from(byte_at(ctx, frame, l4 + 1)?) + 1) * 8;
-        next = byte_at(ctx, frame, l4)?;
-        l4 += len;
-    }
-    Some((l4, next))
 }
 
 /// Sends the packet to user space if it comes from port 53.
 #[inline(always)]
 fn try_capture(ctx: &TcContext, direction: u8) -> Option<()> {
-    let frame = TcFrame::new(ctx);
-    let (l4, proto) = l4_of(ctx, &frame)?;
-    if proto != PROTO_UDP && proto != PROTO_TCP {
-        return None;
-    }
-    if be16_at(ctx, &frame, l4)? != DNS_PORT {
-        return None;
-    }
+    let skb = Skb {
+        ctx,
+        frame: TcFrame::new(ctx),
+    };
     let packet_len = ctx.len();
-    if proto == PROTO_TCP {
-        // Data offset in 32-bit words: a segment that ends with its header has no answer (a
-        // later segment of a message may hold any part of it).
-        let header = usize::from(byte_at(ctx, &frame, l4 + 12)? >> 4) * 4;
-        if header < 20 || packet_len as usize <= l4 + header {
-            return None;
-        }
-    } else if (packet_len as usize) < l4 + UDP_HLEN + DNS_HLEN {
-        // Not even a UDP header and a DNS header: nothing an answer could be.
-        return None;
-    }
+    lb_core::capture::dns_response(&skb, packet_len as usize)?;
     let now = now_ns();
     if !rate_allows(&DNS_RATE, global(&CAPTURE_RATE), now) {
         count(reason::RATE_LIMITED);

@@ -4,6 +4,7 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod capture;
 pub mod csum;
 pub mod hash;
 #[cfg(feature = "alloc")]

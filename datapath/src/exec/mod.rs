@@ -361,7 +361,7 @@ impl Controller for ExecController {
                         _ = tick.tick() => {}
                         _ = stop.cancelled() => return Ok::<(), Error>(()),
                     }
-                    let now = boot_ns();
+                    let now = crate::ct::gc::boottime_now_ns();
                     lock(&me.cache).expire(now);
                 }
             };
@@ -388,17 +388,6 @@ impl Controller for ExecController {
             .route(datapath_api::routes::PROC, list)
             .route(datapath_api::routes::PROC_STATUS, status)
     }
-}
-
-/// CLOCK_BOOTTIME in nanoseconds (the tracer's clock).
-pub fn boot_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 mod metrics {
