@@ -248,6 +248,12 @@ pub struct CtFlow {
     /// The name the destination asked DNS for the source (a flow seen in reply order).
     #[serde(default)]
     pub src_name: Option<String>,
+    /// The process that opened the connection (the `exec` module), if known.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// That process's program.
+    #[serde(default)]
+    pub exe: Option<String>,
 }
 
 /// Query of `GET` and `DELETE /v1/conntrack`: every filter given must match.

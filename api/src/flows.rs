@@ -98,6 +98,12 @@ pub struct FlowEventView {
     /// The name the destination asked DNS for the source.
     #[serde(default)]
     pub src_name: Option<String>,
+    /// The process that opened the connection (the `exec` module), if known.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// That process's program.
+    #[serde(default)]
+    pub exe: Option<String>,
 }
 
 /// Query of `GET /v1/flows`.

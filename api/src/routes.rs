@@ -15,7 +15,7 @@ use crate::{
     model::{BackendKey, ServiceKey},
     node::NodeView,
     policy::{ApplyPolicy, PolicyStatus},
-    proc::{ProcQuery, ProcStatus, ProcessView},
+    proc::{ProcEventView, ProcEventsQuery, ProcQuery, ProcRulesView, ProcStatus, ProcessView},
     socklb::SockLbStatus,
     sources::SourcesView,
     status::{Health, StatusView},
@@ -39,6 +39,8 @@ pub const DNS: &str = "/v1/dns";
 pub const DNS_NAMES: &str = "/v1/dns/names";
 pub const PROC: &str = "/v1/proc";
 pub const PROC_STATUS: &str = "/v1/proc/status";
+pub const PROC_RULES: &str = "/v1/proc/rules";
+pub const PROC_EVENTS: &str = "/v1/proc/events";
 
 /// The HTTP methods the API uses (every `GET` route also answers `HEAD`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -141,6 +143,12 @@ impl Query for CtFilter {
 impl Query for ProcQuery {
     fn to_query(&self) -> String {
         ProcQuery::to_query(self)
+    }
+}
+
+impl Query for ProcEventsQuery {
+    fn to_query(&self) -> String {
+        ProcEventsQuery::to_query(self)
     }
 }
 
@@ -299,6 +307,12 @@ routes! {
     /// The exec module: tracer counters and the cache's figures.
     GetProcStatus: Get PROC_STATUS, params (), query NoQuery, body NoBody
         => 200 ProcStatus, Json;
+    /// The exec module's enforcement: mode, cgroups, rules and their matches.
+    GetProcRules: Get PROC_RULES, params (), query NoQuery, body NoBody
+        => 200 ProcRulesView, Json;
+    /// Exec, fork, exit and connect events as they happen, one a line; `follow` must be true.
+    FollowProc: Get PROC_EVENTS, params (), query ProcEventsQuery, body NoBody
+        => 200 ProcEventView, NdJson;
     /// Interfaces, addresses, neighbours and routes as the netlink controller learned them.
     GetNode: Get NODE, params (), query NoQuery, body NoBody => 200 NodeView, Json;
     GetStats: Get STATS, params (), query NoQuery, body NoBody => 200 StatsView, Json;

@@ -355,6 +355,8 @@ mod pod {
     // SAFETY: every type is `#[repr(C)]`, `Copy`, explicitly padded (size asserted above) and
     // valid for any bit pattern.
     unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for crate::trace::ExecRuleKey {}
+    unsafe impl aya::Pod for crate::trace::ConnectRuleData {}
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for VipAddrKey {}
     unsafe impl aya::Pod for SourceRangeKey {}

@@ -2,6 +2,23 @@
 //! `sched_process_exit`. Each sends one `ProcessEvent` to `TRACE_EVENTS` (a ring buffer),
 //! behind a per-CPU token bucket.
 //!
+//! Connections are attributed through `inet_sock_set_state`: the process that moves a TCP
+//! socket to SYN_SENT (inside its `connect()`) is kept by socket address in `TRACE_PENDING`,
+//! and when the handshake ends (often in softirq, another task current) one `ConnectEvent`
+//! with the socket's final addresses and ports goes to `TRACE_CONNECTS`.
+//!
+//! Enforcement (off unless `ENFORCE_MODE` is set), on hooks this kernel loads (BPF-LSM and
+//! fentry programs are refused here):
+//! - exec: `trace_exec` looks the executed file's inode up in `EXEC_DENY` when the process's
+//!   cgroup or one of its ancestors is in `ENFORCED_CGROUPS` (or host-wide, configured
+//!   explicitly); denied, the process gets SIGKILL before its new program runs an
+//!   instruction (the tracepoint fires after the point of no return of execve);
+//! - connect: `enforce_connect4`/`enforce_connect6`, cgroup `connect` hooks attached only to
+//!   the configured cgroups, look the destination up in `CONNECT_DENY` (an LPM trie of port
+//!   and address) and refuse with `EPERM`.
+//!
+//! Audit mode reports the same matches and denies nothing.
+//!
 //! - aya does no CO-RE relocation: every kernel struct field is read at an offset the daemon
 //!   found in the kernel's BTF and set as a `.rodata` global (`bpf_common::trace::globals`).
 //!   The reads go through `bpf_probe_read_kernel`, so a wrong offset gives a wrong value or a
@@ -15,18 +32,21 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-        bpf_probe_read_kernel, generated,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel, generated,
     },
-    macros::{btf_tracepoint, map},
-    maps::{PerCpuArray, RingBuf},
-    programs::BtfTracePointContext,
+    macros::{btf_tracepoint, cgroup_sock_addr, map},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{BtfTracePointContext, SockAddrContext},
 };
 use bpf_common::{
     policy::RateBucket,
     trace::{
-        DEFAULT_EVENT_RATE, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, MAX_ARGS, MAX_FILENAME,
-        ProcessEvent, RING_BYTES, reason,
+        CONNECT_CHECKED, CONNECT_ESTABLISHED, CONNECT_FAILED, CONNECT_RING_BYTES, ConnectEvent,
+        ConnectRuleData, DEFAULT_EVENT_RATE, ENFORCE_DENY, ENFORCE_OFF, EVENT_EXEC, EVENT_EXIT,
+        EVENT_FORK, ExecRuleKey, FAMILY_INET, FAMILY_INET6, MAX_ARGS, MAX_ENFORCED_CGROUPS,
+        MAX_FILENAME, MAX_RULES, PENDING_CONNECTS, PendingConnect, ProcessEvent, RING_BYTES,
+        VERDICT_AUDITED, VERDICT_DENIED, VERDICT_NONE, reason,
     },
 };
 use bpf_lib::{event::rate_allows, global};
@@ -57,6 +77,37 @@ static OFF_MM_ARG_START: u32 = 0;
 static OFF_MM_ARG_END: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_BPRM_FILENAME: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_BPRM_FILE: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_FILE_INODE: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_INODE_INO: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_INODE_SB: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SB_DEV: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_PROTOCOL: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_FAMILY: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_DADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_RCV_SADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_V6_DADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_V6_RCV_SADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_DPORT: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_NUM: u32 = 0;
+
+#[unsafe(no_mangle)]
+static ENFORCE_MODE: u32 = ENFORCE_OFF;
+#[unsafe(no_mangle)]
+static ENFORCE_HOST_WIDE: u32 = 0;
 
 #[map(name = "TRACE_EVENTS")]
 static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
@@ -69,6 +120,40 @@ static TRACE_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::C
 
 #[map(name = "TRACE_RATE")]
 static TRACE_RATE: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "TRACE_CONNECTS")]
+static TRACE_CONNECTS: RingBuf = RingBuf::with_byte_size(CONNECT_RING_BYTES, 0);
+
+#[map(name = "TRACE_CONNECT_RATE")]
+static TRACE_CONNECT_RATE: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "TRACE_PENDING")]
+static TRACE_PENDING: LruHashMap<u64, PendingConnect> =
+    LruHashMap::with_max_entries(PENDING_CONNECTS, 0);
+
+#[map(name = "ENFORCED_CGROUPS")]
+static ENFORCED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_ENFORCED_CGROUPS, 0);
+
+#[map(name = "EXEC_DENY")]
+static EXEC_DENY: HashMap<ExecRuleKey, u32> = HashMap::with_max_entries(MAX_RULES, 0);
+
+#[map(name = "CONNECT_DENY")]
+static CONNECT_DENY: LpmTrie<ConnectRuleData, u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
+
+#[map(name = "RULE_HITS")]
+static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+/// Cgroup levels above the current one searched for an enforced cgroup.
+const ENFORCED_DEPTH: i32 = 16;
+
+const SIGKILL: u32 = 9;
+const IPPROTO_TCP: u16 = 6;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+// include/net/tcp_states.h
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
 
 #[inline(always)]
 fn count(reason: u32) {
@@ -139,6 +224,8 @@ fn start_event(kind: u8, task: *const u8) -> Result<&'static mut ProcessEvent, S
     // SAFETY: this CPU's slot; a tracepoint program is not migrated while it runs.
     let e = unsafe { &mut *e };
     e.kind = kind;
+    e.verdict = VERDICT_NONE;
+    e.rule = 0;
     e.ts_ns = bpf_ktime_get_boot_ns_safe();
     e.pid = pid;
     e.ppid = field(parent, &OFF_TASK_TGID)?;
@@ -208,7 +295,278 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), Skip> {
             e.args_len = len as u16;
         }
     }
+    // Before the rate limit: a denied exec is killed whether or not its event is sent.
+    enforce_exec(e, bprm)?;
     send(e)
+}
+
+/// Whether exec rules apply to the current task: host-wide, or its cgroup or an ancestor
+/// enforced.
+#[inline(always)]
+fn exec_rules_apply(cgroup_id: u64) -> bool {
+    if global(&ENFORCE_HOST_WIDE) == 1 {
+        return true;
+    }
+    if ENFORCED_CGROUPS.get_ptr(cgroup_id).is_some() {
+        return true;
+    }
+    for level in 1..ENFORCED_DEPTH {
+        // SAFETY: no preconditions; 0 above the cgroup's own depth.
+        let id = unsafe { generated::bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        if ENFORCED_CGROUPS.get_ptr(id).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn hit(rule: u32) {
+    if let Some(n) = RULE_HITS.get_ptr_mut(rule) {
+        // SAFETY: this CPU's slot.
+        unsafe { *n += 1 };
+    }
+}
+
+/// Applies the exec rules to the program `bprm` runs, recording the verdict in `e`.
+#[inline(always)]
+fn enforce_exec(e: &mut ProcessEvent, bprm: *const u8) -> Result<(), Skip> {
+    let mode = global(&ENFORCE_MODE);
+    if mode == ENFORCE_OFF || !exec_rules_apply(e.cgroup_id) {
+        return Ok(());
+    }
+    // The file executed (for a script: its interpreter, the program that runs).
+    let file: *const u8 = field(bprm, &OFF_BPRM_FILE)?;
+    let inode: *const u8 = field(file, &OFF_FILE_INODE)?;
+    let sb: *const u8 = field(inode, &OFF_INODE_SB)?;
+    let key = ExecRuleKey {
+        ino: field(inode, &OFF_INODE_INO)?,
+        dev: field(sb, &OFF_SB_DEV)?,
+        _pad: 0,
+    };
+    // SAFETY: a hash map read; the value is copied out at once.
+    let Some(rule) = (unsafe { EXEC_DENY.get(key) }).copied() else {
+        return Ok(());
+    };
+    hit(rule);
+    e.rule = rule as u16;
+    if mode != ENFORCE_DENY {
+        e.verdict = VERDICT_AUDITED;
+        count(reason::EXEC_AUDITED);
+        return Ok(());
+    }
+    // SAFETY: signals the current task, the process that just exec'ed.
+    if unsafe { generated::bpf_send_signal(SIGKILL) } == 0 {
+        e.verdict = VERDICT_DENIED;
+        count(reason::EXEC_DENIED);
+    } else {
+        count(reason::SIGNAL_FAILED);
+    }
+    Ok(())
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn trace_sock_state(ctx: BtfTracePointContext) -> i32 {
+    let why = match try_sock_state(&ctx) {
+        Ok(why) => why,
+        Err(skip) => skip.reason(),
+    };
+    count(why);
+    0
+}
+
+/// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`.
+fn try_sock_state(ctx: &BtfTracePointContext) -> Result<u32, Skip> {
+    let (sk, old, new): (*const u8, i32, i32) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    let starting = old == TCP_CLOSE && new == TCP_SYN_SENT;
+    let ending = old == TCP_SYN_SENT && (new == TCP_ESTABLISHED || new == TCP_CLOSE);
+    if !starting && !ending {
+        return Ok(reason::STATE_IGNORED);
+    }
+    let protocol: u16 = field(sk, &OFF_SK_PROTOCOL)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(reason::STATE_IGNORED);
+    }
+    let key = sk as u64;
+    if starting {
+        // In the connecting process's connect(): it is current.
+        // SAFETY: no preconditions.
+        let task = unsafe { generated::bpf_get_current_task() } as *const u8;
+        let leader: *const u8 = field(task, &OFF_TASK_GROUP_LEADER)?;
+        let pending = PendingConnect {
+            start_ns: field(leader, &OFF_TASK_START_BOOTTIME)?,
+            // SAFETY: no preconditions.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            uid: bpf_get_current_uid_gid() as u32,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        };
+        TRACE_PENDING
+            .insert(key, pending, 0)
+            .map_err(|_| Skip::Lost)?;
+        return Ok(reason::CONNECT_STARTED);
+    }
+    // SAFETY: a hash map read; the value is copied out at once.
+    let Some(p) = (unsafe { TRACE_PENDING.get(key) }).copied() else {
+        return Ok(reason::CONNECT_UNSEEN);
+    };
+    let _ = TRACE_PENDING.remove(key);
+    let family: u16 = field(sk, &OFF_SK_FAMILY)?;
+    let mut e = ConnectEvent {
+        ts_ns: bpf_ktime_get_boot_ns_safe(),
+        start_ns: p.start_ns,
+        cgroup_id: p.cgroup_id,
+        pid: p.pid,
+        uid: p.uid,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: field(sk, &OFF_SK_NUM)?,
+        dst_port: u16::from_be(field(sk, &OFF_SK_DPORT)?),
+        outcome: if new == TCP_ESTABLISHED {
+            CONNECT_ESTABLISHED
+        } else {
+            CONNECT_FAILED
+        },
+        verdict: VERDICT_NONE,
+        family: FAMILY_INET,
+        protocol: IPPROTO_TCP as u8,
+        rule: 0,
+        _pad: [0; 6],
+        comm: p.comm,
+    };
+    if family == AF_INET6 {
+        e.family = FAMILY_INET6;
+        e.src = field(sk, &OFF_SK_V6_RCV_SADDR)?;
+        e.dst = field(sk, &OFF_SK_V6_DADDR)?;
+    } else if family == AF_INET {
+        let src: [u8; 4] = field(sk, &OFF_SK_RCV_SADDR)?;
+        let dst: [u8; 4] = field(sk, &OFF_SK_DADDR)?;
+        e.src = mapped(src);
+        e.dst = mapped(dst);
+    } else {
+        return Ok(reason::STATE_IGNORED);
+    }
+    send_connect(&e)?;
+    Ok(reason::CONNECT_SENT)
+}
+
+/// `a.b.c.d` as `::ffff:a.b.c.d`.
+#[inline(always)]
+fn mapped(v4: [u8; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    out[12] = v4[0];
+    out[13] = v4[1];
+    out[14] = v4[2];
+    out[15] = v4[3];
+    out
+}
+
+#[inline(always)]
+fn send_connect(e: &ConnectEvent) -> Result<(), Skip> {
+    if !rate_allows(&TRACE_CONNECT_RATE, global(&EVENT_RATE), e.ts_ns) {
+        return Err(Skip::RateLimited);
+    }
+    TRACE_CONNECTS
+        .output::<ConnectEvent>(e, 0)
+        .map_err(|_| Skip::Lost)
+}
+
+/// Carry on with the connect.
+const ALLOW: i32 = 1;
+/// Refuse the connect (`EPERM`).
+const REFUSE: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn enforce_connect4(ctx: SockAddrContext) -> i32 {
+    enforce_connect::<false>(&ctx)
+}
+
+/// IPv6 sockets, IPv4-mapped destinations included (they meet the IPv4 rules).
+#[cgroup_sock_addr(connect6)]
+pub fn enforce_connect6(ctx: SockAddrContext) -> i32 {
+    enforce_connect::<true>(&ctx)
+}
+
+#[inline(always)]
+fn enforce_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let (verdict, why) = try_enforce_connect::<V6>(ctx);
+    count(why);
+    verdict
+}
+
+#[inline(always)]
+fn try_enforce_connect<const V6: bool>(ctx: &SockAddrContext) -> (i32, u32) {
+    let mode = global(&ENFORCE_MODE);
+    if mode == ENFORCE_OFF {
+        return (ALLOW, reason::CONNECT_ALLOWED);
+    }
+    // SAFETY: the kernel's bpf_sock_addr for this call.
+    let sa = unsafe { &*ctx.sock_addr };
+    let addr = if V6 {
+        let w = sa.user_ip6;
+        let mut out = [0u8; 16];
+        for (i, word) in w.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        out
+    } else {
+        mapped(sa.user_ip4.to_ne_bytes())
+    };
+    // The port is in network order in the low 16 bits.
+    let port_be = (sa.user_port as u16).to_ne_bytes();
+    let exact = Key::new(144, ConnectRuleData { port_be, addr });
+    let any = Key::new(
+        144,
+        ConnectRuleData {
+            port_be: [0; 2],
+            addr,
+        },
+    );
+    let Some(rule) = CONNECT_DENY
+        .get(&exact)
+        .or_else(|| CONNECT_DENY.get(&any))
+        .copied()
+    else {
+        return (ALLOW, reason::CONNECT_ALLOWED);
+    };
+    hit(rule);
+    let denied = mode == ENFORCE_DENY;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let e = ConnectEvent {
+        ts_ns: bpf_ktime_get_boot_ns_safe(),
+        start_ns: 0,
+        // SAFETY: no preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        pid: (pid_tgid >> 32) as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        src: [0; 16],
+        dst: addr,
+        src_port: 0,
+        dst_port: u16::from_be_bytes(port_be),
+        outcome: CONNECT_CHECKED,
+        verdict: if denied {
+            VERDICT_DENIED
+        } else {
+            VERDICT_AUDITED
+        },
+        family: if V6 { FAMILY_INET6 } else { FAMILY_INET },
+        protocol: sa.protocol as u8,
+        rule: rule as u16,
+        _pad: [0; 6],
+        comm: [0; 16],
+    };
+    // The verdict stands whether or not its report fits the rate and the ring.
+    let _ = send_connect(&e);
+    if denied {
+        (REFUSE, reason::CONNECT_DENIED)
+    } else {
+        (ALLOW, reason::CONNECT_AUDITED)
+    }
 }
 
 /// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`.

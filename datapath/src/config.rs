@@ -217,6 +217,19 @@ struct ExecFile {
     max_processes: Option<usize>,
     exit_grace_seconds: Option<u64>,
     btf_path: Option<PathBuf>,
+    max_connections: Option<usize>,
+    enforcement: Option<EnforcementFile>,
+}
+
+/// `exec.enforcement`: exec and connect rules, off unless configured (docs/exec.md).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnforcementFile {
+    mode: Option<String>,
+    cgroups: Option<Vec<String>>,
+    host_wide: Option<bool>,
+    deny_exec: Option<Vec<PathBuf>>,
+    deny_connect: Option<Vec<String>>,
 }
 
 /// The `conntrack` section: the GC of the load balancer's flow tables.
@@ -652,6 +665,9 @@ pub struct ExecSettings {
     pub exit_grace: Duration,
     /// The kernel's BTF, where the tracer's struct offsets are read.
     pub btf_path: PathBuf,
+    /// Connections kept attributed to their process (the oldest forgotten first).
+    pub max_connections: usize,
+    pub enforcement: crate::exec::rules::Enforcement,
 }
 
 impl Default for ExecSettings {
@@ -662,6 +678,8 @@ impl Default for ExecSettings {
             max_processes: 65_536,
             exit_grace: Duration::from_secs(30),
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            max_connections: 65_536,
+            enforcement: crate::exec::rules::Enforcement::default(),
         }
     }
 }
@@ -1354,6 +1372,39 @@ impl Settings {
                 return Err(src.error("exec.btf_path", "must be an absolute path"));
             }
             exec.btf_path = p;
+        }
+        if let Some(n) = e.max_connections {
+            if !(16..=10_000_000).contains(&n) {
+                return Err(src.error("exec.max_connections", "between 16 and 10000000"));
+            }
+            exec.max_connections = n;
+        }
+        if let Some(f) = e.enforcement {
+            let mut en = exec.enforcement.clone();
+            if let Some(m) = f.mode {
+                en.mode = m
+                    .parse()
+                    .map_err(|e: String| src.error("exec.enforcement.mode", &e))?;
+            }
+            if let Some(v) = f.host_wide {
+                en.host_wide = v;
+            }
+            if let Some(c) = f.cgroups {
+                en.cgroups = c;
+            }
+            if let Some(d) = f.deny_exec {
+                en.deny_exec = d;
+            }
+            if let Some(d) = f.deny_connect {
+                en.deny_connect = d
+                    .iter()
+                    .map(|r| r.parse())
+                    .collect::<std::result::Result<_, String>>()
+                    .map_err(|e| src.error("exec.enforcement.deny_connect", &e))?;
+            }
+            en.validate()
+                .map_err(|(field, e)| src.error(&format!("exec.enforcement.{field}"), &e))?;
+            exec.enforcement = en;
         }
         Ok(())
     }

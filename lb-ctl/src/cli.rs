@@ -88,7 +88,7 @@ pub enum Command {
     #[command(subcommand)]
     Dns(DnsCommand),
     /// Processes the exec module follows (exec, fork and exit through BTF tracepoints): the
-    /// cache, one process, the tracer's counters.
+    /// cache, one process, live events, the enforcement rules, the tracer's counters.
     #[command(subcommand)]
     Proc(ProcCommand),
 }
@@ -111,6 +111,23 @@ pub enum ProcCommand {
     },
     /// Whether the module runs, the tracer's counters, the cache's figures.
     Status,
+    /// Exec, fork, exit and connect events as they happen (one JSON object a line with
+    /// -o json), until --count, --timeout or Ctrl-C.
+    Follow {
+        /// Stop after this many events.
+        #[arg(long, value_name = "N", allow_negative_numbers = true,
+              value_parser = number_in(0u64, u64::MAX))]
+        count: Option<u64>,
+        /// Stop after this many seconds (datapathd stops at one day).
+        #[arg(long, value_name = "SECONDS", allow_negative_numbers = true,
+              value_parser = number_in(0u64, u64::MAX))]
+        timeout: Option<u64>,
+        /// Only events of processes in this cgroup (its id, the directory's inode number).
+        #[arg(long, value_name = "ID")]
+        cgroup_id: Option<u64>,
+    },
+    /// The enforcement (exec.enforcement): mode, cgroups, hooks, each rule and its matches.
+    Rules,
 }
 
 #[derive(Debug, Subcommand)]
@@ -451,6 +468,8 @@ pub enum Action {
     /// `proc show`: an error when the cache has no such pid.
     ProcShow(u32),
     ProcStatus,
+    ProcFollow(datapath_api::ProcEventsQuery),
+    ProcRules,
     /// `lb-ctl dns lookup`: the query holds the address.
     DnsLookup(DnsNamesQuery),
 }
@@ -668,6 +687,17 @@ impl Command {
             }
             Command::Proc(ProcCommand::Show { pid }) => Action::ProcShow(*pid),
             Command::Proc(ProcCommand::Status) => Action::ProcStatus,
+            Command::Proc(ProcCommand::Follow {
+                count,
+                timeout,
+                cgroup_id,
+            }) => Action::ProcFollow(datapath_api::ProcEventsQuery {
+                follow: true,
+                count: *count,
+                timeout_seconds: *timeout,
+                cgroup_id: *cgroup_id,
+            }),
+            Command::Proc(ProcCommand::Rules) => Action::ProcRules,
             Command::Dns(DnsCommand::List {
                 address,
                 client,

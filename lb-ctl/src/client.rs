@@ -71,6 +71,21 @@ impl Client {
         self.send::<routes::ListProcesses>(&(), q, &NoBody).await
     }
 
+    pub async fn proc_rules(&self) -> Result<datapath_api::ProcRulesView> {
+        self.send::<routes::GetProcRules>(&(), &NoQuery, &NoBody)
+            .await
+    }
+
+    /// Follows the exec module's events: calls `on_line` with each line of the stream (one
+    /// [`datapath_api::ProcEventView`]) as it arrives, until the daemon ends it.
+    pub async fn follow_proc(
+        &self,
+        q: &datapath_api::ProcEventsQuery,
+        on_line: impl FnMut(&str) -> Result<()>,
+    ) -> Result<()> {
+        self.stream::<routes::FollowProc>(&(), q, on_line).await
+    }
+
     pub async fn proc_status(&self) -> Result<datapath_api::ProcStatus> {
         self.send::<routes::GetProcStatus>(&(), &NoQuery, &NoBody)
             .await

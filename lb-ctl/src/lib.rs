@@ -192,6 +192,35 @@ pub async fn run(cli: &Cli) -> Result<String> {
                 output::process_details(&list)
             }
         }
+        Action::ProcRules => {
+            let v = client.proc_rules().await?;
+            if json {
+                to_json(&v)?
+            } else {
+                output::proc_rules(&v)
+            }
+        }
+        Action::ProcFollow(q) => {
+            let stdout = std::io::stdout();
+            client
+                .follow_proc(&q, |line| {
+                    // -o json: the daemon's line as it came; a line that is not an event is
+                    // shown as it is rather than lost.
+                    let event = (!json)
+                        .then(|| serde_json::from_str::<datapath_api::ProcEventView>(line).ok())
+                        .flatten();
+                    let text = match event {
+                        Some(event) => output::proc_event(&event),
+                        None => format!("{line}\n"),
+                    };
+                    let mut out = stdout.lock();
+                    out.write_all(text.as_bytes())
+                        .and_then(|()| out.flush())
+                        .map_err(Error::Output)
+                })
+                .await?;
+            String::new()
+        }
         Action::ProcStatus => {
             let st = client.proc_status().await?;
             if json {

@@ -680,6 +680,7 @@ pub fn conntrack(flows: &[CtFlow]) -> String {
         ("IDLE", Align::Right),
         ("RULE", Align::Right),
         ("NAME", Align::Left),
+        ("PROCESS", Align::Left),
     ]);
     for f in flows {
         t.row(vec![
@@ -696,6 +697,7 @@ pub fn conntrack(flows: &[CtFlow]) -> String {
             secs(f.idle_ns),
             or_dash(f.rule),
             remote_name(f.dst_name.as_deref(), f.src_name.as_deref()),
+            process_of(f.pid, f.exe.as_deref()),
         ]);
     }
     t.render()
@@ -708,6 +710,16 @@ fn remote_name(dst: Option<&str>, src: Option<&str>) -> String {
         (Some(d), _) => d.to_string(),
         (None, Some(s)) => format!("<{s}"),
         (None, None) => "-".into(),
+    }
+}
+
+/// The PROCESS of a flow: `program[pid]` of who opened it (the `exec` module; the program's
+/// file name, its path is in `-o json`), else `-`.
+fn process_of(pid: Option<u32>, exe: Option<&str>) -> String {
+    match (pid, exe) {
+        (Some(p), Some(e)) => format!("{}[{p}]", e.rsplit('/').next().unwrap_or(e)),
+        (Some(p), None) => p.to_string(),
+        (None, _) => "-".into(),
     }
 }
 
@@ -788,6 +800,103 @@ pub fn process_details(list: &[datapath_api::ProcessView]) -> String {
     out
 }
 
+/// `lb-ctl proc rules`.
+pub fn proc_rules(v: &datapath_api::ProcRulesView) -> String {
+    let mut out = String::new();
+    let scope = if v.host_wide {
+        "host-wide".to_string()
+    } else if v.cgroups.is_empty() {
+        "no cgroup".to_string()
+    } else {
+        let c: Vec<String> = v
+            .cgroups
+            .iter()
+            .map(|c| format!("{} (id {})", c.path, c.id))
+            .collect();
+        c.join(", ")
+    };
+    let _ = writeln!(out, "enforcement: {} in {scope}", v.mode);
+    let _ = writeln!(
+        out,
+        "hooks: {}",
+        if v.hooks.is_empty() {
+            "none".to_string()
+        } else {
+            v.hooks.join(", ")
+        }
+    );
+    let items: Vec<String> = v.verdicts.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    if !items.is_empty() {
+        let _ = writeln!(out, "verdicts: {}", items.join(", "));
+    }
+    let mut t = Table::new(&[
+        ("RULE", Align::Right),
+        ("KIND", Align::Left),
+        ("TARGET", Align::Left),
+        ("INODE", Align::Left),
+        ("HITS", Align::Right),
+    ]);
+    for r in &v.rules {
+        t.row(vec![
+            r.index.to_string(),
+            r.kind.clone(),
+            r.target.clone(),
+            or_dash(r.inode.as_ref()),
+            r.hits.to_string(),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+/// One line of `lb-ctl proc follow`.
+pub fn proc_event(e: &datapath_api::ProcEventView) -> String {
+    use datapath_api::ProcEventView as E;
+    let verdict = |v: &Option<String>, r: &Option<u16>| match (v, r) {
+        (Some(v), Some(r)) => format!(" [{v} by rule {r}]"),
+        (Some(v), None) => format!(" [{v}]"),
+        _ => String::new(),
+    };
+    match e {
+        E::Exec {
+            process,
+            verdict: v,
+            rule,
+        } => format!(
+            "exec    pid {} ppid {} uid {} cgroup {} {} {:?}{}\n",
+            process.pid,
+            process.ppid,
+            process.uid,
+            process.cgroup_id,
+            process.exe,
+            process.args,
+            verdict(v, rule)
+        ),
+        E::Fork { process } => format!(
+            "fork    pid {} ppid {} {}\n",
+            process.pid, process.ppid, process.exe
+        ),
+        E::Exit { pid, code, .. } => format!("exit    pid {pid} code {code}\n"),
+        E::Connect { connect: c } => {
+            let src = if c.src_port == 0 {
+                String::new()
+            } else {
+                format!("{}:{} -> ", c.src, c.src_port)
+            };
+            format!(
+                "connect pid {} {} {} {src}{}:{} {}{}\n",
+                c.pid,
+                c.exe.as_deref().unwrap_or(&c.comm),
+                c.protocol,
+                c.dst,
+                c.dst_port,
+                c.outcome,
+                verdict(&c.verdict, &c.rule)
+            )
+        }
+    }
+}
+
 /// `lb-ctl proc status`.
 pub fn proc_status(v: &datapath_api::ProcStatus) -> String {
     let mut out = String::new();
@@ -801,6 +910,11 @@ pub fn proc_status(v: &datapath_api::ProcStatus) -> String {
         out,
         "cache: {} processes ({} exited), {} evicted, {} expired, {} found at start",
         v.entries, v.exited, v.evicted, v.expired, v.found_at_start
+    );
+    let _ = writeln!(
+        out,
+        "connections: {} attributed, {} forgotten",
+        v.connections, v.connections_forgotten
     );
     let items: Vec<String> = v.events.iter().map(|(k, n)| format!("{k} {n}")).collect();
     let _ = writeln!(

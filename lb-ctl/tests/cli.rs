@@ -685,6 +685,18 @@ fn fixture(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// A golden output: with `LB_CTL_BLESS=1`, `actual` is written as the new golden first (review
+/// the diff before committing it).
+fn golden(name: &str, actual: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    if std::env::var_os("LB_CTL_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 fn policy_answer(rec: &Recorded) -> (u16, String) {
     let file = match (rec.method.as_str(), rec.path.as_str(), rec.query.as_str()) {
         ("DELETE", "/v1/conntrack", _) => return (200, r#"{"removed":3}"#.into()),
@@ -704,11 +716,12 @@ fn policy_answer(rec: &Recorded) -> (u16, String) {
 }
 
 /// Reading the answers with the API's types changed nothing lb-ctl prints, tables and `-o json`
-/// alike, but for the names of the `dns` module (their own column and fields).
+/// alike, but for the names of the `dns` module and the processes of the `exec` module (their
+/// own columns and fields).
 #[test]
 fn policy_conntrack_and_flow_output_is_unchanged() {
     let d = FakeDaemon::start(policy_answer);
-    for (args, golden) in [
+    for (args, name) in [
         (&["policy", "list"][..], "policy"),
         (&["conntrack", "list"], "conntrack"),
         (&["conntrack", "stats"], "conntrack_stats"),
@@ -716,19 +729,13 @@ fn policy_conntrack_and_flow_output_is_unchanged() {
     ] {
         let o = d.run(args);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
-        assert_eq!(
-            stdout(&o),
-            fixture(&format!("{golden}.table.txt")),
-            "{args:?}"
-        );
+        let out = stdout(&o);
+        assert_eq!(out, golden(&format!("{name}.table.txt"), &out), "{args:?}");
         let json_args: Vec<&str> = ["-o", "json"].iter().chain(args).copied().collect();
         let o = d.run(&json_args);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
-        assert_eq!(
-            stdout(&o),
-            fixture(&format!("{golden}.json.txt")),
-            "{args:?}"
-        );
+        let out = stdout(&o);
+        assert_eq!(out, golden(&format!("{name}.json.txt"), &out), "{args:?}");
     }
 
     // Following: each event on its line as it comes, a line that is not one as it is; with

@@ -108,6 +108,8 @@ fn template() -> FlowEventView {
         rtt_ns: 180_000,
         dst_name: Some("api.example.com".into()),
         src_name: None,
+        pid: None,
+        exe: None,
     }
 }
 

@@ -57,10 +57,10 @@ fn record(kind: u8, pid: u32, i: u64) -> Vec<u8> {
         uid: 1000,
         exit_code: 0,
         kind,
-        _pad: 0,
+        verdict: 0,
         filename_len: 0,
         args_len: 0,
-        _pad2: 0,
+        rule: 0,
         comm: [0; 16],
         filename: [0; MAX_FILENAME],
         args: [0; MAX_ARGS],
@@ -152,6 +152,7 @@ fn memory_of_processes(n: u32) -> f64 {
                 cgroup: Some(format!("/kubepods.slice/kubepods-pod{pid:032x}.slice")),
                 ..Process::default()
             },
+            verdict: None,
         });
     }
     let after = in_use();
@@ -172,7 +173,13 @@ pub fn run(smoke: bool) -> Result<ExecReport> {
     let (mut traced, mut lost) = (0u64, 0u64);
     for _ in 0..spawn_rounds {
         off.push(spawn_round(spawns)?);
-        let (tracer, ring) = TracePlane::start(1_000_000, &offsets).context("load the tracer")?;
+        let (tracer, rings) = TracePlane::start(
+            1_000_000,
+            &offsets,
+            &datapath::exec::rules::Resolved::default(),
+        )
+        .context("load the tracer")?;
+        let ring = rings.processes;
         let before = tracer.reasons()?;
         let stop = Arc::new(AtomicBool::new(false));
         let cache = Arc::new(Mutex::new(ProcessCache::new(65_536, 30_000_000_000)));

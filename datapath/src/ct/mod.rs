@@ -127,6 +127,12 @@ pub struct FlowEventView {
     /// The name the destination asked DNS for the source.
     #[serde(default)]
     pub src_name: Option<String>,
+    /// The process that opened the connection (the `exec` module), if known.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// That process's program.
+    #[serde(default)]
+    pub exe: Option<String>,
 }
 
 /// The answers of the conntrack routes: the api crate's types.
@@ -191,6 +197,8 @@ impl FlowEventView {
             rtt_ns: e.rtt_ns,
             dst_name: None,
             src_name: None,
+            pid: None,
+            exe: None,
         }
     }
 }
@@ -218,6 +226,8 @@ pub struct ConntrackController {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Names learned from DNS answers, for the flows' ends (`dns` module).
     names: StateReader<crate::dns::NameHandle>,
+    /// Who opened each connection (the `exec` module).
+    owners: StateReader<crate::exec::OwnerHandle>,
     /// This controller's live flows, lent to the name store.
     live: StateWriter<crate::dns::LiveHandle>,
     pub gc_sweeps: AtomicU64,
@@ -243,6 +253,9 @@ impl ConntrackController {
             live: bus
                 .state::<crate::dns::LiveHandle>(crate::dns::LIVE_FLOWS)?
                 .writer()?,
+            owners: bus
+                .state::<crate::exec::OwnerHandle>(crate::exec::OWNERS)?
+                .reader(),
             gc_sweeps: AtomicU64::new(0),
             gc_expired: AtomicU64::new(0),
             lb_gc_expired: AtomicU64::new(0),
@@ -326,6 +339,17 @@ impl ConntrackController {
                 f.src_name = names.name_of(dst, src);
             }
         }
+        if let Some(owners) = self.owners.get().as_ref() {
+            for f in flows.iter_mut().filter(|f| f.protocol == "tcp") {
+                let (Ok(src), Ok(dst)) = (f.src.parse(), f.dst.parse()) else {
+                    continue;
+                };
+                if let Some(o) = owners.owner_of(src, f.src_port, dst, f.dst_port) {
+                    f.pid = Some(o.pid);
+                    f.exe = (!o.exe.is_empty()).then_some(o.exe);
+                }
+            }
+        }
         Ok(flows)
     }
 
@@ -337,6 +361,14 @@ impl ConntrackController {
         {
             e.dst_name = names.name_of(src, dst);
             e.src_name = names.name_of(dst, src);
+        }
+        if e.protocol == "tcp"
+            && let Some(owners) = self.owners.get().as_ref()
+            && let (Ok(src), Ok(dst)) = (e.src.parse(), e.dst.parse())
+            && let Some(o) = owners.owner_of(src, e.src_port, dst, e.dst_port)
+        {
+            e.pid = Some(o.pid);
+            e.exe = (!o.exe.is_empty()).then_some(o.exe);
         }
         e
     }

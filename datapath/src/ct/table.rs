@@ -50,6 +50,12 @@ pub struct CtFlow {
     /// The name the destination asked DNS for the source.
     #[serde(default)]
     pub src_name: Option<String>,
+    /// The process that opened the connection (the `exec` module), if known.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// That process's program.
+    #[serde(default)]
+    pub exe: Option<String>,
 }
 
 /// The protocol name of an IP protocol number.
@@ -99,6 +105,8 @@ impl CtFlow {
             policy_direction: dir_name(e.policy_dir).to_string(),
             dst_name: None,
             src_name: None,
+            pid: None,
+            exe: None,
         }
     }
 }

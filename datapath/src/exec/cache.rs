@@ -46,11 +46,21 @@ pub struct Process {
     pub from_proc: bool,
 }
 
+/// An enforcement rule's match on an exec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Denied (the process killed), else audited.
+    pub denied: bool,
+    pub rule: u16,
+}
+
 /// What the tracer said, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Exec {
         process: Process,
+        /// What an enforcement rule did to it.
+        verdict: Option<Verdict>,
     },
     Fork {
         process: Process,
@@ -159,7 +169,7 @@ impl ProcessCache {
 
     pub fn apply(&mut self, event: Event) {
         match event {
-            Event::Exec { process } => {
+            Event::Exec { process, .. } => {
                 let key = (process.pid, process.start_ticks);
                 self.upsert(key, process.seen_ns, |p, _| {
                     let exited = p.exited;
@@ -416,6 +426,7 @@ mod tests {
         });
         c.apply(Event::Exec {
             process: proc(7, 50, "/bin/true", 90),
+            verdict: None,
         });
         let p = c.get((7, 50)).unwrap();
         assert_eq!(p.exe, "/bin/true");
@@ -437,7 +448,10 @@ mod tests {
         let mut c = ProcessCache::new(100, 10);
         let mut parent = proc(10, 5, "/usr/bin/bash", 1);
         parent.cgroup = Some("/test".into());
-        c.apply(Event::Exec { process: parent });
+        c.apply(Event::Exec {
+            process: parent,
+            verdict: None,
+        });
         let mut child = proc(11, 9, "", 2);
         child.ppid = 10;
         child.parent_start_ticks = 5;
@@ -451,6 +465,7 @@ mod tests {
         // Pid 11 again, later: the newer one answers by pid, the older stays by key.
         c.apply(Event::Exec {
             process: proc(11, 20, "/bin/sleep", 3),
+            verdict: None,
         });
         assert_eq!(c.by_pid(11).unwrap().exe, "/bin/sleep");
         assert_eq!(c.get((11, 9)).unwrap().exe, "/usr/bin/bash");
@@ -462,6 +477,7 @@ mod tests {
         for pid in 1..=3 {
             c.apply(Event::Exec {
                 process: proc(pid, 1, "/bin/x", u64::from(pid)),
+                verdict: None,
             });
         }
         c.apply(Event::Exit {
@@ -472,10 +488,12 @@ mod tests {
         });
         c.apply(Event::Exec {
             process: proc(4, 1, "/bin/y", 20),
+            verdict: None,
         });
         assert!(c.get((3, 1)).is_none(), "the exited one went first");
         c.apply(Event::Exec {
             process: proc(5, 1, "/bin/z", 21),
+            verdict: None,
         });
         assert!(c.get((1, 1)).is_none(), "then the least recently seen");
         assert_eq!(c.stats().entries, 3);

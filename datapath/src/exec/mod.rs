@@ -7,34 +7,70 @@
 //!   program is loaded, and the rest of the daemon runs.
 //! - Processes that existed before the daemon started are found by a walk of `/proc`.
 //! - Each event goes on the bus topic [`EVENTS`].
+//! - TCP connects are attributed to their process (`inet_sock_set_state`): each goes on the
+//!   topic [`CONNECTS`], and the conntrack asks the [`OWNERS`] handle who opened a flow.
+//! - Enforcement (`exec.enforcement`, off by default): see [`rules`].
 //! - The section needs a restart to change.
 pub mod cache;
+pub mod owners;
 pub mod plane;
+pub mod rules;
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     os::fd::AsFd as _,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use bpf_common::trace::{EVENT_EXEC, EVENT_EXIT, EVENT_FORK, ProcessEvent};
-use datapath_api::{ProcQuery, ProcStatus, ProcessView};
+use bpf_common::trace::{
+    CONNECT_CHECKED, CONNECT_ESTABLISHED, CONNECT_FAILED, ConnectEvent, EVENT_EXEC, EVENT_EXIT,
+    EVENT_FORK, ProcessEvent, VERDICT_AUDITED, VERDICT_DENIED,
+};
+use datapath_api::{
+    ConnectView, EnforcedCgroupView, ProcEventView, ProcEventsQuery, ProcQuery, ProcRuleView,
+    ProcRulesView, ProcStatus, ProcessView,
+};
 use tracing::{info, warn};
 
 use crate::{
     Error, Result,
-    bus::{Bus, Topic},
+    bus::{Bus, StateWriter, Topic},
     config::{ExecSettings, Settings},
     controller::{Cancel, Controller, Health, NoChange, Prepared, Requirements, RunFuture},
     features::Capability,
 };
-use cache::{Event, Process, ProcessCache};
+use cache::{Event, Process, ProcessCache, Verdict};
+use owners::{Owner, Owners, Tuple};
 use plane::TracePlane;
+use rules::{Mode, Resolved};
 
 pub const NAME: &str = "exec";
-/// Topic: every process event, decoded (`Arc<cache::Event>`).
+/// Topic: every process event, decoded (`Arc<cache::Event>`): the ProcessEvent topic.
 pub const EVENTS: &str = "exec.events";
+/// Topic: every connect attributed or checked (`Arc<ConnectView>`): the ConnectEvent topic.
+pub const CONNECTS: &str = "exec.connects";
+/// State: who opened a TCP connection ([`OwnerHandle`]; writer: exec).
+pub const OWNERS: &str = "exec.owners";
+const FOLLOWER: &str = "proc follow";
+
+/// What a module may ask about connections' processes.
+pub trait FlowOwnerLookup: Send + Sync {
+    /// The process that opened the TCP connection `src:sport -> dst:dport`, if known.
+    fn owner_of(&self, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Option<Owner>;
+}
+
+/// The owners' handle on the bus (`None`: the module is off).
+pub type OwnerHandle = Option<Arc<dyn FlowOwnerLookup>>;
+
+struct OwnersHandle(Arc<Mutex<Owners>>);
+
+impl FlowOwnerLookup for OwnersHandle {
+    fn owner_of(&self, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Option<Owner> {
+        lock(&self.0).owner_of(&(src, sport, dst, dport)).cloned()
+    }
+}
 const EVENT_BUFFER: usize = 4096;
 const READ_TICK: Duration = Duration::from_millis(100);
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -49,6 +85,9 @@ struct Inner {
     settings: ExecSettings,
     plane: Option<TracePlane>,
     ring: Option<std::os::fd::OwnedFd>,
+    connect_ring: Option<std::os::fd::OwnedFd>,
+    /// The enforcement as applied (its cgroups and files found).
+    rules: Resolved,
     health: Health,
     found_at_start: u64,
 }
@@ -59,6 +98,11 @@ pub struct ExecController {
     /// Cgroup id -> its path under the cgroup2 root (`None`: looked for, not found).
     cgroups: Mutex<HashMap<u64, Option<String>>>,
     events: Arc<Topic<Arc<Event>>>,
+    connects: Arc<Topic<Arc<ConnectView>>>,
+    owners: Arc<Mutex<Owners>>,
+    owner_handle: StateWriter<OwnerHandle>,
+    /// True once the module's loop stops: follow streams end.
+    stopping: tokio::sync::watch::Sender<bool>,
     ticks: u64,
 }
 
@@ -138,7 +182,20 @@ pub fn decode(
         }
     };
     match e.kind {
-        EVENT_EXEC => Some(Event::Exec { process: process() }),
+        EVENT_EXEC => Some(Event::Exec {
+            process: process(),
+            verdict: match e.verdict {
+                VERDICT_DENIED => Some(Verdict {
+                    denied: true,
+                    rule: e.rule,
+                }),
+                VERDICT_AUDITED => Some(Verdict {
+                    denied: false,
+                    rule: e.rule,
+                }),
+                _ => None,
+            },
+        }),
         EVENT_FORK => Some(Event::Fork { process: process() }),
         EVENT_EXIT => Some(Event::Exit {
             pid: e.pid,
@@ -150,6 +207,51 @@ pub fn decode(
     }
 }
 
+fn verdict_name(v: u8) -> Option<String> {
+    match v {
+        VERDICT_DENIED => Some("denied".into()),
+        VERDICT_AUDITED => Some("audited".into()),
+        _ => None,
+    }
+}
+
+/// A connect record of the tracer, decoded (the program not filled in yet).
+pub fn decode_connect(bytes: &[u8], ticks: u64) -> Option<ConnectView> {
+    if bytes.len() < std::mem::size_of::<ConnectEvent>() {
+        return None;
+    }
+    // SAFETY: a POD of the ABI, read unaligned from a record at least its size.
+    let e: ConnectEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let outcome = match e.outcome {
+        CONNECT_ESTABLISHED => "established",
+        CONNECT_FAILED => "failed",
+        CONNECT_CHECKED => "checked",
+        _ => return None,
+    };
+    let verdict = verdict_name(e.verdict);
+    Some(ConnectView {
+        ts_ns: e.ts_ns,
+        pid: e.pid,
+        start_ticks: if e.start_ns == 0 {
+            0
+        } else {
+            cache::ticks_of_ns(e.start_ns, ticks)
+        },
+        exe: None,
+        comm: c_string(&e.comm),
+        uid: e.uid,
+        cgroup_id: e.cgroup_id,
+        protocol: crate::ct::table::proto_name(e.protocol),
+        src: rules::address_of(e.src),
+        src_port: e.src_port,
+        dst: rules::address_of(e.dst),
+        dst_port: e.dst_port,
+        outcome: outcome.into(),
+        rule: verdict.is_some().then_some(e.rule),
+        verdict,
+    })
+}
+
 impl ExecController {
     pub fn new(settings: &Settings, bus: &Bus) -> Result<Arc<Self>> {
         let s = &settings.exec;
@@ -158,6 +260,8 @@ impl ExecController {
                 settings: s.clone(),
                 plane: None,
                 ring: None,
+                connect_ring: None,
+                rules: Resolved::default(),
                 health: Health::default(),
                 found_at_start: 0,
             }),
@@ -167,6 +271,10 @@ impl ExecController {
             )),
             cgroups: Mutex::new(HashMap::new()),
             events: bus.topic(EVENTS, EVENT_BUFFER)?,
+            connects: bus.topic(CONNECTS, EVENT_BUFFER)?,
+            owners: Arc::new(Mutex::new(Owners::new(s.max_connections))),
+            owner_handle: bus.state::<OwnerHandle>(OWNERS)?.writer()?,
+            stopping: tokio::sync::watch::channel(false).0,
             ticks: cache::clock_ticks(),
         }))
     }
@@ -183,9 +291,60 @@ impl ExecController {
 
     fn record(&self, bytes: &[u8], out: &mut Vec<Arc<Event>>) {
         if let Some(event) = decode(bytes, self.ticks, &|id| self.cgroup_of(id)) {
+            if let Event::Exec {
+                process,
+                verdict: Some(v),
+            } = &event
+            {
+                warn!(
+                    pid = process.pid,
+                    exe = %process.exe,
+                    cgroup = ?process.cgroup,
+                    rule = v.rule,
+                    denied = v.denied,
+                    "exec: an exec rule matched"
+                );
+            }
             lock(&self.cache).apply(event.clone());
             out.push(Arc::new(event));
         }
+    }
+
+    /// The program of process (`pid`, `start_ticks`), else of the pid's latest process.
+    fn program_of(&self, pid: u32, start_ticks: u64) -> Option<(u64, String)> {
+        let cache = lock(&self.cache);
+        let p = (start_ticks != 0)
+            .then(|| cache.get((pid, start_ticks)))
+            .flatten()
+            .or_else(|| cache.by_pid(pid))?;
+        (!p.exe.is_empty()).then(|| (p.start_ticks, p.exe.clone()))
+    }
+
+    fn record_connect(&self, bytes: &[u8], out: &mut Vec<Arc<ConnectView>>) {
+        let Some(mut c) = decode_connect(bytes, self.ticks) else {
+            return;
+        };
+        if let Some((start, exe)) = self.program_of(c.pid, c.start_ticks) {
+            c.start_ticks = start;
+            c.exe = Some(exe);
+        }
+        if c.outcome == "established" && c.protocol == "tcp" {
+            let tuple: Tuple = (c.src, c.src_port, c.dst, c.dst_port);
+            lock(&self.owners).learn(
+                tuple,
+                Owner {
+                    pid: c.pid,
+                    start_ticks: c.start_ticks,
+                    exe: c.exe.clone().unwrap_or_default(),
+                    comm: c.comm.clone(),
+                },
+            );
+        }
+        if let Some(v) = &c.verdict {
+            warn!(pid = c.pid, exe = ?c.exe, dst = %c.dst, port = c.dst_port,
+                verdict = %v, rule = ?c.rule, "exec: a connect rule matched");
+        }
+        out.push(Arc::new(c));
     }
 
     fn load(&self, s: &ExecSettings) -> std::result::Result<(), String> {
@@ -198,25 +357,107 @@ impl ExecController {
             )
         })?;
         let offsets = plane::offsets(&btf)?;
-        let (plane, ring) =
-            TracePlane::start(s.event_rate, &offsets).map_err(|e| format!("cannot load: {e}"))?;
-        let fd = ring
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| format!("cannot keep the ring buffer: {e}"))?;
+        let resolved = if s.enforcement.mode == Mode::Off {
+            Resolved::default()
+        } else {
+            let root = crate::socklb::cgroup2_root()
+                .map_err(|e| format!("cannot find the cgroup2 mount for enforcement: {e}"))?;
+            rules::resolve(&s.enforcement, &root)?
+        };
+        let (plane, rings) = TracePlane::start(s.event_rate, &offsets, &resolved)
+            .map_err(|e| format!("cannot load: {e}"))?;
+        let keep = |ring: &plane::Ring| {
+            ring.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("cannot keep the ring buffer: {e}"))
+        };
+        let (fd, connect_fd) = (keep(&rings.processes)?, keep(&rings.connects)?);
         let mut inner = lock(&self.inner);
         inner.plane = Some(plane);
         inner.ring = Some(fd);
+        inner.connect_ring = Some(connect_fd);
+        inner.rules = resolved;
         Ok(())
     }
 
-    fn open_ring(&self) -> Result<Option<plane::Ring>> {
+    fn open_rings(&self) -> Result<Option<(plane::Ring, plane::Ring)>> {
         let inner = lock(&self.inner);
-        inner
-            .ring
+        let (Some(p), Some(c)) = (&inner.ring, &inner.connect_ring) else {
+            return Ok(None);
+        };
+        Ok(Some((
+            crate::bpf::ringbuf::reopen(p, "TRACE_EVENTS")?,
+            crate::bpf::ringbuf::reopen(c, "TRACE_CONNECTS")?,
+        )))
+    }
+
+    /// `GET /v1/proc/rules`.
+    pub fn rules(&self) -> ProcRulesView {
+        let inner = lock(&self.inner);
+        let configured = &inner.settings.enforcement;
+        let r = &inner.rules;
+        let hits = inner
+            .plane
             .as_ref()
-            .map(|fd| crate::bpf::ringbuf::reopen(fd, "TRACE_EVENTS"))
+            .map(|p| p.rule_hits(r.exec.len() + r.connect.len()))
             .transpose()
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "exec: cannot read the rule counters");
+                None
+            })
+            .unwrap_or_default();
+        let hit = |i: u16| hits.get(usize::from(i)).copied().unwrap_or(0);
+        let mut rules: Vec<ProcRuleView> = r
+            .exec
+            .iter()
+            .map(|e| ProcRuleView {
+                index: e.index,
+                kind: "exec".into(),
+                target: e.path.display().to_string(),
+                inode: Some(format!("{}:{}", e.key.dev, e.key.ino)),
+                hits: hit(e.index),
+            })
+            .collect();
+        rules.extend(r.connect.iter().map(|(i, c)| ProcRuleView {
+            index: *i,
+            kind: "connect".into(),
+            target: c.to_string(),
+            inode: None,
+            hits: hit(*i),
+        }));
+        let mut verdicts = std::collections::BTreeMap::new();
+        if let Some(plane) = &inner.plane
+            && let Ok(reasons) = plane.reasons()
+        {
+            for k in [
+                "exec_denied",
+                "exec_audited",
+                "connect_denied",
+                "connect_audited",
+                "signal_failed",
+            ] {
+                verdicts.insert(k.to_string(), reasons.get(k).copied().unwrap_or(0));
+            }
+        }
+        ProcRulesView {
+            mode: configured.mode.as_str().into(),
+            host_wide: configured.host_wide,
+            cgroups: r
+                .cgroups
+                .iter()
+                .map(|c| EnforcedCgroupView {
+                    path: c.path.clone(),
+                    id: c.id,
+                })
+                .collect(),
+            hooks: inner
+                .plane
+                .as_ref()
+                .map(|p| p.hooks().iter().map(|h| h.to_string()).collect())
+                .unwrap_or_default(),
+            rules,
+            verdicts,
+        }
     }
 
     fn view(p: &Process) -> ProcessView {
@@ -268,6 +509,10 @@ impl ExecController {
             }
         }
         drop(inner);
+        let o = lock(&self.owners);
+        st.connections = o.len() as u64;
+        st.connections_forgotten = o.forgotten();
+        drop(o);
         let s = lock(&self.cache).stats();
         st.entries = s.entries as u64;
         st.exited = s.exited as u64;
@@ -309,10 +554,16 @@ impl Controller for ExecController {
             let n = found.len() as u64;
             let mut c = lock(&self.cache);
             for p in found {
-                c.apply(Event::Exec { process: p });
+                c.apply(Event::Exec {
+                    process: p,
+                    verdict: None,
+                });
             }
             drop(c);
             lock(&self.inner).found_at_start = n;
+            self.owner_handle.publish(Some(
+                Arc::new(OwnersHandle(Arc::clone(&self.owners))) as Arc<dyn FlowOwnerLookup>
+            ));
             info!(
                 processes = n,
                 "module exec up: following exec, fork and exit"
@@ -338,11 +589,12 @@ impl Controller for ExecController {
 
     fn run(self: Arc<Self>, cancel: Cancel) -> RunFuture {
         Box::pin(async move {
-            let Some(ring) = self.open_ring()? else {
+            let Some((ring, connect_ring)) = self.open_rings()? else {
                 let mut cancel = cancel;
                 cancel.cancelled().await;
                 return Ok(());
             };
+            self.stopping.send_replace(false);
             let me = Arc::clone(&self);
             let reader = crate::bpf::ringbuf::drain_records(
                 ring,
@@ -351,6 +603,15 @@ impl Controller for ExecController {
                 Some(READ_TICK),
                 cancel.clone(),
                 move |bytes, out| me.record(bytes, out),
+            );
+            let me = Arc::clone(&self);
+            let connect_reader = crate::bpf::ringbuf::drain_records(
+                connect_ring,
+                Arc::clone(&self.connects),
+                1024,
+                Some(READ_TICK),
+                cancel.clone(),
+                move |bytes, out| me.record_connect(bytes, out),
             );
             let me = Arc::clone(&self);
             let mut stop = cancel.clone();
@@ -365,8 +626,9 @@ impl Controller for ExecController {
                     lock(&me.cache).expire(now);
                 }
             };
-            let (a, b) = tokio::join!(reader, expiry);
-            a.and(b)
+            let (a, b, c) = tokio::join!(reader, connect_reader, expiry);
+            self.stopping.send_replace(true);
+            a.and(b).and(c)
         })
     }
 
@@ -384,10 +646,144 @@ impl Controller for ExecController {
         let status = get_blocking(move || me.status());
         let me = Arc::clone(&self);
         let list = get_query_blocking(move |q: ProcQuery| Ok(me.processes(&q)));
+        let me = Arc::clone(&self);
+        let rules = get_blocking(move || me.rules());
+        let me = Arc::clone(&self);
+        let follow = axum::routing::get(
+            move |q: std::result::Result<
+                axum::extract::Query<ProcEventsQuery>,
+                axum::extract::rejection::QueryRejection,
+            >| {
+                let me = Arc::clone(&me);
+                async move { follow_route(me, q) }
+            },
+        );
         axum::Router::new()
             .route(datapath_api::routes::PROC, list)
             .route(datapath_api::routes::PROC_STATUS, status)
+            .route(datapath_api::routes::PROC_RULES, rules)
+            .route(datapath_api::routes::PROC_EVENTS, follow)
     }
+}
+
+/// An event of the follow stream.
+fn event_view(e: &Event) -> ProcEventView {
+    match e {
+        Event::Exec { process, verdict } => ProcEventView::Exec {
+            process: ExecController::view(process),
+            verdict: verdict.map(|v| if v.denied { "denied" } else { "audited" }.to_string()),
+            rule: verdict.map(|v| v.rule),
+        },
+        Event::Fork { process } => ProcEventView::Fork {
+            process: ExecController::view(process),
+        },
+        Event::Exit {
+            pid,
+            start_ticks,
+            code,
+            ..
+        } => ProcEventView::Exit {
+            pid: *pid,
+            start_ticks: *start_ticks,
+            code: *code,
+        },
+    }
+}
+
+fn event_cgroup(e: &Event) -> Option<u64> {
+    match e {
+        Event::Exec { process, .. } | Event::Fork { process } => Some(process.cgroup_id),
+        Event::Exit { .. } => None,
+    }
+}
+
+/// `GET /v1/proc/events?follow=true`: process and connect events as they come, one JSON a
+/// line, until the count, the timeout or the module's stop.
+fn follow_route(
+    me: Arc<ExecController>,
+    q: std::result::Result<
+        axum::extract::Query<ProcEventsQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let q = match q {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => {
+            return crate::server::ApiFailure::from(Error::InvalidArgument(format!(
+                "invalid query: {}",
+                e.body_text()
+            )))
+            .into_response();
+        }
+    };
+    if !q.follow {
+        return crate::server::ApiFailure::from(Error::InvalidArgument(
+            "GET /v1/proc/events streams: add follow=true (lb-ctl proc follow)".into(),
+        ))
+        .into_response();
+    }
+    if !lock(&me.inner).health.up {
+        return crate::server::ApiFailure::from(Error::InvalidArgument(
+            "the exec module is off (GET /v1/proc/status says why)".into(),
+        ))
+        .into_response();
+    }
+    let max = Duration::from_secs(datapath_api::MAX_FOLLOW_SECONDS);
+    let deadline = tokio::time::Instant::now()
+        + q.timeout_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(max)
+            .min(max);
+    let limit = q.count.unwrap_or(u64::MAX);
+    let cgroup = q.cgroup_id;
+    let state = (
+        me.events.subscribe(FOLLOWER),
+        me.connects.subscribe(FOLLOWER),
+        me.stopping.subscribe(),
+        0u64,
+    );
+    let stream = futures_util::stream::unfold(
+        state,
+        move |(mut events, mut connects, mut stop, sent)| async move {
+            if sent >= limit || *stop.borrow() {
+                return None;
+            }
+            loop {
+                let view = tokio::select! {
+                    e = events.recv() => {
+                        if cgroup.is_some() && event_cgroup(&e) != cgroup {
+                            continue;
+                        }
+                        event_view(&e)
+                    }
+                    c = connects.recv() => {
+                        if cgroup.is_some_and(|id| id != c.cgroup_id) {
+                            continue;
+                        }
+                        ProcEventView::Connect { connect: (*c).clone() }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => return None,
+                    _ = stop.changed() => return None,
+                };
+                let mut line = serde_json::to_vec(&view).unwrap_or_default();
+                line.push(b'\n');
+                return Some((
+                    Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)),
+                    (events, connects, stop, sent + 1),
+                ));
+            }
+        },
+    );
+    (
+        axum::http::StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            datapath_api::NDJSON_CONTENT_TYPE,
+        )],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 mod metrics {
