@@ -795,6 +795,8 @@ mod metrics {
         pub events: IntCounterVec,
         pub entries: IntGaugeVec,
         pub evicted: IntCounterVec,
+        pub connections: IntGaugeVec,
+        pub rule_hits: IntCounterVec,
     }
 
     impl Families for ExecFamilies {
@@ -803,7 +805,9 @@ mod metrics {
                 events: counter(
                     "datapath_exec_events_total",
                     "Tracer hook calls by outcome (exec_sent, fork_sent, exit_sent, \
-                     thread_skipped, rate_limited, lost, read_failed)",
+                     thread_skipped, rate_limited, lost, read_failed, connect_started, \
+                     connect_sent, connect_unseen, state_ignored, exec_audited, exec_denied, \
+                     connect_audited, connect_denied, connect_allowed, signal_failed)",
                     &["outcome"],
                 ),
                 entries: gauge(
@@ -816,11 +820,28 @@ mod metrics {
                     "Processes evicted from a full cache",
                     &[],
                 ),
+                connections: gauge(
+                    "datapath_exec_connections",
+                    "TCP connections attributed to their process, kept",
+                    &[],
+                ),
+                rule_hits: counter(
+                    "datapath_exec_rule_hits_total",
+                    "Matches of each enforcement rule (denied in enforce mode, reported in \
+                     audit mode)",
+                    &["rule", "kind", "mode"],
+                ),
             }
         }
 
         fn all(&self) -> Vec<&dyn Collector> {
-            vec![&self.events, &self.entries, &self.evicted]
+            vec![
+                &self.events,
+                &self.entries,
+                &self.evicted,
+                &self.connections,
+                &self.rule_hits,
+            ]
         }
     }
 }
@@ -839,5 +860,14 @@ fn metrics_collector(
         let none: &[&str] = &[];
         f.entries.with_label_values(none).set(st.entries as i64);
         f.evicted.with_label_values(none).inc_by(st.evicted);
+        f.connections
+            .with_label_values(none)
+            .set(st.connections as i64);
+        let rules = ctl.rules();
+        for r in &rules.rules {
+            f.rule_hits
+                .with_label_values(&[r.index.to_string().as_str(), &r.kind, &rules.mode])
+                .inc_by(r.hits);
+        }
     })
 }
