@@ -690,10 +690,16 @@ fn event_view(e: &Event) -> ProcEventView {
     }
 }
 
-fn event_cgroup(e: &Event) -> Option<u64> {
+/// The cgroup of an event's process (an exit's from the cache, which keeps exited processes
+/// for the grace period).
+fn event_cgroup(me: &ExecController, e: &Event) -> Option<u64> {
     match e {
         Event::Exec { process, .. } | Event::Fork { process } => Some(process.cgroup_id),
-        Event::Exit { .. } => None,
+        Event::Exit {
+            pid, start_ticks, ..
+        } => lock(&me.cache)
+            .get((*pid, *start_ticks))
+            .map(|p| p.cgroup_id),
     }
 }
 
@@ -743,38 +749,39 @@ fn follow_route(
         me.stopping.subscribe(),
         0u64,
     );
-    let stream = futures_util::stream::unfold(
-        state,
-        move |(mut events, mut connects, mut stop, sent)| async move {
-            if sent >= limit || *stop.borrow() {
-                return None;
-            }
-            loop {
-                let view = tokio::select! {
-                    e = events.recv() => {
-                        if cgroup.is_some() && event_cgroup(&e) != cgroup {
-                            continue;
+    let stream =
+        futures_util::stream::unfold(state, move |(mut events, mut connects, mut stop, sent)| {
+            let me = Arc::clone(&me);
+            async move {
+                if sent >= limit || *stop.borrow() {
+                    return None;
+                }
+                loop {
+                    let view = tokio::select! {
+                        e = events.recv() => {
+                            if cgroup.is_some() && event_cgroup(&me, &e) != cgroup {
+                                continue;
+                            }
+                            event_view(&e)
                         }
-                        event_view(&e)
-                    }
-                    c = connects.recv() => {
-                        if cgroup.is_some_and(|id| id != c.cgroup_id) {
-                            continue;
+                        c = connects.recv() => {
+                            if cgroup.is_some_and(|id| id != c.cgroup_id) {
+                                continue;
+                            }
+                            ProcEventView::Connect { connect: (*c).clone() }
                         }
-                        ProcEventView::Connect { connect: (*c).clone() }
-                    }
-                    _ = tokio::time::sleep_until(deadline) => return None,
-                    _ = stop.changed() => return None,
-                };
-                let mut line = serde_json::to_vec(&view).unwrap_or_default();
-                line.push(b'\n');
-                return Some((
-                    Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)),
-                    (events, connects, stop, sent + 1),
-                ));
+                        _ = tokio::time::sleep_until(deadline) => return None,
+                        _ = stop.changed() => return None,
+                    };
+                    let mut line = serde_json::to_vec(&view).unwrap_or_default();
+                    line.push(b'\n');
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)),
+                        (events, connects, stop, sent + 1),
+                    ));
+                }
             }
-        },
-    );
+        });
     (
         axum::http::StatusCode::OK,
         [(

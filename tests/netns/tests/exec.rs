@@ -298,9 +298,7 @@ fn a_connection_to_the_vip_carries_its_process_in_the_conntrack() {
         std::thread::sleep(Duration::from_millis(500));
         // Bash holds the connection open for a while, in its own process (no fork: /dev/tcp
         // is a redirection of the shell itself).
-        let script = format!(
-            "exec 3<>/dev/tcp/{VIP}/{TCP_SERVICE_PORT} && read -t 4 -u 9 x 9<>/dev/zero; sleep 4"
-        );
+        let script = format!("exec 3<>/dev/tcp/{VIP}/{TCP_SERVICE_PORT} && sleep 3");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &client_ns, "/bin/bash", "-c", &script])
             .stdin(Stdio::null())
@@ -338,6 +336,12 @@ fn a_connection_to_the_vip_carries_its_process_in_the_conntrack() {
                 ProcEventView::Exec { process, verdict: None, .. }
                     if process.pid == pid && process.exe == "/bin/bash")),
             "{events:#?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, ProcEventView::Exit { pid: p, code: 0, .. } if *p == pid)),
+            "the exit, found in the cgroup through the cache: {events:#?}"
         );
         let connect = events
             .iter()
