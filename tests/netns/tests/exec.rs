@@ -467,16 +467,29 @@ fn enforcement_denies_exec_and_connect_in_the_test_cgroup_only_and_audit_only_re
     assert!(err.contains("Operation not permitted"), "{err}");
     let outside = run(None, Some(&client_ns), "/bin/bash", &connect);
     assert!(outside.status.success(), "{outside:?}");
+    // An IPv6 socket to the IPv4-mapped VIP meets the IPv4 rule (connect6).
+    let mapped = format!("exec 3<>/dev/tcp/::ffff:{VIP}/{TCP_SERVICE_PORT}");
+    let inside6 = run(
+        Some(&cgroup),
+        Some(&client_ns),
+        "/bin/bash",
+        &["-c", &mapped],
+    );
+    let err = String::from_utf8_lossy(&inside6.stderr);
+    assert!(
+        !inside6.status.success() && err.contains("Operation not permitted"),
+        "{inside6:?}"
+    );
 
     let r = rules(d);
     let hits: Vec<(String, u64)> = r.rules.iter().map(|x| (x.kind.clone(), x.hits)).collect();
     assert_eq!(
         hits,
-        [("exec".to_string(), 1), ("connect".to_string(), 1)],
+        [("exec".to_string(), 1), ("connect".to_string(), 2)],
         "{r:#?}"
     );
     assert_eq!(r.verdicts.get("exec_denied"), Some(&1), "{r:#?}");
-    assert_eq!(r.verdicts.get("connect_denied"), Some(&1), "{r:#?}");
+    assert_eq!(r.verdicts.get("connect_denied"), Some(&2), "{r:#?}");
     assert_eq!(r.verdicts.get("exec_audited"), Some(&0), "{r:#?}");
     let shown = ok("rules table", d.lb_ctl_ok(&["proc", "rules"]));
     assert!(
