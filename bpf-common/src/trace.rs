@@ -49,6 +49,13 @@ pub struct ProcessEvent {
 }
 const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 840);
 
+/// Bytes of a `ProcessEvent` sent for a fork or an exit: everything before `filename`.
+pub const PROCESS_EVENT_HEADER: usize = core::mem::offset_of!(ProcessEvent, filename);
+/// Bytes of a `ProcessEvent` before `args`: an exec sends these and its `args_len` bytes of
+/// arguments (a record is only as long as what it says: less memory to move per event).
+pub const PROCESS_EVENT_BEFORE_ARGS: usize = core::mem::offset_of!(ProcessEvent, args);
+const _: () = assert!(PROCESS_EVENT_HEADER == 72);
+
 /// `ProcessEvent::verdict` and `ConnectEvent::verdict`: no rule matched.
 pub const VERDICT_NONE: u8 = 0;
 /// A rule matched in audit mode: reported, not denied.

@@ -10,6 +10,12 @@
 //! - `xdp_drop_count`: counts and drops everything: the floor of this machine.
 //! - `xdp_pass`: lets everything through (a veth only accepts XDP redirects when its receiving
 //!   end runs XDP or GRO).
+//! - `xdp_trace_producer`: run through BPF_PROG_TEST_RUN with a repeat count, writes one
+//!   process-exec record (the tracer's `ProcessEvent`, as long as the tracer sends it: up to
+//!   its five arguments, 369 bytes) per run into `TRACE_RING`, a
+//!   ring buffer of the tracer's size, as the tracer does (flags 0); counts what fit and what
+//!   did not in `TRACE_PRODUCED`; always passes. The generator of the exec module's
+//!   ring-to-bus benchmark (fork+exec is far too slow to feed it).
 //!
 //! Every path returns an explicit verdict. The map value layouts are mirrored, `#[repr(C)]`,
 //! in `perf/src/bpf.rs`.
@@ -20,7 +26,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_store_bytes,
     macros::{classifier, map, xdp},
-    maps::{Array, DevMap, PerCpuArray},
+    maps::{Array, DevMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use bpf_common::Counter;
@@ -234,6 +240,89 @@ fn try_redirect_floor(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: `start + 12 <= end` was checked just above.
     unsafe { *(start as *mut [u8; 12]) = macs };
     REDIRECT_PORT.redirect(0, 0).ok()
+}
+
+/// 0: every record with flags 0, as the tracer (the kernel wakes the reader when it had caught
+/// up); N: wake-ups only on every Nth record (`BPF_RB_FORCE_WAKEUP`, the others
+/// `BPF_RB_NO_WAKEUP`), the reader's tick catching the rest.
+#[unsafe(no_mangle)]
+static TRACE_WAKE_EVERY: u64 = 0;
+
+#[map(name = "TRACE_RING")]
+static TRACE_RING: RingBuf = RingBuf::with_byte_size(bpf_common::trace::RING_BYTES, 0);
+
+/// Index 0: records written; 1: records that did not fit (the ring was full).
+#[map(name = "TRACE_PRODUCED")]
+static TRACE_PRODUCED: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+#[map(name = "TRACE_PRODUCER_SCRATCH")]
+static TRACE_PRODUCER_SCRATCH: PerCpuArray<bpf_common::trace::ProcessEvent> =
+    PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn bump(index: u32) -> u64 {
+    match TRACE_PRODUCED.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot.
+        Some(n) => unsafe {
+            *n += 1;
+            *n
+        },
+        None => 0,
+    }
+}
+
+/// One exec record into `TRACE_RING` per run.
+#[xdp]
+pub fn xdp_trace_producer(_ctx: XdpContext) -> u32 {
+    let Some(e) = TRACE_PRODUCER_SCRATCH.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's slot; an XDP program is not migrated while it runs.
+    let e = unsafe { &mut *e };
+    // A new process each run (the counter of written records makes the pid), so the reader's
+    // cache inserts and evicts as it does under a real exec storm.
+    // SAFETY: a slot of this CPU's array, read for its value.
+    let n = TRACE_PRODUCED
+        .get_ptr(0)
+        .map(|p| unsafe { *p })
+        .unwrap_or(0);
+    e.kind = bpf_common::trace::EVENT_EXEC;
+    e.pid = (n as u32) | 0x4000_0000;
+    e.ppid = 1;
+    e.ts_ns = 1_000_000 + n;
+    e.start_ns = 10_000_000_000 + n * 10_000_000;
+    e.parent_start_ns = 1_000_000_000;
+    e.cgroup_id = 4242;
+    e.uid = 1000;
+    e.filename_len = 16;
+    e.filename[..16].copy_from_slice(b"/usr/bin/python3");
+    // Five arguments, as the userspace decode bench has them.
+    const ARGS: &[u8] = b"python3\x00-m\x00http.server\x00--bind\x00198.18.0.1\x00";
+    e.args[..ARGS.len()].copy_from_slice(ARGS);
+    e.args_len = ARGS.len() as u16;
+    let every = bpf_lib::global(&TRACE_WAKE_EVERY);
+    let flags = if every == 0 {
+        0
+    } else if n % every == every - 1 {
+        aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64
+    };
+    // As long as the tracer sends an exec: up to its arguments.
+    let len = bpf_common::trace::PROCESS_EVENT_BEFORE_ARGS + ARGS.len();
+    // SAFETY: `len` is less than the event's size: the bytes are the event's own.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(
+            (e as *const bpf_common::trace::ProcessEvent).cast::<u8>(),
+            len,
+        )
+    };
+    if TRACE_RING.output::<[u8]>(bytes, flags).is_ok() {
+        bump(0);
+    } else {
+        bump(1);
+    }
+    xdp_action::XDP_PASS
 }
 
 /// Lets everything through.

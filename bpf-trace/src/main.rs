@@ -45,8 +45,9 @@ use bpf_common::{
         CONNECT_CHECKED, CONNECT_ESTABLISHED, CONNECT_FAILED, CONNECT_RING_BYTES, ConnectEvent,
         ConnectRuleData, DEFAULT_EVENT_RATE, ENFORCE_DENY, ENFORCE_OFF, EVENT_EXEC, EVENT_EXIT,
         EVENT_FORK, ExecRuleKey, FAMILY_INET, FAMILY_INET6, MAX_ARGS, MAX_ENFORCED_CGROUPS,
-        MAX_FILENAME, MAX_RULES, PENDING_CONNECTS, PendingConnect, ProcessEvent, RING_BYTES,
-        VERDICT_AUDITED, VERDICT_DENIED, VERDICT_NONE, reason,
+        MAX_FILENAME, MAX_RULES, PENDING_CONNECTS, PROCESS_EVENT_BEFORE_ARGS, PROCESS_EVENT_HEADER,
+        PendingConnect, ProcessEvent, RING_BYTES, VERDICT_AUDITED, VERDICT_DENIED, VERDICT_NONE,
+        reason,
     },
 };
 use bpf_lib::{event::rate_allows, global};
@@ -253,8 +254,24 @@ fn send(e: &ProcessEvent) -> Result<(), Skip> {
     if !rate_allows(&TRACE_RATE, global(&EVENT_RATE), e.ts_ns) {
         return Err(Skip::RateLimited);
     }
+    // Only the bytes the event fills: a fork or an exit is its header (72 bytes, not 840),
+    // an exec stops after its arguments. The bound is a branch the verifier follows.
+    let len = if e.kind == EVENT_EXEC {
+        let args = u64::from(e.args_len);
+        let args = if args > MAX_ARGS as u64 {
+            MAX_ARGS as u64
+        } else {
+            args
+        };
+        PROCESS_EVENT_BEFORE_ARGS + args as usize
+    } else {
+        PROCESS_EVENT_HEADER
+    };
+    // SAFETY: `len` is at most the event's size, so the bytes are the event's own.
+    let bytes =
+        unsafe { core::slice::from_raw_parts((e as *const ProcessEvent).cast::<u8>(), len) };
     TRACE_EVENTS
-        .output::<ProcessEvent>(e, 0)
+        .output::<[u8]>(bytes, 0)
         .map_err(|_| Skip::Lost)
 }
 

@@ -10,6 +10,12 @@
 //!   whatever else runs on the machine is traced too.
 //! - **Memory at 10,000 processes**: heap bytes (glibc's `mallinfo2`) of a cache of 10,000
 //!   processes, each with a path, five arguments and a cgroup path.
+//! - **Kernel ring buffer to the bus**: `xdp_trace_producer` (bpf-perf), run through
+//!   BPF_PROG_TEST_RUN on one thread, writes exec records into a ring of the tracer's size as
+//!   fast as the kernel can; the daemon's own reader (`bpf::ringbuf::drain_records` with the
+//!   controller's decode and cache) drains it into a bus topic on a tokio runtime, and a
+//!   subscriber counts what arrives. Records delivered per second (first record written to
+//!   last delivered), with the records the full ring refused counted as lost.
 use std::{
     process::Command,
     sync::{
@@ -44,6 +50,138 @@ pub struct ExecReport {
     pub traced_events: u64,
     pub lost_events: u64,
     pub memory_bytes_10k: f64,
+    /// Records the producer wrote per round (lost ones included).
+    pub ring_records_per_round: u64,
+    /// Records delivered to the bus subscriber per second, per round.
+    pub ring_to_bus_per_second: Summary,
+    /// Of all rounds: records delivered, and refused by the full ring.
+    pub ring_delivered: u64,
+    pub ring_lost: u64,
+    /// The same with wake-ups only every [`RING_WAKE_EVERY`] records.
+    pub ring_batched_per_second: Summary,
+    pub ring_batched_delivered: u64,
+    pub ring_batched_lost: u64,
+}
+
+/// Records between forced wake-ups in the batched ring rows.
+pub const RING_WAKE_EVERY: u64 = 64;
+
+/// One round of the kernel-to-bus measurement: (delivered per second, delivered, lost).
+fn ring_to_bus_round(records: u64, wake_every: u64) -> Result<(f64, u64, u64)> {
+    use aya::{
+        maps::{PerCpuArray, RingBuf},
+        programs::{TestRun as _, TestRunOptions, Xdp},
+    };
+    ensure!(
+        !crate::bpf::PERF_OBJECT.is_empty(),
+        "dp-perf was built without its BPF programs"
+    );
+    let mut ebpf = aya::EbpfLoader::new()
+        .override_global("TRACE_WAKE_EVERY", &wake_every, true)
+        .load(crate::bpf::PERF_OBJECT)
+        .context("load the bpf-perf object")?;
+    let producer: &mut Xdp = ebpf
+        .program_mut("xdp_trace_producer")
+        .context("xdp_trace_producer missing")?
+        .try_into()
+        .context("xdp_trace_producer is not XDP")?;
+    producer.load().context("load xdp_trace_producer")?;
+    let ring = RingBuf::try_from(ebpf.take_map("TRACE_RING").context("TRACE_RING")?)?;
+    let counts: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(ebpf.take_map("TRACE_PRODUCED").context("TRACE_PRODUCED")?)?;
+    let bus = datapath::bus::Bus::new();
+    let topic = bus.topic::<Arc<Event>>("exec.events", 4096)?;
+    let mut subscriber = topic.subscribe("bench");
+    let cancel = datapath::controller::CancelHandle::new();
+    let token = cancel.token();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let cache = Arc::new(Mutex::new(ProcessCache::new(65_536, 30_000_000_000)));
+    let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let last = Arc::new(Mutex::new(Instant::now()));
+    let consumer = {
+        let (delivered, last) = (Arc::clone(&delivered), Arc::clone(&last));
+        let no_cgroup = |_id: u64| None;
+        std::thread::spawn(move || -> Result<()> {
+            runtime.block_on(async move {
+                let reader = datapath::bpf::ringbuf::drain_records(
+                    ring,
+                    topic,
+                    1024,
+                    Some(Duration::from_millis(100)),
+                    token.clone(),
+                    move |bytes, out| {
+                        if let Some(e) = decode(bytes, 100, &no_cgroup) {
+                            cache
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .apply(e.clone());
+                            out.push(Arc::new(e));
+                        }
+                    },
+                );
+                let mut stop = token;
+                let count = async move {
+                    let mut batch = Vec::with_capacity(4096);
+                    loop {
+                        tokio::select! {
+                            n = subscriber.recv_many(&mut batch, 4096) => {
+                                batch.clear();
+                                delivered.fetch_add(n as u64, Ordering::Relaxed);
+                                *last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                            }
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                };
+                let (r, ()) = tokio::join!(reader, count);
+                r.map_err(anyhow::Error::from)
+            })
+        })
+    };
+    let sum = |i: u32| -> Result<u64> { Ok(counts.get(&i, 0)?.iter().sum()) };
+    // Let the reader reach its first wait.
+    std::thread::sleep(Duration::from_millis(50));
+    let frame = [0u8; 64];
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(60);
+    while sum(0)? + sum(1)? < records && Instant::now() < deadline {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        opts.repeat = 10_000;
+        let producer: &mut Xdp = ebpf
+            .program_mut("xdp_trace_producer")
+            .context("xdp_trace_producer")?
+            .try_into()?;
+        producer.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    }
+    let (written, lost) = (sum(0)?, sum(1)?);
+    let produced_secs = start.elapsed().as_secs_f64();
+    // Every written record reaches the subscriber (the reader's tick drains a quiet ring).
+    while delivered.load(Ordering::Relaxed) < written && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let secs = last
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .duration_since(start)
+        .as_secs_f64();
+    cancel.cancel();
+    consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+    let got = delivered.load(Ordering::Relaxed);
+    ensure!(
+        got == written,
+        "{got} of {written} written records delivered"
+    );
+    eprintln!(
+        "  ring round: {:.0} records/s written by the producer, {:.0}/s delivered",
+        (written + lost) as f64 / produced_secs,
+        got as f64 / secs
+    );
+    Ok((got as f64 / secs, got, lost))
 }
 
 fn record(kind: u8, pid: u32, i: u64) -> Vec<u8> {
@@ -226,7 +364,27 @@ pub fn run(smoke: bool) -> Result<ExecReport> {
         "the tracer saw {traced} events for {} spawns",
         spawns * spawn_rounds
     );
+    let ring_records: u64 = if smoke { 200_000 } else { 2_000_000 };
+    let (mut ring_rates, mut ring_delivered, mut ring_lost) = (Vec::new(), 0u64, 0u64);
+    let (mut batched_rates, mut batched_delivered, mut batched_lost) = (Vec::new(), 0u64, 0u64);
+    for _ in 0..rounds {
+        let (rate, got, lost) = ring_to_bus_round(ring_records, 0)?;
+        ring_rates.push(rate);
+        ring_delivered += got;
+        ring_lost += lost;
+        let (rate, got, lost) = ring_to_bus_round(ring_records, RING_WAKE_EVERY)?;
+        batched_rates.push(rate);
+        batched_delivered += got;
+        batched_lost += lost;
+    }
     Ok(ExecReport {
+        ring_records_per_round: ring_records,
+        ring_to_bus_per_second: Summary::of(&ring_rates).context("no rounds")?,
+        ring_delivered,
+        ring_lost,
+        ring_batched_per_second: Summary::of(&batched_rates).context("no rounds")?,
+        ring_batched_delivered: batched_delivered,
+        ring_batched_lost: batched_lost,
         records_per_round: records * 2,
         records_per_second,
         spawns_per_round: spawns,

@@ -146,11 +146,19 @@ pub fn decode(
     ticks: u64,
     cgroup_of: &dyn Fn(u64) -> Option<String>,
 ) -> Option<Event> {
-    if bytes.len() < std::mem::size_of::<ProcessEvent>() {
+    // A record is as long as what it fills (a fork or exit: the header only); the rest of the
+    // event reads as zeros.
+    if bytes.len() < bpf_common::trace::PROCESS_EVENT_HEADER {
         return None;
     }
-    // SAFETY: a POD of the ABI, read unaligned from a record at least its size.
-    let e: ProcessEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let mut e = std::mem::MaybeUninit::<ProcessEvent>::zeroed();
+    let n = bytes.len().min(std::mem::size_of::<ProcessEvent>());
+    // SAFETY: at most the event's size is copied into it, and a ProcessEvent of zeros is
+    // valid (a POD of the ABI).
+    let e: ProcessEvent = unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), e.as_mut_ptr().cast::<u8>(), n);
+        e.assume_init()
+    };
     let ticks = |ns| cache::ticks_of_ns(ns, ticks);
     let process = || {
         let cgroup = cgroup_of(e.cgroup_id);

@@ -336,7 +336,7 @@ fn socklb_alone(args: &Args) -> Result<()> {
 
 /// `--only exec`: see `dp_perf::exec`.
 fn exec_alone(args: &Args) -> Result<()> {
-    eprintln!("dp-bench: exec (records to cache, fork+exec overhead, memory)");
+    eprintln!("dp-bench: exec (records to cache, kernel ring to bus, fork+exec overhead, memory)");
     let r = dp_perf::exec::run(args.smoke)?;
     let (off, on) = (r.spawn_us_off.median, r.spawn_us_on.median);
     print!(
@@ -352,6 +352,25 @@ fn exec_alone(args: &Args) -> Result<()> {
         r.records_per_second.median,
         r.records_per_second.min,
         r.records_per_second.max
+    );
+    println!(
+        "| kernel ring buffer to the bus: records delivered to a subscriber per second ({} written a round, {} rounds; {} delivered, {} lost to a full ring) | {:.0}/s | {:.0} | {:.0} |",
+        r.ring_records_per_round,
+        r.ring_to_bus_per_second.samples.len(),
+        r.ring_delivered,
+        r.ring_lost,
+        r.ring_to_bus_per_second.median,
+        r.ring_to_bus_per_second.min,
+        r.ring_to_bus_per_second.max
+    );
+    println!(
+        "| the same, the producer waking the reader only every {} records ({} delivered, {} lost) | {:.0}/s | {:.0} | {:.0} |",
+        dp_perf::exec::RING_WAKE_EVERY,
+        r.ring_batched_delivered,
+        r.ring_batched_lost,
+        r.ring_batched_per_second.median,
+        r.ring_batched_per_second.min,
+        r.ring_batched_per_second.max
     );
     for (what, s) in [
         (
