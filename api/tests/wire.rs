@@ -190,24 +190,25 @@ const CONNTRACK: &str = r#"[
    "dst": "198.18.100.1", "dst_port": 80, "state": "ESTABLISHED", "packets_orig": 6,
    "bytes_orig": 402, "packets_reply": 5, "bytes_reply": 391, "rtt_ns": 81234,
    "age_ns": 2100000000, "idle_ns": 300000000, "ifindex": 7, "rule": null,
-   "policy_direction": "-", "dst_name": null, "src_name": null},
+   "policy_direction": "-", "dst_name": null, "src_name": null,
+   "pid": 4242, "exe": "/usr/bin/curl"},
   {"table": "policy", "protocol": "icmp", "src": "198.18.0.1", "src_port": 4711,
    "dst": "198.18.20.2", "dst_port": 0, "state": "NEW", "packets_orig": 1,
    "bytes_orig": 84, "packets_reply": 0, "bytes_reply": 0, "rtt_ns": 0, "age_ns": 5,
-   "idle_ns": 5, "ifindex": 12, "rule": null, "policy_direction": "ingress", "dst_name": "api.example.test", "src_name": null},
+   "idle_ns": 5, "ifindex": 12, "rule": null, "policy_direction": "ingress", "dst_name": "api.example.test", "src_name": null, "pid": null, "exe": null},
   {"table": "policy", "protocol": "tcp", "src": "198.18.0.1", "src_port": 41240,
    "dst": "198.18.20.2", "dst_port": 8080, "state": "CLOSE", "packets_orig": 9,
    "bytes_orig": 600, "packets_reply": 7, "bytes_reply": 500, "rtt_ns": 40000,
    "age_ns": 9000000000, "idle_ns": 1000, "ifindex": 12, "rule": 0,
-   "policy_direction": "egress", "dst_name": null, "src_name": null},
+   "policy_direction": "egress", "dst_name": null, "src_name": null, "pid": null, "exe": null},
   {"table": "policy", "protocol": "udp", "src": "198.18.0.1", "src_port": 5353,
    "dst": "198.18.20.2", "dst_port": 53, "state": "REPLIED", "packets_orig": 1,
    "bytes_orig": 60, "packets_reply": 1, "bytes_reply": 90, "rtt_ns": 0, "age_ns": 10,
-   "idle_ns": 10, "ifindex": 12, "rule": 4294967294, "policy_direction": "egress", "dst_name": null, "src_name": null},
+   "idle_ns": 10, "ifindex": 12, "rule": 4294967294, "policy_direction": "egress", "dst_name": null, "src_name": null, "pid": null, "exe": null},
   {"table": "policy", "protocol": "47", "src": "198.18.0.1", "src_port": 0,
    "dst": "198.18.20.2", "dst_port": 0, "state": "NEW", "packets_orig": 1,
    "bytes_orig": 60, "packets_reply": 0, "bytes_reply": 0, "rtt_ns": 0, "age_ns": 1,
-   "idle_ns": 1, "ifindex": 12, "rule": null, "policy_direction": "ingress", "dst_name": null, "src_name": null}
+   "idle_ns": 1, "ifindex": 12, "rule": null, "policy_direction": "ingress", "dst_name": null, "src_name": null, "pid": null, "exe": null}
 ]"#;
 
 #[test]
@@ -229,6 +230,17 @@ fn conntrack_list() {
     let old = minify(CONNTRACK).replace(r#","dst_name":null,"src_name":null"#, "");
     let flows: Vec<CtFlow> = serde_json::from_str(&old).unwrap();
     assert!(flows.iter().all(|f| f.src_name.is_none()));
+    // The process that opened a flow (the exec module); answers from before it have none.
+    let flows: Vec<CtFlow> = same_bytes(CONNTRACK);
+    assert_eq!(
+        (flows[0].pid, flows[0].exe.as_deref()),
+        (Some(4242), Some("/usr/bin/curl"))
+    );
+    let old = minify(CONNTRACK)
+        .replace(r#","pid":null,"exe":null"#, "")
+        .replace(r#","pid":4242,"exe":"/usr/bin/curl""#, "");
+    let flows: Vec<CtFlow> = serde_json::from_str(&old).unwrap();
+    assert!(flows.iter().all(|f| f.pid.is_none() && f.exe.is_none()));
 }
 
 #[test]
@@ -338,27 +350,27 @@ const EVENTS: &str = r#"[
    "src_port": 41234, "dst": "198.18.20.2", "dst_port": 8080, "interface": "ep0",
    "direction": "egress", "rule": 0, "rule_name": "web", "state": "SYN_SENT",
    "packets_orig": 1, "packets_reply": 0, "bytes_orig": 60, "bytes_reply": 0,
-   "duration_ns": 0, "rtt_ns": 0, "dst_name": "web.example.test", "src_name": null},
+   "duration_ns": 0, "rtt_ns": 0, "dst_name": "web.example.test", "src_name": null, "pid": null, "exe": null},
   {"kind": "denied", "ts_ns": 123456789999, "protocol": "tcp", "src": "198.18.0.1",
    "src_port": 41240, "dst": "198.18.20.2", "dst_port": 7070, "interface": "ep0",
    "direction": "egress", "rule": null, "rule_name": null, "state": "NONE",
    "packets_orig": 1, "packets_reply": 0, "bytes_orig": 60, "bytes_reply": 0,
-   "duration_ns": 0, "rtt_ns": 0, "dst_name": null, "src_name": null},
+   "duration_ns": 0, "rtt_ns": 0, "dst_name": null, "src_name": null, "pid": null, "exe": null},
   {"kind": "closed", "ts_ns": 123999999999, "protocol": "tcp", "src": "198.18.0.1",
    "src_port": 41234, "dst": "198.18.20.2", "dst_port": 8080, "interface": "ep0",
    "direction": "egress", "rule": 0, "rule_name": "web", "state": "TIME_WAIT",
    "packets_orig": 6, "packets_reply": 5, "bytes_orig": 402, "bytes_reply": 391,
-   "duration_ns": 543000000, "rtt_ns": 81234, "dst_name": null, "src_name": null},
+   "duration_ns": 543000000, "rtt_ns": 81234, "dst_name": null, "src_name": null, "pid": null, "exe": null},
   {"kind": "expired", "ts_ns": 124000000000, "protocol": "udp", "src": "198.18.0.1",
    "src_port": 5353, "dst": "198.18.20.2", "dst_port": 53, "interface": "if12",
    "direction": "ingress", "rule": 2, "rule_name": "ep0/ingress[0]", "state": "REPLIED",
    "packets_orig": 1, "packets_reply": 1, "bytes_orig": 60, "bytes_reply": 90,
-   "duration_ns": 1000, "rtt_ns": 0, "dst_name": null, "src_name": null},
+   "duration_ns": 1000, "rtt_ns": 0, "dst_name": null, "src_name": null, "pid": null, "exe": null},
   {"kind": "unknown", "ts_ns": 1, "protocol": "icmp", "src": "198.18.0.1",
    "src_port": 1, "dst": "198.18.20.2", "dst_port": 0, "interface": "ep0",
    "direction": "ingress", "rule": null, "rule_name": null, "state": "NEW",
    "packets_orig": 0, "packets_reply": 0, "bytes_orig": 0, "bytes_reply": 0,
-   "duration_ns": 0, "rtt_ns": 0, "dst_name": null, "src_name": null}
+   "duration_ns": 0, "rtt_ns": 0, "dst_name": null, "src_name": null, "pid": null, "exe": null}
 ]"#;
 
 #[test]
@@ -471,4 +483,34 @@ fn state_names_are_the_conntracks() {
         );
         assert_eq!(state.name().to_ascii_lowercase().parse(), Ok(state));
     }
+}
+
+const PROC_EVENTS: &str = r#"[
+  {"kind": "exec", "process": {"pid": 31337, "start_ticks": 2477048, "ppid": 31300,
+   "exe": "/opt/bin/denied", "args": ["/opt/bin/denied", "-c", "true"], "comm": "denied",
+   "uid": 0, "cgroup_id": 3103, "cgroup": "/datapath-test", "pod_uid": null,
+   "container_id": null, "exit_code": null, "exited": false, "from_proc": false},
+   "verdict": "denied", "rule": 0},
+  {"kind": "exit", "pid": 31337, "start_ticks": 2477048, "code": 9},
+  {"kind": "connect", "connect": {"ts_ns": 5, "pid": 31338, "start_ticks": 2477050,
+   "exe": "/bin/bash", "comm": "bash", "uid": 0, "cgroup_id": 3103, "protocol": "tcp",
+   "src": "198.18.0.1", "src_port": 41234, "dst": "198.18.100.1", "dst_port": 80,
+   "outcome": "established"}},
+  {"kind": "connect", "connect": {"ts_ns": 6, "pid": 31339, "start_ticks": 0, "exe": null,
+   "comm": "", "uid": 0, "cgroup_id": 3103, "protocol": "tcp", "src": "0.0.0.0",
+   "src_port": 0, "dst": "2001:db8::1", "dst_port": 9, "outcome": "checked",
+   "verdict": "audited", "rule": 1}}
+]"#;
+
+#[test]
+fn proc_follow_events() {
+    use datapath_api::ProcEventView;
+    let events: Vec<ProcEventView> = same_bytes(PROC_EVENTS);
+    assert!(matches!(&events[0],
+        ProcEventView::Exec { verdict: Some(v), rule: Some(0), .. } if v == "denied"));
+    assert!(matches!(events[1], ProcEventView::Exit { code: 9, .. }));
+    let ProcEventView::Connect { connect } = &events[3] else {
+        panic!("{events:?}")
+    };
+    assert!(connect.dst.is_ipv6() && connect.verdict.as_deref() == Some("audited"));
 }
