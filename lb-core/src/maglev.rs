@@ -135,36 +135,117 @@ struct Walk {
     /// Next slot of the permutation to try.
     slot: u32,
     skip: u32,
-    /// Slots this backend may claim in total.
-    quota: u32,
-    claimed: u32,
 }
 
-/// A pending turn, ordered by virtual time `(2 * claimed + 1) / (2 * quota)`, then by key
-/// order so that ties are broken the same way on every node.
+/// The next turn of every backend whose quota is `quota`, at virtual time
+/// `(2 * k + 1) / (2 * quota)` for its `k`-th claim. Backends with the same quota always take
+/// their turns at the same times, so they are scheduled as one group.
 #[derive(PartialEq, Eq)]
-struct Turn {
-    /// `2 * claimed + 1`.
+struct GroupTurn {
+    /// `2 * k + 1`.
     num: u64,
-    /// `quota` (the common factor 2 cancels out of the comparison).
+    /// The group's quota (the common factor 2 cancels out of the comparison).
     quota: u64,
-    /// Position in key order.
-    pos: u32,
+    /// Index into the groups.
+    group: u32,
 }
 
-impl Ord for Turn {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // a/2p < b/2q  <=>  a*q < b*p. u128 because a <= 2^33 and q <= 2^32.
-        let lhs = u128::from(self.num) * u128::from(other.quota);
-        let rhs = u128::from(other.num) * u128::from(self.quota);
-        lhs.cmp(&rhs).then(self.pos.cmp(&other.pos))
+impl GroupTurn {
+    fn same_time(&self, other: &Self) -> bool {
+        u128::from(self.num) * u128::from(other.quota)
+            == u128::from(other.num) * u128::from(self.quota)
     }
 }
 
-impl PartialOrd for Turn {
+impl Ord for GroupTurn {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // a/2p < b/2q  <=>  a*q < b*p. u128 because a <= 2^33 and q <= 2^32. Groups have
+        // distinct quotas, so the tie-break makes the order total; turns at the same time are
+        // merged by key order anyway.
+        let lhs = u128::from(self.num) * u128::from(other.quota);
+        let rhs = u128::from(other.num) * u128::from(self.quota);
+        lhs.cmp(&rhs).then(self.quota.cmp(&other.quota))
+    }
+}
+
+impl PartialOrd for GroupTurn {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
+}
+
+/// The order in which backends claim slots, as positions in key order: every turn of every
+/// backend sorted by (virtual time, key order). `quotas` is indexed by position and sums to
+/// the table size, which is the length of the result.
+///
+/// Equal weights give at most two distinct quotas, so scheduling by quota group makes the
+/// heap hold two entries instead of one per backend.
+fn turn_order(quotas: &[u32]) -> Vec<u32> {
+    let mut groups: Vec<(u32, Vec<u32>)> = Vec::new();
+    let mut by_quota: Vec<(u32, u32)> = quotas
+        .iter()
+        .zip(0u32..)
+        .filter(|&(&q, _)| q > 0)
+        .map(|(&q, pos)| (q, pos))
+        .collect();
+    // By quota, then by position, so each group's members come out in key order.
+    by_quota.sort_unstable();
+    for (quota, pos) in by_quota {
+        match groups.last_mut() {
+            Some((q, members)) if *q == quota => members.push(pos),
+            _ => groups.push((quota, vec![pos])),
+        }
+    }
+    let total: u64 = quotas.iter().map(|&q| u64::from(q)).sum();
+    let mut order = Vec::with_capacity(total as usize);
+    let mut heap: BinaryHeap<Reverse<GroupTurn>> = groups
+        .iter()
+        .zip(0u32..)
+        .map(|(&(quota, _), group)| {
+            Reverse(GroupTurn {
+                num: 1,
+                quota: u64::from(quota),
+                group,
+            })
+        })
+        .collect();
+    let mut due: Vec<GroupTurn> = Vec::new();
+    let mut merged: Vec<u32> = Vec::new();
+    while let Some(Reverse(first)) = heap.pop() {
+        due.clear();
+        while heap
+            .peek()
+            .is_some_and(|Reverse(next)| next.same_time(&first))
+        {
+            if let Some(Reverse(next)) = heap.pop() {
+                due.push(next);
+            }
+        }
+        if due.is_empty() {
+            order.extend_from_slice(&groups[first.group as usize].1);
+        } else {
+            // Several groups at the same instant (e.g. quotas 1 and 3 at 1/2 = 3/6): their
+            // members interleave by key order, as one backend-by-backend schedule would.
+            merged.clear();
+            merged.extend_from_slice(&groups[first.group as usize].1);
+            for turn in &due {
+                merged.extend_from_slice(&groups[turn.group as usize].1);
+            }
+            merged.sort_unstable();
+            order.extend_from_slice(&merged);
+        }
+        due.push(first);
+        for turn in due.drain(..) {
+            // `num = 2k + 1` and a group has `quota` turns, k < quota.
+            if turn.num + 2 < 2 * turn.quota {
+                heap.push(Reverse(GroupTurn {
+                    num: turn.num + 2,
+                    ..turn
+                }));
+            }
+        }
+    }
+    order
 }
 
 /// Builds a Maglev lookup table of `size` entries, each an index into `backends`.
@@ -217,61 +298,38 @@ pub fn build_table(backends: &[MaglevBackend<'_>], size: u32) -> Result<Vec<u32>
     let m = u64::from(size);
     let mut walks: Vec<Walk> = order
         .iter()
-        .zip(&quotas)
-        .map(|(&index, &quota)| {
+        .map(|&index| {
             let key = backends[index as usize].key;
             // Both casts are lossless: the values are reduced modulo a u32.
             let slot = (hash(key, SEED_OFFSET) % m) as u32;
             let skip = (hash(key, SEED_SKIP) % (m - 1) + 1) as u32;
-            Walk {
-                index,
-                slot,
-                skip,
-                quota,
-                claimed: 0,
-            }
+            Walk { index, slot, skip }
         })
         .collect();
 
     let mut table = vec![EMPTY; size as usize];
-    let mut heap: BinaryHeap<Reverse<Turn>> = walks
-        .iter()
-        .zip(0u32..)
-        .filter(|(w, _)| w.quota > 0)
-        .map(|(w, pos)| {
-            Reverse(Turn {
-                num: 1,
-                quota: u64::from(w.quota),
-                pos,
-            })
-        })
-        .collect();
-
-    // The quotas sum to `size`, so the heap runs dry exactly when the table is full, and a
-    // backend taking a turn always finds a free slot: its permutation visits every slot
-    // because `skip` is in 1..size and `size` is prime.
-    while let Some(Reverse(turn)) = heap.pop() {
-        let w = &mut walks[turn.pos as usize];
+    // Which slots are claimed, one bit each: 8 KiB for M = 65537, so the probes (about
+    // M ln M of them, most of the build) hit L1 instead of the 256 KiB table.
+    let mut claimed = vec![0u64; (size as usize).div_ceil(64)];
+    // The quotas sum to `size`, so the table is full after the last turn, and a backend taking
+    // a turn always finds a free slot: its permutation visits every slot because `skip` is in
+    // 1..size and `size` is prime.
+    for pos in turn_order(&quotas) {
+        let w = &mut walks[pos as usize];
         loop {
-            let slot = w.slot as usize;
+            let slot = w.slot;
             // slot + skip < 2 * size <= 2^33, so wrap by one subtraction without overflow.
             w.slot = if w.slot >= size - w.skip {
                 w.slot - (size - w.skip)
             } else {
                 w.slot + w.skip
             };
-            if table[slot] == EMPTY {
-                table[slot] = w.index;
+            let (word, bit) = ((slot / 64) as usize, 1u64 << (slot % 64));
+            if claimed[word] & bit == 0 {
+                claimed[word] |= bit;
+                table[slot as usize] = w.index;
                 break;
             }
-        }
-        w.claimed += 1;
-        if w.claimed < w.quota {
-            heap.push(Reverse(Turn {
-                num: 2 * u64::from(w.claimed) + 1,
-                quota: turn.quota,
-                pos: turn.pos,
-            }));
         }
     }
     debug_assert!(!table.contains(&EMPTY), "quotas must sum to the table size");
@@ -337,6 +395,48 @@ mod tests {
             hash(b"198.18.1.11:8080", SEED_SKIP),
             13_095_827_464_378_176_971
         );
+    }
+
+    /// Every turn of every backend sorted by (virtual time, position): the schedule
+    /// `turn_order` must produce, written the slow and obvious way.
+    fn naive_turn_order(quotas: &[u32]) -> Vec<u32> {
+        let mut turns: Vec<(u64, u64, u32)> = Vec::new();
+        for (pos, &q) in (0u32..).zip(quotas) {
+            for k in 0..u64::from(q) {
+                turns.push((2 * k + 1, u64::from(q), pos));
+            }
+        }
+        turns.sort_by(|a, b| {
+            (u128::from(a.0) * u128::from(b.1))
+                .cmp(&(u128::from(b.0) * u128::from(a.1)))
+                .then(a.2.cmp(&b.2))
+        });
+        turns.into_iter().map(|t| t.2).collect()
+    }
+
+    #[test]
+    fn turn_order_is_the_sorted_schedule() {
+        let cases: [&[u32]; 7] = [
+            &[1],
+            &[3, 3, 2],
+            &[1, 3, 3],
+            &[1, 1, 3, 3, 9],
+            &[0, 5, 0, 15, 45, 5],
+            &[7, 6, 7, 6, 6, 7, 21, 35],
+            &[2, 6, 10, 30, 1, 3, 5, 15],
+        ];
+        for quotas in cases {
+            assert_eq!(turn_order(quotas), naive_turn_order(quotas), "{quotas:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn turn_order_matches_the_naive_schedule(
+            quotas in proptest::collection::vec(0u32..40, 1..30)
+        ) {
+            proptest::prop_assert_eq!(turn_order(&quotas), naive_turn_order(&quotas));
+        }
     }
 
     #[test]

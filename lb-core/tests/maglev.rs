@@ -356,3 +356,77 @@ fn primes() {
         assert!(!is_prime(c), "{c}");
     }
 }
+
+/// FNV-1a over the table's entries, so a whole table can be pinned in one number.
+fn digest(table: &[u32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &i in table {
+        for b in i.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Weights from a fixed linear congruential generator: unlike `StdRng`, its sequence can never
+/// change under a dependency upgrade, and these tables are pinned.
+fn lcg_weights(n: usize, seed: u64, max: u32) -> Vec<u32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) as u32 % max + 1
+        })
+        .collect()
+}
+
+#[test]
+fn tables_are_pinned() {
+    // Every node must build the same table from the same backends, before and after an
+    // upgrade, or flows move. These digests were taken from the first (binary-heap) builder;
+    // a faster builder must reproduce them bit for bit. The cases cover equal weights (two
+    // quota groups), weights with many distinct quotas, quotas that tie in virtual time across
+    // groups (weights 1 and 3), and tables smaller than the total weight.
+    let cases: Vec<(&str, usize, Vec<u32>, u32)> = vec![
+        ("1 backend", 1, vec![1], M),
+        ("2 equal", 2, vec![1; 2], M),
+        ("3 equal", 3, vec![1; 3], M),
+        ("10 equal", 10, vec![1; 10], M),
+        ("100 equal", 100, vec![1; 100], M),
+        ("1000 equal", 1000, vec![1; 1000], M),
+        ("1 and 3", 2, vec![1, 3], M),
+        ("1,3,9,27", 4, vec![1, 3, 9, 27], 251),
+        ("100 weighted", 100, lcg_weights(100, 7, 10), M),
+        ("1000 weighted", 1000, lcg_weights(1000, 11, 100), M),
+        ("50 heavy in 251", 50, lcg_weights(50, 13, 1000), 251),
+        ("13 in 13", 13, vec![1; 13], 13),
+        ("ties 1,3,3 in 7", 3, vec![1, 3, 3], 7),
+        ("ties 1,1,3,3,9 in 17", 5, vec![1, 1, 3, 3, 9], 17),
+    ];
+    let mut got = Vec::new();
+    for (name, n, weights, size) in &cases {
+        let k = keys(*n);
+        let table = build_table(&backends(&k, weights), *size).expect("valid input");
+        got.push(format!("{name}: {:#018x}", digest(&table)));
+    }
+    let want = [
+        "1 backend: 0x4ebe9b86711e13f5",
+        "2 equal: 0x6eb7b5760b6249d5",
+        "3 equal: 0x3581b6568d985f07",
+        "10 equal: 0xe3566ac0476e664c",
+        "100 equal: 0x5045f865ad77a72c",
+        "1000 equal: 0xd7a2ff69e78920e9",
+        "1 and 3: 0x1f215a8e32914914",
+        "1,3,9,27: 0x4a658bb72e6f8295",
+        "100 weighted: 0xe6063b92674b4c3b",
+        "1000 weighted: 0xae27408b696ce920",
+        "50 heavy in 251: 0x2b20a150aa0a3078",
+        "13 in 13: 0x3f63f1e64ab8da79",
+        "ties 1,3,3 in 7: 0x4dfdea8096beda66",
+        "ties 1,1,3,3,9 in 17: 0x40d02044ba999ea1",
+    ];
+    assert_eq!(got, want);
+}
