@@ -91,4 +91,21 @@ pub struct StatsView {
     pub services: Vec<ServiceView>,
     /// Datapath outcome counters by reason (passes, drops by cause, forwards).
     pub reasons: BTreeMap<String, u64>,
+    /// The XDP program's SYN-flood mode (absent from daemons that have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syn_flood: Option<SynFloodView>,
+}
+
+/// SYN-flood mode: above `rate_per_cpu` new flows per second on a CPU, DSR TCP SYNs are
+/// forwarded by Maglev alone, without a flow entry (counted as `new_flow_untracked`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SynFloodView {
+    /// New flows per second per CPU that start the mode; 0: the mode is off.
+    pub rate_per_cpu: u64,
+    /// CPUs over the rate in their current one-second window.
+    pub cpus_flooding: u32,
+    /// CPUs the program runs on.
+    pub cpus: u32,
+    /// Times a CPU entered the mode, summed over CPUs.
+    pub entered: u64,
 }

@@ -350,4 +350,7 @@ pub struct StatsSnapshot {
     pub backends: BTreeMap<u32, Counter>,
     /// Outcome counters by reason name (see the XDP program's reason counters).
     pub reasons: BTreeMap<String, u64>,
+    /// The SYN-flood mode's state.
+    #[serde(default)]
+    pub syn_flood: crate::lb::SynFloodView,
 }

@@ -514,3 +514,19 @@ fn proc_follow_events() {
     };
     assert!(connect.dst.is_ipv6() && connect.verdict.as_deref() == Some("audited"));
 }
+
+#[test]
+fn lb_stats_with_and_without_the_syn_flood_mode() {
+    let now: datapath_api::StatsView = same_bytes(
+        r#"{"services": [],
+            "reasons": {"fwd_redirect": 12, "new_flow": 3, "new_flow_untracked": 9},
+            "syn_flood": {"rate_per_cpu": 125000, "cpus_flooding": 1, "cpus": 2,
+                          "entered": 4}}"#,
+    );
+    let flood = now.syn_flood.expect("syn_flood");
+    assert_eq!((flood.cpus_flooding, flood.entered), (1, 4));
+    // A daemon from before the mode answers without it.
+    let before: datapath_api::StatsView =
+        same_bytes(r#"{"services": [], "reasons": {"fwd_redirect": 12}}"#);
+    assert_eq!(before.syn_flood, None);
+}

@@ -141,6 +141,27 @@ pub struct BackendInfo {
 }
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 40);
 
+/// Value of `LB_SYN_FLOOD`, a per-CPU array of one entry: this CPU's count of new flows in the
+/// current one-second window, and whether it is in SYN-flood mode. Above the `SYN_FLOOD_RATE`
+/// global (new flows per second per CPU), a DSR TCP SYN is forwarded by Maglev alone and makes
+/// no flow entry (as Katran's `is_under_flood`): a flood of SYNs that never complete cannot
+/// evict established flows or pay the LRU's insert. The window logic is
+/// `lb_core::flood::note_new_flow`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynFloodWindow {
+    /// `bpf_ktime_get_ns` when the current window opened.
+    pub window_start_ns: u64,
+    /// New flows seen in the current window, tracked or not.
+    pub new_flows: u64,
+    /// Times this CPU entered flood mode (a window that crossed the rate).
+    pub entered: u64,
+    /// 1 while the current window is over the rate.
+    pub flooding: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SynFloodWindow>() == 32);
+
 /// Value of `LB_FLOWS`, whose key is the conntrack's canonical [`ct::CtKey`] of the
 /// client <-> VIP flow: the conntrack record of the flow, what its first packet resolved, and
 /// the forwarding decision (`bpf_fib_lookup`'s answer) cached for the packets after it.
@@ -211,7 +232,9 @@ impl FlowEntry {
         self.fib_ifindex != 0
             && self.fib_generation[0] == generation as u16
             && self.fib_generation[1] == (generation >> 16) as u16
-            && now_ns.wrapping_sub(self.fib_cached_ns) < ttl_ns
+            // Saturating: packets read the coarse clock, which lags the fine one a SYN read by
+            // up to a tick, so an answer cached "in the future" is a fresh one.
+            && now_ns.saturating_sub(self.fib_cached_ns) < ttl_ns
             && total_len <= self.fib_max_len
     }
 }
@@ -292,6 +315,8 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "LB_SRC_RANGES";
     /// `Array<u32>` of one entry: the FIB cache's generation (see `FlowEntry::fib_generation`).
     pub const FIB_GEN: &str = "LB_FIB_GEN";
+    /// Per-CPU [`SynFloodWindow`](super::SynFloodWindow) of one entry.
+    pub const SYN_FLOOD: &str = "LB_SYN_FLOOD";
     /// Per-CPU `Counter` of the frames each attached interface received, indexed by ingress
     /// ifindex (index 0 collects ifindexes of `defaults::MAX_IFINDEX` and above).
     pub const INTERFACE_STATS: &str = "LB_IF_STATS";
@@ -312,6 +337,8 @@ pub mod globals {
     /// `u64`: how long an established flow trusts its cached FIB answer, in nanoseconds
     /// (0: look the route up for every packet).
     pub const FIB_CACHE_NS: &str = "FIB_CACHE_NS";
+    /// `u64`: new flows per second per CPU above which DSR TCP SYNs make no flow entry (0: never).
+    pub const SYN_FLOOD_RATE: &str = "SYN_FLOOD_RATE";
 }
 
 /// Default sizes. All are configurable in the daemon and exported as capacity metrics.
@@ -322,6 +349,9 @@ pub mod defaults {
     /// changes netlink announces take effect on the next packet through `LB_FIB_GEN`; this
     /// bounds what it does not (the daemon down, or a change it missed).
     pub const FIB_CACHE_NS: u64 = 30_000_000_000;
+    /// New flows per second per CPU above which a CPU is in SYN-flood mode (Katran's default
+    /// `max_conn_rate`).
+    pub const SYN_FLOOD_RATE: u64 = 125_000;
     /// Services (VIP, port, protocol) the datapath can hold.
     pub const MAX_SERVICES: u32 = 64;
     /// Backend slots across all services.
@@ -362,6 +392,7 @@ mod pod {
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for SynFloodWindow {}
     unsafe impl aya::Pod for NatReverseEntry {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for BenchTemplate {}

@@ -62,12 +62,18 @@ pub const DROP_INTERNAL: u32 = 21;
 /// outside them: dropped.
 pub const DROP_SOURCE_RANGE: u32 = 22;
 
+/// A DSR TCP SYN forwarded to its Maglev backend without a flow entry, because its CPU was over
+/// the SYN-flood rate (`bpf_common::SynFloodWindow`). The flow's entry is made by its first
+/// packet that is not a SYN.
+pub const NEW_FLOW_UNTRACKED: u32 = 23;
+
 /// Number of reasons; the size of `LB_REASONS`.
-pub const COUNT: u32 = 23;
+pub const COUNT: u32 = 24;
 
 /// Whether `reason` is a verdict: every packet counts exactly one verdict reason. The others
 /// (`nat_reply_translated`, `icmp_translated`, `seen_ip_options`, `new_flow`,
-/// `flow_rescheduled`, `nat_port_reclaimed`) are events counted beside the verdict.
+/// `flow_rescheduled`, `nat_port_reclaimed`, `new_flow_untracked`) are events counted beside the
+/// verdict.
 pub const fn is_verdict(reason: u32) -> bool {
     !matches!(
         reason,
@@ -77,6 +83,7 @@ pub const fn is_verdict(reason: u32) -> bool {
             | NEW_FLOW
             | FLOW_RESCHEDULED
             | NAT_PORT_RECLAIMED
+            | NEW_FLOW_UNTRACKED
     ) && reason < COUNT
 }
 
@@ -105,4 +112,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "nat_port_reclaimed",
     "drop_internal",
     "drop_source_range",
+    "new_flow_untracked",
 ];

@@ -51,3 +51,11 @@ fn a_new_generation_invalidates_a_fresh_answer_at_once() {
 fn no_answer_is_cached_in_a_new_entry() {
     assert!(!FlowEntry::default().fib_cache_usable(0, u64::MAX, 0, 0));
 }
+
+#[test]
+fn an_answer_cached_a_tick_ahead_of_the_coarse_clock_is_fresh() {
+    // A SYN caches with the fine clock; the packets after it read the coarse one, which lags by
+    // up to a jiffy.
+    let entry = cached(10 * SEC, 1500, 0);
+    assert!(entry.fib_cache_usable(10 * SEC - 4_000_000, SEC, 60, 0));
+}

@@ -34,3 +34,12 @@ pub fn now_ns() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
+
+/// Monotonic time at the last tick (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE): a few
+/// nanoseconds instead of a clock-source read (about 28 ns on these VMs), at most a jiffy
+/// behind [`now_ns`]. For idle timeouts and cache ages, never for a round-trip time.
+#[inline(always)]
+pub fn coarse_now_ns() -> u64 {
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
+}

@@ -1,7 +1,7 @@
 //! Client -> VIP: choose a backend (the flow table first, the service's Maglev table for a new
 //! flow), rewrite (full-NAT) or not (DSR), forward.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use bpf_common::{
     BACKEND_ACTIVE, BACKEND_UNUSED, BackendInfo, FAMILY_IPV4, FlowEntry, MODE_DSR, PROTO_TCP,
     SourceRangeKey, VIP_F_SOURCE_RANGES, VipInfo, ct::CT_F_ONE_WAY, maglev_index, reason,
@@ -17,19 +17,21 @@ use conntrack::{
     Direction, TcpFlags, TcpState, canonical_key, direction_of, new_entry, opens_new_connection,
 };
 use lb_core::{
+    flood::note_new_flow,
     hash::{SEED_MAGLEV, flow_hash},
     parse::Ipv4Packet,
 };
 
 use crate::{
-    config::MAGLEV_SIZE,
+    config::{MAGLEV_SIZE, SYN_FLOOD_RATE},
     count_reason,
     fib::forward_cached,
     maps::{
-        LB_BACKENDS, LB_BE_STATS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOW, LB_SRC_RANGES, LB_VIP_STATS,
+        LB_BACKENDS, LB_BE_STATS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOW, LB_SRC_RANGES, LB_SYN_FLOOD,
+        LB_VIP_STATS,
     },
     nat::{NO_NAT_PORT, allocate_nat_port, rewrite_l3l4},
-    track::track,
+    track::{packet_time, track},
 };
 
 /// Whether `src` (wire order) is within one of service `service_id`'s source ranges.
@@ -43,6 +45,20 @@ fn source_allowed(service_id: u32, src: u32) -> bool {
         },
     );
     LB_SRC_RANGES.get(&key).is_some()
+}
+
+/// Counts a new flow in this CPU's SYN-flood window; whether the CPU is over the rate.
+#[inline(always)]
+fn syn_flood(now: u64) -> bool {
+    let rate = global(&SYN_FLOOD_RATE);
+    if rate == 0 {
+        return false;
+    }
+    match LB_SYN_FLOOD.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array; XDP runs are not preempted on their CPU.
+        Some(window) => note_new_flow(unsafe { &mut *window }, now, rate),
+        None => false,
+    }
 }
 
 /// A client -> VIP packet's 5-tuple as it arrived. Maglev and the NAT port allocator hash it
@@ -139,10 +155,9 @@ pub(crate) fn to_backend(
         proto,
         FAMILY_IPV4,
     );
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let full_nat = vip.mode != MODE_DSR;
     let flags = TcpFlags(tcp_flags);
+    let now = packet_time(proto, flags);
+    let full_nat = vip.mode != MODE_DSR;
     let ip_len = packet.total_len as u64;
 
     let mut outcome = reason::NEW_FLOW;
@@ -206,6 +221,16 @@ pub(crate) fn to_backend(
             let Some(chosen) = maglev_pick(vip, &tuple) else {
                 return drop(reason::DROP_NO_BACKEND);
             };
+            // Every new flow counts towards the rate; only a DSR SYN with no entry at all goes
+            // untracked (full-NAT needs its entries for the replies). It shares the forwarding
+            // tail below: a second inlined `forward_cached` would not fit the stack.
+            let untracked = syn_flood(now)
+                && !full_nat
+                && proto == PROTO_TCP
+                && flags.syn()
+                && !flags.ack()
+                && outcome == reason::NEW_FLOW
+                && !reopened;
             let Some(scratch) = LB_NEW_FLOW.get_ptr_mut(0) else {
                 return drop(reason::DROP_INTERNAL);
             };
@@ -226,7 +251,9 @@ pub(crate) fn to_backend(
             } else {
                 0
             };
-            {
+            if untracked {
+                outcome = reason::NEW_FLOW_UNTRACKED;
+            } else {
                 let entry = &mut scratch.entry;
                 entry.ct = new_entry(now, client_side);
                 entry.ct.ifindex = ctx.ingress_ifindex() as u32;

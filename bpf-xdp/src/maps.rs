@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use bpf_common::{
-    BackendInfo, Counter, FlowEntry, NatReverseEntry, SourceRangeKey, VipAddrKey, VipInfo, VipKey,
-    ct::CtKey, defaults, reason,
+    BackendInfo, Counter, FlowEntry, NatReverseEntry, SourceRangeKey, SynFloodWindow, VipAddrKey,
+    VipInfo, VipKey, ct::CtKey, defaults, reason,
 };
 
 #[map(name = "LB_VIPS")]
@@ -62,6 +62,11 @@ pub(crate) static LB_FIB_GEN: Array<u32> = Array::pinned(1, 0);
 #[map(name = "LB_FIB_SCRATCH")]
 pub(crate) static LB_FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's new flows in the current second and its SYN-flood mode (`lb_core::flood`).
+/// Pinned so the daemon can report the mode.
+#[map(name = "LB_SYN_FLOOD")]
+pub(crate) static LB_SYN_FLOOD: PerCpuArray<SynFloodWindow> = PerCpuArray::pinned(1, 0);
 
 #[map(name = "LB_NAT_REV")]
 pub(crate) static LB_NAT_REV: LruHashMap<CtKey, NatReverseEntry> =

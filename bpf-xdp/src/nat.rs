@@ -2,7 +2,7 @@
 //! with incremental checksums, and the backend -> load balancer direction: replies translated
 //! back to VIP -> client.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use bpf_common::{FAMILY_IPV4, NatReverseEntry, PROTO_TCP, VipInfo, ct::CtKey, reason};
 use bpf_lib::{
     frame::{XdpFrame, load16, store16, store32},
@@ -22,7 +22,7 @@ use crate::{
     fib::forward,
     forward::{Chosen, Tuple},
     maps::{LB_FLOWS, LB_NAT_REV},
-    track::track,
+    track::{packet_time, track},
 };
 
 /// [`allocate_nat_port`]'s answer when every port it tried is taken.
@@ -228,15 +228,14 @@ fn track_reply(packet: &Ipv4Packet, reverse: &NatReverseEntry, proto: u8) {
     {
         return;
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let flags = TcpFlags(packet.tcp_flags);
     track(
         &mut entry.ct,
         proto,
         Direction::Reply,
-        TcpFlags(packet.tcp_flags),
+        flags,
         packet.total_len as u64,
-        now,
+        packet_time(proto, flags),
     );
 }
 

@@ -151,6 +151,7 @@ struct LbFile {
     state_file: Option<PathBuf>,
     nat_port_range: Option<String>,
     fib_cache_ms: Option<u64>,
+    syn_flood_rate: Option<u64>,
     attach_watchdog_ms: Option<u64>,
     maps: Option<MapsFile>,
 }
@@ -473,6 +474,8 @@ pub struct LbSettings {
     pub nat_port_max: u16,
     /// How long an established flow reuses its cached route and next hop.
     pub fib_cache: Duration,
+    /// New flows per second per CPU above which DSR TCP SYNs make no flow entry; 0: never.
+    pub syn_flood_rate: u64,
     /// Between checks that the XDP links are still attached (nobody announces a detach);
     /// zero turns the check off.
     pub attach_watchdog: Duration,
@@ -493,6 +496,7 @@ impl Default for LbSettings {
             nat_port_min: defaults::NAT_PORT_MIN,
             nat_port_max: defaults::NAT_PORT_MAX,
             fib_cache: Duration::from_nanos(defaults::FIB_CACHE_NS),
+            syn_flood_rate: defaults::SYN_FLOOD_RATE,
             attach_watchdog: DEFAULT_ATTACH_WATCHDOG,
         }
     }
@@ -700,16 +704,12 @@ impl Default for NetlinkSettings {
     }
 }
 
-/// The `prog_stats` section: kernel BPF run count/time.
-#[derive(Clone, Debug, PartialEq)]
+/// The `prog_stats` section: kernel BPF run count/time. Off by default: while the kernel's
+/// statistics are on, every BPF program on the node pays two clock reads per run (about 30% of
+/// the XDP forwarding rate measured here, perf/RESULTS.md).
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct ProgStatsSettings {
     pub enabled: bool,
-}
-
-impl Default for ProgStatsSettings {
-    fn default() -> Self {
-        Self { enabled: true }
-    }
 }
 
 /// The configuration in force: every value resolved. Daemon-wide values at the top, then one
@@ -1099,6 +1099,9 @@ impl Settings {
             }
             out.fib_cache = Duration::from_millis(v);
         }
+        if let Some(v) = f.syn_flood_rate {
+            out.syn_flood_rate = v;
+        }
         if let Some(v) = f.attach_watchdog_ms {
             out.attach_watchdog = Duration::from_millis(v);
         }
@@ -1292,6 +1295,7 @@ impl Settings {
             nat_port_min: lb.nat_port_min,
             nat_port_max: lb.nat_port_max,
             fib_cache_ns: lb.fib_cache.as_nanos() as u64,
+            syn_flood_rate: lb.syn_flood_rate,
         }
     }
 
@@ -1328,6 +1332,7 @@ impl Settings {
             "lb.nat_port_range",
         );
         check(a.fib_cache != b.fib_cache, "lb.fib_cache_ms");
+        check(a.syn_flood_rate != b.syn_flood_rate, "lb.syn_flood_rate");
         check(
             self.conntrack.gc_interval != new.conntrack.gc_interval,
             "conntrack.gc_interval_seconds",

@@ -139,6 +139,7 @@ impl<P: Plane> Controller<P> {
         Ok(StatsView {
             services,
             reasons: stats.reasons,
+            syn_flood: Some(stats.syn_flood),
         })
     }
 

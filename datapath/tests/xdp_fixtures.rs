@@ -127,6 +127,12 @@ impl Fixture {
 
     /// A fixture whose `prepare` runs on the (created) pin root before the dataplane starts.
     fn new_after(prepare: impl FnOnce(&std::path::Path)) -> Self {
+        Self::new_with(prepare, 0)
+    }
+
+    /// A fixture whose XDP program enters SYN-flood mode above `syn_flood_rate` new flows per
+    /// second per CPU (0: never, as every other fixture runs).
+    fn new_with(prepare: impl FnOnce(&std::path::Path), syn_flood_rate: u64) -> Self {
         let netns = TestNetns::enter();
         // The program is really attached: IPv6 router solicitations on the new links would
         // move the counters these tests compare exactly. Off before any link exists.
@@ -226,6 +232,7 @@ impl Fixture {
             // An hour: the cached FIB answer never expires during a test, so the test below
             // can tell a cached answer from a fresh lookup without depending on time.
             fib_cache_ns: 3_600_000_000_000,
+            syn_flood_rate,
         };
         let dataplane = Dataplane::start(&config).unwrap_or_else(|e| {
             let _ = datapath::dataplane::cleanup(&pin_root);
@@ -1752,4 +1759,140 @@ fn udp_length_past_the_packet_is_dropped_as_truncated() {
     );
     short[38..40].copy_from_slice(&10u16.to_be_bytes());
     assert_eq!(fx.run(&short, fx.front_index).0, XDP_REDIRECT);
+}
+
+/// Pins the calling thread to CPU 0: BPF_PROG_TEST_RUN runs on the caller's CPU, and the
+/// SYN-flood window is per CPU, so a migration between two runs would split the count.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity get a
+    // valid pointer to it and its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn above_the_syn_flood_rate_dsr_syns_make_no_entry_and_keep_their_maglev_backend() {
+    if !privileged() {
+        return;
+    }
+    pin_to_cpu0();
+    // Three new flows per second per CPU: the fourth new flow within a second is over the rate.
+    const RATE: u64 = 3;
+    let backends = &BACKENDS[..3];
+    let dsr_frame = |port: u16, flags| {
+        tcp_flags_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, port), (VIP, 80), flags)
+    };
+    let forwarded = |port: u16, flags| {
+        let backend = expected_backend(backends, port, 80, 6);
+        tcp_flags_frame(
+            (BACK_MAC, backend_mac(backend)),
+            (CLIENT, port),
+            (VIP, 80),
+            flags,
+        )
+    };
+    let has_entry = |fx: &Fixture, port: u16| {
+        let (key, _) = canonical_key(
+            addr16(CLIENT),
+            port.to_be(),
+            addr16(VIP),
+            80u16.to_be(),
+            6,
+            2,
+        );
+        pinned_entries::<FlowEntry>(fx, bpf_common::map_names::FLOWS)
+            .iter()
+            .any(|(k, _)| *k == key)
+    };
+    // The whole sequence must fall within one window; on a machine too loaded for that, it is
+    // run again with a fresh program (bounded).
+    for attempt in 0..3 {
+        let mut fx = Fixture::new_with(|_| {}, RATE);
+        fx.apply(&service(ForwardingMode::Dsr, Protocol::Tcp, 80, backends));
+        let started = std::time::Instant::now();
+        // Below the rate: the normal path, one entry per SYN.
+        let mut outputs = Vec::new();
+        for port in 43000..43003 {
+            outputs.push((port, SYN, fx.run(&dsr_frame(port, SYN), fx.front_index)));
+        }
+        let tracked: Vec<bool> = (43000..43003).map(|p| has_entry(&fx, p)).collect();
+        let new_flows_below = fx.reason("new_flow");
+        // Over it: forwarded to the same Maglev backend, with no entry.
+        for port in 43003..43005 {
+            outputs.push((port, SYN, fx.run(&dsr_frame(port, SYN), fx.front_index)));
+        }
+        let untracked: Vec<bool> = (43003..43005).map(|p| has_entry(&fx, p)).collect();
+        let flood = fx.dataplane.stats().expect("stats").syn_flood;
+        // The flow's first packet that is not a SYN makes its entry, on the same backend.
+        outputs.push((43003, ACK, fx.run(&dsr_frame(43003, ACK), fx.front_index)));
+        if started.elapsed() > std::time::Duration::from_millis(800) {
+            eprintln!("attempt {attempt}: the sequence took more than one window; again");
+            continue;
+        }
+        for (port, flags, got) in outputs {
+            assert_frame(
+                &format!("port {port} {flags:?}"),
+                got,
+                XDP_REDIRECT,
+                &forwarded(port, flags),
+            );
+        }
+        assert_eq!(tracked, [true; 3], "below the rate every SYN is tracked");
+        assert_eq!(new_flows_below, 3);
+        assert_eq!(untracked, [false; 2], "over the rate no SYN is tracked");
+        assert_eq!(fx.reason("new_flow_untracked"), 2);
+        assert_eq!(
+            (flood.rate_per_cpu, flood.cpus_flooding, flood.entered),
+            (RATE, 1, 1),
+            "{flood:?}"
+        );
+        let (_, entry) = lb_flow(&fx, (CLIENT, 43003), (VIP, 80));
+        let backend = expected_backend(backends, 43003, 80, 6);
+        assert_eq!(entry.backend_id, u32::from(backend[3]) - 10);
+        assert_ne!(entry.ct.flags & CT_F_ONE_WAY, 0);
+        assert_eq!(
+            fx.reason("new_flow"),
+            4,
+            "the ACK's entry is a tracked new flow"
+        );
+
+        // A window later the CPU is below the rate again: the next SYN is tracked.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_frame(
+            "SYN after the window",
+            fx.run(&dsr_frame(43010, SYN), fx.front_index),
+            XDP_REDIRECT,
+            &forwarded(43010, SYN),
+        );
+        assert!(has_entry(&fx, 43010));
+        let flood = fx.dataplane.stats().expect("stats").syn_flood;
+        assert_eq!((flood.cpus_flooding, flood.entered), (0, 1), "{flood:?}");
+
+        // Full-NAT keeps an entry for every SYN even over the rate: its replies need them.
+        let mut nat = Fixture::new_with(|_| {}, 1);
+        nat.apply(&service(
+            ForwardingMode::FullNat,
+            Protocol::Tcp,
+            80,
+            backends,
+        ));
+        for port in 43020..43024 {
+            let frame = tcp_flags_frame((CLIENT_MAC, FRONT_MAC), (CLIENT, port), (VIP, 80), SYN);
+            assert_eq!(nat.run(&frame, nat.front_index).0, XDP_REDIRECT);
+            assert!(has_entry(&nat, port), "full-NAT SYN {port} tracked");
+        }
+        assert_eq!(nat.reason("new_flow"), 4);
+        assert_eq!(nat.reason("new_flow_untracked"), 0);
+        return;
+    }
+    panic!("three attempts in a row took longer than the one-second window");
 }

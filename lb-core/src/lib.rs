@@ -6,6 +6,7 @@ extern crate alloc;
 
 pub mod capture;
 pub mod csum;
+pub mod flood;
 pub mod hash;
 #[cfg(feature = "alloc")]
 pub mod maglev;

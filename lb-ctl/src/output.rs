@@ -257,7 +257,28 @@ pub fn stats(v: &StatsView) -> String {
     }
     out.push('\n');
     out.push_str(&t.render());
+    if let Some(flood) = &v.syn_flood {
+        out.push('\n');
+        out.push_str(&syn_flood(flood));
+    }
     out
+}
+
+/// The SYN-flood line of `lb-ctl stats`.
+fn syn_flood(f: &datapath_api::SynFloodView) -> String {
+    if f.rate_per_cpu == 0 {
+        return "syn flood mode: off (lb.syn_flood_rate 0)\n".into();
+    }
+    let state = if f.cpus_flooding > 0 {
+        format!("ACTIVE on {} of {} CPUs", f.cpus_flooding, f.cpus)
+    } else {
+        "inactive".into()
+    };
+    format!(
+        "syn flood mode: {state} (above {} new flows/s per CPU, DSR SYNs untracked; entered {} \
+         time(s))\n",
+        f.rate_per_cpu, f.entered
+    )
 }
 
 /// `lb-ctl status`: modules first (with why one is off), then features and interfaces.
@@ -1157,8 +1178,21 @@ SERVICE                PROTO  MODE      SOURCE  BACKENDS  WEIGHT  STATE     TABL
             ]
             .into_iter()
             .collect(),
+            syn_flood: Some(datapath_api::SynFloodView {
+                rate_per_cpu: 125_000,
+                cpus_flooding: 1,
+                cpus: 2,
+                entered: 3,
+            }),
         };
         let got = stats(&v);
+        assert!(
+            got.ends_with(
+                "\nsyn flood mode: ACTIVE on 1 of 2 CPUs (above 125000 new flows/s per CPU, DSR \
+                 SYNs untracked; entered 3 time(s))\n"
+            ),
+            "{got}"
+        );
         assert!(
             got.starts_with(
                 "\

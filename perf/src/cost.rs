@@ -413,13 +413,16 @@ fn service(port: u16, mode: ForwardingMode, id: u32, first_backend_id: u32) -> S
     }
 }
 
-fn measure_all(options: &CostOptions, pin_root: &Path) -> Result<Vec<CostRow>> {
+/// Starts the dataplane with its two services, and the harness around it. `syn_flood_rate`:
+/// the SYN-flood mode's rate (0: every SYN tracked, as the new-flow rows measure).
+fn open_bench(pin_root: &Path, syn_flood_rate: u64) -> Result<Bench> {
     let config = DataplaneConfig {
         pin_root: pin_root.to_path_buf(),
         interfaces: vec!["front".into(), "back".into()],
         xdp_mode: XdpAttachMode::Auto,
         max_services: 4,
         max_backends: 16,
+        syn_flood_rate,
         ..DataplaneConfig::default()
     };
     let mut dataplane = Dataplane::start(&config)?;
@@ -443,14 +446,77 @@ fn measure_all(options: &CostOptions, pin_root: &Path) -> Result<Vec<CostRow>> {
             .context("BENCH_TEMPLATE")?,
     )?;
     let gc = FlowGc::open(pin_root, GcConfig::default())?;
-    let mut bench = Bench {
+    Ok(Bench {
         dataplane,
         drop_fd,
         lb_fd,
         targets,
         template,
         gc,
+    })
+}
+
+/// Puts every CPU of the dataplane under `pin_root` in SYN-flood mode for the next hour: a
+/// window opened an hour ahead (the program compares saturating, so every packet falls in it)
+/// and already over any rate.
+fn force_syn_flood(pin_root: &Path) -> Result<()> {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    let map = MapData::from_pin(pin_root.join(map_names::SYN_FLOOD)).context("LB_SYN_FLOOD")?;
+    let mut windows: PerCpuArray<MapData, bpf_common::SynFloodWindow> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("count CPUs: {e}"))?;
+    let window = bpf_common::SynFloodWindow {
+        window_start_ns: datapath::gc::monotonic_now_ns() + 3_600_000_000_000,
+        new_flows: u64::MAX / 2,
+        entered: 1,
+        flooding: 1,
+        _pad: 0,
     };
+    windows.set(0, PerCpuValues::try_from(vec![window; cpus])?, 0)?;
+    Ok(())
+}
+
+fn measure_all(options: &CostOptions, pin_root: &Path) -> Result<Vec<CostRow>> {
+    let mut rows = measure_tracked(options, pin_root)?;
+    // The SYN-flood row: a dataplane of its own, whose every CPU is over the rate.
+    cleanup(pin_root)?;
+    let mut bench = open_bench(pin_root, 1)?;
+    force_syn_flood(pin_root)?;
+    let front = if_index("front")?;
+    let dsr_syn = tcp_frame(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT, 40000),
+        (VIP, 81),
+        true,
+        false,
+    )?;
+    let mut row = measure(
+        &mut bench,
+        options,
+        &Path_ {
+            name: "xdp_lb new flow under a SYN flood, DSR (SYN, new 5-tuple every repeat, untracked)",
+            frame: dsr_syn,
+            ingress: front,
+            vary_flow: true,
+            verdict: XDP_REDIRECT,
+            counters: &[
+                ("new_flow_untracked", 1),
+                ("new_flow", 0),
+                ("fwd_redirect", 1),
+            ],
+            repeat: options.repeat,
+            flush_between_runs: false,
+        },
+    )?;
+    let floor = rows.first().map(|r| r.ns.median).context("no floor row")?;
+    row.ratio_to_xdp_drop = row.ns.median / floor;
+    // Beside the tracked DSR new-flow row.
+    rows.insert(2, row);
+    Ok(rows)
+}
+
+fn measure_tracked(options: &CostOptions, pin_root: &Path) -> Result<Vec<CostRow>> {
+    let mut bench = open_bench(pin_root, 0)?;
     let (front, back) = (if_index("front")?, if_index("back")?);
 
     let client_side = (CLIENT_MAC, FRONT_MAC);

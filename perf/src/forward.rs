@@ -35,7 +35,7 @@ use crate::{
 
 /// Scenario names, as they appear in [`ForwardRow::scenario`].
 pub const XDP_LB_FULLNAT: &str = "xdp-lb-fullnat";
-/// (a) again, with the daemon's default `modules.prog_stats: true`: the kernel's BPF run-time
+/// (a) again, with `prog_stats.enabled: true` (off by default): the kernel's BPF run-time
 /// statistics are on while it runs, which costs every BPF program on the node two clock reads
 /// per run.
 pub const XDP_LB_FULLNAT_STATS: &str = "xdp-lb-fullnat+bpf-stats";
@@ -143,10 +143,35 @@ pub struct Footprint {
     pub tracked_flows: u64,
 }
 
+/// The SYN-flood scenario, with the daemon's SYN-flood mode on (its default rate) or off: the
+/// established UDP flows of the `xdp-lb-fullnat` row, 1,000 of them, from one generator CPU,
+/// first alone and then while a second generator CPU sends TCP SYNs of distinct new flows to a
+/// DSR service at the highest rate it can (a new 5-tuple every frame).
+#[derive(Clone, Debug, Serialize)]
+pub struct SynFloodRow {
+    /// `on (lb.syn_flood_rate 125000)` or `off (lb.syn_flood_rate 0)`.
+    pub mode: String,
+    /// The established flows' rate with no flood.
+    pub alone_pps: Summary,
+    /// Offered and delivered by the established flows during the flood.
+    pub offered_pps: Summary,
+    pub delivered_pps: Summary,
+    /// Delivered / offered of the established flows during the flood.
+    pub delivered_ratio: Summary,
+    /// The established flows whose flow entry outlived the flood (created before it and still
+    /// in `LB_FLOWS` after it), as a fraction of them.
+    pub entries_kept: Summary,
+    /// SYNs per second the flood generator sent.
+    pub syn_pps: Summary,
+    /// SYNs forwarded without a flow entry (`new_flow_untracked`), over all runs.
+    pub untracked: u64,
+}
+
 /// Everything [`run`] measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct ForwardReport {
     pub rows: Vec<ForwardRow>,
+    pub syn_flood: Vec<SynFloodRow>,
     pub footprint: Option<Footprint>,
 }
 
@@ -332,15 +357,24 @@ pub fn run(options: &ForwardOptions) -> Result<ForwardReport> {
         .context("delete the nftables table")?;
     bench.object.detach(programs::PASS, link)?;
 
-    // (a) The real datapathd, full-NAT over the 4 backends: first with its default
-    // configuration (kernel BPF statistics on; the footprint is measured here), then with
-    // `modules.prog_stats: false`, as (b)-(d) run: the comparable figure.
+    // (a) The real datapathd, full-NAT over the 4 backends: first with `prog_stats` on (kernel
+    // BPF statistics; the footprint is measured here), then in its default configuration,
+    // with them off, as (b)-(d) run: the comparable figure.
     let bins = Binaries {
         datapathd: options.datapathd.clone(),
         lb_ctl: options.lb_ctl.clone(),
     };
-    let daemon = Daemon::start(&topo.lb_ns, &topo.prefix, bins.clone(), &[])
-        .context("start datapathd in the LB namespace")?;
+    let config = std::env::temp_dir().join(format!("{}-prog-stats.yaml", topo.prefix));
+    std::fs::write(&config, "prog_stats:\n  enabled: true\n")
+        .with_context(|| format!("write {}", config.display()))?;
+    let started = Daemon::start(
+        &topo.lb_ns,
+        &topo.prefix,
+        bins.clone(),
+        &["--config", &config.to_string_lossy()],
+    );
+    let _ = std::fs::remove_file(&config);
+    let daemon = started.context("start datapathd (prog_stats on) in the LB namespace")?;
     let result = xdp_lb_rows(&mut bench, &daemon, &mut rows, XDP_LB_FULLNAT_STATS);
     if result.is_err() {
         eprintln!("{}", daemon_log_tail(&daemon));
@@ -348,8 +382,27 @@ pub fn run(options: &ForwardOptions) -> Result<ForwardReport> {
     let footprint = result?;
     drop(daemon);
 
-    let config = std::env::temp_dir().join(format!("{}-no-prog-stats.yaml", topo.prefix));
-    std::fs::write(&config, "modules:\n  prog_stats: false\n")
+    let daemon = Daemon::start(&topo.lb_ns, &topo.prefix, bins.clone(), &[])
+        .context("start datapathd in the LB namespace")?;
+    let result = xdp_lb_rows(&mut bench, &daemon, &mut rows, XDP_LB_FULLNAT).and_then(|_| {
+        syn_flood_row(
+            &mut bench,
+            &daemon,
+            format!(
+                "on (lb.syn_flood_rate {})",
+                bpf_common::defaults::SYN_FLOOD_RATE
+            ),
+        )
+    });
+    if result.is_err() {
+        eprintln!("{}", daemon_log_tail(&daemon));
+    }
+    let mut syn_flood = vec![result?];
+    drop(daemon);
+
+    // The same with the mode off: every SYN makes a flow entry.
+    let config = std::env::temp_dir().join(format!("{}-no-flood-mode.yaml", topo.prefix));
+    std::fs::write(&config, "lb:\n  syn_flood_rate: 0\n")
         .with_context(|| format!("write {}", config.display()))?;
     let started = Daemon::start(
         &topo.lb_ns,
@@ -358,15 +411,17 @@ pub fn run(options: &ForwardOptions) -> Result<ForwardReport> {
         &["--config", &config.to_string_lossy()],
     );
     let _ = std::fs::remove_file(&config);
-    let daemon = started.context("start datapathd (prog_stats off) in the LB namespace")?;
-    let result = xdp_lb_rows(&mut bench, &daemon, &mut rows, XDP_LB_FULLNAT);
+    let daemon = started.context("start datapathd (SYN-flood mode off) in the LB namespace")?;
+    let result = add_fullnat_service(&daemon)
+        .and_then(|()| syn_flood_row(&mut bench, &daemon, "off (lb.syn_flood_rate 0)".to_string()));
     if result.is_err() {
         eprintln!("{}", daemon_log_tail(&daemon));
     }
-    result?;
+    syn_flood.push(result?);
     drop(daemon);
     Ok(ForwardReport {
         rows,
+        syn_flood,
         footprint: Some(footprint),
     })
 }
@@ -454,12 +509,8 @@ fn daemon_log_tail(daemon: &Daemon) -> String {
     format!("----- datapathd log (last lines) -----\n{tail}")
 }
 
-fn xdp_lb_rows(
-    bench: &mut Bench<'_>,
-    daemon: &Daemon,
-    rows: &mut Vec<ForwardRow>,
-    scenario: &'static str,
-) -> Result<Footprint> {
+/// The full-NAT UDP service of the `xdp-lb-fullnat` rows, over the 4 backends.
+fn add_fullnat_service(daemon: &Daemon) -> Result<()> {
     let service = format!("{}:{}", topo::VIP, topo::VIP_PORT);
     daemon.lb_ctl_ok(&[
         "service", "add", &service, "--proto", "udp", "--mode", "full-nat",
@@ -468,6 +519,140 @@ fn xdp_lb_rows(
         let backend = format!("{backend}:{}", topo::BACKEND_PORT);
         daemon.lb_ctl_ok(&["backend", "add", &service, &backend, "--proto", "udp"])?;
     }
+    Ok(())
+}
+
+/// The DSR service the SYN flood is sent to (a second VIP, whose last byte no backend has, so
+/// the sink counts its frames apart), over the same 4 backends.
+const FLOOD_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 100, 2);
+/// The flood's first source address: 16M flows span ~300 addresses from here, inside
+/// 198.18.0.0/15 and clear of the topology's own subnets.
+const FLOOD_SRC_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 19, 0, 1);
+/// Established flows of the SYN-flood scenario.
+const FLOOD_ESTABLISHED_FLOWS: u32 = 1_000;
+
+/// The SYN-flood scenario (see [`SynFloodRow`]) on `daemon`, whose full-NAT UDP service is
+/// already configured.
+fn syn_flood_row(bench: &mut Bench<'_>, daemon: &Daemon, mode: String) -> Result<SynFloodRow> {
+    let service = format!("{FLOOD_VIP}:{}", topo::VIP_PORT);
+    daemon.lb_ctl_ok(&[
+        "service", "add", &service, "--proto", "tcp", "--mode", "dsr",
+    ])?;
+    for backend in topo::BACKENDS {
+        let backend = format!("{backend}:{}", topo::VIP_PORT);
+        daemon.lb_ctl_ok(&["backend", "add", &service, &backend, "--proto", "tcp"])?;
+    }
+    // A second copy of the generator, so that both run at once with their own configuration.
+    let mut flood_object = PerfObject::load()?;
+    let mut flood = GenOptions::new(&bench.topo.gen_ns, topo::GEN_IFACE);
+    flood.protocol = Protocol::TcpSyn;
+    flood.frame_size = bench.options.frame_size;
+    flood.flows = pktgen::MAX_FLOWS;
+    flood.threads = 1;
+    flood.first_cpu = 1;
+    flood.src_mac = bench.topo.gen_mac;
+    flood.dst_mac = bench.topo.lb_front_mac;
+    flood.src_ip = FLOOD_SRC_IP;
+    flood.dst_ip = FLOOD_VIP;
+    flood.src_port = 10_000;
+    flood.dst_port = topo::VIP_PORT;
+    // Covers the established run from before its start to after its end.
+    flood.duration = bench.options.duration + FLOOD_MARGIN * 2;
+    let untracked_before = untracked(daemon)?;
+    let pin_root = daemon.pin_root.clone();
+    let (mut alone, mut offered, mut delivered, mut ratio, mut kept, mut syn) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..bench.options.runs {
+        // Alone: the established flows (their entries made or refreshed here).
+        let sample = bench.sample(
+            "syn-flood (alone)",
+            FLOOD_ESTABLISHED_FLOWS,
+            Counted::Backends,
+        )?;
+        alone.push(sample.delivered_pps);
+        let flood_start = datapath::gc::monotonic_now_ns();
+        let before = established_entries(&pin_root, flood_start)?;
+        ensure!(
+            before > 0,
+            "no established flow entry before the flood ({mode})"
+        );
+        let (flooded, generated) = thread::scope(|scope| -> Result<_> {
+            let flooder = scope.spawn(|| pktgen::generate(&mut flood_object, &flood));
+            thread::sleep(FLOOD_MARGIN);
+            let during = bench.sample(
+                "syn-flood (flooded)",
+                FLOOD_ESTABLISHED_FLOWS,
+                Counted::Backends,
+            );
+            let generated = flooder
+                .join()
+                .map_err(|_| anyhow::anyhow!("the flood generator panicked"))?
+                .context("the flood generator")?;
+            Ok((during?, generated))
+        })?;
+        let after = established_entries(&pin_root, flood_start)?;
+        offered.push(flooded.offered_pps);
+        delivered.push(flooded.delivered_pps);
+        ratio.push(flooded.delivered_pps / flooded.offered_pps);
+        kept.push(after as f64 / before as f64);
+        syn.push(generated.offered_pps);
+    }
+    let untracked = untracked(daemon)? - untracked_before;
+    let summary = |v: &[f64]| Summary::of(v).context("no samples");
+    let row = SynFloodRow {
+        mode,
+        alone_pps: summary(&alone)?,
+        offered_pps: summary(&offered)?,
+        delivered_pps: summary(&delivered)?,
+        delivered_ratio: summary(&ratio)?,
+        entries_kept: summary(&kept)?,
+        syn_pps: summary(&syn)?,
+        untracked,
+    };
+    eprintln!(
+        "forward: syn flood, mode {}: established {:.0} pps alone, {:.0} of {:.0} pps delivered \
+         under {:.0} SYN/s ({:.4}), entries kept {:.4}, {} SYNs untracked",
+        row.mode,
+        row.alone_pps.median,
+        row.delivered_pps.median,
+        row.offered_pps.median,
+        row.syn_pps.median,
+        row.delivered_ratio.median,
+        row.entries_kept.median,
+        row.untracked
+    );
+    Ok(row)
+}
+
+/// How long the flood runs before and after the established flows' run.
+const FLOOD_MARGIN: Duration = Duration::from_millis(200);
+
+/// The daemon's `new_flow_untracked` counter.
+fn untracked(daemon: &Daemon) -> Result<u64> {
+    let stats = daemon.lb_ctl_json(&["stats"])?;
+    Ok(stats["reasons"]["new_flow_untracked"].as_u64().unwrap_or(0))
+}
+
+/// The UDP entries of `LB_FLOWS` (the established flows; the flood is TCP) created before
+/// `created_before_ns`.
+fn established_entries(pin_root: &Path, created_before_ns: u64) -> Result<u64> {
+    use std::os::fd::AsFd as _;
+    let path = pin_root.join("lb").join(map_names::FLOWS);
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    let entries = datapath::gc::read_all::<CtKey, FlowEntry>(data.fd().as_fd())?;
+    Ok(entries
+        .iter()
+        .filter(|(k, v)| k.proto == bpf_common::PROTO_UDP && v.ct.created_ns < created_before_ns)
+        .count() as u64)
+}
+
+fn xdp_lb_rows(
+    bench: &mut Bench<'_>,
+    daemon: &Daemon,
+    rows: &mut Vec<ForwardRow>,
+    scenario: &'static str,
+) -> Result<Footprint> {
+    add_fullnat_service(daemon)?;
     let pid = daemon.pid().context("datapathd is not running")?;
 
     // Idle: service configured, no traffic.

@@ -101,6 +101,9 @@ pub struct GenOptions {
     pub packets: Option<u64>,
     /// Generator threads, each pinned to its own CPU (round-robin over the online CPUs).
     pub threads: usize,
+    /// The online CPU (by position) the first thread is pinned to; the others follow it. Two
+    /// generators running at once give each other different ones.
+    pub first_cpu: usize,
     #[serde(serialize_with = "mac")]
     pub src_mac: [u8; 6],
     #[serde(serialize_with = "mac")]
@@ -128,6 +131,7 @@ impl GenOptions {
             duration: Duration::from_secs(1),
             packets: None,
             threads: 1,
+            first_cpu: 0,
             src_mac: [0x02, 0, 0, 0, 0, 0x01],
             dst_mac: [0x02, 0, 0, 0, 0, 0x02],
             src_ip: Ipv4Addr::new(198, 18, 0, 1),
@@ -339,7 +343,7 @@ pub fn generate(object: &mut PerfObject, options: &GenOptions) -> Result<GenResu
     let (elapsed, results) = thread::scope(|scope| {
         let handles: Vec<_> = (0..options.threads)
             .map(|i| {
-                let cpu = cpus[i % cpus.len()];
+                let cpu = cpus[(options.first_cpu + i) % cpus.len()];
                 let (frame, ctx_bytes, budget, requested, stop, barrier, deadline_cell) = (
                     &frame,
                     ctx_bytes,

@@ -36,7 +36,7 @@ fn full_example_parses() {
     assert_eq!(s.lb.interfaces, ["eth0", "eth1"]);
     assert_eq!(s.metrics_listen, "0.0.0.0:9477".parse().ok());
     assert!(s.lb.enabled);
-    assert!(s.prog_stats.enabled);
+    assert!(!s.prog_stats.enabled);
     // The example shows the defaults.
     let defaults = Settings {
         lb: LbSettings {
@@ -62,6 +62,11 @@ fn previous_example_resolves_like_the_current_one() {
     assert_eq!(old_settings.lb.fib_cache, Duration::from_millis(1000));
     assert_eq!(new_settings.lb.fib_cache, Duration::from_secs(30));
     new_settings.lb.fib_cache = old_settings.lb.fib_cache;
+    // And BPF statistics: the previous example turned them on, as the default was; they are off
+    // by default now (they cost every BPF program two clock reads per run).
+    assert!(old_settings.prog_stats.enabled);
+    assert!(!new_settings.prog_stats.enabled);
+    new_settings.prog_stats.enabled = true;
     assert_eq!(old_settings, new_settings);
     let olds: Vec<&str> = deprecated.iter().map(|d| d.old).collect();
     assert_eq!(

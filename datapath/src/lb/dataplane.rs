@@ -83,6 +83,9 @@ pub struct DataplaneConfig {
     /// How long an established flow reuses its cached FIB answer (next hop MAC, egress
     /// interface) before looking the route up again; 0 disables the cache.
     pub fib_cache_ns: u64,
+    /// New flows per second per CPU above which DSR TCP SYNs make no flow entry (SYN-flood
+    /// mode, `lb_core::flood`); 0 turns the mode off.
+    pub syn_flood_rate: u64,
 }
 
 impl Default for DataplaneConfig {
@@ -99,6 +102,7 @@ impl Default for DataplaneConfig {
             nat_port_min: defaults::NAT_PORT_MIN,
             nat_port_max: defaults::NAT_PORT_MAX,
             fib_cache_ns: defaults::FIB_CACHE_NS,
+            syn_flood_rate: defaults::SYN_FLOOD_RATE,
         }
     }
 }
@@ -163,7 +167,8 @@ pub fn load_object(config: &DataplaneConfig) -> Result<Ebpf> {
         .override_global(globals::MAGLEV_SIZE, &config.maglev_size, true)
         .override_global(globals::NAT_PORT_MIN, &config.nat_port_min, true)
         .override_global(globals::NAT_PORT_MAX, &config.nat_port_max, true)
-        .override_global(globals::FIB_CACHE_NS, &config.fib_cache_ns, true);
+        .override_global(globals::FIB_CACHE_NS, &config.fib_cache_ns, true)
+        .override_global(globals::SYN_FLOOD_RATE, &config.syn_flood_rate, true);
     loader.load(XDP_OBJECT).map_err(|source| Error::Load {
         source: Box::new(source),
         context: format!(
@@ -178,7 +183,7 @@ pub(crate) use crate::bpf::pins::PinLayout;
 
 /// The layout this build's XDP object gives each pinned map whose layout is fixed by the ABI in
 /// `bpf-common`.
-fn abi_layouts() -> [PinLayout; 12] {
+fn abi_layouts() -> [PinLayout; 13] {
     use bpf_common::{FlowEntry, NatReverseEntry, ct::CtKey, defaults};
     use std::mem::size_of;
     let counter = size_of::<bpf_common::Counter>();
@@ -214,6 +219,12 @@ fn abi_layouts() -> [PinLayout; 12] {
         ),
         (map_names::REASONS, 4, 8, Some(reason::COUNT)),
         (map_names::FIB_GEN, 4, 4, Some(1)),
+        (
+            map_names::SYN_FLOOD,
+            4,
+            size_of::<bpf_common::SynFloodWindow>(),
+            Some(1),
+        ),
         (
             map_names::SOURCE_RANGES,
             4 + size_of::<bpf_common::SourceRangeKey>(),
@@ -366,6 +377,7 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, bpf_common::Counter>,
     interface_stats: PerCpuArray<MapData, bpf_common::Counter>,
     reasons: PerCpuArray<MapData, u64>,
+    syn_flood: PerCpuArray<MapData, bpf_common::SynFloodWindow>,
     tx_ports: DevMapHash<MapData>,
     fib_generation: Array<MapData, u32>,
     /// Attached interfaces: the pinned link and how it was attached.
@@ -478,6 +490,8 @@ impl Dataplane {
             .map_err(map_error("open LB_BE_STATS"))?;
         let reasons = PerCpuArray::try_from(take_map(&mut bpf, map_names::REASONS)?)
             .map_err(map_error("open LB_REASONS"))?;
+        let syn_flood = PerCpuArray::try_from(take_map(&mut bpf, map_names::SYN_FLOOD)?)
+            .map_err(map_error("open LB_SYN_FLOOD"))?;
         let interface_stats =
             PerCpuArray::try_from(take_map(&mut bpf, map_names::INTERFACE_STATS)?)
                 .map_err(map_error("open LB_IF_STATS"))?;
@@ -497,6 +511,7 @@ impl Dataplane {
             backend_stats,
             interface_stats,
             reasons,
+            syn_flood,
             tx_ports,
             fib_generation,
             links,

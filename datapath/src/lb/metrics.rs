@@ -24,6 +24,9 @@ pub(super) struct Families {
     backend_bytes: IntCounterVec,
     outcomes: IntCounterVec,
     drops: IntCounterVec,
+    syn_flood_cpus: IntGaugeVec,
+    syn_flood_entered: IntCounterVec,
+    syn_flood_rate: IntGaugeVec,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
     prog_runs: IntCounterVec,
@@ -81,6 +84,23 @@ impl metrics::Families for Families {
                 "Packets dropped by the XDP program by reason (LB_REASONS).",
                 &["reason"],
             ),
+            syn_flood_cpus: gauge(
+                "datapath_xdp_syn_flood_cpus",
+                "CPUs in SYN-flood mode now: over datapath_xdp_syn_flood_rate new flows in their \
+                 current second, forwarding DSR TCP SYNs without a flow entry.",
+                &[],
+            ),
+            syn_flood_entered: counter(
+                "datapath_xdp_syn_flood_entered_total",
+                "Times a CPU entered SYN-flood mode (one per second it spent over the rate).",
+                &[],
+            ),
+            syn_flood_rate: gauge(
+                "datapath_xdp_syn_flood_rate",
+                "New flows per second per CPU that start SYN-flood mode (lb.syn_flood_rate; \
+                 0: the mode is off).",
+                &[],
+            ),
             map_entries: gauge(
                 "datapath_map_entries",
                 "Entries in use in the BPF map.",
@@ -119,6 +139,9 @@ impl metrics::Families for Families {
             &self.backend_bytes,
             &self.outcomes,
             &self.drops,
+            &self.syn_flood_cpus,
+            &self.syn_flood_entered,
+            &self.syn_flood_rate,
             &self.map_entries,
             &self.map_capacity,
             &self.prog_runs,
@@ -220,6 +243,17 @@ impl Scrape {
                     if let Some(cause) = name.strip_prefix("drop_") {
                         f.drops.with_label_values(&[cause]).inc_by(n);
                     }
+                }
+                if let Some(flood) = stats.syn_flood {
+                    f.syn_flood_cpus
+                        .with_label_values::<&str>(&[])
+                        .set(i64::from(flood.cpus_flooding));
+                    f.syn_flood_entered
+                        .with_label_values::<&str>(&[])
+                        .inc_by(flood.entered);
+                    f.syn_flood_rate
+                        .with_label_values::<&str>(&[])
+                        .set(i64::try_from(flood.rate_per_cpu).unwrap_or(i64::MAX));
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the datapath counters for a scrape"),

@@ -643,9 +643,9 @@ fn render(results: &Results) -> String {
         out.push_str(
             "### Forwarding rate (pktgen, XDP live frames, UDP 64 bytes)\n\n\
              Packets per second delivered to the backends' counting sink, median of the runs; \
-             (a) the XDP load balancer, full-NAT: the real datapathd with \
-             `modules.prog_stats: false`, as (b)-(d) run (`+bpf-stats` is its default \
-             configuration, with the kernel's BPF run-time statistics on); (b) nftables DNAT (numgen map, as kube-proxy's \
+             (a) the XDP load balancer, full-NAT: the real datapathd in its default \
+             configuration, as (b)-(d) run (`+bpf-stats` is the same with \
+             `prog_stats.enabled: true`: the kernel's BPF run-time statistics on); (b) nftables DNAT (numgen map, as kube-proxy's \
              nftables mode) behind an XDP_PASS ingress; (c) XDP_DROP at the LB ingress (the \
              machine's floor: packets absorbed, not forwarded); (d) an XDP program that only \
              rewrites the MACs and redirects every frame to the backend side (the forwarding \
@@ -695,6 +695,33 @@ fn render(results: &Results) -> String {
             ));
         }
         out.push('\n');
+        if !forward.syn_flood.is_empty() {
+            out.push_str(
+                "### Under a SYN flood\n\n\
+                 The 1,000 established UDP flows of (a), full-NAT, from one generator CPU: first \
+                 alone, then while a second generator CPU sends TCP SYNs of distinct new flows \
+                 (a new 5-tuple every frame) to a DSR service at the highest rate it can, with \
+                 the daemon's SYN-flood mode on (its default) and off. Medians of the runs; \
+                 entries kept: the established flows whose flow entry outlived the flood.\n\n\
+                 | SYN-flood mode | established alone (pps) | offered under flood (pps) | delivered under flood (pps) | delivered / offered | entries kept | SYNs/s | SYNs untracked |\n\
+                 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            );
+            for row in &forward.syn_flood {
+                out.push_str(&format!(
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.4} | {:.4} | {:.0} | {} |
+",
+                    row.mode,
+                    row.alone_pps.median,
+                    row.offered_pps.median,
+                    row.delivered_pps.median,
+                    row.delivered_ratio.median,
+                    row.entries_kept.median,
+                    row.syn_pps.median,
+                    row.untracked
+                ));
+            }
+            out.push('\n');
+        }
         if let Some(footprint) = &forward.footprint {
             out.push_str(&format!(
                 "### datapathd footprint\n\n| state | RSS (KiB) | CPU (%) |\n| --- | ---: | ---: |\n\

@@ -112,7 +112,7 @@ fn lab_with(config: &str, failpoints: &str) -> Option<(Lab, std::path::PathBuf)>
 fn a_controller_that_panics_is_restarted_and_the_others_keep_serving_traffic() {
     // The conntrack controller's run loop (its GC sweeps) panics once, 2 s after start.
     let config = "lb:\n  interfaces: [lbc, lbb]\nconntrack:\n  gc_interval_seconds: 1\n\
-                  policy:\n  enabled: true\n  interfaces: [lbb]\n";
+                  policy:\n  enabled: true\n  interfaces: [lbb]\nprog_stats:\n  enabled: true\n";
     let Some((lab, path)) = lab_with(config, "conntrack.run=panic-after-ms:2000") else {
         return;
     };

@@ -167,7 +167,16 @@ fn metrics_scraped_during_traffic_match_the_packets_sent() {
         return;
     };
     let mut lab = lab;
-    start_daemon(&mut lab, DaemonOptions::default());
+    // BPF statistics are off by default; this test reads the per-program counters.
+    let path = config_path(&lab);
+    std::fs::write(&path, "prog_stats:\n  enabled: true\n").unwrap();
+    start_daemon(
+        &mut lab,
+        DaemonOptions {
+            extra_args: vec!["--config".into(), path.display().to_string()],
+            ..DaemonOptions::default()
+        },
+    );
     ok(
         "adding the UDP service",
         lab.add_service(UDP_SERVICE_PORT, Protocol::Udp, "full-nat", &THREE),
@@ -294,6 +303,7 @@ fn metrics_scraped_during_traffic_match_the_packets_sent() {
         sample(&again, &format!("datapath_service_packets_total{{{svc}}}")),
         sent as f64
     );
+    let _ = std::fs::remove_file(&path);
 }
 
 #[test]
@@ -556,7 +566,7 @@ fn a_feature_forced_off_disables_only_its_module() {
     let path = config_path(&lab);
     std::fs::write(
         &path,
-        "interfaces: [lbc, lbb]\nfeatures:\n  force_off: [bpf_stats]\n",
+        "lb:\n  interfaces: [lbc, lbb]\nprog_stats:\n  enabled: true\nfeatures:\n  force_off: [bpf_stats]\n",
     )
     .unwrap();
     start_daemon(&mut lab, with_config(&path, true));
@@ -606,7 +616,7 @@ fn a_feature_forced_off_disables_only_its_module() {
     ok("cleanup", lab.daemon().run_cleanup());
     std::fs::write(
         &path,
-        "interfaces: [lbc, lbb]\nfeatures:\n  force_off: [xdp]\n",
+        "lb:\n  interfaces: [lbc, lbb]\nprog_stats:\n  enabled: true\nfeatures:\n  force_off: [xdp]\n",
     )
     .unwrap();
     ok("restarting", lab.daemon_mut().restart());
@@ -966,13 +976,19 @@ fn missing_capabilities_are_named_and_only_their_modules_stay_off() {
         datapathd: wrapper.clone(),
         lb_ctl: real.lb_ctl.clone(),
     };
+    // BPF statistics are off by default: ask for them, so that CAP_SYS_ADMIN is needed.
+    let path = config_path(&lab);
+    std::fs::write(&path, "prog_stats:\n  enabled: true\n").unwrap();
     let d = ok(
         "starting datapathd without CAP_BPF and CAP_SYS_ADMIN",
         Daemon::start_with(
             &lab.topo.lb,
             &lab.topo.prefix,
             bins,
-            DaemonOptions::default(),
+            DaemonOptions {
+                extra_args: vec!["--config".into(), path.display().to_string()],
+                ..DaemonOptions::default()
+            },
         ),
     );
     lab.daemon = Some(d);
@@ -1003,4 +1019,5 @@ fn missing_capabilities_are_named_and_only_their_modules_stay_off() {
     );
     drop(lab);
     let _ = std::fs::remove_file(&wrapper);
+    let _ = std::fs::remove_file(&path);
 }

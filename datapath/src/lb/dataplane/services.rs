@@ -445,7 +445,29 @@ impl Dataplane {
                 .reasons
                 .insert((*name).to_string(), values.iter().sum());
         }
+        snapshot.syn_flood = self.syn_flood_view()?;
         Ok(snapshot)
+    }
+
+    /// The SYN-flood mode of every CPU (`LB_SYN_FLOOD`).
+    fn syn_flood_view(&self) -> Result<datapath_api::SynFloodView> {
+        let windows = self
+            .syn_flood
+            .get(&0, 0)
+            .map_err(map_error("read LB_SYN_FLOOD"))?;
+        let now = crate::ct::gc::monotonic_now_ns();
+        let mut view = datapath_api::SynFloodView {
+            rate_per_cpu: self.config.syn_flood_rate,
+            ..Default::default()
+        };
+        for window in windows.iter() {
+            view.cpus += 1;
+            view.entered += window.entered;
+            if lb_core::flood::flooding_at(window, now) {
+                view.cpus_flooding += 1;
+            }
+        }
+        Ok(view)
     }
 
     /// Number of entries of `service`'s live Maglev table that point at each backend id.
