@@ -70,6 +70,29 @@ const MIN_CALL: Duration = Duration::from_millis(10);
 /// How long to wait after the generator stops before reading the sink (queues drain).
 pub const SETTLE: Duration = Duration::from_millis(100);
 
+/// The kernel refused `BPF_PROG_TEST_RUN` in live-frames mode with EPERM: no frame can be
+/// generated on this machine. Seen on the 6.18 "fc-v1300" kernels of these VMs, which also
+/// refuse LSM and fentry programs; the 6.18 "fc-v1098" kernels allowed it.
+#[derive(Debug)]
+pub struct LiveFramesRefused;
+
+impl std::fmt::Display for LiveFramesRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "this kernel refuses BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (EPERM), so \
+             the XDP packet generator cannot run here"
+        )
+    }
+}
+
+impl std::error::Error for LiveFramesRefused {}
+
+/// Whether `error` (anywhere in its chain) is [`LiveFramesRefused`].
+pub fn live_frames_refused(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| e.is::<LiveFramesRefused>())
+}
+
 /// What the generator sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -386,6 +409,12 @@ pub fn generate(object: &mut PerfObject, options: &GenOptions) -> Result<GenResu
                             let took = started.elapsed();
                             let result = match result {
                                 Ok(result) => result,
+                                Err(aya::programs::ProgramError::SyscallError(
+                                    aya::sys::SyscallError { io_error, .. },
+                                )) if io_error.raw_os_error() == Some(libc::EPERM) => {
+                                    stop.store(true, Ordering::Relaxed);
+                                    return Err(anyhow::Error::new(LiveFramesRefused));
+                                }
                                 Err(e) => {
                                     stop.store(true, Ordering::Relaxed);
                                     return Err(anyhow::anyhow!("{e}").context(format!(
