@@ -282,6 +282,10 @@ fn lb_ctl_to_live(c: &mut Criterion) {
     group.finish();
 
     let mut all = samples.into_inner().expect("samples");
+    if all.is_empty() {
+        // A criterion filter left this bench out: there is nothing to report.
+        return;
+    }
     all.sort_unstable();
     let percentile = |p: f64| {
         let index = ((all.len() as f64 - 1.0) * p).round() as usize;
@@ -473,6 +477,10 @@ fn metrics_scrape(c: &mut Criterion) {
     drop(namespace);
 
     let mut all = samples.into_inner().expect("samples");
+    if all.is_empty() {
+        // A criterion filter left this bench out: there is nothing to report.
+        return;
+    }
     all.sort_unstable();
     let percentile = |p: f64| {
         let index = ((all.len() as f64 - 1.0) * p).round() as usize;
