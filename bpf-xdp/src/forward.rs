@@ -17,7 +17,7 @@ use conntrack::{
     Direction, TcpFlags, TcpState, canonical_key, direction_of, new_entry, opens_new_connection,
 };
 use lb_core::{
-    flood::note_new_flow,
+    flood::{note_new_flow, untracked_syn},
     hash::{SEED_MAGLEV, flow_hash},
     parse::Ipv4Packet,
 };
@@ -224,13 +224,13 @@ pub(crate) fn to_backend(
             // Every new flow counts towards the rate; only a DSR SYN with no entry at all goes
             // untracked (full-NAT needs its entries for the replies). It shares the forwarding
             // tail below: a second inlined `forward_cached` would not fit the stack.
-            let untracked = syn_flood(now)
-                && !full_nat
-                && proto == PROTO_TCP
-                && flags.syn()
-                && !flags.ack()
-                && outcome == reason::NEW_FLOW
-                && !reopened;
+            let untracked = untracked_syn(
+                syn_flood(now),
+                full_nat,
+                proto,
+                tcp_flags,
+                outcome == reason::NEW_FLOW && !reopened,
+            );
             let Some(scratch) = LB_NEW_FLOW.get_ptr_mut(0) else {
                 return drop(reason::DROP_INTERNAL);
             };

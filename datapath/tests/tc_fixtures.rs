@@ -723,30 +723,6 @@ fn rule_and_endpoint_counters_keep_counting_across_applies() {
     assert_eq!(ingress_counters(&mut fx), (5, 3, 1));
 }
 
-/// Keeps the calling test thread on the CPU it runs on, so that every BPF_PROG_TEST_RUN
-/// meets the same per-CPU token bucket (`TC_EVENT_RATE`).
-fn pin_to_this_cpu() {
-    // SAFETY: sched_getcpu has no preconditions; the CPU set is a plain bit set initialised
-    // to zero before use and passed with its own size.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        assert!(
-            cpu >= 0,
-            "sched_getcpu: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Every flow event waiting in the ring, oldest first (at most `max`).
 fn drain_events(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
@@ -787,7 +763,8 @@ fn events_over_the_rate_limit_are_counted_not_silently_lost() {
     if !privileged() {
         return;
     }
-    pin_to_this_cpu();
+    // Every BPF_PROG_TEST_RUN meets the same per-CPU token bucket (`TC_EVENT_RATE`).
+    netns_tests::cpu::pin_here().expect("pin the test thread to its CPU");
     const RATE: u64 = 10;
     const FLOWS: u16 = 200;
     const FIRST_PORT: u16 = 20_000;
@@ -831,7 +808,8 @@ fn events_that_find_the_ring_full_are_counted_not_silently_lost() {
     if !privileged() {
         return;
     }
-    pin_to_this_cpu();
+    // Every BPF_PROG_TEST_RUN meets the same per-CPU token bucket (`TC_EVENT_RATE`).
+    netns_tests::cpu::pin_here().expect("pin the test thread to its CPU");
     // The programs cap the rate at 1e6 per second: the bucket's burst is far more than the
     // ring holds, so only the ring limits here.
     let mut fx = Fixture::with_config(POLICY, 1024, 1_000_000);

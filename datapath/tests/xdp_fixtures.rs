@@ -1761,30 +1761,14 @@ fn udp_length_past_the_packet_is_dropped_as_truncated() {
     assert_eq!(fx.run(&short, fx.front_index).0, XDP_REDIRECT);
 }
 
-/// Pins the calling thread to CPU 0: BPF_PROG_TEST_RUN runs on the caller's CPU, and the
-/// SYN-flood window is per CPU, so a migration between two runs would split the count.
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity get a
-    // valid pointer to it and its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 #[test]
 fn above_the_syn_flood_rate_dsr_syns_make_no_entry_and_keep_their_maglev_backend() {
     if !privileged() {
         return;
     }
-    pin_to_cpu0();
+    // BPF_PROG_TEST_RUN runs on the caller's CPU and the SYN-flood window is per CPU: a
+    // migration between two runs would split the count.
+    netns_tests::cpu::pin_here().expect("pin the test thread to its CPU");
     // Three new flows per second per CPU: the fourth new flow within a second is over the rate.
     const RATE: u64 = 3;
     let backends = &BACKENDS[..3];

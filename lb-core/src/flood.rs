@@ -35,6 +35,29 @@ pub fn note_new_flow(window: &mut SynFloodWindow, now_ns: u64, rate: u64) -> boo
     true
 }
 
+/// Whether a new flow's packet is forwarded without a flow entry: its CPU is in flood mode
+/// (`flooding`), the service is DSR (full-NAT needs its entries for the replies), the packet is
+/// a TCP SYN without ACK (`tcp_flags`, the header's flag byte), and it found no entry at all
+/// (`fresh`: not a record reopened by a SYN or rescheduled off a removed backend, which the
+/// packet must replace).
+#[must_use]
+#[inline(always)]
+pub const fn untracked_syn(
+    flooding: bool,
+    full_nat: bool,
+    proto: u8,
+    tcp_flags: u8,
+    fresh: bool,
+) -> bool {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    flooding
+        && !full_nat
+        && proto == bpf_common::PROTO_TCP
+        && tcp_flags & (SYN | ACK) == SYN
+        && fresh
+}
+
 /// Whether `window` says its CPU is in flood mode at `now_ns`: over the rate in a window that
 /// is still open. A window is only closed by the next new flow, so a flag of a window that ended
 /// is stale.
@@ -87,6 +110,41 @@ mod tests {
         assert!(!note_new_flow(&mut w, T0 - 4_000_000, 2));
         assert!(note_new_flow(&mut w, T0 + 1, 2));
         assert_eq!((w.window_start_ns, w.new_flows), (T0, 3));
+    }
+
+    #[test]
+    fn only_a_fresh_dsr_syn_of_a_flooded_cpu_goes_untracked() {
+        use bpf_common::{PROTO_TCP, PROTO_UDP};
+        const SYN: u8 = 0x02;
+        const SYN_ACK: u8 = 0x12;
+        const ACK: u8 = 0x10;
+        assert!(untracked_syn(true, false, PROTO_TCP, SYN, true));
+        // With PSH or ECN bits too, still a SYN.
+        assert!(untracked_syn(
+            true,
+            false,
+            PROTO_TCP,
+            SYN | 0x08 | 0x40,
+            true
+        ));
+        assert!(
+            !untracked_syn(false, false, PROTO_TCP, SYN, true),
+            "below the rate"
+        );
+        assert!(!untracked_syn(true, true, PROTO_TCP, SYN, true), "full-NAT");
+        assert!(!untracked_syn(true, false, PROTO_UDP, SYN, true), "UDP");
+        assert!(
+            !untracked_syn(true, false, PROTO_TCP, SYN_ACK, true),
+            "SYN+ACK"
+        );
+        assert!(
+            !untracked_syn(true, false, PROTO_TCP, ACK, true),
+            "the handshake's ACK"
+        );
+        assert!(
+            !untracked_syn(true, false, PROTO_TCP, SYN, false),
+            "an entry to replace"
+        );
     }
 
     #[test]

@@ -364,17 +364,8 @@ pub fn run(options: &ForwardOptions) -> Result<ForwardReport> {
         datapathd: options.datapathd.clone(),
         lb_ctl: options.lb_ctl.clone(),
     };
-    let config = std::env::temp_dir().join(format!("{}-prog-stats.yaml", topo.prefix));
-    std::fs::write(&config, "prog_stats:\n  enabled: true\n")
-        .with_context(|| format!("write {}", config.display()))?;
-    let started = Daemon::start(
-        &topo.lb_ns,
-        &topo.prefix,
-        bins.clone(),
-        &["--config", &config.to_string_lossy()],
-    );
-    let _ = std::fs::remove_file(&config);
-    let daemon = started.context("start datapathd (prog_stats on) in the LB namespace")?;
+    let daemon = start_with_config(&topo, &bins, "prog-stats", "prog_stats:\n  enabled: true\n")
+        .context("start datapathd (prog_stats on) in the LB namespace")?;
     let result = xdp_lb_rows(&mut bench, &daemon, &mut rows, XDP_LB_FULLNAT_STATS);
     if result.is_err() {
         eprintln!("{}", daemon_log_tail(&daemon));
@@ -401,17 +392,8 @@ pub fn run(options: &ForwardOptions) -> Result<ForwardReport> {
     drop(daemon);
 
     // The same with the mode off: every SYN makes a flow entry.
-    let config = std::env::temp_dir().join(format!("{}-no-flood-mode.yaml", topo.prefix));
-    std::fs::write(&config, "lb:\n  syn_flood_rate: 0\n")
-        .with_context(|| format!("write {}", config.display()))?;
-    let started = Daemon::start(
-        &topo.lb_ns,
-        &topo.prefix,
-        bins,
-        &["--config", &config.to_string_lossy()],
-    );
-    let _ = std::fs::remove_file(&config);
-    let daemon = started.context("start datapathd (SYN-flood mode off) in the LB namespace")?;
+    let daemon = start_with_config(&topo, &bins, "no-flood-mode", "lb:\n  syn_flood_rate: 0\n")
+        .context("start datapathd (SYN-flood mode off) in the LB namespace")?;
     let result = add_fullnat_service(&daemon)
         .and_then(|()| syn_flood_row(&mut bench, &daemon, "off (lb.syn_flood_rate 0)".to_string()));
     if result.is_err() {
@@ -509,8 +491,28 @@ fn daemon_log_tail(daemon: &Daemon) -> String {
     format!("----- datapathd log (last lines) -----\n{tail}")
 }
 
+/// Starts datapathd in the LB namespace with `yaml` as its configuration file (written to a
+/// temporary file named after `name`, removed once the daemon has read it).
+fn start_with_config(
+    topo: &ForwardTopo,
+    bins: &Binaries,
+    name: &str,
+    yaml: &str,
+) -> Result<Daemon> {
+    let config = std::env::temp_dir().join(format!("{}-{name}.yaml", topo.prefix));
+    std::fs::write(&config, yaml).with_context(|| format!("write {}", config.display()))?;
+    let started = Daemon::start(
+        &topo.lb_ns,
+        &topo.prefix,
+        bins.clone(),
+        &["--config", &config.to_string_lossy()],
+    );
+    let _ = std::fs::remove_file(&config);
+    started
+}
+
 /// The full-NAT UDP service of the `xdp-lb-fullnat` rows, over the 4 backends.
-fn add_fullnat_service(daemon: &Daemon) -> Result<()> {
+pub(crate) fn add_fullnat_service(daemon: &Daemon) -> Result<()> {
     let service = format!("{}:{}", topo::VIP, topo::VIP_PORT);
     daemon.lb_ctl_ok(&[
         "service", "add", &service, "--proto", "udp", "--mode", "full-nat",
@@ -637,8 +639,7 @@ fn untracked(daemon: &Daemon) -> Result<u64> {
 /// `created_before_ns`.
 fn established_entries(pin_root: &Path, created_before_ns: u64) -> Result<u64> {
     use std::os::fd::AsFd as _;
-    let path = pin_root.join("lb").join(map_names::FLOWS);
-    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    let data = flows_pin(pin_root)?;
     let entries = datapath::gc::read_all::<CtKey, FlowEntry>(data.fd().as_fd())?;
     Ok(entries
         .iter()
@@ -817,9 +818,13 @@ pub(crate) fn cpu_percent_over(pid: u32, window: Duration) -> Result<f64> {
 /// controller's pin directory (docs/architecture.md, "Pins"). A benchmark may read it; the
 /// daemon's own controllers never open another's pins.
 pub fn tracked_flows(pin_root: &Path) -> Result<u64> {
-    let path = pin_root.join("lb").join(map_names::FLOWS);
-    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-    let map = Map::from_map_data(data)?;
+    let map = Map::from_map_data(flows_pin(pin_root)?)?;
     let flows: HashMap<MapData, CtKey, FlowEntry> = HashMap::try_from(map)?;
     Ok(flows.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// The daemon's pinned `LB_FLOWS` under its pin root (see [`tracked_flows`] on reading it).
+fn flows_pin(pin_root: &Path) -> Result<MapData> {
+    let path = pin_root.join("lb").join(map_names::FLOWS);
+    MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))
 }

@@ -103,14 +103,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<NetlinkRe
     )
     .context("start datapathd")?;
     let result = (|| -> Result<NetlinkReport> {
-        let service = format!("{}:{}", topo::VIP, topo::VIP_PORT);
-        daemon.lb_ctl_ok(&[
-            "service", "add", &service, "--proto", "udp", "--mode", "full-nat",
-        ])?;
-        for backend in topo::BACKENDS {
-            let backend = format!("{backend}:{}", topo::BACKEND_PORT);
-            daemon.lb_ctl_ok(&["backend", "add", &service, &backend, "--proto", "udp"])?;
-        }
+        crate::forward::add_fullnat_service(&daemon)?;
         // Idle first, as a node runs: two interfaces with XDP, TCX on one, the service.
         let window = Duration::from_secs(if smoke { 10 } else { 60 });
         let pid = daemon.pid().context("datapathd is not running")?;

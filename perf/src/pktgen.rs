@@ -318,16 +318,8 @@ fn ifindex_in(ns: &str, iface: &str) -> Result<u32> {
 }
 
 fn pin_to_cpu(cpu: u32) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t with one bit set, applied to the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("pin generator thread to CPU {cpu}"));
-        }
-    }
-    Ok(())
+    netns_tests::cpu::pin_to(cpu as usize)
+        .with_context(|| format!("pin generator thread to CPU {cpu}"))
 }
 
 /// Runs the generator of `object` (loaded with [`PerfObject::load`]) as `options` says, and

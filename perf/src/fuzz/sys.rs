@@ -142,25 +142,10 @@ impl PerCpuCounters {
 
 /// Pins the calling thread to `cpu`.
 pub fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
-    // touch it and the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("sched_setaffinity to CPU {cpu}"));
-        }
-    }
-    Ok(())
+    netns_tests::cpu::pin_to(cpu).with_context(|| format!("sched_setaffinity to CPU {cpu}"))
 }
 
 /// The CPU the calling thread runs on.
 pub fn current_cpu() -> Result<usize> {
-    // SAFETY: no preconditions.
-    let cpu = unsafe { libc::sched_getcpu() };
-    if cpu < 0 {
-        return Err(io::Error::last_os_error()).context("sched_getcpu");
-    }
-    Ok(cpu as usize)
+    netns_tests::cpu::current().context("sched_getcpu")
 }

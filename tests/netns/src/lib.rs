@@ -18,6 +18,7 @@
 pub mod cgroup;
 pub mod client;
 pub mod cmd;
+pub mod cpu;
 pub mod daemon;
 pub mod dns;
 pub mod http;
