@@ -36,6 +36,17 @@ pub const fn addr16_from_ipv4_octets(octets: [u8; 4]) -> Addr16 {
     [u32::from_ne_bytes(octets), 0, 0, 0]
 }
 
+/// Builds an [`Addr16`] from an IPv6 address held as wire-order bytes.
+#[inline(always)]
+pub const fn addr16_from_ipv6_octets(o: [u8; 16]) -> Addr16 {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
 /// Key of `LB_VIPS`: a virtual service address, port and protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -320,11 +331,18 @@ pub mod map_names {
     /// Per-CPU `Counter` of the frames each attached interface received, indexed by ingress
     /// ifindex (index 0 collects ifindexes of `defaults::MAX_IFINDEX` and above).
     pub const INTERFACE_STATS: &str = "LB_IF_STATS";
+    /// `ProgramArray` of one entry, [`PROG_LB6`](super::PROG_LB6): `xdp_lb` tail-calls it for
+    /// every IPv6 frame. Pinned, so IPv6 keeps forwarding while the daemon restarts (an
+    /// unpinned program array is emptied when its last descriptor closes).
+    pub const PROGS: &str = "LB_PROGS";
     /// Benchmark harness only (not pinned).
     pub const BENCH_TEMPLATE: &str = "BENCH_TEMPLATE";
     pub const BENCH_COUNTER: &str = "BENCH_COUNTER";
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
 }
+
+/// Index of `xdp_lb6` in `LB_PROGS`.
+pub const PROG_LB6: u32 = 0;
 
 /// Names of the `.rodata` globals the daemon sets at load time.
 pub mod globals {

@@ -3,7 +3,7 @@
 //! Each rule of the XDP program's parsing and forwarding counts under exactly one reason, so
 //! the counters explain every verdict. `NAMES[i]` is the metric label of reason `i`.
 
-/// Not IPv4 (ARP, IPv6, other ethertypes): passed to the stack untouched.
+/// Neither IPv4 nor IPv6 (ARP, other ethertypes): passed to the stack untouched.
 pub const PASS_NOT_IPV4: u32 = 0;
 /// IPv4 but not addressed to a VIP and not a full-NAT reply: passed untouched.
 pub const PASS_NOT_VIP: u32 = 1;
@@ -67,8 +67,21 @@ pub const DROP_SOURCE_RANGE: u32 = 22;
 /// packet that is not a SYN.
 pub const NEW_FLOW_UNTRACKED: u32 = 23;
 
+/// IPv6 header malformed (version not 6, payload length beyond the frame): passed untouched
+/// (the kernel drops it).
+pub const PASS_MALFORMED_IPV6: u32 = 24;
+/// ICMPv6 neighbour discovery (types 133-137): always passed untouched, VIP addresses
+/// included, or the node would stop resolving its neighbours.
+pub const PASS_NEIGHBOUR_DISCOVERY: u32 = 25;
+/// An IPv6 packet to a VIP address whose transport header lies behind more extension headers
+/// than the program walks (`lb_core::parse6::MAX_EXT_HEADERS`): dropped.
+pub const DROP_EXT_HEADER_LIMIT: u32 = 26;
+/// An IPv6 frame while the IPv6 program is missing from `LB_PROGS` (the tail call failed):
+/// passed untouched. Only a daemon that failed half-way through its start leaves this.
+pub const PASS_IPV6_UNAVAILABLE: u32 = 27;
+
 /// Number of reasons; the size of `LB_REASONS`.
-pub const COUNT: u32 = 24;
+pub const COUNT: u32 = 28;
 
 /// Whether `reason` is a verdict: every packet counts exactly one verdict reason. The others
 /// (`nat_reply_translated`, `icmp_translated`, `seen_ip_options`, `new_flow`,
@@ -113,4 +126,8 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_internal",
     "drop_source_range",
     "new_flow_untracked",
+    "pass_malformed_ipv6",
+    "pass_neighbour_discovery",
+    "drop_ext_header_limit",
+    "pass_ipv6_unavailable",
 ];

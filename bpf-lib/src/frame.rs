@@ -123,3 +123,23 @@ pub fn store32<F: Frame>(frame: &F, off: usize, value: u32) -> Option<()> {
     unsafe { *ptr = value.to_ne_bytes() };
     Some(())
 }
+
+/// Writes an IPv6 header's source and destination addresses (four words each, as they sit in
+/// the packet), which lie back to back from `off`: one bounds check for both.
+#[inline(always)]
+pub fn store_addrs6<F: Frame>(frame: &F, off: usize, src: &[u32; 4], dst: &[u32; 4]) -> Option<()> {
+    let ptr = frame.at::<32>(off)?;
+    let mut bytes = [0u8; 32];
+    let mut i = 0;
+    while i < 8 {
+        let word = if i < 4 { src[i] } else { dst[i - 4] }.to_ne_bytes();
+        bytes[i * 4] = word[0];
+        bytes[i * 4 + 1] = word[1];
+        bytes[i * 4 + 2] = word[2];
+        bytes[i * 4 + 3] = word[3];
+        i += 1;
+    }
+    // SAFETY: bounds-checked by `at`; `[u8; 32]` has alignment 1.
+    unsafe { *ptr = bytes };
+    Some(())
+}

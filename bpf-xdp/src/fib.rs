@@ -15,25 +15,24 @@ use bpf_lib::{
     global,
     verdict::xdp::{Verdict, drop, pass},
 };
-use lb_core::parse::{Frame, Ipv4Packet};
+use lb_core::parse::Frame;
 
 use crate::{
     config::FIB_CACHE_NS,
+    l3::IpPacket,
     maps::{LB_FIB_GEN, LB_FIB_SCRATCH, LB_TX_PORTS},
 };
-
-const AF_INET: u8 = 2;
 
 /// Resolves the next hop with `bpf_fib_lookup`, rewrites the MAC addresses and sends the frame:
 /// `XDP_TX` when the egress interface is the ingress one, a devmap redirect otherwise.
 #[expect(clippy::too_many_arguments, reason = "mirrors bpf_fib_lookup's inputs")]
 #[inline(always)]
-pub(crate) fn forward(
+pub(crate) fn forward<P: IpPacket>(
     ctx: &XdpContext,
     frame: &XdpFrame,
-    packet: &Ipv4Packet,
-    src: u32,
-    dst: u32,
+    packet: &P,
+    src: P::Addr<'_>,
+    dst: P::Addr<'_>,
     proto: u8,
     src_port_be: u16,
     dst_port_be: u16,
@@ -58,11 +57,11 @@ pub(crate) fn forward(
     clippy::too_many_arguments,
     reason = "the flow's addresses, ports and cache, passed by value for the verifier"
 )]
-pub(crate) fn forward_cached(
+pub(crate) fn forward_cached<P: IpPacket>(
     ctx: &XdpContext,
     frame: &XdpFrame,
-    packet: &Ipv4Packet,
-    (src, dst): (u32, u32),
+    packet: &P,
+    (src, dst): (P::Addr<'_>, P::Addr<'_>),
     proto: u8,
     (src_port_be, dst_port_be): (u16, u16),
     cache: *mut FlowEntry,
@@ -76,7 +75,7 @@ pub(crate) fn forward_cached(
         if entry.fib_cache_usable(
             now,
             global(&FIB_CACHE_NS),
-            packet.total_len,
+            packet.ip_len(),
             fib_generation(),
         ) {
             let mut macs = [0u8; 12];
@@ -95,14 +94,12 @@ pub(crate) fn forward_cached(
     let params = unsafe { &mut *params };
     // SAFETY: plain-old-data C struct; all-zero is a valid initial value.
     *params = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
     params.l4_protocol = proto;
     params.sport = src_port_be;
     params.dport = dst_port_be;
-    params.__bindgen_anon_1.tot_len = packet.total_len;
+    params.__bindgen_anon_1.tot_len = packet.ip_len();
     params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
+    P::fib_addresses(params, src, dst);
 
     // SAFETY: `params` is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe {
@@ -132,7 +129,7 @@ pub(crate) fn forward_cached(
         entry.set_fib_generation(fib_generation());
         // A fresh answer resets the length it was checked against; within its lifetime the
         // longest packet seen so far is the bound.
-        entry.fib_max_len = packet.total_len;
+        entry.fib_max_len = packet.ip_len();
     }
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&params.dmac);

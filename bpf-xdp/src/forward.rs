@@ -4,8 +4,9 @@
 use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use bpf_common::{
     BACKEND_ACTIVE, BACKEND_UNUSED, BackendInfo, FAMILY_IPV4, FlowEntry, MODE_DSR, PROTO_TCP,
-    SourceRangeKey, VIP_F_SOURCE_RANGES, VipInfo, ct::CT_F_ONE_WAY, maglev_index, reason,
-    source_range_prefix_len,
+    SourceRangeKey, VIP_F_SOURCE_RANGES, VipInfo,
+    ct::{CT_F_ONE_WAY, CtKey},
+    maglev_index, reason, source_range_prefix_len,
 };
 use bpf_lib::{
     count::count_bytes,
@@ -13,35 +14,38 @@ use bpf_lib::{
     global,
     verdict::xdp::{Verdict, drop, pass},
 };
-use conntrack::{
-    Direction, TcpFlags, TcpState, canonical_key, direction_of, new_entry, opens_new_connection,
-};
+use conntrack::{Direction, TcpFlags, TcpState, direction_of, new_entry, opens_new_connection};
 use lb_core::{
     flood::{note_new_flow, untracked_syn},
     hash::{SEED_MAGLEV, flow_hash},
-    parse::Ipv4Packet,
 };
 
 use crate::{
     config::{MAGLEV_SIZE, SYN_FLOOD_RATE},
     count_reason,
     fib::forward_cached,
+    l3::IpPacket,
     maps::{
         LB_BACKENDS, LB_BE_STATS, LB_FLOWS, LB_MAGLEV, LB_NEW_FLOW, LB_SRC_RANGES, LB_SYN_FLOOD,
         LB_VIP_STATS,
     },
-    nat::{NO_NAT_PORT, allocate_nat_port, rewrite_l3l4},
+    nat::{NO_NAT_PORT, allocate_nat_port},
     track::{packet_time, track},
 };
 
-/// Whether `src` (wire order) is within one of service `service_id`'s source ranges.
+/// Whether `src` is within one of service `service_id`'s source ranges. Source ranges are
+/// IPv4 prefixes: the daemon refuses them on an IPv6 service, and an IPv6 source is never
+/// within one.
 #[inline(always)]
-fn source_allowed(service_id: u32, src: u32) -> bool {
+fn source_allowed(service_id: u32, family: u8, src: &[u32; 4]) -> bool {
+    if family != FAMILY_IPV4 {
+        return false;
+    }
     let key = Key::new(
         source_range_prefix_len(32),
         SourceRangeKey {
             service_id_be: service_id.to_be(),
-            addr: src.to_ne_bytes(),
+            addr: src[0].to_ne_bytes(),
         },
     );
     LB_SRC_RANGES.get(&key).is_some()
@@ -64,20 +68,21 @@ fn syn_flood(now: u64) -> bool {
 /// A client -> VIP packet's 5-tuple as it arrived. Maglev and the NAT port allocator hash it
 /// in this direction; the flow table is keyed by its canonical
 /// [`CtKey`](bpf_common::ct::CtKey).
-pub(crate) struct Tuple {
-    pub(crate) src: [u32; 4],
-    pub(crate) dst: [u32; 4],
+pub(crate) struct Tuple<'a> {
+    pub(crate) src: &'a [u32; 4],
+    pub(crate) dst: &'a [u32; 4],
     pub(crate) src_port_be: u16,
     pub(crate) dst_port_be: u16,
     pub(crate) proto: u8,
+    pub(crate) family: u8,
 }
 
-impl Tuple {
+impl Tuple<'_> {
     #[inline(always)]
     pub(crate) fn hash(&self, seed: u32) -> u32 {
         flow_hash(
-            &self.src,
-            &self.dst,
+            self.src,
+            self.dst,
             self.src_port_be,
             self.dst_port_be,
             self.proto,
@@ -123,10 +128,10 @@ fn maglev_pick(vip: &VipInfo, tuple: &Tuple) -> Option<Chosen> {
     reason = "flattened packet fields keep the verifier's view simple"
 )]
 #[inline(always)]
-pub(crate) fn to_backend(
+pub(crate) fn to_backend<P: IpPacket>(
     ctx: &XdpContext,
     frame: &XdpFrame,
-    packet: &Ipv4Packet,
+    packet: &P,
     vip: &VipInfo,
     proto: u8,
     src_port_be: u16,
@@ -135,30 +140,26 @@ pub(crate) fn to_backend(
 ) -> Verdict {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_bytes(&LB_VIP_STATS, vip.service_id, bytes);
-    if packet.has_options {
+    if packet.has_options() {
         // Forwarded with the options unchanged; counted beside the verdict.
         count_reason(reason::SEEN_IP_OPTIONS);
     }
 
+    let (src16, dst16) = (packet.wide_src(), packet.wide_dst());
     let tuple = Tuple {
-        src: [packet.src, 0, 0, 0],
-        dst: [packet.dst, 0, 0, 0],
+        src: &src16,
+        dst: &dst16,
         src_port_be,
         dst_port_be,
         proto,
+        family: P::FAMILY,
     };
-    let (flow, client_side) = canonical_key(
-        tuple.src,
-        src_port_be,
-        tuple.dst,
-        dst_port_be,
-        proto,
-        FAMILY_IPV4,
-    );
+    let (flow, client_side) = packet.flow_key(proto);
+    let flow: &CtKey = &flow;
     let flags = TcpFlags(tcp_flags);
     let now = packet_time(proto, flags);
     let full_nat = vip.mode != MODE_DSR;
-    let ip_len = packet.total_len as u64;
+    let ip_len = packet.ip_len() as u64;
 
     let mut outcome = reason::NEW_FLOW;
     let mut reopened = false;
@@ -215,7 +216,9 @@ pub(crate) fn to_backend(
     let (chosen, nat_port_be) = match pinned {
         Some(found) => found,
         None => {
-            if vip.flags & VIP_F_SOURCE_RANGES != 0 && !source_allowed(vip.service_id, packet.src) {
+            if vip.flags & VIP_F_SOURCE_RANGES != 0
+                && !source_allowed(vip.service_id, P::FAMILY, tuple.src)
+            {
                 return drop(reason::DROP_SOURCE_RANGE);
             }
             let Some(chosen) = maglev_pick(vip, &tuple) else {
@@ -240,7 +243,7 @@ pub(crate) fn to_backend(
             let nat_port_be = if full_nat {
                 match allocate_nat_port(
                     &tuple,
-                    (&flow, client_side),
+                    (flow, client_side),
                     &chosen,
                     vip,
                     &mut scratch.reverse,
@@ -286,20 +289,22 @@ pub(crate) fn to_backend(
     };
     count_bytes(&LB_BE_STATS, chosen.id, bytes);
 
-    let backend_addr = chosen.info.addr[0];
+    let backend_addr = P::narrow(&chosen.info.addr);
     // One call site of the inlined forward_cached: two would each take their stack slots.
     let (src, ports) = if full_nat {
-        let snat_addr = chosen.info.snat_addr[0];
-        if rewrite_l3l4(
-            frame,
-            packet,
-            proto,
-            (packet.src, snat_addr),
-            (packet.dst, backend_addr),
-            (src_port_be, nat_port_be),
-            (dst_port_be, chosen.info.port_be),
-        )
-        .is_none()
+        let snat_addr = P::narrow(&chosen.info.snat_addr);
+        if packet
+            .rewrite_l3l4(
+                frame,
+                proto,
+                (packet.src(), snat_addr),
+                (packet.dst(), backend_addr),
+                (
+                    (src_port_be, nat_port_be),
+                    (dst_port_be, chosen.info.port_be),
+                ),
+            )
+            .is_none()
         {
             // Unreachable after a successful parse; the frame is untouched or fully rewritten
             // per field, and the stack gets it.
@@ -307,7 +312,7 @@ pub(crate) fn to_backend(
         }
         (snat_addr, (nat_port_be, chosen.info.port_be))
     } else {
-        (packet.src, (src_port_be, dst_port_be))
+        (packet.src(), (src_port_be, dst_port_be))
     };
     forward_cached(
         ctx,

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use bpf_common::{
     BackendInfo, Counter, FlowEntry, NatReverseEntry, SourceRangeKey, SynFloodWindow, VipAddrKey,
@@ -51,6 +51,11 @@ pub(crate) struct NewFlowScratch {
 #[map(name = "LB_NEW_FLOW")]
 pub(crate) static LB_NEW_FLOW: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The IPv6 packet `xdp_lb6` parses, off its stack (16-byte addresses do not fit beside the
+/// new-flow path's state). Private to the program, never pinned.
+#[map(name = "LB6_PACKET")]
+pub(crate) static LB6_PACKET: PerCpuArray<crate::l3::Packet6> = PerCpuArray::with_max_entries(1, 0);
+
 /// The FIB cache's generation (index 0), bumped by the daemon on every neighbour or route
 /// change that can change a forwarding decision: a cached answer of another generation is
 /// looked up again.
@@ -71,6 +76,11 @@ pub(crate) static LB_SYN_FLOOD: PerCpuArray<SynFloodWindow> = PerCpuArray::pinne
 #[map(name = "LB_NAT_REV")]
 pub(crate) static LB_NAT_REV: LruHashMap<CtKey, NatReverseEntry> =
     LruHashMap::pinned(defaults::MAX_FLOWS, 0);
+
+/// `xdp_lb6` at `PROG_LB6`, for `xdp_lb`'s tail call on IPv6 frames (see
+/// `bpf_common::map_names::PROGS` on why it is pinned).
+#[map(name = "LB_PROGS")]
+pub(crate) static LB_PROGS: ProgramArray = ProgramArray::pinned(1, 0);
 
 /// Interfaces the program may redirect to, keyed by ifindex.
 #[map(name = "LB_TX_PORTS")]

@@ -3,17 +3,16 @@
 //! back to VIP -> client.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
-use bpf_common::{FAMILY_IPV4, NatReverseEntry, PROTO_TCP, VipInfo, ct::CtKey, reason};
+use bpf_common::{NatReverseEntry, VipInfo, ct::CtKey, reason};
 use bpf_lib::{
-    frame::{XdpFrame, load16, store16, store32},
+    frame::{XdpFrame, load16},
     global,
     verdict::xdp::{Verdict, pass},
 };
 use conntrack::{Direction, TcpFlags, canonical_key, direction_of, with_port};
 use lb_core::{
-    csum,
     hash::{SEED_NAT_PORT, derive},
-    parse::{Ipv4Packet, ipv4, l4},
+    parse::l4,
 };
 
 use crate::{
@@ -21,6 +20,7 @@ use crate::{
     count_reason,
     fib::forward,
     forward::{Chosen, Tuple},
+    l3::IpPacket,
     maps::{LB_FLOWS, LB_NAT_REV},
     track::{packet_time, track},
 };
@@ -55,8 +55,8 @@ pub(crate) fn allocate_nat_port(
     let span = max - min + 1;
     let client_port = u16::from_be(flow.src_port_be) as u32;
     reverse.owner = *owner;
-    reverse.client_addr = flow.src;
-    reverse.vip_addr = flow.dst;
+    reverse.client_addr = *flow.src;
+    reverse.vip_addr = *flow.dst;
     reverse.client_port_be = flow.src_port_be;
     reverse.vip_port_be = flow.dst_port_be;
     reverse.service_id = vip.service_id;
@@ -75,7 +75,7 @@ pub(crate) fn allocate_nat_port(
         chosen.info.snat_addr,
         0,
         flow.proto,
-        FAMILY_IPV4,
+        flow.family,
     );
     reverse.backend_side = backend_side;
     let port_hash = flow.hash(SEED_NAT_PORT);
@@ -127,74 +127,35 @@ fn claim_taken_port(reverse_key: &CtKey, reverse: &NatReverseEntry, port_be: u16
     false
 }
 
-/// Rewrites source and destination address and port, `(old, new)` each, updating the IPv4 and
-/// TCP/UDP checksums incrementally (addresses are part of the L4 pseudo-header).
-#[inline(always)]
-pub(crate) fn rewrite_l3l4(
-    frame: &XdpFrame,
-    packet: &Ipv4Packet,
-    proto: u8,
-    src: (u32, u32),
-    dst: (u32, u32),
-    src_port: (u16, u16),
-    dst_port: (u16, u16),
-) -> Option<()> {
-    let l3 = packet.l3_off;
-    let l4_off = packet.l4_off;
-    let ip_check = load16(frame, l3 + ipv4::CHECK)?;
-    let ip_check = csum::replace_u32(ip_check, src.0, src.1);
-    let ip_check = csum::replace_u32(ip_check, dst.0, dst.1);
-    store32(frame, l3 + ipv4::SRC, src.1)?;
-    store32(frame, l3 + ipv4::DST, dst.1)?;
-    store16(frame, l3 + ipv4::CHECK, ip_check)?;
-
-    if proto == PROTO_TCP {
-        let check = load16(frame, l4_off + l4::TCP_CHECK)?;
-        let check = csum::replace_u32(check, src.0, src.1);
-        let check = csum::replace_u32(check, dst.0, dst.1);
-        let check = csum::replace_u16(check, src_port.0, src_port.1);
-        let check = csum::replace_u16(check, dst_port.0, dst_port.1);
-        store16(frame, l4_off + l4::TCP_CHECK, check)?;
-    } else {
-        let check = load16(frame, l4_off + l4::UDP_CHECK)?;
-        let check = csum::udp_replace_u32(check, src.0, src.1);
-        let check = csum::udp_replace_u32(check, dst.0, dst.1);
-        let check = csum::udp_replace_u16(check, src_port.0, src_port.1);
-        let check = csum::udp_replace_u16(check, dst_port.0, dst_port.1);
-        store16(frame, l4_off + l4::UDP_CHECK, check)?;
-    }
-    store16(frame, l4_off + l4::SRC_PORT, src_port.1)?;
-    store16(frame, l4_off + l4::DST_PORT, dst_port.1)?;
-    Some(())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Backend -> load balancer (full-NAT replies and ICMP errors): translate back to the client.
 // ---------------------------------------------------------------------------------------------
 
 #[inline(always)]
-pub(crate) fn reply_to_client(
+pub(crate) fn reply_to_client<P: IpPacket>(
     ctx: &XdpContext,
     frame: &XdpFrame,
-    packet: &Ipv4Packet,
+    packet: &P,
     reverse: &NatReverseEntry,
     proto: u8,
 ) -> Verdict {
-    let Some((src_port_be, dst_port_be)) = ports(frame, packet) else {
+    let Some((src_port_be, dst_port_be)) = ports(frame, packet.l4_off()) else {
         return pass(reason::PASS_TRUNCATED_L3);
     };
-    let vip_addr = reverse.vip_addr[0];
-    let client_addr = reverse.client_addr[0];
-    if rewrite_l3l4(
-        frame,
-        packet,
-        proto,
-        (packet.src, vip_addr),
-        (packet.dst, client_addr),
-        (src_port_be, reverse.vip_port_be),
-        (dst_port_be, reverse.client_port_be),
-    )
-    .is_none()
+    let vip_addr = P::narrow(&reverse.vip_addr);
+    let client_addr = P::narrow(&reverse.client_addr);
+    if packet
+        .rewrite_l3l4(
+            frame,
+            proto,
+            (packet.src(), vip_addr),
+            (packet.dst(), client_addr),
+            (
+                (src_port_be, reverse.vip_port_be),
+                (dst_port_be, reverse.client_port_be),
+            ),
+        )
+        .is_none()
     {
         return pass(reason::PASS_TRUNCATED_L3);
     }
@@ -217,7 +178,7 @@ pub(crate) fn reply_to_client(
 /// close, exactly as in the tc programs' `CT_FLOWS`. A reply whose flow entry is gone (evicted)
 /// is still translated; there is just no record left to advance.
 #[inline(always)]
-fn track_reply(packet: &Ipv4Packet, reverse: &NatReverseEntry, proto: u8) {
+fn track_reply<P: IpPacket>(packet: &P, reverse: &NatReverseEntry, proto: u8) {
     let Some(entry_ptr) = LB_FLOWS.get_ptr_mut(&reverse.owner) else {
         return;
     };
@@ -228,21 +189,21 @@ fn track_reply(packet: &Ipv4Packet, reverse: &NatReverseEntry, proto: u8) {
     {
         return;
     }
-    let flags = TcpFlags(packet.tcp_flags);
+    let flags = TcpFlags(packet.tcp_flags());
     track(
         &mut entry.ct,
         proto,
         Direction::Reply,
         flags,
-        packet.total_len as u64,
+        packet.ip_len() as u64,
         packet_time(proto, flags),
     );
 }
 
 #[inline(always)]
-fn ports(frame: &XdpFrame, packet: &Ipv4Packet) -> Option<(u16, u16)> {
+fn ports(frame: &XdpFrame, l4_off: usize) -> Option<(u16, u16)> {
     Some((
-        load16(frame, packet.l4_off + l4::SRC_PORT)?,
-        load16(frame, packet.l4_off + l4::DST_PORT)?,
+        load16(frame, l4_off + l4::SRC_PORT)?,
+        load16(frame, l4_off + l4::DST_PORT)?,
     ))
 }

@@ -59,6 +59,9 @@ fn backend_mac(addr: [u8; 4]) -> [u8; 6] {
     [0x02, 0, 0, 0, 0x01, addr[3]]
 }
 
+#[path = "xdp_fixtures/ipv6.rs"]
+mod ipv6;
+
 // ---------------------------------------------------------------------------------------------
 // Privilege and namespace plumbing.
 // ---------------------------------------------------------------------------------------------
@@ -215,6 +218,7 @@ impl Fixture {
             "-qw",
             "net.ipv4.ip_forward=1",
         ]);
+        ipv6::configure(&netns);
 
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", netns.name()));
         std::fs::create_dir_all(&pin_root).expect("create the pin root");

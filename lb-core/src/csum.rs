@@ -63,6 +63,29 @@ pub const fn udp_replace_u32(check: u16, old: u32, new: u32) -> u16 {
     }
 }
 
+/// [`replace_u32`] over an IPv6 address (four words, as they sit in the packet).
+#[inline(always)]
+pub const fn replace_addr6(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    let check = replace_u32(check, old[0], new[0]);
+    let check = replace_u32(check, old[1], new[1]);
+    let check = replace_u32(check, old[2], new[2]);
+    replace_u32(check, old[3], new[3])
+}
+
+/// [`replace_addr6`] for a UDP checksum. Over IPv6 the checksum is mandatory (RFC 8200
+/// section 8.1), so a computed 0 is sent as `0xffff`; a received 0 (invalid) is left alone for
+/// the receiver to drop.
+#[inline(always)]
+pub const fn udp_replace_addr6(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match replace_addr6(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
 /// Full checksum of `data` (host-side helper for tests and tools; the BPF program only ever
 /// updates incrementally). Words are read in memory order, as the incremental helpers expect.
 pub fn checksum(data: &[u8]) -> u16 {

@@ -11,3 +11,4 @@ pub mod hash;
 #[cfg(feature = "alloc")]
 pub mod maglev;
 pub mod parse;
+pub mod parse6;

@@ -14,7 +14,8 @@
 //!
 //! | input | outcome |
 //! | --- | --- |
-//! | ethertype other than IPv4 (after at most one VLAN tag) | [`Parsed::NotIpv4`] |
+//! | ethertype IPv6 (after at most one VLAN tag) | [`Outcome::Ipv6`]: parsed by [`parse6`](crate::parse6::parse6) |
+//! | any other ethertype | [`Outcome::NotIpv4`] |
 //! | Ethernet, VLAN or IPv4 header cut short | [`Parsed::Truncated`] |
 //! | IPv4 version != 4, IHL < 5, total length < IHL, or total length beyond the frame | [`Parsed::Malformed`] |
 //! | IPv4 with options (IHL > 5) | parsed; the options are skipped and forwarded unchanged |
@@ -26,6 +27,7 @@
 
 /// Ethertypes (host byte order).
 pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
@@ -163,6 +165,10 @@ pub enum L4 {
     /// Another protocol.
     #[default]
     Other,
+    /// IPv6 only: more extension headers than [`parse6`](crate::parse6::parse6) walks
+    /// ([`MAX_EXT_HEADERS`](crate::parse6::MAX_EXT_HEADERS)), so the transport header was not
+    /// reached.
+    ExtLimit,
 }
 
 /// Outcome of parsing a frame.
@@ -171,8 +177,11 @@ pub enum L4 {
 pub enum Outcome {
     /// An IPv4 packet: [`Parsed::packet`] is valid.
     Ipv4,
+    /// Neither IPv4 nor IPv6.
     #[default]
     NotIpv4,
+    /// An IPv6 frame (ethertype 0x86dd), for [`parse6`](crate::parse6::parse6).
+    Ipv6,
     Truncated,
     Malformed,
 }
@@ -232,24 +241,33 @@ impl Parsed {
     }
 }
 
-/// Parses a frame. Never panics; every read is bounds-checked.
+/// The ethertype behind at most one VLAN tag, and the offset of the L3 header; `None` when
+/// the Ethernet or VLAN header is cut short. Shared by [`parse`] and
+/// [`parse6`](crate::parse6::parse6).
 #[inline(always)]
-pub fn parse<F: Frame>(frame: &F) -> Parsed {
-    let Some(eth) = frame.at::<ETH_HLEN>(0) else {
-        return Parsed::fail(Outcome::Truncated);
-    };
+pub(crate) fn l3_start<F: Frame>(frame: &F) -> Option<(u16, usize)> {
+    let eth = frame.at::<ETH_HLEN>(0)?;
     // SAFETY: bounds-checked by `at`; `[u8; N]` has alignment 1.
     let eth = unsafe { &*eth };
-    let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
-    let mut l3_off = ETH_HLEN;
+    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let Some(tag) = frame.at::<VLAN_HLEN>(ETH_HLEN) else {
-            return Parsed::fail(Outcome::Truncated);
-        };
+        let tag = frame.at::<VLAN_HLEN>(ETH_HLEN)?;
         // SAFETY: as above.
         let tag = unsafe { &*tag };
-        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
-        l3_off = ETH_HLEN + VLAN_HLEN;
+        return Some((u16::from_be_bytes([tag[2], tag[3]]), ETH_HLEN + VLAN_HLEN));
+    }
+    Some((ethertype, ETH_HLEN))
+}
+
+/// Parses a frame. Never panics; every read is bounds-checked. An IPv6 frame is only
+/// recognised ([`Outcome::Ipv6`]); [`parse6`](crate::parse6::parse6) parses it.
+#[inline(always)]
+pub fn parse<F: Frame>(frame: &F) -> Parsed {
+    let Some((ethertype, l3_off)) = l3_start(frame) else {
+        return Parsed::fail(Outcome::Truncated);
+    };
+    if ethertype == ETH_P_IPV6 {
+        return Parsed::fail(Outcome::Ipv6);
     }
     if ethertype != ETH_P_IPV4 {
         return Parsed::fail(Outcome::NotIpv4);
@@ -293,7 +311,14 @@ pub fn parse<F: Frame>(frame: &F) -> Parsed {
         icmp_code: 0,
     };
     if !is_fragment {
-        parse_l4(frame, &mut packet, ip_end);
+        let fields = parse_l4(frame, proto, bpf_common::PROTO_ICMP, l4_off, ip_end);
+        packet.l4 = fields.l4;
+        packet.src_port_be = fields.src_port_be;
+        packet.dst_port_be = fields.dst_port_be;
+        packet.tcp_flags = fields.tcp_flags;
+        packet.tcp_hlen = fields.tcp_hlen;
+        packet.icmp_type = fields.icmp_type;
+        packet.icmp_code = fields.icmp_code;
     }
     Parsed {
         outcome: Outcome::Ipv4,
@@ -301,64 +326,85 @@ pub fn parse<F: Frame>(frame: &F) -> Parsed {
     }
 }
 
+/// The transport header's fields, all initialised (zero where they do not apply).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L4Fields {
+    pub l4: L4,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub tcp_flags: u8,
+    pub tcp_hlen: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
+/// Parses the transport header at `l4_off` of a packet whose IP payload ends at `ip_end`;
+/// `icmp_proto` is ICMP's protocol number in this family (1, or 58 for ICMPv6). Shared by
+/// both families.
 #[inline(always)]
-fn parse_l4<F: Frame>(frame: &F, packet: &mut Ipv4Packet, ip_end: usize) {
+pub(crate) fn parse_l4<F: Frame>(
+    frame: &F,
+    proto: u8,
+    icmp_proto: u8,
+    l4_off: usize,
+    ip_end: usize,
+) -> L4Fields {
     // Fields are extracted inside the bounds-checked branch rather than by copying the header
     // out by value (see [`Ipv4Packet`] on why values must never be partly undefined).
-    let l4_off = packet.l4_off;
-    packet.l4 = L4::Truncated;
-    match packet.proto {
-        bpf_common::PROTO_TCP => {
-            if l4_off + TCP_MIN_HLEN > ip_end {
-                return;
-            }
-            if let Some(tcp) = frame.at::<TCP_MIN_HLEN>(l4_off) {
-                // SAFETY: bounds-checked by `at`; `[u8; N]` has alignment 1.
-                let tcp = unsafe { &*tcp };
-                // The data offset is part of the header: below 5 words, or past the end of
-                // the segment, the header is cut short whatever the first 20 bytes say.
-                let tcp_hlen = ((tcp[TCP_DATA_OFFSET] >> 4) as usize) * 4;
-                if tcp_hlen < TCP_MIN_HLEN || l4_off + tcp_hlen > ip_end {
-                    return;
-                }
-                packet.tcp_hlen = tcp_hlen as u8;
-                packet.src_port_be = u16::from_ne_bytes([tcp[0], tcp[1]]);
-                packet.dst_port_be = u16::from_ne_bytes([tcp[2], tcp[3]]);
-                packet.tcp_flags = tcp[l4::TCP_FLAGS];
-                packet.l4 = L4::Tcp;
-            }
+    let mut out = L4Fields {
+        l4: L4::Truncated,
+        ..L4Fields::default()
+    };
+    if proto == bpf_common::PROTO_TCP {
+        if l4_off + TCP_MIN_HLEN > ip_end {
+            return out;
         }
-        bpf_common::PROTO_UDP => {
-            if let Some(udp) = frame.at::<UDP_HLEN>(l4_off) {
-                // SAFETY: as above.
-                let udp = unsafe { &*udp };
-                // The length field covers the header and a datagram longer than the packet
-                // is cut short (the receiving kernel would drop it, so it must not open a flow
-                // or be NATed here either); a shorter one leaves padding, which Linux trims.
-                // This also covers "the IP total length cuts the header short".
-                let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
-                if udp_len < UDP_HLEN || l4_off + udp_len > ip_end {
-                    return;
-                }
-                packet.src_port_be = u16::from_ne_bytes([udp[0], udp[1]]);
-                packet.dst_port_be = u16::from_ne_bytes([udp[2], udp[3]]);
-                packet.l4 = L4::Udp;
+        if let Some(tcp) = frame.at::<TCP_MIN_HLEN>(l4_off) {
+            // SAFETY: bounds-checked by `at`; `[u8; N]` has alignment 1.
+            let tcp = unsafe { &*tcp };
+            // The data offset is part of the header: below 5 words, or past the end of
+            // the segment, the header is cut short whatever the first 20 bytes say.
+            let tcp_hlen = ((tcp[TCP_DATA_OFFSET] >> 4) as usize) * 4;
+            if tcp_hlen < TCP_MIN_HLEN || l4_off + tcp_hlen > ip_end {
+                return out;
             }
+            out.tcp_hlen = tcp_hlen as u8;
+            out.src_port_be = u16::from_ne_bytes([tcp[0], tcp[1]]);
+            out.dst_port_be = u16::from_ne_bytes([tcp[2], tcp[3]]);
+            out.tcp_flags = tcp[l4::TCP_FLAGS];
+            out.l4 = L4::Tcp;
         }
-        bpf_common::PROTO_ICMP => {
-            if l4_off + ICMP_HLEN > ip_end {
-                return;
+    } else if proto == bpf_common::PROTO_UDP {
+        if let Some(udp) = frame.at::<UDP_HLEN>(l4_off) {
+            // SAFETY: as above.
+            let udp = unsafe { &*udp };
+            // The length field covers the header and a datagram longer than the packet
+            // is cut short (the receiving kernel would drop it, so it must not open a flow
+            // or be NATed here either); a shorter one leaves padding, which Linux trims.
+            // This also covers "the IP total length cuts the header short".
+            let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+            if udp_len < UDP_HLEN || l4_off + udp_len > ip_end {
+                return out;
             }
-            if let Some(icmp) = frame.at::<ICMP_HLEN>(l4_off) {
-                // SAFETY: as above.
-                let icmp = unsafe { &*icmp };
-                packet.icmp_type = icmp[0];
-                packet.icmp_code = icmp[1];
-                packet.l4 = L4::Icmp;
-            }
+            out.src_port_be = u16::from_ne_bytes([udp[0], udp[1]]);
+            out.dst_port_be = u16::from_ne_bytes([udp[2], udp[3]]);
+            out.l4 = L4::Udp;
         }
-        _ => packet.l4 = L4::Other,
+    } else if proto == icmp_proto {
+        if l4_off + ICMP_HLEN > ip_end {
+            return out;
+        }
+        if let Some(icmp) = frame.at::<ICMP_HLEN>(l4_off) {
+            // SAFETY: as above.
+            let icmp = unsafe { &*icmp };
+            out.icmp_type = icmp[0];
+            out.icmp_code = icmp[1];
+            out.l4 = L4::Icmp;
+        }
+    } else {
+        out.l4 = L4::Other;
     }
+    out
 }
 
 /// Bytes from an ICMP error's header to the end of the part of the quote that is parsed: the

@@ -365,6 +365,8 @@ fn raw_frame() -> impl Strategy<Value = Vec<u8>> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Expect {
     NotIpv4,
+    /// Recognised as IPv6 and left to `parse6`.
+    Ipv6,
     Truncated,
     Malformed,
     Ipv4 {
@@ -401,6 +403,9 @@ fn oracle(bytes: &[u8]) -> Expect {
         };
         ethertype = tag.ether_type().0;
         l3_off = 18;
+    }
+    if ethertype == 0x86dd {
+        return Expect::Ipv6;
     }
     if ethertype != ETH_P_IPV4 {
         return Expect::NotIpv4;
@@ -476,6 +481,7 @@ fn oracle(bytes: &[u8]) -> Expect {
 fn observed(p: &Parsed) -> Expect {
     match p.outcome {
         Outcome::NotIpv4 => Expect::NotIpv4,
+        Outcome::Ipv6 => Expect::Ipv6,
         Outcome::Truncated => Expect::Truncated,
         Outcome::Malformed => Expect::Malformed,
         Outcome::Ipv4 => {
@@ -497,6 +503,7 @@ fn observed(p: &Parsed) -> Expect {
                 L4::Fragment => ExpectL4::Fragment,
                 L4::Truncated => ExpectL4::Truncated,
                 L4::Other => ExpectL4::Other,
+                L4::ExtLimit => unreachable!("only parse6 walks extension headers"),
             };
             Expect::Ipv4 {
                 l3_off: q.l3_off,
@@ -767,7 +774,7 @@ fn regression_tcp_data_offset_15() {
 fn headers_end(p: &Parsed) -> usize {
     match p.outcome {
         Outcome::Truncated => 0,
-        Outcome::NotIpv4 => 18,
+        Outcome::NotIpv4 | Outcome::Ipv6 => 18,
         Outcome::Malformed => 18 + 20,
         Outcome::Ipv4 => {
             let q = &p.packet;
@@ -775,7 +782,7 @@ fn headers_end(p: &Parsed) -> usize {
                 + match q.l4 {
                     L4::Tcp => 20,
                     L4::Udp | L4::Icmp => 8,
-                    L4::Fragment | L4::Truncated | L4::Other => 0,
+                    L4::Fragment | L4::Truncated | L4::Other | L4::ExtLimit => 0,
                 }
         }
     }

@@ -107,8 +107,9 @@ fn non_ipv4_is_reported_as_such() {
     let mut frame = tcp_syn();
     frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     assert_eq!(parse_bytes(&mut frame).outcome, Outcome::NotIpv4);
+    // IPv6 is recognised, for `parse6`.
     frame[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    assert_eq!(parse_bytes(&mut frame).outcome, Outcome::NotIpv4);
+    assert_eq!(parse_bytes(&mut frame).outcome, Outcome::Ipv6);
 }
 
 #[test]

@@ -10,7 +10,6 @@ pub mod table;
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    net::Ipv4Addr,
     os::fd::{AsFd as _, OwnedFd},
     sync::{
         Arc, Mutex,
@@ -173,8 +172,7 @@ fn direction_name(dir: u8) -> &'static str {
 
 impl FlowEventView {
     pub fn from_event(e: &FlowEvent, rule_names: &BTreeMap<u32, String>) -> Self {
-        let (src, src_port, dst, dst_port): (Ipv4Addr, u16, Ipv4Addr, u16) =
-            original_tuple(&e.key, e.orig_side);
+        let (src, src_port, dst, dst_port) = original_tuple(&e.key, e.orig_side);
         let rule = (e.rule_id != RULE_DEFAULT).then_some(e.rule_id);
         FlowEventView {
             kind: kind_name(e.kind).to_string(),

@@ -1,7 +1,7 @@
 //! The conntrack tables as the API shows them: [`CtFlow`], the listing filter [`CtFilter`].
 
 use crate::policy::spec::dir_name;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bpf_common::{
     PROTO_ICMP, PROTO_TCP, PROTO_UDP,
@@ -68,11 +68,24 @@ pub fn proto_name(proto: u8) -> String {
     }
 }
 
+/// An address of a map key (`bpf_common::Addr16`, wire order) of family `family`.
+pub fn key_addr(addr: &[u32; 4], family: u8) -> IpAddr {
+    if family == bpf_common::FAMILY_IPV6 {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_exact_mut(4).zip(addr) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(addr[0].to_ne_bytes()))
+    }
+}
+
 /// The original-direction tuple of a canonical key: (src, sport, dst, dport), ports in host
 /// byte order.
-pub fn original_tuple(key: &CtKey, orig_side: u8) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
-    let a = Ipv4Addr::from(key.addr_a[0].to_ne_bytes());
-    let b = Ipv4Addr::from(key.addr_b[0].to_ne_bytes());
+pub fn original_tuple(key: &CtKey, orig_side: u8) -> (IpAddr, u16, IpAddr, u16) {
+    let a = key_addr(&key.addr_a, key.family);
+    let b = key_addr(&key.addr_b, key.family);
     let pa = u16::from_be(key.port_a_be);
     let pb = u16::from_be(key.port_b_be);
     if orig_side == 0 {
@@ -214,9 +227,14 @@ impl CtFilter {
     }
 
     pub fn matches(&self, f: &CtFlow) -> bool {
+        // Compared as addresses, so any spelling of an IPv6 address matches.
+        let same = |a: &str, b: &str| match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
         self.address
             .as_ref()
-            .is_none_or(|a| *a == f.src || *a == f.dst)
+            .is_none_or(|a| same(a, &f.src) || same(a, &f.dst))
             && self.port.is_none_or(|p| p == f.src_port || p == f.dst_port)
             && self
                 .protocol
@@ -236,6 +254,39 @@ impl CtFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_keys_list_as_ipv6_addresses_and_filter_by_any_spelling() {
+        let key = CtKey {
+            addr_a: bpf_common::addr16_from_ipv6_octets(
+                "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+            ),
+            addr_b: bpf_common::addr16_from_ipv6_octets(
+                "2001:db8:64::10".parse::<Ipv6Addr>().unwrap().octets(),
+            ),
+            port_a_be: 40000u16.to_be(),
+            port_b_be: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: bpf_common::FAMILY_IPV6,
+            _pad: [0; 2],
+        };
+        let (src, sp, dst, dp) = original_tuple(&key, 1);
+        assert_eq!(src.to_string(), "2001:db8:64::10");
+        assert_eq!((sp, dp), (80, 40000));
+        assert_eq!(dst.to_string(), "2001:db8::1");
+        let flow = CtFlow::from_entry(&key, &CtEntry::default(), 0);
+        let filter = CtFilter {
+            address: Some("2001:0db8:0000::1".into()),
+            ..CtFilter::default()
+        };
+        assert!(filter.matches(&flow));
+        let v4 = CtKey {
+            addr_a: [u32::from_ne_bytes([198, 18, 0, 1]), 0, 0, 0],
+            family: bpf_common::FAMILY_IPV4,
+            ..key
+        };
+        assert_eq!(original_tuple(&v4, 0).0.to_string(), "198.18.0.1");
+    }
 
     #[test]
     fn conntrack_filters_with_unknown_values_are_refused() {

@@ -16,7 +16,7 @@
 //! A failure in steps 1-2 leaves the old table live; the daemon reports the error.
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -27,7 +27,7 @@ use aya::{
     programs::{Xdp, links::PinnedLink},
 };
 use bpf_common::{
-    BackendInfo, FAMILY_IPV4, VipAddrKey, VipInfo, VipKey, globals, map_names, reason,
+    BackendInfo, FAMILY_IPV4, FAMILY_IPV6, VipAddrKey, VipInfo, VipKey, globals, map_names, reason,
 };
 use datapath_api::{Counter, ServiceKey, ServiceSpec};
 use lb_core::maglev::{self};
@@ -39,6 +39,8 @@ pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// Name of the load-balancer program in [`XDP_OBJECT`].
 pub const PROGRAM_LB: &str = "xdp_lb";
+/// Name of its IPv6 half, which `xdp_lb` tail-calls through `LB_PROGS`.
+pub const PROGRAM_LB6: &str = "xdp_lb6";
 
 /// How to attach XDP.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -183,7 +185,7 @@ pub(crate) use crate::bpf::pins::PinLayout;
 
 /// The layout this build's XDP object gives each pinned map whose layout is fixed by the ABI in
 /// `bpf-common`.
-fn abi_layouts() -> [PinLayout; 13] {
+fn abi_layouts() -> [PinLayout; 14] {
     use bpf_common::{FlowEntry, NatReverseEntry, ct::CtKey, defaults};
     use std::mem::size_of;
     let counter = size_of::<bpf_common::Counter>();
@@ -219,6 +221,7 @@ fn abi_layouts() -> [PinLayout; 13] {
         ),
         (map_names::REASONS, 4, 8, Some(reason::COUNT)),
         (map_names::FIB_GEN, 4, 4, Some(1)),
+        (map_names::PROGS, 4, 4, Some(1)),
         (
             map_names::SYN_FLOOD,
             4,
@@ -248,6 +251,32 @@ pub(crate) fn interface_index(name: &str) -> Result<u32> {
     Ok(index)
 }
 
+/// Loads `xdp_lb6` and puts it in `LB_PROGS`, where `xdp_lb` tail-calls it for IPv6 frames.
+/// Replacing the entry is atomic: an IPv6 frame runs either the previous build's program or
+/// this one. The map stays with the object (the benchmark harness's loads need it too).
+fn install_ipv6_program(bpf: &mut Ebpf) -> Result<()> {
+    let program: &mut Xdp = bpf
+        .program_mut(PROGRAM_LB6)
+        .ok_or_else(|| Error::InvalidArgument(format!("program {PROGRAM_LB6} missing")))?
+        .try_into()
+        .map_err(program_error("program xdp_lb6 is not XDP"))?;
+    program
+        .load()
+        .map_err(program_error("load xdp_lb6 (verifier)"))?;
+    let fd = program
+        .fd()
+        .map_err(program_error("xdp_lb6 has no descriptor"))?
+        .try_clone()
+        .map_err(|e| Error::io("duplicate the descriptor of xdp_lb6", e))?;
+    let map = bpf
+        .map_mut(map_names::PROGS)
+        .ok_or_else(|| Error::InvalidArgument(format!("map {} missing", map_names::PROGS)))?;
+    let mut progs = aya::maps::ProgramArray::try_from(map).map_err(map_error("open LB_PROGS"))?;
+    progs
+        .set(bpf_common::PROG_LB6, &fd, 0)
+        .map_err(map_error("put xdp_lb6 in LB_PROGS"))
+}
+
 fn take_map(bpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     bpf.take_map(name)
         .ok_or_else(|| Error::InvalidArgument(format!("map {name} missing from the XDP object")))
@@ -257,28 +286,41 @@ fn ipv4_of(addr: IpAddr, what: &str) -> Result<Ipv4Addr> {
     match addr {
         IpAddr::V4(v4) => Ok(v4),
         IpAddr::V6(_) => Err(Error::InvalidArgument(format!(
-            "{what} {addr} is IPv6; this release forwards IPv4 only"
+            "{what} {addr} is IPv6; only IPv4 {what}s are supported"
         ))),
     }
 }
 
-fn addr16(addr: Ipv4Addr) -> [u32; 4] {
-    bpf_common::addr16_from_ipv4_octets(addr.octets())
+/// An address in the maps' 16-byte form (`bpf_common::Addr16`).
+pub(crate) fn addr16(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(v4) => bpf_common::addr16_from_ipv4_octets(v4.octets()),
+        IpAddr::V6(v6) => bpf_common::addr16_from_ipv6_octets(v6.octets()),
+    }
+}
+
+/// The maps' family of an address.
+pub(crate) fn family_of(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        FAMILY_IPV4
+    } else {
+        FAMILY_IPV6
+    }
 }
 
 fn vip_key(key: &ServiceKey) -> Result<VipKey> {
     Ok(VipKey {
-        addr: addr16(ipv4_of(key.vip, "VIP")?),
+        addr: addr16(key.vip),
         port_be: key.port.to_be(),
         proto: key.proto.number(),
-        family: FAMILY_IPV4,
+        family: family_of(key.vip),
     })
 }
 
 fn vip_addr_key(addr: IpAddr) -> Result<VipAddrKey> {
     Ok(VipAddrKey {
-        addr: addr16(ipv4_of(addr, "VIP")?),
-        family: FAMILY_IPV4,
+        addr: addr16(addr),
+        family: family_of(addr),
         _pad: [0; 3],
     })
 }
@@ -290,7 +332,8 @@ fn vip_addr_key(addr: IpAddr) -> Result<VipAddrKey> {
 /// halves the syscalls of programming 100,000 backends.
 #[derive(Default)]
 pub(crate) struct SourceProbe {
-    socket: Option<UdpSocket>,
+    v4: Option<UdpSocket>,
+    v6: Option<UdpSocket>,
 }
 
 impl SourceProbe {
@@ -300,18 +343,22 @@ impl SourceProbe {
     /// build the frame.
     pub(crate) fn source_towards(
         &mut self,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         prime_neighbour: bool,
-    ) -> Result<Ipv4Addr> {
-        let socket = match self.socket.take() {
+    ) -> Result<IpAddr> {
+        let (slot, any): (&mut Option<UdpSocket>, IpAddr) = match backend {
+            IpAddr::V4(_) => (&mut self.v4, Ipv4Addr::UNSPECIFIED.into()),
+            IpAddr::V6(_) => (&mut self.v6, Ipv6Addr::UNSPECIFIED.into()),
+        };
+        let socket = match slot.take() {
             Some(socket) => {
                 disconnect(&socket)?;
                 socket
             }
-            None => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            None => UdpSocket::bind((any, 0))
                 .map_err(|e| Error::io("open a UDP socket for route lookup", e))?,
         };
-        let socket = self.socket.insert(socket);
+        let socket = slot.insert(socket);
         socket
             .connect(SocketAddr::from((backend, 9)))
             .map_err(|e| Error::InvalidArgument(format!("no route to backend {backend}: {e}")))?;
@@ -322,12 +369,7 @@ impl SourceProbe {
             // Best effort: the discard port may answer with ICMP port unreachable, which is fine.
             let _ = socket.send(&[]);
         }
-        match local.ip() {
-            IpAddr::V4(v4) => Ok(v4),
-            IpAddr::V6(v6) => Err(Error::InvalidArgument(format!(
-                "route to backend {backend} uses IPv6 source {v6}"
-            ))),
-        }
+        Ok(local.ip())
     }
 }
 
@@ -442,6 +484,13 @@ impl Dataplane {
         program
             .load()
             .map_err(program_error("load xdp_lb (verifier)"))?;
+        // IPv6 before the attach: the new `xdp_lb` tail-calls whatever `LB_PROGS` holds.
+        install_ipv6_program(&mut bpf)?;
+        let program: &mut Xdp = bpf
+            .program_mut(PROGRAM_LB)
+            .ok_or_else(|| Error::InvalidArgument(format!("program {PROGRAM_LB} missing")))?
+            .try_into()
+            .map_err(program_error("program xdp_lb is not XDP"))?;
 
         std::fs::create_dir_all(config.pin_root.join("links"))
             .map_err(|e| Error::io("create the links pin directory", e))?;

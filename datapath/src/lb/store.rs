@@ -858,6 +858,13 @@ fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
 /// line. Sources check their input with it before they apply any of it.
 pub fn check_declared(d: &DeclaredService) -> Result<(), String> {
     check_service(&d.key, d.mode, d.snat_addr)?;
+    if d.key.vip.is_ipv6() && !d.source_ranges.is_empty() {
+        return Err(format!(
+            "invalid source ranges for VIP {}: source ranges are IPv4 prefixes in this release, \
+             and an IPv6 service takes none",
+            d.key.vip
+        ));
+    }
     if let Some(r) = d
         .source_ranges
         .iter()
@@ -1051,12 +1058,6 @@ fn check_service(
 ) -> Result<(), String> {
     if let Some(why) = unusable(key.vip) {
         return Err(format!("invalid VIP {}: {why} address", key.vip));
-    }
-    if key.vip.is_ipv6() {
-        return Err(format!(
-            "invalid VIP {}: IPv6 VIPs are not supported yet (the XDP program handles IPv4 only in this release)",
-            key.vip
-        ));
     }
     if key.port == 0 {
         return Err(format!("invalid service {key}: port must not be 0"));

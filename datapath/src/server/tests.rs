@@ -238,10 +238,10 @@ async fn errors_are_api_errors() {
         (
             "POST",
             "/v1/services".into(),
-            Some(r#"{"vip":"2001:db8::1","port":80,"proto":"tcp"}"#),
+            Some(r#"{"vip":"2001:db8::1","port":80,"proto":"tcp","snat_addr":"198.18.1.1"}"#),
             400,
             "invalid_argument",
-            "IPv6 VIPs are not supported yet",
+            "it is IPv4 but VIP 2001:db8::1 is IPv6",
         ),
         (
             "GET",

@@ -1,15 +1,14 @@
 //! Programming services into the maps (see the atomicity rules in `super`).
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::IpAddr,
     os::fd::AsFd,
 };
 
 use aya::util::nr_cpus;
 use bpf_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_UNUSED, BackendInfo, FAMILY_IPV4, MODE_DSR,
-    MODE_FULL_NAT, SourceRangeKey, VIP_F_SOURCE_RANGES, VIP_F_XDP_ONLY, VipAddrKey, VipInfo,
-    VipKey, maglev_index, reason, source_range_prefix_len,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_UNUSED, BackendInfo, MODE_DSR, MODE_FULL_NAT,
+    SourceRangeKey, VIP_F_SOURCE_RANGES, VIP_F_XDP_ONLY, VipAddrKey, VipInfo, VipKey, maglev_index,
+    reason, source_range_prefix_len,
 };
 use datapath_api::{
     BackendKey, BackendSpec, BackendState, DesiredState, ForwardingMode, ServiceSpec, StatsSnapshot,
@@ -64,10 +63,9 @@ impl Dataplane {
                     backend.id, self.config.max_backends
                 )));
             }
-            let addr = ipv4_of(backend.addr, "backend")?;
+            let addr = backend.addr;
             let snat = match service.snat_addr {
                 Some(snat) => {
-                    let snat = ipv4_of(snat, "SNAT address")?;
                     if prime {
                         let _ = self.probe.source_towards(addr, true);
                     }
@@ -75,13 +73,18 @@ impl Dataplane {
                 }
                 None => self.probe.source_towards(addr, prime)?,
             };
+            if snat.is_ipv4() != addr.is_ipv4() {
+                return Err(Error::InvalidArgument(format!(
+                    "the route to backend {addr} uses source {snat}, of the other family"
+                )));
+            }
             records.push((
                 backend,
                 BackendInfo {
                     addr: addr16(addr),
                     snat_addr: addr16(snat),
                     port_be: backend.port.to_be(),
-                    family: FAMILY_IPV4,
+                    family: family_of(addr),
                     state: match backend.state {
                         BackendState::Active => BACKEND_ACTIVE,
                         BackendState::Draining => BACKEND_DRAINING,
@@ -500,10 +503,8 @@ impl Dataplane {
     pub fn prime_neighbours(&mut self) {
         for programmed in self.programmed.values() {
             for backend in &programmed.spec.backends {
-                if let IpAddr::V4(addr) = backend.addr
-                    && let Err(e) = self.probe.source_towards(addr, true)
-                {
-                    warn!(backend = %addr, error = %e, "could not prime the neighbour entry");
+                if let Err(e) = self.probe.source_towards(backend.addr, true) {
+                    warn!(backend = %backend.addr, error = %e, "could not prime the neighbour entry");
                 }
             }
         }

@@ -207,8 +207,18 @@ fn service_validation() {
         let m = invalid(f.store.create_service(&mut p, &svc(vip, 80)));
         assert!(m.contains(why), "{vip}: {m}");
     }
-    let m = invalid(f.store.create_service(&mut p, &svc("2001:db8::1", 80)));
-    assert!(m.contains("IPv6 VIPs are not supported yet"), "{m}");
+    // IPv6 source ranges are refused (IPv6 VIPs themselves are services like any other).
+    let declared = datapath_api::DeclaredService {
+        key: key_of(&svc("2001:db8::2", 80)),
+        mode: ForwardingMode::FullNat,
+        snat_addr: None,
+        owner: "test".into(),
+        source_ranges: vec!["2001:db8::/32".parse().expect("range")],
+        xdp_only: false,
+        backends: Vec::new(),
+    };
+    let m = super::check_declared(&declared).expect_err("IPv6 source ranges");
+    assert!(m.contains("an IPv6 service takes none"), "{m}");
     let mut req = svc("198.18.0.1", 80);
     req.snat_addr = Some(ip("2001:db8::1"));
     let m = invalid(f.store.create_service(&mut p, &req));
@@ -221,6 +231,9 @@ fn service_validation() {
         p.calls.is_empty(),
         "invalid requests never reach the dataplane"
     );
+    f.store
+        .create_service(&mut p, &svc("2001:db8::1", 80))
+        .expect("an IPv6 VIP");
 
     f.store
         .create_service(&mut p, &svc("198.18.0.1", 80))
