@@ -110,7 +110,7 @@ pub struct ApiError {
 pub enum Error {
     #[error("invalid prefix length in CIDR {0:?}")]
     CidrPrefix(String),
-    #[error("invalid CIDR {0:?} (expected a.b.c.d/len; IPv4 only)")]
+    #[error("invalid CIDR {0:?} (expected ADDR/LEN: a.b.c.d/len or an IPv6 prefix)")]
     CidrAddress(String),
     #[error("CIDR {0:?} has host bits set")]
     CidrHostBits(String),

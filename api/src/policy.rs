@@ -3,7 +3,12 @@
 //! [`PolicySpec`] is both the policy file (YAML, parsed by the daemon with these types) and the
 //! `policy` an answer shows; [`PolicyStatus`] is every answer of the three routes.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -96,35 +101,62 @@ impl fmt::Display for Direction {
     }
 }
 
-/// An IPv4 prefix, written `a.b.c.d/len` or a bare address (`/32`); on the wire always
-/// `a.b.c.d/len`.
+/// An address prefix, written `a.b.c.d/len` or `2001:db8::/32`, or a bare address (the whole
+/// address: `/32` or `/128`); on the wire always `ADDR/LEN`.
+///
+/// [`Cidr::ANY`], `0.0.0.0/0` (what a rule without `cidr` matches), is every address of both
+/// families, so a policy written before IPv6 governs IPv6 alike; `::/0` is every IPv6 address,
+/// and any other prefix matches its own family only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
 impl Cidr {
-    /// `0.0.0.0/0`, what a rule without `cidr` matches.
+    /// `0.0.0.0/0`: every address, IPv4 and IPv6.
     pub const ANY: Cidr = Cidr {
-        addr: Ipv4Addr::UNSPECIFIED,
+        addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        len: 0,
+    };
+    /// `::/0`: every IPv6 address. [`Cidr::ANY`] stands for it, beside `0.0.0.0/0`, in the
+    /// IPv6 half of the rule tables.
+    pub const ANY_V6: Cidr = Cidr {
+        addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         len: 0,
     };
 
-    fn mask(len: u8) -> u32 {
-        // A shift by 32 overflows, hence the special case.
+    /// The address as a 128-bit number (an IPv4 address in the low 32 bits) and the family's
+    /// width in bits.
+    fn bits(addr: IpAddr) -> (u128, u8) {
+        match addr {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        }
+    }
+
+    /// The network mask of a `len`-bit prefix in a family `width` bits wide.
+    fn mask(len: u8, width: u8) -> u128 {
+        // A shift by the full width overflows, hence the special case.
         if len == 0 {
             0
         } else {
-            u32::MAX << (32 - u32::from(len))
+            (u128::MAX << (128 - u32::from(len))) >> (128 - u32::from(width))
         }
     }
 
     /// True when `self` contains every address of `other`.
     pub fn contains(&self, other: &Cidr) -> bool {
-        self.len <= other.len
-            && u32::from(self.addr) & Self::mask(self.len)
-                == u32::from(other.addr) & Self::mask(self.len)
+        if *self == Cidr::ANY {
+            return true;
+        }
+        if self.addr.is_ipv4() != other.addr.is_ipv4() || self.len > other.len {
+            return false;
+        }
+        let (a, width) = Self::bits(self.addr);
+        let (b, _) = Self::bits(other.addr);
+        let mask = Self::mask(self.len, width);
+        a & mask == b & mask
     }
 }
 
@@ -145,18 +177,21 @@ impl FromStr for Cidr {
 
     fn from_str(s: &str) -> Result<Self, Error> {
         let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (
-                a,
-                l.parse::<u8>()
-                    .ok()
-                    .filter(|l| *l <= 32)
-                    .ok_or_else(|| Error::CidrPrefix(s.to_owned()))?,
-            ),
-            None => (s, 32),
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
         };
-        let addr: Ipv4Addr = addr.parse().map_err(|_| Error::CidrAddress(s.to_owned()))?;
+        let addr: IpAddr = addr.parse().map_err(|_| Error::CidrAddress(s.to_owned()))?;
+        let (bits, width) = Cidr::bits(addr);
+        let len = match len {
+            None => width,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= width)
+                .ok_or_else(|| Error::CidrPrefix(s.to_owned()))?,
+        };
         // Refused rather than masked: `10.0.0.1/8` is more likely a typo than a wish.
-        if u32::from(addr) & !Cidr::mask(len) != 0 {
+        if bits & !Cidr::mask(len, width) & (u128::MAX >> (128 - u32::from(width))) != 0 {
             return Err(Error::CidrHostBits(s.to_owned()));
         }
         Ok(Cidr { addr, len })

@@ -143,8 +143,16 @@ fn policy_file_defaults_and_refusals() {
             r#"invalid prefix length in CIDR "198.18.0.0/40""#,
         ),
         (
-            r#"{"cidr":"2001:db8::/32","action":"deny"}"#,
-            r#"invalid CIDR "2001:db8::/32" (expected a.b.c.d/len; IPv4 only)"#,
+            r#"{"cidr":"198.18.0.300/8","action":"deny"}"#,
+            r#"invalid CIDR "198.18.0.300/8" (expected ADDR/LEN: a.b.c.d/len or an IPv6 prefix)"#,
+        ),
+        (
+            r#"{"cidr":"2001:db8::/129","action":"deny"}"#,
+            r#"invalid prefix length in CIDR "2001:db8::/129""#,
+        ),
+        (
+            r#"{"cidr":"2001:db8::1/32","action":"deny"}"#,
+            r#"CIDR "2001:db8::1/32" has host bits set"#,
         ),
         (
             r#"{"cidr":"10.0.0.1/8","action":"deny"}"#,
@@ -529,4 +537,24 @@ fn lb_stats_with_and_without_the_syn_flood_mode() {
     let before: datapath_api::StatsView =
         same_bytes(r#"{"services": [], "reasons": {"fwd_redirect": 12}}"#);
     assert_eq!(before.syn_flood, None);
+}
+
+#[test]
+fn cidrs_of_both_families_parse_and_contain_by_family() {
+    use datapath_api::policy::Cidr;
+    let c = |s: &str| s.parse::<Cidr>().unwrap_or_else(|e| panic!("{s}: {e}"));
+    assert_eq!(c("2001:db8::1"), c("2001:db8::1/128"));
+    assert_eq!(c("198.18.0.1"), c("198.18.0.1/32"));
+    assert_eq!(c("2001:db8::/32").to_string(), "2001:db8::/32");
+    assert!(c("2001:db8::/32").contains(&c("2001:db8:1::/48")));
+    assert!(!c("2001:db8::/32").contains(&c("2001:db9::/48")));
+    assert!(!c("2001:db8::/48").contains(&c("2001:db8::/32")));
+    assert!(c("198.18.0.0/15").contains(&c("198.19.1.0/24")));
+    // 0.0.0.0/0 is every address of both families; ::/0 only IPv6's; others their own.
+    assert!(Cidr::ANY.contains(&c("2001:db8::/32")));
+    assert!(Cidr::ANY.contains(&c("198.18.0.0/15")));
+    assert!(c("::/0").contains(&c("2001:db8::/32")));
+    assert!(!c("::/0").contains(&c("198.18.0.0/15")));
+    assert!(!c("198.18.0.0/15").contains(&c("::ffff:198.18.0.0/111")));
+    assert!(!c("::/1").contains(&c("198.18.0.0/15")));
 }

@@ -36,6 +36,14 @@ pub const fn addr16_from_ipv4_octets(octets: [u8; 4]) -> Addr16 {
     [u32::from_ne_bytes(octets), 0, 0, 0]
 }
 
+/// The [`Addr16`] of an address of either family (host side: the daemon's map keys).
+pub const fn addr16_from_ip(addr: core::net::IpAddr) -> Addr16 {
+    match addr {
+        core::net::IpAddr::V4(v4) => addr16_from_ipv4_octets(v4.octets()),
+        core::net::IpAddr::V6(v6) => addr16_from_ipv6_octets(v6.octets()),
+    }
+}
+
 /// Builds an [`Addr16`] from an IPv6 address held as wire-order bytes.
 #[inline(always)]
 pub const fn addr16_from_ipv6_octets(o: [u8; 16]) -> Addr16 {

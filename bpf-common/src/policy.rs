@@ -62,7 +62,8 @@ const _: () = assert!(core::mem::size_of::<EndpointPolicy>() == 8);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RulePrefix {
     pub slot: u8,
-    /// `ct::POLICY_DIR_INGRESS` or `ct::POLICY_DIR_EGRESS`.
+    /// `ct::POLICY_DIR_INGRESS` or `ct::POLICY_DIR_EGRESS`, with [`RULE_DIR_IPV6`] set for an
+    /// IPv6 prefix: the two families' prefixes live apart in the one trie.
     pub dir: u8,
     /// Endpoint id, big-endian (the trie compares bytes in order).
     pub endpoint_be: u16,
@@ -70,6 +71,9 @@ pub struct RulePrefix {
     pub addr: Addr16,
 }
 const _: () = assert!(core::mem::size_of::<RulePrefix>() == 20);
+
+/// [`RulePrefix::dir`]'s flag of an IPv6 prefix.
+pub const RULE_DIR_IPV6: u8 = 0x80;
 
 /// Prefix bits of a [`RulePrefix`] before the address.
 pub const RULE_PREFIX_HEADER_BITS: u32 = 32;
@@ -205,19 +209,19 @@ pub mod defaults {
 pub mod reason {
     /// The interface has no policy in the live generation: passed.
     pub const PASS_NOT_ENDPOINT: u32 = 0;
-    /// Not IPv4 (ARP, IPv6 for now): passed.
+    /// Neither IPv4 nor IPv6 (ARP, ...): passed.
     pub const PASS_NOT_IPV4: u32 = 1;
-    /// Ethernet/IPv4 or TCP/UDP/ICMP header cut short: dropped.
+    /// Ethernet/IP or TCP/UDP/ICMP header cut short (an IPv6 extension header too): dropped.
     pub const DROP_TRUNCATED: u32 = 2;
-    /// IPv4 header malformed: dropped.
+    /// IPv4 or IPv6 header malformed: dropped.
     pub const DROP_MALFORMED: u32 = 3;
-    /// IPv4 fragment (no ports to match): dropped.
+    /// IPv4 or IPv6 fragment (no ports to match): dropped.
     pub const DROP_FRAGMENT: u32 = 4;
     /// Original-direction packet of a tracked flow: passed.
     pub const PASS_TRACKED: u32 = 5;
     /// Reply-direction packet of a tracked flow: passed.
     pub const PASS_REPLY: u32 = 6;
-    /// ICMP error quoting a tracked flow: passed.
+    /// ICMP or ICMPv6 error quoting a tracked flow: passed.
     pub const PASS_RELATED: u32 = 7;
     /// New flow admitted by a rule.
     pub const ALLOW_RULE: u32 = 8;
@@ -239,7 +243,14 @@ pub mod reason {
     /// an entry (only a SYN opens a TCP flow).
     pub const ALLOW_UNTRACKED: u32 = 16;
 
-    pub const COUNT: u32 = 17;
+    /// ICMPv6 neighbour discovery (types 133-137): always passed, or the endpoint could not
+    /// resolve its neighbours.
+    pub const PASS_NEIGHBOUR_DISCOVERY: u32 = 17;
+    /// IPv6 whose transport header lies behind more extension headers than the program walks
+    /// (`lb_core::parse6::MAX_EXT_HEADERS`): dropped.
+    pub const DROP_EXT_HEADER_LIMIT: u32 = 18;
+
+    pub const COUNT: u32 = 19;
 
     /// Whether `reason` is a verdict: every packet counts exactly one verdict reason. The
     /// others (`event_rate_limited`, `event_lost`, `flow_rechecked`) are counted beside it.
@@ -265,5 +276,7 @@ pub mod reason {
         "event_lost",
         "flow_rechecked",
         "allow_untracked",
+        "pass_neighbour_discovery",
+        "drop_ext_header_limit",
     ];
 }

@@ -29,7 +29,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bpf_common::{
-    Counter, PROTO_TCP, PROTO_UDP,
+    Addr16, Counter, FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
     ct::{
         CT_F_CLOSE_REPORTED, CT_F_LOGGED, CT_F_OPEN_REPORTED, CtEntry, CtKey, POLICY_DIR_INGRESS,
         RULE_DEFAULT,
@@ -37,8 +37,8 @@ use bpf_common::{
     policy::{
         ACTION_DENY, ACTION_LOG, EVENT_CLOSED, EVENT_CUT, EVENT_DENIED, EVENT_LOGGED, EVENT_OPENED,
         EndpointKey, EndpointPolicy, EndpointStats, FlowEvent, MAX_ENDPOINTS, MAX_RULE_LISTS,
-        MAX_RULES, MAX_RULES_PER_LIST, RULE_PREFIX_HEADER_BITS, RateBucket, RuleList, RulePrefix,
-        defaults, reason,
+        MAX_RULES, MAX_RULES_PER_LIST, RULE_DIR_IPV6, RULE_PREFIX_HEADER_BITS, RateBucket,
+        RuleList, RulePrefix, defaults, reason,
     },
 };
 use bpf_lib::{
@@ -48,14 +48,21 @@ use bpf_lib::{
     global, now_ns,
     verdict::tc::{Verdict, drop, pass},
 };
-use conntrack::{Direction, TcpFlags, TcpState, direction_of, ipv4_key, new_entry, update_entry};
-use lb_core::parse::{self, Frame, L4, Outcome};
+use conntrack::{
+    Direction, TcpFlags, TcpState, canonical_key, direction_of, ipv4_key, new_entry, update_entry,
+};
+use lb_core::{
+    parse::{self, Frame, L4, Outcome},
+    parse6::{self, Outcome6},
+};
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAM_PROBLEM: u8 = 12;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// Bytes pulled into the linear area when the headers are not all there.
 const PULL_LEN: u32 = 128;
@@ -97,6 +104,11 @@ static TC_REASONS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 #[map(name = "TC_EVENTS")]
 static TC_EVENTS: RingBuf = RingBuf::pinned(defaults::EVENTS_BYTES, 0);
+
+/// The IPv6 packet being parsed, off the stack (16-byte addresses do not fit beside the
+/// policy's state). Private to the program, never pinned.
+#[map(name = "TC6_PACKET")]
+static TC6_PACKET: PerCpuArray<parse6::Ipv6Packet> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "TC_EVENT_RATE")]
 static TC_EVENT_RATE: PerCpuArray<RateBucket> = PerCpuArray::pinned(1, 0);
@@ -170,9 +182,8 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 #[derive(Clone, Copy)]
 struct PacketInfo {
     key: CtKey,
+    /// The key's side the packet was sent from (its source is `addr_a` on side 0).
     side: u8,
-    src: u32,
-    dst: u32,
     proto: u8,
     /// Destination port, host byte order (0 for ICMP and other protocols).
     dst_port: u16,
@@ -208,69 +219,18 @@ fn try_policy(ctx: &TcContext, dir: u8) -> Verdict {
     }
 
     let parsed = parse::parse(&frame);
-    match parsed.outcome {
-        Outcome::Ipv4 => {}
-        // IPv6 policy is not enforced yet (issue: IPv6 everywhere): passed, and counted as
-        // before under `pass_not_ipv4`.
-        Outcome::NotIpv4 | Outcome::Ipv6 => return pass(reason::PASS_NOT_IPV4),
+    let info = match parsed.outcome {
+        Outcome::Ipv4 => match info_v4(&frame, &parsed.packet, slot, &endpoint, dir) {
+            Ok(info) => info,
+            Err(verdict) => return verdict,
+        },
+        Outcome::Ipv6 => match info_v6(&frame, slot, &endpoint, dir) {
+            Ok(info) => info,
+            Err(verdict) => return verdict,
+        },
+        Outcome::NotIpv4 => return pass(reason::PASS_NOT_IPV4),
         Outcome::Truncated => return drop(reason::DROP_TRUNCATED),
         Outcome::Malformed => return drop(reason::DROP_MALFORMED),
-    }
-    let packet = parsed.packet;
-    let mut sport_be = 0u16;
-    let mut dport_be = 0u16;
-    let mut opens = true;
-    match packet.l4 {
-        L4::Tcp => {
-            sport_be = packet.src_port_be;
-            dport_be = packet.dst_port_be;
-            let flags = TcpFlags(packet.tcp_flags);
-            opens = flags.syn() && !flags.ack() && !flags.is_invalid_combination();
-        }
-        L4::Udp => {
-            sport_be = packet.src_port_be;
-            dport_be = packet.dst_port_be;
-        }
-        L4::Icmp => {
-            let t = packet.icmp_type;
-            if t == ICMP_DEST_UNREACH || t == ICMP_TIME_EXCEEDED || t == ICMP_PARAM_PROBLEM {
-                if related(&frame, &packet) {
-                    count_endpoint(slot, endpoint.endpoint_id, dir, EpCounter::Tracked);
-                    return pass(reason::PASS_RELATED);
-                }
-                opens = false;
-            } else if t == ICMP_ECHO_REQUEST || t == ICMP_ECHO_REPLY {
-                // The identifier stands in for both ports.
-                let Some(id) = frame.read::<2>(packet.l4_off + 4) else {
-                    return drop(reason::DROP_TRUNCATED);
-                };
-                sport_be = u16::from_ne_bytes(id);
-                dport_be = sport_be;
-                opens = t == ICMP_ECHO_REQUEST;
-            } else {
-                opens = false;
-            }
-        }
-        L4::Fragment => return drop(reason::DROP_FRAGMENT),
-        // `ExtLimit` is IPv6's only.
-        L4::Truncated | L4::ExtLimit => return drop(reason::DROP_TRUNCATED),
-        L4::Other => {}
-    }
-    let (key, side) = ipv4_key(packet.src, sport_be, packet.dst, dport_be, packet.proto);
-    let info = PacketInfo {
-        key,
-        side,
-        src: packet.src,
-        dst: packet.dst,
-        proto: packet.proto,
-        dst_port: if packet.proto == PROTO_TCP || packet.proto == PROTO_UDP {
-            u16::from_be(dport_be)
-        } else {
-            0
-        },
-        tcp_flags: packet.tcp_flags,
-        opens,
-        len: u64::from(packet.total_len),
     };
     if let Some(entry) = CT_FLOWS.get_ptr_mut(info.key) {
         // SAFETY: a valid map value pointer; concurrent updates from other CPUs only make
@@ -278,6 +238,205 @@ fn try_policy(ctx: &TcContext, dir: u8) -> Verdict {
         return tracked(unsafe { &mut *entry }, &info, generation, dir, &endpoint);
     }
     new_flow(&info, generation, dir, ifindex, &endpoint)
+}
+
+/// What an ICMP or ICMPv6 type means to the policy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Icmp {
+    /// An error quoting a tracked flow: passed as related.
+    RelatedError,
+    EchoRequest,
+    EchoReply,
+    /// Any other type (an error about no tracked flow included): matched, never tracked.
+    Other,
+}
+
+/// The transport header's part of the policy's view, shared by both families: the ports (ICMP
+/// echo's identifier stands in for both) and whether an admitted packet may open an entry; or
+/// the verdict that ends the packet's processing here.
+#[expect(clippy::too_many_arguments, reason = "flattened packet fields")]
+#[inline(always)]
+fn transport(
+    frame: &TcFrame,
+    (l4, l4_off): (L4, usize),
+    ports_be: (u16, u16),
+    tcp_flags: u8,
+    icmp: Icmp,
+    slot: u32,
+    endpoint: &EndpointPolicy,
+    dir: u8,
+) -> Result<(u16, u16, bool), Verdict> {
+    match l4 {
+        L4::Tcp => {
+            let flags = TcpFlags(tcp_flags);
+            let opens = flags.syn() && !flags.ack() && !flags.is_invalid_combination();
+            Ok((ports_be.0, ports_be.1, opens))
+        }
+        L4::Udp => Ok((ports_be.0, ports_be.1, true)),
+        L4::Icmp => match icmp {
+            Icmp::RelatedError => {
+                count_endpoint(slot, endpoint.endpoint_id, dir, EpCounter::Tracked);
+                Err(pass(reason::PASS_RELATED))
+            }
+            Icmp::EchoRequest | Icmp::EchoReply => {
+                let Some(id) = frame.read::<2>(l4_off + 4) else {
+                    return Err(drop(reason::DROP_TRUNCATED));
+                };
+                let id = u16::from_ne_bytes(id);
+                Ok((id, id, icmp == Icmp::EchoRequest))
+            }
+            Icmp::Other => Ok((0, 0, false)),
+        },
+        L4::Fragment => Err(drop(reason::DROP_FRAGMENT)),
+        L4::Truncated => Err(drop(reason::DROP_TRUNCATED)),
+        L4::ExtLimit => Err(drop(reason::DROP_EXT_HEADER_LIMIT)),
+        L4::Other => Ok((0, 0, true)),
+    }
+}
+
+/// The destination port rules match on: TCP's and UDP's, 0 for any other protocol.
+#[inline(always)]
+fn rule_port(proto: u8, dport_be: u16) -> u16 {
+    if proto == PROTO_TCP || proto == PROTO_UDP {
+        u16::from_be(dport_be)
+    } else {
+        0
+    }
+}
+
+/// The policy's view of an IPv4 packet, or the verdict that ends its processing here.
+#[inline(always)]
+fn info_v4(
+    frame: &TcFrame,
+    packet: &parse::Ipv4Packet,
+    slot: u32,
+    endpoint: &EndpointPolicy,
+    dir: u8,
+) -> Result<PacketInfo, Verdict> {
+    let t = packet.icmp_type;
+    let icmp = if packet.l4 != L4::Icmp {
+        Icmp::Other
+    } else if t == ICMP_DEST_UNREACH || t == ICMP_TIME_EXCEEDED || t == ICMP_PARAM_PROBLEM {
+        if related(frame, packet) {
+            Icmp::RelatedError
+        } else {
+            Icmp::Other
+        }
+    } else if t == ICMP_ECHO_REQUEST {
+        Icmp::EchoRequest
+    } else if t == ICMP_ECHO_REPLY {
+        Icmp::EchoReply
+    } else {
+        Icmp::Other
+    };
+    let (sport_be, dport_be, opens) = transport(
+        frame,
+        (packet.l4, packet.l4_off),
+        (packet.src_port_be, packet.dst_port_be),
+        packet.tcp_flags,
+        icmp,
+        slot,
+        endpoint,
+        dir,
+    )?;
+    let (key, side) = ipv4_key(packet.src, sport_be, packet.dst, dport_be, packet.proto);
+    Ok(PacketInfo {
+        key,
+        side,
+        proto: packet.proto,
+        dst_port: rule_port(packet.proto, dport_be),
+        tcp_flags: packet.tcp_flags,
+        opens,
+        len: u64::from(packet.total_len),
+    })
+}
+
+/// The policy's view of an IPv6 packet, or the verdict that ends its processing here: the
+/// IPv4 rules, with neighbour discovery always passed and ICMPv6's own types.
+#[inline(always)]
+fn info_v6(
+    frame: &TcFrame,
+    slot: u32,
+    endpoint: &EndpointPolicy,
+    dir: u8,
+) -> Result<PacketInfo, Verdict> {
+    let Some(packet) = TC6_PACKET.get_ptr_mut(0) else {
+        return Err(drop(reason::DROP_MALFORMED));
+    };
+    // SAFETY: this CPU's slot of a one-entry per-CPU array, used only within this invocation
+    // (tc programs are not preempted on their CPU).
+    let packet = unsafe { &mut *packet };
+    match parse6::parse6_into(frame, packet) {
+        Outcome6::Ipv6 => {}
+        Outcome6::NotIpv6 => return Err(pass(reason::PASS_NOT_IPV4)),
+        Outcome6::Truncated => return Err(drop(reason::DROP_TRUNCATED)),
+        Outcome6::Malformed => return Err(drop(reason::DROP_MALFORMED)),
+    }
+    let packet = &*packet;
+    let t = packet.icmp_type;
+    let icmp = if packet.l4 != L4::Icmp {
+        Icmp::Other
+    } else if parse6::is_neighbour_discovery(t) {
+        return Err(pass(reason::PASS_NEIGHBOUR_DISCOVERY));
+    } else if parse6::is_icmpv6_error(t) {
+        if related6(frame, packet) {
+            Icmp::RelatedError
+        } else {
+            Icmp::Other
+        }
+    } else if t == ICMPV6_ECHO_REQUEST {
+        Icmp::EchoRequest
+    } else if t == ICMPV6_ECHO_REPLY {
+        Icmp::EchoReply
+    } else {
+        Icmp::Other
+    };
+    let (sport_be, dport_be, opens) = transport(
+        frame,
+        (packet.l4, packet.l4()),
+        (packet.src_port_be, packet.dst_port_be),
+        packet.tcp_flags,
+        icmp,
+        slot,
+        endpoint,
+        dir,
+    )?;
+    let (key, side) = canonical_key(
+        packet.src,
+        sport_be,
+        packet.dst,
+        dport_be,
+        packet.proto,
+        FAMILY_IPV6,
+    );
+    Ok(PacketInfo {
+        key,
+        side,
+        proto: packet.proto,
+        dst_port: rule_port(packet.proto, dport_be),
+        tcp_flags: packet.tcp_flags,
+        opens,
+        len: u64::from(packet.ip_len()),
+    })
+}
+
+/// True when the ICMPv6 error `packet` quotes a tracked TCP/UDP flow.
+#[inline(always)]
+fn related6(frame: &TcFrame, packet: &parse6::Ipv6Packet) -> bool {
+    let quote = parse6::parse_icmp6_quote(frame, packet);
+    if !quote.valid {
+        return false;
+    }
+    let (key, _) = canonical_key(
+        quote.src,
+        quote.src_port_be,
+        quote.dst,
+        quote.dst_port_be,
+        quote.proto,
+        FAMILY_IPV6,
+    );
+    // SAFETY: only checked for presence.
+    unsafe { CT_FLOWS.get(key) }.is_some()
 }
 
 /// True when the ICMP error at `icmp_off` quotes a tracked TCP/UDP flow.
@@ -368,21 +527,24 @@ fn recheck(entry: &CtEntry, key: &CtKey, slot: u32) -> (u8, u32, u32) {
         return (0, RULE_DEFAULT, MAX_ENDPOINTS);
     };
     let (src, dst, dst_port_be) = if entry.orig_side == 0 {
-        (key.addr_a[0], key.addr_b[0], key.port_b_be)
+        (&key.addr_a, &key.addr_b, key.port_b_be)
     } else {
-        (key.addr_b[0], key.addr_a[0], key.port_a_be)
+        (&key.addr_b, &key.addr_a, key.port_a_be)
     };
     let remote = if entry.policy_dir == POLICY_DIR_INGRESS {
         src
     } else {
         dst
     };
-    let port = if key.proto == PROTO_TCP || key.proto == PROTO_UDP {
-        u16::from_be(dst_port_be)
-    } else {
-        0
-    };
-    let (action, rule_id) = evaluate(slot, &endpoint, entry.policy_dir, remote, key.proto, port);
+    let port = rule_port(key.proto, dst_port_be);
+    let (action, rule_id) = evaluate(
+        slot,
+        &endpoint,
+        entry.policy_dir,
+        (remote, key.family),
+        key.proto,
+        port,
+    );
     (action, rule_id, endpoint.endpoint_id)
 }
 
@@ -396,12 +558,22 @@ fn new_flow(
     endpoint: &EndpointPolicy,
 ) -> Verdict {
     let slot = generation & 1;
-    let remote = if dir == POLICY_DIR_INGRESS {
-        info.src
+    // The source of an ingress packet, the destination of an egress one, read from the key
+    // (a copy beside it does not fit the stack).
+    let remote_is_a = (dir == POLICY_DIR_INGRESS) == (info.side == 0);
+    let remote = if remote_is_a {
+        &info.key.addr_a
     } else {
-        info.dst
+        &info.key.addr_b
     };
-    let (action, rule_id) = evaluate(slot, endpoint, dir, remote, info.proto, info.dst_port);
+    let (action, rule_id) = evaluate(
+        slot,
+        endpoint,
+        dir,
+        (remote, info.key.family),
+        info.proto,
+        info.dst_port,
+    );
     let by_rule = rule_id != RULE_DEFAULT;
     if by_rule {
         count_rule(slot, rule_id, info.len);
@@ -464,7 +636,7 @@ fn evaluate(
     slot: u32,
     endpoint: &EndpointPolicy,
     dir: u8,
-    remote: u32,
+    (remote, family): (&Addr16, u8),
     proto: u8,
     port: u16,
 ) -> (u8, u32) {
@@ -477,9 +649,13 @@ fn evaluate(
         RULE_PREFIX_HEADER_BITS + 128,
         RulePrefix {
             slot: slot as u8,
-            dir,
+            dir: if family == FAMILY_IPV6 {
+                dir | RULE_DIR_IPV6
+            } else {
+                dir
+            },
             endpoint_be: (endpoint.endpoint_id as u16).to_be(),
-            addr: [remote, 0, 0, 0],
+            addr: *remote,
         },
     );
     let Some(index) = TC_RULES_LPM.get(&key).copied() else {

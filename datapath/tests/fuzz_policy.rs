@@ -19,7 +19,7 @@
 mod fuzz_harness;
 mod fuzz_yaml;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use bpf_common::{
     PROTO_ICMP, PROTO_TCP, PROTO_UDP,
@@ -139,7 +139,7 @@ fn spec_decision(ep: &EndpointSpec, dir: u8, p: Probe) -> (u8, Option<usize>) {
     for (i, r) in rules.iter().enumerate() {
         let ports = r.ports.unwrap_or(PortRange::ALL);
         if r.cidr.contains(&Cidr {
-            addr: p.remote,
+            addr: IpAddr::V4(p.remote),
             len: 32,
         }) && (r.protocol == RuleProtocol::Any || proto_code(r.protocol) == p.proto)
             && ports.min <= p.port
@@ -162,13 +162,16 @@ fn compiled_decision(c: &CompiledPolicy, endpoint: usize, dir: u8, p: Probe) -> 
         ep.policy.default_egress
     };
     let host = Cidr {
-        addr: p.remote,
+        addr: IpAddr::V4(p.remote),
         len: 32,
     };
+    // The kernel's trie keeps each family's prefixes apart (`RULE_DIR_IPV6`).
     let Some((_, _, list)) = ep
         .lists
         .iter()
-        .filter(|(d, prefix, _)| *d == dir && prefix.contains(&host))
+        .filter(|(d, prefix, _)| {
+            *d == dir && prefix.addr.is_ipv4() == host.addr.is_ipv4() && prefix.contains(&host)
+        })
         .max_by_key(|(_, prefix, _)| prefix.len)
     else {
         return (default, RULE_DEFAULT);
@@ -189,7 +192,11 @@ fn probe_addresses(spec: &PolicySpec, extra: &[u32]) -> Vec<Ipv4Addr> {
     let mut out: Vec<u32> = extra.to_vec();
     for ep in &spec.endpoints {
         for r in ep.ingress.iter().chain(&ep.egress) {
-            let base = u32::from(r.cidr.addr);
+            // The generated policies are IPv4 only.
+            let IpAddr::V4(base) = r.cidr.addr else {
+                continue;
+            };
+            let base = u32::from(base);
             let size = if r.cidr.len == 0 {
                 u32::MAX
             } else {
@@ -634,7 +641,7 @@ fn expected(endpoints: &[GenEndpoint]) -> Option<PolicySpec> {
                                 return None;
                             }
                             Cidr {
-                                addr: Ipv4Addr::from(addr),
+                                addr: IpAddr::V4(Ipv4Addr::from(addr)),
                                 len,
                             }
                         }

@@ -32,6 +32,9 @@ const OUTSIDER: [u8; 4] = [198, 19, 7, 7];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const EP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 
+#[path = "tc_fixtures/ipv6.rs"]
+mod ipv6;
+
 /// Returns false (skip) when the test cannot run; panics when it must run (see
 /// [`netns_tests::privilege::may_run`]).
 fn privileged() -> bool {

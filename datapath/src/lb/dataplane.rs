@@ -291,13 +291,7 @@ fn ipv4_of(addr: IpAddr, what: &str) -> Result<Ipv4Addr> {
     }
 }
 
-/// An address in the maps' 16-byte form (`bpf_common::Addr16`).
-pub(crate) fn addr16(addr: IpAddr) -> [u32; 4] {
-    match addr {
-        IpAddr::V4(v4) => bpf_common::addr16_from_ipv4_octets(v4.octets()),
-        IpAddr::V6(v6) => bpf_common::addr16_from_ipv6_octets(v6.octets()),
-    }
-}
+use bpf_common::addr16_from_ip as addr16;
 
 /// The maps' family of an address.
 pub(crate) fn family_of(addr: IpAddr) -> u8 {

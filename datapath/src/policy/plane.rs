@@ -23,7 +23,8 @@ use bpf_common::{
     ct::{CtEntry, CtKey, POLICY_DIR_INGRESS},
     policy::{
         EndpointKey, EndpointPolicy, EndpointStats, MAX_ENDPOINTS, MAX_RULE_LISTS, MAX_RULES,
-        RULE_PREFIX_HEADER_BITS, RuleList, RulePrefix, defaults, globals, map_names, reason,
+        RULE_DIR_IPV6, RULE_PREFIX_HEADER_BITS, RuleList, RulePrefix, defaults, globals, map_names,
+        reason,
     },
 };
 use conntrack::{Timeouts, ct_timeout, is_expired};
@@ -599,9 +600,13 @@ impl PolicyPlane {
                     RULE_PREFIX_HEADER_BITS + u32::from(prefix.len),
                     RulePrefix {
                         slot: slot as u8,
-                        dir: *dir,
+                        dir: if prefix.addr.is_ipv6() {
+                            *dir | RULE_DIR_IPV6
+                        } else {
+                            *dir
+                        },
                         endpoint_be: (ep.id as u16).to_be(),
-                        addr: bpf_common::addr16_from_ipv4_octets(prefix.addr.octets()),
+                        addr: bpf_common::addr16_from_ip(prefix.addr),
                     },
                 );
                 trie.insert(&key, next_list, 0)

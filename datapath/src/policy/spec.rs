@@ -24,7 +24,7 @@
 //! new flows are matched: replies and related ICMP errors of admitted flows pass through the
 //! conntrack.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::collections::BTreeSet;
 
 use bpf_common::{
     PROTO_ICMP, PROTO_TCP, PROTO_UDP,
@@ -91,77 +91,9 @@ impl RuleProtocol {
     }
 }
 
-/// An IPv4 prefix, written `a.b.c.d/len` or a bare address (`/32`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub len: u8,
-}
-
-impl Cidr {
-    pub const ANY: Cidr = Cidr {
-        addr: Ipv4Addr::UNSPECIFIED,
-        len: 0,
-    };
-
-    fn mask(len: u8) -> u32 {
-        if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
-        }
-    }
-
-    /// True when `self` contains every address of `other`.
-    pub fn contains(&self, other: &Cidr) -> bool {
-        self.len <= other.len
-            && u32::from(self.addr) & Self::mask(self.len)
-                == u32::from(other.addr) & Self::mask(self.len)
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (
-                a,
-                l.parse::<u8>()
-                    .ok()
-                    .filter(|l| *l <= 32)
-                    .ok_or_else(|| format!("invalid prefix length in CIDR {s:?}"))?,
-            ),
-            None => (s, 32),
-        };
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("invalid CIDR {s:?} (expected a.b.c.d/len; IPv4 only)"))?;
-        if u32::from(addr) & !Cidr::mask(len) != 0 {
-            return Err(format!("CIDR {s:?} has host bits set"));
-        }
-        Ok(Cidr { addr, len })
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl Serialize for Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
+/// A rule's remote prefix: the API's, so the file, the wire and the tables agree (see
+/// [`datapath_api::policy::Cidr`] on how `0.0.0.0/0` covers both families).
+pub use datapath_api::policy::Cidr;
 
 /// An inclusive destination port range: `8080` or `"8000-8100"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -392,7 +324,14 @@ impl PolicySpec {
                     return Err(invalid(format!("more than {MAX_RULES} rules in all")));
                 }
                 // One list per distinct prefix: every rule whose CIDR contains it, in order.
-                let prefixes: BTreeSet<Cidr> = rules.iter().map(|r| r.cidr).collect();
+                // `0.0.0.0/0` covers both families, so it stands for `::/0` too.
+                let prefixes: BTreeSet<Cidr> = rules
+                    .iter()
+                    .flat_map(|r| {
+                        let v6 = (r.cidr == Cidr::ANY).then_some(Cidr::ANY_V6);
+                        std::iter::once(r.cidr).chain(v6)
+                    })
+                    .collect();
                 for prefix in prefixes {
                     let mut list = RuleList::default();
                     let matching: Vec<(usize, &RuleSpec)> = rules
