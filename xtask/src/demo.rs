@@ -84,6 +84,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         topology: TopologyOptions {
             backends: 3,
             dsr: false,
+            ipv6: false,
         },
         daemon: Some(bins),
     })

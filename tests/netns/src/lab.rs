@@ -77,6 +77,7 @@ impl LabOptions {
             topology: TopologyOptions {
                 backends,
                 dsr: false,
+                ipv6: false,
             },
             daemon: Some(Binaries::from_env()),
         }
@@ -88,6 +89,7 @@ impl LabOptions {
             topology: TopologyOptions {
                 backends: 3,
                 dsr: true,
+                ipv6: false,
             },
             daemon: Some(Binaries::from_env()),
         }
@@ -127,10 +129,19 @@ impl Lab {
             scratch: None,
         };
         for b in lab.topo.backends.clone() {
-            let addr = if lab.topo.dsr {
-                sock(VIP, TCP_SERVICE_PORT)
+            let port = if lab.topo.dsr {
+                TCP_SERVICE_PORT
             } else {
-                sock(b.ip, BACKEND_PORT)
+                BACKEND_PORT
+            };
+            let addr = if lab.topo.ipv6 {
+                // One dual-stack socket (`[::]`, not IPV6_V6ONLY) answers both families, on
+                // the backend's addresses and, in DSR, on both VIPs.
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+            } else if lab.topo.dsr {
+                sock(VIP, port)
+            } else {
+                sock(b.ip, port)
             };
             lab.servers.push(
                 BackendServer::start(&b.ns, &b.name, addr)
@@ -220,12 +231,18 @@ impl Lab {
         sock(self.topo.backend(name).ip, port)
     }
 
-    /// The backend name whose address is `addr`.
+    /// [`Lab::backend_addr`] with the backend's IPv6 address (dual-stack topologies).
+    pub fn backend_addr6(&self, name: &str) -> SocketAddr {
+        let port = self.backend_addr(name).port();
+        SocketAddr::from((self.topo.backend(name).ip6, port))
+    }
+
+    /// The backend name whose address (of either family) is `addr`.
     pub fn backend_name(&self, addr: IpAddr) -> Option<&str> {
         self.topo
             .backends
             .iter()
-            .find(|b| IpAddr::V4(b.ip) == addr)
+            .find(|b| IpAddr::V4(b.ip) == addr || IpAddr::V6(b.ip6) == addr)
             .map(|b| b.name.as_str())
     }
 
@@ -246,17 +263,35 @@ impl Lab {
         mode: &str,
         backends: &[&str],
     ) -> Result<ServiceView> {
+        self.add_service_on(IpAddr::V4(VIP), port, proto, mode, backends)
+    }
+
+    /// [`Lab::add_service`] on VIP `vip`, of either family: the backends are added with their
+    /// addresses of the VIP's family.
+    pub fn add_service_on(
+        &self,
+        vip: IpAddr,
+        port: u16,
+        proto: Protocol,
+        mode: &str,
+        backends: &[&str],
+    ) -> Result<ServiceView> {
         let d = self.daemon();
-        let svc = service_arg(IpAddr::V4(VIP), port);
+        let svc = service_arg(vip, port);
         let proto_s = proto.to_string();
         d.lb_ctl_ok(&["service", "add", &svc, "--proto", &proto_s, "--mode", mode])?;
         for name in backends {
-            let addr = self.backend_addr(name).to_string();
+            let addr = if vip.is_ipv6() {
+                self.backend_addr6(name)
+            } else {
+                self.backend_addr(name)
+            }
+            .to_string();
             d.lb_ctl_ok(&[
                 "backend", "add", &svc, &addr, "--proto", &proto_s, "--weight", "1",
             ])?;
         }
-        let view = d.service(IpAddr::V4(VIP), port, proto)?;
+        let view = d.service(vip, port, proto)?;
         ensure!(
             view.backends.len() == backends.len(),
             "service shows {} backends, expected {}",

@@ -13,7 +13,7 @@
 //! attached to, or routed through the root namespace.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::Command,
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -40,6 +40,26 @@ pub const LB_IFACES: [&str; 2] = ["lbc", "lbb"];
 /// Most backends a topology can have (addresses 198.18.1.11 ..= 198.18.1.19).
 pub const MAX_BACKENDS: usize = 9;
 
+/// The client's IPv6 address (dual-stack topologies).
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// The LB node's IPv6 address on the client side.
+pub const LB_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+/// The LB node's IPv6 address on the backend side: the backends' default route and full-NAT's
+/// source towards them.
+pub const LB_BACKEND_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+/// The IPv6 virtual IP.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 1);
+/// The IPv6 VIPs' subnet, routed by the client through the LB node.
+pub const VIP6_SUBNET: &str = "2001:db8:64::/64";
+/// The backends' IPv6 subnet.
+pub const BACKEND6_SUBNET: &str = "2001:db8:1::/64";
+
+/// IPv6 address of backend `index` (1-based): 2001:db8:1::1N (hex).
+pub fn backend_ip6(index: usize) -> Ipv6Addr {
+    assert!((1..=MAX_BACKENDS).contains(&index), "backend index {index}");
+    Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10 + index as u16)
+}
+
 /// Address of backend `index` (1-based): 198.18.1.1N.
 pub fn backend_ip(index: usize) -> Ipv4Addr {
     assert!((1..=MAX_BACKENDS).contains(&index), "backend index {index}");
@@ -53,6 +73,10 @@ pub struct TopologyOptions {
     pub backends: usize,
     /// Direct server return: backends also hold the VIP on `lo` and answer clients directly.
     pub dsr: bool,
+    /// Dual stack: every node also gets its IPv6 address (2001:db8::/32, see [`CLIENT_IP6`]),
+    /// routes and, in DSR, [`VIP6`]. Off by default: IPv6 stays disabled in the namespaces, so
+    /// no router or neighbour solicitation moves the counters the IPv4 tests compare.
+    pub ipv6: bool,
 }
 
 impl Default for TopologyOptions {
@@ -60,6 +84,7 @@ impl Default for TopologyOptions {
         TopologyOptions {
             backends: 3,
             dsr: false,
+            ipv6: false,
         }
     }
 }
@@ -73,6 +98,8 @@ pub struct BackendNode {
     pub ns: String,
     /// Its address on `eth0`.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on `eth0` (configured in dual-stack topologies only).
+    pub ip6: Ipv6Addr,
 }
 
 /// A built topology. Dropping it deletes every namespace it created (and with them their
@@ -86,6 +113,7 @@ pub struct Topology {
     pub switch: String,
     pub backends: Vec<BackendNode>,
     pub dsr: bool,
+    pub ipv6: bool,
     /// Every namespace, in creation order; deleted in reverse order on drop.
     created: Vec<OwnedNetns>,
 }
@@ -140,10 +168,12 @@ impl Topology {
                     name: format!("b{i}"),
                     ns: format!("{prefix}b{i}"),
                     ip: backend_ip(i),
+                    ip6: backend_ip6(i),
                 })
                 .collect(),
             prefix,
             dsr: opts.dsr,
+            ipv6: opts.ipv6,
             created: Vec::new(),
         };
         topo.build()
@@ -279,15 +309,78 @@ impl Topology {
             }
         }
 
+        if self.ipv6 {
+            self.build_ipv6()?;
+        }
         self.check_plumbing()
+    }
+
+    /// The IPv6 half of a dual-stack topology: the same links, addresses without duplicate
+    /// address detection (usable at once), the same routes.
+    fn build_ipv6(&self) -> Result<()> {
+        let mut namespaces = vec![self.client.as_str(), self.lb.as_str(), self.switch.as_str()];
+        namespaces.extend(self.backends.iter().map(|b| b.ns.as_str()));
+        for ns in namespaces {
+            sysctl_in(
+                ns,
+                &[
+                    ("net.ipv6.conf.all.disable_ipv6", "0"),
+                    ("net.ipv6.conf.default.disable_ipv6", "0"),
+                    ("net.ipv6.conf.all.accept_dad", "0"),
+                    ("net.ipv6.conf.default.accept_dad", "0"),
+                ],
+            )?;
+        }
+        let addr = |ns: &str, a: String, dev: &str| {
+            ip_in(ns, &["-6", "addr", "add", &a, "dev", dev, "nodad"])
+        };
+        addr(&self.client, format!("{CLIENT_IP6}/64"), "eth0")?;
+        for subnet in [VIP6_SUBNET, BACKEND6_SUBNET] {
+            ip_in(
+                &self.client,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    subnet,
+                    "via",
+                    &LB_CLIENT_IP6.to_string(),
+                ],
+            )?;
+        }
+        addr(&self.lb, format!("{LB_CLIENT_IP6}/64"), "lbc")?;
+        addr(&self.lb, format!("{LB_BACKEND_IP6}/64"), "lbb")?;
+        sysctl_in(&self.lb, &[("net.ipv6.conf.all.forwarding", "1")])?;
+        for b in &self.backends {
+            addr(&b.ns, format!("{}/64", b.ip6), "eth0")?;
+            ip_in(
+                &b.ns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &LB_BACKEND_IP6.to_string(),
+                ],
+            )?;
+            if self.dsr {
+                addr(&b.ns, format!("{VIP6}/128"), "lo")?;
+            }
+        }
+        Ok(())
     }
 
     /// Pings every neighbour of the LB node once, from the LB node. This proves the links are
     /// up and fills the LB node's neighbour table (as on any router that has carried traffic),
     /// so the first packets of a test do not depend on ARP timing.
     fn check_plumbing(&self) -> Result<()> {
-        let mut targets = vec![CLIENT_IP];
-        targets.extend(self.backends.iter().map(|b| b.ip));
+        let mut targets: Vec<IpAddr> = vec![CLIENT_IP.into()];
+        targets.extend(self.backends.iter().map(|b| IpAddr::from(b.ip)));
+        if self.ipv6 {
+            targets.push(CLIENT_IP6.into());
+            targets.extend(self.backends.iter().map(|b| IpAddr::from(b.ip6)));
+        }
         for ip in targets {
             let ip = ip.to_string();
             // Bounded: at most 5 probes, 1 s each.

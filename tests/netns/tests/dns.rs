@@ -240,6 +240,7 @@ fn lab() -> Lab {
             topology: TopologyOptions {
                 backends: 3,
                 dsr: false,
+                ipv6: false,
             },
             daemon: None,
         }),

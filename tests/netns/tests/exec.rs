@@ -32,6 +32,7 @@ fn lab() -> Lab {
             topology: TopologyOptions {
                 backends: 1,
                 dsr: false,
+                ipv6: false,
             },
             daemon: None,
         }),

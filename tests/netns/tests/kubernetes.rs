@@ -165,6 +165,7 @@ fn kubernetes_service_flows_through_xdp_and_survives_the_api_server() {
             topology: TopologyOptions {
                 backends: 3,
                 dsr: false,
+                ipv6: false,
             },
             daemon: None,
         }),
@@ -404,6 +405,7 @@ fn kubernetes_topology_hints_follow_this_nodes_zone() {
             topology: TopologyOptions {
                 backends: 2,
                 dsr: false,
+                ipv6: false,
             },
             daemon: None,
         }),

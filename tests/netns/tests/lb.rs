@@ -12,7 +12,7 @@ use netns_tests::{
     client::{self, Conn, sock},
     lab::{TCP_SERVICE_PORT, UDP_SERVICE_PORT},
     privileged,
-    topology::VIP,
+    topology::{CLIENT_IP6, TopologyOptions, VIP, VIP6},
 };
 
 /// Flows per spread measurement. Backend choice per flow is a hash, so per-backend counts are
@@ -757,4 +757,243 @@ fn drained_backend_gets_no_reconnects_from_reused_source_ports() {
         "every reconnect counted as a new flow: {:#?}",
         stats.reasons
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6: the same load balancer over a dual-stack topology (2001:db8::/32, addresses without
+// duplicate address detection), servers on `[::]` answering both families.
+// ---------------------------------------------------------------------------------------------
+
+fn vip6_tcp() -> SocketAddr {
+    SocketAddr::from((VIP6, TCP_SERVICE_PORT))
+}
+
+fn dual_stack(dsr: bool) -> LabOptions {
+    LabOptions {
+        topology: TopologyOptions {
+            backends: 3,
+            dsr,
+            ipv6: true,
+        },
+        daemon: Some(netns_tests::Binaries::from_env()),
+    }
+}
+
+/// A dual-stack full-NAT lab with the TCP service on `[VIP6]:80` over b1..b3's IPv6 addresses.
+fn tcp6_lab() -> Option<Lab> {
+    let lab = lab(|| dual_stack(false))?;
+    lab.add_service_on(
+        IpAddr::V6(VIP6),
+        TCP_SERVICE_PORT,
+        Protocol::Tcp,
+        "full-nat",
+        &THREE,
+    )
+    .unwrap_or_else(|e| panic!("adding the IPv6 service: {e:#}"));
+    Some(lab)
+}
+
+/// The local addresses server `name` saw connections on (without its UDP socket's own `[::]`).
+fn connected_addrs(lab: &Lab, name: &str) -> Vec<SocketAddr> {
+    lab.server(name)
+        .local_addrs()
+        .into_iter()
+        .filter(|a| !a.ip().is_unspecified())
+        .collect()
+}
+
+fn backend_state6(view: &ServiceView, lab: &Lab, name: &str) -> (BackendState, u32) {
+    let addr = lab.backend_addr6(name);
+    let b = view
+        .backends
+        .iter()
+        .find(|b| b.addr == addr.ip() && b.port == addr.port())
+        .unwrap_or_else(|| panic!("backend {name} ({addr}) not in {view:#?}"));
+    (b.state, b.table_entries)
+}
+
+#[test]
+fn ipv6_tcp_spread_over_three_backends() {
+    let Some(lab) = tcp6_lab() else { return };
+    let spread = ok(
+        "tcp burst over IPv6",
+        client::tcp_spread_in(lab.client_ns(), vip6_tcp(), SPREAD_FLOWS),
+    );
+    println!("{}", spread.table());
+    assert_no_errors("IPv6 tcp burst", &spread);
+    assert_eq!(
+        spread.peers.iter().copied().collect::<Vec<_>>(),
+        vec![vip6_tcp()],
+        "every answer came from the IPv6 VIP"
+    );
+    assert_even("IPv6 tcp burst", &spread, &THREE);
+    // Full-NAT rewrote the VIP: each server saw the connections on its own IPv6 address.
+    for b in THREE {
+        assert_eq!(connected_addrs(&lab, b), vec![lab.backend_addr6(b)], "{b}");
+    }
+    // The load balancer's flow table lists the IPv6 flows.
+    let mut conn = ok("connect", client::connect_in(lab.client_ns(), vip6_tcp()));
+    ok("ping", conn.ping());
+    let port = TCP_SERVICE_PORT.to_string();
+    let rows = ok(
+        "conntrack list",
+        lab.daemon()
+            .lb_ctl_json(&["conntrack", "list", "--table", "lb", "--port", &port]),
+    );
+    let row = rows
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .find(|r| r["src_port"].as_u64() == Some(u64::from(conn.local.port())))
+        .unwrap_or_else(|| panic!("no row for {conn:?} in {rows:#}"));
+    assert_eq!(row["src"], CLIENT_IP6.to_string(), "{row:#}");
+    assert_eq!(row["dst"], VIP6.to_string(), "{row:#}");
+    assert_eq!(row["state"], "ESTABLISHED", "{row:#}");
+    assert!(row["packets_reply"].as_u64() >= Some(2), "{row:#}");
+}
+
+#[test]
+fn ipv6_drain_backend() {
+    let Some(lab) = tcp6_lab() else { return };
+    let mut conns = ok(
+        "long-lived connections",
+        client::connect_until_each_in(lab.client_ns(), vip6_tcp(), &THREE, 2, 60),
+    );
+    ping_conns("before draining", &mut conns);
+    let b2 = lab.backend_addr6("b2").to_string();
+    ok(
+        "backend drain b2",
+        lab.daemon()
+            .lb_ctl_ok(&["backend", "drain", &vip6_tcp().to_string(), &b2]),
+    );
+    ping_conns("right after draining b2", &mut conns);
+    let spread = ok(
+        "new connections",
+        client::tcp_spread_in(lab.client_ns(), vip6_tcp(), NEW_FLOWS),
+    );
+    assert_no_errors("new connections", &spread);
+    assert_eq!(spread.count("b2"), 0, "{}", spread.table());
+    assert!(
+        spread.count("b1") > 0 && spread.count("b3") > 0,
+        "{}",
+        spread.table()
+    );
+    assert!(!by_backend(&conns, "b2").is_empty());
+    ping_conns("after new connections", &mut conns);
+    let view = ok(
+        "service show",
+        lab.daemon()
+            .service(IpAddr::V6(VIP6), TCP_SERVICE_PORT, Protocol::Tcp),
+    );
+    assert_eq!(
+        backend_state6(&view, &lab, "b2"),
+        (BackendState::Draining, 0)
+    );
+}
+
+#[test]
+fn ipv6_kill9_restart_keeps_connections_under_traffic() {
+    let Some(mut lab) = tcp6_lab() else { return };
+    let mut conns = ok(
+        "long-lived connections",
+        client::connect_many_in(lab.client_ns(), vip6_tcp(), 10),
+    );
+    ping_conns("before the kill", &mut conns);
+    ok("kill -9", lab.daemon_mut().kill_9());
+    for round in 0..3 {
+        ping_conns(&format!("daemon down, round {round}"), &mut conns);
+    }
+    // New IPv6 flows while the daemon is down: `xdp_lb` still tail-calls `xdp_lb6`, whose
+    // program array is pinned.
+    let fresh = ok(
+        "new connections while the daemon is down",
+        client::tcp_spread_in(lab.client_ns(), vip6_tcp(), 30),
+    );
+    assert_no_errors("new IPv6 connections while the daemon is down", &fresh);
+    ok("restart", lab.daemon_mut().restart());
+    ping_conns("after the restart", &mut conns);
+    let spread = ok(
+        "new connections after the restart",
+        client::tcp_spread_in(lab.client_ns(), vip6_tcp(), 60),
+    );
+    assert_no_errors("new connections after the restart", &spread);
+    for b in THREE {
+        assert!(spread.count(b) > 0, "{}", spread.table());
+    }
+    let stats = ok("stats", lab.daemon().stats());
+    assert_eq!(
+        stats.reasons.get("pass_ipv6_unavailable").copied(),
+        Some(0),
+        "{:#?}",
+        stats.reasons
+    );
+    ping_conns("at the end", &mut conns);
+}
+
+#[test]
+fn ipv6_dsr_mode() {
+    let Some(lab) = lab(|| dual_stack(true)) else {
+        return;
+    };
+    ok(
+        "adding the IPv6 dsr service",
+        lab.add_service_on(
+            IpAddr::V6(VIP6),
+            TCP_SERVICE_PORT,
+            Protocol::Tcp,
+            "dsr",
+            &THREE,
+        ),
+    );
+    let spread = ok(
+        "tcp burst",
+        client::tcp_spread_in(lab.client_ns(), vip6_tcp(), 90),
+    );
+    assert_no_errors("IPv6 dsr burst", &spread);
+    for b in THREE {
+        assert!(spread.count(b) > 0, "{b}: {}", spread.table());
+        // Nothing rewrote the addresses: the backends saw the VIP as destination.
+        assert_eq!(connected_addrs(&lab, b), vec![vip6_tcp()], "{b}");
+    }
+}
+
+/// One service on both families: the same backends behind an IPv4 and an IPv6 VIP, reached
+/// from the one client over each, with connections of both open at once.
+#[test]
+fn dual_stack_service_is_reached_over_both_families() {
+    let Some(lab) = lab(|| dual_stack(false)) else {
+        return;
+    };
+    for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+        ok(
+            "adding a service",
+            lab.add_service_on(vip, TCP_SERVICE_PORT, Protocol::Tcp, "full-nat", &THREE),
+        );
+    }
+    let mut conns = Vec::new();
+    for vip in [vip_tcp(), vip6_tcp()] {
+        let spread = ok("burst", client::tcp_spread_in(lab.client_ns(), vip, 90));
+        assert_no_errors(&format!("burst to {vip}"), &spread);
+        for b in THREE {
+            assert!(spread.count(b) > 0, "{vip}: {}", spread.table());
+        }
+        conns.extend(ok(
+            "connect",
+            client::connect_many_in(lab.client_ns(), vip, 3),
+        ));
+    }
+    ping_conns("both families at once", &mut conns);
+    // Each server (one `[::]` socket) saw its IPv6 address and its IPv4 one (mapped).
+    for b in THREE {
+        let seen = lab.server(b).local_addrs();
+        let v4 = lab.backend_addr(b);
+        let mapped = match v4.ip() {
+            IpAddr::V4(ip) => SocketAddr::from((ip.to_ipv6_mapped(), v4.port())),
+            IpAddr::V6(_) => unreachable!("an IPv4 backend address"),
+        };
+        assert!(
+            seen.contains(&lab.backend_addr6(b)) && seen.contains(&mapped),
+            "{b} saw {seen:?}"
+        );
+    }
 }

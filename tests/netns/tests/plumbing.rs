@@ -8,7 +8,11 @@ use netns_tests::{
 
 fn lab_without_daemon(backends: usize, dsr: bool) -> Lab {
     Lab::start(LabOptions {
-        topology: TopologyOptions { backends, dsr },
+        topology: TopologyOptions {
+            backends,
+            dsr,
+            ipv6: false,
+        },
         daemon: None,
     })
     .expect("building the topology")

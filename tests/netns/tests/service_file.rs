@@ -90,6 +90,7 @@ fn services_file_is_applied_by_difference_and_owns_its_services() {
             topology: TopologyOptions {
                 backends: 3,
                 dsr: false,
+                ipv6: false,
             },
             daemon: None,
         }),

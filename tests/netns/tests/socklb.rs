@@ -140,6 +140,7 @@ fn lab_and_cgroup() -> (Lab, TestCgroup) {
             topology: TopologyOptions {
                 backends: 2,
                 dsr: false,
+                ipv6: false,
             },
             daemon: None,
         }),

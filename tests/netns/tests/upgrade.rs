@@ -356,6 +356,7 @@ fn upgrade_from_the_previous_landed_build_keeps_connections_services_and_policy(
             topology: TopologyOptions {
                 backends: THREE.len(),
                 dsr: true,
+                ipv6: false,
             },
             daemon: None,
         }),
