@@ -489,12 +489,7 @@ fn ip_arg(what: &'static str, value: &str) -> Result<String> {
 /// the daemon accepts in any case.
 fn ct_filter(f: &CtFilterArgs) -> Result<CtFilter> {
     let address = match &f.address {
-        Some(a) => {
-            let ip: std::net::Ipv4Addr = a
-                .parse()
-                .map_err(|_| Error::invalid("address", a, "not an IPv4 address"))?;
-            Some(ip.to_string())
-        }
+        Some(a) => Some(ip_arg("address", a)?),
         None => None,
     };
     Ok(CtFilter {

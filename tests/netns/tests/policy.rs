@@ -12,7 +12,7 @@
 //! arrives on `ep0` (its `ingress` rules).
 use std::{
     io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     path::PathBuf,
     process::{Command, Stdio},
     sync::{Arc, Mutex},
@@ -31,6 +31,8 @@ use serde_json::Value;
 
 const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const ENDPOINT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 20, 2);
+const REMOTE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const ENDPOINT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 2);
 /// The daemon's metrics listener, on the node namespace's own loopback.
 const METRICS: &str = "127.0.0.1:9477";
 /// Longest any wait below lasts.
@@ -96,6 +98,16 @@ fn setup(name: &str) -> Result<PolicyLab> {
 }
 
 fn setup_with(name: &str, interfaces: &str) -> Result<PolicyLab> {
+    build(name, interfaces, false)
+}
+
+/// [`setup`] with IPv6 too: 2001:db8:20::/64 behind `ep0`, 2001:db8::/64 on the remote side
+/// (addresses without duplicate address detection), servers on the endpoint's IPv6 address.
+fn setup_dual_stack(name: &str) -> Result<PolicyLab> {
+    build(name, "\"ep*\"", true)
+}
+
+fn build(name: &str, interfaces: &str, ipv6: bool) -> Result<PolicyLab> {
     let prefix = unique_prefix();
     let mut lab = PolicyLab {
         node: format!("{prefix}n"),
@@ -134,6 +146,37 @@ fn setup_with(name: &str, interfaces: &str) -> Result<PolicyLab> {
     ip_in(&r, &["link", "set", "eth0", "up"])?;
     ip_in(&r, &["route", "add", "default", "via", "198.18.0.2"])?;
     sysctl_in(&n, &[("net.ipv4.ip_forward", "1")])?;
+    if ipv6 {
+        for ns in [&n, &e, &r] {
+            sysctl_in(
+                ns,
+                &[
+                    ("net.ipv6.conf.all.disable_ipv6", "0"),
+                    ("net.ipv6.conf.all.accept_dad", "0"),
+                ],
+            )?;
+        }
+        let addr = |ns: &str, a: &str, dev: &str| {
+            ip_in(ns, &["-6", "addr", "add", a, "dev", dev, "nodad"])
+        };
+        addr(&n, "2001:db8:20::1/64", "ep0")?;
+        addr(&n, "2001:db8::2/64", "up0")?;
+        addr(&e, "2001:db8:20::2/64", "eth0")?;
+        addr(&r, &format!("{REMOTE_IP6}/64"), "eth0")?;
+        ip_in(
+            &e,
+            &["-6", "route", "add", "default", "via", "2001:db8:20::1"],
+        )?;
+        ip_in(&r, &["-6", "route", "add", "default", "via", "2001:db8::2"])?;
+        sysctl_in(&n, &[("net.ipv6.conf.all.forwarding", "1")])?;
+        for port in [8080u16, 8081, 9090, 7070] {
+            lab.servers.push(BackendServer::start(
+                &e,
+                &format!("ep6-{port}"),
+                SocketAddr::from((ENDPOINT_IP6, port)),
+            )?);
+        }
+    }
 
     for port in [8080u16, 8081, 9090, 7070] {
         lab.servers.push(BackendServer::start(
@@ -789,4 +832,83 @@ fn a_megabyte_each_way_crosses_a_policed_interface_with_default_offloads() {
             "{name}: the transfers passed as tracked traffic\n{status:#}"
         );
     }
+}
+
+/// One endpoint policy over both families: rules without a CIDR hold for IPv4 and IPv6, an
+/// IPv6 prefix only for IPv6, and IPv6 flows are tracked and listed. Neighbour discovery keeps
+/// working through the default-deny direction (the endpoint still reaches its router).
+#[test]
+fn an_ipv6_policy_allows_and_denies_ipv6_ports() {
+    if !privileged() {
+        return;
+    }
+    let lab = setup_dual_stack("ipv6").expect("building the dual-stack policy topology");
+    lab.apply(
+        "\
+endpoints:
+  - interface: ep0
+    default_ingress: allow
+    default_egress: deny
+    egress:
+      - name: web
+        protocol: tcp
+        ports: 8080
+        action: allow
+      - name: alt-v6
+        cidr: 2001:db8:20::/64
+        protocol: tcp
+        ports: 8081
+        action: allow
+      - name: blocked
+        protocol: tcp
+        ports: 9090
+        action: deny
+",
+    )
+    .expect("applying the policy");
+    let v6 = |port: u16| SocketAddr::from((ENDPOINT_IP6, port));
+    let v4 = |port: u16| client::sock(ENDPOINT_IP, port);
+    let refused_at = |to: SocketAddr| client::connect_in(&lab.remote, to).is_err();
+
+    let mut web6 = client::connect_in(&lab.remote, v6(8080)).expect("8080 over IPv6 is allowed");
+    assert_eq!(web6.backend, "ep6-8080");
+    for _ in 0..3 {
+        web6.ping().expect("echo on [::]:8080");
+    }
+    let mut web4 = client::connect_in(&lab.remote, v4(8080)).expect("8080 over IPv4 is allowed");
+    web4.ping().expect("echo on 8080");
+    // An IPv6 prefix rule (an egress rule's CIDR is the destination's): IPv6 to inside it
+    // only.
+    let mut alt6 = client::connect_in(&lab.remote, v6(8081)).expect("8081 to 2001:db8:20::/64");
+    alt6.ping().expect("echo on [::]:8081");
+    assert!(refused_at(v4(8081)), "the IPv6 rule does not admit IPv4");
+    assert!(refused_at(v6(9090)), "9090 over IPv6 is denied by a rule");
+    assert!(
+        refused_at(v6(7070)),
+        "7070 over IPv6 is denied by the default"
+    );
+
+    let status = lab.status().unwrap();
+    assert!(rule_packets(&status, "web") >= 2, "{status:#}");
+    assert!(rule_packets(&status, "alt-v6") >= 1, "{status:#}");
+    assert!(rule_packets(&status, "blocked") >= 1, "{status:#}");
+    assert!(
+        reason(&status, "pass_neighbour_discovery") >= 1,
+        "{status:#}"
+    );
+
+    let flows = lab
+        .daemon()
+        .lb_ctl_json(&["conntrack", "list", "--address", &ENDPOINT_IP6.to_string()])
+        .unwrap();
+    let flow = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["src_port"].as_u64() == Some(u64::from(web6.local.port())))
+        .unwrap_or_else(|| panic!("flow of {web6:?} not listed: {flows:#}"));
+    assert_eq!(flow["src"], REMOTE_IP6.to_string(), "{flow:#}");
+    assert_eq!(flow["dst"], ENDPOINT_IP6.to_string(), "{flow:#}");
+    assert_eq!(flow["state"], "ESTABLISHED", "{flow:#}");
+    assert!(flow["packets_reply"].as_u64().unwrap() >= 4, "{flow:#}");
 }
