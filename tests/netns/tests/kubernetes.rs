@@ -23,12 +23,13 @@ use netns_tests::{
     kube_api::{self, KubeApi, Resource, yaml_object},
     lab::{BACKEND_PORT, TCP_SERVICE_PORT},
     netns, privileged,
-    topology::{LB_CLIENT_IP, VIP},
+    topology::{LB_CLIENT_IP, VIP, VIP6},
 };
 use serde_json::{Value, json};
 
 const RECORDED: &str = "../../../shared/k8s-recorded/cilium/graceful-termination";
 const TOPOLOGY_AWARE: &str = "../../../shared/k8s-recorded/cilium/topology-aware";
+const DUAL_STACK: &str = "../../../shared/k8s-recorded/cilium/dualstack";
 const NODE: &str = "graceful-term-control-plane";
 const NEW_FLOWS: usize = 200;
 
@@ -519,4 +520,114 @@ fn kubernetes_topology_hints_follow_this_nodes_zone() {
         "{}",
         spread.table()
     );
+}
+
+/// The recorded dual-stack Service (`default/echo-dualstack`, `RequireDualStack`, one
+/// ClusterIP per family) and its two EndpointSlices (one per address type), mapped onto the
+/// test VIPs and the three backends' addresses of each family: both ClusterIPs are programmed,
+/// each with its own family's backends, and both carry real connections.
+#[test]
+fn kubernetes_dual_stack_service_programs_both_cluster_ips() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 3,
+                dsr: false,
+                ipv6: true,
+            },
+            daemon: None,
+        }),
+    );
+    let mut svc = recorded_in(DUAL_STACK, "service1.yaml");
+    svc["spec"]["type"] = json!("ClusterIP");
+    svc["spec"]["clusterIP"] = json!(VIP.to_string());
+    svc["spec"]["clusterIPs"] = json!([VIP.to_string(), VIP6.to_string()]);
+    let http = json!({"name": "http", "port": TCP_SERVICE_PORT, "protocol": "TCP", "targetPort": BACKEND_PORT});
+    svc["spec"]["ports"] = json!([http]);
+    let slice_of = |file: &str, addrs: Vec<String>| {
+        let mut s = recorded_in(DUAL_STACK, file);
+        let template = s["endpoints"][0].clone();
+        s["endpoints"] = addrs
+            .into_iter()
+            .map(|a| {
+                let mut e = template.clone();
+                e["addresses"] = json!([a]);
+                e
+            })
+            .collect();
+        s["ports"] = json!([{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}]);
+        s
+    };
+    let names = ["b1", "b2", "b3"];
+    let v6: Vec<String> = names
+        .iter()
+        .map(|b| lab.topo.backend(b).ip6.to_string())
+        .collect();
+    let v4: Vec<String> = names
+        .iter()
+        .map(|b| lab.topo.backend(b).ip.to_string())
+        .collect();
+    let api = ok(
+        "stand-in",
+        listen_in(&lab.topo.lb, 0).and_then(KubeApi::serve),
+    );
+    ok("service", api.apply(Resource::Services, svc).map(drop));
+    for slice in [
+        slice_of("endpointslice1.yaml", v6),
+        slice_of("endpointslice2.yaml", v4),
+    ] {
+        ok(
+            "slice",
+            api.apply(Resource::EndpointSlices, slice).map(drop),
+        );
+    }
+    start_daemon(&mut lab, &api, "dual-stack-worker");
+    let d = lab.daemon();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let views = loop {
+        let views: Vec<ServiceView> = [IpAddr::V4(VIP), IpAddr::V6(VIP6)]
+            .into_iter()
+            .filter_map(|vip| d.service(vip, TCP_SERVICE_PORT, Protocol::Tcp).ok())
+            .filter(|v| v.backends.len() == 3)
+            .collect();
+        if views.len() == 2 {
+            break views;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both ClusterIPs not programmed in 20 s: {:#?}\n{}",
+            sources(d).ok(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for v in &views {
+        assert_eq!(v.source, ServiceSource::Kubernetes);
+        assert_eq!(v.owner.as_deref(), Some("default/echo-dualstack"));
+        assert!(
+            v.backends
+                .iter()
+                .all(|b| b.addr.is_ipv6() == v.vip.is_ipv6()),
+            "each ClusterIP has its own family's backends: {v:#?}"
+        );
+    }
+    for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+        let spread = ok(
+            "connections",
+            client::tcp_spread_in(
+                lab.client_ns(),
+                SocketAddr::from((vip, TCP_SERVICE_PORT)),
+                60,
+            ),
+        );
+        assert!(spread.errors.is_empty(), "{vip}: {}", spread.table());
+        for b in names {
+            assert!(spread.count(b) > 0, "{vip}: {}", spread.table());
+        }
+    }
 }
