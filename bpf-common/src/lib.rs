@@ -44,6 +44,19 @@ pub const fn addr16_from_ip(addr: core::net::IpAddr) -> Addr16 {
     }
 }
 
+/// The address an [`Addr16`] of family `family` holds (host side: the daemon's listings).
+pub fn ip_from_addr16(addr: &Addr16, family: u8) -> core::net::IpAddr {
+    if family == FAMILY_IPV6 {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_exact_mut(4).zip(addr) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        core::net::IpAddr::V6(core::net::Ipv6Addr::from(octets))
+    } else {
+        core::net::IpAddr::V4(core::net::Ipv4Addr::from(addr[0].to_ne_bytes()))
+    }
+}
+
 /// Builds an [`Addr16`] from an IPv6 address held as wire-order bytes.
 #[inline(always)]
 pub const fn addr16_from_ipv6_octets(o: [u8; 16]) -> Addr16 {

@@ -73,12 +73,13 @@ impl SockRevNatSet {
         known
     }
 
-    /// The IPv4 translation whose backend is `addr:port_be` (wire order).
+    /// The translation of family `family` whose backend is `addr:port_be` (wire order; an IPv4
+    /// address in word 0).
     #[inline(always)]
-    pub fn by_backend(&self, addr: u32, port_be: u16) -> Option<&SockRevNat> {
-        self.entries.iter().find(|e| {
-            e.family == crate::FAMILY_IPV4 && e.backend[0] == addr && e.backend_port_be == port_be
-        })
+    pub fn by_backend(&self, addr: &Addr16, family: u8, port_be: u16) -> Option<&SockRevNat> {
+        self.entries
+            .iter()
+            .find(|e| e.family == family && e.backend == *addr && e.backend_port_be == port_be)
     }
 }
 

@@ -10,8 +10,8 @@
 //!   (`SOCK_REVNAT`, an sk_storage map), which dies with the socket.
 //! - `sock_recvmsg4` and `sock_getpeername4` show the VIP again for a peer that the socket was
 //!   translated to, so UDP replies come "from the VIP" and `getpeername()` answers the VIP.
-//! - The `*6` programs do the same for IPv6 sockets that reach an IPv4 VIP through its
-//!   IPv4-mapped address.
+//! - The `*6` programs do the same for IPv6 VIPs, and for IPv6 sockets that reach an IPv4 VIP
+//!   through its IPv4-mapped address.
 //! - Left alone: what is not a VIP, callers in an opted-out cgroup (or below one), and, in the
 //!   host-namespace-only mode, sockets of other network namespaces.
 //!
@@ -37,8 +37,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use bpf_common::{
-    BACKEND_ACTIVE, BackendInfo, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, VIP_F_XDP_ONLY, VipInfo,
-    VipKey, defaults, maglev_index,
+    Addr16, BACKEND_ACTIVE, BackendInfo, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
+    VIP_F_XDP_ONLY, VipInfo, VipKey, defaults, maglev_index,
     policy::RateBucket,
     sock::{
         DEFAULT_EVENT_RATE, HOOK_CONNECT, HOOK_SENDMSG, OPT_OUT_DEPTH, SockLbEvent, SockRevNat,
@@ -153,7 +153,8 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     finish(try_reverse::<false>(&ctx, reason::GETPEERNAME_REVERSED))
 }
 
-/// The IPv6 hooks serve IPv6 sockets talking to IPv4 VIPs through IPv4-mapped addresses.
+/// The IPv6 hooks serve IPv6 VIPs, and IPv6 sockets talking to IPv4 VIPs through IPv4-mapped
+/// addresses.
 #[cgroup_sock_addr(connect6)]
 pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
     finish(try_translate::<true>(&ctx, HOOK_CONNECT))
@@ -209,7 +210,9 @@ fn pick(vip: &VipInfo, key: &VipKey, cookie: u64) -> Option<(u32, &'static Backe
     if size == 0 || vip.active_backends == 0 {
         return None;
     }
-    let hash = cookie_hash(cookie, key.addr[0], key.port_be, key.proto, SEED_MAGLEV);
+    // The address's words folded: an IPv4 VIP's three zero words leave its hash as it was.
+    let folded = key.addr[0] ^ key.addr[1] ^ key.addr[2] ^ key.addr[3];
+    let hash = cookie_hash(cookie, folded, key.port_be, key.proto, SEED_MAGLEV);
     let slot = vip.table_slot & 1;
     for n in 0..4u32 {
         let h = if n == 0 { hash } else { derive(hash, n) };
@@ -257,15 +260,15 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return (ALLOW, reason::PASS_NOT_VIP);
     }
-    let Some(ip) = destination::<V6>(sa) else {
+    let Some((addr, family)) = destination::<V6>(sa) else {
         return (ALLOW, reason::PASS_NOT_VIP);
     };
     let key = VipKey {
-        addr: [ip, 0, 0, 0],
+        addr,
         // The port's two bytes, in network order, are the low half of the u32.
         port_be: sa.user_port as u16,
         proto,
-        family: FAMILY_IPV4,
+        family,
     };
     let Some(vip) = LB_VIPS.get_ptr(key) else {
         return (ALLOW, reason::PASS_NOT_VIP);
@@ -296,7 +299,7 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
         backend: backend.addr,
         vip_port_be: key.port_be,
         backend_port_be: backend.port_be,
-        family: FAMILY_IPV4,
+        family,
         proto,
         _pad: [0; 2],
         service_id: vip.service_id,
@@ -307,7 +310,7 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
         // Best effort: without it this socket is not destroyed with its backend.
         let _ = SOCK_UDP_CONN.insert(cookie, translation, 0);
     }
-    set_peer::<V6>(sa, backend.addr[0], backend.port_be);
+    set_peer::<V6>(sa, &backend.addr, family, backend.port_be);
     if let Some(n) = SOCK_SVC_STATS.get_ptr_mut(vip.service_id) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *n += 1 };
@@ -332,7 +335,7 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
         backend_id,
         hook,
         proto,
-        family: FAMILY_IPV4,
+        family,
         _pad: 0,
         vip: key.addr,
         backend: backend.addr,
@@ -361,45 +364,56 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
 fn try_reverse<const V6: bool>(ctx: &SockAddrContext, reversed: u32) -> (i32, u32) {
     // SAFETY: the kernel's bpf_sock_addr for this call.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(addr) = destination::<V6>(sa) else {
+    let Some((addr, family)) = destination::<V6>(sa) else {
         return (ALLOW, reason::PASS_NOT_TRANSLATED);
     };
     let Some(set) = revnat_of(ctx, false) else {
         return (ALLOW, reason::PASS_NOT_TRANSLATED);
     };
-    match set.by_backend(addr, sa.user_port as u16) {
+    match set.by_backend(&addr, family, sa.user_port as u16) {
         Some(e) => {
-            set_peer::<V6>(sa, e.vip[0], e.vip_port_be);
+            set_peer::<V6>(sa, &e.vip, family, e.vip_port_be);
             (ALLOW, reversed)
         }
         None => (ALLOW, reason::PASS_NOT_TRANSLATED),
     }
 }
 
-/// The IPv4 address of the call's peer: `user_ip4` in the v4 hooks, an IPv4-mapped
-/// `user_ip6` in the v6 ones (an IPv6 socket talking to an IPv4 VIP); `None` for anything
-/// else (IPv6 VIPs are not served yet). `V6` is a constant so that each program only touches
-/// the fields its hook may (the verifier refuses `user_ip6` in a v4 hook and the reverse).
+/// The call's peer address in the maps' 16-byte form and its family: `user_ip4` in the v4
+/// hooks; in the v6 ones `user_ip6`, an IPv6 address, or an IPv4-mapped one (an IPv6 socket
+/// talking to an IPv4 VIP) as IPv4. `V6` is a constant so that each program only touches the
+/// fields its hook may (the verifier refuses `user_ip6` in a v4 hook and the reverse).
 #[inline(always)]
-fn destination<const V6: bool>(sa: &bpf_sock_addr) -> Option<u32> {
+fn destination<const V6: bool>(sa: &bpf_sock_addr) -> Option<(Addr16, u8)> {
     if V6 {
-        if sa.user_family == AF_INET6 {
-            ipv4_of_mapped(&sa.user_ip6)
-        } else {
-            None
+        if sa.user_family != AF_INET6 {
+            return None;
         }
+        let ip6 = sa.user_ip6;
+        Some(match ipv4_of_mapped(&ip6) {
+            Some(v4) => ([v4, 0, 0, 0], FAMILY_IPV4),
+            None => (ip6, FAMILY_IPV6),
+        })
     } else {
-        (sa.user_family == AF_INET).then_some(sa.user_ip4)
+        (sa.user_family == AF_INET).then_some(([sa.user_ip4, 0, 0, 0], FAMILY_IPV4))
     }
 }
 
-/// Sets the call's peer to `addr:port` (wire order), in the hook's own form.
+/// Sets the call's peer to `addr:port` (wire order) of `family`, in the hook's own form (an
+/// IPv4 peer of an IPv6 socket stays IPv4-mapped).
 #[inline(always)]
-fn set_peer<const V6: bool>(sa: &mut bpf_sock_addr, addr: u32, port_be: u16) {
-    if V6 {
-        sa.user_ip6[3] = addr;
+fn set_peer<const V6: bool>(sa: &mut bpf_sock_addr, addr: &Addr16, family: u8, port_be: u16) {
+    if !V6 {
+        sa.user_ip4 = addr[0];
+    } else if family == FAMILY_IPV4 {
+        sa.user_ip6[3] = addr[0];
     } else {
-        sa.user_ip4 = addr;
+        // One 4-byte store per word: the kernel takes only those (or 8-byte ones) into the
+        // context, and a whole-array assignment becomes a byte-wise `memmove`.
+        for (i, word) in addr.iter().enumerate() {
+            // SAFETY: an in-bounds field of the hook's own context.
+            unsafe { core::ptr::write_volatile(&mut sa.user_ip6[i], *word) };
+        }
     }
     sa.user_port = port_be as u32;
 }

@@ -1,7 +1,7 @@
 //! The conntrack tables as the API shows them: [`CtFlow`], the listing filter [`CtFilter`].
 
 use crate::policy::spec::dir_name;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use bpf_common::{
     PROTO_ICMP, PROTO_TCP, PROTO_UDP,
@@ -69,17 +69,7 @@ pub fn proto_name(proto: u8) -> String {
 }
 
 /// An address of a map key (`bpf_common::Addr16`, wire order) of family `family`.
-pub fn key_addr(addr: &[u32; 4], family: u8) -> IpAddr {
-    if family == bpf_common::FAMILY_IPV6 {
-        let mut octets = [0u8; 16];
-        for (chunk, word) in octets.chunks_exact_mut(4).zip(addr) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(octets))
-    } else {
-        IpAddr::V4(Ipv4Addr::from(addr[0].to_ne_bytes()))
-    }
-}
+pub use bpf_common::ip_from_addr16 as key_addr;
 
 /// The original-direction tuple of a canonical key: (src, sport, dst, dport), ports in host
 /// byte order.
@@ -259,10 +249,16 @@ mod tests {
     fn ipv6_keys_list_as_ipv6_addresses_and_filter_by_any_spelling() {
         let key = CtKey {
             addr_a: bpf_common::addr16_from_ipv6_octets(
-                "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+                "2001:db8::1"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
             ),
             addr_b: bpf_common::addr16_from_ipv6_octets(
-                "2001:db8:64::10".parse::<Ipv6Addr>().unwrap().octets(),
+                "2001:db8:64::10"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
             ),
             port_a_be: 40000u16.to_be(),
             port_b_be: 80u16.to_be(),

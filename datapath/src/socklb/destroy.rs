@@ -16,7 +16,7 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use bpf_common::{
-    FAMILY_IPV4, PROTO_TCP, PROTO_UDP,
+    FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
     sock::{SockRevNat, SockRevNatSet, ipv4_of_mapped},
 };
 use datapath_api::{Protocol, ServiceKey};
@@ -129,7 +129,11 @@ fn translations(attrs: &[u8]) -> Vec<SockRevNat> {
                 }
                 // SAFETY: at least one plain `repr(C)` value of the ABI.
                 let set: SockRevNatSet = unsafe { std::ptr::read_unaligned(value.as_ptr().cast()) };
-                out.extend(set.entries.iter().filter(|r| r.family == FAMILY_IPV4));
+                out.extend(
+                    set.entries
+                        .iter()
+                        .filter(|r| r.family == FAMILY_IPV4 || r.family == FAMILY_IPV6),
+                );
             }
         }
     }
@@ -268,19 +272,22 @@ impl Diag {
     }
 }
 
-/// A socket's IPv4 peer (wire order): the address of an IPv4 socket, or an IPv4-mapped one of
-/// an IPv6 socket.
-fn ipv4_peer(family: i32, dst: &[u32; 4]) -> Option<u32> {
+/// A socket's peer address: that of an IPv4 socket, an IPv6 socket's IPv6 one, or the IPv4
+/// address in an IPv6 socket's IPv4-mapped one (how such a socket reaches an IPv4 VIP).
+fn peer_ip(family: i32, dst: &[u32; 4]) -> std::net::IpAddr {
+    let v4 = |w: u32| std::net::IpAddr::V4(Ipv4Addr::from(w.to_ne_bytes()));
     if family == libc::AF_INET {
-        Some(dst[0])
-    } else {
-        ipv4_of_mapped(dst)
+        return v4(dst[0]);
+    }
+    match ipv4_of_mapped(dst) {
+        Some(w) => v4(w),
+        None => bpf_common::ip_from_addr16(dst, FAMILY_IPV6),
     }
 }
 
 /// What the socket LB recorded for a socket, as a (service, backend) pair.
 fn translated(r: &SockRevNat) -> (ServiceKey, SocketAddr) {
-    let ip = |a: [u32; 4]| std::net::IpAddr::V4(Ipv4Addr::from(a[0].to_ne_bytes()));
+    let ip = |a: [u32; 4]| bpf_common::ip_from_addr16(&a, r.family);
     let proto = if r.proto == PROTO_UDP {
         Protocol::Udp
     } else {
@@ -315,7 +322,7 @@ pub fn destroy_where(
     attrs.extend(REQ_MAP_FD.to_ne_bytes());
     attrs.extend(fd.to_ne_bytes());
     let mut destroyed = 0;
-    // IPv6 sockets too: they reach IPv4 VIPs through IPv4-mapped addresses.
+    // IPv6 sockets too: IPv6 VIPs', and IPv4 VIPs' through IPv4-mapped addresses.
     for (family, protocol) in [
         (libc::AF_INET, PROTO_TCP),
         (libc::AF_INET, PROTO_UDP),
@@ -336,13 +343,7 @@ pub fn destroy_where(
         )?;
         let mut doomed_sockets = Vec::new();
         diag.answers(seq, |m, attrs| {
-            let Some(peer_ip) = ipv4_peer(family, &m.id.dst) else {
-                return;
-            };
-            let peer = SocketAddr::new(
-                std::net::IpAddr::V4(Ipv4Addr::from(peer_ip.to_ne_bytes())),
-                u16::from_be(m.id.dport_be),
-            );
+            let peer = SocketAddr::new(peer_ip(family, &m.id.dst), u16::from_be(m.id.dport_be));
             if peer.port() == 0 || peers.is_some_and(|p| !p.contains(&peer)) {
                 return;
             }

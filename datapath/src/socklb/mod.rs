@@ -17,7 +17,7 @@ mod plane;
 
 use std::{
     collections::{BTreeSet, VecDeque},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -76,9 +76,9 @@ pub struct SockLbController {
     destroy_errors: AtomicU64,
 }
 
-fn socket(addr: [u32; 4], port_be: u16) -> SocketAddr {
+fn socket(addr: [u32; 4], family: u8, port_be: u16) -> SocketAddr {
     SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::from(addr[0].to_ne_bytes())),
+        bpf_common::ip_from_addr16(&addr, family),
         u16::from_be(port_be),
     )
 }
@@ -118,8 +118,8 @@ impl SockLbController {
             } else {
                 Protocol::Tcp
             },
-            vip: socket(e.vip, e.vip_port_be),
-            backend: socket(e.backend, e.backend_port_be),
+            vip: socket(e.vip, e.family, e.vip_port_be),
+            backend: socket(e.backend, e.family, e.backend_port_be),
         };
         let mut recent = lock(&self.recent);
         if recent.len() >= RECENT_SOCKLB_DECISIONS {

@@ -24,18 +24,22 @@ use netns_tests::{
     cmd, http,
     lab::{TCP_SERVICE_PORT, UDP_SERVICE_PORT},
     netns, privileged,
-    topology::{LB_CLIENT_IP, VIP},
+    topology::{LB_CLIENT_IP, VIP, VIP6},
 };
 use serde_json::Value;
 
 const CLIENT: &str = r#"
 import json, socket, sys
 mode, vip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-# A mode ending in 6 ("tcp6", "hold6"): IPv6 sockets to the IPv4-mapped VIP (::ffff:a.b.c.d).
-family = socket.AF_INET6 if mode.endswith("6") else socket.AF_INET
-host = "::ffff:" + vip if mode.endswith("6") else vip
+# A mode ending in v6 ("tcpv6"): IPv6 sockets to an IPv6 VIP. Ending in 6 ("tcp6", "hold6"):
+# IPv6 sockets to the IPv4-mapped VIP (::ffff:a.b.c.d).
+if mode.endswith("v6"):
+    family, host, mode = socket.AF_INET6, vip, mode[:-2]
+elif mode.endswith("6"):
+    family, host, mode = socket.AF_INET6, "::ffff:" + vip, mode.rstrip("6")
+else:
+    family, host = socket.AF_INET, vip
 target = (host, port)
-mode = mode.rstrip("6")
 
 def tcp_connected():
     s = socket.socket(family, socket.SOCK_STREAM)
@@ -116,12 +120,12 @@ for i in range(n):
             print(json.dumps({"backend": data.decode().split()[0], "peer": "%s:%d" % src[:2]}),
                   flush=True)
         else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(family, socket.SOCK_DGRAM)
             s.settimeout(5)
-            s.connect((vip, port))
+            s.connect(target)
             s.send(b"c%d" % i)
             data = s.recv(2048)
-            peer = "%s:%d" % s.getpeername()
+            peer = "%s:%d" % s.getpeername()[:2]
             s.close()
             print(json.dumps({"backend": data.decode().split()[0], "peer": peer}), flush=True)
     except OSError as e:
@@ -285,8 +289,13 @@ impl Drop for Capture {
 
 impl Capture {
     fn start(ns: &str) -> Result<Self> {
+        Self::start_for(ns, IpAddr::V4(VIP))
+    }
+
+    /// Captures what carries `host` in namespace `ns`.
+    fn start_for(ns: &str, host: IpAddr) -> Result<Self> {
         let mut cmd = Command::new("tcpdump");
-        cmd.args(["-i", "any", "-n", "-l", "host", &VIP.to_string()])
+        cmd.args(["-i", "any", "-n", "-l", "host", &host.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         netns::command_in(&mut cmd, ns)?;
@@ -851,4 +860,79 @@ fn socket_lb_leaves_nodeport_and_load_balancer_frontends_to_xdp() {
     let st = socklb(d);
     assert_eq!(st.reasons["connect_translated"], 5, "{st:#?}");
     assert_eq!(st.reasons["pass_xdp_only"], 2, "{st:#?}");
+}
+
+/// An IPv6 VIP through the v6 hooks (connect6, sendmsg6, recvmsg6, getpeername6): TCP,
+/// unconnected and connected UDP from the test cgroup reach both backends' IPv6 addresses,
+/// every peer shown is the VIP, and no packet carrying the VIP is on the wire.
+#[test]
+fn socket_lb_balances_an_ipv6_vip() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 2,
+                dsr: false,
+                ipv6: true,
+            },
+            daemon: None,
+        }),
+    );
+    let cgroup = ok(
+        "test cgroup",
+        TestCgroup::create(&format!("datapath-test-{}", lab.topo.prefix)),
+    );
+    ok(
+        "daemon",
+        lab.start_daemon_with_config(&socklb_config(&cgroup, "", "")),
+    );
+    for (port, proto) in [
+        (TCP_SERVICE_PORT, Protocol::Tcp),
+        (UDP_SERVICE_PORT, Protocol::Udp),
+    ] {
+        ok(
+            "IPv6 service",
+            lab.add_service_on(IpAddr::V6(VIP6), port, proto, "full-nat", &["b1", "b2"])
+                .map(drop),
+        );
+    }
+    let node = lab.topo.lb.clone();
+    let vip = IpAddr::V6(VIP6);
+    let capture = ok("tcpdump", Capture::start_for(&node, vip));
+    let peer = |port: u16| format!("{VIP6}:{port}");
+    for (mode, port, n) in [
+        ("tcpv6", TCP_SERVICE_PORT, 30),
+        ("udpv6", UDP_SERVICE_PORT, 20),
+        ("udpcv6", UDP_SERVICE_PORT, 20),
+    ] {
+        let answers = client_to(&node, Some(cgroup.path()), mode, vip, port, n);
+        let names = backends_via(mode, &answers, &peer(port));
+        assert_eq!(names.len(), n, "{mode}");
+        assert!(
+            names.iter().any(|b| b == "b1") && names.iter().any(|b| b == "b2"),
+            "{mode}: both backends: {names:?}"
+        );
+    }
+    let seen = capture.stop();
+    assert!(seen.is_empty(), "packets carrying the IPv6 VIP: {seen:#?}");
+    let st = socklb(lab.daemon());
+    assert!(st.reasons["connect_translated"] >= 30 + 20, "{st:#?}");
+    assert!(st.reasons["sendmsg_translated"] >= 20, "{st:#?}");
+    assert!(st.reasons["getpeername_reversed"] >= 30, "{st:#?}");
+    assert!(st.reasons["recvmsg_reversed"] >= 20, "{st:#?}");
+    let decision = st
+        .recent
+        .iter()
+        .find(|d| d.vip.ip() == vip)
+        .unwrap_or_else(|| panic!("no IPv6 decision in {st:#?}"));
+    assert!(decision.backend.is_ipv6(), "{decision:?}");
+    assert!(
+        [lab.backend_addr6("b1"), lab.backend_addr6("b2")]
+            .iter()
+            .any(|b| b.ip() == decision.backend.ip()),
+        "{decision:?}"
+    );
 }
