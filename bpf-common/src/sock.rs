@@ -250,26 +250,34 @@ mod tests {
         for (vip, backend) in [(2, 12), (3, 13), (4, 14)] {
             assert!(!set.remember(&pair(vip, backend)));
         }
-        let backend = |n: u8| crate::addr16_from_ipv4_octets([198, 18, 1, n])[0];
+        let backend = |n: u8| crate::addr16_from_ipv4_octets([198, 18, 1, n]);
         assert_eq!(
-            set.by_backend(backend(11), 8080u16.to_be()),
+            set.by_backend(&backend(11), crate::FAMILY_IPV4, 8080u16.to_be()),
             Some(&pair(1, 11))
         );
         // A fifth replaces the oldest (the first).
         assert!(!set.remember(&pair(5, 15)));
-        assert_eq!(set.by_backend(backend(11), 8080u16.to_be()), None);
         assert_eq!(
-            set.by_backend(backend(15), 8080u16.to_be()),
+            set.by_backend(&backend(11), crate::FAMILY_IPV4, 8080u16.to_be()),
+            None
+        );
+        assert_eq!(
+            set.by_backend(&backend(15), crate::FAMILY_IPV4, 8080u16.to_be()),
             Some(&pair(5, 15))
         );
         assert_eq!(
-            set.by_backend(backend(12), 8080u16.to_be()),
+            set.by_backend(&backend(12), crate::FAMILY_IPV4, 8080u16.to_be()),
             Some(&pair(2, 12))
         );
         assert_eq!(
-            set.by_backend(backend(12), 8081u16.to_be()),
+            set.by_backend(&backend(12), crate::FAMILY_IPV4, 8081u16.to_be()),
             None,
             "the port counts"
+        );
+        assert_eq!(
+            set.by_backend(&backend(12), crate::FAMILY_IPV6, 8080u16.to_be()),
+            None,
+            "the family counts"
         );
     }
 
