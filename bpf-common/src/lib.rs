@@ -317,7 +317,7 @@ pub struct BenchTemplate {
     /// Bytes of `frame` in use; must equal the test-run frame's length.
     pub len: u32,
     /// When non-zero, every repeat gets a new 5-tuple: a per-CPU counter is written into the
-    /// TCP/UDP source port and the low 16 bits of the IPv4 source address (checksums are not
+    /// TCP/UDP source port and the low 16 bits of the IPv4 or IPv6 source address (checksums are not
     /// fixed up; the program does not verify them).
     pub vary_flow: u32,
     pub frame: [u8; BENCH_FRAME_MAX],

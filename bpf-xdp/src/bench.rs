@@ -9,7 +9,10 @@ use aya_ebpf::{
 };
 use bpf_common::{BENCH_FRAME_MAX, BenchTemplate};
 use bpf_lib::frame::{XdpFrame, store16};
-use lb_core::parse::{self, Outcome, ipv4, l4};
+use lb_core::{
+    parse::{self, Outcome, ipv4, l4},
+    parse6::{self, ipv6},
+};
 
 #[map(name = "BENCH_TEMPLATE")]
 static BENCH_TEMPLATE: Array<BenchTemplate> = Array::with_max_entries(1, 0);
@@ -55,7 +58,8 @@ pub fn xdp_bench_harness(ctx: XdpContext) -> u32 {
     xdp_action::XDP_ABORTED
 }
 
-/// Gives the restored frame a fresh 5-tuple: IPv4 source low half and L4 source port.
+/// Gives the restored frame a fresh 5-tuple: the source address's low 16 bits (IPv4 or IPv6)
+/// and the L4 source port.
 #[inline(always)]
 fn vary_flow(ctx: &XdpContext) -> Option<()> {
     let counter = BENCH_COUNTER.get_ptr_mut(0)?;
@@ -71,19 +75,19 @@ fn vary_flow(ctx: &XdpContext) -> Option<()> {
     let value = value.wrapping_add(unsafe { bpf_get_smp_processor_id() } << 24);
     let frame = XdpFrame::new(ctx);
     let parsed = parse::parse(&frame);
-    if parsed.outcome != Outcome::Ipv4 {
-        return None;
-    }
-    let packet = parsed.packet;
-    store16(
-        &frame,
-        packet.l3_off + ipv4::SRC + 2,
-        ((value >> 16) as u16).to_be(),
-    )?;
-    store16(
-        &frame,
-        packet.l4_off + l4::SRC_PORT,
-        ((value & 0xffff) as u16).to_be(),
-    )?;
+    // The low 16 bits of the source address and the source port, at each family's offsets.
+    let (address_low, port) = match parsed.outcome {
+        Outcome::Ipv4 => (
+            parsed.packet.l3_off + ipv4::SRC + 2,
+            parsed.packet.l4_off + l4::SRC_PORT,
+        ),
+        Outcome::Ipv6 => {
+            let packet = parse6::parse6(&frame).ipv6().copied()?;
+            (packet.l3() + ipv6::SRC + 14, packet.l4() + l4::SRC_PORT)
+        }
+        _ => return None,
+    };
+    store16(&frame, address_low, ((value >> 16) as u16).to_be())?;
+    store16(&frame, port, ((value & 0xffff) as u16).to_be())?;
     Some(())
 }

@@ -16,7 +16,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -31,7 +31,7 @@ use datapath::{
     gc::{FlowGc, GcConfig},
 };
 use datapath_api::{BackendSpec, BackendState, ForwardingMode, Protocol, ServiceKey, ServiceSpec};
-use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, TcpHeader};
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6Header, TcpHeader};
 use netns_tests::{
     cmd::run_args,
     netns::{self, OwnedNetns},
@@ -49,6 +49,19 @@ const LB_FRONT: [u8; 4] = [198, 18, 0, 2];
 const LB_BACK: [u8; 4] = [198, 18, 1, 1];
 const VIP: [u8; 4] = [198, 18, 100, 1];
 const BACKENDS: [[u8; 4]; 3] = [[198, 18, 1, 11], [198, 18, 1, 12], [198, 18, 1, 13]];
+/// The IPv6 rows' addresses (2001:db8::/32), the same roles as the IPv4 ones.
+const CLIENT6: [u8; 16] = v6(0, 1);
+const LB_FRONT6: [u8; 16] = v6(0, 2);
+const LB_BACK6: [u8; 16] = v6(1, 1);
+const VIP6: [u8; 16] = v6(0x64, 1);
+const BACKENDS6: [[u8; 16]; 3] = [v6(1, 0x11), v6(1, 0x12), v6(1, 0x13)];
+
+/// `2001:db8:<net>::<host>`.
+const fn v6(net: u8, host: u8) -> [u8; 16] {
+    [
+        0x20, 0x01, 0x0d, 0xb8, 0, net, 0, 0, 0, 0, 0, 0, 0, 0, 0, host,
+    ]
+}
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
@@ -188,7 +201,53 @@ fn build_topology(ns: &str) -> Result<()> {
             "permanent",
         ])?;
     }
-    sysctl("net.ipv4.ip_forward=1")
+    sysctl("net.ipv4.ip_forward=1")?;
+    // IPv6 on the two LB interfaces only (the peers keep it off, so nothing solicits
+    // towards the program), addresses without duplicate address detection.
+    for dev in ["front", "back"] {
+        for key in ["disable_ipv6=0", "accept_ra=0", "router_solicitations=0"] {
+            sysctl(&format!("net.ipv6.conf.{dev}.{key}"))?;
+        }
+    }
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/64", Ipv6Addr::from(LB_FRONT6)),
+        "dev",
+        "front",
+        "nodad",
+    ])?;
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/64", Ipv6Addr::from(LB_BACK6)),
+        "dev",
+        "back",
+        "nodad",
+    ])?;
+    let neighbours6 = std::iter::once((CLIENT6, CLIENT_MAC, "front")).chain(
+        BACKENDS6
+            .iter()
+            .map(|b| (*b, backend_mac([0, 0, 0, b[15]]), "back")),
+    );
+    for (addr, mac, dev) in neighbours6 {
+        let addr = Ipv6Addr::from(addr).to_string();
+        ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            &mac_str(mac),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    sysctl("net.ipv6.conf.all.forwarding=1")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -213,6 +272,37 @@ fn tcp_frame(
         source: macs.0,
         destination: macs.1,
         ether_type: EtherType::IPV4,
+    };
+    let mut frame = eth.to_bytes().to_vec();
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&tcp.to_bytes());
+    Ok(frame)
+}
+
+fn tcp6_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    syn: bool,
+    ack: bool,
+) -> Result<Vec<u8>> {
+    let mut tcp = TcpHeader::new(src.1, dst.1, 1000, 64240);
+    tcp.syn = syn;
+    tcp.ack = ack;
+    tcp.checksum = tcp.calc_checksum_ipv6_raw(src.0, dst.0, &[])?;
+    let ip = Ipv6Header {
+        traffic_class: 0,
+        flow_label: Default::default(),
+        payload_length: tcp.header_len() as u16,
+        next_header: IpNumber::TCP,
+        hop_limit: 64,
+        source: src.0,
+        destination: dst.0,
+    };
+    let eth = Ethernet2Header {
+        source: macs.0,
+        destination: macs.1,
+        ether_type: EtherType::IPV6,
     };
     let mut frame = eth.to_bytes().to_vec();
     frame.extend_from_slice(&ip.to_bytes());
@@ -384,6 +474,15 @@ fn measure(bench: &mut Bench, options: &CostOptions, path: &Path_) -> Result<Cos
     })
 }
 
+/// `spec` moved onto the IPv6 VIP and the backends' IPv6 addresses (same ids).
+fn service6(mut spec: ServiceSpec) -> ServiceSpec {
+    spec.key.vip = IpAddr::V6(VIP6.into());
+    for (backend, addr) in spec.backends.iter_mut().zip(BACKENDS6) {
+        backend.addr = IpAddr::V6(addr.into());
+    }
+    spec
+}
+
 fn service(port: u16, mode: ForwardingMode, id: u32, first_backend_id: u32) -> ServiceSpec {
     ServiceSpec {
         key: ServiceKey {
@@ -430,6 +529,9 @@ fn open_bench(pin_root: &Path, syn_flood_rate: u64) -> Result<Bench> {
     // row of a million distinct flows, which one SNAT address could not hold in full-NAT.
     dataplane.apply_service(&service(80, ForwardingMode::FullNat, 0, 0))?;
     dataplane.apply_service(&service(81, ForwardingMode::Dsr, 1, 3))?;
+    // The same two on the IPv6 VIP, over the backends' IPv6 addresses.
+    dataplane.apply_service(&service6(service(80, ForwardingMode::FullNat, 2, 6)))?;
+    dataplane.apply_service(&service6(service(81, ForwardingMode::Dsr, 3, 9)))?;
 
     for program in ["xdp_bench_harness", "xdp_drop"] {
         xdp(&mut dataplane, program)?.load()?;
@@ -653,5 +755,123 @@ fn measure_tracked(options: &CostOptions, pin_root: &Path) -> Result<Vec<CostRow
         row.ratio_to_xdp_drop = row.ns.median / floor_median;
         rows.push(row);
     }
+    for mut row in measure_ipv6(&mut bench, options)? {
+        row.ratio_to_xdp_drop = row.ns.median / floor_median;
+        rows.push(row);
+    }
     Ok(rows)
+}
+
+/// The IPv6 rows: the same paths over the IPv6 VIP (through `xdp_lb`'s tail call into
+/// `xdp_lb6`). Run after the IPv4 full-NAT new-flow row, whose flushes would remove the flow
+/// the established and reply rows pin here.
+fn measure_ipv6(bench: &mut Bench, options: &CostOptions) -> Result<Vec<CostRow>> {
+    let (front, back) = (if_index("front")?, if_index("back")?);
+    let client_side = (CLIENT_MAC, FRONT_MAC);
+    let syn = tcp6_frame(client_side, (CLIENT6, 40000), (VIP6, 80), true, false)?;
+    let first = bench.test_run("xdp_lb", &syn, front, 1)?;
+    ensure!(
+        first.verdict == XDP_REDIRECT,
+        "first IPv6 SYN: verdict {}",
+        first.verdict
+    );
+    let backend: [u8; 16] = first.out[38..54].try_into()?;
+    ensure!(
+        BACKENDS6.contains(&backend),
+        "first IPv6 SYN went to {backend:?}"
+    );
+    let nat_port = u16::from_be_bytes(first.out[54..56].try_into()?);
+    let mac = backend_mac([0, 0, 0, backend[15]]);
+    let ack = tcp6_frame(client_side, (CLIENT6, 40000), (VIP6, 80), false, true)?;
+    let want_ack = tcp6_frame(
+        (BACK_MAC, mac),
+        (LB_BACK6, nat_port),
+        (backend, 8080),
+        false,
+        true,
+    )?;
+    let syn_ack = tcp6_frame(
+        (mac, BACK_MAC),
+        (backend, 8080),
+        (LB_BACK6, nat_port),
+        true,
+        true,
+    )?;
+    let want_reply = tcp6_frame(
+        (FRONT_MAC, CLIENT_MAC),
+        (VIP6, 80),
+        (CLIENT6, 40000),
+        true,
+        true,
+    )?;
+    let non_vip = tcp6_frame(client_side, (CLIENT6, 40000), (LB_FRONT6, 22), true, false)?;
+    bench.set_target(true)?;
+    for (what, frame, ingress, want) in [
+        ("IPv6 established", &ack, front, &want_ack),
+        ("IPv6 non-VIP", &non_vip, front, &non_vip),
+        ("IPv6 reply", &syn_ack, back, &want_reply),
+    ] {
+        bench.set_template(frame, false)?;
+        let one = bench.test_run("xdp_bench_harness", frame, ingress, 1)?;
+        ensure!(
+            one.out == *want,
+            "{what}: output frame differs from the expected frame"
+        );
+    }
+    let paths = [
+        Path_ {
+            name: "xdp_lb IPv6 new flow, DSR (SYN, new 5-tuple every repeat)",
+            frame: tcp6_frame(client_side, (CLIENT6, 40000), (VIP6, 81), true, false)?,
+            ingress: front,
+            vary_flow: true,
+            verdict: XDP_REDIRECT,
+            counters: &[("new_flow", 1), ("fwd_redirect", 1)],
+            repeat: options.repeat,
+            flush_between_runs: false,
+        },
+        Path_ {
+            name: "xdp_lb IPv6 established flow, full-NAT (ACK)",
+            frame: ack,
+            ingress: front,
+            vary_flow: false,
+            verdict: XDP_REDIRECT,
+            counters: &[("fwd_redirect", 1), ("new_flow", 0)],
+            repeat: options.repeat,
+            flush_between_runs: false,
+        },
+        Path_ {
+            name: "xdp_lb IPv6 full-NAT reply translation",
+            frame: syn_ack,
+            ingress: back,
+            vary_flow: false,
+            verdict: XDP_REDIRECT,
+            counters: &[("nat_reply_translated", 1), ("fwd_redirect", 1)],
+            repeat: options.repeat,
+            flush_between_runs: false,
+        },
+        Path_ {
+            name: "xdp_lb IPv6 non-VIP (pass)",
+            frame: non_vip,
+            ingress: front,
+            vary_flow: false,
+            verdict: XDP_PASS,
+            counters: &[("pass_not_vip", 1)],
+            repeat: options.repeat,
+            flush_between_runs: false,
+        },
+        Path_ {
+            name: "xdp_lb IPv6 new flow, full-NAT (SYN, new 5-tuple every repeat)",
+            frame: tcp6_frame(client_side, (CLIENT6, 50000), (VIP6, 80), true, false)?,
+            ingress: front,
+            vary_flow: true,
+            verdict: XDP_REDIRECT,
+            counters: &[("new_flow", 1), ("fwd_redirect", 1)],
+            repeat: options.repeat.min(FULL_NAT_NEW_FLOW_REPEAT),
+            flush_between_runs: true,
+        },
+    ];
+    paths
+        .iter()
+        .map(|path| measure(bench, options, path))
+        .collect()
 }
