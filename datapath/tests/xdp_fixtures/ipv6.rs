@@ -884,3 +884,170 @@ fn ipv6_packet_too_big_is_translated_to_the_client() {
         );
     }
 }
+
+#[test]
+fn ipv6_removed_backend_flows_move_to_a_remaining_one() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let all = &BACKENDS6[..3];
+    let mut spec = service6(ForwardingMode::FullNat, Protocol::Tcp, 80, all);
+    fx.apply(&spec);
+    let ports: Vec<u16> = all
+        .iter()
+        .map(|b| {
+            (45000u16..46000)
+                .find(|p| expected_backend6(all, *p, 80, 6) == *b)
+                .expect("a port for each backend")
+        })
+        .collect();
+    for port in &ports {
+        assert_eq!(fx.run(&syn6(*port), fx.front_index).0, XDP_REDIRECT);
+    }
+    // Backend 0 draining, backend 1 removed: its flow moves to backend 2.
+    spec.backends[0].state = BackendState::Draining;
+    spec.backends.remove(1);
+    fx.apply(&spec);
+    let before = fx.reason("flow_rescheduled");
+    let ack = tcp6(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT6, ports[1]),
+        (VIP6, 80),
+        (false, true),
+        b"y",
+        &[],
+    );
+    let want = tcp6(
+        (BACK_MAC, backend6_mac(all[2])),
+        (LB_BACK6, ports[1]),
+        (all[2], 8080),
+        (false, true),
+        b"y",
+        &[],
+    );
+    assert_frame(
+        "flow of a removed backend",
+        fx.run(&ack, fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+    assert_eq!(fx.reason("flow_rescheduled"), before + 1);
+}
+
+#[test]
+fn ipv6_vlan_tagged_vip_traffic_is_parsed() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS6[..3];
+    fx.apply(&service6(ForwardingMode::Dsr, Protocol::Tcp, 80, backends));
+    let tag = |frame: Vec<u8>| {
+        let mut tagged = frame[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+        tagged.extend_from_slice(&frame[12..]);
+        tagged
+    };
+    // Through the tag to the flow: DSR rewrites the MACs only, the tag stays.
+    let backend = expected_backend6(backends, 40000, 80, 6);
+    let want = tag(tcp6(
+        (BACK_MAC, backend6_mac(backend)),
+        (CLIENT6, 40000),
+        (VIP6, 80),
+        (true, false),
+        &[],
+        &[],
+    ));
+    assert_frame(
+        "tagged SYN",
+        fx.run(&tag(syn6(40000)), fx.front_index),
+        XDP_REDIRECT,
+        &want,
+    );
+    // A tagged frame to another port passes as not-VIP: parsed through the tag.
+    let other = tag(tcp6(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT6, 40000),
+        (VIP6, 81),
+        (true, false),
+        &[],
+        &[],
+    ));
+    let before = fx.reason("pass_not_vip");
+    assert_frame(
+        "tagged non-VIP",
+        fx.run(&other, fx.front_index),
+        XDP_PASS,
+        &other,
+    );
+    assert_eq!(fx.reason("pass_not_vip"), before + 1);
+}
+
+#[test]
+fn ipv6_tcp_data_offset_past_the_segment_is_dropped_as_truncated() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.apply(&service6(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        &BACKENDS6[..3],
+    ));
+    for words in [15u8, 6, 4, 0] {
+        let mut syn = syn6(40777);
+        syn[54 + 12] = (words << 4) | (syn[54 + 12] & 0x0f);
+        let (dropped, new_flow) = (fx.reason("drop_truncated_l4"), fx.reason("new_flow"));
+        assert_frame(
+            &format!("data offset {words}"),
+            fx.run(&syn, fx.front_index),
+            XDP_DROP,
+            &syn,
+        );
+        assert_eq!(
+            fx.reason("drop_truncated_l4"),
+            dropped + 1,
+            "offset {words}"
+        );
+        assert_eq!(fx.reason("new_flow"), new_flow, "offset {words}: no flow");
+    }
+}
+
+#[test]
+fn ipv6_udp_length_past_the_packet_is_dropped_as_truncated() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS6[..3];
+    fx.apply(&service6(ForwardingMode::Dsr, Protocol::Udp, 53, backends));
+    for len in [200u16, 7, 0] {
+        let mut frame = udp6(
+            (CLIENT_MAC, FRONT_MAC),
+            (CLIENT6, 40600),
+            (VIP6, 53),
+            b"query",
+        );
+        frame[58..60].copy_from_slice(&len.to_be_bytes());
+        let (dropped, new_flow) = (fx.reason("drop_truncated_l4"), fx.reason("new_flow"));
+        assert_frame(
+            &format!("UDP length {len}"),
+            fx.run(&frame, fx.front_index),
+            XDP_DROP,
+            &frame,
+        );
+        assert_eq!(fx.reason("drop_truncated_l4"), dropped + 1, "length {len}");
+        assert_eq!(fx.reason("new_flow"), new_flow, "length {len}: no flow");
+    }
+    // Shorter than the payload leaves padding: forwarded.
+    let mut short = udp6(
+        (CLIENT_MAC, FRONT_MAC),
+        (CLIENT6, 40601),
+        (VIP6, 53),
+        b"query",
+    );
+    short[58..60].copy_from_slice(&10u16.to_be_bytes());
+    assert_eq!(fx.run(&short, fx.front_index).0, XDP_REDIRECT);
+}
