@@ -11,7 +11,8 @@
 //!     default_egress: allow
 //!     ingress:                    # packets the interface receives
 //!       - name: web
-//!         cidr: 198.18.0.0/15     # remote address (default 0.0.0.0/0)
+//!         cidr: 198.18.0.0/15     # remote prefix, IPv4 or IPv6 (default 0.0.0.0/0: every
+//!                                 # address of both families; ::/0 is every IPv6 one)
 //!         protocol: tcp           # any | tcp | udp | icmp (default any)
 //!         ports: 8080             # a port or "lo-hi" (default: all)
 //!         action: allow
