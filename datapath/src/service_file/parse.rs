@@ -223,6 +223,35 @@ services:
         );
     }
 
+    /// A dual-stack service is one entry per family; an IPv6 entry takes IPv6 backends.
+    #[test]
+    fn ipv6_entries_parse_and_a_mixed_family_is_refused_with_its_line() {
+        let text = "\
+services:
+  - name: web
+    vip: 198.18.0.10
+    port: 80
+    backends: [{addr: 198.18.1.1, port: 8080}]
+  - name: web-v6
+    vip: 2001:db8:64::10
+    port: 80
+    backends: [{addr: 2001:db8:1::11, port: 8080}]
+";
+        let got = parse(Path::new("s.yaml"), text).unwrap();
+        assert_eq!(got[1].key.to_string(), "tcp/[2001:db8:64::10]:80");
+        assert_eq!(
+            got[1].backends[0].addr,
+            "2001:db8:1::11".parse::<IpAddr>().unwrap()
+        );
+        let mixed = text.replace("2001:db8:1::11", "198.18.1.1");
+        let e = err(&mixed);
+        assert!(e.contains("line 6"), "{e}");
+        assert!(
+            e.contains("it is IPv4 but VIP 2001:db8:64::10 is IPv6"),
+            "{e}"
+        );
+    }
+
     /// Every refusal names the file, the line and the key.
     #[test]
     fn invalid_files_are_refused_with_line_and_key() {
