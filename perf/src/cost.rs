@@ -396,7 +396,7 @@ impl Bench {
 
 /// One measured `xdp_lb` path.
 struct Path_ {
-    name: &'static str,
+    name: String,
     frame: Vec<u8>,
     ingress: u32,
     vary_flow: bool,
@@ -465,13 +465,93 @@ fn measure(bench: &mut Bench, options: &CostOptions, path: &Path_) -> Result<Cos
         .collect::<Vec<_>>()
         .join(", ");
     Ok(CostRow {
-        path: path.name.to_string(),
+        path: path.name.clone(),
         ns: Summary::of(&ns).context("no runs")?,
         ratio_to_xdp_drop: 0.0,
         verdict: verdict_name(path.verdict),
         repeat: path.repeat,
         check,
     })
+}
+
+/// The frames of the tracked paths, of one family.
+struct PathFrames {
+    /// A SYN to the DSR service (port 81).
+    dsr_syn: Vec<u8>,
+    /// The pinned full-NAT flow's ACK, and its backend's SYN+ACK.
+    ack: Vec<u8>,
+    syn_ack: Vec<u8>,
+    /// A SYN to the load balancer's own address.
+    non_vip: Vec<u8>,
+    /// A SYN of another client port to the full-NAT service.
+    new_syn: Vec<u8>,
+}
+
+/// The tracked paths of one family (`family` prefixes the names: "" or "IPv6 "), the full-NAT
+/// new-flow row last: it empties the flow tables between its runs.
+fn lb_paths(
+    family: &str,
+    f: PathFrames,
+    (front, back): (u32, u32),
+    options: &CostOptions,
+) -> Vec<Path_> {
+    let path = |name: &str, frame, ingress, vary_flow, verdict, counters| Path_ {
+        name: format!("xdp_lb {family}{name}"),
+        frame,
+        ingress,
+        vary_flow,
+        verdict,
+        counters,
+        repeat: options.repeat,
+        flush_between_runs: false,
+    };
+    let new_flow: &'static [(&'static str, u64)] = &[("new_flow", 1), ("fwd_redirect", 1)];
+    vec![
+        path(
+            "new flow, DSR (SYN, new 5-tuple every repeat)",
+            f.dsr_syn,
+            front,
+            true,
+            XDP_REDIRECT,
+            new_flow,
+        ),
+        path(
+            "established flow, full-NAT (ACK)",
+            f.ack,
+            front,
+            false,
+            XDP_REDIRECT,
+            &[("fwd_redirect", 1), ("new_flow", 0)],
+        ),
+        path(
+            "full-NAT reply translation",
+            f.syn_ack,
+            back,
+            false,
+            XDP_REDIRECT,
+            &[("nat_reply_translated", 1), ("fwd_redirect", 1)],
+        ),
+        path(
+            "non-VIP (pass)",
+            f.non_vip,
+            front,
+            false,
+            XDP_PASS,
+            &[("pass_not_vip", 1)],
+        ),
+        Path_ {
+            repeat: options.repeat.min(FULL_NAT_NEW_FLOW_REPEAT),
+            flush_between_runs: true,
+            ..path(
+                "new flow, full-NAT (SYN, new 5-tuple every repeat)",
+                f.new_syn,
+                front,
+                true,
+                XDP_REDIRECT,
+                new_flow,
+            )
+        },
+    ]
 }
 
 /// `spec` moved onto the IPv6 VIP and the backends' IPv6 addresses (same ids).
@@ -596,7 +676,9 @@ fn measure_all(options: &CostOptions, pin_root: &Path) -> Result<Vec<CostRow>> {
         &mut bench,
         options,
         &Path_ {
-            name: "xdp_lb new flow under a SYN flood, DSR (SYN, new 5-tuple every repeat, untracked)",
+            name:
+                "xdp_lb new flow under a SYN flood, DSR (SYN, new 5-tuple every repeat, untracked)"
+                    .into(),
             frame: dsr_syn,
             ingress: front,
             vary_flow: true,
@@ -698,58 +780,18 @@ fn measure_tracked(options: &CostOptions, pin_root: &Path) -> Result<Vec<CostRow
         repeat: options.repeat,
         check: "verdict".into(),
     }];
-    let paths = [
-        Path_ {
-            name: "xdp_lb new flow, DSR (SYN, new 5-tuple every repeat)",
-            frame: dsr_syn,
-            ingress: front,
-            vary_flow: true,
-            verdict: XDP_REDIRECT,
-            counters: &[("new_flow", 1), ("fwd_redirect", 1)],
-            repeat: options.repeat,
-            flush_between_runs: false,
+    let paths = lb_paths(
+        "",
+        PathFrames {
+            dsr_syn,
+            ack,
+            syn_ack,
+            non_vip,
+            new_syn,
         },
-        Path_ {
-            name: "xdp_lb established flow, full-NAT (ACK)",
-            frame: ack,
-            ingress: front,
-            vary_flow: false,
-            verdict: XDP_REDIRECT,
-            counters: &[("fwd_redirect", 1), ("new_flow", 0)],
-            repeat: options.repeat,
-            flush_between_runs: false,
-        },
-        Path_ {
-            name: "xdp_lb full-NAT reply translation",
-            frame: syn_ack,
-            ingress: back,
-            vary_flow: false,
-            verdict: XDP_REDIRECT,
-            counters: &[("nat_reply_translated", 1), ("fwd_redirect", 1)],
-            repeat: options.repeat,
-            flush_between_runs: false,
-        },
-        Path_ {
-            name: "xdp_lb non-VIP (pass)",
-            frame: non_vip,
-            ingress: front,
-            vary_flow: false,
-            verdict: XDP_PASS,
-            counters: &[("pass_not_vip", 1)],
-            repeat: options.repeat,
-            flush_between_runs: false,
-        },
-        Path_ {
-            name: "xdp_lb new flow, full-NAT (SYN, new 5-tuple every repeat)",
-            frame: new_syn,
-            ingress: front,
-            vary_flow: true,
-            verdict: XDP_REDIRECT,
-            counters: &[("new_flow", 1), ("fwd_redirect", 1)],
-            repeat: options.repeat.min(FULL_NAT_NEW_FLOW_REPEAT),
-            flush_between_runs: true,
-        },
-    ];
+        (front, back),
+        options,
+    );
     for path in &paths {
         let mut row = measure(&mut bench, options, path)?;
         row.ratio_to_xdp_drop = row.ns.median / floor_median;
@@ -818,58 +860,14 @@ fn measure_ipv6(bench: &mut Bench, options: &CostOptions) -> Result<Vec<CostRow>
             "{what}: output frame differs from the expected frame"
         );
     }
-    let paths = [
-        Path_ {
-            name: "xdp_lb IPv6 new flow, DSR (SYN, new 5-tuple every repeat)",
-            frame: tcp6_frame(client_side, (CLIENT6, 40000), (VIP6, 81), true, false)?,
-            ingress: front,
-            vary_flow: true,
-            verdict: XDP_REDIRECT,
-            counters: &[("new_flow", 1), ("fwd_redirect", 1)],
-            repeat: options.repeat,
-            flush_between_runs: false,
-        },
-        Path_ {
-            name: "xdp_lb IPv6 established flow, full-NAT (ACK)",
-            frame: ack,
-            ingress: front,
-            vary_flow: false,
-            verdict: XDP_REDIRECT,
-            counters: &[("fwd_redirect", 1), ("new_flow", 0)],
-            repeat: options.repeat,
-            flush_between_runs: false,
-        },
-        Path_ {
-            name: "xdp_lb IPv6 full-NAT reply translation",
-            frame: syn_ack,
-            ingress: back,
-            vary_flow: false,
-            verdict: XDP_REDIRECT,
-            counters: &[("nat_reply_translated", 1), ("fwd_redirect", 1)],
-            repeat: options.repeat,
-            flush_between_runs: false,
-        },
-        Path_ {
-            name: "xdp_lb IPv6 non-VIP (pass)",
-            frame: non_vip,
-            ingress: front,
-            vary_flow: false,
-            verdict: XDP_PASS,
-            counters: &[("pass_not_vip", 1)],
-            repeat: options.repeat,
-            flush_between_runs: false,
-        },
-        Path_ {
-            name: "xdp_lb IPv6 new flow, full-NAT (SYN, new 5-tuple every repeat)",
-            frame: tcp6_frame(client_side, (CLIENT6, 50000), (VIP6, 80), true, false)?,
-            ingress: front,
-            vary_flow: true,
-            verdict: XDP_REDIRECT,
-            counters: &[("new_flow", 1), ("fwd_redirect", 1)],
-            repeat: options.repeat.min(FULL_NAT_NEW_FLOW_REPEAT),
-            flush_between_runs: true,
-        },
-    ];
+    let frames = PathFrames {
+        dsr_syn: tcp6_frame(client_side, (CLIENT6, 40000), (VIP6, 81), true, false)?,
+        ack,
+        syn_ack,
+        non_vip,
+        new_syn: tcp6_frame(client_side, (CLIENT6, 50000), (VIP6, 80), true, false)?,
+    };
+    let paths = lb_paths("IPv6 ", frames, (front, back), options);
     paths
         .iter()
         .map(|path| measure(bench, options, path))
