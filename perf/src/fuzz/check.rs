@@ -129,12 +129,15 @@ fn class_of(name: &str) -> Class {
 }
 
 /// `xdp_lb` reasons after which the frame must leave untouched (docs/datapath.md).
-const XDP_UNTOUCHED: [&str; 5] = [
+const XDP_UNTOUCHED: [&str; 8] = [
     "pass_not_ipv4",
     "pass_not_vip",
     "pass_truncated_l3",
     "pass_malformed_ipv4",
     "pass_vip_addr_other",
+    "pass_malformed_ipv6",
+    "pass_neighbour_discovery",
+    "pass_ipv6_unavailable",
 ];
 
 /// `xdp_lb` events that only happen on a VIP or NAT path, never beside an untouched verdict.
