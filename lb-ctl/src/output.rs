@@ -707,8 +707,8 @@ pub fn conntrack(flows: &[CtFlow]) -> String {
         t.row(vec![
             f.table.to_string(),
             f.protocol.to_string(),
-            format!("{}:{}", f.src, f.src_port),
-            format!("{}:{}", f.dst, f.dst_port),
+            addr_port(f.src, f.src_port),
+            addr_port(f.dst, f.dst_port),
             f.state.to_string(),
             f.packets_orig.to_string(),
             f.bytes_orig.to_string(),
@@ -902,15 +902,14 @@ pub fn proc_event(e: &datapath_api::ProcEventView) -> String {
             let src = if c.src_port == 0 {
                 String::new()
             } else {
-                format!("{}:{} -> ", c.src, c.src_port)
+                format!("{} -> ", addr_port(c.src, c.src_port))
             };
             format!(
-                "connect pid {} {} {} {src}{}:{} {}{}\n",
+                "connect pid {} {} {} {src}{} {}{}\n",
                 c.pid,
                 c.exe.as_deref().unwrap_or(&c.comm),
                 c.protocol,
-                c.dst,
-                c.dst_port,
+                addr_port(c.dst, c.dst_port),
                 c.outcome,
                 verdict(&c.verdict, &c.rule)
             )
@@ -1051,16 +1050,19 @@ pub fn conntrack_stats(v: &CtStats) -> String {
     out
 }
 
+/// `ADDR:PORT`, an IPv6 address in brackets (`[2001:db8::1]:80`), as lb-ctl takes them.
+fn addr_port(addr: std::net::IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(addr, port).to_string()
+}
+
 /// One flow event, one line.
 pub fn flow_event(e: &FlowEventView) -> String {
     let mut line = format!(
-        "{:<8} {} {}:{} -> {}:{} {} {} rule={} state={}",
+        "{:<8} {} {} -> {} {} {} rule={} state={}",
         e.kind,
         e.protocol,
-        e.src,
-        e.src_port,
-        e.dst,
-        e.dst_port,
+        addr_port(e.src, e.src_port),
+        addr_port(e.dst, e.dst_port),
         e.interface,
         e.direction,
         e.rule_name.clone().unwrap_or_else(|| or_dash(e.rule)),
