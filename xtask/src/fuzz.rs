@@ -20,6 +20,8 @@ use crate::util::{self, command};
 pub enum Target {
     /// `lb_core::parse`: frames, VLAN tags, IPv4/TCP/UDP/ICMP headers, ICMP quotes.
     Parse,
+    /// `lb_core::parse6`: IPv6 frames, extension headers, ICMPv6 quotes.
+    Parse6,
     /// `lb_core::csum`: incremental checksum updates.
     Csum,
     /// `conntrack`: packet sequences through the state machine and entry updates, keys.
@@ -34,8 +36,9 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::Parse,
+        Target::Parse6,
         Target::Csum,
         Target::Conntrack,
         Target::Policy,
@@ -47,6 +50,7 @@ impl Target {
     fn location(self) -> (&'static str, &'static str) {
         match self {
             Target::Parse => ("lb-core", "fuzz_parse"),
+            Target::Parse6 => ("lb-core", "fuzz_parse6"),
             Target::Csum => ("lb-core", "fuzz_csum"),
             Target::Conntrack => ("conntrack", "fuzz_conntrack"),
             Target::Policy => ("datapath", "fuzz_policy"),
