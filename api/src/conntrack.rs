@@ -134,7 +134,7 @@ impl FromStr for CtState {
     }
 }
 
-/// An IP protocol number; on the wire its name (`tcp`, `udp`, `icmp`) or, for another
+/// An IP protocol number; on the wire its name (`tcp`, `udp`, `icmp`, `icmpv6`) or, for another
 /// protocol, its number as a string (`"47"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IpProtocol(pub u8);
@@ -143,6 +143,7 @@ impl IpProtocol {
     pub const ICMP: IpProtocol = IpProtocol(1);
     pub const TCP: IpProtocol = IpProtocol(6);
     pub const UDP: IpProtocol = IpProtocol(17);
+    pub const ICMPV6: IpProtocol = IpProtocol(58);
 
     /// The name of a protocol the datapath knows.
     pub fn name(self) -> Option<&'static str> {
@@ -150,6 +151,7 @@ impl IpProtocol {
             IpProtocol::TCP => Some("tcp"),
             IpProtocol::UDP => Some("udp"),
             IpProtocol::ICMP => Some("icmp"),
+            IpProtocol::ICMPV6 => Some("icmpv6"),
             _ => None,
         }
     }
@@ -169,11 +171,16 @@ impl FromStr for IpProtocol {
 
     /// A name in any case, or a number 0-255.
     fn from_str(s: &str) -> Result<Self, Error> {
-        [IpProtocol::TCP, IpProtocol::UDP, IpProtocol::ICMP]
-            .into_iter()
-            .find(|p| p.name().is_some_and(|n| n.eq_ignore_ascii_case(s)))
-            .or_else(|| s.parse().ok().map(IpProtocol))
-            .ok_or_else(|| Error::Protocol(s.to_owned()))
+        [
+            IpProtocol::TCP,
+            IpProtocol::UDP,
+            IpProtocol::ICMP,
+            IpProtocol::ICMPV6,
+        ]
+        .into_iter()
+        .find(|p| p.name().is_some_and(|n| n.eq_ignore_ascii_case(s)))
+        .or_else(|| s.parse().ok().map(IpProtocol))
+        .ok_or_else(|| Error::Protocol(s.to_owned()))
     }
 }
 

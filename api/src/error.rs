@@ -122,7 +122,7 @@ pub enum Error {
     PortNumber(i128),
     #[error("port range {0:?} is empty (start > end)")]
     EmptyPortRange(String),
-    #[error("unknown protocol {0:?}: accepted: tcp, udp, icmp, or a number 0-255")]
+    #[error("unknown protocol {0:?}: accepted: tcp, udp, icmp, icmpv6, or a number 0-255")]
     Protocol(String),
     /// An unknown conntrack state: (the state as written, the accepted names).
     #[error("unknown state {0:?}: accepted: {1}")]

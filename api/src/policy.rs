@@ -56,7 +56,10 @@ pub enum RuleProtocol {
     Any,
     Tcp,
     Udp,
+    /// ICMP (IPv4).
     Icmp,
+    /// ICMPv6 (neighbour discovery always passes whatever the rules say).
+    Icmpv6,
 }
 
 impl RuleProtocol {
@@ -66,6 +69,7 @@ impl RuleProtocol {
             RuleProtocol::Tcp => "tcp",
             RuleProtocol::Udp => "udp",
             RuleProtocol::Icmp => "icmp",
+            RuleProtocol::Icmpv6 => "icmpv6",
         }
     }
 }

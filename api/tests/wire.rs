@@ -293,7 +293,7 @@ fn conntrack_filter_validates_and_matches_as_the_daemon() {
             protocol: Some("sctp".into()),
             ..CtFilter::default()
         }),
-        "unknown protocol \"sctp\": accepted: tcp, udp, icmp, or a number 0-255"
+        "unknown protocol \"sctp\": accepted: tcp, udp, icmp, icmpv6, or a number 0-255"
     );
     assert_eq!(
         refused(CtFilter {

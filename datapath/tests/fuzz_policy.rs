@@ -116,6 +116,7 @@ fn proto_code(p: RuleProtocol) -> u8 {
         RuleProtocol::Tcp => PROTO_TCP,
         RuleProtocol::Udp => PROTO_UDP,
         RuleProtocol::Icmp => PROTO_ICMP,
+        RuleProtocol::Icmpv6 => 58,
     }
 }
 
@@ -409,6 +410,7 @@ fn gen_rule() -> impl Strategy<Value = GenRule> {
             Just(RuleProtocol::Tcp),
             Just(RuleProtocol::Udp),
             Just(RuleProtocol::Icmp),
+            Just(RuleProtocol::Icmpv6),
         ]),
         proptest::option::of((
             prop_oneof![Just(0u32), Just(80), Just(65535), Just(65536), 0u32..70_000],
@@ -472,6 +474,7 @@ fn proto_word(p: RuleProtocol) -> &'static str {
         RuleProtocol::Tcp => "tcp",
         RuleProtocol::Udp => "udp",
         RuleProtocol::Icmp => "icmp",
+        RuleProtocol::Icmpv6 => "icmpv6",
     }
 }
 

@@ -201,6 +201,7 @@ pub enum CtProto {
     Tcp,
     Udp,
     Icmp,
+    Icmpv6,
 }
 
 impl From<CtProto> for IpProtocol {
@@ -209,6 +210,7 @@ impl From<CtProto> for IpProtocol {
             CtProto::Tcp => IpProtocol::TCP,
             CtProto::Udp => IpProtocol::UDP,
             CtProto::Icmp => IpProtocol::ICMP,
+            CtProto::Icmpv6 => IpProtocol::ICMPV6,
         }
     }
 }

@@ -64,6 +64,7 @@ pub fn proto_name(proto: u8) -> String {
         PROTO_TCP => "tcp".into(),
         PROTO_UDP => "udp".into(),
         PROTO_ICMP => "icmp".into(),
+        lb_core::parse6::PROTO_ICMPV6 => "icmpv6".into(),
         p => p.to_string(),
     }
 }
@@ -197,12 +198,12 @@ impl CtFilter {
             }
         }
         if let Some(protocol) = &self.protocol {
-            let named = ["tcp", "udp", "icmp"]
+            let named = ["tcp", "udp", "icmp", "icmpv6"]
                 .iter()
                 .any(|p| p.eq_ignore_ascii_case(protocol));
             if !named && protocol.parse::<u8>().is_err() {
                 return Err(format!(
-                    "unknown protocol {protocol:?}: accepted: tcp, udp, icmp, or a number 0-255"
+                    "unknown protocol {protocol:?}: accepted: tcp, udp, icmp, icmpv6, or a number 0-255"
                 ));
             }
         }

@@ -13,7 +13,7 @@
 //!       - name: web
 //!         cidr: 198.18.0.0/15     # remote prefix, IPv4 or IPv6 (default 0.0.0.0/0: every
 //!                                 # address of both families; ::/0 is every IPv6 one)
-//!         protocol: tcp           # any | tcp | udp | icmp (default any)
+//!         protocol: tcp           # any | tcp | udp | icmp | icmpv6 (default any)
 //!         ports: 8080             # a port or "lo-hi" (default: all)
 //!         action: allow
 //!     egress: []                  # packets the interface sends
@@ -78,7 +78,10 @@ pub enum RuleProtocol {
     Any,
     Tcp,
     Udp,
+    /// ICMP (IPv4).
     Icmp,
+    /// ICMPv6 (neighbour discovery always passes whatever the rules say).
+    Icmpv6,
 }
 
 impl RuleProtocol {
@@ -88,6 +91,7 @@ impl RuleProtocol {
             RuleProtocol::Tcp => PROTO_TCP,
             RuleProtocol::Udp => PROTO_UDP,
             RuleProtocol::Icmp => PROTO_ICMP,
+            RuleProtocol::Icmpv6 => lb_core::parse6::PROTO_ICMPV6,
         }
     }
 }
