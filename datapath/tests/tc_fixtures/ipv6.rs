@@ -43,6 +43,10 @@ endpoints:
         protocol: tcp
         ports: 22
         action: allow
+      - name: ping6
+        cidr: 2001:db8::1/128
+        protocol: icmpv6
+        action: allow
     egress:
       - name: out-web
         protocol: tcp
@@ -277,14 +281,27 @@ fn ipv6_neighbour_discovery_passes_and_related_icmpv6_errors_pass() {
     );
     assert_eq!(fx.ingress(&too_big), NEXT);
     assert_eq!(fx.reason("pass_related"), 1);
-    // Echo is a flow keyed by its identifier: denied by default here.
-    let echo = icmp6(
-        CLIENT6,
+    // Echo is a flow keyed by its identifier: admitted by the icmpv6 rule from the client, and
+    // its reply passes back; from anywhere else, the default denies it.
+    let echo = |from: [u8; 16]| {
+        icmp6(
+            from,
+            ENDPOINT6,
+            Icmpv6Type::EchoRequest(etherparse::IcmpEchoHeader { id: 9, seq: 1 }),
+            b"ping",
+        )
+    };
+    assert_eq!(fx.ingress(&echo(CLIENT6)), NEXT);
+    assert_eq!(fx.rule_packets("ping6"), 1);
+    let reply = icmp6(
         ENDPOINT6,
-        Icmpv6Type::EchoRequest(etherparse::IcmpEchoHeader { id: 9, seq: 1 }),
+        CLIENT6,
+        Icmpv6Type::EchoReply(etherparse::IcmpEchoHeader { id: 9, seq: 1 }),
         b"ping",
     );
-    assert_eq!(fx.ingress(&echo), DROP);
+    assert_eq!(fx.egress(&reply), NEXT);
+    assert_eq!(fx.reason("pass_reply"), 1);
+    assert_eq!(fx.ingress(&echo(OUTSIDER6)), DROP);
 }
 
 #[test]
