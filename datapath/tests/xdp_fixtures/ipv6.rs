@@ -1051,3 +1051,91 @@ fn ipv6_udp_length_past_the_packet_is_dropped_as_truncated() {
     short[58..60].copy_from_slice(&10u16.to_be_bytes());
     assert_eq!(fx.run(&short, fx.front_index).0, XDP_REDIRECT);
 }
+
+/// The IPv6 full-NAT flow's record is a conntrack record advanced by both directions, its
+/// reverse entry keyed by the backend leg (IPv6) and owned by the flow's key; bytes count the
+/// whole IPv6 packet (40-byte header included).
+#[test]
+fn ipv6_full_nat_flow_entries_are_conntrack_records_advanced_in_both_directions() {
+    if !privileged() {
+        return;
+    }
+    let mut fx = Fixture::new();
+    let backends = &BACKENDS6[..3];
+    fx.apply(&service6(
+        ForwardingMode::FullNat,
+        Protocol::Tcp,
+        80,
+        backends,
+    ));
+    let backend = expected_backend6(backends, 40100, 80, 6);
+    let client = |syn, ack| {
+        tcp6(
+            (CLIENT_MAC, FRONT_MAC),
+            (CLIENT6, 40100),
+            (VIP6, 80),
+            (syn, ack),
+            &[],
+            &[],
+        )
+    };
+    let from_backend = |syn, ack| {
+        tcp6(
+            (backend6_mac(backend), BACK_MAC),
+            (backend, 8080),
+            (LB_BACK6, 40100),
+            (syn, ack),
+            &[],
+            &[],
+        )
+    };
+    let (flow_key, client_side) = canonical_key(
+        addr16_6(CLIENT6),
+        40100u16.to_be(),
+        addr16_6(VIP6),
+        80u16.to_be(),
+        6,
+        bpf_common::FAMILY_IPV6,
+    );
+    let record = |fx: &Fixture| {
+        pinned_entries::<FlowEntry>(fx, bpf_common::map_names::FLOWS)
+            .into_iter()
+            .find(|(k, _)| *k == flow_key)
+            .expect("the flow's record under its canonical IPv6 key")
+            .1
+    };
+    assert_eq!(fx.run(&client(true, false), fx.front_index).0, XDP_REDIRECT);
+    assert_eq!(state_name(6, record(&fx).ct.state), "SYN_SENT");
+    assert_eq!(
+        fx.run(&from_backend(true, true), fx.back_index).0,
+        XDP_REDIRECT
+    );
+    assert_eq!(state_name(6, record(&fx).ct.state), "SYN_RECV");
+    assert_eq!(fx.run(&client(false, true), fx.front_index).0, XDP_REDIRECT);
+    let entry = record(&fx);
+    let ct = entry.ct;
+    assert_eq!(state_name(6, ct.state), "ESTABLISHED");
+    assert_eq!(ct.orig_side, client_side);
+    assert_eq!(ct.packets, [2, 1]);
+    assert_eq!(ct.bytes, [2 * 60, 60], "IPv6 header + 20-byte TCP header");
+    assert_ne!(ct.flags & CT_F_SEEN_REPLY, 0);
+    assert!(ct.rtt_ns > 0, "{ct:?}");
+    assert_eq!(entry.nat_port_be, 40100u16.to_be());
+    let (backend_leg, backend_side) = canonical_key(
+        addr16_6(backend),
+        8080u16.to_be(),
+        addr16_6(LB_BACK6),
+        40100u16.to_be(),
+        6,
+        bpf_common::FAMILY_IPV6,
+    );
+    let reverse = pinned_entries::<NatReverseEntry>(&fx, bpf_common::map_names::NAT_REV);
+    let (_, value) = reverse
+        .iter()
+        .find(|(k, _)| *k == backend_leg)
+        .unwrap_or_else(|| panic!("no reverse entry for the IPv6 backend leg in {reverse:?}"));
+    assert_eq!(value.backend_side, backend_side);
+    assert_eq!(value.owner, flow_key);
+    assert_eq!(value.client_addr, addr16_6(CLIENT6));
+    assert_eq!(value.vip_addr, addr16_6(VIP6));
+}
