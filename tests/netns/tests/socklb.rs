@@ -936,3 +936,108 @@ fn socket_lb_balances_an_ipv6_vip() {
         "{decision:?}"
     );
 }
+
+/// The sockets of a removed IPv6 backend are destroyed (TCP and connected UDP, AF_INET6 in
+/// sock_diag), the others left alone, and their replacements reach the remaining backend.
+#[test]
+fn socket_lb_destroys_the_sockets_of_a_removed_ipv6_backend() {
+    if !privileged() {
+        return;
+    }
+    const SOCKETS: usize = 12;
+    let mut lab = ok(
+        "lab",
+        Lab::start(LabOptions {
+            topology: TopologyOptions {
+                backends: 2,
+                dsr: false,
+                ipv6: true,
+            },
+            daemon: None,
+        }),
+    );
+    let cgroup = ok(
+        "test cgroup",
+        TestCgroup::create(&format!("datapath-test-{}", lab.topo.prefix)),
+    );
+    ok(
+        "daemon",
+        lab.start_daemon_with_config(&socklb_config(&cgroup, "", "")),
+    );
+    for (port, proto) in [
+        (TCP_SERVICE_PORT, Protocol::Tcp),
+        (UDP_SERVICE_PORT, Protocol::Udp),
+    ] {
+        ok(
+            "IPv6 service",
+            lab.add_service_on(IpAddr::V6(VIP6), port, proto, "full-nat", &["b1", "b2"])
+                .map(drop),
+        );
+    }
+    let d = lab.daemon();
+    let args = [
+        "holdv6".to_string(),
+        VIP6.to_string(),
+        TCP_SERVICE_PORT.to_string(),
+        SOCKETS.to_string(),
+        UDP_SERVICE_PORT.to_string(),
+    ];
+    let mut holder = Holder(
+        client_command(&lab.topo.lb, Some(cgroup.path()), &args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("python3"),
+    );
+    let mut out = BufReader::new(holder.0.stdout.take().unwrap()).lines();
+    let first: Value =
+        serde_json::from_str(&out.next().expect("the held sockets").unwrap()).unwrap();
+    let on = |proto: &str, name: &str| {
+        first[proto]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| *b == name)
+            .count()
+    };
+    for proto in ["tcp", "udp"] {
+        assert!(
+            on(proto, "b1") > 0 && on(proto, "b2") > 0,
+            "{proto}: {first}"
+        );
+    }
+    let expected = (on("tcp", "b2") + on("udp", "b2")) as u64;
+    let b2 = lab.backend_addr6("b2").to_string();
+    for (port, proto) in [(TCP_SERVICE_PORT, "tcp"), (UDP_SERVICE_PORT, "udp")] {
+        let svc = SocketAddr::new(IpAddr::V6(VIP6), port).to_string();
+        ok(
+            "backend remove",
+            d.lb_ctl_ok(&["backend", "remove", &svc, &b2, "--proto", proto])
+                .map(drop),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while socklb(d).sockets_destroyed < expected {
+        assert!(
+            Instant::now() < deadline,
+            "{expected} sockets destroyed in 20 s: {:#?}\n{}",
+            socklb(d),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(socklb(d).sockets_destroyed, expected, "only b2's sockets");
+    use std::io::Write as _;
+    writeln!(holder.0.stdin.as_mut().unwrap(), "check").unwrap();
+    let after: Value = serde_json::from_str(&out.next().expect("the check").unwrap()).unwrap();
+    let _ = holder.0.wait();
+    for proto in ["tcp", "udp"] {
+        for s in after[proto].as_array().unwrap() {
+            if s["was"] == "b2" {
+                assert_eq!(s["ok"], false, "{proto} socket to b2 destroyed: {s}");
+                assert_eq!(s["now"], "b1", "{proto}: the new one reaches b1: {s}");
+            } else {
+                assert_eq!(s["ok"], true, "{proto} socket to b1 untouched: {s}");
+            }
+        }
+    }
+}
