@@ -24,6 +24,11 @@ pub(crate) fn try_icmp(ctx: &XdpContext, frame: &XdpFrame, packet: &Ipv4Packet) 
     if icmp_type != parse::ICMP_DEST_UNREACH && icmp_type != parse::ICMP_TIME_EXCEEDED {
         return anomaly(packet, pass(reason::PASS_VIP_ADDR_OTHER));
     }
+    // The quote must lie inside the ICMP packet's IP total length, not in the padding behind
+    // it: a translation of bytes past the packet's end would leave its checksum wrong.
+    if !parse::quote_within_packet(packet) {
+        return pass(reason::PASS_NOT_VIP);
+    }
     let quote = parse::parse_icmp_quote(frame, packet.l4_off);
     if !quote.valid {
         return pass(reason::PASS_NOT_VIP);

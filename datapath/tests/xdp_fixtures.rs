@@ -1114,6 +1114,27 @@ fn icmp_fragmentation_needed_is_translated_to_the_client() {
     );
     assert_eq!(fx.reason("icmp_translated"), before + 1);
 
+    // The same error cut at the quoted header, its total length ending there and the quoted
+    // ports only in the Ethernet padding behind it: not translated (the rewrite would touch
+    // bytes the ICMP checksum does not cover), passed untouched.
+    let mut short_quote = sent_to_backend[..20].to_vec();
+    short_quote[2..4].copy_from_slice(&48u16.to_be_bytes());
+    let mut padded = icmp(
+        (backend_mac(backend), BACK_MAC),
+        router,
+        LB_BACK,
+        &short_quote,
+    );
+    padded.extend_from_slice(&sent_to_backend[20..]);
+    let before = fx.reason("icmp_translated");
+    assert_frame(
+        "quote in the padding",
+        fx.run(&padded, fx.back_index),
+        XDP_PASS,
+        &padded,
+    );
+    assert_eq!(fx.reason("icmp_translated"), before);
+
     // An ICMP error about a flow the load balancer does not know passes untouched.
     let unknown = quote((LB_BACK, 40001), (backend, 8080));
     let error = icmp((backend_mac(backend), BACK_MAC), router, LB_BACK, &unknown);

@@ -446,8 +446,7 @@ pub struct QuotedPacket {
 /// Parses the packet quoted by an ICMP error whose ICMP header is at `icmp_off`. The result is
 /// not `valid` when the quote is truncated by the frame, carries IP options, or is not TCP/UDP.
 /// Whether the quote also lies inside the ICMP packet's IP total length (not in padding behind
-/// it) is the caller's check, [`quote_within_packet`]. (The tc
-/// programs make it; in `xdp_lb` it does not fit the 512-byte stack yet.)
+/// it) is the caller's check, [`quote_within_packet`], which the tc programs and `xdp_lb` make.
 #[inline(always)]
 pub fn parse_icmp_quote<F: Frame>(frame: &F, icmp_off: usize) -> QuotedPacket {
     let mut quote = QuotedPacket::default();
