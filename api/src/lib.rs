@@ -17,6 +17,7 @@
 //! - [`socklb`]: `/v1/socklb`, the socket load balancer.
 //! - [`dns`]: `/v1/dns`, `/v1/dns/names`, names learned from DNS answers.
 //! - [`proc`]: `/v1/proc`, `/v1/proc/status`, processes the exec module follows.
+//! - [`graph`]: `/v1/graph`, `/v1/graph/status`, the service dependency graph.
 //! - [`error`]: [`ApiError`], [`ErrorCode`], and [`Error`], this crate's one error type (a
 //!   value that does not parse).
 //!
@@ -27,6 +28,7 @@ pub mod conntrack;
 pub mod dns;
 pub mod error;
 pub mod flows;
+pub mod graph;
 pub mod lb;
 pub mod model;
 pub mod node;
@@ -43,6 +45,7 @@ pub use conntrack::*;
 pub use dns::*;
 pub use error::*;
 pub use flows::*;
+pub use graph::*;
 pub use lb::*;
 pub use model::*;
 pub use node::*;

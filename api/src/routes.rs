@@ -11,6 +11,7 @@ use crate::{
     conntrack::{CtFilter, CtFlow, CtStats, FlushAnswer},
     dns::{DnsEntryView, DnsNamesQuery, DnsStatus},
     flows::{FlowEventView, FlowsQuery},
+    graph::{GraphQuery, GraphStatus, GraphView},
     lb::{AddBackend, CreateService, ServiceView, StatsView, UpdateBackend},
     model::{BackendKey, ServiceKey},
     node::NodeView,
@@ -41,6 +42,8 @@ pub const PROC: &str = "/v1/proc";
 pub const PROC_STATUS: &str = "/v1/proc/status";
 pub const PROC_RULES: &str = "/v1/proc/rules";
 pub const PROC_EVENTS: &str = "/v1/proc/events";
+pub const GRAPH: &str = "/v1/graph";
+pub const GRAPH_STATUS: &str = "/v1/graph/status";
 
 /// The HTTP methods the API uses (every `GET` route also answers `HEAD`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -143,6 +146,12 @@ impl Query for CtFilter {
 impl Query for ProcQuery {
     fn to_query(&self) -> String {
         ProcQuery::to_query(self)
+    }
+}
+
+impl Query for GraphQuery {
+    fn to_query(&self) -> String {
+        GraphQuery::to_query(self)
     }
 }
 
@@ -313,6 +322,11 @@ routes! {
     /// Exec, fork, exit and connect events as they happen, one a line; `follow` must be true.
     FollowProc: Get PROC_EVENTS, params (), query ProcEventsQuery, body NoBody
         => 200 ProcEventView, NdJson;
+    /// The service dependency graph over a window (DOT: `GraphView::to_dot`).
+    GetGraph: Get GRAPH, params (), query GraphQuery, body NoBody => 200 GraphView, Json;
+    /// The graph controller: events taken, lost, edges held and evicted.
+    GetGraphStatus: Get GRAPH_STATUS, params (), query NoQuery, body NoBody
+        => 200 GraphStatus, Json;
     /// Interfaces, addresses, neighbours and routes as the netlink controller learned them.
     GetNode: Get NODE, params (), query NoQuery, body NoBody => 200 NodeView, Json;
     GetStats: Get STATS, params (), query NoQuery, body NoBody => 200 StatsView, Json;

@@ -128,6 +128,7 @@ struct FileConfig {
     socklb: Option<SockLbFile>,
     dns: Option<DnsFile>,
     exec: Option<ExecFile>,
+    graph: Option<GraphFile>,
     // The previous layout (see DEPRECATED_KEYS).
     interfaces: Option<Vec<String>>,
     xdp_mode: Option<XdpModeName>,
@@ -207,6 +208,23 @@ struct DnsFile {
     grace_seconds: Option<u64>,
     max_entries: Option<usize>,
     max_addresses_per_name: Option<usize>,
+}
+
+/// The `graph` section: the service dependency graph (docs/graph.md).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GraphFile {
+    enabled: Option<bool>,
+    max_edges: Option<usize>,
+    metrics_edges: Option<usize>,
+    web: Option<GraphWebFile>,
+}
+
+/// `graph.web`: the web view's listener.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GraphWebFile {
+    listen: Option<String>,
 }
 
 /// The `exec` section: processes followed through exec, fork and exit (docs/exec.md).
@@ -688,6 +706,35 @@ impl Default for ExecSettings {
     }
 }
 
+/// The `graph` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GraphSettings {
+    pub enabled: bool,
+    /// Edges held over the longest window (the idlest forgotten first).
+    pub max_edges: usize,
+    /// Edges exported as Prometheus series (the busiest over 5 minutes).
+    pub metrics_edges: usize,
+    /// The web view's listener (`None`: off). Loopback only: the API is a Unix socket, and the
+    /// page has no authentication.
+    pub web_listen: Option<std::net::SocketAddr>,
+}
+
+/// Largest `graph.max_edges`.
+pub const GRAPH_MAX_EDGES: usize = 1_000_000;
+/// Largest `graph.metrics_edges`.
+pub const GRAPH_MAX_METRICS_EDGES: usize = 10_000;
+
+impl Default for GraphSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_edges: 10_000,
+            metrics_edges: 100,
+            web_listen: None,
+        }
+    }
+}
+
 /// Default of `netlink.receive_buffer_bytes`: 4 MiB.
 pub const DEFAULT_NETLINK_RECEIVE_BUFFER: u64 = 4 << 20;
 /// Smallest and largest `netlink.receive_buffer_bytes`.
@@ -734,6 +781,7 @@ pub struct Settings {
     pub socklb: SockLbSettings,
     pub dns: DnsSettings,
     pub exec: ExecSettings,
+    pub graph: GraphSettings,
     /// The file the values came from, to name its lines in errors found later (an interface
     /// pattern that matches nothing when a controller starts or reloads).
     pub origin: Origin,
@@ -776,6 +824,7 @@ impl Default for Settings {
             socklb: SockLbSettings::default(),
             dns: DnsSettings::default(),
             exec: ExecSettings::default(),
+            graph: GraphSettings::default(),
             origin: Origin::default(),
         }
     }
@@ -1051,6 +1100,9 @@ impl Settings {
         }
         if let Some(e) = f.exec {
             self.apply_exec(src, e)?;
+        }
+        if let Some(g) = f.graph {
+            self.apply_graph(src, g)?;
         }
         if let Err(e) = self.dataplane_config().validate() {
             // The only rule across keys left: the Maglev tables of every service in one map.
@@ -1346,11 +1398,57 @@ impl Settings {
         check(self.socklb != new.socklb, "socklb");
         check(self.dns != new.dns, "dns");
         check(self.exec != new.exec, "exec");
+        check(self.graph != new.graph, "graph");
         out
     }
 }
 
 impl Settings {
+    /// The `graph` section over the defaults.
+    fn apply_graph(&mut self, src: &Source, g: GraphFile) -> Result<()> {
+        let graph = &mut self.graph;
+        if let Some(v) = g.enabled {
+            graph.enabled = v;
+        }
+        if let Some(n) = g.max_edges {
+            if !(1..=GRAPH_MAX_EDGES).contains(&n) {
+                return Err(src.error(
+                    "graph.max_edges",
+                    format!("between 1 and {GRAPH_MAX_EDGES}"),
+                ));
+            }
+            graph.max_edges = n;
+        }
+        if let Some(n) = g.metrics_edges {
+            if n > GRAPH_MAX_METRICS_EDGES {
+                return Err(src.error(
+                    "graph.metrics_edges",
+                    format!("at most {GRAPH_MAX_METRICS_EDGES} (label cardinality)"),
+                ));
+            }
+            graph.metrics_edges = n;
+        }
+        if let Some(listen) = g.web.and_then(|w| w.listen) {
+            let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+                src.error(
+                    "graph.web.listen",
+                    format!("{listen:?} is not an address:port such as 127.0.0.1:9466"),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(src.error(
+                    "graph.web.listen",
+                    format!(
+                        "{addr} is not a loopback address: the web view has no authentication, \
+                         reach it through an SSH tunnel or kubectl port-forward"
+                    ),
+                ));
+            }
+            graph.web_listen = Some(addr);
+        }
+        Ok(())
+    }
+
     /// The `exec` section over the defaults.
     fn apply_exec(&mut self, src: &Source, e: ExecFile) -> Result<()> {
         let exec = &mut self.exec;

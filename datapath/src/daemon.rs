@@ -124,6 +124,7 @@ pub fn controllers(settings: &Settings, bus: &Bus) -> Result<Controllers> {
         crate::dns::DnsController::new(settings, bus)? as DynController,
         crate::exec::ExecController::new(settings, bus)? as DynController,
         Arc::clone(&conntrack) as DynController,
+        crate::graph::GraphController::new(settings, bus)? as DynController,
     ];
     Ok(Controllers {
         lb,

@@ -16,6 +16,7 @@ pub mod dns;
 pub mod error;
 pub mod exec;
 pub mod features;
+pub mod graph;
 pub mod kubernetes;
 pub mod lb;
 pub mod metrics;

@@ -34,7 +34,8 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH", env = "LB_CTL_SOCKET",
           default_value = datapath_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// Output format: aligned tables for people, the API's JSON for scripts.
+    /// Output format: aligned tables for people, the API's JSON for scripts; `dot` (Graphviz)
+    /// for `lb-ctl graph` only.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     /// With a change to a service or its backends: change it even though the services file or
@@ -50,6 +51,7 @@ pub struct Cli {
 pub enum Output {
     Table,
     Json,
+    Dot,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +93,26 @@ pub enum Command {
     /// cache, one process, live events, the enforcement rules, the tracer's counters.
     #[command(subcommand)]
     Proc(ProcCommand),
+    /// The service dependency graph: who called whom over a window, with connections, bytes,
+    /// handshake RTT, failures and the programs that connected (`-o dot` for Graphviz).
+    Graph(GraphArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GraphArgs {
+    /// The window: 1m, 5m or 1h.
+    #[arg(long, value_name = "WINDOW", default_value = datapath_api::DEFAULT_GRAPH_WINDOW,
+          value_parser = ["1m", "5m", "1h"])]
+    pub window: String,
+    /// Only edges with an end in this Kubernetes namespace.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Leave out nodes by id, label, address or DNS name (comma-separated, or repeated).
+    #[arg(long, value_name = "NODE", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+    /// At most this many edges, the busiest first.
+    #[arg(long, value_name = "N", value_parser = number_in(1usize, 1_000_000))]
+    pub top: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -474,6 +496,7 @@ pub enum Action {
     ProcRules,
     /// `lb-ctl dns lookup`: the query holds the address.
     DnsLookup(DnsNamesQuery),
+    Graph(datapath_api::GraphQuery),
 }
 
 /// An address argument, parsed (IPv4 or IPv6; brackets allowed around IPv6).
@@ -676,6 +699,17 @@ impl Command {
             Command::Sources => Action::Sources,
             Command::Socklb => Action::SockLb,
             Command::Dns(DnsCommand::Status) => Action::DnsStatus,
+            Command::Graph(g) => {
+                if let Some(bad) = g.exclude.iter().find(|e| e.trim().is_empty()) {
+                    return Err(Error::invalid("exclude", bad, "an empty node name"));
+                }
+                Action::Graph(datapath_api::GraphQuery {
+                    window: Some(g.window.clone()),
+                    namespace: g.namespace.clone(),
+                    exclude: (!g.exclude.is_empty()).then(|| g.exclude.join(",")),
+                    top: g.top,
+                })
+            }
             Command::Proc(ProcCommand::List { pid, cgroup_id }) => {
                 Action::ProcList(datapath_api::ProcQuery {
                     pid: *pid,

@@ -91,6 +91,10 @@ impl Client {
             .await
     }
 
+    pub async fn graph(&self, q: &datapath_api::GraphQuery) -> Result<datapath_api::GraphView> {
+        self.send::<routes::GetGraph>(&(), q, &NoBody).await
+    }
+
     pub async fn dns(&self) -> Result<datapath_api::DnsStatus> {
         self.send::<routes::GetDns>(&(), &NoQuery, &NoBody).await
     }

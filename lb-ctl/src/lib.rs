@@ -28,7 +28,22 @@ pub async fn run(cli: &Cli) -> Result<String> {
     let action = cli.command.action()?;
     let client = Client::new(&cli.socket);
     let json = cli.output == Output::Json;
+    if cli.output == Output::Dot && !matches!(action, Action::Graph(_)) {
+        return Err(Error::invalid(
+            "output",
+            "dot",
+            "only `lb-ctl graph` writes DOT; use table or json",
+        ));
+    }
     Ok(match action {
+        Action::Graph(q) => {
+            let g = client.graph(&q).await?;
+            match cli.output {
+                Output::Json => to_json(&g)?,
+                Output::Dot => g.to_dot(),
+                Output::Table => output::graph(&g),
+            }
+        }
         Action::ServiceList => {
             let list = client.list_services().await?;
             if json {

@@ -1089,6 +1089,116 @@ pub fn flow_event(e: &FlowEventView) -> String {
     line
 }
 
+fn bytes_text(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1}G", n as f64 / f64::from(1u32 << 30)),
+        n if n >= 1 << 20 => format!("{:.1}M", n as f64 / f64::from(1u32 << 20)),
+        n if n >= 1 << 10 => format!("{:.1}K", n as f64 / 1024.0),
+        n => n.to_string(),
+    }
+}
+
+fn rtt_text(us: Option<u64>) -> String {
+    match us {
+        None => "-".into(),
+        Some(us) if us >= 10_000 => format!("{}ms", us / 1000),
+        Some(us) if us >= 1000 => format!("{:.1}ms", us as f64 / 1000.0),
+        Some(us) => format!("{us}us"),
+    }
+}
+
+/// `lb-ctl graph`: one line per edge, then the nodes with their names and addresses.
+pub fn graph(g: &datapath_api::GraphView) -> String {
+    let mut t = Table::new(&[
+        ("CALLER", Align::Left),
+        ("CALLEE", Align::Left),
+        ("PORT", Align::Left),
+        ("CONNS", Align::Right),
+        ("SENT", Align::Right),
+        ("RECEIVED", Align::Right),
+        ("RTT P50", Align::Right),
+        ("RTT P99", Align::Right),
+        ("FAILED", Align::Right),
+        ("PROCESSES", Align::Left),
+    ]);
+    for e in &g.edges {
+        let f = &e.failures;
+        let failed: Vec<String> = [
+            ("reset", f.reset),
+            ("refused", f.refused),
+            ("denied", f.denied),
+            ("no_backend", f.no_backend),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+        let procs: Vec<String> = e
+            .processes
+            .iter()
+            .map(|p| format!("{}×{}", p.exe, p.connections))
+            .collect();
+        t.row(vec![
+            e.caller.clone(),
+            e.callee.clone(),
+            format!("{}/{}", e.protocol, e.port),
+            e.connections.to_string(),
+            bytes_text(e.bytes_sent),
+            bytes_text(e.bytes_received),
+            rtt_text(e.rtt_p50_us),
+            rtt_text(e.rtt_p99_us),
+            if failed.is_empty() {
+                "0".into()
+            } else {
+                failed.join(", ")
+            },
+            if procs.is_empty() {
+                "-".into()
+            } else {
+                procs.join(", ")
+            },
+        ]);
+    }
+    let mut out = format!(
+        "window {} ({} edges{}): sources: names {}, processes {}, services {}\n",
+        g.window,
+        g.edges.len(),
+        if g.edges_omitted > 0 {
+            format!(", {} more left out by --top", g.edges_omitted)
+        } else {
+            String::new()
+        },
+        if g.sources.names { "on" } else { "off" },
+        if g.sources.processes { "on" } else { "off" },
+        if g.sources.services { "on" } else { "off" },
+    );
+    out.push_str(&t.render());
+    let mut n = Table::new(&[
+        ("NODE", Align::Left),
+        ("NAMESPACE", Align::Left),
+        ("NAMES", Align::Left),
+        ("ADDRESSES", Align::Left),
+    ]);
+    for node in &g.nodes {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        n.row(vec![
+            node.id.clone(),
+            node.namespace.clone().unwrap_or_else(|| "-".into()),
+            list(&node.names),
+            list(&node.addresses),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&n.render());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use datapath_api::{BackendState, Counter, ForwardingMode, Protocol};

@@ -10,7 +10,7 @@ use crate::util::{self, capture, command, is_root};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests use.
-pub const PACKAGES: [&str; 11] = [
+pub const PACKAGES: [&str; 13] = [
     "iproute2",
     "nftables",
     "iputils-ping",
@@ -25,6 +25,9 @@ pub const PACKAGES: [&str; 11] = [
     "python3",
     "dnsmasq-base",
     "bind9-dnsutils",
+    // The graph tests: `dot -Tsvg` parses the DOT export, headless Chromium opens the web view.
+    "graphviz",
+    "chromium",
 ];
 
 fn step(title: &str) {

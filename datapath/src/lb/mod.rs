@@ -45,6 +45,22 @@ pub const SERVICE_BACKENDS: &str = "lb.service_backends";
 /// See [`SERVICE_BACKENDS`].
 pub type ServiceBackends = BTreeSet<(datapath_api::ServiceKey, std::net::SocketAddr)>;
 
+/// State: every service with who declared it, what it is called there and its backends
+/// ([`ServiceCatalog`]; writer: lb), for the modules that name flows (the graph).
+pub const SERVICE_CATALOG: &str = "lb.service_catalog";
+
+/// One service of [`SERVICE_CATALOG`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogEntry {
+    pub key: datapath_api::ServiceKey,
+    pub source: datapath_api::ServiceSource,
+    pub owner: Option<String>,
+    pub backends: Vec<std::net::SocketAddr>,
+}
+
+/// See [`SERVICE_CATALOG`]: sorted by key.
+pub type ServiceCatalog = Vec<CatalogEntry>;
+
 /// The load balancer's service maps as it lends them: one service store, two datapaths.
 #[derive(Debug)]
 pub struct LbServiceMaps {
@@ -196,9 +212,11 @@ impl LbController {
                 .writer()?,
         );
         let members = Arc::new(bus.state::<ServiceBackends>(SERVICE_BACKENDS)?.writer()?);
+        let catalog = Arc::new(bus.state::<ServiceCatalog>(SERVICE_CATALOG)?.writer()?);
         store.observe(Arc::new(move |state| {
             next_hops.publish(node::next_hops(state));
             members.publish(node::service_backends(state));
+            catalog.publish(node::service_catalog(state));
         }));
         let links: StateReader<crate::netlink::model::Links> =
             bus.state(crate::netlink::LINKS)?.reader();

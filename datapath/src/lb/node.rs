@@ -37,6 +37,24 @@ pub(super) fn next_hops(state: &DesiredState) -> BTreeSet<IpAddr> {
         .collect()
 }
 
+/// Every service of `state` with its owner and backends (see [`super::SERVICE_CATALOG`]).
+pub(super) fn service_catalog(state: &DesiredState) -> super::ServiceCatalog {
+    state
+        .services
+        .values()
+        .map(|s| super::CatalogEntry {
+            key: s.key,
+            source: s.source,
+            owner: s.owner.clone(),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| std::net::SocketAddr::new(b.addr, b.port))
+                .collect(),
+        })
+        .collect()
+}
+
 /// Every (service, backend) of `state` (see [`super::SERVICE_BACKENDS`]).
 pub(super) fn service_backends(state: &DesiredState) -> super::ServiceBackends {
     state

@@ -1,0 +1,561 @@
+//! The `graph` controller: the live service dependency graph. A pure consumer of the bus, with
+//! no BPF of its own: it takes the flow events ([`crate::ct::FLOW_EVENTS`]) and names each
+//! end from what the other modules publish, degrading to addresses where one is off:
+//!
+//! - services from the service store ([`crate::lb::SERVICE_CATALOG`]): a VIP, or a backend
+//!   (then the edge's port is the service's), is that service;
+//! - names from the `dns` module ([`crate::dns::NAMES`]): the name the caller asked;
+//! - processes from the `exec` module ([`crate::exec::OWNERS`]): the program that connected.
+//!
+//! A flow enters the graph when it ends, or [`SETTLE`] after it opened (the exec module learns
+//! a connection's owner when its handshake completes), whichever comes first, and counts once.
+//! Served as `GET /v1/graph` (JSON; DOT through `GraphView::to_dot`), Prometheus series of the
+//! busiest edges, and a web view on an optional loopback listener (`graph.web.listen`).
+pub mod model;
+pub mod resolve;
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use datapath_api::{DEFAULT_GRAPH_WINDOW, GRAPH_WINDOWS, GraphQuery, GraphStatus, GraphView};
+use tracing::{info, warn};
+
+use crate::{
+    Error, Result,
+    bus::{Bus, Subscriber, Topic},
+    config::{GraphSettings, Settings},
+    controller::{Cancel, Controller, Health, NoChange, Prepared, RunFuture},
+    ct::{FLOW_EVENTS, FlowEventView, gc::monotonic_now_ns},
+};
+use model::{FlowRecord, Graph, ViewFilter};
+use resolve::{Directory, Resolver};
+
+pub const NAME: &str = "graph";
+/// How long after a flow opened it is counted if it has not ended.
+pub const SETTLE: Duration = Duration::from_secs(1);
+/// How often settled flows are counted and old buckets folded.
+const TICK: Duration = Duration::from_millis(500);
+/// Open flows remembered (to count each once); past that a flow is counted when it ends.
+pub const MAX_OPEN_FLOWS: usize = 65_536;
+/// Events taken from the bus per wake-up.
+const BATCH: usize = 1024;
+/// The web view's page.
+const PAGE: &str = include_str!("web/index.html");
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A flow's tuple, as its events spell it.
+type FlowKey = (String, String, u16, String, u16);
+
+fn flow_key(e: &FlowEventView) -> FlowKey {
+    (
+        e.protocol.clone(),
+        e.src.clone(),
+        e.src_port,
+        e.dst.clone(),
+        e.dst_port,
+    )
+}
+
+/// A flow seen opening.
+struct OpenFlow {
+    event: Arc<FlowEventView>,
+    /// Counted already (settled before it ended).
+    counted: bool,
+}
+
+/// Open flows, and the order they opened in (for settling).
+#[derive(Default)]
+struct OpenFlows {
+    by_key: HashMap<FlowKey, OpenFlow>,
+    order: VecDeque<(u64, FlowKey)>,
+}
+
+/// The graph's clock: monotonic seconds.
+fn now_s() -> u64 {
+    monotonic_now_ns() / 1_000_000_000
+}
+
+/// Unix milliseconds of the graph's second `s`.
+fn unix_ms_of(s: u64) -> u64 {
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let now_mono_ms = monotonic_now_ns() / 1_000_000;
+    now_unix.saturating_sub(now_mono_ms.saturating_sub(s * 1000))
+}
+
+/// See the module documentation.
+pub struct GraphController {
+    settings: Mutex<GraphSettings>,
+    health: Mutex<Health>,
+    graph: Mutex<Graph>,
+    open: Mutex<OpenFlows>,
+    resolver: Resolver,
+    events: Arc<Topic<Arc<FlowEventView>>>,
+    /// The web view's listener, bound at start (so a busy port is a clear error there).
+    web: Mutex<Option<std::net::TcpListener>>,
+    pub events_taken: AtomicU64,
+    pub events_lost: AtomicU64,
+}
+
+impl GraphController {
+    pub fn new(settings: &Settings, bus: &Bus) -> Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            settings: Mutex::new(settings.graph.clone()),
+            health: Mutex::new(Health::default()),
+            graph: Mutex::new(Graph::new(settings.graph.max_edges)),
+            open: Mutex::new(OpenFlows::default()),
+            resolver: Resolver {
+                catalog: bus
+                    .state::<crate::lb::ServiceCatalog>(crate::lb::SERVICE_CATALOG)?
+                    .reader(),
+                names: bus
+                    .state::<crate::dns::NameHandle>(crate::dns::NAMES)?
+                    .reader(),
+                owners: bus
+                    .state::<crate::exec::OwnerHandle>(crate::exec::OWNERS)?
+                    .reader(),
+                directory: Mutex::new(None),
+            },
+            events: bus.topic::<Arc<FlowEventView>>(FLOW_EVENTS, crate::ct::EVENT_BUFFER)?,
+            web: Mutex::new(None),
+            events_taken: AtomicU64::new(0),
+            events_lost: AtomicU64::new(0),
+        }))
+    }
+
+    fn settings(&self) -> GraphSettings {
+        lock(&self.settings).clone()
+    }
+
+    /// Takes one flow event: remembers an opening, counts an end.
+    pub fn take(&self, e: &Arc<FlowEventView>, now: u64) {
+        self.events_taken.fetch_add(1, Ordering::Relaxed);
+        match e.kind.as_str() {
+            "opened" | "logged" => {
+                let mut open = lock(&self.open);
+                let key = flow_key(e);
+                // Past the cap the flow is counted when it ends instead.
+                if open.by_key.len() < MAX_OPEN_FLOWS && !open.by_key.contains_key(&key) {
+                    open.order.push_back((now, key.clone()));
+                    open.by_key.insert(
+                        key,
+                        OpenFlow {
+                            event: Arc::clone(e),
+                            counted: false,
+                        },
+                    );
+                }
+            }
+            "closed" | "expired" | "denied" | "cut" => {
+                let counted = lock(&self.open)
+                    .by_key
+                    .remove(&flow_key(e))
+                    .is_some_and(|f| f.counted);
+                let dir = self.directory();
+                if let Some(mut r) = self.resolver.resolve(&dir, e, now) {
+                    r.connections = u64::from(!counted);
+                    lock(&self.graph).record(&r);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn directory(&self) -> Arc<Directory> {
+        self.resolver.directory()
+    }
+
+    /// Counts the flows open for [`SETTLE`] and still going; folds old buckets.
+    pub fn settle(&self, now: u64) {
+        let settle = SETTLE.as_secs().max(1);
+        let mut due = Vec::new();
+        {
+            let mut open = lock(&self.open);
+            while let Some((opened, _)) = open.order.front() {
+                if opened + settle > now {
+                    break;
+                }
+                let (_, key) = open.order.pop_front().expect("front");
+                if let Some(f) = open.by_key.get_mut(&key)
+                    && !f.counted
+                {
+                    f.counted = true;
+                    due.push(Arc::clone(&f.event));
+                }
+            }
+            // Entries that outlive the order queue (long-lived, counted) stay in `by_key`
+            // until they end; the cap above bounds them.
+        }
+        let dir = self.directory();
+        let records: Vec<FlowRecord> = due
+            .iter()
+            .filter_map(|e| {
+                let mut r = self.resolver.resolve(&dir, e, now)?;
+                // Bytes and round-trip time come with the end.
+                r.bytes_sent = 0;
+                r.bytes_received = 0;
+                r.rtt_us = None;
+                r.failure = None;
+                r.connections = 1;
+                Some(r)
+            })
+            .collect();
+        let mut graph = lock(&self.graph);
+        for r in &records {
+            graph.record(r);
+        }
+        graph.age(now);
+    }
+
+    fn filter(&self, q: &GraphQuery) -> Result<ViewFilter> {
+        let name = q.window.as_deref().unwrap_or(DEFAULT_GRAPH_WINDOW);
+        let window = GRAPH_WINDOWS
+            .iter()
+            .find(|(w, _)| *w == name)
+            .ok_or_else(|| {
+                let all: Vec<&str> = GRAPH_WINDOWS.iter().map(|(w, _)| *w).collect();
+                Error::InvalidArgument(format!("window {name:?} is not one of {}", all.join(", ")))
+            })?;
+        let cap = self.settings().max_edges;
+        let top = q.top.unwrap_or(cap);
+        if top == 0 {
+            return Err(Error::InvalidArgument("top must be at least 1".into()));
+        }
+        let exclude: BTreeSet<String> = q
+            .exclude
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(normalise_address)
+            .collect();
+        if let Some(ns) = &q.namespace
+            && ns.trim().is_empty()
+        {
+            return Err(Error::InvalidArgument("namespace must not be empty".into()));
+        }
+        Ok(ViewFilter {
+            window: (window.0.to_string(), window.1),
+            namespace: q.namespace.clone(),
+            exclude,
+            top: top.min(cap),
+        })
+    }
+
+    /// `GET /v1/graph`.
+    pub fn view(&self, q: &GraphQuery) -> Result<GraphView> {
+        if !lock(&self.health).up {
+            return Err(Error::Unavailable(
+                "the graph module is off; enable it with `graph.enabled: true`".into(),
+            ));
+        }
+        let filter = self.filter(q)?;
+        let sources = self.resolver.sources();
+        Ok(lock(&self.graph).view(&filter, now_s(), sources, unix_ms_of))
+    }
+
+    /// `GET /v1/graph/status`.
+    pub fn status(&self) -> GraphStatus {
+        let graph = lock(&self.graph);
+        GraphStatus {
+            events: self.events_taken.load(Ordering::Relaxed),
+            events_lost: self.events_lost.load(Ordering::Relaxed),
+            edges: graph.edge_count() as u64,
+            edges_evicted: graph.evicted,
+            open_flows: lock(&self.open).by_key.len() as u64,
+            web_listen: self.settings().web_listen.map(|a| a.to_string()),
+        }
+    }
+
+    async fn consume(&self, mut sub: Subscriber<Arc<FlowEventView>>, mut cancel: Cancel) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            tokio::select! {
+                _ = sub.recv_many(&mut batch, BATCH) => {
+                    let now = now_s();
+                    for e in batch.drain(..) {
+                        self.take(&e, now);
+                    }
+                }
+                _ = tick.tick() => {
+                    self.settle(now_s());
+                    self.events_lost.store(sub.lost(), Ordering::Relaxed);
+                }
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// The web view: the page, the graph as JSON and as DOT, nothing else.
+    fn web_router(self: &Arc<Self>) -> axum::Router {
+        use axum::{http::header, response::IntoResponse, routing::get};
+        let me = Arc::clone(self);
+        let graph = crate::server::get_query_blocking(move |q: GraphQuery| me.view(&q));
+        let me = Arc::clone(self);
+        let dot = get(move |q: axum::extract::Query<GraphQuery>| {
+            let me = Arc::clone(&me);
+            async move {
+                match tokio::task::spawn_blocking(move || me.view(&q.0)).await {
+                    Ok(Ok(v)) => (
+                        [(header::CONTENT_TYPE, "text/vnd.graphviz; charset=utf-8")],
+                        v.to_dot(),
+                    )
+                        .into_response(),
+                    Ok(Err(e)) => crate::server::ApiFailure::from(e).into_response(),
+                    Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                }
+            }
+        });
+        let page = get(|| async {
+            (
+                [
+                    (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                    // Nothing from elsewhere: the page is self-contained.
+                    (
+                        header::CONTENT_SECURITY_POLICY,
+                        "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+                    ),
+                ],
+                PAGE,
+            )
+        });
+        axum::Router::new()
+            .route("/", page)
+            .route(datapath_api::routes::GRAPH, graph)
+            .route("/graph.dot", dot)
+    }
+}
+
+/// An address in its canonical spelling, anything else as given (so `2001:DB8::1` excludes
+/// the node listed as `2001:db8::1`).
+fn normalise_address(s: &str) -> String {
+    s.parse::<IpAddr>()
+        .map_or_else(|_| s.to_string(), |a| a.to_string())
+}
+
+impl Controller for GraphController {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn after(&self) -> &'static [&'static str] {
+        &[crate::ct::NAME]
+    }
+
+    fn enabled(&self, settings: &Settings) -> bool {
+        settings.graph.enabled
+    }
+
+    fn start(&self, settings: &Settings, blocker: Option<String>) -> Result<()> {
+        *lock(&self.settings) = settings.graph.clone();
+        *lock(&self.graph) = Graph::new(settings.graph.max_edges);
+        *lock(&self.open) = OpenFlows::default();
+        let mut reason = if !settings.graph.enabled {
+            Some("disabled by the configuration (graph.enabled)".to_string())
+        } else {
+            blocker
+        };
+        *lock(&self.web) = None;
+        if reason.is_none()
+            && let Some(addr) = settings.graph.web_listen
+        {
+            match std::net::TcpListener::bind(addr).and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            }) {
+                Ok(l) => *lock(&self.web) = Some(l),
+                Err(e) => reason = Some(format!("cannot listen on {addr} for the web view: {e}")),
+            }
+        }
+        match &reason {
+            None => info!(
+                web = ?settings.graph.web_listen,
+                max_edges = settings.graph.max_edges,
+                "module graph up"
+            ),
+            Some(r) if settings.graph.enabled => warn!(reason = %r, "module graph off"),
+            Some(_) => {}
+        }
+        *lock(&self.health) = Health {
+            enabled: settings.graph.enabled,
+            up: reason.is_none(),
+            reason,
+        };
+        Ok(())
+    }
+
+    fn prepare(
+        self: Arc<Self>,
+        _settings: &Settings,
+        _blocker: Option<String>,
+    ) -> Result<Box<dyn Prepared>> {
+        // Its section needs a restart (config refuses a reload that changes it).
+        Ok(Box::new(NoChange))
+    }
+
+    fn run(self: Arc<Self>, cancel: Cancel) -> RunFuture {
+        Box::pin(async move {
+            if !lock(&self.health).up {
+                let mut cancel = cancel;
+                cancel.cancelled().await;
+                return Ok(());
+            }
+            let sub = self.events.subscribe(NAME);
+            let web = lock(&self.web)
+                .as_ref()
+                .map(|l| l.try_clone())
+                .transpose()
+                .map_err(|e| Error::io("keep the web view's listener", e))?;
+            let server = async {
+                let Some(l) = web else {
+                    return Ok(());
+                };
+                let listener = tokio::net::TcpListener::from_std(l)
+                    .map_err(|e| Error::io("serve the web view", e))?;
+                let mut stop = cancel.clone();
+                axum::serve(listener, self.web_router())
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+                    .map_err(|e| Error::io("serve the web view", e))
+            };
+            let (_, served) = tokio::join!(self.consume(sub, cancel.clone()), server);
+            served
+        })
+    }
+
+    fn health(&self) -> Health {
+        lock(&self.health).clone()
+    }
+
+    fn collectors(self: Arc<Self>) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(metrics_collector(self))]
+    }
+
+    fn routes(self: Arc<Self>) -> axum::Router {
+        use crate::server::{get_blocking, get_query_blocking};
+        let me = Arc::clone(&self);
+        let view = get_query_blocking(move |q: GraphQuery| me.view(&q));
+        let me = Arc::clone(&self);
+        let status = get_blocking(move || me.status());
+        axum::Router::new()
+            .route(datapath_api::routes::GRAPH, view)
+            .route(datapath_api::routes::GRAPH_STATUS, status)
+    }
+}
+
+mod metrics {
+    use prometheus::{IntCounterVec, IntGaugeVec, core::Collector};
+
+    use crate::metrics::{Families, counter, gauge};
+
+    pub(super) struct GraphFamilies {
+        pub events: IntCounterVec,
+        pub lost: IntCounterVec,
+        pub edges: IntGaugeVec,
+        pub evicted: IntCounterVec,
+        pub edge_connections: IntCounterVec,
+        pub edge_bytes: IntCounterVec,
+        pub edge_failures: IntCounterVec,
+    }
+
+    const EDGE: &[&str] = &["caller", "callee", "protocol", "port"];
+
+    impl Families for GraphFamilies {
+        fn new() -> Self {
+            Self {
+                events: counter(
+                    "datapath_graph_events_total",
+                    "Flow events the graph took from the bus",
+                    &[],
+                ),
+                lost: counter(
+                    "datapath_graph_events_lost_total",
+                    "Flow events the graph fell behind on",
+                    &[],
+                ),
+                edges: gauge("datapath_graph_edges", "Edges held over the last hour", &[]),
+                evicted: counter(
+                    "datapath_graph_edges_evicted_total",
+                    "Edges forgotten because graph.max_edges was reached",
+                    &[],
+                ),
+                edge_connections: counter(
+                    "datapath_graph_edge_connections_total",
+                    "Connections of an edge since it appeared (the graph.metrics_edges busiest)",
+                    EDGE,
+                ),
+                edge_bytes: counter(
+                    "datapath_graph_edge_bytes_total",
+                    "Bytes of an edge's ended connections, by direction (sent: caller to callee)",
+                    &["caller", "callee", "protocol", "port", "direction"],
+                ),
+                edge_failures: counter(
+                    "datapath_graph_edge_failures_total",
+                    "Failed connections of an edge (reset, refused, denied, no backend)",
+                    EDGE,
+                ),
+            }
+        }
+
+        fn all(&self) -> Vec<&dyn Collector> {
+            vec![
+                &self.events,
+                &self.lost,
+                &self.edges,
+                &self.evicted,
+                &self.edge_connections,
+                &self.edge_bytes,
+                &self.edge_failures,
+            ]
+        }
+    }
+}
+
+fn metrics_collector(
+    ctl: Arc<GraphController>,
+) -> crate::metrics::FamilyCollector<metrics::GraphFamilies> {
+    crate::metrics::FamilyCollector::new(move |f: &metrics::GraphFamilies| {
+        if !lock(&ctl.health).up {
+            return;
+        }
+        let none: &[&str] = &[];
+        let st = ctl.status();
+        f.events.with_label_values(none).inc_by(st.events);
+        f.lost.with_label_values(none).inc_by(st.events_lost);
+        f.edges.with_label_values(none).set(st.edges as i64);
+        f.evicted.with_label_values(none).inc_by(st.edges_evicted);
+        let n = ctl.settings().metrics_edges;
+        let edges = lock(&ctl.graph).metric_edges(n, now_s());
+        for e in edges {
+            let port = e.port.to_string();
+            let labels = [e.caller.as_str(), &e.callee, e.protocol, &port];
+            f.edge_connections
+                .with_label_values(&labels)
+                .inc_by(e.total.connections);
+            f.edge_failures
+                .with_label_values(&labels)
+                .inc_by(e.total.failures);
+            for (dir, v) in [
+                ("sent", e.total.bytes_sent),
+                ("received", e.total.bytes_received),
+            ] {
+                f.edge_bytes
+                    .with_label_values(&[e.caller.as_str(), &e.callee, e.protocol, &port, dir])
+                    .inc_by(v);
+            }
+        }
+    })
+}
