@@ -1028,6 +1028,39 @@ mod tests {
     }
 
     #[test]
+    fn graph_command() {
+        assert_eq!(
+            action(&["graph"]).unwrap(),
+            Action::Graph(datapath_api::GraphQuery {
+                window: Some("5m".into()),
+                ..Default::default()
+            })
+        );
+        let Action::Graph(q) = action(&[
+            "graph",
+            "--window",
+            "1h",
+            "--exclude",
+            "198.18.0.2,198.18.1.1",
+            "--exclude",
+            "service:db",
+            "--namespace",
+            "shop",
+            "--top",
+            "5",
+        ])
+        .unwrap() else {
+            panic!("not a graph action");
+        };
+        assert_eq!(
+            q.to_query(),
+            "?window=1h&namespace=shop&exclude=198.18.0.2%2C198.18.1.1%2Cservice%3Adb&top=5"
+        );
+        assert!(action(&["graph", "--exclude", ""]).is_err());
+        assert!(Cli::try_parse_from(["lb-ctl", "graph", "--top", "0"]).is_err());
+    }
+
+    #[test]
     fn dns_commands() {
         assert_eq!(action(&["dns", "status"]).unwrap(), Action::DnsStatus);
         assert_eq!(

@@ -448,7 +448,7 @@ fn help_documents_the_exit_codes() {
 #[test]
 fn usage_errors_are_one_line() {
     let d = FakeDaemon::start(ok_view);
-    let cases: [(&[&str], &str); 13] = [
+    let cases: [(&[&str], &str); 15] = [
         // An unknown --mode.
         (
             &["service", "add", "198.18.0.10:80", "--mode", "nat"],
@@ -492,7 +492,7 @@ fn usage_errors_are_one_line() {
         (
             &["servic", "ls"],
             "unrecognized subcommand 'servic' for 'lb-ctl': accepted: service, backend, \
-             stats, status, node, sources, socklb, policy, conntrack, flows, dns, proc, help; did you mean 'service'?",
+             stats, status, node, sources, socklb, policy, conntrack, flows, dns, proc, graph, help; did you mean 'service'?",
         ),
         (
             &["backend", "bogus"],
@@ -502,7 +502,16 @@ fn usage_errors_are_one_line() {
         // An unknown output format.
         (
             &["-o", "yaml", "stats"],
-            "invalid value 'yaml' for '--output <OUTPUT>': accepted: table, json",
+            "invalid value 'yaml' for '--output <OUTPUT>': accepted: table, json, dot",
+        ),
+        // DOT is the graph's alone (refused before anything is sent).
+        (
+            &["-o", "dot", "stats"],
+            r#"invalid output "dot": only `lb-ctl graph` writes DOT; use table or json"#,
+        ),
+        (
+            &["graph", "--window", "2m"],
+            "invalid value '2m' for '--window <WINDOW>': accepted: 1m, 5m, 1h",
         ),
         // An extra argument.
         (

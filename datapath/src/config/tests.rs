@@ -426,3 +426,42 @@ fn dns_section_resolves_and_refuses_with_its_key() {
         a.restart_only_changes(&b)
     );
 }
+
+#[test]
+fn graph_section() {
+    assert_eq!(resolve("").unwrap().graph, GraphSettings::default());
+    assert!(GraphSettings::default().enabled && GraphSettings::default().web_listen.is_none());
+    let s = resolve(
+        "graph:\n  max_edges: 500\n  metrics_edges: 20\n  web:\n    listen: \"[::1]:9466\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        s.graph,
+        GraphSettings {
+            enabled: true,
+            max_edges: 500,
+            metrics_edges: 20,
+            web_listen: "[::1]:9466".parse().ok(),
+        }
+    );
+    for (text, key, says) in [
+        ("graph:\n  max_edges: 0\n", "graph.max_edges", "between 1"),
+        ("graph:\n  metrics_edges: 20000\n", "graph.metrics_edges", "at most 10000"),
+        (
+            "graph:\n  web:\n    listen: 0.0.0.0:9466\n",
+            "graph.web.listen",
+            "not a loopback address",
+        ),
+        ("graph:\n  web:\n    listen: localhost\n", "graph.web.listen", "address:port"),
+        ("graph:\n  webb: {}\n", "graph", "webb"),
+    ] {
+        let (_, got_key, message) = err(text);
+        assert!(
+            got_key.starts_with(key) && message.contains(says),
+            "{text:?}: {got_key}: {message}"
+        );
+    }
+    let a = resolve("graph:\n  enabled: true\n").unwrap();
+    let b = resolve("graph:\n  enabled: false\n").unwrap();
+    assert!(a.restart_only_changes(&b).contains(&"graph"));
+}

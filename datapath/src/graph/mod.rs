@@ -559,3 +559,203 @@ fn metrics_collector(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use datapath_api::{GraphNodeKind, GraphSources, Protocol, ServiceKey, ServiceSource};
+
+    use super::*;
+    use crate::{
+        dns::NameLookup,
+        exec::{FlowOwnerLookup, owners::Owner},
+        lb::{CatalogEntry, SERVICE_CATALOG, ServiceCatalog},
+    };
+
+    /// The name the client asked for the frontend's VIP.
+    struct Names;
+    impl NameLookup for Names {
+        fn name_of(&self, _client: IpAddr, addr: IpAddr) -> Option<String> {
+            (addr.to_string() == "198.18.100.11").then(|| "frontend.svc.test".into())
+        }
+    }
+
+    /// Every connection from 198.18.0.1 is the client program's.
+    struct Owners;
+    impl FlowOwnerLookup for Owners {
+        fn owner_of(&self, src: IpAddr, _: u16, _: IpAddr, _: u16) -> Option<Owner> {
+            (src.to_string() == "198.18.0.1").then(|| Owner {
+                pid: 42,
+                start_ticks: 1,
+                exe: "/bin/client".into(),
+                comm: "client".into(),
+            })
+        }
+    }
+
+    fn event(kind: &str, src: &str, sport: u16, dst: &str, dport: u16) -> Arc<FlowEventView> {
+        Arc::new(FlowEventView {
+            kind: kind.into(),
+            ts_ns: 0,
+            protocol: "tcp".into(),
+            src: src.into(),
+            src_port: sport,
+            dst: dst.into(),
+            dst_port: dport,
+            interface: "lbc".into(),
+            direction: "ingress".into(),
+            rule: None,
+            rule_name: None,
+            state: "TIME_WAIT".into(),
+            packets_orig: 5,
+            packets_reply: 4,
+            bytes_orig: 300,
+            bytes_reply: 2000,
+            duration_ns: 1,
+            rtt_ns: 150_000,
+            dst_name: None,
+            src_name: None,
+            pid: None,
+            exe: None,
+        })
+    }
+
+    fn controller(with_modules: bool) -> Arc<GraphController> {
+        let bus = Bus::new();
+        let ctl = GraphController::new(&Settings::default(), &bus).unwrap();
+        ctl.start(&Settings::default(), None).unwrap();
+        let catalog: ServiceCatalog = vec![CatalogEntry {
+            key: ServiceKey {
+                vip: "198.18.100.11".parse().unwrap(),
+                port: 80,
+                proto: Protocol::Tcp,
+            },
+            source: ServiceSource::File,
+            owner: Some("frontend".into()),
+            backends: vec!["198.18.1.11:8081".parse::<SocketAddr>().unwrap()],
+        }];
+        let writer = bus
+            .state::<ServiceCatalog>(SERVICE_CATALOG)
+            .unwrap()
+            .writer()
+            .unwrap();
+        writer.publish(catalog);
+        std::mem::forget(writer);
+        if with_modules {
+            let names = bus
+                .state::<crate::dns::NameHandle>(crate::dns::NAMES)
+                .unwrap();
+            let w = names.writer().unwrap();
+            w.publish(Some(Arc::new(Names) as Arc<dyn NameLookup>));
+            std::mem::forget(w);
+            let owners = bus
+                .state::<crate::exec::OwnerHandle>(crate::exec::OWNERS)
+                .unwrap();
+            let w = owners.writer().unwrap();
+            w.publish(Some(Arc::new(Owners) as Arc<dyn FlowOwnerLookup>));
+            std::mem::forget(w);
+        }
+        ctl
+    }
+
+    fn graph(ctl: &GraphController) -> GraphView {
+        ctl.view(&GraphQuery::default()).unwrap()
+    }
+
+    #[test]
+    fn a_flow_counts_once_from_open_to_close_named_by_its_service_and_process() {
+        let ctl = controller(true);
+        let now = now_s();
+        ctl.take(
+            &event("opened", "198.18.0.1", 40000, "198.18.1.11", 8081),
+            now,
+        );
+        assert!(graph(&ctl).edges.is_empty(), "not yet settled");
+        ctl.settle(now + 1);
+        let g = graph(&ctl);
+        assert_eq!(g.edges.len(), 1, "{g:#?}");
+        assert_eq!(
+            g.edges[0].id,
+            "process:/bin/client -> service:frontend tcp/80"
+        );
+        assert_eq!((g.edges[0].connections, g.edges[0].bytes_sent), (1, 0));
+        ctl.take(
+            &event("closed", "198.18.0.1", 40000, "198.18.1.11", 8081),
+            now + 2,
+        );
+        // A flow seen only at its end counts too.
+        ctl.take(
+            &event("closed", "198.18.0.1", 40001, "198.18.1.11", 8081),
+            now + 2,
+        );
+        let g = graph(&ctl);
+        let e = &g.edges[0];
+        assert_eq!(
+            (e.connections, e.bytes_sent, e.bytes_received),
+            (2, 600, 4000)
+        );
+        assert_eq!(e.processes[0].exe, "/bin/client");
+        assert!((140..=160).contains(&e.rtt_p50_us.unwrap()), "{e:#?}");
+        let frontend = g.nodes.iter().find(|n| n.id == "service:frontend").unwrap();
+        assert_eq!(frontend.names, ["frontend.svc.test"]);
+        assert_eq!(frontend.addresses, ["198.18.1.11"]);
+        assert_eq!(
+            g.sources,
+            GraphSources {
+                names: true,
+                processes: true,
+                services: true
+            }
+        );
+        assert_eq!(ctl.status().open_flows, 0);
+    }
+
+    #[test]
+    fn without_names_and_processes_the_ends_are_addresses_and_failures_are_counted() {
+        let ctl = controller(false);
+        let now = now_s();
+        let mut refused = (*event("closed", "198.18.0.1", 1, "198.18.0.4", 8084)).clone();
+        refused.state = "CLOSE".into();
+        refused.rtt_ns = 0;
+        ctl.take(&Arc::new(refused), now);
+        let mut reset = (*event("closed", "198.18.0.1", 2, "198.18.0.4", 8084)).clone();
+        reset.state = "CLOSE".into();
+        ctl.take(&Arc::new(reset), now);
+        ctl.take(&event("denied", "198.18.0.1", 3, "198.18.0.4", 8084), now);
+        let g = graph(&ctl);
+        assert_eq!(g.edges.len(), 1, "{g:#?}");
+        let e = &g.edges[0];
+        assert_eq!(e.id, "external:198.18.0.1 -> external:198.18.0.4 tcp/8084");
+        assert_eq!(e.connections, 3);
+        assert_eq!(
+            (e.failures.refused, e.failures.reset, e.failures.denied),
+            (1, 1, 1)
+        );
+        assert!(e.processes.is_empty());
+        assert_eq!(g.nodes[0].kind, GraphNodeKind::External);
+        assert!(!g.sources.names && !g.sources.processes);
+        // Bad queries are refused with the reason.
+        for q in [
+            GraphQuery {
+                window: Some("2m".into()),
+                ..Default::default()
+            },
+            GraphQuery {
+                top: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(ctl.view(&q), Err(Error::InvalidArgument(_))),
+                "{q:?}"
+            );
+        }
+        let dot = g.to_dot();
+        assert!(dot.starts_with("digraph datapath {"), "{dot}");
+        assert!(
+            dot.contains("\"external:198.18.0.1\" -> \"external:198.18.0.4\""),
+            "{dot}"
+        );
+    }
+}
