@@ -446,13 +446,21 @@ fn graph_section() {
     );
     for (text, key, says) in [
         ("graph:\n  max_edges: 0\n", "graph.max_edges", "between 1"),
-        ("graph:\n  metrics_edges: 20000\n", "graph.metrics_edges", "at most 10000"),
+        (
+            "graph:\n  metrics_edges: 20000\n",
+            "graph.metrics_edges",
+            "at most 10000",
+        ),
         (
             "graph:\n  web:\n    listen: 0.0.0.0:9466\n",
             "graph.web.listen",
             "not a loopback address",
         ),
-        ("graph:\n  web:\n    listen: localhost\n", "graph.web.listen", "address:port"),
+        (
+            "graph:\n  web:\n    listen: localhost\n",
+            "graph.web.listen",
+            "address:port",
+        ),
         ("graph:\n  webb: {}\n", "graph", "webb"),
     ] {
         let (_, got_key, message) = err(text);

@@ -318,23 +318,26 @@ impl ExecController {
         }
     }
 
-    /// The program of process (`pid`, `start_ticks`), else of the pid's latest process.
-    fn program_of(&self, pid: u32, start_ticks: u64) -> Option<(u64, String)> {
+    /// The program of process (`pid`, `start_ticks`), else of the pid's latest process, with
+    /// the pod it runs in.
+    fn program_of(&self, pid: u32, start_ticks: u64) -> Option<(u64, String, Option<String>)> {
         let cache = lock(&self.cache);
         let p = (start_ticks != 0)
             .then(|| cache.get((pid, start_ticks)))
             .flatten()
             .or_else(|| cache.by_pid(pid))?;
-        (!p.exe.is_empty()).then(|| (p.start_ticks, p.exe.clone()))
+        (!p.exe.is_empty()).then(|| (p.start_ticks, p.exe.clone(), p.workload.pod_uid.clone()))
     }
 
     fn record_connect(&self, bytes: &[u8], out: &mut Vec<Arc<ConnectView>>) {
         let Some(mut c) = decode_connect(bytes, self.ticks) else {
             return;
         };
-        if let Some((start, exe)) = self.program_of(c.pid, c.start_ticks) {
+        let mut pod_uid = None;
+        if let Some((start, exe, pod)) = self.program_of(c.pid, c.start_ticks) {
             c.start_ticks = start;
             c.exe = Some(exe);
+            pod_uid = pod;
         }
         if c.outcome == "established" && c.protocol == "tcp" {
             let tuple: Tuple = (c.src, c.src_port, c.dst, c.dst_port);
@@ -345,6 +348,7 @@ impl ExecController {
                     start_ticks: c.start_ticks,
                     exe: c.exe.clone().unwrap_or_default(),
                     comm: c.comm.clone(),
+                    pod_uid,
                 },
             );
         }

@@ -18,6 +18,8 @@ pub struct Owner {
     /// The program (empty when the cache did not know the process).
     pub exe: String,
     pub comm: String,
+    /// The pod of the process's cgroup (a kubelet cgroup path), when it is in one.
+    pub pod_uid: Option<String>,
 }
 
 pub struct Owners {
@@ -94,6 +96,7 @@ mod tests {
 
     fn o(pid: u32) -> Owner {
         Owner {
+            pod_uid: None,
             pid,
             start_ticks: 1,
             exe: format!("/bin/p{pid}"),

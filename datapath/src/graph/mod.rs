@@ -590,6 +590,7 @@ mod tests {
                 start_ticks: 1,
                 exe: "/bin/client".into(),
                 comm: "client".into(),
+                pod_uid: None,
             })
         }
     }

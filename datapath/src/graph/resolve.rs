@@ -193,6 +193,15 @@ impl Resolver {
         };
         let caller = if let Some(s) = dir.serving(src) {
             service_node(s, src, None)
+        } else if let Some(pod) = owner.as_ref().and_then(|o| o.pod_uid.as_ref()) {
+            // A pod's cgroup names the pod by uid only; its name is Kubernetes' to say.
+            NodeRef {
+                kind: GraphNodeKind::Workload,
+                label: format!("pod/{pod}"),
+                namespace: None,
+                address: Some(src.to_string()),
+                name: None,
+            }
         } else if let Some(o) = &owner {
             NodeRef {
                 kind: GraphNodeKind::Process,
