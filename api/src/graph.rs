@@ -171,8 +171,12 @@ pub struct GraphStatus {
 
 /// A DOT string literal: quotes and backslashes escaped, control characters dropped.
 fn dot_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
+    format!("\"{}\"", dot_escape(s))
+}
+
+/// The inside of a DOT string literal (see [`dot_quote`]).
+fn dot_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
             '"' | '\\' => {
@@ -183,7 +187,6 @@ fn dot_quote(s: &str) -> String {
             c => out.push(c),
         }
     }
-    out.push('"');
     out
 }
 
@@ -200,17 +203,16 @@ impl GraphView {
                 GraphNodeKind::Process => "ellipse",
                 GraphNodeKind::External => "diamond",
             };
-            let mut label = n.label.clone();
-            if let Some(name) = n.names.first()
-                && name != &n.label
-            {
-                label.push('\n');
-                label.push_str(name);
-            }
+            // The first DNS name on a line of its own (DOT's `\n` escape).
+            let label = match n.names.first() {
+                Some(name) if name != &n.label => {
+                    format!("\"{}\\n{}\"", dot_escape(&n.label), dot_escape(name))
+                }
+                _ => dot_quote(&n.label),
+            };
             out.push_str(&format!(
-                "  {} [label={}, shape={shape}];\n",
+                "  {} [label={label}, shape={shape}];\n",
                 dot_quote(&n.id),
-                dot_quote(&label)
             ));
         }
         for e in &self.edges {
@@ -230,5 +232,43 @@ impl GraphView {
         }
         out.push_str("}\n");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_quotes_escapes_and_puts_the_name_on_its_own_line() {
+        let node = |id: &str, label: &str, names: &[&str]| GraphNode {
+            id: id.into(),
+            kind: GraphNodeKind::Service,
+            label: label.into(),
+            namespace: None,
+            addresses: vec![],
+            names: names.iter().map(|n| n.to_string()).collect(),
+        };
+        let g = GraphView {
+            window: "5m".into(),
+            window_seconds: 300,
+            generated_unix_ms: 0,
+            sources: GraphSources::default(),
+            nodes: vec![
+                node("service:a\"b", "a\"b\\", &["a.test"]),
+                node("service:c", "c", &["c"]),
+            ],
+            edges: vec![],
+            edges_omitted: 0,
+        };
+        let dot = g.to_dot();
+        assert!(
+            dot.contains(r#""service:a\"b" [label="a\"b\\\na.test", shape=box];"#),
+            "{dot}"
+        );
+        assert!(
+            dot.contains(r#""service:c" [label="c", shape=box];"#),
+            "{dot}"
+        );
     }
 }

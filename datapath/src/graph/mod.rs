@@ -66,18 +66,58 @@ fn flow_key(e: &FlowEventView) -> FlowKey {
     )
 }
 
-/// A flow seen opening.
+/// A flow waiting to be counted, or counted and waiting for its end.
 struct OpenFlow {
-    event: Arc<FlowEventView>,
-    /// Counted already (settled before it ended).
-    counted: bool,
+    /// When its first event came (graph clock, milliseconds).
+    first_ms: u64,
+    /// Its opening, or its end when that came first.
+    first: Arc<FlowEventView>,
+    /// Its end, when it came before the flow was counted.
+    end: Option<Arc<FlowEventView>>,
+    /// The edge it was counted on: its end's bytes go to the same edge.
+    counted: Option<FlowRecord>,
 }
 
-/// Open flows, and the order they opened in (for settling).
+/// Flows between their first event and their end, and flows that ended lately (a TCP flow's
+/// `closed` is followed by the GC's `expired` of its closing entry: one end is counted).
 #[derive(Default)]
 struct OpenFlows {
     by_key: HashMap<FlowKey, OpenFlow>,
+    /// (first_ms, key) in arrival order, for settling.
     order: VecDeque<(u64, FlowKey)>,
+    ended: HashMap<FlowKey, u64>,
+    ended_order: VecDeque<(u64, FlowKey)>,
+}
+
+/// How long an ended flow's tuple is remembered (past the longest closing timeout, so the
+/// GC's late `expired` is recognised), and how many at most.
+const ENDED_KEEP_MS: u64 = 10 * 60 * 1000;
+const MAX_ENDED: usize = 65_536;
+
+impl OpenFlows {
+    fn mark_ended(&mut self, key: FlowKey, now_ms: u64) {
+        if self.ended.insert(key.clone(), now_ms).is_none() {
+            self.ended_order.push_back((now_ms, key));
+        }
+        while self.ended_order.len() > MAX_ENDED
+            || self
+                .ended_order
+                .front()
+                .is_some_and(|(t, _)| t + ENDED_KEEP_MS <= now_ms)
+        {
+            let Some((t, k)) = self.ended_order.pop_front() else {
+                break;
+            };
+            if self.ended.get(&k) == Some(&t) {
+                self.ended.remove(&k);
+            }
+        }
+    }
+}
+
+/// The graph's clock in milliseconds (monotonic).
+pub fn now_ms() -> u64 {
+    monotonic_now_ns() / 1_000_000
 }
 
 /// The graph's clock: monotonic seconds.
@@ -138,34 +178,76 @@ impl GraphController {
         lock(&self.settings).clone()
     }
 
-    /// Takes one flow event: remembers an opening, counts an end.
-    pub fn take(&self, e: &Arc<FlowEventView>, now: u64) {
+    /// Takes one flow event at `now_ms` (the graph's clock, [`now_ms`]). A flow is counted
+    /// [`SETTLE`] after its first event, with its end's figures if it ended by then; an end
+    /// that comes later adds its bytes to the edge the flow was counted on.
+    pub fn take(&self, e: &Arc<FlowEventView>, now_ms: u64) {
         self.events_taken.fetch_add(1, Ordering::Relaxed);
+        let key = flow_key(e);
+        let mut open = lock(&self.open);
         match e.kind.as_str() {
             "opened" | "logged" => {
-                let mut open = lock(&self.open);
-                let key = flow_key(e);
+                // The tuple used again: a new connection.
+                open.ended.remove(&key);
                 // Past the cap the flow is counted when it ends instead.
                 if open.by_key.len() < MAX_OPEN_FLOWS && !open.by_key.contains_key(&key) {
-                    open.order.push_back((now, key.clone()));
+                    open.order.push_back((now_ms, key.clone()));
                     open.by_key.insert(
                         key,
                         OpenFlow {
-                            event: Arc::clone(e),
-                            counted: false,
+                            first_ms: now_ms,
+                            first: Arc::clone(e),
+                            end: None,
+                            counted: None,
                         },
                     );
                 }
             }
             "closed" | "expired" | "denied" | "cut" => {
-                let counted = lock(&self.open)
-                    .by_key
-                    .remove(&flow_key(e))
-                    .is_some_and(|f| f.counted);
-                let dir = self.directory();
-                if let Some(mut r) = self.resolver.resolve(&dir, e, now) {
-                    r.connections = u64::from(!counted);
+                if open.ended.contains_key(&key) {
+                    // A second end of an ended flow (expired after closed).
+                    return;
+                }
+                if let Some(f) = open.by_key.get_mut(&key) {
+                    let Some(edge) = f.counted.take() else {
+                        // Counted at its settling, with these figures.
+                        f.end = Some(Arc::clone(e));
+                        return;
+                    };
+                    open.by_key.remove(&key);
+                    open.mark_ended(key, now_ms);
+                    drop(open);
+                    let r = FlowRecord {
+                        connections: 0,
+                        bytes_sent: e.bytes_orig,
+                        bytes_received: e.bytes_reply,
+                        rtt_us: (e.rtt_ns > 0).then_some(e.rtt_ns / 1000),
+                        failure: resolve::failure_of(e),
+                        exe: None,
+                        now_s: now_ms / 1000,
+                        ..edge
+                    };
                     lock(&self.graph).record(&r);
+                } else if open.by_key.len() < MAX_OPEN_FLOWS {
+                    // An end never seen opening (a denied SYN, a flow older than the
+                    // daemon): counted after SETTLE too, when names and owners are known.
+                    open.order.push_back((now_ms, key.clone()));
+                    open.by_key.insert(
+                        key,
+                        OpenFlow {
+                            first_ms: now_ms,
+                            first: Arc::clone(e),
+                            end: Some(Arc::clone(e)),
+                            counted: None,
+                        },
+                    );
+                } else {
+                    open.mark_ended(key, now_ms);
+                    drop(open);
+                    let dir = self.directory();
+                    if let Some(r) = self.resolver.resolve(&dir, e, now_ms / 1000) {
+                        lock(&self.graph).record(&r);
+                    }
                 }
             }
             _ => {}
@@ -176,46 +258,51 @@ impl GraphController {
         self.resolver.directory()
     }
 
-    /// Counts the flows open for [`SETTLE`] and still going; folds old buckets.
-    pub fn settle(&self, now: u64) {
-        let settle = SETTLE.as_secs().max(1);
-        let mut due = Vec::new();
+    /// Counts the flows whose first event is [`SETTLE`] old; folds old buckets.
+    pub fn settle(&self, now_ms: u64) {
+        let settle = SETTLE.as_millis() as u64;
+        let now_s = now_ms / 1000;
+        let dir = self.directory();
+        let mut records = Vec::new();
         {
             let mut open = lock(&self.open);
-            while let Some((opened, _)) = open.order.front() {
-                if opened + settle > now {
+            while let Some((first, _)) = open.order.front() {
+                if first + settle > now_ms {
                     break;
                 }
-                let (_, key) = open.order.pop_front().expect("front");
-                if let Some(f) = open.by_key.get_mut(&key)
-                    && !f.counted
-                {
-                    f.counted = true;
-                    due.push(Arc::clone(&f.event));
+                let (first, key) = open.order.pop_front().expect("front");
+                let Some(f) = open.by_key.get_mut(&key) else {
+                    continue;
+                };
+                if f.first_ms != first || f.counted.is_some() {
+                    continue;
+                }
+                if let Some(end) = f.end.take() {
+                    open.by_key.remove(&key);
+                    open.mark_ended(key, now_ms);
+                    if let Some(r) = self.resolver.resolve(&dir, &end, now_s) {
+                        records.push(r);
+                    }
+                } else if let Some(mut r) = self.resolver.resolve(&dir, &f.first, now_s) {
+                    // Bytes and round-trip time come with the end.
+                    r.bytes_sent = 0;
+                    r.bytes_received = 0;
+                    r.rtt_us = None;
+                    r.failure = None;
+                    r.connections = 1;
+                    f.counted = Some(r.clone());
+                    records.push(r);
+                } else {
+                    // Not TCP or UDP: nothing to draw.
+                    open.by_key.remove(&key);
                 }
             }
-            // Entries that outlive the order queue (long-lived, counted) stay in `by_key`
-            // until they end; the cap above bounds them.
         }
-        let dir = self.directory();
-        let records: Vec<FlowRecord> = due
-            .iter()
-            .filter_map(|e| {
-                let mut r = self.resolver.resolve(&dir, e, now)?;
-                // Bytes and round-trip time come with the end.
-                r.bytes_sent = 0;
-                r.bytes_received = 0;
-                r.rtt_us = None;
-                r.failure = None;
-                r.connections = 1;
-                Some(r)
-            })
-            .collect();
         let mut graph = lock(&self.graph);
         for r in &records {
             graph.record(r);
         }
-        graph.age(now);
+        graph.age(now_s);
     }
 
     fn filter(&self, q: &GraphQuery) -> Result<ViewFilter> {
@@ -285,13 +372,13 @@ impl GraphController {
         loop {
             tokio::select! {
                 _ = sub.recv_many(&mut batch, BATCH) => {
-                    let now = now_s();
+                    let now = now_ms();
                     for e in batch.drain(..) {
                         self.take(&e, now);
                     }
                 }
                 _ = tick.tick() => {
-                    self.settle(now_s());
+                    self.settle(now_ms());
                     self.events_lost.store(sub.lost(), Ordering::Relaxed);
                 }
                 _ = cancel.cancelled() => return,
@@ -667,13 +754,12 @@ mod tests {
     #[test]
     fn a_flow_counts_once_from_open_to_close_named_by_its_service_and_process() {
         let ctl = controller(true);
-        let now = now_s();
-        ctl.take(
-            &event("opened", "198.18.0.1", 40000, "198.18.1.11", 8081),
-            now,
-        );
+        let now = now_ms();
+        let ev = |kind, port| event(kind, "198.18.0.1", port, "198.18.1.11", 8081);
+        ctl.take(&ev("opened", 40000), now);
+        ctl.settle(now + 999);
         assert!(graph(&ctl).edges.is_empty(), "not yet settled");
-        ctl.settle(now + 1);
+        ctl.settle(now + 1000);
         let g = graph(&ctl);
         assert_eq!(g.edges.len(), 1, "{g:#?}");
         assert_eq!(
@@ -681,26 +767,26 @@ mod tests {
             "process:/bin/client -> service:frontend tcp/80"
         );
         assert_eq!((g.edges[0].connections, g.edges[0].bytes_sent), (1, 0));
-        ctl.take(
-            &event("closed", "198.18.0.1", 40000, "198.18.1.11", 8081),
-            now + 2,
-        );
-        // A flow seen only at its end counts too.
-        ctl.take(
-            &event("closed", "198.18.0.1", 40001, "198.18.1.11", 8081),
-            now + 2,
-        );
+        ctl.take(&ev("closed", 40000), now + 2000);
+        // The GC's expiry of the closing entry is the same end: not counted again.
+        ctl.take(&ev("expired", 40000), now + 9000);
+        // A flow seen only at its end counts too, once settled, and once.
+        ctl.take(&ev("closed", 40001), now + 2000);
+        ctl.take(&ev("expired", 40001), now + 2500);
+        ctl.settle(now + 3000);
+        ctl.take(&ev("expired", 40001), now + 9000);
         let g = graph(&ctl);
         let e = &g.edges[0];
         assert_eq!(
             (e.connections, e.bytes_sent, e.bytes_received),
-            (2, 600, 4000)
+            (2, 600, 4000),
+            "{e:#?}"
         );
         assert_eq!(e.processes[0].exe, "/bin/client");
         assert!((140..=160).contains(&e.rtt_p50_us.unwrap()), "{e:#?}");
         let frontend = g.nodes.iter().find(|n| n.id == "service:frontend").unwrap();
         assert_eq!(frontend.names, ["frontend.svc.test"]);
-        assert_eq!(frontend.addresses, ["198.18.1.11"]);
+        assert_eq!(frontend.addresses, ["198.18.1.11", "198.18.100.11"]);
         assert_eq!(
             g.sources,
             GraphSources {
@@ -710,20 +796,29 @@ mod tests {
             }
         );
         assert_eq!(ctl.status().open_flows, 0);
+        // The tuple used again after its end is a new connection.
+        ctl.take(&ev("opened", 40000), now + 10_000);
+        ctl.settle(now + 11_000);
+        assert_eq!(graph(&ctl).edges[0].connections, 3);
     }
 
     #[test]
     fn without_names_and_processes_the_ends_are_addresses_and_failures_are_counted() {
         let ctl = controller(false);
-        let now = now_s();
-        let mut refused = (*event("closed", "198.18.0.1", 1, "198.18.0.4", 8084)).clone();
+        let now = now_ms();
+        let ev = |kind, port| event(kind, "198.18.0.1", port, "198.18.0.4", 8084);
+        let mut refused = (*ev("closed", 1)).clone();
         refused.state = "CLOSE".into();
         refused.rtt_ns = 0;
         ctl.take(&Arc::new(refused), now);
-        let mut reset = (*event("closed", "198.18.0.1", 2, "198.18.0.4", 8084)).clone();
+        let mut reset = (*ev("closed", 2)).clone();
         reset.state = "CLOSE".into();
         ctl.take(&Arc::new(reset), now);
-        ctl.take(&event("denied", "198.18.0.1", 3, "198.18.0.4", 8084), now);
+        ctl.take(&ev("denied", 3), now);
+        // A retransmitted SYN denied again is the same attempt.
+        ctl.take(&ev("denied", 3), now + 500);
+        ctl.settle(now + 1000);
+        ctl.take(&ev("denied", 3), now + 1500);
         let g = graph(&ctl);
         assert_eq!(g.edges.len(), 1, "{g:#?}");
         let e = &g.edges[0];

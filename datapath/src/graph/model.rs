@@ -39,8 +39,10 @@ pub struct NodeRef {
     pub kind: GraphNodeKind,
     pub label: String,
     pub namespace: Option<String>,
-    /// An address to list on the node (a VIP, a backend, an endpoint).
+    /// An address to list on the node (a backend, an endpoint: what the wire carried).
     pub address: Option<String>,
+    /// A service's VIP, listed too (the socket LB leaves only the backend on the wire).
+    pub vip: Option<String>,
     /// A DNS name the caller asked for it.
     pub name: Option<String>,
 }
@@ -328,17 +330,17 @@ impl Graph {
             }
         };
         let node = self.nodes.get_mut(&id).expect("interned");
-        for (set, item) in [
-            (&mut node.addresses, &r.address),
-            (&mut node.names, &r.name),
-        ] {
+        let add = |set: &mut BTreeSet<String>, item: &Option<String>| {
             if let Some(v) = item
                 && set.len() < GRAPH_NODE_LIST_CAP
                 && !set.contains(v)
             {
                 set.insert(v.clone());
             }
-        }
+        };
+        add(&mut node.addresses, &r.vip);
+        add(&mut node.addresses, &r.address);
+        add(&mut node.names, &r.name);
         id
     }
 
@@ -630,6 +632,7 @@ mod tests {
             label: label.into(),
             namespace: None,
             address: None,
+            vip: None,
             name: None,
         }
     }
@@ -771,6 +774,7 @@ mod tests {
                 label: "198.18.0.2".into(),
                 namespace: None,
                 address: Some("198.18.0.2".into()),
+                vip: None,
                 name: None,
             },
             protocol: "udp",

@@ -113,6 +113,7 @@ fn service_node(s: &ServiceName, address: IpAddr, name: Option<String>) -> NodeR
         label: s.label.clone(),
         namespace: s.namespace.clone(),
         address: Some(address.to_string()),
+        vip: Some(s.key.vip.to_string()),
         name,
     }
 }
@@ -123,6 +124,7 @@ fn external_node(address: IpAddr, name: Option<String>) -> NodeRef {
         label: name.clone().unwrap_or_else(|| address.to_string()),
         namespace: None,
         address: Some(address.to_string()),
+        vip: None,
         name,
     }
 }
@@ -200,6 +202,7 @@ impl Resolver {
                 label: format!("pod/{pod}"),
                 namespace: None,
                 address: Some(src.to_string()),
+                vip: None,
                 name: None,
             }
         } else if let Some(o) = &owner {
@@ -208,6 +211,7 @@ impl Resolver {
                 label: o.exe.clone(),
                 namespace: None,
                 address: Some(src.to_string()),
+                vip: None,
                 name: None,
             }
         } else {
