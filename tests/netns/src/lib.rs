@@ -15,6 +15,7 @@
 //! stops processes and deletes the namespaces, also when a test fails. Traffic only ever flows
 //! between namespaces the harness created, on addresses from 198.18.0.0/15.
 
+pub mod browser;
 pub mod cgroup;
 pub mod client;
 pub mod cmd;
