@@ -834,6 +834,80 @@ fn check_web(s: &Scenario, raw: &Value) {
     assert_eq!(strip(&v)["nodes"], strip(raw)["nodes"], "{body}");
 }
 
+/// The web view in headless Chromium, in the LB node's namespace (the listener is on its
+/// loopback): every node and edge of the graph is in the DOM, and a screenshot is saved as a
+/// test artifact (`target/graph-artifacts/graph-scenario.png`).
+fn check_browser(s: &Scenario, g: &GraphView) {
+    if let Some(why) = netns_tests::browser::unavailable_reason() {
+        panic!("the web view needs Chromium: {why}");
+    }
+    let url = format!("http://{WEB}/?window=5m&exclude={EXCLUDE}");
+    let ns = s.lab.topo.lb.clone();
+    let dom = ok(
+        "dump the web view's DOM",
+        netns_tests::browser::dump_dom(Some(&ns), &url),
+    );
+    let dom = xml_unescape(&dom);
+    for n in &g.nodes {
+        assert!(
+            dom.contains(&format!("data-node-id=\"{}\"", n.id)),
+            "node {} not in the DOM:\n{dom}",
+            n.id
+        );
+    }
+    for e in &g.edges {
+        assert!(
+            dom.contains(&format!("data-edge-id=\"{}\"", e.id)),
+            "edge {} not in the DOM:\n{dom}",
+            e.id
+        );
+    }
+    // The edge's figures in the panel, preselected.
+    let first = &g.edges[0];
+    let selected = ok(
+        "dump the web view with an edge selected",
+        netns_tests::browser::dump_dom(Some(&ns), &format!("{url}&select={}", encode(&first.id))),
+    );
+    let selected = xml_unescape(&selected);
+    let panel = selected
+        .split("id=\"details\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no details panel:\n{selected}"));
+    for p in &first.processes {
+        assert!(
+            panel.contains(&p.exe),
+            "{} not in the panel:\n{panel}",
+            p.exe
+        );
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root.join("target/graph-artifacts");
+    std::fs::create_dir_all(&dir).expect("artifact directory");
+    let shot = dir.join("graph-scenario.png");
+    ok(
+        "screenshot",
+        netns_tests::browser::screenshot(
+            Some(&ns),
+            &format!("{url}&select={}", encode("service:frontend")),
+            &shot,
+            1280,
+            800,
+        ),
+    );
+}
+
+/// Percent-encodes a query value.
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// The edges the test expects, with their connections: the client's calls to the frontend
 /// (from `client`), the frontend's to the api, the api's to the db, and the frontend's one
 /// call to `external`.
@@ -941,6 +1015,32 @@ fn the_graph_joins_flows_names_processes_and_services() {
     check_dot(&s, &g);
     check_metrics(&s, &g);
     check_web(&s, &raw);
+    check_browser(&s, &g);
+    check_table(&s, &g);
+}
+
+/// `lb-ctl graph`'s table: a line per edge with its ends, port and connections.
+fn check_table(s: &Scenario, g: &GraphView) {
+    let table = ok(
+        "lb-ctl graph",
+        s.lab.daemon().lb_ctl_ok(&["graph", "--exclude", EXCLUDE]),
+    );
+    assert!(
+        table.starts_with("window 5m (4 edges): sources: names on, processes on, services on\n"),
+        "{table}"
+    );
+    for e in &g.edges {
+        let line = table
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("{} ", e.caller)) && l.contains(&format!(" {} ", e.callee))
+            })
+            .unwrap_or_else(|| panic!("no line for {}:\n{table}", e.id));
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cells[2], format!("{}/{}", e.protocol, e.port), "{line}");
+        assert_eq!(cells[3], e.connections.to_string(), "{line}");
+    }
+    eprintln!("{table}");
 }
 
 #[test]
