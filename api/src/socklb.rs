@@ -17,6 +17,24 @@ pub enum SockLbHook {
     Sendmsg,
 }
 
+/// What the socket LB did with a socket to a VIP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SockLbOutcome {
+    /// Sent to `backend`.
+    #[default]
+    Translated,
+    /// Refused (`ECONNREFUSED`): the service had no backend to give; `backend` is
+    /// `0.0.0.0:0` (`[::]:0`).
+    NoBackend,
+}
+
+impl SockLbOutcome {
+    pub fn is_translated(&self) -> bool {
+        *self == SockLbOutcome::Translated
+    }
+}
+
 /// One socket-LB decision: which socket, of which process and cgroup, was sent where.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SockLbDecision {
@@ -29,6 +47,9 @@ pub struct SockLbDecision {
     pub proto: Protocol,
     pub vip: SocketAddr,
     pub backend: SocketAddr,
+    /// Absent: translated.
+    #[serde(default, skip_serializing_if = "SockLbOutcome::is_translated")]
+    pub outcome: SockLbOutcome,
 }
 
 /// Sockets translated to one service since its programs were loaded.

@@ -99,6 +99,11 @@ pub const HOOK_CONNECT: u8 = 1;
 /// `SockLbEvent::hook`: a `sendmsg()` on an unconnected UDP socket translated.
 pub const HOOK_SENDMSG: u8 = 2;
 
+/// `SockLbEvent::outcome`: the socket was sent to the backend.
+pub const OUTCOME_TRANSLATED: u8 = 0;
+/// `SockLbEvent::outcome`: refused, the service had no backend to give (no backend fields).
+pub const OUTCOME_NO_BACKEND: u8 = 1;
+
 /// One socket-LB decision, sent to `SOCK_EVENTS` (a ring buffer) behind a token bucket: who
 /// (socket cookie, pid, cgroup) was sent where (VIP to backend).
 #[repr(C)]
@@ -114,7 +119,8 @@ pub struct SockLbEvent {
     pub hook: u8,
     pub proto: u8,
     pub family: u8,
-    pub _pad: u8,
+    /// `OUTCOME_*`.
+    pub outcome: u8,
     pub vip: Addr16,
     pub backend: Addr16,
     /// Network byte order.

@@ -41,7 +41,8 @@ use bpf_common::{
     VIP_F_XDP_ONLY, VipInfo, VipKey, defaults, maglev_index,
     policy::RateBucket,
     sock::{
-        DEFAULT_EVENT_RATE, HOOK_CONNECT, HOOK_SENDMSG, OPT_OUT_DEPTH, SockLbEvent, SockRevNat,
+        DEFAULT_EVENT_RATE, HOOK_CONNECT, HOOK_SENDMSG, OPT_OUT_DEPTH, OUTCOME_NO_BACKEND,
+        SockLbEvent, SockRevNat,
         SockRevNatSet, ipv4_of_mapped, reason,
     },
 };
@@ -289,6 +290,11 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
     // SAFETY: the hook's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some((backend_id, backend)) = pick(vip, &key, cookie) else {
+        // Published too: who asked for a service that had nothing to give.
+        let mut ev = decision_event(cookie, hook, proto, family, vip.service_id, &key.addr);
+        ev.vip_port_be = key.port_be;
+        ev.outcome = OUTCOME_NO_BACKEND;
+        emit_decision(&ev);
         return (REFUSE, reason::REFUSE_NO_BACKEND);
     };
     let Some(set) = revnat_of(ctx, true) else {
@@ -324,30 +330,49 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
     if known && hook == HOOK_SENDMSG {
         return (ALLOW, why);
     }
+    let mut ev = decision_event(cookie, hook, proto, family, vip.service_id, &key.addr);
+    ev.backend_id = backend_id;
+    ev.backend = backend.addr;
+    ev.vip_port_be = key.port_be;
+    ev.backend_port_be = backend.port_be;
+    emit_decision(&ev);
+    (ALLOW, why)
+}
+
+/// A decision of the calling process about `vip` (backend fields zero).
+#[inline(always)]
+fn decision_event(
+    cookie: u64,
+    hook: u8,
+    proto: u8,
+    family: u8,
+    service_id: u32,
+    vip: &Addr16,
+) -> SockLbEvent {
     // SAFETY: helpers without preconditions.
     let (pid_tgid, cgroup_id) =
         unsafe { (bpf_get_current_pid_tgid(), bpf_get_current_cgroup_id()) };
-    let ev = SockLbEvent {
+    SockLbEvent {
         cookie,
         cgroup_id,
         pid: (pid_tgid >> 32) as u32,
-        service_id: vip.service_id,
-        backend_id,
+        service_id,
         hook,
         proto,
         family,
-        _pad: 0,
-        vip: key.addr,
-        backend: backend.addr,
-        vip_port_be: key.port_be,
-        backend_port_be: backend.port_be,
-        _pad2: [0; 4],
-    };
+        vip: *vip,
+        ..SockLbEvent::default()
+    }
+}
+
+/// Sends `ev` to `SOCK_EVENTS` behind the token bucket; a refusal is counted.
+#[inline(always)]
+fn emit_decision(ev: &SockLbEvent) {
     match event::emit_batched(
         &SOCK_EVENTS,
         &SOCK_EV_BUCKET,
         global(&EVENT_RATE),
-        &ev,
+        ev,
         now_ns(),
         EVENTS_WAKE_BYTES,
     ) {
@@ -355,7 +380,6 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
         Err(Refused::RateLimited) => count_reason(&SOCK_REASONS, reason::EVENT_RATE_LIMITED),
         Err(Refused::Lost) => count_reason(&SOCK_REASONS, reason::EVENT_LOST),
     }
-    (ALLOW, why)
 }
 
 /// A peer (the datagram's source, or the connected peer) that this socket was translated to is

@@ -474,7 +474,10 @@ pub fn socklb(v: &datapath_api::SockLbStatus) -> String {
                 .into(),
                 d.proto.to_string(),
                 d.vip.to_string(),
-                d.backend.to_string(),
+                match d.outcome {
+                    datapath_api::SockLbOutcome::Translated => d.backend.to_string(),
+                    datapath_api::SockLbOutcome::NoBackend => "refused: no backend".into(),
+                },
             ]);
         }
         out.push_str(&t.render());

@@ -59,16 +59,34 @@ const FOLLOWER: &str = "proc follow";
 pub trait FlowOwnerLookup: Send + Sync {
     /// The process that opened the TCP connection `src:sport -> dst:dport`, if known.
     fn owner_of(&self, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Option<Owner>;
+    /// The latest process of `pid` the cache knows (for what has no tuple yet: a connect the
+    /// socket LB refused).
+    fn process_of(&self, pid: u32) -> Option<Owner> {
+        let _ = pid;
+        None
+    }
 }
 
 /// The owners' handle on the bus (`None`: the module is off).
 pub type OwnerHandle = Option<Arc<dyn FlowOwnerLookup>>;
 
-struct OwnersHandle(Arc<Mutex<Owners>>);
+struct OwnersHandle(Arc<Mutex<Owners>>, Arc<Mutex<ProcessCache>>);
 
 impl FlowOwnerLookup for OwnersHandle {
     fn owner_of(&self, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Option<Owner> {
         lock(&self.0).owner_of(&(src, sport, dst, dport)).cloned()
+    }
+
+    fn process_of(&self, pid: u32) -> Option<Owner> {
+        let cache = lock(&self.1);
+        let p = cache.by_pid(pid)?;
+        Some(Owner {
+            pid,
+            start_ticks: p.start_ticks,
+            exe: p.exe.clone(),
+            comm: p.comm.clone(),
+            pod_uid: p.workload.pod_uid.clone(),
+        })
     }
 }
 const EVENT_BUFFER: usize = 4096;
@@ -94,7 +112,7 @@ struct Inner {
 
 pub struct ExecController {
     inner: Mutex<Inner>,
-    cache: Mutex<ProcessCache>,
+    cache: Arc<Mutex<ProcessCache>>,
     /// Cgroup id -> its path under the cgroup2 root (`None`: looked for, not found).
     cgroups: Mutex<HashMap<u64, Option<String>>>,
     events: Arc<Topic<Arc<Event>>>,
@@ -273,10 +291,10 @@ impl ExecController {
                 health: Health::default(),
                 found_at_start: 0,
             }),
-            cache: Mutex::new(ProcessCache::new(
+            cache: Arc::new(Mutex::new(ProcessCache::new(
                 s.max_processes,
                 s.exit_grace.as_nanos() as u64,
-            )),
+            ))),
             cgroups: Mutex::new(HashMap::new()),
             events: bus.topic(EVENTS, EVENT_BUFFER)?,
             connects: bus.topic(CONNECTS, EVENT_BUFFER)?,
@@ -573,9 +591,10 @@ impl Controller for ExecController {
             }
             drop(c);
             lock(&self.inner).found_at_start = n;
-            self.owner_handle.publish(Some(
-                Arc::new(OwnersHandle(Arc::clone(&self.owners))) as Arc<dyn FlowOwnerLookup>
-            ));
+            self.owner_handle.publish(Some(Arc::new(OwnersHandle(
+                Arc::clone(&self.owners),
+                Arc::clone(&self.cache),
+            )) as Arc<dyn FlowOwnerLookup>));
             info!(
                 processes = n,
                 "module exec up: following exec, fork and exit"

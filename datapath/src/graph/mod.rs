@@ -142,6 +142,10 @@ pub struct GraphController {
     open: Mutex<OpenFlows>,
     resolver: Resolver,
     events: Arc<Topic<Arc<FlowEventView>>>,
+    /// The socket LB's decisions: its refusals for want of a backend are failed connections.
+    decisions: Arc<Topic<Arc<datapath_api::SockLbDecision>>>,
+    /// Refusals waiting for [`SETTLE`].
+    refused: Mutex<VecDeque<(u64, Arc<datapath_api::SockLbDecision>)>>,
     /// The web view's listener, bound at start (so a busy port is a clear error there).
     web: Mutex<Option<std::net::TcpListener>>,
     pub events_taken: AtomicU64,
@@ -168,6 +172,11 @@ impl GraphController {
                 directory: Mutex::new(None),
             },
             events: bus.topic::<Arc<FlowEventView>>(FLOW_EVENTS, crate::ct::EVENT_BUFFER)?,
+            decisions: bus.topic::<Arc<datapath_api::SockLbDecision>>(
+                crate::socklb::DECISIONS,
+                crate::socklb::DECISION_BUFFER,
+            )?,
+            refused: Mutex::new(VecDeque::new()),
             web: Mutex::new(None),
             events_taken: AtomicU64::new(0),
             events_lost: AtomicU64::new(0),
@@ -254,6 +263,18 @@ impl GraphController {
         }
     }
 
+    /// Takes one socket-LB decision: a refusal for want of a backend is a failed connection,
+    /// counted [`SETTLE`] later (when the exec module knows the process).
+    pub fn take_decision(&self, d: &Arc<datapath_api::SockLbDecision>, now_ms: u64) {
+        if d.outcome != datapath_api::SockLbOutcome::NoBackend {
+            return;
+        }
+        let mut refused = lock(&self.refused);
+        if refused.len() < MAX_OPEN_FLOWS {
+            refused.push_back((now_ms, Arc::clone(d)));
+        }
+    }
+
     fn directory(&self) -> Arc<Directory> {
         self.resolver.directory()
     }
@@ -296,6 +317,13 @@ impl GraphController {
                     // Not TCP or UDP: nothing to draw.
                     open.by_key.remove(&key);
                 }
+            }
+        }
+        {
+            let mut refused = lock(&self.refused);
+            while refused.front().is_some_and(|(t, _)| t + settle <= now_ms) {
+                let (_, d) = refused.pop_front().expect("front");
+                records.push(self.resolver.refused(&dir, &d, now_s));
             }
         }
         let mut graph = lock(&self.graph);
@@ -365,12 +393,24 @@ impl GraphController {
         }
     }
 
-    async fn consume(&self, mut sub: Subscriber<Arc<FlowEventView>>, mut cancel: Cancel) {
+    async fn consume(
+        &self,
+        mut sub: Subscriber<Arc<FlowEventView>>,
+        mut decisions: Subscriber<Arc<datapath_api::SockLbDecision>>,
+        mut cancel: Cancel,
+    ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(BATCH);
+        let mut refusals = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
+                _ = decisions.recv_many(&mut refusals, BATCH) => {
+                    let now = now_ms();
+                    for d in refusals.drain(..) {
+                        self.take_decision(&d, now);
+                    }
+                }
                 _ = sub.recv_many(&mut batch, BATCH) => {
                     let now = now_ms();
                     for e in batch.drain(..) {
@@ -450,6 +490,7 @@ impl Controller for GraphController {
         *lock(&self.settings) = settings.graph.clone();
         *lock(&self.graph) = Graph::new(settings.graph.max_edges);
         *lock(&self.open) = OpenFlows::default();
+        lock(&self.refused).clear();
         let mut reason = if !settings.graph.enabled {
             Some("disabled by the configuration (graph.enabled)".to_string())
         } else {
@@ -501,6 +542,7 @@ impl Controller for GraphController {
                 return Ok(());
             }
             let sub = self.events.subscribe(NAME);
+            let decisions = self.decisions.subscribe(NAME);
             let web = lock(&self.web)
                 .as_ref()
                 .map(|l| l.try_clone())
@@ -518,7 +560,7 @@ impl Controller for GraphController {
                     .await
                     .map_err(|e| Error::io("serve the web view", e))
             };
-            let (_, served) = tokio::join!(self.consume(sub, cancel.clone()), server);
+            let (_, served) = tokio::join!(self.consume(sub, decisions, cancel.clone()), server);
             served
         })
     }
@@ -853,5 +895,34 @@ mod tests {
             dot.contains("\"external:198.18.0.1\" -> \"external:198.18.0.4\""),
             "{dot}"
         );
+    }
+
+    #[test]
+    fn a_connect_refused_for_want_of_a_backend_is_a_no_backend_failure() {
+        let ctl = controller(false);
+        let now = now_ms();
+        let d = |outcome| {
+            Arc::new(datapath_api::SockLbDecision {
+                cookie: 1,
+                pid: 7,
+                cgroup_id: 9,
+                hook: datapath_api::SockLbHook::Connect,
+                proto: Protocol::Tcp,
+                vip: "198.18.100.11:80".parse().unwrap(),
+                backend: "0.0.0.0:0".parse().unwrap(),
+                outcome,
+            })
+        };
+        // A translation is not a flow: the flow events carry it.
+        ctl.take_decision(&d(datapath_api::SockLbOutcome::Translated), now);
+        ctl.take_decision(&d(datapath_api::SockLbOutcome::NoBackend), now);
+        ctl.settle(now + 999);
+        assert!(graph(&ctl).edges.is_empty());
+        ctl.settle(now + 1000);
+        let g = graph(&ctl);
+        assert_eq!(g.edges.len(), 1, "{g:#?}");
+        let e = &g.edges[0];
+        assert_eq!(e.id, "process:pid 7 -> service:frontend tcp/80");
+        assert_eq!((e.connections, e.failures.no_backend), (1, 1));
     }
 }

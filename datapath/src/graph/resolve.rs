@@ -166,6 +166,84 @@ impl Resolver {
         }
     }
 
+    /// A connect the socket LB refused for want of a backend, as a failed connection from the
+    /// process to the service. The caller is its pod or program when the exec module knows the
+    /// pid, else the pid (the socket has no address yet).
+    pub fn refused(
+        &self,
+        dir: &Directory,
+        d: &datapath_api::SockLbDecision,
+        now_s: u64,
+    ) -> FlowRecord {
+        let proto = d.proto.number();
+        let protocol = if d.proto == Protocol::Udp {
+            "udp"
+        } else {
+            "tcp"
+        };
+        let vip = d.vip.ip();
+        let unspecified = if vip.is_ipv4() {
+            IpAddr::from([0u8; 4])
+        } else {
+            IpAddr::from([0u8; 16])
+        };
+        let names = self.names.get();
+        let name = names
+            .as_ref()
+            .as_ref()
+            .and_then(|n| n.name_of(unspecified, vip));
+        let callee = match dir.vip(vip, d.vip.port(), proto) {
+            Some(s) => service_node(s, vip, name),
+            None => external_node(vip, name),
+        };
+        let owner = self
+            .owners
+            .get()
+            .as_ref()
+            .as_ref()
+            .and_then(|o| o.process_of(d.pid))
+            .filter(|o| !o.exe.is_empty());
+        let caller = match &owner {
+            Some(o) if o.pod_uid.is_some() => NodeRef {
+                kind: GraphNodeKind::Workload,
+                label: format!("pod/{}", o.pod_uid.as_deref().unwrap_or_default()),
+                namespace: None,
+                address: None,
+                vip: None,
+                name: None,
+            },
+            Some(o) => NodeRef {
+                kind: GraphNodeKind::Process,
+                label: o.exe.clone(),
+                namespace: None,
+                address: None,
+                vip: None,
+                name: None,
+            },
+            None => NodeRef {
+                kind: GraphNodeKind::Process,
+                label: format!("pid {}", d.pid),
+                namespace: None,
+                address: None,
+                vip: None,
+                name: None,
+            },
+        };
+        FlowRecord {
+            caller,
+            callee,
+            protocol,
+            port: d.vip.port(),
+            connections: 1,
+            bytes_sent: 0,
+            bytes_received: 0,
+            rtt_us: None,
+            failure: Some(Failure::NoBackend),
+            exe: owner.map(|o| o.exe),
+            now_s,
+        }
+    }
+
     /// The flow of `e` as an edge's record: one connection, its bytes, round-trip time and
     /// failure. `None` for what is not TCP or UDP, or an address that does not parse.
     pub fn resolve(&self, dir: &Directory, e: &FlowEventView, now_s: u64) -> Option<FlowRecord> {

@@ -47,7 +47,7 @@ pub const DECISIONS: &str = "socklb.decisions";
 /// wake-up watermark).
 const EVENT_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 /// Decisions a slow subscriber may fall behind by before it loses some.
-const DECISION_BUFFER: usize = 4096;
+pub const DECISION_BUFFER: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -120,6 +120,11 @@ impl SockLbController {
             },
             vip: socket(e.vip, e.family, e.vip_port_be),
             backend: socket(e.backend, e.family, e.backend_port_be),
+            outcome: if e.outcome == bpf_common::sock::OUTCOME_NO_BACKEND {
+                datapath_api::SockLbOutcome::NoBackend
+            } else {
+                datapath_api::SockLbOutcome::Translated
+            },
         };
         let mut recent = lock(&self.recent);
         if recent.len() >= RECENT_SOCKLB_DECISIONS {

@@ -1017,6 +1017,48 @@ fn the_graph_joins_flows_names_processes_and_services() {
     check_web(&s, &raw);
     check_browser(&s, &g);
     check_table(&s, &g);
+    check_no_backend(&s);
+}
+
+/// A connect to a VIP whose service has no backend: the socket LB refuses it, and the graph
+/// counts a `no_backend` failure on the edge from the program to that service.
+fn check_no_backend(s: &Scenario) {
+    const EMPTY_VIP: &str = "198.18.100.14:80";
+    let d = s.lab.daemon();
+    ok(
+        "empty service",
+        d.lb_ctl_ok(&["service", "add", EMPTY_VIP]).map(drop),
+    );
+    let mut cmd = Command::new("/bin/bash");
+    cmd.args(["-c", "exec 3<>/dev/tcp/198.18.100.14/80"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    ok(
+        "in the client ns",
+        netns::command_in(&mut cmd, s.lab.client_ns()).map(drop),
+    );
+    s.cgroup.join_on_exec(&mut cmd);
+    let status = cmd.status().expect("run bash");
+    assert!(
+        !status.success(),
+        "the connect to a VIP without backends must fail"
+    );
+    let id = format!("process:/bin/bash -> service:{EMPTY_VIP} tcp/80");
+    let edge = eventually("the refused connect in the graph", GRAPH_WAIT, || {
+        let (_, g) = s.graph().ok()?;
+        g.edges.into_iter().find(|e| e.id == id)
+    });
+    assert_eq!(edge.connections, 1, "{edge:#?}");
+    assert_eq!(
+        edge.failures,
+        datapath_api::GraphFailures {
+            no_backend: 1,
+            ..Default::default()
+        },
+        "{edge:#?}"
+    );
+    assert_eq!(edge.processes[0].exe, "/bin/bash", "{edge:#?}");
 }
 
 /// `lb-ctl graph`'s table: a line per edge with its ends, port and connections.
