@@ -558,3 +558,14 @@ fn cidrs_of_both_families_parse_and_contain_by_family() {
     assert!(!c("198.18.0.0/15").contains(&c("::ffff:198.18.0.0/111")));
     assert!(!c("::/1").contains(&c("198.18.0.0/15")));
 }
+
+#[test]
+fn graph_view() {
+    // The web view's page test serves this answer; it is written in the daemon's field order.
+    let g: datapath_api::GraphView =
+        same_bytes(include_str!("../../tests/netns/tests/data/graph-sample.json"));
+    assert!(g.edges.iter().any(|e| e.failures.no_backend > 0));
+    assert!(g.nodes.iter().any(|n| n.namespace.is_none()));
+    let dot = g.to_dot();
+    assert_eq!(dot.matches(" -> ").count(), g.edges.len(), "{dot}");
+}
