@@ -17,6 +17,7 @@ pub mod dns;
 pub mod exec;
 pub mod forward;
 pub mod fuzz;
+pub mod graph;
 pub mod kubernetes;
 pub mod netlink;
 pub mod pktgen;

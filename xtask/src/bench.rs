@@ -81,12 +81,12 @@ fn commands(smoke: bool) -> Vec<Command> {
 
 /// The smoke run, as steps of `cargo xtask test`: the suite, then the benches that are not
 /// part of it, briefly: the Kubernetes source at 500 Services (`dp-bench --only kubernetes`)
-/// the socket LB (`dp-bench --only socklb`), the DNS module (`dp-bench --only dns`) and the
-/// exec module (`dp-bench --only exec`).
+/// the socket LB (`dp-bench --only socklb`), the DNS module (`dp-bench --only dns`), the
+/// exec module (`dp-bench --only exec`) and the graph module (`dp-bench --only graph`).
 pub fn smoke_commands() -> Vec<Command> {
     let mut all = commands(true);
     let bin_dir = util::target_dir().join("debug");
-    for part in ["kubernetes", "socklb", "dns", "exec"] {
+    for part in ["kubernetes", "socklb", "dns", "exec", "graph"] {
         let mut alone = command(&bin_dir.join("dp-bench").to_string_lossy());
         alone
             .arg("--datapathd")

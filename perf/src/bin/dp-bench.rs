@@ -84,6 +84,10 @@ enum Part {
     /// fork+exec overhead with the tracer on against off, memory at 10,000 processes, printed;
     /// not part of `all`.
     Exec,
+    /// Only the service dependency graph: the cost of one flow event in the graph controller
+    /// on one core, with and without names and owners, and memory at 10,000 edges, printed;
+    /// no daemon, no BPF; not part of `all`.
+    Graph,
 }
 
 #[derive(Serialize)]
@@ -141,6 +145,13 @@ fn main() -> Result<()> {
             "--write-results needs the whole suite (--only all)"
         );
         return exec_alone(&args);
+    }
+    if args.only == Part::Graph {
+        ensure!(
+            !args.write_results,
+            "--write-results needs the whole suite (--only all)"
+        );
+        return graph_alone(&args);
     }
     if args.only == Part::Dns {
         ensure!(
@@ -405,6 +416,70 @@ fn exec_alone(args: &Args) -> Result<()> {
         r.traced_events,
         r.lost_events,
         r.memory_bytes_10k / (1024.0 * 1024.0),
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `--only graph`: see `dp_perf::graph`.
+fn graph_alone(args: &Args) -> Result<()> {
+    eprintln!("dp-bench: graph (cost per flow event, memory at 10,000 edges)");
+    let r = dp_perf::graph::run(args.smoke)?;
+    print!(
+        "{} | {}\n\n### Service dependency graph (graph module)\n\n\
+         | measure | median | min | max |\n| --- | ---: | ---: | ---: |\n",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine(),
+    );
+    for (what, s, wall) in [
+        (
+            "services only",
+            &r.ns_per_event_services,
+            &r.wall_ns_per_event_services,
+        ),
+        (
+            "names and owners joined",
+            &r.ns_per_event_joined,
+            &r.wall_ns_per_event_joined,
+        ),
+    ] {
+        println!(
+            "| ns per flow event, one core (CPU time), {what} ({} events a round, {} rounds; wall clock median {:.0} ns) | {:.0} ns | {:.0} | {:.0} |",
+            r.events_per_round,
+            s.samples.len(),
+            wall.median,
+            s.median,
+            s.min,
+            s.max
+        );
+    }
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    let per_edge = |b: f64| b / r.edges as f64;
+    println!(
+        "\n{} services, {} clients, {} edges (graph.max_edges: {} evicted over all rounds)\n\n\
+         memory at {} edges ({} flows, heap):\n\n\
+         | | services only | names and owners joined |\n| --- | ---: | ---: |\n\
+         | the controller | {:.2} MiB | {:.2} MiB |\n\
+         | the graph alone | {:.2} MiB ({:.0} B an edge) | {:.2} MiB ({:.0} B an edge) |\n\
+         | the controller after a round of the cost ({} flows; median) | {:.2} MiB | {:.2} MiB |",
+        r.services,
+        r.clients,
+        r.edges,
+        r.evicted,
+        r.edges,
+        r.memory_flows,
+        mib(r.memory_controller_services),
+        mib(r.memory_controller_joined),
+        mib(r.memory_graph_services),
+        per_edge(r.memory_graph_services),
+        mib(r.memory_graph_joined),
+        per_edge(r.memory_graph_joined),
+        r.flows_per_round,
+        mib(r.round_heap_services.median),
+        mib(r.round_heap_joined.median),
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&r)?)
