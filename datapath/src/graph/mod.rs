@@ -15,7 +15,7 @@ pub mod model;
 pub mod resolve;
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, VecDeque},
     net::IpAddr,
     sync::{
         Arc, Mutex,
@@ -34,7 +34,7 @@ use crate::{
     controller::{Cancel, Controller, Health, NoChange, Prepared, RunFuture},
     ct::{FLOW_EVENTS, FlowEventView, gc::monotonic_now_ns},
 };
-use model::{FlowRecord, Graph, ViewFilter};
+use model::{FastMap, FlowRecord, Graph, ViewFilter};
 use resolve::{Directory, Resolver};
 
 pub const NAME: &str = "graph";
@@ -54,24 +54,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A flow's tuple, as its events spell it.
-type FlowKey = (String, String, u16, String, u16);
+type FlowKey = (u8, IpAddr, u16, IpAddr, u16);
 
-fn flow_key(e: &FlowEventView) -> FlowKey {
-    (
-        e.protocol.clone(),
-        e.src.clone(),
+/// The event's tuple, parsed once (`None`: not TCP or UDP, or an address that does not parse:
+/// nothing to draw).
+fn flow_key(e: &FlowEventView) -> Option<FlowKey> {
+    let proto = match e.protocol.as_str() {
+        "tcp" => 6,
+        "udp" => 17,
+        _ => return None,
+    };
+    Some((
+        proto,
+        e.src.parse().ok()?,
         e.src_port,
-        e.dst.clone(),
+        e.dst.parse().ok()?,
         e.dst_port,
-    )
+    ))
 }
 
 /// A flow waiting to be counted, or counted and waiting for its end.
 struct OpenFlow {
     /// When its first event came (graph clock, milliseconds).
     first_ms: u64,
-    /// Its opening, or its end when that came first.
-    first: Arc<FlowEventView>,
+    /// Its opening, or its end when that came first (let go once counted).
+    first: Option<Arc<FlowEventView>>,
     /// Its end, when it came before the flow was counted.
     end: Option<Arc<FlowEventView>>,
     /// The edge it was counted on: its end's bytes go to the same edge.
@@ -82,10 +89,10 @@ struct OpenFlow {
 /// `closed` is followed by the GC's `expired` of its closing entry: one end is counted).
 #[derive(Default)]
 struct OpenFlows {
-    by_key: HashMap<FlowKey, OpenFlow>,
+    by_key: FastMap<FlowKey, OpenFlow>,
     /// (first_ms, key) in arrival order, for settling.
     order: VecDeque<(u64, FlowKey)>,
-    ended: HashMap<FlowKey, u64>,
+    ended: FastMap<FlowKey, u64>,
     ended_order: VecDeque<(u64, FlowKey)>,
 }
 
@@ -96,7 +103,7 @@ const MAX_ENDED: usize = 65_536;
 
 impl OpenFlows {
     fn mark_ended(&mut self, key: FlowKey, now_ms: u64) {
-        if self.ended.insert(key.clone(), now_ms).is_none() {
+        if self.ended.insert(key, now_ms).is_none() {
             self.ended_order.push_back((now_ms, key));
         }
         while self.ended_order.len() > MAX_ENDED
@@ -192,7 +199,9 @@ impl GraphController {
     /// that comes later adds its bytes to the edge the flow was counted on.
     pub fn take(&self, e: &Arc<FlowEventView>, now_ms: u64) {
         self.events_taken.fetch_add(1, Ordering::Relaxed);
-        let key = flow_key(e);
+        let Some(key) = flow_key(e) else {
+            return;
+        };
         let mut open = lock(&self.open);
         match e.kind.as_str() {
             "opened" | "logged" => {
@@ -200,12 +209,12 @@ impl GraphController {
                 open.ended.remove(&key);
                 // Past the cap the flow is counted when it ends instead.
                 if open.by_key.len() < MAX_OPEN_FLOWS && !open.by_key.contains_key(&key) {
-                    open.order.push_back((now_ms, key.clone()));
+                    open.order.push_back((now_ms, key));
                     open.by_key.insert(
                         key,
                         OpenFlow {
                             first_ms: now_ms,
-                            first: Arc::clone(e),
+                            first: Some(Arc::clone(e)),
                             end: None,
                             counted: None,
                         },
@@ -240,12 +249,12 @@ impl GraphController {
                 } else if open.by_key.len() < MAX_OPEN_FLOWS {
                     // An end never seen opening (a denied SYN, a flow older than the
                     // daemon): counted after SETTLE too, when names and owners are known.
-                    open.order.push_back((now_ms, key.clone()));
+                    open.order.push_back((now_ms, key));
                     open.by_key.insert(
                         key,
                         OpenFlow {
                             first_ms: now_ms,
-                            first: Arc::clone(e),
+                            first: None,
                             end: Some(Arc::clone(e)),
                             counted: None,
                         },
@@ -304,7 +313,11 @@ impl GraphController {
                     if let Some(r) = self.resolver.resolve(&dir, &end, now_s) {
                         records.push(r);
                     }
-                } else if let Some(mut r) = self.resolver.resolve(&dir, &f.first, now_s) {
+                } else if let Some(mut r) = f
+                    .first
+                    .take()
+                    .and_then(|first| self.resolver.resolve(&dir, &first, now_s))
+                {
                     // Bytes and round-trip time come with the end.
                     r.bytes_sent = 0;
                     r.bytes_received = 0;

@@ -8,12 +8,18 @@
 //! - processes per bucket and addresses and names per node are capped;
 //! - at most `max_edges` edges: past that, the idlest are forgotten first, in batches;
 //! - nodes live as long as an edge uses them.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
 
 use datapath_api::{
     GRAPH_NODE_LIST_CAP, GraphEdge, GraphFailures, GraphNode, GraphNodeKind, GraphProcess,
     GraphSources, GraphView,
 };
+
+/// The graph's maps: foldhash (see datapath/Cargo.toml).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Width of a fine bucket, and how long fine buckets are kept.
 const FINE_SECONDS: u64 = 10;
@@ -40,9 +46,9 @@ pub struct NodeRef {
     pub label: String,
     pub namespace: Option<String>,
     /// An address to list on the node (a backend, an endpoint: what the wire carried).
-    pub address: Option<String>,
+    pub address: Option<IpAddr>,
     /// A service's VIP, listed too (the socket LB leaves only the backend on the wire).
-    pub vip: Option<String>,
+    pub vip: Option<IpAddr>,
     /// A DNS name the caller asked for it.
     pub name: Option<String>,
 }
@@ -50,6 +56,15 @@ pub struct NodeRef {
 impl NodeRef {
     pub fn id(&self) -> String {
         format!("{}:{}", kind_name(self.kind), self.label)
+    }
+}
+
+fn kind_index(kind: GraphNodeKind) -> usize {
+    match kind {
+        GraphNodeKind::Service => 0,
+        GraphNodeKind::Workload => 1,
+        GraphNodeKind::Process => 2,
+        GraphNodeKind::External => 3,
     }
 }
 
@@ -240,7 +255,7 @@ struct Node {
     kind: GraphNodeKind,
     label: String,
     namespace: Option<String>,
-    addresses: BTreeSet<String>,
+    addresses: BTreeSet<IpAddr>,
     names: BTreeSet<String>,
     /// Edges that use it.
     edges: u32,
@@ -249,13 +264,14 @@ struct Node {
 /// The whole graph. See the module documentation.
 pub struct Graph {
     max_edges: usize,
-    nodes: HashMap<u32, Node>,
-    node_ids: HashMap<(GraphNodeKind, String), u32>,
+    nodes: FastMap<u32, Node>,
+    /// Node ids by label, one map per kind.
+    node_ids: [FastMap<String, u32>; 4],
     next_node: u32,
-    edges: HashMap<EdgeKey, Edge>,
+    edges: FastMap<EdgeKey, Edge>,
     /// Programs by id, and ids by program (never forgotten: a node's set is small).
     exes: Vec<String>,
-    exe_ids: HashMap<String, u32>,
+    exe_ids: FastMap<String, u32>,
     pub evicted: u64,
 }
 
@@ -289,12 +305,12 @@ impl Graph {
     pub fn new(max_edges: usize) -> Self {
         Self {
             max_edges: max_edges.max(1),
-            nodes: HashMap::new(),
-            node_ids: HashMap::new(),
+            nodes: FastMap::default(),
+            node_ids: Default::default(),
             next_node: 0,
-            edges: HashMap::new(),
+            edges: FastMap::default(),
             exes: Vec::new(),
-            exe_ids: HashMap::new(),
+            exe_ids: FastMap::default(),
             evicted: 0,
         }
     }
@@ -308,13 +324,14 @@ impl Graph {
     }
 
     fn node(&mut self, r: &NodeRef) -> u32 {
-        let key = (r.kind, r.label.clone());
-        let id = match self.node_ids.get(&key) {
+        // Looked up by reference: a flow of a known node allocates nothing here.
+        let ids = &mut self.node_ids[kind_index(r.kind)];
+        let id = match ids.get(r.label.as_str()) {
             Some(id) => *id,
             None => {
                 let id = self.next_node;
                 self.next_node = self.next_node.wrapping_add(1);
-                self.node_ids.insert(key, id);
+                ids.insert(r.label.clone(), id);
                 self.nodes.insert(
                     id,
                     Node {
@@ -330,17 +347,17 @@ impl Graph {
             }
         };
         let node = self.nodes.get_mut(&id).expect("interned");
-        let add = |set: &mut BTreeSet<String>, item: &Option<String>| {
-            if let Some(v) = item
-                && set.len() < GRAPH_NODE_LIST_CAP
-                && !set.contains(v)
-            {
-                set.insert(v.clone());
+        for a in [r.vip, r.address].into_iter().flatten() {
+            if node.addresses.len() < GRAPH_NODE_LIST_CAP {
+                node.addresses.insert(a);
             }
-        };
-        add(&mut node.addresses, &r.vip);
-        add(&mut node.addresses, &r.address);
-        add(&mut node.names, &r.name);
+        }
+        if let Some(name) = &r.name
+            && node.names.len() < GRAPH_NODE_LIST_CAP
+            && !node.names.contains(name)
+        {
+            node.names.insert(name.clone());
+        }
         id
     }
 
@@ -356,7 +373,11 @@ impl Graph {
 
     /// Adds one resolved flow.
     pub fn record(&mut self, f: &FlowRecord) {
-        let known = |r: &NodeRef| self.node_ids.get(&(r.kind, r.label.clone())).copied();
+        let known = |r: &NodeRef| {
+            self.node_ids[kind_index(r.kind)]
+                .get(r.label.as_str())
+                .copied()
+        };
         let exists = match (known(&f.caller), known(&f.callee)) {
             (Some(a), Some(b)) => self.edges.contains_key(&(a, b, f.protocol, f.port)),
             _ => false,
@@ -423,7 +444,7 @@ impl Graph {
         for id in ids {
             if self.nodes.get(id).is_some_and(|n| n.edges == 0) {
                 let n = self.nodes.remove(id).expect("present");
-                self.node_ids.remove(&(n.kind, n.label));
+                self.node_ids[kind_index(n.kind)].remove(&n.label);
             }
         }
     }
@@ -508,7 +529,11 @@ impl Graph {
             kind: n.kind,
             label: n.label.clone(),
             namespace: n.namespace.clone(),
-            addresses: n.addresses.iter().cloned().collect(),
+            addresses: {
+                let mut a: Vec<String> = n.addresses.iter().map(IpAddr::to_string).collect();
+                a.sort();
+                a
+            },
             names: n.names.iter().cloned().collect(),
         })
     }
@@ -764,7 +789,7 @@ mod tests {
         let mut g = Graph::new(100);
         let mut f = flow("client", "frontend", 50);
         f.callee.namespace = Some("shop".into());
-        f.callee.address = Some("198.18.100.11".into());
+        f.callee.address = Some("198.18.100.11".parse().unwrap());
         f.callee.name = Some("frontend.svc.test".into());
         g.record(&f);
         g.record(&f);
@@ -773,7 +798,7 @@ mod tests {
                 kind: GraphNodeKind::External,
                 label: "198.18.0.2".into(),
                 namespace: None,
-                address: Some("198.18.0.2".into()),
+                address: Some("198.18.0.2".parse().unwrap()),
                 vip: None,
                 name: None,
             },

@@ -112,8 +112,8 @@ fn service_node(s: &ServiceName, address: IpAddr, name: Option<String>) -> NodeR
         kind: GraphNodeKind::Service,
         label: s.label.clone(),
         namespace: s.namespace.clone(),
-        address: Some(address.to_string()),
-        vip: Some(s.key.vip.to_string()),
+        address: Some(address),
+        vip: Some(s.key.vip),
         name,
     }
 }
@@ -123,7 +123,7 @@ fn external_node(address: IpAddr, name: Option<String>) -> NodeRef {
         kind: GraphNodeKind::External,
         label: name.clone().unwrap_or_else(|| address.to_string()),
         namespace: None,
-        address: Some(address.to_string()),
+        address: Some(address),
         vip: None,
         name,
     }
@@ -279,7 +279,7 @@ impl Resolver {
                 kind: GraphNodeKind::Workload,
                 label: format!("pod/{pod}"),
                 namespace: None,
-                address: Some(src.to_string()),
+                address: Some(src),
                 vip: None,
                 name: None,
             }
@@ -288,7 +288,7 @@ impl Resolver {
                 kind: GraphNodeKind::Process,
                 label: o.exe.clone(),
                 namespace: None,
-                address: Some(src.to_string()),
+                address: Some(src),
                 vip: None,
                 name: None,
             }
