@@ -9,8 +9,12 @@ use crate::util::{self, capture, command, is_root};
 /// The bpf-linker release the BPF build uses.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The PyPI kubernetes-validate release the deploy tests validate rendered manifests with
+/// (datapath/tests/deploy.rs), installed into a venv at target/kubernetes-validate.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
 /// Debian packages the tests use.
-pub const PACKAGES: [&str; 13] = [
+pub const PACKAGES: [&str; 14] = [
     "iproute2",
     "nftables",
     "iputils-ping",
@@ -25,6 +29,8 @@ pub const PACKAGES: [&str; 13] = [
     "python3",
     "dnsmasq-base",
     "bind9-dnsutils",
+    // The venv kubernetes-validate (PyPI) is installed into, for the deploy tests.
+    "python3-venv",
     // The graph tests: `dot -Tsvg` parses the DOT export, headless Chromium opens the web view.
     "graphviz",
     "chromium",
@@ -53,6 +59,10 @@ pub fn run(args: &SetupArgs) -> Result<()> {
     bpf_linker(args.rebuild_bpf_linker).context("installing bpf-linker")?;
     step("Debian packages");
     packages().context("installing Debian packages")?;
+    step(&format!(
+        "kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (PyPI) in target/kubernetes-validate"
+    ));
+    kubernetes_validate().context("installing kubernetes-validate")?;
     step("bpffs at /sys/fs/bpf");
     bpffs();
     println!("==> setup: done");
@@ -212,6 +222,43 @@ fn packages() -> Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing),
     )
+}
+
+/// The venv datapath/tests/deploy.rs looks in for `kubernetes-validate`.
+fn kubernetes_validate_venv() -> PathBuf {
+    util::target_dir().join("kubernetes-validate")
+}
+
+/// `kubernetes-validate` from PyPI, with pip, in its own venv (python3 is a Debian package
+/// above; pip needs to reach PyPI).
+fn kubernetes_validate() -> Result<()> {
+    let venv = kubernetes_validate_venv();
+    let bin = venv.join("bin/kubernetes-validate");
+    let installed = capture(command(bin.to_str().context("venv path")?).arg("--version"));
+    if let Some(v) = installed.as_deref().map(str::trim)
+        && v == KUBERNETES_VALIDATE_VERSION
+    {
+        println!("kubernetes-validate {v} already installed");
+        return Ok(());
+    }
+    if !venv.join("bin/pip").exists() {
+        util::run(command("python3").args(["-m", "venv"]).arg(&venv))
+            .context("creating the venv (Debian: python3-venv)")?;
+    }
+    util::run(
+        command(venv.join("bin/pip").to_str().context("venv path")?)
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )),
+    )?;
+    match capture(command(bin.to_str().context("venv path")?).arg("--version")) {
+        Some(v) if v.trim() == KUBERNETES_VALIDATE_VERSION => {
+            println!("installed kubernetes-validate {}", v.trim());
+            Ok(())
+        }
+        other => bail!("kubernetes-validate was installed but `--version` says {other:?}"),
+    }
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there (the daemon does it too when it
