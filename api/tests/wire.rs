@@ -562,8 +562,9 @@ fn cidrs_of_both_families_parse_and_contain_by_family() {
 #[test]
 fn graph_view() {
     // The web view's page test serves this answer; it is written in the daemon's field order.
-    let g: datapath_api::GraphView =
-        same_bytes(include_str!("../../tests/netns/tests/data/graph-sample.json"));
+    let g: datapath_api::GraphView = same_bytes(include_str!(
+        "../../tests/netns/tests/data/graph-sample.json"
+    ));
     assert!(g.edges.iter().any(|e| e.failures.no_backend > 0));
     assert!(g.nodes.iter().any(|n| n.namespace.is_none()));
     let dot = g.to_dot();

@@ -42,8 +42,7 @@ use bpf_common::{
     policy::RateBucket,
     sock::{
         DEFAULT_EVENT_RATE, HOOK_CONNECT, HOOK_SENDMSG, OPT_OUT_DEPTH, OUTCOME_NO_BACKEND,
-        SockLbEvent, SockRevNat,
-        SockRevNatSet, ipv4_of_mapped, reason,
+        SockLbEvent, SockRevNat, SockRevNatSet, ipv4_of_mapped, reason,
     },
 };
 use bpf_lib::{

@@ -49,6 +49,9 @@ pub enum Check {
     /// The benchmark suite once, in smoke mode: pktgen, per-program cost, forwarding rate,
     /// criterion benches (figures meaningless, only proves they still run).
     BenchSmoke,
+    /// `promtool check rules` on deploy/alerts' rules file and PrometheusRule (its `spec`),
+    /// and `promtool test rules deploy/alerts/tests.yaml`.
+    DeployRules,
 }
 
 struct Step {
@@ -151,6 +154,13 @@ fn steps(bpf: &[String], upgrade_from: UpgradeFrom) -> Vec<Step> {
         "warnings",
     ]);
 
+    let alerts = util::workspace_root().join("deploy").join("alerts");
+    let rule_groups = util::target_dir()
+        .join("deploy-rules")
+        .join("prometheusrule-spec.yaml");
+    let rule_groups_arg = rule_groups.clone();
+    let rule_manifest = alerts.join("prometheusrule.yaml");
+
     vec![
         Step {
             name: "fmt",
@@ -216,12 +226,73 @@ fn steps(bpf: &[String], upgrade_from: UpgradeFrom) -> Vec<Step> {
             },
         },
         Step {
+            name: "deploy-rules",
+            selected_by: &[Check::DeployRules],
+            call: Some(Box::new(move || {
+                write_prometheusrule_groups(&rule_manifest, &rule_groups)
+            })),
+            commands: {
+                let mut check = command("promtool");
+                check
+                    .args(["check", "rules"])
+                    .arg(alerts.join("datapath-rules.yaml"))
+                    .arg(&rule_groups_arg);
+                let mut unit_tests = command("promtool");
+                unit_tests
+                    .args(["test", "rules"])
+                    .arg(alerts.join("tests.yaml"));
+                vec![check, unit_tests]
+            },
+        },
+        Step {
             name: "bench-smoke",
             selected_by: &[Check::BenchSmoke],
             call: None,
             commands: crate::bench::smoke_commands(),
         },
     ]
+}
+
+/// Writes the `spec` of the PrometheusRule at `src` to `dst`: a rules file with its `groups`,
+/// which `promtool check rules` reads. The manifest is block-style YAML whose top-level
+/// `spec:` key holds everything indented by two spaces; anything else is refused.
+fn write_prometheusrule_groups(src: &std::path::Path, dst: &std::path::Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(src).with_context(|| format!("reading {}", src.display()))?;
+    if !text.lines().any(|l| l == "kind: PrometheusRule") {
+        bail!(
+            "{}: not a PrometheusRule (no `kind: PrometheusRule`)",
+            src.display()
+        );
+    }
+    let mut lines = text.lines().enumerate().skip_while(|(_, l)| *l != "spec:");
+    if lines.next().is_none() {
+        bail!("{}: no top-level `spec:`", src.display());
+    }
+    let mut spec = String::new();
+    for (n, line) in lines {
+        if line.trim().is_empty() {
+            spec.push('\n');
+        } else if let Some(inner) = line.strip_prefix("  ") {
+            spec.push_str(inner);
+            spec.push('\n');
+        } else if line.starts_with('#') {
+            continue;
+        } else {
+            bail!(
+                "{}:{}: a top-level key after `spec:` ({line:?}); keep `spec` last",
+                src.display(),
+                n + 1
+            );
+        }
+    }
+    if !spec.lines().any(|l| l == "groups:") {
+        bail!("{}: `spec` has no `groups:`", src.display());
+    }
+    if let Some(dir) = dst.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(dst, spec).with_context(|| format!("writing {}", dst.display()))
 }
 
 /// The kernel-level fuzzer's smoke: 10,000 mutated frames through `xdp_lb`, `tc_ingress` and
