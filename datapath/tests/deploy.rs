@@ -756,3 +756,38 @@ fn a_misspelt_field_fails_validation_and_the_round_trip() {
         .unwrap();
     assert!(check_round_trip(&ds).is_err());
 }
+
+#[test]
+fn kustomize_grafana_renders_the_dashboard_in_its_own_configmap() {
+    let Some(tools) = tools() else { return };
+    let docs = rendered_and_checked(&tools, "grafana");
+    assert_eq!(docs.len(), 1, "one dashboard, one ConfigMap: {docs:?}");
+    let cm: k8s_openapi::api::core::v1::ConfigMap = typed(&docs, "ConfigMap");
+    let labels = cm.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get("grafana_dashboard").map(String::as_str),
+        Some("1")
+    );
+    let data = cm.data.unwrap_or_default();
+    let file = workspace().join("deploy/kustomize/grafana/datapath-dashboard.json");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let got: serde_json::Value = serde_json::from_str(&data["datapath-dashboard.json"])
+        .expect("the ConfigMap's dashboard is JSON");
+    assert_eq!(got, want);
+    // Every panel has a query, and every query reads a metric of this daemon.
+    let panels = want["panels"].as_array().unwrap();
+    let exprs: Vec<&str> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    assert!(exprs.iter().all(|e| e.contains("datapath_")), "{exprs:?}");
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        assert!(
+            p["targets"].as_array().is_some_and(|t| !t.is_empty()),
+            "{p}"
+        );
+    }
+}

@@ -477,5 +477,31 @@ fn every_alert_expression_runs_on_a_real_prometheus_scraping_a_real_daemon() {
             "the rules read {name}, which the daemon does not export"
         );
     }
+    check_dashboard(&ns);
     drop(prom);
+}
+
+/// Every query of the Grafana dashboard (deploy/kustomize/grafana) parses on the real
+/// Prometheus and returns series while traffic flows. Grafana's `$__rate_interval` is given
+/// the value Grafana would pick for this 1 s scrape interval's data: a 30 s window.
+fn check_dashboard(ns: &str) {
+    let path = alerts_dir().join("../kustomize/grafana/datapath-dashboard.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dashboard: Json = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            let expr = expr.replace("$__rate_interval", "30s");
+            let got = series(ns, &expr);
+            assert!(
+                !got.is_empty(),
+                "dashboard panel {:?}: {expr} returns no series while traffic flows",
+                panel["title"]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "{checked} dashboard queries");
+    eprintln!("dashboard: {checked} queries, each with series");
 }
