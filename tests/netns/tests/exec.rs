@@ -299,7 +299,10 @@ fn a_connection_to_the_vip_carries_its_process_in_the_conntrack() {
         std::thread::sleep(Duration::from_millis(500));
         // Bash holds the connection open for a while, in its own process (no fork: /dev/tcp
         // is a redirection of the shell itself).
-        let script = format!("exec 3<>/dev/tcp/{VIP}/{TCP_SERVICE_PORT} && sleep 3");
+        // `sleep` is not the script's last command, so bash forks it rather than exec it in its
+        // own pid (which would make the connection's pid a `sleep` by the time the cache
+        // names it).
+        let script = format!("exec 3<>/dev/tcp/{VIP}/{TCP_SERVICE_PORT} && sleep 3; exit 0");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &client_ns, "/bin/bash", "-c", &script])
             .stdin(Stdio::null())
