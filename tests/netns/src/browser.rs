@@ -151,18 +151,7 @@ fn run(netns: Option<&str>, extra: &[String], url: &str) -> Result<Vec<u8>> {
         .spawn()
         .with_context(|| format!("cannot run `{line}`"))?;
     let group = child.id() as libc::pid_t;
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let out_reader = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
+    let (out_reader, err_reader) = cmd::read_pipes(&mut child);
     // Waits for the exit without reaping the child: while it is a zombie its pid, the id of
     // its process group, cannot be reused, so killing the group below hits this run only.
     let deadline = Instant::now() + BROWSER_TIMEOUT;

@@ -13,6 +13,26 @@ use anyhow::{Context, Result, bail};
 /// Longest any helper command may run before it is killed.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Threads reading the child's piped stdout and stderr to their end (so a chatty child never
+/// blocks on a full pipe while it is waited for); join them for the bytes.
+pub fn read_pipes(
+    child: &mut std::process::Child,
+) -> (thread::JoinHandle<Vec<u8>>, thread::JoinHandle<Vec<u8>>) {
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let out = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    (out, err)
+}
+
 /// The command line, for messages.
 pub fn describe(cmd: &Command) -> String {
     let mut line = cmd.get_program().to_string_lossy().into_owned();
@@ -32,18 +52,7 @@ pub fn output_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run `{line}`"))?;
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let out_reader = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
+    let (out_reader, err_reader) = read_pipes(&mut child);
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait()? {

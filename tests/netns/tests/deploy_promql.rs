@@ -164,22 +164,14 @@ fn log_of(p: &Prometheus) -> String {
     std::fs::read_to_string(p._dir.0.join("prometheus.log")).unwrap_or_default()
 }
 
-/// Percent-encodes a query for a URL's query string.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// `/api/v1/query` in namespace `ns`: the HTTP status and the parsed answer.
 fn query(ns: &str, expr: &str) -> anyhow::Result<(u16, Json)> {
     let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROM_PORT));
-    let (status, body) = http::get_in(ns, addr, &format!("/api/v1/query?query={}", encode(expr)))?;
+    let (status, body) = http::get_in(
+        ns,
+        addr,
+        &format!("/api/v1/query?query={}", http::encode_query(expr)),
+    )?;
     let json = serde_json::from_str(&body)
         .map_err(|e| anyhow::anyhow!("answer to {expr:?} is not JSON ({e}): {body}"))?;
     Ok((status, json))

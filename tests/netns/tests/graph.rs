@@ -714,45 +714,6 @@ fn golden(name: &str, actual: &Value) {
     );
 }
 
-/// `text` with XML's character references decoded (Graphviz writes `-` as `&#45;`).
-fn xml_unescape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find('&') {
-        out.push_str(&rest[..at]);
-        rest = &rest[at..];
-        let end = rest.find(';').filter(|e| *e <= 10);
-        let decoded = end.and_then(|e| {
-            let entity = &rest[1..e];
-            let c = match entity {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                _ => entity
-                    .strip_prefix("#x")
-                    .and_then(|h| u32::from_str_radix(h, 16).ok())
-                    .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
-                    .and_then(char::from_u32),
-            }?;
-            Some((c, e + 1))
-        });
-        match decoded {
-            Some((c, len)) => {
-                out.push(c);
-                rest = &rest[len..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// `lb-ctl graph -o dot` (the same filter) through `dot -Tsvg`: it draws, and every node's
 /// label is in the drawing.
 fn check_dot(s: &Scenario, g: &GraphView) {
@@ -777,7 +738,7 @@ fn check_dot(s: &Scenario, g: &GraphView) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let svg = xml_unescape(&String::from_utf8_lossy(&out.stdout));
+    let svg = netns_tests::http::unescape_entities(&String::from_utf8_lossy(&out.stdout));
     assert!(svg.contains("<svg"), "{svg}");
     for n in &g.nodes {
         assert!(
@@ -847,7 +808,7 @@ fn check_browser(s: &Scenario, g: &GraphView) {
         "dump the web view's DOM",
         netns_tests::browser::dump_dom(Some(&ns), &url),
     );
-    let dom = xml_unescape(&dom);
+    let dom = netns_tests::http::unescape_entities(&dom);
     for n in &g.nodes {
         assert!(
             dom.contains(&format!("data-node-id=\"{}\"", n.id)),
@@ -866,9 +827,15 @@ fn check_browser(s: &Scenario, g: &GraphView) {
     let first = &g.edges[0];
     let selected = ok(
         "dump the web view with an edge selected",
-        netns_tests::browser::dump_dom(Some(&ns), &format!("{url}&select={}", encode(&first.id))),
+        netns_tests::browser::dump_dom(
+            Some(&ns),
+            &format!(
+                "{url}&select={}",
+                netns_tests::http::encode_query(&first.id)
+            ),
+        ),
     );
-    let selected = xml_unescape(&selected);
+    let selected = netns_tests::http::unescape_entities(&selected);
     let panel = selected
         .split("id=\"details\"")
         .nth(1)
@@ -888,24 +855,15 @@ fn check_browser(s: &Scenario, g: &GraphView) {
         "screenshot",
         netns_tests::browser::screenshot(
             Some(&ns),
-            &format!("{url}&select={}", encode("service:frontend")),
+            &format!(
+                "{url}&select={}",
+                netns_tests::http::encode_query("service:frontend")
+            ),
             &shot,
             1280,
             800,
         ),
     );
-}
-
-/// Percent-encodes a query value.
-fn encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// The edges the test expects, with their connections: the client's calls to the frontend

@@ -182,46 +182,6 @@ fn answer(
 
 // ---- reading the DOM Chromium dumped (its serializer: `name="value"`, entities escaped) ----
 
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        let Some(end) = rest.find(';').filter(|&e| e <= 10) else {
-            out.push('&');
-            rest = &rest[1..];
-            continue;
-        };
-        let entity = &rest[1..end];
-        let c = match entity {
-            "amp" => Some('&'),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "quot" => Some('"'),
-            "apos" => Some('\''),
-            "nbsp" => Some('\u{a0}'),
-            e if e.starts_with("#x") => u32::from_str_radix(&e[2..], 16)
-                .ok()
-                .and_then(char::from_u32),
-            e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
-            _ => None,
-        };
-        match c {
-            Some(c) => {
-                out.push(c);
-                rest = &rest[end + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// The attributes of every start tag that has attribute `name`.
 fn tags_with(dom: &str, name: &str) -> Vec<BTreeMap<String, String>> {
     let needle = format!(" {name}=\"");
@@ -259,7 +219,10 @@ fn attributes(tag: &str) -> BTreeMap<String, String> {
         let Some((value, next)) = after.split_once('"') else {
             break;
         };
-        attrs.insert(name.trim().to_string(), unescape(value));
+        attrs.insert(
+            name.trim().to_string(),
+            netns_tests::http::unescape_entities(value),
+        );
         rest = next;
     }
     attrs
@@ -294,7 +257,7 @@ fn text_of(html: &str) -> String {
             _ => {}
         }
     }
-    unescape(&text)
+    netns_tests::http::unescape_entities(&text)
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
@@ -309,18 +272,6 @@ fn field(html: &str, field: &str) -> String {
     let from = at + tag_end(&html[at..]) + 1;
     let to = from + html[from..].find("</").unwrap();
     text_of(&html[from..to])
-}
-
-/// `s` percent-encoded for a query string.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn failed(e: &GraphEdge) -> u64 {
@@ -537,7 +488,7 @@ fn page_draws_the_graph_in_a_browser() {
     );
 
     // 2. `?select=<edge>`: its figures in the side panel, its exe names escaped.
-    let target = format!("/?select={}", encode(&failing.id));
+    let target = format!("/?select={}", netns_tests::http::encode_query(&failing.id));
     let dom = dom_of(&target);
     check_requests(&server.take_log(), &target, "5m");
     check_drawn(&dom, &g);
@@ -585,7 +536,10 @@ fn page_draws_the_graph_in_a_browser() {
         .iter()
         .find(|n| n.id == "service:shop/frontend")
         .unwrap();
-    let target = format!("/?window=1h&select={}", encode(&node.id));
+    let target = format!(
+        "/?window=1h&select={}",
+        netns_tests::http::encode_query(&node.id)
+    );
     let dom = dom_of(&target);
     check_requests(&server.take_log(), &target, "1h");
     let panel = element(&dom, "<aside id=\"details\"");
@@ -597,7 +551,9 @@ fn page_draws_the_graph_in_a_browser() {
             .match_indices(&needle)
             .map(|(i, _)| {
                 let from = i + needle.len();
-                unescape(&panel[from..from + panel[from..].find('<').unwrap()])
+                netns_tests::http::unescape_entities(
+                    &panel[from..from + panel[from..].find('<').unwrap()],
+                )
             })
             .collect()
     };
@@ -646,7 +602,7 @@ fn page_draws_the_graph_in_a_browser() {
         std::fs::create_dir_all(&dir).map_err(Into::into),
     );
     let png = dir.join("graph-page.png");
-    let target = format!("/?select={}", encode(&failing.id));
+    let target = format!("/?select={}", netns_tests::http::encode_query(&failing.id));
     ok(
         "screenshot",
         browser::screenshot(Some(ns.name()), &server.url(&target), &png, 1280, 800),
