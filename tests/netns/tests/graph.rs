@@ -124,6 +124,23 @@ impl Hop {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Every line the hop printed, once its stdout is closed: the reader thread may still
+    /// hold the last lines when the process has already exited.
+    fn all_lines(&self, within: Duration) -> Result<Vec<String>> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => out.push(l),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(out),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("{}: stdout still open after {within:?}: {out:?}", self.name)
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Hop {
@@ -434,7 +451,7 @@ impl Scenario {
         .collect();
         let mut client = self.spawn("client", &client_ns, &args)?;
         let (status, err) = client.wait_exit(HOP_TIMEOUT)?;
-        let replies: Vec<String> = client.lines.try_iter().collect();
+        let replies = client.all_lines(Duration::from_secs(5))?;
         ensure!(
             status.success(),
             "the client failed ({status}): {err}\nreplies: {replies:?}\n{}",
