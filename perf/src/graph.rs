@@ -8,8 +8,9 @@
 //! on the graph's clock. Half end 100 ms later, before they are counted. The other half end
 //! 30 s later: they are counted at settling and their bytes added at the end.
 //!
-//! - **Cost per flow event, one core**: the controller's own path, `GraphController::take` for
-//!   every event and `settle` every [`SETTLE_EVERY`] events with the clock of the last one
+//! - **Cost per flow event, one core**: the controller's own path, `GraphController::take_batch`
+//!   for every [`WAKE_BATCH`] events (what its run loop does with one wake-up's events, the
+//!   clock read once) and `settle` every [`SETTLE_EVERY`] events with the clock of the last one
 //!   (what its tick does). Nanoseconds per event are the time spent in those calls (this
 //!   thread's CPU time; the wall clock's too) divided by the events, for a fresh controller
 //!   each round. Two rows, interleaved: services only (no names, no owners), and with names
@@ -39,12 +40,11 @@ use datapath::{
     controller::Controller as _,
     ct::FlowEventView,
     dns::{NAMES, NameHandle, NameLookup},
-    exec::{FlowOwnerLookup, OWNERS, OwnerHandle, owners::Owner},
-    graph::{
-        GraphController, SETTLE,
-        model::Graph,
-        resolve::{Directory, Resolver},
+    exec::{
+        FlowOwnerLookup, OWNERS, OwnerHandle,
+        owners::{Owner, Owners as OwnerTable},
     },
+    graph::{GraphController, SETTLE, model::Graph, resolve::Resolver},
     lb::{CatalogEntry, SERVICE_CATALOG, ServiceCatalog},
 };
 use datapath_api::{GraphQuery, Protocol, ServiceKey, ServiceSource};
@@ -59,6 +59,9 @@ pub const PER_CLIENT: u32 = 5;
 pub const EDGES: usize = (CLIENTS * PER_CLIENT) as usize;
 /// Events between two calls of `settle`.
 pub const SETTLE_EVERY: usize = 10_000;
+/// Events the controller takes per wake-up of its run loop, at most (the bench gives it full
+/// batches: the busy case).
+const WAKE_BATCH: usize = datapath::graph::BATCH;
 /// 10-second buckets each edge has a flow in, for the memory figures.
 pub const MEMORY_BUCKETS: u32 = 6;
 const SERVICE_PORT: u16 = 80;
@@ -155,12 +158,12 @@ fn catalog() -> ServiceCatalog {
 struct Names(Mutex<NameTables>);
 
 struct NameTables {
-    by_client: HashMap<(IpAddr, IpAddr), String>,
-    any: HashMap<IpAddr, String>,
+    by_client: HashMap<(IpAddr, IpAddr), Arc<str>>,
+    any: HashMap<IpAddr, Arc<str>>,
 }
 
 impl NameLookup for Names {
-    fn name_of(&self, client: IpAddr, addr: IpAddr) -> Option<String> {
+    fn name_of(&self, client: IpAddr, addr: IpAddr) -> Option<Arc<str>> {
         let names = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         names
             .by_client
@@ -170,16 +173,16 @@ impl NameLookup for Names {
     }
 }
 
-type Tuple = (IpAddr, u16, IpAddr, u16);
-
 /// Who opened each flow's connection, by tuple: a pod per client and one of ten programs.
-/// Behind a mutex and cloned out, as the exec module's handle does.
-struct Owners(Mutex<HashMap<Tuple, Owner>>);
+/// The exec module's own table (`datapath::exec::owners::Owners`, which shares each program's
+/// strings between its connections) behind a mutex, and cloned out, as the module's handle
+/// does.
+struct Owners(Mutex<OwnerTable>);
 
 impl FlowOwnerLookup for Owners {
     fn owner_of(&self, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Option<Owner> {
         let owners = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        owners.get(&(src, sport, dst, dport)).cloned()
+        owners.owner_of(&(src, sport, dst, dport)).cloned()
     }
 }
 
@@ -189,30 +192,33 @@ fn modules(flows: u32) -> (Arc<Names>, Arc<Owners>) {
     let mut any = HashMap::new();
     for i in 0..EDGES as u32 {
         let f = flow(i);
-        let name = format!("svc-{}.bench.svc.cluster.local", f.service);
+        let name: Arc<str> = format!("svc-{}.bench.svc.cluster.local", f.service).into();
         any.insert(vip(f.service), name.clone());
         by_client.insert((client(f.client), vip(f.service)), name);
     }
-    let owners = (0..flows)
-        .map(|i| {
-            let f = flow(i);
-            let tuple = (
-                client(f.client),
-                f.sport,
-                backend(f.service, f.backend),
-                BACKEND_PORT,
-            );
-            let app = f.client % 10;
-            let owner = Owner {
+    let mut owners = OwnerTable::new(flows as usize);
+    for i in 0..flows {
+        let f = flow(i);
+        let tuple = (
+            client(f.client),
+            f.sport,
+            backend(f.service, f.backend),
+            BACKEND_PORT,
+        );
+        let app = f.client % 10;
+        // Each connection's strings made apart, as the exec module makes them from its
+        // connect event; the table shares them.
+        owners.learn(
+            tuple,
+            Owner {
                 pid: 10_000 + f.client,
                 start_ticks: 1_000 + u64::from(f.client),
-                exe: format!("/usr/bin/app-{app}"),
-                comm: format!("app-{app}"),
-                pod_uid: Some(format!("{:08x}-5f2c-4e1a-9b7d-{:012x}", f.client, f.client)),
-            };
-            (tuple, owner)
-        })
-        .collect();
+                exe: format!("/usr/bin/app-{app}").into(),
+                comm: format!("app-{app}").into(),
+                pod_uid: Some(format!("{:08x}-5f2c-4e1a-9b7d-{:012x}", f.client, f.client).into()),
+            },
+        );
+    }
     (
         Arc::new(Names(Mutex::new(NameTables { by_client, any }))),
         Arc::new(Owners(Mutex::new(owners))),
@@ -358,18 +364,23 @@ fn feed(
 ) -> Spent {
     let mut spent = Spent::default();
     let mut now = base_ms;
-    let mut events: Vec<(Arc<FlowEventView>, u64)> = Vec::with_capacity(SETTLE_EVERY);
+    let mut events: Vec<Arc<FlowEventView>> = Vec::with_capacity(SETTLE_EVERY);
+    let mut times: Vec<u64> = Vec::with_capacity(SETTLE_EVERY);
     for chunk in schedule.chunks(SETTLE_EVERY) {
         // Made outside the timed part: the conntrack's decoding, not the graph's.
         events.clear();
-        events.extend(chunk.iter().map(|&(t_us, closed, i)| {
+        times.clear();
+        for &(t_us, closed, i) in chunk {
             let at = base_ms + t_us / 1000;
-            (event(i, closed, at, addrs), at)
-        }));
-        now = events.last().map_or(now, |(_, at)| *at);
+            events.push(event(i, closed, at, addrs));
+            times.push(at);
+        }
+        now = times.last().copied().unwrap_or(now);
         spent.time(|| {
-            for (e, at) in &events {
-                ctl.take(e, *at);
+            // As the controller takes the events of one wake-up: up to its batch, with the
+            // clock read once (here the last event's time).
+            for (batch, at) in events.chunks(WAKE_BATCH).zip(times.chunks(WAKE_BATCH)) {
+                ctl.take_batch(batch, at[at.len() - 1]);
             }
             ctl.settle(now);
         });
@@ -484,7 +495,7 @@ fn memory(joined: Option<&(Arc<Names>, Arc<Owners>)>, addrs: &Addresses) -> Resu
         owners: bus.state::<OwnerHandle>(OWNERS)?.reader(),
         directory: Mutex::new(None),
     };
-    let dir: Arc<Directory> = resolver.directory();
+    let lookups = resolver.lookups();
     let base_ms = datapath::graph::now_ms();
     let before = heap_in_use();
     let mut graph = Graph::new(EDGES);
@@ -494,7 +505,7 @@ fn memory(joined: Option<&(Arc<Names>, Arc<Owners>)>, addrs: &Addresses) -> Resu
             let at = base_ms + t_us / 1000;
             now_s = at / 1000;
             let e = event(i, closed, at, addrs);
-            let r = resolver.resolve(&dir, &e, now_s).context("resolve")?;
+            let r = resolver.resolve(&lookups, &e, now_s).context("resolve")?;
             graph.record(&r);
         }
         graph.age(now_s);

@@ -380,7 +380,7 @@ pub fn run(args: &TestArgs) -> ExitCode {
                     if let Some(v) = require {
                         cmd.env("DATAPATH_REQUIRE_PRIVILEGED", v);
                     }
-                    util::run(cmd)
+                    util::run_reporting(cmd)
                 })
             });
         let secs = started.elapsed().as_secs_f64();

@@ -2,8 +2,10 @@
 
 use std::{
     ffi::OsString,
+    io::{BufRead, BufReader, Read, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context, Result, bail};
@@ -83,6 +85,97 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Panic messages and failed tests kept from a step's output, at most this many lines: a CI
+/// log keeps only its tail, and a panic's backtrace can push its message out of it.
+const KEPT_LINES: usize = 60;
+/// Lines kept after a `panicked at` line (its message; the backtrace starts after).
+const PANIC_CONTEXT: usize = 12;
+
+/// What [`run_reporting`] keeps of a command's output.
+#[derive(Default)]
+struct Kept {
+    lines: Vec<String>,
+    /// Lines still to keep after a `panicked at`.
+    following: usize,
+}
+
+impl Kept {
+    fn see(&mut self, line: &str) {
+        if self.lines.len() >= KEPT_LINES {
+            return;
+        }
+        let starts_panic = line.contains("panicked at");
+        let test_failed = line.starts_with("test ") && line.ends_with("FAILED");
+        if starts_panic {
+            self.following = PANIC_CONTEXT;
+        } else if line.starts_with("stack backtrace:") || line.trim_start().starts_with("0: ") {
+            self.following = 0;
+        }
+        if starts_panic || test_failed || self.following > 0 {
+            self.lines.push(line.to_string());
+            self.following = self.following.saturating_sub(usize::from(!starts_panic));
+        }
+    }
+}
+
+/// Forwards `from` line by line to `to`, keeping what [`Kept`] wants.
+fn forward(from: impl Read, mut to: impl Write, kept: &Mutex<Kept>) {
+    let mut reader = BufReader::new(from);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let _ = to.write_all(&buf);
+                let _ = to.flush();
+                let line = String::from_utf8_lossy(&buf);
+                kept.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .see(line.trim_end());
+            }
+        }
+    }
+}
+
+/// Like [`run`], and when the command fails, its error repeats the panic messages and failed
+/// tests of its output (so they are at the end of the log, next to the summary).
+pub fn run_reporting(cmd: &mut Command) -> Result<()> {
+    let line = describe(cmd);
+    println!("$ {line}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    let kept = Arc::new(Mutex::new(Kept::default()));
+    let out = child.stdout.take().expect("piped");
+    let err = child.stderr.take().expect("piped");
+    let (k1, k2) = (Arc::clone(&kept), Arc::clone(&kept));
+    let threads = [
+        std::thread::spawn(move || forward(out, std::io::stdout(), &k1)),
+        std::thread::spawn(move || forward(err, std::io::stderr(), &k2)),
+    ];
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{line}`"))?;
+    for t in threads {
+        let _ = t.join();
+    }
+    if !status.success() {
+        let kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.lines.is_empty() {
+            bail!("`{line}` failed ({status})");
+        }
+        bail!(
+            "`{line}` failed ({status}); what failed in its output:\n{}",
+            kept.lines.join("\n")
+        );
+    }
+    Ok(())
+}
+
 /// Runs the command quietly and returns its stdout, or `None` if it cannot run or fails.
 pub fn capture(cmd: &mut Command) -> Option<String> {
     let out = cmd
@@ -99,4 +192,34 @@ pub fn capture(cmd: &mut Command) -> Option<String> {
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Kept;
+
+    #[test]
+    fn a_panic_message_and_failed_tests_are_kept_not_the_backtrace() {
+        let mut kept = Kept::default();
+        for line in [
+            "Compiling x",
+            "test a ... ok",
+            "test b ... FAILED",
+            "thread 'main' panicked at perf/benches/x.rs:1:2:",
+            "start datapathd: the API never answered",
+            "stack backtrace:",
+            "   0: std::panicking::begin_panic",
+            "   1: main",
+        ] {
+            kept.see(line);
+        }
+        assert_eq!(
+            kept.lines,
+            [
+                "test b ... FAILED",
+                "thread 'main' panicked at perf/benches/x.rs:1:2:",
+                "start datapathd: the API never answered",
+            ]
+        );
+    }
 }

@@ -333,8 +333,8 @@ impl ConntrackController {
                 let (Ok(src), Ok(dst)) = (f.src.parse(), f.dst.parse()) else {
                     continue;
                 };
-                f.dst_name = names.name_of(src, dst);
-                f.src_name = names.name_of(dst, src);
+                f.dst_name = names.name_of(src, dst).map(|n| n.to_string());
+                f.src_name = names.name_of(dst, src).map(|n| n.to_string());
             }
         }
         if let Some(owners) = self.owners.get().as_ref() {
@@ -344,7 +344,7 @@ impl ConntrackController {
                 };
                 if let Some(o) = owners.owner_of(src, f.src_port, dst, f.dst_port) {
                     f.pid = Some(o.pid);
-                    f.exe = (!o.exe.is_empty()).then_some(o.exe);
+                    f.exe = (!o.exe.is_empty()).then(|| o.exe.to_string());
                 }
             }
         }
@@ -357,8 +357,8 @@ impl ConntrackController {
         if let Some(names) = self.names.get().as_ref()
             && let (Ok(src), Ok(dst)) = (e.src.parse(), e.dst.parse())
         {
-            e.dst_name = names.name_of(src, dst);
-            e.src_name = names.name_of(dst, src);
+            e.dst_name = names.name_of(src, dst).map(|n| n.to_string());
+            e.src_name = names.name_of(dst, src).map(|n| n.to_string());
         }
         if e.protocol == "tcp"
             && let Some(owners) = self.owners.get().as_ref()
@@ -366,7 +366,7 @@ impl ConntrackController {
             && let Some(o) = owners.owner_of(src, e.src_port, dst, e.dst_port)
         {
             e.pid = Some(o.pid);
-            e.exe = (!o.exe.is_empty()).then_some(o.exe);
+            e.exe = (!o.exe.is_empty()).then(|| o.exe.to_string());
         }
         e
     }

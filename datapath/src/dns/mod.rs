@@ -54,7 +54,8 @@ const READ_TICK: Duration = Duration::from_millis(100);
 /// What a module may ask the name store.
 pub trait NameLookup: Send + Sync {
     /// The name `client` asked for that answered `addr` (else any client's name for it).
-    fn name_of(&self, client: IpAddr, addr: IpAddr) -> Option<String>;
+    /// Shared with the store: a reference count, not a copy (the graph asks on every flow).
+    fn name_of(&self, client: IpAddr, addr: IpAddr) -> Option<Arc<str>>;
 }
 
 /// The name store's handle on the bus (`None`: the module is off).
@@ -77,12 +78,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct StoreHandle(Arc<Mutex<Learner>>);
 
 impl NameLookup for StoreHandle {
-    fn name_of(&self, client: IpAddr, addr: IpAddr) -> Option<String> {
+    fn name_of(&self, client: IpAddr, addr: IpAddr) -> Option<Arc<str>> {
         let learner = lock(&self.0);
         learner
             .store
             .lookup(Some(client), addr)
-            .and_then(|e| e.names.first().map(|n| n.to_string()))
+            .and_then(|e| e.names.first().cloned())
     }
 }
 

@@ -83,9 +83,9 @@ impl FlowOwnerLookup for OwnersHandle {
         Some(Owner {
             pid,
             start_ticks: p.start_ticks,
-            exe: p.exe.clone(),
-            comm: p.comm.clone(),
-            pod_uid: p.workload.pod_uid.clone(),
+            exe: p.exe.as_str().into(),
+            comm: p.comm.as_str().into(),
+            pod_uid: p.workload.pod_uid.as_deref().map(Arc::from),
         })
     }
 }
@@ -364,9 +364,9 @@ impl ExecController {
                 Owner {
                     pid: c.pid,
                     start_ticks: c.start_ticks,
-                    exe: c.exe.clone().unwrap_or_default(),
-                    comm: c.comm.clone(),
-                    pod_uid,
+                    exe: c.exe.as_deref().unwrap_or_default().into(),
+                    comm: c.comm.as_str().into(),
+                    pod_uid: pod_uid.map(Arc::from),
                 },
             );
         }

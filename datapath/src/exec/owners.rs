@@ -3,27 +3,58 @@
 //! events. Bounded: the oldest connection is forgotten first; a tuple used again (a port
 //! reused) takes its new owner.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
+    sync::Arc,
 };
 
 /// A connection's tuple as its opener saw it: (source, source port, destination, port).
 pub type Tuple = (IpAddr, u16, IpAddr, u16);
 
-/// The process that opened a connection.
+/// The process that opened a connection. Its strings are shared (a clone is three reference
+/// counts): the graph asks for the owner of every flow.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
     pub start_ticks: u64,
     /// The program (empty when the cache did not know the process).
-    pub exe: String,
-    pub comm: String,
+    pub exe: Arc<str>,
+    pub comm: Arc<str>,
     /// The pod of the process's cgroup (a kubelet cgroup path), when it is in one.
-    pub pod_uid: Option<String>,
+    pub pod_uid: Option<Arc<str>>,
+}
+
+/// One shared copy of each program, command and pod uid the owners name: the connections of a
+/// program share its strings, so a reader's clone touches one hot reference count rather than
+/// a cold allocation per connection. Strings no owner holds any more are dropped when the set
+/// has doubled since it was last pruned.
+#[derive(Default)]
+struct Interner {
+    strings: HashSet<Arc<str>>,
+    prune_at: usize,
+}
+
+/// The set's size that first triggers a prune.
+const INTERN_PRUNE_MIN: usize = 1024;
+
+impl Interner {
+    fn intern(&mut self, s: Arc<str>) -> Arc<str> {
+        if let Some(shared) = self.strings.get(&*s) {
+            return Arc::clone(shared);
+        }
+        self.strings.insert(Arc::clone(&s));
+        if self.strings.len() > self.prune_at.max(INTERN_PRUNE_MIN) {
+            // Held only here: no owner names it any more.
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.prune_at = 2 * self.strings.len();
+        }
+        s
+    }
 }
 
 pub struct Owners {
     by_tuple: HashMap<Tuple, (u64, Owner)>,
+    strings: Interner,
     /// Tuples in the order learned, with the sequence number that learned them (a later
     /// relearn makes an older entry here stale).
     order: VecDeque<(u64, Tuple)>,
@@ -36,6 +67,7 @@ impl Owners {
     pub fn new(max: usize) -> Self {
         Self {
             by_tuple: HashMap::new(),
+            strings: Interner::default(),
             order: VecDeque::new(),
             next: 0,
             max: max.max(1),
@@ -43,7 +75,10 @@ impl Owners {
         }
     }
 
-    pub fn learn(&mut self, tuple: Tuple, owner: Owner) {
+    pub fn learn(&mut self, tuple: Tuple, mut owner: Owner) {
+        owner.exe = self.strings.intern(owner.exe);
+        owner.comm = self.strings.intern(owner.comm);
+        owner.pod_uid = owner.pod_uid.map(|p| self.strings.intern(p));
         self.next += 1;
         self.by_tuple.insert(tuple, (self.next, owner));
         self.order.push_back((self.next, tuple));
@@ -79,6 +114,11 @@ impl Owners {
     pub fn forgotten(&self) -> u64 {
         self.forgotten
     }
+
+    /// Distinct strings the owners share (for tests and memory figures).
+    pub fn shared_strings(&self) -> usize {
+        self.strings.strings.len()
+    }
 }
 
 #[cfg(test)]
@@ -99,8 +139,8 @@ mod tests {
             pod_uid: None,
             pid,
             start_ticks: 1,
-            exe: format!("/bin/p{pid}"),
-            comm: format!("p{pid}"),
+            exe: format!("/bin/p{pid}").into(),
+            comm: format!("p{pid}").into(),
         }
     }
 
@@ -110,7 +150,7 @@ mod tests {
         w.learn(t(1000), o(1));
         w.learn(t(1001), o(2));
         assert_eq!(w.owner_of(&t(1000)).unwrap().pid, 1);
-        assert_eq!(w.owner_of(&t(1001)).unwrap().exe, "/bin/p2");
+        assert_eq!(&*w.owner_of(&t(1001)).unwrap().exe, "/bin/p2");
         assert!(w.owner_of(&t(1002)).is_none());
         w.learn(t(1000), o(3));
         assert_eq!(w.owner_of(&t(1000)).unwrap().pid, 3);
@@ -136,5 +176,27 @@ mod tests {
         }
         assert!(w.order.len() <= 6, "{}", w.order.len());
         assert_eq!(w.len(), 3);
+    }
+
+    #[test]
+    fn the_connections_of_a_program_share_its_strings_and_unused_ones_are_pruned() {
+        let mut w = Owners::new(100_000);
+        w.learn(t(1), o(7));
+        w.learn(t(2), o(7));
+        let (a, b) = (w.owner_of(&t(1)).unwrap(), w.owner_of(&t(2)).unwrap());
+        assert!(Arc::ptr_eq(&a.exe, &b.exe) && Arc::ptr_eq(&a.comm, &b.comm));
+        assert_eq!(w.shared_strings(), 2);
+        // Programs seen once each, then forgotten as their tuples are relearned by one other:
+        // the set is pruned, not grown without bound.
+        for pid in 0..5_000 {
+            w.learn(t(3), o(100 + pid));
+        }
+        assert!(
+            w.shared_strings() < 2 * INTERN_PRUNE_MIN + 8,
+            "{}",
+            w.shared_strings()
+        );
+        assert_eq!(&*w.owner_of(&t(3)).unwrap().exe, "/bin/p5099");
+        assert_eq!(&*w.owner_of(&t(1)).unwrap().exe, "/bin/p7");
     }
 }

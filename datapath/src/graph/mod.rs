@@ -34,8 +34,8 @@ use crate::{
     controller::{Cancel, Controller, Health, NoChange, Prepared, RunFuture},
     ct::{FLOW_EVENTS, FlowEventView, gc::monotonic_now_ns},
 };
-use model::{FastMap, FlowRecord, Graph, ViewFilter};
-use resolve::{Directory, Resolver};
+use model::{EdgeKey, EndFigures, FastMap, Graph, ViewFilter};
+use resolve::{FlowKey, Resolver, flow_key};
 
 pub const NAME: &str = "graph";
 /// How long after a flow opened it is counted if it has not ended.
@@ -45,7 +45,7 @@ const TICK: Duration = Duration::from_millis(500);
 /// Open flows remembered (to count each once); past that a flow is counted when it ends.
 pub const MAX_OPEN_FLOWS: usize = 65_536;
 /// Events taken from the bus per wake-up.
-const BATCH: usize = 1024;
+pub const BATCH: usize = 1024;
 /// The web view's page.
 const PAGE: &str = include_str!("web/index.html");
 
@@ -53,72 +53,139 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A flow's tuple, as its events spell it.
-type FlowKey = (u8, IpAddr, u16, IpAddr, u16);
+/// A flow's tuple, as it is remembered: its 64-bit hash (see [`OpenFlows::id_of`]).
+type FlowId = u64;
 
-/// The event's tuple, parsed once (`None`: not TCP or UDP, or an address that does not parse:
-/// nothing to draw).
-fn flow_key(e: &FlowEventView) -> Option<FlowKey> {
-    let proto = match e.protocol.as_str() {
-        "tcp" => 6,
-        "udp" => 17,
-        _ => return None,
-    };
-    Some((
-        proto,
-        e.src.parse().ok()?,
-        e.src_port,
-        e.dst.parse().ok()?,
-        e.dst_port,
-    ))
+/// What an open flow waits for. The events themselves are not kept: only what counting
+/// needs, so that a flow event is freed as soon as the bus's other readers are done with it.
+enum Pending {
+    /// Its opening: counted at settling, its bytes with its end.
+    Opened(FlowKey),
+    /// Its end, come before it was counted: counted at settling with these figures.
+    Ended(FlowKey, EndFigures),
+    /// Counted on this edge: its end's figures go there.
+    Counted(EdgeKey),
 }
 
 /// A flow waiting to be counted, or counted and waiting for its end.
 struct OpenFlow {
     /// When its first event came (graph clock, milliseconds).
     first_ms: u64,
-    /// Its opening, or its end when that came first (let go once counted).
-    first: Option<Arc<FlowEventView>>,
-    /// Its end, when it came before the flow was counted.
-    end: Option<Arc<FlowEventView>>,
-    /// The edge it was counted on: its end's bytes go to the same edge.
-    counted: Option<FlowRecord>,
+    pending: Pending,
 }
 
 /// Flows between their first event and their end, and flows that ended lately (a TCP flow's
 /// `closed` is followed by the GC's `expired` of its closing entry: one end is counted).
+/// Both know a flow by the 64-bit hash of its tuple, not the 40-byte tuple: two live tuples
+/// sharing a hash (about 1 in 10^10 at these sizes) would only merge two flows' counts.
 #[derive(Default)]
 struct OpenFlows {
-    by_key: FastMap<FlowKey, OpenFlow>,
-    /// (first_ms, key) in arrival order, for settling.
-    order: VecDeque<(u64, FlowKey)>,
-    ended: FastMap<FlowKey, u64>,
-    ended_order: VecDeque<(u64, FlowKey)>,
+    hasher: foldhash::fast::RandomState,
+    by_id: FastMap<FlowId, OpenFlow>,
+    /// (first_ms, id) in arrival order, for settling.
+    order: VecDeque<(u64, FlowId)>,
+    ended: EndedFlows,
 }
 
-/// How long an ended flow's tuple is remembered (past the longest closing timeout, so the
-/// GC's late `expired` is recognised), and how many at most.
-const ENDED_KEEP_MS: u64 = 10 * 60 * 1000;
-const MAX_ENDED: usize = 65_536;
+/// How long an ended flow is remembered: past the longest closing timeout, so that the GC's
+/// late `expired` is recognised.
+const ENDED_KEEP_S: u32 = 10 * 60;
+/// The ended flows' table: sets of [`ENDED_WAYS`] slots, 131,072 slots in all (1 MiB).
+const ENDED_SETS: usize = 32_768;
+const ENDED_WAYS: usize = 4;
+
+/// Flows that ended lately, as a set-associative table of (fingerprint, second it ended):
+/// one cache line per lookup, and a fixed 1 MiB, where a map and an expiry queue took twice
+/// that and three scattered accesses per flow. A set that is full forgets its oldest, so
+/// past about 100,000 flows ended within [`ENDED_KEEP_S`] some late `expired` are not
+/// recognised and count once more (a map capped at the same memory would forget as many).
+struct EndedFlows {
+    /// Fingerprint (never 0; 0 is an empty slot) and the second the flow ended.
+    slots: Box<[(u32, u32)]>,
+}
+
+impl Default for EndedFlows {
+    fn default() -> Self {
+        Self {
+            slots: vec![(0, 0); ENDED_SETS * ENDED_WAYS].into_boxed_slice(),
+        }
+    }
+}
+
+impl EndedFlows {
+    /// The flow's set of slots, and its fingerprint there.
+    fn set_of(&mut self, id: FlowId) -> (&mut [(u32, u32)], u32) {
+        let set = (id as usize) & (ENDED_SETS - 1);
+        let fingerprint = ((id >> 32) as u32) | 1;
+        (
+            &mut self.slots[set * ENDED_WAYS..(set + 1) * ENDED_WAYS],
+            fingerprint,
+        )
+    }
+
+    fn contains(&mut self, id: FlowId, now_s: u32) -> bool {
+        let (set, fp) = self.set_of(id);
+        set.iter()
+            .any(|&(f, t)| f == fp && now_s.saturating_sub(t) < ENDED_KEEP_S)
+    }
+
+    fn insert(&mut self, id: FlowId, now_s: u32) {
+        let (set, fp) = self.set_of(id);
+        // The same flow's slot, else an empty or expired one, else the oldest.
+        let slot = set
+            .iter()
+            .position(|&(f, _)| f == fp)
+            .or_else(|| {
+                set.iter()
+                    .position(|&(f, t)| f == 0 || now_s.saturating_sub(t) >= ENDED_KEEP_S)
+            })
+            .unwrap_or_else(|| {
+                (0..ENDED_WAYS)
+                    .max_by_key(|&i| now_s.saturating_sub(set[i].1))
+                    .unwrap_or(0)
+            });
+        set[slot] = (fp, now_s);
+    }
+
+    fn remove(&mut self, id: FlowId) {
+        let (set, fp) = self.set_of(id);
+        for slot in set.iter_mut().filter(|(f, _)| *f == fp) {
+            *slot = (0, 0);
+        }
+    }
+}
+
+/// Gives memory back after a peak (a burst of flows), with room to grow again.
+fn shrink_map<K: Eq + std::hash::Hash, V>(m: &mut FastMap<K, V>) {
+    if m.capacity() > 4096 && m.len() * 4 < m.capacity() {
+        m.shrink_to(m.len() * 2);
+    }
+}
+
+fn shrink_deque<T>(d: &mut VecDeque<T>) {
+    if d.capacity() > 4096 && d.len() * 4 < d.capacity() {
+        d.shrink_to(d.len() * 2);
+    }
+}
+
+/// Seconds of the graph's clock, as the ended flows' table keeps them.
+fn seconds_u32(now_ms: u64) -> u32 {
+    (now_ms / 1000) as u32
+}
 
 impl OpenFlows {
-    fn mark_ended(&mut self, key: FlowKey, now_ms: u64) {
-        if self.ended.insert(key, now_ms).is_none() {
-            self.ended_order.push_back((now_ms, key));
-        }
-        while self.ended_order.len() > MAX_ENDED
-            || self
-                .ended_order
-                .front()
-                .is_some_and(|(t, _)| t + ENDED_KEEP_MS <= now_ms)
-        {
-            let Some((t, k)) = self.ended_order.pop_front() else {
-                break;
-            };
-            if self.ended.get(&k) == Some(&t) {
-                self.ended.remove(&k);
-            }
-        }
+    fn id_of(&self, key: &FlowKey) -> FlowId {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    fn mark_ended(&mut self, id: FlowId, now_ms: u64) {
+        self.ended.insert(id, seconds_u32(now_ms));
+    }
+
+    fn shrink(&mut self) {
+        shrink_map(&mut self.by_id);
+        shrink_deque(&mut self.order);
     }
 }
 
@@ -198,77 +265,73 @@ impl GraphController {
     /// [`SETTLE`] after its first event, with its end's figures if it ended by then; an end
     /// that comes later adds its bytes to the edge the flow was counted on.
     pub fn take(&self, e: &Arc<FlowEventView>, now_ms: u64) {
-        self.events_taken.fetch_add(1, Ordering::Relaxed);
-        let Some(key) = flow_key(e) else {
-            return;
-        };
+        self.take_batch(std::slice::from_ref(e), now_ms);
+    }
+
+    /// [`GraphController::take`] of each event, in order, taking the locks once: what the
+    /// controller does with the events of one wake-up.
+    pub fn take_batch(&self, events: &[Arc<FlowEventView>], now_ms: u64) {
+        self.events_taken
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        // The same order as `settle`: the open flows, then the graph.
         let mut open = lock(&self.open);
-        match e.kind.as_str() {
-            "opened" | "logged" => {
-                // The tuple used again: a new connection.
-                open.ended.remove(&key);
-                // Past the cap the flow is counted when it ends instead.
-                if open.by_key.len() < MAX_OPEN_FLOWS && !open.by_key.contains_key(&key) {
-                    open.order.push_back((now_ms, key));
-                    open.by_key.insert(
-                        key,
-                        OpenFlow {
+        let mut graph = lock(&self.graph);
+        let mut lookups = None;
+        for e in events {
+            let Some(key) = flow_key(e) else {
+                continue;
+            };
+            let id = open.id_of(&key);
+            match e.kind.as_str() {
+                "opened" | "logged" => {
+                    // The tuple used again: a new connection.
+                    open.ended.remove(id);
+                    // Past the cap the flow is counted when it ends instead.
+                    if open.by_id.len() < MAX_OPEN_FLOWS
+                        && let std::collections::hash_map::Entry::Vacant(slot) =
+                            open.by_id.entry(id)
+                    {
+                        slot.insert(OpenFlow {
                             first_ms: now_ms,
-                            first: Some(Arc::clone(e)),
-                            end: None,
-                            counted: None,
-                        },
-                    );
-                }
-            }
-            "closed" | "expired" | "denied" | "cut" => {
-                if open.ended.contains_key(&key) {
-                    // A second end of an ended flow (expired after closed).
-                    return;
-                }
-                if let Some(f) = open.by_key.get_mut(&key) {
-                    let Some(edge) = f.counted.take() else {
-                        // Counted at its settling, with these figures.
-                        f.end = Some(Arc::clone(e));
-                        return;
-                    };
-                    open.by_key.remove(&key);
-                    open.mark_ended(key, now_ms);
-                    drop(open);
-                    let r = FlowRecord {
-                        connections: 0,
-                        bytes_sent: e.bytes_orig,
-                        bytes_received: e.bytes_reply,
-                        rtt_us: (e.rtt_ns > 0).then_some(e.rtt_ns / 1000),
-                        failure: resolve::failure_of(e),
-                        exe: None,
-                        now_s: now_ms / 1000,
-                        ..edge
-                    };
-                    lock(&self.graph).record(&r);
-                } else if open.by_key.len() < MAX_OPEN_FLOWS {
-                    // An end never seen opening (a denied SYN, a flow older than the
-                    // daemon): counted after SETTLE too, when names and owners are known.
-                    open.order.push_back((now_ms, key));
-                    open.by_key.insert(
-                        key,
-                        OpenFlow {
-                            first_ms: now_ms,
-                            first: None,
-                            end: Some(Arc::clone(e)),
-                            counted: None,
-                        },
-                    );
-                } else {
-                    open.mark_ended(key, now_ms);
-                    drop(open);
-                    let dir = self.directory();
-                    if let Some(r) = self.resolver.resolve(&dir, e, now_ms / 1000) {
-                        lock(&self.graph).record(&r);
+                            pending: Pending::Opened(key),
+                        });
+                        open.order.push_back((now_ms, id));
                     }
                 }
+                "closed" | "expired" | "denied" | "cut" => {
+                    if open.ended.contains(id, seconds_u32(now_ms)) {
+                        // A second end of an ended flow (expired after closed).
+                        continue;
+                    }
+                    if let Some(f) = open.by_id.get_mut(&id) {
+                        let Pending::Counted(edge) = f.pending else {
+                            // Counted at its settling, with these figures.
+                            f.pending = Pending::Ended(key, resolve::end_figures(e));
+                            continue;
+                        };
+                        open.by_id.remove(&id);
+                        open.mark_ended(id, now_ms);
+                        graph.record_end(edge, &resolve::end_figures(e), now_ms / 1000);
+                    } else if open.by_id.len() < MAX_OPEN_FLOWS {
+                        // An end never seen opening (a denied SYN, a flow older than the
+                        // daemon): counted after SETTLE too, when names and owners are known.
+                        open.order.push_back((now_ms, id));
+                        open.by_id.insert(
+                            id,
+                            OpenFlow {
+                                first_ms: now_ms,
+                                pending: Pending::Ended(key, resolve::end_figures(e)),
+                            },
+                        );
+                    } else {
+                        open.mark_ended(id, now_ms);
+                        let l = lookups.get_or_insert_with(|| self.resolver.lookups());
+                        let end = resolve::end_figures(e);
+                        graph.record(&self.resolver.resolve_key(l, key, &end, now_ms / 1000));
+                    }
+                }
+                _ => {}
             }
-            _ => {}
         }
     }
 
@@ -284,64 +347,51 @@ impl GraphController {
         }
     }
 
-    fn directory(&self) -> Arc<Directory> {
-        self.resolver.directory()
-    }
-
     /// Counts the flows whose first event is [`SETTLE`] old; folds old buckets.
     pub fn settle(&self, now_ms: u64) {
         let settle = SETTLE.as_millis() as u64;
         let now_s = now_ms / 1000;
-        let dir = self.directory();
-        let mut records = Vec::new();
-        {
-            let mut open = lock(&self.open);
-            while let Some((first, _)) = open.order.front() {
-                if first + settle > now_ms {
-                    break;
-                }
-                let (first, key) = open.order.pop_front().expect("front");
-                let Some(f) = open.by_key.get_mut(&key) else {
-                    continue;
-                };
-                if f.first_ms != first || f.counted.is_some() {
-                    continue;
-                }
-                if let Some(end) = f.end.take() {
-                    open.by_key.remove(&key);
-                    open.mark_ended(key, now_ms);
-                    if let Some(r) = self.resolver.resolve(&dir, &end, now_s) {
-                        records.push(r);
-                    }
-                } else if let Some(mut r) = f
-                    .first
-                    .take()
-                    .and_then(|first| self.resolver.resolve(&dir, &first, now_s))
-                {
+        let lookups = self.resolver.lookups();
+        // The same order as `take`: the open flows, then the graph.
+        let mut open = lock(&self.open);
+        let mut graph = lock(&self.graph);
+        while let Some(&(first, id)) = open.order.front() {
+            if first + settle > now_ms {
+                break;
+            }
+            open.order.pop_front();
+            let Some(f) = open.by_id.get_mut(&id) else {
+                continue;
+            };
+            if f.first_ms != first {
+                continue;
+            }
+            match &f.pending {
+                Pending::Counted(_) => {}
+                Pending::Opened(key) => {
                     // Bytes and round-trip time come with the end.
-                    r.bytes_sent = 0;
-                    r.bytes_received = 0;
-                    r.rtt_us = None;
-                    r.failure = None;
-                    r.connections = 1;
-                    f.counted = Some(r.clone());
-                    records.push(r);
-                } else {
-                    // Not TCP or UDP: nothing to draw.
-                    open.by_key.remove(&key);
+                    let r =
+                        self.resolver
+                            .resolve_key(&lookups, *key, &EndFigures::default(), now_s);
+                    f.pending = Pending::Counted(graph.record(&r));
+                }
+                Pending::Ended(key, end) => {
+                    let r = self.resolver.resolve_key(&lookups, *key, end, now_s);
+                    graph.record(&r);
+                    open.by_id.remove(&id);
+                    open.mark_ended(id, now_ms);
                 }
             }
         }
+        open.shrink();
+        drop(open);
         {
             let mut refused = lock(&self.refused);
             while refused.front().is_some_and(|(t, _)| t + settle <= now_ms) {
                 let (_, d) = refused.pop_front().expect("front");
-                records.push(self.resolver.refused(&dir, &d, now_s));
+                graph.record(&self.resolver.refused(&lookups, &d, now_s));
             }
-        }
-        let mut graph = lock(&self.graph);
-        for r in &records {
-            graph.record(r);
+            shrink_deque(&mut refused);
         }
         graph.age(now_s);
     }
@@ -395,13 +445,15 @@ impl GraphController {
 
     /// `GET /v1/graph/status`.
     pub fn status(&self) -> GraphStatus {
+        // Never the graph's lock, then the open flows' (`settle` takes them the other way).
+        let open_flows = lock(&self.open).by_id.len() as u64;
         let graph = lock(&self.graph);
         GraphStatus {
             events: self.events_taken.load(Ordering::Relaxed),
             events_lost: self.events_lost.load(Ordering::Relaxed),
             edges: graph.edge_count() as u64,
             edges_evicted: graph.evicted,
-            open_flows: lock(&self.open).by_key.len() as u64,
+            open_flows,
             web_listen: self.settings().web_listen.map(|a| a.to_string()),
         }
     }
@@ -425,10 +477,8 @@ impl GraphController {
                     }
                 }
                 _ = sub.recv_many(&mut batch, BATCH) => {
-                    let now = now_ms();
-                    for e in batch.drain(..) {
-                        self.take(&e, now);
-                    }
+                    self.take_batch(&batch, now_ms());
+                    batch.clear();
                 }
                 _ = tick.tick() => {
                     self.settle(now_ms());
@@ -718,7 +768,7 @@ mod tests {
     /// The name the client asked for the frontend's VIP.
     struct Names;
     impl NameLookup for Names {
-        fn name_of(&self, _client: IpAddr, addr: IpAddr) -> Option<String> {
+        fn name_of(&self, _client: IpAddr, addr: IpAddr) -> Option<Arc<str>> {
             (addr.to_string() == "198.18.100.11").then(|| "frontend.svc.test".into())
         }
     }
@@ -908,6 +958,30 @@ mod tests {
             dot.contains("\"external:198.18.0.1\" -> \"external:198.18.0.4\""),
             "{dot}"
         );
+    }
+
+    #[test]
+    fn ended_flows_are_remembered_for_a_while_and_a_full_set_forgets_its_oldest() {
+        let mut ended = EndedFlows::default();
+        // Ids of one set (the low bits pick it), told apart by their high bits (the
+        // fingerprint sets bit 0, so the high half is even here).
+        let id = |n: u64| ((2 * n) << 32) | 7;
+        ended.insert(id(1), 100);
+        assert!(ended.contains(id(1), 100 + ENDED_KEEP_S - 1));
+        assert!(!ended.contains(id(1), 100 + ENDED_KEEP_S), "expired");
+        assert!(!ended.contains(id(2), 100));
+        ended.remove(id(1));
+        assert!(!ended.contains(id(1), 101), "the tuple used again");
+        for n in 1..=ENDED_WAYS as u64 {
+            ended.insert(id(n), 200 + n as u32);
+        }
+        ended.insert(id(99), 300);
+        assert!(!ended.contains(id(1), 300), "the oldest of the set went");
+        assert!((2..=ENDED_WAYS as u64).all(|n| ended.contains(id(n), 300)));
+        assert!(ended.contains(id(99), 300));
+        // Another set is untouched.
+        ended.insert(id(5) + 1, 300);
+        assert!(ended.contains(id(99), 300) && ended.contains(id(5) + 1, 300));
     }
 
     #[test]

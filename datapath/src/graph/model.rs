@@ -10,7 +10,9 @@
 //! - nodes live as long as an edge uses them.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use datapath_api::{
@@ -39,18 +41,65 @@ pub enum Failure {
     NoBackend,
 }
 
+/// An edge's transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
+/// A node's label. Shared strings and plain values: naming a flow's ends allocates nothing,
+/// and a known node is found by its label as is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Label {
+    /// As spelled: a service, a program, a DNS name.
+    Text(Arc<str>),
+    /// A pod by uid, spelled `pod/<uid>`.
+    Pod(Arc<str>),
+    /// An endpoint known by its address only.
+    Address(IpAddr),
+    /// A process the exec module did not know, spelled `pid <n>`.
+    Pid(u32),
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Label::Text(s) => f.write_str(s),
+            Label::Pod(uid) => write!(f, "pod/{uid}"),
+            Label::Address(a) => a.fmt(f),
+            Label::Pid(pid) => write!(f, "pid {pid}"),
+        }
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Self {
+        Label::Text(s.into())
+    }
+}
+
 /// One end of a flow, resolved.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeRef {
     pub kind: GraphNodeKind,
-    pub label: String,
-    pub namespace: Option<String>,
+    pub label: Label,
+    pub namespace: Option<Arc<str>>,
     /// An address to list on the node (a backend, an endpoint: what the wire carried).
     pub address: Option<IpAddr>,
     /// A service's VIP, listed too (the socket LB leaves only the backend on the wire).
     pub vip: Option<IpAddr>,
     /// A DNS name the caller asked for it.
-    pub name: Option<String>,
+    pub name: Option<Arc<str>>,
 }
 
 impl NodeRef {
@@ -82,7 +131,7 @@ pub fn kind_name(kind: GraphNodeKind) -> &'static str {
 pub struct FlowRecord {
     pub caller: NodeRef,
     pub callee: NodeRef,
-    pub protocol: &'static str,
+    pub protocol: Transport,
     pub port: u16,
     /// 1 for a connection seen opening (or first seen at its end), 0 for a later report of it.
     pub connections: u64,
@@ -90,14 +139,60 @@ pub struct FlowRecord {
     pub bytes_received: u64,
     pub rtt_us: Option<u64>,
     pub failure: Option<Failure>,
-    pub exe: Option<String>,
+    pub exe: Option<Arc<str>>,
     /// Seconds of the graph's clock (monotonic).
     pub now_s: u64,
 }
 
-/// Sparse log-scale histogram: (bin, count), sorted by bin.
+/// What a connection's end adds to the edge it was counted on (see [`Graph::record_end`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndFigures {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub rtt_us: Option<u32>,
+    pub failure: Option<Failure>,
+}
+
+/// Small counts by key: the first inline, more in a list allocated only when needed (most
+/// buckets see one RTT bin and one program).
 #[derive(Clone, Debug, Default)]
-struct Histogram(Vec<(u16, u32)>);
+struct Counts<K> {
+    first: Option<(K, u32)>,
+    #[expect(
+        clippy::box_collection,
+        reason = "8 bytes in every bucket where a Vec takes 24, and the list is rarely needed"
+    )]
+    rest: Option<Box<Vec<(K, u32)>>>,
+}
+
+impl<K: Copy + Eq> Counts<K> {
+    /// Adds `n` to `key`; a new key past `cap` keys is not counted.
+    fn add(&mut self, key: K, n: u32, cap: usize) {
+        match &mut self.first {
+            None => {
+                self.first = Some((key, n));
+                return;
+            }
+            Some((k, c)) if *k == key => {
+                *c = c.saturating_add(n);
+                return;
+            }
+            Some(_) => {}
+        }
+        let rest = self.rest.get_or_insert_with(Box::default);
+        if let Some((_, c)) = rest.iter_mut().find(|(k, _)| *k == key) {
+            *c = c.saturating_add(n);
+        } else if rest.len() + 1 < cap {
+            rest.push((key, n));
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (K, u32)> + '_ {
+        self.first
+            .into_iter()
+            .chain(self.rest.iter().flat_map(|r| r.iter().copied()))
+    }
+}
 
 /// The bin of `v`: exact below 8, then 8 bins per power of two (within 1/8).
 fn bin_of(v: u64) -> u16 {
@@ -122,25 +217,16 @@ fn value_of(b: u16) -> u64 {
     low + width / 2
 }
 
-impl Histogram {
-    fn add(&mut self, bin: u16, n: u32) {
-        match self.0.binary_search_by_key(&bin, |(b, _)| *b) {
-            Ok(i) => self.0[i].1 = self.0[i].1.saturating_add(n),
-            Err(i) => self.0.insert(i, (bin, n)),
-        }
-    }
-}
-
-/// What an edge did in one interval.
+/// What an edge did in one interval. RTTs are a sparse log-scale histogram (bin, count).
 #[derive(Clone, Debug, Default)]
 struct Bucket {
     connections: u64,
     bytes_sent: u64,
     bytes_received: u64,
     failures: [u32; 4],
-    rtt: Histogram,
+    rtt: Counts<u16>,
     /// (process id in [`Graph::exes`], connections).
-    processes: Vec<(u32, u32)>,
+    processes: Counts<u32>,
 }
 
 impl Bucket {
@@ -151,32 +237,24 @@ impl Bucket {
         for (a, b) in self.failures.iter_mut().zip(other.failures) {
             *a = a.saturating_add(b);
         }
-        for &(bin, n) in &other.rtt.0 {
-            self.rtt.add(bin, n);
+        for (bin, n) in other.rtt.iter() {
+            self.rtt.add(bin, n, usize::MAX);
         }
-        for &(exe, n) in &other.processes {
-            self.add_process(exe, n);
-        }
-    }
-
-    fn add_process(&mut self, exe: u32, n: u32) {
-        if let Some(p) = self.processes.iter_mut().find(|(e, _)| *e == exe) {
-            p.1 = p.1.saturating_add(n);
-        } else if self.processes.len() < BUCKET_PROCESSES {
-            self.processes.push((exe, n));
+        for (exe, n) in other.processes.iter() {
+            self.processes.add(exe, n, BUCKET_PROCESSES);
         }
     }
 }
 
-/// An edge's key: caller and callee node ids, protocol, port.
-type EdgeKey = (u32, u32, &'static str, u16);
+/// An edge's key: caller and callee node ids, transport, port. What a counted flow keeps to
+/// add its end's figures later.
+pub type EdgeKey = (u32, u32, Transport, u16);
 
 struct Edge {
-    caller: u32,
-    callee: u32,
-    protocol: &'static str,
-    port: u16,
-    /// (start second, bucket), oldest first.
+    /// The bucket flows go to now (start second, bucket), kept in the edge itself: a flow
+    /// then touches the edge's own memory, not a list elsewhere on the heap.
+    current: Option<(u64, Bucket)>,
+    /// Older fine buckets (start second, bucket), oldest first.
     fine: Vec<(u64, Bucket)>,
     coarse: Vec<(u64, Bucket)>,
     last_seen_s: u64,
@@ -203,18 +281,51 @@ pub struct MetricEdge {
     pub total: Totals,
 }
 
+/// When a fine bucket starting at `start` is folded into a coarse one.
+fn fine_due_s(start: u64) -> u64 {
+    start + FINE_SECONDS + FINE_SPAN
+}
+
+/// Pushes without the doubling slack, for the coarse list (it grows by one every 5 minutes at
+/// most). The fine list doubles: it takes a bucket every 10 seconds of activity, and a copy of
+/// the whole list on every one costs more than its slack.
+fn push_exact<T>(v: &mut Vec<T>, item: T) {
+    if v.len() == v.capacity() {
+        v.reserve_exact(1);
+    }
+    v.push(item);
+}
+
 impl Edge {
     fn bucket(&mut self, now_s: u64) -> &mut Bucket {
         let start = now_s - now_s % FINE_SECONDS;
-        if self.fine.last().is_none_or(|(s, _)| *s != start) {
-            self.fine.push((start, Bucket::default()));
+        if let Some((s, _)) = &self.current
+            && *s != start
+        {
+            self.fine.extend(self.current.take());
         }
-        &mut self.fine.last_mut().expect("pushed").1
+        &mut self
+            .current
+            .get_or_insert_with(|| (start, Bucket::default()))
+            .1
+    }
+
+    /// The fine buckets, oldest first.
+    fn fine_buckets(&self) -> impl Iterator<Item = &(u64, Bucket)> {
+        self.fine.iter().chain(self.current.as_ref())
     }
 
     /// Folds fine buckets older than the fine span into coarse ones, drops buckets past the
     /// longest window; answers whether anything is left.
     fn age(&mut self, now_s: u64) -> bool {
+        // A current bucket of an earlier interval is an old one now.
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(s, _)| *s + FINE_SECONDS <= now_s)
+        {
+            self.fine.extend(self.current.take());
+        }
         let fine_from = now_s.saturating_sub(FINE_SPAN);
         let keep = self
             .fine
@@ -223,7 +334,7 @@ impl Edge {
             let cstart = start - start % COARSE_SECONDS;
             match self.coarse.last_mut() {
                 Some((s, c)) if *s == cstart => c.merge(&b),
-                _ => self.coarse.push((cstart, b)),
+                _ => push_exact(&mut self.coarse, (cstart, b)),
             }
         }
         let from = now_s.saturating_sub(LONGEST_WINDOW);
@@ -231,14 +342,26 @@ impl Edge {
             .coarse
             .partition_point(|(s, _)| *s + COARSE_SECONDS <= from);
         self.coarse.drain(..drop);
-        !(self.fine.is_empty() && self.coarse.is_empty())
+        !(self.current.is_none() && self.fine.is_empty() && self.coarse.is_empty())
+    }
+
+    /// When [`Edge::age`] next has something to do for this edge (`u64::MAX`: nothing left).
+    fn due_s(&self) -> u64 {
+        let fine = self.fine_buckets().next().map(|(s, _)| fine_due_s(*s));
+        let coarse = self
+            .coarse
+            .first()
+            .map(|(s, _)| s + COARSE_SECONDS + LONGEST_WINDOW);
+        fine.into_iter().chain(coarse).min().unwrap_or(u64::MAX)
     }
 
     /// The sum of the buckets that overlap the last `window` seconds.
     fn sum(&self, now_s: u64, window: u64) -> Option<Bucket> {
         let from = now_s.saturating_sub(window);
         let mut total: Option<Bucket> = None;
-        let fine = self.fine.iter().filter(|(s, _)| *s + FINE_SECONDS > from);
+        let fine = self
+            .fine_buckets()
+            .filter(|(s, _)| *s + FINE_SECONDS > from);
         // The fine buckets cover the last FINE_SPAN whole: shorter windows read only them.
         let coarse = self
             .coarse
@@ -253,12 +376,22 @@ impl Edge {
 
 struct Node {
     kind: GraphNodeKind,
-    label: String,
-    namespace: Option<String>,
-    addresses: BTreeSet<IpAddr>,
-    names: BTreeSet<String>,
+    label: Label,
+    namespace: Option<Arc<str>>,
+    /// Sorted, at most [`GRAPH_NODE_LIST_CAP`] each.
+    addresses: Vec<IpAddr>,
+    names: Vec<Arc<str>>,
     /// Edges that use it.
     edges: u32,
+}
+
+/// Inserts `item` into the sorted `list` unless it is there or the list is full.
+fn insert_sorted<T: Ord>(list: &mut Vec<T>, item: T) {
+    if list.len() < GRAPH_NODE_LIST_CAP
+        && let Err(i) = list.binary_search(&item)
+    {
+        list.insert(i, item);
+    }
 }
 
 /// The whole graph. See the module documentation.
@@ -266,13 +399,19 @@ pub struct Graph {
     max_edges: usize,
     nodes: FastMap<u32, Node>,
     /// Node ids by label, one map per kind.
-    node_ids: [FastMap<String, u32>; 4],
+    node_ids: [FastMap<Label, u32>; 4],
     next_node: u32,
     edges: FastMap<EdgeKey, Edge>,
     /// Programs by id, and ids by program (never forgotten: a node's set is small).
-    exes: Vec<String>,
-    exe_ids: FastMap<String, u32>,
+    exes: Vec<Arc<str>>,
+    exe_ids: FastMap<Arc<str>, u32>,
     pub evicted: u64,
+    /// Ends of counted connections whose edge and nodes were forgotten meanwhile (their
+    /// bytes had nowhere to go).
+    pub ends_dropped: u64,
+    /// The earliest second at which [`Graph::age`] has something to do: the oldest fine
+    /// bucket's fold, the oldest coarse bucket's end. Lowered as buckets are made.
+    age_due_s: u64,
 }
 
 /// What a view is asked for.
@@ -284,21 +423,34 @@ pub struct ViewFilter {
     pub top: usize,
 }
 
-fn quantile(hist: &Histogram, q: f64) -> Option<u64> {
-    let total: u64 = hist.0.iter().map(|(_, n)| u64::from(*n)).sum();
+fn quantile(hist: &Counts<u16>, q: f64) -> Option<u64> {
+    let mut bins: Vec<(u16, u32)> = hist.iter().collect();
+    bins.sort_unstable();
+    let total: u64 = bins.iter().map(|(_, n)| u64::from(*n)).sum();
     if total == 0 {
         return None;
     }
     // The smallest bin whose cumulative count reaches q of the total.
     let rank = ((q * total as f64).ceil() as u64).max(1);
     let mut seen = 0;
-    for &(bin, n) in &hist.0 {
+    for &(bin, n) in &bins {
         seen += u64::from(n);
         if seen >= rank {
             return Some(value_of(bin));
         }
     }
-    hist.0.last().map(|(b, _)| value_of(*b))
+    bins.last().map(|(b, _)| value_of(*b))
+}
+
+/// What one call adds to an edge.
+struct Addition {
+    connections: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+    rtt_us: Option<u64>,
+    failure: Option<Failure>,
+    exe: Option<u32>,
+    now_s: u64,
 }
 
 impl Graph {
@@ -312,6 +464,8 @@ impl Graph {
             exes: Vec::new(),
             exe_ids: FastMap::default(),
             evicted: 0,
+            ends_dropped: 0,
+            age_due_s: u64::MAX,
         }
     }
 
@@ -324,9 +478,9 @@ impl Graph {
     }
 
     fn node(&mut self, r: &NodeRef) -> u32 {
-        // Looked up by reference: a flow of a known node allocates nothing here.
+        // Looked up by the label as is: a flow of a known node allocates nothing here.
         let ids = &mut self.node_ids[kind_index(r.kind)];
-        let id = match ids.get(r.label.as_str()) {
+        let id = match ids.get(&r.label) {
             Some(id) => *id,
             None => {
                 let id = self.next_node;
@@ -338,93 +492,155 @@ impl Graph {
                         kind: r.kind,
                         label: r.label.clone(),
                         namespace: r.namespace.clone(),
-                        addresses: BTreeSet::new(),
-                        names: BTreeSet::new(),
+                        addresses: Vec::new(),
+                        names: Vec::new(),
                         edges: 0,
                     },
                 );
                 id
             }
         };
-        let node = self.nodes.get_mut(&id).expect("interned");
-        for a in [r.vip, r.address].into_iter().flatten() {
-            if node.addresses.len() < GRAPH_NODE_LIST_CAP {
-                node.addresses.insert(a);
-            }
-        }
-        if let Some(name) = &r.name
-            && node.names.len() < GRAPH_NODE_LIST_CAP
-            && !node.names.contains(name)
-        {
-            node.names.insert(name.clone());
-        }
+        self.learn(id, r);
         id
     }
 
-    fn exe_id(&mut self, exe: &str) -> u32 {
+    /// Adds the addresses and name of `r` to node `id`.
+    fn learn(&mut self, id: u32, r: &NodeRef) {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        for a in [r.vip, r.address].into_iter().flatten() {
+            insert_sorted(&mut node.addresses, a);
+        }
+        if let Some(name) = &r.name {
+            insert_sorted(&mut node.names, Arc::clone(name));
+        }
+    }
+
+    fn exe_id(&mut self, exe: &Arc<str>) -> u32 {
         if let Some(id) = self.exe_ids.get(exe) {
             return *id;
         }
         let id = self.exes.len() as u32;
-        self.exes.push(exe.to_string());
-        self.exe_ids.insert(exe.to_string(), id);
+        self.exes.push(Arc::clone(exe));
+        self.exe_ids.insert(Arc::clone(exe), id);
         id
     }
 
-    /// Adds one resolved flow.
-    pub fn record(&mut self, f: &FlowRecord) {
-        let known = |r: &NodeRef| {
-            self.node_ids[kind_index(r.kind)]
-                .get(r.label.as_str())
-                .copied()
-        };
-        let exists = match (known(&f.caller), known(&f.callee)) {
-            (Some(a), Some(b)) => self.edges.contains_key(&(a, b, f.protocol, f.port)),
-            _ => false,
-        };
-        // Room is made before the new edge's nodes exist, so no eviction takes them away.
-        if !exists && self.edges.len() >= self.max_edges {
-            self.evict();
-        }
-        let caller = self.node(&f.caller);
-        let callee = self.node(&f.callee);
-        let key = (caller, callee, f.protocol, f.port);
-        if !exists {
-            for id in [caller, callee] {
-                if let Some(n) = self.nodes.get_mut(&id) {
-                    n.edges += 1;
-                }
+    /// A new, empty edge (room made first: the idlest edges go when the graph is full).
+    fn insert_edge(&mut self, key: EdgeKey, now_s: u64) {
+        for id in [key.0, key.1] {
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.edges += 1;
             }
-            self.edges.insert(
-                key,
-                Edge {
-                    caller,
-                    callee,
-                    protocol: f.protocol,
-                    port: f.port,
-                    fine: Vec::new(),
-                    coarse: Vec::new(),
-                    last_seen_s: f.now_s,
-                    total: Totals::default(),
-                },
-            );
         }
-        let exe = f.exe.as_deref().map(|e| self.exe_id(e));
-        let edge = self.edges.get_mut(&key).expect("inserted");
-        edge.last_seen_s = edge.last_seen_s.max(f.now_s);
+        self.edges.insert(
+            key,
+            Edge {
+                current: None,
+                fine: Vec::new(),
+                coarse: Vec::new(),
+                last_seen_s: now_s,
+                total: Totals::default(),
+            },
+        );
+    }
+
+    /// Adds one resolved flow; answers its edge (where its end's figures go later).
+    pub fn record(&mut self, f: &FlowRecord) -> EdgeKey {
+        let known = |r: &NodeRef| self.node_ids[kind_index(r.kind)].get(&r.label).copied();
+        let key = match (known(&f.caller), known(&f.callee)) {
+            (Some(a), Some(b)) if self.edges.contains_key(&(a, b, f.protocol, f.port)) => {
+                // A known edge: its nodes only learn what is new about them.
+                self.learn(a, &f.caller);
+                self.learn(b, &f.callee);
+                (a, b, f.protocol, f.port)
+            }
+            _ => {
+                // Room is made before the new edge's nodes exist, so no eviction takes them
+                // away.
+                if self.edges.len() >= self.max_edges {
+                    self.evict();
+                }
+                let key = (
+                    self.node(&f.caller),
+                    self.node(&f.callee),
+                    f.protocol,
+                    f.port,
+                );
+                if !self.edges.contains_key(&key) {
+                    self.insert_edge(key, f.now_s);
+                }
+                key
+            }
+        };
+        let exe = f.exe.as_ref().map(|e| self.exe_id(e));
+        self.add(
+            &key,
+            &Addition {
+                connections: f.connections,
+                bytes_sent: f.bytes_sent,
+                bytes_received: f.bytes_received,
+                rtt_us: f.rtt_us,
+                failure: f.failure,
+                exe,
+                now_s: f.now_s,
+            },
+        );
+        key
+    }
+
+    /// Adds a counted connection's end to its edge `key` (from [`Graph::record`]). An edge
+    /// forgotten meanwhile comes back while both its nodes are there; else the figures are
+    /// dropped and counted in [`Graph::ends_dropped`].
+    pub fn record_end(&mut self, key: EdgeKey, end: &EndFigures, now_s: u64) {
+        if !self.edges.contains_key(&key) {
+            if self.edges.len() >= self.max_edges {
+                self.evict();
+            }
+            if !(self.nodes.contains_key(&key.0) && self.nodes.contains_key(&key.1)) {
+                self.ends_dropped += 1;
+                return;
+            }
+            self.insert_edge(key, now_s);
+        }
+        self.add(
+            &key,
+            &Addition {
+                connections: 0,
+                bytes_sent: end.bytes_sent,
+                bytes_received: end.bytes_received,
+                rtt_us: end.rtt_us.map(u64::from),
+                failure: end.failure,
+                exe: None,
+                now_s,
+            },
+        );
+    }
+
+    fn add(&mut self, key: &EdgeKey, a: &Addition) {
+        let Some(edge) = self.edges.get_mut(key) else {
+            return;
+        };
+        edge.last_seen_s = edge.last_seen_s.max(a.now_s);
+        // A bucket made now is due after every older one: only a graph with no bucket left
+        // learns an earlier time here.
+        self.age_due_s = self
+            .age_due_s
+            .min(fine_due_s(a.now_s - a.now_s % FINE_SECONDS));
         let t = &mut edge.total;
-        t.connections += f.connections;
-        t.bytes_sent += f.bytes_sent;
-        t.bytes_received += f.bytes_received;
-        t.failures += u64::from(f.failure.is_some());
-        let b = edge.bucket(f.now_s);
-        b.connections += f.connections;
-        b.bytes_sent += f.bytes_sent;
-        b.bytes_received += f.bytes_received;
-        if let Some(rtt) = f.rtt_us {
-            b.rtt.add(bin_of(rtt), 1);
+        t.connections += a.connections;
+        t.bytes_sent += a.bytes_sent;
+        t.bytes_received += a.bytes_received;
+        t.failures += u64::from(a.failure.is_some());
+        let b = edge.bucket(a.now_s);
+        b.connections += a.connections;
+        b.bytes_sent += a.bytes_sent;
+        b.bytes_received += a.bytes_received;
+        if let Some(rtt) = a.rtt_us {
+            b.rtt.add(bin_of(rtt), 1, usize::MAX);
         }
-        if let Some(failure) = f.failure {
+        if let Some(failure) = a.failure {
             let i = match failure {
                 Failure::Reset => 0,
                 Failure::Refused => 1,
@@ -433,10 +649,10 @@ impl Graph {
             };
             b.failures[i] = b.failures[i].saturating_add(1);
         }
-        if let Some(exe) = exe
-            && f.connections > 0
+        if let Some(exe) = a.exe
+            && a.connections > 0
         {
-            b.add_process(exe, f.connections as u32);
+            b.processes.add(exe, a.connections as u32, BUCKET_PROCESSES);
         }
     }
 
@@ -450,13 +666,13 @@ impl Graph {
     }
 
     fn remove_edge(&mut self, key: &EdgeKey) {
-        if let Some(e) = self.edges.remove(key) {
-            for id in [e.caller, e.callee] {
+        if self.edges.remove(key).is_some() {
+            for id in [key.0, key.1] {
                 if let Some(n) = self.nodes.get_mut(&id) {
                     n.edges = n.edges.saturating_sub(1);
                 }
             }
-            self.drop_unused_nodes_of(&[e.caller, e.callee]);
+            self.drop_unused_nodes_of(&[key.0, key.1]);
         }
     }
 
@@ -476,39 +692,51 @@ impl Graph {
         }
     }
 
-    /// Folds old buckets, forgets edges idle past the longest window.
+    /// Folds old buckets, forgets edges idle past the longest window. A pass over the edges
+    /// is made only when some bucket is due (see [`Graph::age_due_s`]): with 10,000 edges a
+    /// pass costs about a millisecond, and most ticks have nothing to fold.
     pub fn age(&mut self, now_s: u64) {
+        if now_s < self.age_due_s {
+            return;
+        }
+        let mut due = u64::MAX;
         let idle: Vec<_> = self
             .edges
             .iter_mut()
-            .filter_map(|(k, e)| (!e.age(now_s)).then_some(*k))
+            .filter_map(|(k, e)| {
+                let left = e.age(now_s);
+                due = due.min(e.due_s());
+                (!left).then_some(*k)
+            })
             .collect();
+        self.age_due_s = due;
         for key in idle {
             self.remove_edge(&key);
         }
     }
 
+    fn node_id(&self, node: u32) -> String {
+        self.nodes
+            .get(&node)
+            .map(|n| format!("{}:{}", kind_name(n.kind), n.label))
+            .unwrap_or_default()
+    }
+
     /// The `n` edges with the most connections over the last 5 minutes (then by id), with
     /// their lifetime totals: a bounded set of label values for `/metrics`.
     pub fn metric_edges(&self, n: usize, now_s: u64) -> Vec<MetricEdge> {
-        let id = |node: u32| {
-            self.nodes
-                .get(&node)
-                .map(|n| format!("{}:{}", kind_name(n.kind), n.label))
-                .unwrap_or_default()
-        };
         let mut ranked: Vec<(u64, MetricEdge)> = self
             .edges
-            .values()
-            .filter_map(|e| {
+            .iter()
+            .filter_map(|(k, e)| {
                 let recent = e.sum(now_s, FINE_SPAN)?.connections;
                 Some((
                     recent,
                     MetricEdge {
-                        caller: id(e.caller),
-                        callee: id(e.callee),
-                        protocol: e.protocol,
-                        port: e.port,
+                        caller: self.node_id(k.0),
+                        callee: self.node_id(k.1),
+                        protocol: k.2.name(),
+                        port: k.3,
                         total: e.total,
                     },
                 ))
@@ -524,17 +752,18 @@ impl Graph {
 
     fn node_view(&self, id: u32) -> Option<GraphNode> {
         let n = self.nodes.get(&id)?;
+        let label = n.label.to_string();
         Some(GraphNode {
-            id: format!("{}:{}", kind_name(n.kind), n.label),
+            id: format!("{}:{label}", kind_name(n.kind)),
             kind: n.kind,
-            label: n.label.clone(),
-            namespace: n.namespace.clone(),
+            label,
+            namespace: n.namespace.as_deref().map(str::to_string),
             addresses: {
                 let mut a: Vec<String> = n.addresses.iter().map(IpAddr::to_string).collect();
                 a.sort();
                 a
             },
-            names: n.names.iter().cloned().collect(),
+            names: n.names.iter().map(|s| s.to_string()).collect(),
         })
     }
 
@@ -558,40 +787,41 @@ impl Graph {
             Some(keep)
         };
         let mut edges: Vec<(GraphEdge, u32, u32)> = Vec::new();
-        for e in self.edges.values() {
+        for (&(caller_id, callee_id, protocol, port), e) in &self.edges {
             let Some(b) = e.sum(now_s, filter.window.1) else {
                 continue;
             };
-            if !(keep_node(e.caller, &mut nodes).unwrap_or(false)
-                && keep_node(e.callee, &mut nodes).unwrap_or(false))
+            if !(keep_node(caller_id, &mut nodes).unwrap_or(false)
+                && keep_node(callee_id, &mut nodes).unwrap_or(false))
             {
                 continue;
             }
             if let Some(ns) = &filter.namespace {
                 let in_ns = |id| nodes.get(&id).and_then(|n| n.namespace.as_ref()) == Some(ns);
-                if !(in_ns(e.caller) || in_ns(e.callee)) {
+                if !(in_ns(caller_id) || in_ns(callee_id)) {
                     continue;
                 }
             }
-            let (caller, callee) = (&nodes[&e.caller].id, &nodes[&e.callee].id);
+            let (caller, callee) = (&nodes[&caller_id].id, &nodes[&callee_id].id);
             let mut processes: Vec<GraphProcess> = b
                 .processes
                 .iter()
                 .map(|(exe, n)| GraphProcess {
-                    exe: self.exes[*exe as usize].clone(),
-                    connections: u64::from(*n),
+                    exe: self.exes[exe as usize].to_string(),
+                    connections: u64::from(n),
                 })
                 .collect();
             processes.sort_by(|a, b| b.connections.cmp(&a.connections).then(a.exe.cmp(&b.exe)));
             processes.truncate(GRAPH_NODE_LIST_CAP);
             let f = b.failures.map(u64::from);
+            let protocol = protocol.name();
             edges.push((
                 GraphEdge {
-                    id: format!("{caller} -> {callee} {}/{}", e.protocol, e.port),
+                    id: format!("{caller} -> {callee} {protocol}/{port}"),
                     caller: caller.clone(),
                     callee: callee.clone(),
-                    protocol: e.protocol.to_string(),
-                    port: e.port,
+                    protocol: protocol.to_string(),
+                    port,
                     connections: b.connections,
                     bytes_sent: b.bytes_sent,
                     bytes_received: b.bytes_received,
@@ -606,8 +836,8 @@ impl Graph {
                     processes,
                     last_seen_unix_ms: to_unix_ms(e.last_seen_s),
                 },
-                e.caller,
-                e.callee,
+                caller_id,
+                callee_id,
             ));
         }
         // The busiest first, then by id, for a stable cut.
@@ -654,7 +884,7 @@ mod tests {
     fn node(kind: GraphNodeKind, label: &str) -> NodeRef {
         NodeRef {
             kind,
-            label: label.into(),
+            label: Label::from(label),
             namespace: None,
             address: None,
             vip: None,
@@ -666,14 +896,14 @@ mod tests {
         FlowRecord {
             caller: node(GraphNodeKind::Process, caller),
             callee: node(GraphNodeKind::Service, callee),
-            protocol: "tcp",
+            protocol: Transport::Tcp,
             port: 80,
             connections: 1,
             bytes_sent: 100,
             bytes_received: 1000,
             rtt_us: Some(250),
             failure: None,
-            exe: Some(format!("/bin/{caller}")),
+            exe: Some(format!("/bin/{caller}").into()),
             now_s,
         }
     }
@@ -802,7 +1032,7 @@ mod tests {
                 vip: None,
                 name: None,
             },
-            protocol: "udp",
+            protocol: Transport::Udp,
             port: 53,
             ..flow("client", "x", 50)
         };
