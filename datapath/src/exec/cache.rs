@@ -44,6 +44,20 @@ pub struct Process {
     pub seen_ns: u64,
     /// Found by the `/proc` walk (existed before the daemon started).
     pub from_proc: bool,
+    /// When the current program began (boot-clock nanoseconds of its exec) and the program
+    /// the process ran before it: what a connect made before that exec is attributed to
+    /// (a shell that opens a connection, then execs another program in its own pid).
+    pub program_before: Option<(u64, String)>,
+}
+
+impl Process {
+    /// The program the process ran at `ts_ns` (boot clock), as far as the cache knows.
+    pub fn exe_at(&self, ts_ns: u64) -> &str {
+        match &self.program_before {
+            Some((since, before)) if ts_ns < *since => before,
+            _ => &self.exe,
+        }
+    }
 }
 
 /// An enforcement rule's match on an exec.
@@ -173,7 +187,16 @@ impl ProcessCache {
                 let key = (process.pid, process.start_ticks);
                 self.upsert(key, process.seen_ns, |p, _| {
                     let exited = p.exited;
-                    *p = Process { exited, ..process };
+                    let before = if !p.exe.is_empty() && p.exe != process.exe {
+                        Some((process.seen_ns, std::mem::take(&mut p.exe)))
+                    } else {
+                        p.program_before.take()
+                    };
+                    *p = Process {
+                        exited,
+                        program_before: before,
+                        ..process
+                    };
                 });
             }
             Event::Fork { process } => {
@@ -391,6 +414,7 @@ pub fn walk_proc(proc: &Path, max: usize) -> Vec<Process> {
             exited: None,
             seen_ns: 0,
             from_proc: true,
+            program_before: None,
         });
     }
     out
@@ -441,6 +465,31 @@ mod tests {
         assert!(c.get((7, 50)).is_none());
         assert!(c.by_pid(7).is_none());
         assert_eq!(c.stats().expired, 1);
+    }
+
+    #[test]
+    fn a_connect_made_before_an_exec_in_the_same_pid_is_the_earlier_programs() {
+        let mut c = ProcessCache::new(100, 10);
+        c.apply(Event::Exec {
+            process: proc(20, 3, "/bin/bash", 100),
+            verdict: None,
+        });
+        // bash connects at 150, then execs sleep in its own pid at 200.
+        c.apply(Event::Exec {
+            process: proc(20, 3, "/usr/bin/sleep", 200),
+            verdict: None,
+        });
+        let p = c.get((20, 3)).unwrap();
+        assert_eq!(p.exe, "/usr/bin/sleep");
+        assert_eq!(p.exe_at(150), "/bin/bash");
+        assert_eq!(p.exe_at(200), "/usr/bin/sleep");
+        assert_eq!(p.exe_at(250), "/usr/bin/sleep");
+        // An exec of the same program keeps what it ran before.
+        c.apply(Event::Exec {
+            process: proc(20, 3, "/usr/bin/sleep", 300),
+            verdict: None,
+        });
+        assert_eq!(c.get((20, 3)).unwrap().exe_at(150), "/bin/bash");
     }
 
     #[test]

@@ -205,6 +205,7 @@ pub fn decode(
             exited: None,
             seen_ns: e.ts_ns,
             from_proc: false,
+            program_before: None,
         }
     };
     match e.kind {
@@ -338,13 +339,20 @@ impl ExecController {
 
     /// The program of process (`pid`, `start_ticks`), else of the pid's latest process, with
     /// the pod it runs in.
-    fn program_of(&self, pid: u32, start_ticks: u64) -> Option<(u64, String, Option<String>)> {
+    /// The process's start, program at `ts_ns` (boot clock) and pod.
+    fn program_of(
+        &self,
+        pid: u32,
+        start_ticks: u64,
+        ts_ns: u64,
+    ) -> Option<(u64, String, Option<String>)> {
         let cache = lock(&self.cache);
         let p = (start_ticks != 0)
             .then(|| cache.get((pid, start_ticks)))
             .flatten()
             .or_else(|| cache.by_pid(pid))?;
-        (!p.exe.is_empty()).then(|| (p.start_ticks, p.exe.clone(), p.workload.pod_uid.clone()))
+        let exe = p.exe_at(ts_ns);
+        (!exe.is_empty()).then(|| (p.start_ticks, exe.to_string(), p.workload.pod_uid.clone()))
     }
 
     fn record_connect(&self, bytes: &[u8], out: &mut Vec<Arc<ConnectView>>) {
@@ -352,7 +360,7 @@ impl ExecController {
             return;
         };
         let mut pod_uid = None;
-        if let Some((start, exe, pod)) = self.program_of(c.pid, c.start_ticks) {
+        if let Some((start, exe, pod)) = self.program_of(c.pid, c.start_ticks, c.ts_ns) {
             c.start_ticks = start;
             c.exe = Some(exe);
             pod_uid = pod;

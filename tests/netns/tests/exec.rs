@@ -297,12 +297,12 @@ fn a_connection_to_the_vip_carries_its_process_in_the_conntrack() {
         let events = s.spawn(|| follow(d, id, 8));
         // The stream is open before the program runs.
         std::thread::sleep(Duration::from_millis(500));
-        // Bash holds the connection open for a while, in its own process (no fork: /dev/tcp
-        // is a redirection of the shell itself).
-        // `sleep` is not the script's last command, so bash forks it rather than exec it in its
-        // own pid (which would make the connection's pid a `sleep` by the time the cache
-        // names it).
-        let script = format!("exec 3<>/dev/tcp/{VIP}/{TCP_SERVICE_PORT} && sleep 3; exit 0");
+        // Bash opens the connection in its own process (no fork: /dev/tcp is a redirection of
+        // the shell itself), then execs `sleep` in the same pid, which holds it open. The
+        // connection is bash's: the cache may already know the pid as `sleep` when it names
+        // the connect, and must go by when each happened (an earlier build named it
+        // `/usr/bin/sleep` under load).
+        let script = format!("exec 3<>/dev/tcp/{VIP}/{TCP_SERVICE_PORT} && exec sleep 3");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &client_ns, "/bin/bash", "-c", &script])
             .stdin(Stdio::null())
@@ -316,10 +316,14 @@ fn a_connection_to_the_vip_carries_its_process_in_the_conntrack() {
                 "conntrack list",
                 d.lb_ctl_json(&["conntrack", "list", "--table", "lb", "--port", &port]),
             );
+            // The entry's state follows the packets: the handshake's last ACK can reach the
+            // XDP program after the owner is learned, so wait for both.
             rows.as_array()
                 .into_iter()
                 .flatten()
-                .find(|r| r["pid"] == pid && r["dst"] == VIP.to_string())
+                .find(|r| {
+                    r["pid"] == pid && r["dst"] == VIP.to_string() && r["state"] == "ESTABLISHED"
+                })
                 .cloned()
         });
         assert_eq!(row["exe"], "/bin/bash", "{row:#}");
