@@ -334,17 +334,21 @@ fn check_service_monitor(doc: &serde_json::Value, service: &Service) {
 
 /// Renders `dir`, validates and round-trips every object; the documents.
 fn rendered_and_checked(tools: &Tools, dir: &str) -> Vec<serde_json::Value> {
-    let text = render(tools, dir);
-    let problems = validate(tools, &text);
+    checked(tools, &render(tools, dir), dir)
+}
+
+/// Validates and round-trips every object of `text` (rendered from `what`); the documents.
+fn checked(tools: &Tools, text: &str, what: &str) -> Vec<serde_json::Value> {
+    let problems = validate(tools, text);
     assert!(
         problems.is_empty(),
-        "{dir}: kubernetes-validate --strict:\n{}",
+        "{what}: kubernetes-validate --strict:\n{}",
         problems.join("\n")
     );
-    let docs = yaml_documents(&text);
+    let docs = yaml_documents(text);
     for doc in &docs {
         if let Err(e) = check_round_trip(doc) {
-            panic!("{dir}: {e}");
+            panic!("{what}: {e}");
         }
     }
     if let Some(sm) = docs.iter().find(|d| d["kind"] == "ServiceMonitor") {
@@ -790,4 +794,87 @@ fn kustomize_grafana_renders_the_dashboard_in_its_own_configmap() {
             "{p}"
         );
     }
+}
+
+// ---- The Helm chart (deploy/helm/datapath), rendered by the real Helm engine. ----
+
+/// The deploy tests' venv python with helm-python-sdk (`cargo xtask setup` installs it), or
+/// `None` with the reason printed; a panic where [`required`].
+fn helm_python() -> Option<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    let found = find_tool(
+        "DATAPATH_HELM_PYTHON",
+        vec![target.join("kubernetes-validate/bin/python")],
+        &["-c", "import helm_python"],
+    );
+    if found.is_none() {
+        let reason = "missing helm-python-sdk (PyPI; `cargo xtask setup` installs it)";
+        assert!(
+            !required(),
+            "{reason} (CI or DATAPATH_REQUIRE_PRIVILEGED=1)"
+        );
+        eprintln!("skipping: {reason}");
+    }
+    found
+}
+
+/// `deploy/helm/render.py` (lint, then render, offline) over the chart, with the values files
+/// `values` (paths under deploy/helm), in namespace kube-system.
+fn helm_render(python: &Path, values: &[&str]) -> String {
+    let helm = workspace().join("deploy/helm");
+    let mut cmd = Command::new(python);
+    cmd.arg(helm.join("render.py")).arg(helm.join("datapath"));
+    for v in values {
+        cmd.arg("--values").arg(helm.join(v));
+    }
+    cmd.args(["--namespace", "kube-system"]);
+    let out = cmd.output().expect("running deploy/helm/render.py");
+    assert!(
+        out.status.success(),
+        "render.py {values:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The documents as objects to compare, ordered by kind and name. The ConfigMap's `config.yaml`
+/// is taken as the YAML it holds: Helm writes the values' map, kustomize the file as written,
+/// comments and all.
+fn comparable(mut docs: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    for doc in docs.iter_mut().filter(|d| d["kind"] == "ConfigMap") {
+        let text = doc["data"]["config.yaml"].as_str().unwrap().to_string();
+        let parsed: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+        doc["data"]["config.yaml"] = parsed;
+    }
+    docs.sort_by_key(|d| (d["kind"].as_str().unwrap().to_string(), name(d)));
+    docs
+}
+
+#[test]
+fn the_helm_chart_renders_the_kustomize_objects_with_the_real_helm_engine() {
+    let Some(tools) = tools() else { return };
+    let Some(python) = helm_python() else { return };
+    let mut seen = Vec::new();
+    for (values, dir) in [
+        (&[][..], "base"),
+        (&["examples/dsr.yaml"][..], "overlays/dsr"),
+        (&["examples/minimal.yaml"][..], "overlays/minimal"),
+    ] {
+        let what = format!("helm chart with {values:?}");
+        let docs = checked(&tools, &helm_render(&python, values), &what);
+        assert_pod_rules(&what, &docs);
+        settings_of(&docs);
+        let kustomize = rendered_and_checked(&tools, dir);
+        let docs = comparable(docs);
+        assert_eq!(
+            serde_json::to_string_pretty(&docs).unwrap(),
+            serde_json::to_string_pretty(&comparable(kustomize)).unwrap(),
+            "{what} renders what kustomize renders for {dir}"
+        );
+        seen.push(docs);
+    }
+    // The values do change what is rendered: three different sets of objects.
+    assert!(seen[0] != seen[1] && seen[1] != seen[2] && seen[0] != seen[2]);
 }

@@ -13,6 +13,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// (datapath/tests/deploy.rs), installed into a venv at target/kubernetes-validate.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
+/// The PyPI helm-python-sdk release (Helm's Go SDK as a C library, with Python bindings) the
+/// deploy tests render the Helm chart with (deploy/helm/render.py), in the same venv.
+const HELM_PYTHON_SDK_VERSION: &str = "0.2.2";
+
 /// Debian packages the tests use.
 pub const PACKAGES: [&str; 14] = [
     "iproute2",
@@ -63,6 +67,10 @@ pub fn run(args: &SetupArgs) -> Result<()> {
         "kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (PyPI) in target/kubernetes-validate"
     ));
     kubernetes_validate().context("installing kubernetes-validate")?;
+    step(&format!(
+        "helm-python-sdk {HELM_PYTHON_SDK_VERSION} (PyPI: the Helm engine) in target/kubernetes-validate"
+    ));
+    helm_python_sdk().context("installing helm-python-sdk")?;
     step("bpffs at /sys/fs/bpf");
     bpffs();
     println!("==> setup: done");
@@ -258,6 +266,42 @@ fn kubernetes_validate() -> Result<()> {
             Ok(())
         }
         other => bail!("kubernetes-validate was installed but `--version` says {other:?}"),
+    }
+}
+
+/// helm-python-sdk from PyPI into the deploy tests' venv (made by [`kubernetes_validate`]).
+fn helm_python_sdk() -> Result<()> {
+    let python = kubernetes_validate_venv().join("bin/python");
+    let python = python.to_str().context("venv path")?;
+    let version = || {
+        capture(command(python).args([
+            "-c",
+            "import helm_python; print(helm_python.__version__, helm_python.helm_sdk_version())",
+        ]))
+    };
+    if let Some(v) = version()
+        && v.split_whitespace().next() == Some(HELM_PYTHON_SDK_VERSION)
+    {
+        println!("helm-python-sdk {} already installed", v.trim());
+        return Ok(());
+    }
+    util::run(
+        command(python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg(format!("helm-python-sdk=={HELM_PYTHON_SDK_VERSION}")),
+    )?;
+    match version() {
+        Some(v) if v.split_whitespace().next() == Some(HELM_PYTHON_SDK_VERSION) => {
+            println!("installed helm-python-sdk {}", v.trim());
+            Ok(())
+        }
+        other => bail!("helm-python-sdk was installed but reports {other:?}"),
     }
 }
 
