@@ -18,7 +18,7 @@ const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const HELM_PYTHON_SDK_VERSION: &str = "0.2.2";
 
 /// Debian packages the tests use.
-pub const PACKAGES: [&str; 14] = [
+pub const PACKAGES: [&str; 17] = [
     "iproute2",
     "nftables",
     "iputils-ping",
@@ -37,6 +37,11 @@ pub const PACKAGES: [&str; 14] = [
     "python3-venv",
     // The graph tests: `dot -Tsvg` parses the DOT export, headless Chromium opens the web view.
     "graphviz",
+    // The image test (tests/netns/tests/image.rs): podman builds deploy/image offline, runc
+    // runs it (crun refuses this kernel's hybrid cgroups), busybox-static is the image's shell.
+    "podman",
+    "runc",
+    "busybox-static",
     "chromium",
 ];
 
