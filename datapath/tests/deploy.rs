@@ -741,6 +741,17 @@ fn kustomize_minimal_overlay_has_no_kubernetes_source_rbac_or_servicemonitor() {
     assert_eq!(without(&minimal, &removed), without(&base, &removed));
 }
 
+/// deploy/daemonset.yaml, the single-file manifest, is the base rendered: the same objects.
+#[test]
+fn the_single_file_manifest_is_the_kustomize_base_rendered() {
+    let Some(tools) = tools() else { return };
+    assert_eq!(
+        documents(),
+        yaml_documents(&render(&tools, "base")),
+        "deploy/daemonset.yaml is stale: regenerate it from deploy/kustomize/base (its header)"
+    );
+}
+
 /// The checks are not vacuous: a misspelt field in the rendered DaemonSet fails both the strict
 /// schema validation and the k8s-openapi round trip.
 #[test]
