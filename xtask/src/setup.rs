@@ -18,7 +18,7 @@ const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const HELM_PYTHON_SDK_VERSION: &str = "0.2.2";
 
 /// Debian packages the tests use.
-pub const PACKAGES: [&str; 17] = [
+pub const PACKAGES: [&str; 18] = [
     "iproute2",
     "nftables",
     "iputils-ping",
@@ -39,7 +39,10 @@ pub const PACKAGES: [&str; 17] = [
     "graphviz",
     // The image test (tests/netns/tests/image.rs): podman builds deploy/image offline, runc
     // runs it (crun refuses this kernel's hybrid cgroups), busybox-static is the image's shell.
+    // netavark is only a recommendation of podman's, but podman will not start without a
+    // network backend, even for `--network=none`.
     "podman",
+    "netavark",
     "runc",
     "busybox-static",
     "chromium",
