@@ -85,10 +85,10 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Panic messages and failed tests kept from a step's output, at most this many lines: a CI
-/// log keeps only its tail, and a panic's backtrace can push its message out of it.
-const KEPT_LINES: usize = 60;
-/// Lines kept after a `panicked at` line (its message; the backtrace starts after).
+/// Panic messages, errors and failed tests kept from a step's output, at most this many lines: a
+/// CI log keeps only its tail, and a backtrace can push the message out of it.
+const KEPT_LINES: usize = 80;
+/// Lines kept after a panic or error line (its message and cause; a backtrace ends them).
 const PANIC_CONTEXT: usize = 12;
 
 /// What [`run_reporting`] keeps of a command's output.
@@ -104,16 +104,25 @@ impl Kept {
         if self.lines.len() >= KEPT_LINES {
             return;
         }
-        let starts_panic = line.contains("panicked at");
+        let trimmed = line.trim_start();
+        // A panic, an error of cargo or rustc, or an `Err` returned from a main (a build
+        // script's shows indented, inside cargo's "failed to run custom build command").
+        let starts_failure = line.contains("panicked at")
+            || ["error:", "error[", "Error:"]
+                .iter()
+                .any(|p| trimmed.starts_with(p));
         let test_failed = line.starts_with("test ") && line.ends_with("FAILED");
-        if starts_panic {
+        if starts_failure {
             self.following = PANIC_CONTEXT;
-        } else if line.starts_with("stack backtrace:") || line.trim_start().starts_with("0: ") {
+        } else if trimmed.starts_with("stack backtrace:")
+            || trimmed.starts_with("Stack backtrace:")
+            || trimmed.starts_with("0: ")
+        {
             self.following = 0;
         }
-        if starts_panic || test_failed || self.following > 0 {
+        if starts_failure || test_failed || self.following > 0 {
             self.lines.push(line.to_string());
-            self.following = self.following.saturating_sub(usize::from(!starts_panic));
+            self.following = self.following.saturating_sub(usize::from(!starts_failure));
         }
     }
 }
@@ -219,6 +228,36 @@ mod tests {
                 "test b ... FAILED",
                 "thread 'main' panicked at perf/benches/x.rs:1:2:",
                 "start datapathd: the API never answered",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_build_script_error_is_kept_with_its_cause_not_its_backtrace() {
+        let mut kept = Kept::default();
+        for line in [
+            "   Compiling datapath v0.1.0",
+            "error: failed to run custom build command for `datapath v0.1.0`",
+            "Caused by:",
+            "  process didn't exit successfully: `build-script-build` (exit status: 1)",
+            "  --- stderr",
+            "  Error: cannot write /x: No space left on device (os error 28)",
+            "",
+            "  Stack backtrace:",
+            "     0: anyhow::error::<impl anyhow::Error>::msg",
+            "    13: std::panicking::catch_unwind",
+        ] {
+            kept.see(line);
+        }
+        assert_eq!(
+            kept.lines,
+            [
+                "error: failed to run custom build command for `datapath v0.1.0`",
+                "Caused by:",
+                "  process didn't exit successfully: `build-script-build` (exit status: 1)",
+                "  --- stderr",
+                "  Error: cannot write /x: No space left on device (os error 28)",
+                "",
             ]
         );
     }
