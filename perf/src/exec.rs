@@ -10,7 +10,7 @@
 //!   whatever else runs on the machine is traced too.
 //! - **Memory at 10,000 processes**: heap bytes (glibc's `mallinfo2`) of a cache of 10,000
 //!   processes, each with a path, five arguments and a cgroup path.
-//! - **Kernel ring buffer to the bus**: `xdp_trace_producer` (bpf-perf), run through
+//! - **Kernel ring buffer to the bus**: `tc_trace_producer` (bpf-perf), run through
 //!   BPF_PROG_TEST_RUN on one thread, writes exec records into a ring of the tracer's size as
 //!   fast as the kernel can; the daemon's own reader (`bpf::ringbuf::drain_records` with the
 //!   controller's decode and cache) drains it into a bus topic on a tokio runtime, and a
@@ -57,35 +57,90 @@ pub struct ExecReport {
     /// Of all rounds: records delivered, and refused by the full ring.
     pub ring_delivered: u64,
     pub ring_lost: u64,
-    /// The same with wake-ups only every [`RING_WAKE_EVERY`] records.
-    pub ring_batched_per_second: Summary,
-    pub ring_batched_delivered: u64,
-    pub ring_batched_lost: u64,
+    /// The baseline of the same run: the same drain with aya's `RingBuf::next` as the reader
+    /// (the consumer position published after every record), as the daemon read before.
+    pub ring_aya_per_second: Summary,
+    pub ring_aya_delivered: u64,
+    pub ring_aya_lost: u64,
 }
 
-/// Records between forced wake-ups in the batched ring rows.
-pub const RING_WAKE_EVERY: u64 = 64;
+/// Which reader drains the ring in a kernel-to-bus round.
+#[derive(Clone, Copy)]
+enum Reader {
+    /// The daemon's (`datapath::bpf::ringbuf`): the consumer position published per batch.
+    Daemon,
+    /// aya's `RingBuf::next`, the baseline.
+    AyaNext,
+}
+
+/// The daemon's drain loop as it was with aya's reader: the baseline of the ring rows.
+async fn drain_with_aya_next(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    topic: Arc<datapath::bus::Topic<Arc<Event>>>,
+    max_batch: usize,
+    tick: Duration,
+    mut cancel: datapath::controller::Cancel,
+    mut each: impl FnMut(&[u8], &mut Vec<Arc<Event>>),
+) -> Result<()> {
+    fn read(
+        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+        max_batch: usize,
+        each: &mut impl FnMut(&[u8], &mut Vec<Arc<Event>>),
+    ) -> (Vec<Arc<Event>>, bool) {
+        let mut batch = Vec::new();
+        for _ in 0..max_batch {
+            let Some(item) = ring.next() else {
+                return (batch, true);
+            };
+            each(&item, &mut batch);
+        }
+        (batch, false)
+    }
+    // SAFETY: the ring owns its descriptor and moves into the AsyncFd, which deregisters it
+    // before dropping it.
+    let mut fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("poll the ring: {}", e.into_parts().1))?;
+    loop {
+        tokio::select! {
+            ready = fd.readable_mut() => {
+                let mut guard = ready?;
+                let (batch, drained) = read(guard.get_inner_mut(), max_batch, &mut each);
+                topic.publish_batch(batch);
+                if drained {
+                    guard.clear_ready();
+                } else {
+                    tokio::task::yield_now().await;
+                }
+            }
+            _ = tokio::time::sleep(tick) => {
+                let (batch, _) = read(fd.get_mut(), max_batch, &mut each);
+                topic.publish_batch(batch);
+            }
+            _ = cancel.cancelled() => return Ok(()),
+        }
+    }
+}
 
 /// One round of the kernel-to-bus measurement: (delivered per second, delivered, lost).
-fn ring_to_bus_round(records: u64, wake_every: u64) -> Result<(f64, u64, u64)> {
+fn ring_to_bus_round(records: u64, reader_kind: Reader) -> Result<(f64, u64, u64)> {
     use aya::{
         maps::{PerCpuArray, RingBuf},
-        programs::{TestRun as _, TestRunOptions, Xdp},
+        programs::{SchedClassifier, TestRun as _, TestRunOptions},
     };
     ensure!(
         !crate::bpf::PERF_OBJECT.is_empty(),
         "dp-perf was built without its BPF programs"
     );
     let mut ebpf = aya::EbpfLoader::new()
-        .override_global("TRACE_WAKE_EVERY", &wake_every, true)
+        .override_global("TRACE_WAKE_EVERY", &0u64, true)
         .load(crate::bpf::PERF_OBJECT)
         .context("load the bpf-perf object")?;
-    let producer: &mut Xdp = ebpf
-        .program_mut("xdp_trace_producer")
-        .context("xdp_trace_producer missing")?
+    let producer: &mut SchedClassifier = ebpf
+        .program_mut("tc_trace_producer")
+        .context("tc_trace_producer missing")?
         .try_into()
-        .context("xdp_trace_producer is not XDP")?;
-    producer.load().context("load xdp_trace_producer")?;
+        .context("tc_trace_producer is not a classifier")?;
+    producer.load().context("load tc_trace_producer")?;
     let ring = RingBuf::try_from(ebpf.take_map("TRACE_RING").context("TRACE_RING")?)?;
     let counts: PerCpuArray<_, u64> =
         PerCpuArray::try_from(ebpf.take_map("TRACE_PRODUCED").context("TRACE_PRODUCED")?)?;
@@ -98,29 +153,47 @@ fn ring_to_bus_round(records: u64, wake_every: u64) -> Result<(f64, u64, u64)> {
         .enable_all()
         .build()?;
     let cache = Arc::new(Mutex::new(ProcessCache::new(65_536, 30_000_000_000)));
+    let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let last = Arc::new(Mutex::new(Instant::now()));
     let consumer = {
         let (delivered, last) = (Arc::clone(&delivered), Arc::clone(&last));
         let no_cgroup = |_id: u64| None;
         std::thread::spawn(move || -> Result<()> {
+            // The reader on its own CPU, the producer on another (below): left to the scheduler,
+            // the reader's wake-ups pull it onto the producer's CPU, and the two then share one.
+            if two_cpus {
+                netns_tests::cpu::pin_to(1).context("pin the reader to CPU 1")?;
+            }
             runtime.block_on(async move {
-                let reader = datapath::bpf::ringbuf::drain_records(
-                    ring,
-                    topic,
-                    1024,
-                    Some(Duration::from_millis(100)),
-                    token.clone(),
-                    move |bytes, out| {
-                        if let Some(e) = decode(bytes, 100, &no_cgroup) {
-                            cache
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .apply(e.clone());
-                            out.push(Arc::new(e));
+                let each = move |bytes: &[u8], out: &mut Vec<Arc<Event>>| {
+                    if let Some(e) = decode(bytes, 100, &no_cgroup) {
+                        cache
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .apply(e.clone());
+                        out.push(Arc::new(e));
+                    }
+                };
+                let tick = Duration::from_millis(100);
+                let reader_token = token.clone();
+                let reader = async move {
+                    match reader_kind {
+                        Reader::Daemon => datapath::bpf::ringbuf::drain_records(
+                            ring,
+                            topic,
+                            1024,
+                            Some(tick),
+                            reader_token,
+                            each,
+                        )
+                        .await
+                        .map_err(anyhow::Error::from),
+                        Reader::AyaNext => {
+                            drain_with_aya_next(ring, topic, 1024, tick, reader_token, each).await
                         }
-                    },
-                );
+                    }
+                };
                 let mut stop = token;
                 let count = async move {
                     let mut batch = Vec::with_capacity(4096);
@@ -146,16 +219,29 @@ fn ring_to_bus_round(records: u64, wake_every: u64) -> Result<(f64, u64, u64)> {
     let frame = [0u8; 64];
     let start = Instant::now();
     let deadline = start + Duration::from_secs(60);
-    while sum(0)? + sum(1)? < records && Instant::now() < deadline {
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(&frame);
-        opts.repeat = 10_000;
-        let producer: &mut Xdp = ebpf
-            .program_mut("xdp_trace_producer")
-            .context("xdp_trace_producer")?
-            .try_into()?;
-        producer.test_run(opts).context("BPF_PROG_TEST_RUN")?;
-    }
+    let producer: &mut SchedClassifier = ebpf
+        .program_mut("tc_trace_producer")
+        .context("tc_trace_producer")?
+        .try_into()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<()> {
+                if two_cpus {
+                    netns_tests::cpu::pin_to(0).context("pin the producer to CPU 0")?;
+                }
+                // Until `records` are in the ring: the producer outruns any reader, so the ring
+                // stays full, the reader never waits, and what it delivers is its capacity.
+                while sum(0)? < records && Instant::now() < deadline {
+                    let mut opts = TestRunOptions::new();
+                    opts.data_in = Some(&frame);
+                    opts.repeat = 10_000;
+                    producer.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+                }
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the producer panicked"))?
+    })?;
     let (written, lost) = (sum(0)?, sum(1)?);
     let produced_secs = start.elapsed().as_secs_f64();
     // Every written record reaches the subscriber (the reader's tick drains a quiet ring).
@@ -177,7 +263,7 @@ fn ring_to_bus_round(records: u64, wake_every: u64) -> Result<(f64, u64, u64)> {
         "{got} of {written} written records delivered"
     );
     eprintln!(
-        "  ring round: {:.0} records/s written by the producer, {:.0}/s delivered",
+        "  ring round: {:.0} records/s offered by the producer ({lost} refused by the full ring), {:.0}/s delivered",
         (written + lost) as f64 / produced_secs,
         got as f64 / secs
     );
@@ -366,25 +452,25 @@ pub fn run(smoke: bool) -> Result<ExecReport> {
     );
     let ring_records: u64 = if smoke { 200_000 } else { 2_000_000 };
     let (mut ring_rates, mut ring_delivered, mut ring_lost) = (Vec::new(), 0u64, 0u64);
-    let (mut batched_rates, mut batched_delivered, mut batched_lost) = (Vec::new(), 0u64, 0u64);
+    let (mut aya_rates, mut aya_delivered, mut aya_lost) = (Vec::new(), 0u64, 0u64);
     for _ in 0..rounds {
-        let (rate, got, lost) = ring_to_bus_round(ring_records, 0)?;
+        let (rate, got, lost) = ring_to_bus_round(ring_records, Reader::Daemon)?;
         ring_rates.push(rate);
         ring_delivered += got;
         ring_lost += lost;
-        let (rate, got, lost) = ring_to_bus_round(ring_records, RING_WAKE_EVERY)?;
-        batched_rates.push(rate);
-        batched_delivered += got;
-        batched_lost += lost;
+        let (rate, got, lost) = ring_to_bus_round(ring_records, Reader::AyaNext)?;
+        aya_rates.push(rate);
+        aya_delivered += got;
+        aya_lost += lost;
     }
     Ok(ExecReport {
         ring_records_per_round: ring_records,
         ring_to_bus_per_second: Summary::of(&ring_rates).context("no rounds")?,
         ring_delivered,
         ring_lost,
-        ring_batched_per_second: Summary::of(&batched_rates).context("no rounds")?,
-        ring_batched_delivered: batched_delivered,
-        ring_batched_lost: batched_lost,
+        ring_aya_per_second: Summary::of(&aya_rates).context("no rounds")?,
+        ring_aya_delivered: aya_delivered,
+        ring_aya_lost: aya_lost,
         records_per_round: records * 2,
         records_per_second,
         spawns_per_round: spawns,

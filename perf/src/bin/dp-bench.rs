@@ -388,13 +388,16 @@ fn exec_alone(args: &Args) -> Result<()> {
         r.ring_to_bus_per_second.max
     );
     println!(
-        "| the same, the producer waking the reader only every {} records ({} delivered, {} lost) | {:.0}/s | {:.0} | {:.0} |",
-        dp_perf::exec::RING_WAKE_EVERY,
-        r.ring_batched_delivered,
-        r.ring_batched_lost,
-        r.ring_batched_per_second.median,
-        r.ring_batched_per_second.min,
-        r.ring_batched_per_second.max
+        "| baseline, same run: the same drain with aya's RingBuf::next as the reader ({} delivered, {} lost) | {:.0}/s | {:.0} | {:.0} |",
+        r.ring_aya_delivered,
+        r.ring_aya_lost,
+        r.ring_aya_per_second.median,
+        r.ring_aya_per_second.min,
+        r.ring_aya_per_second.max
+    );
+    println!(
+        "| ratio of the medians, daemon's reader / aya's | {:.2} | | |",
+        r.ring_to_bus_per_second.median / r.ring_aya_per_second.median
     );
     for (what, s) in [
         (
