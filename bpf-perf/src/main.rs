@@ -278,7 +278,7 @@ fn bump(index: u32) -> u64 {
 #[classifier]
 pub fn tc_trace_producer(_ctx: TcContext) -> i32 {
     produce_trace_record();
-    aya_ebpf::bindings::TC_ACT_OK as i32
+    aya_ebpf::bindings::TC_ACT_OK
 }
 
 #[inline(always)]

@@ -209,7 +209,7 @@ fn ring_to_bus_round(records: u64, reader_kind: Reader) -> Result<(f64, u64, u64
                     }
                 };
                 let (r, ()) = tokio::join!(reader, count);
-                r.map_err(anyhow::Error::from)
+                r
             })
         })
     };

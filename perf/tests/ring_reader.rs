@@ -3,10 +3,7 @@
 //! whole, in order, once each, across many wraps of the ring and with a full ring refusing
 //! writes; and the reader is woken by the kernel every time it has caught up (these runs have no
 //! tick, so a lost wake-up hangs a run until its deadline and fails it).
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aya::{
     maps::{PerCpuArray, RingBuf},
