@@ -614,7 +614,8 @@ fn open_bench(pin_root: &Path, syn_flood_rate: u64) -> Result<Bench> {
     dataplane.apply_service(&service6(service(81, ForwardingMode::Dsr, 3, 9)))?;
 
     for program in ["xdp_bench_harness", "xdp_drop"] {
-        xdp(&mut dataplane, program)?.load()?;
+        let program = xdp(&mut dataplane, program)?;
+        datapath::bpf::load_retrying(|| program.load())?;
     }
     let drop_fd = xdp(&mut dataplane, "xdp_drop")?.fd()?.try_clone()?;
     let lb_fd = dataplane.program_mut()?.fd()?.try_clone()?;

@@ -140,7 +140,7 @@ fn ring_to_bus_round(records: u64, reader_kind: Reader) -> Result<(f64, u64, u64
         .context("tc_trace_producer missing")?
         .try_into()
         .context("tc_trace_producer is not a classifier")?;
-    producer.load().context("load tc_trace_producer")?;
+    datapath::bpf::load_retrying(|| producer.load()).context("load tc_trace_producer")?;
     let ring = RingBuf::try_from(ebpf.take_map("TRACE_RING").context("TRACE_RING")?)?;
     let counts: PerCpuArray<_, u64> =
         PerCpuArray::try_from(ebpf.take_map("TRACE_PRODUCED").context("TRACE_PRODUCED")?)?;

@@ -39,7 +39,7 @@ fn setup() -> Option<Setup> {
         .expect("tc_trace_producer")
         .try_into()
         .expect("a classifier");
-    producer.load().expect("load tc_trace_producer");
+    datapath::bpf::load_retrying(|| producer.load()).expect("load tc_trace_producer");
     netns_tests::cpu::pin_here().expect("pin the producing thread");
     let ring = RingBuf::try_from(ebpf.take_map("TRACE_RING").expect("TRACE_RING")).expect("ring");
     let counts = PerCpuArray::try_from(ebpf.take_map("TRACE_PRODUCED").expect("TRACE_PRODUCED"))

@@ -55,8 +55,8 @@ impl DnsPlane {
             context: "load the DNS capture object".into(),
         })?;
         for name in [PROGRAM_INGRESS, PROGRAM_EGRESS] {
-            classifier(&mut bpf, name)?
-                .load()
+            let program = classifier(&mut bpf, name)?;
+            crate::bpf::load_retrying(|| program.load())
                 .map_err(program_error(format!("load {name}")))?;
         }
         let reasons = crate::bpf::maps::take_reasons(&mut bpf, map_names::REASONS)?;

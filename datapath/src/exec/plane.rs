@@ -110,8 +110,7 @@ impl TracePlane {
                 .ok_or_else(|| Error::InvalidArgument(format!("program {name} missing")))?
                 .try_into()
                 .map_err(program_error(format!("{name} is not a BTF tracepoint")))?;
-            program
-                .load(tracepoint, &btf)
+            crate::bpf::load_retrying(|| program.load(tracepoint, &btf))
                 .map_err(program_error(format!("load {name}")))?;
             program
                 .attach()
@@ -217,8 +216,7 @@ fn fill_rules(bpf: &mut Ebpf, rules: &Resolved) -> Result<Vec<&'static str>> {
             .ok_or_else(|| Error::InvalidArgument(format!("program {name} missing")))?
             .try_into()
             .map_err(program_error(format!("{name} is not cgroup sock_addr")))?;
-        program
-            .load()
+        crate::bpf::load_retrying(|| program.load())
             .map_err(program_error(format!("load {name} (verifier)")))?;
         for dir in &targets {
             let file = std::fs::File::open(dir)

@@ -260,8 +260,7 @@ fn install_ipv6_program(bpf: &mut Ebpf) -> Result<()> {
         .ok_or_else(|| Error::InvalidArgument(format!("program {PROGRAM_LB6} missing")))?
         .try_into()
         .map_err(program_error("program xdp_lb6 is not XDP"))?;
-    program
-        .load()
+    crate::bpf::load_retrying(|| program.load())
         .map_err(program_error("load xdp_lb6 (verifier)"))?;
     let fd = program
         .fd()
@@ -475,8 +474,7 @@ impl Dataplane {
             .ok_or_else(|| Error::InvalidArgument(format!("program {PROGRAM_LB} missing")))?
             .try_into()
             .map_err(program_error("program xdp_lb is not XDP"))?;
-        program
-            .load()
+        crate::bpf::load_retrying(|| program.load())
             .map_err(program_error("load xdp_lb (verifier)"))?;
         // IPv6 before the attach: the new `xdp_lb` tail-calls whatever `LB_PROGS` holds.
         install_ipv6_program(&mut bpf)?;

@@ -265,8 +265,7 @@ impl PolicyPlane {
                 .ok_or_else(|| Error::InvalidArgument(format!("program {name} missing")))?
                 .try_into()
                 .map_err(program_error(format!("{name} is not a classifier")))?;
-            program
-                .load()
+            crate::bpf::load_retrying(|| program.load())
                 .map_err(program_error(format!("load {name}")))?;
         }
         Ok(Self {

@@ -309,8 +309,7 @@ impl SockLbPlane {
                 .map_err(program_error(format!(
                     "program {name} is not cgroup sock_addr"
                 )))?;
-            program
-                .load()
+            crate::bpf::load_retrying(|| program.load())
                 .map_err(program_error(format!("load {name} (verifier)")))?;
             let pin = Self::link_pin(pin_root, name);
             let what = format!("{name} on cgroup {}", cgroup.display());
