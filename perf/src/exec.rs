@@ -73,77 +73,97 @@ enum Reader {
     AyaNext,
 }
 
-/// The daemon's drain loop as it was with aya's reader: the baseline of the ring rows.
-async fn drain_with_aya_next(
-    ring: aya::maps::RingBuf<aya::maps::MapData>,
-    topic: Arc<datapath::bus::Topic<Arc<Event>>>,
-    max_batch: usize,
-    tick: Duration,
-    mut cancel: datapath::controller::Cancel,
-    mut each: impl FnMut(&[u8], &mut Vec<Arc<Event>>),
-) -> Result<()> {
-    fn read(
-        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-        max_batch: usize,
-        each: &mut impl FnMut(&[u8], &mut Vec<Arc<Event>>),
-    ) -> (Vec<Arc<Event>>, bool) {
-        let mut batch = Vec::new();
-        for _ in 0..max_batch {
-            let Some(item) = ring.next() else {
-                return (batch, true);
-            };
-            each(&item, &mut batch);
-        }
-        (batch, false)
+/// aya's `RingBuf::next` as a record source (the consumer position published after every
+/// record), as the daemon read before: the baseline of the ring rows.
+struct AyaNext(aya::maps::RingBuf<aya::maps::MapData>);
+
+impl std::os::fd::AsRawFd for AyaNext {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
     }
-    // SAFETY: the ring owns its descriptor and moves into the AsyncFd, which deregisters it
-    // before dropping it.
-    let mut fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("poll the ring: {}", e.into_parts().1))?;
-    loop {
-        tokio::select! {
-            ready = fd.readable_mut() => {
-                let mut guard = ready?;
-                let (batch, drained) = read(guard.get_inner_mut(), max_batch, &mut each);
-                topic.publish_batch(batch);
-                if drained {
-                    guard.clear_ready();
-                } else {
-                    tokio::task::yield_now().await;
-                }
-            }
-            _ = tokio::time::sleep(tick) => {
-                let (batch, _) = read(fd.get_mut(), max_batch, &mut each);
-                topic.publish_batch(batch);
-            }
-            _ = cancel.cancelled() => return Ok(()),
+}
+
+impl datapath::bpf::ringbuf::RecordSource for AyaNext {
+    fn read_batch(&mut self, max: usize, each: &mut dyn FnMut(&[u8])) -> bool {
+        for _ in 0..max {
+            let Some(item) = self.0.next() else {
+                return true;
+            };
+            each(&item);
         }
+        false
+    }
+}
+
+/// `tc_trace_producer` (bpf-perf) loaded, with its ring and counters taken out: what writes
+/// exec records into a ring of the tracer's size for the ring rows and
+/// `perf/tests/ring_reader.rs`.
+pub struct TraceProducer {
+    ebpf: aya::Ebpf,
+    /// `TRACE_RING`, until a reader takes it.
+    pub ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    counts: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+}
+
+impl TraceProducer {
+    pub fn load() -> Result<Self> {
+        use aya::{
+            maps::{PerCpuArray, RingBuf},
+            programs::SchedClassifier,
+        };
+        ensure!(
+            !crate::bpf::PERF_OBJECT.is_empty(),
+            "dp-perf was built without its BPF programs"
+        );
+        let mut ebpf = aya::EbpfLoader::new()
+            .override_global("TRACE_WAKE_EVERY", &0u64, true)
+            .load(crate::bpf::PERF_OBJECT)
+            .context("load the bpf-perf object")?;
+        let producer: &mut SchedClassifier = ebpf
+            .program_mut("tc_trace_producer")
+            .context("tc_trace_producer missing")?
+            .try_into()
+            .context("tc_trace_producer is not a classifier")?;
+        datapath::bpf::load_retrying(|| producer.load()).context("load tc_trace_producer")?;
+        let ring = RingBuf::try_from(ebpf.take_map("TRACE_RING").context("TRACE_RING")?)?;
+        let counts =
+            PerCpuArray::try_from(ebpf.take_map("TRACE_PRODUCED").context("TRACE_PRODUCED")?)?;
+        Ok(Self {
+            ebpf,
+            ring: Some(ring),
+            counts,
+        })
+    }
+
+    /// Runs the producer `calls` times `repeat` times (BPF_PROG_TEST_RUN); a record a run.
+    pub fn produce(&self, calls: u32, repeat: u32) -> Result<()> {
+        use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+        let producer: &SchedClassifier = self
+            .ebpf
+            .program("tc_trace_producer")
+            .context("tc_trace_producer")?
+            .try_into()?;
+        let frame = [0u8; 64];
+        for _ in 0..calls {
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            opts.repeat = repeat;
+            producer.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        }
+        Ok(())
+    }
+
+    /// Records written so far, and refused by the full ring, over all CPUs.
+    pub fn counts(&self) -> Result<(u64, u64)> {
+        let sum = |i: u32| -> Result<u64> { Ok(self.counts.get(&i, 0)?.iter().sum()) };
+        Ok((sum(0)?, sum(1)?))
     }
 }
 
 /// One round of the kernel-to-bus measurement: (delivered per second, delivered, lost).
 fn ring_to_bus_round(records: u64, reader_kind: Reader) -> Result<(f64, u64, u64)> {
-    use aya::{
-        maps::{PerCpuArray, RingBuf},
-        programs::{SchedClassifier, TestRun as _, TestRunOptions},
-    };
-    ensure!(
-        !crate::bpf::PERF_OBJECT.is_empty(),
-        "dp-perf was built without its BPF programs"
-    );
-    let mut ebpf = aya::EbpfLoader::new()
-        .override_global("TRACE_WAKE_EVERY", &0u64, true)
-        .load(crate::bpf::PERF_OBJECT)
-        .context("load the bpf-perf object")?;
-    let producer: &mut SchedClassifier = ebpf
-        .program_mut("tc_trace_producer")
-        .context("tc_trace_producer missing")?
-        .try_into()
-        .context("tc_trace_producer is not a classifier")?;
-    datapath::bpf::load_retrying(|| producer.load()).context("load tc_trace_producer")?;
-    let ring = RingBuf::try_from(ebpf.take_map("TRACE_RING").context("TRACE_RING")?)?;
-    let counts: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(ebpf.take_map("TRACE_PRODUCED").context("TRACE_PRODUCED")?)?;
+    let mut producer = TraceProducer::load()?;
+    let ring = producer.ring.take().context("TRACE_RING")?;
     let bus = datapath::bus::Bus::new();
     let topic = bus.topic::<Arc<Event>>("exec.events", 4096)?;
     let mut subscriber = topic.subscribe("bench");
@@ -189,9 +209,16 @@ fn ring_to_bus_round(records: u64, reader_kind: Reader) -> Result<(f64, u64, u64
                         )
                         .await
                         .map_err(anyhow::Error::from),
-                        Reader::AyaNext => {
-                            drain_with_aya_next(ring, topic, 1024, tick, reader_token, each).await
-                        }
+                        Reader::AyaNext => datapath::bpf::ringbuf::drain_source(
+                            AyaNext(ring),
+                            topic,
+                            1024,
+                            Some(tick),
+                            reader_token,
+                            each,
+                        )
+                        .await
+                        .map_err(anyhow::Error::from),
                     }
                 };
                 let mut stop = token;
@@ -213,16 +240,11 @@ fn ring_to_bus_round(records: u64, reader_kind: Reader) -> Result<(f64, u64, u64
             })
         })
     };
-    let sum = |i: u32| -> Result<u64> { Ok(counts.get(&i, 0)?.iter().sum()) };
     // Let the reader reach its first wait.
     std::thread::sleep(Duration::from_millis(50));
-    let frame = [0u8; 64];
     let start = Instant::now();
     let deadline = start + Duration::from_secs(60);
-    let producer: &mut SchedClassifier = ebpf
-        .program_mut("tc_trace_producer")
-        .context("tc_trace_producer")?
-        .try_into()?;
+    let producer = &producer;
     std::thread::scope(|scope| {
         scope
             .spawn(|| -> Result<()> {
@@ -231,18 +253,15 @@ fn ring_to_bus_round(records: u64, reader_kind: Reader) -> Result<(f64, u64, u64
                 }
                 // Until `records` are in the ring: the producer outruns any reader, so the ring
                 // stays full, the reader never waits, and what it delivers is its capacity.
-                while sum(0)? < records && Instant::now() < deadline {
-                    let mut opts = TestRunOptions::new();
-                    opts.data_in = Some(&frame);
-                    opts.repeat = 10_000;
-                    producer.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+                while producer.counts()?.0 < records && Instant::now() < deadline {
+                    producer.produce(1, 10_000)?;
                 }
                 Ok(())
             })
             .join()
             .map_err(|_| anyhow::anyhow!("the producer panicked"))?
     })?;
-    let (written, lost) = (sum(0)?, sum(1)?);
+    let (written, lost) = producer.counts()?;
     let produced_secs = start.elapsed().as_secs_f64();
     // Every written record reaches the subscriber (the reader's tick drains a quiet ring).
     while delivered.load(Ordering::Relaxed) < written && Instant::now() < deadline {

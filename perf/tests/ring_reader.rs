@@ -5,11 +5,8 @@
 //! tick, so a lost wake-up hangs a run until its deadline and fails it).
 use std::time::{Duration, Instant};
 
-use aya::{
-    maps::{PerCpuArray, RingBuf},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
-};
 use bpf_common::trace::{EVENT_EXEC, PROCESS_EVENT_BEFORE_ARGS, ProcessEvent};
+use dp_perf::exec::TraceProducer;
 
 /// What a record says about itself: (pid, ts_ns, length). The producer numbers its records by
 /// how many it wrote before on its CPU (pid = n | 0x4000_0000, ts_ns = 1_000_000 + n), so the
@@ -17,65 +14,34 @@ use bpf_common::trace::{EVENT_EXEC, PROCESS_EVENT_BEFORE_ARGS, ProcessEvent};
 type Seen = (u32, u64, usize);
 
 struct Setup {
-    ebpf: aya::Ebpf,
-    ring: Option<RingBuf<aya::maps::MapData>>,
-    counts: PerCpuArray<aya::maps::MapData, u64>,
+    producer: TraceProducer,
 }
 
 fn setup() -> Option<Setup> {
     if !netns_tests::privilege::privileged_as_root("loading BPF programs and BPF_PROG_TEST_RUN") {
         return None;
     }
-    assert!(
-        !dp_perf::bpf::PERF_OBJECT.is_empty(),
-        "dp-perf was built without its BPF programs"
-    );
-    let mut ebpf = aya::EbpfLoader::new()
-        .override_global("TRACE_WAKE_EVERY", &0u64, true)
-        .load(dp_perf::bpf::PERF_OBJECT)
-        .expect("load bpf-perf");
-    let producer: &mut SchedClassifier = ebpf
-        .program_mut("tc_trace_producer")
-        .expect("tc_trace_producer")
-        .try_into()
-        .expect("a classifier");
-    datapath::bpf::load_retrying(|| producer.load()).expect("load tc_trace_producer");
+    let producer = TraceProducer::load().expect("load tc_trace_producer");
     netns_tests::cpu::pin_here().expect("pin the producing thread");
-    let ring = RingBuf::try_from(ebpf.take_map("TRACE_RING").expect("TRACE_RING")).expect("ring");
-    let counts = PerCpuArray::try_from(ebpf.take_map("TRACE_PRODUCED").expect("TRACE_PRODUCED"))
-        .expect("counts");
-    Some(Setup {
-        ebpf,
-        ring: Some(ring),
-        counts,
-    })
+    Some(Setup { producer })
 }
 
 impl Setup {
     /// Runs the producer `calls` times `repeat` times; answers (written, refused) so far.
     fn produce(&self, calls: u32, repeat: u32) -> (u64, u64) {
-        let producer: &SchedClassifier = self
-            .ebpf
-            .program("tc_trace_producer")
-            .expect("tc_trace_producer")
-            .try_into()
-            .expect("a classifier");
-        let frame = [0u8; 64];
-        for _ in 0..calls {
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(&frame);
-            opts.repeat = repeat;
-            producer.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        }
-        let sum = |i| -> u64 { self.counts.get(&i, 0).expect("counts").iter().sum() };
-        (sum(0), sum(1))
+        self.producer.produce(calls, repeat).expect("produce");
+        self.producer.counts().expect("counts")
+    }
+
+    fn take_ring(&mut self) -> aya::maps::RingBuf<aya::maps::MapData> {
+        self.producer.ring.take().expect("ring")
     }
 }
 
 /// Starts `drain_records` with no tick on its own runtime thread; every record is reported as
 /// what it says about itself. Answers the subscriber and the cancel handle (and the thread).
 fn start_reader(
-    ring: RingBuf<aya::maps::MapData>,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
 ) -> (
     datapath::bus::Subscriber<Seen>,
     datapath::controller::CancelHandle,
@@ -155,7 +121,7 @@ fn assert_in_order(seen: &[Seen], from: u64) {
 #[test]
 fn the_reader_is_woken_each_time_it_catches_up_and_gets_every_record_once_in_order() {
     let Some(mut s) = setup() else { return };
-    let (mut subscriber, cancel, thread) = start_reader(s.ring.take().expect("ring"));
+    let (mut subscriber, cancel, thread) = start_reader(s.take_ring());
     // Let the reader reach its first wait. Then rounds of three phases, each waiting for what
     // it wrote: a flood larger than the ring (the 8 MiB ring holds about 21,800 of these
     // records, so some are refused); a stream of single records, one a syscall, slower than the
@@ -205,7 +171,7 @@ fn a_full_ring_refuses_writes_and_the_reader_then_gets_every_written_record() {
         written > 20_000 && written < 40_000 && refused == 40_000 - written,
         "written {written}, refused {refused}"
     );
-    let (mut subscriber, cancel, thread) = start_reader(s.ring.take().expect("ring"));
+    let (mut subscriber, cancel, thread) = start_reader(s.take_ring());
     // The records already there: the reader's first read finds them, with no new wake-up.
     let deadline = Instant::now() + Duration::from_secs(30);
     let first = receive(&mut subscriber, written, deadline);

@@ -207,10 +207,17 @@ pub fn is_root() -> bool {
 mod tests {
     use super::Kept;
 
+    fn kept_of(lines: &[&str]) -> Vec<String> {
+        let mut kept = Kept::default();
+        for line in lines {
+            kept.see(line);
+        }
+        kept.lines
+    }
+
     #[test]
     fn a_panic_message_and_failed_tests_are_kept_not_the_backtrace() {
-        let mut kept = Kept::default();
-        for line in [
+        let kept = kept_of(&[
             "Compiling x",
             "test a ... ok",
             "test b ... FAILED",
@@ -219,11 +226,9 @@ mod tests {
             "stack backtrace:",
             "   0: std::panicking::begin_panic",
             "   1: main",
-        ] {
-            kept.see(line);
-        }
+        ]);
         assert_eq!(
-            kept.lines,
+            kept,
             [
                 "test b ... FAILED",
                 "thread 'main' panicked at perf/benches/x.rs:1:2:",
@@ -234,8 +239,7 @@ mod tests {
 
     #[test]
     fn a_build_script_error_is_kept_with_its_cause_not_its_backtrace() {
-        let mut kept = Kept::default();
-        for line in [
+        let kept = kept_of(&[
             "   Compiling datapath v0.1.0",
             "error: failed to run custom build command for `datapath v0.1.0`",
             "Caused by:",
@@ -246,11 +250,9 @@ mod tests {
             "  Stack backtrace:",
             "     0: anyhow::error::<impl anyhow::Error>::msg",
             "    13: std::panicking::catch_unwind",
-        ] {
-            kept.see(line);
-        }
+        ]);
         assert_eq!(
-            kept.lines,
+            kept,
             [
                 "error: failed to run custom build command for `datapath v0.1.0`",
                 "Caused by:",

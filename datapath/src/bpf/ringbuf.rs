@@ -220,15 +220,29 @@ impl AsRawFd for RingReader {
     }
 }
 
-/// Reads up to `max_batch` records of `ring`, each handed to `each` with the batch it may add
-/// events to; answers the batch and whether the ring is empty now.
+/// Where [`drain_source`] reads records from: a pollable descriptor and a batched read.
+/// The daemon's is [`RingReader`]; the benchmark's baseline wraps aya's `RingBuf::next`.
+pub trait RecordSource: AsRawFd {
+    /// Hands up to `max` records to `each`, oldest first; answers whether the source is empty
+    /// now (and will wake its descriptor's poller for the next record).
+    fn read_batch(&mut self, max: usize, each: &mut dyn FnMut(&[u8])) -> bool;
+}
+
+impl RecordSource for RingReader {
+    fn read_batch(&mut self, max: usize, each: &mut dyn FnMut(&[u8])) -> bool {
+        self.read(max, each).1
+    }
+}
+
+/// Reads up to `max_batch` records of `source`, each handed to `each` with the batch it may
+/// add events to; answers the batch and whether the source is empty now.
 fn read_records<E>(
-    ring: &mut RingReader,
+    source: &mut impl RecordSource,
     max_batch: usize,
     each: &mut impl FnMut(&[u8], &mut Vec<E>),
 ) -> (Vec<E>, bool) {
     let mut batch = Vec::new();
-    let (_, drained) = ring.read(max_batch, |record| each(record, &mut batch));
+    let drained = source.read_batch(max_batch, &mut |record| each(record, &mut batch));
     (batch, drained)
 }
 
@@ -239,13 +253,25 @@ pub async fn drain_records<E: Clone + Send + Sync + 'static>(
     topic: Arc<Topic<E>>,
     max_batch: usize,
     tick: Option<Duration>,
+    cancel: Cancel,
+    each: impl FnMut(&[u8], &mut Vec<E>) + Send,
+) -> Result<()> {
+    let reader = RingReader::from_aya(ring)?;
+    drain_source(reader, topic, max_batch, tick, cancel, each).await
+}
+
+/// [`drain_records`] over any [`RecordSource`].
+pub async fn drain_source<E: Clone + Send + Sync + 'static>(
+    source: impl RecordSource,
+    topic: Arc<Topic<E>>,
+    max_batch: usize,
+    tick: Option<Duration>,
     mut cancel: Cancel,
     mut each: impl FnMut(&[u8], &mut Vec<E>) + Send,
 ) -> Result<()> {
-    let reader = RingReader::from_aya(ring)?;
-    // SAFETY: the reader owns its descriptor and moves into the AsyncFd, which deregisters it
+    // SAFETY: the source owns its descriptor and moves into the AsyncFd, which deregisters it
     // before dropping it.
-    let mut fd = unsafe { tokio::io::unix::AsyncFd::register(reader) }
+    let mut fd = unsafe { tokio::io::unix::AsyncFd::register(source) }
         .map_err(|e| Error::io("poll the ring buffer", e.into_parts().1))?;
     loop {
         tokio::select! {
