@@ -7,19 +7,91 @@
 //!   entry that a later exec fills in, and a fork never overwrites what an exec said.
 //! - An exited process is kept for a grace period (a flow's owner stays known a while after it
 //!   ends), then dropped; the cache is bounded (exited processes go first, then the oldest).
+//! - A process's strings are shared: its program and command with every other process that
+//!   runs them (the cache's [`Interner`]), its arguments with the events on the bus. A record
+//!   costs one allocation (its arguments) and a clone costs reference counts, which is what
+//!   keeps an exec storm's ring readable at line rate.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeSet, HashMap},
     path::Path,
+    sync::Arc,
 };
+
+use super::intern::Interner;
 
 /// The identity of a process: its pid and its start in clock ticks since boot.
 pub type ProcessKey = (u32, u64);
 
+/// The cache's maps hash pids and start times the kernel chose, not keys a remote peer picks.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A pod's and container's identity, parsed from a cgroup path.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Workload {
-    pub pod_uid: Option<String>,
-    pub container_id: Option<String>,
+    pub pod_uid: Option<Arc<str>>,
+    pub container_id: Option<Arc<str>>,
+}
+
+/// A process's arguments as one shared string, NUL between them (an argument never holds a
+/// NUL): one allocation per exec rather than one per argument, and a clone is a reference
+/// count. Empty arguments are not kept.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Args(Option<Arc<str>>);
+
+impl Args {
+    /// From argv as the kernel lays it out: each argument NUL-terminated (the last one may be
+    /// cut short). Invalid UTF-8 is replaced, as `String::from_utf8_lossy` does.
+    pub fn from_nul_separated(bytes: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(bytes);
+        let trimmed = text.trim_matches('\0');
+        if trimmed.is_empty() {
+            return Self(None);
+        }
+        if trimmed.contains("\0\0") {
+            // Empty arguments inside: rebuilt without them (rare).
+            return trimmed.split('\0').collect();
+        }
+        Self(Some(Arc::from(trimmed)))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.as_deref().into_iter().flat_map(|s| s.split('\0'))
+    }
+
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.iter().map(str::to_string).collect()
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for Args {
+    fn from_iter<I: IntoIterator<Item = S>>(args: I) -> Self {
+        let mut joined = String::new();
+        for a in args {
+            let a = a.as_ref();
+            if a.is_empty() {
+                continue;
+            }
+            if !joined.is_empty() {
+                joined.push('\0');
+            }
+            joined.push_str(a);
+        }
+        Self((!joined.is_empty()).then(|| Arc::from(joined)))
+    }
+}
+
+impl std::fmt::Debug for Args {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,13 +102,13 @@ pub struct Process {
     pub ppid: u32,
     pub parent_start_ticks: u64,
     /// The program's path as execve got it (empty before an exec or a `/proc` walk says it).
-    pub exe: String,
-    pub args: Vec<String>,
-    pub comm: String,
+    pub exe: Arc<str>,
+    pub args: Args,
+    pub comm: Arc<str>,
     pub uid: u32,
     pub cgroup_id: u64,
     /// The cgroup's path under the cgroup2 root, when known.
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Arc<str>>,
     pub workload: Workload,
     /// Boot-clock nanoseconds of the exit, and its code.
     pub exited: Option<(u64, u32)>,
@@ -47,7 +119,7 @@ pub struct Process {
     /// When the current program began (boot-clock nanoseconds of its exec) and the program
     /// the process ran before it: what a connect made before that exec is attributed to
     /// (a shell that opens a connection, then execs another program in its own pid).
-    pub program_before: Option<(u64, String)>,
+    pub program_before: Option<(u64, Arc<str>)>,
 }
 
 impl Process {
@@ -95,14 +167,59 @@ pub struct CacheStats {
     pub expired: u64,
 }
 
+/// The starts of one pid in the cache: pids are reused, but rarely while the cache still
+/// holds the earlier process, so one start is kept inline.
+#[derive(Debug)]
+enum Starts {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Starts {
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Self::One(s) => std::slice::from_ref(s),
+            Self::Many(v) => v,
+        }
+    }
+
+    fn add(&mut self, start: u64) {
+        match self {
+            Self::One(s) if *s == start => {}
+            Self::One(s) => *self = Self::Many(vec![*s, start]),
+            Self::Many(v) if !v.contains(&start) => v.push(start),
+            Self::Many(_) => {}
+        }
+    }
+
+    /// Removes `start`; false when none is left.
+    fn remove(&mut self, start: u64) -> bool {
+        match self {
+            Self::One(s) => *s != start,
+            Self::Many(v) => {
+                v.retain(|s| *s != start);
+                let left = match v[..] {
+                    [] => return false,
+                    [only] => only,
+                    _ => return true,
+                };
+                *self = Self::One(left);
+                true
+            }
+        }
+    }
+}
+
 pub struct ProcessCache {
-    by_key: HashMap<ProcessKey, Process>,
-    /// The starts of each pid in the cache (pids are reused; rarely more than one).
-    starts: HashMap<u32, Vec<u64>>,
+    by_key: FastMap<ProcessKey, Process>,
+    /// The starts of each pid in the cache.
+    starts: FastMap<u32, Starts>,
     /// Exited processes by exit time, for expiry.
-    exits: BTreeMap<(u64, ProcessKey), ()>,
+    exits: BTreeSet<(u64, ProcessKey)>,
     /// Every process by when it was last seen, for eviction.
-    by_seen: std::collections::BTreeSet<(u64, ProcessKey)>,
+    by_seen: BTreeSet<(u64, ProcessKey)>,
+    /// The one copy of each program and command the cached processes share.
+    strings: Interner,
     max: usize,
     grace_ns: u64,
     evicted: u64,
@@ -112,10 +229,11 @@ pub struct ProcessCache {
 impl ProcessCache {
     pub fn new(max: usize, grace_ns: u64) -> Self {
         Self {
-            by_key: HashMap::new(),
-            starts: HashMap::new(),
-            exits: BTreeMap::new(),
-            by_seen: std::collections::BTreeSet::new(),
+            by_key: FastMap::default(),
+            starts: FastMap::default(),
+            exits: BTreeSet::new(),
+            by_seen: BTreeSet::new(),
+            strings: Interner::default(),
             max: max.max(1),
             grace_ns,
             evicted: 0,
@@ -123,11 +241,17 @@ impl ProcessCache {
         }
     }
 
+    /// The shared copy of a program's path or command: what [`super::ingest`] builds
+    /// processes with.
+    pub fn intern(&mut self, s: &str) -> Arc<str> {
+        self.strings.intern_str(s)
+    }
+
     fn note_start(&mut self, pid: u32, start: u64) {
-        let starts = self.starts.entry(pid).or_default();
-        if !starts.contains(&start) {
-            starts.push(start);
-        }
+        self.starts
+            .entry(pid)
+            .and_modify(|s| s.add(start))
+            .or_insert(Starts::One(start));
     }
 
     fn remove(&mut self, key: ProcessKey) {
@@ -136,11 +260,10 @@ impl ProcessCache {
             if let Some((ts, _)) = p.exited {
                 self.exits.remove(&(ts, key));
             }
-            if let Some(starts) = self.starts.get_mut(&key.0) {
-                starts.retain(|s| *s != key.1);
-                if starts.is_empty() {
-                    self.starts.remove(&key.0);
-                }
+            if let Some(starts) = self.starts.get_mut(&key.0)
+                && !starts.remove(key.1)
+            {
+                self.starts.remove(&key.0);
             }
         }
     }
@@ -150,10 +273,9 @@ impl ProcessCache {
         while self.by_key.len() >= self.max {
             let victim = self
                 .exits
-                .keys()
-                .next()
-                .map(|(_, k)| *k)
-                .or_else(|| self.by_seen.iter().next().map(|(_, k)| *k));
+                .first()
+                .or_else(|| self.by_seen.first())
+                .map(|(_, k)| *k);
             let Some(key) = victim else { return };
             self.remove(key);
             self.evicted += 1;
@@ -161,10 +283,10 @@ impl ProcessCache {
     }
 
     fn upsert(&mut self, key: ProcessKey, seen_ns: u64, fill: impl FnOnce(&mut Process, bool)) {
-        if !self.by_key.contains_key(&key) {
+        let fresh = !self.by_key.contains_key(&key);
+        if fresh {
             self.make_room();
         }
-        let fresh = !self.by_key.contains_key(&key);
         let p = self.by_key.entry(key).or_insert_with(|| Process {
             pid: key.0,
             start_ticks: key.1,
@@ -175,10 +297,15 @@ impl ProcessCache {
         p.seen_ns = seen_before.max(seen_ns).max(p.seen_ns);
         let seen_now = p.seen_ns;
         if !fresh {
+            if seen_now == seen_before {
+                return;
+            }
             self.by_seen.remove(&(seen_before, key));
         }
         self.by_seen.insert((seen_now, key));
-        self.note_start(key.0, key.1);
+        if fresh {
+            self.note_start(key.0, key.1);
+        }
     }
 
     pub fn apply(&mut self, event: Event) {
@@ -238,7 +365,7 @@ impl ProcessCache {
                     self.exits.remove(&(ts, key));
                 }
                 self.upsert(key, ts_ns, |p, _| p.exited = Some((ts_ns, code)));
-                self.exits.insert((ts_ns, key), ());
+                self.exits.insert((ts_ns, key));
             }
         }
     }
@@ -247,7 +374,7 @@ impl ProcessCache {
     pub fn expire(&mut self, now_ns: u64) -> usize {
         let due: Vec<ProcessKey> = self
             .exits
-            .keys()
+            .iter()
             .take_while(|(ts, _)| now_ns.saturating_sub(*ts) > self.grace_ns)
             .map(|(_, k)| *k)
             .collect();
@@ -260,7 +387,7 @@ impl ProcessCache {
 
     /// The newest process with `pid`.
     pub fn by_pid(&self, pid: u32) -> Option<&Process> {
-        let start = self.starts.get(&pid)?.iter().max()?;
+        let start = self.starts.get(&pid)?.as_slice().iter().max()?;
         self.by_key.get(&(pid, *start))
     }
 
@@ -302,13 +429,13 @@ pub fn workload_of(cgroup: &str) -> Workload {
                     .chars()
                     .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
             {
-                w.pod_uid = Some(uid.replace('_', "-"));
+                w.pod_uid = Some(uid.replace('_', "-").into());
                 // The container is the next level, if there is one.
                 if let Some(next) = parts.get(i + 1) {
                     let id = next.strip_suffix(".scope").unwrap_or(next);
                     let id = id.rsplit(['-', ':']).next().unwrap_or(id);
                     if id.len() >= 12 && id.chars().all(|c| c.is_ascii_hexdigit()) {
-                        w.container_id = Some(id.to_string());
+                        w.container_id = Some(id.into());
                     }
                 }
             }
@@ -367,16 +494,11 @@ pub fn walk_proc(proc: &Path, max: usize) -> Vec<Process> {
             // Gone meanwhile.
             continue;
         };
-        let args: Vec<String> = std::fs::read(base.join("cmdline"))
-            .map(|b| {
-                b.split(|c| *c == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect()
-            })
+        let args = std::fs::read(base.join("cmdline"))
+            .map(|b| Args::from_nul_separated(&b))
             .unwrap_or_default();
         let exe = std::fs::read_link(base.join("exe"))
-            .map(|p| p.display().to_string())
+            .map(|p| Arc::from(p.display().to_string()))
             .unwrap_or_default();
         let uid = std::fs::read_to_string(base.join("status"))
             .ok()
@@ -389,11 +511,7 @@ pub fn walk_proc(proc: &Path, max: usize) -> Vec<Process> {
             .unwrap_or(0);
         let cgroup = std::fs::read_to_string(base.join("cgroup"))
             .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("0::"))
-                    .map(str::to_string)
-            });
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::")).map(Arc::from));
         let parent_start_ticks = std::fs::read_to_string(proc.join(ppid.to_string()).join("stat"))
             .ok()
             .and_then(|s| parse_stat(&s))
@@ -406,7 +524,7 @@ pub fn walk_proc(proc: &Path, max: usize) -> Vec<Process> {
             parent_start_ticks,
             exe,
             args,
-            comm,
+            comm: comm.into(),
             uid,
             cgroup_id: 0,
             workload: cgroup.as_deref().map(workload_of).unwrap_or_default(),
@@ -431,7 +549,7 @@ mod tests {
             ppid: 1,
             parent_start_ticks: 1,
             exe: exe.into(),
-            args: vec![exe.into(), "-x".into()],
+            args: [exe, "-x"].into_iter().collect(),
             comm: "c".into(),
             seen_ns: seen,
             ..Process::default()
@@ -453,13 +571,13 @@ mod tests {
             verdict: None,
         });
         let p = c.get((7, 50)).unwrap();
-        assert_eq!(p.exe, "/bin/true");
+        assert_eq!(&*p.exe, "/bin/true");
         assert_eq!(p.exited, Some((100, 3)));
         // A fork arriving after its exec does not overwrite what the exec said.
         c.apply(Event::Fork {
             process: proc(7, 50, "", 80),
         });
-        assert_eq!(c.get((7, 50)).unwrap().exe, "/bin/true");
+        assert_eq!(&*c.get((7, 50)).unwrap().exe, "/bin/true");
         assert_eq!(c.expire(105), 0, "still within the grace");
         assert_eq!(c.expire(111), 1);
         assert!(c.get((7, 50)).is_none());
@@ -480,7 +598,7 @@ mod tests {
             verdict: None,
         });
         let p = c.get((20, 3)).unwrap();
-        assert_eq!(p.exe, "/usr/bin/sleep");
+        assert_eq!(&*p.exe, "/usr/bin/sleep");
         assert_eq!(p.exe_at(150), "/bin/bash");
         assert_eq!(p.exe_at(200), "/usr/bin/sleep");
         assert_eq!(p.exe_at(250), "/usr/bin/sleep");
@@ -504,11 +622,11 @@ mod tests {
         let mut child = proc(11, 9, "", 2);
         child.ppid = 10;
         child.parent_start_ticks = 5;
-        child.args.clear();
+        child.args = Args::default();
         c.apply(Event::Fork { process: child });
         let p = c.by_pid(11).unwrap();
         assert_eq!(
-            (p.exe.as_str(), p.cgroup.as_deref()),
+            (&*p.exe, p.cgroup.as_deref()),
             ("/usr/bin/bash", Some("/test"))
         );
         // Pid 11 again, later: the newer one answers by pid, the older stays by key.
@@ -516,8 +634,8 @@ mod tests {
             process: proc(11, 20, "/bin/sleep", 3),
             verdict: None,
         });
-        assert_eq!(c.by_pid(11).unwrap().exe, "/bin/sleep");
-        assert_eq!(c.get((11, 9)).unwrap().exe, "/usr/bin/bash");
+        assert_eq!(&*c.by_pid(11).unwrap().exe, "/bin/sleep");
+        assert_eq!(&*c.get((11, 9)).unwrap().exe, "/usr/bin/bash");
     }
 
     #[test]
@@ -582,6 +700,55 @@ mod tests {
             Workload::default()
         );
         assert_eq!(workload_of("/kubepods/podnot-a-uid/x"), Workload::default());
+    }
+
+    #[test]
+    fn arguments_are_one_string_split_at_nuls() {
+        let a = Args::from_nul_separated(b"python3\0-m\0\0http.server\0");
+        assert_eq!(a.to_vec(), ["python3", "-m", "http.server"]);
+        assert_eq!((a.len(), a.is_empty()), (3, false));
+        assert_eq!(a, ["python3", "-m", "http.server"].into_iter().collect());
+        assert_eq!(format!("{a:?}"), r#"["python3", "-m", "http.server"]"#);
+        // A cut-short last argument, and invalid UTF-8, as the kernel may hand them over.
+        assert_eq!(
+            Args::from_nul_separated(b"sh\0-c\0ech\xff").to_vec(),
+            ["sh", "-c", "ech\u{fffd}"]
+        );
+        for empty in [&b""[..], b"\0", b"\0\0\0"] {
+            let a = Args::from_nul_separated(empty);
+            assert!(a.is_empty() && a.iter().count() == 0 && a == Args::default());
+        }
+    }
+
+    #[test]
+    fn a_pids_starts_follow_its_processes_in_and_out_of_the_cache() {
+        let mut c = ProcessCache::new(100, 10);
+        for (start, seen) in [(1, 1), (2, 2), (3, 3)] {
+            c.apply(Event::Exec {
+                process: proc(9, start, &format!("/bin/s{start}"), seen),
+                verdict: None,
+            });
+        }
+        assert_eq!(&*c.by_pid(9).unwrap().exe, "/bin/s3");
+        for (start, ts, newest) in [
+            (3, 10, Some("/bin/s2")),
+            (1, 11, Some("/bin/s2")),
+            (2, 12, None),
+        ] {
+            c.apply(Event::Exit {
+                pid: 9,
+                start_ticks: start,
+                ts_ns: ts,
+                code: 0,
+            });
+            c.expire(ts + 11);
+            assert_eq!(
+                c.by_pid(9).map(|p| &*p.exe),
+                newest,
+                "after start {start} went"
+            );
+        }
+        assert!(c.starts.is_empty() && c.by_seen.is_empty() && c.exits.is_empty());
     }
 
     #[test]

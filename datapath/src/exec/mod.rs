@@ -12,6 +12,7 @@
 //! - Enforcement (`exec.enforcement`, off by default): see [`rules`].
 //! - The section needs a restart to change.
 pub mod cache;
+mod intern;
 pub mod owners;
 pub mod plane;
 pub mod rules;
@@ -83,9 +84,9 @@ impl FlowOwnerLookup for OwnersHandle {
         Some(Owner {
             pid,
             start_ticks: p.start_ticks,
-            exe: p.exe.as_str().into(),
-            comm: p.comm.as_str().into(),
-            pod_uid: p.workload.pod_uid.as_deref().map(Arc::from),
+            exe: Arc::clone(&p.exe),
+            comm: Arc::clone(&p.comm),
+            pod_uid: p.workload.pod_uid.clone(),
         })
     }
 }
@@ -113,8 +114,9 @@ struct Inner {
 pub struct ExecController {
     inner: Mutex<Inner>,
     cache: Arc<Mutex<ProcessCache>>,
-    /// Cgroup id -> its path under the cgroup2 root (`None`: looked for, not found).
-    cgroups: Mutex<HashMap<u64, Option<String>>>,
+    /// Cgroup id -> its path under the cgroup2 root and its pod (`None`: looked for, not
+    /// found).
+    cgroups: Mutex<HashMap<u64, Option<CgroupName>>>,
     events: Arc<Topic<Arc<Event>>>,
     connects: Arc<Topic<Arc<ConnectView>>>,
     owners: Arc<Mutex<Owners>>,
@@ -125,9 +127,13 @@ pub struct ExecController {
 }
 
 /// A NUL-padded C string.
-fn c_string(bytes: &[u8]) -> String {
+fn c_str_lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    String::from_utf8_lossy(&bytes[..end])
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    c_str_lossy(bytes).into_owned()
 }
 
 /// The path (under `root`) of the cgroup directory whose inode is `id`, searched breadth
@@ -157,15 +163,9 @@ fn cgroup_path(root: &std::path::Path, id: u64) -> Option<String> {
     None
 }
 
-/// A ring record of the tracer, decoded: `ticks` per second for the start times, `cgroup_of`
-/// to name a cgroup id.
-pub fn decode(
-    bytes: &[u8],
-    ticks: u64,
-    cgroup_of: &dyn Fn(u64) -> Option<String>,
-) -> Option<Event> {
-    // A record is as long as what it fills (a fork or exit: the header only); the rest of the
-    // event reads as zeros.
+/// A ring record of the tracer, copied out as its ABI type: a record is as long as what it
+/// fills (a fork or exit: the header only), and the rest reads as zeros.
+fn read_process_event(bytes: &[u8]) -> Option<ProcessEvent> {
     if bytes.len() < bpf_common::trace::PROCESS_EVENT_HEADER {
         return None;
     }
@@ -173,44 +173,72 @@ pub fn decode(
     let n = bytes.len().min(std::mem::size_of::<ProcessEvent>());
     // SAFETY: at most the event's size is copied into it, and a ProcessEvent of zeros is
     // valid (a POD of the ABI).
-    let e: ProcessEvent = unsafe {
+    Some(unsafe {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), e.as_mut_ptr().cast::<u8>(), n);
         e.assume_init()
-    };
+    })
+}
+
+/// A cgroup as the exec module names it: its path under the cgroup2 root and the pod and
+/// container parsed from it, shared by every process in it.
+pub type CgroupName = (Arc<str>, cache::Workload);
+
+/// A tracer record as the daemon takes it, the one path of both the controller and the
+/// bench: decoded (`ticks` per second for the start times, `cgroup_of` to name a cgroup id,
+/// asked before the cache is locked since it may search the cgroup tree), its program and
+/// command shared with the cache's copies, and applied to the cache. The event for the bus;
+/// `None` for a record that is too short or of an unknown kind.
+pub fn ingest(
+    cache: &Mutex<ProcessCache>,
+    bytes: &[u8],
+    ticks: u64,
+    cgroup_of: &dyn Fn(u64) -> Option<CgroupName>,
+) -> Option<Event> {
+    let e = read_process_event(bytes)?;
     let ticks = |ns| cache::ticks_of_ns(ns, ticks);
-    let process = || {
-        let cgroup = cgroup_of(e.cgroup_id);
-        let args_len = usize::from(e.args_len).min(e.args.len());
-        let args = e.args[..args_len]
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let name_len = usize::from(e.filename_len).min(e.filename.len());
-        Process {
+    if e.kind == EVENT_EXIT {
+        let exit = Event::Exit {
             pid: e.pid,
             start_ticks: ticks(e.start_ns),
-            ppid: e.ppid,
-            parent_start_ticks: ticks(e.parent_start_ns),
-            exe: String::from_utf8_lossy(&e.filename[..name_len]).into_owned(),
-            args,
-            comm: c_string(&e.comm),
-            uid: e.uid,
-            cgroup_id: e.cgroup_id,
-            workload: cgroup
-                .as_deref()
-                .map(cache::workload_of)
-                .unwrap_or_default(),
-            cgroup,
-            exited: None,
-            seen_ns: e.ts_ns,
-            from_proc: false,
-            program_before: None,
-        }
+            ts_ns: e.ts_ns,
+            code: e.exit_code,
+        };
+        lock(cache).apply(exit.clone());
+        return Some(exit);
+    }
+    if e.kind != EVENT_EXEC && e.kind != EVENT_FORK {
+        return None;
+    }
+    let (cgroup, workload) = match cgroup_of(e.cgroup_id) {
+        Some((path, workload)) => (Some(path), workload),
+        None => (None, cache::Workload::default()),
     };
-    match e.kind {
-        EVENT_EXEC => Some(Event::Exec {
-            process: process(),
+    let args_len = usize::from(e.args_len).min(e.args.len());
+    let args = cache::Args::from_nul_separated(&e.args[..args_len]);
+    let name_len = usize::from(e.filename_len).min(e.filename.len());
+    let exe = String::from_utf8_lossy(&e.filename[..name_len]);
+    let comm = c_str_lossy(&e.comm);
+    let mut cache = lock(cache);
+    let process = Process {
+        pid: e.pid,
+        start_ticks: ticks(e.start_ns),
+        ppid: e.ppid,
+        parent_start_ticks: ticks(e.parent_start_ns),
+        exe: cache.intern(&exe),
+        args,
+        comm: cache.intern(&comm),
+        uid: e.uid,
+        cgroup_id: e.cgroup_id,
+        cgroup,
+        workload,
+        exited: None,
+        seen_ns: e.ts_ns,
+        from_proc: false,
+        program_before: None,
+    };
+    let event = if e.kind == EVENT_EXEC {
+        Event::Exec {
+            process,
             verdict: match e.verdict {
                 VERDICT_DENIED => Some(Verdict {
                     denied: true,
@@ -222,16 +250,12 @@ pub fn decode(
                 }),
                 _ => None,
             },
-        }),
-        EVENT_FORK => Some(Event::Fork { process: process() }),
-        EVENT_EXIT => Some(Event::Exit {
-            pid: e.pid,
-            start_ticks: ticks(e.start_ns),
-            ts_ns: e.ts_ns,
-            code: e.exit_code,
-        }),
-        _ => None,
-    }
+        }
+    } else {
+        Event::Fork { process }
+    };
+    cache.apply(event.clone());
+    Some(event)
 }
 
 fn verdict_name(v: u8) -> Option<String> {
@@ -306,18 +330,21 @@ impl ExecController {
         }))
     }
 
-    fn cgroup_of(&self, id: u64) -> Option<String> {
+    fn cgroup_of(&self, id: u64) -> Option<CgroupName> {
         if let Some(known) = lock(&self.cgroups).get(&id) {
             return known.clone();
         }
         let root = crate::socklb::cgroup2_root().ok()?;
-        let found = cgroup_path(&root, id);
+        let found = cgroup_path(&root, id).map(|path| {
+            let workload = cache::workload_of(&path);
+            (Arc::from(path), workload)
+        });
         lock(&self.cgroups).insert(id, found.clone());
         found
     }
 
     fn record(&self, bytes: &[u8], out: &mut Vec<Arc<Event>>) {
-        if let Some(event) = decode(bytes, self.ticks, &|id| self.cgroup_of(id)) {
+        if let Some(event) = ingest(&self.cache, bytes, self.ticks, &|id| self.cgroup_of(id)) {
             if let Event::Exec {
                 process,
                 verdict: Some(v),
@@ -332,7 +359,6 @@ impl ExecController {
                     "exec: an exec rule matched"
                 );
             }
-            lock(&self.cache).apply(event.clone());
             out.push(Arc::new(event));
         }
     }
@@ -345,25 +371,28 @@ impl ExecController {
         pid: u32,
         start_ticks: u64,
         ts_ns: u64,
-    ) -> Option<(u64, String, Option<String>)> {
+    ) -> Option<(u64, Arc<str>, Option<Arc<str>>)> {
         let cache = lock(&self.cache);
         let p = (start_ticks != 0)
             .then(|| cache.get((pid, start_ticks)))
             .flatten()
             .or_else(|| cache.by_pid(pid))?;
-        let exe = p.exe_at(ts_ns);
-        (!exe.is_empty()).then(|| (p.start_ticks, exe.to_string(), p.workload.pod_uid.clone()))
+        let exe = match &p.program_before {
+            Some((since, before)) if ts_ns < *since => before,
+            _ => &p.exe,
+        };
+        (!exe.is_empty()).then(|| (p.start_ticks, Arc::clone(exe), p.workload.pod_uid.clone()))
     }
 
     fn record_connect(&self, bytes: &[u8], out: &mut Vec<Arc<ConnectView>>) {
         let Some(mut c) = decode_connect(bytes, self.ticks) else {
             return;
         };
-        let mut pod_uid = None;
+        let mut owner = None;
         if let Some((start, exe, pod)) = self.program_of(c.pid, c.start_ticks, c.ts_ns) {
             c.start_ticks = start;
-            c.exe = Some(exe);
-            pod_uid = pod;
+            c.exe = Some(exe.to_string());
+            owner = Some((exe, pod));
         }
         if c.outcome == "established" && c.protocol == "tcp" {
             let tuple: Tuple = (c.src, c.src_port, c.dst, c.dst_port);
@@ -372,9 +401,9 @@ impl ExecController {
                 Owner {
                     pid: c.pid,
                     start_ticks: c.start_ticks,
-                    exe: c.exe.as_deref().unwrap_or_default().into(),
                     comm: c.comm.as_str().into(),
-                    pod_uid: pod_uid.map(Arc::from),
+                    pod_uid: owner.as_ref().and_then(|(_, pod)| pod.clone()),
+                    exe: owner.map(|(exe, _)| exe).unwrap_or_default(),
                 },
             );
         }
@@ -503,14 +532,14 @@ impl ExecController {
             pid: p.pid,
             start_ticks: p.start_ticks,
             ppid: p.ppid,
-            exe: p.exe.clone(),
-            args: p.args.clone(),
-            comm: p.comm.clone(),
+            exe: p.exe.to_string(),
+            args: p.args.to_vec(),
+            comm: p.comm.to_string(),
             uid: p.uid,
             cgroup_id: p.cgroup_id,
-            cgroup: p.cgroup.clone(),
-            pod_uid: p.workload.pod_uid.clone(),
-            container_id: p.workload.container_id.clone(),
+            cgroup: p.cgroup.as_deref().map(str::to_string),
+            pod_uid: p.workload.pod_uid.as_deref().map(str::to_string),
+            container_id: p.workload.container_id.as_deref().map(str::to_string),
             exit_code: p.exited.map(|(_, c)| c),
             exited: p.exited.is_some(),
             from_proc: p.from_proc,
@@ -591,7 +620,9 @@ impl Controller for ExecController {
             let found = cache::walk_proc(std::path::Path::new("/proc"), s.max_processes);
             let n = found.len() as u64;
             let mut c = lock(&self.cache);
-            for p in found {
+            for mut p in found {
+                p.exe = c.intern(&p.exe);
+                p.comm = c.intern(&p.comm);
                 c.apply(Event::Exec {
                     process: p,
                     verdict: None,
@@ -916,4 +947,103 @@ fn metrics_collector(
                 .inc_by(r.hits);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tracer record as the kernel sends it: an exec up to its arguments, a fork or an exit
+    /// as its header only.
+    fn record(kind: u8, pid: u32, start_ns: u64, exe: &[u8], args: &[u8]) -> Vec<u8> {
+        // SAFETY: a ProcessEvent of zeros is valid (a POD of the ABI).
+        let mut e: ProcessEvent = unsafe { std::mem::zeroed() };
+        e.kind = kind;
+        e.pid = pid;
+        e.ppid = 1;
+        e.start_ns = start_ns;
+        e.parent_start_ns = 10_000_000;
+        e.ts_ns = start_ns + 5;
+        e.cgroup_id = 77;
+        e.uid = 1000;
+        e.exit_code = 3;
+        e.comm[..4].copy_from_slice(b"true");
+        e.filename[..exe.len()].copy_from_slice(exe);
+        e.filename_len = exe.len() as u16;
+        e.args[..args.len()].copy_from_slice(args);
+        e.args_len = args.len() as u16;
+        let len = match kind {
+            EVENT_EXEC => bpf_common::trace::PROCESS_EVENT_BEFORE_ARGS + args.len(),
+            _ => bpf_common::trace::PROCESS_EVENT_HEADER,
+        };
+        // SAFETY: the event's own bytes, `len` at most its size.
+        unsafe { std::slice::from_raw_parts(std::ptr::addr_of!(e).cast::<u8>(), len) }.to_vec()
+    }
+
+    #[test]
+    fn records_are_decoded_applied_and_share_their_program() {
+        let cache = Mutex::new(ProcessCache::new(100, 1_000));
+        let pod = "/kubepods/besteffort/pod0f6e37b8-8f0f-4c8e-9a5b-1c2d3e4f5a6b";
+        let name: CgroupName = (Arc::from(pod), cache::workload_of(pod));
+        let cgroup_of = |id: u64| (id == 77).then(|| name.clone());
+        let exec = record(
+            EVENT_EXEC,
+            40,
+            2_000_000_000,
+            b"/bin/true",
+            b"true\0-x\0\xff\0",
+        );
+        let Some(Event::Exec { process, verdict }) = ingest(&cache, &exec, 100, &cgroup_of) else {
+            panic!("an exec");
+        };
+        assert_eq!(verdict, None);
+        assert_eq!(
+            (
+                process.pid,
+                process.start_ticks,
+                process.ppid,
+                process.parent_start_ticks
+            ),
+            (40, 200, 1, 1)
+        );
+        assert_eq!((&*process.exe, &*process.comm), ("/bin/true", "true"));
+        assert_eq!(process.args.to_vec(), ["true", "-x", "\u{fffd}"]);
+        assert_eq!(process.cgroup.as_deref(), Some(pod));
+        assert_eq!(
+            process.workload.pod_uid.as_deref(),
+            Some("0f6e37b8-8f0f-4c8e-9a5b-1c2d3e4f5a6b")
+        );
+        assert_eq!(lock(&cache).get((40, 200)), Some(&process));
+        // A second process of the same program holds the same copy of its path.
+        let other = record(EVENT_EXEC, 41, 3_000_000_000, b"/bin/true", b"true\0");
+        let Some(Event::Exec { process: p2, .. }) = ingest(&cache, &other, 100, &cgroup_of) else {
+            panic!("an exec");
+        };
+        assert!(Arc::ptr_eq(&process.exe, &p2.exe) && Arc::ptr_eq(&process.comm, &p2.comm));
+        let exit = record(EVENT_EXIT, 40, 2_000_000_000, b"", b"");
+        assert_eq!(
+            ingest(&cache, &exit, 100, &cgroup_of),
+            Some(Event::Exit {
+                pid: 40,
+                start_ticks: 200,
+                ts_ns: 2_000_000_005,
+                code: 3
+            })
+        );
+        assert_eq!(
+            lock(&cache).get((40, 200)).unwrap().exited,
+            Some((2_000_000_005, 3))
+        );
+        // A header-only fork: no program of its own yet.
+        let fork = record(EVENT_FORK, 42, 4_000_000_000, b"", b"");
+        let Some(Event::Fork { process: f }) = ingest(&cache, &fork, 100, &|_| None) else {
+            panic!("a fork");
+        };
+        assert!(f.exe.is_empty() && f.args.is_empty() && f.cgroup.is_none());
+        // Too short, or of no kind the tracer sends: nothing decoded, nothing applied.
+        assert_eq!(ingest(&cache, &exec[..10], 100, &cgroup_of), None);
+        let odd = record(99, 43, 5_000_000_000, b"/bin/x", b"");
+        assert_eq!(ingest(&cache, &odd, 100, &cgroup_of), None);
+        assert_eq!(lock(&cache).stats().entries, 3);
+    }
 }

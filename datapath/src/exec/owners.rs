@@ -3,10 +3,12 @@
 //! events. Bounded: the oldest connection is forgotten first; a tuple used again (a port
 //! reused) takes its new owner.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     net::IpAddr,
     sync::Arc,
 };
+
+use super::intern::Interner;
 
 /// A connection's tuple as its opener saw it: (source, source port, destination, port).
 pub type Tuple = (IpAddr, u16, IpAddr, u16);
@@ -24,36 +26,10 @@ pub struct Owner {
     pub pod_uid: Option<Arc<str>>,
 }
 
-/// One shared copy of each program, command and pod uid the owners name: the connections of a
-/// program share its strings, so a reader's clone touches one hot reference count rather than
-/// a cold allocation per connection. Strings no owner holds any more are dropped when the set
-/// has doubled since it was last pruned.
-#[derive(Default)]
-struct Interner {
-    strings: HashSet<Arc<str>>,
-    prune_at: usize,
-}
-
-/// The set's size that first triggers a prune.
-const INTERN_PRUNE_MIN: usize = 1024;
-
-impl Interner {
-    fn intern(&mut self, s: Arc<str>) -> Arc<str> {
-        if let Some(shared) = self.strings.get(&*s) {
-            return Arc::clone(shared);
-        }
-        self.strings.insert(Arc::clone(&s));
-        if self.strings.len() > self.prune_at.max(INTERN_PRUNE_MIN) {
-            // Held only here: no owner names it any more.
-            self.strings.retain(|s| Arc::strong_count(s) > 1);
-            self.prune_at = 2 * self.strings.len();
-        }
-        s
-    }
-}
-
 pub struct Owners {
     by_tuple: HashMap<Tuple, (u64, Owner)>,
+    /// The connections of a program share its strings, so a reader's clone touches one hot
+    /// reference count rather than a cold allocation per connection.
     strings: Interner,
     /// Tuples in the order learned, with the sequence number that learned them (a later
     /// relearn makes an older entry here stale).
@@ -117,7 +93,7 @@ impl Owners {
 
     /// Distinct strings the owners share (for tests and memory figures).
     pub fn shared_strings(&self) -> usize {
-        self.strings.strings.len()
+        self.strings.len()
     }
 }
 
@@ -192,7 +168,7 @@ mod tests {
             w.learn(t(3), o(100 + pid));
         }
         assert!(
-            w.shared_strings() < 2 * INTERN_PRUNE_MIN + 8,
+            w.shared_strings() < 2 * super::super::intern::PRUNE_MIN + 8,
             "{}",
             w.shared_strings()
         );
