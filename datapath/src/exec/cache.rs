@@ -167,53 +167,71 @@ pub struct CacheStats {
     pub expired: u64,
 }
 
-/// The starts of one pid in the cache: pids are reused, but rarely while the cache still
-/// holds the earlier process, so one start is kept inline.
+/// Index of a process's slot in the cache's slab.
+type Slot = u32;
+
+/// The processes of one pid in the cache, by start: pids are reused, but rarely while the
+/// cache still holds the earlier process, so one is kept inline.
 #[derive(Debug)]
 enum Starts {
-    One(u64),
-    Many(Vec<u64>),
+    One((u64, Slot)),
+    Many(Vec<(u64, Slot)>),
 }
 
 impl Starts {
-    fn as_slice(&self) -> &[u64] {
+    fn as_slice(&self) -> &[(u64, Slot)] {
         match self {
-            Self::One(s) => std::slice::from_ref(s),
+            Self::One(one) => std::slice::from_ref(one),
             Self::Many(v) => v,
         }
     }
 
-    fn add(&mut self, start: u64) {
+    fn slot_of(&self, start: u64) -> Option<Slot> {
+        self.as_slice()
+            .iter()
+            .find(|(s, _)| *s == start)
+            .map(|(_, slot)| *slot)
+    }
+
+    fn add(&mut self, start: u64, slot: Slot) {
         match self {
-            Self::One(s) if *s == start => {}
-            Self::One(s) => *self = Self::Many(vec![*s, start]),
-            Self::Many(v) if !v.contains(&start) => v.push(start),
-            Self::Many(_) => {}
+            Self::One(one) => *self = Self::Many(vec![*one, (start, slot)]),
+            Self::Many(v) => v.push((start, slot)),
         }
     }
 
-    /// Removes `start`; false when none is left.
-    fn remove(&mut self, start: u64) -> bool {
+    /// Takes `start` out: its slot, and whether any start is left.
+    fn take(&mut self, start: u64) -> (Option<Slot>, bool) {
         match self {
-            Self::One(s) => *s != start,
+            Self::One((s, slot)) if *s == start => (Some(*slot), false),
+            Self::One(_) => (None, true),
             Self::Many(v) => {
-                v.retain(|s| *s != start);
+                let taken = v
+                    .iter()
+                    .position(|(s, _)| *s == start)
+                    .map(|i| v.swap_remove(i).1);
                 let left = match v[..] {
-                    [] => return false,
+                    [] => return (taken, false),
                     [only] => only,
-                    _ => return true,
+                    _ => return (taken, true),
                 };
                 *self = Self::One(left);
-                true
+                (taken, true)
             }
         }
     }
 }
 
+/// The processes live in a slab: the index maps hold a pid's starts and slots, a few bytes
+/// each, so an exec storm's insert and eviction move no process record and the maps stay
+/// small enough for the CPU's caches.
 pub struct ProcessCache {
-    by_key: FastMap<ProcessKey, Process>,
-    /// The starts of each pid in the cache.
-    starts: FastMap<u32, Starts>,
+    slots: Vec<Process>,
+    /// Slots of removed processes, for the next ones.
+    free: Vec<Slot>,
+    /// Every cached process by pid, then start.
+    by_pid: FastMap<u32, Starts>,
+    live: usize,
     /// Exited processes by exit time, for expiry.
     exits: BTreeSet<(u64, ProcessKey)>,
     /// Every process by when it was last seen, for eviction.
@@ -229,12 +247,14 @@ pub struct ProcessCache {
 impl ProcessCache {
     pub fn new(max: usize, grace_ns: u64) -> Self {
         Self {
-            by_key: FastMap::default(),
-            starts: FastMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_pid: FastMap::default(),
+            live: 0,
             exits: BTreeSet::new(),
             by_seen: BTreeSet::new(),
             strings: Interner::default(),
-            max: max.max(1),
+            max: max.clamp(1, Slot::MAX as usize),
             grace_ns,
             evicted: 0,
             expired: 0,
@@ -247,30 +267,32 @@ impl ProcessCache {
         self.strings.intern_str(s)
     }
 
-    fn note_start(&mut self, pid: u32, start: u64) {
-        self.starts
-            .entry(pid)
-            .and_modify(|s| s.add(start))
-            .or_insert(Starts::One(start));
+    fn slot_of(&self, key: ProcessKey) -> Option<Slot> {
+        self.by_pid.get(&key.0)?.slot_of(key.1)
     }
 
     fn remove(&mut self, key: ProcessKey) {
-        if let Some(p) = self.by_key.remove(&key) {
-            self.by_seen.remove(&(p.seen_ns, key));
-            if let Some((ts, _)) = p.exited {
-                self.exits.remove(&(ts, key));
-            }
-            if let Some(starts) = self.starts.get_mut(&key.0)
-                && !starts.remove(key.1)
-            {
-                self.starts.remove(&key.0);
-            }
+        let Some(starts) = self.by_pid.get_mut(&key.0) else {
+            return;
+        };
+        let (slot, left) = starts.take(key.1);
+        if !left {
+            self.by_pid.remove(&key.0);
         }
+        let Some(slot) = slot else { return };
+        // Its strings dropped now; the slot waits for the next process.
+        let p = std::mem::take(&mut self.slots[slot as usize]);
+        self.by_seen.remove(&(p.seen_ns, key));
+        if let Some((ts, _)) = p.exited {
+            self.exits.remove(&(ts, key));
+        }
+        self.free.push(slot);
+        self.live -= 1;
     }
 
     /// Room for one more: the oldest exited process goes first, else the least recently seen.
     fn make_room(&mut self) {
-        while self.by_key.len() >= self.max {
+        while self.live >= self.max {
             let victim = self
                 .exits
                 .first()
@@ -282,16 +304,38 @@ impl ProcessCache {
         }
     }
 
-    fn upsert(&mut self, key: ProcessKey, seen_ns: u64, fill: impl FnOnce(&mut Process, bool)) {
-        let fresh = !self.by_key.contains_key(&key);
-        if fresh {
-            self.make_room();
-        }
-        let p = self.by_key.entry(key).or_insert_with(|| Process {
+    /// A slot for a new process `key`, filled with what is known of it so far.
+    fn insert(&mut self, key: ProcessKey) -> Slot {
+        self.make_room();
+        let fresh = Process {
             pid: key.0,
             start_ticks: key.1,
             ..Process::default()
-        });
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = fresh;
+                slot
+            }
+            None => {
+                self.slots.push(fresh);
+                (self.slots.len() - 1) as Slot
+            }
+        };
+        self.by_pid
+            .entry(key.0)
+            .and_modify(|s| s.add(key.1, slot))
+            .or_insert(Starts::One((key.1, slot)));
+        self.live += 1;
+        slot
+    }
+
+    fn upsert(&mut self, key: ProcessKey, seen_ns: u64, fill: impl FnOnce(&mut Process, bool)) {
+        let (slot, fresh) = match self.slot_of(key) {
+            Some(slot) => (slot, false),
+            None => (self.insert(key), true),
+        };
+        let p = &mut self.slots[slot as usize];
         let seen_before = p.seen_ns;
         fill(p, fresh);
         p.seen_ns = seen_before.max(seen_ns).max(p.seen_ns);
@@ -303,9 +347,6 @@ impl ProcessCache {
             self.by_seen.remove(&(seen_before, key));
         }
         self.by_seen.insert((seen_now, key));
-        if fresh {
-            self.note_start(key.0, key.1);
-        }
     }
 
     pub fn apply(&mut self, event: Event) {
@@ -330,7 +371,7 @@ impl ProcessCache {
                 let key = (process.pid, process.start_ticks);
                 // The child runs its parent's program until it execs.
                 let parent = (process.ppid, process.parent_start_ticks);
-                let inherited = self.by_key.get(&parent).map(|pp| {
+                let inherited = self.get(parent).map(|pp| {
                     (
                         pp.exe.clone(),
                         pp.args.clone(),
@@ -360,7 +401,7 @@ impl ProcessCache {
                 code,
             } => {
                 let key = (pid, start_ticks);
-                let old = self.by_key.get(&key).and_then(|p| p.exited);
+                let old = self.get(key).and_then(|p| p.exited);
                 if let Some((ts, _)) = old {
                     self.exits.remove(&(ts, key));
                 }
@@ -387,21 +428,24 @@ impl ProcessCache {
 
     /// The newest process with `pid`.
     pub fn by_pid(&self, pid: u32) -> Option<&Process> {
-        let start = self.starts.get(&pid)?.as_slice().iter().max()?;
-        self.by_key.get(&(pid, *start))
+        let (_, slot) = self.by_pid.get(&pid)?.as_slice().iter().max()?;
+        self.slots.get(*slot as usize)
     }
 
     pub fn get(&self, key: ProcessKey) -> Option<&Process> {
-        self.by_key.get(&key)
+        self.slots.get(self.slot_of(key)? as usize)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Process> {
-        self.by_key.values()
+        self.by_pid
+            .values()
+            .flat_map(|s| s.as_slice())
+            .map(|(_, slot)| &self.slots[*slot as usize])
     }
 
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            entries: self.by_key.len(),
+            entries: self.live,
             exited: self.exits.len(),
             evicted: self.evicted,
             expired: self.expired,
@@ -748,7 +792,106 @@ mod tests {
                 "after start {start} went"
             );
         }
-        assert!(c.starts.is_empty() && c.by_seen.is_empty() && c.exits.is_empty());
+        assert!(c.by_pid.is_empty() && c.by_seen.is_empty() && c.exits.is_empty());
+        assert_eq!((c.live, c.free.len(), c.iter().count()), (0, 3, 0));
+    }
+
+    /// The slab and its indexes against a plain list that does the same by scanning: random
+    /// execs, forks and exits over few pids (reused), with a small bound and expiry.
+    #[test]
+    fn the_indexes_agree_with_a_plain_scan_under_churn() {
+        let (max, grace) = (8, 50);
+        let mut c = ProcessCache::new(max, grace);
+        let mut model: Vec<Process> = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for now in 1..4_000u64 {
+            // Then fewer processes than the bound: exits stay until they expire.
+            let key = if now < 2_000 {
+                (next(6) as u32, 1 + next(3))
+            } else {
+                (next(3) as u32, 1 + next(2))
+            };
+            let pos = model.iter().position(|p| (p.pid, p.start_ticks) == key);
+            if next(4) == 0 {
+                c.apply(Event::Exit {
+                    pid: key.0,
+                    start_ticks: key.1,
+                    ts_ns: now,
+                    code: 1,
+                });
+                let i = pos.unwrap_or_else(|| {
+                    model_make_room(&mut model, max);
+                    model.push(proc(key.0, key.1, "", 0));
+                    model.len() - 1
+                });
+                model[i].exited = Some((now, 1));
+                model[i].seen_ns = model[i].seen_ns.max(now);
+            } else {
+                let exe = format!("/bin/p{}", next(3));
+                c.apply(Event::Exec {
+                    process: proc(key.0, key.1, &exe, now),
+                    verdict: None,
+                });
+                let i = pos.unwrap_or_else(|| {
+                    model_make_room(&mut model, max);
+                    model.push(proc(key.0, key.1, "", 0));
+                    model.len() - 1
+                });
+                model[i].exe = exe.into();
+                model[i].seen_ns = now;
+            }
+            if now % 37 == 0 {
+                c.expire(now);
+                model.retain(|p| p.exited.is_none_or(|(ts, _)| now - ts <= grace));
+            }
+            assert_eq!(c.stats().entries, model.len(), "at {now}");
+            assert_eq!(c.iter().count(), model.len());
+            for p in &model {
+                let got = c.get((p.pid, p.start_ticks)).expect("cached");
+                assert_eq!((&got.exe, got.exited), (&p.exe, p.exited), "at {now}");
+            }
+            for pid in 0..6 {
+                let newest = model
+                    .iter()
+                    .filter(|p| p.pid == pid)
+                    .map(|p| p.start_ticks)
+                    .max();
+                assert_eq!(
+                    c.by_pid(pid).map(|p| p.start_ticks),
+                    newest,
+                    "pid {pid} at {now}"
+                );
+            }
+        }
+        let stats = c.stats();
+        assert!(stats.evicted > 0 && stats.expired > 0, "{stats:?}");
+    }
+
+    /// The model's eviction: the oldest exit first, else the least recently seen.
+    fn model_make_room(model: &mut Vec<Process>, max: usize) {
+        while model.len() >= max {
+            let victim = model
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| p.exited.map(|(ts, _)| ((ts, p.pid, p.start_ticks), i)))
+                .min()
+                .or_else(|| {
+                    model
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| ((p.seen_ns, p.pid, p.start_ticks), i))
+                        .min()
+                })
+                .map(|(_, i)| i)
+                .expect("not empty");
+            model.remove(victim);
+        }
     }
 
     #[test]

@@ -163,20 +163,24 @@ fn cgroup_path(root: &std::path::Path, id: u64) -> Option<String> {
     None
 }
 
-/// A ring record of the tracer, copied out as its ABI type: a record is as long as what it
-/// fills (a fork or exit: the header only), and the rest reads as zeros.
-fn read_process_event(bytes: &[u8]) -> Option<ProcessEvent> {
-    if bytes.len() < bpf_common::trace::PROCESS_EVENT_HEADER {
-        return None;
-    }
-    let mut e = std::mem::MaybeUninit::<ProcessEvent>::zeroed();
-    let n = bytes.len().min(std::mem::size_of::<ProcessEvent>());
-    // SAFETY: at most the event's size is copied into it, and a ProcessEvent of zeros is
-    // valid (a POD of the ABI).
-    Some(unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), e.as_mut_ptr().cast::<u8>(), n);
-        e.assume_init()
-    })
+/// A header field of a `ProcessEvent` record, read in place: `bytes` holds at least the
+/// header, which the field lies in.
+macro_rules! header_field {
+    ($bytes:expr, $field:ident: $ty:ty) => {{
+        const AT: usize = core::mem::offset_of!(ProcessEvent, $field);
+        const LEN: usize = core::mem::size_of::<$ty>();
+        const _: () = assert!(AT + LEN <= bpf_common::trace::PROCESS_EVENT_HEADER);
+        let mut raw = [0u8; LEN];
+        raw.copy_from_slice(&$bytes[AT..AT + LEN]);
+        <$ty>::from_ne_bytes(raw)
+    }};
+}
+
+/// The filled bytes of a variable part of a record (`at`, `max` long, `len` of it filled),
+/// cut to what the record holds.
+fn record_part(bytes: &[u8], at: usize, max: usize, len: u16) -> &[u8] {
+    let end = at + usize::from(len).min(max);
+    bytes.get(at..end.min(bytes.len())).unwrap_or_default()
 }
 
 /// A cgroup as the exec module names it: its path under the cgroup2 root and the pod and
@@ -194,59 +198,80 @@ pub fn ingest(
     ticks: u64,
     cgroup_of: &dyn Fn(u64) -> Option<CgroupName>,
 ) -> Option<Event> {
-    let e = read_process_event(bytes)?;
+    use bpf_common::trace::{
+        MAX_ARGS, MAX_FILENAME, PROCESS_EVENT_BEFORE_ARGS, PROCESS_EVENT_HEADER,
+    };
+    // Read in place, not copied out whole: the record was written on another CPU, and its path
+    // and arguments rarely fill more than a few of their cache lines.
+    if bytes.len() < PROCESS_EVENT_HEADER {
+        return None;
+    }
+    let kind = header_field!(bytes, kind: u8);
     let ticks = |ns| cache::ticks_of_ns(ns, ticks);
-    if e.kind == EVENT_EXIT {
+    let pid = header_field!(bytes, pid: u32);
+    let start_ticks = ticks(header_field!(bytes, start_ns: u64));
+    let ts_ns = header_field!(bytes, ts_ns: u64);
+    if kind == EVENT_EXIT {
         let exit = Event::Exit {
-            pid: e.pid,
-            start_ticks: ticks(e.start_ns),
-            ts_ns: e.ts_ns,
-            code: e.exit_code,
+            pid,
+            start_ticks,
+            ts_ns,
+            code: header_field!(bytes, exit_code: u32),
         };
         lock(cache).apply(exit.clone());
         return Some(exit);
     }
-    if e.kind != EVENT_EXEC && e.kind != EVENT_FORK {
+    if kind != EVENT_EXEC && kind != EVENT_FORK {
         return None;
     }
-    let (cgroup, workload) = match cgroup_of(e.cgroup_id) {
+    let cgroup_id = header_field!(bytes, cgroup_id: u64);
+    let (cgroup, workload) = match cgroup_of(cgroup_id) {
         Some((path, workload)) => (Some(path), workload),
         None => (None, cache::Workload::default()),
     };
-    let args_len = usize::from(e.args_len).min(e.args.len());
-    let args = cache::Args::from_nul_separated(&e.args[..args_len]);
-    let name_len = usize::from(e.filename_len).min(e.filename.len());
-    let exe = String::from_utf8_lossy(&e.filename[..name_len]);
-    let comm = c_str_lossy(&e.comm);
+    let filename = header_field!(bytes, filename_len: u16);
+    let exe = String::from_utf8_lossy(record_part(
+        bytes,
+        PROCESS_EVENT_HEADER,
+        MAX_FILENAME,
+        filename,
+    ));
+    let args_len = header_field!(bytes, args_len: u16);
+    let args = cache::Args::from_nul_separated(record_part(
+        bytes,
+        PROCESS_EVENT_BEFORE_ARGS,
+        MAX_ARGS,
+        args_len,
+    ));
+    let comm_at = core::mem::offset_of!(ProcessEvent, comm);
+    let comm = c_str_lossy(&bytes[comm_at..comm_at + 16]);
     let mut cache = lock(cache);
     let process = Process {
-        pid: e.pid,
-        start_ticks: ticks(e.start_ns),
-        ppid: e.ppid,
-        parent_start_ticks: ticks(e.parent_start_ns),
+        pid,
+        start_ticks,
+        ppid: header_field!(bytes, ppid: u32),
+        parent_start_ticks: ticks(header_field!(bytes, parent_start_ns: u64)),
         exe: cache.intern(&exe),
         args,
         comm: cache.intern(&comm),
-        uid: e.uid,
-        cgroup_id: e.cgroup_id,
+        uid: header_field!(bytes, uid: u32),
+        cgroup_id,
         cgroup,
         workload,
         exited: None,
-        seen_ns: e.ts_ns,
+        seen_ns: ts_ns,
         from_proc: false,
         program_before: None,
     };
-    let event = if e.kind == EVENT_EXEC {
+    let event = if kind == EVENT_EXEC {
+        let rule = header_field!(bytes, rule: u16);
         Event::Exec {
             process,
-            verdict: match e.verdict {
-                VERDICT_DENIED => Some(Verdict {
-                    denied: true,
-                    rule: e.rule,
-                }),
+            verdict: match header_field!(bytes, verdict: u8) {
+                VERDICT_DENIED => Some(Verdict { denied: true, rule }),
                 VERDICT_AUDITED => Some(Verdict {
                     denied: false,
-                    rule: e.rule,
+                    rule,
                 }),
                 _ => None,
             },
@@ -1045,5 +1070,11 @@ mod tests {
         let odd = record(99, 43, 5_000_000_000, b"/bin/x", b"");
         assert_eq!(ingest(&cache, &odd, 100, &cgroup_of), None);
         assert_eq!(lock(&cache).stats().entries, 3);
+        // A record cut inside its path: what it holds, no NULs read past its end.
+        let cut = &exec[..bpf_common::trace::PROCESS_EVENT_HEADER + 4];
+        let Some(Event::Exec { process: c, .. }) = ingest(&cache, cut, 100, &cgroup_of) else {
+            panic!("an exec");
+        };
+        assert_eq!((&*c.exe, c.args.is_empty()), ("/bin", true));
     }
 }
