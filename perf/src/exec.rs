@@ -28,7 +28,6 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use bpf_common::trace::{EVENT_EXEC, EVENT_EXIT, MAX_ARGS, MAX_FILENAME, ProcessEvent};
 use datapath::exec::{
-    CgroupName,
     cache::{Event, Process, ProcessCache},
     ingest,
     plane::{self, TracePlane},
@@ -323,9 +322,10 @@ fn record(kind: u8, pid: u32, i: u64) -> Vec<u8> {
 }
 
 fn decode_rounds(records: usize, rounds: usize) -> Result<Summary> {
-    // The daemon names each cgroup id once and shares the name (`exec::CgroupName`).
-    let pod = "/kubepods.slice/kubepods-pod0f6e37b8_8f0f_4c8e_9a5b_1c2d3e4f5a6b.slice";
-    let name: CgroupName = (Arc::from(pod), datapath::exec::cache::workload_of(pod));
+    // The daemon names each cgroup id once and shares the name (`exec::cache::Cgroup`).
+    let name = datapath::exec::cache::Cgroup::new(
+        "/kubepods.slice/kubepods-pod0f6e37b8_8f0f_4c8e_9a5b_1c2d3e4f5a6b.slice",
+    );
     let cgroup = move |_id: u64| Some(name.clone());
     let mut rates = Vec::new();
     for round in 0..rounds {
@@ -380,7 +380,9 @@ fn memory_of_processes(n: u32) -> f64 {
     for pid in 0..n {
         // As the daemon's decode makes them: program and command shared, the rest each its own.
         let (exe, comm) = (cache.intern("/usr/bin/python3"), cache.intern("python3"));
-        let cgroup = format!("/kubepods.slice/kubepods-pod{pid:032x}.slice");
+        let cgroup = datapath::exec::cache::Cgroup::new(&format!(
+            "/kubepods.slice/kubepods-pod{pid:032x}.slice"
+        ));
         cache.apply(Event::Exec {
             process: Process {
                 pid,
@@ -394,8 +396,7 @@ fn memory_of_processes(n: u32) -> f64 {
                 comm,
                 uid: 1000,
                 cgroup_id: 4242,
-                workload: datapath::exec::cache::workload_of(&cgroup),
-                cgroup: Some(cgroup.into()),
+                cgroup: Some(cgroup),
                 ..Process::default()
             },
             verdict: None,

@@ -107,9 +107,8 @@ pub struct Process {
     pub comm: Arc<str>,
     pub uid: u32,
     pub cgroup_id: u64,
-    /// The cgroup's path under the cgroup2 root, when known.
-    pub cgroup: Option<Arc<str>>,
-    pub workload: Workload,
+    /// The cgroup, when known.
+    pub cgroup: Option<Arc<Cgroup>>,
     /// Boot-clock nanoseconds of the exit, and its code.
     pub exited: Option<(u64, u32)>,
     /// Boot-clock nanoseconds of the last event about it (for eviction).
@@ -119,16 +118,47 @@ pub struct Process {
     /// When the current program began (boot-clock nanoseconds of its exec) and the program
     /// the process ran before it: what a connect made before that exec is attributed to
     /// (a shell that opens a connection, then execs another program in its own pid).
-    pub program_before: Option<(u64, Arc<str>)>,
+    /// Boxed: rare, and a process record small enough for two cache lines is what keeps an
+    /// exec storm's evictions cheap.
+    pub program_before: Option<Box<(u64, Arc<str>)>>,
+}
+
+const _: () = assert!(std::mem::size_of::<Process>() <= 136);
+
+/// A cgroup as its processes name it: its path under the cgroup2 root, and the pod and
+/// container parsed from that; one copy, shared by every process in it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Cgroup {
+    pub path: Box<str>,
+    pub workload: Workload,
+}
+
+impl Cgroup {
+    pub fn new(path: &str) -> Arc<Self> {
+        Arc::new(Self {
+            path: path.into(),
+            workload: workload_of(path),
+        })
+    }
 }
 
 impl Process {
     /// The program the process ran at `ts_ns` (boot clock), as far as the cache knows.
-    pub fn exe_at(&self, ts_ns: u64) -> &str {
-        match &self.program_before {
+    pub fn exe_at(&self, ts_ns: u64) -> &Arc<str> {
+        match self.program_before.as_deref() {
             Some((since, before)) if ts_ns < *since => before,
             _ => &self.exe,
         }
+    }
+
+    /// The cgroup's path under the cgroup2 root, when known.
+    pub fn cgroup_path(&self) -> Option<&str> {
+        self.cgroup.as_ref().map(|c| &*c.path)
+    }
+
+    /// The pod the process runs in (from its cgroup's path).
+    pub fn pod_uid(&self) -> Option<&Arc<str>> {
+        self.cgroup.as_ref()?.workload.pod_uid.as_ref()
     }
 }
 
@@ -356,7 +386,7 @@ impl ProcessCache {
                 self.upsert(key, process.seen_ns, |p, _| {
                     let exited = p.exited;
                     let before = if !p.exe.is_empty() && p.exe != process.exe {
-                        Some((process.seen_ns, std::mem::take(&mut p.exe)))
+                        Some(Box::new((process.seen_ns, std::mem::take(&mut p.exe))))
                     } else {
                         p.program_before.take()
                     };
@@ -371,24 +401,18 @@ impl ProcessCache {
                 let key = (process.pid, process.start_ticks);
                 // The child runs its parent's program until it execs.
                 let parent = (process.ppid, process.parent_start_ticks);
-                let inherited = self.get(parent).map(|pp| {
-                    (
-                        pp.exe.clone(),
-                        pp.args.clone(),
-                        pp.cgroup.clone(),
-                        pp.workload.clone(),
-                    )
-                });
+                let inherited = self
+                    .get(parent)
+                    .map(|pp| (pp.exe.clone(), pp.args.clone(), pp.cgroup.clone()));
                 self.upsert(key, process.seen_ns, |p, fresh| {
                     if fresh || p.exe.is_empty() {
                         let exited = p.exited;
                         *p = Process { exited, ..process };
-                        if let Some((exe, args, cgroup, workload)) = inherited {
+                        if let Some((exe, args, cgroup)) = inherited {
                             p.exe = exe;
                             p.args = args;
                             if p.cgroup.is_none() {
                                 p.cgroup = cgroup;
-                                p.workload = workload;
                             }
                         }
                     }
@@ -555,7 +579,11 @@ pub fn walk_proc(proc: &Path, max: usize) -> Vec<Process> {
             .unwrap_or(0);
         let cgroup = std::fs::read_to_string(base.join("cgroup"))
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::")).map(Arc::from));
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .map(Cgroup::new)
+            });
         let parent_start_ticks = std::fs::read_to_string(proc.join(ppid.to_string()).join("stat"))
             .ok()
             .and_then(|s| parse_stat(&s))
@@ -571,7 +599,6 @@ pub fn walk_proc(proc: &Path, max: usize) -> Vec<Process> {
             comm: comm.into(),
             uid,
             cgroup_id: 0,
-            workload: cgroup.as_deref().map(workload_of).unwrap_or_default(),
             cgroup,
             exited: None,
             seen_ns: 0,
@@ -643,22 +670,22 @@ mod tests {
         });
         let p = c.get((20, 3)).unwrap();
         assert_eq!(&*p.exe, "/usr/bin/sleep");
-        assert_eq!(p.exe_at(150), "/bin/bash");
-        assert_eq!(p.exe_at(200), "/usr/bin/sleep");
-        assert_eq!(p.exe_at(250), "/usr/bin/sleep");
+        assert_eq!(&**p.exe_at(150), "/bin/bash");
+        assert_eq!(&**p.exe_at(200), "/usr/bin/sleep");
+        assert_eq!(&**p.exe_at(250), "/usr/bin/sleep");
         // An exec of the same program keeps what it ran before.
         c.apply(Event::Exec {
             process: proc(20, 3, "/usr/bin/sleep", 300),
             verdict: None,
         });
-        assert_eq!(c.get((20, 3)).unwrap().exe_at(150), "/bin/bash");
+        assert_eq!(&**c.get((20, 3)).unwrap().exe_at(150), "/bin/bash");
     }
 
     #[test]
     fn a_fork_inherits_its_parents_program_and_pids_are_reused() {
         let mut c = ProcessCache::new(100, 10);
         let mut parent = proc(10, 5, "/usr/bin/bash", 1);
-        parent.cgroup = Some("/test".into());
+        parent.cgroup = Some(Cgroup::new("/test"));
         c.apply(Event::Exec {
             process: parent,
             verdict: None,
@@ -669,10 +696,7 @@ mod tests {
         child.args = Args::default();
         c.apply(Event::Fork { process: child });
         let p = c.by_pid(11).unwrap();
-        assert_eq!(
-            (&*p.exe, p.cgroup.as_deref()),
-            ("/usr/bin/bash", Some("/test"))
-        );
+        assert_eq!((&*p.exe, p.cgroup_path()), ("/usr/bin/bash", Some("/test")));
         // Pid 11 again, later: the newer one answers by pid, the older stays by key.
         c.apply(Event::Exec {
             process: proc(11, 20, "/bin/sleep", 3),

@@ -86,7 +86,7 @@ impl FlowOwnerLookup for OwnersHandle {
             start_ticks: p.start_ticks,
             exe: Arc::clone(&p.exe),
             comm: Arc::clone(&p.comm),
-            pod_uid: p.workload.pod_uid.clone(),
+            pod_uid: p.pod_uid().cloned(),
         })
     }
 }
@@ -116,7 +116,7 @@ pub struct ExecController {
     cache: Arc<Mutex<ProcessCache>>,
     /// Cgroup id -> its path under the cgroup2 root and its pod (`None`: looked for, not
     /// found).
-    cgroups: Mutex<HashMap<u64, Option<CgroupName>>>,
+    cgroups: Mutex<HashMap<u64, Option<Arc<cache::Cgroup>>>>,
     events: Arc<Topic<Arc<Event>>>,
     connects: Arc<Topic<Arc<ConnectView>>>,
     owners: Arc<Mutex<Owners>>,
@@ -183,10 +183,6 @@ fn record_part(bytes: &[u8], at: usize, max: usize, len: u16) -> &[u8] {
     bytes.get(at..end.min(bytes.len())).unwrap_or_default()
 }
 
-/// A cgroup as the exec module names it: its path under the cgroup2 root and the pod and
-/// container parsed from it, shared by every process in it.
-pub type CgroupName = (Arc<str>, cache::Workload);
-
 /// A tracer record as the daemon takes it, the one path of both the controller and the
 /// bench: decoded (`ticks` per second for the start times, `cgroup_of` to name a cgroup id,
 /// asked before the cache is locked since it may search the cgroup tree), its program and
@@ -196,7 +192,7 @@ pub fn ingest(
     cache: &Mutex<ProcessCache>,
     bytes: &[u8],
     ticks: u64,
-    cgroup_of: &dyn Fn(u64) -> Option<CgroupName>,
+    cgroup_of: &dyn Fn(u64) -> Option<Arc<cache::Cgroup>>,
 ) -> Option<Event> {
     use bpf_common::trace::{
         MAX_ARGS, MAX_FILENAME, PROCESS_EVENT_BEFORE_ARGS, PROCESS_EVENT_HEADER,
@@ -225,10 +221,7 @@ pub fn ingest(
         return None;
     }
     let cgroup_id = header_field!(bytes, cgroup_id: u64);
-    let (cgroup, workload) = match cgroup_of(cgroup_id) {
-        Some((path, workload)) => (Some(path), workload),
-        None => (None, cache::Workload::default()),
-    };
+    let cgroup = cgroup_of(cgroup_id);
     let filename = header_field!(bytes, filename_len: u16);
     let exe = String::from_utf8_lossy(record_part(
         bytes,
@@ -257,7 +250,6 @@ pub fn ingest(
         uid: header_field!(bytes, uid: u32),
         cgroup_id,
         cgroup,
-        workload,
         exited: None,
         seen_ns: ts_ns,
         from_proc: false,
@@ -355,15 +347,12 @@ impl ExecController {
         }))
     }
 
-    fn cgroup_of(&self, id: u64) -> Option<CgroupName> {
+    fn cgroup_of(&self, id: u64) -> Option<Arc<cache::Cgroup>> {
         if let Some(known) = lock(&self.cgroups).get(&id) {
             return known.clone();
         }
         let root = crate::socklb::cgroup2_root().ok()?;
-        let found = cgroup_path(&root, id).map(|path| {
-            let workload = cache::workload_of(&path);
-            (Arc::from(path), workload)
-        });
+        let found = cgroup_path(&root, id).map(|path| cache::Cgroup::new(&path));
         lock(&self.cgroups).insert(id, found.clone());
         found
     }
@@ -402,11 +391,8 @@ impl ExecController {
             .then(|| cache.get((pid, start_ticks)))
             .flatten()
             .or_else(|| cache.by_pid(pid))?;
-        let exe = match &p.program_before {
-            Some((since, before)) if ts_ns < *since => before,
-            _ => &p.exe,
-        };
-        (!exe.is_empty()).then(|| (p.start_ticks, Arc::clone(exe), p.workload.pod_uid.clone()))
+        let exe = p.exe_at(ts_ns);
+        (!exe.is_empty()).then(|| (p.start_ticks, Arc::clone(exe), p.pod_uid().cloned()))
     }
 
     fn record_connect(&self, bytes: &[u8], out: &mut Vec<Arc<ConnectView>>) {
@@ -562,9 +548,13 @@ impl ExecController {
             comm: p.comm.to_string(),
             uid: p.uid,
             cgroup_id: p.cgroup_id,
-            cgroup: p.cgroup.as_deref().map(str::to_string),
-            pod_uid: p.workload.pod_uid.as_deref().map(str::to_string),
-            container_id: p.workload.container_id.as_deref().map(str::to_string),
+            cgroup: p.cgroup_path().map(str::to_string),
+            pod_uid: p.pod_uid().map(|u| u.to_string()),
+            container_id: p
+                .cgroup
+                .as_ref()
+                .and_then(|c| c.workload.container_id.as_deref())
+                .map(str::to_string),
             exit_code: p.exited.map(|(_, c)| c),
             exited: p.exited.is_some(),
             from_proc: p.from_proc,
@@ -1009,7 +999,7 @@ mod tests {
     fn records_are_decoded_applied_and_share_their_program() {
         let cache = Mutex::new(ProcessCache::new(100, 1_000));
         let pod = "/kubepods/besteffort/pod0f6e37b8-8f0f-4c8e-9a5b-1c2d3e4f5a6b";
-        let name: CgroupName = (Arc::from(pod), cache::workload_of(pod));
+        let name = cache::Cgroup::new(pod);
         let cgroup_of = |id: u64| (id == 77).then(|| name.clone());
         let exec = record(
             EVENT_EXEC,
@@ -1033,9 +1023,10 @@ mod tests {
         );
         assert_eq!((&*process.exe, &*process.comm), ("/bin/true", "true"));
         assert_eq!(process.args.to_vec(), ["true", "-x", "\u{fffd}"]);
-        assert_eq!(process.cgroup.as_deref(), Some(pod));
+        assert_eq!(process.cgroup_path(), Some(pod));
+        assert!(Arc::ptr_eq(process.cgroup.as_ref().unwrap(), &name));
         assert_eq!(
-            process.workload.pod_uid.as_deref(),
+            process.pod_uid().map(|u| &**u),
             Some("0f6e37b8-8f0f-4c8e-9a5b-1c2d3e4f5a6b")
         );
         assert_eq!(lock(&cache).get((40, 200)), Some(&process));
