@@ -165,8 +165,14 @@ pub const ENFORCE_DENY: u32 = 2;
 /// Bytes of the connect ring buffer.
 pub const CONNECT_RING_BYTES: u32 = 4 << 20;
 
-/// Bytes of the ring buffer: about 10,000 events.
+/// Bytes of the ring buffer: about 10,000 execs at their longest, 116,000 forks or exits.
 pub const RING_BYTES: u32 = 8 << 20;
+/// The tracer wakes its reader only each time another this much waits in the ring (an eighth
+/// of it: `bpf_lib::event::wake_flags`); the reader also reads on a tick (100 ms), for what
+/// waits below the mark. A wake-up per event
+/// (a self-IPI, a VM exit on a guest) cost more than a fork's whole event.
+pub const RING_WAKE_BYTES: u64 = RING_BYTES as u64 / 8;
+pub const CONNECT_RING_WAKE_BYTES: u64 = CONNECT_RING_BYTES as u64 / 8;
 /// Default ceiling of events per second per CPU.
 pub const DEFAULT_EVENT_RATE: u64 = 100_000;
 

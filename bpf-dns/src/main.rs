@@ -30,7 +30,12 @@ use bpf_common::{
     },
     policy::RateBucket,
 };
-use bpf_lib::{event::rate_allows, frame::TcFrame, global, now_ns, verdict::tc::TCX_NEXT};
+use bpf_lib::{
+    event::{rate_allows, wake_flags},
+    frame::TcFrame,
+    global, now_ns,
+    verdict::tc::TCX_NEXT,
+};
 use lb_core::parse::Frame as _;
 
 #[unsafe(no_mangle)]
@@ -45,10 +50,6 @@ static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 #[map(name = "DNS_SCRATCH")]
 static DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// `BPF_RB_NO_WAKEUP`, `BPF_RB_FORCE_WAKEUP`, `BPF_RB_AVAIL_DATA`.
-const RB_NO_WAKEUP: u64 = 1;
-const RB_FORCE_WAKEUP: u64 = 2;
-const RB_AVAIL_DATA: u64 = 0;
 const META_LEN: u64 = core::mem::size_of::<DnsCaptureMeta>() as u64;
 
 #[map(name = "DNS_REASONS")]
@@ -143,11 +144,7 @@ fn try_capture(ctx: &TcContext, direction: u8) -> Option<()> {
         if bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, data, len as u32) < 0 {
             -1
         } else {
-            let flags = if DNS_EVENTS.query(RB_AVAIL_DATA) >= WAKE_BYTES {
-                RB_FORCE_WAKEUP
-            } else {
-                RB_NO_WAKEUP
-            };
+            let flags = wake_flags(&DNS_EVENTS, META_LEN + len, WAKE_BYTES);
             bpf_ringbuf_output(
                 core::ptr::addr_of!(DNS_EVENTS).cast_mut().cast(),
                 scratch.cast(),

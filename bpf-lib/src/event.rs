@@ -36,9 +36,25 @@ const RB_NO_WAKEUP: u64 = 1;
 const RB_FORCE_WAKEUP: u64 = 2;
 const RB_AVAIL_DATA: u64 = 0;
 
-/// Like [`emit`], but wakes the reader only once `wake_bytes` are waiting: for events of a hot
-/// path (a `connect()`), where a wake-up each would cost more than the work. The reader must
-/// also read on a timer, for what waits below the mark.
+/// The output flags for a record of `len` bytes that wake `ring`'s reader only when the record
+/// takes what waits in the ring past a multiple of `step` bytes: a few wake-ups per ring's
+/// worth of data, however fast it comes. A wake-up queues irq work, a self-IPI (a VM exit on a
+/// guest), which costs more than a fork's whole event; waking on every record past a mark
+/// would pay it per record exactly when events flood. Two CPUs that cross a mark together may
+/// both miss it: the next mark, or the reader's timer, which it must have, reads the rest.
+#[inline(always)]
+pub fn wake_flags(ring: &RingBuf, len: u64, step: u64) -> u64 {
+    let before = ring.query(RB_AVAIL_DATA);
+    if step != 0 && (before + len) / step > before / step {
+        RB_FORCE_WAKEUP
+    } else {
+        RB_NO_WAKEUP
+    }
+}
+
+/// Like [`emit`], but wakes the reader only each time `wake_bytes` more are waiting
+/// ([`wake_flags`]): for events of a hot path (a `connect()`), where a wake-up each would cost
+/// more than the work. The reader must also read on a timer, for what waits below the mark.
 #[inline(always)]
 pub fn emit_batched<T>(
     ring: &RingBuf,
@@ -51,11 +67,7 @@ pub fn emit_batched<T>(
     if !rate_allows(bucket, rate, now) {
         return Err(Refused::RateLimited);
     }
-    let flags = if ring.query(RB_AVAIL_DATA) >= wake_bytes {
-        RB_FORCE_WAKEUP
-    } else {
-        RB_NO_WAKEUP
-    };
+    let flags = wake_flags(ring, core::mem::size_of::<T>() as u64, wake_bytes);
     if ring.output::<T>(event, flags).is_err() {
         return Err(Refused::Lost);
     }

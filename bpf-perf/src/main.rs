@@ -242,11 +242,16 @@ fn try_redirect_floor(ctx: &XdpContext) -> Option<u32> {
     REDIRECT_PORT.redirect(0, 0).ok()
 }
 
-/// 0: every record with flags 0, as the tracer (the kernel wakes the reader when it had caught
-/// up); N: wake-ups only on every Nth record (`BPF_RB_FORCE_WAKEUP`, the others
+/// 0: every record with flags 0 (the kernel wakes the reader whenever it had caught up: what
+/// the ring-reader test needs); N: wake-ups only on every Nth record (`BPF_RB_FORCE_WAKEUP`, the others
 /// `BPF_RB_NO_WAKEUP`), the reader's tick catching the rest.
 #[unsafe(no_mangle)]
 static TRACE_WAKE_EVERY: u64 = 0;
+
+/// 1: wake-ups as the tracer makes them (`bpf_lib::event::wake_flags`: each time another
+/// `RING_WAKE_BYTES` wait in the ring), whatever `TRACE_WAKE_EVERY` says.
+#[unsafe(no_mangle)]
+static TRACE_WAKE_AS_TRACER: u32 = 0;
 
 #[map(name = "TRACE_RING")]
 static TRACE_RING: RingBuf = RingBuf::with_byte_size(bpf_common::trace::RING_BYTES, 0);
@@ -309,16 +314,18 @@ fn produce_trace_record() {
     const ARGS: &[u8] = b"python3\x00-m\x00http.server\x00--bind\x00198.18.0.1\x00";
     e.args[..ARGS.len()].copy_from_slice(ARGS);
     e.args_len = ARGS.len() as u16;
+    // As long as the tracer sends an exec: up to its arguments.
+    let len = bpf_common::trace::PROCESS_EVENT_BEFORE_ARGS + ARGS.len();
     let every = bpf_lib::global(&TRACE_WAKE_EVERY);
-    let flags = if every == 0 {
+    let flags = if bpf_lib::global(&TRACE_WAKE_AS_TRACER) != 0 {
+        bpf_lib::event::wake_flags(&TRACE_RING, len as u64, bpf_common::trace::RING_WAKE_BYTES)
+    } else if every == 0 {
         0
     } else if n % every == every - 1 {
         aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
     } else {
         aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64
     };
-    // As long as the tracer sends an exec: up to its arguments.
-    let len = bpf_common::trace::PROCESS_EVENT_BEFORE_ARGS + ARGS.len();
     // SAFETY: `len` is less than the event's size: the bytes are the event's own.
     let bytes = unsafe {
         core::slice::from_raw_parts(

@@ -42,15 +42,18 @@ use aya_ebpf::{
 use bpf_common::{
     policy::RateBucket,
     trace::{
-        CONNECT_CHECKED, CONNECT_ESTABLISHED, CONNECT_FAILED, CONNECT_RING_BYTES, ConnectEvent,
-        ConnectRuleData, DEFAULT_EVENT_RATE, ENFORCE_DENY, ENFORCE_OFF, EVENT_EXEC, EVENT_EXIT,
-        EVENT_FORK, ExecRuleKey, FAMILY_INET, FAMILY_INET6, MAX_ARGS, MAX_ENFORCED_CGROUPS,
-        MAX_FILENAME, MAX_RULES, PENDING_CONNECTS, PROCESS_EVENT_BEFORE_ARGS, PROCESS_EVENT_HEADER,
-        PendingConnect, ProcessEvent, RING_BYTES, VERDICT_AUDITED, VERDICT_DENIED, VERDICT_NONE,
-        reason,
+        CONNECT_CHECKED, CONNECT_ESTABLISHED, CONNECT_FAILED, CONNECT_RING_BYTES,
+        CONNECT_RING_WAKE_BYTES, ConnectEvent, ConnectRuleData, DEFAULT_EVENT_RATE, ENFORCE_DENY,
+        ENFORCE_OFF, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, ExecRuleKey, FAMILY_INET, FAMILY_INET6,
+        MAX_ARGS, MAX_ENFORCED_CGROUPS, MAX_FILENAME, MAX_RULES, PENDING_CONNECTS,
+        PROCESS_EVENT_BEFORE_ARGS, PROCESS_EVENT_HEADER, PendingConnect, ProcessEvent, RING_BYTES,
+        RING_WAKE_BYTES, VERDICT_AUDITED, VERDICT_DENIED, VERDICT_NONE, reason,
     },
 };
-use bpf_lib::{event::rate_allows, global};
+use bpf_lib::{
+    event::{rate_allows, wake_flags},
+    global,
+};
 
 #[unsafe(no_mangle)]
 static EVENT_RATE: u64 = DEFAULT_EVENT_RATE;
@@ -271,7 +274,10 @@ fn send(e: &ProcessEvent) -> Result<(), Skip> {
     let bytes =
         unsafe { core::slice::from_raw_parts((e as *const ProcessEvent).cast::<u8>(), len) };
     TRACE_EVENTS
-        .output::<[u8]>(bytes, 0)
+        .output::<[u8]>(
+            bytes,
+            wake_flags(&TRACE_EVENTS, len as u64, RING_WAKE_BYTES),
+        )
         .map_err(|_| Skip::Lost)
 }
 
@@ -489,7 +495,14 @@ fn send_connect(e: &ConnectEvent) -> Result<(), Skip> {
         return Err(Skip::RateLimited);
     }
     TRACE_CONNECTS
-        .output::<ConnectEvent>(e, 0)
+        .output::<ConnectEvent>(
+            e,
+            wake_flags(
+                &TRACE_CONNECTS,
+                core::mem::size_of::<ConnectEvent>() as u64,
+                CONNECT_RING_WAKE_BYTES,
+            ),
+        )
         .map_err(|_| Skip::Lost)
 }
 

@@ -105,8 +105,18 @@ pub struct TraceProducer {
     counts: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
 }
 
+/// How the producer asks the kernel to wake the reader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wakeups {
+    /// As the tracer: each time another eighth of the ring waits (the reader's tick reads the
+    /// rest).
+    AsTracer,
+    /// Whenever the reader had caught up (flags 0): a lost wake-up then hangs the reader.
+    WhenCaughtUp,
+}
+
 impl TraceProducer {
-    pub fn load() -> Result<Self> {
+    pub fn load(wakeups: Wakeups) -> Result<Self> {
         use aya::{
             maps::{PerCpuArray, RingBuf},
             programs::SchedClassifier,
@@ -117,6 +127,11 @@ impl TraceProducer {
         );
         let mut ebpf = aya::EbpfLoader::new()
             .override_global("TRACE_WAKE_EVERY", &0u64, true)
+            .override_global(
+                "TRACE_WAKE_AS_TRACER",
+                &u32::from(wakeups == Wakeups::AsTracer),
+                true,
+            )
             .load(crate::bpf::PERF_OBJECT)
             .context("load the bpf-perf object")?;
         let producer: &mut SchedClassifier = ebpf
@@ -162,7 +177,7 @@ impl TraceProducer {
 
 /// One round of the kernel-to-bus measurement: (delivered per second, delivered, lost).
 fn ring_to_bus_round(records: u64, reader_kind: Reader) -> Result<(f64, u64, u64)> {
-    let mut producer = TraceProducer::load()?;
+    let mut producer = TraceProducer::load(Wakeups::AsTracer)?;
     let ring = producer.ring.take().context("TRACE_RING")?;
     let bus = datapath::bus::Bus::new();
     let topic = bus.topic::<Arc<Event>>("exec.events", 4096)?;

@@ -21,7 +21,8 @@ fn setup() -> Option<Setup> {
     if !netns_tests::privilege::privileged_as_root("loading BPF programs and BPF_PROG_TEST_RUN") {
         return None;
     }
-    let producer = TraceProducer::load().expect("load tc_trace_producer");
+    let producer =
+        TraceProducer::load(dp_perf::exec::Wakeups::WhenCaughtUp).expect("load tc_trace_producer");
     netns_tests::cpu::pin_here().expect("pin the producing thread");
     Some(Setup { producer })
 }
