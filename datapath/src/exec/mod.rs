@@ -395,10 +395,78 @@ impl ExecController {
         (!exe.is_empty()).then(|| (p.start_ticks, Arc::clone(exe), p.pod_uid().cloned()))
     }
 
-    fn record_connect(&self, bytes: &[u8], out: &mut Vec<Arc<ConnectView>>) {
-        let Some(mut c) = decode_connect(bytes, self.ticks) else {
-            return;
+    /// Reads both rings in one task, processes before connects: a connect's exec or fork is
+    /// committed before the connect is, so the process ring drained after the connects were
+    /// taken holds it, and the connect is named by its program. (The tracer wakes the reader
+    /// only every eighth of a ring, so two readers would race by up to a tick.)
+    async fn read_rings(
+        self: Arc<Self>,
+        processes: plane::Ring,
+        connects: plane::Ring,
+        mut cancel: Cancel,
+    ) -> Result<()> {
+        use crate::bpf::ringbuf::{RecordSource as _, RingReader};
+        let register = |ring: plane::Ring| -> Result<tokio::io::unix::AsyncFd<RingReader>> {
+            let reader = RingReader::from_aya(ring)?;
+            // SAFETY: the reader owns its descriptor and moves into the AsyncFd, which
+            // deregisters it before dropping it.
+            unsafe { tokio::io::unix::AsyncFd::register(reader) }
+                .map_err(|e| Error::io("poll a tracer ring buffer", e.into_parts().1))
         };
+        let mut processes = register(processes)?;
+        let mut connects = register(connects)?;
+        let mut tick = tokio::time::interval(READ_TICK);
+        // At most 16 batches a call: a flood cannot hold the runtime; what is left is read
+        // in the next round, which then does not wait.
+        let drain_processes = |fd: &mut tokio::io::unix::AsyncFd<RingReader>| {
+            for _ in 0..16 {
+                let mut batch = Vec::new();
+                let drained = fd
+                    .get_mut()
+                    .read_batch(1024, &mut |bytes| self.record(bytes, &mut batch));
+                self.events.publish_batch(batch);
+                if drained {
+                    return true;
+                }
+            }
+            false
+        };
+        let mut more = false;
+        loop {
+            // Readiness is cleared before the rings are read: a record written meanwhile wakes
+            // the next round.
+            tokio::select! {
+                ready = processes.readable_mut() => {
+                    ready.map_err(|e| Error::io("tracer ring buffer failed", e))?.clear_ready();
+                }
+                ready = connects.readable_mut() => {
+                    ready.map_err(|e| Error::io("tracer ring buffer failed", e))?.clear_ready();
+                }
+                _ = tick.tick() => {}
+                () = tokio::task::yield_now(), if more => {}
+                _ = cancel.cancelled() => return Ok(()),
+            }
+            more = !drain_processes(&mut processes);
+            for _ in 0..16 {
+                let mut taken = Vec::new();
+                let drained = connects.get_mut().read_batch(1024, &mut |bytes| {
+                    taken.extend(decode_connect(bytes, self.ticks));
+                });
+                // The processes of these connects are in the process ring by now.
+                more |= !drain_processes(&mut processes);
+                let named: Vec<Arc<ConnectView>> =
+                    taken.into_iter().map(|c| self.name_connect(c)).collect();
+                self.connects.publish_batch(named);
+                if drained {
+                    break;
+                }
+                more = true;
+            }
+        }
+    }
+
+    /// A connect attributed to its program, its owner learned for an established TCP one.
+    fn name_connect(&self, mut c: ConnectView) -> Arc<ConnectView> {
         let mut owner = None;
         if let Some((start, exe, pod)) = self.program_of(c.pid, c.start_ticks, c.ts_ns) {
             c.start_ticks = start;
@@ -422,7 +490,7 @@ impl ExecController {
             warn!(pid = c.pid, exe = ?c.exe, dst = %c.dst, port = c.dst_port,
                 verdict = %v, rule = ?c.rule, "exec: a connect rule matched");
         }
-        out.push(Arc::new(c));
+        Arc::new(c)
     }
 
     fn load(&self, s: &ExecSettings) -> std::result::Result<(), String> {
@@ -680,24 +748,7 @@ impl Controller for ExecController {
                 return Ok(());
             };
             self.stopping.send_replace(false);
-            let me = Arc::clone(&self);
-            let reader = crate::bpf::ringbuf::drain_records(
-                ring,
-                Arc::clone(&self.events),
-                1024,
-                Some(READ_TICK),
-                cancel.clone(),
-                move |bytes, out| me.record(bytes, out),
-            );
-            let me = Arc::clone(&self);
-            let connect_reader = crate::bpf::ringbuf::drain_records(
-                connect_ring,
-                Arc::clone(&self.connects),
-                1024,
-                Some(READ_TICK),
-                cancel.clone(),
-                move |bytes, out| me.record_connect(bytes, out),
-            );
+            let reader = Arc::clone(&self).read_rings(ring, connect_ring, cancel.clone());
             let me = Arc::clone(&self);
             let mut stop = cancel.clone();
             let expiry = async move {
@@ -711,9 +762,9 @@ impl Controller for ExecController {
                     lock(&me.cache).expire(now);
                 }
             };
-            let (a, b, c) = tokio::join!(reader, connect_reader, expiry);
+            let (a, b) = tokio::join!(reader, expiry);
             self.stopping.send_replace(true);
-            a.and(b).and(c)
+            a.and(b)
         })
     }
 
