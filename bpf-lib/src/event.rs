@@ -52,21 +52,12 @@ pub fn wake_flags(ring: &RingBuf, len: u64, step: u64) -> u64 {
     }
 }
 
-/// Like [`emit`], but wakes the reader only each time `wake_bytes` more are waiting
+/// Sends `event` to `ring`, waking the reader only each time `wake_bytes` more are waiting
 /// ([`wake_flags`]): for events of a hot path (a `connect()`), where a wake-up each would cost
 /// more than the work. The reader must also read on a timer, for what waits below the mark.
+/// The caller asks [`rate_allows`] first, before it gathers the event's fields.
 #[inline(always)]
-pub fn emit_batched<T>(
-    ring: &RingBuf,
-    bucket: &PerCpuArray<RateBucket>,
-    rate: u64,
-    event: &T,
-    now: u64,
-    wake_bytes: u64,
-) -> Result<(), Refused> {
-    if !rate_allows(bucket, rate, now) {
-        return Err(Refused::RateLimited);
-    }
+pub fn send_batched<T>(ring: &RingBuf, event: &T, wake_bytes: u64) -> Result<(), Refused> {
     let flags = wake_flags(ring, core::mem::size_of::<T>() as u64, wake_bytes);
     if ring.output::<T>(event, flags).is_err() {
         return Err(Refused::Lost);

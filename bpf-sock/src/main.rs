@@ -45,11 +45,7 @@ use bpf_common::{
         SockLbEvent, SockRevNat, SockRevNatSet, ipv4_of_mapped, reason,
     },
 };
-use bpf_lib::{
-    count::count_reason,
-    event::{self, Refused},
-    global, now_ns,
-};
+use bpf_lib::{coarse_now_ns, count::count_reason, event, global};
 use lb_core::hash::{SEED_MAGLEV, cookie_hash, derive};
 
 /// The XDP load balancer's maps, by the same names: the daemon hands this object the very maps
@@ -290,10 +286,12 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some((backend_id, backend)) = pick(vip, &key, cookie) else {
         // Published too: who asked for a service that had nothing to give.
-        let mut ev = decision_event(cookie, hook, proto, family, vip.service_id, &key.addr);
-        ev.vip_port_be = key.port_be;
-        ev.outcome = OUTCOME_NO_BACKEND;
-        emit_decision(&ev);
+        if events_allowed() {
+            let mut ev = decision_event(cookie, hook, proto, family, vip.service_id, &key.addr);
+            ev.vip_port_be = key.port_be;
+            ev.outcome = OUTCOME_NO_BACKEND;
+            send_decision(&ev);
+        }
         return (REFUSE, reason::REFUSE_NO_BACKEND);
     };
     let Some(set) = revnat_of(ctx, true) else {
@@ -329,12 +327,14 @@ fn try_translate<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> (i32, u32) 
     if known && hook == HOOK_SENDMSG {
         return (ALLOW, why);
     }
-    let mut ev = decision_event(cookie, hook, proto, family, vip.service_id, &key.addr);
-    ev.backend_id = backend_id;
-    ev.backend = backend.addr;
-    ev.vip_port_be = key.port_be;
-    ev.backend_port_be = backend.port_be;
-    emit_decision(&ev);
+    if events_allowed() {
+        let mut ev = decision_event(cookie, hook, proto, family, vip.service_id, &key.addr);
+        ev.backend_id = backend_id;
+        ev.backend = backend.addr;
+        ev.vip_port_be = key.port_be;
+        ev.backend_port_be = backend.port_be;
+        send_decision(&ev);
+    }
     (ALLOW, why)
 }
 
@@ -364,20 +364,24 @@ fn decision_event(
     }
 }
 
-/// Sends `ev` to `SOCK_EVENTS` behind the token bucket; a refusal is counted.
+/// Whether the token bucket lets one more decision event out; a refusal is counted. Asked
+/// before the event's fields are gathered, so that a refused event costs no helper calls. The
+/// coarse clock is enough for a bucket that refills over a second, and costs a few ns instead
+/// of a clock-source read.
 #[inline(always)]
-fn emit_decision(ev: &SockLbEvent) {
-    match event::emit_batched(
-        &SOCK_EVENTS,
-        &SOCK_EV_BUCKET,
-        global(&EVENT_RATE),
-        ev,
-        now_ns(),
-        EVENTS_WAKE_BYTES,
-    ) {
-        Ok(()) => {}
-        Err(Refused::RateLimited) => count_reason(&SOCK_REASONS, reason::EVENT_RATE_LIMITED),
-        Err(Refused::Lost) => count_reason(&SOCK_REASONS, reason::EVENT_LOST),
+fn events_allowed() -> bool {
+    let allowed = event::rate_allows(&SOCK_EV_BUCKET, global(&EVENT_RATE), coarse_now_ns());
+    if !allowed {
+        count_reason(&SOCK_REASONS, reason::EVENT_RATE_LIMITED);
+    }
+    allowed
+}
+
+/// Sends `ev` to `SOCK_EVENTS` (the bucket has allowed it); a full ring is counted.
+#[inline(always)]
+fn send_decision(ev: &SockLbEvent) {
+    if event::send_batched(&SOCK_EVENTS, ev, EVENTS_WAKE_BYTES).is_err() {
+        count_reason(&SOCK_REASONS, reason::EVENT_LOST);
     }
 }
 

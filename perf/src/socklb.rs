@@ -10,10 +10,16 @@
 //!   from the node to (a) a backend directly, (b) a VIP translated by the socket LB (the bench
 //!   process sits in the socket LB's cgroup while it measures), (c) another VIP through an
 //!   nftables DNAT rule on the output hook (`numgen random` over the same four backends). The
-//!   three are interleaved round by round; each round is the mean over its connects, and the
-//!   rows are medians over rounds. Sockets close with a reset (SO_LINGER 0), so no TIME_WAIT
-//!   piles up. A fourth row is (a) from inside the cgroup: what every other `connect()` of a
-//!   translated process pays for the programs looking.
+//!   paths are interleaved round by round. A round's figure is the median of its connects (a
+//!   stall of the shared VM lands in one connect, not in the round), and a row is the median
+//!   over rounds; "over direct" is the median of the rounds' paired differences, so that a
+//!   drift of the machine between rounds cancels. The means are reported beside them.
+//!   Sockets close with a reset (SO_LINGER 0), so no TIME_WAIT piles up. A fourth row is (a)
+//!   from inside the cgroup: what every other `connect()` of a translated process pays for
+//!   the programs looking.
+//! - **the program alone**: `sock_connect4`'s own run time per call, from the kernel's BPF
+//!   statistics (switched on for this part only), translating a VIP and passing a backend's
+//!   address by. Free of the connect's noise, and what a change to the program moves.
 //! - **connections per second** from the cgroup, single-threaded (connect, close), to the VIPs
 //!   of 1, 10 and 1,000 services (declared in a services file), round-robin over the services.
 //!
@@ -63,8 +69,20 @@ const SERVICE_COUNTS: [u32; 3] = [1, 10, 1000];
 #[derive(Debug, Serialize)]
 pub struct ConnectRow {
     pub path: &'static str,
-    /// Mean microseconds per `connect()`, per round.
+    /// Median microseconds per `connect()`, per round.
     pub us: Summary,
+    /// Mean microseconds per `connect()`, per round.
+    pub mean_us: Summary,
+    /// Per round: this path's median less the direct path's median of the same round.
+    pub over_direct_us: Summary,
+}
+
+/// The socket LB's `sock_connect4` program alone, timed by the kernel's BPF statistics.
+#[derive(Debug, Serialize)]
+pub struct ProgramRow {
+    pub path: &'static str,
+    /// Nanoseconds per run, per round.
+    pub ns: Summary,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,6 +97,7 @@ pub struct SockLbReport {
     pub connects_per_round: usize,
     pub rounds: usize,
     pub connect: Vec<ConnectRow>,
+    pub program: Vec<ProgramRow>,
     pub cps: Vec<CpsRow>,
 }
 
@@ -181,15 +200,73 @@ fn one_connect(to: SocketAddr) -> Result<Duration> {
     Ok(took)
 }
 
-/// Mean microseconds of `n` connects to the addresses `to` yields, in namespace `ns`.
-fn mean_connect_us(ns: &str, n: usize, to: impl Fn(usize) -> SocketAddr + Send) -> Result<f64> {
-    netns::run_in(ns, move || -> Result<f64> {
-        let mut total = Duration::ZERO;
+/// One round of a path: the median and the mean microseconds per `connect()`.
+#[derive(Clone, Copy)]
+struct Round {
+    median: f64,
+    mean: f64,
+}
+
+/// `n` connects to the addresses `to` yields, in namespace `ns`.
+fn connect_round(ns: &str, n: usize, to: impl Fn(usize) -> SocketAddr + Send) -> Result<Round> {
+    netns::run_in(ns, move || -> Result<Round> {
+        let mut us = Vec::with_capacity(n);
         for i in 0..n {
-            total += one_connect(to(i))?;
+            us.push(one_connect(to(i))?.as_secs_f64() * 1e6);
         }
-        Ok(total.as_secs_f64() * 1e6 / n as f64)
+        let mean = us.iter().sum::<f64>() / n as f64;
+        Ok(Round {
+            median: summary(&us).median,
+            mean,
+        })
     })?
+}
+
+/// The row of `path` from its rounds, paired round by round with the direct path's.
+fn connect_row(path: &'static str, rounds: &[Round], direct: &[Round]) -> ConnectRow {
+    let medians: Vec<f64> = rounds.iter().map(|r| r.median).collect();
+    let means: Vec<f64> = rounds.iter().map(|r| r.mean).collect();
+    let over: Vec<f64> = rounds
+        .iter()
+        .zip(direct)
+        .map(|(r, d)| r.median - d.median)
+        .collect();
+    ConnectRow {
+        path,
+        us: summary(&medians),
+        mean_us: summary(&means),
+        over_direct_us: summary(&over),
+    }
+}
+
+/// Runs and run time so far of the programs named `sock_connect4` (the daemon's, and any
+/// other socket LB's, which [`connect4_ns`] checks did not run).
+fn connect4_runs() -> Result<(u64, Duration)> {
+    let mut runs = 0;
+    let mut time = Duration::ZERO;
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("list the loaded BPF programs")?;
+        if info.name_as_str() == Some("sock_connect4") {
+            runs += info.run_count();
+            time += info.run_time();
+        }
+    }
+    Ok((runs, time))
+}
+
+/// Nanoseconds per run of `sock_connect4` over `n` connects to what `to` yields (BPF
+/// statistics must be on).
+fn connect4_ns(ns: &str, n: usize, to: impl Fn(usize) -> SocketAddr + Send) -> Result<f64> {
+    let (runs0, time0) = connect4_runs()?;
+    connect_round(ns, n, to)?;
+    let (runs1, time1) = connect4_runs()?;
+    ensure!(
+        runs1 - runs0 == n as u64,
+        "sock_connect4 programs ran {} times for {n} connects: another socket LB is running, \
+         and its runs would be mixed in",
+        runs1 - runs0
+    );
+    Ok((time1 - time0).as_nanos() as f64 / n as f64)
 }
 
 /// Connections per second over `window`, round-robin over `services` VIPs.
@@ -331,35 +408,49 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
     .context("start datapathd")?;
     let result = (|| -> Result<SockLbReport> {
         wait_services(&daemon, 1)?;
-        let (rounds, n) = if smoke { (3, 200) } else { (15, 2_000) };
+        let (rounds, n) = if smoke { (3, 200) } else { (41, 500) };
         let ns = node.name().to_string();
         let mut direct = Vec::new();
         let mut direct_in_cgroup = Vec::new();
         let mut socklb = Vec::new();
         let mut nft = Vec::new();
+        let backend = |i: usize| SocketAddr::from((BACKENDS[i % 4], PORT));
+        let vip = |_| SocketAddr::from((socklb_vip(0), 80));
+        let nft_vip = |_| SocketAddr::from((NFT_VIP, 80));
         // Warm up every path once (neighbours, the programs' first runs).
         {
             let _in = InCgroup::enter(cgroup.path())?;
-            mean_connect_us(&ns, 50, |_| SocketAddr::from((socklb_vip(0), 80)))?;
+            connect_round(&ns, 50, vip)?;
         }
-        mean_connect_us(&ns, 50, |i| SocketAddr::from((BACKENDS[i % 4], PORT)))?;
-        mean_connect_us(&ns, 50, |_| SocketAddr::from((NFT_VIP, 80)))?;
-        for _ in 0..rounds {
-            direct.push(mean_connect_us(&ns, n, |i| {
-                SocketAddr::from((BACKENDS[i % 4], PORT))
-            })?);
-            {
-                let _in = InCgroup::enter(cgroup.path())?;
-                socklb.push(mean_connect_us(&ns, n, |_| {
-                    SocketAddr::from((socklb_vip(0), 80))
-                })?);
-                direct_in_cgroup.push(mean_connect_us(&ns, n, |i| {
-                    SocketAddr::from((BACKENDS[i % 4], PORT))
-                })?);
+        connect_round(&ns, 50, backend)?;
+        connect_round(&ns, 50, nft_vip)?;
+        for round in 0..rounds {
+            direct.push(connect_round(&ns, n, backend)?);
+            let _in = InCgroup::enter(cgroup.path())?;
+            // Alternate which of the two cgroup paths goes first, so that neither always
+            // follows the move into the cgroup.
+            if round % 2 == 0 {
+                socklb.push(connect_round(&ns, n, vip)?);
+                direct_in_cgroup.push(connect_round(&ns, n, backend)?);
+            } else {
+                direct_in_cgroup.push(connect_round(&ns, n, backend)?);
+                socklb.push(connect_round(&ns, n, vip)?);
             }
-            nft.push(mean_connect_us(&ns, n, |_| {
-                SocketAddr::from((NFT_VIP, 80))
-            })?);
+            drop(_in);
+            nft.push(connect_round(&ns, n, nft_vip)?);
+        }
+        // The program alone, with the kernel's run-time statistics on only for this part (they
+        // cost every BPF program two clock reads a run, so the rounds above ran without).
+        let mut program_translated = Vec::new();
+        let mut program_pass = Vec::new();
+        {
+            let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("enable the kernel's BPF statistics")?;
+            let _in = InCgroup::enter(cgroup.path())?;
+            for _ in 0..if smoke { 2 } else { 9 } {
+                program_translated.push(connect4_ns(&ns, n, vip)?);
+                program_pass.push(connect4_ns(&ns, n, backend)?);
+            }
         }
         let st = daemon.lb_ctl_json(&["socklb"])?;
         let translated = st["reasons"]["connect_translated"].as_u64().unwrap_or(0);
@@ -389,21 +480,23 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
             connects_per_round: n,
             rounds,
             connect: vec![
-                ConnectRow {
-                    path: "direct to the backend",
-                    us: summary(&direct),
+                connect_row("direct to the backend", &direct, &direct),
+                connect_row("VIP, socket LB", &socklb, &direct),
+                connect_row(
+                    "direct to the backend, from the socket LB's cgroup (not a VIP: the programs only look)",
+                    &direct_in_cgroup,
+                    &direct,
+                ),
+                connect_row("VIP, nftables DNAT (output hook)", &nft, &direct),
+            ],
+            program: vec![
+                ProgramRow {
+                    path: "sock_connect4, a VIP translated",
+                    ns: summary(&program_translated),
                 },
-                ConnectRow {
-                    path: "VIP, socket LB",
-                    us: summary(&socklb),
-                },
-                ConnectRow {
-                    path: "direct to the backend, from the socket LB's cgroup (not a VIP: the programs only look)",
-                    us: summary(&direct_in_cgroup),
-                },
-                ConnectRow {
-                    path: "VIP, nftables DNAT (output hook)",
-                    us: summary(&nft),
+                ProgramRow {
+                    path: "sock_connect4, not a VIP",
+                    ns: summary(&program_pass),
                 },
             ],
             cps: cps_rows,

@@ -326,24 +326,34 @@ fn socklb_alone(args: &Args) -> Result<()> {
     let (datapathd, lb_ctl) = binaries(args)?;
     eprintln!("dp-bench: socklb (connect() cost, connections per second)");
     let r = dp_perf::socklb::run(datapathd, lb_ctl, args.smoke)?;
-    let direct = r.connect[0].us.median;
     print!(
-        "{} | {}\n\n### Socket LB: one TCP connect() from the node ({} rounds of {} connects, \
-         median of the round means)\n\n| path | us per connect() | over direct | ratio |\n\
-         | --- | ---: | ---: | ---: |\n",
+        "{} | {}\n\n### Socket LB: one TCP connect() from the node ({} rounds of {} connects; \
+         a round's figure is the median of its connects, a row's the median over rounds; \
+         \"over direct\" is the median of the rounds' paired differences)\n\n\
+         | path | us per connect() | over direct | ratio | median of the round means |\n\
+         | --- | ---: | ---: | ---: | ---: |\n",
         command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         machine(),
         r.rounds,
         r.connects_per_round,
     );
+    let direct = r.connect[0].us.median;
     for row in &r.connect {
         println!(
-            "| {} | {:.2} | {:+.2} | {:.3} |",
+            "| {} | {:.2} | {:+.2} | {:.3} | {:.2} |",
             row.path,
             row.us.median,
-            row.us.median - direct,
-            row.us.median / direct
+            row.over_direct_us.median,
+            row.us.median / direct,
+            row.mean_us.median,
         );
+    }
+    print!(
+        "\n| program (kernel BPF statistics, about one clock read included) | ns per run |\n\
+         | --- | ---: |\n"
+    );
+    for row in &r.program {
+        println!("| {} | {:.0} |", row.path, row.ns.median);
     }
     print!(
         "\n| services | connections per second (connect and close, one thread) |\n| ---: | ---: |\n"
