@@ -13,6 +13,7 @@ pub mod ct;
 pub mod dns;
 pub mod policy;
 pub mod reason;
+pub mod ring;
 pub mod sock;
 pub mod trace;
 

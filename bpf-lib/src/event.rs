@@ -44,8 +44,7 @@ const RB_AVAIL_DATA: u64 = 0;
 /// both miss it: the next mark, or the reader's timer, which it must have, reads the rest.
 #[inline(always)]
 pub fn wake_flags(ring: &RingBuf, len: u64, step: u64) -> u64 {
-    let before = ring.query(RB_AVAIL_DATA);
-    if step != 0 && (before + len) / step > before / step {
+    if bpf_common::ring::crosses_wake_mark(ring.query(RB_AVAIL_DATA), len, step) {
         RB_FORCE_WAKEUP
     } else {
         RB_NO_WAKEUP

@@ -12,13 +12,13 @@
 //! - Enforcement (`exec.enforcement`, off by default): see [`rules`].
 //! - The section needs a restart to change.
 pub mod cache;
+mod cgroups;
 mod intern;
 pub mod owners;
 pub mod plane;
 pub mod rules;
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     os::fd::AsFd as _,
     sync::{Arc, Mutex},
@@ -114,9 +114,8 @@ struct Inner {
 pub struct ExecController {
     inner: Mutex<Inner>,
     cache: Arc<Mutex<ProcessCache>>,
-    /// Cgroup id -> its path under the cgroup2 root and its pod (`None`: looked for, not
-    /// found).
-    cgroups: Mutex<HashMap<u64, Option<Arc<cache::Cgroup>>>>,
+    /// The cgroups' paths and pods by id, bounded.
+    cgroups: Mutex<cgroups::CgroupNames>,
     events: Arc<Topic<Arc<Event>>>,
     connects: Arc<Topic<Arc<ConnectView>>>,
     owners: Arc<Mutex<Owners>>,
@@ -337,7 +336,9 @@ impl ExecController {
                 s.max_processes,
                 s.exit_grace.as_nanos() as u64,
             ))),
-            cgroups: Mutex::new(HashMap::new()),
+            // Twice the process cache: its processes' cgroups always fit, and a prune of a
+            // full table frees at least half.
+            cgroups: Mutex::new(cgroups::CgroupNames::new(s.max_processes.saturating_mul(2))),
             events: bus.topic(EVENTS, EVENT_BUFFER)?,
             connects: bus.topic(CONNECTS, EVENT_BUFFER)?,
             owners: Arc::new(Mutex::new(Owners::new(s.max_connections))),
@@ -348,12 +349,12 @@ impl ExecController {
     }
 
     fn cgroup_of(&self, id: u64) -> Option<Arc<cache::Cgroup>> {
-        if let Some(known) = lock(&self.cgroups).get(&id) {
-            return known.clone();
+        if let Some(known) = lock(&self.cgroups).get(id) {
+            return known;
         }
         let root = crate::socklb::cgroup2_root().ok()?;
         let found = cgroup_path(&root, id).map(|path| cache::Cgroup::new(&path));
-        lock(&self.cgroups).insert(id, found.clone());
+        lock(&self.cgroups).remember(id, found.clone());
         found
     }
 
