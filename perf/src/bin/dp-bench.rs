@@ -324,7 +324,9 @@ fn kubernetes_alone(args: &Args) -> Result<()> {
 /// `--only socklb`: see `dp_perf::socklb`.
 fn socklb_alone(args: &Args) -> Result<()> {
     let (datapathd, lb_ctl) = binaries(args)?;
-    eprintln!("dp-bench: socklb (connect() cost, connections per second)");
+    eprintln!(
+        "dp-bench: socklb (connect() cost, the program's own run time, connections per second)"
+    );
     let r = dp_perf::socklb::run(datapathd, lb_ctl, args.smoke)?;
     print!(
         "{} | {}\n\n### Socket LB: one TCP connect() from the node ({} rounds of {} connects; \
