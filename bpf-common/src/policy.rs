@@ -175,6 +175,80 @@ pub struct RateBucket {
 }
 const _: () = assert!(core::mem::size_of::<RateBucket>() == 16);
 
+impl RateBucket {
+    /// One event's worth of tokens.
+    pub const TOKEN: u64 = 1_000_000_000;
+    /// The highest rate a bucket grants, events per second.
+    pub const MAX_RATE: u64 = 1_000_000;
+
+    /// Takes one event's token at `now` (ns) when `rate` events per second (capped at
+    /// [`Self::MAX_RATE`], burst of `rate`) allow it; rate 0 allows nothing. Tokens are scaled by
+    /// 1e9 so that each nanosecond adds `rate` units.
+    #[inline(always)]
+    pub fn take(&mut self, rate: u64, now: u64) -> bool {
+        if rate == 0 {
+            return false;
+        }
+        let rate = if rate > Self::MAX_RATE {
+            Self::MAX_RATE
+        } else {
+            rate
+        };
+        let cap = rate * Self::TOKEN;
+        // A second refills the whole bucket: capping the gap keeps the product in range
+        // (at most 1e9 * 1e6) without a 128-bit multiply, which BPF does not have.
+        let mut elapsed = now.saturating_sub(self.last_ns);
+        if elapsed > Self::TOKEN {
+            elapsed = Self::TOKEN;
+        }
+        let tokens = self.tokens.saturating_add(elapsed * rate);
+        self.tokens = if tokens > cap { cap } else { tokens };
+        self.last_ns = now;
+        if self.tokens >= Self::TOKEN {
+            self.tokens -= Self::TOKEN;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod rate_bucket_tests {
+    use super::RateBucket;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_full_bucket_grants_its_burst_then_refills_at_the_rate() {
+        let mut b = RateBucket::default();
+        // After a second (or more) idle the bucket is full: `rate` events at once.
+        let t = 5 * SECOND;
+        let granted = (0..20).filter(|_| b.take(10, t)).count();
+        assert_eq!(granted, 10);
+        // A tenth of a second refills one event at 10/s, not two.
+        assert!(b.take(10, t + SECOND / 10));
+        assert!(!b.take(10, t + SECOND / 10));
+    }
+
+    #[test]
+    fn rate_zero_grants_nothing_and_huge_rates_are_capped() {
+        let mut b = RateBucket::default();
+        assert!(!b.take(0, 10 * SECOND));
+        let t = 10 * SECOND;
+        let granted = (0..2_000_000).filter(|_| b.take(u64::MAX, t)).count();
+        assert_eq!(granted, RateBucket::MAX_RATE as usize);
+    }
+
+    #[test]
+    fn a_clock_that_goes_back_refills_nothing() {
+        let mut b = RateBucket::default();
+        let t = 3 * SECOND;
+        while b.take(5, t) {}
+        assert!(!b.take(5, t - SECOND));
+    }
+}
+
 /// Map names of the tc programs.
 pub mod map_names {
     pub const CT_FLOWS: &str = "CT_FLOWS";

@@ -64,39 +64,15 @@ pub fn send_batched<T>(ring: &RingBuf, event: &T, wake_bytes: u64) -> Result<(),
     Ok(())
 }
 
-/// One event's worth of tokens.
-const TOKEN: u64 = 1_000_000_000;
-
-/// Token bucket: `rate` events per second (capped at 1e6), burst of `rate`. Tokens are scaled by
-/// 1e9 so that each nanosecond adds `rate` units.
+/// Token bucket in `bucket[0]`: `rate` events per second ([`RateBucket::take`]).
 #[inline(always)]
-pub fn rate_allows(bucket: &PerCpuArray<RateBucket>, mut rate: u64, now: u64) -> bool {
+pub fn rate_allows(bucket: &PerCpuArray<RateBucket>, rate: u64, now: u64) -> bool {
     if rate == 0 {
         return false;
-    }
-    if rate > 1_000_000 {
-        rate = 1_000_000;
     }
     let Some(bucket) = bucket.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-    let bucket = unsafe { &mut *bucket };
-    let cap = rate * TOKEN;
-    // A second refills the whole bucket: capping the gap keeps the product in range
-    // (at most 1e9 * 1e6) without a 128-bit multiply, which BPF does not have.
-    let mut elapsed = now.saturating_sub(bucket.last_ns);
-    if elapsed > TOKEN {
-        elapsed = TOKEN;
-    }
-    let refill = elapsed * rate;
-    let tokens = bucket.tokens.saturating_add(refill);
-    bucket.tokens = if tokens > cap { cap } else { tokens };
-    bucket.last_ns = now;
-    if bucket.tokens >= TOKEN {
-        bucket.tokens -= TOKEN;
-        true
-    } else {
-        false
-    }
+    unsafe { &mut *bucket }.take(rate, now)
 }

@@ -426,7 +426,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
         connect_round(&ns, 50, nft_vip)?;
         for round in 0..rounds {
             direct.push(connect_round(&ns, n, backend)?);
-            let _in = InCgroup::enter(cgroup.path())?;
+            let in_cgroup = InCgroup::enter(cgroup.path())?;
             // Alternate which of the two cgroup paths goes first, so that neither always
             // follows the move into the cgroup.
             if round % 2 == 0 {
@@ -436,7 +436,7 @@ pub fn run(datapathd: PathBuf, lb_ctl: PathBuf, smoke: bool) -> Result<SockLbRep
                 direct_in_cgroup.push(connect_round(&ns, n, backend)?);
                 socklb.push(connect_round(&ns, n, vip)?);
             }
-            drop(_in);
+            drop(in_cgroup);
             nft.push(connect_round(&ns, n, nft_vip)?);
         }
         // The program alone, with the kernel's run-time statistics on only for this part (they
